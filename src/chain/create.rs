@@ -1,0 +1,251 @@
+//! Creating images: standalone, or as an overlay that records who its parent is (format,
+//! path, identity) so that the parent is never probed again and never silently swapped.
+
+use crate::error::{err, Error, ErrorKind, Result};
+use crate::format::fingerprint::raw_fingerprint;
+use crate::format::header::{ParentFormat, ParentRef};
+use crate::format::{
+    Geometry, DEFAULT_CHUNK_SHIFT, FLAG_FROZEN, MAGIC, MAX_PARENT_PATH, SIZE_ALIGN,
+};
+use crate::layer::raw::RawImage;
+use crate::layer::{Image, OpenOptions};
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Virtual size; defaults to the parent's size.
+    pub size: Option<u64>,
+    /// log2 of the chunk size; defaults to the parent's (cowdisk) or 64 KiB.
+    pub chunk_shift: Option<u32>,
+    pub backing: Option<PathBuf>,
+    /// The parent's format; probed once (by magic) when not given.
+    pub backing_format: Option<ParentFormat>,
+    /// Record the parent path as given, even if relative to the working directory, instead of
+    /// relative to the new image's directory.
+    pub absolute_parent_path: bool,
+    /// Accept a raw parent that is a device or another special file.
+    pub allow_special_parent: bool,
+}
+
+/// Guesses a parent's format: cowdisk if it starts with the magic, raw otherwise.
+pub fn probe_format(path: &Path) -> Result<ParentFormat> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io("open", e).with_file(path))?;
+    let mut m = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        match f.read(&mut m[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(Error::io("read", e).with_file(path)),
+        }
+    }
+    Ok(if got == 8 && m == MAGIC {
+        ParentFormat::Cowdisk
+    } else {
+        ParentFormat::Raw
+    })
+}
+
+/// Creates an image at `path` (which must not exist) and returns it open for writing.
+/// The file appears under its name only once complete (written under a temporary name, synced, renamed).
+pub fn create_image(path: &Path, opts: &CreateOptions) -> Result<Image> {
+    if path.exists() {
+        return Err(err(ErrorKind::InvalidArgument, "already exists")
+            .with_file(path)
+            .during("create"));
+    }
+    let (parent, parent_size, parent_shift) = match &opts.backing {
+        None => (None, None, None),
+        Some(b) => {
+            let (r, size, shift) = parent_ref(path, b, opts)?;
+            (Some(r), Some(size), shift)
+        }
+    };
+    let size = match (opts.size, parent_size) {
+        (Some(s), _) => s,
+        (None, Some(p)) => p.next_multiple_of(SIZE_ALIGN),
+        (None, None) => {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "a size is needed for an image without a parent",
+            )
+            .with_file(path)
+            .during("create"))
+        }
+    };
+    let shift = opts
+        .chunk_shift
+        .or(parent_shift)
+        .unwrap_or(DEFAULT_CHUNK_SHIFT);
+    let geom = Geometry::new(size, shift).map_err(|e| e.with_file(path).during("create"))?;
+    let tmp = temp_sibling(path, "create");
+    let img = Image::create(&tmp, geom, parent)?;
+    img.close()?;
+    drop(img);
+    publish(&tmp, path)?;
+    Image::open(path, OpenOptions::writable())
+}
+
+/// The parent reference for an overlay at `child` on `parent`, with the parent's size and chunk shift.
+fn parent_ref(
+    child: &Path,
+    parent: &Path,
+    opts: &CreateOptions,
+) -> Result<(ParentRef, u64, Option<u32>)> {
+    let ctx = |e: Error| e.with_file(parent).during("create overlay");
+    let format = match opts.backing_format {
+        Some(f) => f,
+        None => probe_format(parent)?,
+    };
+    let stored = stored_parent_path(child, parent, opts.absolute_parent_path)?;
+    match format {
+        ParentFormat::Cowdisk => {
+            let p = Image::open(parent, OpenOptions::read_only())?;
+            let h = p.header();
+            if !h.has_flag(FLAG_FROZEN) {
+                return Err(ctx(err(
+                    ErrorKind::InvalidArgument,
+                    "is a writable image and cannot be a parent; freeze it first with `cowdisk snapshot`",
+                )));
+            }
+            Ok((
+                ParentRef {
+                    format,
+                    path: stored,
+                    uuid: h.uuid,
+                    size: h.geometry.virtual_size,
+                    fingerprint: 0,
+                },
+                h.geometry.virtual_size,
+                Some(h.geometry.chunk_shift),
+            ))
+        }
+        ParentFormat::Raw => {
+            let raw = RawImage::open(parent, opts.allow_special_parent)?;
+            if raw.size() == 0 {
+                return Err(ctx(err(
+                    ErrorKind::InvalidArgument,
+                    "is empty and cannot be a parent",
+                )));
+            }
+            let fingerprint = raw_fingerprint(raw.storage().as_ref(), raw.size()).map_err(ctx)?;
+            Ok((
+                ParentRef {
+                    format,
+                    path: stored,
+                    uuid: [0; 16],
+                    size: raw.size(),
+                    fingerprint,
+                },
+                raw.size(),
+                None,
+            ))
+        }
+    }
+}
+
+/// The bytes recorded as the parent's path: relative to the child's directory unless asked otherwise.
+pub fn stored_parent_path(child: &Path, parent: &Path, keep_as_given: bool) -> Result<Vec<u8>> {
+    let p = if keep_as_given {
+        parent.to_path_buf()
+    } else {
+        let child_dir = match child.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let cd = child_dir
+            .canonicalize()
+            .map_err(|e| Error::io("resolve", e).with_file(&child_dir))?;
+        let pp = parent
+            .canonicalize()
+            .map_err(|e| Error::io("resolve", e).with_file(parent))?;
+        relative_path(&cd, &pp)
+    };
+    let bytes = p.into_os_string().into_vec();
+    if bytes.len() > MAX_PARENT_PATH {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!(
+                "parent path is {} bytes; the format holds at most {MAX_PARENT_PATH}",
+                bytes.len()
+            ),
+        )
+        .with_file(parent));
+    }
+    Ok(bytes)
+}
+
+/// The path that leads from directory `from` to `to` (both absolute, canonical).
+pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    let f: Vec<Component> = from.components().collect();
+    let t: Vec<Component> = to.components().collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}
+
+/// A name next to `path` for a file being built, unique to this process and purpose.
+pub fn temp_sibling(path: &Path, purpose: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_default();
+    let mut t = b".".to_vec();
+    t.extend_from_slice(&name);
+    t.extend_from_slice(format!(".{purpose}-{}.tmp", std::process::id()).as_bytes());
+    path.with_file_name(OsString::from_vec(t))
+}
+
+/// Atomically gives the complete file `tmp` the name `path` and makes the rename durable.
+pub fn publish(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::rename(tmp, path).map_err(|e| Error::io("rename", e).with_file(path))?;
+    sync_dir(path)
+}
+
+/// fsyncs the directory holding `path`, so that a create or rename in it survives a crash.
+pub fn sync_dir(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("sync directory", e).with_file(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_path_climbs_to_the_common_ancestor() {
+        assert_eq!(
+            relative_path(Path::new("/a/b/c"), Path::new("/a/d/e.img")),
+            PathBuf::from("../../d/e.img")
+        );
+        assert_eq!(
+            relative_path(Path::new("/a"), Path::new("/a/x.img")),
+            PathBuf::from("x.img")
+        );
+    }
+
+    #[test]
+    fn temp_sibling_is_hidden_in_the_same_directory() {
+        let t = temp_sibling(Path::new("/x/y/disk.cow"), "snapshot");
+        assert_eq!(t.parent(), Some(Path::new("/x/y")));
+        assert!(t
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".disk.cow.snapshot-"));
+    }
+}

@@ -1,0 +1,465 @@
+//! The merged device: a writable (or read-only) top image over frozen cowdisk layers over an
+//! optional raw base, with reads that fall through and copy-up on the first write of a block.
+//!
+//! Every operation works chunk by chunk of the top image: plan under the top's metadata lock
+//! (which blocks are here, zero, or below), then do the data I/O with no metadata lock held.
+
+pub mod create;
+pub mod extents;
+mod open;
+
+pub use open::{resolve_parent_path, ChainOptions};
+
+use crate::device::{
+    Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind,
+};
+use crate::error::{err, ErrorKind, Result};
+use crate::format::blocks::BlockState;
+use crate::format::BLOCK_SIZE;
+use crate::layer::raw::RawImage;
+use crate::layer::Image;
+use extents::{ExtentMap, Piece, Source};
+use std::path::Path;
+
+pub struct Chain {
+    top: Image,
+    lowers: Vec<Image>,
+    base: Option<RawImage>,
+    lower_map: ExtentMap,
+    size: u64,
+    chunk_shift: u32,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("top", &self.top.path())
+            .field("lowers", &self.lowers.len())
+            .field("base", &self.base.as_ref().map(|b| b.path().to_path_buf()))
+            .finish()
+    }
+}
+
+/// One piece of a request inside one chunk of the top image.
+#[derive(Debug, Clone, Copy)]
+struct ChunkPiece {
+    chunk: u64,
+    /// Offset of the piece inside the chunk.
+    start: u64,
+    /// End of the piece inside the chunk.
+    end: u64,
+    /// Offset of the piece inside the request.
+    at: usize,
+}
+
+impl Chain {
+    /// Opens the chain whose top image is at `path`, following its parents.
+    pub fn open(path: &Path, opts: ChainOptions) -> Result<Chain> {
+        let o = open::open_chain(path, opts)?;
+        Ok(Chain::assemble(o.top, o.lowers, o.base))
+    }
+
+    /// Builds a chain from already opened layers (index 0 of `lowers` is directly under `top`).
+    pub fn assemble(top: Image, lowers: Vec<Image>, base: Option<RawImage>) -> Chain {
+        let g = top.geometry();
+        let lower_map = ExtentMap::build(&lowers, g.virtual_size);
+        Chain {
+            top,
+            lowers,
+            base,
+            lower_map,
+            size: g.virtual_size,
+            chunk_shift: g.chunk_shift,
+        }
+    }
+
+    pub fn top(&self) -> &Image {
+        &self.top
+    }
+
+    pub fn lowers(&self) -> &[Image] {
+        &self.lowers
+    }
+
+    pub fn base(&self) -> Option<&RawImage> {
+        self.base.as_ref()
+    }
+
+    /// Images in the chain, counting the top and the raw base.
+    pub fn depth(&self) -> usize {
+        1 + self.lowers.len() + usize::from(self.base.is_some())
+    }
+
+    /// Takes the chain apart (to reopen or replace its top).
+    pub fn into_layers(self) -> (Image, Vec<Image>, Option<RawImage>) {
+        (self.top, self.lowers, self.base)
+    }
+
+    pub fn close(&self) -> Result<()> {
+        self.top.close()
+    }
+
+    fn check_range(&self, offset: u64, len: u64, op: &'static str) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(err(
+                ErrorKind::OutOfRange,
+                format!(
+                    "{op} of {len} bytes at {offset} is outside the {}-byte device",
+                    self.size
+                ),
+            )),
+        }
+    }
+
+    fn require_writable(&self) -> Result<()> {
+        if self.top.is_writable() {
+            Ok(())
+        } else {
+            Err(err(ErrorKind::ReadOnly, "device is read-only").with_file(self.top.path()))
+        }
+    }
+
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = ChunkPiece> {
+        let shift = self.chunk_shift;
+        let cs = 1u64 << shift;
+        let end = offset + len;
+        let mut pos = offset;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let chunk = pos >> shift;
+            let start = pos & (cs - 1);
+            let n = (cs - start).min(end - pos);
+            let p = ChunkPiece {
+                chunk,
+                start,
+                end: start + n,
+                at: (pos - offset) as usize,
+            };
+            pos += n;
+            Some(p)
+        })
+    }
+
+    fn chunk_base(&self, chunk: u64) -> u64 {
+        chunk << self.chunk_shift
+    }
+
+    /// Reads what the layers under the top hold at `offset`.
+    fn read_lower(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.lowers.is_empty() {
+            return self.read_base(buf, offset);
+        }
+        let mut pieces: Vec<Piece> = Vec::new();
+        self.lower_map.pieces(offset, buf.len() as u64, &mut pieces);
+        for (s, e, src) in pieces {
+            let sub = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            match src {
+                Some(Source::Layer { layer, file_offset }) => {
+                    self.lowers[layer as usize].read_at(sub, file_offset)?
+                }
+                Some(Source::Zero { .. }) => sub.fill(0),
+                None => self.read_base(sub, s)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn read_base(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.base {
+            Some(b) => b.read_at(buf, offset),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether anything under the top could make [start, end) read other than zeros.
+    fn lower_visible(&self, start: u64, end: u64) -> bool {
+        let base_covers = |s: u64| self.base.as_ref().is_some_and(|b| b.size() > s);
+        if self.lowers.is_empty() {
+            return base_covers(start);
+        }
+        let mut pieces: Vec<Piece> = Vec::new();
+        self.lower_map.pieces(start, end - start, &mut pieces);
+        pieces.iter().any(|&(s, _, src)| match src {
+            Some(Source::Layer { .. }) => true,
+            Some(Source::Zero { .. }) => false,
+            None => base_covers(s),
+        })
+    }
+
+    fn read_piece(&self, p: ChunkPiece, buf: &mut [u8]) -> Result<()> {
+        let base = self.chunk_base(p.chunk);
+        let _io = self.top.io_guard();
+        let first = (p.start / BLOCK_SIZE) as usize;
+        let last = p.end.div_ceil(BLOCK_SIZE) as usize;
+        let plan = self.top.with_entry(p.chunk, |e| {
+            e.map(|e| {
+                (
+                    e.data_offset,
+                    e.blocks.runs(first, last).collect::<Vec<_>>(),
+                )
+            })
+        });
+        let Some((slot, runs)) = plan else {
+            return self.read_lower(buf, base + p.start);
+        };
+        for (s, t, state) in runs {
+            let rs = (s as u64 * BLOCK_SIZE).max(p.start);
+            let re = (t as u64 * BLOCK_SIZE).min(p.end);
+            let sub = &mut buf[(rs - p.start) as usize..(re - p.start) as usize];
+            match state {
+                BlockState::Data => self.top.read_at(sub, slot + rs)?,
+                BlockState::Zero => sub.fill(0),
+                BlockState::Absent => self.read_lower(sub, base + rs)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at chunk-relative [p.start, p.end). The caller holds the chunk lock.
+    /// Partial blocks not yet in the top are completed from what they read as now (copy-up of
+    /// that block only); everything else is written as given.
+    fn write_piece_locked(&self, p: ChunkPiece, data: &[u8]) -> Result<()> {
+        let base = self.chunk_base(p.chunk);
+        let first = (p.start / BLOCK_SIZE) as usize;
+        let last = p.end.div_ceil(BLOCK_SIZE) as usize;
+        let states = self.top.with_entry(p.chunk, |e| {
+            e.map(|e| (e.blocks.get(first), e.blocks.get(last - 1)))
+        });
+        let (head_state, tail_state) = states.unwrap_or((BlockState::Absent, BlockState::Absent));
+        let head_fill = p.start % BLOCK_SIZE != 0 && head_state != BlockState::Data;
+        let tail_fill = p.end % BLOCK_SIZE != 0 && tail_state != BlockState::Data;
+        let ws = if head_fill {
+            first as u64 * BLOCK_SIZE
+        } else {
+            p.start
+        };
+        let we = if tail_fill {
+            last as u64 * BLOCK_SIZE
+        } else {
+            p.end
+        };
+        let slot = self.top.ensure_slot(p.chunk)?;
+        if ws == p.start && we == p.end {
+            self.top.write_at(data, slot + ws)?;
+        } else {
+            let mut tmp = vec![0u8; (we - ws) as usize];
+            let fill = |tmp: &mut [u8], block: usize, state: BlockState| -> Result<()> {
+                let at = (block as u64 * BLOCK_SIZE - ws) as usize;
+                let b = &mut tmp[at..at + BLOCK_SIZE as usize];
+                match state {
+                    BlockState::Absent => self.read_lower(b, base + block as u64 * BLOCK_SIZE),
+                    _ => Ok(()), // zero blocks: tmp is already zero
+                }
+            };
+            if head_fill {
+                fill(&mut tmp, first, head_state)?;
+            }
+            if tail_fill && !(head_fill && first == last - 1) {
+                fill(&mut tmp, last - 1, tail_state)?;
+            }
+            let at = (p.start - ws) as usize;
+            tmp[at..at + data.len()].copy_from_slice(data);
+            self.top.write_at(&tmp, slot + ws)?;
+        }
+        self.top.set_blocks(p.chunk, first, last, BlockState::Data)
+    }
+
+    fn zero_piece(&self, p: ChunkPiece) -> Result<()> {
+        let base = self.chunk_base(p.chunk);
+        let _g = self.top.lock_chunk(p.chunk);
+        // The device's last block may be short: covering up to the device's end covers it whole.
+        let at_device_end = base + p.end == self.size;
+        let fb = p.start.div_ceil(BLOCK_SIZE);
+        let lb = if at_device_end {
+            p.end.div_ceil(BLOCK_SIZE)
+        } else {
+            p.end / BLOCK_SIZE
+        };
+        if fb >= lb {
+            return self.write_zeros_locked(p);
+        }
+        let (fs, fe) = (fb * BLOCK_SIZE, (lb * BLOCK_SIZE).min(self.size - base));
+        let state = if self.lower_visible(base + fs, base + fe) {
+            BlockState::Zero
+        } else {
+            BlockState::Absent
+        };
+        self.top
+            .set_blocks(p.chunk, fb as usize, lb as usize, state)?;
+        if p.start < fs {
+            self.write_zeros_locked(ChunkPiece { end: fs, ..p })?;
+        }
+        if fe < p.end {
+            self.write_zeros_locked(ChunkPiece { start: fe, ..p })?;
+        }
+        Ok(())
+    }
+
+    fn write_zeros_locked(&self, p: ChunkPiece) -> Result<()> {
+        let zeros = vec![0u8; (p.end - p.start) as usize];
+        self.write_piece_locked(p, &zeros)
+    }
+
+    /// The kind of [start, end) of the top chunk `chunk`, as runs.
+    fn describe_piece(&self, p: ChunkPiece, out: &mut Vec<Extent>) {
+        let base = self.chunk_base(p.chunk);
+        let first = (p.start / BLOCK_SIZE) as usize;
+        let last = p.end.div_ceil(BLOCK_SIZE) as usize;
+        let runs = self.top.with_entry(p.chunk, |e| {
+            e.map(|e| e.blocks.runs(first, last).collect::<Vec<_>>())
+        });
+        let runs = runs.unwrap_or_else(|| vec![(first, last, BlockState::Absent)]);
+        for (s, t, state) in runs {
+            let rs = base + (s as u64 * BLOCK_SIZE).max(p.start);
+            let re = base + (t as u64 * BLOCK_SIZE).min(p.end);
+            match state {
+                BlockState::Data => push_extent(out, rs, re, ExtentKind::Data { depth: 0 }),
+                BlockState::Zero => push_extent(out, rs, re, ExtentKind::Zero { depth: 0 }),
+                BlockState::Absent => self.describe_lower(rs, re, out),
+            }
+        }
+    }
+
+    fn describe_lower(&self, start: u64, end: u64, out: &mut Vec<Extent>) {
+        let base_depth = 1 + self.lowers.len();
+        let mut pieces: Vec<Piece> = Vec::new();
+        if self.lowers.is_empty() {
+            pieces.push((start, end, None));
+        } else {
+            self.lower_map.pieces(start, end - start, &mut pieces);
+        }
+        for (s, e, src) in pieces {
+            match src {
+                Some(Source::Layer { layer, .. }) => push_extent(
+                    out,
+                    s,
+                    e,
+                    ExtentKind::Data {
+                        depth: 1 + layer as usize,
+                    },
+                ),
+                Some(Source::Zero { layer }) => push_extent(
+                    out,
+                    s,
+                    e,
+                    ExtentKind::Zero {
+                        depth: 1 + layer as usize,
+                    },
+                ),
+                None => match &self.base {
+                    Some(b) if b.size() > s => {
+                        let m = e.min(b.size());
+                        push_extent(out, s, m, ExtentKind::Data { depth: base_depth });
+                        if m < e {
+                            push_extent(out, m, e, ExtentKind::Unallocated);
+                        }
+                    }
+                    _ => push_extent(out, s, e, ExtentKind::Unallocated),
+                },
+            }
+        }
+    }
+}
+
+fn push_extent(out: &mut Vec<Extent>, start: u64, end: u64, kind: ExtentKind) {
+    if start >= end {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.kind == kind && last.offset + last.length == start {
+            last.length += end - start;
+            return;
+        }
+    }
+    out.push(Extent {
+        offset: start,
+        length: end - start,
+        kind,
+    });
+}
+
+impl DiskRead for Chain {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64, "read")?;
+        for p in self.pieces(offset, buf.len() as u64) {
+            let n = (p.end - p.start) as usize;
+            self.read_piece(p, &mut buf[p.at..p.at + n])?;
+        }
+        Ok(())
+    }
+}
+
+impl DiskWrite for Chain {
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.require_writable()?;
+        self.check_range(offset, buf.len() as u64, "write")?;
+        for p in self.pieces(offset, buf.len() as u64) {
+            let n = (p.end - p.start) as usize;
+            let _g = self.top.lock_chunk(p.chunk);
+            self.write_piece_locked(p, &buf[p.at..p.at + n])?;
+        }
+        Ok(())
+    }
+}
+
+impl DiskZero for Chain {
+    fn write_zeroes(&self, offset: u64, len: u64, allocate: bool) -> Result<()> {
+        self.require_writable()?;
+        self.check_range(offset, len, "write zeroes")?;
+        for p in self.pieces(offset, len) {
+            if allocate {
+                let _g = self.top.lock_chunk(p.chunk);
+                self.write_zeros_locked(p)?;
+            } else {
+                self.zero_piece(p)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn zeroing_is_fast(&self, allocate: bool) -> bool {
+        !allocate
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, false)
+    }
+}
+
+impl DiskFlush for Chain {
+    fn flush(&self) -> Result<()> {
+        self.top.flush()
+    }
+}
+
+impl DiskExtents for Chain {
+    fn extents(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>> {
+        self.check_range(offset, len, "block status")?;
+        let mut out = Vec::new();
+        for p in self.pieces(offset, len) {
+            self.describe_piece(p, &mut out);
+            // Stop once enough is described: a reply may cover a prefix of the range.
+            if out.len() > max_extents.max(1) {
+                out.truncate(max_extents.max(1));
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Disk for Chain {
+    fn is_read_only(&self) -> bool {
+        !self.top.is_writable()
+    }
+}

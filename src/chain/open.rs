@@ -1,0 +1,169 @@
+//! Opening a chain from its top image: following parent references, and refusing a parent
+//! that is missing, changed, swapped, writable, looping or too deep (spec §3.3).
+
+use crate::error::{err, Error, ErrorKind, Result};
+use crate::format::fingerprint::raw_fingerprint;
+use crate::format::header::{ParentFormat, ParentRef};
+use crate::format::{FLAG_FROZEN, MAX_CHAIN_DEPTH};
+use crate::layer::raw::RawImage;
+use crate::layer::{format_uuid, Image, OpenOptions};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// How to open a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChainOptions {
+    /// Open the top for writing (exclusive lock).
+    pub writable: bool,
+    /// Inspection: no locks, and no reads of a raw parent's data (its fingerprint is not
+    /// verified); for `info`, `map` and `check` on images that may be in use.
+    pub inspect: bool,
+    /// Accept a raw parent that is a device or other special file.
+    pub allow_special_parents: bool,
+}
+
+/// The opened layers of a chain, top first.
+pub(crate) struct Opened {
+    pub top: Image,
+    pub lowers: Vec<Image>,
+    pub base: Option<RawImage>,
+}
+
+/// Where a parent reference of the image at `child` points.
+pub fn resolve_parent_path(child: &Path, parent: &ParentRef) -> PathBuf {
+    let p = Path::new(OsStr::from_bytes(&parent.path));
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        let dir = child
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        dir.join(p)
+    }
+}
+
+fn identity(path: &Path) -> Result<(u64, u64)> {
+    let md = std::fs::metadata(path).map_err(|e| Error::io("stat", e).with_file(path))?;
+    Ok((md.dev(), md.ino()))
+}
+
+pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
+    let top_opts = if opts.inspect {
+        OpenOptions::inspect()
+    } else if opts.writable {
+        OpenOptions::writable()
+    } else {
+        OpenOptions::read_only()
+    };
+    let lower_opts = if opts.inspect {
+        OpenOptions::inspect()
+    } else {
+        OpenOptions::read_only()
+    };
+    let top = Image::open(path, top_opts)?;
+    let mut seen = vec![identity(path)?];
+    let mut lowers: Vec<Image> = Vec::new();
+    let mut base = None;
+    let mut child_path = path.to_path_buf();
+    let mut next = top.parent();
+    while let Some(pref) = next.take() {
+        if 1 + lowers.len() + 1 > MAX_CHAIN_DEPTH {
+            return Err(err(
+                ErrorKind::ChainTooDeep,
+                format!("chain is deeper than {MAX_CHAIN_DEPTH} images"),
+            )
+            .with_file(path)
+            .during("open chain"));
+        }
+        let ppath = resolve_parent_path(&child_path, &pref);
+        let named_by = |e: Error| e.with_file(&child_path).during("open parent");
+        let md = std::fs::metadata(&ppath).map_err(|e| {
+            named_by(err(
+                ErrorKind::ParentMissing,
+                format!("parent {} is missing ({e})", ppath.display()),
+            ))
+        })?;
+        let id = (md.dev(), md.ino());
+        if seen.contains(&id) {
+            return Err(named_by(err(
+                ErrorKind::ChainLoop,
+                format!("parent {} is already in the chain (loop)", ppath.display()),
+            )));
+        }
+        seen.push(id);
+        match pref.format {
+            ParentFormat::Raw => {
+                let raw = RawImage::open(&ppath, opts.allow_special_parents)?;
+                if raw.size() != pref.size {
+                    return Err(named_by(changed(
+                        &ppath,
+                        format!(
+                            "size is {} bytes, the overlay was made on {}",
+                            raw.size(),
+                            pref.size
+                        ),
+                    )));
+                }
+                if !opts.inspect {
+                    let fp = raw_fingerprint(raw.storage().as_ref(), raw.size())
+                        .map_err(|e| e.with_file(&ppath))?;
+                    if fp != pref.fingerprint {
+                        return Err(named_by(changed(
+                            &ppath,
+                            "content fingerprint differs from the one recorded at create".into(),
+                        )));
+                    }
+                }
+                base = Some(raw);
+            }
+            ParentFormat::Cowdisk => {
+                let img = Image::open(&ppath, lower_opts).map_err(|e| match e.kind() {
+                    ErrorKind::NotAnImage => {
+                        named_by(changed(&ppath, "is no longer a cowdisk image".into()))
+                    }
+                    _ => e,
+                })?;
+                let h = img.header();
+                if h.uuid != pref.uuid {
+                    return Err(named_by(changed(
+                        &ppath,
+                        format!(
+                            "has UUID {}, the overlay was made on {}",
+                            format_uuid(&h.uuid),
+                            format_uuid(&pref.uuid)
+                        ),
+                    )));
+                }
+                if h.geometry.virtual_size != pref.size {
+                    return Err(named_by(changed(
+                        &ppath,
+                        format!(
+                            "size is {}, the overlay was made on {}",
+                            h.geometry.virtual_size, pref.size
+                        ),
+                    )));
+                }
+                if !h.has_flag(FLAG_FROZEN) {
+                    return Err(named_by(changed(
+                        &ppath,
+                        "is not frozen: a writable image cannot be a parent".into(),
+                    )));
+                }
+                next = h.parent.clone();
+                child_path = ppath;
+                lowers.push(img);
+            }
+        }
+    }
+    Ok(Opened { top, lowers, base })
+}
+
+fn changed(p: &Path, what: String) -> Error {
+    err(
+        ErrorKind::ParentChanged,
+        format!("parent {} changed: {what}", p.display()),
+    )
+}

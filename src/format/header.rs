@@ -1,0 +1,493 @@
+//! The image header: its 4096-byte slot layout, the parent reference inside it, and the
+//! rule for choosing between the two slots (spec §2, §3).
+
+use super::*;
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+/// Byte offsets inside a header slot (spec §2.1).
+mod off {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const SLOT_SIZE: usize = 12;
+    pub const GENERATION: usize = 16;
+    pub const INCOMPAT: usize = 24;
+    pub const COMPAT: usize = 32;
+    pub const VIRTUAL_SIZE: usize = 40;
+    pub const CHUNK_SHIFT: usize = 48;
+    pub const BLOCK_SHIFT: usize = 49;
+    pub const UUID: usize = 56;
+    pub const FLAGS: usize = 72;
+    pub const PARENT_FORMAT: usize = 80;
+    pub const PARENT_PATH_LEN: usize = 84;
+    pub const PARENT_UUID: usize = 88;
+    pub const PARENT_SIZE: usize = 104;
+    pub const PARENT_FINGERPRINT: usize = 112;
+    pub const EXTENT_COUNT: usize = 116;
+    pub const EXTENTS: usize = 120;
+    pub const PARENT_PATH: usize = 1144;
+    pub const CRC: usize = 4092;
+}
+
+/// How the parent's bytes are to be read; recorded at create, never probed on open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParentFormat {
+    Raw,
+    Cowdisk,
+}
+
+impl ParentFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ParentFormat::Raw => "raw",
+            ParentFormat::Cowdisk => "cowdisk",
+        }
+    }
+}
+
+/// Who the parent is: where to find it and how to recognise it (spec §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRef {
+    pub format: ParentFormat,
+    /// Path bytes as given (relative paths are relative to the overlay's directory).
+    pub path: Vec<u8>,
+    /// The parent's image UUID (cowdisk parents); zero for raw parents.
+    pub uuid: [u8; 16],
+    /// Virtual size (cowdisk parent) or file length (raw parent).
+    pub size: u64,
+    /// Raw parents: fingerprint of sampled content (spec §3.2); zero for cowdisk.
+    pub fingerprint: u32,
+}
+
+/// A run of the file holding map sectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapExtent {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl MapExtent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub generation: u64,
+    pub incompat: u64,
+    pub compat: u64,
+    pub geometry: Geometry,
+    pub uuid: [u8; 16],
+    pub flags: u64,
+    pub parent: Option<ParentRef>,
+    pub map_extents: Vec<MapExtent>,
+}
+
+impl Header {
+    pub fn new(geometry: Geometry, uuid: [u8; 16], parent: Option<ParentRef>) -> Header {
+        Header {
+            generation: 1,
+            incompat: 0,
+            compat: 0,
+            geometry,
+            uuid,
+            flags: 0,
+            parent,
+            map_extents: Vec::new(),
+        }
+    }
+
+    pub fn has_flag(&self, flag: u64) -> bool {
+        self.flags & flag != 0
+    }
+
+    pub fn set_flag(&mut self, flag: u64, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    /// The slot a header of this generation lives in: even generations in slot 0, odd in slot 1.
+    pub fn slot_offset(&self) -> u64 {
+        (self.generation % 2) * HEADER_SLOT_SIZE as u64
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_SLOT_SIZE] {
+        let mut b = [0u8; HEADER_SLOT_SIZE];
+        b[off::MAGIC..off::MAGIC + 8].copy_from_slice(&MAGIC);
+        LE::write_u32(&mut b[off::VERSION..], VERSION);
+        LE::write_u32(&mut b[off::SLOT_SIZE..], HEADER_SLOT_SIZE as u32);
+        LE::write_u64(&mut b[off::GENERATION..], self.generation);
+        LE::write_u64(&mut b[off::INCOMPAT..], self.incompat);
+        LE::write_u64(&mut b[off::COMPAT..], self.compat);
+        LE::write_u64(&mut b[off::VIRTUAL_SIZE..], self.geometry.virtual_size);
+        b[off::CHUNK_SHIFT] = self.geometry.chunk_shift as u8;
+        b[off::BLOCK_SHIFT] = BLOCK_SHIFT as u8;
+        b[off::UUID..off::UUID + 16].copy_from_slice(&self.uuid);
+        LE::write_u64(&mut b[off::FLAGS..], self.flags);
+        if let Some(p) = &self.parent {
+            let fmt = match p.format {
+                ParentFormat::Raw => 1,
+                ParentFormat::Cowdisk => 2,
+            };
+            LE::write_u32(&mut b[off::PARENT_FORMAT..], fmt);
+            LE::write_u32(&mut b[off::PARENT_PATH_LEN..], p.path.len() as u32);
+            b[off::PARENT_UUID..off::PARENT_UUID + 16].copy_from_slice(&p.uuid);
+            LE::write_u64(&mut b[off::PARENT_SIZE..], p.size);
+            LE::write_u32(&mut b[off::PARENT_FINGERPRINT..], p.fingerprint);
+            b[off::PARENT_PATH..off::PARENT_PATH + p.path.len()].copy_from_slice(&p.path);
+        }
+        LE::write_u32(&mut b[off::EXTENT_COUNT..], self.map_extents.len() as u32);
+        for (i, e) in self.map_extents.iter().enumerate() {
+            let at = off::EXTENTS + 16 * i;
+            LE::write_u64(&mut b[at..], e.offset);
+            LE::write_u64(&mut b[at + 8..], e.len);
+        }
+        let crc = crc32fast::hash(&b[..off::CRC]);
+        LE::write_u32(&mut b[off::CRC..], crc);
+        b
+    }
+
+    /// Decodes and validates one slot. Errors carry no file context; the caller adds it.
+    pub fn decode(b: &[u8]) -> Result<Header> {
+        if b.len() < HEADER_SLOT_SIZE {
+            return Err(err(ErrorKind::Truncated, "header slot is truncated"));
+        }
+        if b[off::MAGIC..off::MAGIC + 8] != MAGIC {
+            return Err(err(
+                ErrorKind::NotAnImage,
+                "not a cowdisk image (bad magic)",
+            ));
+        }
+        let crc = LE::read_u32(&b[off::CRC..]);
+        if crc32fast::hash(&b[..off::CRC]) != crc {
+            return Err(err(ErrorKind::BadChecksum, "header checksum mismatch"));
+        }
+        let version = LE::read_u32(&b[off::VERSION..]);
+        if version != VERSION {
+            return Err(err(
+                ErrorKind::Unsupported,
+                format!("format version {version} is not supported (this build reads version {VERSION})"),
+            ));
+        }
+        let slot = LE::read_u32(&b[off::SLOT_SIZE..]);
+        if slot as usize != HEADER_SLOT_SIZE {
+            return Err(err(
+                ErrorKind::Corrupt,
+                format!("header slot size {slot} is not 4096"),
+            ));
+        }
+        let incompat = LE::read_u64(&b[off::INCOMPAT..]);
+        if incompat & !KNOWN_INCOMPAT != 0 {
+            return Err(err(
+                ErrorKind::Unsupported,
+                format!(
+                    "unknown incompatible features {:#x}",
+                    incompat & !KNOWN_INCOMPAT
+                ),
+            ));
+        }
+        let flags = LE::read_u64(&b[off::FLAGS..]);
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(err(
+                ErrorKind::Unsupported,
+                format!("unknown header flags {:#x}", flags & !KNOWN_FLAGS),
+            ));
+        }
+        if u32::from(b[off::BLOCK_SHIFT]) != BLOCK_SHIFT {
+            return Err(err(
+                ErrorKind::Corrupt,
+                format!("block size 2^{} is not 4096", b[off::BLOCK_SHIFT]),
+            ));
+        }
+        let geometry = Geometry::new(
+            LE::read_u64(&b[off::VIRTUAL_SIZE..]),
+            u32::from(b[off::CHUNK_SHIFT]),
+        )
+        .map_err(|e| err(ErrorKind::Corrupt, e.message().to_string()))?;
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[off::UUID..off::UUID + 16]);
+
+        let parent = decode_parent(b)?;
+        let count = LE::read_u32(&b[off::EXTENT_COUNT..]) as usize;
+        if count > MAX_MAP_EXTENTS {
+            return Err(err(
+                ErrorKind::Corrupt,
+                format!("{count} map extents (at most {MAX_MAP_EXTENTS})"),
+            ));
+        }
+        let mut map_extents: Vec<MapExtent> = Vec::with_capacity(count);
+        for i in 0..count {
+            let at = off::EXTENTS + 16 * i;
+            let e = MapExtent {
+                offset: LE::read_u64(&b[at..]),
+                len: LE::read_u64(&b[at + 8..]),
+            };
+            validate_extent(&geometry, &e)?;
+            if map_extents
+                .iter()
+                .any(|o| e.offset < o.end() && o.offset < e.end())
+            {
+                return Err(err(
+                    ErrorKind::Corrupt,
+                    format!("map extent {i} overlaps another"),
+                ));
+            }
+            map_extents.push(e);
+        }
+        Ok(Header {
+            generation: LE::read_u64(&b[off::GENERATION..]),
+            incompat,
+            compat: LE::read_u64(&b[off::COMPAT..]),
+            geometry,
+            uuid,
+            flags,
+            parent,
+            map_extents,
+        })
+    }
+
+    /// Picks the current header from the two slots: the valid one with the higher generation.
+    /// Returns the header and whether the other slot was invalid (a torn header write).
+    pub fn choose(area: &[u8]) -> Result<(Header, bool)> {
+        let a = Header::decode(&area[..HEADER_SLOT_SIZE]);
+        let b = Header::decode(&area[HEADER_SLOT_SIZE..]);
+        match (a, b) {
+            (Ok(a), Ok(b)) => Ok((if b.generation > a.generation { b } else { a }, false)),
+            (Ok(h), Err(_)) | (Err(_), Ok(h)) => Ok((h, true)),
+            (Err(ea), Err(eb)) => {
+                // Report the most telling failure: a non-image first, then whatever slot 0 said.
+                if ea.kind() == ErrorKind::NotAnImage && eb.kind() == ErrorKind::NotAnImage {
+                    Err(ea)
+                } else if ea.kind() == ErrorKind::NotAnImage {
+                    Err(eb)
+                } else {
+                    Err(ea)
+                }
+            }
+        }
+    }
+}
+
+fn decode_parent(b: &[u8]) -> Result<Option<ParentRef>> {
+    let fmt = LE::read_u32(&b[off::PARENT_FORMAT..]);
+    let len = LE::read_u32(&b[off::PARENT_PATH_LEN..]) as usize;
+    let format = match fmt {
+        0 => {
+            if len != 0 {
+                return Err(err(
+                    ErrorKind::Corrupt,
+                    "parent path without a parent format",
+                ));
+            }
+            return Ok(None);
+        }
+        1 => ParentFormat::Raw,
+        2 => ParentFormat::Cowdisk,
+        other => {
+            return Err(err(
+                ErrorKind::Corrupt,
+                format!("unknown parent format {other}"),
+            ))
+        }
+    };
+    if len == 0 || len > MAX_PARENT_PATH {
+        return Err(err(
+            ErrorKind::Corrupt,
+            format!("parent path length {len} out of range (1 to {MAX_PARENT_PATH})"),
+        ));
+    }
+    let path = b[off::PARENT_PATH..off::PARENT_PATH + len].to_vec();
+    if path.contains(&0) {
+        return Err(err(ErrorKind::Corrupt, "parent path contains a NUL byte"));
+    }
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&b[off::PARENT_UUID..off::PARENT_UUID + 16]);
+    Ok(Some(ParentRef {
+        format,
+        path,
+        uuid,
+        size: LE::read_u64(&b[off::PARENT_SIZE..]),
+        fingerprint: LE::read_u32(&b[off::PARENT_FINGERPRINT..]),
+    }))
+}
+
+fn validate_extent(g: &Geometry, e: &MapExtent) -> Result<()> {
+    let cs = g.chunk_size();
+    let ok = e.offset >= g.data_start()
+        && e.offset % cs == 0
+        && e.len > 0
+        && e.len % cs == 0
+        && e.offset
+            .checked_add(e.len)
+            .is_some_and(|end| end <= MAX_FILE_SIZE);
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            ErrorKind::Corrupt,
+            format!("map extent at {} length {} is misplaced", e.offset, e.len),
+        ))
+    }
+}
+
+/// Largest file offset any structure may reach: far beyond any real file, small enough that
+/// offset arithmetic on validated values never overflows.
+pub const MAX_FILE_SIZE: u64 = 1 << 62;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Header {
+        let g = Geometry::new(1 << 30, 16).unwrap();
+        let mut h = Header::new(
+            g,
+            [7; 16],
+            Some(ParentRef {
+                format: ParentFormat::Cowdisk,
+                path: b"base.cow".to_vec(),
+                uuid: [9; 16],
+                size: 1 << 30,
+                fingerprint: 0,
+            }),
+        );
+        h.map_extents.push(MapExtent {
+            offset: 65536,
+            len: 65536,
+        });
+        h
+    }
+
+    #[test]
+    fn roundtrips_every_field() {
+        let h = sample();
+        assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn fields_sit_at_the_offsets_the_spec_gives() {
+        let b = sample().encode();
+        assert_eq!(&b[0..8], b"COWDISK\0");
+        assert_eq!(LE::read_u32(&b[8..]), 1);
+        assert_eq!(LE::read_u32(&b[12..]), 4096);
+        assert_eq!(LE::read_u64(&b[16..]), 1);
+        assert_eq!(LE::read_u64(&b[40..]), 1 << 30);
+        assert_eq!((b[48], b[49]), (16, 12));
+        assert_eq!(&b[56..72], &[7; 16]);
+        assert_eq!(LE::read_u32(&b[80..]), 2);
+        assert_eq!(LE::read_u32(&b[84..]), 8);
+        assert_eq!(&b[88..104], &[9; 16]);
+        assert_eq!(LE::read_u32(&b[116..]), 1);
+        assert_eq!(LE::read_u64(&b[120..]), 65536);
+        assert_eq!(&b[1144..1152], b"base.cow");
+        assert_eq!(LE::read_u32(&b[4092..]), crc32fast::hash(&b[..4092]));
+    }
+
+    #[test]
+    fn rejects_bad_magic_as_not_an_image() {
+        let mut b = sample().encode();
+        b[0] = b'X';
+        assert_eq!(
+            Header::decode(&b).unwrap_err().kind(),
+            ErrorKind::NotAnImage
+        );
+    }
+
+    #[test]
+    fn rejects_any_flipped_bit_by_checksum() {
+        let good = sample().encode();
+        for byte in [9, 40, 200, 1144, 3000, 4091] {
+            let mut b = good;
+            b[byte] ^= 0x10;
+            assert_eq!(
+                Header::decode(&b).unwrap_err().kind(),
+                ErrorKind::BadChecksum,
+                "byte {byte}"
+            );
+        }
+    }
+
+    fn reseal(b: &mut [u8; HEADER_SLOT_SIZE]) {
+        let crc = crc32fast::hash(&b[..4092]);
+        LE::write_u32(&mut b[4092..], crc);
+    }
+
+    #[test]
+    fn rejects_unknown_incompatible_feature_but_not_compatible_one() {
+        let mut b = sample().encode();
+        LE::write_u64(&mut b[24..], 1 << 40);
+        reseal(&mut b);
+        let e = Header::decode(&b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("incompatible"));
+        let mut b = sample().encode();
+        LE::write_u64(&mut b[32..], 1 << 40);
+        reseal(&mut b);
+        assert!(Header::decode(&b).is_ok());
+    }
+
+    #[test]
+    fn rejects_chunk_size_out_of_range_as_corrupt() {
+        let mut b = sample().encode();
+        b[48] = 22;
+        reseal(&mut b);
+        assert_eq!(Header::decode(&b).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn rejects_map_extent_inside_the_header_area() {
+        let mut b = sample().encode();
+        LE::write_u64(&mut b[120..], 0);
+        reseal(&mut b);
+        assert_eq!(Header::decode(&b).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn rejects_overlapping_map_extents() {
+        let mut h = sample();
+        h.map_extents.push(MapExtent {
+            offset: 65536,
+            len: 131072,
+        });
+        assert_eq!(
+            Header::decode(&h.encode()).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+    }
+
+    #[test]
+    fn rejects_map_extent_reaching_past_max_file_size() {
+        let mut h = sample();
+        h.map_extents[0].len = u64::MAX - 65535;
+        assert_eq!(
+            Header::decode(&h.encode()).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+    }
+
+    #[test]
+    fn rejects_overlong_parent_path() {
+        let mut b = sample().encode();
+        LE::write_u32(&mut b[84..], 2049);
+        reseal(&mut b);
+        assert_eq!(Header::decode(&b).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn chooses_the_higher_valid_generation() {
+        let mut h1 = sample();
+        h1.generation = 4;
+        let mut h2 = sample();
+        h2.generation = 5;
+        h2.flags = FLAG_FROZEN;
+        let mut area = vec![0u8; 8192];
+        area[..4096].copy_from_slice(&h1.encode());
+        area[4096..].copy_from_slice(&h2.encode());
+        assert_eq!(Header::choose(&area).unwrap(), (h2.clone(), false));
+        area[5000] ^= 1; // torn write of the newer slot: fall back to the older
+        assert_eq!(Header::choose(&area).unwrap(), (h1, true));
+    }
+}

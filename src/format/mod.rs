@@ -1,0 +1,179 @@
+//! The on-disk format: every constant of format-spec.md, the image geometry, and the codecs
+//! for header, parent reference, map sectors and raw-parent fingerprints.
+//!
+//! Nothing in here does I/O except through [`crate::storage::Storage`] in the fingerprint;
+//! encode/decode are pure so that they can be tested byte by byte against the spec.
+
+pub mod blocks;
+pub mod fingerprint;
+pub mod header;
+pub mod map;
+
+use crate::error::{err, ErrorKind, Result};
+
+/// Bytes 0..8 of both header slots (spec §2).
+pub const MAGIC: [u8; 8] = *b"COWDISK\0";
+/// The only format version this build reads and writes (spec §8).
+pub const VERSION: u32 = 1;
+/// Size of one header slot; slot 0 at offset 0, slot 1 at offset 4096 (spec §2).
+pub const HEADER_SLOT_SIZE: usize = 4096;
+/// Bytes reserved for the two header slots at the start of the file.
+pub const HEADER_AREA: u64 = 2 * HEADER_SLOT_SIZE as u64;
+/// Unit of atomic update for the map (spec §5, media assumptions).
+pub const SECTOR_SIZE: usize = 512;
+/// log2 of the block size: the unit of presence inside a chunk.
+pub const BLOCK_SHIFT: u32 = 12;
+pub const BLOCK_SIZE: u64 = 1 << BLOCK_SHIFT;
+pub const MIN_CHUNK_SHIFT: u32 = 12;
+pub const MAX_CHUNK_SHIFT: u32 = 21;
+pub const DEFAULT_CHUNK_SHIFT: u32 = 16;
+/// Virtual sizes are whole 512-byte sectors, at least one, at most 2^60 bytes.
+pub const SIZE_ALIGN: u64 = 512;
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 60;
+/// Most images in one chain, counting the top and a raw base.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+pub const MAX_PARENT_PATH: usize = 2048;
+pub const MAX_MAP_EXTENTS: usize = 64;
+/// The smallest map extent; later extents double the map's size (spec §4.3).
+pub const MIN_MAP_EXTENT: u64 = 64 * 1024;
+
+/// Header flags (spec §2.2).
+pub const FLAG_FROZEN: u64 = 1 << 0;
+pub const FLAG_DIRTY: u64 = 1 << 1;
+pub const FLAG_CORRUPT: u64 = 1 << 2;
+pub const KNOWN_FLAGS: u64 = FLAG_FROZEN | FLAG_DIRTY | FLAG_CORRUPT;
+
+/// Incompatible features this build understands: none yet beyond version 1's base format.
+pub const KNOWN_INCOMPAT: u64 = 0;
+
+/// The shape of one image's address space, derived from the header's size and chunk shift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub virtual_size: u64,
+    pub chunk_shift: u32,
+}
+
+impl Geometry {
+    /// Validates a size and chunk shift the way the header decoder does.
+    pub fn new(virtual_size: u64, chunk_shift: u32) -> Result<Geometry> {
+        if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&chunk_shift) {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "chunk size 2^{chunk_shift} is out of range (4 KiB to 2 MiB, a power of two)"
+                ),
+            ));
+        }
+        if virtual_size == 0 || virtual_size > MAX_VIRTUAL_SIZE || virtual_size % SIZE_ALIGN != 0 {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "virtual size {virtual_size} is invalid (a multiple of 512, at least 512, at most 2^60)"
+                ),
+            ));
+        }
+        Ok(Geometry {
+            virtual_size,
+            chunk_shift,
+        })
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        1 << self.chunk_shift
+    }
+
+    pub fn blocks_per_chunk(&self) -> usize {
+        1 << (self.chunk_shift - BLOCK_SHIFT)
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.virtual_size.div_ceil(self.chunk_size())
+    }
+
+    /// Bytes of one bitmap plane in a map entry: max(4, blocks_per_chunk / 8) (spec §4.2).
+    pub fn bitmap_bytes(&self) -> usize {
+        (self.blocks_per_chunk() / 8).max(4)
+    }
+
+    /// Bytes of one map entry: 24 + 2 bitmap planes.
+    pub fn entry_size(&self) -> usize {
+        24 + 2 * self.bitmap_bytes()
+    }
+
+    pub fn entries_per_sector(&self) -> usize {
+        (SECTOR_SIZE - map::SECTOR_HEADER) / self.entry_size()
+    }
+
+    /// First byte a data slot or map extent may occupy: the header area rounded up to a chunk.
+    pub fn data_start(&self) -> u64 {
+        HEADER_AREA.next_multiple_of(self.chunk_size())
+    }
+
+    /// Number of blocks of chunk `chunk` that lie inside the virtual size (the last chunk may be short).
+    pub fn blocks_in_chunk(&self, chunk: u64) -> usize {
+        let start = chunk << self.chunk_shift;
+        let end = (start + self.chunk_size()).min(self.virtual_size);
+        (end - start).div_ceil(BLOCK_SIZE) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_geometry_matches_spec_table() {
+        let g = Geometry::new(1 << 30, DEFAULT_CHUNK_SHIFT).unwrap();
+        assert_eq!(g.chunk_size(), 65536);
+        assert_eq!(g.blocks_per_chunk(), 16);
+        assert_eq!(g.bitmap_bytes(), 4);
+        assert_eq!(g.entry_size(), 32);
+        assert_eq!(g.entries_per_sector(), 15);
+        assert_eq!(g.data_start(), 65536);
+        assert_eq!(g.chunk_count(), 16384);
+    }
+
+    #[test]
+    fn smallest_and_largest_chunk_entry_sizes_match_spec_table() {
+        let small = Geometry::new(1 << 20, 12).unwrap();
+        assert_eq!(
+            (
+                small.entry_size(),
+                small.entries_per_sector(),
+                small.data_start()
+            ),
+            (32, 15, 8192)
+        );
+        let big = Geometry::new(1 << 30, 21).unwrap();
+        assert_eq!(big.bitmap_bytes(), 64);
+        assert_eq!((big.entry_size(), big.entries_per_sector()), (152, 3));
+    }
+
+    #[test]
+    fn rejects_chunk_size_out_of_range() {
+        assert_eq!(
+            Geometry::new(1 << 20, 11).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            Geometry::new(1 << 20, 22).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn rejects_zero_unaligned_and_huge_sizes() {
+        for s in [0, 511, 513, MAX_VIRTUAL_SIZE + 512] {
+            assert!(Geometry::new(s, 16).is_err(), "size {s} accepted");
+        }
+        assert!(Geometry::new(MAX_VIRTUAL_SIZE, 16).is_ok());
+    }
+
+    #[test]
+    fn last_chunk_counts_only_blocks_inside_the_disk() {
+        let g = Geometry::new(65536 + 4096 + 512, 16).unwrap();
+        assert_eq!(g.chunk_count(), 2);
+        assert_eq!(g.blocks_in_chunk(0), 16);
+        assert_eq!(g.blocks_in_chunk(1), 2);
+    }
+}

@@ -1,0 +1,705 @@
+//! One cowdisk image file: open/create, its header and chunk map in memory, the metadata
+//! operations the chain plans I/O with, and the flush protocol (spec §5).
+//!
+//! Locking: `state` (header, map, allocator) is held only to read or change metadata, never
+//! across data I/O. `stripes` serialize writers of one chunk (copy-up and read-modify-write
+//! must not interleave). `reclaim` is held shared by anyone doing data I/O on a slot and taken
+//! exclusively before freed slots become reusable, so no I/O ever lands in a slot that has
+//! changed owner underneath it.
+
+pub mod alloc;
+pub mod map;
+pub mod raw;
+
+use crate::error::{err, Error, ErrorKind, Result};
+use crate::format::blocks::BlockState;
+use crate::format::header::{Header, ParentRef};
+use crate::format::{
+    Geometry, BLOCK_SIZE, FLAG_CORRUPT, FLAG_DIRTY, FLAG_FROZEN, HEADER_AREA, HEADER_SLOT_SIZE,
+};
+use crate::storage::{FileStorage, LockMode, Storage};
+use alloc::Allocator;
+use map::ChunkMap;
+pub use map::Entry;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// How an image is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    pub write: bool,
+    pub lock: LockMode,
+    /// Allow opening a frozen image for writing (commit into a shared parent, `check --repair`).
+    pub allow_frozen: bool,
+    /// Allow opening an image flagged corrupt for writing (only `check --repair`).
+    pub allow_corrupt: bool,
+}
+
+impl OpenOptions {
+    /// Writable top layer: exclusive lock, refuses frozen and corrupt images.
+    pub fn writable() -> OpenOptions {
+        OpenOptions {
+            write: true,
+            lock: LockMode::Exclusive,
+            allow_frozen: false,
+            allow_corrupt: false,
+        }
+    }
+
+    /// A layer that must not change while it is read (parent, read-only export): shared lock.
+    pub fn read_only() -> OpenOptions {
+        OpenOptions {
+            write: false,
+            lock: LockMode::Shared,
+            allow_frozen: true,
+            allow_corrupt: true,
+        }
+    }
+
+    /// Inspection (info, check): no lock, so it works on an image a server is using.
+    pub fn inspect() -> OpenOptions {
+        OpenOptions {
+            write: false,
+            lock: LockMode::None,
+            allow_frozen: true,
+            allow_corrupt: true,
+        }
+    }
+}
+
+struct State {
+    header: Header,
+    map: ChunkMap,
+    alloc: Allocator,
+}
+
+const STRIPES: usize = 64;
+
+pub struct Image {
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    geom: Geometry,
+    writable: bool,
+    state: RwLock<State>,
+    flush_lock: Mutex<()>,
+    reclaim: RwLock<()>,
+    stripes: Box<[Mutex<()>]>,
+    closed: AtomicBool,
+    /// Slots dropped at open because they held no data (see [`ChunkMap::drop_empty_slots`]).
+    repaired_on_open: usize,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sixteen random bytes from the kernel, for image UUIDs.
+pub fn new_uuid() -> Result<[u8; 16]> {
+    use std::io::Read;
+    let mut u = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut u))
+        .map_err(|e| Error::io("read /dev/urandom", e))?;
+    // RFC 4122 version 4, variant 1, so the bytes print as a conventional UUID.
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    Ok(u)
+}
+
+pub fn format_uuid(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+impl Image {
+    /// Creates a new image file (which must not exist) and returns it open for writing.
+    pub fn create(path: &Path, geom: Geometry, parent: Option<ParentRef>) -> Result<Image> {
+        let storage = FileStorage::create(path)?;
+        Image::create_on(Arc::new(storage), path, geom, parent, new_uuid()?)
+    }
+
+    /// Creates an image on any storage (which must be empty).
+    pub fn create_on(
+        storage: Arc<dyn Storage>,
+        path: &Path,
+        geom: Geometry,
+        parent: Option<ParentRef>,
+        uuid: [u8; 16],
+    ) -> Result<Image> {
+        let header = Header::new(geom, uuid, parent);
+        // Both slots valid from the start: generation 0 in slot 0, generation 1 in slot 1.
+        let mut h0 = header.clone();
+        h0.generation = 0;
+        let ctx = |e: Error| e.with_file(path).during("create");
+        storage.write_at(&h0.encode(), 0).map_err(ctx)?;
+        storage
+            .write_at(&header.encode(), HEADER_SLOT_SIZE as u64)
+            .map_err(ctx)?;
+        storage.sync().map_err(ctx)?;
+        let state = State {
+            map: ChunkMap::empty(geom),
+            alloc: Allocator::empty(geom.chunk_size(), geom.data_start()),
+            header,
+        };
+        Ok(Image::assemble(path, storage, geom, true, state, 0))
+    }
+
+    fn assemble(
+        path: &Path,
+        storage: Arc<dyn Storage>,
+        geom: Geometry,
+        writable: bool,
+        state: State,
+        repaired: usize,
+    ) -> Image {
+        Image {
+            path: path.to_path_buf(),
+            storage,
+            geom,
+            writable,
+            state: RwLock::new(state),
+            flush_lock: Mutex::new(()),
+            reclaim: RwLock::new(()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            closed: AtomicBool::new(false),
+            repaired_on_open: repaired,
+        }
+    }
+
+    /// Opens an image file.
+    pub fn open(path: &Path, opts: OpenOptions) -> Result<Image> {
+        let storage = FileStorage::open(path, opts.write, opts.lock)?;
+        Image::open_on(Arc::new(storage), path, opts)
+    }
+
+    /// Reads and validates the header and the whole map from `storage`.
+    pub fn open_on(storage: Arc<dyn Storage>, path: &Path, opts: OpenOptions) -> Result<Image> {
+        let ctx = |e: Error| e.with_file(path).during("open");
+        let file_len = storage.len().map_err(ctx)?;
+        let header = read_header(storage.as_ref(), file_len).map_err(ctx)?;
+        if opts.write && header.has_flag(FLAG_FROZEN) && !opts.allow_frozen {
+            return Err(ctx(err(
+                ErrorKind::ReadOnly,
+                "image is frozen (read-only layer); create an overlay on it to write",
+            )));
+        }
+        if opts.write && header.has_flag(FLAG_CORRUPT) && !opts.allow_corrupt {
+            return Err(ctx(err(
+                ErrorKind::Corrupt,
+                "image is marked corrupt; run `cowdisk check --repair` first",
+            )));
+        }
+        let geom = header.geometry;
+        let mut map =
+            ChunkMap::load(storage.as_ref(), geom, &header.map_extents, file_len).map_err(ctx)?;
+        let repaired = map.drop_empty_slots();
+        check_data_within_file(&map, file_len).map_err(ctx)?;
+        let alloc = Allocator::rebuild(
+            geom.chunk_size(),
+            geom.data_start(),
+            file_len,
+            map.used_ranges(),
+        )
+        .map_err(ctx)?;
+        let was_dirty = header.has_flag(FLAG_DIRTY);
+        let mut state = State { header, map, alloc };
+        if !opts.write {
+            let img = Image::assemble(path, storage, geom, false, state, repaired);
+            img.closed.store(true, Ordering::Relaxed);
+            return Ok(img);
+        }
+        if was_dirty {
+            // Unclean shutdown: unreferenced space may hold data written after the last flush.
+            for &(s, e) in state.alloc.free_ranges() {
+                storage.punch(s, e - s).map_err(ctx)?;
+            }
+        }
+        state.header.set_flag(FLAG_DIRTY, true);
+        let img = Image::assemble(path, storage, geom, true, state, repaired);
+        {
+            let mut st = write(&img.state);
+            img.write_header(&mut st).map_err(ctx)?;
+        }
+        img.storage.sync().map_err(ctx)?;
+        Ok(img)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geom
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub fn header(&self) -> Header {
+        read(&self.state).header.clone()
+    }
+
+    pub fn uuid(&self) -> [u8; 16] {
+        read(&self.state).header.uuid
+    }
+
+    pub fn parent(&self) -> Option<ParentRef> {
+        read(&self.state).header.parent.clone()
+    }
+
+    /// Number of empty slots dropped while opening (evidence of an interrupted write).
+    pub fn repaired_on_open(&self) -> usize {
+        self.repaired_on_open
+    }
+
+    /// Runs `f` on the entry of `chunk` under the metadata read lock (keep `f` short: no I/O).
+    pub fn with_entry<R>(&self, chunk: u64, f: impl FnOnce(Option<&Entry>) -> R) -> R {
+        f(read(&self.state).map.get(chunk))
+    }
+
+    /// Every entry, sorted by chunk (for merging lower layers, listing and checking).
+    pub fn entries(&self) -> Vec<(u64, Entry)> {
+        let st = read(&self.state);
+        st.map
+            .sorted_chunks()
+            .into_iter()
+            .filter_map(|c| st.map.get(c).map(|e| (c, e.clone())))
+            .collect()
+    }
+
+    pub fn entry_count(&self) -> usize {
+        read(&self.state).map.len()
+    }
+
+    /// Bytes of data blocks this layer holds.
+    pub fn data_bytes(&self) -> u64 {
+        let st = read(&self.state);
+        st.map
+            .iter()
+            .map(|(_, e)| e.blocks.count(BlockState::Data) as u64 * BLOCK_SIZE)
+            .sum()
+    }
+
+    /// Free (reusable) bytes inside the file and the allocation end.
+    pub fn space(&self) -> (u64, u64) {
+        let st = read(&self.state);
+        (st.alloc.free_bytes(), st.alloc.end())
+    }
+
+    /// Held by writers of one chunk for the whole copy-up / write / zero sequence.
+    pub fn lock_chunk(&self, chunk: u64) -> MutexGuard<'_, ()> {
+        lock(&self.stripes[(chunk as usize) % STRIPES])
+    }
+
+    /// Held shared across data I/O on this image's slots.
+    pub fn io_guard(&self) -> RwLockReadGuard<'_, ()> {
+        read(&self.reclaim)
+    }
+
+    fn require_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(err(ErrorKind::ReadOnly, "image is open read-only").with_file(&self.path))
+        }
+    }
+
+    /// The data slot of `chunk`, allocating one (and the entry) if it has none. Caller holds the chunk lock.
+    pub fn ensure_slot(&self, chunk: u64) -> Result<u64> {
+        self.require_writable()?;
+        let mut guard = write(&self.state);
+        let st = &mut *guard;
+        if let Some(e) = st.map.get(chunk) {
+            if e.data_offset != 0 {
+                return Ok(e.data_offset);
+            }
+        }
+        let alloc = &mut st.alloc;
+        let slot = alloc.alloc_slot()?;
+        let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
+        e.data_offset = slot;
+        Ok(slot)
+    }
+
+    /// Sets blocks `start..end` of `chunk` to `state`. Space of data blocks that stop being data is
+    /// punched at once (they read as zero or fall through either way); a slot left with no data
+    /// block is released for reuse after the next flush. Caller holds the chunk lock.
+    pub fn set_blocks(
+        &self,
+        chunk: u64,
+        start: usize,
+        end: usize,
+        state: BlockState,
+    ) -> Result<()> {
+        self.require_writable()?;
+        let mut punches: Vec<(u64, u64)> = Vec::new();
+        {
+            let mut guard = write(&self.state);
+            let st = &mut *guard;
+            if state == BlockState::Absent && st.map.get(chunk).is_none() {
+                return Ok(());
+            }
+            if let Some(e) = st.map.get(chunk) {
+                if (start..end).all(|b| e.blocks.get(b) == state) {
+                    return Ok(());
+                }
+            }
+            let alloc = &mut st.alloc;
+            let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
+            if state == BlockState::Data && e.data_offset == 0 {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    "data blocks need a slot first",
+                ));
+            }
+            if state != BlockState::Data && e.data_offset != 0 {
+                for (s, t, was) in e.blocks.runs(start, end) {
+                    if was == BlockState::Data {
+                        punches.push((
+                            e.data_offset + s as u64 * BLOCK_SIZE,
+                            (t - s) as u64 * BLOCK_SIZE,
+                        ));
+                    }
+                }
+            }
+            e.blocks.set_range(start, end, state);
+            if e.data_offset != 0 && e.blocks.count(BlockState::Data) == 0 {
+                punches = vec![(e.data_offset, self.geom.chunk_size())];
+                alloc.release_later(e.data_offset);
+                e.data_offset = 0;
+            }
+        }
+        for (off, len) in punches {
+            self.storage
+                .punch(off, len)
+                .map_err(|e| e.with_file(&self.path))?;
+        }
+        Ok(())
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.storage
+            .read_at(buf, offset)
+            .map_err(|e| e.with_file(&self.path))
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.require_writable()?;
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| e.with_file(&self.path))
+    }
+
+    fn write_header(&self, st: &mut State) -> Result<()> {
+        st.header.generation += 1;
+        st.header.map_extents = st.map.extents().to_vec();
+        let bytes = st.header.encode();
+        self.storage.write_at(&bytes, st.header.slot_offset())
+    }
+
+    /// Makes every write completed before the call durable (spec §5.3): data first, then the
+    /// header if the map grew, then the dirty map sectors, then released space becomes reusable.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _f = lock(&self.flush_lock);
+        let (snap, released) = {
+            let mut st = write(&self.state);
+            (st.map.take_dirty(), st.alloc.take_pending())
+        };
+        let res = (|| -> Result<()> {
+            self.storage.sync()?;
+            if !snap.is_empty() {
+                if snap.extents_changed {
+                    let mut st = write(&self.state);
+                    self.write_header(&mut st)?;
+                }
+                for (off, bytes) in &snap.encoded {
+                    self.storage.write_at(bytes, *off)?;
+                }
+                self.storage.sync()?;
+            }
+            Ok(())
+        })();
+        match res {
+            Ok(()) => {
+                if !released.is_empty() {
+                    let _drain = write(&self.reclaim);
+                    write(&self.state).alloc.free_now(&released);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let mut st = write(&self.state);
+                st.map.restore_dirty(snap);
+                st.alloc.requeue(released);
+                Err(e.with_file(&self.path).during("flush"))
+            }
+        }
+    }
+
+    /// Rewrites the header through `f` and makes it durable (flushes data and map first).
+    pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<()> {
+        self.require_writable()?;
+        self.flush()?;
+        let _f = lock(&self.flush_lock);
+        let mut st = write(&self.state);
+        f(&mut st.header);
+        self.write_header(&mut st)
+            .map_err(|e| e.with_file(&self.path))?;
+        drop(st);
+        self.storage
+            .sync()
+            .map_err(|e| e.with_file(&self.path).during("update header"))
+    }
+
+    /// Flushes, clears the dirty flag and releases the file. Idempotent; also run on drop.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.flush()?;
+        let mut st = write(&self.state);
+        st.header.set_flag(FLAG_DIRTY, false);
+        self.write_header(&mut st)
+            .map_err(|e| e.with_file(&self.path))?;
+        drop(st);
+        self.storage
+            .sync()
+            .map_err(|e| e.with_file(&self.path).during("close"))
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // Best effort: an explicit close() reports errors; a drop can only try.
+        let _ = self.close();
+    }
+}
+
+fn read_header(storage: &dyn Storage, file_len: u64) -> Result<Header> {
+    let mut area = vec![0u8; HEADER_AREA as usize];
+    storage.read_at(&mut area, 0)?;
+    if file_len < HEADER_AREA {
+        return Err(if area[..8] == crate::format::MAGIC {
+            err(
+                ErrorKind::Truncated,
+                format!("file is {file_len} bytes, shorter than the 8192-byte header area"),
+            )
+        } else {
+            err(ErrorKind::NotAnImage, "not a cowdisk image (bad magic)")
+        });
+    }
+    Header::choose(&area).map(|(h, _)| h)
+}
+
+/// Every data block the map claims must lie inside the file: data reaches the disk before the
+/// map that points at it (spec §5.3), so a block past the end means the map is wrong.
+fn check_data_within_file(map: &ChunkMap, file_len: u64) -> Result<()> {
+    for (chunk, e) in map.iter() {
+        if e.data_offset == 0 {
+            continue;
+        }
+        let last = (0..e.blocks.len())
+            .rev()
+            .find(|&b| e.blocks.get(b) == BlockState::Data);
+        if let Some(b) = last {
+            let end = e.data_offset + (b as u64 + 1) * BLOCK_SIZE;
+            if end > file_len {
+                return Err(err(
+                    ErrorKind::Corrupt,
+                    format!("map entry for chunk {chunk} points past the end of the file ({end} > {file_len})"),
+                )
+                .at(e.data_offset));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    fn mem_image() -> (Arc<MemStorage>, Image) {
+        let s = Arc::new(MemStorage::new());
+        let g = Geometry::new(16 << 20, 16).unwrap();
+        let img = Image::create_on(s.clone(), Path::new("mem"), g, None, [1; 16]).unwrap();
+        (s, img)
+    }
+
+    fn reopen(s: &Arc<MemStorage>, opts: OpenOptions) -> Result<Image> {
+        Image::open_on(
+            Arc::new(MemStorage::from_bytes(s.snapshot())),
+            Path::new("mem"),
+            opts,
+        )
+    }
+
+    #[test]
+    fn flushed_blocks_survive_reopen() {
+        let (s, img) = mem_image();
+        let slot = img.ensure_slot(3).unwrap();
+        img.write_at(&[0xab; 4096], slot + 4096).unwrap();
+        img.set_blocks(3, 1, 2, BlockState::Data).unwrap();
+        img.flush().unwrap();
+        let again = reopen(&s, OpenOptions::read_only()).unwrap();
+        let (off, st) = again.with_entry(3, |e| {
+            let e = e.unwrap();
+            (e.data_offset, e.blocks.get(1))
+        });
+        assert_eq!((off, st), (slot, BlockState::Data));
+        let mut b = [0u8; 4096];
+        again.read_at(&mut b, slot + 4096).unwrap();
+        assert_eq!(b, [0xab; 4096]);
+    }
+
+    #[test]
+    fn unflushed_map_change_is_not_visible_after_crash() {
+        let (s, img) = mem_image();
+        let slot = img.ensure_slot(0).unwrap();
+        img.write_at(&[1; 4096], slot).unwrap();
+        img.set_blocks(0, 0, 1, BlockState::Data).unwrap();
+        let crashed = reopen(&s, OpenOptions::read_only()).unwrap();
+        assert!(crashed.with_entry(0, |e| e.is_none()));
+        drop(img);
+    }
+
+    #[test]
+    fn open_for_write_sets_dirty_and_close_clears_it() {
+        let (s, img) = mem_image();
+        drop(img);
+        let w = Image::open_on(s.clone(), Path::new("mem"), OpenOptions::writable()).unwrap();
+        assert!(reopen(&s, OpenOptions::inspect())
+            .unwrap()
+            .header()
+            .has_flag(FLAG_DIRTY));
+        w.close().unwrap();
+        assert!(!reopen(&s, OpenOptions::inspect())
+            .unwrap()
+            .header()
+            .has_flag(FLAG_DIRTY));
+    }
+
+    #[test]
+    fn refuses_to_open_frozen_image_for_writing() {
+        let (s, img) = mem_image();
+        img.update_header(|h| h.set_flag(FLAG_FROZEN, true))
+            .unwrap();
+        drop(img);
+        let e = reopen(&s, OpenOptions::writable()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
+        assert!(e.to_string().contains("frozen"));
+    }
+
+    #[test]
+    fn refuses_to_open_corrupt_flagged_image_for_writing() {
+        let (s, img) = mem_image();
+        img.update_header(|h| h.set_flag(FLAG_CORRUPT, true))
+            .unwrap();
+        drop(img);
+        assert_eq!(
+            reopen(&s, OpenOptions::writable()).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        assert!(reopen(&s, OpenOptions::read_only()).is_ok());
+    }
+
+    #[test]
+    fn zeroing_every_data_block_releases_the_slot_after_flush() {
+        let (_s, img) = mem_image();
+        let slot = img.ensure_slot(2).unwrap();
+        img.write_at(&[9; 4096], slot).unwrap();
+        img.set_blocks(2, 0, 1, BlockState::Data).unwrap();
+        img.set_blocks(2, 0, 16, BlockState::Zero).unwrap();
+        assert_eq!(img.with_entry(2, |e| e.unwrap().data_offset), 0);
+        // Not reusable before the flush that makes the release durable...
+        assert_ne!(img.ensure_slot(5).unwrap(), slot);
+        img.flush().unwrap();
+        // ...and reusable after it.
+        assert_eq!(img.ensure_slot(6).unwrap(), slot);
+    }
+
+    #[test]
+    fn rejects_truncated_header_area() {
+        let s = Arc::new(MemStorage::from_bytes(b"COWDISK\0short".to_vec()));
+        let e = Image::open_on(s, Path::new("t"), OpenOptions::inspect()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Truncated);
+        assert!(e.to_string().starts_with("t: open: "));
+    }
+
+    #[test]
+    fn rejects_file_that_is_not_an_image() {
+        let s = Arc::new(MemStorage::from_bytes(vec![0x55; 20000]));
+        let e = Image::open_on(s, Path::new("x"), OpenOptions::inspect()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotAnImage);
+    }
+
+    #[test]
+    fn rejects_map_entry_past_end_of_file() {
+        let (s, img) = mem_image();
+        // A zero entry first, so the map extent sits before the data slot that gets cut off.
+        img.set_blocks(0, 0, 16, BlockState::Zero).unwrap();
+        let slot = img.ensure_slot(1).unwrap();
+        img.write_at(&[1; 4096], slot).unwrap();
+        img.set_blocks(1, 0, 1, BlockState::Data).unwrap();
+        img.flush().unwrap();
+        drop(img);
+        let mut bytes = s.snapshot();
+        bytes.truncate((slot + 100) as usize);
+        let e = Image::open_on(
+            Arc::new(MemStorage::from_bytes(bytes)),
+            Path::new("m"),
+            OpenOptions::inspect(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.to_string().contains("past the end of the file"));
+    }
+
+    #[test]
+    fn header_write_alternates_slots() {
+        let (s, img) = mem_image();
+        let g1 = img.header().generation;
+        img.update_header(|_| {}).unwrap();
+        let g2 = img.header().generation;
+        assert_eq!(g2, g1 + 1);
+        let bytes = s.snapshot();
+        let a = Header::decode(&bytes[..4096]).unwrap();
+        let b = Header::decode(&bytes[4096..8192]).unwrap();
+        assert_eq!(a.generation.max(b.generation), g2);
+        assert_eq!(a.generation.min(b.generation), g1);
+    }
+}

@@ -1,0 +1,17 @@
+//! cowdisk: block-level copy-on-write disk images. A sparse chunk-map image format that layers
+//! writable overlays on frozen images and raw bases, the merged device over them, and an NBD
+//! server that exports it.
+//!
+//! Layout: [`format`] (bytes on disk), [`storage`] (the I/O seam), [`layer`] (one image file),
+//! [`chain`] (the merged device and copy-up), [`device`] (the traits a served disk offers).
+
+pub mod chain;
+pub mod device;
+pub mod error;
+pub mod format;
+pub mod layer;
+pub mod storage;
+
+pub use chain::{Chain, ChainOptions};
+pub use device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind};
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,259 @@
+//! The storage backend for real files: pread/pwrite, fdatasync, fallocate hole punching and OFD locks.
+
+use super::Storage;
+use crate::error::{err, Error, ErrorKind, Result};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// How a file is locked against other processes (open file description locks, so that two
+/// opens in one process conflict the same way two processes do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// No lock: inspection only; may observe a file another process is changing.
+    None,
+    /// Shared: the file is read and must not change underneath (a parent layer, a read-only export).
+    Shared,
+    /// Exclusive: the file is being written; no other reader or writer may hold it.
+    Exclusive,
+}
+
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+}
+
+impl FileStorage {
+    /// Opens an existing file, read-write or read-only, and takes `lock` on it.
+    pub fn open(path: &Path, writable: bool, lock: LockMode) -> Result<FileStorage> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| open_error(e, path))?;
+        let s = FileStorage {
+            file,
+            path: path.to_path_buf(),
+        };
+        s.lock(lock)?;
+        Ok(s)
+    }
+
+    /// Creates a new file, failing if it exists, and locks it exclusively.
+    pub fn create(path: &Path) -> Result<FileStorage> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| Error::io("create", e).with_file(path))?;
+        let s = FileStorage {
+            file,
+            path: path.to_path_buf(),
+        };
+        s.lock(LockMode::Exclusive)?;
+        Ok(s)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Takes an OFD lock over the whole file without waiting; a conflict is `InUse`.
+    pub fn lock(&self, mode: LockMode) -> Result<()> {
+        let l_type = match mode {
+            LockMode::None => return Ok(()),
+            LockMode::Shared => libc::F_RDLCK,
+            LockMode::Exclusive => libc::F_WRLCK,
+        };
+        // SAFETY: flock is plain data; zeroed is a valid value for every field.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = l_type as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = 0;
+        fl.l_len = 0;
+        // SAFETY: the fd is owned by self.file and fl is a valid flock for F_OFD_SETLK.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Err(err(
+                ErrorKind::InUse,
+                match mode {
+                    LockMode::Exclusive => "in use: another process has this image open",
+                    _ => "in use: another process has this image open for writing",
+                },
+            )
+            .with_file(&self.path)),
+            _ => Err(Error::io("lock", e).with_file(&self.path)),
+        }
+    }
+
+    fn ctx(&self, e: io::Error, op: &'static str, offset: u64) -> Error {
+        Error::io(op, e).with_file(&self.path).at(offset)
+    }
+}
+
+fn open_error(e: io::Error, path: &Path) -> Error {
+    let base = Error::io("open", e);
+    base.with_file(path)
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset.checked_add(done as u64).ok_or_else(|| {
+                err(ErrorKind::OutOfRange, "read offset overflows").with_file(&self.path)
+            })?;
+            match self.file.read_at(&mut buf[done..], pos) {
+                Ok(0) => {
+                    // Past end of file: sparse semantics, the rest reads as zero.
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.ctx(e, "read", pos)),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.ctx(e, "write", offset))
+    }
+
+    fn len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| self.ctx(e, "stat", 0))
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| self.ctx(e, "truncate", len))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| self.ctx(e, "sync", 0))
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(err(ErrorKind::OutOfRange, "punch range overflows").with_file(&self.path));
+        };
+        // SAFETY: plain syscall on an fd we own.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // A filesystem without hole punching: write zeros instead, which keeps the
+            // "reads as zeros" promise at the cost of space.
+            let zeros = vec![0u8; 1 << 16];
+            let end = offset.saturating_add(len).min(self.len()?);
+            let mut pos = offset;
+            while pos < end {
+                let n = ((end - pos) as usize).min(zeros.len());
+                self.write_at(&zeros[..n], pos)?;
+                pos += n as u64;
+            }
+            return Ok(());
+        }
+        Err(self.ctx(e, "punch", offset))
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cowdisk-file-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        dir
+    }
+
+    #[test]
+    fn reads_past_end_of_file_as_zeros() {
+        let p = tmp("eof");
+        let s = FileStorage::create(&p).unwrap();
+        s.write_at(b"abc", 0).unwrap();
+        let mut buf = [0xffu8; 8];
+        s.read_at(&mut buf, 1).unwrap();
+        assert_eq!(&buf, b"bc\0\0\0\0\0\0");
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn punched_range_reads_zero_and_keeps_length() {
+        let p = tmp("punch");
+        let s = FileStorage::create(&p).unwrap();
+        s.write_at(&vec![7u8; 3 * 4096], 0).unwrap();
+        s.punch(4096, 4096).unwrap();
+        let mut buf = vec![0u8; 3 * 4096];
+        s.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 7));
+        assert!(buf[4096..8192].iter().all(|&b| b == 0));
+        assert!(buf[8192..].iter().all(|&b| b == 7));
+        assert_eq!(s.len().unwrap(), 3 * 4096);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn second_exclusive_open_is_refused_as_in_use() {
+        let p = tmp("lock");
+        let a = FileStorage::create(&p).unwrap();
+        let b = FileStorage::open(&p, true, LockMode::Exclusive).unwrap_err();
+        assert_eq!(b.kind(), ErrorKind::InUse);
+        assert!(b.to_string().contains("in use"));
+        let c = FileStorage::open(&p, false, LockMode::Shared).unwrap_err();
+        assert_eq!(c.kind(), ErrorKind::InUse);
+        drop(a);
+        FileStorage::open(&p, false, LockMode::Shared).unwrap();
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn shared_locks_coexist_but_exclude_a_writer() {
+        let p = tmp("shared");
+        drop(FileStorage::create(&p).unwrap());
+        let a = FileStorage::open(&p, false, LockMode::Shared).unwrap();
+        let _b = FileStorage::open(&p, false, LockMode::Shared).unwrap();
+        let w = FileStorage::open(&p, true, LockMode::Exclusive).unwrap_err();
+        assert_eq!(w.kind(), ErrorKind::InUse);
+        drop(a);
+        std::fs::remove_file(&p).unwrap();
+    }
+}

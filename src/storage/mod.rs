@@ -1,0 +1,36 @@
+//! The I/O seam under all format code: a byte-addressed store with positional I/O, sync and hole punching.
+//!
+//! Everything above this trait (header, map, layer, chain) is written against it, so the
+//! same format code runs on a real file, in memory, or on a recording store that lets the
+//! crash tests rebuild what a power cut could leave behind.
+
+mod file;
+mod mem;
+
+pub use file::{FileStorage, LockMode};
+pub use mem::MemStorage;
+
+use crate::error::Result;
+use std::fmt;
+
+/// A byte store. All methods take `&self`: implementations are safe to call from many threads
+/// at once, and positional I/O never moves a shared cursor.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Fills `buf` from `offset`. Bytes at or beyond the end of the store read as zero, the way
+    /// an unwritten stretch of a sparse file does.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes all of `buf` at `offset`, growing the store if needed. Not durable until [`Storage::sync`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> Result<u64>;
+    /// Truncates or extends (with zeros).
+    fn set_len(&self, len: u64) -> Result<()>;
+    /// Makes every completed write durable (fdatasync for files).
+    fn sync(&self) -> Result<()>;
+    /// Deallocates a range; it reads as zeros afterwards. The length of the store is unchanged.
+    fn punch(&self, offset: u64, len: u64) -> Result<()>;
+    /// Bytes actually allocated on the medium (st_blocks for files); `None` if unknown.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
+}

@@ -1,0 +1,2 @@
+//! The `cowdisk` command-line tool: thin over the library.
+fn main() {}
