@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod format;
 pub mod layer;
+pub mod nbd;
 pub mod storage;
 
 pub use chain::{Chain, ChainOptions};

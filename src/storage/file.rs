@@ -20,6 +20,11 @@ pub enum LockMode {
     Exclusive,
 }
 
+/// Lock bytes of QEMU's convention (see [`FileStorage::lock`]).
+const PERM_READ: i64 = 100;
+const PERM_WRITE: i64 = 101;
+const UNSHARE_WRITE: i64 = 201;
+
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
@@ -68,32 +73,62 @@ impl FileStorage {
         &self.file
     }
 
-    /// Takes an OFD lock over the whole file without waiting; a conflict is `InUse`.
+    /// Takes the locks of `mode`; a conflict with another process (or another open) is `InUse`.
+    ///
+    /// The byte layout is QEMU's image-locking convention, so that qemu-img, qemu-nbd and
+    /// cowdisk respect each other: a shared lock on byte 100+i means "I use permission i", on
+    /// byte 200+i "nobody else may use permission i" (i = 0 consistent read, 1 write). A
+    /// reader holds 100 and 201 and refuses if anyone holds 101; a writer holds 100, 101 and
+    /// 201 and refuses if anyone else holds 101 or 201. All locks are shared (F_RDLCK) so the
+    /// test for a conflict is an explicit F_OFD_GETLK probe after taking them.
     pub fn lock(&self, mode: LockMode) -> Result<()> {
-        let l_type = match mode {
+        let (take, probe): (&[i64], &[i64]) = match mode {
             LockMode::None => return Ok(()),
-            LockMode::Shared => libc::F_RDLCK,
-            LockMode::Exclusive => libc::F_WRLCK,
+            LockMode::Shared => (&[PERM_READ, UNSHARE_WRITE], &[PERM_WRITE]),
+            LockMode::Exclusive => (
+                &[PERM_READ, PERM_WRITE, UNSHARE_WRITE],
+                &[PERM_WRITE, UNSHARE_WRITE],
+            ),
         };
+        for &b in take {
+            self.fcntl_lock(libc::F_OFD_SETLK, libc::F_RDLCK, b)?;
+        }
+        for &b in probe {
+            if self.fcntl_lock(libc::F_OFD_GETLK, libc::F_WRLCK, b)? != libc::F_UNLCK {
+                for &t in take {
+                    let _ = self.fcntl_lock(libc::F_OFD_SETLK, libc::F_UNLCK, t);
+                }
+                return Err(err(
+                    ErrorKind::InUse,
+                    match mode {
+                        LockMode::Exclusive => "in use: another process has this image open",
+                        _ => "in use: another process has this image open for writing",
+                    },
+                )
+                .with_file(&self.path));
+            }
+        }
+        Ok(())
+    }
+
+    /// One fcntl lock call on byte `byte`; returns the l_type the kernel reports back.
+    fn fcntl_lock(&self, cmd: libc::c_int, l_type: libc::c_int, byte: i64) -> Result<libc::c_int> {
         // SAFETY: flock is plain data; zeroed is a valid value for every field.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = l_type as libc::c_short;
         fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = 0;
-        fl.l_len = 0;
-        // SAFETY: the fd is owned by self.file and fl is a valid flock for F_OFD_SETLK.
-        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        fl.l_start = byte;
+        fl.l_len = 1;
+        // SAFETY: the fd is owned by self.file and fl is a valid flock for this command.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), cmd, &mut fl) };
         if rc == 0 {
-            return Ok(());
+            return Ok(libc::c_int::from(fl.l_type));
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EAGAIN) | Some(libc::EACCES) => Err(err(
                 ErrorKind::InUse,
-                match mode {
-                    LockMode::Exclusive => "in use: another process has this image open",
-                    _ => "in use: another process has this image open for writing",
-                },
+                "in use: another process holds a conflicting lock",
             )
             .with_file(&self.path)),
             _ => Err(Error::io("lock", e).with_file(&self.path)),

@@ -1,0 +1,288 @@
+//! The fixed-newstyle handshake: option haggling up to NBD_OPT_GO / NBD_OPT_EXPORT_NAME,
+//! including INFO, LIST, ABORT, STRUCTURED_REPLY, the meta-context options and STARTTLS.
+//!
+//! A client that breaks the protocol (bad magic, unknown client flags, an option longer than
+//! we accept) is disconnected before anything it asked for is allocated. A client that sends
+//! a well-formed option we do not support gets NBD_REP_ERR_UNSUP and may go on.
+
+use super::proto::*;
+use super::Export;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+/// Largest option payload read into memory; anything longer ends the connection unread.
+/// Enough for an export name and a list of meta-context queries (each at most 4096 bytes).
+pub const MAX_OPTION_LEN: u32 = 16 * 1024;
+/// Largest request payload (and read length) we advertise and accept.
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+pub const PREFERRED_BLOCK: u32 = 4096;
+/// The id we give base:allocation when a client selects it.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// What was agreed when the client moved to transmission.
+#[derive(Clone)]
+pub struct Negotiated {
+    pub export: Arc<Export>,
+    pub structured: bool,
+    /// Context id of base:allocation if selected for this export.
+    pub meta_context: Option<u32>,
+    pub flags: u16,
+}
+
+/// How option haggling ended.
+pub enum Outcome {
+    Transmit(Negotiated),
+    /// The client sent NBD_OPT_STARTTLS and got NBD_REP_ACK: the caller upgrades the
+    /// stream and calls [`Session::options`] again on the TLS stream.
+    StartTls,
+    /// The client aborted or asked for something that ends the session.
+    Closed,
+}
+
+/// TLS policy of the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Off,
+    /// TLS offered; plain-text sessions allowed.
+    Optional,
+    /// Every option but STARTTLS and ABORT is refused until TLS is up.
+    Required,
+}
+
+/// State of one client's option haggling.
+pub struct Session<'a> {
+    exports: &'a [Arc<Export>],
+    tls: TlsMode,
+    tls_active: bool,
+    no_zeroes: bool,
+    structured: bool,
+    /// (export name the contexts were selected for, base:allocation selected)
+    meta: Option<(String, bool)>,
+}
+
+fn protocol_error(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+impl<'a> Session<'a> {
+    /// Sends the greeting and reads the client flags.
+    pub fn start<S: Read + Write>(
+        s: &mut S,
+        exports: &'a [Arc<Export>],
+        tls: TlsMode,
+    ) -> io::Result<Session<'a>> {
+        s.write_all(&greeting())?;
+        s.flush()?;
+        let mut f = [0u8; 4];
+        s.read_exact(&mut f)?;
+        let flags = u32::from_be_bytes(f);
+        if flags & !KNOWN_CLIENT_FLAGS != 0 {
+            return Err(protocol_error("client set unknown handshake flags"));
+        }
+        Ok(Session {
+            exports,
+            tls,
+            tls_active: false,
+            no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
+            structured: false,
+            meta: None,
+        })
+    }
+
+    /// Records that the stream is now TLS.
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+    }
+
+    fn find(&self, name: &str) -> Option<Arc<Export>> {
+        if name.is_empty() {
+            return self.exports.first().cloned();
+        }
+        self.exports.iter().find(|e| e.name == name).cloned()
+    }
+
+    fn transmission_flags(&self, e: &Export) -> u16 {
+        let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE;
+        if e.disk.is_read_only() {
+            f |= FLAG_READ_ONLY;
+        } else {
+            f |= FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+        }
+        if self.structured {
+            f |= FLAG_SEND_DF;
+        }
+        f
+    }
+
+    fn negotiated(&self, export: Arc<Export>) -> Negotiated {
+        let selected = match &self.meta {
+            Some((name, true)) => self.find(name).is_some_and(|e| Arc::ptr_eq(&e, &export)),
+            _ => false,
+        };
+        Negotiated {
+            flags: self.transmission_flags(&export),
+            structured: self.structured,
+            meta_context: (selected && self.structured).then_some(BASE_ALLOCATION_ID),
+            export,
+        }
+    }
+
+    /// Runs option haggling until the client picks an export, starts TLS, or leaves.
+    pub fn options<S: Read + Write>(&mut self, s: &mut S) -> io::Result<Outcome> {
+        loop {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h)?;
+            let (magic, opt, len) = parse_option_header(&h);
+            if magic != IHAVEOPT {
+                return Err(protocol_error("bad option magic"));
+            }
+            if len > MAX_OPTION_LEN {
+                return Err(protocol_error("option longer than the server accepts"));
+            }
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data)?;
+            let reply = |s: &mut S, typ: u32, payload: &[u8]| -> io::Result<()> {
+                s.write_all(&option_reply(opt, typ, payload))?;
+                s.flush()
+            };
+            let error = |s: &mut S, typ: u32, msg: &str| reply(s, typ, msg.as_bytes());
+
+            if self.tls == TlsMode::Required
+                && !self.tls_active
+                && opt != OPT_STARTTLS
+                && opt != OPT_ABORT
+            {
+                if opt == OPT_EXPORT_NAME {
+                    return Ok(Outcome::Closed);
+                }
+                error(
+                    s,
+                    REP_ERR_TLS_REQD,
+                    "TLS is required: send NBD_OPT_STARTTLS first",
+                )?;
+                continue;
+            }
+            match opt {
+                OPT_EXPORT_NAME => {
+                    let Some(name) = Payload::new(&data).string(data.len()) else {
+                        return Ok(Outcome::Closed);
+                    };
+                    let Some(export) = self.find(name) else {
+                        return Ok(Outcome::Closed);
+                    };
+                    let n = self.negotiated(export);
+                    s.write_all(&export_name_reply(
+                        n.export.disk.size(),
+                        n.flags,
+                        self.no_zeroes,
+                    ))?;
+                    s.flush()?;
+                    return Ok(Outcome::Transmit(n));
+                }
+                OPT_ABORT => {
+                    // The client may already have closed; a failed ACK changes nothing.
+                    let _ = reply(s, REP_ACK, &[]);
+                    return Ok(Outcome::Closed);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        error(s, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
+                        continue;
+                    }
+                    for e in self.exports {
+                        reply(s, REP_SERVER, &rep_server(&e.name, &e.description))?;
+                    }
+                    reply(s, REP_ACK, &[])?;
+                }
+                OPT_STARTTLS => {
+                    if !data.is_empty() {
+                        error(s, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
+                    } else if self.tls == TlsMode::Off {
+                        error(s, REP_ERR_UNSUP, "TLS is not configured on this server")?;
+                    } else if self.tls_active {
+                        error(s, REP_ERR_INVALID, "TLS is already active")?;
+                    } else {
+                        reply(s, REP_ACK, &[])?;
+                        return Ok(Outcome::StartTls);
+                    }
+                }
+                OPT_INFO | OPT_GO => {
+                    let Some((name, reqs)) = parse_info_request(&data) else {
+                        error(s, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request")?;
+                        continue;
+                    };
+                    let Some(export) = self.find(name) else {
+                        error(s, REP_ERR_UNKNOWN, &format!("no export named '{name}'"))?;
+                        continue;
+                    };
+                    let n = self.negotiated(export);
+                    reply(s, REP_INFO, &info_export(n.export.disk.size(), n.flags))?;
+                    for r in reqs {
+                        match r {
+                            INFO_NAME => {
+                                reply(s, REP_INFO, &info_string(INFO_NAME, &n.export.name))?
+                            }
+                            INFO_DESCRIPTION => reply(
+                                s,
+                                REP_INFO,
+                                &info_string(INFO_DESCRIPTION, &n.export.description),
+                            )?,
+                            INFO_BLOCK_SIZE => reply(
+                                s,
+                                REP_INFO,
+                                &info_block_size(1, PREFERRED_BLOCK, MAX_PAYLOAD),
+                            )?,
+                            _ => {}
+                        }
+                    }
+                    reply(s, REP_ACK, &[])?;
+                    if opt == OPT_GO {
+                        return Ok(Outcome::Transmit(n));
+                    }
+                }
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        error(s, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                        continue;
+                    }
+                    self.structured = true;
+                    reply(s, REP_ACK, &[])?;
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    if !self.structured {
+                        error(s, REP_ERR_INVALID, "negotiate structured replies first")?;
+                        continue;
+                    }
+                    let Some((name, queries)) = parse_meta_request(&data) else {
+                        error(s, REP_ERR_INVALID, "malformed meta context request")?;
+                        continue;
+                    };
+                    if self.find(name).is_none() {
+                        error(s, REP_ERR_UNKNOWN, &format!("no export named '{name}'"))?;
+                        continue;
+                    }
+                    let matches = if queries.is_empty() {
+                        opt == OPT_LIST_META_CONTEXT
+                    } else {
+                        queries.iter().any(|q| {
+                            *q == BASE_ALLOCATION || (opt == OPT_LIST_META_CONTEXT && *q == "base:")
+                        })
+                    };
+                    if matches {
+                        let id = if opt == OPT_SET_META_CONTEXT {
+                            BASE_ALLOCATION_ID
+                        } else {
+                            0
+                        };
+                        reply(s, REP_META_CONTEXT, &rep_meta_context(id, BASE_ALLOCATION))?;
+                    }
+                    if opt == OPT_SET_META_CONTEXT {
+                        self.meta = Some((name.to_string(), matches));
+                    }
+                    reply(s, REP_ACK, &[])?;
+                }
+                _ => error(s, REP_ERR_UNSUP, "option not supported")?,
+            }
+        }
+    }
+}

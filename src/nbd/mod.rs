@@ -1,0 +1,19 @@
+//! The NBD server: protocol encoding kept pure ([`proto`]), option haggling ([`handshake`]),
+//! the request engine ([`transmission`]), and listeners and lifecycle ([`server`]).
+
+pub mod handshake;
+pub mod pool;
+pub mod proto;
+pub mod server;
+pub mod tls;
+pub mod transmission;
+
+use crate::device::Disk;
+use std::sync::Arc;
+
+/// One named export: a disk and how it is described to clients.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub disk: Arc<dyn Disk>,
+}

@@ -1,0 +1,428 @@
+//! The NBD server: listeners (TCP, Unix), one thread per connection for reading requests, a
+//! shared worker pool, the connection cap, the handshake deadline, and orderly shutdown.
+
+use super::handshake::{Negotiated, Outcome, Session, TlsMode};
+use super::pool::Pool;
+use super::tls::{Stream, TlsConfig};
+use super::{transmission, Export};
+use crate::error::{err, Error, ErrorKind, Result};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+pub struct ServerConfig {
+    pub listen: Vec<ListenAddr>,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub workers: usize,
+    pub tls: Option<TlsConfig>,
+    pub tls_mode: TlsMode,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec![ListenAddr::Tcp("127.0.0.1:10809".into())],
+            max_connections: 64,
+            handshake_timeout: Duration::from_secs(10),
+            workers: 8,
+            tls: None,
+            tls_mode: TlsMode::Off,
+        }
+    }
+}
+
+/// A connected socket of either family.
+#[derive(Debug)]
+pub enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    pub fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+        })
+    }
+
+    pub fn shutdown(&self, how: Shutdown) {
+        // Errors mean the socket is already gone, which is what was asked for.
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(how),
+            Sock::Unix(s) => s.shutdown(how),
+        };
+    }
+
+    fn set_nodelay(&self) {
+        if let Sock::Tcp(s) = self {
+            let _ = s.set_nodelay(true);
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(b),
+            Sock::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(b),
+            Sock::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    fn fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Sock> {
+        let s = match self {
+            Listener::Tcp(l) => Sock::Tcp(l.accept()?.0),
+            Listener::Unix(l, _) => Sock::Unix(l.accept()?.0),
+        };
+        // Listeners are non-blocking so a lost accept race cannot stall the loop; connections block.
+        match &s {
+            Sock::Tcp(t) => t.set_nonblocking(false)?,
+            Sock::Unix(u) => u.set_nonblocking(false)?,
+        }
+        Ok(s)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Handshake(Instant),
+    Transmission,
+}
+
+struct Shared {
+    exports: Vec<Arc<Export>>,
+    pool: Pool,
+    conns: Mutex<HashMap<u64, (Sock, Phase)>>,
+    stopping: AtomicBool,
+    cfg: ServerConfig,
+}
+
+/// Wakes a running server's accept loop to shut it down; safe to use from a signal handler
+/// through [`install_signal_handlers`].
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    fd: RawFd,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        let b = [1u8];
+        // SAFETY: writing one byte from a valid buffer to a pipe we own.
+        unsafe {
+            libc::write(self.fd, b.as_ptr().cast(), 1);
+        }
+    }
+}
+
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = SIGNAL_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = [1u8];
+        // SAFETY: write(2) is async-signal-safe; fd is the server's shutdown pipe.
+        unsafe {
+            libc::write(fd, b.as_ptr().cast(), 1);
+        }
+    }
+}
+
+/// Makes SIGINT and SIGTERM shut the server down in order (finish in-flight requests, flush).
+pub fn install_signal_handlers(h: &ShutdownHandle) {
+    SIGNAL_FD.store(h.fd, Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installing a handler that only calls write(2).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+pub struct Server {
+    listeners: Vec<Listener>,
+    shared: Arc<Shared>,
+    pipe: (RawFd, RawFd),
+}
+
+fn bind_unix(p: &Path) -> Result<UnixListener> {
+    if p.exists() {
+        if UnixStream::connect(p).is_ok() {
+            return Err(err(
+                ErrorKind::InUse,
+                "in use: a server is already listening on this socket",
+            )
+            .with_file(p));
+        }
+        std::fs::remove_file(p).map_err(|e| Error::io("remove stale socket", e).with_file(p))?;
+    }
+    UnixListener::bind(p).map_err(|e| Error::io("bind", e).with_file(p))
+}
+
+impl Server {
+    pub fn bind(cfg: ServerConfig, exports: Vec<Export>) -> Result<Server> {
+        if exports.is_empty() {
+            return Err(err(ErrorKind::InvalidArgument, "no exports to serve"));
+        }
+        let mut listeners = Vec::new();
+        for l in &cfg.listen {
+            let listener = match l {
+                ListenAddr::Tcp(a) => Listener::Tcp(
+                    TcpListener::bind(a.as_str())
+                        .map_err(|e| Error::io("bind", e).with_file(Path::new(a)))?,
+                ),
+                ListenAddr::Unix(p) => Listener::Unix(bind_unix(p)?, p.clone()),
+            };
+            match &listener {
+                Listener::Tcp(t) => t.set_nonblocking(true),
+                Listener::Unix(u, _) => u.set_nonblocking(true),
+            }
+            .map_err(|e| Error::io("listen", e))?;
+            listeners.push(listener);
+        }
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: fds is a valid array of two ints.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(Error::io("pipe", io::Error::last_os_error()));
+        }
+        let shared = Arc::new(Shared {
+            exports: exports.into_iter().map(Arc::new).collect(),
+            pool: Pool::new(cfg.workers),
+            conns: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+            cfg,
+        });
+        Ok(Server {
+            listeners,
+            shared,
+            pipe: (fds[0], fds[1]),
+        })
+    }
+
+    /// TCP addresses actually bound (port 0 resolves to a real port).
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match l {
+                Listener::Tcp(t) => t.local_addr().ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle { fd: self.pipe.1 }
+    }
+
+    /// Accepts and serves until shut down; then stops reading requests, answers those in
+    /// flight, flushes every export and returns.
+    pub fn run(self) -> Result<()> {
+        let next_id = AtomicU64::new(0);
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let reaper = {
+            let sh = self.shared.clone();
+            std::thread::spawn(move || reap_stalled_handshakes(&sh))
+        };
+        'accept: loop {
+            let mut pfds: Vec<libc::pollfd> = std::iter::once(self.pipe.0)
+                .chain(self.listeners.iter().map(Listener::fd))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: pfds is a valid slice of pollfd for the duration of the call.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io("poll", e));
+            }
+            if pfds[0].revents != 0 {
+                break 'accept;
+            }
+            threads.retain(|t| !t.is_finished());
+            for (i, l) in self.listeners.iter().enumerate() {
+                if pfds[i + 1].revents == 0 {
+                    continue;
+                }
+                let sock = match l.accept() {
+                    Ok(s) => s,
+                    Err(_) => continue,
+                };
+                let active = self
+                    .shared
+                    .conns
+                    .lock()
+                    .map(|c| c.len())
+                    .unwrap_or(usize::MAX);
+                if active >= self.shared.cfg.max_connections {
+                    sock.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let sh = self.shared.clone();
+                threads.push(std::thread::spawn(move || connection(sh, id, sock)));
+            }
+        }
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Ok(conns) = self.shared.conns.lock() {
+            for (s, phase) in conns.values() {
+                s.shutdown(match phase {
+                    Phase::Handshake(_) => Shutdown::Both,
+                    Phase::Transmission => Shutdown::Read,
+                });
+            }
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        let _ = reaper.join();
+        self.shared.pool.stop();
+        let mut first_err = None;
+        for e in &self.shared.exports {
+            if let Err(x) = e.disk.flush() {
+                first_err.get_or_insert(x);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for l in &self.listeners {
+            if let Listener::Unix(_, p) = l {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        // SAFETY: closing the pipe fds this server created.
+        unsafe {
+            libc::close(self.pipe.0);
+            libc::close(self.pipe.1);
+        }
+    }
+}
+
+fn reap_stalled_handshakes(sh: &Shared) {
+    while !sh.stopping.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(conns) = sh.conns.lock() {
+            for (s, phase) in conns.values() {
+                if let Phase::Handshake(t) = phase {
+                    if t.elapsed() > sh.cfg.handshake_timeout {
+                        s.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn set_phase(sh: &Shared, id: u64, sock: Option<&Sock>, phase: Option<Phase>) {
+    let Ok(mut c) = sh.conns.lock() else { return };
+    match (sock, phase) {
+        (Some(s), Some(p)) => {
+            if let Ok(clone) = s.try_clone() {
+                c.insert(id, (clone, p));
+            }
+        }
+        (None, Some(p)) => {
+            if let Some(e) = c.get_mut(&id) {
+                e.1 = p;
+            }
+        }
+        _ => {
+            c.remove(&id);
+        }
+    }
+}
+
+fn negotiate(sh: &Shared, slot: &mut Option<Stream>) -> io::Result<Option<Negotiated>> {
+    let stream = slot.as_mut().ok_or_else(|| io::Error::other("no stream"))?;
+    let mut session = Session::start(stream, &sh.exports, sh.cfg.tls_mode)?;
+    loop {
+        let stream = slot.as_mut().ok_or_else(|| io::Error::other("no stream"))?;
+        match session.options(stream)? {
+            Outcome::Transmit(n) => return Ok(Some(n)),
+            Outcome::Closed => return Ok(None),
+            Outcome::StartTls => {
+                let cfg = sh
+                    .cfg
+                    .tls
+                    .as_ref()
+                    .ok_or_else(|| io::Error::other("TLS not configured"))?;
+                let plain = slot.take().ok_or_else(|| io::Error::other("no stream"))?;
+                *slot = Some(plain.upgrade(cfg)?);
+                session.tls_started();
+            }
+        }
+    }
+}
+
+fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
+    sock.set_nodelay();
+    set_phase(&sh, id, Some(&sock), Some(Phase::Handshake(Instant::now())));
+    // A connection accepted just as shutdown began must not slip past the sweep.
+    if sh.stopping.load(Ordering::Acquire) {
+        set_phase(&sh, id, None, None);
+        return;
+    }
+    let mut slot = Some(Stream::Plain(sock));
+    if let Ok(Some(n)) = negotiate(&sh, &mut slot) {
+        set_phase(&sh, id, None, Some(Phase::Transmission));
+        if !sh.stopping.load(Ordering::Acquire) {
+            if let Some(Ok((reader, writer, closer))) = slot.map(Stream::split) {
+                transmission::serve(reader, writer, n, &sh.pool, closer);
+            }
+        }
+    }
+    set_phase(&sh, id, None, None);
+}

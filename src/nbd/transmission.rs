@@ -1,0 +1,403 @@
+//! The transmission phase of one connection: requests read in order, run concurrently on the
+//! worker pool, replies sent in whatever order they finish (matched by cookie).
+//!
+//! Every client error (bad flag, out of range, oversized payload) gets an error reply and
+//! leaves the connection usable; only a bad request magic or a broken socket ends it.
+
+use super::handshake::{Negotiated, MAX_PAYLOAD};
+use super::pool::{Budget, Pool};
+use super::proto::*;
+use crate::device::{Disk, Extent};
+use crate::error::{Error, ErrorKind};
+use std::io::{self, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Requests one connection may have in flight, and their payload bytes.
+const MAX_IN_FLIGHT: usize = 128;
+const MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
+/// Reads shorter than this are answered with one data chunk: looking for holes costs more
+/// than the bytes it saves.
+const HOLE_SCAN_MIN: u32 = 64 * 1024;
+
+struct Conn {
+    neg: Negotiated,
+    out: Mutex<Box<dyn Write + Send>>,
+    budget: Budget,
+    broken: AtomicBool,
+    /// Ends the reader when a reply cannot be sent.
+    on_broken: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Maps a library error to the NBD error a client should see.
+fn errno(e: &Error) -> u32 {
+    match e.kind() {
+        ErrorKind::ReadOnly => EPERM,
+        ErrorKind::NoSpace => ENOSPC,
+        ErrorKind::OutOfRange | ErrorKind::InvalidArgument => EINVAL,
+        _ => EIO,
+    }
+}
+
+/// Serves requests until the client disconnects, the socket breaks, or `reader` hits EOF
+/// (which is how the server asks a connection to wind down). Returns once every request
+/// already read has been answered.
+pub fn serve(
+    reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
+    neg: Negotiated,
+    pool: &Pool,
+    on_broken: Box<dyn Fn() + Send + Sync>,
+) {
+    let conn = Arc::new(Conn {
+        neg,
+        out: Mutex::new(writer),
+        budget: Budget::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES),
+        broken: AtomicBool::new(false),
+        on_broken,
+    });
+    let mut r = BufReader::with_capacity(256 * 1024, reader);
+    loop {
+        if conn.broken.load(Ordering::Acquire) {
+            break;
+        }
+        let mut h = [0u8; REQUEST_SIZE];
+        if r.read_exact(&mut h).is_err() {
+            break;
+        }
+        let Some(req) = parse_request(&h) else { break };
+        if req.typ == CMD_DISC {
+            break;
+        }
+        let mut payload = Vec::new();
+        let cost = u64::from(req.length);
+        if req.typ == CMD_WRITE {
+            if req.length > MAX_PAYLOAD {
+                if drain(&mut r, u64::from(req.length)).is_err() {
+                    break;
+                }
+                conn.send_error(&req, EINVAL, "payload larger than the advertised maximum");
+                continue;
+            }
+            conn.budget.acquire(cost);
+            payload = vec![0u8; req.length as usize];
+            if r.read_exact(&mut payload).is_err() {
+                conn.budget.release(cost);
+                break;
+            }
+        } else {
+            conn.budget
+                .acquire(if req.typ == CMD_READ { cost } else { 0 });
+        }
+        let c = conn.clone();
+        pool.submit(move || {
+            let released = if req.typ == CMD_READ || req.typ == CMD_WRITE {
+                cost
+            } else {
+                0
+            };
+            c.handle(&req, payload);
+            c.budget.release(released);
+        });
+    }
+    conn.budget.wait_idle();
+}
+
+fn drain(r: &mut impl Read, mut n: u64) -> io::Result<()> {
+    let mut sink = [0u8; 64 * 1024];
+    while n > 0 {
+        let k = (n as usize).min(sink.len());
+        r.read_exact(&mut sink[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+impl Conn {
+    fn disk(&self) -> &dyn Disk {
+        self.neg.export.disk.as_ref()
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        let mut w = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if w.write_all(bytes).and_then(|_| w.flush()).is_err() {
+            self.broken.store(true, Ordering::Release);
+            (self.on_broken)();
+        }
+    }
+
+    fn send_ok(&self, req: &Request) {
+        let mut b = [0u8; SIMPLE_REPLY_SIZE];
+        simple_reply(&mut b, 0, req.cookie);
+        self.send(&b);
+    }
+
+    fn send_error(&self, req: &Request, errno: u32, msg: &str) {
+        if self.neg.structured {
+            let mut out = Vec::with_capacity(64);
+            push_chunk(
+                &mut out,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                req.cookie,
+                &error_payload(errno, msg),
+            );
+            self.send(&out);
+        } else {
+            let mut b = [0u8; SIMPLE_REPLY_SIZE];
+            simple_reply(&mut b, errno, req.cookie);
+            self.send(&b);
+        }
+    }
+
+    fn allowed_flags(&self, typ: u16) -> u16 {
+        let fua = if self.neg.flags & FLAG_SEND_FUA != 0 {
+            CMD_FLAG_FUA
+        } else {
+            0
+        };
+        match typ {
+            CMD_READ => fua | if self.neg.structured { CMD_FLAG_DF } else { 0 },
+            CMD_WRITE_ZEROES => fua | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => fua | CMD_FLAG_REQ_ONE,
+            _ => fua,
+        }
+    }
+
+    fn handle(&self, req: &Request, payload: Vec<u8>) {
+        if let Err((e, msg)) = self.run(req, payload) {
+            self.send_error(req, e, &msg);
+        }
+    }
+
+    /// Runs one request; Ok means the reply has been sent.
+    fn run(&self, req: &Request, payload: Vec<u8>) -> Result<(), (u32, String)> {
+        let known = matches!(
+            req.typ,
+            CMD_READ
+                | CMD_WRITE
+                | CMD_FLUSH
+                | CMD_TRIM
+                | CMD_CACHE
+                | CMD_WRITE_ZEROES
+                | CMD_BLOCK_STATUS
+        );
+        if !known {
+            return Err((EINVAL, format!("unknown command {}", req.typ)));
+        }
+        if req.flags & !self.allowed_flags(req.typ) != 0 {
+            return Err((
+                EINVAL,
+                format!("flags {:#x} not valid for this command", req.flags),
+            ));
+        }
+        let disk = self.disk();
+        let writes = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && disk.is_read_only() {
+            return Err((EPERM, "export is read-only".into()));
+        }
+        let len = u64::from(req.length);
+        let in_range = req
+            .offset
+            .checked_add(len)
+            .is_some_and(|end| end <= disk.size());
+        if !in_range && req.typ != CMD_FLUSH {
+            let code = if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) {
+                ENOSPC
+            } else {
+                EINVAL
+            };
+            return Err((
+                code,
+                format!(
+                    "{len} bytes at {} are outside the {}-byte export",
+                    req.offset,
+                    disk.size()
+                ),
+            ));
+        }
+        let lib = |e: Error| (errno(&e), e.to_string());
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        match req.typ {
+            CMD_READ => return self.read(req),
+            CMD_WRITE => {
+                if !payload.is_empty() {
+                    disk.write_at(&payload, req.offset).map_err(lib)?;
+                }
+            }
+            CMD_FLUSH => disk.flush().map_err(lib)?,
+            CMD_TRIM => {
+                if len > 0 {
+                    disk.discard(req.offset, len).map_err(lib)?;
+                }
+            }
+            CMD_WRITE_ZEROES => {
+                let allocate = req.flags & CMD_FLAG_NO_HOLE != 0;
+                if req.flags & CMD_FLAG_FAST_ZERO != 0 && !disk.zeroing_is_fast(allocate) {
+                    return Err((
+                        ENOTSUP,
+                        "zeroing with NO_HOLE writes data, which is not fast".into(),
+                    ));
+                }
+                if len > 0 {
+                    disk.write_zeroes(req.offset, len, allocate).map_err(lib)?;
+                }
+            }
+            CMD_CACHE => {}
+            CMD_BLOCK_STATUS => return self.block_status(req),
+            _ => unreachable!("checked above"),
+        }
+        if fua && writes {
+            disk.flush().map_err(lib)?;
+        }
+        self.send_ok(req);
+        Ok(())
+    }
+
+    fn read(&self, req: &Request) -> Result<(), (u32, String)> {
+        if req.length > MAX_PAYLOAD {
+            return Err((
+                EINVAL,
+                format!(
+                    "read of {} bytes exceeds the maximum {MAX_PAYLOAD}",
+                    req.length
+                ),
+            ));
+        }
+        let disk = self.disk();
+        let lib = |e: Error| (errno(&e), e.to_string());
+        if !self.neg.structured {
+            let mut out = vec![0u8; SIMPLE_REPLY_SIZE + req.length as usize];
+            disk.read_at(&mut out[SIMPLE_REPLY_SIZE..], req.offset)
+                .map_err(lib)?;
+            simple_reply(&mut out, 0, req.cookie);
+            self.send(&out);
+            return Ok(());
+        }
+        if req.length == 0 {
+            let mut out = Vec::new();
+            push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);
+            self.send(&out);
+            return Ok(());
+        }
+        let extents = if req.flags & CMD_FLAG_DF != 0 || req.length < HOLE_SCAN_MIN {
+            None
+        } else {
+            Some(
+                self.all_extents(req.offset, u64::from(req.length))
+                    .map_err(lib)?,
+            )
+        };
+        let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE * 2 + 8 + req.length as usize);
+        match extents {
+            None => push_data(&mut out, disk, req.cookie, req.offset, req.length as usize)
+                .map_err(lib)?,
+            Some(ext) => {
+                let mut i = 0;
+                while i < ext.len() {
+                    let start = ext[i].offset;
+                    let zero = ext[i].kind.reads_zero();
+                    let mut end = start + ext[i].length;
+                    i += 1;
+                    while i < ext.len() && ext[i].kind.reads_zero() == zero {
+                        end += ext[i].length;
+                        i += 1;
+                    }
+                    if zero {
+                        push_chunk(
+                            &mut out,
+                            0,
+                            REPLY_TYPE_OFFSET_HOLE,
+                            req.cookie,
+                            &hole_payload(start, (end - start) as u32),
+                        );
+                    } else {
+                        push_data(&mut out, disk, req.cookie, start, (end - start) as usize)
+                            .map_err(lib)?;
+                    }
+                }
+            }
+        }
+        push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);
+        self.send(&out);
+        Ok(())
+    }
+
+    /// Extents covering the whole range (the device may describe it in several calls).
+    fn all_extents(&self, offset: u64, len: u64) -> crate::Result<Vec<Extent>> {
+        let mut all: Vec<Extent> = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let part = self.disk().extents(pos, end - pos, 1024)?;
+            let Some(last) = part.last() else { break };
+            pos = last.offset + last.length;
+            all.extend(part);
+        }
+        Ok(all)
+    }
+
+    fn block_status(&self, req: &Request) -> Result<(), (u32, String)> {
+        let Some(ctx) = self.neg.meta_context else {
+            return Err((EINVAL, "no metadata context was negotiated".into()));
+        };
+        if req.length == 0 {
+            return Err((EINVAL, "block status of zero bytes".into()));
+        }
+        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            1
+        } else {
+            1024
+        };
+        let ext = self
+            .disk()
+            .extents(req.offset, u64::from(req.length), max)
+            .map_err(|e| (errno(&e), e.to_string()))?;
+        let mut desc: Vec<(u32, u32)> = Vec::with_capacity(ext.len());
+        for e in ext.iter().take(max) {
+            let flags = if e.kind.reads_zero() {
+                STATE_HOLE | STATE_ZERO
+            } else {
+                0
+            };
+            match desc.last_mut() {
+                Some(last) if last.1 == flags => last.0 += e.length as u32,
+                _ => desc.push((e.length as u32, flags)),
+            }
+        }
+        let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE + 4 + 8 * desc.len());
+        push_chunk(
+            &mut out,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            req.cookie,
+            &block_status_payload(ctx, &desc),
+        );
+        self.send(&out);
+        Ok(())
+    }
+}
+
+/// Appends an OFFSET_DATA chunk read straight into the reply buffer.
+fn push_data(
+    out: &mut Vec<u8>,
+    disk: &dyn Disk,
+    cookie: u64,
+    offset: u64,
+    len: usize,
+) -> crate::Result<()> {
+    let at = out.len();
+    out.resize(at + CHUNK_HEADER_SIZE + 8 + len, 0);
+    chunk_header(
+        &mut out[at..],
+        0,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        (8 + len) as u32,
+    );
+    out[at + CHUNK_HEADER_SIZE..at + CHUNK_HEADER_SIZE + 8].copy_from_slice(&offset.to_be_bytes());
+    disk.read_at(&mut out[at + CHUNK_HEADER_SIZE + 8..], offset)
+}

@@ -1,0 +1,136 @@
+//! `cowdisk serve`: open each image's chain and export it over NBD until told to stop.
+
+use crate::Failure;
+use cowdisk::nbd::handshake::TlsMode;
+use cowdisk::nbd::server::{install_signal_handlers, ListenAddr, Server, ServerConfig};
+use cowdisk::nbd::Export;
+use cowdisk::{Chain, ChainOptions, Disk};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Images to export (each the top of a chain).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Listen on a Unix socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Listen on TCP HOST:PORT (default 127.0.0.1:10809 when no --socket is given).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Export read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Export names, in the order of the images (default: each file's name without extension).
+    #[arg(long = "name")]
+    pub names: Vec<String>,
+    /// Most connections at once; more are refused.
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
+    /// Worker threads running requests.
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+}
+
+pub fn export_name(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Serves already opened chains; shared by `serve` and `demo`.
+pub fn serve_chains(
+    chains: Vec<(String, Arc<Chain>)>,
+    socket: Option<PathBuf>,
+    listen: Option<String>,
+    workers: usize,
+    max_connections: usize,
+) -> Result<(), Failure> {
+    let mut addrs = Vec::new();
+    if let Some(s) = &socket {
+        addrs.push(ListenAddr::Unix(s.clone()));
+    }
+    if let Some(l) = &listen {
+        addrs.push(ListenAddr::Tcp(l.clone()));
+    }
+    if addrs.is_empty() {
+        addrs.push(ListenAddr::Tcp("127.0.0.1:10809".into()));
+    }
+    let exports = chains
+        .iter()
+        .map(|(name, c)| Export {
+            name: name.clone(),
+            description: format!(
+                "cowdisk chain of {} image(s), top {}",
+                c.depth(),
+                c.top().path().display()
+            ),
+            disk: c.clone() as Arc<dyn Disk>,
+        })
+        .collect();
+    let cfg = ServerConfig {
+        listen: addrs,
+        max_connections,
+        handshake_timeout: Duration::from_secs(10),
+        workers,
+        tls: None,
+        tls_mode: TlsMode::Off,
+    };
+    let server = Server::bind(cfg, exports)?;
+    install_signal_handlers(&server.shutdown_handle());
+    let tcp = server.tcp_addrs();
+    let mut out = std::io::stdout().lock();
+    for (name, c) in &chains {
+        let ro = if c.is_read_only() { " (read-only)" } else { "" };
+        if let Some(s) = &socket {
+            let _ = writeln!(
+                out,
+                "serving {name}{ro} at nbd+unix:///{name}?socket={}",
+                s.display()
+            );
+        }
+        for a in &tcp {
+            let _ = writeln!(out, "serving {name}{ro} at nbd://{a}/{name}");
+        }
+    }
+    let _ = out.flush();
+    drop(out);
+    let result = server.run();
+    let mut closed = Ok(());
+    for (_, c) in &chains {
+        if let Err(e) = c.close() {
+            closed = Err(e);
+        }
+    }
+    result?;
+    closed?;
+    Ok(())
+}
+
+pub fn run(a: ServeArgs) -> Result<(), Failure> {
+    if a.names.len() > a.images.len() {
+        return Err(Failure("more --name options than images".into(), 1));
+    }
+    let mut chains = Vec::new();
+    for (i, p) in a.images.iter().enumerate() {
+        let chain = Chain::open(
+            p,
+            ChainOptions {
+                writable: !a.read_only,
+                ..Default::default()
+            },
+        )?;
+        let name = a.names.get(i).cloned().unwrap_or_else(|| export_name(p));
+        if chains.iter().any(|(n, _): &(String, _)| *n == name) {
+            return Err(Failure(
+                format!("two exports would be named '{name}'; use --name"),
+                1,
+            ));
+        }
+        chains.push((name, Arc::new(chain)));
+    }
+    serve_chains(chains, a.socket, a.listen, a.workers, a.max_connections)
+}
