@@ -1,8 +1,8 @@
 //! The NBD server: protocol encoding kept pure ([`proto`]), option haggling ([`handshake`]),
 //! the request engine ([`transmission`]), and listeners and lifecycle ([`server`]).
 
+pub mod budget;
 pub mod handshake;
-pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod tls;

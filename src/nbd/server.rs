@@ -1,8 +1,8 @@
 //! The NBD server: listeners (TCP, Unix), one thread per connection for reading requests, a
 //! shared worker pool, the connection cap, the handshake deadline, and orderly shutdown.
 
+use super::budget::Budget;
 use super::handshake::{Negotiated, Outcome, Session, TlsMode};
-use super::pool::Pool;
 use super::tls::{Stream, TlsConfig};
 use super::{transmission, Export};
 use crate::error::{err, Error, ErrorKind, Result};
@@ -28,7 +28,10 @@ pub struct ServerConfig {
     pub listen: Vec<ListenAddr>,
     pub max_connections: usize,
     pub handshake_timeout: Duration,
-    pub workers: usize,
+    /// Threads serving each connection (and so the most requests one connection runs at once).
+    pub threads_per_connection: usize,
+    /// Payload bytes all connections together may have in flight.
+    pub max_in_flight_bytes: u64,
     pub tls: Option<TlsConfig>,
     pub tls_mode: TlsMode,
 }
@@ -39,7 +42,8 @@ impl Default for ServerConfig {
             listen: vec![ListenAddr::Tcp("127.0.0.1:10809".into())],
             max_connections: 64,
             handshake_timeout: Duration::from_secs(10),
-            workers: 8,
+            threads_per_connection: 16,
+            max_in_flight_bytes: 256 * 1024 * 1024,
             tls: None,
             tls_mode: TlsMode::Off,
         }
@@ -132,7 +136,7 @@ enum Phase {
 
 struct Shared {
     exports: Vec<Arc<Export>>,
-    pool: Pool,
+    budget: Budget,
     conns: Mutex<HashMap<u64, (Sock, Phase)>>,
     stopping: AtomicBool,
     cfg: ServerConfig,
@@ -231,7 +235,7 @@ impl Server {
         }
         let shared = Arc::new(Shared {
             exports: exports.into_iter().map(Arc::new).collect(),
-            pool: Pool::new(cfg.workers),
+            budget: Budget::new(usize::MAX, cfg.max_in_flight_bytes),
             conns: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             cfg,
@@ -325,7 +329,6 @@ impl Server {
             let _ = t.join();
         }
         let _ = reaper.join();
-        self.shared.pool.stop();
         let mut first_err = None;
         for e in &self.shared.exports {
             if let Err(x) = e.disk.flush() {
@@ -420,7 +423,14 @@ fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
         set_phase(&sh, id, None, Some(Phase::Transmission));
         if !sh.stopping.load(Ordering::Acquire) {
             if let Some(Ok((reader, writer, closer))) = slot.map(Stream::split) {
-                transmission::serve(reader, writer, n, &sh.pool, closer);
+                transmission::serve(
+                    reader,
+                    writer,
+                    n,
+                    sh.cfg.threads_per_connection,
+                    &sh.budget,
+                    closer,
+                );
             }
         }
     }

@@ -4,17 +4,16 @@
 //! Every client error (bad flag, out of range, oversized payload) gets an error reply and
 //! leaves the connection usable; only a bad request magic or a broken socket ends it.
 
+use super::budget::Budget;
 use super::handshake::{Negotiated, MAX_PAYLOAD};
-use super::pool::{Budget, Pool};
 use super::proto::*;
 use crate::device::{Disk, Extent};
 use crate::error::{Error, ErrorKind};
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-/// Requests one connection may have in flight, and their payload bytes.
-const MAX_IN_FLIGHT: usize = 128;
+/// Payload bytes (read lengths and write payloads) one connection may have in flight.
 const MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
 /// Reads shorter than this are answered with one data chunk: looking for holes costs more
 /// than the bytes it saves.
@@ -42,65 +41,90 @@ fn errno(e: &Error) -> u32 {
 /// Serves requests until the client disconnects, the socket breaks, or `reader` hits EOF
 /// (which is how the server asks a connection to wind down). Returns once every request
 /// already read has been answered.
+///
+/// `threads` threads share the connection, leader/follower style: whoever holds the reader
+/// reads one request (and its payload), lets go of the reader, runs the request and sends its
+/// reply. There is no hand-off between a reading thread and a working thread, and at most
+/// `threads` requests are in flight.
 pub fn serve(
     reader: Box<dyn Read + Send>,
     writer: Box<dyn Write + Send>,
     neg: Negotiated,
-    pool: &Pool,
+    threads: usize,
+    global: &Budget,
     on_broken: Box<dyn Fn() + Send + Sync>,
 ) {
-    let conn = Arc::new(Conn {
+    let conn = Conn {
         neg,
         out: Mutex::new(writer),
-        budget: Budget::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES),
+        budget: Budget::new(usize::MAX, MAX_IN_FLIGHT_BYTES),
         broken: AtomicBool::new(false),
         on_broken,
+    };
+    let input = Mutex::new((BufReader::with_capacity(256 * 1024, reader), false));
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                while let Some((req, payload, cost)) = next_request(&conn, &input, global) {
+                    conn.handle(&req, payload);
+                    conn.budget.release(cost);
+                    global.release(cost);
+                }
+            });
+        }
     });
-    let mut r = BufReader::with_capacity(256 * 1024, reader);
+}
+
+/// Reads the next request to run (answering the ones that need no work on the spot), or
+/// `None` when the connection is over. The payload's bytes are charged to both budgets.
+fn next_request(
+    conn: &Conn,
+    input: &Mutex<(BufReader<Box<dyn Read + Send>>, bool)>,
+    global: &Budget,
+) -> Option<(Request, Vec<u8>, u64)> {
+    let mut guard = input.lock().unwrap_or_else(|p| p.into_inner());
+    let (r, done) = &mut *guard;
     loop {
-        if conn.broken.load(Ordering::Acquire) {
-            break;
+        if *done || conn.broken.load(Ordering::Acquire) {
+            *done = true;
+            return None;
         }
         let mut h = [0u8; REQUEST_SIZE];
-        if r.read_exact(&mut h).is_err() {
-            break;
-        }
-        let Some(req) = parse_request(&h) else { break };
+        let Some(req) = r.read_exact(&mut h).ok().and_then(|_| parse_request(&h)) else {
+            *done = true;
+            return None;
+        };
         if req.typ == CMD_DISC {
-            break;
+            *done = true;
+            return None;
         }
-        let mut payload = Vec::new();
-        let cost = u64::from(req.length);
-        if req.typ == CMD_WRITE {
-            if req.length > MAX_PAYLOAD {
-                if drain(&mut r, u64::from(req.length)).is_err() {
-                    break;
-                }
-                conn.send_error(&req, EINVAL, "payload larger than the advertised maximum");
-                continue;
+        let cost = if matches!(req.typ, CMD_READ | CMD_WRITE) {
+            u64::from(req.length)
+        } else {
+            0
+        };
+        if req.typ == CMD_WRITE && req.length > MAX_PAYLOAD {
+            if drain(r, cost).is_err() {
+                *done = true;
+                return None;
             }
-            conn.budget.acquire(cost);
+            conn.send_error(&req, EINVAL, "payload larger than the advertised maximum");
+            continue;
+        }
+        conn.budget.acquire(cost);
+        global.acquire(cost);
+        let mut payload = Vec::new();
+        if req.typ == CMD_WRITE {
             payload = vec![0u8; req.length as usize];
             if r.read_exact(&mut payload).is_err() {
                 conn.budget.release(cost);
-                break;
+                global.release(cost);
+                *done = true;
+                return None;
             }
-        } else {
-            conn.budget
-                .acquire(if req.typ == CMD_READ { cost } else { 0 });
         }
-        let c = conn.clone();
-        pool.submit(move || {
-            let released = if req.typ == CMD_READ || req.typ == CMD_WRITE {
-                cost
-            } else {
-                0
-            };
-            c.handle(&req, payload);
-            c.budget.release(released);
-        });
+        return Some((req, payload, cost));
     }
-    conn.budget.wait_idle();
 }
 
 fn drain(r: &mut impl Read, mut n: u64) -> io::Result<()> {

@@ -1,14 +1,12 @@
 //! `cowdisk serve`: open each image's chain and export it over NBD until told to stop.
 
 use crate::Failure;
-use cowdisk::nbd::handshake::TlsMode;
 use cowdisk::nbd::server::{install_signal_handlers, ListenAddr, Server, ServerConfig};
 use cowdisk::nbd::Export;
 use cowdisk::{Chain, ChainOptions, Disk};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -30,9 +28,9 @@ pub struct ServeArgs {
     /// Most connections at once; more are refused.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
-    /// Worker threads running requests.
-    #[arg(long, default_value_t = 8)]
-    pub workers: usize,
+    /// Threads per connection (the most requests one connection runs at once).
+    #[arg(long, default_value_t = 16)]
+    pub threads: usize,
 }
 
 pub fn export_name(path: &std::path::Path) -> String {
@@ -46,7 +44,7 @@ pub fn serve_chains(
     chains: Vec<(String, Arc<Chain>)>,
     socket: Option<PathBuf>,
     listen: Option<String>,
-    workers: usize,
+    threads: usize,
     max_connections: usize,
 ) -> Result<(), Failure> {
     let mut addrs = Vec::new();
@@ -74,10 +72,8 @@ pub fn serve_chains(
     let cfg = ServerConfig {
         listen: addrs,
         max_connections,
-        handshake_timeout: Duration::from_secs(10),
-        workers,
-        tls: None,
-        tls_mode: TlsMode::Off,
+        threads_per_connection: threads,
+        ..ServerConfig::default()
     };
     let server = Server::bind(cfg, exports)?;
     install_signal_handlers(&server.shutdown_handle());
@@ -132,5 +128,5 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         }
         chains.push((name, Arc::new(chain)));
     }
-    serve_chains(chains, a.socket, a.listen, a.workers, a.max_connections)
+    serve_chains(chains, a.socket, a.listen, a.threads, a.max_connections)
 }

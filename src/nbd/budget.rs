@@ -1,0 +1,80 @@
+//! The budget that bounds how many payload bytes requests may have in flight (per connection and
+//! for the whole server), and so how much memory clients can make the server hold.
+
+use std::sync::{Condvar, Mutex};
+
+/// Counts requests and bytes in flight on one connection. A request always gets in when the
+/// connection is idle, so one request of the largest allowed size never deadlocks.
+pub struct Budget {
+    state: Mutex<(usize, u64)>,
+    cv: Condvar,
+    max_requests: usize,
+    max_bytes: u64,
+}
+
+impl Budget {
+    pub fn new(max_requests: usize, max_bytes: u64) -> Budget {
+        Budget {
+            state: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+            max_requests,
+            max_bytes,
+        }
+    }
+
+    pub fn acquire(&self, bytes: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.0 > 0 && (s.0 >= self.max_requests || s.1 + bytes > self.max_bytes) {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.0 += 1;
+        s.1 += bytes;
+    }
+
+    pub fn release(&self, bytes: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 -= 1;
+        s.1 -= bytes;
+        self.cv.notify_all();
+    }
+
+    /// Blocks until nothing is in flight.
+    pub fn wait_idle(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.0 > 0 {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn budget_admits_an_oversized_request_when_idle() {
+        let b = Budget::new(4, 10);
+        b.acquire(100);
+        b.release(100);
+        b.wait_idle();
+    }
+
+    #[test]
+    fn budget_blocks_past_the_request_limit_until_a_release() {
+        let b = Arc::new(Budget::new(2, 1000));
+        b.acquire(1);
+        b.acquire(1);
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || {
+            b2.acquire(1);
+            b2.release(1);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!t.is_finished());
+        b.release(1);
+        t.join().unwrap();
+        b.release(1);
+        b.wait_idle();
+    }
+}
