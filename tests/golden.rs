@@ -46,7 +46,7 @@ fn build(dir: &Path) {
     // base.raw + overlay-64k.cow: 128 KiB overlay on a 64 KiB raw base.
     let b = dir.join("base.raw");
     std::fs::write(&b, base_bytes()).unwrap();
-    let raw = RawImage::open(&b, false).unwrap();
+    let raw = RawImage::open(&b, false, cowdisk::storage::LockMode::Shared).unwrap();
     let fp = raw_fingerprint(raw.storage().as_ref(), raw.size()).unwrap();
     let o = dir.join("overlay-64k.cow");
     let parent = ParentRef {
@@ -198,7 +198,14 @@ fn overlay_golden_matches_the_spec() {
         (0, 0b10, 0b1100)
     );
     let s = entries[0].data_offset as usize;
-    assert_eq!(s, 65536, "first data slot at the data start");
+    // The first entry took the first map extent (64 KiB at the data start), then its slot.
+    assert_eq!(
+        LE::read_u64(&h[120..]),
+        65536,
+        "first map extent at the data start"
+    );
+    assert_eq!(LE::read_u64(&h[128..]), 65536, "first map extent is 64 KiB");
+    assert_eq!(s, 131072, "first data slot after the map extent");
     assert!(b[s + 4096..s + 8192].iter().all(|&x| x == 0xcc));
 }
 

@@ -9,6 +9,7 @@ use crate::format::{
 };
 use crate::layer::raw::RawImage;
 use crate::layer::{Image, OpenOptions};
+use crate::storage::LockMode;
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -23,8 +24,7 @@ pub struct CreateOptions {
     pub backing: Option<PathBuf>,
     /// The parent's format; probed once (by magic) when not given.
     pub backing_format: Option<ParentFormat>,
-    /// Record the parent path as given, even if relative to the working directory, instead of
-    /// relative to the new image's directory.
+    /// Record the parent's absolute path instead of a path relative to the new image's directory.
     pub absolute_parent_path: bool,
     /// Accept a raw parent that is a device or another special file.
     pub allow_special_parent: bool,
@@ -124,7 +124,7 @@ fn parent_ref(
             ))
         }
         ParentFormat::Raw => {
-            let raw = RawImage::open(parent, opts.allow_special_parent)?;
+            let raw = RawImage::open(parent, opts.allow_special_parent, LockMode::Shared)?;
             if raw.size() == 0 {
                 return Err(ctx(err(
                     ErrorKind::InvalidArgument,
@@ -147,10 +147,12 @@ fn parent_ref(
     }
 }
 
-/// The bytes recorded as the parent's path: relative to the child's directory unless asked otherwise.
-pub fn stored_parent_path(child: &Path, parent: &Path, keep_as_given: bool) -> Result<Vec<u8>> {
-    let p = if keep_as_given {
-        parent.to_path_buf()
+/// The bytes recorded as the parent's path: relative to the child's directory, or absolute.
+pub fn stored_parent_path(child: &Path, parent: &Path, absolute: bool) -> Result<Vec<u8>> {
+    let p = if absolute {
+        parent
+            .canonicalize()
+            .map_err(|e| Error::io("resolve", e).with_file(parent))?
     } else {
         let child_dir = match child.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),

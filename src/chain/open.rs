@@ -7,6 +7,7 @@ use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::{FLAG_FROZEN, MAX_CHAIN_DEPTH};
 use crate::layer::raw::RawImage;
 use crate::layer::{format_uuid, Image, OpenOptions};
+use crate::storage::LockMode;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -96,7 +97,12 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
         seen.push(id);
         match pref.format {
             ParentFormat::Raw => {
-                let raw = RawImage::open(&ppath, opts.allow_special_parents)?;
+                let lock = if opts.inspect {
+                    LockMode::None
+                } else {
+                    LockMode::Shared
+                };
+                let raw = RawImage::open(&ppath, opts.allow_special_parents, lock)?;
                 if raw.size() != pref.size {
                     return Err(named_by(changed(
                         &ppath,

@@ -2,6 +2,7 @@
 //! rule for choosing between the two slots (spec §2, §3).
 
 use super::*;
+use crate::error::Error;
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 /// Byte offsets inside a header slot (spec §2.1).
@@ -249,19 +250,40 @@ impl Header {
         })
     }
 
+    /// Decodes slot `slot` (0 or 1): like [`Header::decode`], and the generation must belong
+    /// in that slot (even generations in slot 0, odd in slot 1).
+    pub fn decode_slot(b: &[u8], slot: u64) -> Result<Header> {
+        let h = Header::decode(b)?;
+        if h.generation % 2 != slot {
+            return Err(err(
+                ErrorKind::Corrupt,
+                format!(
+                    "header generation {} does not belong in slot {slot}",
+                    h.generation
+                ),
+            ));
+        }
+        Ok(h)
+    }
+
     /// Picks the current header from the two slots: the valid one with the higher generation.
-    /// Returns the header and whether the other slot was invalid (a torn header write).
+    /// Returns the header and whether the other slot was unreadable (a torn header write).
+    ///
+    /// Only a slot that fails its checksum (or holds no header at all) may be passed over: that
+    /// is what an interrupted header write leaves. A slot that passes its checksum but is
+    /// refused (unknown version or incompatible feature, invalid contents) refuses the image,
+    /// so an old reader never falls back to stale metadata behind a newer writer's header.
     pub fn choose(area: &[u8]) -> Result<(Header, bool)> {
-        let a = Header::decode(&area[..HEADER_SLOT_SIZE]);
-        let b = Header::decode(&area[HEADER_SLOT_SIZE..]);
+        let a = Header::decode_slot(&area[..HEADER_SLOT_SIZE], 0);
+        let b = Header::decode_slot(&area[HEADER_SLOT_SIZE..], 1);
+        let torn = |e: &Error| matches!(e.kind(), ErrorKind::BadChecksum | ErrorKind::NotAnImage);
         match (a, b) {
             (Ok(a), Ok(b)) => Ok((if b.generation > a.generation { b } else { a }, false)),
+            (Err(e), _) | (_, Err(e)) if !torn(&e) => Err(e),
             (Ok(h), Err(_)) | (Err(_), Ok(h)) => Ok((h, true)),
             (Err(ea), Err(eb)) => {
-                // Report the most telling failure: a non-image first, then whatever slot 0 said.
-                if ea.kind() == ErrorKind::NotAnImage && eb.kind() == ErrorKind::NotAnImage {
-                    Err(ea)
-                } else if ea.kind() == ErrorKind::NotAnImage {
+                // Report the most telling failure: a non-image only if neither slot looks like one.
+                if ea.kind() == ErrorKind::NotAnImage {
                     Err(eb)
                 } else {
                     Err(ea)
@@ -489,5 +511,33 @@ mod tests {
         assert_eq!(Header::choose(&area).unwrap(), (h2.clone(), false));
         area[5000] ^= 1; // torn write of the newer slot: fall back to the older
         assert_eq!(Header::choose(&area).unwrap(), (h1, true));
+    }
+
+    #[test]
+    fn a_newer_slot_with_an_unknown_feature_refuses_instead_of_falling_back() {
+        let mut h1 = sample();
+        h1.generation = 4;
+        let mut h2 = sample();
+        h2.generation = 5;
+        h2.incompat = 1 << 33;
+        let mut area = vec![0u8; 8192];
+        area[..4096].copy_from_slice(&h1.encode());
+        area[4096..].copy_from_slice(&h2.encode());
+        assert_eq!(
+            Header::choose(&area).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+    }
+
+    #[test]
+    fn rejects_generation_in_the_wrong_slot() {
+        let mut h = sample();
+        h.generation = 3;
+        let mut area = vec![0u8; 8192];
+        area[..4096].copy_from_slice(&h.encode());
+        area[4096..].copy_from_slice(&h.encode());
+        let e = Header::choose(&area).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.to_string().contains("slot 0"));
     }
 }

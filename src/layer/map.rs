@@ -52,14 +52,21 @@ pub struct ChunkMap {
     entries: ChunkHashMap<Entry>,
     /// Next unused record position (positions below it may still be holes left by another writer).
     next_pos: u64,
-    /// Chunk owning each record position, for re-encoding a sector; `u64::MAX` for holes.
-    owners: Vec<u64>,
+    /// Chunk owning each record position, for re-encoding a sector. A map rather than a vector:
+    /// a hostile image may put one entry at a far position.
+    owners: ChunkHashMap<u64>,
     extents: Vec<MapExtent>,
     dirty: BTreeSet<u64>,
     extents_changed: bool,
 }
 
-const HOLE: u64 = u64::MAX;
+/// The most map bytes a disk of this geometry can need: one entry per chunk, with room for the
+/// doubling growth rule of spec §4.3. Anything larger is refused as corrupt before it is read.
+pub fn max_map_bytes(g: &Geometry) -> u64 {
+    let needed = g.chunk_count().div_ceil(g.entries_per_sector() as u64) * SECTOR_SIZE as u64;
+    let first = MIN_MAP_EXTENT.max(g.chunk_size());
+    2 * needed.max(first) + MAX_MAP_EXTENTS as u64 * g.chunk_size()
+}
 
 impl ChunkMap {
     pub fn empty(geom: Geometry) -> ChunkMap {
@@ -67,42 +74,62 @@ impl ChunkMap {
             geom,
             entries: ChunkHashMap::default(),
             next_pos: 0,
-            owners: Vec::new(),
+            owners: ChunkHashMap::default(),
             extents: Vec::new(),
             dirty: BTreeSet::new(),
             extents_changed: false,
         }
     }
 
-    /// Reads every sector of every extent (up to the end of the file; the rest is zero by the
-    /// sparse rule). Memory and reads are proportional to the map's size, never the disk's.
+    /// Reads the sectors of every extent that hold data (holes are skipped: they read as zero,
+    /// which is an empty sector), up to the end of the file. Reads and memory are proportional
+    /// to the entries on disk, never to the disk's virtual size.
     pub fn load(
         storage: &dyn Storage,
         geom: Geometry,
         extents: &[MapExtent],
         file_len: u64,
     ) -> Result<ChunkMap> {
+        let total: u64 = extents.iter().map(|e| e.len).sum();
+        if total > max_map_bytes(&geom) {
+            return Err(err(
+                ErrorKind::Corrupt,
+                format!("map extents total {total} bytes, more than a disk of this size can need"),
+            ));
+        }
         let mut m = ChunkMap::empty(geom);
         m.extents = extents.to_vec();
         let eps = geom.entries_per_sector() as u64;
+        let sector = SECTOR_SIZE as u64;
         let mut buf = vec![0u8; 1 << 20];
-        let mut sector_index = 0u64;
+        let mut first_sector = 0u64;
         for ext in extents {
-            let readable_end = ext.end().min(file_len.next_multiple_of(SECTOR_SIZE as u64));
+            let readable_end = ext.end().min(file_len.next_multiple_of(sector));
             let mut pos = ext.offset;
             while pos < readable_end {
-                let n = ((readable_end - pos) as usize).min(buf.len());
+                let Some(data) = storage.next_data(pos)? else {
+                    break;
+                };
+                if data >= readable_end {
+                    break;
+                }
+                pos = pos.max(data / sector * sector);
+                let hole = storage
+                    .next_hole(pos)?
+                    .next_multiple_of(sector)
+                    .clamp(pos + sector, readable_end);
+                let n = ((hole - pos) as usize).min(buf.len());
                 storage.read_at(&mut buf[..n], pos)?;
-                for (i, sector) in buf[..n].chunks_exact(SECTOR_SIZE).enumerate() {
+                for (i, bytes) in buf[..n].chunks_exact(SECTOR_SIZE).enumerate() {
                     let off = pos + (i * SECTOR_SIZE) as u64;
-                    let si = sector_index + (off - ext.offset) / SECTOR_SIZE as u64;
-                    for (slot, e) in decode_sector(&geom, off, sector)? {
+                    let si = first_sector + (off - ext.offset) / sector;
+                    for (slot, e) in decode_sector(&geom, off, bytes)? {
                         m.insert_loaded(si * eps + slot as u64, e, off)?;
                     }
                 }
                 pos += n as u64;
             }
-            sector_index += ext.len / SECTOR_SIZE as u64;
+            first_sector += ext.len / sector;
         }
         Ok(m)
     }
@@ -115,11 +142,7 @@ impl ChunkMap {
             )
             .at(sector_off));
         }
-        let idx = pos as usize;
-        if self.owners.len() <= idx {
-            self.owners.resize(idx + 1, HOLE);
-        }
-        self.owners[idx] = e.chunk;
+        self.owners.insert(pos, e.chunk);
         self.next_pos = self.next_pos.max(pos + 1);
         self.entries.insert(
             e.chunk,
@@ -190,11 +213,7 @@ impl ChunkMap {
             }
             let pos = self.next_pos;
             self.next_pos += 1;
-            let idx = pos as usize;
-            if self.owners.len() <= idx {
-                self.owners.resize(idx + 1, HOLE);
-            }
-            self.owners[idx] = chunk;
+            self.owners.insert(pos, chunk);
             self.entries.insert(
                 chunk,
                 Entry {
@@ -253,14 +272,16 @@ impl ChunkMap {
     fn encode(&self, sector: u64) -> (u64, [u8; SECTOR_SIZE]) {
         let eps = self.geom.entries_per_sector();
         let off = self.sector_offset(sector);
-        let first = (sector as usize) * eps;
+        let first = sector * eps as u64;
         let mut slots: Vec<Option<MapEntry>> = Vec::with_capacity(eps);
-        for idx in first..first + eps {
-            let owner = self.owners.get(idx).copied().unwrap_or(HOLE);
-            slots.push(self.entries.get(&owner).map(|e| MapEntry {
-                chunk: owner,
-                data_offset: e.data_offset,
-                blocks: e.blocks.clone(),
+        for pos in first..first + eps as u64 {
+            let owner = self.owners.get(&pos).copied();
+            slots.push(owner.and_then(|c| {
+                self.entries.get(&c).map(|e| MapEntry {
+                    chunk: c,
+                    data_offset: e.data_offset,
+                    blocks: e.blocks.clone(),
+                })
             }));
         }
         let refs: Vec<Option<&MapEntry>> = slots.iter().map(Option::as_ref).collect();

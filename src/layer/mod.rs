@@ -86,6 +86,10 @@ pub struct Image {
     reclaim: RwLock<()>,
     stripes: Box<[Mutex<()>]>,
     closed: AtomicBool,
+    /// Set when a sync failed: the kernel may have dropped dirty pages, so nothing written
+    /// since the last good flush can be trusted to reach the disk; every later write and flush
+    /// fails until the image is reopened (a retried fsync could report success for lost data).
+    poisoned: AtomicBool,
     /// Slots dropped at open because they held no data (see [`ChunkMap::drop_empty_slots`]).
     repaired_on_open: usize,
 }
@@ -151,10 +155,13 @@ impl Image {
         parent: Option<ParentRef>,
         uuid: [u8; 16],
     ) -> Result<Image> {
-        let header = Header::new(geom, uuid, parent);
-        // Both slots valid from the start: generation 0 in slot 0, generation 1 in slot 1.
-        let mut h0 = header.clone();
+        // Both slots valid from the start: a clean generation 0 in slot 0, and generation 1 in
+        // slot 1 marked dirty, since the image is returned open for writing.
+        let mut h0 = Header::new(geom, uuid, parent);
         h0.generation = 0;
+        let mut header = h0.clone();
+        header.generation = 1;
+        header.set_flag(FLAG_DIRTY, true);
         let ctx = |e: Error| e.with_file(path).during("create");
         storage.write_at(&h0.encode(), 0).map_err(ctx)?;
         storage
@@ -187,6 +194,7 @@ impl Image {
             reclaim: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             closed: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
             repaired_on_open: repaired,
         }
     }
@@ -227,11 +235,9 @@ impl Image {
         )
         .map_err(ctx)?;
         let was_dirty = header.has_flag(FLAG_DIRTY);
-        let mut state = State { header, map, alloc };
+        let state = State { header, map, alloc };
         if !opts.write {
-            let img = Image::assemble(path, storage, geom, false, state, repaired);
-            img.closed.store(true, Ordering::Relaxed);
-            return Ok(img);
+            return Ok(Image::assemble(path, storage, geom, false, state, repaired));
         }
         if was_dirty {
             // Unclean shutdown: unreferenced space may hold data written after the last flush.
@@ -239,11 +245,11 @@ impl Image {
                 storage.punch(s, e - s).map_err(ctx)?;
             }
         }
-        state.header.set_flag(FLAG_DIRTY, true);
         let img = Image::assemble(path, storage, geom, true, state, repaired);
         {
             let mut st = write(&img.state);
-            img.write_header(&mut st).map_err(ctx)?;
+            img.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, true))
+                .map_err(ctx)?;
         }
         img.storage.sync().map_err(ctx)?;
         Ok(img)
@@ -327,11 +333,20 @@ impl Image {
     }
 
     fn require_writable(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(err(ErrorKind::ReadOnly, "image is open read-only").with_file(&self.path))
+        if !self.writable {
+            return Err(err(ErrorKind::ReadOnly, "image is open read-only").with_file(&self.path));
         }
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(err(
+                ErrorKind::Io,
+                "an earlier sync failed; writes since the last flush may be lost; reopen the image",
+            )
+            .with_file(&self.path));
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(err(ErrorKind::ReadOnly, "image is closed").with_file(&self.path));
+        }
+        Ok(())
     }
 
     /// The data slot of `chunk`, allocating one (and the entry) if it has none. Caller holds the chunk lock.
@@ -345,8 +360,9 @@ impl Image {
             }
         }
         let alloc = &mut st.alloc;
-        let slot = alloc.alloc_slot()?;
+        // The entry first: if the map cannot grow, no cluster has been taken yet.
         let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
+        let slot = alloc.alloc_slot()?;
         e.data_offset = slot;
         Ok(slot)
     }
@@ -362,6 +378,9 @@ impl Image {
         state: BlockState,
     ) -> Result<()> {
         self.require_writable()?;
+        // Held until the punches are done: a flush cannot make a released slot reusable (and
+        // another chunk cannot write into it) before this punch has landed.
+        let _io = self.io_guard();
         let mut punches: Vec<(u64, u64)> = Vec::new();
         {
             let mut guard = write(&self.state);
@@ -420,11 +439,23 @@ impl Image {
             .map_err(|e| e.with_file(&self.path))
     }
 
-    fn write_header(&self, st: &mut State) -> Result<()> {
-        st.header.generation += 1;
-        st.header.map_extents = st.map.extents().to_vec();
-        let bytes = st.header.encode();
-        self.storage.write_at(&bytes, st.header.slot_offset())
+    /// Writes `f(header)` with the next generation into the slot not holding the current header.
+    /// The in-memory header changes only once the write succeeded, so after a failed write the
+    /// next attempt goes to the same slot and the last good header is never overwritten.
+    fn write_header(&self, st: &mut State, f: impl FnOnce(&mut Header)) -> Result<()> {
+        let mut h = st.header.clone();
+        f(&mut h);
+        h.generation += 1;
+        h.map_extents = st.map.extents().to_vec();
+        self.storage.write_at(&h.encode(), h.slot_offset())?;
+        st.header = h;
+        Ok(())
+    }
+
+    fn sync_or_poison(&self) -> Result<()> {
+        self.storage
+            .sync()
+            .inspect_err(|_| self.poisoned.store(true, Ordering::Release))
     }
 
     /// Makes every write completed before the call durable (spec §5.3): data first, then the
@@ -434,21 +465,28 @@ impl Image {
             return Ok(());
         }
         let _f = lock(&self.flush_lock);
+        self.flush_locked()
+    }
+
+    fn flush_locked(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return self.require_writable();
+        }
         let (snap, released) = {
             let mut st = write(&self.state);
             (st.map.take_dirty(), st.alloc.take_pending())
         };
         let res = (|| -> Result<()> {
-            self.storage.sync()?;
+            self.sync_or_poison()?;
             if !snap.is_empty() {
                 if snap.extents_changed {
                     let mut st = write(&self.state);
-                    self.write_header(&mut st)?;
+                    self.write_header(&mut st, |_| {})?;
                 }
                 for (off, bytes) in &snap.encoded {
                     self.storage.write_at(bytes, *off)?;
                 }
-                self.storage.sync()?;
+                self.sync_or_poison()?;
             }
             Ok(())
         })();
@@ -472,31 +510,29 @@ impl Image {
     /// Rewrites the header through `f` and makes it durable (flushes data and map first).
     pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<()> {
         self.require_writable()?;
-        self.flush()?;
         let _f = lock(&self.flush_lock);
+        self.flush_locked()?;
         let mut st = write(&self.state);
-        f(&mut st.header);
-        self.write_header(&mut st)
+        self.write_header(&mut st, f)
             .map_err(|e| e.with_file(&self.path))?;
         drop(st);
-        self.storage
-            .sync()
+        self.sync_or_poison()
             .map_err(|e| e.with_file(&self.path).during("update header"))
     }
 
-    /// Flushes, clears the dirty flag and releases the file. Idempotent; also run on drop.
+    /// Flushes, clears the dirty flag and releases the file. Writes are refused from the start
+    /// of the call on. Idempotent; also run on drop.
     pub fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if !self.writable || self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.flush()?;
+        let _f = lock(&self.flush_lock);
+        self.flush_locked()?;
         let mut st = write(&self.state);
-        st.header.set_flag(FLAG_DIRTY, false);
-        self.write_header(&mut st)
+        self.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, false))
             .map_err(|e| e.with_file(&self.path))?;
         drop(st);
-        self.storage
-            .sync()
+        self.sync_or_poison()
             .map_err(|e| e.with_file(&self.path).during("close"))
     }
 }

@@ -13,9 +13,9 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Opens a raw file read-only with a shared lock. Devices, FIFOs and other special files
+    /// Opens a raw file read-only with `lock` (shared to keep writers away while it is a base). Devices, FIFOs and other special files
     /// are refused unless `allow_special` (spec §3.4): their size and content are not stable.
-    pub fn open(path: &Path, allow_special: bool) -> Result<RawImage> {
+    pub fn open(path: &Path, allow_special: bool, lock: LockMode) -> Result<RawImage> {
         let md = std::fs::metadata(path).map_err(|e| Error::io("open", e).with_file(path))?;
         if !md.is_file() && !allow_special {
             return Err(err(
@@ -24,7 +24,7 @@ impl RawImage {
             )
             .with_file(path));
         }
-        let storage = FileStorage::open(path, false, LockMode::Shared)?;
+        let storage = FileStorage::open(path, false, lock)?;
         let size = storage.len()?;
         Ok(RawImage::on(Arc::new(storage), path, size))
     }

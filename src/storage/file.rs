@@ -173,10 +173,46 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| self.ctx(e, "stat", 0))
+        let md = self.file.metadata().map_err(|e| self.ctx(e, "stat", 0))?;
+        if md.is_file() {
+            return Ok(md.len());
+        }
+        // A block device reports length 0 in its metadata; its end is where SEEK_END lands.
+        // SAFETY: lseek on an fd we own; all I/O here is positional, so the cursor is unused.
+        let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(self.ctx(io::Error::last_os_error(), "seek", 0));
+        }
+        Ok(end as u64)
+    }
+
+    fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        let Ok(off) = i64::try_from(offset) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek on an fd we own; the cursor is unused by positional I/O.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(offset)),
+            _ => Err(self.ctx(e, "seek data", offset)),
+        }
+    }
+
+    fn next_hole(&self, offset: u64) -> Result<u64> {
+        let Ok(off) = i64::try_from(offset) else {
+            return Ok(offset);
+        };
+        // SAFETY: as in next_data.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_HOLE) };
+        if r >= 0 {
+            return Ok(r as u64);
+        }
+        self.len()
     }
 
     fn set_len(&self, len: u64) -> Result<()> {

@@ -29,6 +29,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn sync(&self) -> Result<()>;
     /// Deallocates a range; it reads as zeros afterwards. The length of the store is unchanged.
     fn punch(&self, offset: u64, len: u64) -> Result<()>;
+    /// The first offset at or after `offset` that may hold data (not a hole), or `None` if only
+    /// holes follow. Stores that cannot tell say `Some(offset)`: everything may be data.
+    fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        Ok((offset < self.len()?).then_some(offset))
+    }
+    /// The first hole at or after `offset` (the end of the store counts as one).
+    fn next_hole(&self, _offset: u64) -> Result<u64> {
+        self.len()
+    }
     /// Bytes actually allocated on the medium (st_blocks for files); `None` if unknown.
     fn allocated_bytes(&self) -> Option<u64> {
         None
