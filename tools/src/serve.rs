@@ -7,6 +7,7 @@ use cowdisk::{Chain, ChainOptions, Disk};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -28,6 +29,9 @@ pub struct ServeArgs {
     /// Most connections at once; more are refused.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
+    /// Seconds a client may take to finish the handshake before it is dropped.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout: u64,
     /// Threads per connection (the most requests one connection runs at once).
     #[arg(long, default_value_t = 16)]
     pub threads: usize,
@@ -46,6 +50,7 @@ pub fn serve_chains(
     listen: Option<String>,
     threads: usize,
     max_connections: usize,
+    handshake_timeout: Duration,
 ) -> Result<(), Failure> {
     let mut addrs = Vec::new();
     if let Some(s) = &socket {
@@ -73,6 +78,7 @@ pub fn serve_chains(
         listen: addrs,
         max_connections,
         threads_per_connection: threads,
+        handshake_timeout,
         ..ServerConfig::default()
     };
     let server = Server::bind(cfg, exports)?;
@@ -128,5 +134,5 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         }
         chains.push((name, Arc::new(chain)));
     }
-    serve_chains(chains, a.socket, a.listen, a.threads, a.max_connections)
+    serve_chains(chains, a.socket, a.listen, a.threads, a.max_connections, Duration::from_secs(a.handshake_timeout))
 }
