@@ -93,7 +93,8 @@ pub fn run(a: DemoArgs) -> Result<(), Failure> {
         vec![("overlay".into(), Arc::new(chain))],
         Some(socket),
         a.listen,
-        8,
+        16,
         64,
+        std::time::Duration::from_secs(10),
     )
 }

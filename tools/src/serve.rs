@@ -134,5 +134,12 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         }
         chains.push((name, Arc::new(chain)));
     }
-    serve_chains(chains, a.socket, a.listen, a.threads, a.max_connections, Duration::from_secs(a.handshake_timeout))
+    serve_chains(
+        chains,
+        a.socket,
+        a.listen,
+        a.threads,
+        a.max_connections,
+        Duration::from_secs(a.handshake_timeout),
+    )
 }
