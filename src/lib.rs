@@ -11,6 +11,7 @@ pub mod error;
 pub mod format;
 pub mod layer;
 pub mod nbd;
+pub mod ops;
 pub mod storage;
 
 pub use chain::{Chain, ChainOptions};

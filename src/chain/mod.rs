@@ -445,12 +445,35 @@ impl DiskFlush for Chain {
 impl DiskExtents for Chain {
     fn extents(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>> {
         self.check_range(offset, len, "block status")?;
+        let max = max_extents.max(1);
+        let end = offset + len;
         let mut out = Vec::new();
-        for p in self.pieces(offset, len) {
-            self.describe_piece(p, &mut out);
+        let mut pos = offset;
+        while pos < end {
+            let chunk = pos >> self.chunk_shift;
+            let chunk_end = self.chunk_base(chunk + 1).min(end);
+            match self.top.next_chunk(chunk) {
+                Some(c) if c == chunk => {
+                    let base = self.chunk_base(chunk);
+                    let p = ChunkPiece {
+                        chunk,
+                        start: pos - base,
+                        end: chunk_end - base,
+                        at: 0,
+                    };
+                    self.describe_piece(p, &mut out);
+                    pos = chunk_end;
+                }
+                // No top entry until chunk `next`: the whole gap is whatever lies below.
+                next => {
+                    let gap_end = next.map_or(end, |c| self.chunk_base(c).min(end));
+                    self.describe_lower(pos, gap_end, &mut out);
+                    pos = gap_end;
+                }
+            }
             // Stop once enough is described: a reply may cover a prefix of the range.
-            if out.len() > max_extents.max(1) {
-                out.truncate(max_extents.max(1));
+            if out.len() > max {
+                out.truncate(max);
                 break;
             }
         }

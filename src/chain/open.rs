@@ -23,6 +23,8 @@ pub struct ChainOptions {
     pub inspect: bool,
     /// Accept a raw parent that is a device or other special file.
     pub allow_special_parents: bool,
+    /// Verify a raw parent's fingerprint even when inspecting (`check --chain` does).
+    pub verify_parents: bool,
 }
 
 /// The opened layers of a chain, top first.
@@ -64,6 +66,10 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
     } else {
         OpenOptions::read_only()
     };
+    if !opts.inspect {
+        // A snapshot interrupted after its decision is finished before anything else looks.
+        crate::ops::snapshot::complete_pending(path)?;
+    }
     let top = Image::open(path, top_opts)?;
     let mut seen = vec![identity(path)?];
     let mut lowers: Vec<Image> = Vec::new();
@@ -113,7 +119,7 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
                         ),
                     )));
                 }
-                if !opts.inspect {
+                if !opts.inspect || opts.verify_parents {
                     let fp = raw_fingerprint(raw.storage().as_ref(), raw.size())
                         .map_err(|e| e.with_file(&ppath))?;
                     if fp != pref.fingerprint {

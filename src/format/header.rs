@@ -26,6 +26,9 @@ mod off {
     pub const EXTENT_COUNT: usize = 116;
     pub const EXTENTS: usize = 120;
     pub const PARENT_PATH: usize = 1144;
+    pub const PENDING_KIND: usize = 3192;
+    pub const PENDING_LENS: usize = 3196;
+    pub const PENDING_NAMES: usize = 3204;
     pub const CRC: usize = 4092;
 }
 
@@ -82,7 +85,26 @@ pub struct Header {
     pub flags: u64,
     pub parent: Option<ParentRef>,
     pub map_extents: Vec<MapExtent>,
+    /// An interrupted snapshot to finish (spec §5.7).
+    pub pending: Option<PendingSnapshot>,
 }
+
+/// The intent record of a snapshot (spec §5.7): once it is durable in a frozen image's header,
+/// the snapshot is decided, and whoever opens the image by its live name completes it.
+/// Names are file names in the image's directory (no '/', no NUL, 1 to 255 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSnapshot {
+    /// The name the image had, which becomes the new overlay's.
+    pub live: Vec<u8>,
+    /// The name the frozen image takes.
+    pub snapshot: Vec<u8>,
+    /// The complete new overlay, waiting under a temporary name.
+    pub temp: Vec<u8>,
+}
+
+/// Longest file name a pending snapshot records.
+pub const MAX_PENDING_NAME: usize = 255;
+const PENDING_NAME_SLOT: usize = 256;
 
 impl Header {
     pub fn new(geometry: Geometry, uuid: [u8; 16], parent: Option<ParentRef>) -> Header {
@@ -95,6 +117,7 @@ impl Header {
             flags: 0,
             parent,
             map_extents: Vec::new(),
+            pending: None,
         }
     }
 
@@ -145,6 +168,14 @@ impl Header {
             let at = off::EXTENTS + 16 * i;
             LE::write_u64(&mut b[at..], e.offset);
             LE::write_u64(&mut b[at + 8..], e.len);
+        }
+        if let Some(p) = &self.pending {
+            LE::write_u32(&mut b[off::PENDING_KIND..], 1);
+            for (i, name) in [&p.live, &p.snapshot, &p.temp].into_iter().enumerate() {
+                LE::write_u16(&mut b[off::PENDING_LENS + 2 * i..], name.len() as u16);
+                let at = off::PENDING_NAMES + PENDING_NAME_SLOT * i;
+                b[at..at + name.len()].copy_from_slice(name);
+            }
         }
         let crc = crc32fast::hash(&b[..off::CRC]);
         LE::write_u32(&mut b[off::CRC..], crc);
@@ -212,6 +243,7 @@ impl Header {
         uuid.copy_from_slice(&b[off::UUID..off::UUID + 16]);
 
         let parent = decode_parent(b)?;
+        let pending = decode_pending(b)?;
         let count = LE::read_u32(&b[off::EXTENT_COUNT..]) as usize;
         if count > MAX_MAP_EXTENTS {
             return Err(err(
@@ -247,6 +279,7 @@ impl Header {
             flags,
             parent,
             map_extents,
+            pending,
         })
     }
 
@@ -290,6 +323,49 @@ impl Header {
                 }
             }
         }
+    }
+}
+
+fn decode_pending(b: &[u8]) -> Result<Option<PendingSnapshot>> {
+    let kind = LE::read_u32(&b[off::PENDING_KIND..]);
+    let area = &b[off::PENDING_LENS..off::PENDING_NAMES + 3 * PENDING_NAME_SLOT];
+    match kind {
+        0 if area.iter().all(|&x| x == 0) => Ok(None),
+        0 => Err(err(
+            ErrorKind::Corrupt,
+            "pending-snapshot fields set without a pending snapshot",
+        )),
+        1 => {
+            let mut names = Vec::with_capacity(3);
+            for i in 0..3 {
+                let len = LE::read_u16(&b[off::PENDING_LENS + 2 * i..]) as usize;
+                let at = off::PENDING_NAMES + PENDING_NAME_SLOT * i;
+                let name = &b[at..at + PENDING_NAME_SLOT];
+                if len == 0
+                    || len > MAX_PENDING_NAME
+                    || name[..len].iter().any(|&c| c == 0 || c == b'/')
+                    || name[len..].iter().any(|&c| c != 0)
+                {
+                    return Err(err(
+                        ErrorKind::Corrupt,
+                        "pending snapshot names a file badly",
+                    ));
+                }
+                names.push(name[..len].to_vec());
+            }
+            let temp = names.pop().unwrap_or_default();
+            let snapshot = names.pop().unwrap_or_default();
+            let live = names.pop().unwrap_or_default();
+            Ok(Some(PendingSnapshot {
+                live,
+                snapshot,
+                temp,
+            }))
+        }
+        k => Err(err(
+            ErrorKind::Unsupported,
+            format!("unknown pending operation {k}"),
+        )),
     }
 }
 
@@ -385,8 +461,32 @@ mod tests {
 
     #[test]
     fn roundtrips_every_field() {
-        let h = sample();
+        let mut h = sample();
         assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+        h.pending = Some(PendingSnapshot {
+            live: b"disk.cow".to_vec(),
+            snapshot: b"snap1.cow".to_vec(),
+            temp: b".disk.cow.snapshot-1.tmp".to_vec(),
+        });
+        let b = h.encode();
+        assert_eq!(LE::read_u32(&b[3192..]), 1);
+        assert_eq!(LE::read_u16(&b[3198..]), 9);
+        assert_eq!(&b[3204 + 256..3204 + 256 + 9], b"snap1.cow");
+        assert_eq!(Header::decode(&b).unwrap(), h);
+    }
+
+    #[test]
+    fn rejects_pending_snapshot_name_with_a_slash() {
+        let mut h = sample();
+        h.pending = Some(PendingSnapshot {
+            live: b"a".to_vec(),
+            snapshot: b"../b".to_vec(),
+            temp: b"t".to_vec(),
+        });
+        assert_eq!(
+            Header::decode(&h.encode()).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
     }
 
     #[test]

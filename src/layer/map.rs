@@ -50,6 +50,8 @@ pub struct Entry {
 pub struct ChunkMap {
     geom: Geometry,
     entries: ChunkHashMap<Entry>,
+    /// The same chunks in order, so that walks over a huge, mostly empty disk skip the gaps.
+    order: BTreeSet<u64>,
     /// Next unused record position (positions below it may still be holes left by another writer).
     next_pos: u64,
     /// Chunk owning each record position, for re-encoding a sector. A map rather than a vector:
@@ -73,6 +75,7 @@ impl ChunkMap {
         ChunkMap {
             geom,
             entries: ChunkHashMap::default(),
+            order: BTreeSet::new(),
             next_pos: 0,
             owners: ChunkHashMap::default(),
             extents: Vec::new(),
@@ -144,6 +147,7 @@ impl ChunkMap {
         }
         self.owners.insert(pos, e.chunk);
         self.next_pos = self.next_pos.max(pos + 1);
+        self.order.insert(e.chunk);
         self.entries.insert(
             e.chunk,
             Entry {
@@ -177,9 +181,28 @@ impl ChunkMap {
 
     /// Chunks in ascending order (for merging and listing, not the I/O path).
     pub fn sorted_chunks(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.entries.keys().copied().collect();
-        v.sort_unstable();
-        v
+        self.order.iter().copied().collect()
+    }
+
+    /// The first chunk at or after `chunk` that has an entry.
+    pub fn next_chunk(&self, chunk: u64) -> Option<u64> {
+        self.order.range(chunk..).next().copied()
+    }
+
+    /// A map holding exactly `entries` in fresh extents taken from `grow`, every sector dirty:
+    /// what a whole-map rewrite writes before switching the header to it.
+    pub fn rebuilt(
+        geom: Geometry,
+        entries: Vec<MapEntry>,
+        mut grow: impl FnMut(u64) -> Result<u64>,
+    ) -> Result<ChunkMap> {
+        let mut m = ChunkMap::empty(geom);
+        for e in entries {
+            let slot = m.entry_mut(e.chunk, &mut grow)?;
+            slot.data_offset = e.data_offset;
+            slot.blocks = e.blocks;
+        }
+        Ok(m)
     }
 
     pub fn extents(&self) -> &[MapExtent] {
@@ -214,6 +237,7 @@ impl ChunkMap {
             let pos = self.next_pos;
             self.next_pos += 1;
             self.owners.insert(pos, chunk);
+            self.order.insert(chunk);
             self.entries.insert(
                 chunk,
                 Entry {

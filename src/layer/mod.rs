@@ -14,6 +14,7 @@ pub mod raw;
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::header::{Header, ParentRef};
+use crate::format::map::MapEntry;
 use crate::format::{
     Geometry, BLOCK_SIZE, FLAG_CORRUPT, FLAG_DIRTY, FLAG_FROZEN, HEADER_AREA, HEADER_SLOT_SIZE,
 };
@@ -303,6 +304,11 @@ impl Image {
             .collect()
     }
 
+    /// The first chunk at or after `chunk` that has an entry in this image.
+    pub fn next_chunk(&self, chunk: u64) -> Option<u64> {
+        read(&self.state).map.next_chunk(chunk)
+    }
+
     pub fn entry_count(&self) -> usize {
         read(&self.state).map.len()
     }
@@ -314,6 +320,11 @@ impl Image {
             .iter()
             .map(|(_, e)| e.blocks.count(BlockState::Data) as u64 * BLOCK_SIZE)
             .sum()
+    }
+
+    /// Unreferenced cluster ranges inside the file (free space, or leaks after a crash).
+    pub fn free_ranges(&self) -> Vec<(u64, u64)> {
+        read(&self.state).alloc.free_ranges().to_vec()
     }
 
     /// Free (reusable) bytes inside the file and the allocation end.
@@ -520,6 +531,55 @@ impl Image {
             .map_err(|e| e.with_file(&self.path).during("update header"))
     }
 
+    /// A cluster for a slot that the live map does not reference yet: commit fills such slots
+    /// and then makes them live all at once with [`Image::replace_map`].
+    pub fn alloc_detached_slot(&self) -> Result<u64> {
+        self.require_writable()?;
+        write(&self.state).alloc.alloc_slot()
+    }
+
+    /// Replaces the whole map with `entries` in one durable step (spec §5.7): the new map is
+    /// written to fresh extents and synced together with the data it points at, then a single
+    /// header write switches to it. A crash before that write leaves the old map in force (the
+    /// new extents and slots are leaked space); after it, the new one. Space only the old map
+    /// used is then punched and reused.
+    pub fn replace_map(&self, entries: Vec<MapEntry>) -> Result<()> {
+        self.require_writable()?;
+        let ctx = |e: Error| e.with_file(&self.path).during("replace map");
+        let _f = lock(&self.flush_lock);
+        self.flush_locked()?;
+        let _drain = write(&self.reclaim);
+        let mut guard = write(&self.state);
+        let st = &mut *guard;
+        let alloc = &mut st.alloc;
+        let mut new_map =
+            ChunkMap::rebuilt(self.geom, entries, |len| alloc.alloc_fresh(len)).map_err(ctx)?;
+        let snap = new_map.take_dirty();
+        self.sync_or_poison().map_err(ctx)?;
+        for (off, bytes) in &snap.encoded {
+            self.storage.write_at(bytes, *off).map_err(ctx)?;
+        }
+        self.sync_or_poison().map_err(ctx)?;
+        let old_map = std::mem::replace(&mut st.map, new_map);
+        if let Err(e) = self.write_header(st, |_| {}) {
+            st.map = old_map;
+            return Err(ctx(e));
+        }
+        self.sync_or_poison().map_err(ctx)?;
+        let file_len = self.storage.len().map_err(ctx)?;
+        st.alloc = Allocator::rebuild(
+            self.geom.chunk_size(),
+            self.geom.data_start(),
+            file_len,
+            st.map.used_ranges(),
+        )
+        .map_err(ctx)?;
+        for &(s, e) in st.alloc.free_ranges() {
+            self.storage.punch(s, e - s).map_err(ctx)?;
+        }
+        Ok(())
+    }
+
     /// Flushes, clears the dirty flag and releases the file. Writes are refused from the start
     /// of the call on. Idempotent; also run on drop.
     pub fn close(&self) -> Result<()> {
@@ -542,6 +602,13 @@ impl Drop for Image {
         // Best effort: an explicit close() reports errors; a drop can only try.
         let _ = self.close();
     }
+}
+
+/// Reads only the current header of the image at `path`, without locks and without the map.
+pub fn read_header_only(path: &Path) -> Result<Header> {
+    let s = FileStorage::open(path, false, LockMode::None)?;
+    let len = s.len()?;
+    read_header(&s, len).map_err(|e| e.with_file(path).during("open"))
 }
 
 fn read_header(storage: &dyn Storage, file_len: u64) -> Result<Header> {

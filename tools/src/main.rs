@@ -1,6 +1,8 @@
 //! The `cowdisk` command-line tool: argument parsing and output, thin over the library.
 
 mod demo;
+mod ops;
+mod progress;
 mod serve;
 mod size;
 
@@ -39,6 +41,49 @@ enum Cmd {
         /// The parent's format; probed once by magic if not given.
         #[arg(long, value_parser = ["raw", "cowdisk"])]
         backing_format: Option<String>,
+    },
+    /// Freeze IMAGE's current contents as SNAPSHOT; IMAGE becomes an empty overlay on it.
+    Snapshot { image: PathBuf, snapshot: PathBuf },
+    /// Make IMAGE independent of its parents (in place), or write its merged contents to --output.
+    Flatten {
+        image: PathBuf,
+        /// Write a new standalone file instead of changing IMAGE.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Format of --output.
+        #[arg(long, value_parser = ["cowdisk", "raw"], default_value = "cowdisk", requires = "output")]
+        format: String,
+    },
+    /// Merge IMAGE's own data into its parent (a cowdisk layer); IMAGE becomes an empty overlay.
+    Commit {
+        image: PathBuf,
+        /// Commit even though other overlays may be built on the parent.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show size, chunk size, allocation, flags and the whole chain.
+    Info {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show which layer serves each extent of the merged device.
+    Map {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify checksums and invariants. Exit 0 clean, 3 leaked space only, 2 corrupted.
+    Check {
+        image: PathBuf,
+        /// Also check every layer under IMAGE and each parent's identity.
+        #[arg(long)]
+        chain: bool,
+        /// Reclaim leaked space and clear the dirty flag (and a corrupt mark) once checks pass.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Serve images over NBD until SIGINT or SIGTERM.
     Serve(serve::ServeArgs),
@@ -104,6 +149,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
+        Cmd::Snapshot { image, snapshot } => ops::snapshot_cmd(&image, &snapshot),
+        Cmd::Flatten {
+            image,
+            output,
+            format,
+        } => ops::flatten_cmd(&image, output, &format),
+        Cmd::Commit { image, force } => ops::commit_cmd(&image, force),
+        Cmd::Info { image, json } => ops::info_cmd(&image, json),
+        Cmd::Map { image, json } => ops::map_cmd(&image, json),
+        Cmd::Check {
+            image,
+            chain,
+            repair,
+            json,
+        } => ops::check_cmd(&image, chain, repair, json),
         Cmd::Serve(a) => serve::run(a),
         Cmd::Demo(a) => demo::run(a),
     }
@@ -114,7 +174,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(msg, code)) => {
-            eprintln!("cowdisk: {msg}");
+            if !msg.is_empty() {
+                eprintln!("cowdisk: {msg}");
+            }
             ExitCode::from(code)
         }
     }

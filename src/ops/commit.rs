@@ -1,0 +1,179 @@
+//! Commit: merge an overlay's own blocks down into its cowdisk parent, then leave the overlay
+//! empty. The parent changes in one step (a whole-map rewrite switched in by one header
+//! write, spec §5.7.3); until the overlay is emptied it still shows the same disk.
+
+use super::Progress;
+use crate::chain::create::{publish, temp_sibling};
+use crate::chain::resolve_parent_path;
+use crate::error::{err, ErrorKind, Result};
+use crate::format::blocks::BlockState;
+use crate::format::header::ParentFormat;
+use crate::format::map::MapEntry;
+use crate::format::BLOCK_SIZE;
+use crate::layer::{format_uuid, Image, OpenOptions};
+use crate::storage::LockMode;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What one parent block becomes: the top's data (at this offset in the top's file) or zero.
+#[derive(Clone, Copy)]
+enum Update {
+    Data(u64),
+    Zero,
+}
+
+pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
+    let top = Image::open(image, OpenOptions::writable())?;
+    let refuse = |kind, msg: String| Err(err(kind, msg).with_file(image).during("commit"));
+    let Some(pref) = top.parent() else {
+        return refuse(
+            ErrorKind::InvalidArgument,
+            "has no parent to commit into".into(),
+        );
+    };
+    if pref.format == ParentFormat::Raw {
+        return refuse(ErrorKind::InvalidArgument, "its parent is a raw file; commit writes only into a cowdisk layer (flatten makes a standalone copy instead)".into());
+    }
+    let ppath = resolve_parent_path(image, &pref);
+    if !force {
+        return refuse(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{} is a frozen layer: other overlays built on it would see their disk change underneath them; pass --force if this image is its only user",
+                ppath.display()
+            ),
+        );
+    }
+    let parent = Image::open(
+        &ppath,
+        OpenOptions {
+            write: true,
+            lock: LockMode::Exclusive,
+            allow_frozen: true,
+            allow_corrupt: false,
+        },
+    )?;
+    if parent.uuid() != pref.uuid || parent.geometry().virtual_size != pref.size {
+        return refuse(
+            ErrorKind::ParentChanged,
+            format!(
+                "parent {} changed: has UUID {}, the overlay was made on {}",
+                ppath.display(),
+                format_uuid(&parent.uuid()),
+                format_uuid(&pref.uuid)
+            ),
+        );
+    }
+    let (tg, pg) = (top.geometry(), parent.geometry());
+    if tg.virtual_size > pg.virtual_size {
+        return refuse(
+            ErrorKind::InvalidArgument,
+            "is larger than its parent; commit cannot grow the parent".into(),
+        );
+    }
+
+    // The top's data and zero blocks, regrouped by the parent's chunks (sizes may differ).
+    let mut updates: BTreeMap<u64, Vec<(usize, usize, Update)>> = BTreeMap::new();
+    for (chunk, e) in top.entries() {
+        let cbase = chunk << tg.chunk_shift;
+        for (s, t, st) in e.blocks.runs(0, tg.blocks_per_chunk()) {
+            if st == BlockState::Absent {
+                continue;
+            }
+            let (vs, ve) = (cbase + s as u64 * BLOCK_SIZE, cbase + t as u64 * BLOCK_SIZE);
+            let mut v = vs;
+            while v < ve {
+                let pc = v >> pg.chunk_shift;
+                let pbase = pc << pg.chunk_shift;
+                let pend = (pbase + pg.chunk_size()).min(ve);
+                let upd = match st {
+                    BlockState::Data => Update::Data(e.data_offset + (v - cbase)),
+                    _ => Update::Zero,
+                };
+                let (b0, b1) = (
+                    ((v - pbase) / BLOCK_SIZE) as usize,
+                    (pend - pbase).div_ceil(BLOCK_SIZE) as usize,
+                );
+                updates.entry(pc).or_default().push((b0, b1, upd));
+                v = pend;
+            }
+        }
+    }
+
+    let total = updates.len() as u64;
+    let mut entries: Vec<MapEntry> = parent
+        .entries()
+        .into_iter()
+        .filter(|(c, _)| !updates.contains_key(c))
+        .map(|(chunk, e)| MapEntry {
+            chunk,
+            data_offset: e.data_offset,
+            blocks: e.blocks,
+        })
+        .collect();
+    let bpc = pg.blocks_per_chunk();
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    for (done, (pc, ups)) in updates.into_iter().enumerate() {
+        let (old_off, mut blocks) = parent
+            .with_entry(pc, |e| e.map(|e| (e.data_offset, e.blocks.clone())))
+            .unwrap_or((0, crate::format::blocks::BlockStates::new(bpc)));
+        let mut source: Vec<Option<u64>> = (0..bpc)
+            .map(|b| (blocks.get(b) == BlockState::Data).then(|| old_off + b as u64 * BLOCK_SIZE))
+            .collect();
+        let mut from_top = vec![false; bpc];
+        for (b0, b1, u) in ups {
+            for b in b0..b1 {
+                match u {
+                    Update::Data(off) => {
+                        source[b] = Some(off + (b - b0) as u64 * BLOCK_SIZE);
+                        from_top[b] = true;
+                    }
+                    Update::Zero => source[b] = None,
+                }
+            }
+            blocks.set_range(
+                b0,
+                b1,
+                match u {
+                    Update::Data(_) => BlockState::Data,
+                    Update::Zero => BlockState::Zero,
+                },
+            );
+        }
+        // Never write into the old slot: the durable map points there until the switch.
+        let data_offset = if blocks.count(BlockState::Data) > 0 {
+            parent.alloc_detached_slot()?
+        } else {
+            0
+        };
+        for (b, src) in source.iter().enumerate() {
+            let Some(src) = *src else { continue };
+            if from_top[b] {
+                top.read_at(&mut block, src)?;
+            } else {
+                parent.read_at(&mut block, src)?;
+            }
+            parent.write_at(&block, data_offset + b as u64 * BLOCK_SIZE)?;
+        }
+        entries.push(MapEntry {
+            chunk: pc,
+            data_offset,
+            blocks,
+        });
+        progress(done as u64 + 1, total);
+    }
+    parent.replace_map(entries)?;
+    parent.close()?;
+    drop(parent);
+
+    // The parent now holds everything; an empty overlay with the same reference replaces the top.
+    let g = top.geometry();
+    top.close()?;
+    drop(top);
+    let tmp = temp_sibling(image, "commit");
+    let _ = std::fs::remove_file(&tmp);
+    let fresh = Image::create(&tmp, g, Some(pref))?;
+    fresh.close()?;
+    drop(fresh);
+    publish(&tmp, image)
+}

@@ -1,0 +1,111 @@
+//! Flatten: make an image independent of its parents, in place or as a new standalone file
+//! (cowdisk or raw), keeping zero and unallocated ranges sparse (spec §5.7.2).
+
+use super::{all_extents, copy_range, Progress};
+use crate::chain::create::{publish, temp_sibling};
+use crate::device::{DiskFlush, DiskRead, DiskWrite, ExtentKind};
+use crate::error::{err, Error, ErrorKind, Result};
+use crate::format::Geometry;
+use crate::layer::Image;
+use crate::storage::{FileStorage, Storage};
+use crate::{Chain, ChainOptions};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Cowdisk,
+    Raw,
+}
+
+/// Copies into the top every block it reads from a parent, then drops the parent reference.
+/// A crash before the final header write leaves the chain as it was (the top merely holds
+/// copies of what its parents hold); after it, the top stands alone.
+pub fn flatten_in_place(image: &Path, progress: Progress) -> Result<()> {
+    let chain = Chain::open(
+        image,
+        ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )?;
+    if chain.depth() > 1 {
+        let below: Vec<_> = all_extents(&chain)?
+            .into_iter()
+            .filter(|e| matches!(e.kind, ExtentKind::Data { depth } if depth > 0))
+            .collect();
+        let total: u64 = below.iter().map(|e| e.length).sum();
+        let mut done = 0;
+        let mut buf = Vec::new();
+        for e in below {
+            copy_range(&chain, e.offset, e.length, &mut buf, |b, off| {
+                chain.write_at(b, off)?;
+                done += b.len() as u64;
+                progress(done, total);
+                Ok(())
+            })?;
+        }
+        chain.flush()?;
+        chain.top().update_header(|h| h.parent = None)?;
+    }
+    chain.close()
+}
+
+/// Writes the merged contents of `image`'s chain to a new file `out` (which must not exist).
+/// The file appears under its name only when complete.
+pub fn flatten_to(
+    image: &Path,
+    out: &Path,
+    format: OutputFormat,
+    progress: Progress,
+) -> Result<()> {
+    if out.symlink_metadata().is_ok() {
+        return Err(err(ErrorKind::InvalidArgument, "already exists")
+            .with_file(out)
+            .during("flatten"));
+    }
+    let chain = Chain::open(image, ChainOptions::default())?;
+    let data: Vec<_> = all_extents(&chain)?
+        .into_iter()
+        .filter(|e| !e.kind.reads_zero())
+        .collect();
+    let total: u64 = data.iter().map(|e| e.length).sum();
+    let tmp = temp_sibling(out, "flatten");
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| -> Result<()> {
+        let mut done = 0;
+        let mut buf = Vec::new();
+        match format {
+            OutputFormat::Raw => {
+                let f = FileStorage::create(&tmp)?;
+                f.set_len(chain.size())?;
+                for e in &data {
+                    copy_range(&chain, e.offset, e.length, &mut buf, |b, off| {
+                        f.write_at(b, off)?;
+                        done += b.len() as u64;
+                        progress(done, total);
+                        Ok(())
+                    })?;
+                }
+                f.sync()
+            }
+            OutputFormat::Cowdisk => {
+                let g = Geometry::new(chain.size(), chain.top().geometry().chunk_shift)?;
+                let dst = Chain::assemble(Image::create(&tmp, g, None)?, Vec::new(), None);
+                for e in &data {
+                    copy_range(&chain, e.offset, e.length, &mut buf, |b, off| {
+                        dst.write_at(b, off)?;
+                        done += b.len() as u64;
+                        progress(done, total);
+                        Ok(())
+                    })?;
+                }
+                dst.close()
+            }
+        }
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    publish(&tmp, out).map_err(|e: Error| e.during("flatten"))
+}

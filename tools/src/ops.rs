@@ -1,0 +1,252 @@
+//! The image-management commands: snapshot, flatten, commit, info, map and check, with their
+//! human and `--json` output (the JSON shapes are documented in the README).
+
+use crate::progress::Bar;
+use crate::size::format_size;
+use crate::Failure;
+use cowdisk::ops::check::{check, CheckReport};
+use cowdisk::ops::flatten::{flatten_in_place, flatten_to, OutputFormat};
+use cowdisk::ops::info::{info, LayerInfo};
+use cowdisk::ops::{all_extents, commit, snapshot};
+use cowdisk::{Chain, ChainOptions, ExtentKind};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+pub fn snapshot_cmd(image: &Path, snap: &Path) -> Result<(), Failure> {
+    snapshot::snapshot(image, snap)?;
+    println!(
+        "{} frozen as {}; {} is now an empty overlay on it",
+        image.display(),
+        snap.display(),
+        image.display()
+    );
+    Ok(())
+}
+
+pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str) -> Result<(), Failure> {
+    let bar = Bar::new("flatten");
+    let progress = |d, t| bar.update(d, t);
+    match output {
+        None => {
+            flatten_in_place(image, &progress)?;
+            println!("{} no longer depends on any parent", image.display());
+        }
+        Some(out) => {
+            let f = if format == "raw" {
+                OutputFormat::Raw
+            } else {
+                OutputFormat::Cowdisk
+            };
+            flatten_to(image, &out, f, &progress)?;
+            println!(
+                "wrote the merged contents of {} to {} ({format})",
+                image.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn commit_cmd(image: &Path, force: bool) -> Result<(), Failure> {
+    let bar = Bar::new("commit");
+    commit::commit(image, force, &|d, t| bar.update(d, t))?;
+    println!(
+        "committed {} into its parent; it is now an empty overlay",
+        image.display()
+    );
+    Ok(())
+}
+
+fn layer_json(l: &LayerInfo, depth: usize) -> Value {
+    json!({
+        "depth": depth,
+        "path": l.path.display().to_string(),
+        "format": l.format,
+        "virtual_size": l.virtual_size,
+        "chunk_size": l.chunk_size,
+        "data_bytes": l.data_bytes,
+        "disk_bytes": l.disk_bytes,
+        "uuid": l.uuid,
+        "flags": l.flags,
+        "parent": l.parent.as_ref().map(|(p, f)| json!({"path": p, "format": f})),
+    })
+}
+
+pub fn info_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
+    let layers = info(image)?;
+    let Some(top) = layers.first() else {
+        return Err(Failure("empty chain".into(), 1));
+    };
+    if as_json {
+        let v = json!({
+            "image": image.display().to_string(),
+            "virtual_size": top.virtual_size,
+            "chunk_size": top.chunk_size,
+            "data_bytes": top.data_bytes,
+            "disk_bytes": top.disk_bytes,
+            "flags": top.flags,
+            "layers": layers.iter().enumerate().map(|(i, l)| layer_json(l, i)).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    println!("image: {}", image.display());
+    println!(
+        "virtual size: {} ({} bytes)",
+        format_size(top.virtual_size),
+        top.virtual_size
+    );
+    if let Some(c) = top.chunk_size {
+        println!("chunk size: {}", format_size(c));
+    }
+    println!(
+        "allocated: {} of data, {} on disk",
+        format_size(top.data_bytes),
+        format_size(top.disk_bytes)
+    );
+    println!(
+        "flags: {}",
+        if top.flags.is_empty() {
+            "none".to_string()
+        } else {
+            top.flags.join(", ")
+        }
+    );
+    println!(
+        "chain ({} layer{}):",
+        layers.len(),
+        if layers.len() == 1 { "" } else { "s" }
+    );
+    for (i, l) in layers.iter().enumerate() {
+        let mut line = format!(
+            "  [{i}] {} ({}, {}",
+            l.path.display(),
+            l.format,
+            format_size(l.virtual_size)
+        );
+        if let Some(c) = l.chunk_size {
+            line += &format!(
+                ", chunk {}, data {}",
+                format_size(c),
+                format_size(l.data_bytes)
+            );
+        }
+        line += &format!(", on disk {})", format_size(l.disk_bytes));
+        if !l.flags.is_empty() {
+            line += &format!(" [{}]", l.flags.join(", "));
+        }
+        if let Some(u) = &l.uuid {
+            line += &format!(" uuid {u}");
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
+pub fn map_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
+    let chain = Chain::open(
+        image,
+        ChainOptions {
+            inspect: true,
+            ..Default::default()
+        },
+    )?;
+    let extents = all_extents(&chain)?;
+    if as_json {
+        let v: Vec<Value> = extents
+            .iter()
+            .map(|e| {
+                let (data, zero, depth) = match e.kind {
+                    ExtentKind::Data { depth } => (true, false, Some(depth)),
+                    ExtentKind::Zero { depth } => (false, true, Some(depth)),
+                    ExtentKind::Unallocated => (false, true, None),
+                };
+                json!({"offset": e.offset, "length": e.length, "data": data, "zero": zero, "depth": depth})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let names: Vec<String> = std::iter::once(chain.top())
+        .chain(chain.lowers())
+        .map(|i| i.path().display().to_string())
+        .chain(chain.base().map(|b| b.path().display().to_string()))
+        .collect();
+    println!("{:>18} {:>18}  {}", "offset", "length", "served by");
+    for e in &extents {
+        let what = match e.kind {
+            ExtentKind::Data { depth } => format!(
+                "data, depth {depth} ({})",
+                names.get(depth).map_or("?", |s| s.as_str())
+            ),
+            ExtentKind::Zero { depth } => format!(
+                "zero, depth {depth} ({})",
+                names.get(depth).map_or("?", |s| s.as_str())
+            ),
+            ExtentKind::Unallocated => "zero (unallocated)".to_string(),
+        };
+        println!("{:>#18x} {:>#18x}  {what}", e.offset, e.length);
+    }
+    Ok(())
+}
+
+fn report_json(r: &CheckReport) -> Value {
+    let status = match r.exit_code() {
+        0 => "clean",
+        3 => "leaks",
+        _ => "corrupt",
+    };
+    json!({
+        "status": status,
+        "exit_code": r.exit_code(),
+        "leaked_bytes": r.leaked_bytes(),
+        "images": r.images.iter().map(|i| json!({
+            "path": i.path.display().to_string(),
+            "errors": i.errors,
+            "leaked_bytes": i.leaked_bytes,
+            "dirty": i.dirty,
+            "repaired": i.repaired,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn check_cmd(image: &Path, chain: bool, repair: bool, as_json: bool) -> Result<(), Failure> {
+    let r = check(image, chain, repair);
+    let code = r.exit_code();
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report_json(&r)).unwrap_or_default()
+        );
+    } else {
+        for i in &r.images {
+            let mut state = Vec::new();
+            if i.errors.is_empty() {
+                state.push("checksums and invariants ok".to_string());
+            }
+            if i.leaked_bytes > 0 {
+                state.push(format!(
+                    "{} leaked{}",
+                    format_size(i.leaked_bytes),
+                    if i.repaired { " (reclaimed)" } else { "" }
+                ));
+            }
+            if i.dirty {
+                state.push(if i.repaired {
+                    "was not closed cleanly (flag cleared)".into()
+                } else {
+                    "not closed cleanly (or open now)".into()
+                });
+            }
+            println!("{}: {}", i.path.display(), state.join("; "));
+            for e in &i.errors {
+                println!("  corrupt: {e}");
+            }
+        }
+    }
+    match code {
+        0 => Ok(()),
+        c => Err(Failure(String::new(), c)),
+    }
+}
