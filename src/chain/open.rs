@@ -37,14 +37,9 @@ pub(crate) struct Opened {
 /// Where a parent reference of the image at `child` points.
 pub fn resolve_parent_path(child: &Path, parent: &ParentRef) -> PathBuf {
     let p = Path::new(OsStr::from_bytes(&parent.path));
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        let dir = child
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        dir.join(p)
+    match child.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !p.is_absolute() => dir.join(p),
+        _ => p.to_path_buf(),
     }
 }
 
