@@ -64,12 +64,32 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
             ),
         );
     }
+    commit_into(&top, &parent, progress).map_err(|e| e.with_file(image).during("commit"))?;
+    parent.close()?;
+    drop(parent);
+
+    // The parent now holds everything; an empty overlay with the same reference replaces the top.
+    let g = top.geometry();
+    top.close()?;
+    drop(top);
+    let tmp = temp_sibling(image, "commit");
+    let _ = std::fs::remove_file(&tmp);
+    let fresh = Image::create(&tmp, g, Some(pref))?;
+    fresh.close()?;
+    drop(fresh);
+    publish(&tmp, image)
+}
+
+/// The storage-level steps of [`commit`] (C2 to C5 of spec §5.7.3): `top`'s Data and Zero
+/// blocks go into `parent` (open for writing), which switches to its new map in one header
+/// write. `top` is not changed.
+pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()> {
     let (tg, pg) = (top.geometry(), parent.geometry());
     if tg.virtual_size > pg.virtual_size {
-        return refuse(
+        return Err(err(
             ErrorKind::InvalidArgument,
-            "is larger than its parent; commit cannot grow the parent".into(),
-        );
+            "is larger than its parent; commit cannot grow the parent",
+        ));
     }
 
     // The top's data and zero blocks, regrouped by the parent's chunks (sizes may differ).
@@ -162,18 +182,5 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
         });
         progress(done as u64 + 1, total);
     }
-    parent.replace_map(entries)?;
-    parent.close()?;
-    drop(parent);
-
-    // The parent now holds everything; an empty overlay with the same reference replaces the top.
-    let g = top.geometry();
-    top.close()?;
-    drop(top);
-    let tmp = temp_sibling(image, "commit");
-    let _ = std::fs::remove_file(&tmp);
-    let fresh = Image::create(&tmp, g, Some(pref))?;
-    fresh.close()?;
-    drop(fresh);
-    publish(&tmp, image)
+    parent.replace_map(entries)
 }

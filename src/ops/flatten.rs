@@ -28,26 +28,33 @@ pub fn flatten_in_place(image: &Path, progress: Progress) -> Result<()> {
             ..Default::default()
         },
     )?;
-    if chain.depth() > 1 {
-        let below: Vec<_> = all_extents(&chain)?
-            .into_iter()
-            .filter(|e| matches!(e.kind, ExtentKind::Data { depth } if depth > 0))
-            .collect();
-        let total: u64 = below.iter().map(|e| e.length).sum();
-        let mut done = 0;
-        let mut buf = Vec::new();
-        for e in below {
-            copy_range(&chain, e.offset, e.length, &mut buf, |b, off| {
-                chain.write_at(b, off)?;
-                done += b.len() as u64;
-                progress(done, total);
-                Ok(())
-            })?;
-        }
-        chain.flush()?;
-        chain.top().update_header(|h| h.parent = None)?;
-    }
+    flatten_chain(&chain, progress)?;
     chain.close()
+}
+
+/// The storage-level steps of [`flatten_in_place`] on an open, writable chain. Afterwards the
+/// top has no parent reference; `chain` itself still holds its (now unused) lower layers.
+pub fn flatten_chain(chain: &Chain, progress: Progress) -> Result<()> {
+    if chain.depth() == 1 {
+        return Ok(());
+    }
+    let below: Vec<_> = all_extents(chain)?
+        .into_iter()
+        .filter(|e| matches!(e.kind, ExtentKind::Data { depth } if depth > 0))
+        .collect();
+    let total: u64 = below.iter().map(|e| e.length).sum();
+    let mut done = 0;
+    let mut buf = Vec::new();
+    for e in below {
+        copy_range(chain, e.offset, e.length, &mut buf, |b, off| {
+            chain.write_at(b, off)?;
+            done += b.len() as u64;
+            progress(done, total);
+            Ok(())
+        })?;
+    }
+    chain.flush()?;
+    chain.top().update_header(|h| h.parent = None)
 }
 
 /// Writes the merged contents of `image`'s chain to a new file `out` (which must not exist).

@@ -4,9 +4,12 @@
 //! same format code runs on a real file, in memory, or on a recording store that lets the
 //! crash tests rebuild what a power cut could leave behind.
 
+mod fault;
 mod file;
 mod mem;
+pub mod recording;
 
+pub use fault::{FaultKind, FaultStorage};
 pub use file::{FileStorage, LockMode};
 pub use mem::MemStorage;
 
