@@ -83,31 +83,13 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// A new error of `kind` with a human message (lower case, no trailing period).
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error {
-            kind,
-            message: message.into(),
-            file: None,
-            offset: None,
-            op: None,
-            source: None,
-        }
+        Error { kind, message: message.into(), file: None, offset: None, op: None, source: None }
     }
 
     /// Wraps an OS error; ENOSPC becomes [`ErrorKind::NoSpace`], EWOULDBLOCK on a lock [`ErrorKind::InUse`] by the caller.
     pub fn io(op: &'static str, err: io::Error) -> Error {
-        let kind = if err.raw_os_error() == Some(libc::ENOSPC) {
-            ErrorKind::NoSpace
-        } else {
-            ErrorKind::Io
-        };
-        Error {
-            kind,
-            message: err.to_string(),
-            file: None,
-            offset: None,
-            op: Some(op),
-            source: Some(err),
-        }
+        let kind = if err.raw_os_error() == Some(libc::ENOSPC) { ErrorKind::NoSpace } else { ErrorKind::Io };
+        Error { kind, message: err.to_string(), file: None, offset: None, op: Some(op), source: Some(err) }
     }
 
     /// Attaches the file the error concerns, unless one is already attached (the innermost wins).
@@ -194,20 +176,13 @@ mod tests {
             .at(8192)
             .with_file(Path::new("/tmp/a.cow"));
         let s = e.to_string();
-        assert_eq!(
-            s,
-            "/tmp/a.cow: open: map sector checksum mismatch (at offset 8192)"
-        );
+        assert_eq!(s, "/tmp/a.cow: open: map sector checksum mismatch (at offset 8192)");
         assert!(!s.contains('\n'));
     }
 
     #[test]
     fn innermost_context_wins() {
-        let e = err(ErrorKind::Io, "x")
-            .with_file(Path::new("inner"))
-            .with_file(Path::new("outer"))
-            .at(1)
-            .at(2);
+        let e = err(ErrorKind::Io, "x").with_file(Path::new("inner")).with_file(Path::new("outer")).at(1).at(2);
         assert_eq!(e.file(), Some(Path::new("inner")));
         assert_eq!(e.offset(), Some(1));
     }

@@ -14,37 +14,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 fn rw() -> ChainOptions {
-    ChainOptions {
-        writable: true,
-        ..Default::default()
-    }
+    ChainOptions { writable: true, ..Default::default() }
 }
 
 fn standalone(p: &Path, size: u64) {
-    create_image(
-        p,
-        &CreateOptions {
-            size: Some(size),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
+    create_image(p, &CreateOptions { size: Some(size), ..Default::default() }).unwrap().close().unwrap();
 }
 
 fn freeze(p: &Path) {
     let img = Image::open(p, OpenOptions::writable()).unwrap();
-    img.update_header(|h| h.set_flag(FLAG_FROZEN, true))
-        .unwrap();
+    img.update_header(|h| h.set_flag(FLAG_FROZEN, true)).unwrap();
     img.close().unwrap();
 }
 
 fn overlay(p: &Path, parent: &Path) {
-    let o = CreateOptions {
-        backing: Some(parent.to_path_buf()),
-        ..Default::default()
-    };
+    let o = CreateOptions { backing: Some(parent.to_path_buf()), ..Default::default() };
     create_image(p, &o).unwrap().close().unwrap();
 }
 
@@ -67,11 +51,7 @@ fn open_err(p: &Path) -> cowdisk::Error {
 fn assert_one_line_naming(e: &cowdisk::Error, file: &Path, words: &str) {
     let s = e.to_string();
     assert!(!s.contains('\n'), "multi-line error: {s}");
-    assert!(
-        s.contains(&file.display().to_string()),
-        "error does not name {}: {s}",
-        file.display()
-    );
+    assert!(s.contains(&file.display().to_string()), "error does not name {}: {s}", file.display());
     assert!(s.contains(words), "error lacks '{words}': {s}");
 }
 
@@ -128,11 +108,7 @@ fn refuses_bad_map_sector_checksum_naming_the_offset() {
     std::fs::write(&p, b).unwrap();
     let e = open_err(&p);
     assert_eq!(e.kind(), ErrorKind::BadChecksum);
-    assert_one_line_naming(
-        &e,
-        &p,
-        &format!("map sector checksum mismatch (at offset {})", ext.offset),
-    );
+    assert_one_line_naming(&e, &p, &format!("map sector checksum mismatch (at offset {})", ext.offset));
 }
 
 #[test]
@@ -140,9 +116,7 @@ fn refuses_unknown_incompatible_feature() {
     let d = TempDir::new("feat");
     let p = d.join("f.cow");
     standalone(&p, 1 << 20);
-    patch_header(&p, |s| {
-        s[24..32].copy_from_slice(&(1u64 << 17).to_le_bytes())
-    });
+    patch_header(&p, |s| s[24..32].copy_from_slice(&(1u64 << 17).to_le_bytes()));
     let e = open_err(&p);
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert_one_line_naming(&e, &p, "unknown incompatible features 0x20000");
@@ -207,10 +181,7 @@ fn refuses_a_writable_image_as_parent() {
     let d = TempDir::new("wparent");
     let (a, top) = (d.join("a.cow"), d.join("top.cow"));
     standalone(&a, 1 << 20);
-    let o = CreateOptions {
-        backing: Some(a.clone()),
-        ..Default::default()
-    };
+    let o = CreateOptions { backing: Some(a.clone()), ..Default::default() };
     let e = create_image(&top, &o).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     assert_one_line_naming(&e, &a, "freeze it first");
@@ -229,12 +200,7 @@ fn refuses_a_parent_loop() {
     // Point a back at b: a -> b -> a.
     let forged = Image::open(
         &a,
-        OpenOptions {
-            write: true,
-            lock: LockMode::Exclusive,
-            allow_frozen: true,
-            allow_corrupt: false,
-        },
+        OpenOptions { write: true, lock: LockMode::Exclusive, allow_frozen: true, allow_corrupt: false },
     )
     .unwrap();
     forged
@@ -300,14 +266,7 @@ fn flushed_writes_survive_an_unclean_stop() {
     let crashed = d.join("crashed.cow");
     std::fs::copy(&top, &crashed).unwrap();
     drop(c);
-    let r = Chain::open(
-        &crashed,
-        ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = Chain::open(&crashed, ChainOptions { writable: true, ..Default::default() }).unwrap();
     assert!(r.top().header().flags & cowdisk::format::FLAG_DIRTY != 0);
     let mut got = vec![0u8; data.len()];
     r.read_at(&mut got, 12345).unwrap();
@@ -339,8 +298,7 @@ fn racing_first_writes_to_one_chunk_all_survive() {
         for h in handles {
             h.join().unwrap();
         }
-        let mut expect =
-            pattern(3, 2 << 20)[chunk_base as usize..chunk_base as usize + 65536].to_vec();
+        let mut expect = pattern(3, 2 << 20)[chunk_base as usize..chunk_base as usize + 65536].to_vec();
         for t in 0..16u64 {
             let at = (100 + t * 4000) as usize;
             expect[at..at + 1000].copy_from_slice(&pattern(round * 100 + t, 1000));
@@ -365,8 +323,7 @@ fn many_readers_and_writers_see_consistent_blocks() {
             std::thread::spawn(move || {
                 for i in 0..300u64 {
                     let block = (i * 4 + w) % 2048;
-                    c.write_at(&[((i % 250) + 1) as u8; 4096], block * 4096)
-                        .unwrap();
+                    c.write_at(&[((i % 250) + 1) as u8; 4096], block * 4096).unwrap();
                 }
             })
         })
@@ -409,13 +366,8 @@ fn one_tib_image_with_little_data_opens_small() {
     }
     c.close().unwrap();
     drop(c);
-    let on_disk = std::fs::metadata(&p)
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-        .unwrap();
-    assert!(
-        on_disk < 4 << 20,
-        "image holds {on_disk} bytes on disk for 1 MiB of data"
-    );
+    let on_disk = std::fs::metadata(&p).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap();
+    assert!(on_disk < 4 << 20, "image holds {on_disk} bytes on disk for 1 MiB of data");
     let before = rss_kib();
     let c = Chain::open(&p, ChainOptions::default()).unwrap();
     let grown = rss_kib().saturating_sub(before);

@@ -76,11 +76,7 @@ struct Run {
 }
 
 fn raw_base(bytes: &Arc<Vec<u8>>) -> RawImage {
-    RawImage::on(
-        Arc::new(MemStorage::from_bytes(bytes.as_ref().clone())),
-        Path::new("base.raw"),
-        bytes.len() as u64,
-    )
+    RawImage::on(Arc::new(MemStorage::from_bytes(bytes.as_ref().clone())), Path::new("base.raw"), bytes.len() as u64)
 }
 
 fn workload(seed: u64, finale: Finale) -> Run {
@@ -91,17 +87,12 @@ fn workload(seed: u64, finale: Finale) -> Run {
 
     // A frozen middle layer over the raw base, with some data of its own.
     let mid_store = Arc::new(RecordingStorage::new(journal.clone(), MID));
-    let raw_ref = ParentRef {
-        format: ParentFormat::Raw,
-        path: b"base.raw".to_vec(),
-        uuid: [0; 16],
-        size: SIZE,
-        fingerprint: 0,
-    };
+    let raw_ref =
+        ParentRef { format: ParentFormat::Raw, path: b"base.raw".to_vec(), uuid: [0; 16], size: SIZE, fingerprint: 0 };
     let mid = Image::create_on(
         mid_store.clone(),
         Path::new("mid"),
-        Geometry::new(SIZE, 16).unwrap(),
+        Geometry::new(SIZE, 16).unwrap().with_data_checksums(rng.below(2) == 0).unwrap(),
         Some(raw_ref),
         [2; 16],
     )
@@ -114,30 +105,18 @@ fn workload(seed: u64, finale: Finale) -> Run {
         c.write_at(&d, off).unwrap();
         model[off as usize..off as usize + d.len()].copy_from_slice(&d);
     }
-    c.top()
-        .update_header(|h| h.set_flag(FLAG_FROZEN, true))
-        .unwrap();
+    c.top().update_header(|h| h.set_flag(FLAG_FROZEN, true)).unwrap();
     c.close().unwrap();
     drop(c);
-    let mid_ro = Image::open_on(
-        mid_store.clone(),
-        Path::new("mid"),
-        OpenOptions::read_only(),
-    )
-    .unwrap();
+    let mid_ro = Image::open_on(mid_store.clone(), Path::new("mid"), OpenOptions::read_only()).unwrap();
 
     let top_store = Arc::new(RecordingStorage::new(journal.clone(), TOP));
-    let mid_ref = ParentRef {
-        format: ParentFormat::Cowdisk,
-        path: b"mid".to_vec(),
-        uuid: [2; 16],
-        size: SIZE,
-        fingerprint: 0,
-    };
+    let mid_ref =
+        ParentRef { format: ParentFormat::Cowdisk, path: b"mid".to_vec(), uuid: [2; 16], size: SIZE, fingerprint: 0 };
     let top = Image::create_on(
         top_store.clone(),
         Path::new("top"),
-        Geometry::new(SIZE, shift).unwrap(),
+        Geometry::new(SIZE, shift).unwrap().with_data_checksums(rng.below(2) == 0).unwrap(),
         Some(mid_ref),
         [1; 16],
     )
@@ -161,11 +140,7 @@ fn workload(seed: u64, finale: Finale) -> Run {
     for i in 0..ops {
         let at = journal.len();
         let r = rng.below(10);
-        let off = if rng.below(3) == 0 {
-            rng.below(SIZE / 4096) * 4096
-        } else {
-            rng.below(SIZE)
-        };
+        let off = if rng.below(3) == 0 { rng.below(SIZE / 4096) * 4096 } else { rng.below(SIZE) };
         let max_len = if rng.below(4) == 0 { 70_000 } else { 9_000 };
         let len = (1 + rng.below(max_len)).min(SIZE - off);
         let touched = match r {
@@ -194,8 +169,7 @@ fn workload(seed: u64, finale: Finale) -> Run {
         if touched {
             let (s0, s1) = ((off / 512) as usize, (off + len).div_ceil(512) as usize);
             for s in s0..s1 {
-                run.writes
-                    .push((at, s, hash(&model[s * 512..(s + 1) * 512])));
+                run.writes.push((at, s, hash(&model[s * 512..(s + 1) * 512])));
             }
         }
     }
@@ -204,12 +178,7 @@ fn workload(seed: u64, finale: Finale) -> Run {
         Finale::Flatten => flatten_chain(&chain, &|_, _| {}).unwrap(),
         Finale::Commit => {
             run.mid_may_change_from = Some(journal.len());
-            let opts = OpenOptions {
-                write: true,
-                lock: LockMode::None,
-                allow_frozen: true,
-                allow_corrupt: false,
-            };
+            let opts = OpenOptions { write: true, lock: LockMode::None, allow_frozen: true, allow_corrupt: false };
             let mid_rw = Image::open_on(mid_store.clone(), Path::new("mid"), opts).unwrap();
             commit_into(chain.top(), &mid_rw, &|_, _| {}).unwrap();
             mid_rw.close().unwrap();
@@ -227,21 +196,14 @@ fn mid_store_bytes(s: &RecordingStorage) -> Vec<u8> {
 
 /// Opens the crash state and reads its whole device, or says why it cannot.
 fn open_state(top: Vec<u8>, mid: Vec<u8>, run: &Run) -> Result<Vec<u8>, String> {
-    let top_img = Image::open_on(
-        Arc::new(MemStorage::from_bytes(top)),
-        Path::new("top"),
-        OpenOptions::writable(),
-    )
-    .map_err(|e| format!("top does not open: {e}"))?;
+    let top_img = Image::open_on(Arc::new(MemStorage::from_bytes(top)), Path::new("top"), OpenOptions::writable())
+        .map_err(|e| format!("top does not open: {e}"))?;
     let chain = match top_img.parent() {
         None => Chain::assemble(top_img, Vec::new(), None),
         Some(p) => {
-            let mid_img = Image::open_on(
-                Arc::new(MemStorage::from_bytes(mid)),
-                Path::new("mid"),
-                OpenOptions::read_only(),
-            )
-            .map_err(|e| format!("middle layer does not open: {e}"))?;
+            let mid_img =
+                Image::open_on(Arc::new(MemStorage::from_bytes(mid)), Path::new("mid"), OpenOptions::read_only())
+                    .map_err(|e| format!("middle layer does not open: {e}"))?;
             if mid_img.uuid() != p.uuid {
                 return Err("top names another parent".into());
             }
@@ -249,16 +211,10 @@ fn open_state(top: Vec<u8>, mid: Vec<u8>, run: &Run) -> Result<Vec<u8>, String> 
         }
     };
     let mut dev = vec![0u8; SIZE as usize];
-    chain
-        .read_at(&mut dev, 0)
-        .map_err(|e| format!("read fails: {e}"))?;
+    chain.read_at(&mut dev, 0).map_err(|e| format!("read fails: {e}"))?;
     // A repaired, reopened state must also flush and close cleanly.
-    chain
-        .flush()
-        .map_err(|e| format!("flush after recovery fails: {e}"))?;
-    chain
-        .close()
-        .map_err(|e| format!("close after recovery fails: {e}"))?;
+    chain.flush().map_err(|e| format!("flush after recovery fails: {e}"))?;
+    chain.close().map_err(|e| format!("close after recovery fails: {e}"))?;
     Ok(dev)
 }
 
@@ -285,10 +241,7 @@ fn judge(run: &Run, crash: &CrashImages, k: usize, rng: &mut Rng) -> Result<(), 
     for s in 0..SECTORS {
         let h = hash(&dev[s * 512..(s + 1) * 512]);
         if !allowed[s].contains(&h) {
-            return Err(format!(
-                "sector {s} (byte {}) reads a value neither flushed nor written since",
-                s * 512
-            ));
+            return Err(format!("sector {s} (byte {}) reads a value neither flushed nor written since", s * 512));
         }
     }
     Ok(())
@@ -306,16 +259,9 @@ fn explore(target_states: usize) -> usize {
         let mut rng = Rng(seed * 7919 + 1);
         for i in 0..per_run {
             // Spread crash points over the run, including its very end.
-            let k = if i == 0 {
-                run.end
-            } else {
-                run.start + rng.below((run.end - run.start + 1) as u64) as usize
-            };
+            let k = if i == 0 { run.end } else { run.start + rng.below((run.end - run.start + 1) as u64) as usize };
             if let Err(e) = judge(&run, &crash, k, &mut rng) {
-                panic!(
-                    "seed {seed} ({finale:?}), crash at journal index {k} of {}..{}: {e}",
-                    run.start, run.end
-                );
+                panic!("seed {seed} ({finale:?}), crash at journal index {k} of {}..{}: {e}", run.start, run.end);
             }
             states += 1;
         }
@@ -326,10 +272,7 @@ fn explore(target_states: usize) -> usize {
 
 #[test]
 fn every_crash_state_opens_and_reads_flushed_or_newer_data() {
-    let target = std::env::var("COWDISK_CRASH_STATES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1200);
+    let target = std::env::var("COWDISK_CRASH_STATES").ok().and_then(|v| v.parse().ok()).unwrap_or(1200);
     let n = explore(target);
     assert!(n >= 1000, "explored only {n} crash states");
     eprintln!("explored {n} crash states");

@@ -23,11 +23,7 @@ fn base() -> Arc<Vec<u8>> {
 }
 
 fn raw(b: &Arc<Vec<u8>>) -> RawImage {
-    RawImage::on(
-        Arc::new(MemStorage::from_bytes(b.as_ref().clone())),
-        Path::new("base.raw"),
-        SIZE,
-    )
+    RawImage::on(Arc::new(MemStorage::from_bytes(b.as_ref().clone())), Path::new("base.raw"), SIZE)
 }
 
 #[derive(Clone, Copy)]
@@ -58,36 +54,19 @@ fn steps() -> Vec<Step> {
 }
 
 fn hash(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
-    })
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// Runs the workload with the store failing at operation `nth`; returns the store's bytes and
 /// the set of values each 512-byte sector may read after reopening.
-fn run(
-    nth: u64,
-    kind: FaultKind,
-    sticky: bool,
-    base: &Arc<Vec<u8>>,
-) -> (Vec<u8>, Vec<HashSet<u64>>, usize) {
+fn run(nth: u64, kind: FaultKind, sticky: bool, base: &Arc<Vec<u8>>) -> (Vec<u8>, Vec<HashSet<u64>>, usize) {
     let mem = Arc::new(MemStorage::new());
     let fault = Arc::new(FaultStorage::new(mem.clone()));
-    let parent = ParentRef {
-        format: ParentFormat::Raw,
-        path: b"base.raw".to_vec(),
-        uuid: [0; 16],
-        size: SIZE,
-        fingerprint: 0,
-    };
-    let img = Image::create_on(
-        fault.clone(),
-        Path::new("top.cow"),
-        Geometry::new(SIZE, 14).unwrap(),
-        Some(parent),
-        [3; 16],
-    )
-    .unwrap();
+    let parent =
+        ParentRef { format: ParentFormat::Raw, path: b"base.raw".to_vec(), uuid: [0; 16], size: SIZE, fingerprint: 0 };
+    let img =
+        Image::create_on(fault.clone(), Path::new("top.cow"), Geometry::new(SIZE, 14).unwrap(), Some(parent), [3; 16])
+            .unwrap();
     let chain = Chain::assemble(img, Vec::new(), Some(raw(base)));
     let mut model = base.as_ref().clone();
     let sectors = (SIZE / 512) as usize;
@@ -125,14 +104,8 @@ fn run(
             Ok(()) => {}
             Err(e) => {
                 failures += 1;
-                assert!(
-                    matches!(e.kind(), ErrorKind::Io | ErrorKind::NoSpace),
-                    "untyped failure: {e}"
-                );
-                assert!(
-                    e.to_string().contains("top.cow"),
-                    "error does not name the file: {e}"
-                );
+                assert!(matches!(e.kind(), ErrorKind::Io | ErrorKind::NoSpace), "untyped failure: {e}");
+                assert!(e.to_string().contains("top.cow"), "error does not name the file: {e}");
                 // A failed operation may have landed in part: from here on the model is what the
                 // device reads now, and those values join the ones a crash may show.
                 chain.read_at(&mut model, 0).unwrap();
@@ -196,21 +169,14 @@ fn every_failing_write_sync_or_punch_fails_cleanly_and_keeps_the_image_consisten
     assert!(total > 20, "workload too small ({total} operations)");
     let mut cases = 0;
     for nth in 0..total {
-        for (kind, sticky) in [
-            (FaultKind::Eio, false),
-            (FaultKind::NoSpace, false),
-            (FaultKind::Eio, true),
-        ] {
+        for (kind, sticky) in [(FaultKind::Eio, false), (FaultKind::NoSpace, false), (FaultKind::Eio, true)] {
             let (bytes, allowed, failures) = run(nth, kind, sticky, &base);
             assert!(failures > 0 || nth >= total, "fault at {nth} was never hit");
-            let img = Image::open_on(
-                Arc::new(MemStorage::from_bytes(bytes)),
-                Path::new("top.cow"),
-                OpenOptions::writable(),
-            )
-            .unwrap_or_else(|e| {
-                panic!("fault at op {nth} ({kind:?}, sticky {sticky}): image does not reopen: {e}")
-            });
+            let img =
+                Image::open_on(Arc::new(MemStorage::from_bytes(bytes)), Path::new("top.cow"), OpenOptions::writable())
+                    .unwrap_or_else(|e| {
+                        panic!("fault at op {nth} ({kind:?}, sticky {sticky}): image does not reopen: {e}")
+                    });
             let chain = Chain::assemble(img, Vec::new(), Some(raw(&base)));
             let mut dev = vec![0u8; SIZE as usize];
             chain.read_at(&mut dev, 0).unwrap();
@@ -229,14 +195,8 @@ fn every_failing_write_sync_or_punch_fails_cleanly_and_keeps_the_image_consisten
 fn after_a_failed_sync_writes_are_refused_until_reopen() {
     let mem = Arc::new(MemStorage::new());
     let fault = Arc::new(FaultStorage::new(mem));
-    let img = Image::create_on(
-        fault.clone(),
-        Path::new("p.cow"),
-        Geometry::new(SIZE, 16).unwrap(),
-        None,
-        [4; 16],
-    )
-    .unwrap();
+    let img =
+        Image::create_on(fault.clone(), Path::new("p.cow"), Geometry::new(SIZE, 16).unwrap(), None, [4; 16]).unwrap();
     let chain = Chain::assemble(img, Vec::new(), None);
     chain.write_at(&[1u8; 4096], 0).unwrap();
     // The first operation of the flush is its data sync.
@@ -260,28 +220,12 @@ fn an_nbd_client_gets_the_error_and_the_server_stays_up() {
     let sock = dir.join("s.sock");
     let mem = Arc::new(MemStorage::new());
     let fault = Arc::new(FaultStorage::new(mem));
-    let img = Image::create_on(
-        fault.clone(),
-        Path::new("top.cow"),
-        Geometry::new(SIZE, 16).unwrap(),
-        None,
-        [5; 16],
-    )
-    .unwrap();
+    let img =
+        Image::create_on(fault.clone(), Path::new("top.cow"), Geometry::new(SIZE, 16).unwrap(), None, [5; 16]).unwrap();
     let chain: Arc<Chain> = Arc::new(Chain::assemble(img, Vec::new(), None));
-    let cfg = ServerConfig {
-        listen: vec![ListenAddr::Unix(sock.clone())],
-        ..ServerConfig::default()
-    };
-    let server = Server::bind(
-        cfg,
-        vec![Export {
-            name: "x".into(),
-            description: String::new(),
-            disk: chain.clone(),
-        }],
-    )
-    .unwrap();
+    let cfg = ServerConfig { listen: vec![ListenAddr::Unix(sock.clone())], ..ServerConfig::default() };
+    let server =
+        Server::bind(cfg, vec![Export { name: "x".into(), description: String::new(), disk: chain.clone() }]).unwrap();
     let stop = server.shutdown_handle();
     let t = std::thread::spawn(move || server.run());
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();

@@ -29,14 +29,7 @@ fn build(dir: &Path) {
     // standalone-4k.cow: 256 KiB, 4 KiB chunks.
     let p = dir.join("standalone-4k.cow");
     let g = Geometry::new(256 * 1024, 12).unwrap();
-    let img = Image::create_on(
-        Arc::new(FileStorage::create(&p).unwrap()),
-        &p,
-        g,
-        None,
-        [0x11; 16],
-    )
-    .unwrap();
+    let img = Image::create_on(Arc::new(FileStorage::create(&p).unwrap()), &p, g, None, [0x11; 16]).unwrap();
     let c = Chain::assemble(img, Vec::new(), None);
     c.write_at(&[0xaa; 4096], 0).unwrap();
     c.write_at(&[0xbb; 100], 5000).unwrap();
@@ -57,14 +50,7 @@ fn build(dir: &Path) {
         fingerprint: fp,
     };
     let g = Geometry::new(128 * 1024, 16).unwrap();
-    let img = Image::create_on(
-        Arc::new(FileStorage::create(&o).unwrap()),
-        &o,
-        g,
-        Some(parent),
-        [0x22; 16],
-    )
-    .unwrap();
+    let img = Image::create_on(Arc::new(FileStorage::create(&o).unwrap()), &o, g, Some(parent), [0x22; 16]).unwrap();
     let c = Chain::assemble(img, Vec::new(), Some(raw));
     c.write_at(&[0xcc; 4096], 4096).unwrap();
     c.discard(8192, 8192).unwrap();
@@ -84,8 +70,8 @@ fn library_still_writes_the_committed_golden_bytes() {
             std::fs::create_dir_all(golden_dir()).unwrap();
             std::fs::write(&gp, &now).unwrap();
         }
-        let committed = std::fs::read(&gp)
-            .unwrap_or_else(|e| panic!("{}: {e} (run with COWDISK_BLESS=1)", gp.display()));
+        let committed =
+            std::fs::read(&gp).unwrap_or_else(|e| panic!("{}: {e} (run with COWDISK_BLESS=1)", gp.display()));
         assert!(now == committed, "{name}: the library now writes different bytes; if the format change is deliberate, bump the version log in format-spec.md and bless");
     }
 }
@@ -102,28 +88,16 @@ struct SpecEntry {
 /// Reads the current header slot and the in-use map entries straight from the bytes, by the spec.
 fn spec_read(b: &[u8]) -> (Vec<u8>, Vec<SpecEntry>) {
     let slot = |i: usize| &b[i * 4096..(i + 1) * 4096];
-    let valid = |s: &[u8]| {
-        &s[0..8] == b"COWDISK\0" && LE::read_u32(&s[4092..]) == crc32fast::hash(&s[..4092])
-    };
-    assert!(
-        valid(slot(0)) && valid(slot(1)),
-        "both header slots valid after a clean close"
-    );
-    let h = if LE::read_u64(&slot(1)[16..]) > LE::read_u64(&slot(0)[16..]) {
-        slot(1)
-    } else {
-        slot(0)
-    };
+    let valid = |s: &[u8]| &s[0..8] == b"COWDISK\0" && LE::read_u32(&s[4092..]) == crc32fast::hash(&s[..4092]);
+    assert!(valid(slot(0)) && valid(slot(1)), "both header slots valid after a clean close");
+    let h = if LE::read_u64(&slot(1)[16..]) > LE::read_u64(&slot(0)[16..]) { slot(1) } else { slot(0) };
     let chunk_shift = h[48];
     let blocks = 1usize << (chunk_shift - 12);
     let p = (blocks / 8).max(4);
     let entry_size = 24 + 2 * p;
     let mut entries = Vec::new();
     for i in 0..LE::read_u32(&h[116..]) as usize {
-        let (off, len) = (
-            LE::read_u64(&h[120 + 16 * i..]) as usize,
-            LE::read_u64(&h[128 + 16 * i..]) as usize,
-        );
+        let (off, len) = (LE::read_u64(&h[120 + 16 * i..]) as usize, LE::read_u64(&h[128 + 16 * i..]) as usize);
         for s in (off..(off + len).min(b.len())).step_by(512) {
             let sec = &b[s..s + 512];
             if sec.iter().all(|&x| x == 0) {
@@ -161,14 +135,8 @@ fn standalone_golden_matches_the_spec() {
     assert_eq!(LE::read_u32(&h[80..]), 0, "no parent");
     // Chunk 0 holds block 0; chunk 1 holds the partial write at 5000 (a whole block, copied up from zeros).
     assert_eq!(entries.len(), 2);
-    assert_eq!(
-        (entries[0].chunk, entries[0].data_bits, entries[0].zero_bits),
-        (0, 1, 0)
-    );
-    assert_eq!(
-        (entries[1].chunk, entries[1].data_bits, entries[1].zero_bits),
-        (1, 1, 0)
-    );
+    assert_eq!((entries[0].chunk, entries[0].data_bits, entries[0].zero_bits), (0, 1, 0));
+    assert_eq!((entries[1].chunk, entries[1].data_bits, entries[1].zero_bits), (1, 1, 0));
     let s0 = entries[0].data_offset as usize;
     let s1 = entries[1].data_offset as usize;
     assert!(s0 >= 8192 && s0 % 4096 == 0 && s1 % 4096 == 0 && s0 != s1);
@@ -193,17 +161,10 @@ fn overlay_golden_matches_the_spec() {
     // Chunk 0: block 1 data, blocks 2-3 zero (the base shows through there otherwise).
     // Chunk 1 lies past the base: its discard needs no whiteout, so it has no entry.
     assert_eq!(entries.len(), 1);
-    assert_eq!(
-        (entries[0].chunk, entries[0].data_bits, entries[0].zero_bits),
-        (0, 0b10, 0b1100)
-    );
+    assert_eq!((entries[0].chunk, entries[0].data_bits, entries[0].zero_bits), (0, 0b10, 0b1100));
     let s = entries[0].data_offset as usize;
     // The first entry took the first map extent (64 KiB at the data start), then its slot.
-    assert_eq!(
-        LE::read_u64(&h[120..]),
-        65536,
-        "first map extent at the data start"
-    );
+    assert_eq!(LE::read_u64(&h[120..]), 65536, "first map extent at the data start");
     assert_eq!(LE::read_u64(&h[128..]), 65536, "first map extent is 64 KiB");
     assert_eq!(s, 131072, "first data slot after the map extent");
     assert!(b[s + 4096..s + 8192].iter().all(|&x| x == 0xcc));
@@ -211,14 +172,8 @@ fn overlay_golden_matches_the_spec() {
 
 #[test]
 fn golden_overlay_reads_as_the_merged_disk() {
-    let c = Chain::open(
-        &golden_dir().join("overlay-64k.cow"),
-        ChainOptions {
-            inspect: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let c = Chain::open(&golden_dir().join("overlay-64k.cow"), ChainOptions { inspect: false, ..Default::default() })
+        .unwrap();
     let mut got = vec![0u8; 128 * 1024];
     c.read_at(&mut got, 0).unwrap();
     let mut want = base_bytes();

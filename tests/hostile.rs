@@ -12,24 +12,8 @@ use std::time::{Duration, Instant};
 /// A valid image with one map extent and a few data slots, as bytes, plus its map extent offset.
 fn valid_image(dir: &TempDir) -> (Vec<u8>, u64) {
     let p = dir.join("valid.cow");
-    create_image(
-        &p,
-        &CreateOptions {
-            size: Some(4 << 20),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
-    let c = Chain::open(
-        &p,
-        ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    create_image(&p, &CreateOptions { size: Some(4 << 20), ..Default::default() }).unwrap().close().unwrap();
+    let c = Chain::open(&p, ChainOptions { writable: true, ..Default::default() }).unwrap();
     for i in 0..3u64 {
         c.write_at(&[0x5a; 4096], i * 65536 * 3).unwrap();
     }
@@ -84,17 +68,10 @@ fn refused(dir: &TempDir, name: &str, bytes: &[u8], kind: ErrorKind, words: &str
     std::fs::write(&p, bytes).unwrap();
     let t = Instant::now();
     let e = Chain::open(&p, ChainOptions::default()).expect_err(name);
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "{name}: took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{name}: took {:?}", t.elapsed());
     assert_eq!(e.kind(), kind, "{name}: {e}");
     let s = e.to_string();
-    assert!(
-        s.contains(&p.display().to_string()),
-        "{name}: error does not name the file: {s}"
-    );
+    assert!(s.contains(&p.display().to_string()), "{name}: error does not name the file: {s}");
     assert!(s.contains(words), "{name}: '{s}' lacks '{words}'");
     assert!(!s.contains('\n'));
 }
@@ -105,55 +82,19 @@ fn every_hostile_image_is_refused_quickly_with_its_kind() {
     let (good, ext) = valid_image(&d);
     let hwm_before = rss_kib();
 
-    refused(
-        &d,
-        "empty",
-        &[],
-        ErrorKind::NotAnImage,
-        "not a cowdisk image",
-    );
-    refused(
-        &d,
-        "magic-only",
-        b"COWDISK\0",
-        ErrorKind::Truncated,
-        "shorter than",
-    );
-    refused(
-        &d,
-        "half-header",
-        &good[..6000],
-        ErrorKind::Truncated,
-        "shorter than",
-    );
-    refused(
-        &d,
-        "text",
-        &vec![b'x'; 100_000],
-        ErrorKind::NotAnImage,
-        "not a cowdisk image",
-    );
+    refused(&d, "empty", &[], ErrorKind::NotAnImage, "not a cowdisk image");
+    refused(&d, "magic-only", b"COWDISK\0", ErrorKind::Truncated, "shorter than");
+    refused(&d, "half-header", &good[..6000], ErrorKind::Truncated, "shorter than");
+    refused(&d, "text", &vec![b'x'; 100_000], ErrorKind::NotAnImage, "not a cowdisk image");
 
     let mut b = good.clone();
     b[200] ^= 1;
     b[4096 + 200] ^= 1;
-    refused(
-        &d,
-        "bad-header-crc",
-        &b,
-        ErrorKind::BadChecksum,
-        "header checksum",
-    );
+    refused(&d, "bad-header-crc", &b, ErrorKind::BadChecksum, "header checksum");
 
     let mut b = good.clone();
     b[ext as usize + 40] ^= 0x80;
-    refused(
-        &d,
-        "bad-map-crc",
-        &b,
-        ErrorKind::BadChecksum,
-        "map sector checksum",
-    );
+    refused(&d, "bad-map-crc", &b, ErrorKind::BadChecksum, "map sector checksum");
 
     let mut b = good.clone();
     patch_headers(&mut b, |s| le64(s, 40, 1 << 63));
@@ -166,34 +107,16 @@ fn every_hostile_image_is_refused_quickly_with_its_kind() {
     for shift in [0u8, 11, 22, 255] {
         let mut b = good.clone();
         patch_headers(&mut b, |s| s[48] = shift);
-        refused(
-            &d,
-            &format!("chunk-shift-{shift}"),
-            &b,
-            ErrorKind::Corrupt,
-            "chunk size",
-        );
+        refused(&d, &format!("chunk-shift-{shift}"), &b, ErrorKind::Corrupt, "chunk size");
     }
 
     let mut b = good.clone();
     patch_headers(&mut b, |s| le64(s, 24, 1 << 5));
-    refused(
-        &d,
-        "unknown-incompat",
-        &b,
-        ErrorKind::Unsupported,
-        "unknown incompatible features",
-    );
+    refused(&d, "unknown-incompat", &b, ErrorKind::Unsupported, "unknown incompatible features");
 
     let mut b = good.clone();
     patch_headers(&mut b, |s| le64(s, 72, 1 << 9));
-    refused(
-        &d,
-        "unknown-flag",
-        &b,
-        ErrorKind::Unsupported,
-        "unknown header flags",
-    );
+    refused(&d, "unknown-flag", &b, ErrorKind::Unsupported, "unknown header flags");
 
     let mut b = good.clone();
     patch_headers(&mut b, |s| le32(s, 8, 2));
@@ -202,23 +125,11 @@ fn every_hostile_image_is_refused_quickly_with_its_kind() {
     // A map extent of 2^61 bytes: refused from the header alone, nothing read or allocated.
     let mut b = good.clone();
     patch_headers(&mut b, |s| le64(s, 128, 1 << 61));
-    refused(
-        &d,
-        "huge-map-extent",
-        &b,
-        ErrorKind::Corrupt,
-        "more than a disk of this size can need",
-    );
+    refused(&d, "huge-map-extent", &b, ErrorKind::Corrupt, "more than a disk of this size can need");
 
     let mut b = good.clone();
     patch_headers(&mut b, |s| le32(s, 116, 65));
-    refused(
-        &d,
-        "too-many-extents",
-        &b,
-        ErrorKind::Corrupt,
-        "map extents",
-    );
+    refused(&d, "too-many-extents", &b, ErrorKind::Corrupt, "map extents");
 
     let mut b = good.clone();
     patch_headers(&mut b, |s| le64(s, 120, 4096));
@@ -229,45 +140,21 @@ fn every_hostile_image_is_refused_quickly_with_its_kind() {
         le32(s, 80, 2);
         le32(s, 84, 5000);
     });
-    refused(
-        &d,
-        "overlong-parent-path",
-        &b,
-        ErrorKind::Corrupt,
-        "parent path length",
-    );
+    refused(&d, "overlong-parent-path", &b, ErrorKind::Corrupt, "parent path length");
 
     // Map entries (64 KiB chunks: 15 entries of 32 bytes per sector, the first at byte 16).
     let entry = |i: usize| ext as usize + 16 + 32 * i;
     let mut b = good.clone();
     patch_sector(&mut b, ext, |s| le64(s, 16 + 8, 1 << 40));
-    refused(
-        &d,
-        "entry-past-disk-end",
-        &b,
-        ErrorKind::Corrupt,
-        "past the end of the disk",
-    );
+    refused(&d, "entry-past-disk-end", &b, ErrorKind::Corrupt, "past the end of the disk");
 
     let mut b = good.clone();
     patch_sector(&mut b, ext, |s| le64(s, 16 + 16, 1 << 40));
-    refused(
-        &d,
-        "entry-past-file-end",
-        &b,
-        ErrorKind::Corrupt,
-        "past the end of the file",
-    );
+    refused(&d, "entry-past-file-end", &b, ErrorKind::Corrupt, "past the end of the file");
 
     let mut b = good.clone();
     patch_sector(&mut b, ext, |s| le64(s, 16 + 16, 4096));
-    refused(
-        &d,
-        "entry-into-header",
-        &b,
-        ErrorKind::Corrupt,
-        "misplaced slot",
-    );
+    refused(&d, "entry-into-header", &b, ErrorKind::Corrupt, "misplaced slot");
 
     let mut b = good.clone();
     patch_sector(&mut b, ext, |s| le64(s, 16 + 16, ext));
@@ -276,24 +163,12 @@ fn every_hostile_image_is_refused_quickly_with_its_kind() {
     let mut b = good.clone();
     let second_slot = u64::from_le_bytes(b[entry(1) + 16..entry(1) + 24].try_into().unwrap());
     patch_sector(&mut b, ext, |s| le64(s, 16 + 16, second_slot));
-    refused(
-        &d,
-        "two-entries-one-slot",
-        &b,
-        ErrorKind::Corrupt,
-        "overlap",
-    );
+    refused(&d, "two-entries-one-slot", &b, ErrorKind::Corrupt, "overlap");
 
     let mut b = good.clone();
     let chunk1 = u64::from_le_bytes(b[entry(1) + 8..entry(1) + 16].try_into().unwrap());
     patch_sector(&mut b, ext, |s| le64(s, 16 + 8, chunk1));
-    refused(
-        &d,
-        "two-entries-one-chunk",
-        &b,
-        ErrorKind::Corrupt,
-        "two map entries",
-    );
+    refused(&d, "two-entries-one-chunk", &b, ErrorKind::Corrupt, "two map entries");
 
     let mut b = good.clone();
     patch_sector(&mut b, ext, |s| le64(s, 8, ext + 512));
@@ -302,24 +177,8 @@ fn every_hostile_image_is_refused_quickly_with_its_kind() {
     // A sparse 1 TiB disk whose one map sector sits 1 GiB into a legal extent: holes are
     // skipped and positions are kept sparsely, so the open reads and holds almost nothing.
     let p = d.join("sparse-far-entry.cow");
-    create_image(
-        &p,
-        &CreateOptions {
-            size: Some(1 << 40),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
-    let c = Chain::open(
-        &p,
-        ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    create_image(&p, &CreateOptions { size: Some(1 << 40), ..Default::default() }).unwrap().close().unwrap();
+    let c = Chain::open(&p, ChainOptions { writable: true, ..Default::default() }).unwrap();
     c.write_at(&[7u8; 4096], 0).unwrap();
     c.close().unwrap();
     drop(c);
@@ -338,30 +197,19 @@ fn every_hostile_image_is_refused_quickly_with_its_kind() {
     le64(&mut sector, 16 + 8, 12345);
     let crc = crc32fast::hash(&sector[4..]);
     sector[..4].copy_from_slice(&crc.to_le_bytes());
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(&p)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &b, 0).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &sector, far).unwrap();
     drop(f);
     let t = Instant::now();
     let c = Chain::open(&p, ChainOptions::default()).unwrap();
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
     assert_eq!(c.top().entry_count(), 1);
     assert_eq!(c.top().next_chunk(0), Some(12345));
     drop(c);
 
     let grown = rss_kib().saturating_sub(hwm_before);
-    assert!(
-        grown < 64 * 1024,
-        "refusing hostile images raised peak memory by {grown} KiB"
-    );
+    assert!(grown < 64 * 1024, "refusing hostile images raised peak memory by {grown} KiB");
 }
 
 #[test]

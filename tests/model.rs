@@ -28,6 +28,7 @@ struct Setup {
     /// Raw base length (may be shorter than the device), or no base.
     base_len: Option<u64>,
     top_shift: u32,
+    checksums: bool,
 }
 
 const MAX_DEPTH: usize = 8;
@@ -35,37 +36,18 @@ const MAX_DEPTH: usize = 8;
 fn setup() -> impl Strategy<Value = Setup> {
     (
         prop::sample::select(vec![256 * 1024u64, 512 * 1024 + 4096 + 512, 1 << 20]),
-        prop::option::of(prop::sample::select(vec![
-            100_000u64,
-            256 * 1024,
-            1 << 20,
-            2 << 20,
-        ])),
+        prop::option::of(prop::sample::select(vec![100_000u64, 256 * 1024, 1 << 20, 2 << 20])),
         prop::sample::select(vec![12u32, 14, 16]),
+        any::<bool>(),
     )
-        .prop_map(|(size, base_len, top_shift)| Setup {
-            size,
-            base_len,
-            top_shift,
-        })
+        .prop_map(|(size, base_len, top_shift, checksums)| Setup { size, base_len, top_shift, checksums })
 }
 
-/// Offsets and lengths that hit block and chunk edges often, and arbitrary bytes otherwise.
 fn span(size: u64) -> impl Strategy<Value = (u64, u64)> {
-    let edge = prop::sample::select(vec![
-        0u64, 1, 511, 512, 4095, 4096, 4097, 16384, 65535, 65536, 65537,
-    ]);
+    let edge = prop::sample::select(vec![0u64, 1, 511, 512, 4095, 4096, 4097, 16384, 65535, 65536, 65537]);
     (
-        prop_oneof![
-            0..size,
-            edge.clone().prop_map(move |e| e.min(size - 1)),
-            (0..size / 4096).prop_map(|b| b * 4096)
-        ],
-        prop_oneof![
-            1u64..300_000,
-            edge.prop_map(|e| e.max(1)),
-            (1u64..40).prop_map(|b| b * 4096)
-        ],
+        prop_oneof![0..size, edge.clone().prop_map(move |e| e.min(size - 1)), (0..size / 4096).prop_map(|b| b * 4096)],
+        prop_oneof![1u64..300_000, edge.prop_map(|e| e.max(1)), (1u64..40).prop_map(|b| b * 4096)],
     )
         .prop_map(move |(off, len)| (off, len.min(size - off)))
 }
@@ -90,14 +72,7 @@ fn case() -> impl Strategy<Value = (Setup, Vec<Op>)> {
 }
 
 fn open_rw(p: &Path) -> Chain {
-    Chain::open(
-        p,
-        ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .expect("open chain")
+    Chain::open(p, ChainOptions { writable: true, ..Default::default() }).expect("open chain")
 }
 
 struct World {
@@ -120,6 +95,7 @@ impl World {
         let mut opts = CreateOptions {
             chunk_shift: Some(s.top_shift),
             size: Some(s.size),
+            data_checksums: Some(s.checksums),
             ..Default::default()
         };
         let mut depth = 1;
@@ -133,20 +109,9 @@ impl World {
             opts.backing = Some(base);
             depth += 1;
         }
-        create_image(&top, &opts)
-            .expect("create top")
-            .close()
-            .unwrap();
+        create_image(&top, &opts).expect("create top").close().unwrap();
         let chain = Some(open_rw(&top));
-        World {
-            dir,
-            top,
-            chain,
-            model,
-            frozen,
-            depth,
-            layers_made: 1,
-        }
+        World { dir, top, chain, model, frozen, depth, layers_made: 1 }
     }
 
     fn chain(&self) -> &Chain {
@@ -157,11 +122,7 @@ impl World {
         let mut buf = vec![0u8; self.model.len()];
         self.chain().read_at(&mut buf, 0).unwrap();
         if buf != self.model {
-            let first = buf
-                .iter()
-                .zip(&self.model)
-                .position(|(a, b)| a != b)
-                .unwrap();
+            let first = buf.iter().zip(&self.model).position(|(a, b)| a != b).unwrap();
             panic!("device differs from model at byte {first} after step {step} ({op:?})");
         }
     }
@@ -184,11 +145,7 @@ impl World {
             Op::Read { off, len } => {
                 let mut buf = vec![0u8; len];
                 self.chain().read_at(&mut buf, off).unwrap();
-                assert_eq!(
-                    &buf[..],
-                    &self.model[off as usize..off as usize + len],
-                    "read at {off}+{len}"
-                );
+                assert_eq!(&buf[..], &self.model[off as usize..off as usize + len], "read at {off}+{len}");
             }
             Op::Flush => self.chain().flush().unwrap(),
             Op::Reopen => {
@@ -205,12 +162,10 @@ impl World {
                 c.close().unwrap();
                 drop(c);
                 let img = Image::open(&self.top, OpenOptions::writable()).unwrap();
-                img.update_header(|h| h.set_flag(FLAG_FROZEN, true))
-                    .unwrap();
+                img.update_header(|h| h.set_flag(FLAG_FROZEN, true)).unwrap();
                 img.close().unwrap();
                 drop(img);
-                self.frozen
-                    .push((self.top.clone(), std::fs::read(&self.top).unwrap()));
+                self.frozen.push((self.top.clone(), std::fs::read(&self.top).unwrap()));
                 let next = self.dir.join(&format!("layer{}.cow", self.layers_made));
                 self.layers_made += 1;
                 let opts = CreateOptions {
@@ -229,11 +184,7 @@ impl World {
 
     fn check_frozen_unchanged(&self) {
         for (p, bytes) in &self.frozen {
-            assert!(
-                std::fs::read(p).unwrap() == *bytes,
-                "{} changed",
-                p.display()
-            );
+            assert!(std::fs::read(p).unwrap() == *bytes, "{} changed", p.display());
         }
     }
 }

@@ -6,7 +6,7 @@ mod common;
 
 use common::{pattern, TempDir};
 use cowdisk::chain::create::{create_image, CreateOptions};
-use cowdisk::ops::check::check;
+use cowdisk::ops::check::{check, CheckOptions};
 use cowdisk::ops::flatten::{flatten_in_place, flatten_to, OutputFormat};
 use cowdisk::ops::{commit, snapshot};
 use cowdisk::{Chain, ChainOptions, DiskRead, DiskWrite, DiskZero, ErrorKind};
@@ -48,14 +48,7 @@ struct World {
 }
 
 fn rw(p: &Path) -> Chain {
-    Chain::open(
-        p,
-        ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    Chain::open(p, ChainOptions { writable: true, ..Default::default() }).unwrap()
 }
 
 impl World {
@@ -64,11 +57,7 @@ impl World {
         let top = dir.join("disk.cow");
         let mut model = vec![0u8; SIZE as usize];
         let mut frozen = Vec::new();
-        let mut o = CreateOptions {
-            size: Some(SIZE),
-            chunk_shift: Some(shift),
-            ..Default::default()
-        };
+        let mut o = CreateOptions { size: Some(SIZE), chunk_shift: Some(shift), ..Default::default() };
         if with_base {
             let b = dir.join("base.raw");
             model = pattern(77, SIZE as usize);
@@ -77,26 +66,11 @@ impl World {
             o.backing = Some(b);
         }
         create_image(&top, &o).unwrap().close().unwrap();
-        World {
-            dir,
-            top,
-            model,
-            frozen,
-            snaps: 0,
-            outputs: 0,
-        }
+        World { dir, top, model, frozen, snaps: 0, outputs: 0 }
     }
 
     fn depth(&self) -> usize {
-        Chain::open(
-            &self.top,
-            ChainOptions {
-                inspect: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .depth()
+        Chain::open(&self.top, ChainOptions { inspect: true, ..Default::default() }).unwrap().depth()
     }
 
     fn verify(&self, what: &str) {
@@ -104,22 +78,14 @@ impl World {
         let mut got = vec![0u8; SIZE as usize];
         c.read_at(&mut got, 0).unwrap();
         if got != self.model {
-            let at = got
-                .iter()
-                .zip(&self.model)
-                .position(|(a, b)| a != b)
-                .unwrap();
+            let at = got.iter().zip(&self.model).position(|(a, b)| a != b).unwrap();
             panic!("after {what}: device differs from the model at byte {at}");
         }
         drop(c);
         for (p, bytes) in &self.frozen {
-            assert!(
-                std::fs::read(p).unwrap() == *bytes,
-                "after {what}: {} changed",
-                p.display()
-            );
+            assert!(std::fs::read(p).unwrap() == *bytes, "after {what}: {} changed", p.display());
         }
-        let r = check(&self.top, true, false);
+        let r = check(&self.top, &CheckOptions { chain: true, ..Default::default() });
         assert_eq!(r.exit_code(), 0, "after {what}: check says {r:?}");
     }
 
@@ -154,11 +120,7 @@ impl World {
             Op::FlattenTo { raw } => {
                 self.outputs += 1;
                 let out = self.dir.join(&format!("out{}", self.outputs));
-                let f = if raw {
-                    OutputFormat::Raw
-                } else {
-                    OutputFormat::Cowdisk
-                };
+                let f = if raw { OutputFormat::Raw } else { OutputFormat::Cowdisk };
                 flatten_to(&self.top, &out, f, &|_, _| {}).unwrap();
                 let got = if raw {
                     std::fs::read(&out).unwrap()
@@ -169,10 +131,7 @@ impl World {
                     c.read_at(&mut v, 0).unwrap();
                     v
                 };
-                assert!(
-                    got == self.model,
-                    "flatten --output differs from the device"
-                );
+                assert!(got == self.model, "flatten --output differs from the device");
             }
             Op::Commit => {
                 let h = cowdisk::layer::read_header_only(&self.top).unwrap();
@@ -186,14 +145,7 @@ impl World {
                         for f in self.frozen.iter_mut().filter(|f| f.0 == pp) {
                             f.1 = std::fs::read(&pp).unwrap();
                         }
-                        let c = Chain::open(
-                            &self.top,
-                            ChainOptions {
-                                inspect: true,
-                                ..Default::default()
-                            },
-                        )
-                        .unwrap();
+                        let c = Chain::open(&self.top, ChainOptions { inspect: true, ..Default::default() }).unwrap();
                         assert_eq!(c.top().data_bytes(), 0);
                     }
                     _ => {
@@ -235,16 +187,7 @@ proptest! {
 fn snapshot_interrupted_after_its_decision_completes_on_next_open() {
     let d = TempDir::new("snapcrash");
     let top = d.join("disk.cow");
-    create_image(
-        &top,
-        &CreateOptions {
-            size: Some(SIZE),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
+    create_image(&top, &CreateOptions { size: Some(SIZE), ..Default::default() }).unwrap().close().unwrap();
     let c = rw(&top);
     c.write_at(&pattern(1, 100_000), 5000).unwrap();
     c.close().unwrap();
@@ -261,13 +204,7 @@ fn snapshot_interrupted_after_its_decision_completes_on_next_open() {
     snapshot::snapshot(&top, &snap).unwrap();
     let overlay = std::fs::read(&top).unwrap();
     let frozen = std::fs::read(&snap).unwrap();
-    assert!(
-        cowdisk::layer::read_header_only(&snap)
-            .unwrap()
-            .pending
-            .is_none(),
-        "record cleared after completion"
-    );
+    assert!(cowdisk::layer::read_header_only(&snap).unwrap().pending.is_none(), "record cleared after completion");
     for stage in ["decided", "linked"] {
         let s = TempDir::new(stage);
         let (t, sn) = (s.join("disk.cow"), s.join("s.cow"));
@@ -297,14 +234,7 @@ fn snapshot_interrupted_after_its_decision_completes_on_next_open() {
             std::fs::hard_link(&t, &sn).unwrap();
         }
         // Inspection leaves it alone and sees the same contents through the frozen image.
-        let c = Chain::open(
-            &t,
-            ChainOptions {
-                inspect: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let c = Chain::open(&t, ChainOptions { inspect: true, ..Default::default() }).unwrap();
         let mut v = vec![0u8; SIZE as usize];
         c.read_at(&mut v, 0).unwrap();
         assert!(v == expect, "{stage}: contents differ before completion");
@@ -315,10 +245,7 @@ fn snapshot_interrupted_after_its_decision_completes_on_next_open() {
         c.read_at(&mut v, 0).unwrap();
         assert!(v == expect, "{stage}: contents changed");
         drop(c);
-        assert!(cowdisk::layer::read_header_only(&sn)
-            .unwrap()
-            .pending
-            .is_none());
+        assert!(cowdisk::layer::read_header_only(&sn).unwrap().pending.is_none());
         assert!(!temp.exists());
     }
 }
@@ -327,16 +254,7 @@ fn snapshot_interrupted_after_its_decision_completes_on_next_open() {
 fn snapshot_refuses_an_image_in_use_and_an_existing_name() {
     let d = TempDir::new("snapbusy");
     let top = d.join("disk.cow");
-    create_image(
-        &top,
-        &CreateOptions {
-            size: Some(SIZE),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
+    create_image(&top, &CreateOptions { size: Some(SIZE), ..Default::default() }).unwrap().close().unwrap();
     std::fs::write(d.join("taken.cow"), b"x").unwrap();
     let e = snapshot::snapshot(&top, &d.join("taken.cow")).unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");

@@ -4,9 +4,7 @@
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::fingerprint::raw_fingerprint;
 use crate::format::header::{ParentFormat, ParentRef};
-use crate::format::{
-    Geometry, DEFAULT_CHUNK_SHIFT, FLAG_FROZEN, MAGIC, MAX_PARENT_PATH, SIZE_ALIGN,
-};
+use crate::format::{Geometry, DEFAULT_CHUNK_SHIFT, FLAG_FROZEN, MAGIC, MAX_PARENT_PATH, SIZE_ALIGN};
 use crate::layer::raw::RawImage;
 use crate::layer::{Image, OpenOptions};
 use crate::storage::LockMode;
@@ -28,6 +26,9 @@ pub struct CreateOptions {
     pub absolute_parent_path: bool,
     /// Accept a raw parent that is a device or another special file.
     pub allow_special_parent: bool,
+    /// Per-block data checksums (chunks of at most 256 KiB); defaults to the cowdisk parent's
+    /// setting, or off.
+    pub data_checksums: Option<bool>,
 }
 
 /// Guesses a parent's format: cowdisk if it starts with the magic, raw otherwise.
@@ -42,45 +43,35 @@ pub fn probe_format(path: &Path) -> Result<ParentFormat> {
             Err(e) => return Err(Error::io("read", e).with_file(path)),
         }
     }
-    Ok(if got == 8 && m == MAGIC {
-        ParentFormat::Cowdisk
-    } else {
-        ParentFormat::Raw
-    })
+    Ok(if got == 8 && m == MAGIC { ParentFormat::Cowdisk } else { ParentFormat::Raw })
 }
 
 /// Creates an image at `path` (which must not exist) and returns it open for writing.
 /// The file appears under its name only once complete (written under a temporary name, synced, renamed).
 pub fn create_image(path: &Path, opts: &CreateOptions) -> Result<Image> {
     if path.exists() {
-        return Err(err(ErrorKind::InvalidArgument, "already exists")
-            .with_file(path)
-            .during("create"));
+        return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(path).during("create"));
     }
-    let (parent, parent_size, parent_shift) = match &opts.backing {
-        None => (None, None, None),
+    let (parent, parent_size, parent_shift, parent_sums) = match &opts.backing {
+        None => (None, None, None, false),
         Some(b) => {
-            let (r, size, shift) = parent_ref(path, b, opts)?;
-            (Some(r), Some(size), shift)
+            let (r, size, shift, sums) = parent_ref(path, b, opts)?;
+            (Some(r), Some(size), shift, sums)
         }
     };
     let size = match (opts.size, parent_size) {
         (Some(s), _) => s,
         (None, Some(p)) => p.next_multiple_of(SIZE_ALIGN),
         (None, None) => {
-            return Err(err(
-                ErrorKind::InvalidArgument,
-                "a size is needed for an image without a parent",
-            )
-            .with_file(path)
-            .during("create"))
+            return Err(err(ErrorKind::InvalidArgument, "a size is needed for an image without a parent")
+                .with_file(path)
+                .during("create"))
         }
     };
-    let shift = opts
-        .chunk_shift
-        .or(parent_shift)
-        .unwrap_or(DEFAULT_CHUNK_SHIFT);
-    let geom = Geometry::new(size, shift).map_err(|e| e.with_file(path).during("create"))?;
+    let shift = opts.chunk_shift.or(parent_shift).unwrap_or(DEFAULT_CHUNK_SHIFT);
+    let geom = Geometry::new(size, shift)
+        .and_then(|g| g.with_data_checksums(opts.data_checksums.unwrap_or(parent_sums)))
+        .map_err(|e| e.with_file(path).during("create"))?;
     let tmp = temp_sibling(path, "create");
     let img = Image::create(&tmp, geom, parent)?;
     img.close()?;
@@ -89,12 +80,9 @@ pub fn create_image(path: &Path, opts: &CreateOptions) -> Result<Image> {
     Image::open(path, OpenOptions::writable())
 }
 
-/// The parent reference for an overlay at `child` on `parent`, with the parent's size and chunk shift.
-fn parent_ref(
-    child: &Path,
-    parent: &Path,
-    opts: &CreateOptions,
-) -> Result<(ParentRef, u64, Option<u32>)> {
+/// The parent reference for an overlay at `child` on `parent`, with the parent's size, chunk
+/// shift and whether it carries data checksums.
+fn parent_ref(child: &Path, parent: &Path, opts: &CreateOptions) -> Result<(ParentRef, u64, Option<u32>, bool)> {
     let ctx = |e: Error| e.with_file(parent).during("create overlay");
     let format = match opts.backing_format {
         Some(f) => f,
@@ -112,36 +100,23 @@ fn parent_ref(
                 )));
             }
             Ok((
-                ParentRef {
-                    format,
-                    path: stored,
-                    uuid: h.uuid,
-                    size: h.geometry.virtual_size,
-                    fingerprint: 0,
-                },
+                ParentRef { format, path: stored, uuid: h.uuid, size: h.geometry.virtual_size, fingerprint: 0 },
                 h.geometry.virtual_size,
                 Some(h.geometry.chunk_shift),
+                h.geometry.data_checksums,
             ))
         }
         ParentFormat::Raw => {
             let raw = RawImage::open(parent, opts.allow_special_parent, LockMode::Shared)?;
             if raw.size() == 0 {
-                return Err(ctx(err(
-                    ErrorKind::InvalidArgument,
-                    "is empty and cannot be a parent",
-                )));
+                return Err(ctx(err(ErrorKind::InvalidArgument, "is empty and cannot be a parent")));
             }
             let fingerprint = raw_fingerprint(raw.storage().as_ref(), raw.size()).map_err(ctx)?;
             Ok((
-                ParentRef {
-                    format,
-                    path: stored,
-                    uuid: [0; 16],
-                    size: raw.size(),
-                    fingerprint,
-                },
+                ParentRef { format, path: stored, uuid: [0; 16], size: raw.size(), fingerprint },
                 raw.size(),
                 None,
+                false,
             ))
         }
     }
@@ -150,30 +125,21 @@ fn parent_ref(
 /// The bytes recorded as the parent's path: relative to the child's directory, or absolute.
 pub fn stored_parent_path(child: &Path, parent: &Path, absolute: bool) -> Result<Vec<u8>> {
     let p = if absolute {
-        parent
-            .canonicalize()
-            .map_err(|e| Error::io("resolve", e).with_file(parent))?
+        parent.canonicalize().map_err(|e| Error::io("resolve", e).with_file(parent))?
     } else {
         let child_dir = match child.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let cd = child_dir
-            .canonicalize()
-            .map_err(|e| Error::io("resolve", e).with_file(&child_dir))?;
-        let pp = parent
-            .canonicalize()
-            .map_err(|e| Error::io("resolve", e).with_file(parent))?;
+        let cd = child_dir.canonicalize().map_err(|e| Error::io("resolve", e).with_file(&child_dir))?;
+        let pp = parent.canonicalize().map_err(|e| Error::io("resolve", e).with_file(parent))?;
         relative_path(&cd, &pp)
     };
     let bytes = p.into_os_string().into_vec();
     if bytes.len() > MAX_PARENT_PATH {
         return Err(err(
             ErrorKind::InvalidArgument,
-            format!(
-                "parent path is {} bytes; the format holds at most {MAX_PARENT_PATH}",
-                bytes.len()
-            ),
+            format!("parent path is {} bytes; the format holds at most {MAX_PARENT_PATH}", bytes.len()),
         )
         .with_file(parent));
     }
@@ -197,10 +163,7 @@ pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
 
 /// A name next to `path` for a file being built, unique to this process and purpose.
 pub fn temp_sibling(path: &Path, purpose: &str) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.as_bytes().to_vec())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
     let mut t = b".".to_vec();
     t.extend_from_slice(&name);
     t.extend_from_slice(format!(".{purpose}-{}.tmp", std::process::id()).as_bytes());
@@ -219,9 +182,7 @@ pub fn sync_dir(path: &Path) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync directory", e).with_file(dir))
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", e).with_file(dir))
 }
 
 #[cfg(test)]
@@ -230,24 +191,14 @@ mod tests {
 
     #[test]
     fn relative_path_climbs_to_the_common_ancestor() {
-        assert_eq!(
-            relative_path(Path::new("/a/b/c"), Path::new("/a/d/e.img")),
-            PathBuf::from("../../d/e.img")
-        );
-        assert_eq!(
-            relative_path(Path::new("/a"), Path::new("/a/x.img")),
-            PathBuf::from("x.img")
-        );
+        assert_eq!(relative_path(Path::new("/a/b/c"), Path::new("/a/d/e.img")), PathBuf::from("../../d/e.img"));
+        assert_eq!(relative_path(Path::new("/a"), Path::new("/a/x.img")), PathBuf::from("x.img"));
     }
 
     #[test]
     fn temp_sibling_is_hidden_in_the_same_directory() {
         let t = temp_sibling(Path::new("/x/y/disk.cow"), "snapshot");
         assert_eq!(t.parent(), Some(Path::new("/x/y")));
-        assert!(t
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with(".disk.cow.snapshot-"));
+        assert!(t.file_name().unwrap().to_string_lossy().starts_with(".disk.cow.snapshot-"));
     }
 }

@@ -22,10 +22,7 @@ pub enum Source {
 impl Source {
     fn advanced(self, by: u64) -> Source {
         match self {
-            Source::Layer { layer, file_offset } => Source::Layer {
-                layer,
-                file_offset: file_offset + by,
-            },
+            Source::Layer { layer, file_offset } => Source::Layer { layer, file_offset: file_offset + by },
             z => z,
         }
     }
@@ -34,16 +31,9 @@ impl Source {
     fn continues(self, len: u64, next: Source) -> bool {
         match (self, next) {
             (Source::Zero { layer: a }, Source::Zero { layer: b }) => a == b,
-            (
-                Source::Layer {
-                    layer: a,
-                    file_offset: o,
-                },
-                Source::Layer {
-                    layer: b,
-                    file_offset: p,
-                },
-            ) => a == b && o + len == p,
+            (Source::Layer { layer: a, file_offset: o }, Source::Layer { layer: b, file_offset: p }) => {
+                a == b && o + len == p
+            }
             _ => false,
         }
     }
@@ -85,10 +75,9 @@ impl ExtentMap {
                     let source = match st {
                         BlockState::Absent => continue,
                         BlockState::Zero => Source::Zero { layer: li },
-                        BlockState::Data => Source::Layer {
-                            layer: li,
-                            file_offset: e.data_offset + s as u64 * BLOCK_SIZE,
-                        },
+                        BlockState::Data => {
+                            Source::Layer { layer: li, file_offset: e.data_offset + s as u64 * BLOCK_SIZE }
+                        }
                     };
                     m.fill_gaps(start, end, source);
                 }
@@ -182,14 +171,8 @@ mod tests {
     #[test]
     fn upper_layer_wins_and_gaps_show_through() {
         let mut m = ExtentMap::default();
-        let a = Source::Layer {
-            layer: 0,
-            file_offset: 1000,
-        };
-        let b = Source::Layer {
-            layer: 1,
-            file_offset: 5000,
-        };
+        let a = Source::Layer { layer: 0, file_offset: 1000 };
+        let b = Source::Layer { layer: 1, file_offset: 5000 };
         m.fill_gaps(100, 200, a);
         m.fill_gaps(0, 300, b);
         assert_eq!(
@@ -197,14 +180,7 @@ mod tests {
             vec![
                 (0, 100, Some(b)),
                 (100, 200, Some(a)),
-                (
-                    200,
-                    300,
-                    Some(Source::Layer {
-                        layer: 1,
-                        file_offset: 5200
-                    })
-                ),
+                (200, 300, Some(Source::Layer { layer: 1, file_offset: 5200 })),
                 (300, 400, None),
             ]
         );
@@ -213,46 +189,18 @@ mod tests {
     #[test]
     fn lookup_inside_an_extent_advances_the_file_offset() {
         let mut m = ExtentMap::default();
-        m.fill_gaps(
-            4096,
-            8192,
-            Source::Layer {
-                layer: 2,
-                file_offset: 65536,
-            },
-        );
+        m.fill_gaps(4096, 8192, Source::Layer { layer: 2, file_offset: 65536 });
         assert_eq!(
             pieces(&m, 5000, 10),
-            vec![(
-                5000,
-                5010,
-                Some(Source::Layer {
-                    layer: 2,
-                    file_offset: 65536 + 904
-                })
-            )]
+            vec![(5000, 5010, Some(Source::Layer { layer: 2, file_offset: 65536 + 904 }))]
         );
     }
 
     #[test]
     fn contiguous_runs_coalesce_into_one_extent() {
         let mut m = ExtentMap::default();
-        m.fill_gaps(
-            0,
-            4096,
-            Source::Layer {
-                layer: 0,
-                file_offset: 65536,
-            },
-        );
-        m.fill_gaps(
-            4096,
-            8192,
-            Source::Layer {
-                layer: 0,
-                file_offset: 65536 + 4096,
-            },
-        );
+        m.fill_gaps(0, 4096, Source::Layer { layer: 0, file_offset: 65536 });
+        m.fill_gaps(4096, 8192, Source::Layer { layer: 0, file_offset: 65536 + 4096 });
         m.fill_gaps(8192, 12288, Source::Zero { layer: 0 });
         m.fill_gaps(12288, 16384, Source::Zero { layer: 0 });
         assert_eq!(m.len(), 2);

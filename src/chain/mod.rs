@@ -10,9 +10,7 @@ mod open;
 
 pub use open::{resolve_parent_path, ChainOptions};
 
-use crate::device::{
-    Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind,
-};
+use crate::device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::BLOCK_SIZE;
@@ -63,14 +61,7 @@ impl Chain {
     pub fn assemble(top: Image, lowers: Vec<Image>, base: Option<RawImage>) -> Chain {
         let g = top.geometry();
         let lower_map = ExtentMap::build(&lowers, g.virtual_size);
-        Chain {
-            top,
-            lowers,
-            base,
-            lower_map,
-            size: g.virtual_size,
-            chunk_shift: g.chunk_shift,
-        }
+        Chain { top, lowers, base, lower_map, size: g.virtual_size, chunk_shift: g.chunk_shift }
     }
 
     pub fn top(&self) -> &Image {
@@ -104,10 +95,7 @@ impl Chain {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(err(
                 ErrorKind::OutOfRange,
-                format!(
-                    "{op} of {len} bytes at {offset} is outside the {}-byte device",
-                    self.size
-                ),
+                format!("{op} of {len} bytes at {offset} is outside the {}-byte device", self.size),
             )),
         }
     }
@@ -132,12 +120,7 @@ impl Chain {
             let chunk = pos >> shift;
             let start = pos & (cs - 1);
             let n = (cs - start).min(end - pos);
-            let p = ChunkPiece {
-                chunk,
-                start,
-                end: start + n,
-                at: (pos - offset) as usize,
-            };
+            let p = ChunkPiece { chunk, start, end: start + n, at: (pos - offset) as usize };
             pos += n;
             Some(p)
         })
@@ -157,12 +140,30 @@ impl Chain {
         for (s, e, src) in pieces {
             let sub = &mut buf[(s - offset) as usize..(e - offset) as usize];
             match src {
-                Some(Source::Layer { layer, file_offset }) => {
-                    self.lowers[layer as usize].read_at(sub, file_offset)?
-                }
+                Some(Source::Layer { layer, file_offset }) => self.read_layer(layer as usize, s, file_offset, sub)?,
                 Some(Source::Zero { .. }) => sub.fill(0),
                 None => self.read_base(sub, s)?,
             }
+        }
+        Ok(())
+    }
+
+    /// Reads what lower layer `layer` holds at device offset `at` (file offset `file_offset`),
+    /// verified against its data checksums when it has them.
+    fn read_layer(&self, layer: usize, at: u64, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        let l = &self.lowers[layer];
+        let g = l.geometry();
+        if !g.data_checksums {
+            return l.read_at(buf, file_offset);
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = at + done as u64;
+            let chunk = pos >> g.chunk_shift;
+            let in_chunk = pos & (g.chunk_size() - 1);
+            let n = ((g.chunk_size() - in_chunk) as usize).min(buf.len() - done);
+            l.read_data_verified(chunk, in_chunk, &mut buf[done..done + n])?;
+            done += n;
         }
         Ok(())
     }
@@ -197,22 +198,19 @@ impl Chain {
         let _io = self.top.io_guard();
         let first = (p.start / BLOCK_SIZE) as usize;
         let last = p.end.div_ceil(BLOCK_SIZE) as usize;
-        let plan = self.top.with_entry(p.chunk, |e| {
-            e.map(|e| {
-                (
-                    e.data_offset,
-                    e.blocks.runs(first, last).collect::<Vec<_>>(),
-                )
-            })
-        });
+        let plan = self
+            .top
+            .with_entry(p.chunk, |e| e.map(|e| (e.data_offset, e.blocks.runs(first, last).collect::<Vec<_>>())));
         let Some((slot, runs)) = plan else {
             return self.read_lower(buf, base + p.start);
         };
+        let checksums = self.top.geometry().data_checksums;
         for (s, t, state) in runs {
             let rs = (s as u64 * BLOCK_SIZE).max(p.start);
             let re = (t as u64 * BLOCK_SIZE).min(p.end);
             let sub = &mut buf[(rs - p.start) as usize..(re - p.start) as usize];
             match state {
+                BlockState::Data if checksums => self.top.read_data_verified(p.chunk, rs, sub)?,
                 BlockState::Data => self.top.read_at(sub, slot + rs)?,
                 BlockState::Zero => sub.fill(0),
                 BlockState::Absent => self.read_lower(sub, base + rs)?,
@@ -228,33 +226,39 @@ impl Chain {
         let base = self.chunk_base(p.chunk);
         let first = (p.start / BLOCK_SIZE) as usize;
         let last = p.end.div_ceil(BLOCK_SIZE) as usize;
-        let states = self.top.with_entry(p.chunk, |e| {
-            e.map(|e| (e.blocks.get(first), e.blocks.get(last - 1)))
+        let checksums = self.top.geometry().data_checksums;
+        let epoch = self.top.epoch();
+        let info = self.top.with_entry(p.chunk, |e| {
+            e.map(|e| {
+                let data_in_range = e.blocks.runs(first, last).any(|r| r.2 == BlockState::Data);
+                (e.blocks.get(first), e.blocks.get(last - 1), e.data_offset, e.slot_epoch, data_in_range)
+            })
         });
-        let (head_state, tail_state) = states.unwrap_or((BlockState::Absent, BlockState::Absent));
-        let head_fill = p.start % BLOCK_SIZE != 0 && head_state != BlockState::Data;
-        let tail_fill = p.end % BLOCK_SIZE != 0 && tail_state != BlockState::Data;
-        let ws = if head_fill {
-            first as u64 * BLOCK_SIZE
+        let (head_state, tail_state, slot, slot_epoch, overwrites) =
+            info.unwrap_or((BlockState::Absent, BlockState::Absent, 0, epoch, false));
+        // With checksums every block is written whole (its checksum covers all of it), and a
+        // block the durable map may point at is never overwritten in place.
+        let head_fill = p.start % BLOCK_SIZE != 0 && (checksums || head_state != BlockState::Data);
+        let tail_fill = p.end % BLOCK_SIZE != 0 && (checksums || tail_state != BlockState::Data);
+        let slot = if checksums && overwrites && slot != 0 && slot_epoch != epoch {
+            self.top.relocate(p.chunk)?
         } else {
-            p.start
+            self.top.ensure_slot(p.chunk)?
         };
-        let we = if tail_fill {
-            last as u64 * BLOCK_SIZE
+        let ws = if head_fill { first as u64 * BLOCK_SIZE } else { p.start };
+        let we = if tail_fill { last as u64 * BLOCK_SIZE } else { p.end };
+        let mut tmp = Vec::new();
+        let out: &[u8] = if ws == p.start && we == p.end {
+            data
         } else {
-            p.end
-        };
-        let slot = self.top.ensure_slot(p.chunk)?;
-        if ws == p.start && we == p.end {
-            self.top.write_at(data, slot + ws)?;
-        } else {
-            let mut tmp = vec![0u8; (we - ws) as usize];
+            tmp.resize((we - ws) as usize, 0);
             let fill = |tmp: &mut [u8], block: usize, state: BlockState| -> Result<()> {
                 let at = (block as u64 * BLOCK_SIZE - ws) as usize;
                 let b = &mut tmp[at..at + BLOCK_SIZE as usize];
                 match state {
                     BlockState::Absent => self.read_lower(b, base + block as u64 * BLOCK_SIZE),
-                    _ => Ok(()), // zero blocks: tmp is already zero
+                    BlockState::Data => self.top.read_data_verified(p.chunk, block as u64 * BLOCK_SIZE, b),
+                    BlockState::Zero => Ok(()), // tmp is already zero
                 }
             };
             if head_fill {
@@ -265,9 +269,12 @@ impl Chain {
             }
             let at = (p.start - ws) as usize;
             tmp[at..at + data.len()].copy_from_slice(data);
-            self.top.write_at(&tmp, slot + ws)?;
-        }
-        self.top.set_blocks(p.chunk, first, last, BlockState::Data)
+            &tmp
+        };
+        self.top.write_at(out, slot + ws)?;
+        let crcs: Vec<u32> =
+            if checksums { out.chunks(BLOCK_SIZE as usize).map(crc32fast::hash).collect() } else { Vec::new() };
+        self.top.set_blocks(p.chunk, first, last, BlockState::Data, &crcs)
     }
 
     fn zero_piece(&self, p: ChunkPiece) -> Result<()> {
@@ -276,22 +283,13 @@ impl Chain {
         // The device's last block may be short: covering up to the device's end covers it whole.
         let at_device_end = base + p.end == self.size;
         let fb = p.start.div_ceil(BLOCK_SIZE);
-        let lb = if at_device_end {
-            p.end.div_ceil(BLOCK_SIZE)
-        } else {
-            p.end / BLOCK_SIZE
-        };
+        let lb = if at_device_end { p.end.div_ceil(BLOCK_SIZE) } else { p.end / BLOCK_SIZE };
         if fb >= lb {
             return self.write_zeros_locked(p);
         }
         let (fs, fe) = (fb * BLOCK_SIZE, (lb * BLOCK_SIZE).min(self.size - base));
-        let state = if self.lower_visible(base + fs, base + fe) {
-            BlockState::Zero
-        } else {
-            BlockState::Absent
-        };
-        self.top
-            .set_blocks(p.chunk, fb as usize, lb as usize, state)?;
+        let state = if self.lower_visible(base + fs, base + fe) { BlockState::Zero } else { BlockState::Absent };
+        self.top.set_blocks(p.chunk, fb as usize, lb as usize, state, &[])?;
         if p.start < fs {
             self.write_zeros_locked(ChunkPiece { end: fs, ..p })?;
         }
@@ -311,9 +309,7 @@ impl Chain {
         let base = self.chunk_base(p.chunk);
         let first = (p.start / BLOCK_SIZE) as usize;
         let last = p.end.div_ceil(BLOCK_SIZE) as usize;
-        let runs = self.top.with_entry(p.chunk, |e| {
-            e.map(|e| e.blocks.runs(first, last).collect::<Vec<_>>())
-        });
+        let runs = self.top.with_entry(p.chunk, |e| e.map(|e| e.blocks.runs(first, last).collect::<Vec<_>>()));
         let runs = runs.unwrap_or_else(|| vec![(first, last, BlockState::Absent)]);
         for (s, t, state) in runs {
             let rs = base + (s as u64 * BLOCK_SIZE).max(p.start);
@@ -336,22 +332,10 @@ impl Chain {
         }
         for (s, e, src) in pieces {
             match src {
-                Some(Source::Layer { layer, .. }) => push_extent(
-                    out,
-                    s,
-                    e,
-                    ExtentKind::Data {
-                        depth: 1 + layer as usize,
-                    },
-                ),
-                Some(Source::Zero { layer }) => push_extent(
-                    out,
-                    s,
-                    e,
-                    ExtentKind::Zero {
-                        depth: 1 + layer as usize,
-                    },
-                ),
+                Some(Source::Layer { layer, .. }) => {
+                    push_extent(out, s, e, ExtentKind::Data { depth: 1 + layer as usize })
+                }
+                Some(Source::Zero { layer }) => push_extent(out, s, e, ExtentKind::Zero { depth: 1 + layer as usize }),
                 None => match &self.base {
                     Some(b) if b.size() > s => {
                         let m = e.min(b.size());
@@ -377,11 +361,7 @@ fn push_extent(out: &mut Vec<Extent>, start: u64, end: u64, kind: ExtentKind) {
             return;
         }
     }
-    out.push(Extent {
-        offset: start,
-        length: end - start,
-        kind,
-    });
+    out.push(Extent { offset: start, length: end - start, kind });
 }
 
 impl DiskRead for Chain {
@@ -455,12 +435,7 @@ impl DiskExtents for Chain {
             match self.top.next_chunk(chunk) {
                 Some(c) if c == chunk => {
                     let base = self.chunk_base(chunk);
-                    let p = ChunkPiece {
-                        chunk,
-                        start: pos - base,
-                        end: chunk_end - base,
-                        at: 0,
-                    };
+                    let p = ChunkPiece { chunk, start: pos - base, end: chunk_end - base, at: 0 };
                     self.describe_piece(p, &mut out);
                     pos = chunk_end;
                 }

@@ -56,11 +56,7 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
     } else {
         OpenOptions::read_only()
     };
-    let lower_opts = if opts.inspect {
-        OpenOptions::inspect()
-    } else {
-        OpenOptions::read_only()
-    };
+    let lower_opts = if opts.inspect { OpenOptions::inspect() } else { OpenOptions::read_only() };
     if !opts.inspect {
         // A snapshot interrupted after its decision is finished before anything else looks.
         crate::ops::snapshot::complete_pending(path)?;
@@ -73,20 +69,14 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
     let mut next = top.parent();
     while let Some(pref) = next.take() {
         if 1 + lowers.len() + 1 > MAX_CHAIN_DEPTH {
-            return Err(err(
-                ErrorKind::ChainTooDeep,
-                format!("chain is deeper than {MAX_CHAIN_DEPTH} images"),
-            )
-            .with_file(path)
-            .during("open chain"));
+            return Err(err(ErrorKind::ChainTooDeep, format!("chain is deeper than {MAX_CHAIN_DEPTH} images"))
+                .with_file(path)
+                .during("open chain"));
         }
         let ppath = resolve_parent_path(&child_path, &pref);
         let named_by = |e: Error| e.with_file(&child_path).during("open parent");
         let md = std::fs::metadata(&ppath).map_err(|e| {
-            named_by(err(
-                ErrorKind::ParentMissing,
-                format!("parent {} is missing ({e})", ppath.display()),
-            ))
+            named_by(err(ErrorKind::ParentMissing, format!("parent {} is missing ({e})", ppath.display())))
         })?;
         let id = (md.dev(), md.ino());
         if seen.contains(&id) {
@@ -98,25 +88,16 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
         seen.push(id);
         match pref.format {
             ParentFormat::Raw => {
-                let lock = if opts.inspect {
-                    LockMode::None
-                } else {
-                    LockMode::Shared
-                };
+                let lock = if opts.inspect { LockMode::None } else { LockMode::Shared };
                 let raw = RawImage::open(&ppath, opts.allow_special_parents, lock)?;
                 if raw.size() != pref.size {
                     return Err(named_by(changed(
                         &ppath,
-                        format!(
-                            "size is {} bytes, the overlay was made on {}",
-                            raw.size(),
-                            pref.size
-                        ),
+                        format!("size is {} bytes, the overlay was made on {}", raw.size(), pref.size),
                     )));
                 }
                 if !opts.inspect || opts.verify_parents {
-                    let fp = raw_fingerprint(raw.storage().as_ref(), raw.size())
-                        .map_err(|e| e.with_file(&ppath))?;
+                    let fp = raw_fingerprint(raw.storage().as_ref(), raw.size()).map_err(|e| e.with_file(&ppath))?;
                     if fp != pref.fingerprint {
                         return Err(named_by(changed(
                             &ppath,
@@ -128,9 +109,7 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
             }
             ParentFormat::Cowdisk => {
                 let img = Image::open(&ppath, lower_opts).map_err(|e| match e.kind() {
-                    ErrorKind::NotAnImage => {
-                        named_by(changed(&ppath, "is no longer a cowdisk image".into()))
-                    }
+                    ErrorKind::NotAnImage => named_by(changed(&ppath, "is no longer a cowdisk image".into())),
                     _ => e,
                 })?;
                 let h = img.header();
@@ -147,17 +126,11 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
                 if h.geometry.virtual_size != pref.size {
                     return Err(named_by(changed(
                         &ppath,
-                        format!(
-                            "size is {}, the overlay was made on {}",
-                            h.geometry.virtual_size, pref.size
-                        ),
+                        format!("size is {}, the overlay was made on {}", h.geometry.virtual_size, pref.size),
                     )));
                 }
                 if !h.has_flag(FLAG_FROZEN) {
-                    return Err(named_by(changed(
-                        &ppath,
-                        "is not frozen: a writable image cannot be a parent".into(),
-                    )));
+                    return Err(named_by(changed(&ppath, "is not frozen: a writable image cannot be a parent".into())));
                 }
                 next = h.parent.clone();
                 child_path = ppath;
@@ -169,8 +142,5 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
 }
 
 fn changed(p: &Path, what: String) -> Error {
-    err(
-        ErrorKind::ParentChanged,
-        format!("parent {} changed: {what}", p.display()),
-    )
+    err(ErrorKind::ParentChanged, format!("parent {} changed: {what}", p.display()))
 }

@@ -67,18 +67,12 @@ impl BlockStates {
         match &mut self.planes {
             Planes::Inline(w) => {
                 let (d, z) = w.split_at_mut(1);
-                (
-                    &mut d.view_bits_mut::<Lsb0>()[..n],
-                    &mut z.view_bits_mut::<Lsb0>()[..n],
-                )
+                (&mut d.view_bits_mut::<Lsb0>()[..n], &mut z.view_bits_mut::<Lsb0>()[..n])
             }
             Planes::Heap(w) => {
                 let half = w.len() / 2;
                 let (d, z) = w.split_at_mut(half);
-                (
-                    &mut d.view_bits_mut::<Lsb0>()[..n],
-                    &mut z.view_bits_mut::<Lsb0>()[..n],
-                )
+                (&mut d.view_bits_mut::<Lsb0>()[..n], &mut z.view_bits_mut::<Lsb0>()[..n])
             }
         }
     }
@@ -113,11 +107,7 @@ impl BlockStates {
     }
 
     /// Runs of equal state over `start..end`: (run start, run end, state).
-    pub fn runs(
-        &self,
-        start: usize,
-        end: usize,
-    ) -> impl Iterator<Item = (usize, usize, BlockState)> + '_ {
+    pub fn runs(&self, start: usize, end: usize) -> impl Iterator<Item = (usize, usize, BlockState)> + '_ {
         let mut pos = start;
         std::iter::from_fn(move || {
             if pos >= end {
@@ -158,12 +148,7 @@ impl BlockStates {
     }
 
     /// Reads both planes; `None` if a bit is set beyond `valid_blocks` or a block is both data and zero.
-    pub fn decode(
-        blocks: usize,
-        valid_blocks: usize,
-        plane_bytes: usize,
-        bytes: &[u8],
-    ) -> Option<BlockStates> {
+    pub fn decode(blocks: usize, valid_blocks: usize, plane_bytes: usize, bytes: &[u8]) -> Option<BlockStates> {
         let mut s = BlockStates::new(blocks);
         let (dp, zp) = (&bytes[..plane_bytes], &bytes[plane_bytes..2 * plane_bytes]);
         let dbits = dp.view_bits::<Lsb0>();

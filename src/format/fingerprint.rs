@@ -16,9 +16,7 @@ pub fn sample_offsets(size: u64) -> Vec<u64> {
         return Vec::new();
     }
     let span = size - SAMPLE_SIZE;
-    (0..SAMPLES)
-        .map(|i| (u128::from(span) * u128::from(i) / u128::from(SAMPLES - 1)) as u64)
-        .collect()
+    (0..SAMPLES).map(|i| (u128::from(span) * u128::from(i) / u128::from(SAMPLES - 1)) as u64).collect()
 }
 
 pub fn raw_fingerprint(s: &dyn Storage, size: u64) -> Result<u32> {

@@ -144,7 +144,12 @@ impl Header {
         LE::write_u32(&mut b[off::VERSION..], VERSION);
         LE::write_u32(&mut b[off::SLOT_SIZE..], HEADER_SLOT_SIZE as u32);
         LE::write_u64(&mut b[off::GENERATION..], self.generation);
-        LE::write_u64(&mut b[off::INCOMPAT..], self.incompat);
+        let incompat = if self.geometry.data_checksums {
+            self.incompat | INCOMPAT_DATA_CHECKSUMS
+        } else {
+            self.incompat & !INCOMPAT_DATA_CHECKSUMS
+        };
+        LE::write_u64(&mut b[off::INCOMPAT..], incompat);
         LE::write_u64(&mut b[off::COMPAT..], self.compat);
         LE::write_u64(&mut b[off::VIRTUAL_SIZE..], self.geometry.virtual_size);
         b[off::CHUNK_SHIFT] = self.geometry.chunk_shift as u8;
@@ -188,10 +193,7 @@ impl Header {
             return Err(err(ErrorKind::Truncated, "header slot is truncated"));
         }
         if b[off::MAGIC..off::MAGIC + 8] != MAGIC {
-            return Err(err(
-                ErrorKind::NotAnImage,
-                "not a cowdisk image (bad magic)",
-            ));
+            return Err(err(ErrorKind::NotAnImage, "not a cowdisk image (bad magic)"));
         }
         let crc = LE::read_u32(&b[off::CRC..]);
         if crc32fast::hash(&b[..off::CRC]) != crc {
@@ -206,39 +208,25 @@ impl Header {
         }
         let slot = LE::read_u32(&b[off::SLOT_SIZE..]);
         if slot as usize != HEADER_SLOT_SIZE {
-            return Err(err(
-                ErrorKind::Corrupt,
-                format!("header slot size {slot} is not 4096"),
-            ));
+            return Err(err(ErrorKind::Corrupt, format!("header slot size {slot} is not 4096")));
         }
         let incompat = LE::read_u64(&b[off::INCOMPAT..]);
         if incompat & !KNOWN_INCOMPAT != 0 {
             return Err(err(
                 ErrorKind::Unsupported,
-                format!(
-                    "unknown incompatible features {:#x}",
-                    incompat & !KNOWN_INCOMPAT
-                ),
+                format!("unknown incompatible features {:#x}", incompat & !KNOWN_INCOMPAT),
             ));
         }
         let flags = LE::read_u64(&b[off::FLAGS..]);
         if flags & !KNOWN_FLAGS != 0 {
-            return Err(err(
-                ErrorKind::Unsupported,
-                format!("unknown header flags {:#x}", flags & !KNOWN_FLAGS),
-            ));
+            return Err(err(ErrorKind::Unsupported, format!("unknown header flags {:#x}", flags & !KNOWN_FLAGS)));
         }
         if u32::from(b[off::BLOCK_SHIFT]) != BLOCK_SHIFT {
-            return Err(err(
-                ErrorKind::Corrupt,
-                format!("block size 2^{} is not 4096", b[off::BLOCK_SHIFT]),
-            ));
+            return Err(err(ErrorKind::Corrupt, format!("block size 2^{} is not 4096", b[off::BLOCK_SHIFT])));
         }
-        let geometry = Geometry::new(
-            LE::read_u64(&b[off::VIRTUAL_SIZE..]),
-            u32::from(b[off::CHUNK_SHIFT]),
-        )
-        .map_err(|e| err(ErrorKind::Corrupt, e.message().to_string()))?;
+        let geometry = Geometry::new(LE::read_u64(&b[off::VIRTUAL_SIZE..]), u32::from(b[off::CHUNK_SHIFT]))
+            .and_then(|g| g.with_data_checksums(incompat & INCOMPAT_DATA_CHECKSUMS != 0))
+            .map_err(|e| err(ErrorKind::Corrupt, e.message().to_string()))?;
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[off::UUID..off::UUID + 16]);
 
@@ -246,27 +234,15 @@ impl Header {
         let pending = decode_pending(b)?;
         let count = LE::read_u32(&b[off::EXTENT_COUNT..]) as usize;
         if count > MAX_MAP_EXTENTS {
-            return Err(err(
-                ErrorKind::Corrupt,
-                format!("{count} map extents (at most {MAX_MAP_EXTENTS})"),
-            ));
+            return Err(err(ErrorKind::Corrupt, format!("{count} map extents (at most {MAX_MAP_EXTENTS})")));
         }
         let mut map_extents: Vec<MapExtent> = Vec::with_capacity(count);
         for i in 0..count {
             let at = off::EXTENTS + 16 * i;
-            let e = MapExtent {
-                offset: LE::read_u64(&b[at..]),
-                len: LE::read_u64(&b[at + 8..]),
-            };
+            let e = MapExtent { offset: LE::read_u64(&b[at..]), len: LE::read_u64(&b[at + 8..]) };
             validate_extent(&geometry, &e)?;
-            if map_extents
-                .iter()
-                .any(|o| e.offset < o.end() && o.offset < e.end())
-            {
-                return Err(err(
-                    ErrorKind::Corrupt,
-                    format!("map extent {i} overlaps another"),
-                ));
+            if map_extents.iter().any(|o| e.offset < o.end() && o.offset < e.end()) {
+                return Err(err(ErrorKind::Corrupt, format!("map extent {i} overlaps another")));
             }
             map_extents.push(e);
         }
@@ -290,10 +266,7 @@ impl Header {
         if h.generation % 2 != slot {
             return Err(err(
                 ErrorKind::Corrupt,
-                format!(
-                    "header generation {} does not belong in slot {slot}",
-                    h.generation
-                ),
+                format!("header generation {} does not belong in slot {slot}", h.generation),
             ));
         }
         Ok(h)
@@ -331,10 +304,7 @@ fn decode_pending(b: &[u8]) -> Result<Option<PendingSnapshot>> {
     let area = &b[off::PENDING_LENS..off::PENDING_NAMES + 3 * PENDING_NAME_SLOT];
     match kind {
         0 if area.iter().all(|&x| x == 0) => Ok(None),
-        0 => Err(err(
-            ErrorKind::Corrupt,
-            "pending-snapshot fields set without a pending snapshot",
-        )),
+        0 => Err(err(ErrorKind::Corrupt, "pending-snapshot fields set without a pending snapshot")),
         1 => {
             let mut names = Vec::with_capacity(3);
             for i in 0..3 {
@@ -346,26 +316,16 @@ fn decode_pending(b: &[u8]) -> Result<Option<PendingSnapshot>> {
                     || name[..len].iter().any(|&c| c == 0 || c == b'/')
                     || name[len..].iter().any(|&c| c != 0)
                 {
-                    return Err(err(
-                        ErrorKind::Corrupt,
-                        "pending snapshot names a file badly",
-                    ));
+                    return Err(err(ErrorKind::Corrupt, "pending snapshot names a file badly"));
                 }
                 names.push(name[..len].to_vec());
             }
             let temp = names.pop().unwrap_or_default();
             let snapshot = names.pop().unwrap_or_default();
             let live = names.pop().unwrap_or_default();
-            Ok(Some(PendingSnapshot {
-                live,
-                snapshot,
-                temp,
-            }))
+            Ok(Some(PendingSnapshot { live, snapshot, temp }))
         }
-        k => Err(err(
-            ErrorKind::Unsupported,
-            format!("unknown pending operation {k}"),
-        )),
+        k => Err(err(ErrorKind::Unsupported, format!("unknown pending operation {k}"))),
     }
 }
 
@@ -375,27 +335,16 @@ fn decode_parent(b: &[u8]) -> Result<Option<ParentRef>> {
     let format = match fmt {
         0 => {
             if len != 0 {
-                return Err(err(
-                    ErrorKind::Corrupt,
-                    "parent path without a parent format",
-                ));
+                return Err(err(ErrorKind::Corrupt, "parent path without a parent format"));
             }
             return Ok(None);
         }
         1 => ParentFormat::Raw,
         2 => ParentFormat::Cowdisk,
-        other => {
-            return Err(err(
-                ErrorKind::Corrupt,
-                format!("unknown parent format {other}"),
-            ))
-        }
+        other => return Err(err(ErrorKind::Corrupt, format!("unknown parent format {other}"))),
     };
     if len == 0 || len > MAX_PARENT_PATH {
-        return Err(err(
-            ErrorKind::Corrupt,
-            format!("parent path length {len} out of range (1 to {MAX_PARENT_PATH})"),
-        ));
+        return Err(err(ErrorKind::Corrupt, format!("parent path length {len} out of range (1 to {MAX_PARENT_PATH})")));
     }
     let path = b[off::PARENT_PATH..off::PARENT_PATH + len].to_vec();
     if path.contains(&0) {
@@ -418,16 +367,11 @@ fn validate_extent(g: &Geometry, e: &MapExtent) -> Result<()> {
         && e.offset % cs == 0
         && e.len > 0
         && e.len % cs == 0
-        && e.offset
-            .checked_add(e.len)
-            .is_some_and(|end| end <= MAX_FILE_SIZE);
+        && e.offset.checked_add(e.len).is_some_and(|end| end <= MAX_FILE_SIZE);
     if ok {
         Ok(())
     } else {
-        Err(err(
-            ErrorKind::Corrupt,
-            format!("map extent at {} length {} is misplaced", e.offset, e.len),
-        ))
+        Err(err(ErrorKind::Corrupt, format!("map extent at {} length {} is misplaced", e.offset, e.len)))
     }
 }
 
@@ -452,10 +396,7 @@ mod tests {
                 fingerprint: 0,
             }),
         );
-        h.map_extents.push(MapExtent {
-            offset: 65536,
-            len: 65536,
-        });
+        h.map_extents.push(MapExtent { offset: 65536, len: 65536 });
         h
     }
 
@@ -478,15 +419,8 @@ mod tests {
     #[test]
     fn rejects_pending_snapshot_name_with_a_slash() {
         let mut h = sample();
-        h.pending = Some(PendingSnapshot {
-            live: b"a".to_vec(),
-            snapshot: b"../b".to_vec(),
-            temp: b"t".to_vec(),
-        });
-        assert_eq!(
-            Header::decode(&h.encode()).unwrap_err().kind(),
-            ErrorKind::Corrupt
-        );
+        h.pending = Some(PendingSnapshot { live: b"a".to_vec(), snapshot: b"../b".to_vec(), temp: b"t".to_vec() });
+        assert_eq!(Header::decode(&h.encode()).unwrap_err().kind(), ErrorKind::Corrupt);
     }
 
     #[test]
@@ -512,10 +446,7 @@ mod tests {
     fn rejects_bad_magic_as_not_an_image() {
         let mut b = sample().encode();
         b[0] = b'X';
-        assert_eq!(
-            Header::decode(&b).unwrap_err().kind(),
-            ErrorKind::NotAnImage
-        );
+        assert_eq!(Header::decode(&b).unwrap_err().kind(), ErrorKind::NotAnImage);
     }
 
     #[test]
@@ -524,17 +455,24 @@ mod tests {
         for byte in [9, 40, 200, 1144, 3000, 4091] {
             let mut b = good;
             b[byte] ^= 0x10;
-            assert_eq!(
-                Header::decode(&b).unwrap_err().kind(),
-                ErrorKind::BadChecksum,
-                "byte {byte}"
-            );
+            assert_eq!(Header::decode(&b).unwrap_err().kind(), ErrorKind::BadChecksum, "byte {byte}");
         }
     }
 
     fn reseal(b: &mut [u8; HEADER_SLOT_SIZE]) {
         let crc = crc32fast::hash(&b[..4092]);
         LE::write_u32(&mut b[4092..], crc);
+    }
+
+    #[test]
+    fn data_checksum_feature_bit_roundtrips_through_the_geometry() {
+        let mut h = sample();
+        h.geometry = h.geometry.with_data_checksums(true).unwrap();
+        let b = h.encode();
+        assert_eq!(LE::read_u64(&b[24..]), 1);
+        let d = Header::decode(&b).unwrap();
+        assert!(d.geometry.data_checksums);
+        assert_eq!(d.incompat & INCOMPAT_DATA_CHECKSUMS, d.incompat);
     }
 
     #[test]
@@ -570,24 +508,15 @@ mod tests {
     #[test]
     fn rejects_overlapping_map_extents() {
         let mut h = sample();
-        h.map_extents.push(MapExtent {
-            offset: 65536,
-            len: 131072,
-        });
-        assert_eq!(
-            Header::decode(&h.encode()).unwrap_err().kind(),
-            ErrorKind::Corrupt
-        );
+        h.map_extents.push(MapExtent { offset: 65536, len: 131072 });
+        assert_eq!(Header::decode(&h.encode()).unwrap_err().kind(), ErrorKind::Corrupt);
     }
 
     #[test]
     fn rejects_map_extent_reaching_past_max_file_size() {
         let mut h = sample();
         h.map_extents[0].len = u64::MAX - 65535;
-        assert_eq!(
-            Header::decode(&h.encode()).unwrap_err().kind(),
-            ErrorKind::Corrupt
-        );
+        assert_eq!(Header::decode(&h.encode()).unwrap_err().kind(), ErrorKind::Corrupt);
     }
 
     #[test]
@@ -623,10 +552,7 @@ mod tests {
         let mut area = vec![0u8; 8192];
         area[..4096].copy_from_slice(&h1.encode());
         area[4096..].copy_from_slice(&h2.encode());
-        assert_eq!(
-            Header::choose(&area).unwrap_err().kind(),
-            ErrorKind::Unsupported
-        );
+        assert_eq!(Header::choose(&area).unwrap_err().kind(), ErrorKind::Unsupported);
     }
 
     #[test]

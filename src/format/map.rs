@@ -19,15 +19,14 @@ pub struct MapEntry {
     /// File offset of the chunk's data slot; 0 when the chunk has no slot.
     pub data_offset: u64,
     pub blocks: BlockStates,
+    /// CRC-32 of each Data block (images with data checksums; empty otherwise). Entries of
+    /// blocks that are not Data are zero.
+    pub crcs: Vec<u32>,
 }
 
 /// Encodes one sector at file offset `sector_offset`; `entries` has one element per entry
 /// position (`None` = unused). A sector with no entry in use encodes as all zeros.
-pub fn encode_sector(
-    g: &Geometry,
-    sector_offset: u64,
-    entries: &[Option<&MapEntry>],
-) -> [u8; SECTOR_SIZE] {
+pub fn encode_sector(g: &Geometry, sector_offset: u64, entries: &[Option<&MapEntry>]) -> [u8; SECTOR_SIZE] {
     let mut b = [0u8; SECTOR_SIZE];
     if entries.iter().all(Option::is_none) {
         return b;
@@ -41,7 +40,13 @@ pub fn encode_sector(
         LE::write_u32(&mut b[at..], ENTRY_IN_USE);
         LE::write_u64(&mut b[at + 8..], e.chunk);
         LE::write_u64(&mut b[at + 16..], e.data_offset);
-        e.blocks.encode(g.bitmap_bytes(), &mut b[at + 24..at + es]);
+        let planes = 24 + 2 * g.bitmap_bytes();
+        e.blocks.encode(g.bitmap_bytes(), &mut b[at + 24..at + planes]);
+        if g.data_checksums {
+            for (i, c) in e.crcs.iter().enumerate().take(g.blocks_per_chunk()) {
+                LE::write_u32(&mut b[at + planes + 4 * i..], *c);
+            }
+        }
     }
     let crc = crc32fast::hash(&b[4..]);
     LE::write_u32(&mut b[0..4], crc);
@@ -62,10 +67,7 @@ pub fn decode_sector(g: &Geometry, sector_offset: u64, b: &[u8]) -> Result<Vec<(
         return Err(corrupt("map sector has a bad magic".into()));
     }
     if LE::read_u64(&b[8..16]) != sector_offset {
-        return Err(corrupt(format!(
-            "map sector claims to live at {} (misplaced write)",
-            LE::read_u64(&b[8..16])
-        )));
+        return Err(corrupt(format!("map sector claims to live at {} (misplaced write)", LE::read_u64(&b[8..16]))));
     }
     let es = g.entry_size();
     let mut out = Vec::new();
@@ -80,50 +82,34 @@ pub fn decode_sector(g: &Geometry, sector_offset: u64, b: &[u8]) -> Result<Vec<(
             continue;
         }
         if flags != ENTRY_IN_USE || LE::read_u32(&raw[4..]) != 0 {
-            return Err(corrupt(format!(
-                "map entry {i} has unknown flags {flags:#x}"
-            )));
+            return Err(corrupt(format!("map entry {i} has unknown flags {flags:#x}")));
         }
         let chunk = LE::read_u64(&raw[8..]);
         if chunk >= g.chunk_count() {
-            return Err(corrupt(format!(
-                "map entry for chunk {chunk} is past the end of the disk"
-            )));
+            return Err(corrupt(format!("map entry for chunk {chunk} is past the end of the disk")));
         }
         let data_offset = LE::read_u64(&raw[16..]);
-        let blocks = BlockStates::decode(
-            g.blocks_per_chunk(),
-            g.blocks_in_chunk(chunk),
-            g.bitmap_bytes(),
-            &raw[24..],
-        )
-        .ok_or_else(|| {
-            corrupt(format!(
-                "map entry for chunk {chunk} has invalid block bits"
-            ))
-        })?;
+        let blocks = BlockStates::decode(g.blocks_per_chunk(), g.blocks_in_chunk(chunk), g.bitmap_bytes(), &raw[24..])
+            .ok_or_else(|| corrupt(format!("map entry for chunk {chunk} has invalid block bits")))?;
         if data_offset == 0 {
             if blocks.count(BlockState::Data) != 0 {
-                return Err(corrupt(format!(
-                    "map entry for chunk {chunk} has data blocks but no data slot"
-                )));
+                return Err(corrupt(format!("map entry for chunk {chunk} has data blocks but no data slot")));
             }
         } else if data_offset % g.chunk_size() != 0
             || data_offset < g.data_start()
             || data_offset > MAX_FILE_SIZE - g.chunk_size()
         {
-            return Err(corrupt(format!(
-                "map entry for chunk {chunk} points at misplaced slot {data_offset}"
-            )));
+            return Err(corrupt(format!("map entry for chunk {chunk} points at misplaced slot {data_offset}")));
         }
-        out.push((
-            i,
-            MapEntry {
-                chunk,
-                data_offset,
-                blocks,
-            },
-        ));
+        let mut crcs = Vec::new();
+        if g.data_checksums {
+            let planes = 24 + 2 * g.bitmap_bytes();
+            crcs = (0..g.blocks_per_chunk()).map(|k| LE::read_u32(&raw[planes + 4 * k..])).collect();
+            if (0..g.blocks_per_chunk()).any(|k| crcs[k] != 0 && blocks.get(k) != BlockState::Data) {
+                return Err(corrupt(format!("map entry for chunk {chunk} has a checksum for a block without data")));
+            }
+        }
+        out.push((i, MapEntry { chunk, data_offset, blocks, crcs }));
     }
     if out.is_empty() {
         return Err(corrupt("map sector has a header but no entries".into()));
@@ -143,11 +129,7 @@ mod tests {
         let mut blocks = BlockStates::new(16);
         blocks.set_range(0, 4, BlockState::Data);
         blocks.set_range(4, 6, BlockState::Zero);
-        MapEntry {
-            chunk,
-            data_offset: off,
-            blocks,
-        }
+        MapEntry { chunk, data_offset: off, blocks, crcs: Vec::new() }
     }
 
     #[test]
@@ -179,10 +161,31 @@ mod tests {
     }
 
     #[test]
+    fn checksums_follow_the_planes_and_roundtrip() {
+        let g = geom().with_data_checksums(true).unwrap();
+        let mut a = entry(3, 131072);
+        a.crcs = vec![0; 16];
+        for (k, c) in a.crcs.iter_mut().enumerate().take(4) {
+            *c = 0xdead_0000 + k as u32;
+        }
+        let s = encode_sector(&g, 65536, &[Some(&a)]);
+        assert_eq!(LE::read_u32(&s[16 + 32 + 4..]), 0xdead_0001);
+        assert_eq!(decode_sector(&g, 65536, &s).unwrap(), vec![(0, a)]);
+    }
+
+    #[test]
+    fn rejects_a_checksum_on_a_block_without_data() {
+        let g = geom().with_data_checksums(true).unwrap();
+        let mut a = entry(3, 131072);
+        a.crcs = vec![0; 16];
+        a.crcs[5] = 7; // block 5 is Zero
+        let s = encode_sector(&g, 65536, &[Some(&a)]);
+        assert_eq!(decode_sector(&g, 65536, &s).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
     fn all_zero_sector_is_empty() {
-        assert!(decode_sector(&geom(), 65536, &[0u8; 512])
-            .unwrap()
-            .is_empty());
+        assert!(decode_sector(&geom(), 65536, &[0u8; 512]).unwrap().is_empty());
     }
 
     #[test]
@@ -193,10 +196,7 @@ mod tests {
         for byte in [0, 5, 20, 40, 511] {
             let mut t = s;
             t[byte] ^= 4;
-            assert_eq!(
-                decode_sector(&g, 65536, &t).unwrap_err().kind(),
-                ErrorKind::BadChecksum
-            );
+            assert_eq!(decode_sector(&g, 65536, &t).unwrap_err().kind(), ErrorKind::BadChecksum);
         }
     }
 
@@ -215,10 +215,7 @@ mod tests {
         let g = geom();
         let a = entry(g.chunk_count(), 131072);
         let s = encode_sector(&g, 65536, &[Some(&a)]);
-        assert!(decode_sector(&g, 65536, &s)
-            .unwrap_err()
-            .to_string()
-            .contains("past the end"));
+        assert!(decode_sector(&g, 65536, &s).unwrap_err().to_string().contains("past the end"));
     }
 
     #[test]
@@ -226,10 +223,7 @@ mod tests {
         let g = geom();
         let a = entry(1, 0x1000);
         let s = encode_sector(&g, 65536, &[Some(&a)]);
-        assert_eq!(
-            decode_sector(&g, 65536, &s).unwrap_err().kind(),
-            ErrorKind::Corrupt
-        );
+        assert_eq!(decode_sector(&g, 65536, &s).unwrap_err().kind(), ErrorKind::Corrupt);
     }
 
     #[test]
@@ -237,9 +231,6 @@ mod tests {
         let g = geom();
         let a = entry(1, 0);
         let s = encode_sector(&g, 65536, &[Some(&a)]);
-        assert!(decode_sector(&g, 65536, &s)
-            .unwrap_err()
-            .to_string()
-            .contains("no data slot"));
+        assert!(decode_sector(&g, 65536, &s).unwrap_err().to_string().contains("no data slot"));
     }
 }

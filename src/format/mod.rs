@@ -43,14 +43,20 @@ pub const FLAG_DIRTY: u64 = 1 << 1;
 pub const FLAG_CORRUPT: u64 = 1 << 2;
 pub const KNOWN_FLAGS: u64 = FLAG_FROZEN | FLAG_DIRTY | FLAG_CORRUPT;
 
-/// Incompatible features this build understands: none yet beyond version 1's base format.
-pub const KNOWN_INCOMPAT: u64 = 0;
+/// Incompatible feature: every data block carries a CRC-32 in its map entry (spec §2.3, §4.2).
+pub const INCOMPAT_DATA_CHECKSUMS: u64 = 1 << 0;
+/// Incompatible features this build understands.
+pub const KNOWN_INCOMPAT: u64 = INCOMPAT_DATA_CHECKSUMS;
+/// Largest chunk size that may carry data checksums: the entry must fit in one map sector.
+pub const MAX_CHECKSUM_CHUNK_SHIFT: u32 = 18;
 
 /// The shape of one image's address space, derived from the header's size and chunk shift.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
     pub virtual_size: u64,
     pub chunk_shift: u32,
+    /// Whether map entries carry a CRC-32 per block (INCOMPAT_DATA_CHECKSUMS).
+    pub data_checksums: bool,
 }
 
 impl Geometry {
@@ -59,23 +65,24 @@ impl Geometry {
         if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&chunk_shift) {
             return Err(err(
                 ErrorKind::InvalidArgument,
-                format!(
-                    "chunk size 2^{chunk_shift} is out of range (4 KiB to 2 MiB, a power of two)"
-                ),
+                format!("chunk size 2^{chunk_shift} is out of range (4 KiB to 2 MiB, a power of two)"),
             ));
         }
         if virtual_size == 0 || virtual_size > MAX_VIRTUAL_SIZE || virtual_size % SIZE_ALIGN != 0 {
             return Err(err(
                 ErrorKind::InvalidArgument,
-                format!(
-                    "virtual size {virtual_size} is invalid (a multiple of 512, at least 512, at most 2^60)"
-                ),
+                format!("virtual size {virtual_size} is invalid (a multiple of 512, at least 512, at most 2^60)"),
             ));
         }
-        Ok(Geometry {
-            virtual_size,
-            chunk_shift,
-        })
+        Ok(Geometry { virtual_size, chunk_shift, data_checksums: false })
+    }
+
+    /// The same geometry with per-block data checksums; chunks of at most 256 KiB only.
+    pub fn with_data_checksums(self, on: bool) -> Result<Geometry> {
+        if on && self.chunk_shift > MAX_CHECKSUM_CHUNK_SHIFT {
+            return Err(err(ErrorKind::InvalidArgument, "data checksums need a chunk size of at most 256 KiB"));
+        }
+        Ok(Geometry { data_checksums: on, ..self })
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -95,9 +102,18 @@ impl Geometry {
         (self.blocks_per_chunk() / 8).max(4)
     }
 
-    /// Bytes of one map entry: 24 + 2 bitmap planes.
+    /// Bytes of one map entry: 24 + 2 bitmap planes (+ 4 per block with data checksums).
     pub fn entry_size(&self) -> usize {
-        24 + 2 * self.bitmap_bytes()
+        24 + 2 * self.bitmap_bytes() + self.checksum_bytes()
+    }
+
+    /// Bytes of the per-block CRC-32 array of a map entry (0 without data checksums).
+    pub fn checksum_bytes(&self) -> usize {
+        if self.data_checksums {
+            4 * self.blocks_per_chunk()
+        } else {
+            0
+        }
     }
 
     pub fn entries_per_sector(&self) -> usize {
@@ -136,29 +152,25 @@ mod tests {
     #[test]
     fn smallest_and_largest_chunk_entry_sizes_match_spec_table() {
         let small = Geometry::new(1 << 20, 12).unwrap();
-        assert_eq!(
-            (
-                small.entry_size(),
-                small.entries_per_sector(),
-                small.data_start()
-            ),
-            (32, 15, 8192)
-        );
+        assert_eq!((small.entry_size(), small.entries_per_sector(), small.data_start()), (32, 15, 8192));
         let big = Geometry::new(1 << 30, 21).unwrap();
         assert_eq!(big.bitmap_bytes(), 64);
         assert_eq!((big.entry_size(), big.entries_per_sector()), (152, 3));
     }
 
     #[test]
+    fn checksum_entries_match_spec_table() {
+        let g = Geometry::new(1 << 30, 16).unwrap().with_data_checksums(true).unwrap();
+        assert_eq!((g.entry_size(), g.entries_per_sector()), (96, 5));
+        let g = Geometry::new(1 << 30, 18).unwrap().with_data_checksums(true).unwrap();
+        assert_eq!((g.entry_size(), g.entries_per_sector()), (296, 1));
+        assert!(Geometry::new(1 << 30, 19).unwrap().with_data_checksums(true).is_err());
+    }
+
+    #[test]
     fn rejects_chunk_size_out_of_range() {
-        assert_eq!(
-            Geometry::new(1 << 20, 11).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
-        assert_eq!(
-            Geometry::new(1 << 20, 22).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(Geometry::new(1 << 20, 11).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(Geometry::new(1 << 20, 22).unwrap_err().kind(), ErrorKind::InvalidArgument);
     }
 
     #[test]

@@ -27,44 +27,25 @@ pub struct Allocator {
 impl Allocator {
     /// An allocator for a new, empty image.
     pub fn empty(cluster: u64, start: u64) -> Allocator {
-        Allocator {
-            cluster,
-            start,
-            end: start,
-            free: Vec::new(),
-            pending: Vec::new(),
-        }
+        Allocator { cluster, start, end: start, free: Vec::new(), pending: Vec::new() }
     }
 
     /// Rebuilds the free space of an existing image from everything its metadata references.
     /// Fails if two references overlap. `file_len` bounds the free ranges: space past the end of
     /// the file is not tracked, it is simply beyond `end`.
-    pub fn rebuild(
-        cluster: u64,
-        start: u64,
-        file_len: u64,
-        mut used: Vec<(u64, u64, Use)>,
-    ) -> Result<Allocator> {
+    pub fn rebuild(cluster: u64, start: u64, file_len: u64, mut used: Vec<(u64, u64, Use)>) -> Result<Allocator> {
         used.sort_unstable_by_key(|u| u.0);
         for w in used.windows(2) {
             let (a, b) = (&w[0], &w[1]);
             if a.0 + a.1 > b.0 {
                 return Err(err(
                     ErrorKind::Corrupt,
-                    format!(
-                        "{} and {} overlap at offset {}",
-                        describe(a.2),
-                        describe(b.2),
-                        b.0
-                    ),
+                    format!("{} and {} overlap at offset {}", describe(a.2), describe(b.2), b.0),
                 )
                 .at(b.0));
             }
         }
-        let file_end = file_len
-            .min(MAX_FILE_SIZE)
-            .next_multiple_of(cluster)
-            .max(start);
+        let file_end = file_len.min(MAX_FILE_SIZE).next_multiple_of(cluster).max(start);
         let used_end = used.last().map_or(start, |u| u.0 + u.1);
         let mut free = Vec::new();
         let mut pos = start;
@@ -77,13 +58,7 @@ impl Allocator {
         if pos < file_end {
             free.push((pos, file_end));
         }
-        Ok(Allocator {
-            cluster,
-            start,
-            end: file_end.max(used_end),
-            free,
-            pending: Vec::new(),
-        })
+        Ok(Allocator { cluster, start, end: file_end.max(used_end), free, pending: Vec::new() })
     }
 
     /// One cluster for a data slot: the lowest free one, else fresh space at the end.
@@ -108,10 +83,7 @@ impl Allocator {
                 self.end = e;
                 Ok(off)
             }
-            _ => Err(err(
-                ErrorKind::NoSpace,
-                "image file would exceed the largest file size",
-            )),
+            _ => Err(err(ErrorKind::NoSpace, "image file would exceed the largest file size")),
         }
     }
 
@@ -192,10 +164,7 @@ mod tests {
 
     #[test]
     fn rebuild_finds_holes_between_references_as_free() {
-        let used = vec![
-            (3 * C, C, Use::DataSlot { chunk: 0 }),
-            (C, C, Use::MapExtent),
-        ];
+        let used = vec![(3 * C, C, Use::DataSlot { chunk: 0 }), (C, C, Use::MapExtent)];
         let mut a = Allocator::rebuild(C, C, 5 * C, used).unwrap();
         assert_eq!(a.free_ranges(), &[(2 * C, 3 * C), (4 * C, 5 * C)]);
         assert_eq!(a.alloc_slot().unwrap(), 2 * C);
@@ -205,10 +174,7 @@ mod tests {
 
     #[test]
     fn rejects_two_entries_sharing_a_slot() {
-        let used = vec![
-            (2 * C, C, Use::DataSlot { chunk: 1 }),
-            (2 * C, C, Use::DataSlot { chunk: 7 }),
-        ];
+        let used = vec![(2 * C, C, Use::DataSlot { chunk: 1 }), (2 * C, C, Use::DataSlot { chunk: 7 })];
         let e = Allocator::rebuild(C, C, 4 * C, used).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         assert!(e.to_string().contains("chunk 1") && e.to_string().contains("chunk 7"));
@@ -216,14 +182,8 @@ mod tests {
 
     #[test]
     fn rejects_data_slot_inside_a_map_extent() {
-        let used = vec![
-            (C, 2 * C, Use::MapExtent),
-            (2 * C, C, Use::DataSlot { chunk: 3 }),
-        ];
-        assert_eq!(
-            Allocator::rebuild(C, C, 4 * C, used).unwrap_err().kind(),
-            ErrorKind::Corrupt
-        );
+        let used = vec![(C, 2 * C, Use::MapExtent), (2 * C, C, Use::DataSlot { chunk: 3 })];
+        assert_eq!(Allocator::rebuild(C, C, 4 * C, used).unwrap_err().kind(), ErrorKind::Corrupt);
     }
 
     #[test]

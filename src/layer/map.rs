@@ -42,6 +42,12 @@ pub struct Entry {
     /// File offset of the chunk's data slot; 0 when it has none.
     pub data_offset: u64,
     pub blocks: BlockStates,
+    /// CRC-32 per block (images with data checksums; empty otherwise); 0 for non-Data blocks.
+    pub crcs: Box<[u32]>,
+    /// The flush epoch in which the slot was allocated. A slot of the current epoch is not yet
+    /// referenced by the durable map, so its blocks may be overwritten in place even when data
+    /// checksums are on (spec §5.8).
+    pub slot_epoch: u64,
     /// Position of the entry's record: sector index * entries_per_sector + index in sector.
     pos: u64,
 }
@@ -60,6 +66,8 @@ pub struct ChunkMap {
     extents: Vec<MapExtent>,
     dirty: BTreeSet<u64>,
     extents_changed: bool,
+    /// Flush epoch: incremented each time a flush takes its snapshot of the map.
+    epoch: u64,
 }
 
 /// The most map bytes a disk of this geometry can need: one entry per chunk, with room for the
@@ -81,18 +89,14 @@ impl ChunkMap {
             extents: Vec::new(),
             dirty: BTreeSet::new(),
             extents_changed: false,
+            epoch: 1,
         }
     }
 
     /// Reads the sectors of every extent that hold data (holes are skipped: they read as zero,
     /// which is an empty sector), up to the end of the file. Reads and memory are proportional
     /// to the entries on disk, never to the disk's virtual size.
-    pub fn load(
-        storage: &dyn Storage,
-        geom: Geometry,
-        extents: &[MapExtent],
-        file_len: u64,
-    ) -> Result<ChunkMap> {
+    pub fn load(storage: &dyn Storage, geom: Geometry, extents: &[MapExtent], file_len: u64) -> Result<ChunkMap> {
         let total: u64 = extents.iter().map(|e| e.len).sum();
         if total > max_map_bytes(&geom) {
             return Err(err(
@@ -117,10 +121,7 @@ impl ChunkMap {
                     break;
                 }
                 pos = pos.max(data / sector * sector);
-                let hole = storage
-                    .next_hole(pos)?
-                    .next_multiple_of(sector)
-                    .clamp(pos + sector, readable_end);
+                let hole = storage.next_hole(pos)?.next_multiple_of(sector).clamp(pos + sector, readable_end);
                 let n = ((hole - pos) as usize).min(buf.len());
                 storage.read_at(&mut buf[..n], pos)?;
                 for (i, bytes) in buf[..n].chunks_exact(SECTOR_SIZE).enumerate() {
@@ -139,24 +140,20 @@ impl ChunkMap {
 
     fn insert_loaded(&mut self, pos: u64, e: MapEntry, sector_off: u64) -> Result<()> {
         if self.entries.contains_key(&e.chunk) {
-            return Err(err(
-                ErrorKind::Corrupt,
-                format!("chunk {} has two map entries", e.chunk),
-            )
-            .at(sector_off));
+            return Err(err(ErrorKind::Corrupt, format!("chunk {} has two map entries", e.chunk)).at(sector_off));
         }
         self.owners.insert(pos, e.chunk);
         self.next_pos = self.next_pos.max(pos + 1);
         self.order.insert(e.chunk);
         self.entries.insert(
             e.chunk,
-            Entry {
-                data_offset: e.data_offset,
-                blocks: e.blocks,
-                pos,
-            },
+            Entry { data_offset: e.data_offset, blocks: e.blocks, crcs: e.crcs.into_boxed_slice(), slot_epoch: 0, pos },
         );
         Ok(())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -201,6 +198,7 @@ impl ChunkMap {
             let slot = m.entry_mut(e.chunk, &mut grow)?;
             slot.data_offset = e.data_offset;
             slot.blocks = e.blocks;
+            slot.crcs = e.crcs.into_boxed_slice();
         }
         Ok(m)
     }
@@ -215,21 +213,13 @@ impl ChunkMap {
     }
 
     fn capacity(&self) -> u64 {
-        let sectors: u64 = self
-            .extents
-            .iter()
-            .map(|e| e.len / SECTOR_SIZE as u64)
-            .sum();
+        let sectors: u64 = self.extents.iter().map(|e| e.len / SECTOR_SIZE as u64).sum();
         sectors * self.geom.entries_per_sector() as u64
     }
 
     /// The entry for `chunk`, created (all blocks absent, no slot) if missing. A new entry may
     /// need a new map extent, taken from never-written space by `grow`.
-    pub fn entry_mut(
-        &mut self,
-        chunk: u64,
-        grow: impl FnOnce(u64) -> Result<u64>,
-    ) -> Result<&mut Entry> {
+    pub fn entry_mut(&mut self, chunk: u64, grow: impl FnOnce(u64) -> Result<u64>) -> Result<&mut Entry> {
         if !self.entries.contains_key(&chunk) {
             if self.next_pos >= self.capacity() {
                 self.add_extent(grow)?;
@@ -243,6 +233,8 @@ impl ChunkMap {
                 Entry {
                     data_offset: 0,
                     blocks: BlockStates::new(self.geom.blocks_per_chunk()),
+                    crcs: vec![0; self.geom.checksum_bytes() / 4].into_boxed_slice(),
+                    slot_epoch: self.epoch,
                     pos,
                 },
             );
@@ -253,16 +245,10 @@ impl ChunkMap {
 
     fn add_extent(&mut self, grow: impl FnOnce(u64) -> Result<u64>) -> Result<()> {
         if self.extents.len() >= MAX_MAP_EXTENTS {
-            return Err(err(
-                ErrorKind::NoSpace,
-                "the chunk map has no room for another extent",
-            ));
+            return Err(err(ErrorKind::NoSpace, "the chunk map has no room for another extent"));
         }
         let total: u64 = self.extents.iter().map(|e| e.len).sum();
-        let len = total
-            .max(MIN_MAP_EXTENT)
-            .max(self.geom.chunk_size())
-            .next_multiple_of(self.geom.chunk_size());
+        let len = total.max(MIN_MAP_EXTENT).max(self.geom.chunk_size()).next_multiple_of(self.geom.chunk_size());
         let offset = grow(len)?;
         self.extents.push(MapExtent { offset, len });
         self.extents_changed = true;
@@ -271,8 +257,7 @@ impl ChunkMap {
 
     pub fn mark_dirty(&mut self, chunk: u64) {
         if let Some(e) = self.entries.get(&chunk) {
-            self.dirty
-                .insert(e.pos / self.geom.entries_per_sector() as u64);
+            self.dirty.insert(e.pos / self.geom.entries_per_sector() as u64);
         }
     }
 
@@ -305,6 +290,7 @@ impl ChunkMap {
                     chunk: c,
                     data_offset: e.data_offset,
                     blocks: e.blocks.clone(),
+                    crcs: e.crcs.to_vec(),
                 })
             }));
         }
@@ -315,14 +301,12 @@ impl ChunkMap {
     /// Encodes every dirty sector and clears the dirty state: the snapshot a flush writes
     /// after the data it refers to is durable.
     pub fn take_dirty(&mut self) -> DirtySnapshot {
+        // Everything allocated so far is in this snapshot; later allocations are a new epoch.
+        self.epoch += 1;
         let sectors: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
         let encoded = sectors.iter().map(|&s| self.encode(s)).collect();
         let extents_changed = std::mem::take(&mut self.extents_changed);
-        DirtySnapshot {
-            sectors,
-            encoded,
-            extents_changed,
-        }
+        DirtySnapshot { sectors, encoded, extents_changed }
     }
 
     /// Marks a snapshot's sectors dirty again after its write failed.
@@ -334,11 +318,7 @@ impl ChunkMap {
     /// Everything this map references in the file, for the allocator and the checker.
     pub fn used_ranges(&self) -> Vec<(u64, u64, Use)> {
         let cs = self.geom.chunk_size();
-        let mut v: Vec<(u64, u64, Use)> = self
-            .extents
-            .iter()
-            .map(|e| (e.offset, e.len, Use::MapExtent))
-            .collect();
+        let mut v: Vec<(u64, u64, Use)> = self.extents.iter().map(|e| (e.offset, e.len, Use::MapExtent)).collect();
         v.extend(
             self.entries
                 .iter()
@@ -429,8 +409,7 @@ mod tests {
         for c in 0..40u64 {
             let e = m.entry_mut(c * 3, |_| Ok(65536)).unwrap();
             e.data_offset = 131072 + c * 65536;
-            e.blocks
-                .set_range(0, (c % 16) as usize + 1, BlockState::Data);
+            e.blocks.set_range(0, (c % 16) as usize + 1, BlockState::Data);
         }
         let snap = m.take_dirty();
         let s = MemStorage::new();
@@ -442,10 +421,7 @@ mod tests {
         assert_eq!(l.len(), 40);
         for (c, e) in m.iter() {
             let got = l.get(c).unwrap();
-            assert_eq!(
-                (got.data_offset, &got.blocks, got.pos),
-                (e.data_offset, &e.blocks, e.pos)
-            );
+            assert_eq!((got.data_offset, &got.blocks, got.pos), (e.data_offset, &e.blocks, e.pos));
         }
     }
 

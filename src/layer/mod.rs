@@ -15,9 +15,7 @@ use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::header::{Header, ParentRef};
 use crate::format::map::MapEntry;
-use crate::format::{
-    Geometry, BLOCK_SIZE, FLAG_CORRUPT, FLAG_DIRTY, FLAG_FROZEN, HEADER_AREA, HEADER_SLOT_SIZE,
-};
+use crate::format::{Geometry, BLOCK_SIZE, FLAG_CORRUPT, FLAG_DIRTY, FLAG_FROZEN, HEADER_AREA, HEADER_SLOT_SIZE};
 use crate::storage::{FileStorage, LockMode, Storage};
 use alloc::Allocator;
 use map::ChunkMap;
@@ -40,32 +38,17 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// Writable top layer: exclusive lock, refuses frozen and corrupt images.
     pub fn writable() -> OpenOptions {
-        OpenOptions {
-            write: true,
-            lock: LockMode::Exclusive,
-            allow_frozen: false,
-            allow_corrupt: false,
-        }
+        OpenOptions { write: true, lock: LockMode::Exclusive, allow_frozen: false, allow_corrupt: false }
     }
 
     /// A layer that must not change while it is read (parent, read-only export): shared lock.
     pub fn read_only() -> OpenOptions {
-        OpenOptions {
-            write: false,
-            lock: LockMode::Shared,
-            allow_frozen: true,
-            allow_corrupt: true,
-        }
+        OpenOptions { write: false, lock: LockMode::Shared, allow_frozen: true, allow_corrupt: true }
     }
 
     /// Inspection (info, check): no lock, so it works on an image a server is using.
     pub fn inspect() -> OpenOptions {
-        OpenOptions {
-            write: false,
-            lock: LockMode::None,
-            allow_frozen: true,
-            allow_corrupt: true,
-        }
+        OpenOptions { write: false, lock: LockMode::None, allow_frozen: true, allow_corrupt: true }
     }
 }
 
@@ -91,16 +74,15 @@ pub struct Image {
     /// since the last good flush can be trusted to reach the disk; every later write and flush
     /// fails until the image is reopened (a retried fsync could report success for lost data).
     poisoned: AtomicBool,
+    /// A data checksum failed: the next flush or close records FLAG_CORRUPT in the header.
+    corrupt_found: AtomicBool,
     /// Slots dropped at open because they held no data (see [`ChunkMap::drop_empty_slots`]).
     repaired_on_open: usize,
 }
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Image")
-            .field("path", &self.path)
-            .field("writable", &self.writable)
-            .finish()
+        f.debug_struct("Image").field("path", &self.path).field("writable", &self.writable).finish()
     }
 }
 
@@ -131,14 +113,7 @@ pub fn new_uuid() -> Result<[u8; 16]> {
 
 pub fn format_uuid(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 impl Image {
@@ -165,15 +140,10 @@ impl Image {
         header.set_flag(FLAG_DIRTY, true);
         let ctx = |e: Error| e.with_file(path).during("create");
         storage.write_at(&h0.encode(), 0).map_err(ctx)?;
-        storage
-            .write_at(&header.encode(), HEADER_SLOT_SIZE as u64)
-            .map_err(ctx)?;
+        storage.write_at(&header.encode(), HEADER_SLOT_SIZE as u64).map_err(ctx)?;
         storage.sync().map_err(ctx)?;
-        let state = State {
-            map: ChunkMap::empty(geom),
-            alloc: Allocator::empty(geom.chunk_size(), geom.data_start()),
-            header,
-        };
+        let state =
+            State { map: ChunkMap::empty(geom), alloc: Allocator::empty(geom.chunk_size(), geom.data_start()), header };
         Ok(Image::assemble(path, storage, geom, true, state, 0))
     }
 
@@ -196,6 +166,7 @@ impl Image {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             closed: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
+            corrupt_found: AtomicBool::new(false),
             repaired_on_open: repaired,
         }
     }
@@ -218,23 +189,14 @@ impl Image {
             )));
         }
         if opts.write && header.has_flag(FLAG_CORRUPT) && !opts.allow_corrupt {
-            return Err(ctx(err(
-                ErrorKind::Corrupt,
-                "image is marked corrupt; run `cowdisk check --repair` first",
-            )));
+            return Err(ctx(err(ErrorKind::Corrupt, "image is marked corrupt; run `cowdisk check --repair` first")));
         }
         let geom = header.geometry;
-        let mut map =
-            ChunkMap::load(storage.as_ref(), geom, &header.map_extents, file_len).map_err(ctx)?;
+        let mut map = ChunkMap::load(storage.as_ref(), geom, &header.map_extents, file_len).map_err(ctx)?;
         let repaired = map.drop_empty_slots();
         check_data_within_file(&map, file_len).map_err(ctx)?;
-        let alloc = Allocator::rebuild(
-            geom.chunk_size(),
-            geom.data_start(),
-            file_len,
-            map.used_ranges(),
-        )
-        .map_err(ctx)?;
+        let alloc =
+            Allocator::rebuild(geom.chunk_size(), geom.data_start(), file_len, map.used_ranges()).map_err(ctx)?;
         let was_dirty = header.has_flag(FLAG_DIRTY);
         let state = State { header, map, alloc };
         if !opts.write {
@@ -249,8 +211,7 @@ impl Image {
         let img = Image::assemble(path, storage, geom, true, state, repaired);
         {
             let mut st = write(&img.state);
-            img.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, true))
-                .map_err(ctx)?;
+            img.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, true)).map_err(ctx)?;
         }
         img.storage.sync().map_err(ctx)?;
         Ok(img)
@@ -297,11 +258,7 @@ impl Image {
     /// Every entry, sorted by chunk (for merging lower layers, listing and checking).
     pub fn entries(&self) -> Vec<(u64, Entry)> {
         let st = read(&self.state);
-        st.map
-            .sorted_chunks()
-            .into_iter()
-            .filter_map(|c| st.map.get(c).map(|e| (c, e.clone())))
-            .collect()
+        st.map.sorted_chunks().into_iter().filter_map(|c| st.map.get(c).map(|e| (c, e.clone()))).collect()
     }
 
     /// The first chunk at or after `chunk` that has an entry in this image.
@@ -316,10 +273,7 @@ impl Image {
     /// Bytes of data blocks this layer holds.
     pub fn data_bytes(&self) -> u64 {
         let st = read(&self.state);
-        st.map
-            .iter()
-            .map(|(_, e)| e.blocks.count(BlockState::Data) as u64 * BLOCK_SIZE)
-            .sum()
+        st.map.iter().map(|(_, e)| e.blocks.count(BlockState::Data) as u64 * BLOCK_SIZE).sum()
     }
 
     /// Unreferenced cluster ranges inside the file (free space, or leaks after a crash).
@@ -372,82 +326,167 @@ impl Image {
         }
         let alloc = &mut st.alloc;
         // The entry first: if the map cannot grow, no cluster has been taken yet.
+        let epoch = st.map.epoch();
         let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
         let slot = alloc.alloc_slot()?;
         e.data_offset = slot;
+        e.slot_epoch = epoch;
         Ok(slot)
     }
 
-    /// Sets blocks `start..end` of `chunk` to `state`. Space of data blocks that stop being data is
-    /// punched at once (they read as zero or fall through either way); a slot left with no data
-    /// block is released for reuse after the next flush. Caller holds the chunk lock.
-    pub fn set_blocks(
-        &self,
-        chunk: u64,
-        start: usize,
-        end: usize,
-        state: BlockState,
-    ) -> Result<()> {
+    /// Sets blocks `start..end` of `chunk` to `state`; for Data, `crcs` holds their checksums
+    /// (empty without data checksums). Caller holds the chunk lock.
+    ///
+    /// Space of Data blocks that stop being Data is punched at once (they read as zero or fall
+    /// through either way), and a slot left with no Data block is released, to be reused after
+    /// the next flush. With data checksums nothing is punched before the map change is durable:
+    /// a crash must not leave a durable checksum over a punched block.
+    pub fn set_blocks(&self, chunk: u64, start: usize, end: usize, state: BlockState, crcs: &[u32]) -> Result<()> {
         self.require_writable()?;
         // Held until the punches are done: a flush cannot make a released slot reusable (and
         // another chunk cannot write into it) before this punch has landed.
         let _io = self.io_guard();
         let mut punches: Vec<(u64, u64)> = Vec::new();
+        let checksums = self.geom.data_checksums;
         {
             let mut guard = write(&self.state);
             let st = &mut *guard;
-            if state == BlockState::Absent && st.map.get(chunk).is_none() {
-                return Ok(());
-            }
-            if let Some(e) = st.map.get(chunk) {
-                if (start..end).all(|b| e.blocks.get(b) == state) {
-                    return Ok(());
+            match st.map.get(chunk) {
+                None if state == BlockState::Absent => return Ok(()),
+                // Nothing changes (but Data with checksums: the checksums may).
+                Some(e)
+                    if (state != BlockState::Data || !checksums) && (start..end).all(|b| e.blocks.get(b) == state) =>
+                {
+                    return Ok(())
                 }
+                _ => {}
             }
             let alloc = &mut st.alloc;
             let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
             if state == BlockState::Data && e.data_offset == 0 {
-                return Err(err(
-                    ErrorKind::InvalidArgument,
-                    "data blocks need a slot first",
-                ));
+                return Err(err(ErrorKind::InvalidArgument, "data blocks need a slot first"));
             }
-            if state != BlockState::Data && e.data_offset != 0 {
+            if state != BlockState::Data && e.data_offset != 0 && !checksums {
                 for (s, t, was) in e.blocks.runs(start, end) {
                     if was == BlockState::Data {
-                        punches.push((
-                            e.data_offset + s as u64 * BLOCK_SIZE,
-                            (t - s) as u64 * BLOCK_SIZE,
-                        ));
+                        punches.push((e.data_offset + s as u64 * BLOCK_SIZE, (t - s) as u64 * BLOCK_SIZE));
                     }
                 }
             }
             e.blocks.set_range(start, end, state);
+            if checksums {
+                for (i, c) in e.crcs[start..end].iter_mut().enumerate() {
+                    *c = if state == BlockState::Data { crcs.get(i).copied().unwrap_or(0) } else { 0 };
+                }
+            }
             if e.data_offset != 0 && e.blocks.count(BlockState::Data) == 0 {
-                punches = vec![(e.data_offset, self.geom.chunk_size())];
+                if !checksums {
+                    punches = vec![(e.data_offset, self.geom.chunk_size())];
+                }
                 alloc.release_later(e.data_offset);
                 e.data_offset = 0;
             }
         }
         for (off, len) in punches {
-            self.storage
-                .punch(off, len)
-                .map_err(|e| e.with_file(&self.path))?;
+            self.storage.punch(off, len).map_err(|e| e.with_file(&self.path))?;
+        }
+        Ok(())
+    }
+
+    /// The current flush epoch (see [`Entry::slot_epoch`]).
+    pub fn epoch(&self) -> u64 {
+        read(&self.state).map.epoch()
+    }
+
+    /// Moves `chunk` to a new slot of the current epoch, copying its Data blocks, and releases
+    /// the old slot for reuse after the next flush. Used before overwriting a block in place
+    /// when data checksums are on: the durable map keeps pointing at the old, intact copy until
+    /// the new one is durable (spec §5.8). Caller holds the chunk lock. Returns the new slot.
+    pub fn relocate(&self, chunk: u64) -> Result<u64> {
+        self.require_writable()?;
+        let Some((old, runs)) = self.with_entry(chunk, |e| {
+            e.map(|e| {
+                (
+                    e.data_offset,
+                    e.blocks.runs(0, e.blocks.len()).filter(|r| r.2 == BlockState::Data).collect::<Vec<_>>(),
+                )
+            })
+        }) else {
+            return self.ensure_slot(chunk);
+        };
+        let new = write(&self.state).alloc.alloc_slot()?;
+        let mut buf = Vec::new();
+        for (s, t, _) in runs {
+            let (at, len) = (s as u64 * BLOCK_SIZE, (t - s) * BLOCK_SIZE as usize);
+            buf.resize(len, 0);
+            self.read_at(&mut buf, old + at)?;
+            self.write_at(&buf, new + at)?;
+        }
+        let mut guard = write(&self.state);
+        let st = &mut *guard;
+        let epoch = st.map.epoch();
+        let alloc = &mut st.alloc;
+        let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
+        if old != 0 {
+            alloc.release_later(old);
+        }
+        e.data_offset = new;
+        e.slot_epoch = epoch;
+        Ok(new)
+    }
+
+    /// Reads bytes `start..start + buf.len()` of `chunk`'s slot (all Data blocks), verifying the
+    /// checksum of every block it touches when the image has data checksums. A mismatch is an
+    /// error, never data; it also marks the image corrupt at its next flush or close.
+    pub fn read_data_verified(&self, chunk: u64, start: u64, buf: &mut [u8]) -> Result<()> {
+        let first = (start / BLOCK_SIZE) as usize;
+        let last = (start + buf.len() as u64).div_ceil(BLOCK_SIZE) as usize;
+        let found = self.with_entry(chunk, |e| {
+            e.filter(|e| e.data_offset != 0)
+                .map(|e| (e.data_offset, e.crcs.get(first..last).map(<[u32]>::to_vec).unwrap_or_default()))
+        });
+        let Some((slot, crcs)) = found else {
+            return Err(err(ErrorKind::Corrupt, format!("chunk {chunk} has no data slot")).with_file(&self.path));
+        };
+        if !self.geom.data_checksums {
+            return self.read_at(buf, slot + start);
+        }
+        let aligned = start % BLOCK_SIZE == 0 && buf.len() as u64 % BLOCK_SIZE == 0;
+        let mut tmp = Vec::new();
+        let region: &mut [u8] = if aligned {
+            buf
+        } else {
+            tmp.resize((last - first) * BLOCK_SIZE as usize, 0);
+            &mut tmp
+        };
+        let at = slot + first as u64 * BLOCK_SIZE;
+        self.read_at(region, at)?;
+        for (i, blk) in region.chunks(BLOCK_SIZE as usize).enumerate() {
+            if crcs.get(i).copied() != Some(crc32fast::hash(blk)) {
+                self.corrupt_found.store(true, Ordering::Release);
+                return Err(err(
+                    ErrorKind::Corrupt,
+                    format!("data checksum mismatch in chunk {chunk} block {}", first + i),
+                )
+                .with_file(&self.path)
+                .at(at + i as u64 * BLOCK_SIZE));
+            }
+        }
+        if !aligned {
+            let off = (start - first as u64 * BLOCK_SIZE) as usize;
+            let n = buf.len();
+            buf.copy_from_slice(&tmp[off..off + n]);
         }
         Ok(())
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.storage
-            .read_at(buf, offset)
-            .map_err(|e| e.with_file(&self.path))
+        self.storage.read_at(buf, offset).map_err(|e| e.with_file(&self.path))
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
-        self.storage
-            .write_at(buf, offset)
-            .map_err(|e| e.with_file(&self.path))
+        self.storage.write_at(buf, offset).map_err(|e| e.with_file(&self.path))
     }
 
     /// Writes `f(header)` with the next generation into the slot not holding the current header.
@@ -464,9 +503,7 @@ impl Image {
     }
 
     fn sync_or_poison(&self) -> Result<()> {
-        self.storage
-            .sync()
-            .inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+        self.storage.sync().inspect_err(|_| self.poisoned.store(true, Ordering::Release))
     }
 
     /// Makes every write completed before the call durable (spec §5.3): data first, then the
@@ -505,7 +542,21 @@ impl Image {
             Ok(()) => {
                 if !released.is_empty() {
                     let _drain = write(&self.reclaim);
+                    // Released space is punched before anyone can reuse it (with data checksums
+                    // this is the first moment it may be: the old map no longer points there).
+                    for &off in &released {
+                        self.storage.punch(off, self.geom.chunk_size()).map_err(|e| e.with_file(&self.path))?;
+                    }
                     write(&self.state).alloc.free_now(&released);
+                }
+                if self.corrupt_found.load(Ordering::Acquire) {
+                    let mut st = write(&self.state);
+                    if !st.header.has_flag(FLAG_CORRUPT) {
+                        self.write_header(&mut st, |h| h.set_flag(FLAG_CORRUPT, true))
+                            .map_err(|e| e.with_file(&self.path))?;
+                        drop(st);
+                        self.sync_or_poison().map_err(|e| e.with_file(&self.path))?;
+                    }
                 }
                 Ok(())
             }
@@ -524,11 +575,9 @@ impl Image {
         let _f = lock(&self.flush_lock);
         self.flush_locked()?;
         let mut st = write(&self.state);
-        self.write_header(&mut st, f)
-            .map_err(|e| e.with_file(&self.path))?;
+        self.write_header(&mut st, f).map_err(|e| e.with_file(&self.path))?;
         drop(st);
-        self.sync_or_poison()
-            .map_err(|e| e.with_file(&self.path).during("update header"))
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("update header"))
     }
 
     /// A cluster for a slot that the live map does not reference yet: commit fills such slots
@@ -552,8 +601,7 @@ impl Image {
         let mut guard = write(&self.state);
         let st = &mut *guard;
         let alloc = &mut st.alloc;
-        let mut new_map =
-            ChunkMap::rebuilt(self.geom, entries, |len| alloc.alloc_fresh(len)).map_err(ctx)?;
+        let mut new_map = ChunkMap::rebuilt(self.geom, entries, |len| alloc.alloc_fresh(len)).map_err(ctx)?;
         let snap = new_map.take_dirty();
         self.sync_or_poison().map_err(ctx)?;
         for (off, bytes) in &snap.encoded {
@@ -567,13 +615,8 @@ impl Image {
         }
         self.sync_or_poison().map_err(ctx)?;
         let file_len = self.storage.len().map_err(ctx)?;
-        st.alloc = Allocator::rebuild(
-            self.geom.chunk_size(),
-            self.geom.data_start(),
-            file_len,
-            st.map.used_ranges(),
-        )
-        .map_err(ctx)?;
+        st.alloc = Allocator::rebuild(self.geom.chunk_size(), self.geom.data_start(), file_len, st.map.used_ranges())
+            .map_err(ctx)?;
         for &(s, e) in st.alloc.free_ranges() {
             self.storage.punch(s, e - s).map_err(ctx)?;
         }
@@ -589,11 +632,9 @@ impl Image {
         let _f = lock(&self.flush_lock);
         self.flush_locked()?;
         let mut st = write(&self.state);
-        self.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, false))
-            .map_err(|e| e.with_file(&self.path))?;
+        self.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, false)).map_err(|e| e.with_file(&self.path))?;
         drop(st);
-        self.sync_or_poison()
-            .map_err(|e| e.with_file(&self.path).during("close"))
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("close"))
     }
 }
 
@@ -606,25 +647,31 @@ impl Drop for Image {
 
 /// Reads only the current header of the image at `path`, without locks and without the map.
 pub fn read_header_only(path: &Path) -> Result<Header> {
+    read_header_slots(path).map(|(h, _)| h)
+}
+
+/// The current header of the image at `path`, and whether the other slot is unreadable.
+pub fn read_header_slots(path: &Path) -> Result<(Header, bool)> {
     let s = FileStorage::open(path, false, LockMode::None)?;
     let len = s.len()?;
-    read_header(&s, len).map_err(|e| e.with_file(path).during("open"))
+    read_header_area(&s, len).map_err(|e| e.with_file(path).during("open"))
 }
 
 fn read_header(storage: &dyn Storage, file_len: u64) -> Result<Header> {
+    read_header_area(storage, file_len).map(|(h, _)| h)
+}
+
+fn read_header_area(storage: &dyn Storage, file_len: u64) -> Result<(Header, bool)> {
     let mut area = vec![0u8; HEADER_AREA as usize];
     storage.read_at(&mut area, 0)?;
     if file_len < HEADER_AREA {
         return Err(if area[..8] == crate::format::MAGIC {
-            err(
-                ErrorKind::Truncated,
-                format!("file is {file_len} bytes, shorter than the 8192-byte header area"),
-            )
+            err(ErrorKind::Truncated, format!("file is {file_len} bytes, shorter than the 8192-byte header area"))
         } else {
             err(ErrorKind::NotAnImage, "not a cowdisk image (bad magic)")
         });
     }
-    Header::choose(&area).map(|(h, _)| h)
+    Header::choose(&area)
 }
 
 /// Every data block the map claims must lie inside the file: data reaches the disk before the
@@ -634,9 +681,7 @@ fn check_data_within_file(map: &ChunkMap, file_len: u64) -> Result<()> {
         if e.data_offset == 0 {
             continue;
         }
-        let last = (0..e.blocks.len())
-            .rev()
-            .find(|&b| e.blocks.get(b) == BlockState::Data);
+        let last = (0..e.blocks.len()).rev().find(|&b| e.blocks.get(b) == BlockState::Data);
         if let Some(b) = last {
             let end = e.data_offset + (b as u64 + 1) * BLOCK_SIZE;
             if end > file_len {
@@ -664,11 +709,7 @@ mod tests {
     }
 
     fn reopen(s: &Arc<MemStorage>, opts: OpenOptions) -> Result<Image> {
-        Image::open_on(
-            Arc::new(MemStorage::from_bytes(s.snapshot())),
-            Path::new("mem"),
-            opts,
-        )
+        Image::open_on(Arc::new(MemStorage::from_bytes(s.snapshot())), Path::new("mem"), opts)
     }
 
     #[test]
@@ -676,7 +717,7 @@ mod tests {
         let (s, img) = mem_image();
         let slot = img.ensure_slot(3).unwrap();
         img.write_at(&[0xab; 4096], slot + 4096).unwrap();
-        img.set_blocks(3, 1, 2, BlockState::Data).unwrap();
+        img.set_blocks(3, 1, 2, BlockState::Data, &[]).unwrap();
         img.flush().unwrap();
         let again = reopen(&s, OpenOptions::read_only()).unwrap();
         let (off, st) = again.with_entry(3, |e| {
@@ -694,7 +735,7 @@ mod tests {
         let (s, img) = mem_image();
         let slot = img.ensure_slot(0).unwrap();
         img.write_at(&[1; 4096], slot).unwrap();
-        img.set_blocks(0, 0, 1, BlockState::Data).unwrap();
+        img.set_blocks(0, 0, 1, BlockState::Data, &[]).unwrap();
         let crashed = reopen(&s, OpenOptions::read_only()).unwrap();
         assert!(crashed.with_entry(0, |e| e.is_none()));
         drop(img);
@@ -705,22 +746,15 @@ mod tests {
         let (s, img) = mem_image();
         drop(img);
         let w = Image::open_on(s.clone(), Path::new("mem"), OpenOptions::writable()).unwrap();
-        assert!(reopen(&s, OpenOptions::inspect())
-            .unwrap()
-            .header()
-            .has_flag(FLAG_DIRTY));
+        assert!(reopen(&s, OpenOptions::inspect()).unwrap().header().has_flag(FLAG_DIRTY));
         w.close().unwrap();
-        assert!(!reopen(&s, OpenOptions::inspect())
-            .unwrap()
-            .header()
-            .has_flag(FLAG_DIRTY));
+        assert!(!reopen(&s, OpenOptions::inspect()).unwrap().header().has_flag(FLAG_DIRTY));
     }
 
     #[test]
     fn refuses_to_open_frozen_image_for_writing() {
         let (s, img) = mem_image();
-        img.update_header(|h| h.set_flag(FLAG_FROZEN, true))
-            .unwrap();
+        img.update_header(|h| h.set_flag(FLAG_FROZEN, true)).unwrap();
         drop(img);
         let e = reopen(&s, OpenOptions::writable()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ReadOnly);
@@ -730,13 +764,9 @@ mod tests {
     #[test]
     fn refuses_to_open_corrupt_flagged_image_for_writing() {
         let (s, img) = mem_image();
-        img.update_header(|h| h.set_flag(FLAG_CORRUPT, true))
-            .unwrap();
+        img.update_header(|h| h.set_flag(FLAG_CORRUPT, true)).unwrap();
         drop(img);
-        assert_eq!(
-            reopen(&s, OpenOptions::writable()).unwrap_err().kind(),
-            ErrorKind::Corrupt
-        );
+        assert_eq!(reopen(&s, OpenOptions::writable()).unwrap_err().kind(), ErrorKind::Corrupt);
         assert!(reopen(&s, OpenOptions::read_only()).is_ok());
     }
 
@@ -745,8 +775,8 @@ mod tests {
         let (_s, img) = mem_image();
         let slot = img.ensure_slot(2).unwrap();
         img.write_at(&[9; 4096], slot).unwrap();
-        img.set_blocks(2, 0, 1, BlockState::Data).unwrap();
-        img.set_blocks(2, 0, 16, BlockState::Zero).unwrap();
+        img.set_blocks(2, 0, 1, BlockState::Data, &[]).unwrap();
+        img.set_blocks(2, 0, 16, BlockState::Zero, &[]).unwrap();
         assert_eq!(img.with_entry(2, |e| e.unwrap().data_offset), 0);
         // Not reusable before the flush that makes the release durable...
         assert_ne!(img.ensure_slot(5).unwrap(), slot);
@@ -774,20 +804,16 @@ mod tests {
     fn rejects_map_entry_past_end_of_file() {
         let (s, img) = mem_image();
         // A zero entry first, so the map extent sits before the data slot that gets cut off.
-        img.set_blocks(0, 0, 16, BlockState::Zero).unwrap();
+        img.set_blocks(0, 0, 16, BlockState::Zero, &[]).unwrap();
         let slot = img.ensure_slot(1).unwrap();
         img.write_at(&[1; 4096], slot).unwrap();
-        img.set_blocks(1, 0, 1, BlockState::Data).unwrap();
+        img.set_blocks(1, 0, 1, BlockState::Data, &[]).unwrap();
         img.flush().unwrap();
         drop(img);
         let mut bytes = s.snapshot();
         bytes.truncate((slot + 100) as usize);
-        let e = Image::open_on(
-            Arc::new(MemStorage::from_bytes(bytes)),
-            Path::new("m"),
-            OpenOptions::inspect(),
-        )
-        .unwrap_err();
+        let e = Image::open_on(Arc::new(MemStorage::from_bytes(bytes)), Path::new("m"), OpenOptions::inspect())
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         assert!(e.to_string().contains("past the end of the file"));
     }

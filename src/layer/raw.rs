@@ -30,11 +30,7 @@ impl RawImage {
     }
 
     pub fn on(storage: Arc<dyn Storage>, path: &Path, size: u64) -> RawImage {
-        RawImage {
-            path: path.to_path_buf(),
-            storage,
-            size,
-        }
+        RawImage { path: path.to_path_buf(), storage, size }
     }
 
     pub fn path(&self) -> &Path {
@@ -56,9 +52,7 @@ impl RawImage {
             return Ok(());
         }
         let n = ((self.size - offset).min(buf.len() as u64)) as usize;
-        self.storage
-            .read_at(&mut buf[..n], offset)
-            .map_err(|e| e.with_file(&self.path))?;
+        self.storage.read_at(&mut buf[..n], offset).map_err(|e| e.with_file(&self.path))?;
         buf[n..].fill(0);
         Ok(())
     }

@@ -14,12 +14,7 @@ pub struct Budget {
 
 impl Budget {
     pub fn new(max_requests: usize, max_bytes: u64) -> Budget {
-        Budget {
-            state: Mutex::new((0, 0)),
-            cv: Condvar::new(),
-            max_requests,
-            max_bytes,
-        }
+        Budget { state: Mutex::new((0, 0)), cv: Condvar::new(), max_requests, max_bytes }
     }
 
     pub fn acquire(&self, bytes: u64) {

@@ -66,11 +66,7 @@ fn protocol_error(msg: &str) -> io::Error {
 
 impl<'a> Session<'a> {
     /// Sends the greeting and reads the client flags.
-    pub fn start<S: Read + Write>(
-        s: &mut S,
-        exports: &'a [Arc<Export>],
-        tls: TlsMode,
-    ) -> io::Result<Session<'a>> {
+    pub fn start<S: Read + Write>(s: &mut S, exports: &'a [Arc<Export>], tls: TlsMode) -> io::Result<Session<'a>> {
         s.write_all(&greeting())?;
         s.flush()?;
         let mut f = [0u8; 4];
@@ -147,19 +143,11 @@ impl<'a> Session<'a> {
             };
             let error = |s: &mut S, typ: u32, msg: &str| reply(s, typ, msg.as_bytes());
 
-            if self.tls == TlsMode::Required
-                && !self.tls_active
-                && opt != OPT_STARTTLS
-                && opt != OPT_ABORT
-            {
+            if self.tls == TlsMode::Required && !self.tls_active && opt != OPT_STARTTLS && opt != OPT_ABORT {
                 if opt == OPT_EXPORT_NAME {
                     return Ok(Outcome::Closed);
                 }
-                error(
-                    s,
-                    REP_ERR_TLS_REQD,
-                    "TLS is required: send NBD_OPT_STARTTLS first",
-                )?;
+                error(s, REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")?;
                 continue;
             }
             match opt {
@@ -171,11 +159,7 @@ impl<'a> Session<'a> {
                         return Ok(Outcome::Closed);
                     };
                     let n = self.negotiated(export);
-                    s.write_all(&export_name_reply(
-                        n.export.disk.size(),
-                        n.flags,
-                        self.no_zeroes,
-                    ))?;
+                    s.write_all(&export_name_reply(n.export.disk.size(), n.flags, self.no_zeroes))?;
                     s.flush()?;
                     return Ok(Outcome::Transmit(n));
                 }
@@ -219,19 +203,11 @@ impl<'a> Session<'a> {
                     reply(s, REP_INFO, &info_export(n.export.disk.size(), n.flags))?;
                     for r in reqs {
                         match r {
-                            INFO_NAME => {
-                                reply(s, REP_INFO, &info_string(INFO_NAME, &n.export.name))?
+                            INFO_NAME => reply(s, REP_INFO, &info_string(INFO_NAME, &n.export.name))?,
+                            INFO_DESCRIPTION => {
+                                reply(s, REP_INFO, &info_string(INFO_DESCRIPTION, &n.export.description))?
                             }
-                            INFO_DESCRIPTION => reply(
-                                s,
-                                REP_INFO,
-                                &info_string(INFO_DESCRIPTION, &n.export.description),
-                            )?,
-                            INFO_BLOCK_SIZE => reply(
-                                s,
-                                REP_INFO,
-                                &info_block_size(1, PREFERRED_BLOCK, MAX_PAYLOAD),
-                            )?,
+                            INFO_BLOCK_SIZE => reply(s, REP_INFO, &info_block_size(1, PREFERRED_BLOCK, MAX_PAYLOAD))?,
                             _ => {}
                         }
                     }
@@ -264,16 +240,10 @@ impl<'a> Session<'a> {
                     let matches = if queries.is_empty() {
                         opt == OPT_LIST_META_CONTEXT
                     } else {
-                        queries.iter().any(|q| {
-                            *q == BASE_ALLOCATION || (opt == OPT_LIST_META_CONTEXT && *q == "base:")
-                        })
+                        queries.iter().any(|q| *q == BASE_ALLOCATION || (opt == OPT_LIST_META_CONTEXT && *q == "base:"))
                     };
                     if matches {
-                        let id = if opt == OPT_SET_META_CONTEXT {
-                            BASE_ALLOCATION_ID
-                        } else {
-                            0
-                        };
+                        let id = if opt == OPT_SET_META_CONTEXT { BASE_ALLOCATION_ID } else { 0 };
                         reply(s, REP_META_CONTEXT, &rep_meta_context(id, BASE_ALLOCATION))?;
                     }
                     if opt == OPT_SET_META_CONTEXT {

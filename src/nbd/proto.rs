@@ -120,11 +120,7 @@ pub fn greeting() -> [u8; 18] {
 
 /// Option request header: (magic, option, length).
 pub fn parse_option_header(b: &[u8; 16]) -> (u64, u32, u32) {
-    (
-        BE::read_u64(&b[0..]),
-        BE::read_u32(&b[8..]),
-        BE::read_u32(&b[12..]),
-    )
+    (BE::read_u64(&b[0..]), BE::read_u32(&b[8..]), BE::read_u32(&b[12..]))
 }
 
 /// An option reply: header and payload in one buffer.
@@ -348,13 +344,8 @@ mod tests {
 
     #[test]
     fn request_roundtrips_and_bad_magic_is_refused() {
-        let r = Request {
-            flags: CMD_FLAG_FUA,
-            typ: CMD_WRITE,
-            cookie: 0xdead_beef_0102,
-            offset: 1 << 40,
-            length: 4096,
-        };
+        let r =
+            Request { flags: CMD_FLAG_FUA, typ: CMD_WRITE, cookie: 0xdead_beef_0102, offset: 1 << 40, length: 4096 };
         let b = encode_request(&r);
         assert_eq!(parse_request(&b), Some(r));
         let mut bad = b;
@@ -367,10 +358,7 @@ mod tests {
         let mut b = vec![0, 0, 0, 3];
         b.extend_from_slice(b"abc");
         b.extend_from_slice(&[0, 2, 0, 3, 0, 1]);
-        assert_eq!(
-            parse_info_request(&b),
-            Some(("abc", vec![INFO_BLOCK_SIZE, INFO_NAME]))
-        );
+        assert_eq!(parse_info_request(&b), Some(("abc", vec![INFO_BLOCK_SIZE, INFO_NAME])));
         b.push(0);
         assert_eq!(parse_info_request(&b), None);
     }
@@ -388,10 +376,7 @@ mod tests {
             b.extend_from_slice(&(q.len() as u32).to_be_bytes());
             b.extend_from_slice(q.as_bytes());
         }
-        assert_eq!(
-            parse_meta_request(&b),
-            Some(("", vec!["base:allocation", "qemu:dirty-bitmap:x"]))
-        );
+        assert_eq!(parse_meta_request(&b), Some(("", vec!["base:allocation", "qemu:dirty-bitmap:x"])));
     }
 
     #[test]
@@ -410,13 +395,7 @@ mod tests {
     #[test]
     fn chunk_layout_matches_spec() {
         let mut out = Vec::new();
-        push_chunk(
-            &mut out,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_OFFSET_HOLE,
-            7,
-            &hole_payload(4096, 512),
-        );
+        push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 7, &hole_payload(4096, 512));
         assert_eq!(out.len(), 32);
         assert_eq!(BE::read_u32(&out[0..]), STRUCTURED_REPLY_MAGIC);
         assert_eq!(BE::read_u16(&out[4..]), 1);

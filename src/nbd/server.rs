@@ -196,11 +196,7 @@ pub struct Server {
 fn bind_unix(p: &Path) -> Result<UnixListener> {
     if p.exists() {
         if UnixStream::connect(p).is_ok() {
-            return Err(err(
-                ErrorKind::InUse,
-                "in use: a server is already listening on this socket",
-            )
-            .with_file(p));
+            return Err(err(ErrorKind::InUse, "in use: a server is already listening on this socket").with_file(p));
         }
         std::fs::remove_file(p).map_err(|e| Error::io("remove stale socket", e).with_file(p))?;
     }
@@ -216,8 +212,7 @@ impl Server {
         for l in &cfg.listen {
             let listener = match l {
                 ListenAddr::Tcp(a) => Listener::Tcp(
-                    TcpListener::bind(a.as_str())
-                        .map_err(|e| Error::io("bind", e).with_file(Path::new(a)))?,
+                    TcpListener::bind(a.as_str()).map_err(|e| Error::io("bind", e).with_file(Path::new(a)))?,
                 ),
                 ListenAddr::Unix(p) => Listener::Unix(bind_unix(p)?, p.clone()),
             };
@@ -240,11 +235,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             cfg,
         });
-        Ok(Server {
-            listeners,
-            shared,
-            pipe: (fds[0], fds[1]),
-        })
+        Ok(Server { listeners, shared, pipe: (fds[0], fds[1]) })
     }
 
     /// TCP addresses actually bound (port 0 resolves to a real port).
@@ -274,11 +265,7 @@ impl Server {
         'accept: loop {
             let mut pfds: Vec<libc::pollfd> = std::iter::once(self.pipe.0)
                 .chain(self.listeners.iter().map(Listener::fd))
-                .map(|fd| libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
+                .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
                 .collect();
             // SAFETY: pfds is a valid slice of pollfd for the duration of the call.
             let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
@@ -301,17 +288,11 @@ impl Server {
                     Ok(s) => s,
                     Err(_) => continue,
                 };
-                let active = self
-                    .shared
-                    .conns
-                    .lock()
-                    .map(|c| c.len())
-                    .unwrap_or(usize::MAX);
-                if active >= self.shared.cfg.max_connections {
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                if !admit(&self.shared, id, &sock) {
                     sock.shutdown(Shutdown::Both);
                     continue;
                 }
-                let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let sh = self.shared.clone();
                 threads.push(std::thread::spawn(move || connection(sh, id, sock)));
             }
@@ -369,20 +350,33 @@ fn reap_stalled_handshakes(sh: &Shared) {
     }
 }
 
-fn set_phase(sh: &Shared, id: u64, sock: Option<&Sock>, phase: Option<Phase>) {
-    let Ok(mut c) = sh.conns.lock() else { return };
-    match (sock, phase) {
-        (Some(s), Some(p)) => {
-            if let Ok(clone) = s.try_clone() {
-                c.insert(id, (clone, p));
-            }
+/// Registers a new connection (in the handshake phase) unless the cap is reached. Counting and
+/// registering happen under one lock in the accept loop, so a burst of connects cannot get
+/// past the cap before the connection threads have started.
+fn admit(sh: &Shared, id: u64, sock: &Sock) -> bool {
+    let Ok(mut c) = sh.conns.lock() else { return false };
+    if c.len() >= sh.cfg.max_connections {
+        return false;
+    }
+    match sock.try_clone() {
+        Ok(clone) => {
+            c.insert(id, (clone, Phase::Handshake(Instant::now())));
+            true
         }
-        (None, Some(p)) => {
+        Err(_) => false,
+    }
+}
+
+/// Moves a registered connection to `phase`, or forgets it (`None`).
+fn set_phase(sh: &Shared, id: u64, phase: Option<Phase>) {
+    let Ok(mut c) = sh.conns.lock() else { return };
+    match phase {
+        Some(p) => {
             if let Some(e) = c.get_mut(&id) {
                 e.1 = p;
             }
         }
-        _ => {
+        None => {
             c.remove(&id);
         }
     }
@@ -397,11 +391,7 @@ fn negotiate(sh: &Shared, slot: &mut Option<Stream>) -> io::Result<Option<Negoti
             Outcome::Transmit(n) => return Ok(Some(n)),
             Outcome::Closed => return Ok(None),
             Outcome::StartTls => {
-                let cfg = sh
-                    .cfg
-                    .tls
-                    .as_ref()
-                    .ok_or_else(|| io::Error::other("TLS not configured"))?;
+                let cfg = sh.cfg.tls.as_ref().ok_or_else(|| io::Error::other("TLS not configured"))?;
                 let plain = slot.take().ok_or_else(|| io::Error::other("no stream"))?;
                 *slot = Some(plain.upgrade(cfg)?);
                 session.tls_started();
@@ -412,27 +402,19 @@ fn negotiate(sh: &Shared, slot: &mut Option<Stream>) -> io::Result<Option<Negoti
 
 fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
     sock.set_nodelay();
-    set_phase(&sh, id, Some(&sock), Some(Phase::Handshake(Instant::now())));
-    // A connection accepted just as shutdown began must not slip past the sweep.
+    // Accepted just as shutdown began: the sweep has closed the socket, nothing to serve.
     if sh.stopping.load(Ordering::Acquire) {
-        set_phase(&sh, id, None, None);
+        set_phase(&sh, id, None);
         return;
     }
     let mut slot = Some(Stream::Plain(sock));
     if let Ok(Some(n)) = negotiate(&sh, &mut slot) {
-        set_phase(&sh, id, None, Some(Phase::Transmission));
+        set_phase(&sh, id, Some(Phase::Transmission));
         if !sh.stopping.load(Ordering::Acquire) {
             if let Some(Ok((reader, writer, closer))) = slot.map(Stream::split) {
-                transmission::serve(
-                    reader,
-                    writer,
-                    n,
-                    sh.cfg.threads_per_connection,
-                    &sh.budget,
-                    closer,
-                );
+                transmission::serve(reader, writer, n, sh.cfg.threads_per_connection, &sh.budget, closer);
             }
         }
     }
-    set_phase(&sh, id, None, None);
+    set_phase(&sh, id, None);
 }

@@ -15,11 +15,7 @@ pub enum Stream {
     Plain(Sock),
 }
 
-type Split = (
-    Box<dyn Read + Send>,
-    Box<dyn Write + Send>,
-    Box<dyn Fn() + Send + Sync>,
-);
+type Split = (Box<dyn Read + Send>, Box<dyn Write + Send>, Box<dyn Fn() + Send + Sync>);
 
 impl Stream {
     pub fn upgrade(self, _cfg: &TlsConfig) -> io::Result<Stream> {
@@ -32,11 +28,7 @@ impl Stream {
             Stream::Plain(s) => {
                 let r = s.try_clone()?;
                 let c = s.try_clone()?;
-                Ok((
-                    Box::new(r),
-                    Box::new(s),
-                    Box::new(move || c.shutdown(Shutdown::Both)),
-                ))
+                Ok((Box::new(r), Box::new(s), Box::new(move || c.shutdown(Shutdown::Both))))
             }
         }
     }

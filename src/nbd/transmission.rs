@@ -98,10 +98,13 @@ fn next_request(
             *done = true;
             return None;
         }
-        let cost = if matches!(req.typ, CMD_READ | CMD_WRITE) {
-            u64::from(req.length)
-        } else {
-            0
+        // A read over the maximum is refused without a buffer, so it is not charged: its cost
+        // would exceed the global budget and hold it (and this connection) until every other
+        // connection is idle.
+        let cost = match req.typ {
+            CMD_WRITE => u64::from(req.length),
+            CMD_READ if req.length <= MAX_PAYLOAD => u64::from(req.length),
+            _ => 0,
         };
         if req.typ == CMD_WRITE && req.length > MAX_PAYLOAD {
             if drain(r, cost).is_err() {
@@ -162,13 +165,7 @@ impl Conn {
     fn send_error(&self, req: &Request, errno: u32, msg: &str) {
         if self.neg.structured {
             let mut out = Vec::with_capacity(64);
-            push_chunk(
-                &mut out,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                req.cookie,
-                &error_payload(errno, msg),
-            );
+            push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req.cookie, &error_payload(errno, msg));
             self.send(&out);
         } else {
             let mut b = [0u8; SIMPLE_REPLY_SIZE];
@@ -178,11 +175,7 @@ impl Conn {
     }
 
     fn allowed_flags(&self, typ: u16) -> u16 {
-        let fua = if self.neg.flags & FLAG_SEND_FUA != 0 {
-            CMD_FLAG_FUA
-        } else {
-            0
-        };
+        let fua = if self.neg.flags & FLAG_SEND_FUA != 0 { CMD_FLAG_FUA } else { 0 };
         match typ {
             CMD_READ => fua | if self.neg.structured { CMD_FLAG_DF } else { 0 },
             CMD_WRITE_ZEROES => fua | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
@@ -201,22 +194,13 @@ impl Conn {
     fn run(&self, req: &Request, payload: Vec<u8>) -> Result<(), (u32, String)> {
         let known = matches!(
             req.typ,
-            CMD_READ
-                | CMD_WRITE
-                | CMD_FLUSH
-                | CMD_TRIM
-                | CMD_CACHE
-                | CMD_WRITE_ZEROES
-                | CMD_BLOCK_STATUS
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
         );
         if !known {
             return Err((EINVAL, format!("unknown command {}", req.typ)));
         }
         if req.flags & !self.allowed_flags(req.typ) != 0 {
-            return Err((
-                EINVAL,
-                format!("flags {:#x} not valid for this command", req.flags),
-            ));
+            return Err((EINVAL, format!("flags {:#x} not valid for this command", req.flags)));
         }
         let disk = self.disk();
         let writes = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
@@ -224,24 +208,10 @@ impl Conn {
             return Err((EPERM, "export is read-only".into()));
         }
         let len = u64::from(req.length);
-        let in_range = req
-            .offset
-            .checked_add(len)
-            .is_some_and(|end| end <= disk.size());
+        let in_range = req.offset.checked_add(len).is_some_and(|end| end <= disk.size());
         if !in_range && req.typ != CMD_FLUSH {
-            let code = if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) {
-                ENOSPC
-            } else {
-                EINVAL
-            };
-            return Err((
-                code,
-                format!(
-                    "{len} bytes at {} are outside the {}-byte export",
-                    req.offset,
-                    disk.size()
-                ),
-            ));
+            let code = if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
+            return Err((code, format!("{len} bytes at {} are outside the {}-byte export", req.offset, disk.size())));
         }
         let lib = |e: Error| (errno(&e), e.to_string());
         let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -261,10 +231,7 @@ impl Conn {
             CMD_WRITE_ZEROES => {
                 let allocate = req.flags & CMD_FLAG_NO_HOLE != 0;
                 if req.flags & CMD_FLAG_FAST_ZERO != 0 && !disk.zeroing_is_fast(allocate) {
-                    return Err((
-                        ENOTSUP,
-                        "zeroing with NO_HOLE writes data, which is not fast".into(),
-                    ));
+                    return Err((ENOTSUP, "zeroing with NO_HOLE writes data, which is not fast".into()));
                 }
                 if len > 0 {
                     disk.write_zeroes(req.offset, len, allocate).map_err(lib)?;
@@ -283,20 +250,13 @@ impl Conn {
 
     fn read(&self, req: &Request) -> Result<(), (u32, String)> {
         if req.length > MAX_PAYLOAD {
-            return Err((
-                EINVAL,
-                format!(
-                    "read of {} bytes exceeds the maximum {MAX_PAYLOAD}",
-                    req.length
-                ),
-            ));
+            return Err((EINVAL, format!("read of {} bytes exceeds the maximum {MAX_PAYLOAD}", req.length)));
         }
         let disk = self.disk();
         let lib = |e: Error| (errno(&e), e.to_string());
         if !self.neg.structured {
             let mut out = vec![0u8; SIMPLE_REPLY_SIZE + req.length as usize];
-            disk.read_at(&mut out[SIMPLE_REPLY_SIZE..], req.offset)
-                .map_err(lib)?;
+            disk.read_at(&mut out[SIMPLE_REPLY_SIZE..], req.offset).map_err(lib)?;
             simple_reply(&mut out, 0, req.cookie);
             self.send(&out);
             return Ok(());
@@ -310,15 +270,11 @@ impl Conn {
         let extents = if req.flags & CMD_FLAG_DF != 0 || req.length < HOLE_SCAN_MIN {
             None
         } else {
-            Some(
-                self.all_extents(req.offset, u64::from(req.length))
-                    .map_err(lib)?,
-            )
+            Some(self.all_extents(req.offset, u64::from(req.length)).map_err(lib)?)
         };
         let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE * 2 + 8 + req.length as usize);
         match extents {
-            None => push_data(&mut out, disk, req.cookie, req.offset, req.length as usize)
-                .map_err(lib)?,
+            None => push_data(&mut out, disk, req.cookie, req.offset, req.length as usize).map_err(lib)?,
             Some(ext) => {
                 let mut i = 0;
                 while i < ext.len() {
@@ -339,8 +295,7 @@ impl Conn {
                             &hole_payload(start, (end - start) as u32),
                         );
                     } else {
-                        push_data(&mut out, disk, req.cookie, start, (end - start) as usize)
-                            .map_err(lib)?;
+                        push_data(&mut out, disk, req.cookie, start, (end - start) as usize).map_err(lib)?;
                     }
                 }
             }
@@ -371,57 +326,29 @@ impl Conn {
         if req.length == 0 {
             return Err((EINVAL, "block status of zero bytes".into()));
         }
-        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
-            1
-        } else {
-            1024
-        };
-        let ext = self
-            .disk()
-            .extents(req.offset, u64::from(req.length), max)
-            .map_err(|e| (errno(&e), e.to_string()))?;
+        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { 1024 };
+        let ext =
+            self.disk().extents(req.offset, u64::from(req.length), max).map_err(|e| (errno(&e), e.to_string()))?;
         let mut desc: Vec<(u32, u32)> = Vec::with_capacity(ext.len());
         for e in ext.iter().take(max) {
-            let flags = if e.kind.reads_zero() {
-                STATE_HOLE | STATE_ZERO
-            } else {
-                0
-            };
+            let flags = if e.kind.reads_zero() { STATE_HOLE | STATE_ZERO } else { 0 };
             match desc.last_mut() {
                 Some(last) if last.1 == flags => last.0 += e.length as u32,
                 _ => desc.push((e.length as u32, flags)),
             }
         }
         let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE + 4 + 8 * desc.len());
-        push_chunk(
-            &mut out,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_BLOCK_STATUS,
-            req.cookie,
-            &block_status_payload(ctx, &desc),
-        );
+        push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, req.cookie, &block_status_payload(ctx, &desc));
         self.send(&out);
         Ok(())
     }
 }
 
 /// Appends an OFFSET_DATA chunk read straight into the reply buffer.
-fn push_data(
-    out: &mut Vec<u8>,
-    disk: &dyn Disk,
-    cookie: u64,
-    offset: u64,
-    len: usize,
-) -> crate::Result<()> {
+fn push_data(out: &mut Vec<u8>, disk: &dyn Disk, cookie: u64, offset: u64, len: usize) -> crate::Result<()> {
     let at = out.len();
     out.resize(at + CHUNK_HEADER_SIZE + 8 + len, 0);
-    chunk_header(
-        &mut out[at..],
-        0,
-        REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        (8 + len) as u32,
-    );
+    chunk_header(&mut out[at..], 0, REPLY_TYPE_OFFSET_DATA, cookie, (8 + len) as u32);
     out[at + CHUNK_HEADER_SIZE..at + CHUNK_HEADER_SIZE + 8].copy_from_slice(&offset.to_be_bytes());
     disk.read_at(&mut out[at + CHUNK_HEADER_SIZE + 8..], offset)
 }

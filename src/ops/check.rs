@@ -3,8 +3,9 @@
 
 use crate::chain::resolve_parent_path;
 use crate::error::{ErrorKind, Result};
+use crate::format::blocks::BlockState;
 use crate::format::header::ParentFormat;
-use crate::format::{FLAG_CORRUPT, FLAG_DIRTY};
+use crate::format::{BLOCK_SIZE, FLAG_CORRUPT, FLAG_DIRTY};
 use crate::layer::{Image, OpenOptions};
 use crate::storage::{LockMode, Storage};
 use crate::{Chain, ChainOptions};
@@ -22,6 +23,23 @@ pub struct ImageCheck {
     pub dirty: bool,
     /// Leaks punched and the dirty flag cleared by `repair`.
     pub repaired: bool,
+    /// One header slot is unreadable (a torn header write, or damage); the other is in use.
+    pub header_slot_damaged: bool,
+    /// Data blocks whose checksum does not match (`deep` only).
+    pub damaged_blocks: u64,
+}
+
+/// What `check` looks at and may do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Also every cowdisk layer under the image, and each parent's identity.
+    pub chain: bool,
+    /// Reclaim leaks, rewrite a damaged header slot, clear the dirty flag and the corrupt mark
+    /// (only when everything checked is sound).
+    pub repair: bool,
+    /// Read every data block and verify its checksum (images with data checksums), or at
+    /// least that it can be read.
+    pub deep: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -42,11 +60,7 @@ impl CheckReport {
     pub fn exit_code(&self) -> u8 {
         if self.corrupt() {
             2
-        } else if self
-            .images
-            .iter()
-            .any(|i| i.leaked_bytes > 0 && !i.repaired)
-        {
+        } else if self.images.iter().any(|i| (i.leaked_bytes > 0 || i.header_slot_damaged) && !i.repaired) {
             3
         } else {
             0
@@ -77,16 +91,36 @@ fn data_in(storage: &dyn Storage, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64
     Ok(out)
 }
 
-fn check_image(path: &Path, repair: bool) -> ImageCheck {
-    let mut r = ImageCheck {
-        path: path.to_path_buf(),
-        ..Default::default()
-    };
+/// Reads every Data block of `img`, verifying checksums; returns the number of bad blocks and
+/// a description of the first few.
+fn scrub(img: &Image) -> (u64, Vec<String>) {
+    let mut bad = 0;
+    let mut notes = Vec::new();
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    for (chunk, e) in img.entries() {
+        for (s, t, st) in e.blocks.runs(0, e.blocks.len()) {
+            if st != BlockState::Data {
+                continue;
+            }
+            for b in s..t {
+                if let Err(err) = img.read_data_verified(chunk, b as u64 * BLOCK_SIZE, &mut buf) {
+                    bad += 1;
+                    if notes.len() < 10 {
+                        notes.push(err.to_string());
+                    }
+                }
+            }
+        }
+    }
+    (bad, notes)
+}
+
+fn check_image(path: &Path, opts: &CheckOptions) -> ImageCheck {
+    let mut r = ImageCheck { path: path.to_path_buf(), ..Default::default() };
     // First look without locks: this works on an image a server has open, and sees the flags
     // as they were found (a writable open would set dirty for its own use).
-    let found = crate::layer::read_header_only(path)
-        .and_then(|h| Ok((h, Image::open(path, OpenOptions::inspect())?)));
-    let (h, img) = match found {
+    let found = crate::layer::read_header_slots(path).and_then(|h| Ok((h, Image::open(path, OpenOptions::inspect())?)));
+    let ((h, torn), img) = match found {
         Ok(x) => x,
         Err(e) => {
             r.errors.push(e.to_string());
@@ -94,6 +128,7 @@ fn check_image(path: &Path, repair: bool) -> ImageCheck {
         }
     };
     r.dirty = h.has_flag(FLAG_DIRTY);
+    r.header_slot_damaged = torn;
     let leaks = match data_in(img.storage().as_ref(), &img.free_ranges()) {
         Ok(l) => l,
         Err(e) => {
@@ -102,21 +137,29 @@ fn check_image(path: &Path, repair: bool) -> ImageCheck {
         }
     };
     r.leaked_bytes = leaks.iter().map(|(s, e)| e - s).sum();
+    // A corrupt mark means something was found at run time: look at every block again.
+    if opts.deep || (opts.repair && h.has_flag(FLAG_CORRUPT)) {
+        let (bad, notes) = scrub(&img);
+        r.damaged_blocks = bad;
+        r.errors.extend(notes);
+        if bad > 10 {
+            r.errors.push(format!("{}: {bad} damaged data blocks in all", path.display()));
+        }
+    }
     drop(img);
-    if !repair {
-        if h.has_flag(FLAG_CORRUPT) {
-            r.errors.push(format!("{}: marked corrupt by an earlier run; every check passes now, so `check --repair` will clear the mark", path.display()));
+    if !opts.repair || !r.errors.is_empty() {
+        if h.has_flag(FLAG_CORRUPT) && r.errors.is_empty() {
+            r.errors.push(format!(
+                "{}: marked corrupt at run time; `check --repair` scrubs every block and clears the mark if all are sound",
+                path.display()
+            ));
         }
         return r;
     }
     // Everything verified: punch the leaks, clear the corrupt mark, close cleanly (clears dirty).
-    let opts = OpenOptions {
-        write: true,
-        lock: LockMode::Exclusive,
-        allow_frozen: true,
-        allow_corrupt: true,
-    };
-    let repaired = Image::open(path, opts).and_then(|img| {
+    // The writable open and the close each write a header, which rewrites a damaged slot.
+    let wopts = OpenOptions { write: true, lock: LockMode::Exclusive, allow_frozen: true, allow_corrupt: true };
+    let repaired = Image::open(path, wopts).and_then(|img| {
         for &(s, e) in &leaks {
             img.storage().punch(s, e - s)?;
         }
@@ -125,9 +168,7 @@ fn check_image(path: &Path, repair: bool) -> ImageCheck {
     });
     match repaired {
         Ok(()) => r.repaired = true,
-        Err(e) if e.kind() == ErrorKind::InUse => r
-            .errors
-            .push(format!("{e} (cannot repair an image that is open)")),
+        Err(e) if e.kind() == ErrorKind::InUse => r.errors.push(format!("{e} (cannot repair an image that is open)")),
         Err(e) => r.errors.push(e.to_string()),
     }
     r
@@ -135,20 +176,13 @@ fn check_image(path: &Path, repair: bool) -> ImageCheck {
 
 /// Checks `image`, and with `chain` every cowdisk layer under it plus the identity of each
 /// parent (including a raw base's fingerprint).
-pub fn check(image: &Path, chain: bool, repair: bool) -> CheckReport {
+pub fn check(image: &Path, opts: &CheckOptions) -> CheckReport {
     let mut report = CheckReport::default();
-    report.images.push(check_image(image, repair));
-    if !chain || !report.images[0].errors.is_empty() {
+    report.images.push(check_image(image, opts));
+    if !opts.chain || !report.images[0].errors.is_empty() {
         return report;
     }
-    let verify = Chain::open(
-        image,
-        ChainOptions {
-            inspect: true,
-            verify_parents: true,
-            ..Default::default()
-        },
-    );
+    let verify = Chain::open(image, ChainOptions { inspect: true, verify_parents: true, ..Default::default() });
     if let Err(e) = verify {
         report.images[0].errors.push(e.to_string());
         return report;
@@ -159,7 +193,7 @@ pub fn check(image: &Path, chain: bool, repair: bool) -> CheckReport {
         if p.format == ParentFormat::Raw {
             break;
         }
-        let c = check_image(&pp, repair);
+        let c = check_image(&pp, opts);
         let stop = !c.errors.is_empty();
         report.images.push(c);
         if stop {

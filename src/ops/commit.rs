@@ -15,21 +15,25 @@ use crate::storage::LockMode;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// What one parent block becomes: the top's data (at this offset in the top's file) or zero.
+/// What one parent block becomes: the top's data (block `.1` of top chunk `.0`) or zero.
 #[derive(Clone, Copy)]
 enum Update {
-    Data(u64),
+    Data(u64, usize),
     Zero,
+}
+
+/// Where a block of a rebuilt parent chunk comes from.
+#[derive(Clone, Copy)]
+enum Src {
+    Parent(usize),
+    Top(u64, usize),
 }
 
 pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
     let top = Image::open(image, OpenOptions::writable())?;
     let refuse = |kind, msg: String| Err(err(kind, msg).with_file(image).during("commit"));
     let Some(pref) = top.parent() else {
-        return refuse(
-            ErrorKind::InvalidArgument,
-            "has no parent to commit into".into(),
-        );
+        return refuse(ErrorKind::InvalidArgument, "has no parent to commit into".into());
     };
     if pref.format == ParentFormat::Raw {
         return refuse(ErrorKind::InvalidArgument, "its parent is a raw file; commit writes only into a cowdisk layer (flatten makes a standalone copy instead)".into());
@@ -46,12 +50,7 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
     }
     let parent = Image::open(
         &ppath,
-        OpenOptions {
-            write: true,
-            lock: LockMode::Exclusive,
-            allow_frozen: true,
-            allow_corrupt: false,
-        },
+        OpenOptions { write: true, lock: LockMode::Exclusive, allow_frozen: true, allow_corrupt: false },
     )?;
     if parent.uuid() != pref.uuid || parent.geometry().virtual_size != pref.size {
         return refuse(
@@ -86,10 +85,7 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
 pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()> {
     let (tg, pg) = (top.geometry(), parent.geometry());
     if tg.virtual_size > pg.virtual_size {
-        return Err(err(
-            ErrorKind::InvalidArgument,
-            "is larger than its parent; commit cannot grow the parent",
-        ));
+        return Err(err(ErrorKind::InvalidArgument, "is larger than its parent; commit cannot grow the parent"));
     }
 
     // The top's data and zero blocks, regrouped by the parent's chunks (sizes may differ).
@@ -107,13 +103,10 @@ pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()
                 let pbase = pc << pg.chunk_shift;
                 let pend = (pbase + pg.chunk_size()).min(ve);
                 let upd = match st {
-                    BlockState::Data => Update::Data(e.data_offset + (v - cbase)),
+                    BlockState::Data => Update::Data(chunk, ((v - cbase) / BLOCK_SIZE) as usize),
                     _ => Update::Zero,
                 };
-                let (b0, b1) = (
-                    ((v - pbase) / BLOCK_SIZE) as usize,
-                    (pend - pbase).div_ceil(BLOCK_SIZE) as usize,
-                );
+                let (b0, b1) = (((v - pbase) / BLOCK_SIZE) as usize, (pend - pbase).div_ceil(BLOCK_SIZE) as usize);
                 updates.entry(pc).or_default().push((b0, b1, upd));
                 v = pend;
             }
@@ -125,61 +118,43 @@ pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()
         .entries()
         .into_iter()
         .filter(|(c, _)| !updates.contains_key(c))
-        .map(|(chunk, e)| MapEntry {
-            chunk,
-            data_offset: e.data_offset,
-            blocks: e.blocks,
-        })
+        .map(|(chunk, e)| MapEntry { chunk, data_offset: e.data_offset, blocks: e.blocks, crcs: e.crcs.to_vec() })
         .collect();
     let bpc = pg.blocks_per_chunk();
     let mut block = vec![0u8; BLOCK_SIZE as usize];
     for (done, (pc, ups)) in updates.into_iter().enumerate() {
-        let (old_off, mut blocks) = parent
-            .with_entry(pc, |e| e.map(|e| (e.data_offset, e.blocks.clone())))
-            .unwrap_or((0, crate::format::blocks::BlockStates::new(bpc)));
-        let mut source: Vec<Option<u64>> = (0..bpc)
-            .map(|b| (blocks.get(b) == BlockState::Data).then(|| old_off + b as u64 * BLOCK_SIZE))
-            .collect();
-        let mut from_top = vec![false; bpc];
+        let mut blocks = parent
+            .with_entry(pc, |e| e.map(|e| e.blocks.clone()))
+            .unwrap_or_else(|| crate::format::blocks::BlockStates::new(bpc));
+        let mut source: Vec<Option<Src>> =
+            (0..bpc).map(|b| (blocks.get(b) == BlockState::Data).then_some(Src::Parent(b))).collect();
         for (b0, b1, u) in ups {
             for b in b0..b1 {
-                match u {
-                    Update::Data(off) => {
-                        source[b] = Some(off + (b - b0) as u64 * BLOCK_SIZE);
-                        from_top[b] = true;
-                    }
-                    Update::Zero => source[b] = None,
-                }
+                source[b] = match u {
+                    Update::Data(tc, tb) => Some(Src::Top(tc, tb + (b - b0))),
+                    Update::Zero => None,
+                };
             }
-            blocks.set_range(
-                b0,
-                b1,
-                match u {
-                    Update::Data(_) => BlockState::Data,
-                    Update::Zero => BlockState::Zero,
-                },
-            );
+            let st = if matches!(u, Update::Data(..)) { BlockState::Data } else { BlockState::Zero };
+            blocks.set_range(b0, b1, st);
         }
         // Never write into the old slot: the durable map points there until the switch.
-        let data_offset = if blocks.count(BlockState::Data) > 0 {
-            parent.alloc_detached_slot()?
-        } else {
-            0
-        };
+        let data_offset = if blocks.count(BlockState::Data) > 0 { parent.alloc_detached_slot()? } else { 0 };
+        let mut crcs = vec![0u32; pg.checksum_bytes() / 4];
         for (b, src) in source.iter().enumerate() {
-            let Some(src) = *src else { continue };
-            if from_top[b] {
-                top.read_at(&mut block, src)?;
-            } else {
-                parent.read_at(&mut block, src)?;
+            // Copies are verified against the source's checksums, so a damaged block is never
+            // laundered into the parent under a fresh, valid checksum.
+            match *src {
+                None => continue,
+                Some(Src::Parent(pb)) => parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut block)?,
+                Some(Src::Top(tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
             }
             parent.write_at(&block, data_offset + b as u64 * BLOCK_SIZE)?;
+            if let Some(c) = crcs.get_mut(b) {
+                *c = crc32fast::hash(&block);
+            }
         }
-        entries.push(MapEntry {
-            chunk: pc,
-            data_offset,
-            blocks,
-        });
+        entries.push(MapEntry { chunk: pc, data_offset, blocks, crcs });
         progress(done as u64 + 1, total);
     }
     parent.replace_map(entries)

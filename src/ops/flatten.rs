@@ -21,13 +21,7 @@ pub enum OutputFormat {
 /// A crash before the final header write leaves the chain as it was (the top merely holds
 /// copies of what its parents hold); after it, the top stands alone.
 pub fn flatten_in_place(image: &Path, progress: Progress) -> Result<()> {
-    let chain = Chain::open(
-        image,
-        ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )?;
+    let chain = Chain::open(image, ChainOptions { writable: true, ..Default::default() })?;
     flatten_chain(&chain, progress)?;
     chain.close()
 }
@@ -38,10 +32,8 @@ pub fn flatten_chain(chain: &Chain, progress: Progress) -> Result<()> {
     if chain.depth() == 1 {
         return Ok(());
     }
-    let below: Vec<_> = all_extents(chain)?
-        .into_iter()
-        .filter(|e| matches!(e.kind, ExtentKind::Data { depth } if depth > 0))
-        .collect();
+    let below: Vec<_> =
+        all_extents(chain)?.into_iter().filter(|e| matches!(e.kind, ExtentKind::Data { depth } if depth > 0)).collect();
     let total: u64 = below.iter().map(|e| e.length).sum();
     let mut done = 0;
     let mut buf = Vec::new();
@@ -59,22 +51,12 @@ pub fn flatten_chain(chain: &Chain, progress: Progress) -> Result<()> {
 
 /// Writes the merged contents of `image`'s chain to a new file `out` (which must not exist).
 /// The file appears under its name only when complete.
-pub fn flatten_to(
-    image: &Path,
-    out: &Path,
-    format: OutputFormat,
-    progress: Progress,
-) -> Result<()> {
+pub fn flatten_to(image: &Path, out: &Path, format: OutputFormat, progress: Progress) -> Result<()> {
     if out.symlink_metadata().is_ok() {
-        return Err(err(ErrorKind::InvalidArgument, "already exists")
-            .with_file(out)
-            .during("flatten"));
+        return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(out).during("flatten"));
     }
     let chain = Chain::open(image, ChainOptions::default())?;
-    let data: Vec<_> = all_extents(&chain)?
-        .into_iter()
-        .filter(|e| !e.kind.reads_zero())
-        .collect();
+    let data: Vec<_> = all_extents(&chain)?.into_iter().filter(|e| !e.kind.reads_zero()).collect();
     let total: u64 = data.iter().map(|e| e.length).sum();
     let tmp = temp_sibling(out, "flatten");
     let _ = std::fs::remove_file(&tmp);
@@ -96,7 +78,8 @@ pub fn flatten_to(
                 f.sync()
             }
             OutputFormat::Cowdisk => {
-                let g = Geometry::new(chain.size(), chain.top().geometry().chunk_shift)?;
+                let tg = chain.top().geometry();
+                let g = Geometry::new(chain.size(), tg.chunk_shift)?.with_data_checksums(tg.data_checksums)?;
                 let dst = Chain::assemble(Image::create(&tmp, g, None)?, Vec::new(), None);
                 for e in &data {
                     copy_range(&chain, e.offset, e.length, &mut buf, |b, off| {

@@ -17,6 +17,8 @@ pub struct LayerInfo {
     pub virtual_size: u64,
     /// Chunk size (cowdisk layers only).
     pub chunk_size: Option<u64>,
+    /// Whether data blocks carry checksums.
+    pub data_checksums: bool,
     /// Bytes of data blocks the layer holds (a raw base: its length).
     pub data_bytes: u64,
     /// Bytes the file occupies on disk.
@@ -29,23 +31,13 @@ pub struct LayerInfo {
 
 /// Describes the chain whose top is `image`, top first.
 pub fn info(image: &Path) -> Result<Vec<LayerInfo>> {
-    let chain = Chain::open(
-        image,
-        ChainOptions {
-            inspect: true,
-            ..Default::default()
-        },
-    )?;
+    let chain = Chain::open(image, ChainOptions { inspect: true, ..Default::default() })?;
     let disk = |p: &Path| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
     let mut out = Vec::new();
     for img in std::iter::once(chain.top()).chain(chain.lowers()) {
         let h = img.header();
         let mut flags = Vec::new();
-        for (bit, name) in [
-            (FLAG_FROZEN, "frozen"),
-            (FLAG_DIRTY, "dirty"),
-            (FLAG_CORRUPT, "corrupt"),
-        ] {
+        for (bit, name) in [(FLAG_FROZEN, "frozen"), (FLAG_DIRTY, "dirty"), (FLAG_CORRUPT, "corrupt")] {
             if h.has_flag(bit) {
                 flags.push(name);
             }
@@ -58,6 +50,7 @@ pub fn info(image: &Path) -> Result<Vec<LayerInfo>> {
             format: "cowdisk",
             virtual_size: h.geometry.virtual_size,
             chunk_size: Some(h.geometry.chunk_size()),
+            data_checksums: h.geometry.data_checksums,
             data_bytes: img.data_bytes(),
             disk_bytes: disk(img.path()),
             uuid: Some(format_uuid(&h.uuid)),
@@ -79,6 +72,7 @@ pub fn info(image: &Path) -> Result<Vec<LayerInfo>> {
             format: "raw",
             virtual_size: b.size(),
             chunk_size: None,
+            data_checksums: false,
             data_bytes: b.size(),
             disk_bytes: disk(b.path()),
             uuid: None,

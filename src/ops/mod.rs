@@ -28,9 +28,7 @@ pub fn all_extents(chain: &Chain) -> Result<Vec<Extent>> {
         pos = last.offset + last.length;
         for e in part {
             match out.last_mut() {
-                Some(l) if l.kind == e.kind && l.offset + l.length == e.offset => {
-                    l.length += e.length
-                }
+                Some(l) if l.kind == e.kind && l.offset + l.length == e.offset => l.length += e.length,
                 _ => out.push(e),
             }
         }

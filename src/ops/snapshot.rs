@@ -16,11 +16,7 @@ use std::path::{Path, PathBuf};
 fn file_name(p: &Path) -> Result<Vec<u8>> {
     match p.file_name() {
         Some(n) if n.len() <= MAX_PENDING_NAME => Ok(n.as_bytes().to_vec()),
-        _ => Err(err(
-            ErrorKind::InvalidArgument,
-            "needs a file name of 1 to 255 bytes",
-        )
-        .with_file(p)),
+        _ => Err(err(ErrorKind::InvalidArgument, "needs a file name of 1 to 255 bytes").with_file(p)),
     }
 }
 
@@ -38,16 +34,11 @@ pub fn snapshot(image: &Path, snapshot: &Path) -> Result<()> {
     let dir = dir_of(image);
     let same_dir = dir_of(snapshot).canonicalize().ok() == dir.canonicalize().ok();
     if !same_dir {
-        return Err(ctx(err(
-            ErrorKind::InvalidArgument,
-            "the snapshot must be in the same directory as the image",
-        )
-        .with_file(snapshot)));
+        return Err(ctx(err(ErrorKind::InvalidArgument, "the snapshot must be in the same directory as the image")
+            .with_file(snapshot)));
     }
     if snapshot.symlink_metadata().is_ok() {
-        return Err(ctx(
-            err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot)
-        ));
+        return Err(ctx(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot)));
     }
     let (live, snap) = (file_name(image)?, file_name(snapshot)?);
     let img = Image::open(image, OpenOptions::writable())?;
@@ -69,11 +60,7 @@ pub fn snapshot(image: &Path, snapshot: &Path) -> Result<()> {
     drop(overlay);
     sync_dir(&temp)?;
     // 2. The decision: frozen plus the intent record, in one header write.
-    let pending = PendingSnapshot {
-        live,
-        snapshot: snap,
-        temp: file_name(&temp)?,
-    };
+    let pending = PendingSnapshot { live, snapshot: snap, temp: file_name(&temp)? };
     img.update_header(|h| {
         h.set_flag(FLAG_FROZEN, true);
         h.pending = Some(pending.clone());
@@ -94,8 +81,7 @@ fn complete(dir: &Path, p: &PendingSnapshot) -> Result<()> {
     let temp_exists = temp.exists();
     if temp_exists {
         match ino(&snap) {
-            None => std::fs::hard_link(&live, &snap)
-                .map_err(|e| Error::io("link", e).with_file(&snap))?,
+            None => std::fs::hard_link(&live, &snap).map_err(|e| Error::io("link", e).with_file(&snap))?,
             Some(id) if Some(id) == ino(&live) => {}
             Some(_) => {
                 return Err(err(
@@ -111,12 +97,7 @@ fn complete(dir: &Path, p: &PendingSnapshot) -> Result<()> {
     }
     // Clearing the record is tidiness, not correctness: the record is only acted on when found
     // under the live name, which now names the overlay. A busy snapshot keeps it for now.
-    let opts = OpenOptions {
-        write: true,
-        lock: LockMode::Exclusive,
-        allow_frozen: true,
-        allow_corrupt: false,
-    };
+    let opts = OpenOptions { write: true, lock: LockMode::Exclusive, allow_frozen: true, allow_corrupt: false };
     match Image::open(&snap, opts) {
         Ok(s) => {
             s.update_header(|h| h.pending = None)?;

@@ -40,10 +40,7 @@ impl FileStorage {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| open_error(e, path))?;
-        let s = FileStorage {
-            file,
-            path: path.to_path_buf(),
-        };
+        let s = FileStorage { file, path: path.to_path_buf() };
         s.lock(lock)?;
         Ok(s)
     }
@@ -57,10 +54,7 @@ impl FileStorage {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| Error::io("create", e).with_file(path))?;
-        let s = FileStorage {
-            file,
-            path: path.to_path_buf(),
-        };
+        let s = FileStorage { file, path: path.to_path_buf() };
         s.lock(LockMode::Exclusive)?;
         Ok(s)
     }
@@ -85,10 +79,7 @@ impl FileStorage {
         let (take, probe): (&[i64], &[i64]) = match mode {
             LockMode::None => return Ok(()),
             LockMode::Shared => (&[PERM_READ, UNSHARE_WRITE], &[PERM_WRITE]),
-            LockMode::Exclusive => (
-                &[PERM_READ, PERM_WRITE, UNSHARE_WRITE],
-                &[PERM_WRITE, UNSHARE_WRITE],
-            ),
+            LockMode::Exclusive => (&[PERM_READ, PERM_WRITE, UNSHARE_WRITE], &[PERM_WRITE, UNSHARE_WRITE]),
         };
         for &b in take {
             self.fcntl_lock(libc::F_OFD_SETLK, libc::F_RDLCK, b)?;
@@ -126,11 +117,9 @@ impl FileStorage {
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EACCES) => Err(err(
-                ErrorKind::InUse,
-                "in use: another process holds a conflicting lock",
-            )
-            .with_file(&self.path)),
+            Some(libc::EAGAIN) | Some(libc::EACCES) => {
+                Err(err(ErrorKind::InUse, "in use: another process holds a conflicting lock").with_file(&self.path))
+            }
             _ => Err(Error::io("lock", e).with_file(&self.path)),
         }
     }
@@ -149,9 +138,9 @@ impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
-            let pos = offset.checked_add(done as u64).ok_or_else(|| {
-                err(ErrorKind::OutOfRange, "read offset overflows").with_file(&self.path)
-            })?;
+            let pos = offset
+                .checked_add(done as u64)
+                .ok_or_else(|| err(ErrorKind::OutOfRange, "read offset overflows").with_file(&self.path))?;
             match self.file.read_at(&mut buf[done..], pos) {
                 Ok(0) => {
                     // Past end of file: sparse semantics, the rest reads as zero.
@@ -167,9 +156,7 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| self.ctx(e, "write", offset))
+        self.file.write_all_at(buf, offset).map_err(|e| self.ctx(e, "write", offset))
     }
 
     fn len(&self) -> Result<u64> {
@@ -216,9 +203,7 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
-        self.file
-            .set_len(len)
-            .map_err(|e| self.ctx(e, "truncate", len))
+        self.file.set_len(len).map_err(|e| self.ctx(e, "truncate", len))
     }
 
     fn sync(&self) -> Result<()> {
@@ -234,12 +219,7 @@ impl Storage for FileStorage {
         };
         // SAFETY: plain syscall on an fd we own.
         let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
+            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, l)
         };
         if rc == 0 {
             return Ok(());

@@ -18,9 +18,7 @@ impl MemStorage {
     }
 
     pub fn from_bytes(bytes: Vec<u8>) -> MemStorage {
-        MemStorage {
-            bytes: RwLock::new(bytes),
-        }
+        MemStorage { bytes: RwLock::new(bytes) }
     }
 
     /// A copy of the current contents.
@@ -62,10 +60,7 @@ impl Storage for MemStorage {
         if len > MEM_LIMIT {
             return Err(err(ErrorKind::NoSpace, "in-memory store limit reached"));
         }
-        self.bytes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .resize(len as usize, 0);
+        self.bytes.write().unwrap_or_else(|p| p.into_inner()).resize(len as usize, 0);
         Ok(())
     }
 

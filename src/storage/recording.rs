@@ -42,10 +42,7 @@ impl Journal {
     }
 
     fn push(&self, file: usize, op: RecOp) {
-        self.ops
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((file, op));
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).push((file, op));
     }
 
     /// Every operation, for [`CrashImages`].
@@ -64,11 +61,7 @@ pub struct RecordingStorage {
 
 impl RecordingStorage {
     pub fn new(journal: Arc<Journal>, file: usize) -> RecordingStorage {
-        RecordingStorage {
-            file,
-            mem: MemStorage::new(),
-            journal,
-        }
+        RecordingStorage { file, mem: MemStorage::new(), journal }
     }
 }
 
@@ -79,13 +72,7 @@ impl Storage for RecordingStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.mem.write_at(buf, offset)?;
-        self.journal.push(
-            self.file,
-            RecOp::Write {
-                offset,
-                data: buf.to_vec(),
-            },
-        );
+        self.journal.push(self.file, RecOp::Write { offset, data: buf.to_vec() });
         Ok(())
     }
 
@@ -141,8 +128,7 @@ impl CrashImages {
     pub fn new(journal: &Journal, files: usize) -> CrashImages {
         let ops = journal.ops();
         let mut current: Vec<Vec<u8>> = vec![Vec::new(); files];
-        let mut synced: Vec<Vec<(usize, Arc<Vec<u8>>)>> =
-            vec![vec![(0, Arc::new(Vec::new()))]; files];
+        let mut synced: Vec<Vec<(usize, Arc<Vec<u8>>)>> = vec![vec![(0, Arc::new(Vec::new()))]; files];
         for (i, (f, op)) in ops.iter().enumerate() {
             if *f >= files {
                 continue;
@@ -170,9 +156,7 @@ impl CrashImages {
             }
             let (off, bytes): (u64, std::borrow::Cow<[u8]>) = match op {
                 RecOp::Write { offset, data } => (*offset, std::borrow::Cow::Borrowed(data)),
-                RecOp::Punch { offset, len } => {
-                    (*offset, std::borrow::Cow::Owned(vec![0u8; *len as usize]))
-                }
+                RecOp::Punch { offset, len } => (*offset, std::borrow::Cow::Owned(vec![0u8; *len as usize])),
                 _ => continue,
             };
             // Operations are sector-aligned in this format, except the odd unaligned data write;
@@ -181,22 +165,18 @@ impl CrashImages {
             let end = (off as usize + bytes.len()).div_ceil(SECTOR);
             for s in start..end {
                 let sec_start = s * SECTOR;
-                let prev = cands
-                    .get(&s)
-                    .and_then(|c| c.last().cloned())
-                    .unwrap_or_else(|| {
-                        let mut v = vec![0u8; SECTOR];
-                        if let Some(have) = img.get(sec_start..) {
-                            let n = have.len().min(SECTOR);
-                            v[..n].copy_from_slice(&have[..n]);
-                        }
-                        v
-                    });
+                let prev = cands.get(&s).and_then(|c| c.last().cloned()).unwrap_or_else(|| {
+                    let mut v = vec![0u8; SECTOR];
+                    if let Some(have) = img.get(sec_start..) {
+                        let n = have.len().min(SECTOR);
+                        v[..n].copy_from_slice(&have[..n]);
+                    }
+                    v
+                });
                 let mut v = prev;
                 let a = (off as usize).max(sec_start);
                 let b = (off as usize + bytes.len()).min(sec_start + SECTOR);
-                v[a - sec_start..b - sec_start]
-                    .copy_from_slice(&bytes[a - off as usize..b - off as usize]);
+                v[a - sec_start..b - sec_start].copy_from_slice(&bytes[a - off as usize..b - off as usize]);
                 cands.entry(s).or_default().push(v);
             }
         }

@@ -26,7 +26,11 @@ fn make_base(dir: &Path, base: &Path) -> Result<String, Failure> {
     let _ = std::fs::remove_dir_all(&staging);
     let io = |e: std::io::Error| Failure(format!("{}: {e}", staging.display()), 1);
     std::fs::create_dir_all(staging.join("etc")).map_err(io)?;
-    std::fs::write(staging.join("README.txt"), "This file lives in the read-only base image.\nChanges go to the overlay; the base never changes.\n").map_err(io)?;
+    std::fs::write(
+        staging.join("README.txt"),
+        "This file lives in the read-only base image.\nChanges go to the overlay; the base never changes.\n",
+    )
+    .map_err(io)?;
     std::fs::write(staging.join("etc/hostname"), "cowdisk-demo\n").map_err(io)?;
     let mkfs = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "cowdisk-demo", "-d"])
@@ -40,8 +44,7 @@ fn make_base(dir: &Path, base: &Path) -> Result<String, Failure> {
         _ => {
             // No mkfs.ext4 here: a raw base of recognisable bytes still shows copy-on-write.
             let bytes: Vec<u8> = (0..64u64 << 20).map(|i| (i % 251) as u8).collect();
-            std::fs::write(base, bytes)
-                .map_err(|e| Failure(format!("{}: {e}", base.display()), 1))?;
+            std::fs::write(base, bytes).map_err(|e| Failure(format!("{}: {e}", base.display()), 1))?;
             Ok("a byte pattern (mkfs.ext4 was not available to make a filesystem)".into())
         }
     }
@@ -49,10 +52,7 @@ fn make_base(dir: &Path, base: &Path) -> Result<String, Failure> {
 
 pub fn run(a: DemoArgs) -> Result<(), Failure> {
     std::fs::create_dir_all(&a.dir).map_err(|e| Failure(format!("{}: {e}", a.dir.display()), 1))?;
-    let dir = a
-        .dir
-        .canonicalize()
-        .map_err(|e| Failure(format!("{}: {e}", a.dir.display()), 1))?;
+    let dir = a.dir.canonicalize().map_err(|e| Failure(format!("{}: {e}", a.dir.display()), 1))?;
     let base = dir.join("base.raw");
     let overlay = dir.join("overlay.cow");
     let socket = dir.join("nbd.sock");
@@ -64,22 +64,13 @@ pub fn run(a: DemoArgs) -> Result<(), Failure> {
         println!("reusing base {}", base.display());
     }
     if !overlay.exists() {
-        let o = CreateOptions {
-            backing: Some(base.clone()),
-            ..Default::default()
-        };
+        let o = CreateOptions { backing: Some(base.clone()), ..Default::default() };
         create_image(&overlay, &o)?.close()?;
         println!("made overlay {} on the base", overlay.display());
     } else {
         println!("reusing overlay {}", overlay.display());
     }
-    let chain = Chain::open(
-        &overlay,
-        ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )?;
+    let chain = Chain::open(&overlay, ChainOptions { writable: true, ..Default::default() })?;
     let uri = format!("nbd+unix:///overlay?socket={}", socket.display());
     println!();
     println!("Connect with, for example:");

@@ -10,15 +10,12 @@ use clap::{Parser, Subcommand};
 use cowdisk::chain::create::{create_image, CreateOptions};
 use cowdisk::format::header::ParentFormat;
 use cowdisk::format::{MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT};
+use cowdisk::ops::check::CheckOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "cowdisk",
-    version,
-    about = "Block-level copy-on-write disk images, served over NBD"
-)]
+#[command(name = "cowdisk", version, about = "Block-level copy-on-write disk images, served over NBD")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -41,6 +38,10 @@ enum Cmd {
         /// The parent's format; probed once by magic if not given.
         #[arg(long, value_parser = ["raw", "cowdisk"])]
         backing_format: Option<String>,
+        /// Keep a CRC-32 of every 4K data block, verified on every read (chunks up to 256K).
+        /// Defaults to the cowdisk parent's setting.
+        #[arg(long)]
+        data_checksums: bool,
     },
     /// Freeze IMAGE's current contents as SNAPSHOT; IMAGE becomes an empty overlay on it.
     Snapshot { image: PathBuf, snapshot: PathBuf },
@@ -82,6 +83,9 @@ enum Cmd {
         /// Reclaim leaked space and clear the dirty flag (and a corrupt mark) once checks pass.
         #[arg(long)]
         repair: bool,
+        /// Also read every data block and verify its checksum.
+        #[arg(long)]
+        deep: bool,
         #[arg(long)]
         json: bool,
     },
@@ -103,39 +107,23 @@ impl From<cowdisk::Error> for Failure {
 pub fn chunk_shift(chunk_size: Option<u64>) -> Result<Option<u32>, Failure> {
     match chunk_size {
         None => Ok(None),
-        Some(c)
-            if c.is_power_of_two()
-                && (MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&c.trailing_zeros()) =>
-        {
+        Some(c) if c.is_power_of_two() && (MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&c.trailing_zeros()) => {
             Ok(Some(c.trailing_zeros()))
         }
-        Some(c) => Err(Failure(
-            format!("chunk size {c} must be a power of two from 4K to 2M"),
-            1,
-        )),
+        Some(c) => Err(Failure(format!("chunk size {c} must be a power of two from 4K to 2M"), 1)),
     }
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.cmd {
-        Cmd::Create {
-            image,
-            size,
-            chunk_size,
-            backing,
-            backing_format,
-        } => {
+        Cmd::Create { image, size, chunk_size, backing, backing_format, data_checksums } => {
+            let format = backing_format.map(|f| if f == "raw" { ParentFormat::Raw } else { ParentFormat::Cowdisk });
             let opts = CreateOptions {
                 size,
                 chunk_shift: chunk_shift(chunk_size)?,
                 backing,
-                backing_format: backing_format.map(|f| {
-                    if f == "raw" {
-                        ParentFormat::Raw
-                    } else {
-                        ParentFormat::Cowdisk
-                    }
-                }),
+                backing_format: format,
+                data_checksums: data_checksums.then_some(true),
                 ..Default::default()
             };
             let img = create_image(&image, &opts)?;
@@ -150,20 +138,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Snapshot { image, snapshot } => ops::snapshot_cmd(&image, &snapshot),
-        Cmd::Flatten {
-            image,
-            output,
-            format,
-        } => ops::flatten_cmd(&image, output, &format),
+        Cmd::Flatten { image, output, format } => ops::flatten_cmd(&image, output, &format),
         Cmd::Commit { image, force } => ops::commit_cmd(&image, force),
         Cmd::Info { image, json } => ops::info_cmd(&image, json),
         Cmd::Map { image, json } => ops::map_cmd(&image, json),
-        Cmd::Check {
-            image,
-            chain,
-            repair,
-            json,
-        } => ops::check_cmd(&image, chain, repair, json),
+        Cmd::Check { image, chain, repair, deep, json } => {
+            ops::check_cmd(&image, CheckOptions { chain, repair, deep }, json)
+        }
         Cmd::Serve(a) => serve::run(a),
         Cmd::Demo(a) => demo::run(a),
     }

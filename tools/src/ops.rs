@@ -4,7 +4,7 @@
 use crate::progress::Bar;
 use crate::size::format_size;
 use crate::Failure;
-use cowdisk::ops::check::{check, CheckReport};
+use cowdisk::ops::check::{check, CheckOptions, CheckReport};
 use cowdisk::ops::flatten::{flatten_in_place, flatten_to, OutputFormat};
 use cowdisk::ops::info::{info, LayerInfo};
 use cowdisk::ops::{all_extents, commit, snapshot};
@@ -14,12 +14,7 @@ use std::path::{Path, PathBuf};
 
 pub fn snapshot_cmd(image: &Path, snap: &Path) -> Result<(), Failure> {
     snapshot::snapshot(image, snap)?;
-    println!(
-        "{} frozen as {}; {} is now an empty overlay on it",
-        image.display(),
-        snap.display(),
-        image.display()
-    );
+    println!("{} frozen as {}; {} is now an empty overlay on it", image.display(), snap.display(), image.display());
     Ok(())
 }
 
@@ -32,17 +27,9 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str) -> Resul
             println!("{} no longer depends on any parent", image.display());
         }
         Some(out) => {
-            let f = if format == "raw" {
-                OutputFormat::Raw
-            } else {
-                OutputFormat::Cowdisk
-            };
+            let f = if format == "raw" { OutputFormat::Raw } else { OutputFormat::Cowdisk };
             flatten_to(image, &out, f, &progress)?;
-            println!(
-                "wrote the merged contents of {} to {} ({format})",
-                image.display(),
-                out.display()
-            );
+            println!("wrote the merged contents of {} to {} ({format})", image.display(), out.display());
         }
     }
     Ok(())
@@ -51,10 +38,7 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str) -> Resul
 pub fn commit_cmd(image: &Path, force: bool) -> Result<(), Failure> {
     let bar = Bar::new("commit");
     commit::commit(image, force, &|d, t| bar.update(d, t))?;
-    println!(
-        "committed {} into its parent; it is now an empty overlay",
-        image.display()
-    );
+    println!("committed {} into its parent; it is now an empty overlay", image.display());
     Ok(())
 }
 
@@ -65,6 +49,7 @@ fn layer_json(l: &LayerInfo, depth: usize) -> Value {
         "format": l.format,
         "virtual_size": l.virtual_size,
         "chunk_size": l.chunk_size,
+        "data_checksums": l.data_checksums,
         "data_bytes": l.data_bytes,
         "disk_bytes": l.disk_bytes,
         "uuid": l.uuid,
@@ -92,45 +77,18 @@ pub fn info_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     println!("image: {}", image.display());
-    println!(
-        "virtual size: {} ({} bytes)",
-        format_size(top.virtual_size),
-        top.virtual_size
-    );
+    println!("virtual size: {} ({} bytes)", format_size(top.virtual_size), top.virtual_size);
     if let Some(c) = top.chunk_size {
         println!("chunk size: {}", format_size(c));
     }
-    println!(
-        "allocated: {} of data, {} on disk",
-        format_size(top.data_bytes),
-        format_size(top.disk_bytes)
-    );
-    println!(
-        "flags: {}",
-        if top.flags.is_empty() {
-            "none".to_string()
-        } else {
-            top.flags.join(", ")
-        }
-    );
-    println!(
-        "chain ({} layer{}):",
-        layers.len(),
-        if layers.len() == 1 { "" } else { "s" }
-    );
+    println!("data checksums: {}", if top.data_checksums { "on" } else { "off" });
+    println!("allocated: {} of data, {} on disk", format_size(top.data_bytes), format_size(top.disk_bytes));
+    println!("flags: {}", if top.flags.is_empty() { "none".to_string() } else { top.flags.join(", ") });
+    println!("chain ({} layer{}):", layers.len(), if layers.len() == 1 { "" } else { "s" });
     for (i, l) in layers.iter().enumerate() {
-        let mut line = format!(
-            "  [{i}] {} ({}, {}",
-            l.path.display(),
-            l.format,
-            format_size(l.virtual_size)
-        );
+        let mut line = format!("  [{i}] {} ({}, {}", l.path.display(), l.format, format_size(l.virtual_size));
         if let Some(c) = l.chunk_size {
-            line += &format!(
-                ", chunk {}, data {}",
-                format_size(c),
-                format_size(l.data_bytes)
-            );
+            line += &format!(", chunk {}, data {}", format_size(c), format_size(l.data_bytes));
         }
         line += &format!(", on disk {})", format_size(l.disk_bytes));
         if !l.flags.is_empty() {
@@ -145,13 +103,7 @@ pub fn info_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
 }
 
 pub fn map_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
-    let chain = Chain::open(
-        image,
-        ChainOptions {
-            inspect: true,
-            ..Default::default()
-        },
-    )?;
+    let chain = Chain::open(image, ChainOptions { inspect: true, ..Default::default() })?;
     let extents = all_extents(&chain)?;
     if as_json {
         let v: Vec<Value> = extents
@@ -176,14 +128,12 @@ pub fn map_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
     println!("{:>18} {:>18}  {}", "offset", "length", "served by");
     for e in &extents {
         let what = match e.kind {
-            ExtentKind::Data { depth } => format!(
-                "data, depth {depth} ({})",
-                names.get(depth).map_or("?", |s| s.as_str())
-            ),
-            ExtentKind::Zero { depth } => format!(
-                "zero, depth {depth} ({})",
-                names.get(depth).map_or("?", |s| s.as_str())
-            ),
+            ExtentKind::Data { depth } => {
+                format!("data, depth {depth} ({})", names.get(depth).map_or("?", |s| s.as_str()))
+            }
+            ExtentKind::Zero { depth } => {
+                format!("zero, depth {depth} ({})", names.get(depth).map_or("?", |s| s.as_str()))
+            }
             ExtentKind::Unallocated => "zero (unallocated)".to_string(),
         };
         println!("{:>#18x} {:>#18x}  {what}", e.offset, e.length);
@@ -207,18 +157,17 @@ fn report_json(r: &CheckReport) -> Value {
             "leaked_bytes": i.leaked_bytes,
             "dirty": i.dirty,
             "repaired": i.repaired,
+            "header_slot_damaged": i.header_slot_damaged,
+            "damaged_blocks": i.damaged_blocks,
         })).collect::<Vec<_>>(),
     })
 }
 
-pub fn check_cmd(image: &Path, chain: bool, repair: bool, as_json: bool) -> Result<(), Failure> {
-    let r = check(image, chain, repair);
+pub fn check_cmd(image: &Path, opts: CheckOptions, as_json: bool) -> Result<(), Failure> {
+    let r = check(image, &opts);
     let code = r.exit_code();
     if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report_json(&r)).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(&report_json(&r)).unwrap_or_default());
     } else {
         for i in &r.images {
             let mut state = Vec::new();
@@ -231,6 +180,16 @@ pub fn check_cmd(image: &Path, chain: bool, repair: bool, as_json: bool) -> Resu
                     format_size(i.leaked_bytes),
                     if i.repaired { " (reclaimed)" } else { "" }
                 ));
+            }
+            if i.header_slot_damaged {
+                state.push(if i.repaired {
+                    "a damaged header slot was rewritten".into()
+                } else {
+                    "one header slot is unreadable (torn write or damage)".into()
+                });
+            }
+            if i.damaged_blocks > 0 {
+                state.push(format!("{} damaged data blocks", i.damaged_blocks));
             }
             if i.dirty {
                 state.push(if i.repaired {

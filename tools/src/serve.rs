@@ -38,9 +38,7 @@ pub struct ServeArgs {
 }
 
 pub fn export_name(path: &std::path::Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// Serves already opened chains; shared by `serve` and `demo`.
@@ -66,11 +64,7 @@ pub fn serve_chains(
         .iter()
         .map(|(name, c)| Export {
             name: name.clone(),
-            description: format!(
-                "cowdisk chain of {} image(s), top {}",
-                c.depth(),
-                c.top().path().display()
-            ),
+            description: format!("cowdisk chain of {} image(s), top {}", c.depth(), c.top().path().display()),
             disk: c.clone() as Arc<dyn Disk>,
         })
         .collect();
@@ -88,11 +82,7 @@ pub fn serve_chains(
     for (name, c) in &chains {
         let ro = if c.is_read_only() { " (read-only)" } else { "" };
         if let Some(s) = &socket {
-            let _ = writeln!(
-                out,
-                "serving {name}{ro} at nbd+unix:///{name}?socket={}",
-                s.display()
-            );
+            let _ = writeln!(out, "serving {name}{ro} at nbd+unix:///{name}?socket={}", s.display());
         }
         for a in &tcp {
             let _ = writeln!(out, "serving {name}{ro} at nbd://{a}/{name}");
@@ -118,28 +108,12 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
     }
     let mut chains = Vec::new();
     for (i, p) in a.images.iter().enumerate() {
-        let chain = Chain::open(
-            p,
-            ChainOptions {
-                writable: !a.read_only,
-                ..Default::default()
-            },
-        )?;
+        let chain = Chain::open(p, ChainOptions { writable: !a.read_only, ..Default::default() })?;
         let name = a.names.get(i).cloned().unwrap_or_else(|| export_name(p));
         if chains.iter().any(|(n, _): &(String, _)| *n == name) {
-            return Err(Failure(
-                format!("two exports would be named '{name}'; use --name"),
-                1,
-            ));
+            return Err(Failure(format!("two exports would be named '{name}'; use --name"), 1));
         }
         chains.push((name, Arc::new(chain)));
     }
-    serve_chains(
-        chains,
-        a.socket,
-        a.listen,
-        a.threads,
-        a.max_connections,
-        Duration::from_secs(a.handshake_timeout),
-    )
+    serve_chains(chains, a.socket, a.listen, a.threads, a.max_connections, Duration::from_secs(a.handshake_timeout))
 }

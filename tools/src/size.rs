@@ -1,13 +1,6 @@
 //! Sizes as people write them: "10G", "512M", "4K", "1.5T", "4096"; binary units (K = 1024).
 
-const UNITS: [(char, u32); 6] = [
-    ('K', 10),
-    ('M', 20),
-    ('G', 30),
-    ('T', 40),
-    ('P', 50),
-    ('E', 60),
-];
+const UNITS: [(char, u32); 6] = [('K', 10), ('M', 20), ('G', 30), ('T', 40), ('P', 50), ('E', 60)];
 
 /// Parses a size: digits (an optional fraction), then an optional unit K/M/G/T/P/E, optionally
 /// followed by "iB" or "B"; case-insensitive.
@@ -15,17 +8,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let bad = || format!("invalid size '{s}' (examples: 4096, 4K, 512M, 10G, 1.5T)");
     let upper = t.to_ascii_uppercase();
-    let body = upper
-        .strip_suffix("IB")
-        .or_else(|| upper.strip_suffix('B'))
-        .unwrap_or(&upper);
+    let body = upper.strip_suffix("IB").or_else(|| upper.strip_suffix('B')).unwrap_or(&upper);
     let (num, shift) = match body.chars().last() {
         Some(c) if c.is_ascii_alphabetic() => {
-            let shift = UNITS
-                .iter()
-                .find(|u| u.0 == c)
-                .map(|u| u.1)
-                .ok_or_else(bad)?;
+            let shift = UNITS.iter().find(|u| u.0 == c).map(|u| u.1).ok_or_else(bad)?;
             (&body[..body.len() - 1], shift)
         }
         _ => (body, 0),
@@ -38,17 +24,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(bad());
     }
     let whole: u64 = int.parse().map_err(|_| bad())?;
-    let mut v = whole
-        .checked_shl(shift)
-        .filter(|v| v >> shift == whole)
-        .ok_or_else(bad)?;
+    let mut v = whole.checked_shl(shift).filter(|v| v >> shift == whole).ok_or_else(bad)?;
     if !frac.is_empty() {
         let digits = frac.len().min(9) as u32;
         let f: u64 = frac[..digits as usize].parse().map_err(|_| bad())?;
         let add = (u128::from(f) << shift) / 10u128.pow(digits);
-        v = v
-            .checked_add(u64::try_from(add).map_err(|_| bad())?)
-            .ok_or_else(bad)?;
+        v = v.checked_add(u64::try_from(add).map_err(|_| bad())?).ok_or_else(bad)?;
     }
     Ok(v)
 }
