@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// How long a shutdown waits for connections to answer their requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -304,6 +307,17 @@ impl Server {
                     Phase::Handshake(_) => Shutdown::Both,
                     Phase::Transmission => Shutdown::Read,
                 });
+            }
+        }
+        // Requests already read finish and are answered; a client that stops reading its
+        // replies cannot hold the shutdown hostage: after the grace period its socket is closed.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(conns) = self.shared.conns.lock() {
+            for (s, _) in conns.values() {
+                s.shutdown(Shutdown::Both);
             }
         }
         for t in threads {
