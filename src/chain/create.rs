@@ -161,12 +161,14 @@ pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
     out
 }
 
-/// A name next to `path` for a file being built, unique to this process and purpose.
+/// A name next to `path` for a file being built for `purpose`.
 pub fn temp_sibling(path: &Path, purpose: &str) -> PathBuf {
     let name = path.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
     let mut t = b".".to_vec();
     t.extend_from_slice(&name);
-    t.extend_from_slice(format!(".{purpose}-{}.tmp", std::process::id()).as_bytes());
+    // No process id in the name: a run killed half-way leaves its temporary file, and the
+    // next run of the same operation on the same file removes and replaces it.
+    t.extend_from_slice(format!(".{purpose}.tmp").as_bytes());
     path.with_file_name(OsString::from_vec(t))
 }
 
@@ -199,6 +201,6 @@ mod tests {
     fn temp_sibling_is_hidden_in_the_same_directory() {
         let t = temp_sibling(Path::new("/x/y/disk.cow"), "snapshot");
         assert_eq!(t.parent(), Some(Path::new("/x/y")));
-        assert!(t.file_name().unwrap().to_string_lossy().starts_with(".disk.cow.snapshot-"));
+        assert_eq!(t.file_name().unwrap().to_string_lossy(), ".disk.cow.snapshot.tmp");
     }
 }

@@ -27,6 +27,8 @@ pub struct ImageCheck {
     pub header_slot_damaged: bool,
     /// Data blocks whose checksum does not match (`deep` only).
     pub damaged_blocks: u64,
+    /// The file could not be read at all (missing, unreadable): an error, not a verdict.
+    pub unreadable: Option<String>,
 }
 
 /// What `check` looks at and may do.
@@ -48,6 +50,11 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    /// The first file that could not be read at all, if any.
+    pub fn unreadable(&self) -> Option<&str> {
+        self.images.iter().find_map(|i| i.unreadable.as_deref())
+    }
+
     pub fn corrupt(&self) -> bool {
         self.images.iter().any(|i| !i.errors.is_empty())
     }
@@ -122,6 +129,11 @@ fn check_image(path: &Path, opts: &CheckOptions) -> ImageCheck {
     let found = crate::layer::read_header_slots(path).and_then(|h| Ok((h, Image::open(path, OpenOptions::inspect())?)));
     let ((h, torn), img) = match found {
         Ok(x) => x,
+        Err(e) if e.kind() == ErrorKind::Io => {
+            // Not a verdict on the image: it could not be read at all (missing, no permission).
+            r.unreadable = Some(e.to_string());
+            return r;
+        }
         Err(e) => {
             r.errors.push(e.to_string());
             return r;

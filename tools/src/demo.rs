@@ -58,28 +58,28 @@ pub fn run(a: DemoArgs) -> Result<(), Failure> {
     let socket = dir.join("nbd.sock");
     if !base.exists() {
         let what = make_base(&dir, &base)?;
-        println!("made base {} ({BASE_SIZE}) holding {what}", base.display());
+        say!("made base {} ({BASE_SIZE}) holding {what}", base.display());
         let _ = std::fs::remove_file(&overlay);
     } else {
-        println!("reusing base {}", base.display());
+        say!("reusing base {}", base.display());
     }
     if !overlay.exists() {
         let o = CreateOptions { backing: Some(base.clone()), ..Default::default() };
         create_image(&overlay, &o)?.close()?;
-        println!("made overlay {} on the base", overlay.display());
+        say!("made overlay {} on the base", overlay.display());
     } else {
-        println!("reusing overlay {}", overlay.display());
+        say!("reusing overlay {}", overlay.display());
     }
     let chain = Chain::open(&overlay, ChainOptions { writable: true, ..Default::default() })?;
     let uri = format!("nbd+unix:///overlay?socket={}", socket.display());
-    println!();
-    println!("Connect with, for example:");
-    println!("  nbdinfo '{uri}'");
-    println!("  qemu-io -f raw -c 'read -v 0 512' '{uri}'");
-    println!("  mkdir -p /tmp/cowdisk-mnt && nbdfuse /tmp/cowdisk-mnt/disk '{uri}' &");
-    println!("  losetup -f --show /tmp/cowdisk-mnt/disk    # then mount the loop device");
-    println!("Stop with Ctrl-C; the overlay is flushed and closed cleanly.");
-    println!();
+    say!("");
+    say!("Connect with, for example:");
+    say!("  nbdinfo '{uri}'");
+    say!("  qemu-io -f raw -c 'read -v 0 512' '{uri}'");
+    say!("  mkdir -p /tmp/cowdisk-mnt && nbdfuse /tmp/cowdisk-mnt/disk '{uri}' &");
+    say!("  losetup -f --show /tmp/cowdisk-mnt/disk    # then mount the loop device");
+    say!("Stop with Ctrl-C; the overlay is flushed and closed cleanly.");
+    say!("");
     serve_chains(
         vec![("overlay".into(), Arc::new(chain))],
         Some(socket),

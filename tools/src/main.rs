@@ -1,5 +1,13 @@
 //! The `cowdisk` command-line tool: argument parsing and output, thin over the library.
 
+/// Prints one line on stdout. A reader that has gone away (`cowdisk map IMG | head`) ends the
+/// program quietly: what it asked for has been delivered.
+macro_rules! say {
+    ($($t:tt)*) => {
+        $crate::emit(format_args!($($t)*))
+    };
+}
+
 mod demo;
 mod ops;
 mod progress;
@@ -95,6 +103,18 @@ enum Cmd {
     Demo(demo::DemoArgs),
 }
 
+pub fn emit(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|_| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("cowdisk: stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// A failure to report: the message (one line) and the exit code.
 pub struct Failure(pub String, pub u8);
 
@@ -104,13 +124,21 @@ impl From<cowdisk::Error> for Failure {
     }
 }
 
-pub fn chunk_shift(chunk_size: Option<u64>) -> Result<Option<u32>, Failure> {
+/// The chunk shift for `--chunk-size` of the image at `image`.
+pub fn chunk_shift(image: &std::path::Path, chunk_size: Option<u64>) -> Result<Option<u32>, Failure> {
     match chunk_size {
         None => Ok(None),
         Some(c) if c.is_power_of_two() && (MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&c.trailing_zeros()) => {
             Ok(Some(c.trailing_zeros()))
         }
-        Some(c) => Err(Failure(format!("chunk size {c} must be a power of two from 4K to 2M"), 1)),
+        Some(c) => Err(Failure(
+            format!(
+                "{}: create: chunk size {} is not a power of two from 4K to 2M",
+                image.display(),
+                size::format_size(c)
+            ),
+            1,
+        )),
     }
 }
 
@@ -120,7 +148,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let format = backing_format.map(|f| if f == "raw" { ParentFormat::Raw } else { ParentFormat::Cowdisk });
             let opts = CreateOptions {
                 size,
-                chunk_shift: chunk_shift(chunk_size)?,
+                chunk_shift: chunk_shift(&image, chunk_size)?,
                 backing,
                 backing_format: format,
                 data_checksums: data_checksums.then_some(true),
@@ -129,7 +157,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let img = create_image(&image, &opts)?;
             let g = img.geometry();
             img.close()?;
-            println!(
+            say!(
                 "created {} ({}, chunk size {})",
                 image.display(),
                 size::format_size(g.virtual_size),

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 pub fn snapshot_cmd(image: &Path, snap: &Path) -> Result<(), Failure> {
     snapshot::snapshot(image, snap)?;
-    println!("{} frozen as {}; {} is now an empty overlay on it", image.display(), snap.display(), image.display());
+    say!("{} frozen as {}; {} is now an empty overlay on it", image.display(), snap.display(), image.display());
     Ok(())
 }
 
@@ -24,12 +24,12 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str) -> Resul
     match output {
         None => {
             flatten_in_place(image, &progress)?;
-            println!("{} no longer depends on any parent", image.display());
+            say!("{} no longer depends on any parent", image.display());
         }
         Some(out) => {
             let f = if format == "raw" { OutputFormat::Raw } else { OutputFormat::Cowdisk };
             flatten_to(image, &out, f, &progress)?;
-            println!("wrote the merged contents of {} to {} ({format})", image.display(), out.display());
+            say!("wrote the merged contents of {} to {} ({format})", image.display(), out.display());
         }
     }
     Ok(())
@@ -38,7 +38,7 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str) -> Resul
 pub fn commit_cmd(image: &Path, force: bool) -> Result<(), Failure> {
     let bar = Bar::new("commit");
     commit::commit(image, force, &|d, t| bar.update(d, t))?;
-    println!("committed {} into its parent; it is now an empty overlay", image.display());
+    say!("committed {} into its parent; it is now an empty overlay", image.display());
     Ok(())
 }
 
@@ -73,18 +73,18 @@ pub fn info_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
             "flags": top.flags,
             "layers": layers.iter().enumerate().map(|(i, l)| layer_json(l, i)).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
     }
-    println!("image: {}", image.display());
-    println!("virtual size: {} ({} bytes)", format_size(top.virtual_size), top.virtual_size);
+    say!("image: {}", image.display());
+    say!("virtual size: {} ({} bytes)", format_size(top.virtual_size), top.virtual_size);
     if let Some(c) = top.chunk_size {
-        println!("chunk size: {}", format_size(c));
+        say!("chunk size: {}", format_size(c));
     }
-    println!("data checksums: {}", if top.data_checksums { "on" } else { "off" });
-    println!("allocated: {} of data, {} on disk", format_size(top.data_bytes), format_size(top.disk_bytes));
-    println!("flags: {}", if top.flags.is_empty() { "none".to_string() } else { top.flags.join(", ") });
-    println!("chain ({} layer{}):", layers.len(), if layers.len() == 1 { "" } else { "s" });
+    say!("data checksums: {}", if top.data_checksums { "on" } else { "off" });
+    say!("allocated: {} of data, {} on disk", format_size(top.data_bytes), format_size(top.disk_bytes));
+    say!("flags: {}", if top.flags.is_empty() { "none".to_string() } else { top.flags.join(", ") });
+    say!("chain ({} layer{}):", layers.len(), if layers.len() == 1 { "" } else { "s" });
     for (i, l) in layers.iter().enumerate() {
         let mut line = format!("  [{i}] {} ({}, {}", l.path.display(), l.format, format_size(l.virtual_size));
         if let Some(c) = l.chunk_size {
@@ -97,7 +97,7 @@ pub fn info_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
         if let Some(u) = &l.uuid {
             line += &format!(" uuid {u}");
         }
-        println!("{line}");
+        say!("{line}");
     }
     Ok(())
 }
@@ -117,7 +117,7 @@ pub fn map_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
                 json!({"offset": e.offset, "length": e.length, "data": data, "zero": zero, "depth": depth})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
     }
     let names: Vec<String> = std::iter::once(chain.top())
@@ -125,7 +125,7 @@ pub fn map_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
         .map(|i| i.path().display().to_string())
         .chain(chain.base().map(|b| b.path().display().to_string()))
         .collect();
-    println!("{:>18} {:>18}  {}", "offset", "length", "served by");
+    say!("{:>18} {:>18}  {}", "offset", "length", "served by");
     for e in &extents {
         let what = match e.kind {
             ExtentKind::Data { depth } => {
@@ -136,7 +136,7 @@ pub fn map_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
             }
             ExtentKind::Unallocated => "zero (unallocated)".to_string(),
         };
-        println!("{:>#18x} {:>#18x}  {what}", e.offset, e.length);
+        say!("{:>#18x} {:>#18x}  {what}", e.offset, e.length);
     }
     Ok(())
 }
@@ -165,9 +165,12 @@ fn report_json(r: &CheckReport) -> Value {
 
 pub fn check_cmd(image: &Path, opts: CheckOptions, as_json: bool) -> Result<(), Failure> {
     let r = check(image, &opts);
+    if let Some(e) = r.unreadable() {
+        return Err(Failure(e.to_string(), 1));
+    }
     let code = r.exit_code();
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&report_json(&r)).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&report_json(&r)).unwrap_or_default());
     } else {
         for i in &r.images {
             let mut state = Vec::new();
@@ -198,9 +201,12 @@ pub fn check_cmd(image: &Path, opts: CheckOptions, as_json: bool) -> Result<(), 
                     "not closed cleanly (or open now)".into()
                 });
             }
-            println!("{}: {}", i.path.display(), state.join("; "));
+            if !i.errors.is_empty() {
+                state.insert(0, "corrupt".to_string());
+            }
+            say!("{}: {}", i.path.display(), state.join("; "));
             for e in &i.errors {
-                println!("  corrupt: {e}");
+                say!("  corrupt: {e}");
             }
         }
     }
