@@ -34,13 +34,7 @@ type Tree = BTreeMap<PathBuf, Entry>;
 fn put_file(root: &Path, rel: &Path, data: &[u8], tree: &mut Tree) {
     let p = root.join(rel);
     fs::write(&p, data).unwrap_or_else(|e| panic!("cannot write {}: {e}", p.display()));
-    tree.insert(
-        rel.to_path_buf(),
-        Entry::File {
-            size: data.len() as u64,
-            crc: crc32(data),
-        },
-    );
+    tree.insert(rel.to_path_buf(), Entry::File { size: data.len() as u64, crc: crc32(data) });
 }
 
 fn put_dir(root: &Path, rel: &Path, tree: &mut Tree) {
@@ -99,8 +93,7 @@ fn write_tree(root: &Path, top: &str, seed: u64, small: usize, big: &[u64]) -> T
 fn read_tree(root: &Path) -> Tree {
     fn walk(root: &Path, rel: &Path, tree: &mut Tree) {
         let dir = root.join(rel);
-        let entries =
-            fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+        let entries = fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
         for e in entries {
             let e = e.unwrap();
             let rel = rel.join(e.file_name());
@@ -114,13 +107,7 @@ fn read_tree(root: &Path) -> Tree {
             } else {
                 assert!(ft.is_file(), "unexpected {:?} at {}", ft, rel.display());
                 let p = root.join(&rel);
-                tree.insert(
-                    rel,
-                    Entry::File {
-                        size: fs::metadata(&p).unwrap().len(),
-                        crc: crc32_file(&p),
-                    },
-                );
+                tree.insert(rel, Entry::File { size: fs::metadata(&p).unwrap().len(), crc: crc32_file(&p) });
             }
         }
     }
@@ -150,10 +137,7 @@ fn assert_tree_eq(actual: &Tree, expected: &Tree, what: &str) {
     }
     let n = diffs.len();
     diffs.truncate(20);
-    panic!(
-        "{what}: {n} differences, first ones:\n  {}",
-        diffs.join("\n  ")
-    );
+    panic!("{what}: {n} differences, first ones:\n  {}", diffs.join("\n  "));
 }
 
 /// Size, CRC-32 and modification time of a file: enough to tell it never changed.
@@ -202,21 +186,13 @@ fn ext4_on_an_overlay_survives_server_restart_passes_fsck_and_leaves_base_unchan
         f.set_len(256 * MIB).unwrap();
         use std::os::unix::fs::FileExt;
         for (off, len, seed) in [(0, MIB, 1), (100 * MIB, 3 * MIB, 2), (255 * MIB, MIB, 3)] {
-            f.write_all_at(&random_bytes(len as usize, seed), off)
-                .unwrap();
+            f.write_all_at(&random_bytes(len as usize, seed), off).unwrap();
         }
         f.sync_all().unwrap();
     }
     let base_before = fingerprint(&base);
     let overlay = dir.join("disk.cow");
-    cowdisk(&[
-        "create",
-        s(&overlay),
-        "--backing",
-        s(&base),
-        "--backing-format",
-        "raw",
-    ]);
+    cowdisk(&["create", s(&overlay), "--backing", s(&base), "--backing-format", "raw"]);
     let sock = dir.join("nbd.sock");
     let serve_args = [s(&overlay), "--socket", s(&sock)];
 
@@ -224,43 +200,23 @@ fn ext4_on_an_overlay_survives_server_restart_passes_fsck_and_leaves_base_unchan
     let server = Server::start(&serve_args);
     let uri = server.uri("disk");
     let fs1 = FsOverNbd::create(&uri, &dir.subdir("first"));
-    let expected = write_tree(
-        fs1.path(),
-        "tree",
-        0x7ee,
-        300,
-        &[2 * MIB + 1, 3 * MIB, 4 * MIB + 4095, 6 * MIB + 17],
-    );
+    let expected = write_tree(fs1.path(), "tree", 0x7ee, 300, &[2 * MIB + 1, 3 * MIB, 4 * MIB + 4095, 6 * MIB + 17]);
     assert!(expected.len() > 300, "{} entries", expected.len());
     syncfs(fs1.path());
     assert_tree_eq(&read_tree(fs1.path()), &expected, "tree before unmount");
     unmount_fsck_release(fs1);
     let status = server.stop();
-    assert!(
-        status.success(),
-        "cowdisk serve exit after SIGTERM: {status}"
-    );
+    assert!(status.success(), "cowdisk serve exit after SIGTERM: {status}");
 
     // Second server on the same overlay: everything is back.
     let server = Server::start(&serve_args);
     let fs2 = FsOverNbd::attach(&server.uri("disk"), &dir.subdir("second"));
-    assert_tree_eq(
-        &read_tree(fs2.path()),
-        &expected,
-        "tree after server restart",
-    );
+    assert_tree_eq(&read_tree(fs2.path()), &expected, "tree after server restart");
     unmount_fsck_release(fs2);
     let status = server.stop();
-    assert!(
-        status.success(),
-        "cowdisk serve exit after SIGTERM: {status}"
-    );
+    assert!(status.success(), "cowdisk serve exit after SIGTERM: {status}");
 
-    assert_eq!(
-        fingerprint(&base),
-        base_before,
-        "the raw base under the overlay changed (size, crc32, mtime)"
-    );
+    assert_eq!(fingerprint(&base), base_before, "the raw base under the overlay changed (size, crc32, mtime)");
 }
 
 #[test]
@@ -273,38 +229,17 @@ fn two_overlays_on_one_ext4_base_served_together_see_only_their_own_writes() {
     let staging = dir.subdir("staging");
     let mut base_tree = Tree::new();
     put_dir(&staging, Path::new("etc"), &mut base_tree);
-    put_file(
-        &staging,
-        Path::new("etc/hostname"),
-        b"cowdisk-base\n",
-        &mut base_tree,
-    );
-    put_file(
-        &staging,
-        Path::new("README.txt"),
-        b"Lives in the base.\n",
-        &mut base_tree,
-    );
+    put_file(&staging, Path::new("etc/hostname"), b"cowdisk-base\n", &mut base_tree);
+    put_file(&staging, Path::new("README.txt"), b"Lives in the base.\n", &mut base_tree);
     base_tree.extend(write_tree(&staging, "usr", 0xba5e, 80, &[3 * MIB + 5]));
     let base = dir.join("base.raw");
-    run(tool("mkfs.ext4")
-        .args(["-q", "-F", "-L", "cowbase", "-d"])
-        .arg(&staging)
-        .arg(&base)
-        .arg("128M"));
+    run(tool("mkfs.ext4").args(["-q", "-F", "-L", "cowbase", "-d"]).arg(&staging).arg(&base).arg("128M"));
     assert_fsck_clean(&base);
     let base_before = fingerprint(&base);
 
     let (a, b) = (dir.join("a.cow"), dir.join("b.cow"));
     for o in [&a, &b] {
-        cowdisk(&[
-            "create",
-            s(o),
-            "--backing",
-            s(&base),
-            "--backing-format",
-            "raw",
-        ]);
+        cowdisk(&["create", s(o), "--backing", s(&base), "--backing-format", "raw"]);
     }
     let sock = dir.join("nbd.sock");
     let serve_args = [s(&a), s(&b), "--socket", s(&sock)];
@@ -318,12 +253,7 @@ fn two_overlays_on_one_ext4_base_served_together_see_only_their_own_writes() {
     // a base file deleted in b, a base directory removed in b.
     let mut want_a = base_tree.clone();
     want_a.extend(write_tree(fs_a.path(), "only-a", 0xa, 120, &[2 * MIB + 3]));
-    put_file(
-        fs_a.path(),
-        Path::new("README.txt"),
-        &random_bytes(100_000, 0xaa),
-        &mut want_a,
-    );
+    put_file(fs_a.path(), Path::new("README.txt"), &random_bytes(100_000, 0xaa), &mut want_a);
     let mut want_b = base_tree.clone();
     want_b.extend(write_tree(fs_b.path(), "only-b", 0xb, 120, &[MIB + 7]));
     fs::remove_file(fs_b.path().join("etc/hostname")).unwrap();
@@ -347,15 +277,8 @@ fn two_overlays_on_one_ext4_base_served_together_see_only_their_own_writes() {
     fs_a.release().expect("release a");
     fs_b.release().expect("release b");
     let status = server.stop();
-    assert!(
-        status.success(),
-        "cowdisk serve exit after SIGTERM: {status}"
-    );
+    assert!(status.success(), "cowdisk serve exit after SIGTERM: {status}");
 
-    assert_eq!(
-        fingerprint(&base),
-        base_before,
-        "the shared ext4 base changed (size, crc32, mtime)"
-    );
+    assert_eq!(fingerprint(&base), base_before, "the shared ext4 base changed (size, crc32, mtime)");
     assert_fsck_clean(&base);
 }

@@ -18,9 +18,7 @@ fn nbdkit_memory(dir: &TempDir) -> (Daemon, std::path::PathBuf) {
     let sock = dir.join("nbdkit.sock");
     let mut cmd = tool("nbdkit");
     // --foreground: otherwise nbdkit forks and the guard would track the wrong pid.
-    cmd.args(["--foreground", "--unix"])
-        .arg(&sock)
-        .args(["memory", "64M"]);
+    cmd.args(["--foreground", "--unix"]).arg(&sock).args(["memory", "64M"]);
     (Daemon::start(cmd, Ready::UnixSocket(sock.clone())), sock)
 }
 
@@ -28,9 +26,7 @@ fn nbdkit_memory(dir: &TempDir) -> (Daemon, std::path::PathBuf) {
 fn full_client(sock: &Path) -> NbdClient<UnixStream> {
     let mut c = NbdClient::connect_unix(sock).expect("connect + greeting");
     c.opt_structured_reply().expect("structured replies");
-    let ctx = c
-        .opt_set_meta_context("", &[BASE_ALLOCATION])
-        .expect("set meta context");
+    let ctx = c.opt_set_meta_context("", &[BASE_ALLOCATION]).expect("set meta context");
     assert_eq!(ctx.len(), 1, "{ctx:?}");
     assert_eq!(ctx[0].name, BASE_ALLOCATION);
     c.opt_go("", &[NBD_INFO_BLOCK_SIZE]).expect("GO");
@@ -61,29 +57,17 @@ fn handshake_go_and_simple_read_write_flush_roundtrip() {
     assert_ne!(c.handshake_flags & NBD_FLAG_FIXED_NEWSTYLE, 0);
     assert_ne!(c.client_flags & NBD_FLAG_C_FIXED_NEWSTYLE, 0);
     // NO_ZEROES must be echoed exactly when offered.
-    assert_eq!(
-        c.client_flags & NBD_FLAG_C_NO_ZEROES != 0,
-        c.handshake_flags & NBD_FLAG_NO_ZEROES != 0
-    );
+    assert_eq!(c.client_flags & NBD_FLAG_C_NO_ZEROES != 0, c.handshake_flags & NBD_FLAG_NO_ZEROES != 0);
 
     let list = c.opt_list().unwrap();
-    assert!(
-        list.iter().any(|e| e.name.is_empty()),
-        "default export listed: {list:?}"
-    );
+    assert!(list.iter().any(|e| e.name.is_empty()), "default export listed: {list:?}");
 
     let info = c.opt_info("", &[NBD_INFO_BLOCK_SIZE]).unwrap();
     assert_eq!(info.size, DISK_SIZE);
     let go = c.opt_go("", &[NBD_INFO_BLOCK_SIZE]).unwrap();
     assert_eq!(go.size, DISK_SIZE);
-    assert_eq!(
-        go.transmission_flags, info.transmission_flags,
-        "INFO then GO must agree"
-    );
-    assert!(
-        go.has_flag(NBD_FLAG_HAS_FLAGS) && go.has_flag(NBD_FLAG_SEND_FLUSH),
-        "{go:?}"
-    );
+    assert_eq!(go.transmission_flags, info.transmission_flags, "INFO then GO must agree");
+    assert!(go.has_flag(NBD_FLAG_HAS_FLAGS) && go.has_flag(NBD_FLAG_SEND_FLUSH), "{go:?}");
     assert!(!go.has_flag(NBD_FLAG_READ_ONLY));
     if let Some((min, pref, max)) = go.block_size {
         assert!(min <= pref && pref <= max, "{:?}", go.block_size);
@@ -93,21 +77,13 @@ fn handshake_go_and_simple_read_write_flush_roundtrip() {
     c.write(MIB, &data).unwrap();
     c.flush().unwrap();
     assert_bytes_eq(&c.read(MIB, data.len() as u32).unwrap(), &data, "read back");
-    assert!(
-        c.read(8 * MIB, 4096).unwrap().iter().all(|&b| b == 0),
-        "unwritten area reads as zeroes"
-    );
+    assert!(c.read(8 * MIB, 4096).unwrap().iter().all(|&b| b == 0), "unwritten area reads as zeroes");
 
     // Without structured replies everything comes back as simple replies.
     let cookie = c.next_cookie();
-    c.send_request(0, NBD_CMD_READ, cookie, MIB, 512, &[])
-        .unwrap();
+    c.send_request(0, NBD_CMD_READ, cookie, MIB, 512, &[]).unwrap();
     match c.read_reply().unwrap() {
-        Reply::Simple {
-            cookie: got,
-            error: 0,
-            data: d,
-        } => {
+        Reply::Simple { cookie: got, error: 0, data: d } => {
             assert_eq!(got, cookie);
             assert_bytes_eq(&d, &data[..512], "simple read payload");
         }
@@ -121,16 +97,10 @@ fn handshake_go_and_simple_read_write_flush_roundtrip() {
     c.flush().unwrap();
 
     c.disconnect().unwrap();
-    assert_eq!(
-        c.peer_state(Duration::from_secs(5)).unwrap(),
-        PeerState::Closed
-    );
+    assert_eq!(c.peer_state(Duration::from_secs(5)).unwrap(), PeerState::Closed);
 
     let status = server.stop();
-    assert!(
-        status.success() || status.code().is_none(),
-        "nbdkit exit status {status}"
-    );
+    assert!(status.success() || status.code().is_none(), "nbdkit exit status {status}");
 }
 
 #[test]
@@ -149,11 +119,7 @@ fn raw_options_and_malformed_input_get_error_replies() {
 
     // NBD_OPT_LIST must not carry data.
     let err = c.option_exchange(NBD_OPT_LIST, b"junk").unwrap();
-    assert_eq!(
-        err.last().unwrap().reply_type,
-        NBD_REP_ERR_INVALID,
-        "{err:?}"
-    );
+    assert_eq!(err.last().unwrap().reply_type, NBD_REP_ERR_INVALID, "{err:?}");
 
     // GO whose name length claims more bytes than the option carries.
     let mut bad = NbdClient::<UnixStream>::info_payload("", &[]);
@@ -169,28 +135,19 @@ fn raw_options_and_malformed_input_get_error_replies() {
     // Still negotiating normally after all that.
     c.opt_structured_reply().unwrap();
     let listed = c.opt_list_meta_context("", &[]).unwrap();
-    assert!(
-        listed.iter().any(|m| m.name == BASE_ALLOCATION),
-        "{listed:?}"
-    );
+    assert!(listed.iter().any(|m| m.name == BASE_ALLOCATION), "{listed:?}");
 
     let abort = c.opt_abort().unwrap();
     if let Some(r) = abort {
         assert_eq!(r.reply_type, NBD_REP_ACK);
     }
-    assert_eq!(
-        c.peer_state(Duration::from_secs(5)).unwrap(),
-        PeerState::Closed
-    );
+    assert_eq!(c.peer_state(Duration::from_secs(5)).unwrap(), PeerState::Closed);
 
     // A client that sends garbage instead of flags gets hung up on.
     let mut g = NbdClient::connect_unix_raw(&sock).unwrap();
     g.read_greeting().unwrap();
     g.send_client_flags(0xffff_fff0).unwrap();
-    assert_eq!(
-        g.peer_state(Duration::from_secs(5)).unwrap(),
-        PeerState::Closed
-    );
+    assert_eq!(g.peer_state(Duration::from_secs(5)).unwrap(), PeerState::Closed);
 }
 
 #[test]
@@ -229,10 +186,7 @@ fn structured_read_of_unwritten_area() {
     assert!(got[12288..].iter().all(|&b| b == 0));
 
     let err = c.read(DISK_SIZE - 512, 1024).unwrap_err();
-    assert!(
-        cmd_error(&err).is_some(),
-        "out-of-range read must be an NBD error: {err}"
-    );
+    assert!(cmd_error(&err).is_some(), "out-of-range read must be an NBD error: {err}");
 }
 
 /// qemu-nbd answers reads of unallocated areas with NBD_REPLY_TYPE_OFFSET_HOLE
@@ -244,24 +198,17 @@ fn structured_read_of_hole_from_qemu_nbd() {
     }
     let dir = TempDir::for_test();
     let image = dir.join("disk.qcow2");
-    run(tool("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg("16M"));
+    run(tool("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
     let sock = dir.join("qemu-nbd.sock");
     let mut cmd = tool("qemu-nbd");
     // --persistent: otherwise qemu-nbd exits after the readiness probe disconnects.
-    cmd.args(["--persistent", "--format=qcow2", "--socket"])
-        .arg(&sock)
-        .arg(&image);
+    cmd.args(["--persistent", "--format=qcow2", "--socket"]).arg(&sock).arg(&image);
     let _server = Daemon::start(cmd, Ready::UnixSocket(sock.clone()));
 
     let mut c = full_client(&sock);
     let resp = c.command(0, NBD_CMD_READ, 0, 65536, &[]).unwrap();
     assert!(
-        resp.chunks
-            .iter()
-            .any(|ch| matches!(ch.kind, ChunkKind::OffsetHole { offset: 0, .. })),
+        resp.chunks.iter().any(|ch| matches!(ch.kind, ChunkKind::OffsetHole { offset: 0, .. })),
         "expected a hole chunk, got {:?}",
         resp.chunks
     );
@@ -273,10 +220,7 @@ fn structured_read_of_hole_from_qemu_nbd() {
     let got = resp.read_data().unwrap();
     assert!(got[..65536].iter().all(|&b| b == 0));
     assert_bytes_eq(&got[65536..], &data, "data after hole");
-    assert!(resp
-        .chunks
-        .iter()
-        .any(|ch| matches!(ch.kind, ChunkKind::OffsetData { .. })));
+    assert!(resp.chunks.iter().any(|ch| matches!(ch.kind, ChunkKind::OffsetData { .. })));
 }
 
 #[test]
@@ -293,28 +237,14 @@ fn base_allocation_block_status_after_write() {
     assert_eq!(before.len(), 1);
     assert_eq!(before[0].0, ctx_id);
     let flags = status_at(&before[0].1, 0, 2 * MIB).unwrap();
-    assert_eq!(
-        flags & (NBD_STATE_HOLE | NBD_STATE_ZERO),
-        NBD_STATE_HOLE | NBD_STATE_ZERO
-    );
+    assert_eq!(flags & (NBD_STATE_HOLE | NBD_STATE_ZERO), NBD_STATE_HOLE | NBD_STATE_ZERO);
 
     c.write(2 * MIB, &random_bytes(64 * 1024, 4)).unwrap();
     let after = c.block_status(0, DISK_SIZE as u32, 0).unwrap();
     let extents = &after[0].1;
-    assert_eq!(
-        status_at(extents, 0, 2 * MIB).unwrap() & NBD_STATE_HOLE,
-        0,
-        "{extents:?}"
-    );
-    assert_ne!(
-        status_at(extents, 0, 0).unwrap() & NBD_STATE_HOLE,
-        0,
-        "{extents:?}"
-    );
-    assert_ne!(
-        status_at(extents, 0, 40 * MIB).map_or(NBD_STATE_HOLE, |f| f) & NBD_STATE_HOLE,
-        0
-    );
+    assert_eq!(status_at(extents, 0, 2 * MIB).unwrap() & NBD_STATE_HOLE, 0, "{extents:?}");
+    assert_ne!(status_at(extents, 0, 0).unwrap() & NBD_STATE_HOLE, 0, "{extents:?}");
+    assert_ne!(status_at(extents, 0, 40 * MIB).map_or(NBD_STATE_HOLE, |f| f) & NBD_STATE_HOLE, 0);
 
     let one = c.block_status(2 * MIB, 4096, NBD_CMD_FLAG_REQ_ONE).unwrap();
     assert_eq!(one[0].1.len(), 1, "REQ_ONE gives one extent: {one:?}");
@@ -330,9 +260,7 @@ fn pipelined_requests_are_matched_by_cookie() {
     // More threads than the default make out-of-order replies likely.
     let sock = dir.join("nbdkit.sock");
     let mut cmd = tool("nbdkit");
-    cmd.args(["--foreground", "--threads", "16", "--unix"])
-        .arg(&sock)
-        .args(["memory", "64M"]);
+    cmd.args(["--foreground", "--threads", "16", "--unix"]).arg(&sock).args(["memory", "64M"]);
     let _server = Daemon::start(cmd, Ready::UnixSocket(sock.clone()));
     let mut c = full_client(&sock);
 
@@ -341,15 +269,7 @@ fn pipelined_requests_are_matched_by_cookie() {
     let cookie_of = |i: u64| 0xfeed_0000_0000_0000 | (i * 7919);
     for i in 0..N {
         let data = random_bytes(LEN, 100 + i);
-        c.send_request(
-            0,
-            NBD_CMD_WRITE,
-            cookie_of(i),
-            i * LEN as u64,
-            LEN as u32,
-            &data,
-        )
-        .unwrap();
+        c.send_request(0, NBD_CMD_WRITE, cookie_of(i), i * LEN as u64, LEN as u32, &data).unwrap();
     }
     assert_eq!(c.inflight_count(), N as usize);
     let mut seen = std::collections::HashSet::new();
@@ -363,27 +283,13 @@ fn pipelined_requests_are_matched_by_cookie() {
 
     // Reads in reverse order, collected in whatever order they finish.
     for i in (0..N).rev() {
-        c.send_request(
-            0,
-            NBD_CMD_READ,
-            cookie_of(i),
-            i * LEN as u64,
-            LEN as u32,
-            &[],
-        )
-        .unwrap();
+        c.send_request(0, NBD_CMD_READ, cookie_of(i), i * LEN as u64, LEN as u32, &[]).unwrap();
     }
     let mut order = Vec::new();
     for _ in 0..N {
         let r = c.read_response().unwrap();
-        let i = (0..N)
-            .find(|&i| cookie_of(i) == r.cookie)
-            .expect("known cookie");
-        assert_bytes_eq(
-            &r.read_data().unwrap(),
-            &random_bytes(LEN, 100 + i),
-            "pipelined read",
-        );
+        let i = (0..N).find(|&i| cookie_of(i) == r.cookie).expect("known cookie");
+        assert_bytes_eq(&r.read_data().unwrap(), &random_bytes(LEN, 100 + i), "pipelined read");
         order.push(i);
     }
     eprintln!("pipelined read completion order: {order:?}");
@@ -403,49 +309,27 @@ fn daemon_guard_reports_early_exit_timeouts_and_stops() {
     // Early exit: the error carries the daemon's output.
     let mut cmd = Command::new("sh");
     cmd.args(["-c", "echo out-marker; echo err-marker >&2; exit 3"]);
-    let err = Daemon::try_start(
-        cmd,
-        Ready::UnixSocket("/nonexistent/sock".into()),
-        Duration::from_secs(5),
-    )
-    .err()
-    .expect("must fail");
-    assert!(
-        err.contains("exited") && err.contains("out-marker") && err.contains("err-marker"),
-        "{err}"
-    );
+    let err = Daemon::try_start(cmd, Ready::UnixSocket("/nonexistent/sock".into()), Duration::from_secs(5))
+        .err()
+        .expect("must fail");
+    assert!(err.contains("exited") && err.contains("out-marker") && err.contains("err-marker"), "{err}");
 
     // Never ready: stopped after the timeout, not left behind.
     let dir = TempDir::for_test();
     let pidfile = dir.join("pid");
     let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(format!(
-        "echo $$ > {}.tmp; exec sleep 60",
-        pidfile.display()
-    ));
-    let err = Daemon::try_start(
-        cmd,
-        Ready::PidFile(pidfile.clone()),
-        Duration::from_millis(500),
-    )
-    .err()
-    .expect("must time out");
+    cmd.arg("-c").arg(format!("echo $$ > {}.tmp; exec sleep 60", pidfile.display()));
+    let err = Daemon::try_start(cmd, Ready::PidFile(pidfile.clone()), Duration::from_millis(500))
+        .err()
+        .expect("must time out");
     assert!(err.contains("not ready"), "{err}");
-    let pid: u32 = std::fs::read_to_string(format!("{}.tmp", pidfile.display()))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: u32 = std::fs::read_to_string(format!("{}.tmp", pidfile.display())).unwrap().trim().parse().unwrap();
     assert!(!pid_exists(pid), "timed-out daemon {pid} must be gone");
 
     // stop() with a process that ignores SIGTERM falls back to SIGKILL; use
     // a short grace period through terminate() to keep the test fast.
     let mut cmd = Command::new("sh");
-    cmd.args([
-        "-c",
-        "trap '' TERM; echo ready > \"$0\"; while :; do sleep 1; done",
-    ])
-    .arg(&pidfile);
+    cmd.args(["-c", "trap '' TERM; echo ready > \"$0\"; while :; do sleep 1; done"]).arg(&pidfile);
     let mut d = Daemon::start(cmd, Ready::PidFile(pidfile.clone()));
     let pid = d.pid();
     let status = d.terminate(Duration::from_millis(300));
@@ -483,35 +367,19 @@ fn server_start_fails_with_log_when_cowdisk_exits_early() {
         .err()
         .expect("must not become ready");
     assert!(err.contains("exited"), "{err}");
-    assert!(Server::try_start(&["/nonexistent/image.cow"])
-        .err()
-        .unwrap()
-        .contains("--socket"));
+    assert!(Server::try_start(&["/nonexistent/image.cow"]).err().unwrap().contains("--socket"));
 }
 
 #[test]
 fn uri_helpers() {
-    assert_eq!(
-        unix_uri(Path::new("/tmp/a b/s.sock"), ""),
-        "nbd+unix:///?socket=/tmp/a%20b/s.sock"
-    );
-    assert_eq!(
-        unix_uri(Path::new("/tmp/s"), "base/x"),
-        "nbd+unix:///base%2Fx?socket=/tmp/s"
-    );
+    assert_eq!(unix_uri(Path::new("/tmp/a b/s.sock"), ""), "nbd+unix:///?socket=/tmp/a%20b/s.sock");
+    assert_eq!(unix_uri(Path::new("/tmp/s"), "base/x"), "nbd+unix:///base%2Fx?socket=/tmp/s");
 }
 
 #[test]
 fn data_helpers_are_deterministic() {
-    assert_eq!(
-        crc32(b"123456789"),
-        0xcbf4_3926,
-        "standard CRC-32 check value"
-    );
-    assert_eq!(
-        crc32_update(crc32_update(0, b"1234"), b"56789"),
-        0xcbf4_3926
-    );
+    assert_eq!(crc32(b"123456789"), 0xcbf4_3926, "standard CRC-32 check value");
+    assert_eq!(crc32_update(crc32_update(0, b"1234"), b"56789"), 0xcbf4_3926);
     assert_eq!(random_bytes(1000, 7), random_bytes(1000, 7));
     assert_ne!(random_bytes(1000, 7), random_bytes(1000, 8));
 
@@ -520,11 +388,7 @@ fn data_helpers_are_deterministic() {
     write_random_file(&a, 3 * MIB + 5, 9);
     write_random_file(&b, 3 * MIB + 5, 9);
     assert_eq!(std::fs::metadata(&a).unwrap().len(), 3 * MIB + 5);
-    assert_bytes_eq(
-        &std::fs::read(&a).unwrap()[..4096],
-        &random_bytes(4096, 9),
-        "file prefix",
-    );
+    assert_bytes_eq(&std::fs::read(&a).unwrap()[..4096], &random_bytes(4096, 9), "file prefix");
     assert_files_equal(&a, &b);
     assert_eq!(crc32_file(&a), crc32(&std::fs::read(&a).unwrap()));
 
@@ -551,21 +415,9 @@ fn assert_released(t: &Taken) {
     let lines = losetup_lines_mentioning(&t.disk);
     assert!(lines.is_empty(), "loop device still bound: {lines:?}");
     assert!(loops_backed_by(&t.disk).is_empty());
-    assert!(
-        !is_mounted(&t.mnt_dir),
-        "{} still mounted",
-        t.mnt_dir.display()
-    );
-    assert!(
-        !is_mounted(&t.fuse_dir),
-        "{} still mounted",
-        t.fuse_dir.display()
-    );
-    assert!(
-        !pid_exists(t.nbdfuse_pid),
-        "nbdfuse {} still running",
-        t.nbdfuse_pid
-    );
+    assert!(!is_mounted(&t.mnt_dir), "{} still mounted", t.mnt_dir.display());
+    assert!(!is_mounted(&t.fuse_dir), "{} still mounted", t.fuse_dir.display());
+    assert!(!pid_exists(t.nbdfuse_pid), "nbdfuse {} still running", t.nbdfuse_pid);
 }
 
 fn build_stack_and_write(sock: &Path, work: &Path) -> (FsOverNbd, Taken) {
@@ -579,16 +431,10 @@ fn build_stack_and_write(sock: &Path, work: &Path) -> (FsOverNbd, Taken) {
     assert!(is_mounted(&taken.mnt_dir) && is_mounted(&taken.fuse_dir));
     assert!(loop_is_attached(fs.loopdev.path()));
     assert_eq!(losetup_lines_mentioning(&taken.disk).len(), 1);
-    assert_eq!(
-        loops_backed_by(&taken.disk),
-        vec![fs.loopdev.path().to_path_buf()]
-    );
+    assert_eq!(loops_backed_by(&taken.disk), vec![fs.loopdev.path().to_path_buf()]);
     let file = fs.path().join("data.bin");
     write_random_file(&file, 3 * MIB, 11);
-    assert_eq!(
-        crc32_file(&file),
-        crc32(&random_bytes(3 * MIB as usize, 11))
-    );
+    assert_eq!(crc32_file(&file), crc32(&random_bytes(3 * MIB as usize, 11)));
     (fs, taken)
 }
 
@@ -609,22 +455,11 @@ fn ext4_over_nbdfuse_and_loop_is_released_on_drop_and_on_panic() {
     // release explicitly and check the filesystem is clean.
     let fs = FsOverNbd::attach(&unix_uri(&sock, ""), &dir.subdir("b"));
     let file = fs.path().join("data.bin");
-    assert_eq!(
-        crc32_file(&file),
-        crc32(&random_bytes(3 * MIB as usize, 11))
-    );
-    let FsOverNbd {
-        mount,
-        loopdev,
-        fuse,
-    } = fs;
+    assert_eq!(crc32_file(&file), crc32(&random_bytes(3 * MIB as usize, 11)));
+    let FsOverNbd { mount, loopdev, fuse } = fs;
     mount.unmount().unwrap();
     let fsck = fsck_ext4(loopdev.path());
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    assert!(fsck.status.success(), "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
     let disk = fuse.disk().to_path_buf();
     loopdev.detach().unwrap();
     assert!(losetup_lines_mentioning(&disk).is_empty());
@@ -650,13 +485,9 @@ fn require_tool_skips_loudly_or_fails_on_ci() {
     assert!(require_tool("sh"));
     let missing_tool = "cowdisk-no-such-tool-xyz";
     if std::env::var("CI").as_deref() == Ok("true") {
-        let err =
-            std::panic::catch_unwind(|| require_tool(missing_tool)).expect_err("must panic on CI");
+        let err = std::panic::catch_unwind(|| require_tool(missing_tool)).expect_err("must panic on CI");
         let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
-        assert!(
-            msg.contains("CI=true") && msg.contains(missing_tool),
-            "{msg}"
-        );
+        assert!(msg.contains("CI=true") && msg.contains(missing_tool), "{msg}");
     } else {
         assert!(!require_tool(missing_tool));
     }
@@ -669,19 +500,14 @@ fn busy_mount_falls_back_to_lazy_umount_and_loop_detaches_after() {
     }
     let dir = TempDir::for_test();
     let image = dir.join("fs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(32 * MIB)
-        .unwrap();
+    std::fs::File::create(&image).unwrap().set_len(32 * MIB).unwrap();
     let loopdev = LoopDev::attach(&image).unwrap();
     mkfs_ext4(loopdev.path());
     let mount = Mount::new(loopdev.path(), &dir.join("mnt")).unwrap();
     let target = mount.path().to_path_buf();
     let busy = std::fs::File::create(target.join("held-open")).unwrap();
 
-    let err = mount
-        .unmount()
-        .expect_err("busy fs cannot be unmounted normally");
+    let err = mount.unmount().expect_err("busy fs cannot be unmounted normally");
     assert!(err.contains("umount -l"), "{err}");
     assert!(!is_mounted(&target), "lazy umount detached it");
 

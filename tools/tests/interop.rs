@@ -58,14 +58,7 @@ impl Rig {
             match img {
                 Img::Overlay(name) => {
                     let p = dir.join(format!("{name}.cow"));
-                    cowdisk(&[
-                        "create",
-                        s(&p),
-                        "--backing",
-                        s(&base),
-                        "--backing-format",
-                        "raw",
-                    ]);
+                    cowdisk(&["create", s(&p), "--backing", s(&base), "--backing-format", "raw"]);
                     paths.push(p);
                 }
                 Img::Standalone(name, size) => {
@@ -80,12 +73,7 @@ impl Rig {
         args.extend(["--socket", s(&sock)]);
         args.extend(serve_args);
         let server = Server::start(&args);
-        Rig {
-            server,
-            base,
-            base_bytes,
-            dir,
-        }
+        Rig { server, base, base_bytes, dir }
     }
 
     fn uri(&self, export: &str) -> String {
@@ -95,11 +83,7 @@ impl Rig {
     #[track_caller]
     fn assert_base_unchanged(&self) {
         let now = fs::read(&self.base).unwrap();
-        assert_bytes_eq(
-            &now,
-            &self.base_bytes,
-            "raw base after writes through the overlay",
-        );
+        assert_bytes_eq(&now, &self.base_bytes, "raw base after writes through the overlay");
     }
 }
 
@@ -113,10 +97,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     cmd.arg(uri);
     let out = run(&mut cmd);
     let text = stdout_of(&out);
-    assert!(
-        !text.contains("failed"),
-        "qemu-io reported a failure with exit status 0:\n{text}"
-    );
+    assert!(!text.contains("failed"), "qemu-io reported a failure with exit status 0:\n{text}");
     text
 }
 
@@ -132,18 +113,11 @@ fn qemu_io_read_v(uri: &str, offset: u64, len: usize) -> Vec<u8> {
         let Ok(addr) = u64::from_str_radix(addr.trim(), 16) else {
             continue;
         };
-        assert_eq!(
-            addr,
-            offset + bytes.len() as u64,
-            "read -v listing out of order:\n{text}"
-        );
+        assert_eq!(addr, offset + bytes.len() as u64, "read -v listing out of order:\n{text}");
         let n = (len - bytes.len()).min(16);
         // Take exactly n byte tokens: the ASCII column may contain spaces.
         for tok in rest.split_whitespace().take(n) {
-            bytes.push(
-                u8::from_str_radix(tok, 16)
-                    .unwrap_or_else(|_| panic!("bad hex byte {tok:?} in:\n{text}")),
-            );
+            bytes.push(u8::from_str_radix(tok, 16).unwrap_or_else(|_| panic!("bad hex byte {tok:?} in:\n{text}")));
         }
     }
     assert_eq!(bytes.len(), len, "read -v listing incomplete:\n{text}");
@@ -152,12 +126,7 @@ fn qemu_io_read_v(uri: &str, offset: u64, len: usize) -> Vec<u8> {
 
 /// `qemu-img compare` of the export (raw) against a raw file: true if identical.
 fn qemu_img_identical(uri: &str, file: &Path) -> bool {
-    let out = run_status(
-        tool("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(uri)
-            .arg(file),
-    );
+    let out = run_status(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(uri).arg(file));
     match out.status.code() {
         Some(0) => true,
         Some(1) => false,
@@ -181,11 +150,7 @@ fn nbdinfo_query(uri: &str, kind: &str, what: &str) -> bool {
     match out.status.code() {
         Some(0) => true,
         Some(2) => false,
-        _ => panic!(
-            "nbdinfo {kind} {what} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        _ => panic!("nbdinfo {kind} {what} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr)),
     }
 }
 
@@ -211,21 +176,10 @@ fn nbdinfo_map(uri: &str) -> Vec<MapRun> {
                 .unwrap_or_else(|| panic!("bad nbdinfo --map line {line:?} in:\n{text}"))
         };
         let (offset, length, kind) = (num(), num(), num() as u32);
-        let desc = line
-            .split_whitespace()
-            .skip(3)
-            .collect::<Vec<_>>()
-            .join(" ");
+        let desc = line.split_whitespace().skip(3).collect::<Vec<_>>().join(" ");
         match runs.last_mut() {
-            Some(last) if last.kind == kind && last.offset + last.length == offset => {
-                last.length += length
-            }
-            _ => runs.push(MapRun {
-                offset,
-                length,
-                kind,
-                desc,
-            }),
+            Some(last) if last.kind == kind && last.offset + last.length == offset => last.length += length,
+            _ => runs.push(MapRun { offset, length, kind, desc }),
         }
     }
     runs
@@ -234,12 +188,7 @@ fn nbdinfo_map(uri: &str) -> Vec<MapRun> {
 /// The map a disk of `size` should have when exactly `data` (sorted,
 /// non-overlapping byte ranges) holds data and everything else is a hole.
 fn expected_map(size: u64, data: &[(u64, u64)]) -> Vec<MapRun> {
-    let hole = |offset, length| MapRun {
-        offset,
-        length,
-        kind: 3,
-        desc: "hole,zero".into(),
-    };
+    let hole = |offset, length| MapRun { offset, length, kind: 3, desc: "hole,zero".into() };
     let mut out: Vec<MapRun> = Vec::new();
     let mut pos = 0;
     for &(off, len) in data {
@@ -249,12 +198,7 @@ fn expected_map(size: u64, data: &[(u64, u64)]) -> Vec<MapRun> {
         }
         match out.last_mut() {
             Some(last) if last.kind == 0 && last.offset + last.length == off => last.length += len,
-            _ => out.push(MapRun {
-                offset: off,
-                length: len,
-                kind: 0,
-                desc: "data".into(),
-            }),
+            _ => out.push(MapRun { offset: off, length: len, kind: 0, desc: "data".into() }),
         }
         pos = off + len;
     }
@@ -295,29 +239,18 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets_read_back_and_never_reach_t
         (BASE_SIZE - 513, 513, 0x3c),
         (21 * MIB + 12345, 8 * MIB + 1, 0xf0),
     ];
-    let mut cmds: Vec<String> = writes
-        .iter()
-        .map(|(o, l, p)| format!("write -P {p:#x} {o} {l}"))
-        .collect();
+    let mut cmds: Vec<String> = writes.iter().map(|(o, l, p)| format!("write -P {p:#x} {o} {l}")).collect();
     // Non-uniform data (a pattern cannot show bytes landing in the wrong
     // place): 300000 random bytes at an unaligned offset, from a file.
     let random_src = rig.dir.join("random.bin");
     let random = random_bytes(300_000, 0x7a2d);
     fs::write(&random_src, &random).unwrap();
     let random_at = 7 * MIB + 333;
-    cmds.push(format!(
-        "write -s {} {random_at} {}",
-        s(&random_src),
-        random.len()
-    ));
+    cmds.push(format!("write -s {} {random_at} {}", s(&random_src), random.len()));
     // FUA, and several requests in flight at once.
     cmds.push(format!("write -f -P 0x42 {} 12345", 9 * MIB + 7));
     for i in 0..8u64 {
-        cmds.push(format!(
-            "aio_write -P {:#x} {} 40000",
-            0x80 + i,
-            12 * MIB + i * 40000
-        ));
+        cmds.push(format!("aio_write -P {:#x} {} 40000", 0x80 + i, 12 * MIB + i * 40000));
     }
     cmds.push("aio_flush".into());
     cmds.push("flush".into());
@@ -333,17 +266,10 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets_read_back_and_never_reach_t
     }
 
     // Read back with pattern verification, from a new connection.
-    let mut verify: Vec<String> = writes
-        .iter()
-        .map(|(o, l, p)| format!("read -P {p:#x} {o} {l}"))
-        .collect();
+    let mut verify: Vec<String> = writes.iter().map(|(o, l, p)| format!("read -P {p:#x} {o} {l}")).collect();
     verify.push(format!("read -P 0x42 {} 12345", 9 * MIB + 7));
     for i in 0..8u64 {
-        verify.push(format!(
-            "read -P {:#x} {} 40000",
-            0x80 + i,
-            12 * MIB + i * 40000
-        ));
+        verify.push(format!("read -P {:#x} {} 40000", 0x80 + i, 12 * MIB + i * 40000));
     }
     let refs: Vec<&str> = verify.iter().map(String::as_str).collect();
     qemu_io(&uri, &refs);
@@ -366,11 +292,7 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets_read_back_and_never_reach_t
         (29 * MIB + 12340, 16),
     ] {
         let got = qemu_io_read_v(&uri, o, len);
-        assert_bytes_eq(
-            &got,
-            &expected[o as usize..o as usize + len],
-            &format!("read -v {o} {len}"),
-        );
+        assert_bytes_eq(&got, &expected[o as usize..o as usize + len], &format!("read -v {o} {len}"));
     }
 
     // Zeroing: unmapped, allocated, and fast-zero-only (-n -u is metadata only).
@@ -399,20 +321,12 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets_read_back_and_never_reach_t
 
     // The whole device, through another client, is exactly what we expect.
     if require_tool("nbdcopy") {
-        assert_bytes_eq(
-            &export_bytes(&uri),
-            &expected,
-            "whole export after qemu-io writes",
-        );
+        assert_bytes_eq(&export_bytes(&uri), &expected, "whole export after qemu-io writes");
     }
     rig.assert_base_unchanged();
     let status = rig.server.stop();
     assert!(status.success(), "cowdisk serve on SIGTERM: {status}");
-    assert_bytes_eq(
-        &fs::read(&rig.base).unwrap(),
-        &rig.base_bytes,
-        "base after stop",
-    );
+    assert_bytes_eq(&fs::read(&rig.base).unwrap(), &rig.base_bytes, "base after stop");
 }
 
 // ---------------------------------------------------------------------------
@@ -424,11 +338,7 @@ fn qemu_img_compare_and_convert_from_and_into_the_export_are_byte_exact() {
     if !require_tools(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let rig = Rig::new(
-        BASE_SIZE,
-        &[Img::Overlay("disk"), Img::Overlay("into")],
-        &[],
-    );
+    let rig = Rig::new(BASE_SIZE, &[Img::Overlay("disk"), Img::Overlay("into")], &[]);
     let uri = rig.uri("disk");
 
     // A fresh overlay is its base.
@@ -451,21 +361,12 @@ fn qemu_img_compare_and_convert_from_and_into_the_export_are_byte_exact() {
     fill(&mut expected, 20 * MIB, MIB, 0);
     let expected_file = rig.dir.join("expected.raw");
     fs::write(&expected_file, &expected).unwrap();
-    assert!(
-        qemu_img_identical(&uri, &expected_file),
-        "export vs locally maintained expected image"
-    );
-    assert!(
-        !qemu_img_identical(&uri, &rig.base),
-        "compare must see the writes (export vs base)"
-    );
+    assert!(qemu_img_identical(&uri, &expected_file), "export vs locally maintained expected image");
+    assert!(!qemu_img_identical(&uri, &rig.base), "compare must see the writes (export vs base)");
 
     // convert FROM the export.
     let out = rig.dir.join("converted.raw");
-    run(tool("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&uri)
-        .arg(&out));
+    run(tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri).arg(&out));
     assert_eq!(fs::metadata(&out).unwrap().len(), BASE_SIZE);
     assert_files_equal(&out, &expected_file);
 
@@ -486,19 +387,10 @@ fn qemu_img_compare_and_convert_from_and_into_the_export_are_byte_exact() {
         f.sync_all().unwrap();
     }
     assert_eq!(fs::metadata(&src).unwrap().len(), BASE_SIZE);
-    run(tool("qemu-img")
-        .args(["convert", "-n", "-W", "-m", "8", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(&uri));
-    assert!(
-        qemu_img_identical(&uri, &src),
-        "export after convert -n into it"
-    );
+    run(tool("qemu-img").args(["convert", "-n", "-W", "-m", "8", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri));
+    assert!(qemu_img_identical(&uri, &src), "export after convert -n into it");
     let back = rig.dir.join("back.raw");
-    run(tool("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&uri)
-        .arg(&back));
+    run(tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri).arg(&back));
     assert_files_equal(&back, &src);
 
     // convert INTO the other overlay, target given by --target-image-opts.
@@ -509,14 +401,9 @@ fn qemu_img_compare_and_convert_from_and_into_the_export_are_byte_exact() {
         .args(["convert", "-n", "-f", "raw"])
         .arg(&src2)
         .arg("--target-image-opts")
-        .arg(format!(
-            "driver=nbd,server.type=unix,server.path={sock},export=into"
-        )));
+        .arg(format!("driver=nbd,server.type=unix,server.path={sock},export=into")));
     let into = rig.uri("into");
-    assert!(
-        qemu_img_identical(&into, &src2),
-        "export 'into' after convert"
-    );
+    assert!(qemu_img_identical(&into, &src2), "export 'into' after convert");
     // ...and that left the first export alone.
     assert!(qemu_img_identical(&uri, &src), "export 'disk' unaffected");
 
@@ -532,11 +419,7 @@ fn nbdinfo_reports_size_and_flags_of_writable_and_read_only_exports() {
     if !require_tool("nbdinfo") {
         return;
     }
-    let rig = Rig::new(
-        BASE_SIZE,
-        &[Img::Overlay("disk"), Img::Standalone("blank", 48 * MIB)],
-        &[],
-    );
+    let rig = Rig::new(BASE_SIZE, &[Img::Overlay("disk"), Img::Standalone("blank", 48 * MIB)], &[]);
     let uri = rig.uri("disk");
 
     let size = stdout_of(&run(tool("nbdinfo").arg("--size").arg(&uri)));
@@ -558,70 +441,42 @@ fn nbdinfo_reports_size_and_flags_of_writable_and_read_only_exports() {
         "df",
         "structured-reply",
     ] {
-        assert!(
-            nbdinfo_query(&uri, "--can", can),
-            "writable export: --can {can}"
-        );
+        assert!(nbdinfo_query(&uri, "--can", can), "writable export: --can {can}");
     }
     assert!(!nbdinfo_query(&uri, "--is", "read-only"));
 
     // The plain text listing agrees.
     let text = stdout_of(&run(tool("nbdinfo").arg(&uri)));
     assert!(text.contains("export=\"disk\""), "{text}");
-    assert!(
-        text.contains(&format!("export-size: {BASE_SIZE}")),
-        "{text}"
-    );
+    assert!(text.contains(&format!("export-size: {BASE_SIZE}")), "{text}");
     assert!(text.contains("is_read_only: false"), "{text}");
     assert!(text.contains("base:allocation"), "{text}");
 
     // --list shows both exports of the one server.
     let list = stdout_of(&run(tool("nbdinfo").arg("--list").arg(&uri)));
-    assert!(
-        list.contains("export=\"disk\"") && list.contains("export=\"blank\""),
-        "{list}"
-    );
+    assert!(list.contains("export=\"disk\"") && list.contains("export=\"blank\""), "{list}");
 
     // The same overlay served --read-only by a second server once the first is gone.
     let Rig { server, dir, .. } = rig;
     assert!(server.stop().success());
     let ro_sock = dir.join("ro.sock");
-    let ro = Server::start(&[
-        s(&dir.join("disk.cow")),
-        "--read-only",
-        "--socket",
-        s(&ro_sock),
-    ]);
+    let ro = Server::start(&[s(&dir.join("disk.cow")), "--read-only", "--socket", s(&ro_sock)]);
     let ro_uri = ro.uri("disk");
     assert!(nbdinfo_query(&ro_uri, "--is", "read-only"));
     for can in ["write", "trim", "zero", "fast-zero", "fua"] {
-        assert!(
-            !nbdinfo_query(&ro_uri, "--can", can),
-            "read-only export: --can {can}"
-        );
+        assert!(!nbdinfo_query(&ro_uri, "--can", can), "read-only export: --can {can}");
     }
     assert!(nbdinfo_query(&ro_uri, "--can", "read"));
     assert!(nbdinfo_query(&ro_uri, "--can", "flush"));
     let text = stdout_of(&run(tool("nbdinfo").arg(&ro_uri)));
     assert!(text.contains("is_read_only: true"), "{text}");
-    assert_eq!(
-        stdout_of(&run(tool("nbdinfo").arg("--size").arg(&ro_uri))).trim(),
-        BASE_SIZE.to_string()
-    );
+    assert_eq!(stdout_of(&run(tool("nbdinfo").arg("--size").arg(&ro_uri))).trim(), BASE_SIZE.to_string());
     // A client that tries to write anyway is refused, and the data stays.
     if require_tool("qemu-io") {
-        let out = run_status(
-            tool("qemu-io")
-                .args(["-f", "raw", "-c", "write -P 0x99 0 4096"])
-                .arg(&ro_uri),
-        );
-        assert!(
-            !out.status.success(),
-            "qemu-io write to a read-only export succeeded"
-        );
+        let out = run_status(tool("qemu-io").args(["-f", "raw", "-c", "write -P 0x99 0 4096"]).arg(&ro_uri));
+        assert!(!out.status.success(), "qemu-io write to a read-only export succeeded");
         let mut cmd = tool("qemu-io");
-        cmd.args(["-r", "-f", "raw", "-c", "read -v 0 16"])
-            .arg(&ro_uri);
+        cmd.args(["-r", "-f", "raw", "-c", "read -v 0 16"]).arg(&ro_uri);
         let text = stdout_of(&run(&mut cmd));
         assert!(text.contains("read 16/16"), "{text}");
     }
@@ -636,11 +491,7 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
     const SIZE: u64 = 32 * MIB;
     let rig = Rig::new(
         BASE_SIZE,
-        &[
-            Img::Standalone("blank", SIZE),
-            Img::Overlay("disk"),
-            Img::Standalone("striped", SIZE),
-        ],
+        &[Img::Standalone("blank", SIZE), Img::Overlay("disk"), Img::Standalone("striped", SIZE)],
         &[],
     );
     let uri = rig.uri("blank");
@@ -659,25 +510,15 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
         (10 * MIB + 4 * KIB, 8 * KIB),
         (SIZE - 4 * KIB, 4 * KIB),
     ];
-    let cmds: Vec<String> = data
-        .iter()
-        .enumerate()
-        .map(|(i, (o, l))| format!("write -P {:#x} {o} {l}", 0x21 + i))
-        .collect();
+    let cmds: Vec<String> =
+        data.iter().enumerate().map(|(i, (o, l))| format!("write -P {:#x} {o} {l}", 0x21 + i)).collect();
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&uri, &refs);
-    assert_eq!(
-        nbdinfo_map(&uri),
-        expected_map(SIZE, &data),
-        "map after writing {data:?}"
-    );
+    assert_eq!(nbdinfo_map(&uri), expected_map(SIZE, &data), "map after writing {data:?}");
 
     // Discard inside the multi-chunk run (not chunk-aligned) and a whole chunk.
     let trims = [(5 * MIB + 8 * KIB, 16 * KIB), (6 * MIB, 64 * KIB)];
-    let cmds: Vec<String> = trims
-        .iter()
-        .map(|(o, l)| format!("discard {o} {l}"))
-        .collect();
+    let cmds: Vec<String> = trims.iter().map(|(o, l)| format!("discard {o} {l}")).collect();
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&uri, &refs);
     data.retain(|&(o, _)| o != 5 * MIB);
@@ -687,11 +528,7 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
         (6 * MIB + 64 * KIB, 2 * MIB - 64 * KIB + 20 * KIB),
     ]);
     data.sort();
-    assert_eq!(
-        nbdinfo_map(&uri),
-        expected_map(SIZE, &data),
-        "map after discarding {trims:?}"
-    );
+    assert_eq!(nbdinfo_map(&uri), expected_map(SIZE, &data), "map after discarding {trims:?}");
     // Trimmed ranges read as zeroes.
     qemu_io(
         &uri,
@@ -709,13 +546,7 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
     qemu_io(&ov, &[&format!("discard {} {}", 3 * MIB, 192 * KIB)]);
     assert_eq!(
         nbdinfo_map(&ov),
-        expected_map(
-            BASE_SIZE,
-            &[
-                (0, 3 * MIB),
-                (3 * MIB + 192 * KIB, BASE_SIZE - 3 * MIB - 192 * KIB)
-            ]
-        )
+        expected_map(BASE_SIZE, &[(0, 3 * MIB), (3 * MIB + 192 * KIB, BASE_SIZE - 3 * MIB - 192 * KIB)])
     );
     qemu_io(&ov, &[&format!("read -P 0 {} {}", 3 * MIB, 192 * KIB)]);
 
@@ -723,20 +554,12 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
     // status reply carries, so the client must page through them.
     let striped = rig.uri("striped");
     let blocks: Vec<u64> = (0..3000).step_by(2).collect();
-    let cmds: Vec<String> = blocks
-        .iter()
-        .map(|b| format!("write -q -P 0x33 {} 4096", b * 4 * KIB))
-        .collect();
+    let cmds: Vec<String> = blocks.iter().map(|b| format!("write -q -P 0x33 {} 4096", b * 4 * KIB)).collect();
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&striped, &refs);
     let data: Vec<(u64, u64)> = blocks.iter().map(|b| (b * 4 * KIB, 4 * KIB)).collect();
     let map = nbdinfo_map(&striped);
-    assert_eq!(
-        map.len(),
-        2 * blocks.len(),
-        "striped map has {} runs",
-        map.len()
-    );
+    assert_eq!(map.len(), 2 * blocks.len(), "striped map has {} runs", map.len());
     assert_eq!(map, expected_map(SIZE, &data), "striped map");
     rig.assert_base_unchanged();
 }
@@ -750,11 +573,7 @@ fn nbdcopy_copies_export_to_file_file_into_export_and_export_to_export_byte_exac
     if !require_tool("nbdcopy") {
         return;
     }
-    let rig = Rig::new(
-        BASE_SIZE,
-        &[Img::Overlay("disk"), Img::Overlay("twin")],
-        &[],
-    );
+    let rig = Rig::new(BASE_SIZE, &[Img::Overlay("disk"), Img::Overlay("twin")], &[]);
     let uri = rig.uri("disk");
 
     // Export -> file: a fresh overlay copies out as its base.
@@ -783,11 +602,7 @@ fn nbdcopy_copies_export_to_file_file_into_export_and_export_to_export_byte_exac
     // Export -> export on the same server (the twin overlay starts as the base).
     let twin = rig.uri("twin");
     run(tool("nbdcopy").arg(&uri).arg(&twin));
-    assert_bytes_eq(
-        &export_bytes(&twin),
-        &fs::read(&src).unwrap(),
-        "twin after nbdcopy",
-    );
+    assert_bytes_eq(&export_bytes(&twin), &fs::read(&src).unwrap(), "twin after nbdcopy");
     // Single connection, to stdout.
     let single = run(tool("nbdcopy").arg("--connections=1").arg(&twin).arg("-")).stdout;
     assert_bytes_eq(&single, &fs::read(&src).unwrap(), "nbdcopy --connections=1");
@@ -804,16 +619,8 @@ fn nbdcopy_copies_export_to_file_file_into_export_and_export_to_export_byte_exac
 /// fio runs in `dir`: it leaves verify state files in its working directory.
 fn run_fio(dir: &Path, args: &[String], jobs: usize) -> String {
     let out = run_status(tool("fio").current_dir(dir).args(args));
-    let text = format!(
-        "{}{}",
-        stdout_of(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "fio {args:?} failed ({}):\n{text}",
-        out.status
-    );
+    let text = format!("{}{}", stdout_of(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fio {args:?} failed ({}):\n{text}", out.status);
     for bad in ["verify:", "bad magic", "crc32c mismatch", "fio: pid="] {
         assert!(!text.contains(bad), "fio reported {bad:?}:\n{text}");
     }
@@ -851,11 +658,7 @@ fn fio_randwrite_on_two_connections_verifies_crc32c_then_randread() {
 
     // New connections verify what the first pair wrote, without writing.
     let mut v = common("randwrite");
-    v.extend([
-        "--rw=randwrite".into(),
-        "--verify=crc32c".into(),
-        "--verify_only".into(),
-    ]);
+    v.extend(["--rw=randwrite".into(), "--verify=crc32c".into(), "--verify_only".into()]);
     run_fio(rig.dir.path(), &v, 2);
 
     // Plain random reads across both halves.

@@ -59,10 +59,7 @@ pub fn missing(what: &str) -> bool {
     if is_ci() {
         panic!("CI=true and required {what} is missing");
     }
-    eprintln!(
-        "SKIPPED: {} needs {what}, which is not installed",
-        test_name()
-    );
+    eprintln!("SKIPPED: {} needs {what}, which is not installed", test_name());
     false
 }
 
@@ -71,17 +68,9 @@ pub fn missing(what: &str) -> bool {
 pub fn tool_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(
-            ["/usr/local/sbin", "/usr/sbin", "/sbin"]
-                .iter()
-                .map(PathBuf::from),
-        )
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].iter().map(PathBuf::from))
         .map(|dir| dir.join(name))
-        .find(|p| {
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
+        .find(|p| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
 }
 
 /// A `Command` for a tool found by [`tool_path`] (falls back to the bare name).
@@ -109,15 +98,8 @@ pub fn require_root() -> bool {
 
 /// Everything [`FsOverNbd`] needs: nbdfuse, FUSE, loop devices, ext4 tools, root.
 pub fn require_fs_stack() -> bool {
-    require_tools(&[
-        "nbdfuse",
-        "fusermount3",
-        "losetup",
-        "mkfs.ext4",
-        "e2fsck",
-        "mount",
-        "umount",
-    ]) && require_root()
+    require_tools(&["nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck", "mount", "umount"])
+        && require_root()
         && (Path::new("/dev/fuse").exists() || missing("/dev/fuse"))
         && (Path::new("/dev/loop-control").exists() || missing("/dev/loop-control"))
 }
@@ -147,17 +129,12 @@ pub fn run(cmd: &mut Command) -> Output {
 /// Runs to completion and returns the output whatever the exit status, for
 /// commands expected to fail. Panics only if the program cannot be started.
 pub fn run_status(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
 }
 
 /// Like [`run`] but returns the failure description instead of panicking.
 pub fn try_run(cmd: &mut Command) -> Result<Output, String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(out)
     } else {
@@ -203,13 +180,7 @@ impl TempDir {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let tag: String = tag
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
             .take(48)
             .collect();
         let base = std::env::temp_dir();
@@ -220,8 +191,7 @@ impl TempDir {
             // A leftover from a crashed run that had the same pid.
             let _ = fs::remove_dir_all(&path);
         }
-        fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
         TempDir { path }
     }
 
@@ -263,10 +233,7 @@ impl Drop for TempDir {
         // (or hang on a dead FUSE server), so leave such a dir alone.
         let live = mounts_under(&self.path);
         if !live.is_empty() {
-            eprintln!(
-                "WARNING: not removing {}: still mounted below it: {live:?}",
-                self.path.display()
-            );
+            eprintln!("WARNING: not removing {}: still mounted below it: {live:?}", self.path.display());
             return;
         }
         if let Err(e) = fs::remove_dir_all(&self.path) {
@@ -287,9 +254,7 @@ fn unescape_mount_field(s: &str) -> String {
     while i < b.len() {
         let is_octal = |c: u8| (b'0'..=b'7').contains(&c);
         if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(|&c| is_octal(c)) {
-            let v = b[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |acc, &c| acc * 8 + u32::from(c - b'0'));
+            let v = b[i + 1..i + 4].iter().fold(0u32, |acc, &c| acc * 8 + u32::from(c - b'0'));
             out.push(v as u8);
             i += 4;
         } else {
@@ -315,10 +280,7 @@ pub fn is_mounted(path: &Path) -> bool {
 }
 
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    mount_points()
-        .into_iter()
-        .filter(|m| m.starts_with(dir))
-        .collect()
+    mount_points().into_iter().filter(|m| m.starts_with(dir)).collect()
 }
 
 /// Whether a loop device (`/dev/loopN`) still has a backing file. The
@@ -350,11 +312,7 @@ pub fn loops_backed_by(file: &Path) -> Vec<PathBuf> {
 pub fn losetup_lines_mentioning(needle: &Path) -> Vec<String> {
     let out = run_status(tool("losetup").arg("-a"));
     let needle = needle.to_string_lossy();
-    stdout_of(&out)
-        .lines()
-        .filter(|l| l.contains(needle.as_ref()))
-        .map(str::to_owned)
-        .collect()
+    stdout_of(&out).lines().filter(|l| l.contains(needle.as_ref())).map(str::to_owned).collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -433,28 +391,15 @@ impl Daemon {
 
     /// Spawns without waiting for readiness.
     pub fn spawn(mut cmd: Command) -> Result<Daemon, String> {
-        let name = Path::new(cmd.get_program())
-            .file_name()
-            .unwrap_or(OsStr::new("daemon"))
-            .to_string_lossy()
-            .into_owned();
+        let name =
+            Path::new(cmd.get_program()).file_name().unwrap_or(OsStr::new("daemon")).to_string_lossy().into_owned();
         let log_dir = TempDir::new(&format!("log-{name}"));
         let log_path = log_dir.join(format!("{name}.log"));
         let log = File::create(&log_path).map_err(|e| format!("cannot create daemon log: {e}"))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| format!("cannot dup daemon log: {e}"))?;
+        let log2 = log.try_clone().map_err(|e| format!("cannot dup daemon log: {e}"))?;
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-        Ok(Daemon {
-            name,
-            child,
-            status: None,
-            log_path,
-            log_dir,
-        })
+        let child = cmd.spawn().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+        Ok(Daemon { name, child, status: None, log_path, log_dir })
     }
 
     /// Waits until `ready` holds. On failure the process is stopped and the
@@ -520,10 +465,7 @@ impl Daemon {
     /// Sends `sig` unless the process has already been reaped.
     pub fn signal(&mut self, sig: libc::c_int) -> io::Result<()> {
         if self.try_wait().is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "process already exited",
-            ));
+            return Err(io::Error::new(io::ErrorKind::NotFound, "process already exited"));
         }
         send_signal(self.pid(), sig)
     }
@@ -543,11 +485,7 @@ impl Daemon {
         if let Some(s) = self.wait_exit(grace) {
             return s;
         }
-        eprintln!(
-            "{} (pid {}) ignored SIGTERM for {grace:?}; sending SIGKILL",
-            self.name,
-            self.pid()
-        );
+        eprintln!("{} (pid {}) ignored SIGTERM for {grace:?}; sending SIGKILL", self.name, self.pid());
         self.kill9()
     }
 
@@ -557,10 +495,7 @@ impl Daemon {
             return s;
         }
         let _ = self.child.kill();
-        let status = self
-            .child
-            .wait()
-            .unwrap_or_else(|e| panic!("cannot reap {}: {e}", self.name));
+        let status = self.child.wait().unwrap_or_else(|e| panic!("cannot reap {}: {e}", self.name));
         self.status = Some(status);
         status
     }
@@ -590,11 +525,7 @@ impl Drop for Daemon {
                 "--- {} (pid {}) log, {} at test failure ---\n{tail}\n--- end of {} log ---",
                 self.name,
                 self.pid(),
-                if was_running {
-                    "running"
-                } else {
-                    "already exited"
-                },
+                if was_running { "running" } else { "already exited" },
                 self.name
             );
         }
@@ -645,9 +576,7 @@ impl Server {
             (Some(s), _) => Ready::UnixSocket(s.clone()),
             (None, Some(l)) => Ready::Tcp(l.clone()),
             (None, None) => {
-                return Err(format!(
-                    "Server::start needs --socket or --listen in {args:?} to know when it is ready"
-                ))
+                return Err(format!("Server::start needs --socket or --listen in {args:?} to know when it is ready"))
             }
         };
         let mut cmd = Command::new(cowdisk_bin());
@@ -656,18 +585,12 @@ impl Server {
             cmd.env(k, v);
         }
         let daemon = Daemon::try_start(cmd, ready, STARTUP_TIMEOUT)?;
-        Ok(Server {
-            daemon,
-            socket,
-            listen,
-        })
+        Ok(Server { daemon, socket, listen })
     }
 
     /// The Unix socket path; panics for a TCP server.
     pub fn socket(&self) -> &Path {
-        self.socket
-            .as_deref()
-            .expect("server was started with --listen, not --socket")
+        self.socket.as_deref().expect("server was started with --listen, not --socket")
     }
 
     /// An NBD URI for `export_name` that libnbd tools (nbdinfo, nbdcopy,
@@ -683,11 +606,7 @@ impl Server {
     /// A connected client that has completed the greeting.
     pub fn connect(&self) -> NbdClient<UnixStream> {
         NbdClient::connect_unix(self.socket()).unwrap_or_else(|e| {
-            panic!(
-                "cannot connect to {}: {e}\n--- server log ---\n{}",
-                self.socket().display(),
-                self.log()
-            )
+            panic!("cannot connect to {}: {e}\n--- server log ---\n{}", self.socket().display(), self.log())
         })
     }
 
@@ -738,11 +657,7 @@ fn uri_escape(s: &str, keep_slash: bool) -> String {
 
 /// `nbd+unix:///NAME?socket=PATH`.
 pub fn unix_uri(socket: &Path, export_name: &str) -> String {
-    format!(
-        "nbd+unix:///{}?socket={}",
-        uri_escape(export_name, false),
-        uri_escape(&socket.to_string_lossy(), true)
-    )
+    format!("nbd+unix:///{}?socket={}", uri_escape(export_name, false), uri_escape(&socket.to_string_lossy(), true))
 }
 
 // ---------------------------------------------------------------------------
@@ -768,12 +683,10 @@ impl NbdFuse {
 
     /// With extra nbdfuse options placed before the mountpoint, e.g. `["-r"]`.
     pub fn mount_with(uri: &str, mountpoint: &Path, extra: &[&str]) -> Result<NbdFuse, String> {
-        fs::create_dir_all(mountpoint)
-            .map_err(|e| format!("cannot create {}: {e}", mountpoint.display()))?;
+        fs::create_dir_all(mountpoint).map_err(|e| format!("cannot create {}: {e}", mountpoint.display()))?;
         // Canonicalize before mounting: on a dead FUSE mount it could hang.
-        let mountpoint = mountpoint
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve {}: {e}", mountpoint.display()))?;
+        let mountpoint =
+            mountpoint.canonicalize().map_err(|e| format!("cannot resolve {}: {e}", mountpoint.display()))?;
         // nbdfuse writes its pid file only once it serves the mount; keep the
         // file outside the mountpoint, which the mount will cover.
         let pidfile = PathBuf::from(format!("{}.nbdfuse.pid", mountpoint.display()));
@@ -782,16 +695,9 @@ impl NbdFuse {
         let mut cmd = tool("nbdfuse");
         cmd.arg("-P").arg(&pidfile).args(extra).arg(&disk).arg(uri);
         let daemon = Daemon::try_start(cmd, Ready::PidFile(pidfile), STARTUP_TIMEOUT)?;
-        let fuse = NbdFuse {
-            mountpoint,
-            disk,
-            daemon: Some(daemon),
-        };
+        let fuse = NbdFuse { mountpoint, disk, daemon: Some(daemon) };
         if !fuse.disk.exists() {
-            return Err(format!(
-                "nbdfuse is ready but {} does not exist",
-                fuse.disk.display()
-            ));
+            return Err(format!("nbdfuse is ready but {} does not exist", fuse.disk.display()));
         }
         Ok(fuse)
     }
@@ -832,23 +738,13 @@ impl NbdFuse {
                 }
         });
         if !unmounted {
-            problems.push(format!(
-                "fusermount3 -u failed, unmounting lazily: {last_err}"
-            ));
-            if let Err(e) = try_run(
-                tool("fusermount3")
-                    .arg("-u")
-                    .arg("-z")
-                    .arg(&self.mountpoint),
-            ) {
+            problems.push(format!("fusermount3 -u failed, unmounting lazily: {last_err}"));
+            if let Err(e) = try_run(tool("fusermount3").arg("-u").arg("-z").arg(&self.mountpoint)) {
                 problems.push(e);
             }
         }
         if daemon.wait_exit(STOP_TIMEOUT).is_none() {
-            problems.push(format!(
-                "nbdfuse (pid {}) did not exit after unmount; killing it",
-                daemon.pid()
-            ));
+            problems.push(format!("nbdfuse (pid {}) did not exit after unmount; killing it", daemon.pid()));
             daemon.kill9();
         }
         if !wait_until(RELEASE_TIMEOUT, || !is_mounted(&self.mountpoint)) {
@@ -858,11 +754,7 @@ impl NbdFuse {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "{}\n--- nbdfuse log ---\n{}",
-                problems.join("\n"),
-                daemon.log()
-            ))
+            Err(format!("{}\n--- nbdfuse log ---\n{}", problems.join("\n"), daemon.log()))
         }
     }
 }
@@ -870,10 +762,7 @@ impl NbdFuse {
 impl Drop for NbdFuse {
     fn drop(&mut self) {
         if let Err(e) = self.release() {
-            eprintln!(
-                "WARNING: releasing nbdfuse at {}: {e}",
-                self.mountpoint.display()
-            );
+            eprintln!("WARNING: releasing nbdfuse at {}: {e}", self.mountpoint.display());
         }
     }
 }
@@ -905,11 +794,7 @@ impl LoopDev {
                     if !dev.starts_with("/dev") {
                         return Err(format!("losetup printed no device: {:?}", stdout_of(&out)));
                     }
-                    return Ok(LoopDev {
-                        dev,
-                        backing: file.to_path_buf(),
-                        attached: true,
-                    });
+                    return Ok(LoopDev { dev, backing: file.to_path_buf(), attached: true });
                 }
                 Err(e) if e.contains("free loop device") && Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(200));
@@ -972,16 +857,10 @@ impl Mount {
 
     /// With extra mount arguments, e.g. `["-o", "ro"]` or `["-t", "ext4"]`.
     pub fn with_options(dev: &Path, target: &Path, options: &[&str]) -> Result<Mount, String> {
-        fs::create_dir_all(target)
-            .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
-        let target = target
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve {}: {e}", target.display()))?;
+        fs::create_dir_all(target).map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+        let target = target.canonicalize().map_err(|e| format!("cannot resolve {}: {e}", target.display()))?;
         try_run(tool("mount").args(options).arg(dev).arg(&target))?;
-        Ok(Mount {
-            target,
-            mounted: true,
-        })
+        Ok(Mount { target, mounted: true })
     }
 
     pub fn path(&self) -> &Path {
@@ -1014,15 +893,9 @@ impl Mount {
         }
         let lazy = try_run(tool("umount").arg("-l").arg(&self.target));
         if !wait_until(RELEASE_TIMEOUT, || !is_mounted(&self.target)) {
-            return Err(format!(
-                "{} still mounted; umount: {last_err}; umount -l: {lazy:?}",
-                self.target.display()
-            ));
+            return Err(format!("{} still mounted; umount: {last_err}; umount -l: {lazy:?}", self.target.display()));
         }
-        Err(format!(
-            "umount {} failed, used umount -l: {last_err}",
-            self.target.display()
-        ))
+        Err(format!("umount {} failed, used umount -l: {last_err}", self.target.display()))
     }
 }
 
@@ -1064,19 +937,13 @@ impl FsOverNbd {
     }
 
     fn setup(uri: &str, workdir: &Path, format: bool) -> FsOverNbd {
-        let fuse = NbdFuse::mount(uri, &workdir.join("fuse"))
-            .unwrap_or_else(|e| panic!("nbdfuse {uri}: {e}"));
+        let fuse = NbdFuse::mount(uri, &workdir.join("fuse")).unwrap_or_else(|e| panic!("nbdfuse {uri}: {e}"));
         let loopdev = LoopDev::attach(fuse.disk()).unwrap_or_else(|e| panic!("losetup: {e}"));
         if format {
             mkfs_ext4(loopdev.path());
         }
-        let mount = Mount::new(loopdev.path(), &workdir.join("mnt"))
-            .unwrap_or_else(|e| panic!("mount: {e}"));
-        FsOverNbd {
-            mount,
-            loopdev,
-            fuse,
-        }
+        let mount = Mount::new(loopdev.path(), &workdir.join("mnt")).unwrap_or_else(|e| panic!("mount: {e}"));
+        FsOverNbd { mount, loopdev, fuse }
     }
 
     /// Where the filesystem is mounted.
@@ -1086,11 +953,7 @@ impl FsOverNbd {
 
     /// Releases everything in order, reporting the first problem.
     pub fn release(self) -> Result<(), String> {
-        let FsOverNbd {
-            mount,
-            loopdev,
-            fuse,
-        } = self;
+        let FsOverNbd { mount, loopdev, fuse } = self;
         let m = mount.unmount();
         let l = loopdev.detach();
         let f = fuse.unmount();
@@ -1137,20 +1000,17 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// Writes `size` pseudo-random bytes; same (size, seed) gives the same file,
 /// and the first N bytes equal `random_bytes(N, seed)` whenever N % 8 == 0.
 pub fn write_random_file(path: &Path, size: u64, seed: u64) {
-    let mut f =
-        File::create(path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
     let mut rng = XorShift::new(seed);
     let mut buf = vec![0u8; 1 << 20];
     let mut left = size;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         rng.fill(&mut buf[..n]);
-        f.write_all(&buf[..n])
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        f.write_all(&buf[..n]).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
         left -= n as u64;
     }
-    f.sync_all()
-        .unwrap_or_else(|e| panic!("cannot sync {}: {e}", path.display()));
+    f.sync_all().unwrap_or_else(|e| panic!("cannot sync {}: {e}", path.display()));
 }
 
 const fn crc32_table() -> [u32; 256] {
@@ -1160,11 +1020,7 @@ const fn crc32_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
             k += 1;
         }
         table[i] = c;
@@ -1193,9 +1049,7 @@ pub fn crc32_file(path: &Path) -> u32 {
     let mut buf = vec![0u8; 1 << 20];
     let mut crc = 0;
     loop {
-        let n = f
-            .read(&mut buf)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let n = f.read(&mut buf).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         if n == 0 {
             return crc;
         }
@@ -1216,11 +1070,7 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 #[track_caller]
 pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
     if let Some(i) = first_difference(actual, expected) {
-        let show = |s: &[u8]| {
-            s.get(i..(i + 16).min(s.len()))
-                .map(|w| format!("{w:02x?}"))
-                .unwrap_or_default()
-        };
+        let show = |s: &[u8]| s.get(i..(i + 16).min(s.len())).map(|w| format!("{w:02x?}")).unwrap_or_default();
         panic!(
             "{what}: first difference at byte {i} (lengths {} vs {} expected)\n  actual:   {}\n  expected: {}",
             actual.len(),

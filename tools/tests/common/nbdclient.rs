@@ -226,14 +226,12 @@ impl std::error::Error for CmdError {}
 
 /// The option-level error inside `e`, if that is what it is.
 pub fn rep_error(e: &io::Error) -> Option<&RepError> {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<RepError>())
+    e.get_ref().and_then(|inner| inner.downcast_ref::<RepError>())
 }
 
 /// The transmission-level error inside `e`, if that is what it is.
 pub fn cmd_error(e: &io::Error) -> Option<&CmdError> {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<CmdError>())
+    e.get_ref().and_then(|inner| inner.downcast_ref::<CmdError>())
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -422,11 +420,7 @@ impl Chunk {
 /// One message read off the wire during transmission.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    Simple {
-        cookie: u64,
-        error: u32,
-        data: Vec<u8>,
-    },
+    Simple { cookie: u64, error: u32, data: Vec<u8> },
     Structured(Chunk),
 }
 
@@ -466,16 +460,8 @@ impl Response {
         if self.error == 0 {
             return Ok(self);
         }
-        let message = self
-            .chunks
-            .iter()
-            .find_map(|c| c.error().map(|(_, m)| m.to_owned()))
-            .unwrap_or_default();
-        Err(io::Error::other(CmdError {
-            cookie: self.cookie,
-            error: self.error,
-            message,
-        }))
+        let message = self.chunks.iter().find_map(|c| c.error().map(|(_, m)| m.to_owned())).unwrap_or_default();
+        Err(io::Error::other(CmdError { cookie: self.cookie, error: self.error, message }))
     }
 
     /// The bytes a successful read returned, reassembled from data and hole
@@ -504,16 +490,10 @@ impl Response {
                 ChunkKind::OffsetData { offset, data } => (*offset, data.len() as u64),
                 ChunkKind::OffsetHole { offset, length } => (*offset, u64::from(*length)),
                 ChunkKind::None => continue,
-                other => {
-                    return Err(invalid(format!(
-                        "unexpected chunk in a read reply: {other:?}"
-                    )))
-                }
+                other => return Err(invalid(format!("unexpected chunk in a read reply: {other:?}"))),
             };
             if off < start || off.checked_add(n).filter(|&e| e <= end).is_none() {
-                return Err(invalid(format!(
-                    "read chunk [{off}, +{n}) lies outside the request [{start}, {end})"
-                )));
+                return Err(invalid(format!("read chunk [{off}, +{n}) lies outside the request [{start}, {end})")));
             }
             if let ChunkKind::OffsetData { data, .. } = &chunk.kind {
                 let at = (off - start) as usize;
@@ -547,22 +527,13 @@ impl Response {
         let mut out = Vec::new();
         for chunk in &self.chunks {
             match &chunk.kind {
-                ChunkKind::BlockStatus {
-                    context_id,
-                    extents,
-                } => out.push((*context_id, extents.clone())),
+                ChunkKind::BlockStatus { context_id, extents } => out.push((*context_id, extents.clone())),
                 ChunkKind::None => {}
-                other => {
-                    return Err(invalid(format!(
-                        "unexpected chunk in block status reply: {other:?}"
-                    )))
-                }
+                other => return Err(invalid(format!("unexpected chunk in block status reply: {other:?}"))),
             }
         }
         if out.is_empty() {
-            return Err(invalid(
-                "block status reply without any NBD_REPLY_TYPE_BLOCK_STATUS chunk",
-            ));
+            return Err(invalid("block status reply without any NBD_REPLY_TYPE_BLOCK_STATUS chunk"));
         }
         Ok(out)
     }
@@ -700,18 +671,14 @@ impl<S: NbdStream> NbdClient<S> {
     pub fn read_greeting(&mut self) -> io::Result<u16> {
         let magic = self.read_u64()?;
         if magic != NBDMAGIC {
-            return Err(invalid(format!(
-                "greeting starts with {magic:#x}, not NBDMAGIC"
-            )));
+            return Err(invalid(format!("greeting starts with {magic:#x}, not NBDMAGIC")));
         }
         let second = self.read_u64()?;
         if second == CLISERV_MAGIC {
             return Err(invalid("server speaks oldstyle negotiation"));
         }
         if second != IHAVEOPT {
-            return Err(invalid(format!(
-                "greeting has {second:#x} where IHAVEOPT belongs"
-            )));
+            return Err(invalid(format!("greeting has {second:#x} where IHAVEOPT belongs")));
         }
         self.handshake_flags = self.read_u16()?;
         Ok(self.handshake_flags)
@@ -732,13 +699,7 @@ impl<S: NbdStream> NbdClient<S> {
 
     /// Sends an option header with any magic and declared length, followed by
     /// `data` verbatim (which need not match the declared length).
-    pub fn send_option_raw(
-        &mut self,
-        magic: u64,
-        option: u32,
-        declared_len: u32,
-        data: &[u8],
-    ) -> io::Result<()> {
+    pub fn send_option_raw(&mut self, magic: u64, option: u32, declared_len: u32, data: &[u8]) -> io::Result<()> {
         let mut msg = Vec::with_capacity(16 + data.len());
         msg.extend_from_slice(&magic.to_be_bytes());
         msg.extend_from_slice(&option.to_be_bytes());
@@ -760,11 +721,7 @@ impl<S: NbdStream> NbdClient<S> {
             return Err(invalid(format!("option reply claims {len} bytes of data")));
         }
         let data = self.read_vec(len as usize)?;
-        Ok(OptionReply {
-            option,
-            reply_type,
-            data,
-        })
+        Ok(OptionReply { option, reply_type, data })
     }
 
     /// Sends an option and collects its replies up to the final ACK or error,
@@ -775,11 +732,7 @@ impl<S: NbdStream> NbdClient<S> {
         loop {
             let reply = self.read_option_reply()?;
             if reply.option != option {
-                return Err(invalid(format!(
-                    "reply to {} echoes option {}",
-                    opt_name(option),
-                    reply.option
-                )));
+                return Err(invalid(format!("reply to {} echoes option {}", opt_name(option), reply.option)));
             }
             let last = reply.is_final();
             replies.push(reply);
@@ -806,10 +759,7 @@ impl<S: NbdStream> NbdClient<S> {
         let mut out = Vec::new();
         for r in replies {
             if r.reply_type != NBD_REP_SERVER {
-                return Err(invalid(format!(
-                    "NBD_OPT_LIST answered with {}",
-                    rep_name(r.reply_type)
-                )));
+                return Err(invalid(format!("NBD_OPT_LIST answered with {}", rep_name(r.reply_type))));
             }
             let mut p = Parser::new(&r.data);
             let n = p.u32()? as usize;
@@ -849,21 +799,14 @@ impl<S: NbdStream> NbdClient<S> {
         let mut saw_export = false;
         for r in replies {
             if r.reply_type != NBD_REP_INFO {
-                return Err(invalid(format!(
-                    "{} answered with {}",
-                    opt_name(option),
-                    rep_name(r.reply_type)
-                )));
+                return Err(invalid(format!("{} answered with {}", opt_name(option), rep_name(r.reply_type))));
             }
             let mut p = Parser::new(&r.data);
             let info_type = p.u16()?;
             match info_type {
                 NBD_INFO_EXPORT => {
                     if r.data.len() != 12 {
-                        return Err(invalid(format!(
-                            "NBD_INFO_EXPORT has length {}",
-                            r.data.len()
-                        )));
+                        return Err(invalid(format!("NBD_INFO_EXPORT has length {}", r.data.len())));
                     }
                     info.size = p.u64()?;
                     info.transmission_flags = p.u16()?;
@@ -873,10 +816,7 @@ impl<S: NbdStream> NbdClient<S> {
                 NBD_INFO_DESCRIPTION => info.description = Some(p.string(p.remaining())?),
                 NBD_INFO_BLOCK_SIZE => {
                     if r.data.len() != 14 {
-                        return Err(invalid(format!(
-                            "NBD_INFO_BLOCK_SIZE has length {}",
-                            r.data.len()
-                        )));
+                        return Err(invalid(format!("NBD_INFO_BLOCK_SIZE has length {}", r.data.len())));
                     }
                     info.block_size = Some((p.u32()?, p.u32()?, p.u32()?));
                 }
@@ -884,10 +824,7 @@ impl<S: NbdStream> NbdClient<S> {
             }
         }
         if !saw_export {
-            return Err(invalid(format!(
-                "{} succeeded without NBD_INFO_EXPORT",
-                opt_name(option)
-            )));
+            return Err(invalid(format!("{} succeeded without NBD_INFO_EXPORT", opt_name(option))));
         }
         Ok(info)
     }
@@ -895,9 +832,7 @@ impl<S: NbdStream> NbdClient<S> {
     pub fn opt_structured_reply(&mut self) -> io::Result<()> {
         let replies = self.option_expect_ack(NBD_OPT_STRUCTURED_REPLY, &[])?;
         if !replies.is_empty() {
-            return Err(invalid(
-                "NBD_OPT_STRUCTURED_REPLY answered with more than an ACK",
-            ));
+            return Err(invalid("NBD_OPT_STRUCTURED_REPLY answered with more than an ACK"));
         }
         self.structured = true;
         Ok(())
@@ -916,19 +851,11 @@ impl<S: NbdStream> NbdClient<S> {
         d
     }
 
-    pub fn opt_list_meta_context(
-        &mut self,
-        export: &str,
-        queries: &[&str],
-    ) -> io::Result<Vec<MetaContext>> {
+    pub fn opt_list_meta_context(&mut self, export: &str, queries: &[&str]) -> io::Result<Vec<MetaContext>> {
         self.meta_context(NBD_OPT_LIST_META_CONTEXT, export, queries)
     }
 
-    pub fn opt_set_meta_context(
-        &mut self,
-        export: &str,
-        queries: &[&str],
-    ) -> io::Result<Vec<MetaContext>> {
+    pub fn opt_set_meta_context(&mut self, export: &str, queries: &[&str]) -> io::Result<Vec<MetaContext>> {
         // The spec says SET replaces the selection even when it fails.
         self.meta_contexts.clear();
         let contexts = self.meta_context(NBD_OPT_SET_META_CONTEXT, export, queries)?;
@@ -936,22 +863,12 @@ impl<S: NbdStream> NbdClient<S> {
         Ok(contexts)
     }
 
-    fn meta_context(
-        &mut self,
-        option: u32,
-        export: &str,
-        queries: &[&str],
-    ) -> io::Result<Vec<MetaContext>> {
-        let replies =
-            self.option_expect_ack(option, &Self::meta_context_payload(export, queries))?;
+    fn meta_context(&mut self, option: u32, export: &str, queries: &[&str]) -> io::Result<Vec<MetaContext>> {
+        let replies = self.option_expect_ack(option, &Self::meta_context_payload(export, queries))?;
         let mut out = Vec::new();
         for r in replies {
             if r.reply_type != NBD_REP_META_CONTEXT {
-                return Err(invalid(format!(
-                    "{} answered with {}",
-                    opt_name(option),
-                    rep_name(r.reply_type)
-                )));
+                return Err(invalid(format!("{} answered with {}", opt_name(option), rep_name(r.reply_type))));
             }
             let mut p = Parser::new(&r.data);
             let id = p.u32()?;
@@ -970,11 +887,7 @@ impl<S: NbdStream> NbdClient<S> {
         if self.client_flags & NBD_FLAG_C_NO_ZEROES == 0 {
             self.read_vec(EXPORT_NAME_ZERO_PAD)?;
         }
-        let info = ExportInfo {
-            size,
-            transmission_flags,
-            ..Default::default()
-        };
+        let info = ExportInfo { size, transmission_flags, ..Default::default() };
         self.export = Some(info.clone());
         Ok(info)
     }
@@ -1033,14 +946,7 @@ impl<S: NbdStream> NbdClient<S> {
 
     /// Registers a request sent with [`Self::send_raw`] so its reply can be read.
     pub fn expect_reply_for(&mut self, cookie: u64, request_type: u16, offset: u64, length: u32) {
-        self.inflight.insert(
-            cookie,
-            Inflight {
-                request_type,
-                offset,
-                length,
-            },
-        );
+        self.inflight.insert(cookie, Inflight { request_type, offset, length });
     }
 
     pub fn inflight_count(&self) -> usize {
@@ -1054,11 +960,10 @@ impl<S: NbdStream> NbdClient<S> {
             NBD_SIMPLE_REPLY_MAGIC => {
                 let error = self.read_u32()?;
                 let cookie = self.read_u64()?;
-                let req = self.inflight.remove(&cookie).ok_or_else(|| {
-                    invalid(format!(
-                        "simple reply for cookie {cookie:#x}, which is not in flight"
-                    ))
-                })?;
+                let req = self
+                    .inflight
+                    .remove(&cookie)
+                    .ok_or_else(|| invalid(format!("simple reply for cookie {cookie:#x}, which is not in flight")))?;
                 self.finished.insert(cookie, req);
                 if self.structured && req.request_type == NBD_CMD_READ {
                     return Err(invalid(format!(
@@ -1070,11 +975,7 @@ impl<S: NbdStream> NbdClient<S> {
                 } else {
                     Vec::new()
                 };
-                Ok(Reply::Simple {
-                    cookie,
-                    error,
-                    data,
-                })
+                Ok(Reply::Simple { cookie, error, data })
             }
             NBD_STRUCTURED_REPLY_MAGIC => {
                 let flags = self.read_u16()?;
@@ -1082,28 +983,17 @@ impl<S: NbdStream> NbdClient<S> {
                 let cookie = self.read_u64()?;
                 let len = self.read_u32()?;
                 if len > MAX_PAYLOAD {
-                    return Err(invalid(format!(
-                        "structured chunk claims {len} bytes of payload"
-                    )));
+                    return Err(invalid(format!("structured chunk claims {len} bytes of payload")));
                 }
                 let payload = self.read_vec(len as usize)?;
                 if !self.structured {
-                    return Err(invalid(
-                        "structured reply although structured replies were not negotiated",
-                    ));
+                    return Err(invalid("structured reply although structured replies were not negotiated"));
                 }
                 if !self.inflight.contains_key(&cookie) {
-                    return Err(invalid(format!(
-                        "structured chunk for cookie {cookie:#x}, which is not in flight"
-                    )));
+                    return Err(invalid(format!("structured chunk for cookie {cookie:#x}, which is not in flight")));
                 }
                 let kind = parse_chunk(chunk_type, flags, &payload)?;
-                let chunk = Chunk {
-                    cookie,
-                    flags,
-                    chunk_type,
-                    kind,
-                };
+                let chunk = Chunk { cookie, flags, chunk_type, kind };
                 if chunk.is_done() {
                     if let Some(req) = self.inflight.remove(&cookie) {
                         self.finished.insert(cookie, req);
@@ -1146,11 +1036,7 @@ impl<S: NbdStream> NbdClient<S> {
     fn read_next_complete(&mut self) -> io::Result<Response> {
         loop {
             match self.read_reply()? {
-                Reply::Simple {
-                    cookie,
-                    error,
-                    data,
-                } => {
+                Reply::Simple { cookie, error, data } => {
                     let req = self.take_finished(cookie);
                     return Ok(Response {
                         cookie,
@@ -1169,10 +1055,7 @@ impl<S: NbdStream> NbdClient<S> {
                     self.partial.entry(cookie).or_default().push(chunk);
                     if done {
                         let chunks = self.partial.remove(&cookie).unwrap_or_default();
-                        let error = chunks
-                            .iter()
-                            .find_map(|c| c.error().map(|(e, _)| e))
-                            .unwrap_or(0);
+                        let error = chunks.iter().find_map(|c| c.error().map(|(e, _)| e)).unwrap_or(0);
                         let req = self.take_finished(cookie);
                         return Ok(Response {
                             cookie,
@@ -1193,11 +1076,7 @@ impl<S: NbdStream> NbdClient<S> {
     /// The parameters of a request whose final reply has been read.
     fn take_finished(&mut self, cookie: u64) -> Inflight {
         // read_reply always moves the request here before returning a final reply.
-        self.finished.remove(&cookie).unwrap_or(Inflight {
-            request_type: u16::MAX,
-            offset: 0,
-            length: 0,
-        })
+        self.finished.remove(&cookie).unwrap_or(Inflight { request_type: u16::MAX, offset: 0, length: 0 })
     }
 
     // ---- transmission: convenience ----------------------------------------
@@ -1217,8 +1096,7 @@ impl<S: NbdStream> NbdClient<S> {
     }
 
     pub fn read(&mut self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
-        self.command(0, NBD_CMD_READ, offset, length, &[])?
-            .read_data()
+        self.command(0, NBD_CMD_READ, offset, length, &[])?.read_data()
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -1226,9 +1104,7 @@ impl<S: NbdStream> NbdClient<S> {
     }
 
     pub fn write_flags(&mut self, offset: u64, data: &[u8], flags: u16) -> io::Result<()> {
-        self.command(flags, NBD_CMD_WRITE, offset, data.len() as u32, data)?
-            .check()
-            .map(drop)
+        self.command(flags, NBD_CMD_WRITE, offset, data.len() as u32, data)?.check().map(drop)
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
@@ -1236,31 +1112,19 @@ impl<S: NbdStream> NbdClient<S> {
     }
 
     pub fn trim(&mut self, offset: u64, length: u32) -> io::Result<()> {
-        self.command(0, NBD_CMD_TRIM, offset, length, &[])?
-            .check()
-            .map(drop)
+        self.command(0, NBD_CMD_TRIM, offset, length, &[])?.check().map(drop)
     }
 
     pub fn write_zeroes(&mut self, offset: u64, length: u32, flags: u16) -> io::Result<()> {
-        self.command(flags, NBD_CMD_WRITE_ZEROES, offset, length, &[])?
-            .check()
-            .map(drop)
+        self.command(flags, NBD_CMD_WRITE_ZEROES, offset, length, &[])?.check().map(drop)
     }
 
     pub fn cache(&mut self, offset: u64, length: u32) -> io::Result<()> {
-        self.command(0, NBD_CMD_CACHE, offset, length, &[])?
-            .check()
-            .map(drop)
+        self.command(0, NBD_CMD_CACHE, offset, length, &[])?.check().map(drop)
     }
 
-    pub fn block_status(
-        &mut self,
-        offset: u64,
-        length: u32,
-        flags: u16,
-    ) -> io::Result<Vec<(u32, Vec<Extent>)>> {
-        self.command(flags, NBD_CMD_BLOCK_STATUS, offset, length, &[])?
-            .block_status()
+    pub fn block_status(&mut self, offset: u64, length: u32, flags: u16) -> io::Result<Vec<(u32, Vec<Extent>)>> {
+        self.command(flags, NBD_CMD_BLOCK_STATUS, offset, length, &[])?.block_status()
     }
 
     /// Soft disconnect: `NBD_CMD_DISC` has no reply; the server then closes.
@@ -1278,12 +1142,7 @@ impl<S: NbdStream> NbdClient<S> {
         match result {
             Ok(0) => Ok(PeerState::Closed),
             Ok(n) => Ok(PeerState::SentData(buf[..n].to_vec())),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 Ok(PeerState::StillOpen)
             }
             Err(e) if is_disconnect(&e) => Ok(PeerState::Closed),
@@ -1339,9 +1198,7 @@ fn parse_chunk(chunk_type: u16, flags: u16, payload: &[u8]) -> io::Result<ChunkK
     let kind = match chunk_type {
         NBD_REPLY_TYPE_NONE => {
             if len != 0 {
-                return Err(invalid(format!(
-                    "NBD_REPLY_TYPE_NONE with {len} bytes of payload"
-                )));
+                return Err(invalid(format!("NBD_REPLY_TYPE_NONE with {len} bytes of payload")));
             }
             if flags & NBD_REPLY_FLAG_DONE == 0 {
                 return Err(invalid("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE"));
@@ -1350,20 +1207,13 @@ fn parse_chunk(chunk_type: u16, flags: u16, payload: &[u8]) -> io::Result<ChunkK
         }
         NBD_REPLY_TYPE_OFFSET_DATA => {
             if len < 9 {
-                return Err(invalid(format!(
-                    "NBD_REPLY_TYPE_OFFSET_DATA with length {len}"
-                )));
+                return Err(invalid(format!("NBD_REPLY_TYPE_OFFSET_DATA with length {len}")));
             }
-            ChunkKind::OffsetData {
-                offset: p.u64()?,
-                data: p.rest().to_vec(),
-            }
+            ChunkKind::OffsetData { offset: p.u64()?, data: p.rest().to_vec() }
         }
         NBD_REPLY_TYPE_OFFSET_HOLE => {
             if len != 12 {
-                return Err(invalid(format!(
-                    "NBD_REPLY_TYPE_OFFSET_HOLE with length {len}"
-                )));
+                return Err(invalid(format!("NBD_REPLY_TYPE_OFFSET_HOLE with length {len}")));
             }
             let offset = p.u64()?;
             let length = p.u32()?;
@@ -1374,9 +1224,7 @@ fn parse_chunk(chunk_type: u16, flags: u16, payload: &[u8]) -> io::Result<ChunkK
         }
         NBD_REPLY_TYPE_BLOCK_STATUS => {
             if len < 12 || (len - 4) & 7 != 0 {
-                return Err(invalid(format!(
-                    "NBD_REPLY_TYPE_BLOCK_STATUS with length {len}"
-                )));
+                return Err(invalid(format!("NBD_REPLY_TYPE_BLOCK_STATUS with length {len}")));
             }
             let context_id = p.u32()?;
             let mut extents = Vec::with_capacity((len - 4) / 8);
@@ -1388,10 +1236,7 @@ fn parse_chunk(chunk_type: u16, flags: u16, payload: &[u8]) -> io::Result<ChunkK
                 }
                 extents.push(Extent { length, flags });
             }
-            ChunkKind::BlockStatus {
-                context_id,
-                extents,
-            }
+            ChunkKind::BlockStatus { context_id, extents }
         }
         t if t & NBD_REPLY_TYPE_ERROR_BIT != 0 => {
             if len < 6 {
@@ -1399,11 +1244,7 @@ fn parse_chunk(chunk_type: u16, flags: u16, payload: &[u8]) -> io::Result<ChunkK
             }
             let error = p.u32()?;
             let msg_len = p.u16()? as usize;
-            let tail = if t == NBD_REPLY_TYPE_ERROR_OFFSET {
-                8
-            } else {
-                0
-            };
+            let tail = if t == NBD_REPLY_TYPE_ERROR_OFFSET { 8 } else { 0 };
             if msg_len + tail > p.remaining() {
                 return Err(invalid(format!(
                     "error chunk {t:#x}: message length {msg_len} does not fit in length {len}"
@@ -1425,17 +1266,9 @@ fn parse_chunk(chunk_type: u16, flags: u16, payload: &[u8]) -> io::Result<ChunkK
                     if p.remaining() != 0 {
                         return Err(invalid("NBD_REPLY_TYPE_ERROR_OFFSET with trailing bytes"));
                     }
-                    ChunkKind::ErrorOffset {
-                        error,
-                        message,
-                        offset,
-                    }
+                    ChunkKind::ErrorOffset { error, message, offset }
                 }
-                _ => ChunkKind::UnknownError {
-                    chunk_type: t,
-                    error,
-                    message,
-                },
+                _ => ChunkKind::UnknownError { chunk_type: t, error, message },
             }
         }
         // The spec requires a hard disconnect on unknown non-error chunks.
