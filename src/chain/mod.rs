@@ -370,10 +370,37 @@ impl DiskRead for Chain {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len() as u64, "read")?;
-        for p in self.pieces(offset, buf.len() as u64) {
-            let n = (p.end - p.start) as usize;
-            self.read_piece(p, &mut buf[p.at..p.at + n])?;
+        let len = buf.len() as u64;
+        self.check_range(offset, len, "read")?;
+        let end = offset + len;
+        if (offset >> self.chunk_shift) == ((end - 1) >> self.chunk_shift) {
+            // The common small read: one chunk, one lookup.
+            if let Some(p) = self.pieces(offset, len).next() {
+                return self.read_piece(p, buf);
+            }
+            return Ok(());
+        }
+        // A read across chunks goes to the layers below in one piece wherever the top has no
+        // entry, so a long read of a fresh overlay is one read of the base, not one per chunk.
+        let mut pos = offset;
+        while pos < end {
+            let chunk = pos >> self.chunk_shift;
+            let at = (pos - offset) as usize;
+            match self.top.next_chunk(chunk) {
+                Some(c) if c == chunk => {
+                    let p = self.pieces(pos, (self.chunk_base(chunk + 1).min(end)) - pos).next();
+                    if let Some(p) = p {
+                        let n = (p.end - p.start) as usize;
+                        self.read_piece(p, &mut buf[at..at + n])?;
+                        pos += n as u64;
+                    }
+                }
+                next => {
+                    let gap_end = next.map_or(end, |c| self.chunk_base(c).min(end));
+                    self.read_lower(&mut buf[at..(gap_end - offset) as usize], pos)?;
+                    pos = gap_end;
+                }
+            }
         }
         Ok(())
     }
