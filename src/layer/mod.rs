@@ -123,6 +123,19 @@ impl Image {
         Image::create_on(Arc::new(storage), path, geom, parent, new_uuid()?)
     }
 
+    /// Creates a new, closed image file (both header slots clean, synced) and keeps nothing
+    /// open: what a tool that only needs the file (snapshot's new overlay) uses.
+    pub fn create_closed(path: &Path, geom: Geometry, parent: Option<ParentRef>) -> Result<()> {
+        let storage = FileStorage::create(path)?;
+        let ctx = |e: Error| e.with_file(path).during("create");
+        let mut h = Header::new(geom, new_uuid()?, parent);
+        h.generation = 0;
+        storage.write_at(&h.encode(), 0).map_err(ctx)?;
+        h.generation = 1;
+        storage.write_at(&h.encode(), HEADER_SLOT_SIZE as u64).map_err(ctx)?;
+        storage.sync().map_err(ctx)
+    }
+
     /// Creates an image on any storage (which must be empty).
     pub fn create_on(
         storage: Arc<dyn Storage>,
@@ -643,6 +656,25 @@ impl Drop for Image {
         // Best effort: an explicit close() reports errors; a drop can only try.
         let _ = self.close();
     }
+}
+
+/// The current header on `storage` (without reading the map).
+pub fn read_header_of(storage: &dyn Storage) -> Result<Header> {
+    read_header(storage, storage.len()?)
+}
+
+/// Writes `h` with the next generation into the slot not holding the current header, and
+/// syncs if asked. For header-only changes by tools that hold the image's lock without
+/// opening its map (snapshot); `h` must be the header last read from `storage`.
+pub fn write_next_header(storage: &dyn Storage, h: &mut Header, sync: bool) -> Result<()> {
+    let mut next = h.clone();
+    next.generation += 1;
+    storage.write_at(&next.encode(), next.slot_offset())?;
+    if sync {
+        storage.sync()?;
+    }
+    *h = next;
+    Ok(())
 }
 
 /// Reads only the current header of the image at `path`, without locks and without the map.

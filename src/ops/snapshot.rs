@@ -6,8 +6,8 @@ use crate::chain::create::{sync_dir, temp_sibling};
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::header::{Header, ParentFormat, ParentRef, PendingSnapshot, MAX_PENDING_NAME};
 use crate::format::FLAG_FROZEN;
-use crate::layer::{read_header_only, Image, OpenOptions};
-use crate::storage::LockMode;
+use crate::layer::{read_header_of, read_header_only, write_next_header, Image};
+use crate::storage::{FileStorage, LockMode};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -41,9 +41,16 @@ pub fn snapshot(image: &Path, snapshot: &Path) -> Result<()> {
         return Err(ctx(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot)));
     }
     let (live, snap) = (file_name(image)?, file_name(snapshot)?);
-    let img = Image::open(image, OpenOptions::writable())?;
-    img.flush()?;
-    let h = img.header();
+    // Held to the end of the decision: nobody else may have the image open meanwhile. Only the
+    // header is read and written; the map is never loaded, so this takes the same time for any
+    // size of image.
+    let locked = FileStorage::open(image, true, LockMode::Exclusive)?;
+    let mut h = read_header_of(&locked).map_err(|e| e.with_file(image).during("snapshot"))?;
+    if h.has_flag(FLAG_FROZEN) {
+        return Err(ctx(
+            err(ErrorKind::ReadOnly, "is frozen already (a parent layer); snapshot its overlay").with_file(image)
+        ));
+    }
     let temp = temp_sibling(image, "snapshot");
     let _ = std::fs::remove_file(&temp);
     // 1. The new overlay, complete, under a temporary name. It names the snapshot by its
@@ -55,18 +62,14 @@ pub fn snapshot(image: &Path, snapshot: &Path) -> Result<()> {
         size: h.geometry.virtual_size,
         fingerprint: 0,
     };
-    let overlay = Image::create(&temp, h.geometry, Some(parent))?;
-    overlay.close()?;
-    drop(overlay);
+    Image::create_closed(&temp, h.geometry, Some(parent))?;
     sync_dir(&temp)?;
-    // 2. The decision: frozen plus the intent record, in one header write.
+    // 2. The decision: frozen plus the intent record, in one durable header write.
     let pending = PendingSnapshot { live, snapshot: snap, temp: file_name(&temp)? };
-    img.update_header(|h| {
-        h.set_flag(FLAG_FROZEN, true);
-        h.pending = Some(pending.clone());
-    })?;
-    img.close()?;
-    drop(img);
+    h.set_flag(FLAG_FROZEN, true);
+    h.pending = Some(pending.clone());
+    write_next_header(&locked, &mut h, true).map_err(|e| e.with_file(image).during("snapshot"))?;
+    drop(locked);
     // 3. Carry it out: the names move; then the record is cleared.
     complete(&dir, &pending)
 }
@@ -78,8 +81,7 @@ fn complete(dir: &Path, p: &PendingSnapshot) -> Result<()> {
     let snap = dir.join(OsStr::from_bytes(&p.snapshot));
     let temp = dir.join(OsStr::from_bytes(&p.temp));
     let ino = |q: &Path| std::fs::metadata(q).map(|m| (m.dev(), m.ino())).ok();
-    let temp_exists = temp.exists();
-    if temp_exists {
+    if temp.exists() {
         match ino(&snap) {
             None => std::fs::hard_link(&live, &snap).map_err(|e| Error::io("link", e).with_file(&snap))?,
             Some(id) if Some(id) == ino(&live) => {}
@@ -91,17 +93,23 @@ fn complete(dir: &Path, p: &PendingSnapshot) -> Result<()> {
                 .with_file(&snap))
             }
         }
+        // The link must be durable before the rename: if the rename reached the disk alone,
+        // the frozen image would have lost its only name.
         sync_dir(&snap)?;
         std::fs::rename(&temp, &live).map_err(|e| Error::io("rename", e).with_file(&live))?;
         sync_dir(&live)?;
     }
     // Clearing the record is tidiness, not correctness: the record is only acted on when found
-    // under the live name, which now names the overlay. A busy snapshot keeps it for now.
-    let opts = OpenOptions { write: true, lock: LockMode::Exclusive, allow_frozen: true, allow_corrupt: false };
-    match Image::open(&snap, opts) {
+    // under the live name, which now names the overlay. So it is not synced, and a busy
+    // snapshot simply keeps it for now.
+    match FileStorage::open(&snap, true, LockMode::Exclusive) {
         Ok(s) => {
-            s.update_header(|h| h.pending = None)?;
-            s.close()
+            let mut h = read_header_of(&s).map_err(|e| e.with_file(&snap))?;
+            if h.pending.is_some() {
+                h.pending = None;
+                write_next_header(&s, &mut h, false).map_err(|e| e.with_file(&snap))?;
+            }
+            Ok(())
         }
         Err(e) if e.kind() == ErrorKind::InUse => Ok(()),
         Err(e) => Err(e),
