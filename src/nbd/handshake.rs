@@ -85,9 +85,14 @@ impl<'a> Session<'a> {
         })
     }
 
-    /// Records that the stream is now TLS.
+    /// Records that the stream is now TLS. Whatever was negotiated in plain text is forgotten:
+    /// the spec says the server MUST NOT preserve negotiation state (structured replies, meta
+    /// contexts) from before STARTTLS, which a man in the middle could have injected. The
+    /// client's NO_ZEROES flag stays: it belongs to the greeting, not to option haggling.
     pub fn tls_started(&mut self) {
         self.tls_active = true;
+        self.structured = false;
+        self.meta = None;
     }
 
     fn find(&self, name: &str) -> Option<Arc<Export>> {

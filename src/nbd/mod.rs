@@ -6,6 +6,7 @@ pub mod handshake;
 pub mod proto;
 pub mod server;
 pub mod tls;
+pub mod tls_pump;
 pub mod transmission;
 
 use crate::device::Disk;

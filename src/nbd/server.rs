@@ -76,9 +76,25 @@ impl Sock {
         };
     }
 
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_nonblocking(on),
+            Sock::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
     fn set_nodelay(&self) {
         if let Sock::Tcp(s) = self {
             let _ = s.set_nodelay(true);
+        }
+    }
+}
+
+impl AsRawFd for Sock {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
         }
     }
 }
@@ -210,6 +226,9 @@ impl Server {
     pub fn bind(cfg: ServerConfig, exports: Vec<Export>) -> Result<Server> {
         if exports.is_empty() {
             return Err(err(ErrorKind::InvalidArgument, "no exports to serve"));
+        }
+        if cfg.tls_mode != TlsMode::Off && cfg.tls.is_none() {
+            return Err(err(ErrorKind::InvalidArgument, "TLS enabled without a certificate and key"));
         }
         let mut listeners = Vec::new();
         for l in &cfg.listen {
@@ -421,14 +440,25 @@ fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
         set_phase(&sh, id, None);
         return;
     }
+    // The registry keeps the raw socket, also after STARTTLS: shutting it down is how the
+    // handshake deadline and the shutdown sweep reach a connection, TLS or not.
     let mut slot = Some(Stream::Plain(sock));
-    if let Ok(Some(n)) = negotiate(&sh, &mut slot) {
+    let negotiated = negotiate(&sh, &mut slot);
+    let pump = slot.as_mut().and_then(Stream::take_pump);
+    if let Ok(Some(n)) = negotiated {
         set_phase(&sh, id, Some(Phase::Transmission));
         if !sh.stopping.load(Ordering::Acquire) {
-            if let Some(Ok((reader, writer, closer))) = slot.map(Stream::split) {
+            if let Some(Ok((reader, writer, closer))) = slot.take().map(Stream::split) {
                 transmission::serve(reader, writer, n, sh.cfg.threads_per_connection, &sh.budget, closer);
             }
         }
+    }
+    // Closing our end tells a TLS pump to send what is left and close_notify. Waiting for it
+    // keeps the connection registered (so the shutdown sweep can still cut a client that
+    // does not read) and keeps the server from exiting before the last replies are out.
+    drop(slot);
+    if let Some(p) = pump {
+        p.join();
     }
     set_phase(&sh, id, None);
 }

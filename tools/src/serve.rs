@@ -1,7 +1,9 @@
 //! `cowdisk serve`: open each image's chain and export it over NBD until told to stop.
 
 use crate::Failure;
+use cowdisk::nbd::handshake::TlsMode;
 use cowdisk::nbd::server::{install_signal_handlers, ListenAddr, Server, ServerConfig};
+use cowdisk::nbd::tls::TlsConfig;
 use cowdisk::nbd::Export;
 use cowdisk::{Chain, ChainOptions, Disk};
 use std::io::Write;
@@ -35,6 +37,46 @@ pub struct ServeArgs {
     /// Threads per connection (the most requests one connection runs at once).
     #[arg(long, default_value_t = 16)]
     pub threads: usize,
+    /// TLS server certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS policy: off, optional (clients choose), or require (every option but STARTTLS and
+    /// ABORT refused in plain text). Default: require when --tls-cert is given, else off.
+    #[arg(long, value_enum)]
+    pub tls: Option<TlsArg>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsArg {
+    Off,
+    /// nbdkit spells this `on`.
+    #[value(alias = "on")]
+    Optional,
+    #[value(alias = "required")]
+    Require,
+}
+
+/// TLS settings for [`serve_chains_tls`]: the loaded certificate and the policy.
+pub struct Tls {
+    pub config: TlsConfig,
+    pub mode: TlsMode,
+}
+
+/// Loads the certificate and key and picks the policy, before any image is opened: a typo in
+/// a path should not cost an image lock or a listening socket.
+fn tls_from_args(a: &ServeArgs) -> Result<Option<Tls>, Failure> {
+    let mode = match (a.tls, &a.tls_cert) {
+        (Some(TlsArg::Off), _) | (None, None) => return Ok(None),
+        (Some(TlsArg::Optional), _) => TlsMode::Optional,
+        (Some(TlsArg::Require), _) | (None, Some(_)) => TlsMode::Required,
+    };
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
+        return Err(Failure("--tls optional/require needs --tls-cert FILE and --tls-key FILE".into(), 1));
+    };
+    Ok(Some(Tls { config: TlsConfig::from_pem_files(cert, key)?, mode }))
 }
 
 pub fn export_name(path: &std::path::Path) -> String {
@@ -49,6 +91,19 @@ pub fn serve_chains(
     threads: usize,
     max_connections: usize,
     handshake_timeout: Duration,
+) -> Result<(), Failure> {
+    serve_chains_tls(chains, socket, listen, threads, max_connections, handshake_timeout, None)
+}
+
+/// [`serve_chains`] with optional TLS.
+pub fn serve_chains_tls(
+    chains: Vec<(String, Arc<Chain>)>,
+    socket: Option<PathBuf>,
+    listen: Option<String>,
+    threads: usize,
+    max_connections: usize,
+    handshake_timeout: Duration,
+    tls: Option<Tls>,
 ) -> Result<(), Failure> {
     let mut addrs = Vec::new();
     if let Some(s) = &socket {
@@ -73,8 +128,13 @@ pub fn serve_chains(
         max_connections,
         threads_per_connection: threads,
         handshake_timeout,
+        tls_mode: tls.as_ref().map_or(TlsMode::Off, |t| t.mode),
+        tls: tls.map(|t| t.config),
         ..ServerConfig::default()
     };
+    // nbds:// tells libnbd (and people) to insist on TLS; with --tls optional plain
+    // nbd:// works too.
+    let (tcp_scheme, unix_scheme) = if cfg.tls.is_some() { ("nbds", "nbds+unix") } else { ("nbd", "nbd+unix") };
     let server = Server::bind(cfg, exports)?;
     install_signal_handlers(&server.shutdown_handle());
     let tcp = server.tcp_addrs();
@@ -82,10 +142,10 @@ pub fn serve_chains(
     for (name, c) in &chains {
         let ro = if c.is_read_only() { " (read-only)" } else { "" };
         if let Some(s) = &socket {
-            let _ = writeln!(out, "serving {name}{ro} at nbd+unix:///{name}?socket={}", s.display());
+            let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{name}?socket={}", s.display());
         }
         for a in &tcp {
-            let _ = writeln!(out, "serving {name}{ro} at nbd://{a}/{name}");
+            let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{name}");
         }
     }
     let _ = out.flush();
@@ -106,6 +166,7 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
     if a.names.len() > a.images.len() {
         return Err(Failure("more --name options than images".into(), 1));
     }
+    let tls = tls_from_args(&a)?;
     let mut chains = Vec::new();
     for (i, p) in a.images.iter().enumerate() {
         let chain = Chain::open(p, ChainOptions { writable: !a.read_only, ..Default::default() })?;
@@ -115,5 +176,6 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         }
         chains.push((name, Arc::new(chain)));
     }
-    serve_chains(chains, a.socket, a.listen, a.threads, a.max_connections, Duration::from_secs(a.handshake_timeout))
+    let timeout = Duration::from_secs(a.handshake_timeout);
+    serve_chains_tls(chains, a.socket, a.listen, a.threads, a.max_connections, timeout, tls)
 }
