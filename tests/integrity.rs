@@ -33,7 +33,7 @@ fn read_all(p: &Path) -> cowdisk::Result<Vec<u8>> {
 }
 
 fn deep(p: &Path) -> cowdisk::ops::check::CheckReport {
-    check(p, &CheckOptions { deep: true, ..Default::default() })
+    check(p, &CheckOptions { deep: true, ..Default::default() }, &|_, _| {})
 }
 
 #[test]
@@ -131,7 +131,7 @@ fn a_checksum_failure_at_run_time_marks_the_image_corrupt_until_repair() {
     assert!(e.to_string().contains("check --repair"), "{e}");
 
     // Repair scrubs first: the block is still bad, so the mark stays.
-    let r = check(&p, &CheckOptions { repair: true, ..Default::default() });
+    let r = check(&p, &CheckOptions { repair: true, ..Default::default() }, &|_, _| {});
     assert_eq!(r.exit_code(), 2, "{r:?}");
     assert!(cowdisk::layer::read_header_only(&p).unwrap().has_flag(FLAG_CORRUPT));
 
@@ -139,7 +139,7 @@ fn a_checksum_failure_at_run_time_marks_the_image_corrupt_until_repair() {
     let mut now = std::fs::read(&p).unwrap();
     now[damaged as usize] ^= 0x01;
     std::fs::write(&p, &now).unwrap();
-    let r = check(&p, &CheckOptions { repair: true, ..Default::default() });
+    let r = check(&p, &CheckOptions { repair: true, ..Default::default() }, &|_, _| {});
     assert_eq!(r.exit_code(), 0, "{r:?}");
     assert!(!cowdisk::layer::read_header_only(&p).unwrap().has_flag(FLAG_CORRUPT));
     Chain::open(&p, ChainOptions { writable: true, ..Default::default() }).unwrap();

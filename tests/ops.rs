@@ -85,7 +85,7 @@ impl World {
         for (p, bytes) in &self.frozen {
             assert!(std::fs::read(p).unwrap() == *bytes, "after {what}: {} changed", p.display());
         }
-        let r = check(&self.top, &CheckOptions { chain: true, ..Default::default() });
+        let r = check(&self.top, &CheckOptions { chain: true, ..Default::default() }, &|_, _| {});
         assert_eq!(r.exit_code(), 0, "after {what}: check says {r:?}");
     }
 

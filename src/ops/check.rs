@@ -1,6 +1,7 @@
 //! Check: verify every checksum and invariant of an image (and optionally its whole chain),
 //! count leaked space, and with repair reclaim leaks and clear the dirty flag.
 
+use super::Progress;
 use crate::chain::resolve_parent_path;
 use crate::error::{ErrorKind, Result};
 use crate::format::blocks::BlockState;
@@ -100,10 +101,12 @@ fn data_in(storage: &dyn Storage, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64
 
 /// Reads every Data block of `img`, verifying checksums; returns the number of bad blocks and
 /// a description of the first few.
-fn scrub(img: &Image) -> (u64, Vec<String>) {
+fn scrub(img: &Image, progress: Progress) -> (u64, Vec<String>) {
     let mut bad = 0;
     let mut notes = Vec::new();
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let total = img.data_bytes();
+    let mut done = 0;
     for (chunk, e) in img.entries() {
         for (s, t, st) in e.blocks.runs(0, e.blocks.len()) {
             if st != BlockState::Data {
@@ -116,13 +119,17 @@ fn scrub(img: &Image) -> (u64, Vec<String>) {
                         notes.push(err.to_string());
                     }
                 }
+                done += BLOCK_SIZE;
+                if done % (1 << 24) == 0 {
+                    progress(done, total);
+                }
             }
         }
     }
     (bad, notes)
 }
 
-fn check_image(path: &Path, opts: &CheckOptions) -> ImageCheck {
+fn check_image(path: &Path, opts: &CheckOptions, progress: Progress) -> ImageCheck {
     let mut r = ImageCheck { path: path.to_path_buf(), ..Default::default() };
     // First look without locks: this works on an image a server has open, and sees the flags
     // as they were found (a writable open would set dirty for its own use).
@@ -151,7 +158,7 @@ fn check_image(path: &Path, opts: &CheckOptions) -> ImageCheck {
     r.leaked_bytes = leaks.iter().map(|(s, e)| e - s).sum();
     // A corrupt mark means something was found at run time: look at every block again.
     if opts.deep || (opts.repair && h.has_flag(FLAG_CORRUPT)) {
-        let (bad, notes) = scrub(&img);
+        let (bad, notes) = scrub(&img, progress);
         r.damaged_blocks = bad;
         r.errors.extend(notes);
         if bad > 10 {
@@ -188,9 +195,9 @@ fn check_image(path: &Path, opts: &CheckOptions) -> ImageCheck {
 
 /// Checks `image`, and with `chain` every cowdisk layer under it plus the identity of each
 /// parent (including a raw base's fingerprint).
-pub fn check(image: &Path, opts: &CheckOptions) -> CheckReport {
+pub fn check(image: &Path, opts: &CheckOptions, progress: Progress) -> CheckReport {
     let mut report = CheckReport::default();
-    report.images.push(check_image(image, opts));
+    report.images.push(check_image(image, opts, progress));
     if !opts.chain || !report.images[0].errors.is_empty() {
         return report;
     }
@@ -205,7 +212,7 @@ pub fn check(image: &Path, opts: &CheckOptions) -> CheckReport {
         if p.format == ParentFormat::Raw {
             break;
         }
-        let c = check_image(&pp, opts);
+        let c = check_image(&pp, opts, progress);
         let stop = !c.errors.is_empty();
         report.images.push(c);
         if stop {

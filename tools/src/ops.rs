@@ -164,7 +164,9 @@ fn report_json(r: &CheckReport) -> Value {
 }
 
 pub fn check_cmd(image: &Path, opts: CheckOptions, as_json: bool) -> Result<(), Failure> {
-    let r = check(image, &opts);
+    let bar = Bar::new("check");
+    let r = check(image, &opts, &|d, t| bar.update(d, t));
+    drop(bar);
     if let Some(e) = r.unreadable() {
         return Err(Failure(e.to_string(), 1));
     }

@@ -1417,6 +1417,23 @@ fn dirty_flag_is_set_while_serving_and_clear_after_a_clean_exit() {
 }
 
 #[test]
+fn sigint_stops_the_server_cleanly_like_sigterm() {
+    let mut fx = fixture();
+    let mut c = simple_client(&fx.server, "disk");
+    let data = random_bytes(8192, 801);
+    c.write(65536, &data).unwrap();
+    fx.server.daemon().signal(libc::SIGINT).unwrap();
+    let status = fx.server.daemon().wait_exit(STOP_TIMEOUT).expect("exit after SIGINT");
+    assert_eq!(status.code(), Some(0), "{}", fx.server.log());
+    assert_eq!(header_flags(&fx.image) & HEADER_FLAG_DIRTY, 0, "DIRTY cleared on clean exit");
+    // The write was answered before the signal, and shutdown flushes: it is in the image.
+    drop(c);
+    let again = serve(&[&fx.image], &fx.dir.join("again.sock"), &[]);
+    let mut c = simple_client(&again, "disk");
+    assert_eq!(c.read(65536, 8192).unwrap(), data);
+}
+
+#[test]
 fn second_server_of_an_image_held_writable_fails_with_in_use() {
     let fx = fixture();
     let mut c = simple_client(&fx.server, "disk");
