@@ -93,8 +93,10 @@ fn first_write(c: &mut Criterion) {
     for (name, len, offset_in_block) in [("4k_aligned", 4096usize, 0u64), ("1k_copy_up", 1024, 1000)] {
         let p = scratch(name);
         let geom = Geometry::new(1 << 40, 16).unwrap();
-        let parent = ParentRef { format: ParentFormat::Raw, path: b"base".to_vec(), uuid: [0; 16], size: SIZE, fingerprint: 0 };
-        let img = Image::create_on(Arc::new(FileStorage::create(&p).unwrap()), &p, geom, Some(parent), [1; 16]).unwrap();
+        let parent =
+            ParentRef { format: ParentFormat::Raw, path: b"base".to_vec(), uuid: [0; 16], size: SIZE, fingerprint: 0 };
+        let img =
+            Image::create_on(Arc::new(FileStorage::create(&p).unwrap()), &p, geom, Some(parent), [1; 16]).unwrap();
         let ch = Chain::assemble(img, Vec::new(), Some(raw_base()));
         let data = vec![0x5au8; len];
         let mut chunk = 0u64;
