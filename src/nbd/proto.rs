@@ -295,6 +295,11 @@ pub fn chunk_header(out: &mut [u8], flags: u16, typ: u16, cookie: u64, length: u
     BE::write_u32(&mut out[16..], length);
 }
 
+/// Overwrites the flags of the structured chunk whose header starts `out`.
+pub fn set_chunk_flags(out: &mut [u8], flags: u16) {
+    BE::write_u16(&mut out[4..], flags);
+}
+
 /// Appends a complete structured chunk to `out`.
 pub fn push_chunk(out: &mut Vec<u8>, flags: u16, typ: u16, cookie: u64, payload: &[u8]) {
     let at = out.len();

@@ -272,7 +272,10 @@ impl Conn {
         } else {
             Some(self.all_extents(req.offset, u64::from(req.length)).map_err(lib)?)
         };
-        let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE * 2 + 8 + req.length as usize);
+        // The whole reply is built before anything is sent, so no error can follow the last
+        // content chunk: it carries the DONE flag itself, no NBD_REPLY_TYPE_NONE is needed.
+        let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE + 8 + req.length as usize);
+        let mut last_chunk = 0;
         match extents {
             None => push_data(&mut out, disk, req.cookie, req.offset, req.length as usize).map_err(lib)?,
             Some(ext) => {
@@ -286,21 +289,17 @@ impl Conn {
                         end += ext[i].length;
                         i += 1;
                     }
+                    last_chunk = out.len();
                     if zero {
-                        push_chunk(
-                            &mut out,
-                            0,
-                            REPLY_TYPE_OFFSET_HOLE,
-                            req.cookie,
-                            &hole_payload(start, (end - start) as u32),
-                        );
+                        let hole = hole_payload(start, (end - start) as u32);
+                        push_chunk(&mut out, 0, REPLY_TYPE_OFFSET_HOLE, req.cookie, &hole);
                     } else {
                         push_data(&mut out, disk, req.cookie, start, (end - start) as usize).map_err(lib)?;
                     }
                 }
             }
         }
-        push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);
+        set_chunk_flags(&mut out[last_chunk..], REPLY_FLAG_DONE);
         self.send(&out);
         Ok(())
     }
