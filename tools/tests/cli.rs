@@ -1568,3 +1568,36 @@ fn kill_9_during_flatten_to_output_leaves_no_output_or_a_complete_one() {
 fn kill_9_during_commit_leaves_the_device_unchanged_and_the_chain_intact() {
     crash_test(CrashOp::Commit);
 }
+
+// ---------------------------------------------------------------------------
+// The main job: `cowdisk demo`
+// ---------------------------------------------------------------------------
+
+#[test]
+fn demo_serves_an_overlay_on_a_base_holding_ext4_and_reuses_it_next_time() {
+    let dir = TempDir::new("demo");
+    let demo = dir.join("d");
+    let sock = demo.join("nbd.sock");
+    let mut cmd = Command::new(cowdisk_bin());
+    cmd.arg("demo").arg("--dir").arg(&demo);
+    let mut d = Daemon::start(cmd, Ready::UnixSocket(sock.clone()));
+    assert!(d.log().contains("nbd+unix:///overlay?socket="), "{}", d.log());
+    let mut c = common::nbdclient::NbdClient::connect_unix(&sock).unwrap();
+    let info = c.opt_go("overlay", &[]).unwrap();
+    assert_eq!(info.size, 64 << 20);
+    if tool_path("mkfs.ext4").is_some() {
+        // The ext4 superblock magic 0xEF53 at byte 1080: the base holds a real filesystem.
+        let sb = c.read(1024, 1024).unwrap();
+        assert_eq!(&sb[56..58], &[0x53, 0xef], "no ext4 superblock in the demo base");
+    }
+    drop(c);
+    d.signal(libc::SIGINT).unwrap();
+    assert_eq!(d.wait_exit(Duration::from_secs(15)).and_then(|s| s.code()), Some(0), "{}", d.log());
+    // A second run reuses both images.
+    let mut cmd = Command::new(cowdisk_bin());
+    cmd.arg("demo").arg("--dir").arg(&demo);
+    let mut d = Daemon::start(cmd, Ready::UnixSocket(sock.clone()));
+    assert!(d.log().contains("reusing base") && d.log().contains("reusing overlay"), "{}", d.log());
+    d.signal(libc::SIGTERM).unwrap();
+    assert_eq!(d.wait_exit(Duration::from_secs(15)).and_then(|s| s.code()), Some(0));
+}
