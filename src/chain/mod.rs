@@ -277,6 +277,31 @@ impl Chain {
         self.top.set_blocks(p.chunk, first, last, BlockState::Data, &crcs)
     }
 
+    /// Writes pieces that each cover a whole chunk (consecutive chunks), holding all their
+    /// locks: slots first, then one write per run of slots that lie back to back in the file,
+    /// then the blocks become Data. Nothing is copied up: every block is covered.
+    fn write_whole_chunks(&self, run: &[ChunkPiece], buf: &[u8]) -> Result<()> {
+        let (first, last) = (run[0].chunk, run[run.len() - 1].chunk);
+        let _locks = self.top.lock_chunks(first, last);
+        let slots = run.iter().map(|p| self.top.ensure_slot(p.chunk)).collect::<Result<Vec<u64>>>()?;
+        let cs = self.chunk_base(1);
+        let mut j = 0;
+        while j < run.len() {
+            let mut k = j + 1;
+            while k < run.len() && slots[k] == slots[k - 1] + cs {
+                k += 1;
+            }
+            let (from, to) = (run[j].at, run[k - 1].at + cs as usize);
+            self.top.write_at(&buf[from..to], slots[j])?;
+            j = k;
+        }
+        let blocks = (cs / BLOCK_SIZE) as usize;
+        for p in run {
+            self.top.set_blocks(p.chunk, 0, blocks, BlockState::Data, &[])?;
+        }
+        Ok(())
+    }
+
     fn zero_piece(&self, p: ChunkPiece) -> Result<()> {
         let base = self.chunk_base(p.chunk);
         let _g = self.top.lock_chunk(p.chunk);
@@ -410,10 +435,28 @@ impl DiskWrite for Chain {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
         self.check_range(offset, buf.len() as u64, "write")?;
-        for p in self.pieces(offset, buf.len() as u64) {
+        let pieces: Vec<ChunkPiece> = self.pieces(offset, buf.len() as u64).collect();
+        let whole =
+            |p: &ChunkPiece| p.start == 0 && p.end == self.chunk_base(1) && self.chunk_base(p.chunk + 1) <= self.size;
+        let mut i = 0;
+        while i < pieces.len() {
+            // Runs of whole chunks (without data checksums) are written with one pwrite per run
+            // of contiguous slots, under the locks of all their chunks.
+            let run_end = if self.top.geometry().data_checksums {
+                i
+            } else {
+                i + pieces[i..].iter().take_while(|p| whole(p)).count()
+            };
+            if run_end - i >= 2 {
+                self.write_whole_chunks(&pieces[i..run_end], buf)?;
+                i = run_end;
+                continue;
+            }
+            let p = pieces[i];
             let n = (p.end - p.start) as usize;
             let _g = self.top.lock_chunk(p.chunk);
             self.write_piece_locked(p, &buf[p.at..p.at + n])?;
+            i += 1;
         }
         Ok(())
     }

@@ -305,6 +305,15 @@ impl Image {
         lock(&self.stripes[(chunk as usize) % STRIPES])
     }
 
+    /// The chunk locks of every chunk in `first..=last`, taken in stripe order (the one order
+    /// every multi-chunk writer uses, so two of them never wait on each other in a cycle).
+    pub fn lock_chunks(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
+        let span = (last - first + 1).min(STRIPES as u64);
+        let mut stripes: Vec<usize> = (first..first + span).map(|c| (c as usize) % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.into_iter().map(|i| lock(&self.stripes[i])).collect()
+    }
+
     /// Held shared across data I/O on this image's slots.
     pub fn io_guard(&self) -> RwLockReadGuard<'_, ()> {
         read(&self.reclaim)

@@ -4,6 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Where scratch directories go: $COWDISK_TEST_DIR if set, else /dev/shm when it is there (a
+/// real file system with hole punching and locks, whose fsync does not wait for a disk, so the
+/// many syncs of the property tests do not make the suite's time depend on the machine's disk),
+/// else the system temp directory.
+fn scratch_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("COWDISK_TEST_DIR") {
+        return PathBuf::from(d);
+    }
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() && std::fs::metadata(shm).is_ok_and(|m| !m.permissions().readonly()) {
+        return shm.to_path_buf();
+    }
+    std::env::temp_dir()
+}
+
 /// A scratch directory removed (with its contents) when dropped, also when a test panics.
 pub struct TempDir(PathBuf);
 
@@ -12,7 +27,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("cowdisk-test-{}-{tag}-{n}", std::process::id()));
+        let p = scratch_root().join(format!("cowdisk-test-{}-{tag}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create scratch dir");
         TempDir(p)
