@@ -397,6 +397,9 @@ impl DiskRead for Chain {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range(offset, len, "read")?;
+        if len == 0 {
+            return Ok(());
+        }
         let end = offset + len;
         if (offset >> self.chunk_shift) == ((end - 1) >> self.chunk_shift) {
             // The common small read: one chunk, one lookup.
