@@ -1,0 +1,154 @@
+//! The durability protocol of one image (spec §5.3): header writes, flush, whole-map
+//! replacement and close, and what a failed sync means.
+
+use super::alloc::Allocator;
+use super::map::ChunkMap;
+use super::{lock, write, Image, State};
+use crate::error::{Error, Result};
+use crate::format::header::Header;
+use crate::format::map::MapEntry;
+use crate::format::{FLAG_CORRUPT, FLAG_DIRTY};
+use std::sync::atomic::Ordering;
+
+impl Image {
+    /// Writes `f(header)` with the next generation into the slot not holding the current header.
+    /// The in-memory header changes only once the write succeeded, so after a failed write the
+    /// next attempt goes to the same slot and the last good header is never overwritten.
+    pub(super) fn write_header(&self, st: &mut State, f: impl FnOnce(&mut Header)) -> Result<()> {
+        let mut h = st.header.clone();
+        f(&mut h);
+        h.generation += 1;
+        h.map_extents = st.map.extents().to_vec();
+        self.storage.write_at(&h.encode(), h.slot_offset())?;
+        st.header = h;
+        Ok(())
+    }
+
+    fn sync_or_poison(&self) -> Result<()> {
+        self.storage.sync().inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+    }
+
+    /// Makes every write completed before the call durable (spec §5.3): data first, then the
+    /// header if the map grew, then the dirty map sectors, then released space becomes reusable.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _f = lock(&self.flush_lock);
+        self.flush_locked()
+    }
+
+    fn flush_locked(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return self.require_writable();
+        }
+        let (snap, released) = {
+            let mut st = write(&self.state);
+            (st.map.take_dirty(), st.alloc.take_pending())
+        };
+        let res = (|| -> Result<()> {
+            self.sync_or_poison()?;
+            if !snap.is_empty() {
+                if snap.extents_changed {
+                    let mut st = write(&self.state);
+                    self.write_header(&mut st, |_| {})?;
+                }
+                for (off, bytes) in &snap.encoded {
+                    self.storage.write_at(bytes, *off)?;
+                }
+                self.sync_or_poison()?;
+            }
+            Ok(())
+        })();
+        match res {
+            Ok(()) => {
+                if !released.is_empty() {
+                    let _drain = write(&self.reclaim);
+                    // Released space is punched before anyone can reuse it (with data checksums
+                    // this is the first moment it may be: the old map no longer points there).
+                    for &off in &released {
+                        self.storage.punch(off, self.geom.chunk_size()).map_err(|e| e.with_file(&self.path))?;
+                    }
+                    write(&self.state).alloc.free_now(&released);
+                }
+                if self.corrupt_found.load(Ordering::Acquire) {
+                    let mut st = write(&self.state);
+                    if !st.header.has_flag(FLAG_CORRUPT) {
+                        self.write_header(&mut st, |h| h.set_flag(FLAG_CORRUPT, true))
+                            .map_err(|e| e.with_file(&self.path))?;
+                        drop(st);
+                        self.sync_or_poison().map_err(|e| e.with_file(&self.path))?;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let mut st = write(&self.state);
+                st.map.restore_dirty(snap);
+                st.alloc.requeue(released);
+                Err(e.with_file(&self.path).during("flush"))
+            }
+        }
+    }
+
+    /// Rewrites the header through `f` and makes it durable (flushes data and map first).
+    pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<()> {
+        self.require_writable()?;
+        let _f = lock(&self.flush_lock);
+        self.flush_locked()?;
+        let mut st = write(&self.state);
+        self.write_header(&mut st, f).map_err(|e| e.with_file(&self.path))?;
+        drop(st);
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("update header"))
+    }
+
+    /// Replaces the whole map with `entries` in one durable step (spec §5.7): the new map is
+    /// written to fresh extents and synced together with the data it points at, then a single
+    /// header write switches to it. A crash before that write leaves the old map in force (the
+    /// new extents and slots are leaked space); after it, the new one. Space only the old map
+    /// used is then punched and reused.
+    pub fn replace_map(&self, entries: Vec<MapEntry>) -> Result<()> {
+        self.require_writable()?;
+        let ctx = |e: Error| e.with_file(&self.path).during("replace map");
+        let _f = lock(&self.flush_lock);
+        self.flush_locked()?;
+        let _drain = write(&self.reclaim);
+        let mut guard = write(&self.state);
+        let st = &mut *guard;
+        let alloc = &mut st.alloc;
+        let mut new_map = ChunkMap::rebuilt(self.geom, entries, |len| alloc.alloc_fresh(len)).map_err(ctx)?;
+        let snap = new_map.take_dirty();
+        self.sync_or_poison().map_err(ctx)?;
+        for (off, bytes) in &snap.encoded {
+            self.storage.write_at(bytes, *off).map_err(ctx)?;
+        }
+        self.sync_or_poison().map_err(ctx)?;
+        let old_map = std::mem::replace(&mut st.map, new_map);
+        if let Err(e) = self.write_header(st, |_| {}) {
+            st.map = old_map;
+            return Err(ctx(e));
+        }
+        self.sync_or_poison().map_err(ctx)?;
+        let file_len = self.storage.len().map_err(ctx)?;
+        st.alloc = Allocator::rebuild(self.geom.chunk_size(), self.geom.data_start(), file_len, st.map.used_ranges())
+            .map_err(ctx)?;
+        for &(s, e) in st.alloc.free_ranges() {
+            self.storage.punch(s, e - s).map_err(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes, clears the dirty flag and releases the file. Writes are refused from the start
+    /// of the call on. Idempotent; also run on drop.
+    pub fn close(&self) -> Result<()> {
+        if !self.writable || self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _f = lock(&self.flush_lock);
+        self.flush_locked()?;
+        let mut st = write(&self.state);
+        self.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, false)).map_err(|e| e.with_file(&self.path))?;
+        drop(st);
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("close"))
+    }
+}
