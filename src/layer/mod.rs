@@ -1,5 +1,6 @@
-//! One cowdisk image file: open/create, its header and chunk map in memory, the metadata
-//! operations the chain plans I/O with, and the flush protocol (spec §5).
+//! One cowdisk image file: open and create, its header and chunk map in memory, and the locks
+//! that guard them. The metadata operations of the I/O paths live in `data.rs`, the flush
+//! protocol (spec §5) in `durability.rs`.
 //!
 //! Locking: `state` (header, map, allocator) is held only to read or change metadata, never
 //! across data I/O. `stripes` serialize writers of one chunk (copy-up and read-modify-write
