@@ -3,7 +3,9 @@
 //! cut could leave (synced state plus any subset of unsynced sector writes, torn at 512 bytes)
 //! and check each state: it opens (repairing a dirty image), every sector reads as its value
 //! at the last completed flush or a value written since, lower layers are untouched, and the
-//! image has no inconsistency (leaks allowed).
+//! image has no inconsistency (leaks allowed). Snapshots are explored the same way, with the
+//! directory's name changes (create, link, rename) recorded and replayed as a crash may leave
+//! them: every state opens as the state before the snapshot or the state after it.
 //!
 //! Seeded and reproducible. The normal run explores at least 1,000 states; set
 //! COWDISK_CRASH_STATES to explore more (e.g. 100000).
@@ -276,4 +278,66 @@ fn every_crash_state_opens_and_reads_flushed_or_newer_data() {
     let n = explore(target);
     assert!(n >= 1000, "explored only {n} crash states");
     eprintln!("explored {n} crash states");
+}
+
+/// Every crash state of a snapshot (file contents and directory names as a power cut could
+/// leave them) opens as the state before or the state after, with the same contents.
+#[test]
+fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
+    use cowdisk::ops::check::{check, CheckOptions};
+    use cowdisk::ops::snapshot::snapshot_in;
+    use cowdisk::storage::namespace::Namespace;
+    use cowdisk::storage::recording::RecordingDir;
+    use cowdisk::ChainOptions;
+    let mut states = 0;
+    for seed in 1..=6u64 {
+        let journal = Journal::new();
+        let dir = RecordingDir::new(journal.clone());
+        let live = Path::new("disk.cow");
+        let g = Geometry::new(SIZE, 14).unwrap().with_data_checksums(seed % 2 == 0).unwrap();
+        let img = Image::create_on(dir.create(live).unwrap(), live, g, None, [seed as u8; 16]).unwrap();
+        let c = Chain::assemble(img, Vec::new(), None);
+        let model = pattern(seed, SIZE as usize);
+        c.write_at(&model, 0).unwrap();
+        c.close().unwrap();
+        drop(c);
+        dir.sync_dir(live).unwrap();
+        let start = journal.len();
+        snapshot_in(&dir, live, Path::new("snap.cow")).unwrap();
+        let end = journal.len();
+        let crash = CrashImages::new(&journal, dir.files());
+        let mut rng = Rng(seed * 31 + 7);
+        for k in start..=end {
+            for _ in 0..4 {
+                let names = crash.names(k, || rng.below(2) == 0);
+                let scratch = common::TempDir::new("snapcrash");
+                let mut made: Vec<(usize, std::path::PathBuf)> = Vec::new();
+                for (name, file) in &names {
+                    let p = scratch.join(name.to_str().unwrap());
+                    match made.iter().find(|(f, _)| f == file) {
+                        Some((_, first)) => std::fs::hard_link(first, &p).unwrap(),
+                        None => std::fs::write(&p, crash.state(*file, k, |n| rng.below(n as u64) as usize)).unwrap(),
+                    }
+                    made.push((*file, p));
+                }
+                let top = scratch.join("disk.cow");
+                let opened = Chain::open(&top, ChainOptions { writable: true, ..Default::default() });
+                let c = opened.unwrap_or_else(|e| panic!("seed {seed}, crash at {k} of {start}..{end}: {e}"));
+                let after = scratch.join("snap.cow").exists() && c.depth() == 2;
+                assert!(
+                    after || c.depth() == 1,
+                    "seed {seed}, crash at {k}: a chain of depth {} is neither",
+                    c.depth()
+                );
+                let mut got = vec![0u8; SIZE as usize];
+                c.read_at(&mut got, 0).unwrap();
+                assert!(got == model, "seed {seed}, crash at {k}: contents changed");
+                drop(c);
+                let r = check(&top, &CheckOptions { chain: true, ..Default::default() }, &|_, _| {});
+                assert!(matches!(r.exit_code(), 0 | 3), "seed {seed}, crash at {k}: check says {r:?}");
+                states += 1;
+            }
+        }
+    }
+    assert!(states >= 100, "explored only {states} snapshot crash states");
 }

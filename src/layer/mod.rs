@@ -125,10 +125,14 @@ impl Image {
         Image::create_on(Arc::new(storage), path, geom, parent, new_uuid()?)
     }
 
-    /// Creates a new, closed image file (both header slots clean, synced) and keeps nothing
-    /// open: what a tool that only needs the file (snapshot's new overlay) uses.
-    pub fn create_closed(path: &Path, geom: Geometry, parent: Option<ParentRef>) -> Result<()> {
-        let storage = FileStorage::create(path)?;
+    /// Writes a new, closed image (both header slots clean) onto the empty `storage` and syncs
+    /// it: what a tool that only needs the file (snapshot's new overlay) uses.
+    pub fn create_closed_on(
+        storage: &dyn Storage,
+        path: &Path,
+        geom: Geometry,
+        parent: Option<ParentRef>,
+    ) -> Result<()> {
         let ctx = |e: Error| e.with_file(path).during("create");
         let mut h = Header::new(geom, new_uuid()?, parent);
         h.generation = 0;

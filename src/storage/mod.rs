@@ -7,6 +7,7 @@
 mod fault;
 mod file;
 mod mem;
+pub mod namespace;
 pub mod recording;
 
 pub use fault::{FaultKind, FaultStorage};

@@ -8,19 +8,42 @@
 //! write or punch before `k` gave it — chosen independently per sector, which covers lost,
 //! reordered and torn writes (format-spec §5.1).
 
-use super::{MemStorage, Storage};
-use crate::error::Result;
+use super::namespace::Namespace;
+use super::{LockMode, MemStorage, Storage};
+use crate::error::{err, ErrorKind, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 const SECTOR: usize = 512;
 
 #[derive(Debug, Clone)]
 pub enum RecOp {
-    Write { offset: u64, data: Vec<u8> },
-    Punch { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Punch {
+        offset: u64,
+        len: u64,
+    },
     SetLen(u64),
     Sync,
+    /// Directory operations of a [`RecordingDir`] (logged under [`DIR`]).
+    Name {
+        name: PathBuf,
+        file: usize,
+    },
+    Unname(PathBuf),
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+    },
+    DirSync,
 }
+
+/// The pseudo-file id directory operations are logged under.
+pub const DIR: usize = usize::MAX;
 
 #[derive(Debug, Default)]
 pub struct Journal {
@@ -113,7 +136,97 @@ fn apply(img: &mut Vec<u8>, op: &RecOp) {
             img[s..e].fill(0);
         }
         RecOp::SetLen(l) => img.resize(*l as usize, 0),
-        RecOp::Sync => {}
+        _ => {}
+    }
+}
+
+/// A directory whose files are [`RecordingStorage`]s of one journal, and whose name changes
+/// (create, link, rename, remove) and syncs are logged there too, in the same order.
+pub struct RecordingDir {
+    journal: Arc<Journal>,
+    state: Mutex<(BTreeMap<PathBuf, usize>, Vec<Arc<RecordingStorage>>)>,
+}
+
+impl RecordingDir {
+    /// A directory whose new files get ids from `first_file` on.
+    pub fn new(journal: Arc<Journal>) -> RecordingDir {
+        RecordingDir { journal, state: Mutex::new((BTreeMap::new(), Vec::new())) }
+    }
+
+    /// The id of the file `name` refers to now.
+    pub fn file_of(&self, name: &Path) -> Option<usize> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0.get(name).copied()
+    }
+
+    /// Number of files created so far (their ids are 0..files()).
+    pub fn files(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1.len()
+    }
+
+    fn missing(name: &Path) -> crate::error::Error {
+        err(ErrorKind::Io, "No such file or directory").with_file(name)
+    }
+}
+
+impl Namespace for RecordingDir {
+    fn open(&self, path: &Path, _writable: bool, _lock: LockMode) -> Result<Arc<dyn Storage>> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let f = *st.0.get(path).ok_or_else(|| RecordingDir::missing(path))?;
+        Ok(st.1[f].clone())
+    }
+
+    fn create(&self, path: &Path) -> Result<Arc<dyn Storage>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.0.contains_key(path) {
+            return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(path));
+        }
+        let id = st.1.len();
+        let f = Arc::new(RecordingStorage::new(self.journal.clone(), id));
+        st.1.push(f.clone());
+        st.0.insert(path.to_path_buf(), id);
+        self.journal.push(DIR, RecOp::Name { name: path.to_path_buf(), file: id });
+        Ok(f)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        self.file_of(path).is_some()
+    }
+
+    fn same_file(&self, a: &Path, b: &Path) -> bool {
+        matches!((self.file_of(a), self.file_of(b)), (Some(x), Some(y)) if x == y)
+    }
+
+    fn same_dir(&self, a: &Path, b: &Path) -> bool {
+        a.parent() == b.parent()
+    }
+
+    fn link(&self, from: &Path, to: &Path) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let f = *st.0.get(from).ok_or_else(|| RecordingDir::missing(from))?;
+        st.0.insert(to.to_path_buf(), f);
+        self.journal.push(DIR, RecOp::Name { name: to.to_path_buf(), file: f });
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let f = st.0.remove(from).ok_or_else(|| RecordingDir::missing(from))?;
+        st.0.insert(to.to_path_buf(), f);
+        // One atomic step on disk: a crash keeps all of it or none.
+        self.journal.push(DIR, RecOp::Rename { from: from.to_path_buf(), to: to.to_path_buf() });
+        Ok(())
+    }
+
+    fn remove(&self, path: &Path) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.0.remove(path).is_some() {
+            self.journal.push(DIR, RecOp::Unname(path.to_path_buf()));
+        }
+    }
+
+    fn sync_dir(&self, _path: &Path) -> Result<()> {
+        self.journal.push(DIR, RecOp::DirSync);
+        Ok(())
     }
 }
 
@@ -139,6 +252,37 @@ impl CrashImages {
             }
         }
         CrashImages { ops, synced }
+    }
+
+    /// The names the directory may hold after a crash just before journal index `k`: every name
+    /// change up to the last directory sync, then each later one kept or lost by `keep`, in
+    /// order (a rename is one change).
+    pub fn names(&self, k: usize, mut keep: impl FnMut() -> bool) -> BTreeMap<PathBuf, usize> {
+        let mut names = BTreeMap::new();
+        let last_sync = self.ops[..k].iter().rposition(|(f, op)| *f == DIR && matches!(op, RecOp::DirSync));
+        for (i, (f, op)) in self.ops[..k].iter().enumerate() {
+            if *f != DIR || matches!(op, RecOp::DirSync) {
+                continue;
+            }
+            if !(last_sync.is_some_and(|s| i < s) || keep()) {
+                continue;
+            }
+            match op {
+                RecOp::Name { name, file } => {
+                    names.insert(name.clone(), *file);
+                }
+                RecOp::Unname(name) => {
+                    names.remove(name);
+                }
+                RecOp::Rename { from, to } => {
+                    if let Some(f) = names.remove(from) {
+                        names.insert(to.clone(), f);
+                    }
+                }
+                _ => {}
+            }
+        }
+        names
     }
 
     /// The bytes `file` may hold after a crash just before journal index `k`, with the choice
