@@ -1,0 +1,315 @@
+//! `nbd_server`: the input is the raw byte stream a client sends. The handshake
+//! (`Session::start` + `options`) runs over an in-memory duplex against two exports backed by
+//! in-memory chains ("disk": writable, a cowdisk top over a cowdisk layer over a raw base;
+//! "ro": a read-only chain). If the client reaches transmission, `transmission::serve` runs the
+//! rest of the stream with one thread (even input length) or two (odd).
+//!
+//! Besides "no panic, no unbounded allocation", with one thread the replies are checked against
+//! the requests in the stream: every request that was read in full is answered exactly once, in
+//! order, with a well-formed reply, and a successful structured read describes exactly the
+//! bytes asked for.
+
+use super::pattern;
+use cowdisk::device::{DiskWrite, DiskZero};
+use cowdisk::format::Geometry;
+use cowdisk::layer::raw::RawImage;
+use cowdisk::layer::{Image, OpenOptions};
+use cowdisk::nbd::budget::Budget;
+use cowdisk::nbd::handshake::{Outcome, Session, TlsMode};
+use cowdisk::nbd::transmission;
+use cowdisk::nbd::Export;
+use cowdisk::storage::MemStorage;
+use cowdisk::Chain;
+use std::io::{self, Cursor, Read, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub const DISK_SIZE: u64 = 1 << 20;
+const BASE_LEN: u64 = 300_000;
+/// Output kept for checking; past this the replies are only counted (not checked).
+const OUTPUT_CAP: usize = 64 << 20;
+
+/// Image bytes built once: (lower layer, top layer), both closed cleanly.
+fn templates() -> &'static (Vec<u8>, Vec<u8>, Vec<u8>) {
+    static T: OnceLock<(Vec<u8>, Vec<u8>, Vec<u8>)> = OnceLock::new();
+    T.get_or_init(|| {
+        let base = pattern(99, BASE_LEN as usize);
+        let base_s = Arc::new(MemStorage::from_bytes(base.clone()));
+        let raw = || RawImage::on(base_s.clone(), Path::new("base.raw"), BASE_LEN);
+        let lower_s = Arc::new(MemStorage::new());
+        let g = Geometry::new(DISK_SIZE, 16).expect("geometry");
+        let img = Image::create_on(lower_s.clone(), Path::new("lower.cow"), g, None, [1; 16]).expect("create lower");
+        let c = Chain::assemble(img, Vec::new(), Some(raw()));
+        c.write_at(&pattern(1, 70_000), 200_000).expect("write");
+        c.discard(65536, 65536).expect("discard");
+        c.write_at(&pattern(2, 4096), 900_000).expect("write");
+        c.close().expect("close");
+        drop(c);
+        let top_s = Arc::new(MemStorage::new());
+        let g = Geometry::new(DISK_SIZE, 12).expect("geometry");
+        let img = Image::create_on(top_s.clone(), Path::new("top.cow"), g, None, [2; 16]).expect("create top");
+        let lower =
+            Image::open_on(lower_s.clone(), Path::new("lower.cow"), OpenOptions::read_only()).expect("open lower");
+        let c = Chain::assemble(img, vec![lower], Some(raw()));
+        c.write_at(&pattern(3, 10_000), 4000).expect("write");
+        c.write_zeroes(204_800, 8192, false).expect("zero");
+        c.write_at(&pattern(4, 5000), DISK_SIZE - 5000).expect("write");
+        c.close().expect("close");
+        drop(c);
+        (base, lower_s.snapshot(), top_s.snapshot())
+    })
+}
+
+/// A fresh pair of exports on copies of the templates.
+pub fn exports() -> Vec<Arc<Export>> {
+    let (base, lower, top) = templates();
+    let base_s = Arc::new(MemStorage::from_bytes(base.clone()));
+    let raw = || RawImage::on(base_s.clone(), Path::new("base.raw"), BASE_LEN);
+    let lower_img = |opts| {
+        Image::open_on(Arc::new(MemStorage::from_bytes(lower.clone())), Path::new("lower.cow"), opts)
+            .expect("open lower")
+    };
+    let open_top = |opts| {
+        Image::open_on(Arc::new(MemStorage::from_bytes(top.clone())), Path::new("top.cow"), opts).expect("open top")
+    };
+    let rw = Chain::assemble(open_top(OpenOptions::writable()), vec![lower_img(OpenOptions::read_only())], Some(raw()));
+    let ro =
+        Chain::assemble(open_top(OpenOptions::read_only()), vec![lower_img(OpenOptions::read_only())], Some(raw()));
+    vec![
+        Arc::new(Export { name: "disk".into(), description: "fuzzed writable export".into(), disk: Arc::new(rw) }),
+        Arc::new(Export { name: "ro".into(), description: "fuzzed read-only export".into(), disk: Arc::new(ro) }),
+    ]
+}
+
+/// The handshake's stream: reads come from the input, writes are counted and dropped.
+struct Duplex<'a> {
+    input: Cursor<&'a [u8]>,
+    written: u64,
+}
+
+impl Read for Duplex<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl Write for Duplex<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.written += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Collects the replies of the transmission phase (up to [`OUTPUT_CAP`]).
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<(Vec<u8>, bool)>>);
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0.len() + buf.len() > OUTPUT_CAP {
+            g.1 = true;
+        } else {
+            g.0.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the fuzz target runs.
+pub fn run(data: &[u8]) {
+    let _ = session(data);
+}
+
+/// What one session did: `None` if it never reached transmission, else the number of
+/// requests in the stream that had to be answered and the bytes of replies sent.
+pub fn session(data: &[u8]) -> Option<(usize, usize)> {
+    let exports = exports();
+    let mut d = Duplex { input: Cursor::new(data), written: 0 };
+    let Ok(mut session) = Session::start(&mut d, &exports, TlsMode::Off) else {
+        return None;
+    };
+    let neg = match session.options(&mut d) {
+        Ok(Outcome::Transmit(n)) => n,
+        Ok(Outcome::StartTls) => panic!("STARTTLS accepted with TLS off"),
+        Ok(Outcome::Closed) | Err(_) => return None,
+    };
+    assert!(d.written > 0, "handshake reached transmission without replying");
+    let rest = data[d.input.position() as usize..].to_vec();
+    let threads = 1 + data.len() % 2;
+    let structured = neg.structured;
+    let read_only = neg.export.disk.is_read_only();
+    let size = neg.export.disk.size();
+    let sink = Sink::default();
+    let budget = Budget::new(usize::MAX, 256 << 20);
+    transmission::serve(
+        Box::new(Cursor::new(rest.clone())),
+        Box::new(sink.clone()),
+        neg,
+        threads,
+        &budget,
+        Box::new(|| {}),
+    );
+    budget.wait_idle();
+    let (out, overflow) = std::mem::take(&mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()));
+    if threads == 1 && !overflow {
+        check_replies(&rest, &out, structured, read_only, size);
+    }
+    Some((requests(&rest).len(), out.len()))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Req {
+    flags: u16,
+    typ: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+}
+
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_MAGIC: u32 = 0x6744_6698;
+const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_BLOCK_STATUS: u16 = 7;
+const FLAG_DONE: u16 = 1;
+const TYPE_NONE: u16 = 0;
+const TYPE_OFFSET_DATA: u16 = 1;
+const TYPE_OFFSET_HOLE: u16 = 2;
+const TYPE_BLOCK_STATUS: u16 = 5;
+
+fn be(b: &[u8]) -> u64 {
+    b.iter().fold(0, |a, &x| (a << 8) | u64::from(x))
+}
+
+/// The requests the server must answer, parsed independently from the client's stream
+/// (written from the NBD protocol, not from the server's code).
+fn requests(mut s: &[u8]) -> Vec<Req> {
+    let mut out = Vec::new();
+    while s.len() >= 28 {
+        if be(&s[0..4]) as u32 != REQUEST_MAGIC {
+            break;
+        }
+        let r = Req {
+            flags: be(&s[4..6]) as u16,
+            typ: be(&s[6..8]) as u16,
+            cookie: be(&s[8..16]),
+            offset: be(&s[16..24]),
+            length: be(&s[24..28]) as u32,
+        };
+        s = &s[28..];
+        if r.typ == CMD_DISC {
+            break;
+        }
+        if r.typ == CMD_WRITE {
+            // The payload follows the header (also when it is refused as too large).
+            if s.len() < r.length as usize {
+                break;
+            }
+            s = &s[r.length as usize..];
+        }
+        out.push(r);
+    }
+    out
+}
+
+/// Checks that `out` answers `reqs` in order, each once, with well-formed replies.
+fn check_replies(input: &[u8], out: &[u8], structured: bool, read_only: bool, size: u64) {
+    let reqs = requests(input);
+    let mut pos = 0usize;
+    let take = |pos: &mut usize, n: usize, what: &str| -> &[u8] {
+        assert!(
+            *pos + n <= out.len(),
+            "reply stream ends inside {what} (at byte {pos}, {} bytes of replies)",
+            out.len()
+        );
+        let s = &out[*pos..*pos + n];
+        *pos += n;
+        s
+    };
+    for (i, r) in reqs.iter().enumerate() {
+        let in_range = r.offset.checked_add(u64::from(r.length)).is_some_and(|e| e <= size);
+        // With structured replies, commands other than READ may still get a simple reply.
+        let simple =
+            !structured || (r.typ != CMD_READ && out.len() >= pos + 4 && be(&out[pos..pos + 4]) as u32 == SIMPLE_MAGIC);
+        if simple {
+            let h = take(&mut pos, 16, "a simple reply");
+            assert_eq!(be(&h[0..4]) as u32, SIMPLE_MAGIC, "request {i} {r:?}: bad reply magic");
+            let error = be(&h[4..8]) as u32;
+            assert_eq!(be(&h[8..16]), r.cookie, "request {i} {r:?}: reply for another cookie");
+            if r.typ == CMD_READ && error == 0 {
+                assert!(in_range, "request {i} {r:?}: read outside the export succeeded");
+                take(&mut pos, r.length as usize, "read data");
+            }
+            if r.typ == CMD_WRITE && error == 0 {
+                assert!(!read_only, "request {i} {r:?}: write to a read-only export succeeded");
+                assert!(in_range, "request {i} {r:?}: write outside the export succeeded");
+            }
+            continue;
+        }
+        // Structured: chunks until one with DONE.
+        let mut covered = 0u64;
+        let mut errored = false;
+        loop {
+            let h = take(&mut pos, 20, "a structured chunk header");
+            assert_eq!(be(&h[0..4]) as u32, STRUCTURED_MAGIC, "request {i} {r:?}: bad chunk magic");
+            let flags = be(&h[4..6]) as u16;
+            let typ = be(&h[6..8]) as u16;
+            assert_eq!(be(&h[8..16]), r.cookie, "request {i} {r:?}: chunk for another cookie");
+            let len = be(&h[16..20]) as usize;
+            let p = take(&mut pos, len, "a chunk payload");
+            match typ {
+                TYPE_NONE => assert_eq!(len, 0, "request {i}: NONE chunk with payload"),
+                TYPE_OFFSET_DATA | TYPE_OFFSET_HOLE => {
+                    assert_eq!(r.typ, CMD_READ, "request {i} {r:?}: data chunk for a non-read");
+                    assert!(len >= if typ == TYPE_OFFSET_DATA { 8 } else { 12 });
+                    let off = be(&p[0..8]);
+                    let n = if typ == TYPE_OFFSET_DATA { (len - 8) as u64 } else { be(&p[8..12]) };
+                    assert!(
+                        off >= r.offset && off + n <= r.offset + u64::from(r.length),
+                        "request {i} {r:?}: chunk {off}+{n} outside the read"
+                    );
+                    assert!(n > 0, "request {i} {r:?}: empty data/hole chunk");
+                    covered += n;
+                }
+                TYPE_BLOCK_STATUS => {
+                    assert_eq!(r.typ, CMD_BLOCK_STATUS, "request {i}: block status for {r:?}");
+                    assert!(len >= 12 && (len - 4) % 8 == 0, "request {i}: bad block status length {len}");
+                    let total: u64 = p[4..].chunks(8).map(|d| be(&d[0..4])).sum();
+                    assert!(total > 0, "request {i} {r:?}: block status describes nothing");
+                    assert!(
+                        r.offset + total <= size,
+                        "request {i} {r:?}: block status past the end of the export ({total} bytes)"
+                    );
+                    if r.flags & (1 << 3) != 0 {
+                        assert_eq!(len, 12, "request {i} {r:?}: REQ_ONE answered with several extents");
+                    }
+                }
+                t if t & 0x8000 != 0 => {
+                    assert!(len >= 6, "request {i}: short error chunk");
+                    let msg_len = be(&p[4..6]) as usize;
+                    assert!(6 + msg_len <= len, "request {i}: error message overruns its chunk");
+                    assert_ne!(be(&p[0..4]), 0, "request {i}: error chunk with error 0");
+                    errored = true;
+                }
+                t => panic!("request {i} {r:?}: unknown chunk type {t}"),
+            }
+            if flags & FLAG_DONE != 0 {
+                break;
+            }
+        }
+        if r.typ == CMD_READ && !errored {
+            assert!(in_range, "request {i} {r:?}: read outside the export succeeded");
+            assert_eq!(covered, u64::from(r.length), "request {i} {r:?}: read reply covers {covered} bytes");
+        }
+    }
+    assert!(pos == out.len(), "{} bytes of replies after the last request ({} requests)", out.len() - pos, reqs.len());
+}
