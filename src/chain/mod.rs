@@ -137,11 +137,18 @@ impl Chain {
         }
         let mut pieces: Vec<Piece> = Vec::new();
         self.lower_map.pieces(offset, buf.len() as u64, &mut pieces);
+        // A long range where a few blocks of the layers interrupt the base: one read of the
+        // base for all of it, then the layers' blocks on top, instead of a read per piece.
+        let base_first = self.base.is_some() && pieces.len() > 2 && pieces.iter().filter(|p| p.2.is_none()).count() > 1;
+        if base_first {
+            self.read_base(buf, offset)?;
+        }
         for (s, e, src) in pieces {
             let sub = &mut buf[(s - offset) as usize..(e - offset) as usize];
             match src {
                 Some(Source::Layer { layer, file_offset }) => self.read_layer(layer as usize, s, file_offset, sub)?,
                 Some(Source::Zero { .. }) => sub.fill(0),
+                None if base_first => {}
                 None => self.read_base(sub, s)?,
             }
         }
@@ -227,15 +234,23 @@ impl Chain {
         let first = (p.start / BLOCK_SIZE) as usize;
         let last = p.end.div_ceil(BLOCK_SIZE) as usize;
         let checksums = self.top.geometry().data_checksums;
-        let epoch = self.top.epoch();
         let info = self.top.with_entry(p.chunk, |e| {
             e.map(|e| {
                 let data_in_range = e.blocks.runs(first, last).any(|r| r.2 == BlockState::Data);
-                (e.blocks.get(first), e.blocks.get(last - 1), e.data_offset, e.slot_epoch, data_in_range)
+                let all_data = e.blocks.get(first) == BlockState::Data && e.blocks.run_end(first, last) == last;
+                (e.blocks.get(first), e.blocks.get(last - 1), e.data_offset, e.slot_epoch, data_in_range, all_data)
             })
         });
-        let (head_state, tail_state, slot, slot_epoch, overwrites) =
-            info.unwrap_or((BlockState::Absent, BlockState::Absent, 0, epoch, false));
+        // An overwrite of blocks that are all Data already: in place, and the map does not
+        // change (with checksums the durable copy must not be overwritten, see below).
+        if let Some((_, _, slot, _, _, true)) = info {
+            if !checksums && slot != 0 {
+                return self.top.write_at(data, slot + p.start);
+            }
+        }
+        let epoch = if checksums { self.top.epoch() } else { 0 };
+        let (head_state, tail_state, slot, slot_epoch, overwrites, _) =
+            info.unwrap_or((BlockState::Absent, BlockState::Absent, 0, epoch, false, false));
         // With checksums every block is written whole (its checksum covers all of it), and a
         // block the durable map may point at is never overwritten in place.
         let head_fill = p.start % BLOCK_SIZE != 0 && (checksums || head_state != BlockState::Data);

@@ -3,13 +3,26 @@
 
 use super::{all_extents, copy_range, Progress};
 use crate::chain::create::{publish, temp_sibling};
-use crate::device::{DiskFlush, DiskRead, DiskWrite, ExtentKind};
+use crate::device::{DiskFlush, DiskRead, DiskWrite, Extent, ExtentKind};
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::Geometry;
 use crate::layer::Image;
 use crate::storage::{FileStorage, Storage};
 use crate::{Chain, ChainOptions};
 use std::path::Path;
+
+/// The byte ranges whose extents satisfy `keep`, with neighbours merged whatever layer serves
+/// them: a copy then moves a few large pieces instead of one per layer boundary.
+fn ranges(chain: &Chain, keep: impl Fn(ExtentKind) -> bool) -> Result<Vec<Extent>> {
+    let mut out: Vec<Extent> = Vec::new();
+    for e in all_extents(chain)?.into_iter().filter(|e| keep(e.kind)) {
+        match out.last_mut() {
+            Some(l) if l.offset + l.length == e.offset => l.length += e.length,
+            _ => out.push(e),
+        }
+    }
+    Ok(out)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -32,8 +45,7 @@ pub fn flatten_chain(chain: &Chain, progress: Progress) -> Result<()> {
     if chain.depth() == 1 {
         return Ok(());
     }
-    let below: Vec<_> =
-        all_extents(chain)?.into_iter().filter(|e| matches!(e.kind, ExtentKind::Data { depth } if depth > 0)).collect();
+    let below: Vec<_> = ranges(chain, |k| matches!(k, ExtentKind::Data { depth } if depth > 0))?;
     let total: u64 = below.iter().map(|e| e.length).sum();
     let mut done = 0;
     let mut buf = Vec::new();
@@ -56,7 +68,7 @@ pub fn flatten_to(image: &Path, out: &Path, format: OutputFormat, progress: Prog
         return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(out).during("flatten"));
     }
     let chain = Chain::open(image, ChainOptions::default())?;
-    let data: Vec<_> = all_extents(&chain)?.into_iter().filter(|e| !e.kind.reads_zero()).collect();
+    let data = ranges(&chain, |k| !k.reads_zero())?;
     let total: u64 = data.iter().map(|e| e.length).sum();
     let tmp = temp_sibling(out, "flatten");
     let _ = std::fs::remove_file(&tmp);

@@ -15,7 +15,7 @@ use crate::Chain;
 pub type Progress<'a> = &'a dyn Fn(u64, u64);
 
 /// Bytes moved per read/write when copying data between layers or files.
-pub const COPY_UNIT: u64 = 4 << 20;
+pub const COPY_UNIT: u64 = 256 << 10;
 
 /// Every extent of the merged device, in order, describing the whole of it.
 pub fn all_extents(chain: &Chain) -> Result<Vec<Extent>> {
