@@ -220,6 +220,22 @@ fn open_state(top: Vec<u8>, mid: Vec<u8>, run: &Run) -> Result<Vec<u8>, String> 
     Ok(dev)
 }
 
+/// Runs `check` on each layer of the crash state as a power cut left it (before any repair):
+/// leaked space is allowed, an inconsistency is not.
+fn check_state(top: &[u8], mid: &[u8]) -> Result<(), String> {
+    use cowdisk::ops::check::{check, CheckOptions};
+    let scratch = common::TempDir::new("crashcheck");
+    for (name, bytes) in [("top", top), ("mid", mid)] {
+        let p = scratch.join(name);
+        std::fs::write(&p, bytes).map_err(|e| format!("cannot write the crash state: {e}"))?;
+        let r = check(&p, &CheckOptions::default(), &|_, _| {});
+        if !matches!(r.exit_code(), 0 | 3) || r.images.iter().any(|i| i.unreadable.is_some()) {
+            return Err(format!("check finds the {name} layer corrupt: {r:?}"));
+        }
+    }
+    Ok(())
+}
+
 fn judge(run: &Run, crash: &CrashImages, k: usize, rng: &mut Rng) -> Result<(), String> {
     let top = crash.state(TOP, k, |n| rng.below(n as u64) as usize);
     let mid = crash.state(MID, k, |n| rng.below(n as u64) as usize);
@@ -231,6 +247,7 @@ fn judge(run: &Run, crash: &CrashImages, k: usize, rng: &mut Rng) -> Result<(), 
             }
         }
     }
+    check_state(&top, &mid)?;
     let dev = open_state(top, mid, run)?;
     let fi = run.flushes.partition_point(|(at, _)| *at <= k) - 1;
     let (flushed_at, durable) = &run.flushes[fi];

@@ -256,6 +256,9 @@ def fio(srv, name, opts, runtime_cap):
     global FIO_N
     FIO_N += 1
     out = SCRATCH / f"fio-{FIO_N}.json"
+    # Untimed: write back what earlier jobs left dirty in the page cache (nbdkit does not fsync
+    # when it stops), so that no peer's timed run pays for another's writeback.
+    run(["sync"], quiet=True)
     load = os.getloadavg()[0]
     cmd = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={srv.uri}", "--output-format=json",
            f"--output={out}"] + opts
@@ -902,12 +905,14 @@ median of {ARGS.repeat} repetition(s).{runtime_note}
 | nbdkit | {mi['nbdkit']} (file plugin {mi['nbdkit-threads']}) |
 | fio | {mi['fio']} |
 
-**CPU noise:** other engineers were working on the same 2-core machine during the run (builds,
-tests). The 1-minute load average sampled at the start of each fio job was {load_txt}
-(min / median / max). fio and the server under test also share these 2 cores. Peers are
-interleaved within each repetition (cowdisk, qcow2, qcow2 extended_l2, nbdkit, then the next
-repetition) so that background load hits them alike, and the median is reported; the individual
-repetitions are listed at the end.
+**CPU noise:** the machine is shared and its load is not controlled. The 1-minute load average
+sampled at the start of each fio job was {load_txt} (min / median / max); it includes the
+previous job's own fio and server, so about 2 is what an otherwise idle machine shows. fio and
+the server under test share these 2 cores. Peers are interleaved within each repetition, and
+the order rotates from one repetition to the next (cowdisk first, then qcow2 first, ...), so
+that background load and the state one job leaves behind hit them alike; before every fio job
+an untimed `sync` writes back what earlier jobs left dirty. The median is reported; the
+individual repetitions are listed at the end.
 
 ## Results
 
@@ -1009,6 +1014,13 @@ def parse_size(s):
     return int(float(m.group(1)) * mult)
 
 
+def rotated(peers, rep):
+    """The peers in the order repetition `rep` runs them: each goes first in turn, so that no peer
+    always inherits the machine state (page cache, CPU frequency) the same neighbour leaves."""
+    k = rep % len(peers)
+    return list(peers[k:]) + list(peers[:k])
+
+
 def main():
     global ARGS, SCRATCH, BASE, BASE_COPY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1077,12 +1089,12 @@ def main():
         for rep in range(ARGS.repeat):
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: fio jobs")
             for job in (job_randread, job_firstwrite, job_growth, job_rewrite, job_seqread, job_seqwrite, job_randread4):
-                for peer in PEERS:
+                for peer in rotated(PEERS, rep):
                     job(peer)
         build_chains()
         for rep in range(ARGS.repeat):
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: chains")
-            for peer in ("cowdisk", "qcow2"):
+            for peer in rotated(("cowdisk", "qcow2"), rep):
                 for depth in (16, 1):
                     job_chain(peer, depth)
         for rep in range(ARGS.repeat):

@@ -436,7 +436,7 @@ fn create_accepts_human_sizes_and_shows_them_the_same_way() {
     // Not a size: clap reports it (usage error), without a panic and without a file.
     let o = ws.run(&["create", "bad.cow", "--size", "10X"]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
-    assert!(o.stderr.contains("invalid size '10X'"), "{}", o.describe());
+    assert!(o.error_line().contains("invalid size '10X'"), "{}", o.describe());
     assert!(!ws.p("bad.cow").exists());
     // No size and no backing: refused, naming the file.
     ws.fail(&["create", "nosize.cow"], &["nosize.cow", "size"]);
@@ -1600,4 +1600,27 @@ fn demo_serves_an_overlay_on_a_base_holding_ext4_and_reuses_it_next_time() {
     assert!(d.log().contains("reusing base") && d.log().contains("reusing overlay"), "{}", d.log());
     d.signal(libc::SIGTERM).unwrap();
     assert_eq!(d.wait_exit(Duration::from_secs(15)).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn usage_errors_are_one_line_with_exit_code_2() {
+    let ws = Ws::new();
+    for (args, says) in [
+        (&["frob"][..], "unrecognized subcommand 'frob'"),
+        (&["create"][..], "<IMAGE>"),
+        (&["create", "a.cow", "--size", "1G", "--chunk-size", "lots"][..], "invalid size 'lots'"),
+        (&["info", "a.cow", "--colour"][..], "--colour"),
+        (&["flatten", "a.cow", "--format", "raw"][..], "--output"),
+    ] {
+        let o = ws.run(args);
+        assert_no_panic(&o);
+        assert_eq!(o.code, Some(2), "{}", o.describe());
+        let line = o.error_line();
+        assert!(line.contains(says), "expected {says:?} in the error\n{}", o.describe());
+        assert!(line.ends_with("(see 'cowdisk --help')"), "{}", o.describe());
+    }
+    // Help is still help: several lines on stdout, exit 0.
+    let o = ws.run(&["create", "--help"]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.contains("--backing"), "{}", o.describe());
 }
