@@ -108,7 +108,9 @@ impl ChunkMap {
         m.extents = extents.to_vec();
         let eps = geom.entries_per_sector() as u64;
         let sector = SECTOR_SIZE as u64;
-        let mut buf = vec![0u8; 1 << 20];
+        // Sized by the map, not fixed: opening a small image (or each of a deep chain's layers)
+        // should not zero a megabyte it never reads into.
+        let mut buf = vec![0u8; total.clamp(sector, 1 << 20) as usize];
         let mut first_sector = 0u64;
         for ext in extents {
             let readable_end = ext.end().min(file_len.next_multiple_of(sector));
