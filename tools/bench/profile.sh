@@ -5,7 +5,9 @@
 # Needs perf, valgrind, fio and the release binary (cargo build --release -p cowdisk-tools;
 # the release profile keeps debug info, so perf and callgrind can name our functions).
 set -eu
+[ $# -ge 1 ] || { echo "usage: $0 DIR [randread|firstwrite|seqwrite|flatten]..." >&2; exit 2; }
 dir=$(mkdir -p "$1" && cd "$1" && pwd); shift
+[ $# -ge 1 ] || set -- randread firstwrite seqwrite flatten
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 bin=${COWDISK:-$repo/target/release/cowdisk}
 cd "$dir"
@@ -39,7 +41,7 @@ profile_fio() { # name, fio options...
   echo "== $name: our functions including callees (top 25)"; cat "$name.children.txt"
 }
 
-for what in "${@:-randread firstwrite seqwrite flatten}"; do
+for what in "$@"; do
   case $what in
     randread) profile_fio randread --rw=randread --bs=4k --iodepth=16 --time_based --runtime=8 --norandommap --randrepeat=0 ;;
     firstwrite) profile_fio firstwrite --rw=randwrite --bs=4k --iodepth=16 --runtime=8 ;;
