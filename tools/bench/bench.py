@@ -38,7 +38,11 @@ LABEL = {
     "qcow2": "qemu-nbd qcow2",
     "qcow2-el2": "qemu-nbd qcow2 extended_l2",
     "nbdkit": "nbdkit file (raw)",
+    "nbdkit-evicted": "nbdkit file (raw copy evicted from the page cache)",
+    "nbdkit-sparse": "nbdkit file (fresh sparse raw file)",
 }
+# Job 5 also runs nbdkit with its raw file in two other page-cache states (see fresh_image).
+SEQWRITE_PEERS = PEERS + ["nbdkit-evicted", "nbdkit-sparse"]
 COLOR = {"cowdisk": "#d62728", "qcow2": "#1f77b4", "qcow2-el2": "#17becf", "nbdkit": "#7f7f7f"}
 
 
@@ -120,7 +124,7 @@ class Server:
         elif peer in ("qcow2", "qcow2-el2"):
             self.cmd = ["qemu-nbd", "--persistent", "--shared=8", "--format=qcow2", "--socket", self.sock, self.image]
             self.export = ""
-        elif peer == "nbdkit":
+        elif peer.startswith("nbdkit"):
             self.cmd = ["nbdkit", "--foreground", "--unix", self.sock, "file", self.image]
             self.export = ""
         else:
@@ -298,7 +302,15 @@ def blocks_bytes(p):
 
 
 def fresh_image(peer, name):
-    """A fresh overlay over the base (or, for nbdkit, a fresh full copy of it)."""
+    """A fresh overlay over the base; for nbdkit a raw file whose page-cache state the peer name
+    says:
+    - "nbdkit": a full copy (`cp`, then fsync), left in the page cache as cp leaves it. This is
+      what a user gets and the fastest state for writes: they overwrite pages already in memory,
+      which no fresh overlay can do (its data goes to new file offsets, so new pages).
+    - "nbdkit-evicted": the same copy, then dropped from the page cache (fsync + posix_fadvise
+      DONTNEED on that file only): writes need new pages, like an overlay's.
+    - "nbdkit-sparse": a fresh sparse raw file (`truncate`), all zeros rather than the base: writes
+      need new pages and new blocks, like an overlay's."""
     if peer == "cowdisk":
         p = SCRATCH / f"{name}.cow"
         run([ARGS.cowdisk, "create", p, "--backing", BASE])
@@ -308,24 +320,26 @@ def fresh_image(peer, name):
     elif peer == "qcow2-el2":
         p = SCRATCH / f"{name}.qcow2"
         run(["qemu-img", "create", "-f", "qcow2", "-b", BASE, "-F", "raw", "-o", "extended_l2=on,cluster_size=128k", p])
-    elif peer == "nbdkit":
+    elif peer == "nbdkit-sparse":
+        p = SCRATCH / f"{name}.raw"
+        run(["truncate", "--size", str(ARGS.size_bytes), p])
+    elif peer.startswith("nbdkit"):
         p = SCRATCH / f"{name}.raw"
         run(["cp", "--sparse=never", BASE, p])
-        evict(p)
+        fsync_and_maybe_evict(p, evict=peer == "nbdkit-evicted")
+    else:
+        raise ValueError(peer)
     return p
 
 
-def evict(p):
-    """Writes `p` back and drops its pages from the page cache (this file's only).
-
-    A fresh overlay has no pages in the page cache: every write to it needs a page the kernel
-    must allocate. A raw copy just written by cp is all in the page cache, and writes into it
-    would only overwrite memory, a state no copy-on-write overlay can be in. Evicted, the copy
-    takes writes the way the overlays do."""
+def fsync_and_maybe_evict(p, evict):
+    """Writes `p` back (so that no timed run pays for cp's writeback) and, if asked, drops its
+    pages from the page cache (this file's only)."""
     fd = os.open(p, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if evict:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -668,7 +682,8 @@ def build_tables():
         ("firstwrite", "2. 4K random first writes, QD16 (fresh overlay)", "IOPS"),
         ("rewrite", "3. 4K random rewrite, QD16 (blocks already in the overlay)", "IOPS"),
         ("seqread", "4. 1M sequential read, QD4", "MiB/s"),
-        ("seqwrite", "5. 1M sequential first write, QD4 (fresh overlay)", "MiB/s"),
+        ("seqwrite", "5. 1M sequential first write, QD4 (fresh overlay; nbdkit: raw copy in the page cache)",
+         "MiB/s"),
         ("randread4", "7. 4K random read, 4 connections × QD16", "IOPS"),
     ]
     targets = {
@@ -702,6 +717,14 @@ def build_tables():
                          "device", "ratio"] +
                         [fmt_num(g[p]) if p != "nbdkit" else "n/a (preallocated copy)" for p in PEERS] +
                         ["—", "—", "—", "≤1.1× bytes written", verdict([(le(gc, 1.1), f"{fmt_num(gc)}")])])
+        if job == "seqwrite":
+            # The same job against nbdkit with its raw file in the two other page-cache states:
+            # context for row 5, whose target is judged against the fastest state (the ceiling).
+            for sub, peer, what in (("5b", "nbdkit-evicted", "raw copy evicted from the page cache"),
+                                    ("5c", "nbdkit-sparse", "fresh sparse raw file")):
+                n = med(job, peer)
+                rows.append([f"{sub}. job 5, nbdkit on a {what}", unit, "—", "—", "—", fmt_num(n), "—", "—",
+                             fmt_num(ratio(v["cowdisk"], n), "x"), "—", ""])
         if job == "randread4":
             h = {p: med(job, p, "hwm_kib") for p in PEERS}
             h = {p: (x / 1024 if x is not None else None) for p, x in h.items()}
@@ -912,11 +935,12 @@ def write_report(io_table, ops_table, mi, total_s, chart_ok):
         memory_note = """
 **Memory:** this is a VM whose virtio balloon has free page reporting on: memory the guest frees
 is handed back to the host, and the next first touch of such a page costs a fault in the host.
-Writes that need new page-cache pages (every write into a fresh overlay, and into the evicted
-raw copy nbdkit's write jobs serve, see "Fresh images") therefore vary from run to run by up to
+Writes that need new page-cache pages (every write into a fresh overlay, and nbdkit's writes
+into an evicted copy or a sparse file, rows 5b and 5c) therefore vary from run to run by up to
 about 10× for the same work, depending on whether the kernel hands out pages the host still
-backs. Reads of the cached base and rewrites of pages already cached allocate no pages and are
-not exposed to this. The write jobs' repetitions below show the spread; job 5 runs {runs}× per repetition for that reason.
+backs. Reads of the cached base and overwrites of pages already cached (nbdkit's raw copy in
+rows 2, 3 and 5) allocate no pages and are not exposed to this. The write jobs' repetitions
+below show the spread; job 5 runs {runs}× per repetition for that reason.
 """.format(runs=SEQWRITE_RUNS)
     text = f"""# Benchmarks
 
@@ -989,11 +1013,14 @@ individual repetitions are listed at the end.
   - qemu-nbd qcow2 extended_l2: the same with `-o extended_l2=on,cluster_size=128k` (4K subclusters);
   - nbdkit: `nbdkit --foreground --unix S file base-copy.raw` (defaults: the file plugin's
     thread model is parallel, 16 threads per connection).
-- **Fresh images:** every job gets a fresh overlay (a fresh `cp --sparse=never` raw copy for
-  nbdkit's write jobs), so first writes are really first writes. The raw copy is then fsynced
-  and dropped from the page cache (`posix_fadvise(DONTNEED)` on that file only), so that
-  nbdkit's writes, like the overlays', go into page-cache pages the kernel has to allocate
-  instead of overwriting pages already in memory, a state a fresh overlay can never be in.
+- **Fresh images:** every job gets a fresh overlay (a fresh `cp --sparse=never` raw copy,
+  fsynced, for nbdkit's write jobs), so first writes are really first writes. nbdkit's copy stays
+  in the page cache as cp leaves it, which is what a user gets and the fastest state for writes:
+  they overwrite pages already in memory, while an overlay's first writes go to new file offsets
+  and need pages the kernel has to allocate. Job 5 therefore also runs nbdkit on the same copy
+  dropped from the page cache (`posix_fadvise(DONTNEED)` on that file only; row 5b) and on a
+  fresh sparse raw file made by `truncate` (row 5c), where its writes too need new pages. The
+  target of row 5 is judged against the cached copy, the fastest of the three.
 - **fio:** `fio --ioengine=nbd --uri=nbd+unix:///EXPORT?socket=S --output-format=json ...`; IOPS and
   bandwidth are summed over the jobs of a run. No fsync/flush is issued inside the timed part of
   the write jobs (qemu-nbd's writeback cache and the page cache absorb writes alike; the data is
@@ -1013,7 +1040,8 @@ individual repetitions are listed at the end.
      region are measured.
   4. 1M sequential read, iodepth 4, time based, fresh overlay.
   5. 1M sequential write, iodepth 4, fresh overlay: one pass over the device (first writes), capped
-     at {ARGS.runtime} s; {SEQWRITE_RUNS} runs per repetition, the median over all of them.
+     at {ARGS.runtime} s; {SEQWRITE_RUNS} runs per repetition and per peer (nbdkit in three
+     page-cache states, see "Fresh images"), the median over all of them.
   6. 4K random read (as job 1) on a 16-deep chain vs a 1-deep chain holding the same data. cowdisk:
      16 times "serve, write 1% of the device as scattered 4K blocks with fio (seed = layer), stop",
      with `cowdisk snapshot top.cow layerNN.cow` between them (15 snapshots: 16 cowdisk layers over
@@ -1060,7 +1088,7 @@ def parse_size(s):
     return int(float(m.group(1)) * mult)
 
 
-SEQWRITE_RUNS = 3
+SEQWRITE_RUNS = 4
 
 
 def rotated(peers, rep):
@@ -1142,7 +1170,8 @@ def main():
                 # report's note on memory): it runs SEQWRITE_RUNS times per repetition.
                 runs = SEQWRITE_RUNS if job is job_seqwrite else 1
                 for k in range(runs):
-                    for peer in rotated(PEERS, rep * runs + k):
+                    peers = SEQWRITE_PEERS if job is job_seqwrite else PEERS
+                    for peer in rotated(peers, rep * runs + k):
                         job(peer)
         build_chains()
         for rep in range(ARGS.repeat):
