@@ -32,6 +32,8 @@ struct Setup {
 }
 
 const MAX_DEPTH: usize = 8;
+/// What read buffers hold before a read: a read must overwrite every byte of it.
+const GARBAGE: u8 = 0xA5;
 
 fn setup() -> impl Strategy<Value = Setup> {
     (
@@ -119,7 +121,9 @@ impl World {
     }
 
     fn check_all(&self, step: usize, op: &Op) {
-        let mut buf = vec![0u8; self.model.len()];
+        // Reads go into buffers full of garbage: the server reuses its reply buffers, so a
+        // read must write every byte it returns (zeros of holes included), never rely on them.
+        let mut buf = vec![GARBAGE; self.model.len()];
         self.chain().read_at(&mut buf, 0).unwrap();
         if buf != self.model {
             let first = buf.iter().zip(&self.model).position(|(a, b)| a != b).unwrap();
@@ -143,7 +147,7 @@ impl World {
                 self.model[off as usize..(off + len) as usize].fill(0);
             }
             Op::Read { off, len } => {
-                let mut buf = vec![0u8; len];
+                let mut buf = vec![GARBAGE; len];
                 self.chain().read_at(&mut buf, off).unwrap();
                 assert_eq!(&buf[..], &self.model[off as usize..off as usize + len], "read at {off}+{len}");
             }

@@ -1,7 +1,8 @@
 //! The NBD server: protocol encoding kept pure ([`proto`]), option haggling ([`handshake`]),
-//! the request engine ([`transmission`]), and listeners and lifecycle ([`server`]).
+//! the request engine ([`transmission`]) and its reused buffers ([`buffers`]), and listeners and lifecycle ([`server`]).
 
 pub mod budget;
+mod buffers;
 pub mod handshake;
 pub mod proto;
 pub mod server;

@@ -295,9 +295,24 @@ pub fn chunk_header(out: &mut [u8], flags: u16, typ: u16, cookie: u64, length: u
     BE::write_u32(&mut out[16..], length);
 }
 
-/// Overwrites the flags of the structured chunk whose header starts `out`.
-pub fn set_chunk_flags(out: &mut [u8], flags: u16) {
-    BE::write_u16(&mut out[4..], flags);
+/// Bytes before the data of an OFFSET_DATA chunk: the chunk header and the 64-bit offset.
+pub const DATA_CHUNK_HEADER_SIZE: usize = CHUNK_HEADER_SIZE + 8;
+/// Bytes of a complete OFFSET_HOLE chunk: the chunk header, a 64-bit offset, a 32-bit length.
+pub const HOLE_CHUNK_SIZE: usize = CHUNK_HEADER_SIZE + 12;
+
+/// Writes the first [`DATA_CHUNK_HEADER_SIZE`] bytes of an OFFSET_DATA chunk carrying `len`
+/// bytes read from `offset`; the caller puts the data right after them.
+pub fn data_chunk_header(out: &mut [u8], flags: u16, cookie: u64, offset: u64, len: u32) {
+    chunk_header(out, flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + len);
+    BE::write_u64(&mut out[CHUNK_HEADER_SIZE..], offset);
+}
+
+/// Writes a complete OFFSET_HOLE chunk ([`HOLE_CHUNK_SIZE`] bytes): `len` bytes at `offset`
+/// read as zeros.
+pub fn hole_chunk(out: &mut [u8], flags: u16, cookie: u64, offset: u64, len: u32) {
+    chunk_header(out, flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+    BE::write_u64(&mut out[CHUNK_HEADER_SIZE..], offset);
+    BE::write_u32(&mut out[CHUNK_HEADER_SIZE + 8..], len);
 }
 
 /// Appends a complete structured chunk to `out`.
@@ -306,13 +321,6 @@ pub fn push_chunk(out: &mut Vec<u8>, flags: u16, typ: u16, cookie: u64, payload:
     out.resize(at + CHUNK_HEADER_SIZE, 0);
     chunk_header(&mut out[at..], flags, typ, cookie, payload.len() as u32);
     out.extend_from_slice(payload);
-}
-
-pub fn hole_payload(offset: u64, len: u32) -> [u8; 12] {
-    let mut b = [0u8; 12];
-    BE::write_u64(&mut b[0..], offset);
-    BE::write_u32(&mut b[8..], len);
-    b
 }
 
 pub fn error_payload(error: u32, message: &str) -> Vec<u8> {
@@ -398,9 +406,9 @@ mod tests {
     }
 
     #[test]
-    fn chunk_layout_matches_spec() {
-        let mut out = Vec::new();
-        push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 7, &hole_payload(4096, 512));
+    fn hole_chunk_layout_matches_spec() {
+        let mut out = [0xffu8; HOLE_CHUNK_SIZE];
+        hole_chunk(&mut out, REPLY_FLAG_DONE, 7, 4096, 512);
         assert_eq!(out.len(), 32);
         assert_eq!(BE::read_u32(&out[0..]), STRUCTURED_REPLY_MAGIC);
         assert_eq!(BE::read_u16(&out[4..]), 1);
@@ -409,5 +417,17 @@ mod tests {
         assert_eq!(BE::read_u32(&out[16..]), 12);
         assert_eq!(BE::read_u64(&out[20..]), 4096);
         assert_eq!(BE::read_u32(&out[28..]), 512);
+    }
+
+    #[test]
+    fn data_chunk_header_counts_the_offset_in_the_chunk_length() {
+        let mut out = [0xffu8; DATA_CHUNK_HEADER_SIZE];
+        data_chunk_header(&mut out, 0, 9, 1 << 40, 65536);
+        assert_eq!(BE::read_u32(&out[0..]), STRUCTURED_REPLY_MAGIC);
+        assert_eq!(BE::read_u16(&out[4..]), 0);
+        assert_eq!(BE::read_u16(&out[6..]), REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(BE::read_u64(&out[8..]), 9);
+        assert_eq!(BE::read_u32(&out[16..]), 65536 + 8);
+        assert_eq!(BE::read_u64(&out[20..]), 1 << 40);
     }
 }

@@ -5,6 +5,7 @@
 //! leaves the connection usable; only a bad request magic or a broken socket ends it.
 
 use super::budget::Budget;
+use super::buffers::Buffers;
 use super::handshake::{Negotiated, MAX_PAYLOAD};
 use super::proto::*;
 use crate::device::{Disk, Extent};
@@ -23,6 +24,8 @@ struct Conn {
     neg: Negotiated,
     out: Mutex<Box<dyn Write + Send>>,
     budget: Budget,
+    /// Write payloads and read replies; see [`Buffers`] for why they are reused.
+    bufs: Buffers,
     broken: AtomicBool,
     /// Ends the reader when a reply cannot be sent.
     on_broken: Box<dyn Fn() + Send + Sync>,
@@ -58,6 +61,7 @@ pub fn serve(
         neg,
         out: Mutex::new(writer),
         budget: Budget::new(usize::MAX, MAX_IN_FLIGHT_BYTES),
+        bufs: Buffers::default(),
         broken: AtomicBool::new(false),
         on_broken,
     };
@@ -66,7 +70,8 @@ pub fn serve(
         for _ in 0..threads.max(1) {
             s.spawn(|| {
                 while let Some((req, payload, cost)) = next_request(&conn, &input, global) {
-                    conn.handle(&req, payload);
+                    conn.handle(&req, &payload[..payload.len().min(req.length as usize)]);
+                    conn.bufs.give(payload);
                     conn.budget.release(cost);
                     global.release(cost);
                 }
@@ -76,7 +81,8 @@ pub fn serve(
 }
 
 /// Reads the next request to run (answering the ones that need no work on the spot), or
-/// `None` when the connection is over. The payload's bytes are charged to both budgets.
+/// `None` when the connection is over. The payload's bytes are charged to both budgets. A
+/// write's payload is the first `req.length` bytes of the returned buffer, which may be longer.
 fn next_request(
     conn: &Conn,
     input: &Mutex<(BufReader<Box<dyn Read + Send>>, bool)>,
@@ -118,8 +124,8 @@ fn next_request(
         global.acquire(cost);
         let mut payload = Vec::new();
         if req.typ == CMD_WRITE {
-            payload = vec![0u8; req.length as usize];
-            if r.read_exact(&mut payload).is_err() {
+            payload = conn.bufs.take(req.length as usize);
+            if r.read_exact(&mut payload[..req.length as usize]).is_err() {
                 conn.budget.release(cost);
                 global.release(cost);
                 *done = true;
@@ -184,14 +190,14 @@ impl Conn {
         }
     }
 
-    fn handle(&self, req: &Request, payload: Vec<u8>) {
+    fn handle(&self, req: &Request, payload: &[u8]) {
         if let Err((e, msg)) = self.run(req, payload) {
             self.send_error(req, e, &msg);
         }
     }
 
     /// Runs one request; Ok means the reply has been sent.
-    fn run(&self, req: &Request, payload: Vec<u8>) -> Result<(), (u32, String)> {
+    fn run(&self, req: &Request, payload: &[u8]) -> Result<(), (u32, String)> {
         let known = matches!(
             req.typ,
             CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
@@ -219,7 +225,7 @@ impl Conn {
             CMD_READ => return self.read(req),
             CMD_WRITE => {
                 if !payload.is_empty() {
-                    disk.write_at(&payload, req.offset).map_err(lib)?;
+                    disk.write_at(payload, req.offset).map_err(lib)?;
                 }
             }
             CMD_FLUSH => disk.flush().map_err(lib)?,
@@ -252,14 +258,15 @@ impl Conn {
         if req.length > MAX_PAYLOAD {
             return Err((EINVAL, format!("read of {} bytes exceeds the maximum {MAX_PAYLOAD}", req.length)));
         }
-        let disk = self.disk();
         let lib = |e: Error| (errno(&e), e.to_string());
         if !self.neg.structured {
-            let mut out = vec![0u8; SIMPLE_REPLY_SIZE + req.length as usize];
-            disk.read_at(&mut out[SIMPLE_REPLY_SIZE..], req.offset).map_err(lib)?;
-            simple_reply(&mut out, 0, req.cookie);
-            self.send(&out);
-            return Ok(());
+            let n = SIMPLE_REPLY_SIZE + req.length as usize;
+            return self
+                .send_built(n, |out| {
+                    simple_reply(out, 0, req.cookie);
+                    self.disk().read_at(&mut out[SIMPLE_REPLY_SIZE..], req.offset)
+                })
+                .map_err(lib);
         }
         if req.length == 0 {
             let mut out = Vec::new();
@@ -267,41 +274,50 @@ impl Conn {
             self.send(&out);
             return Ok(());
         }
-        let extents = if req.flags & CMD_FLAG_DF != 0 || req.length < HOLE_SCAN_MIN {
-            None
+        let runs = if req.flags & CMD_FLAG_DF != 0 || req.length < HOLE_SCAN_MIN {
+            vec![(req.offset, u64::from(req.length), false)]
         } else {
-            Some(self.all_extents(req.offset, u64::from(req.length)).map_err(lib)?)
+            zero_runs(&self.all_extents(req.offset, u64::from(req.length)).map_err(lib)?)
+        };
+        let size = |&(_, len, zero): &(u64, u64, bool)| {
+            if zero {
+                HOLE_CHUNK_SIZE
+            } else {
+                DATA_CHUNK_HEADER_SIZE + len as usize
+            }
         };
         // The whole reply is built before anything is sent, so no error can follow the last
         // content chunk: it carries the DONE flag itself, no NBD_REPLY_TYPE_NONE is needed.
-        let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE + 8 + req.length as usize);
-        let mut last_chunk = 0;
-        match extents {
-            None => push_data(&mut out, disk, req.cookie, req.offset, req.length as usize).map_err(lib)?,
-            Some(ext) => {
-                let mut i = 0;
-                while i < ext.len() {
-                    let start = ext[i].offset;
-                    let zero = ext[i].kind.reads_zero();
-                    let mut end = start + ext[i].length;
-                    i += 1;
-                    while i < ext.len() && ext[i].kind.reads_zero() == zero {
-                        end += ext[i].length;
-                        i += 1;
-                    }
-                    last_chunk = out.len();
-                    if zero {
-                        let hole = hole_payload(start, (end - start) as u32);
-                        push_chunk(&mut out, 0, REPLY_TYPE_OFFSET_HOLE, req.cookie, &hole);
-                    } else {
-                        push_data(&mut out, disk, req.cookie, start, (end - start) as usize).map_err(lib)?;
-                    }
+        let total = runs.iter().map(size).sum();
+        self.send_built(total, |out| {
+            let mut at = 0;
+            for (i, run) in runs.iter().enumerate() {
+                let &(start, len, zero) = run;
+                let flags = if i + 1 == runs.len() { REPLY_FLAG_DONE } else { 0 };
+                let chunk = &mut out[at..at + size(run)];
+                if zero {
+                    hole_chunk(chunk, flags, req.cookie, start, len as u32);
+                } else {
+                    data_chunk_header(chunk, flags, req.cookie, start, len as u32);
+                    self.disk().read_at(&mut chunk[DATA_CHUNK_HEADER_SIZE..], start)?;
                 }
+                at += chunk.len();
             }
+            Ok(())
+        })
+        .map_err(lib)
+    }
+
+    /// Builds an `n`-byte reply in a reused buffer with `fill`, which must write every byte,
+    /// and sends it if `fill` succeeds.
+    fn send_built(&self, n: usize, fill: impl FnOnce(&mut [u8]) -> crate::Result<()>) -> crate::Result<()> {
+        let mut out = self.bufs.take(n);
+        let result = fill(&mut out[..n]);
+        if result.is_ok() {
+            self.send(&out[..n]);
         }
-        set_chunk_flags(&mut out[last_chunk..], REPLY_FLAG_DONE);
-        self.send(&out);
-        Ok(())
+        self.bufs.give(out);
+        result
     }
 
     /// Extents covering the whole range (the device may describe it in several calls).
@@ -343,11 +359,15 @@ impl Conn {
     }
 }
 
-/// Appends an OFFSET_DATA chunk read straight into the reply buffer.
-fn push_data(out: &mut Vec<u8>, disk: &dyn Disk, cookie: u64, offset: u64, len: usize) -> crate::Result<()> {
-    let at = out.len();
-    out.resize(at + CHUNK_HEADER_SIZE + 8 + len, 0);
-    chunk_header(&mut out[at..], 0, REPLY_TYPE_OFFSET_DATA, cookie, (8 + len) as u32);
-    out[at + CHUNK_HEADER_SIZE..at + CHUNK_HEADER_SIZE + 8].copy_from_slice(&offset.to_be_bytes());
-    disk.read_at(&mut out[at + CHUNK_HEADER_SIZE + 8..], offset)
+/// Merges extents into maximal runs that read as zeros or not: (offset, length, zero).
+fn zero_runs(extents: &[Extent]) -> Vec<(u64, u64, bool)> {
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    for e in extents {
+        let zero = e.kind.reads_zero();
+        match runs.last_mut() {
+            Some(last) if last.2 == zero && last.0 + last.1 == e.offset => last.1 += e.length,
+            _ => runs.push((e.offset, e.length, zero)),
+        }
+    }
+    runs
 }

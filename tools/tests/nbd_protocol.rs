@@ -700,6 +700,33 @@ fn structured_read_of_unwritten_range_is_hole_chunks_and_df_gives_one_data_chunk
 }
 
 #[test]
+fn reads_of_unwritten_ranges_after_large_writes_and_reads_are_zeros_in_both_reply_modes() {
+    // The server reuses its payload and reply buffers across requests: a read must never
+    // show bytes of an earlier request on the connection.
+    let fx = fixture_with("64M", &[]);
+    for (i, structured) in [false, true].into_iter().enumerate() {
+        let mut c = client(&fx.server, "disk", structured);
+        let data = random_bytes(MIB as usize, 40 + i as u64);
+        let at = 4 * MIB + i as u64 * MIB;
+        c.write(at, &data).expect("1 MiB write");
+        assert_bytes_eq(&c.read(at, MIB as u32).unwrap(), &data, "1 MiB read back");
+        let unwritten = 16 * MIB + i as u64 * MIB;
+        for len in [MIB as u32, 4096, 100] {
+            let got = if structured {
+                c.command(NBD_CMD_FLAG_DF, NBD_CMD_READ, unwritten, len, &[])
+                    .and_then(Response::check)
+                    .and_then(|r| r.read_data())
+                    .expect("DF read")
+            } else {
+                c.read(unwritten, len).expect("read")
+            };
+            assert_eq!(got.len(), len as usize);
+            assert!(is_zero(&got), "{len}-byte read of an unwritten range after a 1 MiB read is all zeros");
+        }
+    }
+}
+
+#[test]
 fn trim_makes_the_range_read_zero_and_leaves_neighbours() {
     let fx = fixture();
     let mut c = simple_client(&fx.server, "disk");
