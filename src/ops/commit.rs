@@ -129,9 +129,9 @@ pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()
         let mut source: Vec<Option<Src>> =
             (0..bpc).map(|b| (blocks.get(b) == BlockState::Data).then_some(Src::Parent(b))).collect();
         for (b0, b1, u) in ups {
-            for b in b0..b1 {
-                source[b] = match u {
-                    Update::Data(tc, tb) => Some(Src::Top(tc, tb + (b - b0))),
+            for (k, s) in source[b0..b1].iter_mut().enumerate() {
+                *s = match u {
+                    Update::Data(tc, tb) => Some(Src::Top(tc, tb + k)),
                     Update::Zero => None,
                 };
             }

@@ -19,6 +19,8 @@ use std::fmt;
 
 /// A byte store. All methods take `&self`: implementations are safe to call from many threads
 /// at once, and positional I/O never moves a shared cursor.
+// `len` is a fallible query of the store's size, not a collection's length: no `is_empty`.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Fills `buf` from `offset`. Bytes at or beyond the end of the store read as zero, the way
     /// an unwritten stretch of a sparse file does.

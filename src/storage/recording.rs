@@ -144,11 +144,14 @@ fn apply(img: &mut Vec<u8>, op: &RecOp) {
 /// (create, link, rename, remove) and syncs are logged there too, in the same order.
 pub struct RecordingDir {
     journal: Arc<Journal>,
-    state: Mutex<(BTreeMap<PathBuf, usize>, Vec<Arc<RecordingStorage>>)>,
+    state: Mutex<DirState>,
 }
 
+/// Names → file ids, and the files by id (every file ever created, also once unlinked).
+type DirState = (BTreeMap<PathBuf, usize>, Vec<Arc<RecordingStorage>>);
+
 impl RecordingDir {
-    /// A directory whose new files get ids from `first_file` on.
+    /// An empty directory; files get ids 0, 1, ... in the order they are created.
     pub fn new(journal: Arc<Journal>) -> RecordingDir {
         RecordingDir { journal, state: Mutex::new((BTreeMap::new(), Vec::new())) }
     }

@@ -10,9 +10,6 @@ use std::time::SystemTime;
 
 use common::*;
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-
 fn cowdisk(args: &[&str]) -> Output {
     run(Command::new(cowdisk_bin()).args(args))
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::nbdclient::*;
 use common::*;
 
-const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 64 * MIB;
 
 /// nbdkit's memory plugin: a sparse 64 MiB RAM disk, a real NBD server.

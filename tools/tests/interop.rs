@@ -9,8 +9,6 @@ use std::process::{Command, Output};
 
 use common::*;
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
 /// Size of the raw base (and so of overlays on it).
 const BASE_SIZE: u64 = 32 * MIB;
 

@@ -71,7 +71,7 @@ fn flushed_writes_survive_repeated_kill_9_of_the_server() {
             let off = rng.next_u64() % (SIZE - 300_000);
             let len = 1 + (rng.next_u64() % 262_144) as usize;
             let data = random_bytes(len, round * 1000 + i);
-            if rng.next_u64() % 6 == 0 {
+            if rng.next_u64().is_multiple_of(6) {
                 c.flush().unwrap();
                 durable = model.chunks(SECTOR).map(hash).collect();
                 since.iter_mut().for_each(HashSet::clear);

@@ -19,7 +19,6 @@ use rustls::{ClientConfig, ClientConnection, StreamOwned, SupportedProtocolVersi
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
 const EXPORT: &str = "disk";
 

@@ -1,0 +1,267 @@
+//! Helpers for the NBD protocol tests (nbd_*.rs): images served by `cowdisk serve`, clients
+//! negotiated the usual ways, assertions on NBD errors and on the connection staying usable,
+//! block status maps, and batches of pipelined requests.
+
+use super::nbdclient::*;
+use super::*;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Size of the images most tests serve.
+pub const DISK: u64 = 16 * MIB;
+/// The largest payload the server advertises (NBD_INFO_BLOCK_SIZE maximum).
+pub const MAX_PAYLOAD_ADVERTISED: u32 = 32 << 20;
+
+/// Every transmission flag a writable export must advertise (SEND_DF only comes with
+/// structured replies).
+pub const RW_FLAGS: u16 = NBD_FLAG_HAS_FLAGS
+    | NBD_FLAG_SEND_FLUSH
+    | NBD_FLAG_SEND_FUA
+    | NBD_FLAG_SEND_TRIM
+    | NBD_FLAG_SEND_WRITE_ZEROES
+    | NBD_FLAG_SEND_FAST_ZERO
+    | NBD_FLAG_SEND_CACHE
+    | NBD_FLAG_CAN_MULTI_CONN;
+/// A read-only export: no FUA, TRIM, WRITE_ZEROES or FAST_ZERO.
+pub const RO_FLAGS: u16 =
+    NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE | NBD_FLAG_CAN_MULTI_CONN;
+
+/// Header flag DIRTY (format-spec §2.2), in the u64 at byte 72 of a header slot (§2.1).
+pub const HEADER_FLAG_DIRTY: u64 = 1 << 1;
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// `cowdisk create DIR/FILE --size SIZE`.
+pub fn create_image(dir: &TempDir, file: &str, size: &str) -> PathBuf {
+    let p = dir.join(file);
+    run(Command::new(cowdisk_bin()).arg("create").arg(&p).args(["--size", size]));
+    p
+}
+
+/// `cowdisk create DIR/FILE --backing BASE --backing-format raw`.
+pub fn create_overlay_on_raw(dir: &TempDir, file: &str, base: &Path) -> PathBuf {
+    let p = dir.join(file);
+    run(Command::new(cowdisk_bin()).arg("create").arg(&p).arg("--backing").arg(base).args(["--backing-format", "raw"]));
+    p
+}
+
+/// `cowdisk serve IMAGES... --socket SOCK EXTRA...`, ready when the socket accepts.
+pub fn serve(images: &[&Path], sock: &Path, extra: &[&str]) -> Server {
+    let mut args: Vec<&str> = images.iter().map(|p| path_str(p)).collect();
+    args.extend(["--socket", path_str(sock)]);
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// A fresh image of `size` served alone as export "disk".
+pub struct Fixture {
+    // Declared first so the server stops before the directory is removed.
+    pub server: Server,
+    pub image: PathBuf,
+    pub sock: PathBuf,
+    pub dir: TempDir,
+}
+
+pub fn fixture_with(size: &str, extra: &[&str]) -> Fixture {
+    let dir = TempDir::for_test();
+    let image = create_image(&dir, "disk.cow", size);
+    let sock = dir.join("nbd.sock");
+    let server = serve(&[&image], &sock, extra);
+    Fixture { server, image, sock, dir }
+}
+
+pub fn fixture() -> Fixture {
+    fixture_with("16M", &[])
+}
+
+/// Greeting + GO on `name`, simple replies.
+pub fn simple_client(server: &Server, name: &str) -> NbdClient<UnixStream> {
+    let mut c = server.connect();
+    c.opt_go(name, &[]).expect("NBD_OPT_GO");
+    c
+}
+
+/// Greeting + structured replies + base:allocation + GO on `name`.
+pub fn structured_client(server: &Server, name: &str) -> NbdClient<UnixStream> {
+    let mut c = server.connect();
+    c.opt_structured_reply().expect("NBD_OPT_STRUCTURED_REPLY");
+    let ctx = c.opt_set_meta_context(name, &[BASE_ALLOCATION]).expect("NBD_OPT_SET_META_CONTEXT");
+    assert_eq!(ctx.len(), 1, "one context selected: {ctx:?}");
+    c.opt_go(name, &[]).expect("NBD_OPT_GO");
+    c
+}
+
+pub fn client(server: &Server, name: &str, structured: bool) -> NbdClient<UnixStream> {
+    if structured {
+        structured_client(server, name)
+    } else {
+        simple_client(server, name)
+    }
+}
+
+/// The request failed with exactly NBD error `expected` (not a transport error).
+#[track_caller]
+pub fn assert_nbd_error<T>(result: io::Result<T>, expected: u32, what: &str) {
+    match result {
+        Ok(_) => panic!("{what}: succeeded, expected {} ({expected})", errno_name(expected)),
+        Err(e) => match cmd_error(&e) {
+            Some(ce) => assert_eq!(ce.error, expected, "{what}: expected {}, got {ce}", errno_name(expected)),
+            None => panic!("{what}: expected an {} reply, got a transport error: {e}", errno_name(expected)),
+        },
+    }
+}
+
+/// The option failed with exactly `expected` (an NBD_REP_ERR_*).
+#[track_caller]
+pub fn assert_rep_error<T: std::fmt::Debug>(result: io::Result<T>, expected: u32, what: &str) {
+    match result {
+        Ok(v) => panic!("{what}: succeeded ({v:?}), expected {}", rep_name(expected)),
+        Err(e) => match rep_error(&e) {
+            Some(r) => assert_eq!(r.reply_type, expected, "{what}: expected {}, got {r}", rep_name(expected)),
+            None => panic!("{what}: expected {}, got a transport error: {e}", rep_name(expected)),
+        },
+    }
+}
+
+/// A successful read after an error proves the connection is still in sync.
+#[track_caller]
+pub fn assert_usable<S: NbdStream>(c: &mut NbdClient<S>, what: &str) -> Vec<u8> {
+    let data = c.read(0, 4096).unwrap_or_else(|e| panic!("connection unusable after {what}: {e}"));
+    assert_eq!(data.len(), 4096, "read after {what}");
+    data
+}
+
+/// The server hangs up within `within`.
+#[track_caller]
+pub fn assert_closed_within<S: NbdStream>(c: &mut NbdClient<S>, within: Duration, what: &str) {
+    let state = c.peer_state(within).unwrap_or_else(|e| panic!("{what}: checking the connection: {e}"));
+    assert_eq!(state, PeerState::Closed, "{what}: the server must close the connection within {within:?}");
+}
+
+pub fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// The flags of the header slot with the highest generation (format-spec §2).
+pub fn header_flags(image: &Path) -> u64 {
+    let mut b = vec![0u8; 8192];
+    File::open(image)
+        .and_then(|mut f| f.read_exact(&mut b))
+        .unwrap_or_else(|e| panic!("cannot read the header of {}: {e}", image.display()));
+    let le64 = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap());
+    let mut best: Option<(u64, u64)> = None;
+    for slot in b.chunks(4096) {
+        let crc = u32::from_le_bytes(slot[4092..4096].try_into().unwrap());
+        if &slot[..8] != b"COWDISK\0" || crc32(&slot[..4092]) != crc {
+            continue;
+        }
+        let (generation, flags) = (le64(slot, 16), le64(slot, 72));
+        if !matches!(best, Some((g, _)) if g >= generation) {
+            best = Some((generation, flags));
+        }
+    }
+    best.unwrap_or_else(|| panic!("{}: no valid header slot", image.display())).1
+}
+
+/// Block status of [offset, offset+len) as (start, end, flags) runs, asking again from the
+/// first byte a reply left out (the server may describe only a prefix).
+pub fn status_map<S: NbdStream>(c: &mut NbdClient<S>, offset: u64, len: u64) -> Vec<(u64, u64, u32)> {
+    let ctx = c.meta_contexts()[0].id;
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let want = (end - pos).min(u64::from(u32::MAX)) as u32;
+        let reply = c.block_status(pos, want, 0).expect("NBD_CMD_BLOCK_STATUS");
+        assert_eq!(reply.len(), 1, "one chunk per context: {reply:?}");
+        assert_eq!(reply[0].0, ctx, "chunk carries the negotiated context id");
+        let total: u64 = reply[0].1.iter().map(|e| u64::from(e.length)).sum();
+        assert!(
+            total <= u64::from(want),
+            "descriptors ({total} bytes) exceed the {want}-byte request at {pos}: {reply:?}"
+        );
+        for e in &reply[0].1 {
+            out.push((pos, pos + u64::from(e.length), e.flags));
+            pos += u64::from(e.length);
+        }
+    }
+    out
+}
+
+pub fn flags_at(map: &[(u64, u64, u32)], pos: u64) -> u32 {
+    map.iter()
+        .find(|(s, e, _)| (*s..*e).contains(&pos))
+        .unwrap_or_else(|| panic!("offset {pos} not described by {map:?}"))
+        .2
+}
+
+/// One request of a batch for [`send_batch`].
+pub struct Req {
+    pub flags: u16,
+    pub typ: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Req {
+    pub fn new(typ: u16, cookie: u64, offset: u64, length: u32, payload: Vec<u8>) -> Req {
+        Req { flags: 0, typ, cookie, offset, length, payload }
+    }
+}
+
+/// Sends a whole batch of requests from a second thread, leaving this one free to read
+/// replies: the server stops reading requests while it cannot send replies, so a client
+/// that writes a big batch before reading anything can deadlock on full socket buffers.
+pub fn send_batch(c: &mut NbdClient<UnixStream>, reqs: Vec<Req>) -> thread::JoinHandle<io::Result<()>> {
+    let mut wire = Vec::new();
+    for r in reqs {
+        if r.typ != NBD_CMD_DISC {
+            c.expect_reply_for(r.cookie, r.typ, r.offset, r.length);
+        }
+        wire.extend_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+        wire.extend_from_slice(&r.flags.to_be_bytes());
+        wire.extend_from_slice(&r.typ.to_be_bytes());
+        wire.extend_from_slice(&r.cookie.to_be_bytes());
+        wire.extend_from_slice(&r.offset.to_be_bytes());
+        wire.extend_from_slice(&r.length.to_be_bytes());
+        wire.extend_from_slice(&r.payload);
+    }
+    let mut tx = c.stream().try_clone().expect("clone the client socket");
+    thread::spawn(move || tx.write_all(&wire))
+}
+
+/// Runs a command that is expected to exit by itself; kills it after `timeout`.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("reap");
+            panic!(
+                "{cmd:?} still running after {timeout:?}; killed it\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("collect output")
+}
