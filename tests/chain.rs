@@ -277,6 +277,38 @@ fn flushed_writes_survive_an_unclean_stop() {
 }
 
 #[test]
+fn whole_chunk_writes_take_exactly_their_space_and_rewrites_take_none() {
+    // Runs of whole chunks into new slots have their space allocated before they are written
+    // (one fallocate per run): the overlay must still grow by what was written, no more.
+    let d = TempDir::new("whole");
+    let (base, top) = (d.join("base.raw"), d.join("top.cow"));
+    std::fs::write(&base, pattern(3, 8 << 20)).unwrap();
+    overlay(&top, &base);
+    let size_on_disk = || std::fs::metadata(&top).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap();
+    let c = Chain::open(&top, rw()).unwrap();
+    c.flush().unwrap();
+    let before = size_on_disk();
+    let data = pattern(4, 2 << 20);
+    c.write_at(&data, 1 << 20).unwrap();
+    c.flush().unwrap();
+    let grown = size_on_disk() - before;
+    assert!((2 << 20..(2 << 20) + (256 << 10)).contains(&grown), "2 MiB of whole chunks grew the file by {grown}");
+    let again = pattern(5, 2 << 20);
+    c.write_at(&again, 1 << 20).unwrap();
+    c.flush().unwrap();
+    assert_eq!(size_on_disk() - before, grown, "rewriting the same chunks takes no new space");
+    c.close().unwrap();
+    drop(c);
+    let r = Chain::open(&top, ChainOptions::default()).unwrap();
+    let mut got = vec![0u8; 4 << 20];
+    r.read_at(&mut got, 0).unwrap();
+    let base_bytes = pattern(3, 8 << 20);
+    assert!(got[..1 << 20] == base_bytes[..1 << 20], "the chunk before the run still falls through");
+    assert!(got[1 << 20..3 << 20] == again[..], "the rewritten run reads back");
+    assert!(got[3 << 20..] == base_bytes[3 << 20..4 << 20], "the chunk after the run still falls through");
+}
+
+#[test]
 fn racing_first_writes_to_one_chunk_all_survive() {
     let d = TempDir::new("race");
     let (base, top) = (d.join("base.raw"), d.join("top.cow"));

@@ -298,16 +298,22 @@ impl Chain {
     fn write_whole_chunks(&self, run: &[ChunkPiece], buf: &[u8]) -> Result<()> {
         let (first, last) = (run[0].chunk, run[run.len() - 1].chunk);
         let _locks = self.top.lock_chunks(first, last);
+        let new: Vec<bool> =
+            run.iter().map(|p| self.top.with_entry(p.chunk, |e| e.map_or(true, |e| e.data_offset == 0))).collect();
         let slots = run.iter().map(|p| self.top.ensure_slot(p.chunk)).collect::<Result<Vec<u64>>>()?;
         let cs = self.chunk_base(1);
         let mut j = 0;
         while j < run.len() {
             let mut k = j + 1;
-            while k < run.len() && slots[k] == slots[k - 1] + cs {
+            while k < run.len() && slots[k] == slots[k - 1] + cs && new[k] == new[j] {
                 k += 1;
             }
             let (from, to) = (run[j].at, run[k - 1].at + cs as usize);
-            self.top.write_at(&buf[from..to], slots[j])?;
+            if new[j] {
+                self.top.write_new_at(&buf[from..to], slots[j])?;
+            } else {
+                self.top.write_at(&buf[from..to], slots[j])?;
+            }
             j = k;
         }
         let blocks = (cs / BLOCK_SIZE) as usize;

@@ -350,6 +350,14 @@ impl Image {
         self.require_writable()?;
         self.storage.write_at(buf, offset).map_err(|e| e.with_file(&self.path))
     }
+
+    /// Writes `buf` at `offset` into space taken for it first (see [`Storage::allocate`]): for
+    /// whole chunks written into new slots.
+    pub fn write_new_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.require_writable()?;
+        self.storage.allocate(offset, buf.len() as u64).map_err(|e| e.with_file(&self.path))?;
+        self.storage.write_at(buf, offset).map_err(|e| e.with_file(&self.path))
+    }
 }
 
 impl Drop for Image {

@@ -1,4 +1,4 @@
-//! A store that fails on purpose: the Nth write, sync or punch after arming returns EIO or
+//! A store that fails on purpose: the Nth write, allocation, sync or punch after arming returns EIO or
 //! ENOSPC, once or from then on. Fault-injection tests run the real format code on it.
 
 use super::Storage;
@@ -15,7 +15,8 @@ pub enum FaultKind {
 #[derive(Debug)]
 pub struct FaultStorage {
     inner: Arc<dyn Storage>,
-    /// Operations (writes, syncs, punches) counted since arming; the one numbered `fail_at` fails.
+    /// Operations (writes, allocations, syncs, punches) counted since arming; the one numbered
+    /// `fail_at` fails.
     count: AtomicU64,
     fail_at: AtomicU64,
     sticky: AtomicBool,
@@ -91,6 +92,11 @@ impl Storage for FaultStorage {
     fn set_len(&self, len: u64) -> Result<()> {
         self.gate("truncate")?;
         self.inner.set_len(len)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.gate("allocate")?;
+        self.inner.allocate(offset, len)
     }
 
     fn sync(&self) -> Result<()> {

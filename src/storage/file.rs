@@ -210,6 +210,29 @@ impl Storage for FileStorage {
         self.file.sync_data().map_err(|e| self.ctx(e, "sync", 0))
     }
 
+    /// One fallocate for a run of whole chunks about to be written: the file system allocates
+    /// the blocks as one unwritten extent up front, instead of reserving them page by page in
+    /// the buffered writes (ext4 delayed allocation), which costs the server more CPU than the
+    /// copy into the page cache saves elsewhere. Unsupported (tmpfs before 2.6.x, some FUSE
+    /// file systems) is not an error; running out of space is, and is reported as such.
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(err(ErrorKind::OutOfRange, "allocate range overflows").with_file(&self.path));
+        };
+        if l == 0 {
+            return Ok(());
+        }
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, l) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => Err(self.ctx(e, "allocate", offset)),
+            _ => Ok(()),
+        }
+    }
+
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
@@ -279,6 +302,27 @@ mod tests {
         assert!(buf[4096..8192].iter().all(|&b| b == 0));
         assert!(buf[8192..].iter().all(|&b| b == 7));
         assert_eq!(s.len().unwrap(), 3 * 4096);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn allocated_range_extends_the_file_reads_zero_and_holds_its_space_before_any_write() {
+        let p = tmp("alloc");
+        let s = FileStorage::create(&p).unwrap();
+        s.write_at(b"head", 0).unwrap();
+        s.allocate(0, 0).unwrap();
+        assert_eq!(s.len().unwrap(), 4, "an empty range changes nothing");
+        s.allocate(1 << 20, 1 << 20).unwrap();
+        assert_eq!(s.len().unwrap(), 2 << 20, "the file grows to the end of the range");
+        let mut buf = vec![0xffu8; 1 << 20];
+        s.read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "allocated but never written reads as zeros");
+        // The scratch directory is on ext4, xfs, btrfs or tmpfs, which all take the space now.
+        let taken = s.allocated_bytes().unwrap();
+        assert!(taken >= 1 << 20, "only {taken} bytes allocated after allocating 1 MiB");
+        s.write_at(&[9u8; 4096], 1 << 20).unwrap();
+        s.read_at(&mut buf[..4097], 1 << 20).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 9) && buf[4096] == 0);
         std::fs::remove_file(&p).unwrap();
     }
 

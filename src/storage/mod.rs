@@ -35,6 +35,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn sync(&self) -> Result<()>;
     /// Deallocates a range; it reads as zeros afterwards. The length of the store is unchanged.
     fn punch(&self, offset: u64, len: u64) -> Result<()>;
+    /// Allocates space for a range the caller is about to overwrite entirely, growing the
+    /// store if the range ends past it. Contents are unspecified until written (the caller
+    /// writes every byte before anything reads them). Only a hint: stores without a cheaper
+    /// way to take new space do nothing, and so may a store whose medium refuses.
+    fn allocate(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
     /// The first offset at or after `offset` that may hold data (not a hole), or `None` if only
     /// holes follow. Stores that cannot tell say `Some(offset)`: everything may be data.
     fn next_data(&self, offset: u64) -> Result<Option<u64>> {

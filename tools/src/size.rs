@@ -39,7 +39,7 @@ pub fn format_size(v: u64) -> String {
     for &(c, shift) in UNITS.iter().rev() {
         let unit = 1u64 << shift;
         if v >= unit {
-            if v % unit == 0 {
+            if v.is_multiple_of(unit) {
                 return format!("{}{c}", v >> shift);
             }
             let tenths = (u128::from(v) * 10 + u128::from(unit) / 2) / u128::from(unit);
