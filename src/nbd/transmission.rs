@@ -16,6 +16,10 @@ use std::sync::Mutex;
 
 /// Payload bytes (read lengths and write payloads) one connection may have in flight.
 const MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
+/// Request bytes read from the socket at a time. Enough for a whole queue of small requests
+/// per read; small, because a large write's payload first lands in this buffer as far as it
+/// reaches and is then copied out (the rest is read straight into the payload buffer).
+const READ_BUFFER: usize = 64 * 1024;
 /// Reads shorter than this are answered with one data chunk: looking for holes costs more
 /// than the bytes it saves.
 const HOLE_SCAN_MIN: u32 = 64 * 1024;
@@ -65,7 +69,7 @@ pub fn serve(
         broken: AtomicBool::new(false),
         on_broken,
     };
-    let input = Mutex::new((BufReader::with_capacity(256 * 1024, reader), false));
+    let input = Mutex::new((BufReader::with_capacity(READ_BUFFER, reader), false));
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
