@@ -298,9 +298,8 @@ impl Chain {
     fn write_whole_chunks(&self, run: &[ChunkPiece], buf: &[u8]) -> Result<()> {
         let (first, last) = (run[0].chunk, run[run.len() - 1].chunk);
         let _locks = self.top.lock_chunks(first, last);
-        let new: Vec<bool> =
-            run.iter().map(|p| self.top.with_entry(p.chunk, |e| e.map_or(true, |e| e.data_offset == 0))).collect();
-        let slots = run.iter().map(|p| self.top.ensure_slot(p.chunk)).collect::<Result<Vec<u64>>>()?;
+        let (slots, new): (Vec<u64>, Vec<bool>) =
+            run.iter().map(|p| self.top.slot_for_write(p.chunk)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
         let cs = self.chunk_base(1);
         let mut j = 0;
         while j < run.len() {

@@ -10,12 +10,18 @@ use std::sync::atomic::Ordering;
 impl Image {
     /// The data slot of `chunk`, allocating one (and the entry) if it has none. Caller holds the chunk lock.
     pub fn ensure_slot(&self, chunk: u64) -> Result<u64> {
+        self.slot_for_write(chunk).map(|(slot, _)| slot)
+    }
+
+    /// As [`Image::ensure_slot`], and whether the slot was allocated by this call (so nothing
+    /// of it has been written yet).
+    pub fn slot_for_write(&self, chunk: u64) -> Result<(u64, bool)> {
         self.require_writable()?;
         let mut guard = write(&self.state);
         let st = &mut *guard;
         if let Some(e) = st.map.get(chunk) {
             if e.data_offset != 0 {
-                return Ok(e.data_offset);
+                return Ok((e.data_offset, false));
             }
         }
         let alloc = &mut st.alloc;
@@ -25,7 +31,7 @@ impl Image {
         let slot = alloc.alloc_slot()?;
         e.data_offset = slot;
         e.slot_epoch = epoch;
-        Ok(slot)
+        Ok((slot, true))
     }
 
     /// Sets blocks `start..end` of `chunk` to `state`; for Data, `crcs` holds their checksums

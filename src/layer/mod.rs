@@ -356,7 +356,7 @@ impl Image {
     pub fn write_new_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
         self.storage.allocate(offset, buf.len() as u64).map_err(|e| e.with_file(&self.path))?;
-        self.storage.write_at(buf, offset).map_err(|e| e.with_file(&self.path))
+        self.write_at(buf, offset)
     }
 }
 

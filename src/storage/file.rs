@@ -127,6 +127,22 @@ impl FileStorage {
     fn ctx(&self, e: io::Error, op: &'static str, offset: u64) -> Error {
         Error::io(op, e).with_file(&self.path).at(offset)
     }
+
+    /// fallocate(2) with `mode` over [offset, offset+len): `Ok(Ok(()))` when done (an empty
+    /// range is done at once), `Ok(Err(e))` when the call failed, for the caller to judge.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64, op: &str) -> Result<io::Result<()>> {
+        if len == 0 {
+            return Ok(Ok(()));
+        }
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(err(ErrorKind::OutOfRange, format!("{op} range overflows")).with_file(&self.path));
+        };
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) } == 0 {
+            return Ok(Ok(()));
+        }
+        Ok(Err(io::Error::last_os_error()))
+    }
 }
 
 fn open_error(e: io::Error, path: &Path) -> Error {
@@ -216,38 +232,19 @@ impl Storage for FileStorage {
     /// copy into the page cache saves elsewhere. Unsupported (tmpfs before 2.6.x, some FUSE
     /// file systems) is not an error; running out of space is, and is reported as such.
     fn allocate(&self, offset: u64, len: u64) -> Result<()> {
-        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(err(ErrorKind::OutOfRange, "allocate range overflows").with_file(&self.path));
-        };
-        if l == 0 {
-            return Ok(());
-        }
-        // SAFETY: plain syscall on an fd we own.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, l) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => Err(self.ctx(e, "allocate", offset)),
+        match self.fallocate(0, offset, len, "allocate")? {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => {
+                Err(self.ctx(e, "allocate", offset))
+            }
             _ => Ok(()),
         }
     }
 
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
-        if len == 0 {
+        let Err(e) = self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len, "punch")?
+        else {
             return Ok(());
-        }
-        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(err(ErrorKind::OutOfRange, "punch range overflows").with_file(&self.path));
         };
-        // SAFETY: plain syscall on an fd we own.
-        let rc = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, l)
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
             // A filesystem without hole punching: write zeros instead, which keeps the
             // "reads as zeros" promise at the cost of space.
