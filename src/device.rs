@@ -1,7 +1,8 @@
 //! The capabilities a served disk offers, as small traits combined into [`Disk`]; the NBD
 //! server and the tools depend on these, not on how a chain is built.
 
-use crate::error::Result;
+use crate::error::{err, ErrorKind, Result};
+use crate::storage::Storage;
 
 /// What serves a byte range of the merged device (for `map` and NBD block status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +36,46 @@ pub trait DiskRead {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 }
 
+/// The bytes of one write, taken strictly in order. They may still be on their way in (an NBD
+/// write's payload still in its socket), so a disk can move them into storage without staging
+/// the whole write in memory first.
+pub trait Payload {
+    /// Takes the next `buf.len()` bytes into `buf`.
+    fn take(&mut self, buf: &mut [u8]) -> Result<()>;
+    /// Takes the next `len` bytes and writes them to `storage` at `offset`.
+    fn take_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> Result<()>;
+}
+
+/// Bytes already in memory.
+impl Payload for &[u8] {
+    fn take(&mut self, buf: &mut [u8]) -> Result<()> {
+        buf.copy_from_slice(split_front(self, buf.len())?);
+        Ok(())
+    }
+
+    fn take_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> Result<()> {
+        storage.write_at(split_front(self, len)?, offset)
+    }
+}
+
+/// The first `n` bytes of `s`, leaving the rest in `s`.
+fn split_front<'a>(s: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+    if n > s.len() {
+        return Err(err(ErrorKind::InvalidArgument, format!("{n} bytes asked of a payload of {}", s.len())));
+    }
+    let (head, rest) = s.split_at(n);
+    *s = rest;
+    Ok(head)
+}
+
 pub trait DiskWrite {
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Writes `buf` at device offset `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_from(&mut &buf[..], offset, buf.len() as u64)
+    }
+    /// Writes `len` bytes taken from `src` at `offset`. On error, some of them may not have
+    /// been taken; the caller accounts for the rest.
+    fn write_from(&self, src: &mut dyn Payload, offset: u64, len: u64) -> Result<()>;
 }
 
 pub trait DiskZero {

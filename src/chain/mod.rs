@@ -10,7 +10,7 @@ mod open;
 
 pub use open::{resolve_parent_path, ChainOptions};
 
-use crate::device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind};
+use crate::device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind, Payload};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::BLOCK_SIZE;
@@ -46,8 +46,6 @@ struct ChunkPiece {
     start: u64,
     /// End of the piece inside the chunk.
     end: u64,
-    /// Offset of the piece inside the request.
-    at: usize,
 }
 
 impl Chain {
@@ -120,7 +118,7 @@ impl Chain {
             let chunk = pos >> shift;
             let start = pos & (cs - 1);
             let n = (cs - start).min(end - pos);
-            let p = ChunkPiece { chunk, start, end: start + n, at: (pos - offset) as usize };
+            let p = ChunkPiece { chunk, start, end: start + n };
             pos += n;
             Some(p)
         })
@@ -295,7 +293,11 @@ impl Chain {
     /// Writes pieces that each cover a whole chunk (consecutive chunks), holding all their
     /// locks: slots first, then one write per run of slots that lie back to back in the file,
     /// then the blocks become Data. Nothing is copied up: every block is covered.
-    fn write_whole_chunks(&self, run: &[ChunkPiece], buf: &[u8]) -> Result<()> {
+    ///
+    /// The locks are held while `src` delivers the bytes, which for a network payload means
+    /// while the client sends them: a client that stalls mid-write stalls other writers of
+    /// these chunks (not readers of other chunks) until it resumes or its socket is closed.
+    fn write_whole_chunks(&self, run: &[ChunkPiece], src: &mut dyn Payload) -> Result<()> {
         let (first, last) = (run[0].chunk, run[run.len() - 1].chunk);
         let _locks = self.top.lock_chunks(first, last);
         let (slots, new): (Vec<u64>, Vec<bool>) =
@@ -307,12 +309,7 @@ impl Chain {
             while k < run.len() && slots[k] == slots[k - 1] + cs && new[k] == new[j] {
                 k += 1;
             }
-            let (from, to) = (run[j].at, run[k - 1].at + cs as usize);
-            if new[j] {
-                self.top.write_new_at(&buf[from..to], slots[j])?;
-            } else {
-                self.top.write_at(&buf[from..to], slots[j])?;
-            }
+            self.top.write_from(src, slots[j], (k - j) * cs as usize, new[j])?;
             j = k;
         }
         let blocks = (cs / BLOCK_SIZE) as usize;
@@ -455,30 +452,33 @@ impl DiskRead for Chain {
 }
 
 impl DiskWrite for Chain {
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_from(&self, src: &mut dyn Payload, offset: u64, len: u64) -> Result<()> {
         self.require_writable()?;
-        self.check_range(offset, buf.len() as u64, "write")?;
-        let pieces: Vec<ChunkPiece> = self.pieces(offset, buf.len() as u64).collect();
+        self.check_range(offset, len, "write")?;
+        let pieces: Vec<ChunkPiece> = self.pieces(offset, len).collect();
         let whole =
             |p: &ChunkPiece| p.start == 0 && p.end == self.chunk_base(1) && self.chunk_base(p.chunk + 1) <= self.size;
+        let mut data = Vec::new();
         let mut i = 0;
         while i < pieces.len() {
-            // Runs of whole chunks (without data checksums) are written with one pwrite per run
-            // of contiguous slots, under the locks of all their chunks.
+            // Runs of whole chunks (without data checksums) go from `src` to the file with one
+            // write per run of contiguous slots, under the locks of all their chunks.
             let run_end = if self.top.geometry().data_checksums {
                 i
             } else {
                 i + pieces[i..].iter().take_while(|p| whole(p)).count()
             };
             if run_end - i >= 2 {
-                self.write_whole_chunks(&pieces[i..run_end], buf)?;
+                self.write_whole_chunks(&pieces[i..run_end], src)?;
                 i = run_end;
                 continue;
             }
+            // A piece that may need copy-up or checksums is assembled in memory.
             let p = pieces[i];
-            let n = (p.end - p.start) as usize;
+            data.resize((p.end - p.start) as usize, 0);
+            src.take(&mut data)?;
             let _g = self.top.lock_chunk(p.chunk);
-            self.write_piece_locked(p, &buf[p.at..p.at + n])?;
+            self.write_piece_locked(p, &data)?;
             i += 1;
         }
         Ok(())
@@ -528,7 +528,7 @@ impl DiskExtents for Chain {
             match self.top.next_chunk(chunk) {
                 Some(c) if c == chunk => {
                     let base = self.chunk_base(chunk);
-                    let p = ChunkPiece { chunk, start: pos - base, end: chunk_end - base, at: 0 };
+                    let p = ChunkPiece { chunk, start: pos - base, end: chunk_end - base };
                     self.describe_piece(p, &mut out);
                     pos = chunk_end;
                 }

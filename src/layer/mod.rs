@@ -14,6 +14,7 @@ mod durability;
 pub mod map;
 pub mod raw;
 
+use crate::device::Payload;
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::header::{Header, ParentRef};
@@ -351,12 +352,14 @@ impl Image {
         self.storage.write_at(buf, offset).map_err(|e| e.with_file(&self.path))
     }
 
-    /// Writes `buf` at `offset` into space taken for it first (see [`Storage::allocate`]): for
-    /// whole chunks written into new slots.
-    pub fn write_new_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    /// Writes the next `len` bytes of `src` at `offset`. With `fresh` (whole chunks going into
+    /// new slots) their space is taken first, in one piece (see [`Storage::allocate`]).
+    pub fn write_from(&self, src: &mut dyn Payload, offset: u64, len: usize, fresh: bool) -> Result<()> {
         self.require_writable()?;
-        self.storage.allocate(offset, buf.len() as u64).map_err(|e| e.with_file(&self.path))?;
-        self.write_at(buf, offset)
+        if fresh {
+            self.storage.allocate(offset, len as u64).map_err(|e| e.with_file(&self.path))?;
+        }
+        src.take_to(self.storage.as_ref(), offset, len).map_err(|e| e.with_file(&self.path))
     }
 }
 

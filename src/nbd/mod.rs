@@ -4,6 +4,7 @@
 pub mod budget;
 mod buffers;
 pub mod handshake;
+pub mod payload;
 pub mod proto;
 pub mod server;
 pub mod tls;

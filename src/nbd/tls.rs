@@ -8,6 +8,7 @@
 //! the socket and relays plaintext to one end of a Unix socket pair; the rest of the server
 //! talks to the other end exactly as it would to a plain socket.
 
+use super::payload::Incoming;
 use super::server::Sock;
 use super::tls_pump::Pump;
 use crate::error::{err, Error, ErrorKind, Result};
@@ -81,7 +82,7 @@ pub enum Stream {
 }
 
 /// A request reader, a reply writer, and a way to close both.
-pub type Split = (Box<dyn Read + Send>, Box<dyn Write + Send>, Box<dyn Fn() + Send + Sync>);
+pub type Split = (Box<dyn Incoming>, Box<dyn Write + Send>, Box<dyn Fn() + Send + Sync>);
 
 impl Stream {
     /// Runs the TLS server handshake on a plain stream (the client has just had NBD_REP_ACK

@@ -7,9 +7,11 @@
 use super::budget::Budget;
 use super::buffers::Buffers;
 use super::handshake::{Negotiated, MAX_PAYLOAD};
+use super::payload::{Incoming, SocketPayload};
 use super::proto::*;
-use crate::device::{Disk, Extent};
+use crate::device::{Disk, Extent, Payload};
 use crate::error::{Error, ErrorKind};
+use crate::storage::Pipe;
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -20,6 +22,10 @@ const MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
 /// per read; small, because a large write's payload first lands in this buffer as far as it
 /// reaches and is then copied out (the rest is read straight into the payload buffer).
 const READ_BUFFER: usize = 64 * 1024;
+/// Writes at least this long are written while their payload arrives, spliced from the socket
+/// into the image (see [`SocketPayload`]), by the thread that reads them. Shorter ones are read
+/// whole first: their payload mostly comes with the header in one read anyway.
+const SPLICE_MIN: u32 = 128 * 1024;
 /// Reads shorter than this are answered with one data chunk: looking for holes costs more
 /// than the bytes it saves.
 const HOLE_SCAN_MIN: u32 = 64 * 1024;
@@ -33,6 +39,14 @@ struct Conn {
     broken: AtomicBool,
     /// Ends the reader when a reply cannot be sent.
     on_broken: Box<dyn Fn() + Send + Sync>,
+}
+
+/// The request stream, read by one thread at a time.
+struct Input {
+    r: BufReader<Box<dyn Incoming>>,
+    done: bool,
+    /// For spliced writes; made at the first one. `Err` if it could not be made.
+    pipe: Option<io::Result<Pipe>>,
 }
 
 /// Maps a library error to the NBD error a client should see.
@@ -54,7 +68,7 @@ fn errno(e: &Error) -> u32 {
 /// reply. There is no hand-off between a reading thread and a working thread, and at most
 /// `threads` requests are in flight.
 pub fn serve(
-    reader: Box<dyn Read + Send>,
+    reader: Box<dyn Incoming>,
     writer: Box<dyn Write + Send>,
     neg: Negotiated,
     threads: usize,
@@ -69,12 +83,12 @@ pub fn serve(
         broken: AtomicBool::new(false),
         on_broken,
     };
-    let input = Mutex::new((BufReader::with_capacity(READ_BUFFER, reader), false));
+    let input = Mutex::new(Input { r: BufReader::with_capacity(READ_BUFFER, reader), done: false, pipe: None });
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
                 while let Some((req, payload, cost)) = next_request(&conn, &input, global) {
-                    conn.handle(&req, &payload[..payload.len().min(req.length as usize)]);
+                    conn.handle(&req, &mut &payload[..payload.len().min(req.length as usize)]);
                     conn.bufs.give(payload);
                     conn.budget.release(cost);
                     global.release(cost);
@@ -87,13 +101,9 @@ pub fn serve(
 /// Reads the next request to run (answering the ones that need no work on the spot), or
 /// `None` when the connection is over. The payload's bytes are charged to both budgets. A
 /// write's payload is the first `req.length` bytes of the returned buffer, which may be longer.
-fn next_request(
-    conn: &Conn,
-    input: &Mutex<(BufReader<Box<dyn Read + Send>>, bool)>,
-    global: &Budget,
-) -> Option<(Request, Vec<u8>, u64)> {
+fn next_request(conn: &Conn, input: &Mutex<Input>, global: &Budget) -> Option<(Request, Vec<u8>, u64)> {
     let mut guard = input.lock().unwrap_or_else(|p| p.into_inner());
-    let (r, done) = &mut *guard;
+    let Input { r, done, pipe } = &mut *guard;
     loop {
         if *done || conn.broken.load(Ordering::Acquire) {
             *done = true;
@@ -122,6 +132,18 @@ fn next_request(
                 return None;
             }
             conn.send_error(&req, EINVAL, "payload larger than the advertised maximum");
+            continue;
+        }
+        // Run here, holding the reader: its payload is still in the socket. No buffer is
+        // taken for it, so nothing is charged.
+        if req.typ == CMD_WRITE && req.length >= SPLICE_MIN {
+            let pipe = pipe.get_or_insert_with(Pipe::new).as_ref().ok();
+            let mut payload = SocketPayload::new(r, pipe, req.length as usize);
+            conn.handle(&req, &mut payload);
+            if payload.finish().is_err() {
+                *done = true;
+                return None;
+            }
             continue;
         }
         conn.budget.acquire(cost);
@@ -194,14 +216,16 @@ impl Conn {
         }
     }
 
-    fn handle(&self, req: &Request, payload: &[u8]) {
+    /// Runs `req`; a write takes its bytes from `payload`, which may hold fewer than asked
+    /// for only where the request is refused anyway.
+    fn handle(&self, req: &Request, payload: &mut dyn Payload) {
         if let Err((e, msg)) = self.run(req, payload) {
             self.send_error(req, e, &msg);
         }
     }
 
     /// Runs one request; Ok means the reply has been sent.
-    fn run(&self, req: &Request, payload: &[u8]) -> Result<(), (u32, String)> {
+    fn run(&self, req: &Request, payload: &mut dyn Payload) -> Result<(), (u32, String)> {
         let known = matches!(
             req.typ,
             CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
@@ -228,8 +252,8 @@ impl Conn {
         match req.typ {
             CMD_READ => return self.read(req),
             CMD_WRITE => {
-                if !payload.is_empty() {
-                    disk.write_at(payload, req.offset).map_err(lib)?;
+                if len > 0 {
+                    disk.write_from(payload, req.offset, len).map_err(lib)?;
                 }
             }
             CMD_FLUSH => disk.flush().map_err(lib)?,

@@ -1,7 +1,7 @@
 //! A store that fails on purpose: the Nth write, allocation, sync or punch after arming returns EIO or
 //! ENOSPC, once or from then on. Fault-injection tests run the real format code on it.
 
-use super::Storage;
+use super::{Pipe, Storage};
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -83,6 +83,13 @@ impl Storage for FaultStorage {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.gate("write")?;
         self.inner.write_at(buf, offset)
+    }
+
+    /// Gated like a write; when it fails the bytes are still in the pipe, as when a splice
+    /// into a file fails.
+    fn write_from_pipe(&self, pipe: &Pipe, len: usize, offset: u64) -> Result<()> {
+        self.gate("write")?;
+        self.inner.write_from_pipe(pipe, len, offset)
     }
 
     fn len(&self) -> Result<u64> {

@@ -1,6 +1,6 @@
 //! The storage backend for real files: pread/pwrite, fdatasync, fallocate hole punching and OFD locks.
 
-use super::Storage;
+use super::{Pipe, Storage};
 use crate::error::{err, Error, ErrorKind, Result};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -173,6 +173,19 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file.write_all_at(buf, offset).map_err(|e| self.ctx(e, "write", offset))
+    }
+
+    /// splice(2) straight from the pipe into the page cache: the bytes are copied once.
+    /// A file system that cannot be spliced into (EINVAL, before anything moved) gets the
+    /// bytes through memory instead.
+    fn write_from_pipe(&self, pipe: &Pipe, len: usize, offset: u64) -> Result<()> {
+        match pipe.drain_to(self.file.as_raw_fd(), offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                super::through_memory(pipe, len, |buf| self.write_at(buf, offset))
+            }
+            Err(e) => Err(self.ctx(e, "write", offset)),
+        }
     }
 
     fn len(&self) -> Result<u64> {

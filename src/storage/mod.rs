@@ -8,13 +8,15 @@ mod fault;
 mod file;
 mod mem;
 pub mod namespace;
+mod pipe;
 pub mod recording;
 
 pub use fault::{FaultKind, FaultStorage};
 pub use file::{FileStorage, LockMode};
 pub use mem::MemStorage;
+pub use pipe::Pipe;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use std::fmt;
 
 /// A byte store. All methods take `&self`: implementations are safe to call from many threads
@@ -35,6 +37,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn sync(&self) -> Result<()>;
     /// Deallocates a range; it reads as zeros afterwards. The length of the store is unchanged.
     fn punch(&self, offset: u64, len: u64) -> Result<()>;
+    /// Writes `len` bytes that `pipe` holds at `offset`, as [`Storage::write_at`] would. On
+    /// error the pipe may still hold some of them. Stores that cannot take bytes from a pipe
+    /// directly read them into memory first.
+    fn write_from_pipe(&self, pipe: &Pipe, len: usize, offset: u64) -> Result<()> {
+        through_memory(pipe, len, |buf| self.write_at(buf, offset))
+    }
     /// Allocates space for a range the caller is about to overwrite entirely, growing the
     /// store if the range ends past it. Contents are unspecified until written (the caller
     /// writes every byte before anything reads them). Only a hint: stores without a cheaper
@@ -55,4 +63,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn allocated_bytes(&self) -> Option<u64> {
         None
     }
+}
+
+/// Takes `len` bytes out of `pipe` into memory and hands them to `write`.
+fn through_memory(pipe: &Pipe, len: usize, write: impl FnOnce(&[u8]) -> Result<()>) -> Result<()> {
+    let mut buf = vec![0u8; len];
+    pipe.read_exact(&mut buf).map_err(|e| Error::io("read from pipe", e))?;
+    write(&buf)
 }

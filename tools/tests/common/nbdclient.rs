@@ -154,6 +154,13 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub trait NbdStream: Read + Write {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     fn shutdown_write(&self) -> io::Result<()>;
+    /// A second handle on the same connection (to send from another thread).
+    fn try_clone_stream(&self) -> io::Result<Self>
+    where
+        Self: Sized,
+    {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this stream cannot be cloned"))
+    }
 }
 
 impl NbdStream for UnixStream {
@@ -163,6 +170,9 @@ impl NbdStream for UnixStream {
     fn shutdown_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
     }
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
 }
 
 impl NbdStream for TcpStream {
@@ -171,6 +181,9 @@ impl NbdStream for TcpStream {
     }
     fn shutdown_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
+    }
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
     }
 }
 

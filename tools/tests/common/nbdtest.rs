@@ -5,7 +5,7 @@
 use super::nbdclient::*;
 use super::*;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -225,7 +225,10 @@ impl Req {
 /// Sends a whole batch of requests from a second thread, leaving this one free to read
 /// replies: the server stops reading requests while it cannot send replies, so a client
 /// that writes a big batch before reading anything can deadlock on full socket buffers.
-pub fn send_batch(c: &mut NbdClient<UnixStream>, reqs: Vec<Req>) -> thread::JoinHandle<io::Result<()>> {
+pub fn send_batch<S: NbdStream + Send + 'static>(
+    c: &mut NbdClient<S>,
+    reqs: Vec<Req>,
+) -> thread::JoinHandle<io::Result<()>> {
     let mut wire = Vec::new();
     for r in reqs {
         if r.typ != NBD_CMD_DISC {
@@ -239,7 +242,7 @@ pub fn send_batch(c: &mut NbdClient<UnixStream>, reqs: Vec<Req>) -> thread::Join
         wire.extend_from_slice(&r.length.to_be_bytes());
         wire.extend_from_slice(&r.payload);
     }
-    let mut tx = c.stream().try_clone().expect("clone the client socket");
+    let mut tx = c.stream().try_clone_stream().expect("clone the client socket");
     thread::spawn(move || tx.write_all(&wire))
 }
 
