@@ -40,6 +40,11 @@ pub trait DiskRead {
 /// write's payload still in its socket), so a disk can move them into storage without staging
 /// the whole write in memory first.
 pub trait Payload {
+    /// Makes the next bytes ready to take without waiting for their sender: waits until `min`
+    /// are (fewer only where a buffer on the way is full), then adds what is there already, up
+    /// to `max`, and returns how many are ready. Called before taking locks, so that a slow
+    /// sender does not keep them held.
+    fn ready(&mut self, min: usize, max: usize) -> Result<usize>;
     /// Takes the next `buf.len()` bytes into `buf`.
     fn take(&mut self, buf: &mut [u8]) -> Result<()>;
     /// Takes the next `len` bytes and writes them to `storage` at `offset`.
@@ -48,6 +53,10 @@ pub trait Payload {
 
 /// Bytes already in memory.
 impl Payload for &[u8] {
+    fn ready(&mut self, _min: usize, max: usize) -> Result<usize> {
+        Ok(max.min(self.len()))
+    }
+
     fn take(&mut self, buf: &mut [u8]) -> Result<()> {
         buf.copy_from_slice(split_front(self, buf.len())?);
         Ok(())

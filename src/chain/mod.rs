@@ -290,14 +290,27 @@ impl Chain {
         self.top.set_blocks(p.chunk, first, last, BlockState::Data, &crcs)
     }
 
-    /// Writes pieces that each cover a whole chunk (consecutive chunks), holding all their
-    /// locks: slots first, then one write per run of slots that lie back to back in the file,
-    /// then the blocks become Data. Nothing is copied up: every block is covered.
-    ///
-    /// The locks are held while `src` delivers the bytes, which for a network payload means
-    /// while the client sends them: a client that stalls mid-write stalls other writers of
-    /// these chunks (not readers of other chunks) until it resumes or its socket is closed.
+    /// Writes pieces that each cover a whole chunk (consecutive chunks), in rounds over the
+    /// chunks whose bytes `src` has ready: a client slow to send a large write holds no chunk
+    /// lock while it is waited for (at worst, when `src` can hold less than one chunk ahead,
+    /// the lock of the one chunk whose bytes are on their way). A round takes what has
+    /// arrived, at least a chunk: its bytes are still in the CPU's caches when they are copied.
     fn write_whole_chunks(&self, run: &[ChunkPiece], src: &mut dyn Payload) -> Result<()> {
+        let cs = self.chunk_base(1) as usize;
+        let mut i = 0;
+        while i < run.len() {
+            let ready = src.ready(cs, (run.len() - i) * cs)?;
+            let n = (ready / cs).clamp(1, run.len() - i);
+            self.write_ready_chunks(&run[i..i + n], src)?;
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// One round of [`Chain::write_whole_chunks`], holding the locks of all its chunks: slots
+    /// first, then one write per run of slots that lie back to back in the file, then the
+    /// blocks become Data. Nothing is copied up: every block is covered.
+    fn write_ready_chunks(&self, run: &[ChunkPiece], src: &mut dyn Payload) -> Result<()> {
         let (first, last) = (run[0].chunk, run[run.len() - 1].chunk);
         let _locks = self.top.lock_chunks(first, last);
         let (slots, new): (Vec<u64>, Vec<bool>) =

@@ -1,6 +1,8 @@
 //! A large write's payload taken straight off the socket while the device writes it: bytes
 //! the request reader has already buffered go first, the rest is spliced from the socket
-//! through a pipe into the image file (one copy instead of two; see [`Pipe`]).
+//! through a pipe into the image file (one copy instead of two; see [`Pipe`]). The device
+//! asks for bytes to be made [ready](Payload::ready) before it takes its locks, so a client
+//! slow to send them keeps no lock held meanwhile.
 
 use super::server::Sock;
 use crate::device::Payload;
@@ -41,8 +43,11 @@ pub struct SocketPayload<'a> {
     /// `None` where no pipe could be made: bytes then go through memory (as they do when the
     /// stream is not a socket).
     pipe: Option<&'a Pipe>,
-    /// Bytes of the payload still in the reader's buffer or the socket.
+    /// Payload bytes still in the reader's buffer or the socket.
     left: usize,
+    /// Payload bytes [`Payload::ready`] moved into the pipe ahead of time. In stream order
+    /// they come after the payload bytes in the reader's buffer and before the socket's.
+    staged: usize,
     /// Bytes were lost between the socket and storage (a pipe that could not be emptied):
     /// the request stream is out of step and the connection must end.
     lost: bool,
@@ -54,12 +59,15 @@ fn client_error(e: io::Error) -> Error {
 
 impl<'a> SocketPayload<'a> {
     pub fn new(r: &'a mut BufReader<Box<dyn Incoming>>, pipe: Option<&'a Pipe>, len: usize) -> SocketPayload<'a> {
-        SocketPayload { r, pipe, left: len, lost: false }
+        SocketPayload { r, pipe, left: len, staged: 0, lost: false }
     }
 
     /// Reads and drops whatever of the payload the device did not take (after an error), so
     /// the next request starts where it should. Err means the connection cannot go on.
-    pub fn finish(self) -> io::Result<()> {
+    pub fn finish(mut self) -> io::Result<()> {
+        if self.staged > 0 {
+            self.discard_staged();
+        }
         if self.lost {
             return Err(io::Error::other("write payload lost in a pipe"));
         }
@@ -72,30 +80,98 @@ impl<'a> SocketPayload<'a> {
         })
     }
 
-    fn claim(&mut self, n: usize) -> Result<()> {
-        if n > self.left {
-            return Err(err(ErrorKind::InvalidArgument, format!("{n} bytes asked of a payload of {}", self.left)));
+    fn claim(&self, n: usize) -> Result<()> {
+        if n > self.left + self.staged {
+            let have = self.left + self.staged;
+            return Err(err(ErrorKind::InvalidArgument, format!("{n} bytes asked of a payload of {have}")));
         }
         Ok(())
+    }
+
+    /// Payload bytes in the reader's buffer (which may also hold the next request).
+    fn buffered(&self) -> usize {
+        self.r.buffer().len().min(self.left)
+    }
+
+    fn socket(&self) -> Option<(&'a Pipe, RawFd)> {
+        self.pipe.zip(self.r.get_ref().socket_fd())
+    }
+
+    /// Empties the pipe after a failed write, restoring its invariant (empty between uses).
+    fn discard_staged(&mut self) {
+        self.staged = 0;
+        if let Some(pipe) = self.pipe {
+            self.lost |= pipe.discard().is_err();
+        }
+    }
+
+    /// Takes the next `len` bytes, which are all in the reader's buffer, into `storage`.
+    fn buffer_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> Result<()> {
+        let res = storage.write_at(&self.r.buffer()[..len], offset);
+        self.r.consume(len);
+        self.left -= len;
+        res
     }
 }
 
 impl Payload for SocketPayload<'_> {
+    /// Moves bytes from the socket into the pipe (as far as it takes).
+    fn ready(&mut self, min: usize, max: usize) -> Result<usize> {
+        let max = max.min(self.left + self.staged);
+        let mut have = self.buffered() + self.staged;
+        if have < max {
+            if let Some((pipe, fd)) = self.socket() {
+                // Never past the payload: `max - have` <= the payload bytes still in the socket.
+                let n = pipe.fill_up(fd, min.saturating_sub(have), max - have).map_err(client_error)?;
+                self.left -= n;
+                self.staged += n;
+                have += n;
+            }
+        }
+        Ok(have.min(max))
+    }
+
     fn take(&mut self, buf: &mut [u8]) -> Result<()> {
         self.claim(buf.len())?;
-        self.left -= buf.len();
-        self.r.read_exact(buf).map_err(client_error)
+        let b = self.buffered().min(buf.len());
+        buf[..b].copy_from_slice(&self.r.buffer()[..b]);
+        self.r.consume(b);
+        self.left -= b;
+        let p = self.staged.min(buf.len() - b);
+        if p > 0 {
+            let pipe = self.pipe.ok_or_else(|| err(ErrorKind::Io, "staged bytes without a pipe"))?;
+            if let Err(e) = pipe.read_exact(&mut buf[b..b + p]) {
+                self.discard_staged();
+                return Err(client_error(e));
+            }
+            self.staged -= p;
+        }
+        let rest = &mut buf[b + p..];
+        self.left -= rest.len();
+        self.r.read_exact(rest).map_err(client_error)
     }
 
     fn take_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> Result<()> {
         self.claim(len)?;
-        let buffered = self.r.buffer().len().min(len);
-        let res = storage.write_at(&self.r.buffer()[..buffered], offset);
-        self.r.consume(buffered);
-        self.left -= buffered;
-        res?;
-        let mut done = buffered;
-        let (Some(pipe), Some(fd)) = (self.pipe, self.r.get_ref().socket_fd()) else {
+        let b = self.buffered().min(len);
+        if b > 0 {
+            self.buffer_to(storage, offset, b)?;
+        }
+        let mut done = b;
+        let p = self.staged.min(len - done);
+        if p > 0 {
+            let pipe = self.pipe.ok_or_else(|| err(ErrorKind::Io, "staged bytes without a pipe"))?;
+            if let Err(e) = storage.write_from_pipe(pipe, p, offset + done as u64) {
+                self.discard_staged();
+                return Err(e);
+            }
+            self.staged -= p;
+            done += p;
+        }
+        if done == len {
+            return Ok(());
+        }
+        let Some((pipe, fd)) = self.socket() else {
             let mut tmp = vec![0u8; len - done];
             self.take(&mut tmp)?;
             return storage.write_at(&tmp, offset + done as u64);
@@ -106,10 +182,12 @@ impl Payload for SocketPayload<'_> {
                 return Err(client_error(io::ErrorKind::UnexpectedEof.into()));
             }
             self.left -= n;
+            self.staged += n;
             if let Err(e) = storage.write_from_pipe(pipe, n, offset + done as u64) {
-                self.lost = pipe.discard().is_err();
+                self.discard_staged();
                 return Err(e);
             }
+            self.staged -= n;
             done += n;
         }
         Ok(())
@@ -185,6 +263,58 @@ mod tests {
         let mut next = [0u8; 4];
         r.read_exact(&mut next).expect("next request");
         assert_eq!(&next, b"NEXT", "the stream is in step after the failed write");
+        let mut probe = [0u8; 1];
+        assert!(pipe.read_exact(&mut probe).is_err(), "the pipe is left empty");
+        sender.join().expect("sender");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn bytes_made_ready_ahead_are_taken_after_the_buffered_ones_and_before_the_socket() {
+        let path = tmp("ready");
+        let file = FileStorage::create(&path).expect("create");
+        let (mut r, sender) = stream();
+        let buffered = r.buffer().len();
+        let pipe = Pipe::new().expect("pipe");
+        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN);
+        let ready = p.ready(LEN, LEN).expect("ready");
+        assert!(ready > buffered && ready <= LEN, "ready {ready}, buffered {buffered}");
+        assert_eq!(p.ready(10, 10).expect("ready again"), 10, "asking for less never takes more");
+        let mut head = vec![0u8; 1000];
+        p.take(&mut head).expect("head");
+        p.take_to(&file, 0, LEN / 2).expect("middle");
+        let mut tail = vec![0u8; LEN - 1000 - LEN / 2];
+        p.take(&mut tail).expect("tail");
+        p.finish().expect("all taken");
+        let mut next = [0u8; 4];
+        r.read_exact(&mut next).expect("next request");
+        assert_eq!(&next, b"NEXT");
+        sender.join().expect("sender");
+        let mut mid = vec![0u8; LEN / 2];
+        file.read_at(&mut mid, 0).expect("read back");
+        let want = pattern();
+        assert!(head == want[..1000], "head out of order");
+        assert!(mid == want[1000..1000 + LEN / 2], "middle out of order");
+        assert!(tail == want[1000 + LEN / 2..], "tail out of order");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_failed_write_of_bytes_made_ready_ahead_drops_them_and_keeps_the_stream_in_step() {
+        let path = tmp("readyfail");
+        let faulty = FaultStorage::new(Arc::new(FileStorage::create(&path).expect("create")));
+        // Write 0 is the buffered head, write 1 the bytes made ready in the pipe.
+        faulty.arm(1, FaultKind::NoSpace, false);
+        let (mut r, sender) = stream();
+        let pipe = Pipe::new().expect("pipe");
+        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN);
+        assert!(p.ready(LEN, LEN).expect("ready") > 0);
+        let e = p.take_to(&faulty, 0, LEN).expect_err("the staged write fails");
+        assert_eq!(e.kind(), ErrorKind::NoSpace);
+        p.finish().expect("the rest is dropped");
+        let mut next = [0u8; 4];
+        r.read_exact(&mut next).expect("next request");
+        assert_eq!(&next, b"NEXT", "in step after the failure");
         let mut probe = [0u8; 1];
         assert!(pipe.read_exact(&mut probe).is_err(), "the pipe is left empty");
         sender.join().expect("sender");

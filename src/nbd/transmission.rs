@@ -20,7 +20,8 @@ use std::sync::Mutex;
 const MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
 /// Request bytes read from the socket at a time. Enough for a whole queue of small requests
 /// per read; small, because a large write's payload first lands in this buffer as far as it
-/// reaches and is then copied out (the rest is read straight into the payload buffer).
+/// reaches and is then copied out (the rest is read straight into the payload buffer, or
+/// spliced).
 const READ_BUFFER: usize = 64 * 1024;
 /// Writes at least this long are written while their payload arrives, spliced from the socket
 /// into the image (see [`SocketPayload`]), by the thread that reads them. Shorter ones are read
@@ -66,7 +67,9 @@ fn errno(e: &Error) -> u32 {
 /// `threads` threads share the connection, leader/follower style: whoever holds the reader
 /// reads one request (and its payload), lets go of the reader, runs the request and sends its
 /// reply. There is no hand-off between a reading thread and a working thread, and at most
-/// `threads` requests are in flight.
+/// `threads` requests are in flight. A write of [`SPLICE_MIN`] bytes or more is the exception:
+/// it runs before the reader is let go, as its payload arrives. Its bytes then reach the page
+/// cache in one copy, and large writes to one file do not contend for its inode lock.
 pub fn serve(
     reader: Box<dyn Incoming>,
     writer: Box<dyn Write + Send>,

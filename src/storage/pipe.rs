@@ -38,6 +38,15 @@ fn retry(mut f: impl FnMut() -> isize) -> io::Result<usize> {
     }
 }
 
+/// Whether `fd` is ready for `events` within `timeout_ms` (-1: wait as long as it takes).
+/// Errors and hang-ups count as ready: the next call on `fd` reports them.
+fn poll_one(fd: RawFd, events: libc::c_short, timeout_ms: libc::c_int) -> io::Result<bool> {
+    let mut p = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one pollfd we own.
+    let n = retry(|| unsafe { libc::poll(&mut p, 1, timeout_ms) as isize })?;
+    Ok(n > 0 && p.revents != 0)
+}
+
 impl Pipe {
     pub fn new() -> io::Result<Pipe> {
         let mut fds = [0 as libc::c_int; 2];
@@ -72,6 +81,40 @@ impl Pipe {
                 libc::SPLICE_F_MOVE,
             )
         })
+    }
+
+    /// Moves up to `max` bytes from the stream socket `src` into the pipe: waits for the
+    /// socket until `min` have moved, then takes only what is there already. Stops early when
+    /// the pipe is full or the stream ends. Returns how many moved. Unlike
+    /// [`Pipe::fill_from`] it may be called on a pipe that holds bytes.
+    pub fn fill_up(&self, src: RawFd, min: usize, max: usize) -> io::Result<usize> {
+        let mut moved = 0;
+        while moved < max {
+            // SAFETY: as in fill_from. SPLICE_F_NONBLOCK: EAGAIN, not a wait, when the pipe is full
+            // (and, on a Unix socket, when no data is there yet).
+            let r = retry(|| unsafe {
+                libc::splice(
+                    src,
+                    std::ptr::null_mut(),
+                    self.write.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    max - moved,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            });
+            match r {
+                Ok(0) => break,
+                Ok(n) => moved += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if moved >= min || !poll_one(self.write.as_raw_fd(), libc::POLLOUT, 0)? {
+                        break;
+                    }
+                    poll_one(src, libc::POLLIN, -1)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(moved)
     }
 
     /// Moves exactly `len` bytes, which the pipe must hold, into the file `dst` at `offset`.
@@ -203,6 +246,48 @@ mod tests {
         let mut next = [0u8; 4];
         rx.read_exact(&mut next).expect("rest of the stream");
         assert_eq!(&next, b"next");
+    }
+
+    #[test]
+    fn fill_up_stops_when_the_pipe_is_full_and_resumes_after_a_drain() {
+        let (mut tx, rx) = UnixStream::pair().expect("socketpair");
+        let data = pattern(1 << 20);
+        let sent = data.clone();
+        let sender = std::thread::spawn(move || tx.write_all(&sent).expect("send"));
+        let p = Pipe::new().expect("pipe");
+        // One buffer slot: full after the first piece of data.
+        // SAFETY: fcntl on the pipe's own fd.
+        assert!(unsafe { libc::fcntl(p.write.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } > 0);
+        let mut back = Vec::new();
+        let mut rounds = 0;
+        while back.len() < data.len() {
+            let n = p.fill_up(rx.as_raw_fd(), data.len() - back.len(), data.len() - back.len()).expect("fill up");
+            assert!(n > 0, "no progress");
+            let at = back.len();
+            back.resize(at + n, 0);
+            p.read_exact(&mut back[at..]).expect("read");
+            rounds += 1;
+        }
+        sender.join().expect("sender");
+        assert!(back == data);
+        assert!(rounds > 1, "a one-slot pipe cannot take 1 MiB at once, so fill_up must return early");
+    }
+
+    #[test]
+    fn fill_up_waits_for_a_slow_sender_and_appends_to_what_the_pipe_holds() {
+        let (mut tx, rx) = UnixStream::pair().expect("socketpair");
+        let p = Pipe::new().expect("pipe");
+        tx.write_all(b"abc").expect("send");
+        assert_eq!(p.fill_up(rx.as_raw_fd(), 3, 3).expect("fill"), 3);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            tx.write_all(b"defg").expect("send");
+        });
+        assert_eq!(p.fill_up(rx.as_raw_fd(), 4, 4).expect("fill waits"), 4);
+        let mut back = [0u8; 7];
+        p.read_exact(&mut back).expect("read");
+        assert_eq!(&back, b"abcdefg");
+        sender.join().expect("sender");
     }
 
     #[test]

@@ -227,3 +227,32 @@ fn read_only_export_refuses_a_large_write_and_goes_on(mut rig: Rig) {
     assert_eq!(c.read(0, 4096).expect("read after the refused write"), before, "a refused write changes nothing");
     assert!(ro.stop().success());
 }
+
+#[test]
+fn a_client_stalling_in_the_middle_of_a_large_write_does_not_hold_up_writes_of_another_client() {
+    let rig = rig(&[]);
+    // 12 MiB at 0: chunks 0..192, three in every lock stripe of the image. More is sent than
+    // the server's pipe holds, so the server has had to write some of it before the stall.
+    let big = random_bytes(12 * MIB as usize, 90);
+    let sent = 10 * MIB as usize;
+    let mut a = simple_client(rig.server(), "plain");
+    a.send_request(0, NBD_CMD_WRITE, 7, 0, big.len() as u32, &big[..sent]).expect("header and part of the payload");
+    // While A's client waits before sending the rest, B writes a chunk in every stripe and
+    // flushes; each request must be answered (the client's read timeout would fail it).
+    let mut b = simple_client(rig.server(), "plain");
+    let mut model = rig.initial();
+    for i in 0..64u64 {
+        let at = 12 * MIB + i * 64 * KIB;
+        let data = random_bytes(64 * KIB as usize, 100 + i);
+        b.write(at, &data).unwrap_or_else(|e| panic!("write {i} of the other client while one stalls: {e}"));
+        model[at as usize..(at + 64 * KIB) as usize].copy_from_slice(&data);
+    }
+    b.flush().expect("flush of the other client while one stalls");
+    a.send_raw(&big[sent..]).expect("rest of the payload");
+    let r = a.wait_response(7).expect("reply to the large write");
+    assert!(r.is_ok(), "the large write, once all its bytes came: error {}", r.error);
+    model[..big.len()].copy_from_slice(&big);
+    assert_device_reads(&mut b, &model, "after both clients' writes");
+    drop((a, b));
+    rig.stop_and_check();
+}
