@@ -1,9 +1,10 @@
 //! A kernel pipe that carries a write's bytes from a socket to a file with splice(2), so they
 //! are copied once (into the page cache) instead of twice (socket to user memory, then on).
 //!
-//! Invariant kept by every user: the pipe is empty between uses. Bytes are spliced in from a
-//! socket only into an empty pipe and then taken out in full (into a file or a buffer), or
-//! thrown away with [`Pipe::discard`]. So filling never waits for room that nobody would make.
+//! Invariant kept by every user: the pipe is empty between uses (between NBD requests), and
+//! filling never waits for room that nobody would make: [`Pipe::fill_from`] (which waits) is
+//! used only on an empty pipe, [`Pipe::fill_up`] stops when the pipe is full, and what went in
+//! is taken out in full (into a file or a buffer) or thrown away with [`Pipe::discard`].
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
