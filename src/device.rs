@@ -47,6 +47,13 @@ pub trait Payload {
     fn ready(&mut self, min: usize, max: usize) -> Result<usize>;
     /// Takes the next `buf.len()` bytes into `buf`.
     fn take(&mut self, buf: &mut [u8]) -> Result<()>;
+    /// Takes the next `n` bytes and returns them, in `scratch` unless they are in memory
+    /// already (then they are lent, not copied).
+    fn take_bytes<'s>(&'s mut self, n: usize, scratch: &'s mut Vec<u8>) -> Result<&'s [u8]> {
+        scratch.resize(n, 0);
+        self.take(scratch)?;
+        Ok(scratch)
+    }
     /// Takes the next `len` bytes and writes them to `storage` at `offset`.
     fn take_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> Result<()>;
 }
@@ -60,6 +67,10 @@ impl Payload for &[u8] {
     fn take(&mut self, buf: &mut [u8]) -> Result<()> {
         buf.copy_from_slice(split_front(self, buf.len())?);
         Ok(())
+    }
+
+    fn take_bytes<'s>(&'s mut self, n: usize, _scratch: &'s mut Vec<u8>) -> Result<&'s [u8]> {
+        split_front(self, n)
     }
 
     fn take_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> Result<()> {

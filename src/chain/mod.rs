@@ -471,7 +471,7 @@ impl DiskWrite for Chain {
         let pieces: Vec<ChunkPiece> = self.pieces(offset, len).collect();
         let whole =
             |p: &ChunkPiece| p.start == 0 && p.end == self.chunk_base(1) && self.chunk_base(p.chunk + 1) <= self.size;
-        let mut data = Vec::new();
+        let mut scratch = Vec::new();
         let mut i = 0;
         while i < pieces.len() {
             // Runs of whole chunks (without data checksums) go from `src` to the file with one
@@ -488,10 +488,9 @@ impl DiskWrite for Chain {
             }
             // A piece that may need copy-up or checksums is assembled in memory.
             let p = pieces[i];
-            data.resize((p.end - p.start) as usize, 0);
-            src.take(&mut data)?;
+            let data = src.take_bytes((p.end - p.start) as usize, &mut scratch)?;
             let _g = self.top.lock_chunk(p.chunk);
-            self.write_piece_locked(p, &data)?;
+            self.write_piece_locked(p, data)?;
             i += 1;
         }
         Ok(())

@@ -97,6 +97,11 @@ impl<'a> SocketPayload<'a> {
         self.pipe.zip(self.r.get_ref().socket_fd())
     }
 
+    /// The pipe that holds the staged bytes (only [`Payload::ready`] stages, and only with one).
+    fn staged_pipe(&self) -> Result<&'a Pipe> {
+        self.pipe.ok_or_else(|| err(ErrorKind::Io, "staged bytes without a pipe"))
+    }
+
     /// Empties the pipe after a failed write, restoring its invariant (empty between uses).
     fn discard_staged(&mut self) {
         self.staged = 0;
@@ -139,7 +144,7 @@ impl Payload for SocketPayload<'_> {
         self.left -= b;
         let p = self.staged.min(buf.len() - b);
         if p > 0 {
-            let pipe = self.pipe.ok_or_else(|| err(ErrorKind::Io, "staged bytes without a pipe"))?;
+            let pipe = self.staged_pipe()?;
             if let Err(e) = pipe.read_exact(&mut buf[b..b + p]) {
                 self.discard_staged();
                 return Err(client_error(e));
@@ -160,7 +165,7 @@ impl Payload for SocketPayload<'_> {
         let mut done = b;
         let p = self.staged.min(len - done);
         if p > 0 {
-            let pipe = self.pipe.ok_or_else(|| err(ErrorKind::Io, "staged bytes without a pipe"))?;
+            let pipe = self.staged_pipe()?;
             if let Err(e) = storage.write_from_pipe(pipe, p, offset + done as u64) {
                 self.discard_staged();
                 return Err(e);
@@ -177,17 +182,15 @@ impl Payload for SocketPayload<'_> {
             return storage.write_at(&tmp, offset + done as u64);
         };
         while done < len {
-            let n = pipe.fill_from(fd, len - done).map_err(client_error)?;
+            let n = pipe.fill_up(fd, 1, len - done).map_err(client_error)?;
             if n == 0 {
                 return Err(client_error(io::ErrorKind::UnexpectedEof.into()));
             }
             self.left -= n;
-            self.staged += n;
             if let Err(e) = storage.write_from_pipe(pipe, n, offset + done as u64) {
                 self.discard_staged();
                 return Err(e);
             }
-            self.staged -= n;
             done += n;
         }
         Ok(())

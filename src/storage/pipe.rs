@@ -2,9 +2,9 @@
 //! are copied once (into the page cache) instead of twice (socket to user memory, then on).
 //!
 //! Invariant kept by every user: the pipe is empty between uses (between NBD requests), and
-//! filling never waits for room that nobody would make: [`Pipe::fill_from`] (which waits) is
-//! used only on an empty pipe, [`Pipe::fill_up`] stops when the pipe is full, and what went in
-//! is taken out in full (into a file or a buffer) or thrown away with [`Pipe::discard`].
+//! filling never waits for room that nobody would make: [`Pipe::fill_up`] stops when the pipe
+//! is full, and what went in is taken out in full (into a file or a buffer) or thrown away
+//! with [`Pipe::discard`].
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -68,31 +68,16 @@ impl Pipe {
         Ok(Pipe { read, write })
     }
 
-    /// Moves up to `max` bytes from the stream socket `src` into the (empty) pipe, waiting
-    /// until at least one byte is there. Returns how many moved; 0 means end of stream.
-    pub fn fill_from(&self, src: RawFd, max: usize) -> io::Result<usize> {
-        // SAFETY: splice between fds we hold; null offsets, since neither end is seekable.
-        retry(|| unsafe {
-            libc::splice(
-                src,
-                std::ptr::null_mut(),
-                self.write.as_raw_fd(),
-                std::ptr::null_mut(),
-                max,
-                libc::SPLICE_F_MOVE,
-            )
-        })
-    }
-
     /// Moves up to `max` bytes from the stream socket `src` into the pipe: waits for the
     /// socket until `min` have moved, then takes only what is there already. Stops early when
-    /// the pipe is full or the stream ends. Returns how many moved. Unlike
-    /// [`Pipe::fill_from`] it may be called on a pipe that holds bytes.
+    /// the pipe is full or the stream ends. Returns how many moved; 0 with a `min` of at least
+    /// 1 means the stream ended. It may be called on a pipe that holds bytes.
     pub fn fill_up(&self, src: RawFd, min: usize, max: usize) -> io::Result<usize> {
         let mut moved = 0;
         while moved < max {
-            // SAFETY: as in fill_from. SPLICE_F_NONBLOCK: EAGAIN, not a wait, when the pipe is full
-            // (and, on a Unix socket, when no data is there yet).
+            // SAFETY: splice between fds we hold; null offsets, since neither end is seekable.
+            // SPLICE_F_NONBLOCK: EAGAIN, not a wait, when the pipe is full (and, on a Unix
+            // socket, when no data is there yet).
             let r = retry(|| unsafe {
                 libc::splice(
                     src,
@@ -186,7 +171,7 @@ mod tests {
 
     fn fill_exactly(p: &Pipe, src: &UnixStream, mut n: usize) {
         while n > 0 {
-            let k = p.fill_from(src.as_raw_fd(), n).expect("splice from socket");
+            let k = p.fill_up(src.as_raw_fd(), 1, n).expect("splice from socket");
             assert!(k > 0, "stream ended early");
             n -= k;
         }
@@ -205,7 +190,7 @@ mod tests {
         let mut at = 0usize;
         // Rounds of whatever one fill brings, each drained whole, as the server does.
         while at < data.len() {
-            let k = p.fill_from(rx.as_raw_fd(), data.len() - at).expect("fill");
+            let k = p.fill_up(rx.as_raw_fd(), 1, data.len() - at).expect("fill");
             assert!(k > 0);
             p.drain_to(file.as_raw_fd(), 4096 + at as u64, k).expect("drain");
             at += k;
@@ -300,7 +285,7 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         let mut at = 0;
         while at < data.len() {
-            let k = p.fill_from(rx.as_raw_fd(), data.len() - at).expect("fill");
+            let k = p.fill_up(rx.as_raw_fd(), 1, data.len() - at).expect("fill");
             p.read_exact(&mut back[at..at + k]).expect("read");
             at += k;
         }
