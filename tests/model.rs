@@ -7,7 +7,8 @@ use common::{pattern, TempDir};
 use cowdisk::chain::create::{create_image, CreateOptions};
 use cowdisk::format::FLAG_FROZEN;
 use cowdisk::layer::{Image, OpenOptions};
-use cowdisk::{Chain, ChainOptions, DiskFlush, DiskRead, DiskWrite, DiskZero};
+use cowdisk::storage::{FileStorage, MemStorage, Storage};
+use cowdisk::{Chain, ChainOptions, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -129,6 +130,48 @@ impl World {
             let first = buf.iter().zip(&self.model).position(|(a, b)| a != b).unwrap();
             panic!("device differs from model at byte {first} after step {step} ({op:?})");
         }
+        self.check_extents(step, op);
+        self.check_copies(step, op);
+    }
+
+    /// Block status covers the device in order, and what it calls zero reads as zero.
+    fn check_extents(&self, step: usize, op: &Op) {
+        let size = self.model.len() as u64;
+        let mut pos = 0;
+        while pos < size {
+            let part = self.chain().extents(pos, size - pos, 7).unwrap();
+            assert!(!part.is_empty() && part.len() <= 7, "step {step} ({op:?}): {} extents at {pos}", part.len());
+            for e in part {
+                assert_eq!(e.offset, pos, "step {step} ({op:?}): extents leave a gap or overlap");
+                let bytes = &self.model[e.offset as usize..(e.offset + e.length) as usize];
+                if e.kind.reads_zero() {
+                    assert!(bytes.iter().all(|&b| b == 0), "step {step} ({op:?}): {e:?} is not zeros");
+                }
+                pos += e.length;
+            }
+        }
+    }
+
+    /// Copies of the device, file to file and through memory, hold what reads return.
+    fn check_copies(&self, step: usize, op: &Op) {
+        let size = self.model.len() as u64;
+        let out = self.dir.join("copy.raw");
+        let _ = std::fs::remove_file(&out);
+        let f = FileStorage::create(&out).unwrap();
+        let mut buf = Vec::new();
+        self.chain().copy_to(0, size, &f, 1000, &mut buf, |_| {}).unwrap();
+        drop(f);
+        let got = std::fs::read(&out).unwrap();
+        assert!(got[1000..] == self.model[..], "step {step} ({op:?}): file-to-file copy differs from the device");
+        let (off, len) = (size / 3 + 1, size / 2);
+        let mem = MemStorage::new();
+        self.chain().copy_to(off, len, &mem, 0, &mut buf, |_| {}).unwrap();
+        let mut got = vec![GARBAGE; len as usize];
+        mem.read_at(&mut got, 0).unwrap();
+        assert!(
+            got[..] == self.model[off as usize..(off + len) as usize],
+            "step {step} ({op:?}): copy through memory differs"
+        );
     }
 
     fn apply(&mut self, op: &Op) {

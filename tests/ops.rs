@@ -52,17 +52,25 @@ fn rw(p: &Path) -> Chain {
 }
 
 impl World {
-    fn new(with_base: bool, shift: u32) -> World {
+    /// A fresh top, over a raw base of `base_len` bytes when given (shorter than the device:
+    /// what lies past its end reads as zeros).
+    fn new(base_len: Option<u64>, shift: u32, checksums: bool) -> World {
         let dir = TempDir::new("ops");
         let top = dir.join("disk.cow");
         let mut model = vec![0u8; SIZE as usize];
         let mut frozen = Vec::new();
-        let mut o = CreateOptions { size: Some(SIZE), chunk_shift: Some(shift), ..Default::default() };
-        if with_base {
+        let mut o = CreateOptions {
+            size: Some(SIZE),
+            chunk_shift: Some(shift),
+            data_checksums: Some(checksums),
+            ..Default::default()
+        };
+        if let Some(len) = base_len {
             let b = dir.join("base.raw");
-            model = pattern(77, SIZE as usize);
-            std::fs::write(&b, &model).unwrap();
-            frozen.push((b.clone(), model.clone()));
+            let bytes = pattern(77, len as usize);
+            model[..len as usize].copy_from_slice(&bytes);
+            std::fs::write(&b, &bytes).unwrap();
+            frozen.push((b.clone(), bytes));
             o.backing = Some(b);
         }
         create_image(&top, &o).unwrap().close().unwrap();
@@ -163,12 +171,13 @@ proptest! {
 
     #[test]
     fn operations_keep_the_device_and_the_frozen_layers(
-        base in any::<bool>(),
+        base_len in prop::option::of(prop::sample::select(vec![SIZE, SIZE - 12_345, SIZE / 3])),
         shift in prop::sample::select(vec![12u32, 16]),
+        checksums in any::<bool>(),
         setup_depth in 0usize..15,
         ops in prop::collection::vec(op(), 1..25),
     ) {
-        let mut w = World::new(base, shift);
+        let mut w = World::new(base_len, shift, checksums);
         // Build a chain of the drawn depth first: a write and a snapshot per level.
         for i in 0..setup_depth {
             w.apply(&Op::Write { off: (i as u64 * 37_000) % SIZE, len: 30_000, seed: i as u64 });

@@ -122,14 +122,14 @@ impl ExtentMap {
         self.map.insert(start, Extent { end, source });
     }
 
-    /// Splits [off, off+len) into pieces by source, in order, covering the whole range.
-    pub fn pieces(&self, off: u64, len: u64, out: &mut Vec<Piece>) {
+    /// Hands [off, off+len) to `f` in pieces by source, in order, covering the whole range.
+    pub fn for_each_piece(&self, off: u64, len: u64, mut f: impl FnMut(Piece)) {
         let end = off + len;
         let mut pos = off;
         if let Some((&ks, x)) = self.map.range(..=off).next_back() {
             if x.end > off {
                 let e = x.end.min(end);
-                out.push((off, e, Some(x.source.advanced(off - ks))));
+                f((off, e, Some(x.source.advanced(off - ks))));
                 pos = e;
             }
         }
@@ -138,14 +138,14 @@ impl ExtentMap {
         }
         for (&ks, x) in self.map.range(pos..end) {
             if ks > pos {
-                out.push((pos, ks, None));
+                f((pos, ks, None));
             }
             let e = x.end.min(end);
-            out.push((ks, e, Some(x.source)));
+            f((ks, e, Some(x.source)));
             pos = e;
         }
         if pos < end {
-            out.push((pos, end, None));
+            f((pos, end, None));
         }
     }
 
@@ -164,7 +164,7 @@ mod tests {
 
     fn pieces(m: &ExtentMap, off: u64, len: u64) -> Vec<Piece> {
         let mut v = Vec::new();
-        m.pieces(off, len, &mut v);
+        m.for_each_piece(off, len, |p| v.push(p));
         v
     }
 

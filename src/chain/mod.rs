@@ -4,10 +4,13 @@
 //! Every operation works chunk by chunk of the top image: plan under the top's metadata lock
 //! (which blocks are here, zero, or below), then do the data I/O with no metadata lock held.
 
+mod copy;
 pub mod create;
 pub mod extents;
 mod open;
+mod plan;
 
+pub use copy::DeviceRange;
 pub use open::{resolve_parent_path, ChainOptions};
 
 use crate::device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind, Payload};
@@ -16,7 +19,8 @@ use crate::format::blocks::BlockState;
 use crate::format::BLOCK_SIZE;
 use crate::layer::raw::RawImage;
 use crate::layer::Image;
-use extents::{ExtentMap, Piece, Source};
+use extents::ExtentMap;
+use plan::{Origin, Span};
 use std::path::Path;
 
 pub struct Chain {
@@ -128,49 +132,35 @@ impl Chain {
         chunk << self.chunk_shift
     }
 
-    /// Reads what the layers under the top hold at `offset`.
-    fn read_lower(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if self.lowers.is_empty() {
-            return self.read_base(buf, offset);
-        }
-        let mut pieces: Vec<Piece> = Vec::new();
-        self.lower_map.pieces(offset, buf.len() as u64, &mut pieces);
+    /// Carries out `spans` (a plan of [offset, offset + buf.len())) into `buf`. The caller
+    /// holds the top's I/O guard if the plan names the top.
+    fn read_planned(&self, spans: &[Span], buf: &mut [u8], offset: u64) -> Result<()> {
         // A long range where a few blocks of the layers interrupt the base: one read of the
         // base for all of it, then the layers' blocks on top, instead of a read per piece.
-        let base_first = self.base.is_some() && pieces.len() > 2 && pieces.iter().filter(|p| p.2.is_none()).count() > 1;
+        let base_first = spans.len() > 2 && spans.iter().filter(|s| s.from == Origin::Base).count() > 1;
         if base_first {
             self.read_base(buf, offset)?;
         }
-        for (s, e, src) in pieces {
-            let sub = &mut buf[(s - offset) as usize..(e - offset) as usize];
-            match src {
-                Some(Source::Layer { layer, file_offset }) => self.read_layer(layer as usize, s, file_offset, sub)?,
-                Some(Source::Zero { .. }) => sub.fill(0),
-                None if base_first => {}
-                None => self.read_base(sub, s)?,
+        for s in spans {
+            let sub = &mut buf[(s.start - offset) as usize..(s.end - offset) as usize];
+            match s.from {
+                Origin::Top { file_offset } => read_image(&self.top, s.start, file_offset, sub)?,
+                Origin::Lower { layer, file_offset } => {
+                    read_image(&self.lowers[layer as usize], s.start, file_offset, sub)?
+                }
+                Origin::Base if base_first => {}
+                Origin::Base => self.read_base(sub, s.start)?,
+                Origin::Zero { .. } | Origin::Unallocated => sub.fill(0),
             }
         }
         Ok(())
     }
 
-    /// Reads what lower layer `layer` holds at device offset `at` (file offset `file_offset`),
-    /// verified against its data checksums when it has them.
-    fn read_layer(&self, layer: usize, at: u64, file_offset: u64, buf: &mut [u8]) -> Result<()> {
-        let l = &self.lowers[layer];
-        let g = l.geometry();
-        if !g.data_checksums {
-            return l.read_at(buf, file_offset);
-        }
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = at + done as u64;
-            let chunk = pos >> g.chunk_shift;
-            let in_chunk = pos & (g.chunk_size() - 1);
-            let n = ((g.chunk_size() - in_chunk) as usize).min(buf.len() - done);
-            l.read_data_verified(chunk, in_chunk, &mut buf[done..done + n])?;
-            done += n;
-        }
-        Ok(())
+    /// Reads what the layers under the top hold at `offset`.
+    fn read_lower(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut spans = Vec::new();
+        self.plan_lower(offset, offset + buf.len() as u64, &mut spans);
+        self.read_planned(&spans, buf, offset)
     }
 
     fn read_base(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -185,43 +175,9 @@ impl Chain {
 
     /// Whether anything under the top could make [start, end) read other than zeros.
     fn lower_visible(&self, start: u64, end: u64) -> bool {
-        let base_covers = |s: u64| self.base.as_ref().is_some_and(|b| b.size() > s);
-        if self.lowers.is_empty() {
-            return base_covers(start);
-        }
-        let mut pieces: Vec<Piece> = Vec::new();
-        self.lower_map.pieces(start, end - start, &mut pieces);
-        pieces.iter().any(|&(s, _, src)| match src {
-            Some(Source::Layer { .. }) => true,
-            Some(Source::Zero { .. }) => false,
-            None => base_covers(s),
-        })
-    }
-
-    fn read_piece(&self, p: ChunkPiece, buf: &mut [u8]) -> Result<()> {
-        let base = self.chunk_base(p.chunk);
-        let _io = self.top.io_guard();
-        let first = (p.start / BLOCK_SIZE) as usize;
-        let last = p.end.div_ceil(BLOCK_SIZE) as usize;
-        let plan = self
-            .top
-            .with_entry(p.chunk, |e| e.map(|e| (e.data_offset, e.blocks.runs(first, last).collect::<Vec<_>>())));
-        let Some((slot, runs)) = plan else {
-            return self.read_lower(buf, base + p.start);
-        };
-        let checksums = self.top.geometry().data_checksums;
-        for (s, t, state) in runs {
-            let rs = (s as u64 * BLOCK_SIZE).max(p.start);
-            let re = (t as u64 * BLOCK_SIZE).min(p.end);
-            let sub = &mut buf[(rs - p.start) as usize..(re - p.start) as usize];
-            match state {
-                BlockState::Data if checksums => self.top.read_data_verified(p.chunk, rs, sub)?,
-                BlockState::Data => self.top.read_at(sub, slot + rs)?,
-                BlockState::Zero => sub.fill(0),
-                BlockState::Absent => self.read_lower(sub, base + rs)?,
-            }
-        }
-        Ok(())
+        let mut spans = Vec::new();
+        self.plan_lower(start, end, &mut spans);
+        spans.iter().any(|s| matches!(s.from, Origin::Lower { .. } | Origin::Base))
     }
 
     /// Writes `data` at chunk-relative [p.start, p.end). The caller holds the chunk lock.
@@ -358,52 +314,24 @@ impl Chain {
         let zeros = vec![0u8; (p.end - p.start) as usize];
         self.write_piece_locked(p, &zeros)
     }
+}
 
-    /// The kind of [start, end) of the top chunk `chunk`, as runs.
-    fn describe_piece(&self, p: ChunkPiece, out: &mut Vec<Extent>) {
-        let base = self.chunk_base(p.chunk);
-        let first = (p.start / BLOCK_SIZE) as usize;
-        let last = p.end.div_ceil(BLOCK_SIZE) as usize;
-        let runs = self.top.with_entry(p.chunk, |e| e.map(|e| e.blocks.runs(first, last).collect::<Vec<_>>()));
-        let runs = runs.unwrap_or_else(|| vec![(first, last, BlockState::Absent)]);
-        for (s, t, state) in runs {
-            let rs = base + (s as u64 * BLOCK_SIZE).max(p.start);
-            let re = base + (t as u64 * BLOCK_SIZE).min(p.end);
-            match state {
-                BlockState::Data => push_extent(out, rs, re, ExtentKind::Data { depth: 0 }),
-                BlockState::Zero => push_extent(out, rs, re, ExtentKind::Zero { depth: 0 }),
-                BlockState::Absent => self.describe_lower(rs, re, out),
-            }
-        }
+/// Reads what `img` holds at device offset `at` (file offset `file_offset`), verified against
+/// its data checksums when it has them (chunk by chunk, in `img`'s own chunk size).
+fn read_image(img: &Image, at: u64, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+    let g = img.geometry();
+    if !g.data_checksums {
+        return img.read_at(buf, file_offset);
     }
-
-    fn describe_lower(&self, start: u64, end: u64, out: &mut Vec<Extent>) {
-        let base_depth = 1 + self.lowers.len();
-        let mut pieces: Vec<Piece> = Vec::new();
-        if self.lowers.is_empty() {
-            pieces.push((start, end, None));
-        } else {
-            self.lower_map.pieces(start, end - start, &mut pieces);
-        }
-        for (s, e, src) in pieces {
-            match src {
-                Some(Source::Layer { layer, .. }) => {
-                    push_extent(out, s, e, ExtentKind::Data { depth: 1 + layer as usize })
-                }
-                Some(Source::Zero { layer }) => push_extent(out, s, e, ExtentKind::Zero { depth: 1 + layer as usize }),
-                None => match &self.base {
-                    Some(b) if b.size() > s => {
-                        let m = e.min(b.size());
-                        push_extent(out, s, m, ExtentKind::Data { depth: base_depth });
-                        if m < e {
-                            push_extent(out, m, e, ExtentKind::Unallocated);
-                        }
-                    }
-                    _ => push_extent(out, s, e, ExtentKind::Unallocated),
-                },
-            }
-        }
+    let mut done = 0;
+    while done < buf.len() {
+        let pos = at + done as u64;
+        let in_chunk = pos & (g.chunk_size() - 1);
+        let n = ((g.chunk_size() - in_chunk) as usize).min(buf.len() - done);
+        img.read_data_verified(pos >> g.chunk_shift, in_chunk, &mut buf[done..done + n])?;
+        done += n;
     }
+    Ok(())
 }
 
 fn push_extent(out: &mut Vec<Extent>, start: u64, end: u64, kind: ExtentKind) {
@@ -430,37 +358,10 @@ impl DiskRead for Chain {
         if len == 0 {
             return Ok(());
         }
-        let end = offset + len;
-        if (offset >> self.chunk_shift) == ((end - 1) >> self.chunk_shift) {
-            // The common small read: one chunk, one lookup.
-            if let Some(p) = self.pieces(offset, len).next() {
-                return self.read_piece(p, buf);
-            }
-            return Ok(());
-        }
-        // A read across chunks goes to the layers below in one piece wherever the top has no
-        // entry, so a long read of a fresh overlay is one read of the base, not one per chunk.
-        let mut pos = offset;
-        while pos < end {
-            let chunk = pos >> self.chunk_shift;
-            let at = (pos - offset) as usize;
-            match self.top.next_chunk(chunk) {
-                Some(c) if c == chunk => {
-                    let p = self.pieces(pos, (self.chunk_base(chunk + 1).min(end)) - pos).next();
-                    if let Some(p) = p {
-                        let n = (p.end - p.start) as usize;
-                        self.read_piece(p, &mut buf[at..at + n])?;
-                        pos += n as u64;
-                    }
-                }
-                next => {
-                    let gap_end = next.map_or(end, |c| self.chunk_base(c).min(end));
-                    self.read_lower(&mut buf[at..(gap_end - offset) as usize], pos)?;
-                    pos = gap_end;
-                }
-            }
-        }
-        Ok(())
+        let _io = self.top.io_guard();
+        let mut spans = Vec::new();
+        self.plan(offset, len, &mut spans);
+        self.read_planned(&spans, buf, offset)
     }
 }
 
@@ -533,23 +434,13 @@ impl DiskExtents for Chain {
         let max = max_extents.max(1);
         let end = offset + len;
         let mut out = Vec::new();
+        let mut spans = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let chunk = pos >> self.chunk_shift;
-            let chunk_end = self.chunk_base(chunk + 1).min(end);
-            match self.top.next_chunk(chunk) {
-                Some(c) if c == chunk => {
-                    let base = self.chunk_base(chunk);
-                    let p = ChunkPiece { chunk, start: pos - base, end: chunk_end - base };
-                    self.describe_piece(p, &mut out);
-                    pos = chunk_end;
-                }
-                // No top entry until chunk `next`: the whole gap is whatever lies below.
-                next => {
-                    let gap_end = next.map_or(end, |c| self.chunk_base(c).min(end));
-                    self.describe_lower(pos, gap_end, &mut out);
-                    pos = gap_end;
-                }
+            spans.clear();
+            pos = self.plan_step(pos, end, &mut spans);
+            for sp in &spans {
+                push_extent(&mut out, sp.start, sp.end, self.kind_of(sp.from));
             }
             // Stop once enough is described: a reply may cover a prefix of the range.
             if out.len() > max {

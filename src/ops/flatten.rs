@@ -3,6 +3,7 @@
 
 use super::{all_extents, copy_range, Progress};
 use crate::chain::create::{publish, temp_sibling};
+use crate::chain::DeviceRange;
 use crate::device::{DiskFlush, DiskRead, DiskWrite, Extent, ExtentKind};
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::Geometry;
@@ -23,6 +24,9 @@ fn ranges(chain: &Chain, keep: impl Fn(ExtentKind) -> bool) -> Result<Vec<Extent
     }
     Ok(out)
 }
+
+/// Bytes written between progress reports when flattening into a new cowdisk image.
+const PROGRESS_STEP: u64 = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -80,11 +84,9 @@ pub fn flatten_to(image: &Path, out: &Path, format: OutputFormat, progress: Prog
                 let f = FileStorage::create(&tmp)?;
                 f.set_len(chain.size())?;
                 for e in &data {
-                    copy_range(&chain, e.offset, e.length, &mut buf, |b, off| {
-                        f.write_at(b, off)?;
-                        done += b.len() as u64;
+                    chain.copy_to(e.offset, e.length, &f, e.offset, &mut buf, |n| {
+                        done += n;
                         progress(done, total);
-                        Ok(())
                     })?;
                 }
                 f.sync()
@@ -94,12 +96,14 @@ pub fn flatten_to(image: &Path, out: &Path, format: OutputFormat, progress: Prog
                 let g = Geometry::new(chain.size(), tg.chunk_shift)?.with_data_checksums(tg.data_checksums)?;
                 let dst = Chain::assemble(Image::create(&tmp, g, None)?, Vec::new(), None);
                 for e in &data {
-                    copy_range(&chain, e.offset, e.length, &mut buf, |b, off| {
-                        dst.write_at(b, off)?;
-                        done += b.len() as u64;
+                    let mut pos = e.offset;
+                    while pos < e.offset + e.length {
+                        let n = (e.offset + e.length - pos).min(PROGRESS_STEP);
+                        dst.write_from(&mut DeviceRange::new(&chain, pos, n), pos, n)?;
+                        pos += n;
+                        done += n;
                         progress(done, total);
-                        Ok(())
-                    })?;
+                    }
                 }
                 dst.close()
             }

@@ -188,6 +188,47 @@ impl Storage for FileStorage {
         }
     }
 
+    /// copy_file_range(2) when `dst` is a file too: the kernel moves the bytes (one copy
+    /// between page caches, or none where the file system shares extents). A pair of files
+    /// it cannot copy between (another file system, a special file) goes through memory.
+    fn copy_to(&self, offset: u64, len: u64, dst: &dyn Storage, dst_offset: u64) -> Result<()> {
+        let Some(out) = dst.as_file() else {
+            return super::copy_through_memory(self, offset, len, dst, dst_offset);
+        };
+        let mut done = 0u64;
+        while done < len {
+            let mut src_off = (offset + done) as libc::loff_t;
+            let mut dst_off = (dst_offset + done) as libc::loff_t;
+            let want = (len - done).min(1 << 30) as usize;
+            // SAFETY: both fds are open for the lifetime of `self` and `out`; the offsets are
+            // ours, so neither file's cursor moves.
+            let n = unsafe {
+                libc::copy_file_range(self.file.as_raw_fd(), &mut src_off, out.file.as_raw_fd(), &mut dst_off, want, 0)
+            };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
+            if n == 0 {
+                // This file ends here: what is left reads, and so copies, as zeros.
+                return super::copy_through_memory(self, offset + done, len - done, dst, dst_offset + done);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                    return super::copy_through_memory(self, offset + done, len - done, dst, dst_offset + done);
+                }
+                _ => return Err(self.ctx(e, "copy", offset + done)),
+            }
+        }
+        Ok(())
+    }
+
+    fn as_file(&self) -> Option<&FileStorage> {
+        Some(self)
+    }
+
     fn len(&self) -> Result<u64> {
         let md = self.file.metadata().map_err(|e| self.ctx(e, "stat", 0))?;
         if md.is_file() {
@@ -287,6 +328,40 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cowdisk-file-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&dir);
         dir
+    }
+
+    #[test]
+    fn copy_between_files_lands_unchanged_and_copies_past_the_source_end_as_zeros() {
+        let (a, b) = (tmp("copy-src"), tmp("copy-dst"));
+        let src = FileStorage::create(&a).unwrap();
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        src.write_at(&bytes, 0).unwrap();
+        let dst = FileStorage::create(&b).unwrap();
+        dst.write_at(&[0xee; 400_000], 0).unwrap();
+        // Unaligned on both sides, running 5,000 bytes past the source's end.
+        src.copy_to(1001, 304_000, &dst, 77).unwrap();
+        let mut got = vec![0u8; 304_000];
+        dst.read_at(&mut got, 77).unwrap();
+        assert_eq!(&got[..298_999], &bytes[1001..]);
+        assert!(got[298_999..].iter().all(|&x| x == 0), "bytes past the source's end must copy as zeros");
+        let mut head = [0u8; 77];
+        dst.read_at(&mut head, 0).unwrap();
+        assert_eq!(head, [0xee; 77], "bytes before the destination offset must be left alone");
+        let _ = (std::fs::remove_file(&a), std::fs::remove_file(&b));
+    }
+
+    #[test]
+    fn copy_into_a_store_that_is_no_file_goes_through_memory() {
+        let a = tmp("copy-mem");
+        let src = FileStorage::create(&a).unwrap();
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        src.write_at(&bytes, 0).unwrap();
+        let dst = super::super::MemStorage::new();
+        src.copy_to(5, 2_999_995, &dst, 0).unwrap();
+        let mut got = vec![0u8; 2_999_995];
+        dst.read_at(&mut got, 0).unwrap();
+        assert!(got[..] == bytes[5..]);
+        let _ = std::fs::remove_file(&a);
     }
 
     #[test]

@@ -43,6 +43,17 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn write_from_pipe(&self, pipe: &Pipe, len: usize, offset: u64) -> Result<()> {
         through_memory(pipe, len, |buf| self.write_at(buf, offset))
     }
+    /// Copies `len` bytes at `offset` of this store to `dst_offset` of `dst`, as a read and a
+    /// write would (bytes past this store's end copy as zeros). Stores that cannot copy
+    /// between files in the kernel move the bytes through memory.
+    fn copy_to(&self, offset: u64, len: u64, dst: &dyn Storage, dst_offset: u64) -> Result<()> {
+        copy_through_memory(self, offset, len, dst, dst_offset)
+    }
+    /// The file under this store when it is a plain file store (for copies between files in
+    /// the kernel); `None` for every other store, whose writes must go through its methods.
+    fn as_file(&self) -> Option<&FileStorage> {
+        None
+    }
     /// Allocates space for a range the caller is about to overwrite entirely, growing the
     /// store if the range ends past it. Contents are unspecified until written (the caller
     /// writes every byte before anything reads them). Only a hint: stores without a cheaper
@@ -63,6 +74,27 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn allocated_bytes(&self) -> Option<u64> {
         None
     }
+}
+
+/// Bytes moved per read and write when a copy goes through memory.
+const COPY_PIECE: u64 = 1 << 20;
+
+fn copy_through_memory<S: Storage + ?Sized>(
+    src: &S,
+    offset: u64,
+    len: u64,
+    dst: &dyn Storage,
+    dst_offset: u64,
+) -> Result<()> {
+    let mut buf = vec![0u8; len.min(COPY_PIECE) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(COPY_PIECE) as usize;
+        src.read_at(&mut buf[..n], offset + done)?;
+        dst.write_at(&buf[..n], dst_offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Takes `len` bytes out of `pipe` into memory and hands them to `write`.
