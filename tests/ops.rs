@@ -273,3 +273,64 @@ fn snapshot_refuses_an_image_in_use_and_an_existing_name() {
     drop(held);
     assert!(!d.join("s.cow").exists());
 }
+
+/// Flatten of a chain whose stretches are long enough for file-to-file copies (from the base,
+/// a lower layer and the top, across the 64 MiB copy windows, the base ending mid-block) and
+/// short ones between them: every output holds what the device reads.
+#[test]
+fn flatten_of_long_and_short_stretches_across_copy_windows_matches_the_device() {
+    const DEV: u64 = 70 << 20;
+    for checksums in [false, true] {
+        let dir = TempDir::new("flatten-long");
+        let base = dir.join("base.raw");
+        let base_len = (66 << 20) + 5;
+        std::fs::write(&base, pattern(5, base_len as usize)).unwrap();
+        let top = dir.join("disk.cow");
+        let o = CreateOptions {
+            size: Some(DEV),
+            backing: Some(base),
+            data_checksums: Some(checksums),
+            ..Default::default()
+        };
+        create_image(&top, &o).unwrap().close().unwrap();
+        let write = |off: u64, len: usize, seed: u64| {
+            let c = rw(&top);
+            c.write_at(&pattern(seed, len), off).unwrap();
+            c.close().unwrap();
+        };
+        // Lower layer: a long run crossing the first window's end, scattered blocks, a hole.
+        write((63 << 20) + 4096, 2 << 20, 1);
+        for i in 0..200u64 {
+            write(i * 311_296 + 8192, 4096, 100 + i);
+        }
+        let c = rw(&top);
+        c.discard(10 << 20, 300_000).unwrap();
+        c.close().unwrap();
+        drop(c);
+        snapshot::snapshot(&top, &dir.join("lower.cow")).unwrap();
+        // Top: a long run, a short unaligned one, and data past the base's end.
+        write(20 << 20, (1 << 20) + 12_288, 2);
+        write(30_000, 5_000, 3);
+        write((68 << 20) - 3, 400_000, 4);
+        let chain = Chain::open(&top, ChainOptions::default()).unwrap();
+        let mut want = vec![0u8; DEV as usize];
+        chain.read_at(&mut want, 0).unwrap();
+        drop(chain);
+        let raw = dir.join("flat.raw");
+        flatten_to(&top, &raw, OutputFormat::Raw, &|_, _| {}).unwrap();
+        assert!(std::fs::read(&raw).unwrap() == want, "raw flatten differs (checksums {checksums})");
+        let cow = dir.join("flat.cow");
+        flatten_to(&top, &cow, OutputFormat::Cowdisk, &|_, _| {}).unwrap();
+        flatten_in_place(&top, &|_, _| {}).unwrap();
+        for p in [&cow, &top] {
+            let c = Chain::open(p, ChainOptions::default()).unwrap();
+            assert_eq!(c.depth(), 1);
+            let mut got = vec![0u8; DEV as usize];
+            c.read_at(&mut got, 0).unwrap();
+            assert!(got == want, "{} differs from the device (checksums {checksums})", p.display());
+            drop(c);
+            let r = check(p, &CheckOptions { deep: true, ..Default::default() }, &|_, _| {});
+            assert_eq!(r.exit_code(), 0, "{}: {r:?}", p.display());
+        }
+    }
+}

@@ -13,6 +13,12 @@ use crate::storage::Storage;
 /// the top's I/O guard is not held for long.
 const COPY_WINDOW: u64 = 64 << 20;
 
+/// Stretches shorter than this go through memory even where the kernel could copy them: on
+/// this project's test machine a copy_file_range call cost about 19 µs beyond its bytes (1 GiB
+/// copied in 200 KiB calls: 0.36 s of system time, in 64 MiB calls: 0.26 s), a 4 KiB read and
+/// write a few µs.
+const KERNEL_COPY_MIN: u64 = 128 << 10;
+
 /// Bytes per read and write for stretches that go through memory.
 const MEMORY_PIECE: u64 = 1 << 20;
 
@@ -39,7 +45,17 @@ impl Chain {
             spans.clear();
             let _io = self.top.io_guard();
             self.plan(pos, window_end - pos, &mut spans);
-            for s in &spans {
+            // The base interrupted by scattered blocks of the layers: one copy of the base for
+            // the whole window, then the layers' stretches over it, instead of a call per piece.
+            let base_first = spans.len() > 2 && spans.iter().filter(|s| s.from == Origin::Base).count() > 1;
+            if let Some(b) = self.base.as_ref().filter(|_| base_first) {
+                // Base spans lie below its end, so this is not empty.
+                let stop = window_end.min(b.size()).max(pos);
+                b.storage()
+                    .copy_to(pos, stop - pos, dst, dst_offset + (pos - offset))
+                    .map_err(|e| e.with_file(b.path()))?;
+            }
+            for s in spans.iter().filter(|s| !(base_first && s.from == Origin::Base)) {
                 self.copy_span(s, dst, dst_offset + (s.start - offset), buf)?;
             }
             progress(window_end - pos);
@@ -50,6 +66,7 @@ impl Chain {
 
     fn copy_span(&self, s: &Span, dst: &dyn Storage, at: u64, buf: &mut Vec<u8>) -> Result<()> {
         let in_file = match s.from {
+            _ if s.len() < KERNEL_COPY_MIN => None,
             Origin::Top { file_offset } if !self.top.geometry().data_checksums => {
                 Some((self.top.storage(), self.top.path(), file_offset))
             }

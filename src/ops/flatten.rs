@@ -1,7 +1,7 @@
 //! Flatten: make an image independent of its parents, in place or as a new standalone file
 //! (cowdisk or raw), keeping zero and unallocated ranges sparse (spec §5.7.2).
 
-use super::{all_extents, copy_range, Progress};
+use super::{all_extents, Progress};
 use crate::chain::create::{publish, temp_sibling};
 use crate::chain::DeviceRange;
 use crate::device::{DiskFlush, DiskRead, DiskWrite, Extent, ExtentKind};
@@ -25,8 +25,22 @@ fn ranges(chain: &Chain, keep: impl Fn(ExtentKind) -> bool) -> Result<Vec<Extent
     Ok(out)
 }
 
-/// Bytes written between progress reports when flattening into a new cowdisk image.
+/// Bytes written between progress reports when flattening into a cowdisk image.
 const PROGRESS_STEP: u64 = 64 << 20;
+
+/// Writes extent `e` of `src`'s device into `dst` at the same offset, through `dst`'s write
+/// path (whole chunks copied file to file where `src`'s layers allow), reporting bytes done.
+fn copy_device(src: &Chain, dst: &Chain, e: &Extent, progress: &mut dyn FnMut(u64)) -> Result<()> {
+    let end = e.offset + e.length;
+    let mut pos = e.offset;
+    while pos < end {
+        let n = (end - pos).min(PROGRESS_STEP);
+        dst.write_from(&mut DeviceRange::new(src, pos, n), pos, n)?;
+        pos += n;
+        progress(n);
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -52,13 +66,12 @@ pub fn flatten_chain(chain: &Chain, progress: Progress) -> Result<()> {
     let below: Vec<_> = ranges(chain, |k| matches!(k, ExtentKind::Data { depth } if depth > 0))?;
     let total: u64 = below.iter().map(|e| e.length).sum();
     let mut done = 0;
-    let mut buf = Vec::new();
     for e in below {
-        copy_range(chain, e.offset, e.length, &mut buf, |b, off| {
-            chain.write_at(b, off)?;
-            done += b.len() as u64;
+        // The ranges come from the layers below, which a write into the top never changes:
+        // the chain can be the source of its own writes.
+        copy_device(chain, chain, &e, &mut |n| {
+            done += n;
             progress(done, total);
-            Ok(())
         })?;
     }
     chain.flush()?;
@@ -96,14 +109,10 @@ pub fn flatten_to(image: &Path, out: &Path, format: OutputFormat, progress: Prog
                 let g = Geometry::new(chain.size(), tg.chunk_shift)?.with_data_checksums(tg.data_checksums)?;
                 let dst = Chain::assemble(Image::create(&tmp, g, None)?, Vec::new(), None);
                 for e in &data {
-                    let mut pos = e.offset;
-                    while pos < e.offset + e.length {
-                        let n = (e.offset + e.length - pos).min(PROGRESS_STEP);
-                        dst.write_from(&mut DeviceRange::new(&chain, pos, n), pos, n)?;
-                        pos += n;
+                    copy_device(&chain, &dst, e, &mut |n| {
                         done += n;
                         progress(done, total);
-                    }
+                    })?;
                 }
                 dst.close()
             }

@@ -14,9 +14,6 @@ use crate::Chain;
 /// Reports progress as (bytes done, bytes in all).
 pub type Progress<'a> = &'a dyn Fn(u64, u64);
 
-/// Bytes moved per read/write when copying data between layers or files.
-pub const COPY_UNIT: u64 = 256 << 10;
-
 /// Every extent of the merged device, in order, describing the whole of it.
 pub fn all_extents(chain: &Chain) -> Result<Vec<Extent>> {
     let size = chain.size();
@@ -34,24 +31,4 @@ pub fn all_extents(chain: &Chain) -> Result<Vec<Extent>> {
         }
     }
     Ok(out)
-}
-
-/// Copies [offset, offset+len) of `chain` to `sink` in [`COPY_UNIT`] pieces.
-pub(crate) fn copy_range(
-    chain: &Chain,
-    offset: u64,
-    len: u64,
-    buf: &mut Vec<u8>,
-    mut sink: impl FnMut(&[u8], u64) -> Result<()>,
-) -> Result<()> {
-    let mut pos = offset;
-    let end = offset + len;
-    while pos < end {
-        let n = (end - pos).min(COPY_UNIT) as usize;
-        buf.resize(n, 0);
-        chain.read_at(&mut buf[..n], pos)?;
-        sink(&buf[..n], pos)?;
-        pos += n as u64;
-    }
-    Ok(())
 }
