@@ -47,7 +47,11 @@ impl Chain {
             self.plan(pos, window_end - pos, &mut spans);
             // The base interrupted by scattered blocks of the layers: one copy of the base for
             // the whole window, then the layers' stretches over it, instead of a call per piece.
-            let base_first = spans.len() > 2 && spans.iter().filter(|s| s.from == Origin::Base).count() > 1;
+            // Only where the base serves most of the window: the bytes the layers then write
+            // over are copied twice.
+            let (base_spans, base_bytes) =
+                spans.iter().filter(|s| s.from == Origin::Base).fold((0, 0), |(n, b), s| (n + 1, b + s.len()));
+            let base_first = base_spans > 1 && base_bytes * 2 >= window_end - pos;
             if let Some(b) = self.base.as_ref().filter(|_| base_first) {
                 // Base spans lie below its end, so this is not empty.
                 let stop = window_end.min(b.size()).max(pos);

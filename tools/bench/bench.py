@@ -546,7 +546,10 @@ def op_flatten(rep):
     out = SCRATCH / "flat-out.raw"
     sizes = {}
     kept = {}
-    for tool in ["cowdisk", "qemu-img", "cp"]:
+    # A flatten takes about a second and its time swings with the VM's page allocation from
+    # one run to the next: FLATTEN_RUNS rounds per repetition, each tool going first in turn.
+    order = [t for k in range(FLATTEN_RUNS) for t in rotated(["cowdisk", "qemu-img", "cp"], rep * FLATTEN_RUNS + k)]
+    for i, tool in enumerate(order):
         remove(out)
         run(["sync"])
         if tool == "cowdisk":
@@ -563,7 +566,7 @@ def op_flatten(rep):
         if sizes[tool] != ARGS.size_bytes:
             raise BenchError(f"{tool} produced {sizes[tool]} bytes, expected {ARGS.size_bytes}")
         record("flatten", tool, {"value": t, "unit": "s"})
-        if rep == 0 and tool in ("cowdisk", "qemu-img"):
+        if rep == 0 and i < 3 and tool in ("cowdisk", "qemu-img"):
             kept[tool] = SCRATCH / f"flat-{tool}.raw"
             os.rename(out, kept[tool])
     remove(out)
@@ -1055,9 +1058,10 @@ individual repetitions are listed at the end.
   (untimed). Timed: `cowdisk flatten top.cow --output out.raw --format raw` (cowdisk fsyncs the
   output itself, then renames it into place); `qemu-img convert -f qcow2 -O raw q16.qcow2 out.raw`
   followed by `sync out.raw` (coreutils `sync FILE` = fsync of that file); `cp --sparse=never
-  base.raw out.raw` followed by `sync out.raw`. The output is deleted between runs. (We use
-  `sync FILE`, an fsync of the output, rather than `sync -f`, which syncs the whole filesystem and
-  would also time other people's dirty data.){'' if same is None else ' Check: the cowdisk and qemu-img outputs were ' + ('byte-identical (both chains received the same fio writes with a fixed data pattern per layer).' if same else '**not** byte-identical, although both chains received the same fio writes with a fixed data pattern per layer.')}
+  base.raw out.raw` followed by `sync out.raw`. The output is deleted between runs. Each
+  repetition runs {FLATTEN_RUNS} rounds of the three, each tool going first in turn; the median
+  is over all runs. (We use `sync FILE`, an fsync of the output, rather than `sync -f`, which
+  syncs the whole filesystem and would also time other people's dirty data.){'' if same is None else ' Check: the cowdisk and qemu-img outputs were ' + ('byte-identical (both chains received the same fio writes with a fixed data pattern per layer).' if same else '**not** byte-identical, although both chains received the same fio writes with a fixed data pattern per layer.')}
 - **Big image:** `cowdisk create big.cow --size 1T`, then {ARGS.big_chunks} writes of 64 KiB at
   random 64K-aligned offsets over the whole TiB through `cowdisk serve` with fio
   ({human(ARGS.big_chunks * 65536)} written; `cowdisk info --json` reports
@@ -1089,6 +1093,7 @@ def parse_size(s):
 
 
 SEQWRITE_RUNS = 4
+FLATTEN_RUNS = 3
 
 
 def rotated(peers, rep):
