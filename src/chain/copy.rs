@@ -2,7 +2,7 @@
 //! the plan says which layer's file holds each stretch, and the kernel moves those bytes
 //! (copy_file_range) without them passing through this process.
 
-use super::plan::{Origin, Span};
+use super::plan::{base_first, Origin, Span};
 use super::{read_image, Chain};
 use crate::device::{DiskRead, Payload};
 use crate::error::{err, ErrorKind, Result};
@@ -46,20 +46,16 @@ impl Chain {
             let _io = self.top.io_guard();
             self.plan(pos, window_end - pos, &mut spans);
             // The base interrupted by scattered blocks of the layers: one copy of the base for
-            // the whole window, then the layers' stretches over it, instead of a call per piece.
-            // Only where the base serves most of the window: the bytes the layers then write
-            // over are copied twice.
-            let (base_spans, base_bytes) =
-                spans.iter().filter(|s| s.from == Origin::Base).fold((0, 0), |(n, b), s| (n + 1, b + s.len()));
-            let base_first = base_spans > 1 && base_bytes * 2 >= window_end - pos;
-            if let Some(b) = self.base.as_ref().filter(|_| base_first) {
+            // the whole window, then the layers' stretches over it.
+            let base_once = base_first(&spans, window_end - pos);
+            if let Some(b) = self.base.as_ref().filter(|_| base_once) {
                 // Base spans lie below its end, so this is not empty.
                 let stop = window_end.min(b.size()).max(pos);
                 b.storage()
                     .copy_to(pos, stop - pos, dst, dst_offset + (pos - offset))
                     .map_err(|e| e.with_file(b.path()))?;
             }
-            for s in spans.iter().filter(|s| !(base_first && s.from == Origin::Base)) {
+            for s in spans.iter().filter(|s| !(base_once && s.from == Origin::Base)) {
                 self.copy_span(s, dst, dst_offset + (s.start - offset), buf)?;
             }
             progress(window_end - pos);

@@ -137,7 +137,7 @@ impl Chain {
     fn read_planned(&self, spans: &[Span], buf: &mut [u8], offset: u64) -> Result<()> {
         // A long range where a few blocks of the layers interrupt the base: one read of the
         // base for all of it, then the layers' blocks on top, instead of a read per piece.
-        let base_first = spans.len() > 2 && spans.iter().filter(|s| s.from == Origin::Base).count() > 1;
+        let base_first = plan::base_first(spans, buf.len() as u64);
         if base_first {
             self.read_base(buf, offset)?;
         }

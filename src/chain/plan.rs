@@ -62,6 +62,15 @@ impl Span {
     }
 }
 
+/// Whether to carry out a plan of `len` bytes base first: one transfer of the base for all of
+/// it, then the other spans over it, instead of one transfer per base span. Worth it where the
+/// base serves at least half of the range in more than one span: the bytes the other spans
+/// then write over are moved twice.
+pub(crate) fn base_first(spans: &[Span], len: u64) -> bool {
+    let (n, bytes) = spans.iter().filter(|s| s.from == Origin::Base).fold((0, 0), |(n, b), s| (n + 1, b + s.len()));
+    n > 1 && bytes * 2 >= len
+}
+
 /// Appends a span, merged into the last one when it continues it.
 fn push(out: &mut Vec<Span>, start: u64, end: u64, from: Origin) {
     if start >= end {
@@ -194,6 +203,17 @@ mod tests {
                 Span { start: 24576, end: 28672, from: Origin::Zero { depth: 2 } },
             ]
         );
+    }
+
+    #[test]
+    fn base_first_only_where_the_base_serves_most_of_the_range_in_pieces() {
+        let span = |start, end, from| Span { start, end, from };
+        let top = Origin::Top { file_offset: 1 << 20 };
+        let scattered = [span(0, 40, Origin::Base), span(40, 50, top), span(50, 100, Origin::Base)];
+        assert!(base_first(&scattered, 100));
+        let mostly_top = [span(0, 10, Origin::Base), span(10, 90, top), span(90, 100, Origin::Base)];
+        assert!(!base_first(&mostly_top, 100));
+        assert!(!base_first(&[span(0, 100, Origin::Base)], 100), "one span is one transfer already");
     }
 
     #[test]
