@@ -3,7 +3,7 @@
 //! (copy_file_range) without them passing through this process.
 
 use super::plan::{base_first, Origin, Span};
-use super::{read_image, Chain};
+use super::Chain;
 use crate::device::{DiskRead, Payload};
 use crate::error::{err, ErrorKind, Result};
 use crate::storage::Storage;
@@ -84,15 +84,7 @@ impl Chain {
         while pos < s.end {
             let n = (s.end - pos).min(MEMORY_PIECE);
             buf.resize(n as usize, 0);
-            let part = s.part(pos, pos + n);
-            match part.from {
-                Origin::Top { file_offset } => read_image(&self.top, pos, file_offset, buf)?,
-                Origin::Lower { layer, file_offset } => {
-                    read_image(&self.lowers[layer as usize], pos, file_offset, buf)?
-                }
-                Origin::Base => self.read_base(buf, pos)?,
-                Origin::Zero { .. } | Origin::Unallocated => buf.fill(0),
-            }
+            self.read_planned(&[s.part(pos, pos + n)], buf, pos)?;
             dst.write_at(buf, at + (pos - s.start))?;
             pos += n;
         }

@@ -91,9 +91,9 @@ pub fn flatten_to(image: &Path, out: &Path, format: OutputFormat, progress: Prog
     let _ = std::fs::remove_file(&tmp);
     let result = (|| -> Result<()> {
         let mut done = 0;
-        let mut buf = Vec::new();
         match format {
             OutputFormat::Raw => {
+                let mut buf = Vec::new();
                 let f = FileStorage::create(&tmp)?;
                 f.set_len(chain.size())?;
                 for e in &data {

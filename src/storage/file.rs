@@ -209,18 +209,17 @@ impl Storage for FileStorage {
                 done += n as u64;
                 continue;
             }
-            if n == 0 {
-                // This file ends here: what is left reads, and so copies, as zeros.
-                return super::copy_through_memory(self, offset + done, len - done, dst, dst_offset + done);
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => {}
-                Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
-                    return super::copy_through_memory(self, offset + done, len - done, dst, dst_offset + done);
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {}
+                    _ => return Err(self.ctx(e, "copy", offset + done)),
                 }
-                _ => return Err(self.ctx(e, "copy", offset + done)),
             }
+            // The source ends here (what is left reads, so copies, as zeros), or the kernel
+            // cannot copy between these two files.
+            return super::copy_through_memory(self, offset + done, len - done, dst, dst_offset + done);
         }
         Ok(())
     }
