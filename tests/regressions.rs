@@ -185,8 +185,9 @@ fn a_failed_close_is_not_reported_as_success_on_retry() {
     // The fault was one-shot; a retry does the work for real, so it must really succeed...
     chain.close().expect("a retried close succeeds once its writes succeed");
     // ...and then the image is closed cleanly: the data is there and the dirty flag is clear.
-    let again = Image::open_on(Arc::new(MemStorage::from_bytes(mem.snapshot())), Path::new("img"), OpenOptions::inspect())
-        .unwrap();
+    let again =
+        Image::open_on(Arc::new(MemStorage::from_bytes(mem.snapshot())), Path::new("img"), OpenOptions::inspect())
+            .unwrap();
     assert!(!again.header().has_flag(cowdisk::format::FLAG_DIRTY), "closed cleanly");
     let c = Chain::assemble(again, Vec::new(), None);
     let mut got = vec![0u8; 3 * BLOCK];
@@ -206,4 +207,49 @@ fn a_close_after_a_failed_sync_keeps_failing() {
     faulty.arm(0, FaultKind::Eio, false);
     assert!(img.close().is_err());
     assert!(img.close().is_err(), "a retried close after a failed sync reported success");
+}
+
+/// `check --repair` worked out the leaked space from a look that held no lock, then punched it
+/// after taking the exclusive lock, without looking again. A writer that opened the image in
+/// between, wrote a new chunk into that space (the lowest free cluster) and closed, lost it.
+#[test]
+fn check_repair_never_punches_data_a_writer_put_into_leaked_space_meanwhile() {
+    use cowdisk::chain::create::{create_image, CreateOptions};
+    use cowdisk::ops::check::{check, CheckOptions};
+    use cowdisk::ChainOptions;
+    let dir = common::TempDir::new("repair-race");
+    let p = dir.join("disk.cow");
+    let opts = CreateOptions { size: Some(64 << 20), ..Default::default() };
+    let img = create_image(&p, &opts).unwrap();
+    let c = Chain::assemble(img, Vec::new(), None);
+    // 16 MiB of data, so that a deep check reports progress (every 16 MiB) between its look
+    // and its repair; then a leaked cluster at the end of the file, as a crash leaves one.
+    let bulk = pattern(8, 16 << 20);
+    c.write_at(&bulk, 0).unwrap();
+    c.close().unwrap();
+    drop(c);
+    let end = std::fs::metadata(&p).unwrap().len().next_multiple_of(65536);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 65536], end).unwrap();
+    drop(f);
+    let fresh = pattern(9, 65536);
+    let wrote = std::sync::atomic::AtomicBool::new(false);
+    // Runs while check reads every block, after it has looked at the free space.
+    let writer = |_: u64, _: u64| {
+        if wrote.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let w = Chain::open(&p, ChainOptions { writable: true, ..Default::default() }).unwrap();
+        w.write_at(&fresh, 32 << 20).unwrap();
+        w.close().unwrap();
+    };
+    let r = check(&p, &CheckOptions { repair: true, deep: true, ..Default::default() }, &writer);
+    assert!(wrote.load(Ordering::SeqCst), "the writer never ran during the check");
+    assert_eq!(r.exit_code(), 0, "{r:?}");
+    let c = Chain::open(&p, ChainOptions::default()).unwrap();
+    let mut got = vec![0u8; 65536];
+    c.read_at(&mut got, 32 << 20).unwrap();
+    assert!(got == fresh, "the chunk written during the check was punched by the repair");
+    c.read_at(&mut got, 0).unwrap();
+    assert!(got[..] == bulk[..65536]);
 }

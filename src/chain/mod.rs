@@ -8,6 +8,7 @@ mod copy;
 pub mod create;
 pub mod extents;
 mod open;
+pub mod pending;
 mod plan;
 
 pub use copy::DeviceRange;

@@ -1,30 +1,27 @@
 //! Snapshot: freeze an image's current contents under a new name and leave an empty overlay
 //! on it under the old name, in constant time, with an intent record so that a crash at any
-//! point resolves to "before" or "after" (spec §5.7.1).
+//! point resolves to "before" or "after" (spec §5.7.1). This file decides a snapshot (S1 to
+//! S3); carrying out a decided one (S5 to S7) is the completion rule in `chain/pending.rs`,
+//! which opening a chain also applies.
 //!
 //! Every file and name operation goes through a [`Namespace`], so the crash tests can run the
 //! same code on a recording directory and rebuild every state a power cut could leave.
 
-use crate::chain::create::temp_sibling;
+use crate::chain::pending::{complete, complete_pending_in};
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::header::{ParentFormat, ParentRef, PendingSnapshot, MAX_PENDING_NAME};
 use crate::format::FLAG_FROZEN;
 use crate::layer::{read_header_of, write_next_header, Image};
-use crate::storage::namespace::{Namespace, RealFs};
+use crate::storage::namespace::{sweep_stale_temps, temp_name, Namespace, RealFs};
 use crate::storage::LockMode;
-use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn file_name(p: &Path) -> Result<Vec<u8>> {
     match p.file_name() {
         Some(n) if n.len() <= MAX_PENDING_NAME => Ok(n.as_bytes().to_vec()),
         _ => Err(err(ErrorKind::InvalidArgument, "needs a file name of 1 to 255 bytes").with_file(p)),
     }
-}
-
-fn sibling(p: &Path, name: &[u8]) -> PathBuf {
-    p.with_file_name(OsStr::from_bytes(name))
 }
 
 /// Freezes `image` as `snapshot` (a path in the same directory) and makes `image` a new empty
@@ -44,6 +41,8 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
         return Err(ctx(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot)));
     }
     let (live, snap) = (file_name(image)?, file_name(snapshot)?);
+    // An earlier snapshot of this image decided but not carried out is finished first.
+    complete_pending_in(ns, image)?;
     // Held to the end of the decision: nobody else may have the image open meanwhile. Only the
     // header is read and written; the map is never loaded, so this takes the same time for any
     // size of image.
@@ -54,8 +53,10 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
             err(ErrorKind::ReadOnly, "is frozen already (a parent layer); snapshot its overlay").with_file(image)
         ));
     }
-    let temp = temp_sibling(image, "snapshot");
-    ns.remove(&temp);
+    // The image is locked and records no pending snapshot, so no temporary overlay of an
+    // earlier snapshot of it is still needed: those of killed runs go.
+    sweep_stale_temps(ns, image, "snapshot");
+    let temp = temp_name(image, "snapshot");
     // 1. The new overlay, complete, under a temporary name. It names the snapshot by its
     //    file name (same directory) and identifies it by this image's UUID.
     let parent = ParentRef {
@@ -77,62 +78,4 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
     drop(locked);
     // 3. Carry it out: the names move; then the record is cleared.
     complete(ns, image, &pending)
-}
-
-/// Completes a snapshot whose intent record is durable; idempotent, so it can run again after
-/// a crash in the middle of it. `at` is any path in the image's directory.
-fn complete(ns: &dyn Namespace, at: &Path, p: &PendingSnapshot) -> Result<()> {
-    let live = sibling(at, &p.live);
-    let snap = sibling(at, &p.snapshot);
-    let temp = sibling(at, &p.temp);
-    if ns.exists(&temp) {
-        if !ns.exists(&snap) {
-            ns.link(&live, &snap)?;
-        } else if !ns.same_file(&snap, &live) {
-            return Err(err(
-                ErrorKind::InvalidArgument,
-                "a different file took the snapshot's name; the snapshot cannot complete",
-            )
-            .with_file(&snap));
-        }
-        // The link must be durable before the rename: if the rename reached the disk alone,
-        // the frozen image would have lost its only name.
-        ns.sync_dir(&snap)?;
-        ns.rename(&temp, &live)?;
-        ns.sync_dir(&live)?;
-    }
-    // Clearing the record is tidiness, not correctness: the record is only acted on when found
-    // under the live name, which now names the overlay. So it is not synced, and a busy
-    // snapshot simply keeps it for now.
-    match ns.open(&snap, true, LockMode::Exclusive) {
-        Ok(s) => {
-            let mut h = read_header_of(s.as_ref()).map_err(|e| e.with_file(&snap))?;
-            if h.pending.is_some() {
-                h.pending = None;
-                write_next_header(s.as_ref(), &mut h, false).map_err(|e| e.with_file(&snap))?;
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == ErrorKind::InUse => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// If `path` names a frozen image whose intent record says a snapshot of it under this name was
-/// decided but not finished, finishes it. Returns whether anything was done.
-pub fn complete_pending(path: &Path) -> Result<bool> {
-    complete_pending_in(&RealFs, path)
-}
-
-/// [`complete_pending`] through `ns`.
-pub fn complete_pending_in(ns: &dyn Namespace, path: &Path) -> Result<bool> {
-    let Ok(h) = ns.open(path, false, LockMode::None).and_then(|s| read_header_of(s.as_ref())) else {
-        return Ok(false);
-    };
-    let Some(p) = &h.pending else { return Ok(false) };
-    if !h.has_flag(FLAG_FROZEN) || path.file_name().map(|n| n.as_bytes()) != Some(&p.live[..]) {
-        return Ok(false);
-    }
-    complete(ns, path, p).map_err(|e| e.during("finish interrupted snapshot"))?;
-    Ok(true)
 }

@@ -220,6 +220,26 @@ impl Namespace for RecordingDir {
         Ok(())
     }
 
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<()> {
+        if self.exists(to) {
+            return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(to));
+        }
+        self.rename(from, to)
+    }
+
+    fn siblings(&self, path: &Path) -> Vec<std::ffi::OsString> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0.keys()
+            .filter(|k| k.parent() == path.parent())
+            .filter_map(|k| k.file_name().map(|n| n.to_owned()))
+            .collect()
+    }
+
+    /// Nothing here is locked: the crash tests run one writer at a time.
+    fn is_locked(&self, _path: &Path) -> bool {
+        false
+    }
+
     fn remove(&self, path: &Path) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.0.remove(path).is_some() {
