@@ -50,7 +50,7 @@ fn read_after_crash_with_every_write_landed(journal: &Journal, base: &[u8]) -> R
 /// Block `b` of `dev` is one of `allowed`.
 fn assert_block_is_one_of(dev: &[u8], b: usize, allowed: &[&[u8]], what: &str) {
     let got = &dev[b * BLOCK..(b + 1) * BLOCK];
-    assert!(allowed.iter().any(|a| *a == got), "{what}: block {b} reads a value that was never written there");
+    assert!(allowed.contains(&got), "{what}: block {b} reads a value that was never written there");
 }
 
 /// Scenario A: with data checksums, a block zeroed after a flush keeps its place in the slot

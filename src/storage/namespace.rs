@@ -141,7 +141,7 @@ impl Namespace for RealFs {
     fn is_locked(&self, path: &Path) -> bool {
         // Someone else's writer or reader lock makes an exclusive lock fail; a file that cannot
         // be opened at all is left alone too.
-        !matches!(FileStorage::open(path, false, LockMode::Exclusive), Ok(_))
+        FileStorage::open(path, false, LockMode::Exclusive).is_err()
     }
 }
 
