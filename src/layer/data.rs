@@ -224,17 +224,24 @@ impl Image {
     /// [`Image::read_data_verified`] without marking the image corrupt on a mismatch
     /// ([`ErrorKind::BadChecksum`]): for readers racing writers of the same block, which look
     /// again before calling a mismatch damage.
+    ///
+    /// Blocks are read as the map holds them now: a block that stopped being Data since the
+    /// caller planned its read (a concurrent write-zeroes or discard of it in the top, whose
+    /// result reads as zero) reads as zero, and a relocated chunk is read from its new slot.
     pub fn read_data_checked(&self, chunk: u64, start: u64, buf: &mut [u8]) -> Result<()> {
         let first = (start / BLOCK_SIZE) as usize;
         let last = (start + buf.len() as u64).div_ceil(BLOCK_SIZE) as usize;
         let found = self.with_entry(chunk, |e| {
-            e.filter(|e| e.data_offset != 0)
-                .map(|e| (e.data_offset, e.crcs.get(first..last).map(<[u32]>::to_vec).unwrap_or_default()))
+            e.filter(|e| e.data_offset != 0).map(|e| {
+                let data: Vec<bool> = (first..last).map(|b| e.blocks.get(b) == BlockState::Data).collect();
+                (e.data_offset, data, e.crcs.get(first..last).map(<[u32]>::to_vec).unwrap_or_default())
+            })
         });
-        let Some((slot, crcs)) = found else {
-            return Err(err(ErrorKind::Corrupt, format!("chunk {chunk} has no data slot")).with_file(&self.path));
+        let Some((slot, data, crcs)) = found else {
+            buf.fill(0);
+            return Ok(());
         };
-        if !self.geom.data_checksums {
+        if !self.geom.data_checksums && data.iter().all(|&d| d) {
             return self.read_at(buf, slot + start);
         }
         let aligned = start % BLOCK_SIZE == 0 && buf.len() as u64 % BLOCK_SIZE == 0;
@@ -247,7 +254,14 @@ impl Image {
         };
         let at = slot + first as u64 * BLOCK_SIZE;
         self.read_at(region, at)?;
-        for (i, blk) in region.chunks(BLOCK_SIZE as usize).enumerate() {
+        for (i, blk) in region.chunks_mut(BLOCK_SIZE as usize).enumerate() {
+            if !data[i] {
+                blk.fill(0);
+                continue;
+            }
+            if !self.geom.data_checksums {
+                continue;
+            }
             let (want, got) = (crcs.get(i).copied(), crc32fast::hash(blk));
             if want != Some(got) {
                 return Err(err(
