@@ -29,6 +29,41 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// Appends `e` to `out`, merged into the last extent when it directly follows it and
+/// `same(last kind, e's kind)` says they are one (the one place extents are merged).
+pub fn push_extent(out: &mut Vec<Extent>, e: Extent, same: impl Fn(ExtentKind, ExtentKind) -> bool) {
+    if e.length == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.end() == e.offset && same(last.kind, e.kind) => last.length += e.length,
+        _ => out.push(e),
+    }
+}
+
+/// Every extent of [offset, offset+len) of `disk`, in order, covering all of it (a device may
+/// describe a range in several calls), neighbours of the same kind merged.
+pub fn extents_of(disk: &dyn DiskExtents, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    let end = offset + len;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let part = disk.extents(pos, end - pos, 1 << 16)?;
+        let Some(last) = part.last() else { break };
+        pos = last.end();
+        for e in part {
+            push_extent(&mut out, e, |a, b| a == b);
+        }
+    }
+    Ok(out)
+}
+
 pub trait DiskRead {
     /// Size of the device in bytes.
     fn size(&self) -> u64;

@@ -13,6 +13,7 @@ pub mod layer;
 pub mod nbd;
 pub mod ops;
 pub mod storage;
+mod sync;
 
 pub use chain::{Chain, ChainOptions};
 pub use device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind};

@@ -14,7 +14,7 @@ mod plan;
 pub use copy::DeviceRange;
 pub use open::{resolve_parent_path, ChainOptions};
 
-use crate::device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind, Payload};
+use crate::device::{push_extent, Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, Payload};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::BLOCK_SIZE;
@@ -339,25 +339,8 @@ fn read_image(img: &Image, at: u64, file_offset: u64, buf: &mut [u8]) -> Result<
     Ok(())
 }
 
-fn push_extent(out: &mut Vec<Extent>, start: u64, end: u64, kind: ExtentKind) {
-    if start >= end {
-        return;
-    }
-    if let Some(last) = out.last_mut() {
-        if last.kind == kind && last.offset + last.length == start {
-            last.length += end - start;
-            return;
-        }
-    }
-    out.push(Extent { offset: start, length: end - start, kind });
-}
-
-/// How many times a read plans and reads again after a data checksum mismatch that a
-/// concurrent writer may explain.
-const MISMATCH_LOOKS: usize = 8;
-
 impl Chain {
-    /// A data checksum mismatch found twice: marks the layer it was found in as corrupt (the
+    /// A data checksum mismatch no writer explains: marks the layer it was found in as corrupt (the
     /// top records it in its header at its next flush) and passes the error on.
     fn damaged(&self, e: crate::Error) -> crate::Error {
         let layers = std::iter::once(&self.top).chain(&self.lowers);
@@ -379,28 +362,29 @@ impl DiskRead for Chain {
         if len == 0 {
             return Ok(());
         }
-        let _io = self.top.io_guard();
         let mut spans = Vec::new();
-        let mut last_mismatch: Option<String> = None;
-        for _ in 0..MISMATCH_LOOKS {
-            spans.clear();
+        let first_look = {
+            let _io = self.top.io_guard();
             self.plan(offset, len, &mut spans);
-            match self.read_planned(&spans, buf, offset) {
-                // A writer of the same block (an overwrite in place of a block no flush has
-                // seen, a zeroing) may have changed it between this read's plan and its read:
-                // look again. The same mismatch twice in a row is damage.
-                Err(e) if e.kind() == ErrorKind::BadChecksum => {
-                    let seen = e.to_string();
-                    if last_mismatch.as_ref() == Some(&seen) {
-                        return Err(self.damaged(e));
-                    }
-                    last_mismatch = Some(seen);
-                    std::thread::yield_now();
-                }
-                other => return other,
-            }
+            self.read_planned(&spans, buf, offset)
+        };
+        match first_look {
+            Err(e) if e.kind() == ErrorKind::BadChecksum => {}
+            other => return other,
         }
-        Err(err(ErrorKind::Io, "data changed under every attempt to read it (concurrent writes of the same blocks)"))
+        // A writer of the same block may be between its data write and its map update (an
+        // overwrite in place of a block no flush has seen yet): look again once no writer of
+        // these chunks is inside a write. Chunk locks before the I/O guard, the order writers
+        // take them in. A mismatch now is damage.
+        let (first, last) = (offset >> self.chunk_shift, (offset + len - 1) >> self.chunk_shift);
+        let _writers = self.top.lock_chunks(first, last);
+        let _io = self.top.io_guard();
+        spans.clear();
+        self.plan(offset, len, &mut spans);
+        self.read_planned(&spans, buf, offset).map_err(|e| match e.kind() {
+            ErrorKind::BadChecksum => self.damaged(e),
+            _ => e,
+        })
     }
 }
 
@@ -479,7 +463,8 @@ impl DiskExtents for Chain {
             spans.clear();
             pos = self.plan_step(pos, end, &mut spans);
             for sp in &spans {
-                push_extent(&mut out, sp.start, sp.end, self.kind_of(sp.from));
+                let e = Extent { offset: sp.start, length: sp.end - sp.start, kind: self.kind_of(sp.from) };
+                push_extent(&mut out, e, |a, b| a == b);
             }
             // Stop once enough is described: a reply may cover a prefix of the range.
             if out.len() > max {

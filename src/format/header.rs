@@ -428,7 +428,8 @@ mod tests {
         b[..8].copy_from_slice(&good_magic);
         assert_eq!(Header::decode_slot(&b, 0).unwrap_err().kind(), ErrorKind::BadChecksum);
         reseal(&mut b);
-        let mends: [(&str, &dyn Fn(&mut [u8; HEADER_SLOT_SIZE])); 10] = [
+        type Mend<'a> = (&'a str, &'a dyn Fn(&mut [u8; HEADER_SLOT_SIZE]));
+        let mends: [Mend; 10] = [
             ("version", &|b| LE::write_u32(&mut b[off::VERSION..], 1)),
             ("slot size", &|b| LE::write_u32(&mut b[off::SLOT_SIZE..], 4096)),
             ("incompatible", &|b| LE::write_u64(&mut b[off::INCOMPAT..], 0)),

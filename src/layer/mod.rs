@@ -27,12 +27,13 @@ use crate::format::blocks::BlockState;
 use crate::format::header::{Header, ParentRef};
 use crate::format::{Geometry, BLOCK_SIZE, FLAG_CORRUPT, FLAG_DIRTY, FLAG_FROZEN, HEADER_AREA, HEADER_SLOT_SIZE};
 use crate::storage::{FileStorage, LockMode, Storage};
+pub(crate) use crate::sync::{lock, read, write};
 use alloc::Allocator;
 use map::ChunkMap;
 pub use map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 /// How an image is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,18 +100,6 @@ impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Image").field("path", &self.path).field("writable", &self.writable).finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Sixteen random bytes from the kernel, for image UUIDs.
@@ -219,7 +208,7 @@ impl Image {
         if opts.write && header.has_flag(FLAG_FROZEN) && !opts.allow_frozen {
             return Err(ctx(err(
                 ErrorKind::ReadOnly,
-                "image is frozen (read-only layer); create an overlay on it to write",
+                "image is frozen (a read-only layer): open it read-only (`cowdisk serve --read-only`), or create an overlay on it to write (`cowdisk create NEW --backing IMAGE`)",
             )));
         }
         if opts.write && header.has_flag(FLAG_CORRUPT) && !opts.allow_corrupt {

@@ -3,7 +3,7 @@
 
 use super::{all_extents, Progress};
 use crate::chain::DeviceRange;
-use crate::device::{DiskFlush, DiskRead, DiskWrite, Extent, ExtentKind};
+use crate::device::{push_extent, DiskFlush, DiskRead, DiskWrite, Extent, ExtentKind};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::Geometry;
 use crate::layer::{new_uuid, Image};
@@ -16,10 +16,7 @@ use std::path::Path;
 fn ranges(chain: &Chain, keep: impl Fn(ExtentKind) -> bool) -> Result<Vec<Extent>> {
     let mut out: Vec<Extent> = Vec::new();
     for e in all_extents(chain)?.into_iter().filter(|e| keep(e.kind)) {
-        match out.last_mut() {
-            Some(l) if l.offset + l.length == e.offset => l.length += e.length,
-            _ => out.push(e),
-        }
+        push_extent(&mut out, e, |_, _| true);
     }
     Ok(out)
 }

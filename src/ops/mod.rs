@@ -7,7 +7,7 @@ pub mod flatten;
 pub mod info;
 pub mod snapshot;
 
-use crate::device::{DiskExtents, DiskRead, Extent};
+use crate::device::{extents_of, DiskRead, Extent};
 use crate::error::Result;
 use crate::Chain;
 
@@ -16,19 +16,5 @@ pub type Progress<'a> = &'a dyn Fn(u64, u64);
 
 /// Every extent of the merged device, in order, describing the whole of it.
 pub fn all_extents(chain: &Chain) -> Result<Vec<Extent>> {
-    let size = chain.size();
-    let mut out: Vec<Extent> = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let part = chain.extents(pos, size - pos, 1 << 16)?;
-        let Some(last) = part.last() else { break };
-        pos = last.offset + last.length;
-        for e in part {
-            match out.last_mut() {
-                Some(l) if l.kind == e.kind && l.offset + l.length == e.offset => l.length += e.length,
-                _ => out.push(e),
-            }
-        }
-    }
-    Ok(out)
+    extents_of(chain, 0, chain.size())
 }

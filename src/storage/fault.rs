@@ -3,6 +3,7 @@
 
 use super::{Pipe, Storage};
 use crate::error::{Error, Result};
+use crate::sync::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -39,7 +40,7 @@ impl FaultStorage {
     /// From now on, the `nth` (0-based) modifying operation fails with `kind`; with `sticky`,
     /// every one after it fails too.
     pub fn arm(&self, nth: u64, kind: FaultKind, sticky: bool) {
-        *self.kind.lock().unwrap_or_else(|p| p.into_inner()) = kind;
+        *lock(&self.kind) = kind;
         self.sticky.store(sticky, Ordering::SeqCst);
         self.count.store(0, Ordering::SeqCst);
         self.failed.store(0, Ordering::SeqCst);
@@ -65,7 +66,7 @@ impl FaultStorage {
         let at = self.fail_at.load(Ordering::SeqCst);
         if n == at || (n > at && self.sticky.load(Ordering::SeqCst)) {
             self.failed.fetch_add(1, Ordering::SeqCst);
-            let errno = match *self.kind.lock().unwrap_or_else(|p| p.into_inner()) {
+            let errno = match *lock(&self.kind) {
                 FaultKind::Eio => libc::EIO,
                 FaultKind::NoSpace => libc::ENOSPC,
             };

@@ -2,6 +2,7 @@
 
 use super::Storage;
 use crate::error::{err, ErrorKind, Result};
+use crate::sync::{read, write};
 use std::sync::RwLock;
 
 #[derive(Debug, Default)]
@@ -23,13 +24,13 @@ impl MemStorage {
 
     /// A copy of the current contents.
     pub fn snapshot(&self) -> Vec<u8> {
-        self.bytes.read().unwrap_or_else(|p| p.into_inner()).clone()
+        read(&self.bytes).clone()
     }
 }
 
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let b = self.bytes.read().unwrap_or_else(|p| p.into_inner());
+        let b = read(&self.bytes);
         buf.fill(0);
         if offset < b.len() as u64 {
             let start = offset as usize;
@@ -44,7 +45,7 @@ impl Storage for MemStorage {
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= MEM_LIMIT)
             .ok_or_else(|| err(ErrorKind::NoSpace, "in-memory store limit reached"))?;
-        let mut b = self.bytes.write().unwrap_or_else(|p| p.into_inner());
+        let mut b = write(&self.bytes);
         if (b.len() as u64) < end {
             b.resize(end as usize, 0);
         }
@@ -53,14 +54,14 @@ impl Storage for MemStorage {
     }
 
     fn len(&self) -> Result<u64> {
-        Ok(self.bytes.read().unwrap_or_else(|p| p.into_inner()).len() as u64)
+        Ok(read(&self.bytes).len() as u64)
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
         if len > MEM_LIMIT {
             return Err(err(ErrorKind::NoSpace, "in-memory store limit reached"));
         }
-        self.bytes.write().unwrap_or_else(|p| p.into_inner()).resize(len as usize, 0);
+        write(&self.bytes).resize(len as usize, 0);
         Ok(())
     }
 
@@ -69,7 +70,7 @@ impl Storage for MemStorage {
     }
 
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
-        let mut b = self.bytes.write().unwrap_or_else(|p| p.into_inner());
+        let mut b = write(&self.bytes);
         let blen = b.len() as u64;
         let start = offset.min(blen) as usize;
         let end = offset.saturating_add(len).min(blen) as usize;

@@ -4,15 +4,23 @@
 //! same format code runs on a real file, in memory, or on a recording store that lets the
 //! crash tests rebuild what a power cut could leave behind.
 
+// Stores for tests (in memory, failing on purpose, recording for crash states) are built only
+// for the library's own tests and for tests and fuzzers that ask for the `testing` feature:
+// the release library carries none of them.
+#[cfg(any(test, feature = "testing"))]
 mod fault;
 mod file;
+#[cfg(any(test, feature = "testing"))]
 mod mem;
 pub mod namespace;
 mod pipe;
+#[cfg(any(test, feature = "testing"))]
 pub mod recording;
 
+#[cfg(any(test, feature = "testing"))]
 pub use fault::{FaultKind, FaultStorage};
 pub use file::{FileStorage, LockMode};
+#[cfg(any(test, feature = "testing"))]
 pub use mem::MemStorage;
 pub use pipe::Pipe;
 

@@ -17,6 +17,7 @@
 use super::namespace::Namespace;
 use super::{LockMode, MemStorage, Storage};
 use crate::error::{err, ErrorKind, Result};
+use crate::sync::lock;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -68,7 +69,7 @@ impl Journal {
 
     /// Number of operations logged so far: a crash point.
     pub fn len(&self) -> usize {
-        self.ops.lock().unwrap_or_else(|p| p.into_inner()).len()
+        lock(&self.ops).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -76,12 +77,12 @@ impl Journal {
     }
 
     fn push(&self, file: usize, op: RecOp) {
-        self.ops.lock().unwrap_or_else(|p| p.into_inner()).push((file, op));
+        lock(&self.ops).push((file, op));
     }
 
     /// Every operation, for [`CrashImages`].
     pub fn ops(&self) -> Vec<(usize, RecOp)> {
-        self.ops.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.ops).clone()
     }
 }
 
@@ -203,12 +204,12 @@ impl RecordingDir {
 
     /// The id of the file `name` refers to now.
     pub fn file_of(&self, name: &Path) -> Option<usize> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).0.get(name).copied()
+        lock(&self.state).0.get(name).copied()
     }
 
     /// Number of files created so far (their ids are 0..files()).
     pub fn files(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1.len()
+        lock(&self.state).1.len()
     }
 
     fn missing(name: &Path) -> crate::error::Error {
@@ -218,13 +219,13 @@ impl RecordingDir {
 
 impl Namespace for RecordingDir {
     fn open(&self, path: &Path, _writable: bool, _lock: LockMode) -> Result<Arc<dyn Storage>> {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = lock(&self.state);
         let f = *st.0.get(path).ok_or_else(|| RecordingDir::missing(path))?;
         Ok(st.1[f].clone())
     }
 
     fn create(&self, path: &Path) -> Result<Arc<dyn Storage>> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = lock(&self.state);
         if st.0.contains_key(path) {
             return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(path));
         }
@@ -249,7 +250,7 @@ impl Namespace for RecordingDir {
     }
 
     fn link(&self, from: &Path, to: &Path) -> Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = lock(&self.state);
         let f = *st.0.get(from).ok_or_else(|| RecordingDir::missing(from))?;
         st.0.insert(to.to_path_buf(), f);
         self.journal.push(DIR, RecOp::Name { name: to.to_path_buf(), file: f });
@@ -257,7 +258,7 @@ impl Namespace for RecordingDir {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = lock(&self.state);
         let f = st.0.remove(from).ok_or_else(|| RecordingDir::missing(from))?;
         st.0.insert(to.to_path_buf(), f);
         // One atomic step on disk: a crash keeps all of it or none.
@@ -273,7 +274,7 @@ impl Namespace for RecordingDir {
     }
 
     fn siblings(&self, path: &Path) -> Vec<std::ffi::OsString> {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = lock(&self.state);
         st.0.keys()
             .filter(|k| k.parent() == path.parent())
             .filter_map(|k| k.file_name().map(|n| n.to_owned()))
@@ -286,7 +287,7 @@ impl Namespace for RecordingDir {
     }
 
     fn remove(&self, path: &Path) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = lock(&self.state);
         if st.0.remove(path).is_some() {
             self.journal.push(DIR, RecOp::Unname(path.to_path_buf()));
         }

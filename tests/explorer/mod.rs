@@ -92,7 +92,7 @@ struct Jitter(Arc<dyn Storage>);
 
 fn jitter() {
     use std::cell::Cell;
-    thread_local!(static R: Cell<u64> = Cell::new(0));
+    thread_local!(static R: Cell<u64> = const { Cell::new(0) });
     let r = R.with(|c| {
         let mut x = c.get();
         if x == 0 {
