@@ -40,10 +40,15 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
         return Err(ctx(err(ErrorKind::InvalidArgument, "the snapshot must be in the same directory as the image")
             .with_file(snapshot)));
     }
+    let (live, snap) = (file_name(image)?, file_name(snapshot)?);
+    // A snapshot of this image decided but cut short (the command killed) is finished first,
+    // as every writer does (spec §5.7.1); when it is the snapshot asked for, that is the result.
+    if finish_pending(ns, image)?.is_some_and(|p| p.snapshot == snap) {
+        return Ok(());
+    }
     if ns.exists(snapshot) {
         return Err(ctx(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot)));
     }
-    let (live, snap) = (file_name(image)?, file_name(snapshot)?);
     // Held to the end of the decision: nobody else may have the image open meanwhile. Only the
     // header is read and written; the map is never loaded, so this takes the same time for any
     // size of image.
@@ -126,13 +131,19 @@ pub fn complete_pending(path: &Path) -> Result<bool> {
 
 /// [`complete_pending`] through `ns`.
 pub fn complete_pending_in(ns: &dyn Namespace, path: &Path) -> Result<bool> {
+    finish_pending(ns, path).map(|p| p.is_some())
+}
+
+/// As [`complete_pending_in`]; returns the intent record of the snapshot it finished.
+fn finish_pending(ns: &dyn Namespace, path: &Path) -> Result<Option<PendingSnapshot>> {
     let Ok(h) = ns.open(path, false, LockMode::None).and_then(|s| read_header_of(s.as_ref())) else {
-        return Ok(false);
+        return Ok(None);
     };
-    let Some(p) = &h.pending else { return Ok(false) };
-    if !h.has_flag(FLAG_FROZEN) || path.file_name().map(|n| n.as_bytes()) != Some(&p.live[..]) {
-        return Ok(false);
+    let frozen = h.has_flag(FLAG_FROZEN);
+    let Some(p) = h.pending else { return Ok(None) };
+    if !frozen || path.file_name().map(|n| n.as_bytes()) != Some(&p.live[..]) {
+        return Ok(None);
     }
-    complete(ns, path, p).map_err(|e| e.during("finish interrupted snapshot"))?;
-    Ok(true)
+    complete(ns, path, &p).map_err(|e| e.during("finish interrupted snapshot"))?;
+    Ok(Some(p))
 }
