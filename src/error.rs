@@ -17,7 +17,8 @@ pub enum ErrorKind {
     NotAnImage,
     /// The file ends before a structure the header says is there.
     Truncated,
-    /// A metadata checksum does not match its bytes.
+    /// A checksum does not match its bytes: of metadata, or of a data block under data
+    /// checksums (an error, never data).
     BadChecksum,
     /// The image uses a format version or incompatible feature this build does not know.
     Unsupported,

@@ -85,7 +85,7 @@ fn every_flipped_bit_is_caught() {
             }
             (_, Ok(_)) => panic!("{what} flip at byte {byte} bit {bit} went unnoticed"),
             ("data", Err(e)) => {
-                assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+                assert_eq!(e.kind(), ErrorKind::BadChecksum, "{e}");
                 assert!(e.to_string().contains("data checksum mismatch"), "{e}");
                 let r = deep(&p);
                 assert_eq!(r.exit_code(), 2, "data flip at {byte}: {r:?}");
@@ -118,7 +118,7 @@ fn a_checksum_failure_at_run_time_marks_the_image_corrupt_until_repair() {
     let c = Chain::open(&p, ChainOptions { writable: true, ..Default::default() }).unwrap();
     let mut buf = vec![0u8; 4096];
     let at = chunk * 65536;
-    assert_eq!(c.read_at(&mut buf, at).unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(c.read_at(&mut buf, at).unwrap_err().kind(), ErrorKind::BadChecksum);
     // Other blocks still read.
     c.read_at(&mut buf, at + 8192).unwrap();
     assert!(buf[..] == data[(at + 8192) as usize..(at + 12288) as usize]);

@@ -7,10 +7,10 @@ use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::{Geometry, DEFAULT_CHUNK_SHIFT, FLAG_FROZEN, MAGIC, MAX_PARENT_PATH, SIZE_ALIGN};
 use crate::layer::raw::RawImage;
 use crate::layer::{Image, OpenOptions};
+use crate::storage::namespace::{dir_of, publish_new, temp_name, Namespace, RealFs};
 use crate::storage::LockMode;
-use std::ffi::OsString;
 use std::io::Read;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Component, Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
@@ -47,9 +47,10 @@ pub fn probe_format(path: &Path) -> Result<ParentFormat> {
 }
 
 /// Creates an image at `path` (which must not exist) and returns it open for writing.
-/// The file appears under its name only once complete (written under a temporary name, synced, renamed).
+/// The file appears under its name only once complete (written under a temporary name, synced,
+/// renamed without replacing anything).
 pub fn create_image(path: &Path, opts: &CreateOptions) -> Result<Image> {
-    if path.exists() {
+    if path.symlink_metadata().is_ok() {
         return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(path).during("create"));
     }
     let (parent, parent_size, parent_shift, parent_sums) = match &opts.backing {
@@ -72,12 +73,27 @@ pub fn create_image(path: &Path, opts: &CreateOptions) -> Result<Image> {
     let geom = Geometry::new(size, shift)
         .and_then(|g| g.with_data_checksums(opts.data_checksums.unwrap_or(parent_sums)))
         .map_err(|e| e.with_file(path).during("create"))?;
-    let tmp = temp_sibling(path, "create");
-    let img = Image::create(&tmp, geom, parent)?;
-    img.close()?;
-    drop(img);
-    publish(&tmp, path)?;
+    create_file_in(&RealFs, path, geom, parent)?;
     Image::open(path, OpenOptions::writable())
+}
+
+/// Writes a new, closed image at `path` through `ns`: built and synced under a temporary name,
+/// then renamed to `path` without replacing anything. A crash leaves either no file at `path`
+/// or the complete image (and perhaps a stale temporary file, see [`sweep_stale_temps`]).
+///
+/// [`sweep_stale_temps`]: crate::storage::namespace::sweep_stale_temps
+pub fn create_file_in(ns: &dyn Namespace, path: &Path, geom: Geometry, parent: Option<ParentRef>) -> Result<()> {
+    let tmp = temp_name(path, "create");
+    let storage = ns.create(&tmp).map_err(|e| e.during("create"))?;
+    let done = Image::create_closed_on(storage.as_ref(), &tmp, geom, parent)
+        .and_then(|()| publish_new(ns, &tmp, path))
+        .map_err(|e| e.during("create"));
+    if done.is_err() {
+        ns.remove(&tmp);
+    }
+    // The temporary file stays locked (by `storage`) until it has its final name.
+    drop(storage);
+    done
 }
 
 /// The parent reference for an overlay at `child` on `parent`, with the parent's size, chunk
@@ -127,10 +143,7 @@ pub fn stored_parent_path(child: &Path, parent: &Path, absolute: bool) -> Result
     let p = if absolute {
         parent.canonicalize().map_err(|e| Error::io("resolve", e).with_file(parent))?
     } else {
-        let child_dir = match child.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let child_dir = dir_of(child);
         let cd = child_dir.canonicalize().map_err(|e| Error::io("resolve", e).with_file(&child_dir))?;
         let pp = parent.canonicalize().map_err(|e| Error::io("resolve", e).with_file(parent))?;
         relative_path(&cd, &pp)
@@ -161,32 +174,6 @@ pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
     out
 }
 
-/// A name next to `path` for a file being built for `purpose`.
-pub fn temp_sibling(path: &Path, purpose: &str) -> PathBuf {
-    let name = path.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
-    let mut t = b".".to_vec();
-    t.extend_from_slice(&name);
-    // No process id in the name: a run killed half-way leaves its temporary file, and the
-    // next run of the same operation on the same file removes and replaces it.
-    t.extend_from_slice(format!(".{purpose}.tmp").as_bytes());
-    path.with_file_name(OsString::from_vec(t))
-}
-
-/// Atomically gives the complete file `tmp` the name `path` and makes the rename durable.
-pub fn publish(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::rename(tmp, path).map_err(|e| Error::io("rename", e).with_file(path))?;
-    sync_dir(path)
-}
-
-/// fsyncs the directory holding `path`, so that a create or rename in it survives a crash.
-pub fn sync_dir(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", e).with_file(dir))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,12 +182,5 @@ mod tests {
     fn relative_path_climbs_to_the_common_ancestor() {
         assert_eq!(relative_path(Path::new("/a/b/c"), Path::new("/a/d/e.img")), PathBuf::from("../../d/e.img"));
         assert_eq!(relative_path(Path::new("/a"), Path::new("/a/x.img")), PathBuf::from("x.img"));
-    }
-
-    #[test]
-    fn temp_sibling_is_hidden_in_the_same_directory() {
-        let t = temp_sibling(Path::new("/x/y/disk.cow"), "snapshot");
-        assert_eq!(t.parent(), Some(Path::new("/x/y")));
-        assert_eq!(t.file_name().unwrap().to_string_lossy(), ".disk.cow.snapshot.tmp");
     }
 }

@@ -8,6 +8,7 @@ mod copy;
 pub mod create;
 pub mod extents;
 mod open;
+pub mod pending;
 mod plan;
 
 pub use copy::DeviceRange;
@@ -18,7 +19,7 @@ use crate::error::{err, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::BLOCK_SIZE;
 use crate::layer::raw::RawImage;
-use crate::layer::Image;
+use crate::layer::{Image, SlotPlan};
 use extents::ExtentMap;
 use plan::{Origin, Span};
 use std::path::Path;
@@ -182,38 +183,38 @@ impl Chain {
 
     /// Writes `data` at chunk-relative [p.start, p.end). The caller holds the chunk lock.
     /// Partial blocks not yet in the top are completed from what they read as now (copy-up of
-    /// that block only); everything else is written as given.
+    /// that block only); everything else is written as given. Where the bytes go (in place, a
+    /// new slot, or a relocated chunk) is the top's write plan (spec §5.8).
     fn write_piece_locked(&self, p: ChunkPiece, data: &[u8]) -> Result<()> {
         let base = self.chunk_base(p.chunk);
         let first = (p.start / BLOCK_SIZE) as usize;
         let last = p.end.div_ceil(BLOCK_SIZE) as usize;
         let checksums = self.top.geometry().data_checksums;
-        let info = self.top.with_entry(p.chunk, |e| {
-            e.map(|e| {
-                let data_in_range = e.blocks.runs(first, last).any(|r| r.2 == BlockState::Data);
-                let all_data = e.blocks.get(first) == BlockState::Data && e.blocks.run_end(first, last) == last;
-                (e.blocks.get(first), e.blocks.get(last - 1), e.data_offset, e.slot_epoch, data_in_range, all_data)
-            })
-        });
-        // An overwrite of blocks that are all Data already: in place, and the map does not
-        // change (with checksums the durable copy must not be overwritten, see below).
-        if let Some((_, _, slot, _, _, true)) = info {
-            if !checksums && slot != 0 {
+        if !checksums {
+            // An overwrite of blocks that are all Data already: in place, and the map does not
+            // change.
+            let slot = self.top.with_entry(p.chunk, |e| {
+                e.filter(|e| e.blocks.get(first) == BlockState::Data && e.blocks.run_end(first, last) == last)
+                    .map(|e| e.data_offset)
+            });
+            if let Some(slot) = slot.filter(|&s| s != 0) {
                 return self.top.write_at(data, slot + p.start);
             }
         }
-        let epoch = if checksums { self.top.epoch() } else { 0 };
-        let (head_state, tail_state, slot, slot_epoch, overwrites, _) =
-            info.unwrap_or((BlockState::Absent, BlockState::Absent, 0, epoch, false, false));
-        // With checksums every block is written whole (its checksum covers all of it), and a
-        // block the durable map may point at is never overwritten in place.
+        let plan = self.top.plan_write(p.chunk, first, last)?;
+        let (head_state, tail_state) = self.top.with_entry(p.chunk, |e| {
+            e.map_or((BlockState::Absent, BlockState::Absent), |e| (e.blocks.get(first), e.blocks.get(last - 1)))
+        });
+        // With checksums every block is written whole: its checksum covers all of it.
         let head_fill = p.start % BLOCK_SIZE != 0 && (checksums || head_state != BlockState::Data);
         let tail_fill = p.end % BLOCK_SIZE != 0 && (checksums || tail_state != BlockState::Data);
-        let slot = if checksums && overwrites && slot != 0 && slot_epoch != epoch {
-            self.top.relocate(p.chunk)?
-        } else {
-            self.top.ensure_slot(p.chunk)?
-        };
+        if let SlotPlan::Relocate { from, to, keep } = plan.slot() {
+            for &(s, t) in keep {
+                let at = s as u64 * BLOCK_SIZE;
+                self.top.copy_within(from + at, to + at, (t - s) as u64 * BLOCK_SIZE)?;
+            }
+        }
+        let slot = plan.target();
         let ws = if head_fill { first as u64 * BLOCK_SIZE } else { p.start };
         let we = if tail_fill { last as u64 * BLOCK_SIZE } else { p.end };
         let mut tmp = Vec::new();
@@ -221,6 +222,8 @@ impl Chain {
             data
         } else {
             tmp.resize((we - ws) as usize, 0);
+            // Data blocks are read from the slot the entry names until the commit: the old
+            // one of a relocated chunk.
             let fill = |tmp: &mut [u8], block: usize, state: BlockState| -> Result<()> {
                 let at = (block as u64 * BLOCK_SIZE - ws) as usize;
                 let b = &mut tmp[at..at + BLOCK_SIZE as usize];
@@ -243,7 +246,7 @@ impl Chain {
         self.top.write_at(out, slot + ws)?;
         let crcs: Vec<u32> =
             if checksums { out.chunks(BLOCK_SIZE as usize).map(crc32fast::hash).collect() } else { Vec::new() };
-        self.top.set_blocks(p.chunk, first, last, BlockState::Data, &crcs)
+        self.top.commit_write(plan, &crcs)
     }
 
     /// Writes pieces that each cover a whole chunk (consecutive chunks), in rounds over the
@@ -269,21 +272,21 @@ impl Chain {
     fn write_ready_chunks(&self, run: &[ChunkPiece], src: &mut dyn Payload) -> Result<()> {
         let (first, last) = (run[0].chunk, run[run.len() - 1].chunk);
         let _locks = self.top.lock_chunks(first, last);
-        let (slots, new): (Vec<u64>, Vec<bool>) =
-            run.iter().map(|p| self.top.slot_for_write(p.chunk)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
         let cs = self.chunk_base(1);
+        let blocks = (cs / BLOCK_SIZE) as usize;
+        let plans = run.iter().map(|p| self.top.plan_write(p.chunk, 0, blocks)).collect::<Result<Vec<_>>>()?;
+        let slot = |i: usize| plans[i].target();
         let mut j = 0;
         while j < run.len() {
             let mut k = j + 1;
-            while k < run.len() && slots[k] == slots[k - 1] + cs && new[k] == new[j] {
+            while k < run.len() && slot(k) == slot(k - 1) + cs && plans[k].is_new_slot() == plans[j].is_new_slot() {
                 k += 1;
             }
-            self.top.write_from(src, slots[j], (k - j) * cs as usize, new[j])?;
+            self.top.write_from(src, slot(j), (k - j) * cs as usize, plans[j].is_new_slot())?;
             j = k;
         }
-        let blocks = (cs / BLOCK_SIZE) as usize;
-        for p in run {
-            self.top.set_blocks(p.chunk, 0, blocks, BlockState::Data, &[])?;
+        for plan in plans {
+            self.top.commit_write(plan, &[])?;
         }
         Ok(())
     }
@@ -300,7 +303,7 @@ impl Chain {
         }
         let (fs, fe) = (fb * BLOCK_SIZE, (lb * BLOCK_SIZE).min(self.size - base));
         let state = if self.lower_visible(base + fs, base + fe) { BlockState::Zero } else { BlockState::Absent };
-        self.top.set_blocks(p.chunk, fb as usize, lb as usize, state, &[])?;
+        self.top.clear_blocks(p.chunk, fb as usize, lb as usize, state)?;
         if p.start < fs {
             self.write_zeros_locked(ChunkPiece { end: fs, ..p })?;
         }
@@ -317,7 +320,9 @@ impl Chain {
 }
 
 /// Reads what `img` holds at device offset `at` (file offset `file_offset`), verified against
-/// its data checksums when it has them (chunk by chunk, in `img`'s own chunk size).
+/// its data checksums when it has them (chunk by chunk, in `img`'s own chunk size). A mismatch
+/// is a [`ErrorKind::BadChecksum`] error that does not yet mark the image corrupt: see
+/// [`DiskRead::read_at`] for `Chain`.
 fn read_image(img: &Image, at: u64, file_offset: u64, buf: &mut [u8]) -> Result<()> {
     let g = img.geometry();
     if !g.data_checksums {
@@ -328,7 +333,7 @@ fn read_image(img: &Image, at: u64, file_offset: u64, buf: &mut [u8]) -> Result<
         let pos = at + done as u64;
         let in_chunk = pos & (g.chunk_size() - 1);
         let n = ((g.chunk_size() - in_chunk) as usize).min(buf.len() - done);
-        img.read_data_verified(pos >> g.chunk_shift, in_chunk, &mut buf[done..done + n])?;
+        img.read_data_checked(pos >> g.chunk_shift, in_chunk, &mut buf[done..done + n])?;
         done += n;
     }
     Ok(())
@@ -347,6 +352,22 @@ fn push_extent(out: &mut Vec<Extent>, start: u64, end: u64, kind: ExtentKind) {
     out.push(Extent { offset: start, length: end - start, kind });
 }
 
+/// How many times a read plans and reads again after a data checksum mismatch that a
+/// concurrent writer may explain.
+const MISMATCH_LOOKS: usize = 8;
+
+impl Chain {
+    /// A data checksum mismatch found twice: marks the layer it was found in as corrupt (the
+    /// top records it in its header at its next flush) and passes the error on.
+    fn damaged(&self, e: crate::Error) -> crate::Error {
+        let layers = std::iter::once(&self.top).chain(&self.lowers);
+        if let Some(img) = layers.into_iter().find(|l| e.file() == Some(l.path())) {
+            img.note_corrupt();
+        }
+        e
+    }
+}
+
 impl DiskRead for Chain {
     fn size(&self) -> u64 {
         self.size
@@ -360,8 +381,26 @@ impl DiskRead for Chain {
         }
         let _io = self.top.io_guard();
         let mut spans = Vec::new();
-        self.plan(offset, len, &mut spans);
-        self.read_planned(&spans, buf, offset)
+        let mut last_mismatch: Option<String> = None;
+        for _ in 0..MISMATCH_LOOKS {
+            spans.clear();
+            self.plan(offset, len, &mut spans);
+            match self.read_planned(&spans, buf, offset) {
+                // A writer of the same block (an overwrite in place of a block no flush has
+                // seen, a zeroing) may have changed it between this read's plan and its read:
+                // look again. The same mismatch twice in a row is damage.
+                Err(e) if e.kind() == ErrorKind::BadChecksum => {
+                    let seen = e.to_string();
+                    if last_mismatch.as_ref() == Some(&seen) {
+                        return Err(self.damaged(e));
+                    }
+                    last_mismatch = Some(seen);
+                    std::thread::yield_now();
+                }
+                other => return other,
+            }
+        }
+        Err(err(ErrorKind::Io, "data changed under every attempt to read it (concurrent writes of the same blocks)"))
     }
 }
 

@@ -59,7 +59,7 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
     let lower_opts = if opts.inspect { OpenOptions::inspect() } else { OpenOptions::read_only() };
     if !opts.inspect {
         // A snapshot interrupted after its decision is finished before anything else looks.
-        crate::ops::snapshot::complete_pending(path)?;
+        super::pending::complete_pending(path)?;
     }
     let top = Image::open(path, top_opts)?;
     let mut seen = vec![identity(path)?];

@@ -128,6 +128,15 @@ impl BlockStates {
         }
     }
 
+    /// The data plane as a bit mask, block `i` at bit `i`: only for chunks of at most 64 blocks
+    /// (every chunk of an image with data checksums), `None` for larger ones.
+    pub fn data_mask(&self) -> Option<u64> {
+        match &self.planes {
+            Planes::Inline(w) => Some(w[0]),
+            Planes::Heap(_) => None,
+        }
+    }
+
     pub fn all(&self, state: BlockState, end: usize) -> bool {
         self.run_end(0, end) == end && self.get(0) == state
     }

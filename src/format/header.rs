@@ -230,8 +230,8 @@ impl Header {
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[off::UUID..off::UUID + 16]);
 
+        // Rules 9 to 11 of spec §2.1, in its order: parent, map extents, pending snapshot.
         let parent = decode_parent(b)?;
-        let pending = decode_pending(b)?;
         let count = LE::read_u32(&b[off::EXTENT_COUNT..]) as usize;
         if count > MAX_MAP_EXTENTS {
             return Err(err(ErrorKind::Corrupt, format!("{count} map extents (at most {MAX_MAP_EXTENTS})")));
@@ -246,6 +246,7 @@ impl Header {
             }
             map_extents.push(e);
         }
+        let pending = decode_pending(b)?;
         Ok(Header {
             generation: LE::read_u64(&b[off::GENERATION..]),
             incompat,
@@ -398,6 +399,54 @@ mod tests {
         );
         h.map_extents.push(MapExtent { offset: 65536, len: 65536 });
         h
+    }
+
+    /// A header slot that breaks every validity rule of spec §2.1 at once, mended one rule at a
+    /// time in the spec's order: each time, the error is the next rule's.
+    #[test]
+    fn validity_rules_are_applied_in_the_order_the_spec_lists_them() {
+        let mut b = sample().encode();
+        let reseal = |b: &mut [u8; HEADER_SLOT_SIZE]| {
+            let crc = crc32fast::hash(&b[..off::CRC]);
+            LE::write_u32(&mut b[off::CRC..], crc);
+        };
+        // Break rules 3 to 12 (rule 12: generation 5 in slot 0).
+        LE::write_u32(&mut b[off::VERSION..], 2);
+        LE::write_u32(&mut b[off::SLOT_SIZE..], 512);
+        LE::write_u64(&mut b[off::INCOMPAT..], 1 << 7);
+        LE::write_u64(&mut b[off::FLAGS..], 1 << 9);
+        b[off::BLOCK_SHIFT] = 9;
+        b[off::CHUNK_SHIFT] = 30;
+        LE::write_u32(&mut b[off::PARENT_FORMAT..], 7);
+        LE::write_u32(&mut b[off::EXTENT_COUNT..], 65);
+        LE::write_u32(&mut b[off::PENDING_KIND..], 2);
+        LE::write_u64(&mut b[off::GENERATION..], 5);
+        // Rules 1 and 2: the magic, then the checksum.
+        let good_magic = b[..8].to_vec();
+        b[0] = b'X';
+        assert_eq!(Header::decode_slot(&b, 0).unwrap_err().kind(), ErrorKind::NotAnImage);
+        b[..8].copy_from_slice(&good_magic);
+        assert_eq!(Header::decode_slot(&b, 0).unwrap_err().kind(), ErrorKind::BadChecksum);
+        reseal(&mut b);
+        let mends: [(&str, &dyn Fn(&mut [u8; HEADER_SLOT_SIZE])); 10] = [
+            ("version", &|b| LE::write_u32(&mut b[off::VERSION..], 1)),
+            ("slot size", &|b| LE::write_u32(&mut b[off::SLOT_SIZE..], 4096)),
+            ("incompatible", &|b| LE::write_u64(&mut b[off::INCOMPAT..], 0)),
+            ("flags", &|b| LE::write_u64(&mut b[off::FLAGS..], 0)),
+            ("block size", &|b| b[off::BLOCK_SHIFT] = 12),
+            ("chunk", &|b| b[off::CHUNK_SHIFT] = 16),
+            ("parent", &|b| LE::write_u32(&mut b[off::PARENT_FORMAT..], 2)),
+            ("map extents", &|b| LE::write_u32(&mut b[off::EXTENT_COUNT..], 1)),
+            ("pending", &|b| LE::write_u32(&mut b[off::PENDING_KIND..], 0)),
+            ("slot", &|b| LE::write_u64(&mut b[off::GENERATION..], 4)),
+        ];
+        for (rule, (word, mend)) in (3..=12).zip(mends) {
+            let e = Header::decode_slot(&b, 0).expect_err("still invalid");
+            assert!(e.to_string().contains(word), "rule {rule} ({word}) is not the one reported: {e}");
+            mend(&mut b);
+            reseal(&mut b);
+        }
+        assert!(Header::decode_slot(&b, 0).is_ok());
     }
 
     #[test]

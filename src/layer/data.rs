@@ -1,154 +1,247 @@
-//! The per-chunk metadata operations the merged device plans its I/O with: slots, block
-//! states and their checksums, relocation before an overwrite, and verified reads.
+//! The per-chunk metadata operations the merged device plans its I/O with: typed write plans
+//! (in place, new slot, relocate), decided against what a durable map may reference and
+//! committed once the data is written; block states and their checksums; verified reads.
 
-use super::{read, write, Image};
+use super::{read, write, Image, State};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::BLOCK_SIZE;
 use std::sync::atomic::Ordering;
+use std::sync::RwLockReadGuard;
 
-impl Image {
-    /// The data slot of `chunk`, allocating one (and the entry) if it has none. Caller holds the chunk lock.
-    pub fn ensure_slot(&self, chunk: u64) -> Result<u64> {
-        self.slot_for_write(chunk).map(|(slot, _)| slot)
+/// Where the blocks a write covers go in the file, decided under the metadata lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotPlan {
+    /// Into the chunk's current slot: no map that is or may become durable records any of the
+    /// covered blocks as Data there, or the image has no data checksums (spec §5.8).
+    InPlace { slot: u64 },
+    /// Into a slot just taken for a chunk that had none. The entry already names it (with no
+    /// Data block yet, which readers and a reopen after a crash ignore).
+    NewSlot { slot: u64 },
+    /// Data checksums, and a covered block may be Data in a durable map: the chunk moves to the
+    /// fresh slot `to`. The caller copies the `keep` block runs (Data blocks the write does not
+    /// cover) from `from` to `to`, writes the covered blocks into `to`, and the commit points
+    /// the entry at `to` and releases `from`. Until a flush makes that durable, the durable map
+    /// keeps pointing at `from`, whose blocks nobody overwrites.
+    Relocate { from: u64, to: u64, keep: Vec<(usize, usize)> },
+}
+
+/// A decided write into blocks `first..last` of one chunk. The caller holds the chunk lock
+/// from [`Image::plan_write`] to [`Image::commit_write`] and does the data I/O in between,
+/// with no metadata lock held.
+///
+/// With data checksums the plan also holds the image's snapshot gate shared: a flush takes it
+/// exclusively for its snapshot (F1), so no snapshot falls between the decision and the
+/// commit. One that did could make durable the checksum of a block this write is overwriting
+/// in place. Dropped without a commit, the plan gives back a relocation target that no entry
+/// ever named.
+pub struct WritePlan<'a> {
+    img: &'a Image,
+    chunk: u64,
+    first: usize,
+    last: usize,
+    slot: SlotPlan,
+    committed: bool,
+    _gate: Option<RwLockReadGuard<'a, ()>>,
+}
+
+impl WritePlan<'_> {
+    pub fn slot(&self) -> &SlotPlan {
+        &self.slot
     }
 
-    /// As [`Image::ensure_slot`], and whether the slot was allocated by this call (so nothing
-    /// of it has been written yet).
-    pub fn slot_for_write(&self, chunk: u64) -> Result<(u64, bool)> {
+    /// The file offset of the slot the covered blocks are written to.
+    pub fn target(&self) -> u64 {
+        match self.slot {
+            SlotPlan::InPlace { slot } | SlotPlan::NewSlot { slot } => slot,
+            SlotPlan::Relocate { to, .. } => to,
+        }
+    }
+
+    /// Whether the target slot was taken by this plan (nothing of it written yet).
+    pub fn is_new_slot(&self) -> bool {
+        !matches!(self.slot, SlotPlan::InPlace { .. })
+    }
+}
+
+impl Drop for WritePlan<'_> {
+    fn drop(&mut self) {
+        if let (false, SlotPlan::Relocate { to, .. }) = (self.committed, &self.slot) {
+            // Never named by any entry, in memory or on disk: free at once.
+            write(&self.img.state).alloc.free_now(&[*to]);
+        }
+    }
+}
+
+/// Bits `first..last` of a block mask ([`Entry::pinned`](super::Entry::pinned) has no others).
+fn block_mask(first: usize, last: usize) -> u64 {
+    (first.min(64)..last.min(64)).fold(0, |m, b| m | 1 << b)
+}
+
+impl Image {
+    /// Decides where a write of blocks `first..last` of `chunk` goes (see [`SlotPlan`]), taking
+    /// a slot if the chunk needs one. Caller holds the chunk lock until the plan is committed
+    /// or dropped. With data checksums the caller writes every covered block whole.
+    pub fn plan_write(&self, chunk: u64, first: usize, last: usize) -> Result<WritePlan<'_>> {
+        self.require_writable()?;
+        let gate = self.geom.data_checksums.then(|| read(&self.snapshot_gate));
+        let mut guard = write(&self.state);
+        let st = &mut *guard;
+        let slot = match st.map.get(chunk) {
+            Some(e) if e.data_offset != 0 && e.pinned & block_mask(first, last) == 0 => {
+                SlotPlan::InPlace { slot: e.data_offset }
+            }
+            Some(e) if e.data_offset != 0 => {
+                let n = e.blocks.len();
+                let keep = e
+                    .blocks
+                    .runs(0, first)
+                    .chain(e.blocks.runs(last, n))
+                    .filter(|r| r.2 == BlockState::Data)
+                    .map(|r| (r.0, r.1))
+                    .collect();
+                let from = e.data_offset;
+                SlotPlan::Relocate { from, to: st.alloc.alloc_slot()?, keep }
+            }
+            _ => {
+                let alloc = &mut st.alloc;
+                // The entry first: if the map cannot grow, no cluster has been taken yet.
+                let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
+                let slot = alloc.alloc_slot()?;
+                e.data_offset = slot;
+                e.pinned = 0;
+                SlotPlan::NewSlot { slot }
+            }
+        };
+        Ok(WritePlan { img: self, chunk, first, last, slot, committed: false, _gate: gate })
+    }
+
+    /// Records a planned write whose data has been written: the covered blocks become Data
+    /// (with `crcs`, one per block, under data checksums), and a relocated chunk moves to its
+    /// new slot, the old one released for reuse after the next flush (spec §5.4).
+    pub fn commit_write(&self, mut plan: WritePlan<'_>, crcs: &[u32]) -> Result<()> {
         self.require_writable()?;
         let mut guard = write(&self.state);
         let st = &mut *guard;
-        if let Some(e) = st.map.get(chunk) {
-            if e.data_offset != 0 {
-                return Ok((e.data_offset, false));
-            }
+        if let SlotPlan::Relocate { from, to, .. } = plan.slot {
+            let alloc = &mut st.alloc;
+            let e = st.map.entry_mut(plan.chunk, |len| alloc.alloc_fresh(len))?;
+            e.data_offset = to;
+            e.pinned = 0;
+            alloc.release_later(from);
         }
-        let alloc = &mut st.alloc;
-        // The entry first: if the map cannot grow, no cluster has been taken yet.
-        let epoch = st.map.epoch();
-        let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
-        let slot = alloc.alloc_slot()?;
-        e.data_offset = slot;
-        e.slot_epoch = epoch;
-        Ok((slot, true))
+        let punches = self.change_blocks(st, plan.chunk, plan.first, plan.last, BlockState::Data, crcs)?;
+        plan.committed = true;
+        debug_assert!(punches.is_empty(), "blocks becoming Data punch nothing");
+        Ok(())
     }
 
-    /// Sets blocks `start..end` of `chunk` to `state`; for Data, `crcs` holds their checksums
-    /// (empty without data checksums). Caller holds the chunk lock.
+    /// Sets blocks `start..end` of `chunk` to Zero or Absent (Data goes through a write plan).
+    /// Caller holds the chunk lock.
     ///
     /// Space of Data blocks that stop being Data is punched at once (they read as zero or fall
     /// through either way), and a slot left with no Data block is released, to be reused after
     /// the next flush. With data checksums nothing is punched before the map change is durable:
     /// a crash must not leave a durable checksum over a punched block.
-    pub fn set_blocks(&self, chunk: u64, start: usize, end: usize, state: BlockState, crcs: &[u32]) -> Result<()> {
+    pub fn clear_blocks(&self, chunk: u64, start: usize, end: usize, state: BlockState) -> Result<()> {
         self.require_writable()?;
+        if state == BlockState::Data {
+            return Err(err(ErrorKind::InvalidArgument, "data blocks are set by a write plan"));
+        }
         // Held until the punches are done: a flush cannot make a released slot reusable (and
         // another chunk cannot write into it) before this punch has landed.
         let _io = self.io_guard();
-        let mut punches: Vec<(u64, u64)> = Vec::new();
-        let checksums = self.geom.data_checksums;
-        {
-            let mut guard = write(&self.state);
-            let st = &mut *guard;
-            match st.map.get(chunk) {
-                None if state == BlockState::Absent => return Ok(()),
-                // Nothing changes (but Data with checksums: the checksums may).
-                Some(e)
-                    if (state != BlockState::Data || !checksums) && (start..end).all(|b| e.blocks.get(b) == state) =>
-                {
-                    return Ok(())
-                }
-                _ => {}
-            }
-            let alloc = &mut st.alloc;
-            let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
-            if state == BlockState::Data && e.data_offset == 0 {
-                return Err(err(ErrorKind::InvalidArgument, "data blocks need a slot first"));
-            }
-            if state != BlockState::Data && e.data_offset != 0 && !checksums {
-                for (s, t, was) in e.blocks.runs(start, end) {
-                    if was == BlockState::Data {
-                        punches.push((e.data_offset + s as u64 * BLOCK_SIZE, (t - s) as u64 * BLOCK_SIZE));
-                    }
-                }
-            }
-            e.blocks.set_range(start, end, state);
-            if checksums {
-                for (i, c) in e.crcs[start..end].iter_mut().enumerate() {
-                    *c = if state == BlockState::Data { crcs.get(i).copied().unwrap_or(0) } else { 0 };
-                }
-            }
-            if e.data_offset != 0 && e.blocks.count(BlockState::Data) == 0 {
-                if !checksums {
-                    punches = vec![(e.data_offset, self.geom.chunk_size())];
-                }
-                alloc.release_later(e.data_offset);
-                e.data_offset = 0;
-            }
-        }
+        let punches = self.change_blocks(&mut write(&self.state), chunk, start, end, state, &[])?;
         for (off, len) in punches {
             self.storage.punch(off, len).map_err(|e| e.with_file(&self.path))?;
         }
         Ok(())
     }
 
-    /// The current flush epoch (see [`Entry::slot_epoch`]).
-    pub fn epoch(&self) -> u64 {
-        read(&self.state).map.epoch()
-    }
-
-    /// Moves `chunk` to a new slot of the current epoch, copying its Data blocks, and releases
-    /// the old slot for reuse after the next flush. Used before overwriting a block in place
-    /// when data checksums are on: the durable map keeps pointing at the old, intact copy until
-    /// the new one is durable (spec §5.8). Caller holds the chunk lock. Returns the new slot.
-    pub fn relocate(&self, chunk: u64) -> Result<u64> {
-        self.require_writable()?;
-        let Some((old, runs)) = self.with_entry(chunk, |e| {
-            e.map(|e| {
-                (
-                    e.data_offset,
-                    e.blocks.runs(0, e.blocks.len()).filter(|r| r.2 == BlockState::Data).collect::<Vec<_>>(),
-                )
-            })
-        }) else {
-            return self.ensure_slot(chunk);
-        };
-        let new = write(&self.state).alloc.alloc_slot()?;
-        let mut buf = Vec::new();
-        for (s, t, _) in runs {
-            let (at, len) = (s as u64 * BLOCK_SIZE, (t - s) * BLOCK_SIZE as usize);
-            buf.resize(len, 0);
-            self.read_at(&mut buf, old + at)?;
-            self.write_at(&buf, new + at)?;
+    /// Sets blocks `start..end` of `chunk` to `state` in the map; returns the file ranges to
+    /// punch (Data blocks that stopped being Data, without data checksums).
+    fn change_blocks(
+        &self,
+        st: &mut State,
+        chunk: u64,
+        start: usize,
+        end: usize,
+        state: BlockState,
+        crcs: &[u32],
+    ) -> Result<Vec<(u64, u64)>> {
+        let checksums = self.geom.data_checksums;
+        match st.map.get(chunk) {
+            None if state == BlockState::Absent => return Ok(Vec::new()),
+            // Nothing changes (but Data with checksums: the checksums may).
+            Some(e) if (state != BlockState::Data || !checksums) && (start..end).all(|b| e.blocks.get(b) == state) => {
+                return Ok(Vec::new())
+            }
+            _ => {}
         }
-        let mut guard = write(&self.state);
-        let st = &mut *guard;
-        let epoch = st.map.epoch();
         let alloc = &mut st.alloc;
         let e = st.map.entry_mut(chunk, |len| alloc.alloc_fresh(len))?;
-        if old != 0 {
-            alloc.release_later(old);
+        if state == BlockState::Data && e.data_offset == 0 {
+            return Err(err(ErrorKind::InvalidArgument, "data blocks need a slot first"));
         }
-        e.data_offset = new;
-        e.slot_epoch = epoch;
-        Ok(new)
+        let mut punches = Vec::new();
+        if state != BlockState::Data && e.data_offset != 0 && !checksums {
+            for (s, t, was) in e.blocks.runs(start, end) {
+                if was == BlockState::Data {
+                    punches.push((e.data_offset + s as u64 * BLOCK_SIZE, (t - s) as u64 * BLOCK_SIZE));
+                }
+            }
+        }
+        e.blocks.set_range(start, end, state);
+        if checksums {
+            for (i, c) in e.crcs[start..end].iter_mut().enumerate() {
+                *c = if state == BlockState::Data { crcs.get(i).copied().unwrap_or(0) } else { 0 };
+            }
+        }
+        if e.data_offset != 0 && e.blocks.count(BlockState::Data) == 0 {
+            if !checksums {
+                punches = vec![(e.data_offset, self.geom.chunk_size())];
+            }
+            alloc.release_later(e.data_offset);
+            e.data_offset = 0;
+            e.pinned = 0;
+        }
+        Ok(punches)
     }
 
     /// Reads bytes `start..start + buf.len()` of `chunk`'s slot (all Data blocks), verifying the
     /// checksum of every block it touches when the image has data checksums. A mismatch is an
-    /// error, never data; it also marks the image corrupt at its next flush or close.
+    /// error, never data; it also marks the image corrupt at its next flush or close. For
+    /// callers that hold the chunk lock or read a layer nobody writes, where no writer can
+    /// explain a mismatch.
     pub fn read_data_verified(&self, chunk: u64, start: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_data_checked(chunk, start, buf).inspect_err(|e| {
+            if e.kind() == ErrorKind::BadChecksum {
+                self.note_corrupt();
+            }
+        })
+    }
+
+    /// [`Image::read_data_verified`] without marking the image corrupt on a mismatch
+    /// ([`ErrorKind::BadChecksum`]): for readers racing writers of the same block, which look
+    /// again before calling a mismatch damage.
+    ///
+    /// Blocks are read as the map holds them now: a block that stopped being Data since the
+    /// caller planned its read (a concurrent write-zeroes or discard of it in the top, whose
+    /// result reads as zero) reads as zero, and a relocated chunk is read from its new slot.
+    pub fn read_data_checked(&self, chunk: u64, start: u64, buf: &mut [u8]) -> Result<()> {
         let first = (start / BLOCK_SIZE) as usize;
         let last = (start + buf.len() as u64).div_ceil(BLOCK_SIZE) as usize;
         let found = self.with_entry(chunk, |e| {
-            e.filter(|e| e.data_offset != 0)
-                .map(|e| (e.data_offset, e.crcs.get(first..last).map(<[u32]>::to_vec).unwrap_or_default()))
+            e.filter(|e| e.data_offset != 0).map(|e| {
+                let data: Vec<bool> = (first..last).map(|b| e.blocks.get(b) == BlockState::Data).collect();
+                (e.data_offset, data, e.crcs.get(first..last).map(<[u32]>::to_vec).unwrap_or_default())
+            })
         });
-        let Some((slot, crcs)) = found else {
-            return Err(err(ErrorKind::Corrupt, format!("chunk {chunk} has no data slot")).with_file(&self.path));
+        let Some((slot, data, crcs)) = found else {
+            buf.fill(0);
+            return Ok(());
         };
-        if !self.geom.data_checksums {
+        if !self.geom.data_checksums && data.iter().all(|&d| d) {
             return self.read_at(buf, slot + start);
         }
         let aligned = start % BLOCK_SIZE == 0 && buf.len() as u64 % BLOCK_SIZE == 0;
@@ -161,12 +254,23 @@ impl Image {
         };
         let at = slot + first as u64 * BLOCK_SIZE;
         self.read_at(region, at)?;
-        for (i, blk) in region.chunks(BLOCK_SIZE as usize).enumerate() {
-            if crcs.get(i).copied() != Some(crc32fast::hash(blk)) {
-                self.corrupt_found.store(true, Ordering::Release);
+        for (i, blk) in region.chunks_mut(BLOCK_SIZE as usize).enumerate() {
+            if !data[i] {
+                blk.fill(0);
+                continue;
+            }
+            if !self.geom.data_checksums {
+                continue;
+            }
+            let (want, got) = (crcs.get(i).copied(), crc32fast::hash(blk));
+            if want != Some(got) {
                 return Err(err(
-                    ErrorKind::Corrupt,
-                    format!("data checksum mismatch in chunk {chunk} block {}", first + i),
+                    ErrorKind::BadChecksum,
+                    format!(
+                        "data checksum mismatch in chunk {chunk} block {} (crc {got:08x}, map says {:08x})",
+                        first + i,
+                        want.unwrap_or(0)
+                    ),
                 )
                 .with_file(&self.path)
                 .at(at + i as u64 * BLOCK_SIZE));
@@ -180,10 +284,80 @@ impl Image {
         Ok(())
     }
 
+    /// Records that a data checksum failed: the next flush or close sets the CORRUPT flag.
+    pub fn note_corrupt(&self) {
+        self.corrupt_found.store(true, Ordering::Release);
+    }
+
     /// A cluster for a slot that the live map does not reference yet: commit fills such slots
     /// and then makes them live all at once with [`Image::replace_map`].
     pub fn alloc_detached_slot(&self) -> Result<u64> {
         self.require_writable()?;
         write(&self.state).alloc.alloc_slot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Geometry;
+    use crate::storage::MemStorage;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn image(checksums: bool) -> Image {
+        let g = Geometry::new(1 << 20, 16).unwrap().with_data_checksums(checksums).unwrap();
+        Image::create_on(Arc::new(MemStorage::new()), Path::new("m"), g, None, [1; 16]).unwrap()
+    }
+
+    fn write_blocks(img: &Image, chunk: u64, first: usize, last: usize) -> SlotPlan {
+        let plan = img.plan_write(chunk, first, last).unwrap();
+        let slot = plan.slot().clone();
+        let data = vec![7u8; (last - first) * BLOCK_SIZE as usize];
+        img.write_at(&data, plan.target() + first as u64 * BLOCK_SIZE).unwrap();
+        let crc = crc32fast::hash(&data[..BLOCK_SIZE as usize]);
+        img.commit_write(plan, &vec![crc; last - first]).unwrap();
+        slot
+    }
+
+    #[test]
+    fn blocks_a_flush_may_have_made_durable_are_never_overwritten_in_place() {
+        let img = image(true);
+        assert!(matches!(write_blocks(&img, 0, 0, 2), SlotPlan::NewSlot { .. }));
+        // Not yet in any flush's snapshot: in place.
+        assert!(matches!(write_blocks(&img, 0, 1, 2), SlotPlan::InPlace { .. }));
+        img.flush().unwrap();
+        // Block 1 is Data in the durable map now, also once it is zeroed in memory.
+        img.clear_blocks(0, 1, 2, BlockState::Zero).unwrap();
+        match write_blocks(&img, 0, 1, 2) {
+            SlotPlan::Relocate { keep, .. } => assert_eq!(keep, vec![(0, 1)]),
+            other => panic!("expected a relocation, planned {other:?}"),
+        }
+        // The new slot is referenced by no durable map: in place again until the next flush.
+        assert!(matches!(write_blocks(&img, 0, 0, 1), SlotPlan::InPlace { .. }));
+        // A block never written as Data in a durable map may be written in place.
+        img.flush().unwrap();
+        assert!(matches!(write_blocks(&img, 0, 5, 6), SlotPlan::InPlace { .. }));
+    }
+
+    #[test]
+    fn without_checksums_existing_slots_are_always_written_in_place() {
+        let img = image(false);
+        write_blocks(&img, 3, 0, 4);
+        img.flush().unwrap();
+        assert!(matches!(write_blocks(&img, 3, 0, 4), SlotPlan::InPlace { .. }));
+    }
+
+    #[test]
+    fn an_abandoned_relocation_gives_its_slot_back() {
+        let img = image(true);
+        write_blocks(&img, 0, 0, 1);
+        img.flush().unwrap();
+        let (free_before, end_before) = img.space();
+        let plan = img.plan_write(0, 0, 1).unwrap();
+        assert!(matches!(plan.slot(), SlotPlan::Relocate { .. }));
+        drop(plan);
+        let (free_after, end_after) = img.space();
+        assert_eq!(free_after - free_before, end_after - end_before, "the target is free again");
     }
 }

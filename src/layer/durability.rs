@@ -43,6 +43,8 @@ impl Image {
             return self.require_writable();
         }
         let (snap, released) = {
+            // F1 waits for writes between plan and commit (data checksums): see data.rs.
+            let _gate = write(&self.snapshot_gate);
             let mut st = write(&self.state);
             (st.map.take_dirty(), st.alloc.take_pending())
         };
@@ -138,17 +140,25 @@ impl Image {
         Ok(())
     }
 
-    /// Flushes, clears the dirty flag and releases the file. Writes are refused from the start
-    /// of the call on. Idempotent; also run on drop.
+    /// Flushes, clears the dirty flag and makes that durable. Writes are refused from the start
+    /// of the first call on. Succeeds only once all of it has succeeded: after a failure, a
+    /// retry does the work again (and fails for good after a failed sync, see `poisoned`).
+    /// Also run on drop.
     pub fn close(&self) -> Result<()> {
-        if !self.writable || self.closed.swap(true, Ordering::AcqRel) {
+        if !self.writable {
             return Ok(());
         }
+        self.closing.store(true, Ordering::Release);
         let _f = lock(&self.flush_lock);
+        if self.clean.load(Ordering::Acquire) {
+            return Ok(());
+        }
         self.flush_locked()?;
         let mut st = write(&self.state);
         self.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, false)).map_err(|e| e.with_file(&self.path))?;
         drop(st);
-        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("close"))
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("close"))?;
+        self.clean.store(true, Ordering::Release);
+        Ok(())
     }
 }

@@ -44,10 +44,13 @@ pub struct Entry {
     pub blocks: BlockStates,
     /// CRC-32 per block (images with data checksums; empty otherwise); 0 for non-Data blocks.
     pub crcs: Box<[u32]>,
-    /// The flush epoch in which the slot was allocated. A slot of the current epoch is not yet
-    /// referenced by the durable map, so its blocks may be overwritten in place even when data
-    /// checksums are on (spec §5.8).
-    pub slot_epoch: u64,
+    /// With data checksums (at most 64 blocks per chunk), the blocks of the current slot that a
+    /// durable map, or one a flush is writing, may record as Data: bit `i` for block `i`. Such a
+    /// block is never overwritten in place (spec §5.8). Set from the entry on load, grown by each
+    /// flush's snapshot (F1) of the entry, cleared when the entry gets a new slot (no durable
+    /// map can point at a slot taken since: released slots are reused only once that release
+    /// is durable). Always 0 without data checksums, whose blocks may be overwritten in place.
+    pub pinned: u64,
     /// Position of the entry's record: sector index * entries_per_sector + index in sector.
     pos: u64,
 }
@@ -66,8 +69,6 @@ pub struct ChunkMap {
     extents: Vec<MapExtent>,
     dirty: BTreeSet<u64>,
     extents_changed: bool,
-    /// Flush epoch: incremented each time a flush takes its snapshot of the map.
-    epoch: u64,
 }
 
 /// The most map bytes a disk of this geometry can need: one entry per chunk, with room for the
@@ -89,7 +90,6 @@ impl ChunkMap {
             extents: Vec::new(),
             dirty: BTreeSet::new(),
             extents_changed: false,
-            epoch: 1,
         }
     }
 
@@ -147,15 +147,22 @@ impl ChunkMap {
         self.owners.insert(pos, e.chunk);
         self.next_pos = self.next_pos.max(pos + 1);
         self.order.insert(e.chunk);
+        let pinned = self.pin_mask(&e.blocks);
         self.entries.insert(
             e.chunk,
-            Entry { data_offset: e.data_offset, blocks: e.blocks, crcs: e.crcs.into_boxed_slice(), slot_epoch: 0, pos },
+            Entry { data_offset: e.data_offset, blocks: e.blocks, crcs: e.crcs.into_boxed_slice(), pinned, pos },
         );
         Ok(())
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch
+    /// The blocks of `blocks` that are Data, as [`Entry::pinned`] records them (0 without data
+    /// checksums).
+    fn pin_mask(&self, blocks: &BlockStates) -> u64 {
+        if self.geom.data_checksums {
+            blocks.data_mask().unwrap_or(u64::MAX)
+        } else {
+            0
+        }
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -197,7 +204,10 @@ impl ChunkMap {
     ) -> Result<ChunkMap> {
         let mut m = ChunkMap::empty(geom);
         for e in entries {
+            // The new map becomes durable as a whole: its Data blocks are pinned from the start.
+            let pinned = m.pin_mask(&e.blocks);
             let slot = m.entry_mut(e.chunk, &mut grow)?;
+            slot.pinned = pinned;
             slot.data_offset = e.data_offset;
             slot.blocks = e.blocks;
             slot.crcs = e.crcs.into_boxed_slice();
@@ -236,7 +246,7 @@ impl ChunkMap {
                     data_offset: 0,
                     blocks: BlockStates::new(self.geom.blocks_per_chunk()),
                     crcs: vec![0; self.geom.checksum_bytes() / 4].into_boxed_slice(),
-                    slot_epoch: self.epoch,
+                    pinned: 0,
                     pos,
                 },
             );
@@ -302,11 +312,23 @@ impl ChunkMap {
 
     /// Encodes every dirty sector and clears the dirty state: the snapshot a flush writes
     /// after the data it refers to is durable.
+    ///
+    /// From here on the snapshot's entries may become durable at any moment, so their Data
+    /// blocks are pinned (see [`Entry::pinned`]).
     pub fn take_dirty(&mut self) -> DirtySnapshot {
-        // Everything allocated so far is in this snapshot; later allocations are a new epoch.
-        self.epoch += 1;
         let sectors: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
         let encoded = sectors.iter().map(|&s| self.encode(s)).collect();
+        if self.geom.data_checksums {
+            let eps = self.geom.entries_per_sector() as u64;
+            for &sector in &sectors {
+                for pos in sector * eps..(sector + 1) * eps {
+                    let Some(chunk) = self.owners.get(&pos).copied() else { continue };
+                    if let Some(e) = self.entries.get_mut(&chunk) {
+                        e.pinned |= e.blocks.data_mask().unwrap_or(u64::MAX);
+                    }
+                }
+            }
+        }
         let extents_changed = std::mem::take(&mut self.extents_changed);
         DirtySnapshot { sectors, encoded, extents_changed }
     }

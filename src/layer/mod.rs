@@ -6,11 +6,18 @@
 //! across data I/O. `stripes` serialize writers of one chunk (copy-up and read-modify-write
 //! must not interleave). `reclaim` is held shared by anyone doing data I/O on a slot and taken
 //! exclusively before freed slots become reusable, so no I/O ever lands in a slot that has
-//! changed owner underneath it.
+//! changed owner underneath it. `snapshot_gate` (data checksums only) is held shared by a
+//! write from its plan to its commit and exclusively by a flush while it takes its snapshot of
+//! the map, so a snapshot never falls inside a write (see `data.rs`).
+//!
+//! Lock order: chunk stripe, then snapshot gate, then reclaim, then state; `flush_lock` before
+//! the snapshot gate and reclaim.
 
 pub mod alloc;
 mod data;
 mod durability;
+
+pub use data::{SlotPlan, WritePlan};
 pub mod map;
 pub mod raw;
 
@@ -55,7 +62,7 @@ impl OpenOptions {
     }
 }
 
-struct State {
+pub(crate) struct State {
     header: Header,
     map: ChunkMap,
     alloc: Allocator,
@@ -71,8 +78,13 @@ pub struct Image {
     state: RwLock<State>,
     flush_lock: Mutex<()>,
     reclaim: RwLock<()>,
+    snapshot_gate: RwLock<()>,
     stripes: Box<[Mutex<()>]>,
-    closed: AtomicBool,
+    /// Set when a close begins: writes are refused from then on. The close itself may fail and
+    /// be retried; `clean` says whether one completed.
+    closing: AtomicBool,
+    /// A close completed: flushed, and the header with DIRTY clear is durable.
+    clean: AtomicBool,
     /// Set when a sync failed: the kernel may have dropped dirty pages, so nothing written
     /// since the last good flush can be trusted to reach the disk; every later write and flush
     /// fails until the image is reopened (a retried fsync could report success for lost data).
@@ -183,8 +195,10 @@ impl Image {
             state: RwLock::new(state),
             flush_lock: Mutex::new(()),
             reclaim: RwLock::new(()),
+            snapshot_gate: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            closed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            clean: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             corrupt_found: AtomicBool::new(false),
             repaired_on_open: repaired,
@@ -337,7 +351,7 @@ impl Image {
             )
             .with_file(&self.path));
         }
-        if self.closed.load(Ordering::Acquire) {
+        if self.closing.load(Ordering::Acquire) {
             return Err(err(ErrorKind::ReadOnly, "image is closed").with_file(&self.path));
         }
         Ok(())
@@ -350,6 +364,13 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
         self.storage.write_at(buf, offset).map_err(|e| e.with_file(&self.path))
+    }
+
+    /// Copies `len` bytes of this image's file from `from` to `to` (ranges that do not overlap):
+    /// a relocated chunk's blocks to its new slot.
+    pub fn copy_within(&self, from: u64, to: u64, len: u64) -> Result<()> {
+        self.require_writable()?;
+        self.storage.copy_to(from, len, self.storage.as_ref(), to).map_err(|e| e.with_file(&self.path))
     }
 
     /// Writes the next `len` bytes of `src` at `offset`. With `fresh` (whole chunks going into
@@ -456,12 +477,19 @@ mod tests {
         Image::open_on(Arc::new(MemStorage::from_bytes(s.snapshot())), Path::new("mem"), opts)
     }
 
+    /// Writes `fill` into blocks `first..last` of `chunk` through a write plan; returns the slot.
+    fn write_blocks(img: &Image, chunk: u64, first: usize, last: usize, fill: u8) -> u64 {
+        let plan = img.plan_write(chunk, first, last).unwrap();
+        let slot = plan.target();
+        img.write_at(&vec![fill; (last - first) * 4096], slot + first as u64 * 4096).unwrap();
+        img.commit_write(plan, &[]).unwrap();
+        slot
+    }
+
     #[test]
     fn flushed_blocks_survive_reopen() {
         let (s, img) = mem_image();
-        let slot = img.ensure_slot(3).unwrap();
-        img.write_at(&[0xab; 4096], slot + 4096).unwrap();
-        img.set_blocks(3, 1, 2, BlockState::Data, &[]).unwrap();
+        let slot = write_blocks(&img, 3, 1, 2, 0xab);
         img.flush().unwrap();
         let again = reopen(&s, OpenOptions::read_only()).unwrap();
         let (off, st) = again.with_entry(3, |e| {
@@ -477,9 +505,7 @@ mod tests {
     #[test]
     fn unflushed_map_change_is_not_visible_after_crash() {
         let (s, img) = mem_image();
-        let slot = img.ensure_slot(0).unwrap();
-        img.write_at(&[1; 4096], slot).unwrap();
-        img.set_blocks(0, 0, 1, BlockState::Data, &[]).unwrap();
+        write_blocks(&img, 0, 0, 1, 1);
         let crashed = reopen(&s, OpenOptions::read_only()).unwrap();
         assert!(crashed.with_entry(0, |e| e.is_none()));
         drop(img);
@@ -517,16 +543,14 @@ mod tests {
     #[test]
     fn zeroing_every_data_block_releases_the_slot_after_flush() {
         let (_s, img) = mem_image();
-        let slot = img.ensure_slot(2).unwrap();
-        img.write_at(&[9; 4096], slot).unwrap();
-        img.set_blocks(2, 0, 1, BlockState::Data, &[]).unwrap();
-        img.set_blocks(2, 0, 16, BlockState::Zero, &[]).unwrap();
+        let slot = write_blocks(&img, 2, 0, 1, 9);
+        img.clear_blocks(2, 0, 16, BlockState::Zero).unwrap();
         assert_eq!(img.with_entry(2, |e| e.unwrap().data_offset), 0);
         // Not reusable before the flush that makes the release durable...
-        assert_ne!(img.ensure_slot(5).unwrap(), slot);
+        assert_ne!(write_blocks(&img, 5, 0, 1, 5), slot);
         img.flush().unwrap();
         // ...and reusable after it.
-        assert_eq!(img.ensure_slot(6).unwrap(), slot);
+        assert_eq!(write_blocks(&img, 6, 0, 1, 6), slot);
     }
 
     #[test]
@@ -548,10 +572,8 @@ mod tests {
     fn rejects_map_entry_past_end_of_file() {
         let (s, img) = mem_image();
         // A zero entry first, so the map extent sits before the data slot that gets cut off.
-        img.set_blocks(0, 0, 16, BlockState::Zero, &[]).unwrap();
-        let slot = img.ensure_slot(1).unwrap();
-        img.write_at(&[1; 4096], slot).unwrap();
-        img.set_blocks(1, 0, 1, BlockState::Data, &[]).unwrap();
+        img.clear_blocks(0, 0, 16, BlockState::Zero).unwrap();
+        let slot = write_blocks(&img, 1, 0, 1, 1);
         img.flush().unwrap();
         drop(img);
         let mut bytes = s.snapshot();

@@ -177,8 +177,12 @@ fn check_image(path: &Path, opts: &CheckOptions, progress: Progress) -> ImageChe
     }
     // Everything verified: punch the leaks, clear the corrupt mark, close cleanly (clears dirty).
     // The writable open and the close each write a header, which rewrites a damaged slot.
+    // What to reclaim is worked out again under the exclusive lock that the punches are made
+    // under: the look above took no lock, and a writer may have put data into that space
+    // since (its own open, writes and close all fit in between).
     let wopts = OpenOptions { write: true, lock: LockMode::Exclusive, allow_frozen: true, allow_corrupt: true };
     let repaired = Image::open(path, wopts).and_then(|img| {
+        let leaks = data_in(img.storage().as_ref(), &img.free_ranges())?;
         for &(s, e) in &leaks {
             img.storage().punch(s, e - s)?;
         }

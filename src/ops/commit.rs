@@ -3,14 +3,14 @@
 //! write, spec §5.7.3); until the overlay is emptied it still shows the same disk.
 
 use super::Progress;
-use crate::chain::create::{publish, temp_sibling};
 use crate::chain::resolve_parent_path;
 use crate::error::{err, ErrorKind, Result};
 use crate::format::blocks::BlockState;
-use crate::format::header::ParentFormat;
+use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::map::MapEntry;
 use crate::format::BLOCK_SIZE;
 use crate::layer::{format_uuid, Image, OpenOptions};
+use crate::storage::namespace::{publish_replacing, temp_name, Namespace, RealFs};
 use crate::storage::LockMode;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -66,17 +66,25 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
     commit_into(&top, &parent, progress).map_err(|e| e.with_file(image).during("commit"))?;
     parent.close()?;
     drop(parent);
+    empty_top_in(&RealFs, &top, pref)
+}
 
-    // The parent now holds everything; an empty overlay with the same reference replaces the top.
-    let g = top.geometry();
+/// The last step of a commit (C6 of spec §5.7.3): `top`, whose blocks its parent now holds,
+/// is replaced by an empty overlay with the same parent reference, made and named through
+/// `ns`. `top` stays open (and locked) until the new file has its name, so nobody writes to
+/// the old file meanwhile: such writes would vanish with it.
+pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<()> {
+    let image = top.path();
     top.close()?;
-    drop(top);
-    let tmp = temp_sibling(image, "commit");
-    let _ = std::fs::remove_file(&tmp);
-    let fresh = Image::create(&tmp, g, Some(pref))?;
-    fresh.close()?;
+    let tmp = temp_name(image, "commit");
+    let fresh = ns.create(&tmp).map_err(|e| e.during("commit"))?;
+    let done = Image::create_closed_on(fresh.as_ref(), &tmp, top.geometry(), Some(pref))
+        .and_then(|()| publish_replacing(ns, &tmp, image));
+    if done.is_err() {
+        ns.remove(&tmp);
+    }
     drop(fresh);
-    publish(&tmp, image)
+    done.map_err(|e| e.during("commit"))
 }
 
 /// The storage-level steps of [`commit`] (C2 to C5 of spec §5.7.3): `top`'s Data and Zero

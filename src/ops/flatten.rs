@@ -2,13 +2,12 @@
 //! (cowdisk or raw), keeping zero and unallocated ranges sparse (spec §5.7.2).
 
 use super::{all_extents, Progress};
-use crate::chain::create::{publish, temp_sibling};
 use crate::chain::DeviceRange;
 use crate::device::{DiskFlush, DiskRead, DiskWrite, Extent, ExtentKind};
-use crate::error::{err, Error, ErrorKind, Result};
+use crate::error::{err, ErrorKind, Result};
 use crate::format::Geometry;
-use crate::layer::Image;
-use crate::storage::{FileStorage, Storage};
+use crate::layer::{new_uuid, Image};
+use crate::storage::namespace::{publish_new, temp_name, Namespace, RealFs};
 use crate::{Chain, ChainOptions};
 use std::path::Path;
 
@@ -85,31 +84,44 @@ pub fn flatten_to(image: &Path, out: &Path, format: OutputFormat, progress: Prog
         return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(out).during("flatten"));
     }
     let chain = Chain::open(image, ChainOptions::default())?;
-    let data = ranges(&chain, |k| !k.reads_zero())?;
+    flatten_chain_to(&RealFs, &chain, out, format, progress)
+}
+
+/// The steps of [`flatten_to`] on an open chain, with the new file made and named through
+/// `ns`: built and synced under a temporary name, then renamed to `out` without replacing
+/// anything, so `out` either does not exist or is complete (spec §5.7.2).
+pub fn flatten_chain_to(
+    ns: &dyn Namespace,
+    chain: &Chain,
+    out: &Path,
+    format: OutputFormat,
+    progress: Progress,
+) -> Result<()> {
+    let data = ranges(chain, |k| !k.reads_zero())?;
     let total: u64 = data.iter().map(|e| e.length).sum();
-    let tmp = temp_sibling(out, "flatten");
-    let _ = std::fs::remove_file(&tmp);
+    let tmp = temp_name(out, "flatten");
+    let file = ns.create(&tmp).map_err(|e| e.during("flatten"))?;
     let result = (|| -> Result<()> {
         let mut done = 0;
         match format {
             OutputFormat::Raw => {
                 let mut buf = Vec::new();
-                let f = FileStorage::create(&tmp)?;
-                f.set_len(chain.size())?;
+                file.set_len(chain.size()).map_err(|e| e.with_file(&tmp))?;
                 for e in &data {
-                    chain.copy_to(e.offset, e.length, &f, e.offset, &mut buf, |n| {
+                    chain.copy_to(e.offset, e.length, file.as_ref(), e.offset, &mut buf, |n| {
                         done += n;
                         progress(done, total);
                     })?;
                 }
-                f.sync()
+                file.sync().map_err(|e| e.with_file(&tmp))
             }
             OutputFormat::Cowdisk => {
                 let tg = chain.top().geometry();
                 let g = Geometry::new(chain.size(), tg.chunk_shift)?.with_data_checksums(tg.data_checksums)?;
-                let dst = Chain::assemble(Image::create(&tmp, g, None)?, Vec::new(), None);
+                let img = Image::create_on(file.clone(), &tmp, g, None, new_uuid()?)?;
+                let dst = Chain::assemble(img, Vec::new(), None);
                 for e in &data {
-                    copy_device(&chain, &dst, e, &mut |n| {
+                    copy_device(chain, &dst, e, &mut |n| {
                         done += n;
                         progress(done, total);
                     })?;
@@ -117,10 +129,12 @@ pub fn flatten_to(image: &Path, out: &Path, format: OutputFormat, progress: Prog
                 dst.close()
             }
         }
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    })()
+    .and_then(|()| publish_new(ns, &tmp, out));
+    if result.is_err() {
+        ns.remove(&tmp);
     }
-    publish(&tmp, out).map_err(|e: Error| e.during("flatten"))
+    // Locked until it has its final name (see `namespace`).
+    drop(file);
+    result.map_err(|e| e.during("flatten"))
 }

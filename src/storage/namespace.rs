@@ -1,11 +1,22 @@
-//! Where image files live, as multi-file operations (snapshot) see it: opening and creating
-//! files, links, renames and directory syncs. The real file system is one implementation; the
-//! recording one in `recording.rs` lets crash tests see the order of directory changes too.
+//! Where image files live, as operations that create, name and replace whole files see it:
+//! opening and creating files, links, renames (replacing or not), removal, listing and
+//! directory syncs, and the temporary names files are built under. The real file system is
+//! one implementation; the recording one in `recording.rs` lets crash tests see the order of
+//! directory changes too.
+//!
+//! Temporary files: a file that must appear complete or not at all is built under a temporary
+//! name next to its final one and renamed when complete. Each name is unique to one run
+//! (`.NAME.PURPOSE.PID-NONCE.tmp`), so a run killed half-way never blocks the next one, and
+//! two runs never share a file. A temporary file is *stale* when the process named in it is
+//! gone and nobody holds a lock on it; [`sweep_stale_temps`] removes those.
 
 use super::{FileStorage, LockMode, Storage};
-use crate::error::{Error, Result};
+use crate::error::{err, Error, ErrorKind, Result};
+use std::ffi::{CString, OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub trait Namespace {
@@ -22,20 +33,43 @@ pub trait Namespace {
     fn link(&self, from: &Path, to: &Path) -> Result<()>;
     /// Atomically moves `from` to `to`, replacing what `to` named.
     fn rename(&self, from: &Path, to: &Path) -> Result<()>;
+    /// Atomically moves `from` to `to`, failing (InvalidArgument, "already exists") if `to`
+    /// exists: never replaces a file that appeared meanwhile.
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<()>;
     /// Removes a name, ignoring a missing one.
     fn remove(&self, path: &Path);
     /// Makes the name changes in `path`'s directory durable.
     fn sync_dir(&self, path: &Path) -> Result<()>;
+    /// The names in the directory that holds `path` (file names only).
+    fn siblings(&self, path: &Path) -> Vec<OsString>;
+    /// Whether some open of the file holds a lock on it (someone is using it).
+    fn is_locked(&self, path: &Path) -> bool;
 }
 
 /// The real file system.
 pub struct RealFs;
 
-fn dir_of(p: &Path) -> PathBuf {
+/// The directory that holds `p` ("." for a bare file name).
+pub fn dir_of(p: &Path) -> PathBuf {
     match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     }
+}
+
+/// fsyncs the directory holding `path`, so that a create, link or rename in it survives a crash.
+pub fn sync_dir(path: &Path) -> Result<()> {
+    let dir = dir_of(path);
+    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", e).with_file(&dir))
+}
+
+fn c_path(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| err(ErrorKind::InvalidArgument, "path contains a zero byte").with_file(p))
+}
+
+fn already_exists(to: &Path) -> Error {
+    err(ErrorKind::InvalidArgument, "already exists").with_file(to)
 }
 
 impl Namespace for RealFs {
@@ -69,12 +103,185 @@ impl Namespace for RealFs {
         std::fs::rename(from, to).map_err(|e| Error::io("rename", e).with_file(to))
     }
 
+    /// renameat2(RENAME_NOREPLACE); where the file system does not support it (EINVAL), a
+    /// hard link (which never replaces) and the removal of the old name.
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<()> {
+        let (f, t) = (c_path(from)?, c_path(to)?);
+        // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them like rename(2).
+        let rc =
+            unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EEXIST) => Err(already_exists(to)),
+            Some(libc::EINVAL) | Some(libc::ENOSYS) => match std::fs::hard_link(from, to) {
+                Ok(()) => std::fs::remove_file(from).map_err(|e| Error::io("remove", e).with_file(from)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(already_exists(to)),
+                Err(e) => Err(Error::io("link", e).with_file(to)),
+            },
+            _ => Err(Error::io("rename", e).with_file(to)),
+        }
+    }
+
     fn remove(&self, path: &Path) {
         let _ = std::fs::remove_file(path);
     }
 
     fn sync_dir(&self, path: &Path) -> Result<()> {
-        let dir = dir_of(path);
-        std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", e).with_file(&dir))
+        sync_dir(path)
+    }
+
+    fn siblings(&self, path: &Path) -> Vec<OsString> {
+        let Ok(rd) = std::fs::read_dir(dir_of(path)) else { return Vec::new() };
+        rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect()
+    }
+
+    fn is_locked(&self, path: &Path) -> bool {
+        // Someone else's writer or reader lock makes an exclusive lock fail; a file that cannot
+        // be opened at all is left alone too.
+        FileStorage::open(path, false, LockMode::Exclusive).is_err()
+    }
+}
+
+static NONCE: AtomicU64 = AtomicU64::new(0);
+
+/// A temporary name next to `path` for a file being built for `purpose`, unique to this run:
+/// `.NAME.PURPOSE.PID-NONCE.tmp`.
+pub fn temp_name(path: &Path, purpose: &str) -> PathBuf {
+    let mut t = b".".to_vec();
+    t.extend_from_slice(path.file_name().map(OsStr::as_bytes).unwrap_or_default());
+    let nonce = NONCE.fetch_add(1, Ordering::Relaxed);
+    t.extend_from_slice(format!(".{purpose}.{}-{nonce}.tmp", std::process::id()).as_bytes());
+    path.with_file_name(OsString::from_vec(t))
+}
+
+/// The process id in a temporary name of `path` made for `purpose` by [`temp_name`], or `Some(None)`
+/// for the fixed name `.NAME.PURPOSE.tmp` that versions before unique names used; `None` if
+/// `name` is not such a temporary name.
+fn temp_owner(path: &Path, purpose: &str, name: &OsStr) -> Option<Option<u32>> {
+    let mut prefix = b".".to_vec();
+    prefix.extend_from_slice(path.file_name()?.as_bytes());
+    prefix.extend_from_slice(format!(".{purpose}.").as_bytes());
+    let rest = name.as_bytes().strip_prefix(&prefix[..])?.strip_suffix(b"tmp")?;
+    if rest.is_empty() {
+        return Some(None);
+    }
+    let rest = std::str::from_utf8(rest.strip_suffix(b".")?).ok()?;
+    let (pid, nonce) = rest.split_once('-')?;
+    nonce.parse::<u64>().ok()?;
+    pid.parse().ok().map(Some)
+}
+
+/// Whether process `pid` exists (in this process's PID namespace).
+fn process_exists(pid: u32) -> bool {
+    let Ok(p) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 only checks for existence and permission; it sends nothing.
+    unsafe { libc::kill(p, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+}
+
+/// Removes the temporary files that runs of `purpose` for `path` left behind when they were
+/// killed: those whose process is gone and that nobody holds a lock on. Returns their paths.
+/// Never touches the files of a run in progress (it holds its temporary file locked).
+pub fn sweep_stale_temps(ns: &dyn Namespace, path: &Path, purpose: &str) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for name in ns.siblings(path) {
+        let Some(owner) = temp_owner(path, purpose, &name) else { continue };
+        if owner.is_some_and(process_exists) {
+            continue;
+        }
+        let p = path.with_file_name(&name);
+        if !ns.is_locked(&p) {
+            ns.remove(&p);
+            removed.push(p);
+        }
+    }
+    removed
+}
+
+/// Gives the complete, synced file `tmp` the name `path`, which must not exist (it never
+/// replaces one that appeared meanwhile), and makes the new name durable.
+pub fn publish_new(ns: &dyn Namespace, tmp: &Path, path: &Path) -> Result<()> {
+    ns.rename_noreplace(tmp, path)?;
+    ns.sync_dir(path)
+}
+
+/// Gives the complete, synced file `tmp` the name `path` in place of the file it names, and
+/// makes the change durable.
+pub fn publish_replacing(ns: &dyn Namespace, tmp: &Path, path: &Path) -> Result<()> {
+    ns.rename(tmp, path)?;
+    ns.sync_dir(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_are_hidden_siblings_unique_per_call() {
+        let a = temp_name(Path::new("/x/y/disk.cow"), "create");
+        let b = temp_name(Path::new("/x/y/disk.cow"), "create");
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), Some(Path::new("/x/y")));
+        let name = a.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with(".disk.cow.create.") && name.ends_with(".tmp"), "{name}");
+        assert_eq!(
+            temp_owner(Path::new("/x/y/disk.cow"), "create", a.file_name().unwrap()),
+            Some(Some(std::process::id()))
+        );
+    }
+
+    #[test]
+    fn temp_owner_recognises_only_its_own_names() {
+        let p = Path::new("d/disk.cow");
+        let own = |n: &str| temp_owner(p, "flatten", OsStr::new(n));
+        assert_eq!(own(".disk.cow.flatten.tmp"), Some(None));
+        assert_eq!(own(".disk.cow.flatten.123-4.tmp"), Some(Some(123)));
+        assert_eq!(own(".disk.cow.create.123-4.tmp"), None);
+        assert_eq!(own(".disk.cowx.flatten.123-4.tmp"), None);
+        assert_eq!(own(".disk.cow.flatten.12x-4.tmp"), None);
+        assert_eq!(own("disk.cow"), None);
+    }
+
+    #[test]
+    fn a_temp_of_a_dead_process_is_swept_and_a_locked_one_is_kept() {
+        let d = std::env::temp_dir().join(format!("cowdisk-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let target = d.join("disk.cow");
+        // A pid that cannot exist (above the kernel's pid_max).
+        let dead = d.join(".disk.cow.create.4194305-0.tmp");
+        std::fs::write(&dead, b"x").unwrap();
+        let legacy = d.join(".disk.cow.create.tmp");
+        std::fs::write(&legacy, b"x").unwrap();
+        let held = d.join(".disk.cow.create.4194305-1.tmp");
+        std::fs::write(&held, b"x").unwrap();
+        let _lock = FileStorage::open(&held, false, LockMode::Shared).unwrap();
+        let mine = temp_name(&target, "create");
+        std::fs::write(&mine, b"x").unwrap();
+        let mut removed = sweep_stale_temps(&RealFs, &target, "create");
+        removed.sort();
+        assert_eq!(removed, vec![dead.clone(), legacy.clone()]);
+        assert!(held.exists() && mine.exists() && !dead.exists() && !legacy.exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn rename_noreplace_never_replaces() {
+        let d = std::env::temp_dir().join(format!("cowdisk-noreplace-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let (a, b) = (d.join("a"), d.join("b"));
+        std::fs::write(&a, b"new").unwrap();
+        std::fs::write(&b, b"old").unwrap();
+        let e = RealFs.rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(std::fs::read(&b).unwrap(), b"old");
+        std::fs::remove_file(&b).unwrap();
+        RealFs.rename_noreplace(&a, &b).unwrap();
+        assert_eq!(std::fs::read(&b).unwrap(), b"new");
+        assert!(!a.exists());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -1,12 +1,18 @@
 //! A recording store for crash tests: keeps "what was written" apart from "what was synced",
 //! and rebuilds any state a power cut could leave behind.
 //!
-//! Every store sharing one [`Journal`] logs its writes, punches and syncs in one global order,
-//! so a crash point is a single index into that order for all files at once. The state a crash
-//! at index `k` may leave for a file is: everything up to the file's last sync before `k`, plus,
-//! for every 512-byte sector, either that synced content or the content any later (unsynced)
-//! write or punch before `k` gave it — chosen independently per sector, which covers lost,
-//! reordered and torn writes (format-spec §5.1).
+//! Every store sharing one [`Journal`] logs its writes, punches, length changes and syncs in
+//! one global order, so a crash point is a single index into that order for all files at
+//! once. The state a crash at index `k` may leave for a file is: everything up to the file's
+//! last sync before `k`, plus, for every 512-byte sector, either that synced content or the
+//! content any later (unsynced) write or punch before `k` gave it, chosen independently per
+//! sector, which covers lost, reordered and torn writes (format-spec §5.1); and a length that
+//! is the synced one or any the file had after an unsynced length change (a write past the
+//! end, set_len, allocate), bytes past it cut off and bytes up to it reading as zero where
+//! nothing landed. Splices and copies between files reach the store as writes (the trait's
+//! default methods), so they are recorded like any write. Directory changes of a
+//! [`RecordingDir`] (create, link, rename, remove) are logged in the same order, each kept or
+//! lost after the last directory sync.
 
 use super::namespace::Namespace;
 use super::{LockMode, MemStorage, Storage};
@@ -28,6 +34,11 @@ pub enum RecOp {
         len: u64,
     },
     SetLen(u64),
+    /// Space taken for a range about to be written (fallocate mode 0): may extend the file.
+    Allocate {
+        offset: u64,
+        len: u64,
+    },
     Sync,
     /// Directory operations of a [`RecordingDir`] (logged under [`DIR`]).
     Name {
@@ -86,6 +97,14 @@ impl RecordingStorage {
     pub fn new(journal: Arc<Journal>, file: usize) -> RecordingStorage {
         RecordingStorage { file, mem: MemStorage::new(), journal }
     }
+
+    /// A store that starts out holding `bytes`, durably (logged as one write and a sync): what
+    /// a crash state looks like to the program that opens it next.
+    pub fn with_contents(journal: Arc<Journal>, file: usize, bytes: Vec<u8>) -> RecordingStorage {
+        journal.push(file, RecOp::Write { offset: 0, data: bytes.clone() });
+        journal.push(file, RecOp::Sync);
+        RecordingStorage { file, mem: MemStorage::from_bytes(bytes), journal }
+    }
 }
 
 impl Storage for RecordingStorage {
@@ -114,6 +133,16 @@ impl Storage for RecordingStorage {
         Ok(())
     }
 
+    /// Like fallocate mode 0 on a file: the file grows to cover the range, which reads as zero.
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.saturating_add(len);
+        if end > self.mem.len()? {
+            self.mem.set_len(end)?;
+        }
+        self.journal.push(self.file, RecOp::Allocate { offset, len });
+        Ok(())
+    }
+
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
         self.mem.punch(offset, len)?;
         self.journal.push(self.file, RecOp::Punch { offset, len });
@@ -136,7 +165,23 @@ fn apply(img: &mut Vec<u8>, op: &RecOp) {
             img[s..e].fill(0);
         }
         RecOp::SetLen(l) => img.resize(*l as usize, 0),
+        RecOp::Allocate { offset, len } => {
+            let end = (*offset + *len) as usize;
+            if img.len() < end {
+                img.resize(end, 0);
+            }
+        }
         _ => {}
+    }
+}
+
+/// The file length after `op`, from `len` before it.
+fn length_after(len: u64, op: &RecOp) -> u64 {
+    match op {
+        RecOp::Write { offset, data } => len.max(offset + data.len() as u64),
+        RecOp::SetLen(l) => *l,
+        RecOp::Allocate { offset, len: n } => len.max(offset + n),
+        _ => len,
     }
 }
 
@@ -220,6 +265,26 @@ impl Namespace for RecordingDir {
         Ok(())
     }
 
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<()> {
+        if self.exists(to) {
+            return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(to));
+        }
+        self.rename(from, to)
+    }
+
+    fn siblings(&self, path: &Path) -> Vec<std::ffi::OsString> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0.keys()
+            .filter(|k| k.parent() == path.parent())
+            .filter_map(|k| k.file_name().map(|n| n.to_owned()))
+            .collect()
+    }
+
+    /// Nothing here is locked: the crash tests run one writer at a time.
+    fn is_locked(&self, _path: &Path) -> bool {
+        false
+    }
+
     fn remove(&self, path: &Path) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.0.remove(path).is_some() {
@@ -288,24 +353,36 @@ impl CrashImages {
         names
     }
 
-    /// The bytes `file` may hold after a crash just before journal index `k`, with the choice
-    /// of each unsynced sector made by `pick(candidates)` (0 = keep the synced content).
+    /// The bytes `file` may hold after a crash just before journal index `k`, with each choice
+    /// made by `pick(candidates)`: per unsynced sector, 0 keeps the synced content and `i`
+    /// takes the content after the `i`-th unsynced change of it; then the length, 0 the synced
+    /// one and `i` the one after the `i`-th unsynced length change.
     pub fn state(&self, file: usize, k: usize, mut pick: impl FnMut(usize) -> usize) -> Vec<u8> {
         let snaps = &self.synced[file];
         let i = snaps.partition_point(|(at, _)| *at <= k) - 1;
         let (from, base) = &snaps[i];
         let mut img: Vec<u8> = base.as_ref().clone();
-        // Candidate contents per sector from the unsynced operations, in order.
-        let mut cands: std::collections::BTreeMap<usize, Vec<Vec<u8>>> = Default::default();
+        // Candidate contents per sector from the unsynced operations, in order, and the
+        // lengths the file had after each unsynced length change.
+        let mut cands: BTreeMap<usize, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut lengths = vec![img.len() as u64];
+        let mut len = img.len() as u64;
         for (f, op) in &self.ops[*from..k] {
             if *f != file {
                 continue;
             }
+            let after = length_after(len, op);
             let (off, bytes): (u64, std::borrow::Cow<[u8]>) = match op {
                 RecOp::Write { offset, data } => (*offset, std::borrow::Cow::Borrowed(data)),
                 RecOp::Punch { offset, len } => (*offset, std::borrow::Cow::Owned(vec![0u8; *len as usize])),
-                _ => continue,
+                // Cut off and grown again, the bytes past the cut read as zero.
+                RecOp::SetLen(l) if *l < len => (*l, std::borrow::Cow::Owned(vec![0u8; (len - l) as usize])),
+                _ => (0, std::borrow::Cow::Borrowed(&[][..])),
             };
+            if after != len {
+                lengths.push(after);
+                len = after;
+            }
             // Operations are sector-aligned in this format, except the odd unaligned data write;
             // an unaligned piece is merged onto the sector as it was just before that operation.
             let start = off as usize / SECTOR;
@@ -338,6 +415,8 @@ impl CrashImages {
             }
             img[at..at + SECTOR].copy_from_slice(&c[(choice - 1).min(c.len() - 1)]);
         }
+        let chosen = lengths[pick(lengths.len()).min(lengths.len() - 1)];
+        img.resize(chosen as usize, 0);
         img
     }
 }
@@ -366,6 +445,58 @@ mod tests {
         });
         assert_eq!(&torn[..512], &[2u8; 512][..]);
         assert_eq!(&torn[512..], &[1u8; 512][..]);
+    }
+
+    /// Every choice the state builder offers, enumerated: the distinct states it can build.
+    fn all_states(c: &CrashImages, k: usize) -> std::collections::BTreeSet<Vec<u8>> {
+        let mut out = std::collections::BTreeSet::new();
+        for choice in 0..16 {
+            out.insert(c.state(0, k, |n| choice % n));
+            out.insert(c.state(0, k, |n| (choice / 2) % n));
+        }
+        out
+    }
+
+    #[test]
+    fn an_unsynced_length_change_may_or_may_not_have_happened() {
+        let j = Journal::new();
+        let s = RecordingStorage::new(j.clone(), 0);
+        s.write_at(&[1u8; 1024], 0).unwrap();
+        s.sync().unwrap();
+        s.set_len(4096).unwrap();
+        s.allocate(8192, 4096).unwrap();
+        let c = CrashImages::new(&j, 1);
+        let lens: std::collections::BTreeSet<usize> = all_states(&c, j.len()).iter().map(Vec::len).collect();
+        assert_eq!(lens, [1024, 4096, 12288].into_iter().collect());
+        // A shrink that may not have happened, and whose cut-off bytes read as zero if it did
+        // and the file grew again.
+        s.set_len(512).unwrap();
+        s.set_len(1024).unwrap();
+        let c = CrashImages::new(&j, 1);
+        let states = all_states(&c, j.len());
+        assert!(states.iter().any(|st| st.len() == 1024 && st[512..].iter().all(|&b| b == 0)));
+        assert!(states.iter().any(|st| st.len() == 1024 && st[512..].iter().all(|&b| b == 1)));
+        assert!(states.iter().any(|st| st.len() == 512));
+    }
+
+    #[test]
+    fn splices_and_copies_between_files_are_recorded_as_writes() {
+        let j = Journal::new();
+        let src = RecordingStorage::new(j.clone(), 0);
+        let dst = RecordingStorage::new(j.clone(), 1);
+        src.write_at(&[7u8; 2048], 0).unwrap();
+        src.copy_to(0, 2048, &dst, 4096).unwrap();
+        // A spliced NBD write: bytes from a socket, through a pipe, into the store.
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut tx, &[9u8; 512]).unwrap();
+        let pipe = super::super::Pipe::new().unwrap();
+        assert_eq!(pipe.fill_up(std::os::fd::AsRawFd::as_raw_fd(&rx), 512, 512).unwrap(), 512);
+        dst.write_from_pipe(&pipe, 512, 0).unwrap();
+        dst.sync().unwrap();
+        let c = CrashImages::new(&j, 2);
+        let d = c.state(1, j.len(), |_| 0);
+        assert_eq!(&d[4096..6144], &[7u8; 2048][..]);
+        assert_eq!(&d[..512], &[9u8; 512][..]);
     }
 
     #[test]

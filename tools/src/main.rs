@@ -154,6 +154,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 data_checksums: data_checksums.then_some(true),
                 ..Default::default()
             };
+            ops::sweep_temps(&image, "create");
             let img = create_image(&image, &opts)?;
             let g = img.geometry();
             img.close()?;

@@ -8,9 +8,18 @@ use cowdisk::ops::check::{check, CheckOptions, CheckReport};
 use cowdisk::ops::flatten::{flatten_in_place, flatten_to, OutputFormat};
 use cowdisk::ops::info::{info, LayerInfo};
 use cowdisk::ops::{all_extents, commit, snapshot};
+use cowdisk::storage::namespace::{sweep_stale_temps, RealFs};
 use cowdisk::{Chain, ChainOptions, ExtentKind};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+
+/// Removes the temporary files that killed runs of `purpose` for `target` left behind, and
+/// says so on stderr (they are hidden files the user never made).
+pub fn sweep_temps(target: &Path, purpose: &str) {
+    for p in sweep_stale_temps(&RealFs, target, purpose) {
+        eprintln!("cowdisk: removed {}, left by an interrupted {purpose}", p.display());
+    }
+}
 
 pub fn snapshot_cmd(image: &Path, snap: &Path) -> Result<(), Failure> {
     snapshot::snapshot(image, snap)?;
@@ -28,6 +37,7 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str) -> Resul
         }
         Some(out) => {
             let f = if format == "raw" { OutputFormat::Raw } else { OutputFormat::Cowdisk };
+            sweep_temps(&out, "flatten");
             flatten_to(image, &out, f, &progress)?;
             say!("wrote the merged contents of {} to {} ({format})", image.display(), out.display());
         }
@@ -37,6 +47,7 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str) -> Resul
 
 pub fn commit_cmd(image: &Path, force: bool) -> Result<(), Failure> {
     let bar = Bar::new("commit");
+    sweep_temps(image, "commit");
     commit::commit(image, force, &|d, t| bar.update(d, t))?;
     say!("committed {} into its parent; it is now an empty overlay", image.display());
     Ok(())

@@ -283,6 +283,10 @@ fn rerun_and_verify_final(fx: &Fixture, dir: &Path, op: KillOp, state: State, wh
         assert!(o.error_line().contains("already exists"), "{what}: run again\n{}", o.describe());
     } else {
         assert_eq!(o.code, Some(0), "{what}: run again in state {state:?}\n{}", o.describe());
+        // The only thing it may say on stderr: that it removed what the killed run left.
+        for line in o.stderr.lines() {
+            assert!(line.contains("left by an interrupted"), "{what}: run again, it said: {line}");
+        }
     }
     let what = format!("{what}, run again");
     assert_eq!(inspect(fx, dir, op, &what), State::After, "{what}");

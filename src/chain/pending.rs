@@ -1,0 +1,83 @@
+//! The completion rule of a snapshot (spec §5.7.1, S5 to S7): an image found frozen under its
+//! live name with a pending-snapshot record had a snapshot decided but perhaps not carried
+//! out; whoever opens it for use carries it out first (idempotently, so again after a crash
+//! in the middle). Deciding a snapshot is `ops::snapshot`.
+
+use crate::error::{err, ErrorKind, Result};
+use crate::format::header::PendingSnapshot;
+use crate::format::FLAG_FROZEN;
+use crate::layer::{read_header_of, write_next_header};
+use crate::storage::namespace::{Namespace, RealFs};
+use crate::storage::LockMode;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+fn sibling(p: &Path, name: &[u8]) -> PathBuf {
+    p.with_file_name(OsStr::from_bytes(name))
+}
+
+/// Completes a snapshot whose intent record is durable; idempotent, so it can run again after
+/// a crash in the middle of it. `at` is any path in the image's directory.
+pub(crate) fn complete(ns: &dyn Namespace, at: &Path, p: &PendingSnapshot) -> Result<()> {
+    let live = sibling(at, &p.live);
+    let snap = sibling(at, &p.snapshot);
+    let temp = sibling(at, &p.temp);
+    if ns.exists(&temp) {
+        if !ns.exists(&snap) {
+            ns.link(&live, &snap)?;
+        } else if !ns.same_file(&snap, &live) {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "a different file took the snapshot's name; the snapshot cannot complete",
+            )
+            .with_file(&snap));
+        }
+        // The link must be durable before the rename: if the rename reached the disk alone,
+        // the frozen image would have lost its only name.
+        ns.sync_dir(&snap)?;
+        ns.rename(&temp, &live)?;
+        ns.sync_dir(&live)?;
+    }
+    // Clearing the record is tidiness, not correctness: the record is only acted on when found
+    // under the live name, which now names the overlay, and a busy snapshot simply keeps it for
+    // now. The header write is synced all the same: every header write is durable before the
+    // next one starts (spec §2.4), or a later one could tear both slots.
+    match ns.open(&snap, true, LockMode::Exclusive) {
+        Ok(s) => {
+            let mut h = read_header_of(s.as_ref()).map_err(|e| e.with_file(&snap))?;
+            if h.pending.is_some() {
+                h.pending = None;
+                write_next_header(s.as_ref(), &mut h, true).map_err(|e| e.with_file(&snap))?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == ErrorKind::InUse => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// If `path` names a frozen image whose intent record says a snapshot of it under this name was
+/// decided but not finished, finishes it. Returns whether anything was done.
+pub fn complete_pending(path: &Path) -> Result<bool> {
+    complete_pending_in(&RealFs, path)
+}
+
+/// [`complete_pending`] through `ns`.
+pub fn complete_pending_in(ns: &dyn Namespace, path: &Path) -> Result<bool> {
+    finish_pending(ns, path).map(|p| p.is_some())
+}
+
+/// As [`complete_pending_in`]; returns the intent record of the snapshot it finished.
+pub(crate) fn finish_pending(ns: &dyn Namespace, path: &Path) -> Result<Option<PendingSnapshot>> {
+    let Ok(h) = ns.open(path, false, LockMode::None).and_then(|s| read_header_of(s.as_ref())) else {
+        return Ok(None);
+    };
+    let frozen = h.has_flag(FLAG_FROZEN);
+    let Some(p) = h.pending else { return Ok(None) };
+    if !frozen || path.file_name().map(|n| n.as_bytes()) != Some(&p.live[..]) {
+        return Ok(None);
+    }
+    complete(ns, path, &p).map_err(|e| e.during("finish interrupted snapshot"))?;
+    Ok(Some(p))
+}

@@ -1,0 +1,608 @@
+//! The crash explorer's machinery: seeded workloads on recording stores in a recording
+//! directory (sequential ones ending in a flatten, a flatten to a new file or a commit, and
+//! concurrent ones where several threads write, zero, discard, read and flush one chain at
+//! once, as NBD connections do), and the judge of one crash state: what a power cut left of
+//! every file and every name opens, `check` finds nothing worse than leaked space, the device
+//! reads only values the oracle allows, the frozen layer is untouched, a new output file is
+//! absent or complete, and a crash in the middle of the recovery of that state leaves a state
+//! that passes all of this again.
+#![allow(dead_code)]
+
+pub mod oracle;
+mod snapshot;
+
+pub use snapshot::{populate, snapshot_state_is_before_or_after};
+
+use crate::common::{pattern, TempDir};
+use cowdisk::format::header::{ParentFormat, ParentRef};
+use cowdisk::format::{Geometry, FLAG_FROZEN};
+use cowdisk::layer::raw::RawImage;
+use cowdisk::layer::{Image, OpenOptions};
+use cowdisk::ops::commit::{commit_into, empty_top_in};
+use cowdisk::ops::flatten::{flatten_chain, flatten_chain_to, OutputFormat};
+use cowdisk::storage::namespace::Namespace;
+use cowdisk::storage::recording::{CrashImages, Journal, RecordingDir, RecordingStorage};
+use cowdisk::storage::{LockMode, MemStorage, Storage};
+use cowdisk::{Chain, DiskFlush, DiskRead, DiskWrite, DiskZero};
+use oracle::{hash, History, Oracle, Req, What, SECTOR};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const SIZE: u64 = 192 * 1024;
+const TOP: &str = "top";
+const MID: &str = "mid";
+const OUT: &str = "out";
+
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The kinds of workload, each with its own seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One thread; finale by seed: none, flatten in place, commit (with, by a second draw, a
+    /// flatten to a new raw or cowdisk file before it).
+    Sequential,
+    /// Two or three threads at once, with random pauses in the storage so their steps
+    /// interleave differently from run to run (not reproducible step for step; the seed fixes
+    /// only what each thread does).
+    Concurrent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finale {
+    None,
+    Flatten,
+    Commit,
+}
+
+/// What a workload did, to judge any crash state of it.
+pub struct Run {
+    pub kind: Kind,
+    pub seed: u64,
+    journal: Arc<Journal>,
+    files: usize,
+    base: Arc<Vec<u8>>,
+    oracle: Oracle,
+    mid_id: usize,
+    /// Journal index from which the middle layer may change (a commit started), if any.
+    mid_may_change_from: Option<usize>,
+    mid_bytes_before: Vec<u8>,
+    /// A new file the run made: its format and the exact device it must hold if it exists.
+    out: Option<(OutputFormat, Vec<u8>)>,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A store that pauses at random before each operation, so that threads sharing a chain
+/// interleave their steps differently (a yield most often, sometimes a sleep of microseconds).
+#[derive(Debug)]
+struct Jitter(Arc<dyn Storage>);
+
+fn jitter() {
+    use std::cell::Cell;
+    thread_local!(static R: Cell<u64> = Cell::new(0));
+    let r = R.with(|c| {
+        let mut x = c.get();
+        if x == 0 {
+            x = (std::time::Instant::now().elapsed().as_nanos() as u64) ^ (&x as *const u64 as u64) | 1;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.set(x);
+        x
+    });
+    match r % 16 {
+        0..=3 => std::thread::yield_now(),
+        4 => std::thread::sleep(std::time::Duration::from_micros(r % 200)),
+        _ => {}
+    }
+}
+
+impl Storage for Jitter {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> cowdisk::Result<()> {
+        jitter();
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> cowdisk::Result<()> {
+        jitter();
+        self.0.write_at(buf, offset)
+    }
+    fn len(&self) -> cowdisk::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> cowdisk::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync(&self) -> cowdisk::Result<()> {
+        jitter();
+        self.0.sync()
+    }
+    fn punch(&self, offset: u64, len: u64) -> cowdisk::Result<()> {
+        jitter();
+        self.0.punch(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> cowdisk::Result<()> {
+        self.0.allocate(offset, len)
+    }
+}
+
+fn raw_base(bytes: &[u8], jittery: bool) -> RawImage {
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes.to_vec()));
+    let s: Arc<dyn Storage> = if jittery { Arc::new(Jitter(s)) } else { s };
+    RawImage::on(s, Path::new("base.raw"), bytes.len() as u64)
+}
+
+fn bytes_of(s: &dyn Storage) -> Vec<u8> {
+    let mut b = vec![0u8; s.len().unwrap() as usize];
+    s.read_at(&mut b, 0).unwrap();
+    b
+}
+
+fn mid_ref() -> ParentRef {
+    ParentRef {
+        format: ParentFormat::Cowdisk,
+        path: MID.as_bytes().to_vec(),
+        uuid: [2; 16],
+        size: SIZE,
+        fingerprint: 0,
+    }
+}
+
+/// A frozen middle layer "mid" over the raw base, with `writes` of its own, and a fresh top
+/// "top" on it, both named (durably) in `dir`. Returns the chain and the device's contents.
+fn setup(
+    dir: &RecordingDir,
+    base: &Arc<Vec<u8>>,
+    mid_sums: bool,
+    top_geom: Geometry,
+    writes: impl Fn(&Chain, &mut Vec<u8>),
+    jittery: bool,
+) -> (Chain, Vec<u8>) {
+    let raw_ref =
+        ParentRef { format: ParentFormat::Raw, path: b"base.raw".to_vec(), uuid: [0; 16], size: SIZE, fingerprint: 0 };
+    let mid_store = dir.create(Path::new(MID)).unwrap();
+    let g = Geometry::new(SIZE, 16).unwrap().with_data_checksums(mid_sums).unwrap();
+    let mid = Image::create_on(mid_store.clone(), Path::new(MID), g, Some(raw_ref), [2; 16]).unwrap();
+    let c = Chain::assemble(mid, Vec::new(), Some(raw_base(base, false)));
+    let mut model = base.as_ref().clone();
+    writes(&c, &mut model);
+    c.top().update_header(|h| h.set_flag(FLAG_FROZEN, true)).unwrap();
+    c.close().unwrap();
+    drop(c);
+    let mid_ro = Image::open_on(mid_store, Path::new(MID), OpenOptions::read_only()).unwrap();
+    let top_store = dir.create(Path::new(TOP)).unwrap();
+    let top_store: Arc<dyn Storage> = if jittery { Arc::new(Jitter(top_store)) } else { top_store };
+    let top = Image::create_on(top_store, Path::new(TOP), top_geom, Some(mid_ref()), [1; 16]).unwrap();
+    top.flush().unwrap();
+    dir.sync_dir(Path::new(TOP)).unwrap();
+    (Chain::assemble(top, vec![mid_ro], Some(raw_base(base, jittery))), model)
+}
+
+/// Issues one request on `chain` and records it in `h`.
+fn issue(h: &History, journal: &Journal, what: impl FnOnce() -> What) {
+    let (called, j_start) = (h.tick(), journal.len());
+    let w = what();
+    let (j_end, returned) = (journal.len(), h.tick());
+    h.record(Req { called, returned, j_start, j_end, what: w });
+}
+
+/// The sectors `off..off+len` of `model` after a request changed them, as a Write.
+fn written(model: &[u8], off: u64, len: u64) -> What {
+    let (s0, s1) = ((off / SECTOR as u64) as usize, (off + len).div_ceil(SECTOR as u64) as usize);
+    What::Write((s0..s1).map(|s| (s, hash(&model[s * SECTOR..(s + 1) * SECTOR]))).collect())
+}
+
+/// The sequential workload of seed `seed`. Its random draws are those of the explorer's
+/// first version, so a seed names the same writes it always did (seed 772 found the defect of
+/// scenario A); the finale's variants come from a second generator.
+pub fn sequential(seed: u64) -> Run {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let finale = [Finale::None, Finale::Flatten, Finale::Commit][(seed % 3) as usize];
+    let journal = Journal::new();
+    let dir = RecordingDir::new(journal.clone());
+    let base = Arc::new(pattern(seed, SIZE as usize));
+    let shift = [12u32, 14, 16][rng.below(3) as usize];
+    let mid_sums = rng.below(2) == 0;
+    let mid_writes: Vec<(u64, Vec<u8>)> = (0..6u64)
+        .map(|i| {
+            let off = rng.below(SIZE - 20_000);
+            (off, pattern(seed ^ (i + 100), 15_000))
+        })
+        .collect();
+    let top_sums = rng.below(2) == 0;
+    let g = Geometry::new(SIZE, shift).unwrap().with_data_checksums(top_sums).unwrap();
+    let (chain, mut model) = setup(
+        &dir,
+        &base,
+        mid_sums,
+        g,
+        |c, model| {
+            for (off, d) in &mid_writes {
+                c.write_at(d, *off).unwrap();
+                model[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+            }
+        },
+        false,
+    );
+    let mid_id = dir.file_of(Path::new(MID)).unwrap();
+    let mid_bytes_before = bytes_of(dir.open(Path::new(MID), false, LockMode::None).unwrap().as_ref());
+    let initial = model.clone();
+    let start = journal.len();
+    let h = History::new();
+    let ops = 20 + rng.below(30);
+    for i in 0..ops {
+        let r = rng.below(10);
+        let off = if rng.below(3) == 0 { rng.below(SIZE / 4096) * 4096 } else { rng.below(SIZE) };
+        let max_len = if rng.below(4) == 0 { 70_000 } else { 9_000 };
+        let len = (1 + rng.below(max_len)).min(SIZE - off);
+        issue(&h, &journal, || match r {
+            0..=4 => {
+                let d = pattern(seed ^ (i << 20), len as usize);
+                chain.write_at(&d, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&d);
+                written(&model, off, len)
+            }
+            5 => {
+                chain.write_zeroes(off, len, rng.below(2) == 0).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+                written(&model, off, len)
+            }
+            6 => {
+                chain.discard(off, len).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+                written(&model, off, len)
+            }
+            _ => {
+                chain.flush().unwrap();
+                What::Flush
+            }
+        });
+    }
+    let mut variant = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+    let mut out = None;
+    let mut mid_may_change_from = None;
+    match finale {
+        Finale::None => {}
+        Finale::Flatten => {
+            if variant.below(2) == 0 {
+                let format = if variant.below(2) == 0 { OutputFormat::Raw } else { OutputFormat::Cowdisk };
+                flatten_chain_to(&dir, &chain, Path::new(OUT), format, &|_, _| {}).unwrap();
+                out = Some((format, model.clone()));
+            }
+            // Copies of what the device reads already, then a flush: nothing new to allow.
+            issue(&h, &journal, || {
+                flatten_chain(&chain, &|_, _| {}).unwrap();
+                What::Flush
+            });
+        }
+        Finale::Commit => {
+            mid_may_change_from = Some(journal.len());
+            let opts = OpenOptions { write: true, lock: LockMode::None, allow_frozen: true, allow_corrupt: false };
+            let mid_rw =
+                Image::open_on(dir.open(Path::new(MID), true, LockMode::None).unwrap(), Path::new(MID), opts).unwrap();
+            // The parent takes every block the top has in memory, flushed or not; that makes
+            // nothing durable for the device yet: until the top is replaced, its own durable
+            // map still decides what it reads where it has blocks.
+            commit_into(chain.top(), &mid_rw, &|_, _| {}).unwrap();
+            mid_rw.close().unwrap();
+            // The top's close is a flush; then the empty overlay takes its name.
+            issue(&h, &journal, || {
+                empty_top_in(&dir, chain.top(), mid_ref()).unwrap();
+                What::Flush
+            });
+        }
+    }
+    let end = journal.len();
+    Run {
+        kind: Kind::Sequential,
+        seed,
+        journal,
+        files: dir.files(),
+        base,
+        oracle: Oracle::new(&initial, &h.reqs()),
+        mid_id,
+        mid_may_change_from,
+        mid_bytes_before,
+        out,
+        start,
+        end,
+    }
+}
+
+/// The concurrent workload of seed `seed`: 2 or 3 threads on one chain (data checksums on
+/// in 3 runs of 4, where the ordering between writes and flushes matters most), each issuing
+/// writes, write-zeroes, discards, reads and flushes of a few blocks around a few chunks, so
+/// that they meet in the same chunks.
+pub fn concurrent(seed: u64) -> Run {
+    let mut rng = Rng(seed.wrapping_mul(0xd6e8_feb8_6659_fd93) | 1);
+    let journal = Journal::new();
+    let dir = RecordingDir::new(journal.clone());
+    let base = Arc::new(pattern(seed ^ 0xc0c0, SIZE as usize));
+    let shift = [12u32, 14, 16][rng.below(3) as usize];
+    let sums = rng.below(4) != 0;
+    let g = Geometry::new(SIZE, shift).unwrap().with_data_checksums(sums).unwrap();
+    let mid_writes: Vec<(u64, Vec<u8>)> =
+        (0..3u64).map(|i| (rng.below(SIZE - 20_000), pattern(seed ^ (i + 7), 12_000))).collect();
+    let (chain, model) = setup(
+        &dir,
+        &base,
+        rng.below(2) == 0,
+        g,
+        |c, model| {
+            for (off, d) in &mid_writes {
+                c.write_at(d, *off).unwrap();
+                model[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+            }
+        },
+        true,
+    );
+    let mid_id = dir.file_of(Path::new(MID)).unwrap();
+    let mid_bytes_before = bytes_of(dir.open(Path::new(MID), false, LockMode::None).unwrap().as_ref());
+    let start = journal.len();
+    let h = History::new();
+    let threads = 2 + rng.below(2);
+    // A few hot spots, so that requests of different threads meet in the same chunks.
+    let spots: Vec<u64> = (0..3).map(|_| rng.below(SIZE / 4096) * 4096).collect();
+    let plans: Vec<Vec<(u64, u64, u64, u64)>> = (0..threads)
+        .map(|_| {
+            (0..10 + rng.below(16))
+                .map(|_| {
+                    // Sector-aligned (so each request's own bytes say what every sector it
+                    // touches holds), often not block-aligned (so partial blocks are copied up).
+                    let at = spots[rng.below(3) as usize] + rng.below(4) * 4096;
+                    let off = (at + rng.below(2) * rng.below(8) * 512).min(SIZE - 512);
+                    let most = if rng.below(4) == 0 { 80 } else { 18 };
+                    let len = 512 * (1 + rng.below(most));
+                    (rng.below(20), off, len.min(SIZE - off), rng.next())
+                })
+                .collect()
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for plan in &plans {
+            let (chain, h, journal) = (&chain, &h, &journal);
+            s.spawn(move || {
+                for &(r, off, len, salt) in plan {
+                    match r {
+                        0..=8 => issue(h, journal, || {
+                            let d = pattern(salt, len as usize);
+                            chain.write_at(&d, off).unwrap();
+                            wrote(off, &d)
+                        }),
+                        9 | 10 => issue(h, journal, || {
+                            chain.write_zeroes(off, len, salt % 2 == 0).unwrap();
+                            wrote(off, &vec![0u8; len as usize])
+                        }),
+                        11 | 12 => issue(h, journal, || {
+                            chain.discard(off, len).unwrap();
+                            wrote(off, &vec![0u8; len as usize])
+                        }),
+                        13..=15 => {
+                            // Reads race the writers; they must never fail (a checksum
+                            // mismatch a writer explains is not damage).
+                            let mut buf = vec![0u8; len as usize];
+                            chain.read_at(&mut buf, off).unwrap_or_else(|e| panic!("read at {off}: {e}"));
+                        }
+                        _ => issue(h, journal, || {
+                            chain.flush().unwrap();
+                            What::Flush
+                        }),
+                    }
+                }
+            });
+        }
+    });
+    let end = journal.len();
+    Run {
+        kind: Kind::Concurrent,
+        seed,
+        journal,
+        files: dir.files(),
+        base,
+        oracle: Oracle::new(&model, &h.reqs()),
+        mid_id,
+        mid_may_change_from: None,
+        mid_bytes_before,
+        out: None,
+        start,
+        end,
+    }
+}
+
+/// A request that wrote `data` at `off`, both sector-aligned: the values it gave its sectors
+/// (concurrent requests of one sector may land in any order, so only the request's own bytes
+/// say what it wrote).
+fn wrote(off: u64, data: &[u8]) -> What {
+    let s0 = (off / SECTOR as u64) as usize;
+    What::Write(data.chunks(SECTOR).enumerate().map(|(i, c)| (s0 + i, hash(c))).collect())
+}
+
+/// Opens a crash state (top and middle layer as bytes) the way a user's next open would
+/// (writable: a dirty image is repaired), reads the whole device, flushes and closes.
+fn open_state(top: Vec<u8>, mid: &[u8], base: &[u8]) -> Result<Vec<u8>, String> {
+    let top_img = Image::open_on(Arc::new(MemStorage::from_bytes(top)), Path::new(TOP), OpenOptions::writable())
+        .map_err(|e| format!("top does not open: {e}"))?;
+    read_device(top_img, mid, base)
+}
+
+fn read_device(top_img: Image, mid: &[u8], base: &[u8]) -> Result<Vec<u8>, String> {
+    let chain = match top_img.parent() {
+        None => Chain::assemble(top_img, Vec::new(), None),
+        Some(p) => {
+            let mid_img = Image::open_on(
+                Arc::new(MemStorage::from_bytes(mid.to_vec())),
+                Path::new(MID),
+                OpenOptions::read_only(),
+            )
+            .map_err(|e| format!("middle layer does not open: {e}"))?;
+            if mid_img.uuid() != p.uuid {
+                return Err("top names another parent".into());
+            }
+            Chain::assemble(top_img, vec![mid_img], Some(raw_base(base, false)))
+        }
+    };
+    let mut dev = vec![0u8; SIZE as usize];
+    chain.read_at(&mut dev, 0).map_err(|e| format!("read fails: {e}"))?;
+    chain.flush().map_err(|e| format!("flush after recovery fails: {e}"))?;
+    chain.close().map_err(|e| format!("close after recovery fails: {e}"))?;
+    Ok(dev)
+}
+
+/// Runs `check` on each layer of the crash state as a power cut left it (before any repair):
+/// leaked space is allowed, an inconsistency is not.
+fn check_state(top: &[u8], mid: &[u8]) -> Result<(), String> {
+    use cowdisk::ops::check::{check, CheckOptions};
+    let scratch = TempDir::new("crashcheck");
+    for (name, bytes) in [(TOP, top), (MID, mid)] {
+        let p = scratch.join(name);
+        std::fs::write(&p, bytes).map_err(|e| format!("cannot write the crash state: {e}"))?;
+        let r = check(&p, &CheckOptions::default(), &|_, _| {});
+        if !matches!(r.exit_code(), 0 | 3) || r.images.iter().any(|i| i.unreadable.is_some()) {
+            return Err(format!("check finds the {name} layer corrupt: {r:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// A new output file, if its name survived, holds exactly the device it was made from.
+fn check_output(format: OutputFormat, bytes: Vec<u8>, expected: &[u8]) -> Result<(), String> {
+    let dev = match format {
+        OutputFormat::Raw => bytes,
+        OutputFormat::Cowdisk => {
+            let img = Image::open_on(Arc::new(MemStorage::from_bytes(bytes)), Path::new(OUT), OpenOptions::read_only())
+                .map_err(|e| format!("the new output does not open: {e}"))?;
+            let c = Chain::assemble(img, Vec::new(), None);
+            let mut d = vec![0u8; SIZE as usize];
+            c.read_at(&mut d, 0).map_err(|e| format!("the new output does not read: {e}"))?;
+            d
+        }
+    };
+    if dev != expected {
+        return Err("the new output exists but does not hold the flattened device".into());
+    }
+    Ok(())
+}
+
+/// Which checks of a crash state to make.
+#[derive(Clone, Copy)]
+pub struct Depth {
+    /// Also crash the recovery of the state (at this many points of it).
+    pub recovery_points: usize,
+}
+
+/// How the choices a crash state is built from are made.
+pub enum Choices<'a> {
+    /// Drawn at random.
+    Random(&'a mut Rng),
+    /// Everything unsynced landed: the newest content of every sector, the last length, every
+    /// name change.
+    AllLanded,
+}
+
+impl Choices<'_> {
+    fn pick(&mut self, n: usize) -> usize {
+        match self {
+            Choices::Random(r) => r.below(n as u64) as usize,
+            Choices::AllLanded => n - 1,
+        }
+    }
+
+    fn keep(&mut self) -> bool {
+        match self {
+            Choices::Random(r) => r.below(2) == 0,
+            Choices::AllLanded => true,
+        }
+    }
+}
+
+/// Judges the crash state just before journal index `k`, every choice drawn from `rng`.
+pub fn judge(run: &Run, crash: &CrashImages, k: usize, rng: &mut Rng, depth: Depth) -> Result<(), String> {
+    judge_with(run, crash, k, &mut Choices::Random(rng), depth)
+}
+
+/// Judges the crash state just before journal index `k` built with `choices`.
+pub fn judge_with(run: &Run, crash: &CrashImages, k: usize, choices: &mut Choices, depth: Depth) -> Result<(), String> {
+    let names: BTreeMap<PathBuf, usize> = crash.names(k, || choices.keep());
+    let Some(&top_id) = names.get(Path::new(TOP)) else {
+        return Err("the image lost its name".into());
+    };
+    let top = crash.state(top_id, k, |n| choices.pick(n));
+    let mid = crash.state(run.mid_id, k, |n| choices.pick(n));
+    match run.mid_may_change_from {
+        Some(from) if k > from => {}
+        _ if mid != run.mid_bytes_before => return Err("the frozen middle layer changed".into()),
+        _ => {}
+    }
+    if let (Some((format, expected)), Some(&out_id)) = (&run.out, names.get(Path::new(OUT))) {
+        check_output(*format, crash.state(out_id, k, |n| choices.pick(n)), expected)?;
+    }
+    check_state(&top, &mid)?;
+    let dev = open_state(top.clone(), &mid, &run.base)?;
+    run.oracle.check(&dev, k)?;
+    if let (Choices::Random(rng), true) = (choices, depth.recovery_points > 0) {
+        crash_recovery(run, &top, &mid, k, rng, depth.recovery_points)?;
+    }
+    Ok(())
+}
+
+/// Opens the crash state `top` for writing on a recording store (the recovery of a dirty image:
+/// leaked space punched, a header written) and closes it, then judges states a crash at
+/// `points` moments of that recovery leaves, as a crash at `k` of the run.
+fn crash_recovery(run: &Run, top: &[u8], mid: &[u8], k: usize, rng: &mut Rng, points: usize) -> Result<(), String> {
+    let journal = Journal::new();
+    let store = Arc::new(RecordingStorage::with_contents(journal.clone(), 0, top.to_vec()));
+    let from = journal.len();
+    let img = Image::open_on(store, Path::new(TOP), OpenOptions::writable())
+        .map_err(|e| format!("recovery: the state does not open: {e}"))?;
+    read_device(img, mid, &run.base).map_err(|e| format!("recovery: {e}"))?;
+    let crash = CrashImages::new(&journal, 1);
+    for i in 0..points {
+        let k2 = if i == 0 { journal.len() } else { from + rng.below((journal.len() - from + 1) as u64) as usize };
+        let again = crash.state(0, k2, |n| rng.below(n as u64) as usize);
+        check_state(&again, mid).map_err(|e| format!("after a crash at {k2} of the recovery: {e}"))?;
+        let dev =
+            open_state(again, mid, &run.base).map_err(|e| format!("after a crash at {k2} of the recovery: {e}"))?;
+        run.oracle.check(&dev, k).map_err(|e| format!("after a crash at {k2} of the recovery: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The crash points of a run to judge: the end, then `n - 1` drawn from its span.
+pub fn crash_points(run: &Run, n: usize, rng: &mut Rng) -> Vec<usize> {
+    std::iter::once(run.end)
+        .chain((1..n).map(|_| run.start + rng.below((run.end - run.start + 1) as u64) as usize))
+        .collect()
+}
+
+/// The journal entries around index `k`, one line each, for a failure message.
+pub fn journal_around(run: &Run, k: usize) -> String {
+    use cowdisk::storage::recording::RecOp;
+    let ops = run.journal.ops();
+    let (a, b) = (k.saturating_sub(12), (k + 4).min(ops.len()));
+    let mut out = String::new();
+    for (i, (f, op)) in ops.iter().enumerate().take(b).skip(a) {
+        let what = match op {
+            RecOp::Write { offset, data } => format!("write {offset}+{}", data.len()),
+            other => format!("{other:?}"),
+        };
+        out += &format!("\n  {}{i}: file {f}: {what}", if i == k { "-> " } else { "   " });
+    }
+    out
+}
+
+pub fn crash_images(run: &Run) -> CrashImages {
+    CrashImages::new(&run.journal, run.files)
+}

@@ -1,0 +1,125 @@
+//! What a crash state may read: the requests a workload issued, with when each was called and
+//! returned (a logical clock shared by all threads) and where its effects lie in the journal,
+//! and from them, for a crash at a journal index, the values each 512-byte sector may hold.
+//!
+//! The rule is the one format-spec §5.3 promises clients. A FLUSH that completed before the
+//! crash (its last journal entry, the sync that ends it, is before the crash point) makes
+//! durable every write, write-zeroes and discard that returned before the FLUSH was called.
+//! So a sector may read the value of any write of it that could have reached the journal
+//! before the crash, unless a write of it that must be durable began after that one returned
+//! (the later value then replaced it for good). The initial contents count as a write that
+//! returned before everything and is durable from the start.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+pub const SECTOR: usize = 512;
+
+pub fn hash(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3))
+}
+
+#[derive(Debug, Clone)]
+pub enum What {
+    /// Sectors and the hashes of the values the request gave them.
+    Write(Vec<(usize, u64)>),
+    /// A FLUSH, or anything else that makes every earlier returned write durable once its
+    /// journal entries are in (a commit, a close).
+    Flush,
+}
+
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub called: u64,
+    pub returned: u64,
+    /// Journal length when it was called and when it returned: its entries lie in between.
+    pub j_start: usize,
+    pub j_end: usize,
+    pub what: What,
+}
+
+/// The requests of one run, recorded from any number of threads.
+#[derive(Debug, Default)]
+pub struct History {
+    clock: AtomicU64,
+    reqs: Mutex<Vec<Req>>,
+}
+
+impl History {
+    pub fn new() -> History {
+        // Clock 0 is the initial contents.
+        History { clock: AtomicU64::new(1), reqs: Mutex::new(Vec::new()) }
+    }
+
+    /// The clock reading for a request being called now.
+    pub fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+
+    pub fn record(&self, r: Req) {
+        self.reqs.lock().unwrap().push(r);
+    }
+
+    pub fn reqs(&self) -> Vec<Req> {
+        self.reqs.lock().unwrap().clone()
+    }
+}
+
+/// The writes of one sector, as (called, returned, j_start, hash); the initial value first.
+type SectorWrites = Vec<(u64, u64, usize, u64)>;
+
+/// The allowed values of every sector for any crash point of one run.
+pub struct Oracle {
+    sectors: Vec<SectorWrites>,
+    /// (called, j_end) of every flush.
+    flushes: Vec<(u64, usize)>,
+}
+
+impl Oracle {
+    /// `initial`: the device before the first request; `reqs`: everything recorded.
+    pub fn new(initial: &[u8], reqs: &[Req]) -> Oracle {
+        let mut sectors: Vec<SectorWrites> = initial.chunks(SECTOR).map(|c| vec![(0, 0, 0, hash(c))]).collect();
+        let mut flushes = Vec::new();
+        for r in reqs {
+            match &r.what {
+                What::Write(v) => {
+                    for &(s, h) in v {
+                        sectors[s].push((r.called, r.returned, r.j_start, h));
+                    }
+                }
+                What::Flush => flushes.push((r.called, r.j_end)),
+            }
+        }
+        Oracle { sectors, flushes }
+    }
+
+    /// The clock reading before which every returned write is durable at a crash before `k`.
+    fn durable_before(&self, k: usize) -> u64 {
+        self.flushes.iter().filter(|f| f.1 <= k).map(|f| f.0).max().unwrap_or(0)
+    }
+
+    /// The hashes sector `s` may hold after a crash just before journal index `k`.
+    pub fn allowed(&self, s: usize, k: usize) -> HashSet<u64> {
+        let d = self.durable_before(k);
+        let w = &self.sectors[s];
+        // Durable: the initial value, and every write that returned before a completed flush
+        // was called.
+        let durable = |x: &(u64, u64, usize, u64)| x.0 == 0 || x.1 < d;
+        let possible = |x: &(u64, u64, usize, u64)| x.0 == 0 || x.2 < k;
+        w.iter().filter(|x| possible(x)).filter(|x| !w.iter().any(|y| durable(y) && y.0 > x.1)).map(|x| x.3).collect()
+    }
+
+    /// Checks every sector of `dev`; the first that reads a value it may not hold, described.
+    pub fn check(&self, dev: &[u8], k: usize) -> Result<(), String> {
+        for (s, c) in dev.chunks(SECTOR).enumerate() {
+            if !self.allowed(s, k).contains(&hash(c)) {
+                return Err(format!(
+                    "sector {s} (byte {}) reads a value neither durable nor written since",
+                    s * SECTOR
+                ));
+            }
+        }
+        Ok(())
+    }
+}

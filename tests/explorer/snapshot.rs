@@ -1,0 +1,63 @@
+//! Judging crash states of a snapshot: the files and names a power cut left, laid out in a
+//! real directory, open as the chain before the snapshot or the chain after it, with the
+//! same contents, and `check` finds nothing worse than leaked space. And the reverse: a crash
+//! state loaded into a recording directory, to crash again what the next open does with it.
+
+use crate::common::TempDir;
+use cowdisk::ops::check::{check, CheckOptions};
+use cowdisk::storage::namespace::Namespace;
+use cowdisk::storage::recording::RecordingDir;
+use cowdisk::{Chain, ChainOptions, DiskRead};
+use std::path::{Path, PathBuf};
+
+/// `files`: (name, file id, bytes) of every name in the directory; names of one file id are
+/// hard links of one file. The live image is `disk.cow`, the snapshot `snap.cow`.
+pub fn snapshot_state_is_before_or_after(files: &[(PathBuf, usize, Vec<u8>)], model: &[u8]) -> Result<(), String> {
+    let scratch = TempDir::new("snapcrash");
+    let mut made: Vec<(usize, PathBuf)> = Vec::new();
+    for (name, file, bytes) in files {
+        let p = scratch.join(name.to_str().ok_or("name is not UTF-8")?);
+        match made.iter().find(|(f, _)| f == file) {
+            Some((_, first)) => std::fs::hard_link(first, &p).map_err(|e| e.to_string())?,
+            None => std::fs::write(&p, bytes).map_err(|e| e.to_string())?,
+        }
+        made.push((*file, p));
+    }
+    let top = scratch.join("disk.cow");
+    let c = Chain::open(&top, ChainOptions { writable: true, ..Default::default() })
+        .map_err(|e| format!("does not open: {e}"))?;
+    let after = scratch.join("snap.cow").exists() && c.depth() == 2;
+    if !(after || c.depth() == 1) {
+        return Err(format!("a chain of depth {} is neither before nor after", c.depth()));
+    }
+    let mut got = vec![0u8; model.len()];
+    c.read_at(&mut got, 0).map_err(|e| format!("read fails: {e}"))?;
+    if got != model {
+        return Err("contents changed".into());
+    }
+    drop(c);
+    let r = check(&top, &CheckOptions { chain: true, ..Default::default() }, &|_, _| {});
+    if !matches!(r.exit_code(), 0 | 3) {
+        return Err(format!("check says {r:?}"));
+    }
+    Ok(())
+}
+
+/// Puts `files` into `dir` durably (contents synced, names made and the directory synced).
+pub fn populate(dir: &RecordingDir, files: &[(PathBuf, usize, Vec<u8>)]) {
+    let mut made: Vec<(usize, PathBuf)> = Vec::new();
+    for (name, file, bytes) in files {
+        match made.iter().find(|(f, _)| f == file) {
+            Some((_, first)) => dir.link(first, name).unwrap(),
+            None => {
+                let s = dir.create(name).unwrap();
+                s.write_at(bytes, 0).unwrap();
+                s.sync().unwrap();
+            }
+        }
+        made.push((*file, name.clone()));
+    }
+    if let Some((_, p)) = made.first() {
+        dir.sync_dir(Path::new(p)).unwrap();
+    }
+}

@@ -1,0 +1,91 @@
+//! Temporary files of `create`, `flatten --output` and `commit`, through the binary: one a
+//! killed run left behind never blocks the next run and is removed with a message naming it,
+//! and concurrent runs never share one or replace each other's result.
+
+mod common;
+
+use common::cli::*;
+use common::*;
+use std::process::{Command, Stdio};
+
+/// A process id no process can have (above the kernel's largest pid_max, 2^22).
+const DEAD_PID: u32 = (1 << 22) + 1;
+
+fn hidden_files(ws: &Ws) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(ws.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_temporary_file_left_by_a_killed_create_does_not_block_the_next_create() {
+    let ws = Ws::new();
+    // What a create killed between making its temporary file and renaming it leaves: the
+    // fixed name of earlier versions (which made every later create fail with "File exists"),
+    // and a unique name of a process that is gone.
+    std::fs::write(ws.p(".d.cow.create.tmp"), b"half-written").unwrap();
+    std::fs::write(ws.p(&format!(".d.cow.create.{DEAD_PID}-0.tmp")), b"half-written").unwrap();
+    let o = ws.run(&["create", "d.cow", "--size", "1M"]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert_eq!(o.stdout, "created d.cow (1M, chunk size 64K)\n");
+    for name in [".d.cow.create.tmp".to_string(), format!(".d.cow.create.{DEAD_PID}-0.tmp")] {
+        // Named as the user named the image (here relative to the working directory).
+        assert!(o.stderr.contains(&format!("removed {name}, ")), "{}", o.describe());
+        assert!(o.stderr.contains("left by an interrupted create"), "{}", o.describe());
+    }
+    assert_eq!(hidden_files(&ws), Vec::<String>::new(), "temporary files left");
+    assert_eq!(ws.info("d.cow")["virtual_size"], 1 << 20);
+    // Another image's temporary files are not touched.
+    std::fs::write(ws.p(&format!(".other.cow.create.{DEAD_PID}-0.tmp")), b"x").unwrap();
+    ws.ok(&["create", "e.cow", "--size", "1M"]);
+    assert_eq!(hidden_files(&ws), vec![format!(".other.cow.create.{DEAD_PID}-0.tmp")]);
+}
+
+#[test]
+fn stale_temporary_files_of_flatten_and_commit_are_removed_and_do_not_block() {
+    let ws = Ws::new();
+    let model = three_layer_chain(&ws);
+    std::fs::write(ws.p(".out.raw.flatten.tmp"), b"x").unwrap();
+    std::fs::write(ws.p(&format!(".disk.cow.commit.{DEAD_PID}-7.tmp")), b"x").unwrap();
+    let o = ws.run(&["flatten", "disk.cow", "--output", "out.raw", "--format", "raw"]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stderr.contains("left by an interrupted flatten"), "{}", o.describe());
+    assert_bytes_eq(&std::fs::read(ws.p("out.raw")).unwrap(), &model, "flattened output");
+    let o = ws.run(&["commit", "disk.cow", "--force"]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stderr.contains("left by an interrupted commit"), "{}", o.describe());
+    assert_eq!(hidden_files(&ws), Vec::<String>::new(), "temporary files left");
+    assert_bytes_eq(&ws.device("disk.cow"), &model, "after commit");
+}
+
+#[test]
+fn concurrent_flattens_to_one_output_never_replace_each_other() {
+    let ws = Ws::new();
+    let model = three_layer_chain(&ws);
+    for round in 0..4 {
+        let out = format!("out{round}.cow");
+        let start = || {
+            ws.cmd(&["flatten", "disk.cow", "--output", &out])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (start(), start());
+        let results: Vec<Out> =
+            [a, b].into_iter().map(|c| out_of(&Command::new("flatten"), c.wait_with_output().unwrap())).collect();
+        let won = results.iter().filter(|o| o.code == Some(0)).count();
+        let all: Vec<String> = results.iter().map(Out::describe).collect();
+        assert!(won >= 1, "neither flatten succeeded: {all:?}");
+        for o in results.iter().filter(|o| o.code != Some(0)) {
+            // The loser found the output there (before starting, or at its final rename).
+            assert!(o.error_line().contains("already exists"), "{}", o.describe());
+        }
+        assert_bytes_eq(&ws.device(&out), &model, "the flattened output");
+        assert_eq!(hidden_files(&ws), Vec::<String>::new(), "temporary files left");
+    }
+}
