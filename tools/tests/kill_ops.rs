@@ -348,6 +348,8 @@ fn kill_test(op: KillOp) {
             }
             thread::sleep(Duration::from_micros(200));
         }
+        // Spawning returns once the program runs, which may already be past `delay`.
+        let at = start.elapsed();
         if finished.is_none() {
             child.kill().unwrap();
         }
@@ -359,7 +361,7 @@ fn kill_test(op: KillOp) {
             None => killed += 1,
         }
         assert!(o.status.code().is_none() || o.status.success(), "{op:?} failed on its own: {}\n{stderr}", o.status);
-        let what = format!("{op:?} killed after {delay:?}");
+        let what = format!("{op:?} killed after {at:?}");
         let found = inspect(&fx, &dir, op, &what);
         let mut state = found;
         // Serving the image finishes a decided snapshot, so every other snapshot runs again
@@ -370,10 +372,10 @@ fn kill_test(op: KillOp) {
             state = inspect(&fx, &dir, op, &format!("{what}, served"));
         }
         rerun_and_verify_final(&fx, &dir, op, state, &what, !read_first || run % 2 == 1);
-        states.push(format!("{:.1}ms:{found:?}", delay.as_secs_f64() * 1000.0));
+        states.push(format!("{:.1}ms:{found:?}", at.as_secs_f64() * 1000.0));
         fs::remove_dir_all(&dir).unwrap();
     }
-    eprintln!("{op:?}: uncut run {first_full:?}; {killed}/{kills} killed mid-run; kill delay:state {states:?}");
+    eprintln!("{op:?}: uncut run {first_full:?}; {killed}/{kills} killed mid-run; killed at:state {states:?}");
     assert!(killed >= kills / 2, "{op:?}: only {killed} of {kills} runs were still running when killed");
 }
 
