@@ -67,6 +67,23 @@ impl Rig {
         self.server = Some(Server::start(&args));
     }
 
+    /// A client, the device as it starts (the base: the overlay is empty), an oracle that
+    /// knows it durable, and the test's random numbers.
+    fn begin(&self, seed: u64) -> (Client, Vec<u8>, Oracle, XorShift) {
+        (self.client(), self.base.clone(), Oracle::new(&self.base), XorShift::new(seed))
+    }
+
+    /// After a crash or a failed sync: `check` finds at worst leaked space, the server starts
+    /// again, and every sector reads as the oracle allows. Returns a client and the device.
+    fn reopen(&mut self, oracle: &Oracle, what: &str) -> (Client, Vec<u8>) {
+        self.assert_check_ok(true, what);
+        self.start();
+        let mut c = self.client();
+        let now = read_device(&mut c);
+        oracle.check(&now, what);
+        (c, now)
+    }
+
     fn server(&self) -> &Server {
         self.server.as_ref().expect("server running")
     }
@@ -221,10 +238,7 @@ fn a_write_stream_on_a_full_file_system_gets_enospc_keeps_reading_and_writes_aga
     let mut rig = Rig::new(&[], None);
     let filler = rig.fs.path().join("filler");
     write_random_file(&filler, FILLER, 1);
-    let mut c = rig.client();
-    let mut model = rig.base.clone();
-    let mut oracle = Oracle::new(&model);
-    let mut rng = XorShift::new(0x5eed);
+    let (mut c, mut model, mut oracle, mut rng) = rig.begin(0x5eed);
 
     // No FLUSH until the disk is full: the write stream alone runs into ENOSPC.
     let failed = fill(&mut c, &mut model, None, &mut rng, 40);
@@ -262,10 +276,7 @@ fn writes_and_flushes_on_a_full_file_system_lose_nothing_flushed_across_kill_9()
         return;
     }
     let mut rig = Rig::new(&[], None);
-    let mut c = rig.client();
-    let mut model = rig.base.clone();
-    let mut oracle = Oracle::new(&model);
-    let mut rng = XorShift::new(0xf105);
+    let (mut c, mut model, mut oracle, mut rng) = rig.begin(0xf105);
 
     // Writes with a FLUSH every eighth until the disk is full and stays full.
     let failed = fill(&mut c, &mut model, Some(&mut oracle), &mut rng, 60);
@@ -275,11 +286,7 @@ fn writes_and_flushes_on_a_full_file_system_lose_nothing_flushed_across_kill_9()
     // Crash while full: every flushed sector is there after the restart, on the full disk.
     rig.kill9();
     drop(c);
-    rig.assert_check_ok(true, "after kill -9 on a full file system");
-    rig.start();
-    let mut c = rig.client();
-    let now = read_device(&mut c);
-    oracle.check(&now, "after kill -9 on a full file system");
+    let (mut c, now) = rig.reopen(&oracle, "after kill -9 on a full file system");
     model = now;
     oracle.written(&model, 0, model.len());
 
@@ -291,10 +298,7 @@ fn writes_and_flushes_on_a_full_file_system_lose_nothing_flushed_across_kill_9()
 
     rig.kill9();
     drop(c);
-    rig.assert_check_ok(true, "after the second kill -9");
-    rig.start();
-    let mut c = rig.client();
-    oracle.check(&read_device(&mut c), "after the second kill -9");
+    rig.reopen(&oracle, "after the second kill -9");
 }
 
 #[test]
@@ -307,10 +311,7 @@ fn enospc_at_fsync_on_thin_storage_fails_the_flush_and_refuses_writes_until_the_
     let mut rig = Rig::new(&["-O", "^has_journal"], Some(40 * MIB));
     let filler = rig.tmpfs.path().join("filler");
     write_random_file(&filler, FILLER, 2);
-    let mut c = rig.client();
-    let mut model = rig.base.clone();
-    let mut oracle = Oracle::new(&model);
-    let mut rng = XorShift::new(7);
+    let (mut c, mut model, mut oracle, mut rng) = rig.begin(7);
 
     // ext4 takes every write into the page cache; the medium runs out when a FLUSH writes it
     // back, and fsync reports ENOSPC.
@@ -343,11 +344,7 @@ fn enospc_at_fsync_on_thin_storage_fails_the_flush_and_refuses_writes_until_the_
 
     // Reopened (the server restarted): everything flushed is there, and writes work again.
     assert!(!rig.stop(), "the server's close cannot succeed on a poisoned image");
-    rig.assert_check_ok(true, "after the failed sync");
-    rig.start();
-    let mut c = rig.client();
-    let now = read_device(&mut c);
-    oracle.check(&now, "after reopening");
+    let (mut c, now) = rig.reopen(&oracle, "after the failed sync, reopened");
     model = now;
     c.flush().expect("flush after reopening");
     oracle.flushed(&model);
