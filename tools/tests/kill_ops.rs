@@ -308,6 +308,7 @@ fn rerun_and_verify_final(fx: &Fixture, dir: &Path, op: KillOp, state: State, wh
 }
 
 fn kill_test(op: KillOp) {
+    let began = Instant::now();
     let fx = fixture();
     // Snapshot's syncs only cost something on a real disk; the others move hundreds of MiB,
     // which a kill -9 (unlike a power cut) leaves in the page cache: tmpfs keeps them fast.
@@ -375,7 +376,10 @@ fn kill_test(op: KillOp) {
         states.push(format!("{:.1}ms:{found:?}", at.as_secs_f64() * 1000.0));
         fs::remove_dir_all(&dir).unwrap();
     }
-    eprintln!("{op:?}: uncut run {first_full:?}; {killed}/{kills} killed mid-run; killed at:state {states:?}");
+    eprintln!(
+        "{op:?}: uncut run {first_full:?}; {killed}/{kills} killed mid-run; test took {:?}; killed at:state {states:?}",
+        began.elapsed()
+    );
     assert!(killed >= kills / 2, "{op:?}: only {killed} of {kills} runs were still running when killed");
 }
 
