@@ -87,9 +87,12 @@ impl Error {
         Error { kind, message: message.into(), file: None, offset: None, op: None, source: None }
     }
 
-    /// Wraps an OS error; ENOSPC becomes [`ErrorKind::NoSpace`], EWOULDBLOCK on a lock [`ErrorKind::InUse`] by the caller.
+    /// Wraps an OS error; running out of room (ENOSPC, and EDQUOT and EFBIG, which tell the
+    /// same to a client: nbdkit and qemu-nbd report them as ENOSPC too) becomes
+    /// [`ErrorKind::NoSpace`], EWOULDBLOCK on a lock [`ErrorKind::InUse`] by the caller.
     pub fn io(op: &'static str, err: io::Error) -> Error {
-        let kind = if err.raw_os_error() == Some(libc::ENOSPC) { ErrorKind::NoSpace } else { ErrorKind::Io };
+        let no_space = matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG));
+        let kind = if no_space { ErrorKind::NoSpace } else { ErrorKind::Io };
         Error { kind, message: err.to_string(), file: None, offset: None, op: Some(op), source: Some(err) }
     }
 
@@ -193,5 +196,15 @@ mod tests {
         let e = Error::io("write", io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(e.kind(), ErrorKind::NoSpace);
         assert_eq!(e.os_error(), Some(libc::ENOSPC));
+    }
+
+    #[test]
+    fn quota_exceeded_and_file_too_large_are_out_of_space_too() {
+        for errno in [libc::EDQUOT, libc::EFBIG] {
+            let e = Error::io("write", io::Error::from_raw_os_error(errno));
+            assert_eq!(e.kind(), ErrorKind::NoSpace, "errno {errno}");
+            assert_eq!(e.os_error(), Some(errno));
+        }
+        assert_eq!(Error::io("write", io::Error::from_raw_os_error(libc::EIO)).kind(), ErrorKind::Io);
     }
 }

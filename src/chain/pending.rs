@@ -65,13 +65,19 @@ pub fn complete_pending(path: &Path) -> Result<bool> {
 
 /// [`complete_pending`] through `ns`.
 pub fn complete_pending_in(ns: &dyn Namespace, path: &Path) -> Result<bool> {
+    finish_pending(ns, path).map(|p| p.is_some())
+}
+
+/// As [`complete_pending_in`]; returns the intent record of the snapshot it finished.
+pub(crate) fn finish_pending(ns: &dyn Namespace, path: &Path) -> Result<Option<PendingSnapshot>> {
     let Ok(h) = ns.open(path, false, LockMode::None).and_then(|s| read_header_of(s.as_ref())) else {
-        return Ok(false);
+        return Ok(None);
     };
-    let Some(p) = &h.pending else { return Ok(false) };
-    if !h.has_flag(FLAG_FROZEN) || path.file_name().map(|n| n.as_bytes()) != Some(&p.live[..]) {
-        return Ok(false);
+    let frozen = h.has_flag(FLAG_FROZEN);
+    let Some(p) = h.pending else { return Ok(None) };
+    if !frozen || path.file_name().map(|n| n.as_bytes()) != Some(&p.live[..]) {
+        return Ok(None);
     }
-    complete(ns, path, p).map_err(|e| e.during("finish interrupted snapshot"))?;
-    Ok(true)
+    complete(ns, path, &p).map_err(|e| e.during("finish interrupted snapshot"))?;
+    Ok(Some(p))
 }

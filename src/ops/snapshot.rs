@@ -7,7 +7,7 @@
 //! Every file and name operation goes through a [`Namespace`], so the crash tests can run the
 //! same code on a recording directory and rebuild every state a power cut could leave.
 
-use crate::chain::pending::{complete, complete_pending_in};
+use crate::chain::pending::{complete, finish_pending};
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::header::{ParentFormat, ParentRef, PendingSnapshot, MAX_PENDING_NAME};
 use crate::format::FLAG_FROZEN;
@@ -37,12 +37,17 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
         return Err(ctx(err(ErrorKind::InvalidArgument, "the snapshot must be in the same directory as the image")
             .with_file(snapshot)));
     }
+    let (live, snap) = (file_name(image)?, file_name(snapshot)?);
+    // An earlier snapshot of this image decided but not carried out (the command was killed)
+    // is finished first; when it is the snapshot asked for, that is the result. Checking the
+    // name first would refuse it once linked, and going on would decide a second snapshot
+    // under the name the first one now holds, which could never complete.
+    if finish_pending(ns, image)?.is_some_and(|p| p.snapshot == snap) {
+        return Ok(());
+    }
     if ns.exists(snapshot) {
         return Err(ctx(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot)));
     }
-    let (live, snap) = (file_name(image)?, file_name(snapshot)?);
-    // An earlier snapshot of this image decided but not carried out is finished first.
-    complete_pending_in(ns, image)?;
     // Held to the end of the decision: nobody else may have the image open meanwhile. Only the
     // header is read and written; the map is never loaded, so this takes the same time for any
     // size of image.

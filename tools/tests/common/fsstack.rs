@@ -381,3 +381,44 @@ impl FsOverNbd {
         m.and(l).and(f)
     }
 }
+
+/// Loop devices, mkfs.ext4 and mount, and root to use them: what [`FileFs`] needs.
+pub fn require_loop_mount() -> bool {
+    require_tools(&["losetup", "mkfs.ext4", "mount", "umount"]) && require_root()
+}
+
+/// A small ext4 file system in a file, loop-mounted: a disk that fills up. Fields drop in
+/// declaration order, i.e. umount, then losetup -d.
+pub struct FileFs {
+    pub mount: Mount,
+    pub loopdev: LoopDev,
+}
+
+impl FileFs {
+    /// Makes `file` (`size` bytes, sparse) an ext4 file system with the extra mkfs.ext4
+    /// options `mkfs` and mounts it at `mountpoint`.
+    pub fn create(file: &Path, size: u64, mkfs: &[&str], mountpoint: &Path) -> FileFs {
+        let f = fs::File::create(file).unwrap_or_else(|e| panic!("cannot create {}: {e}", file.display()));
+        f.set_len(size).unwrap_or_else(|e| panic!("cannot size {}: {e}", file.display()));
+        drop(f);
+        run(tool("mkfs.ext4").args(["-q", "-F"]).args(mkfs).arg(file));
+        let loopdev = LoopDev::attach(file).unwrap_or_else(|e| panic!("losetup: {e}"));
+        let mount = Mount::new(loopdev.path(), mountpoint).unwrap_or_else(|e| panic!("mount: {e}"));
+        FileFs { mount, loopdev }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.mount.path()
+    }
+
+    /// Bytes an unprivileged writer can still allocate there (statvfs f_bavail).
+    pub fn free_bytes(&self) -> u64 {
+        let c = std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()).expect("path has no NUL");
+        // SAFETY: statvfs is plain data, zeroed is a valid value; c is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are valid for the call.
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        assert_eq!(rc, 0, "statvfs {}: {}", self.path().display(), std::io::Error::last_os_error());
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
