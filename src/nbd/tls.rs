@@ -1,5 +1,5 @@
 //! The connection stream as the handshake and transmission see it, and the place where
-//! NBD_OPT_STARTTLS upgrades a connection to TLS (rustls, TLS 1.2 and 1.3, server
+//! NBD_OPT_STARTTLS upgrades a connection to TLS (rustls on aws-lc-rs, TLS 1.2 and 1.3, server
 //! certificate from PEM files, no client certificates).
 //!
 //! After the TLS handshake the connection is carried on through a [`Pump`]: a rustls session
@@ -51,7 +51,7 @@ impl TlsConfig {
             return Err(pem_error(cert, "certificate", pem::Error::NoItemsFound));
         }
         let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, "private key", e))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         // Loaded once on its own so that an unusable key is blamed on the key file, and a
         // key that does not belong to the certificate on the certificate.
         provider

@@ -185,7 +185,7 @@ fn client_config(ca: &Path, versions: &[&'static SupportedProtocolVersion]) -> A
     for c in CertificateDer::pem_file_iter(ca).expect("CA file") {
         roots.add(c.expect("CA certificate")).expect("CA certificate accepted");
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     Arc::new(
         ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
