@@ -1,5 +1,5 @@
 //! `cowdisk serve`: open each image's chain and export it over NBD until told to stop, with
-//! the TLS policy and the descriptions the operator gave.
+//! the TLS and client-authentication policy and the descriptions the operator gave.
 
 use crate::Failure;
 use cowdisk::nbd::handshake::TlsMode;
@@ -52,7 +52,23 @@ pub struct ServeArgs {
     /// ABORT refused in plain text). Default: require when --tls-cert is given, else off.
     #[arg(long, value_enum)]
     pub tls: Option<TlsArg>,
+    /// CA certificate(s) (PEM) that must have signed a client's certificate; with
+    /// --tls-verify-peer.
+    #[arg(long, value_name = "FILE", requires = "tls_verify_peer")]
+    pub tls_ca: Option<PathBuf>,
+    /// Admit only clients that present a certificate signed by --tls-ca; others are refused in
+    /// the TLS handshake. TLS must be required (refused with --tls optional).
+    #[arg(long, requires = "tls_ca")]
+    pub tls_verify_peer: bool,
+    /// TLS-PSK keys (psktool's `username:hexkey` lines). Not supported: refused with an error.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
 }
+
+/// Why `--tls-psk` is refused, as one line.
+const PSK_UNSUPPORTED: &str = "--tls-psk: TLS-PSK is not supported (rustls, the TLS library cowdisk uses, has no \
+     pre-shared-key cipher suites); authenticate clients with certificates instead: --tls-cert FILE --tls-key FILE \
+     --tls-ca FILE --tls-verify-peer";
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TlsArg {
@@ -64,24 +80,44 @@ pub enum TlsArg {
     Require,
 }
 
-/// TLS settings for [`serve_exports`]: the loaded certificate and the policy.
+/// TLS settings for [`serve_exports`]: the loaded certificate (and client CA) and the policy.
 pub struct Tls {
     pub config: TlsConfig,
     pub mode: TlsMode,
 }
 
-/// Loads the certificate and key and picks the policy, before any image is opened: a typo in
-/// a path should not cost an image lock or a listening socket.
+/// Loads the certificate, key and client CA and picks the policy, before any image is opened:
+/// a typo in a path should not cost an image lock or a listening socket.
 fn tls_from_args(a: &ServeArgs) -> Result<Option<Tls>, Failure> {
+    if a.tls_psk.is_some() {
+        return Err(Failure(PSK_UNSUPPORTED.into(), 1));
+    }
     let mode = match (a.tls, &a.tls_cert) {
-        (Some(TlsArg::Off), _) | (None, None) => return Ok(None),
+        (Some(TlsArg::Off), _) | (None, None) => TlsMode::Off,
         (Some(TlsArg::Optional), _) => TlsMode::Optional,
         (Some(TlsArg::Require), _) | (None, Some(_)) => TlsMode::Required,
     };
+    // Refused rather than quietly made `require`: the operator asked for plain-text clients
+    // too, and those would get in without a certificate.
+    if a.tls_verify_peer && mode != TlsMode::Required {
+        let msg = match (mode, &a.tls_cert) {
+            (TlsMode::Optional, _) => {
+                "--tls-verify-peer cannot be combined with --tls optional: plain-text clients would get in \
+                 without a certificate; drop --tls optional (TLS is then required)"
+            }
+            (_, None) => "--tls-verify-peer needs --tls-cert FILE and --tls-key FILE",
+            _ => "--tls-verify-peer cannot be combined with --tls off",
+        };
+        return Err(Failure(msg.into(), 1));
+    }
+    if mode == TlsMode::Off {
+        return Ok(None);
+    }
     let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
         return Err(Failure("--tls optional/require needs --tls-cert FILE and --tls-key FILE".into(), 1));
     };
-    Ok(Some(Tls { config: TlsConfig::from_pem_files(cert, key)?, mode }))
+    let ca = a.tls_ca.as_deref().filter(|_| a.tls_verify_peer);
+    Ok(Some(Tls { config: TlsConfig::load(cert, key, ca)?, mode }))
 }
 
 pub fn export_name(path: &std::path::Path) -> String {
@@ -140,6 +176,7 @@ pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure
             disk: e.chain.clone() as Arc<dyn Disk>,
         })
         .collect();
+    let verifies_clients = o.tls.as_ref().is_some_and(|t| t.config.verifies_clients());
     let cfg = ServerConfig {
         listen: addrs,
         max_connections: o.max_connections,
@@ -165,6 +202,9 @@ pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure
         for a in &tcp {
             let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{name}");
         }
+    }
+    if verifies_clients {
+        let _ = writeln!(out, "clients must present a certificate signed by the --tls-ca CA");
     }
     let _ = out.flush();
     drop(out);

@@ -51,9 +51,10 @@ pub fn new_key(path: &Path, alg: KeyAlg) {
 /// server use.
 const SERVER_EXT: &str = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n\
                           basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n";
-/// A client certificate: client use only.
+/// A client certificate: client use only; qemu refuses to present one whose key usage lacks
+/// key encipherment.
 const CLIENT_EXT: &str = "extendedKeyUsage=clientAuth\nbasicConstraints=critical,CA:FALSE\n\
-                          keyUsage=critical,digitalSignature\n";
+                          keyUsage=critical,digitalSignature,keyEncipherment\n";
 
 /// A CA, a server certificate it signed (for localhost and 127.0.0.1) and the server's key;
 /// `client` is a libnbd / qemu certificate directory holding only `ca-cert.pem`.
