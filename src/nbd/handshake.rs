@@ -209,7 +209,9 @@ impl<'a> Session<'a> {
                     for r in reqs {
                         match r {
                             INFO_NAME => reply(s, REP_INFO, &info_string(INFO_NAME, &n.export.name))?,
-                            INFO_DESCRIPTION => {
+                            // No description is no reply: the spec lets a server omit any
+                            // information the client asked for.
+                            INFO_DESCRIPTION if !n.export.description.is_empty() => {
                                 reply(s, REP_INFO, &info_string(INFO_DESCRIPTION, &n.export.description))?
                             }
                             INFO_BLOCK_SIZE => reply(s, REP_INFO, &info_block_size(1, PREFERRED_BLOCK, MAX_PAYLOAD))?,

@@ -17,6 +17,8 @@ use std::sync::Arc;
 /// One named export: a disk and how it is described to clients.
 pub struct Export {
     pub name: String,
+    /// What NBD_OPT_LIST and NBD_INFO_DESCRIPTION tell every client; empty for none. Clients
+    /// may not be the operator's: never put server paths here.
     pub description: String,
     pub disk: Arc<dyn Disk>,
 }

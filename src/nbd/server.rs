@@ -230,6 +230,11 @@ impl Server {
         if cfg.tls_mode != TlsMode::Off && cfg.tls.is_none() {
             return Err(err(ErrorKind::InvalidArgument, "TLS enabled without a certificate and key"));
         }
+        // Client certificates keep out only clients that have to use TLS: with TLS optional
+        // (or off) anyone would get in by staying in plain text.
+        if cfg.tls.as_ref().is_some_and(TlsConfig::verifies_clients) && cfg.tls_mode != TlsMode::Required {
+            return Err(err(ErrorKind::InvalidArgument, "client certificates are checked only when TLS is required"));
+        }
         let mut listeners = Vec::new();
         for l in &cfg.listen {
             let listener = match l {

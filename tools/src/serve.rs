@@ -1,4 +1,5 @@
-//! `cowdisk serve`: open each image's chain and export it over NBD until told to stop.
+//! `cowdisk serve`: open each image's chain and export it over NBD until told to stop, with
+//! the TLS and client-authentication policy and the descriptions the operator gave.
 
 use crate::Failure;
 use cowdisk::nbd::handshake::TlsMode;
@@ -28,6 +29,10 @@ pub struct ServeArgs {
     /// Export names, in the order of the images (default: each file's name without extension).
     #[arg(long = "name")]
     pub names: Vec<String>,
+    /// Export descriptions clients see (NBD_OPT_LIST, NBD_INFO_DESCRIPTION), in the order of
+    /// the images; an export without one (or with "") is listed without a description.
+    #[arg(long = "description", value_name = "TEXT")]
+    pub descriptions: Vec<String>,
     /// Most connections at once; more are refused.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
@@ -47,7 +52,23 @@ pub struct ServeArgs {
     /// ABORT refused in plain text). Default: require when --tls-cert is given, else off.
     #[arg(long, value_enum)]
     pub tls: Option<TlsArg>,
+    /// CA certificate(s) (PEM) that must have signed a client's certificate; with
+    /// --tls-verify-peer.
+    #[arg(long, value_name = "FILE", requires = "tls_verify_peer")]
+    pub tls_ca: Option<PathBuf>,
+    /// Admit only clients that present a certificate signed by --tls-ca; others are refused in
+    /// the TLS handshake. TLS must be required (refused with --tls optional).
+    #[arg(long, requires = "tls_ca")]
+    pub tls_verify_peer: bool,
+    /// TLS-PSK keys (psktool's `username:hexkey` lines). Not supported: refused with an error.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
 }
+
+/// Why `--tls-psk` is refused, as one line.
+const PSK_UNSUPPORTED: &str = "--tls-psk: TLS-PSK is not supported (rustls, the TLS library cowdisk uses, has no \
+     pre-shared-key cipher suites); authenticate clients with certificates instead: --tls-cert FILE --tls-key FILE \
+     --tls-ca FILE --tls-verify-peer";
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TlsArg {
@@ -59,31 +80,68 @@ pub enum TlsArg {
     Require,
 }
 
-/// TLS settings for [`serve_chains_tls`]: the loaded certificate and the policy.
+/// TLS settings for [`serve_exports`]: the loaded certificate (and client CA) and the policy.
 pub struct Tls {
     pub config: TlsConfig,
     pub mode: TlsMode,
 }
 
-/// Loads the certificate and key and picks the policy, before any image is opened: a typo in
-/// a path should not cost an image lock or a listening socket.
+/// Loads the certificate, key and client CA and picks the policy, before any image is opened:
+/// a typo in a path should not cost an image lock or a listening socket.
 fn tls_from_args(a: &ServeArgs) -> Result<Option<Tls>, Failure> {
+    if a.tls_psk.is_some() {
+        return Err(Failure(PSK_UNSUPPORTED.into(), 1));
+    }
     let mode = match (a.tls, &a.tls_cert) {
-        (Some(TlsArg::Off), _) | (None, None) => return Ok(None),
+        (Some(TlsArg::Off), _) | (None, None) => TlsMode::Off,
         (Some(TlsArg::Optional), _) => TlsMode::Optional,
         (Some(TlsArg::Require), _) | (None, Some(_)) => TlsMode::Required,
     };
+    // Refused rather than quietly made `require`: the operator asked for plain-text clients
+    // too, and those would get in without a certificate.
+    if a.tls_verify_peer && mode != TlsMode::Required {
+        let msg = match (mode, &a.tls_cert) {
+            (TlsMode::Optional, _) => {
+                "--tls-verify-peer cannot be combined with --tls optional: plain-text clients would get in \
+                 without a certificate; drop --tls optional (TLS is then required)"
+            }
+            (_, None) => "--tls-verify-peer needs --tls-cert FILE and --tls-key FILE",
+            _ => "--tls-verify-peer cannot be combined with --tls off",
+        };
+        return Err(Failure(msg.into(), 1));
+    }
+    if mode == TlsMode::Off {
+        return Ok(None);
+    }
     let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
         return Err(Failure("--tls optional/require needs --tls-cert FILE and --tls-key FILE".into(), 1));
     };
-    Ok(Some(Tls { config: TlsConfig::from_pem_files(cert, key)?, mode }))
+    let ca = a.tls_ca.as_deref().filter(|_| a.tls_verify_peer);
+    Ok(Some(Tls { config: TlsConfig::load(cert, key, ca)?, mode }))
 }
 
 pub fn export_name(path: &std::path::Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-/// Serves already opened chains; shared by `serve` and `demo`.
+/// One export: its name, the description clients see ("" for none) and the chain.
+pub struct Served {
+    pub name: String,
+    pub description: String,
+    pub chain: Arc<Chain>,
+}
+
+/// Where and how to serve.
+pub struct ServeOptions {
+    pub socket: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub threads: usize,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub tls: Option<Tls>,
+}
+
+/// Serves already opened chains without descriptions or TLS; shared by `serve` and `demo`.
 pub fn serve_chains(
     chains: Vec<(String, Arc<Chain>)>,
     socket: Option<PathBuf>,
@@ -92,44 +150,40 @@ pub fn serve_chains(
     max_connections: usize,
     handshake_timeout: Duration,
 ) -> Result<(), Failure> {
-    serve_chains_tls(chains, socket, listen, threads, max_connections, handshake_timeout, None)
+    let exports = chains.into_iter().map(|(name, chain)| Served { name, description: String::new(), chain }).collect();
+    serve_exports(exports, ServeOptions { socket, listen, threads, max_connections, handshake_timeout, tls: None })
 }
 
-/// [`serve_chains`] with optional TLS.
-pub fn serve_chains_tls(
-    chains: Vec<(String, Arc<Chain>)>,
-    socket: Option<PathBuf>,
-    listen: Option<String>,
-    threads: usize,
-    max_connections: usize,
-    handshake_timeout: Duration,
-    tls: Option<Tls>,
-) -> Result<(), Failure> {
+/// Serves the exports until SIGINT or SIGTERM, then closes every chain.
+pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure> {
     let mut addrs = Vec::new();
-    if let Some(s) = &socket {
+    if let Some(s) = &o.socket {
         addrs.push(ListenAddr::Unix(s.clone()));
     }
-    if let Some(l) = &listen {
+    if let Some(l) = &o.listen {
         addrs.push(ListenAddr::Tcp(l.clone()));
     }
     if addrs.is_empty() {
         addrs.push(ListenAddr::Tcp("127.0.0.1:10809".into()));
     }
-    let exports = chains
+    // The description is only what the operator wrote: anything derived from the image (its
+    // path above all) would tell every client how the server's disk is laid out.
+    let exports = served
         .iter()
-        .map(|(name, c)| Export {
-            name: name.clone(),
-            description: format!("cowdisk chain of {} image(s), top {}", c.depth(), c.top().path().display()),
-            disk: c.clone() as Arc<dyn Disk>,
+        .map(|e| Export {
+            name: e.name.clone(),
+            description: e.description.clone(),
+            disk: e.chain.clone() as Arc<dyn Disk>,
         })
         .collect();
+    let verifies_clients = o.tls.as_ref().is_some_and(|t| t.config.verifies_clients());
     let cfg = ServerConfig {
         listen: addrs,
-        max_connections,
-        threads_per_connection: threads,
-        handshake_timeout,
-        tls_mode: tls.as_ref().map_or(TlsMode::Off, |t| t.mode),
-        tls: tls.map(|t| t.config),
+        max_connections: o.max_connections,
+        threads_per_connection: o.threads,
+        handshake_timeout: o.handshake_timeout,
+        tls_mode: o.tls.as_ref().map_or(TlsMode::Off, |t| t.mode),
+        tls: o.tls.map(|t| t.config),
         ..ServerConfig::default()
     };
     // nbds:// tells libnbd (and people) to insist on TLS; with --tls optional plain
@@ -139,22 +193,26 @@ pub fn serve_chains_tls(
     install_signal_handlers(&server.shutdown_handle());
     let tcp = server.tcp_addrs();
     let mut out = std::io::stdout().lock();
-    for (name, c) in &chains {
-        let ro = if c.is_read_only() { " (read-only)" } else { "" };
-        if let Some(s) = &socket {
+    for e in &served {
+        let name = &e.name;
+        let ro = if e.chain.is_read_only() { " (read-only)" } else { "" };
+        if let Some(s) = &o.socket {
             let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{name}?socket={}", s.display());
         }
         for a in &tcp {
             let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{name}");
         }
     }
+    if verifies_clients {
+        let _ = writeln!(out, "clients must present a certificate signed by the --tls-ca CA");
+    }
     let _ = out.flush();
     drop(out);
     let result = server.run();
     let mut closed = Ok(());
-    for (_, c) in &chains {
-        if let Err(e) = c.close() {
-            closed = Err(e);
+    for e in &served {
+        if let Err(x) = e.chain.close() {
+            closed = Err(x);
         }
     }
     result?;
@@ -166,16 +224,27 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
     if a.names.len() > a.images.len() {
         return Err(Failure("more --name options than images".into(), 1));
     }
+    if a.descriptions.len() > a.images.len() {
+        return Err(Failure("more --description options than images".into(), 1));
+    }
     let tls = tls_from_args(&a)?;
-    let mut chains = Vec::new();
+    let mut served: Vec<Served> = Vec::new();
     for (i, p) in a.images.iter().enumerate() {
         let chain = Chain::open(p, ChainOptions { writable: !a.read_only, ..Default::default() })?;
         let name = a.names.get(i).cloned().unwrap_or_else(|| export_name(p));
-        if chains.iter().any(|(n, _): &(String, _)| *n == name) {
+        if served.iter().any(|e| e.name == name) {
             return Err(Failure(format!("two exports would be named '{name}'; use --name"), 1));
         }
-        chains.push((name, Arc::new(chain)));
+        let description = a.descriptions.get(i).cloned().unwrap_or_default();
+        served.push(Served { name, description, chain: Arc::new(chain) });
     }
-    let timeout = Duration::from_secs(a.handshake_timeout);
-    serve_chains_tls(chains, a.socket, a.listen, a.threads, a.max_connections, timeout, tls)
+    let opts = ServeOptions {
+        socket: a.socket,
+        listen: a.listen,
+        threads: a.threads,
+        max_connections: a.max_connections,
+        handshake_timeout: Duration::from_secs(a.handshake_timeout),
+        tls,
+    };
+    serve_exports(served, opts)
 }

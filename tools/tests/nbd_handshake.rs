@@ -1,9 +1,10 @@
-//! End-to-end NBD handshake tests of `cowdisk serve` through the harness's raw client (and the `nbd` crate's client for old-style EXPORT_NAME): every option, what each advertises (size, flags, block sizes, exports, meta contexts), and option errors after which haggling continues.
+//! End-to-end NBD handshake tests of `cowdisk serve` through the harness's raw client (and the `nbd` crate's client for old-style EXPORT_NAME): every option, what each advertises (size, flags, block sizes, exports and their descriptions, meta contexts), and option errors after which haggling continues.
 
 mod common;
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
+use std::process::Command;
 use std::time::Duration;
 
 use common::nbdclient::*;
@@ -29,7 +30,8 @@ fn info_and_go_report_size_exact_flags_and_block_size_and_df_only_after_structur
     assert_eq!(info.transmission_flags, RW_FLAGS, "flags {:#06x}, want {RW_FLAGS:#06x}", info.transmission_flags);
     assert_eq!(info.block_size, Some((1, 4096, MAX_PAYLOAD_ADVERTISED)), "NBD_INFO_BLOCK_SIZE");
     assert_eq!(info.name.as_deref(), Some("disk"));
-    assert!(info.description.as_deref().is_some_and(|d| !d.is_empty()), "description requested and given: {info:?}");
+    // No --description: none at all, rather than anything derived from the image.
+    assert_eq!(info.description, None, "description requested, none given: {info:?}");
     assert!(info.unknown.is_empty(), "{info:?}");
 
     // INFO left us negotiating: structured replies can still be turned on, and then the
@@ -129,6 +131,52 @@ fn list_names_every_export_in_order() {
     let r = c.option_exchange(NBD_OPT_LIST, b"junk").expect("exchange");
     assert_eq!(r.last().unwrap().reply_type, NBD_REP_ERR_INVALID, "{r:?}");
     assert_eq!(c.opt_list().expect("LIST again").len(), 3);
+}
+
+#[test]
+fn descriptions_are_only_what_the_operator_gave_and_no_server_path_is_told() {
+    if !require_tool("nbdinfo") {
+        return;
+    }
+    let dir = TempDir::for_test();
+    // Where the images live is the server's business: a marker to look for in what clients see.
+    dir.subdir("srv-images-7c1e");
+    let base = dir.join("srv-images-7c1e/base.raw");
+    write_random_file(&base, 4 * MIB, 1);
+    let alpha = create_image(&dir, "srv-images-7c1e/alpha.cow", "4M");
+    let beta = create_overlay_on_raw(&dir, "srv-images-7c1e/beta.cow", &base);
+    let sock = dir.join("nbd.sock");
+    // In the order of the images, as --name; "" is no description.
+    let server = serve(&[&alpha, &beta], &sock, &["--description", "", "--description", "Build cache, team A"]);
+
+    let list = stdout_of(&run(tool("nbdinfo").args(["--list", &unix_uri(&sock, "")])));
+    assert!(list.contains("export=\"alpha\"") && list.contains("export=\"beta\""), "nbdinfo --list:\n{list}");
+    assert!(list.contains("description: Build cache, team A"), "nbdinfo --list:\n{list}");
+    assert_eq!(list.matches("description:").count(), 1, "one export has a description:\n{list}");
+    for leak in ["srv-images-7c1e", ".cow", ".raw", "chain of"] {
+        assert!(!list.contains(leak), "nbdinfo --list shows {leak:?}:\n{list}");
+    }
+
+    let mut c = server.connect();
+    let listed: Vec<(String, String)> = c.opt_list().unwrap().into_iter().map(|e| (e.name, e.description)).collect();
+    assert_eq!(listed, [("alpha".into(), "".into()), ("beta".into(), "Build cache, team A".into())]);
+    assert_eq!(c.opt_info("alpha", &[NBD_INFO_DESCRIPTION]).unwrap().description, None);
+    let beta_info = c.opt_info("beta", &[NBD_INFO_DESCRIPTION]).unwrap();
+    assert_eq!(beta_info.description.as_deref(), Some("Build cache, team A"));
+    drop(c);
+    drop(server);
+
+    // More descriptions than images is a mistake, refused in one line before serving.
+    let out =
+        run_status(Command::new(cowdisk_bin()).args(["serve", path_str(&alpha), "--socket", path_str(&sock)]).args([
+            "--description",
+            "a",
+            "--description",
+            "b",
+        ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("--description"), "{err}");
 }
 
 #[test]

@@ -3,109 +3,18 @@
 mod common;
 
 use common::nbdclient::*;
+use common::tls::*;
 use common::*;
 
 use std::fs;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, StreamOwned, SupportedProtocolVersion};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
 const SIZE: u64 = 16 * MIB;
 const EXPORT: &str = "disk";
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
-// ---------------------------------------------------------------------------
-// Certificates
-// ---------------------------------------------------------------------------
-
-/// A CA, a server certificate it signed (for localhost and 127.0.0.1) and the server's key;
-/// `client` is a libnbd / qemu certificate directory holding only `ca-cert.pem`.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    client: PathBuf,
-}
-
-fn openssl(args: &[&str]) {
-    run(tool("openssl").args(args));
-}
-
-fn make_pki(dir: &Path, tag: &str) -> Pki {
-    let d = dir.join(format!("pki-{tag}"));
-    fs::create_dir_all(&d).unwrap();
-    let ca_key = d.join("ca-key.pem");
-    let ca = d.join("ca-cert.pem");
-    let key = d.join("server-key.pem");
-    let csr = d.join("server.csr");
-    let cert = d.join("server-cert.pem");
-    let ext = d.join("server-ext.cnf");
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let subj = format!("/CN=cowdisk test CA {tag}");
-    let mut a = vec!["req", "-x509"];
-    a.extend(ec);
-    a.extend(["-keyout", s(&ca_key), "-out", s(&ca), "-subj", &subj, "-days", "2"]);
-    openssl(&a);
-    let mut a = vec!["req", "-new"];
-    a.extend(ec);
-    a.extend(["-keyout", s(&key), "-out", s(&csr), "-subj", "/CN=localhost"]);
-    openssl(&a);
-    // What gnutls (libnbd, qemu) checks: the name or address it connected to, server use.
-    fs::write(
-        &ext,
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n\
-         basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n",
-    )
-    .unwrap();
-    let mut a = vec!["x509", "-req", "-in", s(&csr), "-CA", s(&ca), "-CAkey", s(&ca_key), "-CAcreateserial"];
-    a.extend(["-out", s(&cert), "-days", "2", "-extfile", s(&ext)]);
-    openssl(&a);
-    let client = d.join("client");
-    fs::create_dir_all(&client).unwrap();
-    fs::copy(&ca, client.join("ca-cert.pem")).unwrap();
-    Pki { ca, cert, key, client }
-}
-
-// ---------------------------------------------------------------------------
-// Servers and URIs
-// ---------------------------------------------------------------------------
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Percent-encodes for a URI query value (keeps `/`).
-fn esc(v: &str) -> String {
-    let mut out = String::new();
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn tls_unix_uri(sock: &Path, certs: &Path) -> String {
-    format!("nbds+unix:///{EXPORT}?socket={}&tls-certificates={}", esc(s(sock)), esc(s(certs)))
-}
-
-fn tls_tcp_uri(port: u16, certs: &Path) -> String {
-    format!("nbds://127.0.0.1:{port}/{EXPORT}?tls-certificates={}", esc(s(certs)))
-}
 
 /// A temp dir with a certificate set and a 16 MiB standalone image named after [`EXPORT`].
 struct Rig {
@@ -134,105 +43,8 @@ impl Rig {
     }
 
     fn unix_uri(&self) -> String {
-        tls_unix_uri(&self.sock, &self.pki.client)
+        tls_unix_uri(&self.sock, EXPORT, &self.pki.client)
     }
-}
-
-fn nbdinfo(args: &[&str]) -> std::process::Output {
-    run_status(bounded("nbdinfo").args(args))
-}
-
-/// `prog` under timeout(1): a server that stops relaying must fail the test, not hang it.
-fn bounded(prog: &str) -> Command {
-    let mut c = tool("timeout");
-    c.args(["-k", "5", "120"]).arg(tool_path(prog).unwrap_or_else(|| PathBuf::from(prog)));
-    c
-}
-
-// ---------------------------------------------------------------------------
-// The raw client over rustls
-// ---------------------------------------------------------------------------
-
-/// The raw client's transport once NBD_OPT_STARTTLS has been acknowledged.
-struct TlsSock(StreamOwned<ClientConnection, UnixStream>);
-
-impl Read for TlsSock {
-    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        self.0.read(b)
-    }
-}
-
-impl Write for TlsSock {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.write(b)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
-    }
-}
-
-impl NbdStream for TlsSock {
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.0.sock.set_read_timeout(t)
-    }
-    fn shutdown_write(&self) -> io::Result<()> {
-        self.0.sock.shutdown(Shutdown::Write)
-    }
-}
-
-fn client_config(ca: &Path, versions: &[&'static SupportedProtocolVersion]) -> Arc<ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).expect("CA file") {
-        roots.add(c.expect("CA certificate")).expect("CA certificate accepted");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions)
-            .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
-/// Sends NBD_OPT_STARTTLS (expecting NBD_REP_ACK), runs the TLS handshake, and returns a
-/// client that goes on over TLS, plus the TLS version agreed.
-fn start_tls(mut c: NbdClient<UnixStream>, cfg: Arc<ClientConfig>) -> (NbdClient<TlsSock>, rustls::ProtocolVersion) {
-    let r = c.option_exchange(NBD_OPT_STARTTLS, &[]).expect("STARTTLS exchange");
-    assert_eq!(r.len(), 1, "STARTTLS answered with more than one reply: {r:?}");
-    assert_eq!(r[0].reply_type, NBD_REP_ACK, "STARTTLS refused: {r:?}");
-    let (hf, cf) = (c.handshake_flags, c.client_flags);
-    let sock = c.into_stream();
-    let conn = ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap()).unwrap();
-    let mut tls = StreamOwned::new(conn, sock);
-    // The handshake now, so that a failure shows here rather than at the first option.
-    while tls.conn.is_handshaking() {
-        tls.conn.complete_io(&mut tls.sock).expect("TLS handshake with the server");
-    }
-    let version = tls.conn.protocol_version().expect("a TLS version after the handshake");
-    let mut c = NbdClient::from_stream(TlsSock(tls)).unwrap();
-    // The greeting happened in plain text; the client must remember what it agreed there.
-    c.handshake_flags = hf;
-    c.client_flags = cf;
-    (c, version)
-}
-
-const TLS13: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
-const TLS12: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
-
-/// Reads until the server closes (after whatever it still sends, e.g. a TLS alert), or
-/// gives up after `timeout`; true if it closed.
-fn closes_within<S: NbdStream>(c: &mut NbdClient<S>, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        match c.peer_state(Duration::from_millis(200)) {
-            Ok(PeerState::Closed) => return true,
-            Ok(PeerState::StillOpen) | Ok(PeerState::SentData(_)) => {}
-            // Anything else a broken TLS session reports (bad record, reset) is also an end.
-            Err(_) => return true,
-        }
-    }
-    false
 }
 
 fn assert_tls_reqd(c: &mut NbdClient<UnixStream>, option: u32, data: &[u8]) {
@@ -279,7 +91,7 @@ fn libnbd_over_tls_on_a_unix_socket_and_tcp_is_byte_exact() {
     assert!(log.contains(&format!("nbds://{listen}/{EXPORT}")), "printed URIs:\n{log}");
 
     let unix = rig.unix_uri();
-    let tcp = tls_tcp_uri(port, &rig.pki.client);
+    let tcp = tls_tcp_uri(port, EXPORT, &rig.pki.client);
     let info = run(bounded("nbdinfo").arg(&unix));
     let text = stdout_of(&info);
     assert!(text.contains("with TLS"), "nbdinfo over the Unix socket:\n{text}");
@@ -462,9 +274,9 @@ fn failed_and_stalled_tls_handshakes_are_dropped_and_the_server_carries_on() {
     // A client that does not trust the server's CA (over TCP: libnbd checks the server's
     // certificate only there).
     let other = make_pki(rig.dir.path(), "other");
-    let out = nbdinfo(&[&tls_tcp_uri(port, &other.client)]);
+    let out = nbdinfo(&[&tls_tcp_uri(port, EXPORT, &other.client)]);
     assert!(!out.status.success(), "nbdinfo trusting another CA connected:\n{}", stdout_of(&out));
-    let out = nbdinfo(&["--size", &tls_tcp_uri(port, &rig.pki.client)]);
+    let out = nbdinfo(&["--size", &tls_tcp_uri(port, EXPORT, &rig.pki.client)]);
     assert!(out.status.success(), "nbdinfo with the right CA after one with the wrong one");
 
     // STARTTLS acknowledged, then something that is not TLS.

@@ -1,4 +1,4 @@
-//! Shared harness for binary-level integration tests: locating `cowdisk`, tool checks, command runners, and guards (temp dirs, daemons, the `cowdisk serve` server; nbdfuse, loop devices and mounts in [`fsstack`]) that release what they took on drop, also when a test panics. Test data and comparisons are in [`data`]; helpers of one group of tests in [`cli`] and [`nbdtest`]; the raw NBD client in [`nbdclient`]; what a device may read after a crash in [`oracle`].
+//! Shared harness for binary-level integration tests: locating `cowdisk`, tool checks, command runners, and guards (temp dirs, daemons, the `cowdisk serve` server; nbdfuse, loop devices and mounts in [`fsstack`]) that release what they took on drop, also when a test panics. Test data and comparisons are in [`data`]; helpers of one group of tests in [`cli`], [`nbdtest`] and [`tls`]; the raw NBD client in [`nbdclient`]; what a device may read after a crash in [`oracle`].
 //!
 //! Release order matters and follows from declaration order when guards are
 //! plain locals (Rust drops locals in reverse): declare the `Server` first,
@@ -16,6 +16,7 @@ mod fsstack;
 pub mod nbdclient;
 pub mod nbdtest;
 pub mod oracle;
+pub mod tls;
 
 pub use data::*;
 pub use fsstack::*;
