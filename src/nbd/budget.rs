@@ -1,6 +1,7 @@
 //! The budget that bounds how many payload bytes requests may have in flight (per connection and
 //! for the whole server), and so how much memory clients can make the server hold.
 
+use crate::sync::lock;
 use std::sync::{Condvar, Mutex};
 
 /// Counts requests and bytes in flight on one connection. A request always gets in when the
@@ -18,7 +19,7 @@ impl Budget {
     }
 
     pub fn acquire(&self, bytes: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.state);
         while s.0 > 0 && (s.0 >= self.max_requests || s.1 + bytes > self.max_bytes) {
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
@@ -27,7 +28,7 @@ impl Budget {
     }
 
     pub fn release(&self, bytes: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.state);
         s.0 -= 1;
         s.1 -= bytes;
         self.cv.notify_all();
@@ -35,7 +36,7 @@ impl Budget {
 
     /// Blocks until nothing is in flight.
     pub fn wait_idle(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.state);
         while s.0 > 0 {
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }

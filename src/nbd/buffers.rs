@@ -9,6 +9,7 @@
 //! is zero-filled. Callers must therefore use `&buf[..n]` and never assume the bytes are zero.
 //! Idle memory is bounded: at most [`KEEP`] buffers of at most [`KEEP_MAX_LEN`] bytes each.
 
+use crate::sync::lock;
 use std::sync::Mutex;
 
 /// Buffers kept idle per connection (about the queue depth clients use for large I/O).
@@ -25,7 +26,7 @@ impl Buffers {
     /// A buffer of at least `len` bytes, with unspecified contents.
     pub fn take(&self, len: usize) -> Vec<u8> {
         let found = {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            let mut free = lock(&self.free);
             // Prefer one that is long enough, so that no buffer is grown (and zeroed) needlessly.
             match free.iter().position(|b| b.len() >= len) {
                 Some(i) => Some(free.swap_remove(i)),
@@ -44,7 +45,7 @@ impl Buffers {
         if b.is_empty() || b.len() > KEEP_MAX_LEN {
             return;
         }
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = lock(&self.free);
         if free.len() < KEEP {
             free.push(b);
         }

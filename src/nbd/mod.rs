@@ -1,5 +1,9 @@
 //! The NBD server: protocol encoding kept pure ([`proto`]), option haggling ([`handshake`]),
-//! the request engine ([`transmission`]) and its reused buffers ([`buffers`]), and listeners and lifecycle ([`server`]).
+//! the request engine ([`transmission`]) and its reused buffers ([`buffers`]), request
+//! payloads spliced or read from the socket ([`payload`]), TLS ([`tls`], [`tls_pump`]), the
+//! socket type they all share ([`sock`]), and listeners and lifecycle ([`server`]). Every
+//! dependency between these files points one way: `server` uses the rest, and `sock` uses
+//! none of them.
 
 pub mod budget;
 mod buffers;
@@ -7,6 +11,7 @@ pub mod handshake;
 pub mod payload;
 pub mod proto;
 pub mod server;
+pub mod sock;
 pub mod tls;
 pub mod tls_pump;
 pub mod transmission;

@@ -4,7 +4,7 @@
 //! asks for bytes to be made [ready](Payload::ready) before it takes its locks, so a client
 //! slow to send them keeps no lock held meanwhile.
 
-use super::server::Sock;
+use super::sock::Sock;
 use crate::device::Payload;
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::storage::{Pipe, Storage};

@@ -9,7 +9,7 @@
 //! talks to the other end exactly as it would to a plain socket.
 
 use super::payload::Incoming;
-use super::server::Sock;
+use super::sock::Sock;
 use super::tls_pump::Pump;
 use crate::error::{err, Error, ErrorKind, Result};
 use rustls::crypto::CryptoProvider;

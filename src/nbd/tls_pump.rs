@@ -14,7 +14,7 @@
 //! - the local side closes its end: what it wrote is encrypted and sent, then close_notify;
 //! - the socket fails or the local side stops reading: the connection is over, both are shut.
 
-use super::server::Sock;
+use super::sock::Sock;
 use rustls::ServerConnection;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;

@@ -12,6 +12,7 @@ use super::proto::*;
 use crate::device::{Disk, Extent, Payload};
 use crate::error::{Error, ErrorKind};
 use crate::storage::Pipe;
+use crate::sync::lock;
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -105,7 +106,7 @@ pub fn serve(
 /// `None` when the connection is over. The payload's bytes are charged to both budgets. A
 /// write's payload is the first `req.length` bytes of the returned buffer, which may be longer.
 fn next_request(conn: &Conn, input: &Mutex<Input>, global: &Budget) -> Option<(Request, Vec<u8>, u64)> {
-    let mut guard = input.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guard = lock(&input);
     let Input { r, done, pipe } = &mut *guard;
     loop {
         if *done || conn.broken.load(Ordering::Acquire) {
@@ -184,7 +185,7 @@ impl Conn {
         if self.broken.load(Ordering::Acquire) {
             return;
         }
-        let mut w = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = lock(&self.out);
         if w.write_all(bytes).and_then(|_| w.flush()).is_err() {
             self.broken.store(true, Ordering::Release);
             (self.on_broken)();
