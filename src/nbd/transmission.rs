@@ -106,7 +106,7 @@ pub fn serve(
 /// `None` when the connection is over. The payload's bytes are charged to both budgets. A
 /// write's payload is the first `req.length` bytes of the returned buffer, which may be longer.
 fn next_request(conn: &Conn, input: &Mutex<Input>, global: &Budget) -> Option<(Request, Vec<u8>, u64)> {
-    let mut guard = lock(&input);
+    let mut guard = lock(input);
     let Input { r, done, pipe } = &mut *guard;
     loop {
         if *done || conn.broken.load(Ordering::Acquire) {
