@@ -161,16 +161,25 @@ fn mid_ref() -> ParentRef {
     }
 }
 
-/// A frozen middle layer "mid" over the raw base, with `writes` of its own, and a fresh top
-/// "top" on it, both named (durably) in `dir`. Returns the chain and the device's contents.
+/// What [`setup`] made: the chain, the device's contents, and the middle layer's file id and
+/// bytes (which must not change unless a commit writes into it).
+struct Setup {
+    chain: Chain,
+    model: Vec<u8>,
+    mid_id: usize,
+    mid_bytes: Vec<u8>,
+}
+
+/// A frozen middle layer "mid" over the raw base, with `mid_writes` of its own, and a fresh top
+/// "top" on it, both named (durably) in `dir`.
 fn setup(
     dir: &RecordingDir,
     base: &Arc<Vec<u8>>,
     mid_sums: bool,
     top_geom: Geometry,
-    writes: impl Fn(&Chain, &mut Vec<u8>),
+    mid_writes: &[(u64, Vec<u8>)],
     jittery: bool,
-) -> (Chain, Vec<u8>) {
+) -> Setup {
     let raw_ref =
         ParentRef { format: ParentFormat::Raw, path: b"base.raw".to_vec(), uuid: [0; 16], size: SIZE, fingerprint: 0 };
     let mid_store = dir.create(Path::new(MID)).unwrap();
@@ -178,17 +187,26 @@ fn setup(
     let mid = Image::create_on(mid_store.clone(), Path::new(MID), g, Some(raw_ref), [2; 16]).unwrap();
     let c = Chain::assemble(mid, Vec::new(), Some(raw_base(base, false)));
     let mut model = base.as_ref().clone();
-    writes(&c, &mut model);
+    for (off, d) in mid_writes {
+        c.write_at(d, *off).unwrap();
+        model[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+    }
     c.top().update_header(|h| h.set_flag(FLAG_FROZEN, true)).unwrap();
     c.close().unwrap();
     drop(c);
+    let mid_bytes = bytes_of(mid_store.as_ref());
     let mid_ro = Image::open_on(mid_store, Path::new(MID), OpenOptions::read_only()).unwrap();
     let top_store = dir.create(Path::new(TOP)).unwrap();
     let top_store: Arc<dyn Storage> = if jittery { Arc::new(Jitter(top_store)) } else { top_store };
     let top = Image::create_on(top_store, Path::new(TOP), top_geom, Some(mid_ref()), [1; 16]).unwrap();
     top.flush().unwrap();
     dir.sync_dir(Path::new(TOP)).unwrap();
-    (Chain::assemble(top, vec![mid_ro], Some(raw_base(base, jittery))), model)
+    Setup {
+        chain: Chain::assemble(top, vec![mid_ro], Some(raw_base(base, jittery))),
+        model,
+        mid_id: dir.file_of(Path::new(MID)).unwrap(),
+        mid_bytes,
+    }
 }
 
 /// Issues one request on `chain` and records it in `h`.
@@ -224,21 +242,8 @@ pub fn sequential(seed: u64) -> Run {
         .collect();
     let top_sums = rng.below(2) == 0;
     let g = Geometry::new(SIZE, shift).unwrap().with_data_checksums(top_sums).unwrap();
-    let (chain, mut model) = setup(
-        &dir,
-        &base,
-        mid_sums,
-        g,
-        |c, model| {
-            for (off, d) in &mid_writes {
-                c.write_at(d, *off).unwrap();
-                model[*off as usize..*off as usize + d.len()].copy_from_slice(d);
-            }
-        },
-        false,
-    );
-    let mid_id = dir.file_of(Path::new(MID)).unwrap();
-    let mid_bytes_before = bytes_of(dir.open(Path::new(MID), false, LockMode::None).unwrap().as_ref());
+    let Setup { chain, mut model, mid_id, mid_bytes: mid_bytes_before } =
+        setup(&dir, &base, mid_sums, g, &mid_writes, false);
     let initial = model.clone();
     let start = journal.len();
     let h = History::new();
@@ -336,21 +341,8 @@ pub fn concurrent(seed: u64) -> Run {
     let g = Geometry::new(SIZE, shift).unwrap().with_data_checksums(sums).unwrap();
     let mid_writes: Vec<(u64, Vec<u8>)> =
         (0..3u64).map(|i| (rng.below(SIZE - 20_000), pattern(seed ^ (i + 7), 12_000))).collect();
-    let (chain, model) = setup(
-        &dir,
-        &base,
-        rng.below(2) == 0,
-        g,
-        |c, model| {
-            for (off, d) in &mid_writes {
-                c.write_at(d, *off).unwrap();
-                model[*off as usize..*off as usize + d.len()].copy_from_slice(d);
-            }
-        },
-        true,
-    );
-    let mid_id = dir.file_of(Path::new(MID)).unwrap();
-    let mid_bytes_before = bytes_of(dir.open(Path::new(MID), false, LockMode::None).unwrap().as_ref());
+    let Setup { chain, model, mid_id, mid_bytes: mid_bytes_before } =
+        setup(&dir, &base, rng.below(2) == 0, g, &mid_writes, true);
     let start = journal.len();
     let h = History::new();
     let threads = 2 + rng.below(2);
