@@ -5,9 +5,9 @@ use super::alloc::Allocator;
 use super::map::ChunkMap;
 use super::{lock, write, Image, State};
 use crate::error::{Error, Result};
-use crate::format::header::Header;
+use crate::format::header::{Header, PendingSnapshot};
 use crate::format::map::MapEntry;
-use crate::format::{FLAG_CORRUPT, FLAG_DIRTY};
+use crate::format::{FLAG_CORRUPT, FLAG_DIRTY, FLAG_FROZEN};
 use std::sync::atomic::Ordering;
 
 impl Image {
@@ -102,6 +102,43 @@ impl Image {
         self.write_header(&mut st, f).map_err(|e| e.with_file(&self.path))?;
         drop(st);
         self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("update header"))
+    }
+
+    /// Freezes this writable image in place for a live snapshot (spec §5.7.1 S3): flushes,
+    /// then writes one durable header with FROZEN and the pending-snapshot record set and
+    /// DIRTY clear (everything is flushed and nothing will be written any more), and refuses
+    /// every later write and header change but [`Image::clear_pending`]. On error nothing of
+    /// it may be durable, or all of it: the caller reads the header back to know.
+    pub fn freeze(&self, pending: PendingSnapshot) -> Result<()> {
+        self.require_writable()?;
+        let _f = lock(&self.flush_lock);
+        self.flush_locked()?;
+        let mut st = write(&self.state);
+        self.write_header(&mut st, |h| {
+            h.set_flag(FLAG_FROZEN, true);
+            h.set_flag(FLAG_DIRTY, false);
+            h.pending = Some(pending);
+        })
+        .map_err(|e| e.with_file(&self.path))?;
+        drop(st);
+        self.closing.store(true, Ordering::Release);
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("freeze"))?;
+        // Closed cleanly by this header: nothing more to write at close or drop.
+        self.clean.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Clears the pending-snapshot record of an image frozen by [`Image::freeze`], once the
+    /// snapshot is carried out (S7), in one durable header write.
+    pub fn clear_pending(&self) -> Result<()> {
+        let _f = lock(&self.flush_lock);
+        let mut st = write(&self.state);
+        if st.header.pending.is_none() {
+            return Ok(());
+        }
+        self.write_header(&mut st, |h| h.pending = None).map_err(|e| e.with_file(&self.path))?;
+        drop(st);
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("clear pending snapshot"))
     }
 
     /// Replaces the whole map with `entries` in one durable step (spec §5.7): the new map is

@@ -244,6 +244,23 @@ impl Image {
         &self.path
     }
 
+    /// This image, frozen (by [`Image::freeze`]) and now named `path`, as a read-only lower
+    /// layer of a chain: its lock becomes a reader's where the file system has one. Its map
+    /// in memory is what it was at the freeze, which is what the file holds.
+    pub fn into_lower(mut self, path: &Path) -> Result<Image> {
+        if !read(&self.state).header.has_flag(FLAG_FROZEN) {
+            return Err(
+                err(ErrorKind::InvalidArgument, "only a frozen image becomes a lower layer").with_file(&self.path)
+            );
+        }
+        if let Some(f) = self.storage.as_file() {
+            f.downgrade_to_shared()?;
+        }
+        self.writable = false;
+        self.path = path.to_path_buf();
+        Ok(self)
+    }
+
     pub fn geometry(&self) -> Geometry {
         self.geom
     }

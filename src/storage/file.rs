@@ -102,6 +102,13 @@ impl FileStorage {
         Ok(())
     }
 
+    /// Gives up the write permission of an exclusive lock, keeping a reader's: what a file
+    /// that was written and is from now on only read (a top frozen by a live snapshot) holds.
+    /// Never fails for want of permission: releasing a lock byte always succeeds.
+    pub fn downgrade_to_shared(&self) -> Result<()> {
+        self.fcntl_lock(libc::F_OFD_SETLK, libc::F_UNLCK, PERM_WRITE).map(|_| ())
+    }
+
     /// One fcntl lock call on byte `byte`; returns the l_type the kernel reports back.
     fn fcntl_lock(&self, cmd: libc::c_int, l_type: libc::c_int, byte: i64) -> Result<libc::c_int> {
         // SAFETY: flock is plain data; zeroed is a valid value for every field.
