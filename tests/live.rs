@@ -1,0 +1,123 @@
+//! Live snapshots of a chain under concurrent writers, on real files: every snapshot holds
+//! each write acknowledged before it was asked for, none that began after it returned, and
+//! the writers never see an error; the live chain goes on reading exactly what was written.
+
+mod common;
+
+use common::{pattern, TempDir};
+use cowdisk::chain::create::{create_image, CreateOptions};
+use cowdisk::live::LiveChain;
+use cowdisk::storage::namespace::RealFs;
+use cowdisk::{Chain, ChainOptions, DiskFlush, DiskRead, DiskWrite};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+const SIZE: u64 = 8 << 20;
+const BLOCK: u64 = 4096;
+const THREADS: u64 = 3;
+
+/// One acknowledged write of one block: when it was called and when it returned (a clock
+/// shared with the snapshots), and its bytes.
+struct Wrote {
+    called: u64,
+    returned: u64,
+    block: u64,
+    data: Vec<u8>,
+}
+
+#[test]
+fn live_snapshots_hold_exactly_the_acknowledged_writes_and_writers_see_no_error() {
+    let dir = TempDir::new("live");
+    let base = dir.join("base.raw");
+    let initial = pattern(1, SIZE as usize);
+    std::fs::write(&base, &initial).unwrap();
+    let top = dir.join("disk.cow");
+    let opts =
+        CreateOptions { backing: Some(base), chunk_shift: Some(14), data_checksums: Some(true), ..Default::default() };
+    create_image(&top, &opts).unwrap().close().unwrap();
+    let live =
+        Arc::new(LiveChain::new(Chain::open(&top, ChainOptions { writable: true, ..Default::default() }).unwrap()));
+    let clock = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::<Wrote>::new()));
+    // Each thread owns the blocks b with b % THREADS == t, so the writes of one block are
+    // ordered; writes are of one block, or of a block and a half (a partial block: copy-up).
+    let writers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (live, clock, stop, log) = (live.clone(), clock.clone(), stop.clone(), log.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let block = (i * 7919 + t) % (SIZE / BLOCK / THREADS) * THREADS + t;
+                    let data = pattern(t << 32 | i, BLOCK as usize);
+                    let called = clock.fetch_add(1, Ordering::SeqCst);
+                    live.write_at(&data, block * BLOCK).expect("a write during live snapshots failed");
+                    if i % 5 == 0 {
+                        live.flush().expect("a flush during live snapshots failed");
+                    }
+                    let returned = clock.fetch_add(1, Ordering::SeqCst);
+                    log.lock().unwrap().push(Wrote { called, returned, block, data });
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let mut snaps: Vec<(PathBuf, u64, u64)> = Vec::new();
+    let mut longest = std::time::Duration::ZERO;
+    for k in 0..12 {
+        std::thread::sleep(std::time::Duration::from_millis(15));
+        let snap = dir.join(&format!("snap{k}.cow"));
+        let called = clock.fetch_add(1, Ordering::SeqCst);
+        let paused = live.snapshot(&RealFs, &snap).unwrap_or_else(|e| panic!("snapshot {k}: {e}"));
+        let returned = clock.fetch_add(1, Ordering::SeqCst);
+        longest = longest.max(paused);
+        snaps.push((snap, called, returned));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let log = log.lock().unwrap();
+    assert!(log.len() > 100, "the writers wrote only {} blocks", log.len());
+    eprintln!("{} writes, {} live snapshots, longest pause {longest:?}", log.len(), snaps.len());
+
+    // Each snapshot, read as the chain below it: per block, the last write acknowledged before
+    // the snapshot was asked for, or a write of it that began before the snapshot returned.
+    for (snap, called, returned) in &snaps {
+        let c = Chain::open(snap, ChainOptions::default()).unwrap();
+        let mut got = vec![0u8; BLOCK as usize];
+        for b in 0..SIZE / BLOCK {
+            c.read_at(&mut got, b * BLOCK).unwrap();
+            let writes: Vec<&Wrote> = log.iter().filter(|w| w.block == b).collect();
+            let durable = writes.iter().rev().find(|w| w.returned < *called);
+            let initial_block = &initial[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
+            let mut allowed: Vec<&[u8]> = vec![durable.map_or(initial_block, |w| &w.data[..])];
+            allowed
+                .extend(writes.iter().filter(|w| w.called < *returned && w.returned >= *called).map(|w| &w.data[..]));
+            assert!(
+                allowed.contains(&&got[..]),
+                "{}: block {b} holds a value that was neither acknowledged before the snapshot nor written during it",
+                snap.display()
+            );
+        }
+    }
+    // The live chain reads the last write of every block.
+    let mut got = vec![0u8; BLOCK as usize];
+    for b in 0..SIZE / BLOCK {
+        live.read_at(&mut got, b * BLOCK).unwrap();
+        let want = log
+            .iter()
+            .rev()
+            .find(|w| w.block == b)
+            .map_or(&initial[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize], |w| &w.data[..]);
+        assert!(got == want, "block {b} of the live chain");
+    }
+    live.close().unwrap();
+    let r = cowdisk::ops::check::check(
+        &top,
+        &cowdisk::ops::check::CheckOptions { chain: true, ..Default::default() },
+        &|_, _| {},
+    );
+    assert_eq!(r.exit_code(), 0, "{r:?}");
+}
