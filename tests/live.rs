@@ -121,3 +121,34 @@ fn live_snapshots_hold_exactly_the_acknowledged_writes_and_writers_see_no_error(
     );
     assert_eq!(r.exit_code(), 0, "{r:?}");
 }
+
+/// A snapshot adds a layer; where that would make the chain deeper than the format's 64
+/// images, it is refused (offline and live) and nothing changes: before, the chain grew
+/// past the limit and would no longer open.
+#[test]
+fn a_snapshot_that_would_make_the_chain_too_deep_is_refused() {
+    use cowdisk::ops::snapshot::snapshot;
+    use cowdisk::ErrorKind;
+    let dir = TempDir::new("deep");
+    let base = dir.join("base.raw");
+    std::fs::write(&base, pattern(3, 65536)).unwrap();
+    let top = dir.join("disk.cow");
+    create_image(&top, &CreateOptions { backing: Some(base), ..Default::default() }).unwrap().close().unwrap();
+    for i in 0..62 {
+        snapshot(&top, &dir.join(&format!("s{i}.cow"))).unwrap();
+    }
+    let c = Chain::open(&top, ChainOptions { writable: true, ..Default::default() }).unwrap();
+    assert_eq!(c.depth(), 64);
+    let live = LiveChain::new(c);
+    let e = live.snapshot(&RealFs, &dir.join("one-more.cow")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChainTooDeep, "{e}");
+    live.write_at(&[5u8; 4096], 0).expect("the export goes on after the refusal");
+    live.close().unwrap();
+    let e = snapshot(&top, &dir.join("one-more.cow")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChainTooDeep, "{e}");
+    assert!(!dir.join("one-more.cow").exists());
+    let c = Chain::open(&top, ChainOptions::default()).unwrap();
+    let mut b = vec![0u8; 4096];
+    c.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, vec![5u8; 4096]);
+}

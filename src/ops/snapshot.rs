@@ -8,11 +8,11 @@
 //! same code on a recording directory and rebuild every state a power cut could leave.
 
 use crate::chain::pending::{complete, finish_pending};
-use crate::chain::Chain;
+use crate::chain::{resolve_parent_path, Chain};
 use crate::device::DiskFlush;
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::header::{Header, ParentFormat, ParentRef, PendingSnapshot, MAX_PENDING_NAME};
-use crate::format::FLAG_FROZEN;
+use crate::format::{FLAG_FROZEN, MAX_CHAIN_DEPTH};
 use crate::layer::{read_header_of, write_next_header, Image, OpenOptions};
 use crate::storage::namespace::{sweep_stale_temps, temp_name, Namespace, RealFs};
 use crate::storage::{LockMode, Storage};
@@ -53,6 +53,7 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
     let locked = ns.open(image, true, LockMode::Exclusive)?;
     let mut h = read_header_of(locked.as_ref()).map_err(|e| e.with_file(image).during("snapshot"))?;
     refuse_frozen(&h, image)?;
+    refuse_too_deep(depth_in(ns, image, &h)?, image)?;
     // 1. The new overlay, complete, under a temporary name.
     let (pending, new) = new_overlay(ns, image, names, &h)?;
     drop(new);
@@ -73,6 +74,41 @@ fn names(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<(Vec<u8>, 
             .during("snapshot"));
     }
     Ok((file_name(image)?, file_name(snapshot)?))
+}
+
+/// How many images the chain of `image` (whose header is `h`) holds, counting it and a raw
+/// base, from the headers alone; counting stops once past the limit.
+fn depth_in(ns: &dyn Namespace, image: &Path, h: &Header) -> Result<usize> {
+    let mut depth = 1;
+    let mut child = image.to_path_buf();
+    let mut next = h.parent.clone();
+    while let Some(p) = next.take() {
+        depth += 1;
+        if p.format == ParentFormat::Raw || depth > MAX_CHAIN_DEPTH {
+            break;
+        }
+        let path = resolve_parent_path(&child, &p);
+        next = ns
+            .open(&path, false, LockMode::None)
+            .and_then(|s| read_header_of(s.as_ref()))
+            .map_err(|e| e.with_file(&path))?
+            .parent;
+        child = path;
+    }
+    Ok(depth)
+}
+
+/// A snapshot adds a layer: refused where the chain would then be deeper than the format allows.
+fn refuse_too_deep(depth: usize, image: &Path) -> Result<()> {
+    if depth + 1 > MAX_CHAIN_DEPTH {
+        return Err(err(
+            ErrorKind::ChainTooDeep,
+            format!("the chain holds {depth} images, and a snapshot would make it deeper than {MAX_CHAIN_DEPTH}; commit or flatten first"),
+        )
+        .with_file(image)
+        .during("snapshot"));
+    }
+    Ok(())
 }
 
 fn refuse_frozen(h: &Header, image: &Path) -> Result<()> {
@@ -145,6 +181,7 @@ pub fn snapshot_chain(
         }
         let h = chain.top().header();
         refuse_frozen(&h, &image)?;
+        refuse_too_deep(chain.depth(), &image)?;
         // Every write acknowledged so far goes into the snapshot.
         chain.flush()?;
         new_overlay(ns, &image, names, &h)

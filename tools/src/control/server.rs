@@ -40,6 +40,8 @@ struct State {
 /// The running control channel; dropping it removes its socket and links.
 pub struct Control {
     state: Arc<State>,
+    /// The listening socket's descriptor: shut down to end the accept loop.
+    listener_fd: std::os::fd::RawFd,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -57,6 +59,7 @@ impl Control {
         exports: Vec<Served>,
     ) -> Result<Control, Error> {
         let listener = bind(&socket)?;
+        let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let state = Arc::new(State {
             server,
             exports: Mutex::new(Vec::new()),
@@ -79,7 +82,7 @@ impl Control {
                 std::thread::spawn(move || session(&st, conn));
             }
         });
-        Ok(Control { state, thread: Some(thread) })
+        Ok(Control { state, listener_fd, thread: Some(thread) })
     }
 
     pub fn socket(&self) -> &Path {
@@ -100,10 +103,14 @@ impl Control {
     }
 
     fn stop(&mut self) {
-        self.state.stopping.store(true, Ordering::Release);
-        // Wake the accept loop, which then sees `stopping`.
-        let _ = UnixStream::connect(&self.state.socket);
         if let Some(t) = self.thread.take() {
+            self.state.stopping.store(true, Ordering::Release);
+            // Wakes the accept loop (accept fails on a shut-down listener), which then sees
+            // `stopping`; unlike connecting to it, this works when the socket's name is gone.
+            // SAFETY: the descriptor is the listener's, which the accept thread still owns.
+            unsafe {
+                libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
+            }
             let _ = t.join();
         }
     }
