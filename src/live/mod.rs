@@ -73,7 +73,7 @@ impl LiveChain {
                 Ok(paused.elapsed())
             }
             Err(LiveSnapshotError { error, chain: Some(old) }) => {
-                *g = Ok(old);
+                *g = Ok(*old);
                 Err(error)
             }
             Err(LiveSnapshotError { error, chain: None }) => {

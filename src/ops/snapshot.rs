@@ -155,7 +155,7 @@ pub struct LiveSnapshotError {
     pub error: Error,
     /// The chain as it was when nothing changed; `None` when the snapshot was decided but
     /// could not be carried out (the next open of the image finishes it).
-    pub chain: Option<Chain>,
+    pub chain: Option<Box<Chain>>,
 }
 
 /// Snapshots the top of an open, writable chain without closing it (spec §5.7.1 on an image
@@ -188,7 +188,7 @@ pub fn snapshot_chain(
     })();
     let (pending, new) = match prepared {
         Ok(p) => p,
-        Err(e) => return Err(failed(e, Some(chain))),
+        Err(e) => return Err(failed(e, Some(Box::new(chain)))),
     };
     // The decision. From its write on, the snapshot may be decided on disk whatever this call
     // reports: the chain is not given back, and the next open finishes it (or finds the image

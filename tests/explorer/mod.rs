@@ -582,10 +582,7 @@ pub fn judge_with(run: &Run, crash: &CrashImages, k: usize, choices: &mut Choice
     }
     let mut by_id: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
     for &id in names.values().chain(std::iter::once(&run.mid_id)) {
-        if !by_id.contains_key(&id) {
-            let bytes = crash.state(id, k, |n| choices.pick(n));
-            by_id.insert(id, bytes);
-        }
+        by_id.entry(id).or_insert_with(|| crash.state(id, k, |n| choices.pick(n)));
     }
     match run.mid_may_change_from {
         Some(from) if k > from => {}

@@ -96,7 +96,7 @@ fn twenty_live_snapshots_each_hold_exactly_what_clients_had_acknowledged() {
                     let data = random_bytes(len as usize, rng.next_u64());
                     let called = clock.fetch_add(1, Ordering::SeqCst);
                     c.write(off, &data).expect("a write failed during live snapshots");
-                    if rng.next_u64() % 8 == 0 {
+                    if rng.next_u64().is_multiple_of(8) {
                         c.flush().expect("a flush failed during live snapshots");
                     }
                     let returned = clock.fetch_add(1, Ordering::SeqCst);
