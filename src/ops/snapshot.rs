@@ -205,8 +205,8 @@ pub fn snapshot_chain(
     let _ = top.clear_pending();
     let reopened = top.into_lower(snapshot).and_then(|frozen| {
         let new_top = Image::open_on(new, &image, OpenOptions::writable())?;
-        lowers.insert(0, frozen);
-        Ok(Chain::assemble(new_top, lowers, base))
+        lowers.insert(0, Arc::new(frozen));
+        Ok(Chain::assemble_shared(new_top, lowers, base))
     });
     reopened.map_err(|e| failed(e, None))
 }

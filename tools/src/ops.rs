@@ -146,7 +146,7 @@ pub fn map_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     let names: Vec<String> = std::iter::once(chain.top())
-        .chain(chain.lowers())
+        .chain(chain.lowers().iter().map(|l| &**l))
         .map(|i| i.path().display().to_string())
         .chain(chain.base().map(|b| b.path().display().to_string()))
         .collect();
