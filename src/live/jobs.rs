@@ -94,9 +94,11 @@ impl Job {
     /// Runs this job on `live` in the calling thread (a tool working on an image no server
     /// serves): what a server's job thread does. Refused if a job runs on the chain.
     pub fn run_here(&self, live: &LiveChain) -> Result<()> {
-        live.claim(self.spec.name())?;
-        let r = run(live, self);
-        live.release();
+        let r = live.claim(self.spec.name()).and_then(|()| {
+            let r = run(live, self);
+            live.release();
+            r
+        });
         self.finish(&r);
         r
     }
@@ -168,11 +170,14 @@ impl Job {
     }
 }
 
+/// A job and the thread running it (taken when it is waited for).
+type Running = (Arc<Job>, Option<std::thread::JoinHandle<()>>);
+
 /// The jobs of a server, running and finished.
 #[derive(Default)]
 pub struct Jobs {
     next: AtomicU64,
-    list: Mutex<Vec<(Arc<Job>, Option<std::thread::JoinHandle<()>>)>>,
+    list: Mutex<Vec<Running>>,
 }
 
 impl Jobs {

@@ -15,7 +15,7 @@ use crate::format::{Geometry, FLAG_FROZEN};
 use crate::layer::raw::RawImage;
 use crate::layer::{new_uuid, Image, OpenOptions};
 use crate::ops::all_extents;
-use crate::ops::commit::commit_prepare;
+use crate::ops::commit::{commit_prepare, is_commit_layer};
 use crate::ops::flatten::copy_device;
 use crate::storage::namespace::{publish_new, temp_name, Namespace};
 use crate::storage::LockMode;
@@ -47,7 +47,7 @@ fn rebuilt(chain: Chain) -> Chain {
 fn or_keep(chain: Chain, step: impl FnOnce(&Chain) -> Result<()>) -> std::result::Result<Chain, Failed> {
     match step(&chain) {
         Ok(()) => Ok(chain),
-        Err(e) => Err((e, Some(chain))),
+        Err(e) => Err((e, Some(Box::new(chain)))),
     }
 }
 
@@ -82,14 +82,6 @@ pub(super) fn flatten(live: &LiveChain, job: &Job) -> Result<()> {
         Ok(Chain::assemble(top, Vec::new(), None))
     })?;
     Ok(())
-}
-
-/// Whether `path` names the intermediate layer of a commit (`IMAGE.commit-XXXXXXXX`).
-fn is_commit_layer(path: &Path) -> bool {
-    let name = path.file_name().map(OsStr::as_bytes).unwrap_or_default();
-    let Some(at) = name.windows(8).rposition(|w| w == b".commit-") else { return false };
-    let hex = &name[at + 8..];
-    at > 0 && hex.len() == 8 && hex.iter().all(u8::is_ascii_hexdigit)
 }
 
 /// Commit: the top is frozen (a live snapshot) into an intermediate layer X, so that what is
@@ -276,18 +268,4 @@ pub(super) fn compact(
         Ok(Chain::assemble_shared(top, new_lowers, base))
     })?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commit_layers_are_recognised_by_name() {
-        assert!(is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3d")));
-        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3")));
-        assert!(!is_commit_layer(Path::new("/d/disk.cow")));
-        assert!(!is_commit_layer(Path::new("/d/.commit-0a1b2c3d")));
-        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3g")));
-    }
 }
