@@ -12,7 +12,6 @@ use crate::device::{push_extent, DiskFlush, Extent, ExtentKind};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::{Geometry, FLAG_FROZEN};
-use crate::layer::raw::RawImage;
 use crate::layer::{new_uuid, Image, OpenOptions};
 use crate::ops::all_extents;
 use crate::ops::commit::{commit_prepare, is_commit_layer};
@@ -169,7 +168,7 @@ pub(super) fn compact(
     if ns.exists(into) {
         return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(into));
     }
-    let (run, rest, base_path) = live.with(|c| {
+    let (run, rest, base) = live.with(|c| {
         let l = c.lowers();
         let k = layers.unwrap_or(l.len());
         if k < 2 || k > l.len() {
@@ -179,7 +178,7 @@ pub(super) fn compact(
             )
             .with_file(&image));
         }
-        Ok((l[..k].to_vec(), l[k..].to_vec(), c.base().map(|b| b.path().to_path_buf())))
+        Ok((l[..k].to_vec(), l[k..].to_vec(), c.shared_base()))
     })?;
     let last = &run[run.len() - 1];
     let below = last.parent();
@@ -189,9 +188,9 @@ pub(super) fn compact(
         None => None,
         Some(r) if ns.same_dir(into, last.path()) => Some(r),
         Some(r) => {
-            let target = match (r.format, rest.first(), &base_path) {
+            let target = match (r.format, rest.first(), &base) {
                 (ParentFormat::Cowdisk, Some(l), _) => l.path().to_path_buf(),
-                (ParentFormat::Raw, _, Some(b)) => b.clone(),
+                (ParentFormat::Raw, _, Some(b)) => b.path().to_path_buf(),
                 _ => {
                     return Err(
                         err(ErrorKind::Corrupt, "the chain does not match its parent references").with_file(&image)
@@ -221,13 +220,9 @@ pub(super) fn compact(
     let storage = ns.create(&tmp)?;
     let built = (|| -> Result<Image> {
         let m = Image::create_on(storage.clone(), &tmp, geom, m_parent, new_uuid()?)?;
-        let base = match &base_path {
-            Some(b) => Some(RawImage::open(b, true, LockMode::Shared)?),
-            None => None,
-        };
         // Written through a chain over what is below the run, so a whiteout becomes Zero
         // where something below shows and Absent where nothing does: the same reads either way.
-        let dst = Chain::assemble_shared(m, rest.clone(), base);
+        let dst = Chain::assemble_shared(m, rest.clone(), base.clone());
         for e in &todo {
             job.check()?;
             if e.kind.reads_zero() {

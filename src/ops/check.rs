@@ -193,7 +193,9 @@ fn check_image(path: &Path, opts: &CheckOptions, progress: Progress) -> ImageChe
         Ok(()) => r.repaired = true,
         // Not a verdict on the image: the repair could not be made (exit 1, like a file that
         // cannot be read), and what was found stands.
-        Err(e) if e.kind() == ErrorKind::InUse => r.unreadable = Some(format!("{e} (cannot repair an image that is open)")),
+        Err(e) if e.kind() == ErrorKind::InUse => {
+            r.unreadable = Some(format!("{e} (cannot repair an image that is open)"))
+        }
         Err(e) => r.errors.push(e.to_string()),
     }
     r
