@@ -9,6 +9,7 @@ macro_rules! say {
 }
 
 mod control;
+mod daemon;
 mod demo;
 mod export;
 mod ops;
