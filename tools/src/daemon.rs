@@ -35,10 +35,23 @@ pub fn inherited_sockets() -> Result<Vec<RawFd>, Failure> {
         eprintln!("cowdisk: LISTEN_PID={pid} is not this process ({}): socket activation ignored", std::process::id());
         return Ok(Vec::new());
     }
-    match fds.trim().parse::<u32>() {
-        Ok(n @ 1..=MAX_FDS) => Ok((0..n as RawFd).map(|i| FIRST_FD + i).collect()),
-        _ => Err(Failure(format!("socket activation: LISTEN_FDS={fds} is not a number from 1 to {MAX_FDS}"), 1)),
+    let n = match fds.trim().parse::<u32>() {
+        Ok(n @ 1..=MAX_FDS) => n as RawFd,
+        _ => {
+            return Err(Failure(format!("socket activation: LISTEN_FDS={fds} is not a number from 1 to {MAX_FDS}"), 1))
+        }
+    };
+    let fds: Vec<RawFd> = (FIRST_FD..FIRST_FD + n).collect();
+    for &fd in &fds {
+        // Checked open now, before this process opens anything: a missing descriptor's number
+        // would otherwise go to the first file opened (an image), which would then be taken
+        // for the socket. Close-on-exec, as nbdkit does, so nothing started inherits it.
+        // SAFETY: F_SETFD on a descriptor number; an invalid one is reported as EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(os_error(&format!("inherited descriptor {fd}")));
+        }
     }
+    Ok(fds)
 }
 
 /// What the serving process does once its sockets accept connections: write the pid file,

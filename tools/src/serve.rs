@@ -259,38 +259,31 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
     };
     let names: Vec<(String, bool)> = lives.iter().map(|l| (l.name.clone(), l.live.is_read_only())).collect();
     let mut control = Control::start(socket, links, server.control(), lives)?;
-    let pid_file = o.daemon.write_pid_file()?;
-    let tcp = server.tcp_addrs();
-    let unix = server.unix_addrs();
-    // Socket-activated by libnbd (`nbdcopy -- [ cowdisk serve IMAGE ] -`), stdout may be the
-    // caller's data stream: the startup lines go to stderr then (and so to the journal, under
-    // systemd).
-    let mut out: Box<dyn Write> =
-        if o.inherited.is_empty() { Box::new(std::io::stdout().lock()) } else { Box::new(std::io::stderr().lock()) };
-    for (name, read_only) in &names {
-        let ro = if *read_only { " (read-only)" } else { "" };
-        for a in &unix {
-            use std::os::linux::net::SocketAddrExt;
-            if let Some(p) = a.as_pathname() {
-                let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{name}?socket={}", p.display());
-            } else if let Some(n) = a.as_abstract_name() {
-                let _ = writeln!(out, "serving {name}{ro} on the abstract Unix socket @{}", String::from_utf8_lossy(n));
-            }
+    let startup = Startup {
+        names,
+        unix: server.unix_addrs(),
+        tcp: server.tcp_addrs(),
+        schemes: (unix_scheme, tcp_scheme),
+        verifies_clients,
+        control: control.socket().to_path_buf(),
+        // Socket-activated by libnbd (`nbdcopy -- [ cowdisk serve IMAGE ] -`), stdout may be
+        // the caller's data stream: the startup lines go to stderr then (and so to the
+        // journal, under systemd).
+        to_stderr: !o.inherited.is_empty(),
+        forked: o.daemon.is_forked(),
+    };
+    let started = o.daemon.write_pid_file().and_then(|pid_file| {
+        startup.print();
+        o.daemon.ready().map(|()| pid_file)
+    });
+    // A failure to start still closes every image cleanly before the error is reported.
+    let pid_file = match started {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = control.close_all();
+            return Err(e);
         }
-        for a in &tcp {
-            let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{name}");
-        }
-    }
-    if verifies_clients {
-        let _ = writeln!(out, "clients must present a certificate signed by the --tls-ca CA");
-    }
-    let _ = writeln!(out, "control channel at {}", control.socket().display());
-    if o.daemon.is_forked() {
-        let _ = writeln!(out, "running in the background as process {}", std::process::id());
-    }
-    let _ = out.flush();
-    drop(out);
-    o.daemon.ready()?;
+    };
     let result = server.run();
     // No request runs any more: every chain is flushed and closed cleanly.
     let closed = control.close_all();
@@ -298,6 +291,52 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
     closed?;
     drop(pid_file);
     Ok(())
+}
+
+/// What a server prints once it serves: where each export is, the control channel, and the
+/// process that went on in the background.
+struct Startup {
+    /// Each export's name and whether it is read-only.
+    names: Vec<(String, bool)>,
+    unix: Vec<std::os::unix::net::SocketAddr>,
+    tcp: Vec<std::net::SocketAddr>,
+    /// The URI schemes (with or without TLS) for Unix sockets and TCP.
+    schemes: (&'static str, &'static str),
+    verifies_clients: bool,
+    control: PathBuf,
+    to_stderr: bool,
+    forked: bool,
+}
+
+impl Startup {
+    fn print(&self) {
+        use std::os::linux::net::SocketAddrExt;
+        let mut out: Box<dyn Write> =
+            if self.to_stderr { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
+        let (unix_scheme, tcp_scheme) = self.schemes;
+        for (name, read_only) in &self.names {
+            let ro = if *read_only { " (read-only)" } else { "" };
+            for a in &self.unix {
+                if let Some(p) = a.as_pathname() {
+                    let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{name}?socket={}", p.display());
+                } else if let Some(n) = a.as_abstract_name() {
+                    let n = String::from_utf8_lossy(n);
+                    let _ = writeln!(out, "serving {name}{ro} on the abstract Unix socket @{n}");
+                }
+            }
+            for a in &self.tcp {
+                let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{name}");
+            }
+        }
+        if self.verifies_clients {
+            let _ = writeln!(out, "clients must present a certificate signed by the --tls-ca CA");
+        }
+        let _ = writeln!(out, "control channel at {}", self.control.display());
+        if self.forked {
+            let _ = writeln!(out, "running in the background as process {}", std::process::id());
+        }
+        let _ = out.flush();
+    }
 }
 
 pub fn run(a: ServeArgs) -> Result<(), Failure> {
