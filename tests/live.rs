@@ -152,3 +152,177 @@ fn a_snapshot_that_would_make_the_chain_too_deep_is_refused() {
     c.read_at(&mut b, 0).unwrap();
     assert_eq!(b, vec![5u8; 4096]);
 }
+
+/// A chain base.raw <- mid.cow (frozen, with data) <- top (with data), on real files, and the
+/// device's contents.
+fn three_layers(dir: &TempDir, sums: bool) -> (PathBuf, Vec<u8>) {
+    use cowdisk::ops::snapshot::snapshot;
+    let base = dir.join("base.raw");
+    let mut model = pattern(11, SIZE as usize);
+    std::fs::write(&base, &model).unwrap();
+    let top = dir.join("disk.cow");
+    let opts =
+        CreateOptions { backing: Some(base), chunk_shift: Some(15), data_checksums: Some(sums), ..Default::default() };
+    let c = Chain::assemble(create_image(&top, &opts).unwrap(), Vec::new(), None);
+    drop(c);
+    let c = Chain::open(&top, ChainOptions { writable: true, ..Default::default() }).unwrap();
+    for i in 0..40u64 {
+        let off = (i * 193_013) % (SIZE - 70_000);
+        let d = pattern(100 + i, 9000 + (i as usize * 1000) % 60_000);
+        c.write_at(&d, off).unwrap();
+        model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+    }
+    c.close().unwrap();
+    drop(c);
+    snapshot(&top, &dir.join("mid.cow")).unwrap();
+    let c = Chain::open(&top, ChainOptions { writable: true, ..Default::default() }).unwrap();
+    for i in 0..40u64 {
+        let off = (i * 377_111) % (SIZE - 70_000);
+        let d = pattern(200 + i, 5000 + (i as usize * 3000) % 60_000);
+        c.write_at(&d, off).unwrap();
+        model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+    }
+    c.close().unwrap();
+    (top, model)
+}
+
+/// Runs `spec` as a job on the live chain of `top` while two threads write (disjoint 4 KiB
+/// blocks, model kept), and returns the live chain and the final model.
+fn job_under_writers(
+    top: &std::path::Path,
+    mut model: Vec<u8>,
+    spec: cowdisk::live::jobs::JobSpec,
+) -> (Arc<LiveChain>, Vec<u8>, cowdisk::live::jobs::JobState, std::collections::HashSet<u64>) {
+    use cowdisk::live::jobs::Jobs;
+    let live =
+        Arc::new(LiveChain::new(Chain::open(top, ChainOptions { writable: true, ..Default::default() }).unwrap()));
+    let jobs = Jobs::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(Mutex::new(Vec::<(u64, Vec<u8>)>::new()));
+    let writers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (live, stop, written) = (live.clone(), stop.clone(), written.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let block = (i * 7919 + t * 3) % (SIZE / BLOCK / 2) * 2 + t;
+                    let d = pattern(t << 40 | i, BLOCK as usize);
+                    live.write_at(&d, block * BLOCK).expect("a write failed during a job");
+                    written.lock().unwrap().push((block, d));
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let job = jobs.start(live.clone(), spec, None).unwrap();
+    while job.state() == cowdisk::live::jobs::JobState::Running {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut blocks = std::collections::HashSet::new();
+    for (b, d) in written.lock().unwrap().iter() {
+        model[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize].copy_from_slice(d);
+        blocks.insert(*b);
+    }
+    (live, model, job.state(), blocks)
+}
+
+fn device_of(live: &LiveChain) -> Vec<u8> {
+    let mut dev = vec![0u8; SIZE as usize];
+    live.read_at(&mut dev, 0).unwrap();
+    dev
+}
+
+#[test]
+fn a_live_flatten_leaves_the_top_standing_alone_with_every_write() {
+    use cowdisk::live::jobs::{JobSpec, JobState};
+    for sums in [false, true] {
+        let dir = TempDir::new("liveflatten");
+        let (top, model) = three_layers(&dir, sums);
+        let (live, model, state, _) = job_under_writers(&top, model, JobSpec::Flatten);
+        assert_eq!(state, JobState::Completed);
+        assert!(device_of(&live) == model, "the live device after the flatten (checksums {sums})");
+        assert_eq!(live.current().unwrap().depth(), 1);
+        live.close().unwrap();
+        let c = Chain::open(&top, ChainOptions::default()).unwrap();
+        assert_eq!(c.depth(), 1, "the top still names a parent");
+        let mut dev = vec![0u8; SIZE as usize];
+        c.read_at(&mut dev, 0).unwrap();
+        assert!(dev == model, "reopened after the flatten");
+    }
+}
+
+#[test]
+fn a_live_commit_moves_the_top_into_its_parent_and_keeps_the_writes_made_meanwhile() {
+    use cowdisk::live::jobs::{JobSpec, JobState};
+    for sums in [false, true] {
+        let dir = TempDir::new("livecommit");
+        let (top, model) = three_layers(&dir, sums);
+        let (live, model, state, written) = job_under_writers(&top, model, JobSpec::Commit);
+        assert_eq!(state, JobState::Completed);
+        assert!(device_of(&live) == model, "the live device after the commit (checksums {sums})");
+        assert_eq!(live.current().unwrap().depth(), 3, "top, mid, base");
+        live.close().unwrap();
+        // No intermediate layer is left, and the top holds only what was written meanwhile.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains(".commit-")), "{names:?}");
+        let c = Chain::open(&top, ChainOptions::default()).unwrap();
+        let mut dev = vec![0u8; SIZE as usize];
+        c.read_at(&mut dev, 0).unwrap();
+        assert!(dev == model, "reopened after the commit");
+        // The top holds only blocks written while the commit ran; what it held before is in
+        // the parent now.
+        assert!(c.top().data_bytes() <= written.len() as u64 * BLOCK, "the top's old blocks did not leave it");
+        let r = cowdisk::ops::check::check(
+            &top,
+            &cowdisk::ops::check::CheckOptions { chain: true, deep: true, ..Default::default() },
+            &|_, _| {},
+        );
+        assert_eq!(r.exit_code(), 0, "{r:?}");
+    }
+}
+
+#[test]
+fn a_live_compaction_merges_the_layers_below_the_top_into_one() {
+    use cowdisk::live::jobs::{JobSpec, JobState};
+    use cowdisk::ops::snapshot::snapshot;
+    let dir = TempDir::new("livecompact");
+    let (top, mut model) = three_layers(&dir, true);
+    // Two more layers, one with a whiteout over data below.
+    for k in 0..2u64 {
+        let c = Chain::open(&top, ChainOptions { writable: true, ..Default::default() }).unwrap();
+        let d = pattern(300 + k, 70_000);
+        c.write_at(&d, 100_000 * (k + 1)).unwrap();
+        model[(100_000 * (k + 1)) as usize..(100_000 * (k + 1)) as usize + d.len()].copy_from_slice(&d);
+        cowdisk::DiskZero::write_zeroes(&c, 1 << 20, 65536, false).unwrap();
+        model[1 << 20..(1 << 20) + 65536].fill(0);
+        c.close().unwrap();
+        drop(c);
+        snapshot(&top, &dir.join(&format!("s{k}.cow"))).unwrap();
+    }
+    let merged = dir.join("merged.cow");
+    let (live, model, state, _) =
+        job_under_writers(&top, model, JobSpec::Compact { into: merged.clone(), layers: None });
+    assert_eq!(state, JobState::Completed);
+    assert!(device_of(&live) == model, "the live device after the compaction");
+    assert_eq!(live.current().unwrap().depth(), 3, "top, merged, base");
+    live.close().unwrap();
+    let c = Chain::open(&top, ChainOptions::default()).unwrap();
+    assert_eq!(c.depth(), 3);
+    let mut dev = vec![0u8; SIZE as usize];
+    c.read_at(&mut dev, 0).unwrap();
+    assert!(dev == model, "reopened after the compaction");
+    let r = cowdisk::ops::check::check(
+        &top,
+        &cowdisk::ops::check::CheckOptions { chain: true, deep: true, ..Default::default() },
+        &|_, _| {},
+    );
+    assert_eq!(r.exit_code(), 0, "{r:?}");
+}

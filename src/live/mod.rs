@@ -13,10 +13,13 @@ use crate::device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero,
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::ops::snapshot::{snapshot_chain, LiveSnapshotError};
 use crate::storage::namespace::Namespace;
-use crate::sync::{read, write};
+use crate::sync::{lock, read, write};
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
+
+pub mod jobs;
+mod steps;
 
 pub struct LiveChain {
     /// The top image's path, fixed: a snapshot gives the path a new file, not a new path.
@@ -25,7 +28,13 @@ pub struct LiveChain {
     read_only: bool,
     /// The chain, or why there is none.
     chain: RwLock<std::result::Result<Chain, String>>,
+    /// The job running on this chain, if any: one operation that changes the chain's layers
+    /// at a time (a snapshot asked meanwhile is refused).
+    busy: Mutex<Option<&'static str>>,
 }
+
+/// A replacement that failed: why, and the chain to go on with if it is unchanged.
+pub type Failed = (Error, Option<Box<Chain>>);
 
 impl LiveChain {
     pub fn new(chain: Chain) -> LiveChain {
@@ -34,6 +43,7 @@ impl LiveChain {
             size: chain.size(),
             read_only: chain.is_read_only(),
             chain: RwLock::new(Ok(chain)),
+            busy: Mutex::new(None),
         }
     }
 
@@ -56,10 +66,31 @@ impl LiveChain {
     /// requests in flight finish, new ones wait, the chain is flushed, the snapshot steps run,
     /// and requests go on on the new top. The snapshot holds every write acknowledged before
     /// the call, and none that began after it returned. Returns how long requests waited.
+    /// Refused while a job runs on the chain.
     pub fn snapshot(&self, ns: &dyn Namespace, snapshot: &Path) -> Result<Duration> {
+        if let Some(job) = *lock(&self.busy) {
+            return Err(
+                err(ErrorKind::InUse, format!("in use: a {job} job is running on this chain")).with_file(&self.path)
+            );
+        }
+        self.snapshot_now(ns, snapshot)
+    }
+
+    /// [`LiveChain::snapshot`] without asking whether a job runs (a job's own step).
+    fn snapshot_now(&self, ns: &dyn Namespace, snapshot: &Path) -> Result<Duration> {
+        self.replace(|chain| {
+            snapshot_chain(ns, chain, snapshot).map_err(|LiveSnapshotError { error, chain }| (error, chain))
+        })
+    }
+
+    /// Replaces the chain by what `f` makes of it, with every request held back meanwhile:
+    /// requests in flight finish first, new ones wait and then run on the new chain. When `f`
+    /// fails without giving the chain back, the export stops (every request fails with the
+    /// reason). Returns how long requests waited.
+    pub fn replace(&self, f: impl FnOnce(Chain) -> std::result::Result<Chain, Failed>) -> Result<Duration> {
         let mut g = write(&self.chain);
         let paused = Instant::now();
-        let chain = match std::mem::replace(&mut *g, Err("a snapshot did not finish".into())) {
+        let chain = match std::mem::replace(&mut *g, Err("a change of the chain did not finish".into())) {
             Ok(c) => c,
             Err(reason) => {
                 let e = unusable(&self.path, &reason);
@@ -67,20 +98,36 @@ impl LiveChain {
                 return Err(e);
             }
         };
-        match snapshot_chain(ns, chain, snapshot) {
+        match f(chain) {
             Ok(new) => {
                 *g = Ok(new);
                 Ok(paused.elapsed())
             }
-            Err(LiveSnapshotError { error, chain: Some(old) }) => {
+            Err((error, Some(old))) => {
                 *g = Ok(*old);
                 Err(error)
             }
-            Err(LiveSnapshotError { error, chain: None }) => {
-                *g = Err(format!("a snapshot was decided but not carried out ({error}); restart to finish it"));
+            Err((error, None)) => {
+                *g = Err(format!("the chain could not be changed ({error}); restart to recover"));
                 Err(error)
             }
         }
+    }
+
+    /// Marks the chain busy with a `job`; refused if one runs. [`LiveChain::release`] ends it.
+    pub(crate) fn claim(&self, job: &'static str) -> Result<()> {
+        let mut b = lock(&self.busy);
+        if let Some(other) = *b {
+            return Err(
+                err(ErrorKind::InUse, format!("in use: a {other} job is running on this chain")).with_file(&self.path)
+            );
+        }
+        *b = Some(job);
+        Ok(())
+    }
+
+    pub(crate) fn release(&self) {
+        *lock(&self.busy) = None;
     }
 
     /// Flushes and closes the chain (the top cleanly, DIRTY cleared) and lets go of its files
@@ -96,7 +143,7 @@ impl LiveChain {
         }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&Chain) -> Result<R>) -> Result<R> {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&Chain) -> Result<R>) -> Result<R> {
         match &*read(&self.chain) {
             Ok(c) => f(c),
             Err(reason) => Err(unusable(&self.path, reason)),

@@ -9,7 +9,7 @@ use crate::format::blocks::BlockState;
 use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::map::MapEntry;
 use crate::format::BLOCK_SIZE;
-use crate::layer::{format_uuid, Image, OpenOptions};
+use crate::layer::{format_uuid, read_header_only, Image, OpenOptions, PreparedMap};
 use crate::storage::namespace::{publish_replacing, temp_name, Namespace, RealFs};
 use crate::storage::LockMode;
 use std::collections::BTreeMap;
@@ -29,10 +29,12 @@ enum Src {
     Top(u64, usize),
 }
 
-pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
-    let top = Image::open(image, OpenOptions::writable())?;
+/// The parent a commit of `image` writes into, from its header alone (no lock: the image may
+/// be served): refused if there is none, if it is raw, or without `force` (other overlays
+/// built on it would see their disk change).
+pub fn commit_target(image: &Path, force: bool) -> Result<(ParentRef, std::path::PathBuf)> {
     let refuse = |kind, msg: String| Err(err(kind, msg).with_file(image).during("commit"));
-    let Some(pref) = top.parent() else {
+    let Some(pref) = read_header_only(image)?.parent else {
         return refuse(ErrorKind::InvalidArgument, "has no parent to commit into".into());
     };
     if pref.format == ParentFormat::Raw {
@@ -47,6 +49,32 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
                 ppath.display()
             ),
         );
+    }
+    Ok((pref, ppath))
+}
+
+/// Whether `path` names the intermediate layer a live commit freezes its top into
+/// (`IMAGE.commit-XXXXXXXX`).
+pub fn is_commit_layer(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let name = path.file_name().map(std::ffi::OsStr::as_bytes).unwrap_or_default();
+    let Some(at) = name.windows(8).rposition(|w| w == b".commit-") else { return false };
+    let hex = &name[at + 8..];
+    at > 0 && hex.len() == 8 && hex.iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Whether `image`'s parent is the intermediate layer of a live commit that stopped half-way
+/// (the next commit finishes it: see `cowdisk::live::jobs`).
+pub fn interrupted(image: &Path) -> Result<bool> {
+    Ok(read_header_only(image)?.parent.is_some_and(|p| is_commit_layer(&resolve_parent_path(image, &p))))
+}
+
+pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
+    let (pref, ppath) = commit_target(image, force)?;
+    let top = Image::open(image, OpenOptions::writable())?;
+    let refuse = |kind, msg: String| Err(err(kind, msg).with_file(image).during("commit"));
+    if top.parent().as_ref() != Some(&pref) {
+        return refuse(ErrorKind::ParentChanged, "changed while the commit began".into());
     }
     let parent = Image::open(
         &ppath,
@@ -91,6 +119,17 @@ pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<
 /// blocks go into `parent` (open for writing), which switches to its new map in one header
 /// write. `top` is not changed.
 pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()> {
+    let prepared = commit_prepare(top, parent, progress, &|| false)?;
+    parent.switch_map(prepared)
+}
+
+/// C2 and C3 of [`commit_into`]: every block `top` holds, copied into fresh slots of `parent`
+/// (open for writing), and `parent`'s new map written and made durable, not yet in force
+/// (the switch is [`Image::switch_map`]). Readers of `parent` see its old map meanwhile.
+/// `stop` is asked between chunks: when it says so, the commit stops with an error and
+/// `parent` is unchanged (what was copied is unreferenced space, reclaimed at its next
+/// writable open after a crash, or at once by the caller's [`Image::end_writing`]).
+pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dyn Fn() -> bool) -> Result<PreparedMap> {
     let (tg, pg) = (top.geometry(), parent.geometry());
     if tg.virtual_size > pg.virtual_size {
         return Err(err(ErrorKind::InvalidArgument, "is larger than its parent; commit cannot grow the parent"));
@@ -164,6 +203,23 @@ pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()
         }
         entries.push(MapEntry { chunk: pc, data_offset, blocks, crcs });
         progress(done as u64 + 1, total);
+        if stop() {
+            return Err(err(ErrorKind::Cancelled, "cancelled; the parent is unchanged"));
+        }
     }
-    parent.replace_map(entries)
+    parent.prepare_map(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_layers_are_recognised_by_name() {
+        assert!(is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3d")));
+        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3")));
+        assert!(!is_commit_layer(Path::new("/d/disk.cow")));
+        assert!(!is_commit_layer(Path::new("/d/.commit-0a1b2c3d")));
+        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3g")));
+    }
 }
