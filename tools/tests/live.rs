@@ -148,7 +148,7 @@ fn fio_random_writes_with_verify_on_two_connections_survive_twenty_live_snapshot
 }
 
 #[test]
-fn an_ext4_mounted_on_the_export_keeps_working_across_live_snapshots_and_a_snapshot_mounts() {
+fn an_ext4_mounted_on_the_export_keeps_working_across_live_snapshots_and_jobs_and_a_snapshot_mounts() {
     if !require_fs_stack() || !require_tool("fio") {
         return;
     }
@@ -172,9 +172,16 @@ fn an_ext4_mounted_on_the_export_keeps_working_across_live_snapshots_and_a_snaps
         std::thread::sleep(std::time::Duration::from_millis(100));
         live.snapshot(&format!("fs{k}.cow"));
     }
+    // The background jobs too, while fio writes inside the file system: a commit (into
+    // fs5.cow), a compaction of the layers under the top, a flatten.
+    let ctl = s(&live.ctl);
+    live.ws.ok(&["commit", "disk.cow", "--force", "--control", ctl]);
+    live.ws.ok(&["compact", "disk.cow", "all.cow", "--control", ctl]);
+    live.ws.ok(&["flatten", "disk.cow", "--control", ctl]);
     fio.join().expect("fio inside the ext4 failed");
-    std::fs::write(mnt.join("after"), b"written after the snapshots").unwrap();
+    std::fs::write(mnt.join("after"), b"written after the snapshots and jobs").unwrap();
     fs.release().expect("unmount");
+    assert_eq!(live.ws.info("disk.cow")["layers"].as_array().unwrap().len(), 1, "not flattened");
     // A snapshot of a mounted file system is what a power cut would leave: it mounts (the
     // journal replays) and then checks clean.
     let raw = live.ws.p("fs3.raw");
@@ -187,7 +194,19 @@ fn an_ext4_mounted_on_the_export_keeps_working_across_live_snapshots_and_a_snaps
         assert!(out.status.success(), "e2fsck of the snapshot: {}", String::from_utf8_lossy(&out.stdout));
         l.detach().unwrap();
     }
-    assert!(live.server.stop().success());
+    // And the disk itself, unmounted cleanly after all of it, checks clean and holds the
+    // file written last.
+    let Live { server, ws, .. } = live;
+    assert!(server.stop().success());
+    let raw = ws.p("final.raw");
+    ws.ok(&["flatten", "disk.cow", "--output", s(&raw), "--format", "raw"]);
+    let l = LoopDev::attach(&raw).expect("losetup");
+    let out = fsck_ext4(l.path());
+    assert!(out.status.success(), "e2fsck of the disk: {}", String::from_utf8_lossy(&out.stdout));
+    let m = Mount::new(l.path(), &ws.p("finalmnt")).expect("mount");
+    assert_eq!(std::fs::read(m.path().join("after")).unwrap(), b"written after the snapshots and jobs");
+    m.unmount().unwrap();
+    l.detach().unwrap();
 }
 
 /// The exports of a running server, as `export list --json` shows them, by name.
