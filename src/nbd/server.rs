@@ -3,6 +3,7 @@
 
 use super::budget::Budget;
 use super::handshake::{Negotiated, Outcome, Session, TlsMode};
+use super::meta::Offer;
 use super::sock::Sock;
 use super::tls::{Stream, TlsConfig};
 use super::{transmission, Export};
@@ -38,6 +39,8 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: u64,
     pub tls: Option<TlsConfig>,
     pub tls_mode: TlsMode,
+    /// Metadata contexts offered besides base:allocation.
+    pub contexts: Offer,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +53,7 @@ impl Default for ServerConfig {
             max_in_flight_bytes: 256 * 1024 * 1024,
             tls: None,
             tls_mode: TlsMode::Off,
+            contexts: Offer::default(),
         }
     }
 }
@@ -357,6 +361,7 @@ fn set_phase(sh: &Shared, id: u64, phase: Option<Phase>) {
 fn negotiate(sh: &Shared, slot: &mut Option<Stream>) -> io::Result<Option<Negotiated>> {
     let stream = slot.as_mut().ok_or_else(|| io::Error::other("no stream"))?;
     let mut session = Session::start(stream, &sh.exports, sh.cfg.tls_mode)?;
+    session.offer_contexts(sh.cfg.contexts);
     loop {
         let stream = slot.as_mut().ok_or_else(|| io::Error::other("no stream"))?;
         match session.options(stream)? {

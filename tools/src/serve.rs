@@ -3,6 +3,7 @@
 
 use crate::Failure;
 use cowdisk::nbd::handshake::TlsMode;
+use cowdisk::nbd::meta::Offer;
 use cowdisk::nbd::server::{install_signal_handlers, ListenAddr, Server, ServerConfig};
 use cowdisk::nbd::tls::TlsConfig;
 use cowdisk::nbd::Export;
@@ -63,6 +64,14 @@ pub struct ServeArgs {
     /// TLS-PSK keys (psktool's `username:hexkey` lines). Not supported: refused with an error.
     #[arg(long, value_name = "FILE")]
     pub tls_psk: Option<PathBuf>,
+    /// Offer the NBD metadata context qemu:allocation-depth (tells clients how many layers
+    /// the chain has).
+    #[arg(long)]
+    pub allocation_depth: bool,
+    /// Offer a qemu:dirty-bitmap:NAME metadata context for each layer below the top, NAME its
+    /// file name (tells clients those names).
+    #[arg(long)]
+    pub dirty_bitmaps: bool,
 }
 
 /// Why `--tls-psk` is refused, as one line.
@@ -139,6 +148,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub tls: Option<Tls>,
+    /// Metadata contexts offered besides base:allocation.
+    pub contexts: Offer,
 }
 
 /// Serves already opened chains without descriptions or TLS; shared by `serve` and `demo`.
@@ -151,7 +162,11 @@ pub fn serve_chains(
     handshake_timeout: Duration,
 ) -> Result<(), Failure> {
     let exports = chains.into_iter().map(|(name, chain)| Served { name, description: String::new(), chain }).collect();
-    serve_exports(exports, ServeOptions { socket, listen, threads, max_connections, handshake_timeout, tls: None })
+    let contexts = Offer::default();
+    serve_exports(
+        exports,
+        ServeOptions { socket, listen, threads, max_connections, handshake_timeout, tls: None, contexts },
+    )
 }
 
 /// Serves the exports until SIGINT or SIGTERM, then closes every chain.
@@ -184,6 +199,7 @@ pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure
         handshake_timeout: o.handshake_timeout,
         tls_mode: o.tls.as_ref().map_or(TlsMode::Off, |t| t.mode),
         tls: o.tls.map(|t| t.config),
+        contexts: o.contexts,
         ..ServerConfig::default()
     };
     // nbds:// tells libnbd (and people) to insist on TLS; with --tls optional plain
@@ -245,6 +261,7 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         max_connections: a.max_connections,
         handshake_timeout: Duration::from_secs(a.handshake_timeout),
         tls,
+        contexts: Offer { allocation_depth: a.allocation_depth, dirty_bitmaps: a.dirty_bitmaps },
     };
     serve_exports(served, opts)
 }
