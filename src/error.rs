@@ -42,6 +42,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// The storage is full.
     NoSpace,
+    /// An operation was stopped on request before it finished (a cancelled job).
+    Cancelled,
 }
 
 impl ErrorKind {
@@ -63,6 +65,7 @@ impl ErrorKind {
             ErrorKind::OutOfRange => "out-of-range",
             ErrorKind::InvalidArgument => "invalid-argument",
             ErrorKind::NoSpace => "no-space",
+            ErrorKind::Cancelled => "cancelled",
         }
     }
 }

@@ -3,13 +3,16 @@
 //! server that exports it.
 //!
 //! Layout: [`format`] (bytes on disk), [`storage`] (the I/O seam), [`layer`] (one image file),
-//! [`chain`] (the merged device and copy-up), [`device`] (the traits a served disk offers).
+//! [`chain`] (the merged device and copy-up), [`device`] (the traits a served disk offers),
+//! [`ops`] (whole-image operations), [`live`] (chains that change under a server's clients),
+//! [`nbd`] (the server).
 
 pub mod chain;
 pub mod device;
 pub mod error;
 pub mod format;
 pub mod layer;
+pub mod live;
 pub mod nbd;
 pub mod ops;
 pub mod storage;

@@ -224,8 +224,7 @@ fn an_nbd_client_gets_the_error_and_the_server_stays_up() {
         Image::create_on(fault.clone(), Path::new("top.cow"), Geometry::new(SIZE, 16).unwrap(), None, [5; 16]).unwrap();
     let chain: Arc<Chain> = Arc::new(Chain::assemble(img, Vec::new(), None));
     let cfg = ServerConfig { listen: vec![ListenAddr::Unix(sock.clone())], ..ServerConfig::default() };
-    let server =
-        Server::bind(cfg, vec![Export { name: "x".into(), description: String::new(), disk: chain.clone() }]).unwrap();
+    let server = Server::bind(cfg, vec![Export::new("x", "", chain.clone())]).unwrap();
     let stop = server.shutdown_handle();
     let t = std::thread::spawn(move || server.run());
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();

@@ -10,6 +10,7 @@ use crate::format::blocks::BlockState;
 use crate::format::BLOCK_SIZE;
 use crate::layer::Image;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -55,7 +56,7 @@ pub type Piece = (u64, u64, Option<Source>);
 
 impl ExtentMap {
     /// Merges `lowers` (index 0 = nearest the top) over a device of `size` bytes.
-    pub fn build(lowers: &[Image], size: u64) -> ExtentMap {
+    pub fn build(lowers: &[Arc<Image>], size: u64) -> ExtentMap {
         let mut m = ExtentMap::default();
         for (i, layer) in lowers.iter().enumerate() {
             let li = i as u8;

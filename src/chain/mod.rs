@@ -11,6 +11,7 @@ mod layers;
 pub(crate) mod open;
 pub mod pending;
 mod plan;
+mod populate;
 
 pub use copy::DeviceRange;
 pub use open::{resolve_parent_path, ChainOptions};
@@ -26,10 +27,13 @@ use crate::layer::{Image, SlotPlan};
 use extents::ExtentMap;
 use plan::{Origin, Span};
 use std::path::Path;
+use std::sync::Arc;
 
 pub struct Chain {
     top: Image,
-    lowers: Vec<Image>,
+    /// Shared: a job may hold a lower layer (to commit into it) while the chain it belongs to
+    /// is replaced by another that keeps it.
+    lowers: Vec<Arc<Image>>,
     base: Option<RawImage>,
     lower_map: ExtentMap,
     size: u64,
@@ -65,6 +69,11 @@ impl Chain {
 
     /// Builds a chain from already opened layers (index 0 of `lowers` is directly under `top`).
     pub fn assemble(top: Image, lowers: Vec<Image>, base: Option<RawImage>) -> Chain {
+        Chain::assemble_shared(top, lowers.into_iter().map(Arc::new).collect(), base)
+    }
+
+    /// [`Chain::assemble`] with lower layers another chain (or a job) may share.
+    pub fn assemble_shared(top: Image, lowers: Vec<Arc<Image>>, base: Option<RawImage>) -> Chain {
         let g = top.geometry();
         let lower_map = ExtentMap::build(&lowers, g.virtual_size);
         Chain { top, lowers, base, lower_map, size: g.virtual_size, chunk_shift: g.chunk_shift }
@@ -74,7 +83,7 @@ impl Chain {
         &self.top
     }
 
-    pub fn lowers(&self) -> &[Image] {
+    pub fn lowers(&self) -> &[Arc<Image>] {
         &self.lowers
     }
 
@@ -88,7 +97,7 @@ impl Chain {
     }
 
     /// Takes the chain apart (to reopen or replace its top).
-    pub fn into_layers(self) -> (Image, Vec<Image>, Option<RawImage>) {
+    pub fn into_layers(self) -> (Image, Vec<Arc<Image>>, Option<RawImage>) {
         (self.top, self.lowers, self.base)
     }
 
@@ -346,7 +355,7 @@ impl Chain {
     /// A data checksum mismatch no writer explains: marks the layer it was found in as corrupt (the
     /// top records it in its header at its next flush) and passes the error on.
     fn damaged(&self, e: crate::Error) -> crate::Error {
-        let layers = std::iter::once(&self.top).chain(&self.lowers);
+        let layers = std::iter::once(&self.top).chain(self.lowers.iter().map(|l| &**l));
         if let Some(img) = layers.into_iter().find(|l| e.file() == Some(l.path())) {
             img.note_corrupt();
         }

@@ -4,10 +4,16 @@
 use super::alloc::Allocator;
 use super::map::ChunkMap;
 use super::{lock, write, Image, State};
+
+/// A whole new map made durable by [`Image::prepare_map`], waiting for
+/// [`Image::switch_map`].
+pub struct PreparedMap {
+    map: ChunkMap,
+}
 use crate::error::{Error, Result};
-use crate::format::header::Header;
+use crate::format::header::{Header, PendingSnapshot};
 use crate::format::map::MapEntry;
-use crate::format::{FLAG_CORRUPT, FLAG_DIRTY};
+use crate::format::{FLAG_CORRUPT, FLAG_DIRTY, FLAG_FROZEN};
 use std::sync::atomic::Ordering;
 
 impl Image {
@@ -31,7 +37,7 @@ impl Image {
     /// Makes every write completed before the call durable (spec §5.3): data first, then the
     /// header if the map grew, then the dirty map sectors, then released space becomes reusable.
     pub fn flush(&self) -> Result<()> {
-        if !self.writable {
+        if !self.is_writable() {
             return Ok(());
         }
         let _f = lock(&self.flush_lock);
@@ -104,28 +110,85 @@ impl Image {
         self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("update header"))
     }
 
+    /// Freezes this writable image in place for a live snapshot (spec §5.7.1 S3): flushes,
+    /// then writes one durable header with FROZEN and the pending-snapshot record set and
+    /// DIRTY clear (everything is flushed and nothing will be written any more), and refuses
+    /// every later write and header change but [`Image::clear_pending`]. On error nothing of
+    /// it may be durable, or all of it: the caller reads the header back to know.
+    pub fn freeze(&self, pending: PendingSnapshot) -> Result<()> {
+        self.require_writable()?;
+        let _f = lock(&self.flush_lock);
+        self.flush_locked()?;
+        let mut st = write(&self.state);
+        self.write_header(&mut st, |h| {
+            h.set_flag(FLAG_FROZEN, true);
+            h.set_flag(FLAG_DIRTY, false);
+            h.pending = Some(pending);
+        })
+        .map_err(|e| e.with_file(&self.path))?;
+        drop(st);
+        self.closing.store(true, Ordering::Release);
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("freeze"))?;
+        // Closed cleanly by this header: nothing more to write at close or drop.
+        self.clean.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Clears the pending-snapshot record of an image frozen by [`Image::freeze`], once the
+    /// snapshot is carried out (S7), in one durable header write.
+    pub fn clear_pending(&self) -> Result<()> {
+        let _f = lock(&self.flush_lock);
+        let mut st = write(&self.state);
+        if st.header.pending.is_none() {
+            return Ok(());
+        }
+        self.write_header(&mut st, |h| h.pending = None).map_err(|e| e.with_file(&self.path))?;
+        drop(st);
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("clear pending snapshot"))
+    }
+
     /// Replaces the whole map with `entries` in one durable step (spec §5.7): the new map is
     /// written to fresh extents and synced together with the data it points at, then a single
     /// header write switches to it. A crash before that write leaves the old map in force (the
     /// new extents and slots are leaked space); after it, the new one. Space only the old map
     /// used is then punched and reused.
     pub fn replace_map(&self, entries: Vec<MapEntry>) -> Result<()> {
+        let prepared = self.prepare_map(entries)?;
+        self.switch_map(prepared)
+    }
+
+    /// The first half of [`Image::replace_map`]: the new map, in fresh extents, durable with
+    /// the data it points at, and not yet in force. Readers go on with the old map meanwhile.
+    pub fn prepare_map(&self, entries: Vec<MapEntry>) -> Result<PreparedMap> {
         self.require_writable()?;
         let ctx = |e: Error| e.with_file(&self.path).during("replace map");
         let _f = lock(&self.flush_lock);
         self.flush_locked()?;
-        let _drain = write(&self.reclaim);
-        let mut guard = write(&self.state);
-        let st = &mut *guard;
-        let alloc = &mut st.alloc;
-        let mut new_map = ChunkMap::rebuilt(self.geom, entries, |len| alloc.alloc_fresh(len)).map_err(ctx)?;
-        let snap = new_map.take_dirty();
+        let mut map = {
+            let mut guard = write(&self.state);
+            let alloc = &mut guard.alloc;
+            ChunkMap::rebuilt(self.geom, entries, |len| alloc.alloc_fresh(len)).map_err(ctx)?
+        };
+        let snap = map.take_dirty();
         self.sync_or_poison().map_err(ctx)?;
         for (off, bytes) in &snap.encoded {
             self.storage.write_at(bytes, *off).map_err(ctx)?;
         }
         self.sync_or_poison().map_err(ctx)?;
-        let old_map = std::mem::replace(&mut st.map, new_map);
+        Ok(PreparedMap { map })
+    }
+
+    /// The second half of [`Image::replace_map`]: one durable header write puts the prepared
+    /// map in force; then the space only the old map used is punched and becomes free. Waits
+    /// for data I/O on the old slots to finish first (the reclaim lock).
+    pub fn switch_map(&self, prepared: PreparedMap) -> Result<()> {
+        self.require_writable()?;
+        let ctx = |e: Error| e.with_file(&self.path).during("replace map");
+        let _f = lock(&self.flush_lock);
+        let _drain = write(&self.reclaim);
+        let mut guard = write(&self.state);
+        let st = &mut *guard;
+        let old_map = std::mem::replace(&mut st.map, prepared.map);
         if let Err(e) = self.write_header(st, |_| {}) {
             st.map = old_map;
             return Err(ctx(e));
@@ -145,7 +208,7 @@ impl Image {
     /// retry does the work again (and fails for good after a failed sync, see `poisoned`).
     /// Also run on drop.
     pub fn close(&self) -> Result<()> {
-        if !self.writable {
+        if !self.is_writable() {
             return Ok(());
         }
         self.closing.store(true, Ordering::Release);

@@ -18,6 +18,7 @@ mod data;
 mod durability;
 
 pub use data::{SlotPlan, WritePlan};
+pub use durability::PreparedMap;
 pub mod map;
 pub mod raw;
 
@@ -75,7 +76,9 @@ pub struct Image {
     path: PathBuf,
     storage: Arc<dyn Storage>,
     geom: Geometry,
-    writable: bool,
+    /// Open for writing. Only a frozen lower layer changes this while open: a job that
+    /// commits into it takes it up ([`Image::begin_writing`]) and gives it back.
+    writable: AtomicBool,
     state: RwLock<State>,
     flush_lock: Mutex<()>,
     reclaim: RwLock<()>,
@@ -98,7 +101,7 @@ pub struct Image {
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Image").field("path", &self.path).field("writable", &self.writable).finish()
+        f.debug_struct("Image").field("path", &self.path).field("writable", &self.is_writable()).finish()
     }
 }
 
@@ -180,7 +183,7 @@ impl Image {
             path: path.to_path_buf(),
             storage,
             geom,
-            writable,
+            writable: AtomicBool::new(writable),
             state: RwLock::new(state),
             flush_lock: Mutex::new(()),
             reclaim: RwLock::new(()),
@@ -244,12 +247,78 @@ impl Image {
         &self.path
     }
 
+    /// This image, frozen (by [`Image::freeze`]) and now named `path`, as a read-only lower
+    /// layer of a chain: its lock becomes a reader's where the file system has one. Its map
+    /// in memory is what it was at the freeze, which is what the file holds.
+    pub fn into_lower(mut self, path: &Path) -> Result<Image> {
+        if !read(&self.state).header.has_flag(FLAG_FROZEN) {
+            return Err(
+                err(ErrorKind::InvalidArgument, "only a frozen image becomes a lower layer").with_file(&self.path)
+            );
+        }
+        if let Some(f) = self.storage.as_file() {
+            f.downgrade_to_shared()?;
+        }
+        self.writable.store(false, Ordering::Release);
+        self.path = path.to_path_buf();
+        Ok(self)
+    }
+
     pub fn geometry(&self) -> Geometry {
         self.geom
     }
 
     pub fn is_writable(&self) -> bool {
-        self.writable
+        self.writable.load(Ordering::Acquire)
+    }
+
+    /// Takes up writing on this image, opened read-only as a frozen lower layer of a chain, in
+    /// place (its readers keep reading through this same object): the writer's lock, refused
+    /// (in use) if another process has the file open; leaked space reclaimed if it was not
+    /// closed cleanly; DIRTY set durably, as a writable open does (spec §5.5).
+    pub fn begin_writing(&self) -> Result<()> {
+        if self.is_writable() {
+            return Ok(());
+        }
+        let ctx = |e: Error| e.with_file(&self.path).during("open for writing");
+        if let Some(f) = self.storage.as_file() {
+            f.enable_writes().map_err(ctx)?;
+            if let Err(e) = f.lock(LockMode::Exclusive) {
+                // A refused upgrade lets go of every lock byte: take the reader's back.
+                let _ = f.lock(LockMode::Shared);
+                return Err(ctx(e));
+            }
+        }
+        let mut st = write(&self.state);
+        if st.header.has_flag(FLAG_CORRUPT) {
+            return Err(ctx(err(ErrorKind::Corrupt, "image is marked corrupt; run `cowdisk check --repair` first")));
+        }
+        if st.header.has_flag(FLAG_DIRTY) {
+            for &(s, e) in st.alloc.free_ranges() {
+                self.storage.punch(s, e - s).map_err(ctx)?;
+            }
+        }
+        self.closing.store(false, Ordering::Release);
+        self.clean.store(false, Ordering::Release);
+        self.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, true)).map_err(ctx)?;
+        drop(st);
+        self.storage.sync().map_err(ctx)?;
+        self.writable.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Gives writing up again after [`Image::begin_writing`]: flushed, DIRTY cleared durably,
+    /// the lock a reader's again.
+    pub fn end_writing(&self) -> Result<()> {
+        if !self.is_writable() {
+            return Ok(());
+        }
+        self.close()?;
+        self.writable.store(false, Ordering::Release);
+        if let Some(f) = self.storage.as_file() {
+            f.downgrade_to_shared()?;
+        }
+        Ok(())
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -330,7 +399,7 @@ impl Image {
     }
 
     fn require_writable(&self) -> Result<()> {
-        if !self.writable {
+        if !self.is_writable() {
             return Err(err(ErrorKind::ReadOnly, "image is open read-only").with_file(&self.path));
         }
         if self.poisoned.load(Ordering::Acquire) {

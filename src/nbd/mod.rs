@@ -8,6 +8,7 @@
 
 pub mod budget;
 mod buffers;
+pub mod exports;
 pub mod handshake;
 pub mod meta;
 pub mod payload;
@@ -18,14 +19,4 @@ pub mod tls;
 pub mod tls_pump;
 pub mod transmission;
 
-use crate::device::Disk;
-use std::sync::Arc;
-
-/// One named export: a disk and how it is described to clients.
-pub struct Export {
-    pub name: String,
-    /// What NBD_OPT_LIST and NBD_INFO_DESCRIPTION tell every client; empty for none. Clients
-    /// may not be the operator's: never put server paths here.
-    pub description: String,
-    pub disk: Arc<dyn Disk>,
-}
+pub use exports::{Export, ExportStats, Exports};

@@ -2,11 +2,12 @@
 //! shared worker pool, the connection cap, the handshake deadline, and orderly shutdown.
 
 use super::budget::Budget;
+use super::exports::{Export, ExportStats, Exports};
 use super::handshake::{Negotiated, Outcome, Session, TlsMode};
 use super::meta::Offer;
 use super::sock::Sock;
 use super::tls::{Stream, TlsConfig};
-use super::{transmission, Export};
+use super::transmission;
 use crate::error::{err, Error, ErrorKind, Result};
 use std::collections::HashMap;
 use std::io;
@@ -85,14 +86,15 @@ impl Listener {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 enum Phase {
     Handshake(Instant),
-    Transmission,
+    /// Serving requests of this export.
+    Transmission(Arc<Export>),
 }
 
 struct Shared {
-    exports: Vec<Arc<Export>>,
+    exports: Exports,
     budget: Budget,
     conns: Mutex<HashMap<u64, (Sock, Phase)>>,
     stopping: AtomicBool,
@@ -161,10 +163,9 @@ fn bind_unix(p: &Path) -> Result<UnixListener> {
 }
 
 impl Server {
+    /// Binds the listeners of `cfg` for `exports` (which may be empty: exports can be added
+    /// while the server runs, see [`ServerControl`]).
     pub fn bind(cfg: ServerConfig, exports: Vec<Export>) -> Result<Server> {
-        if exports.is_empty() {
-            return Err(err(ErrorKind::InvalidArgument, "no exports to serve"));
-        }
         if cfg.tls_mode != TlsMode::Off && cfg.tls.is_none() {
             return Err(err(ErrorKind::InvalidArgument, "TLS enabled without a certificate and key"));
         }
@@ -194,7 +195,7 @@ impl Server {
             return Err(Error::io("pipe", io::Error::last_os_error()));
         }
         let shared = Arc::new(Shared {
-            exports: exports.into_iter().map(Arc::new).collect(),
+            exports: Exports::new(exports)?,
             budget: Budget::new(usize::MAX, cfg.max_in_flight_bytes),
             conns: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
@@ -212,6 +213,11 @@ impl Server {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A handle that adds and removes exports while the server runs.
+    pub fn control(&self) -> ServerControl {
+        ServerControl { shared: self.shared.clone() }
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -267,7 +273,7 @@ impl Server {
             for (s, phase) in conns.values() {
                 s.shutdown(match phase {
                     Phase::Handshake(_) => Shutdown::Both,
-                    Phase::Transmission => Shutdown::Read,
+                    Phase::Transmission(_) => Shutdown::Read,
                 });
             }
         }
@@ -287,7 +293,7 @@ impl Server {
         }
         let _ = reaper.join();
         let mut first_err = None;
-        for e in &self.shared.exports {
+        for e in &self.shared.exports.list() {
             if let Err(x) = e.disk.flush() {
                 first_err.get_or_insert(x);
             }
@@ -360,7 +366,9 @@ fn set_phase(sh: &Shared, id: u64, phase: Option<Phase>) {
 
 fn negotiate(sh: &Shared, slot: &mut Option<Stream>) -> io::Result<Option<Negotiated>> {
     let stream = slot.as_mut().ok_or_else(|| io::Error::other("no stream"))?;
-    let mut session = Session::start(stream, &sh.exports, sh.cfg.tls_mode)?;
+    // The exports as they are when the client arrives; one removed meanwhile is refused below.
+    let exports = sh.exports.list();
+    let mut session = Session::start(stream, &exports, sh.cfg.tls_mode)?;
     session.offer_contexts(sh.cfg.contexts);
     loop {
         let stream = slot.as_mut().ok_or_else(|| io::Error::other("no stream"))?;
@@ -390,12 +398,16 @@ fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
     let negotiated = negotiate(&sh, &mut slot);
     let pump = slot.as_mut().and_then(Stream::take_pump);
     if let Ok(Some(n)) = negotiated {
-        set_phase(&sh, id, Some(Phase::Transmission));
-        if !sh.stopping.load(Ordering::Acquire) {
+        let export = n.export.clone();
+        set_phase(&sh, id, Some(Phase::Transmission(export.clone())));
+        export.stats.connection(true);
+        // An export removed while this client negotiated it is not served.
+        if !sh.stopping.load(Ordering::Acquire) && !export.is_removed() {
             if let Some(Ok((reader, writer, closer))) = slot.take().map(Stream::split) {
                 transmission::serve(reader, writer, n, sh.cfg.threads_per_connection, &sh.budget, closer);
             }
         }
+        export.stats.connection(false);
     }
     // Closing our end tells a TLS pump to send what is left and close_notify. Waiting for it
     // keeps the connection registered (so the shutdown sweep can still cut a client that
@@ -405,4 +417,63 @@ fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
         p.join();
     }
     set_phase(&sh, id, None);
+}
+
+/// Changes the exports of a running server (the control channel's side of it).
+#[derive(Clone)]
+pub struct ServerControl {
+    shared: Arc<Shared>,
+}
+
+impl ServerControl {
+    pub fn exports(&self) -> &Exports {
+        &self.shared.exports
+    }
+
+    /// Serves `e` to clients that connect from now on.
+    pub fn add_export(&self, e: Export) -> Result<Arc<Export>> {
+        self.shared.exports.add(e)
+    }
+
+    /// Stops serving `name`. Refused while clients use it, unless `force`: then their
+    /// connections stop reading requests, answer those in flight, and close (as at shutdown).
+    /// Returns the export once no connection uses it any more.
+    pub fn remove_export(&self, name: &str, force: bool) -> Result<Arc<Export>> {
+        let e = self.shared.exports.remove(name)?;
+        let users = || ExportStats::get(&e.stats.connections);
+        if users() > 0 && !force {
+            // Back in the list: nothing changed (it goes to the end of the list).
+            let n = users();
+            let _ = self.shared.exports.add_back(e.clone());
+            return Err(err(
+                ErrorKind::InUse,
+                format!(
+                    "export {name:?} has {n} client{} connected; --force disconnects them",
+                    if n == 1 { "" } else { "s" }
+                ),
+            ));
+        }
+        let cut = |how: Shutdown| {
+            if let Ok(conns) = self.shared.conns.lock() {
+                for (s, phase) in conns.values() {
+                    if matches!(phase, Phase::Transmission(x) if Arc::ptr_eq(x, &e)) {
+                        s.shutdown(how);
+                    }
+                }
+            }
+        };
+        cut(Shutdown::Read);
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while users() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if users() > 0 {
+            // A client that does not read its replies does not hold the removal hostage.
+            cut(Shutdown::Both);
+            while users() > 0 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(e)
+    }
 }

@@ -224,7 +224,9 @@ impl Conn {
     /// Runs `req`; a write takes its bytes from `payload`, which may hold fewer than asked
     /// for only where the request is refused anyway.
     fn handle(&self, req: &Request, payload: &mut dyn Payload) {
-        if let Err((e, msg)) = self.run(req, payload) {
+        let r = self.run(req, payload);
+        self.neg.export.stats.count(req.typ, req.length, r.is_ok());
+        if let Err((e, msg)) = r {
             self.send_error(req, e, &msg);
         }
     }

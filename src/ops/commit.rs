@@ -9,7 +9,7 @@ use crate::format::blocks::BlockState;
 use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::map::MapEntry;
 use crate::format::BLOCK_SIZE;
-use crate::layer::{format_uuid, Image, OpenOptions};
+use crate::layer::{format_uuid, Image, OpenOptions, PreparedMap};
 use crate::storage::namespace::{publish_replacing, temp_name, Namespace, RealFs};
 use crate::storage::LockMode;
 use std::collections::BTreeMap;
@@ -91,6 +91,17 @@ pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<
 /// blocks go into `parent` (open for writing), which switches to its new map in one header
 /// write. `top` is not changed.
 pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()> {
+    let prepared = commit_prepare(top, parent, progress, &|| false)?;
+    parent.switch_map(prepared)
+}
+
+/// C2 and C3 of [`commit_into`]: every block `top` holds, copied into fresh slots of `parent`
+/// (open for writing), and `parent`'s new map written and made durable, not yet in force
+/// (the switch is [`Image::switch_map`]). Readers of `parent` see its old map meanwhile.
+/// `stop` is asked between chunks: when it says so, the commit stops with an error and
+/// `parent` is unchanged (what was copied is unreferenced space, reclaimed at its next
+/// writable open after a crash, or at once by the caller's [`Image::end_writing`]).
+pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dyn Fn() -> bool) -> Result<PreparedMap> {
     let (tg, pg) = (top.geometry(), parent.geometry());
     if tg.virtual_size > pg.virtual_size {
         return Err(err(ErrorKind::InvalidArgument, "is larger than its parent; commit cannot grow the parent"));
@@ -164,6 +175,9 @@ pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()
         }
         entries.push(MapEntry { chunk: pc, data_offset, blocks, crcs });
         progress(done as u64 + 1, total);
+        if stop() {
+            return Err(err(ErrorKind::Cancelled, "cancelled; the parent is unchanged"));
+        }
     }
-    parent.replace_map(entries)
+    parent.prepare_map(entries)
 }

@@ -26,7 +26,7 @@ const PROGRESS_STEP: u64 = 64 << 20;
 
 /// Writes extent `e` of `src`'s device into `dst` at the same offset, through `dst`'s write
 /// path (whole chunks copied file to file where `src`'s layers allow), reporting bytes done.
-fn copy_device(src: &Chain, dst: &Chain, e: &Extent, progress: &mut dyn FnMut(u64)) -> Result<()> {
+pub(crate) fn copy_device(src: &Chain, dst: &Chain, e: &Extent, progress: &mut dyn FnMut(u64)) -> Result<()> {
     let end = e.offset + e.length;
     let mut pos = e.offset;
     while pos < end {

@@ -34,7 +34,7 @@ pub fn info(image: &Path) -> Result<Vec<LayerInfo>> {
     let chain = Chain::open(image, ChainOptions { inspect: true, ..Default::default() })?;
     let disk = |p: &Path| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
     let mut out = Vec::new();
-    for img in std::iter::once(chain.top()).chain(chain.lowers()) {
+    for img in std::iter::once(chain.top()).chain(chain.lowers().iter().map(|l| &**l)) {
         let h = img.header();
         let mut flags = Vec::new();
         for (bit, name) in [(FLAG_FROZEN, "frozen"), (FLAG_DIRTY, "dirty"), (FLAG_CORRUPT, "corrupt")] {

@@ -8,14 +8,17 @@
 //! same code on a recording directory and rebuild every state a power cut could leave.
 
 use crate::chain::pending::{complete, finish_pending};
+use crate::chain::{resolve_parent_path, Chain};
+use crate::device::DiskFlush;
 use crate::error::{err, Error, ErrorKind, Result};
-use crate::format::header::{ParentFormat, ParentRef, PendingSnapshot, MAX_PENDING_NAME};
-use crate::format::FLAG_FROZEN;
-use crate::layer::{read_header_of, write_next_header, Image};
+use crate::format::header::{Header, ParentFormat, ParentRef, PendingSnapshot, MAX_PENDING_NAME};
+use crate::format::{FLAG_FROZEN, MAX_CHAIN_DEPTH};
+use crate::layer::{read_header_of, write_next_header, Image, OpenOptions};
 use crate::storage::namespace::{sweep_stale_temps, temp_name, Namespace, RealFs};
-use crate::storage::LockMode;
+use crate::storage::{LockMode, Storage};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
 
 fn file_name(p: &Path) -> Result<Vec<u8>> {
     match p.file_name() {
@@ -33,16 +36,12 @@ pub fn snapshot(image: &Path, snapshot: &Path) -> Result<()> {
 /// [`snapshot`] with its file and name operations going through `ns`.
 pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<()> {
     let ctx = |e: Error| e.during("snapshot");
-    if !ns.same_dir(image, snapshot) {
-        return Err(ctx(err(ErrorKind::InvalidArgument, "the snapshot must be in the same directory as the image")
-            .with_file(snapshot)));
-    }
-    let (live, snap) = (file_name(image)?, file_name(snapshot)?);
+    let names = names(ns, image, snapshot)?;
     // An earlier snapshot of this image decided but not carried out (the command was killed)
     // is finished first; when it is the snapshot asked for, that is the result. Checking the
     // name first would refuse it once linked, and going on would decide a second snapshot
     // under the name the first one now holds, which could never complete.
-    if finish_pending(ns, image)?.is_some_and(|p| p.snapshot == snap) {
+    if finish_pending(ns, image)?.is_some_and(|p| p.snapshot == names.1) {
         return Ok(());
     }
     if ns.exists(snapshot) {
@@ -53,17 +52,87 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
     // size of image.
     let locked = ns.open(image, true, LockMode::Exclusive)?;
     let mut h = read_header_of(locked.as_ref()).map_err(|e| e.with_file(image).during("snapshot"))?;
-    if h.has_flag(FLAG_FROZEN) {
-        return Err(ctx(
-            err(ErrorKind::ReadOnly, "is frozen already (a parent layer); snapshot its overlay").with_file(image)
-        ));
+    refuse_frozen(&h, image)?;
+    refuse_too_deep(depth_in(ns, image, &h)?, image)?;
+    // 1. The new overlay, complete, under a temporary name.
+    let (pending, new) = new_overlay(ns, image, names, &h)?;
+    drop(new);
+    // 2. The decision: frozen plus the intent record, in one durable header write.
+    h.set_flag(FLAG_FROZEN, true);
+    h.pending = Some(pending.clone());
+    write_next_header(locked.as_ref(), &mut h, true).map_err(|e| e.with_file(image).during("snapshot"))?;
+    drop(locked);
+    // 3. Carry it out: the names move; then the record is cleared.
+    complete(ns, image, &pending)
+}
+
+/// The file names of the live image and the snapshot, checked: same directory, 1 to 255 bytes.
+fn names(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
+    if !ns.same_dir(image, snapshot) {
+        return Err(err(ErrorKind::InvalidArgument, "the snapshot must be in the same directory as the image")
+            .with_file(snapshot)
+            .during("snapshot"));
     }
+    Ok((file_name(image)?, file_name(snapshot)?))
+}
+
+/// How many images the chain of `image` (whose header is `h`) holds, counting it and a raw
+/// base, from the headers alone; counting stops once past the limit.
+fn depth_in(ns: &dyn Namespace, image: &Path, h: &Header) -> Result<usize> {
+    let mut depth = 1;
+    let mut child = image.to_path_buf();
+    let mut next = h.parent.clone();
+    while let Some(p) = next.take() {
+        depth += 1;
+        if p.format == ParentFormat::Raw || depth > MAX_CHAIN_DEPTH {
+            break;
+        }
+        let path = resolve_parent_path(&child, &p);
+        next = ns
+            .open(&path, false, LockMode::None)
+            .and_then(|s| read_header_of(s.as_ref()))
+            .map_err(|e| e.with_file(&path))?
+            .parent;
+        child = path;
+    }
+    Ok(depth)
+}
+
+/// A snapshot adds a layer: refused where the chain would then be deeper than the format allows.
+fn refuse_too_deep(depth: usize, image: &Path) -> Result<()> {
+    if depth + 1 > MAX_CHAIN_DEPTH {
+        return Err(err(
+            ErrorKind::ChainTooDeep,
+            format!("the chain holds {depth} images, and a snapshot would make it deeper than {MAX_CHAIN_DEPTH}; commit or flatten first"),
+        )
+        .with_file(image)
+        .during("snapshot"));
+    }
+    Ok(())
+}
+
+fn refuse_frozen(h: &Header, image: &Path) -> Result<()> {
+    if h.has_flag(FLAG_FROZEN) {
+        return Err(err(ErrorKind::ReadOnly, "is frozen already (a parent layer); snapshot its overlay")
+            .with_file(image)
+            .during("snapshot"));
+    }
+    Ok(())
+}
+
+/// S2: the new overlay, complete and synced, under a temporary name next to `image`: it names
+/// the snapshot by its file name (same directory) and identifies it by the image's UUID.
+/// Returns the intent record naming it, and the new file, still locked.
+fn new_overlay(
+    ns: &dyn Namespace,
+    image: &Path,
+    (live, snap): (Vec<u8>, Vec<u8>),
+    h: &Header,
+) -> Result<(PendingSnapshot, Arc<dyn Storage>)> {
     // The image is locked and records no pending snapshot, so no temporary overlay of an
     // earlier snapshot of it is still needed: those of killed runs go.
     sweep_stale_temps(ns, image, "snapshot");
     let temp = temp_name(image, "snapshot");
-    // 1. The new overlay, complete, under a temporary name. It names the snapshot by its
-    //    file name (same directory) and identifies it by this image's UUID.
     let parent = ParentRef {
         format: ParentFormat::Cowdisk,
         path: snap.clone(),
@@ -72,15 +141,72 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
         fingerprint: 0,
     };
     let new = ns.create(&temp)?;
-    Image::create_closed_on(new.as_ref(), &temp, h.geometry, Some(parent))?;
-    drop(new);
-    ns.sync_dir(&temp)?;
-    // 2. The decision: frozen plus the intent record, in one durable header write.
-    let pending = PendingSnapshot { live, snapshot: snap, temp: file_name(&temp)? };
-    h.set_flag(FLAG_FROZEN, true);
-    h.pending = Some(pending.clone());
-    write_next_header(locked.as_ref(), &mut h, true).map_err(|e| e.with_file(image).during("snapshot"))?;
-    drop(locked);
-    // 3. Carry it out: the names move; then the record is cleared.
-    complete(ns, image, &pending)
+    let made = Image::create_closed_on(new.as_ref(), &temp, h.geometry, Some(parent)).and_then(|()| ns.sync_dir(&temp));
+    if let Err(e) = made {
+        ns.remove(&temp);
+        return Err(e.during("snapshot"));
+    }
+    Ok((PendingSnapshot { live, snapshot: snap, temp: file_name(&temp)? }, new))
+}
+
+/// A live snapshot that did not happen, or did not finish.
+#[derive(Debug)]
+pub struct LiveSnapshotError {
+    pub error: Error,
+    /// The chain as it was when nothing changed; `None` when the snapshot was decided but
+    /// could not be carried out (the next open of the image finishes it).
+    pub chain: Option<Box<Chain>>,
+}
+
+/// Snapshots the top of an open, writable chain without closing it (spec §5.7.1 on an image
+/// in use): the same steps and intent record as [`snapshot_in`], with the chain's own open
+/// files standing in for a second open (which its locks would refuse). Returns the chain on
+/// the new, empty top over the frozen snapshot, whose files stay open throughout: the old
+/// top becomes the first lower layer, its lock a reader's. The caller makes sure no request
+/// runs on `chain` meanwhile.
+pub fn snapshot_chain(
+    ns: &dyn Namespace,
+    chain: Chain,
+    snapshot: &Path,
+) -> std::result::Result<Chain, LiveSnapshotError> {
+    let failed = |error: Error, chain| LiveSnapshotError { error: error.during("snapshot"), chain };
+    let image = chain.top().path().to_path_buf();
+    let prepared = (|| {
+        if !chain.top().is_writable() {
+            return Err(err(ErrorKind::ReadOnly, "is served read-only").with_file(&image));
+        }
+        let names = names(ns, &image, snapshot)?;
+        if ns.exists(snapshot) {
+            return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot));
+        }
+        let h = chain.top().header();
+        refuse_frozen(&h, &image)?;
+        refuse_too_deep(chain.depth(), &image)?;
+        // Every write acknowledged so far goes into the snapshot.
+        chain.flush()?;
+        new_overlay(ns, &image, names, &h)
+    })();
+    let (pending, new) = match prepared {
+        Ok(p) => p,
+        Err(e) => return Err(failed(e, Some(Box::new(chain)))),
+    };
+    // The decision. From its write on, the snapshot may be decided on disk whatever this call
+    // reports: the chain is not given back, and the next open finishes it (or finds the image
+    // as it was).
+    if let Err(e) = chain.top().freeze(pending.clone()) {
+        return Err(failed(e, None));
+    }
+    if let Err(e) = complete(ns, &image, &pending) {
+        return Err(failed(e, None));
+    }
+    let (top, mut lowers, base) = chain.into_layers();
+    // S7 through the open file (a second open would be refused by its lock). Tidiness only:
+    // the record is inert now that the live name is the new overlay's.
+    let _ = top.clear_pending();
+    let reopened = top.into_lower(snapshot).and_then(|frozen| {
+        let new_top = Image::open_on(new, &image, OpenOptions::writable())?;
+        lowers.insert(0, Arc::new(frozen));
+        Ok(Chain::assemble_shared(new_top, lowers, base))
+    });
+    reopened.map_err(|e| failed(e, None))
 }

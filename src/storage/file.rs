@@ -7,6 +7,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// How a file is locked against other processes (open file description locks, so that two
 /// opens in one process conflict the same way two processes do).
@@ -27,8 +28,13 @@ const UNSHARE_WRITE: i64 = 201;
 
 #[derive(Debug)]
 pub struct FileStorage {
+    /// The open file; its open file description holds the locks.
     file: File,
     path: PathBuf,
+    /// A second, writable open of the same file, for a file opened read-only that is then
+    /// written after all (a lower layer a commit writes into: see
+    /// [`FileStorage::enable_writes`]). Modifying calls go through it when there is one.
+    writer: OnceLock<File>,
 }
 
 impl FileStorage {
@@ -40,7 +46,7 @@ impl FileStorage {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| open_error(e, path))?;
-        let s = FileStorage { file, path: path.to_path_buf() };
+        let s = FileStorage { file, path: path.to_path_buf(), writer: OnceLock::new() };
         s.lock(lock)?;
         Ok(s)
     }
@@ -54,13 +60,41 @@ impl FileStorage {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| Error::io("create", e).with_file(path))?;
-        let s = FileStorage { file, path: path.to_path_buf() };
+        let s = FileStorage { file, path: path.to_path_buf(), writer: OnceLock::new() };
         s.lock(LockMode::Exclusive)?;
         Ok(s)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Makes a store opened read-only writable: the file is opened again for writing (it must
+    /// still be the same file, same device and inode) and modifying calls go through that.
+    pub fn enable_writes(&self) -> Result<()> {
+        if self.writer.get().is_some() {
+            return Ok(());
+        }
+        let w = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&self.path)
+            .map_err(|e| open_error(e, &self.path))?;
+        let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino()));
+        match (id(&self.file), id(&w)) {
+            (Ok(a), Ok(b)) if a == b => {}
+            _ => {
+                return Err(err(ErrorKind::InUse, "the file was replaced since it was opened").with_file(&self.path));
+            }
+        }
+        let _ = self.writer.set(w);
+        Ok(())
+    }
+
+    /// The file modifying calls go through.
+    fn out(&self) -> &File {
+        self.writer.get().unwrap_or(&self.file)
     }
 
     pub fn file(&self) -> &File {
@@ -102,6 +136,13 @@ impl FileStorage {
         Ok(())
     }
 
+    /// Gives up the write permission of an exclusive lock, keeping a reader's: what a file
+    /// that was written and is from now on only read (a top frozen by a live snapshot) holds.
+    /// Never fails for want of permission: releasing a lock byte always succeeds.
+    pub fn downgrade_to_shared(&self) -> Result<()> {
+        self.fcntl_lock(libc::F_OFD_SETLK, libc::F_UNLCK, PERM_WRITE).map(|_| ())
+    }
+
     /// One fcntl lock call on byte `byte`; returns the l_type the kernel reports back.
     fn fcntl_lock(&self, cmd: libc::c_int, l_type: libc::c_int, byte: i64) -> Result<libc::c_int> {
         // SAFETY: flock is plain data; zeroed is a valid value for every field.
@@ -138,7 +179,7 @@ impl FileStorage {
             return Err(err(ErrorKind::OutOfRange, format!("{op} range overflows")).with_file(&self.path));
         };
         // SAFETY: plain syscall on an fd we own.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) } == 0 {
+        if unsafe { libc::fallocate(self.out().as_raw_fd(), mode, off, l) } == 0 {
             return Ok(Ok(()));
         }
         Ok(Err(io::Error::last_os_error()))
@@ -172,14 +213,14 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| self.ctx(e, "write", offset))
+        self.out().write_all_at(buf, offset).map_err(|e| self.ctx(e, "write", offset))
     }
 
     /// splice(2) straight from the pipe into the page cache: the bytes are copied once.
     /// A file system that cannot be spliced into (EINVAL, before anything moved) gets the
     /// bytes through memory instead.
     fn write_from_pipe(&self, pipe: &Pipe, len: usize, offset: u64) -> Result<()> {
-        match pipe.drain_to(self.file.as_raw_fd(), offset, len) {
+        match pipe.drain_to(self.out().as_raw_fd(), offset, len) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 super::through_memory(pipe, len, |buf| self.write_at(buf, offset))
@@ -203,7 +244,7 @@ impl Storage for FileStorage {
             // SAFETY: both fds are open for the lifetime of `self` and `out`; the offsets are
             // ours, so neither file's cursor moves.
             let n = unsafe {
-                libc::copy_file_range(self.file.as_raw_fd(), &mut src_off, out.file.as_raw_fd(), &mut dst_off, want, 0)
+                libc::copy_file_range(self.file.as_raw_fd(), &mut src_off, out.out().as_raw_fd(), &mut dst_off, want, 0)
             };
             if n > 0 {
                 done += n as u64;
@@ -272,11 +313,11 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
-        self.file.set_len(len).map_err(|e| self.ctx(e, "truncate", len))
+        self.out().set_len(len).map_err(|e| self.ctx(e, "truncate", len))
     }
 
     fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| self.ctx(e, "sync", 0))
+        self.out().sync_data().map_err(|e| self.ctx(e, "sync", 0))
     }
 
     /// One fallocate for a run of whole chunks about to be written: the file system allocates

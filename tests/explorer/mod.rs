@@ -18,10 +18,11 @@ use cowdisk::format::header::{ParentFormat, ParentRef};
 use cowdisk::format::{Geometry, FLAG_FROZEN};
 use cowdisk::layer::raw::RawImage;
 use cowdisk::layer::{Image, OpenOptions};
+use cowdisk::live::LiveChain;
 use cowdisk::ops::commit::{commit_into, empty_top_in};
 use cowdisk::ops::flatten::{flatten_chain, flatten_chain_to, OutputFormat};
 use cowdisk::storage::namespace::Namespace;
-use cowdisk::storage::recording::{CrashImages, Journal, RecordingDir, RecordingStorage};
+use cowdisk::storage::recording::{CrashImages, Journal, RecordingDir};
 use cowdisk::storage::{LockMode, MemStorage, Storage};
 use cowdisk::{Chain, DiskFlush, DiskRead, DiskWrite, DiskZero};
 use oracle::{hash, History, Oracle, Req, What, SECTOR};
@@ -280,6 +281,29 @@ pub fn sequential(seed: u64) -> Run {
     let mut out = None;
     let mut mid_may_change_from = None;
     match finale {
+        // Half the runs without a finale take a live snapshot instead: the chain goes on
+        // under the same requests on the new top (a few more writes, a flush).
+        Finale::None if variant.below(2) == 0 => {
+            let live = LiveChain::new(chain);
+            issue(&h, &journal, || {
+                live.snapshot(&dir, Path::new("snap")).unwrap();
+                What::Flush
+            });
+            for i in 0..4u64 {
+                let off = variant.below(SIZE / 512) * 512;
+                let len = (512 * (1 + variant.below(24))).min(SIZE - off);
+                issue(&h, &journal, || {
+                    let d = pattern(seed ^ 0x5eed ^ i, len as usize);
+                    live.write_at(&d, off).unwrap();
+                    model[off as usize..(off + len) as usize].copy_from_slice(&d);
+                    written(&model, off, len)
+                });
+            }
+            issue(&h, &journal, || {
+                live.flush().unwrap();
+                What::Flush
+            });
+        }
         Finale::None => {}
         Finale::Flatten => {
             if variant.below(2) == 0 {
@@ -363,7 +387,20 @@ pub fn concurrent(seed: u64) -> Run {
                 .collect()
         })
         .collect();
+    // The threads go through a live chain, and one more thread takes live snapshots while
+    // they run: requests wait for it and go on on the new top.
+    let chain = LiveChain::new(chain);
+    let snapshots = rng.below(3);
     std::thread::scope(|s| {
+        s.spawn(|| {
+            for n in 0..snapshots {
+                std::thread::sleep(std::time::Duration::from_micros(300 + n * 500));
+                issue(&h, &journal, || {
+                    chain.snapshot(&dir, Path::new(&format!("snap{n}"))).unwrap();
+                    What::Flush
+                });
+            }
+        });
         for plan in &plans {
             let (chain, h, journal) = (&chain, &h, &journal);
             s.spawn(move || {
@@ -422,30 +459,38 @@ fn wrote(off: u64, data: &[u8]) -> What {
     What::Write(data.chunks(SECTOR).enumerate().map(|(i, c)| (s0 + i, hash(c))).collect())
 }
 
-/// Opens a crash state (top and middle layer as bytes) the way a user's next open would
-/// (writable: a dirty image is repaired), reads the whole device, flushes and closes.
-fn open_state(top: Vec<u8>, mid: &[u8], base: &[u8]) -> Result<Vec<u8>, String> {
-    let top_img = Image::open_on(Arc::new(MemStorage::from_bytes(top)), Path::new(TOP), OpenOptions::writable())
-        .map_err(|e| format!("top does not open: {e}"))?;
-    read_device(top_img, mid, base)
-}
+/// Every name of a crash state: (name, file id, bytes); names of one id are links of one file.
+pub type Files = Vec<(PathBuf, usize, Vec<u8>)>;
 
-fn read_device(top_img: Image, mid: &[u8], base: &[u8]) -> Result<Vec<u8>, String> {
-    let chain = match top_img.parent() {
-        None => Chain::assemble(top_img, Vec::new(), None),
-        Some(p) => {
-            let mid_img = Image::open_on(
-                Arc::new(MemStorage::from_bytes(mid.to_vec())),
-                Path::new(MID),
-                OpenOptions::read_only(),
-            )
-            .map_err(|e| format!("middle layer does not open: {e}"))?;
-            if mid_img.uuid() != p.uuid {
-                return Err("top names another parent".into());
-            }
-            Chain::assemble(top_img, vec![mid_img], Some(raw_base(base, false)))
+/// Opens the crash state in `dir` the way a user's next open would: an interrupted snapshot
+/// is finished first, the top is opened for writing (a dirty image is repaired), its parents
+/// are followed by name down to the raw base. Reads the whole device, flushes and closes.
+fn recover_and_read(dir: &RecordingDir, base: &[u8]) -> Result<Vec<u8>, String> {
+    cowdisk::chain::pending::complete_pending_in(dir, Path::new(TOP))
+        .map_err(|e| format!("finishing an interrupted snapshot fails: {e}"))?;
+    let store = dir.open(Path::new(TOP), true, LockMode::None).map_err(|e| format!("top is missing: {e}"))?;
+    let top = Image::open_on(store, Path::new(TOP), OpenOptions::writable())
+        .map_err(|e| format!("top does not open: {e}"))?;
+    let mut lowers = Vec::new();
+    let mut raw = None;
+    let mut next = top.parent();
+    while let Some(p) = next.take() {
+        if p.format == ParentFormat::Raw {
+            raw = Some(raw_base(base, false));
+            break;
         }
-    };
+        let name = PathBuf::from(String::from_utf8_lossy(&p.path).into_owned());
+        let store =
+            dir.open(&name, false, LockMode::None).map_err(|e| format!("parent {} is missing: {e}", name.display()))?;
+        let img = Image::open_on(store, &name, OpenOptions::read_only())
+            .map_err(|e| format!("parent {} does not open: {e}", name.display()))?;
+        if img.uuid() != p.uuid {
+            return Err(format!("{} is not the parent its overlay names", name.display()));
+        }
+        next = img.parent();
+        lowers.push(img);
+    }
+    let chain = Chain::assemble(top, lowers, raw);
     let mut dev = vec![0u8; SIZE as usize];
     chain.read_at(&mut dev, 0).map_err(|e| format!("read fails: {e}"))?;
     chain.flush().map_err(|e| format!("flush after recovery fails: {e}"))?;
@@ -453,17 +498,21 @@ fn read_device(top_img: Image, mid: &[u8], base: &[u8]) -> Result<Vec<u8>, Strin
     Ok(dev)
 }
 
-/// Runs `check` on each layer of the crash state as a power cut left it (before any repair):
-/// leaked space is allowed, an inconsistency is not.
-fn check_state(top: &[u8], mid: &[u8]) -> Result<(), String> {
+/// Runs `check` on every cowdisk image of the crash state (not temporary files) as a power
+/// cut left it (before any repair): leaked space is allowed, an inconsistency is not.
+fn check_state(files: &Files) -> Result<(), String> {
     use cowdisk::ops::check::{check, CheckOptions};
     let scratch = TempDir::new("crashcheck");
-    for (name, bytes) in [(TOP, top), (MID, mid)] {
-        let p = scratch.join(name);
+    for (name, _, bytes) in files {
+        // Temporary files (hidden names) may hold anything until they are complete.
+        if !bytes.starts_with(&cowdisk::format::MAGIC) || name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let p = scratch.join(&name.to_string_lossy());
         std::fs::write(&p, bytes).map_err(|e| format!("cannot write the crash state: {e}"))?;
         let r = check(&p, &CheckOptions::default(), &|_, _| {});
         if !matches!(r.exit_code(), 0 | 3) || r.images.iter().any(|i| i.unreadable.is_some()) {
-            return Err(format!("check finds the {name} layer corrupt: {r:?}"));
+            return Err(format!("check finds {} corrupt: {r:?}", name.display()));
         }
     }
     Ok(())
@@ -528,46 +577,47 @@ pub fn judge(run: &Run, crash: &CrashImages, k: usize, rng: &mut Rng, depth: Dep
 /// Judges the crash state just before journal index `k` built with `choices`.
 pub fn judge_with(run: &Run, crash: &CrashImages, k: usize, choices: &mut Choices, depth: Depth) -> Result<(), String> {
     let names: BTreeMap<PathBuf, usize> = crash.names(k, || choices.keep());
-    let Some(&top_id) = names.get(Path::new(TOP)) else {
+    if !names.contains_key(Path::new(TOP)) {
         return Err("the image lost its name".into());
-    };
-    let top = crash.state(top_id, k, |n| choices.pick(n));
-    let mid = crash.state(run.mid_id, k, |n| choices.pick(n));
+    }
+    let mut by_id: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+    for &id in names.values().chain(std::iter::once(&run.mid_id)) {
+        by_id.entry(id).or_insert_with(|| crash.state(id, k, |n| choices.pick(n)));
+    }
     match run.mid_may_change_from {
         Some(from) if k > from => {}
-        _ if mid != run.mid_bytes_before => return Err("the frozen middle layer changed".into()),
+        _ if by_id[&run.mid_id] != run.mid_bytes_before => return Err("the frozen middle layer changed".into()),
         _ => {}
     }
+    let files: Files = names.iter().map(|(n, id)| (n.clone(), *id, by_id[id].clone())).collect();
     if let (Some((format, expected)), Some(&out_id)) = (&run.out, names.get(Path::new(OUT))) {
-        check_output(*format, crash.state(out_id, k, |n| choices.pick(n)), expected)?;
+        check_output(*format, by_id[&out_id].clone(), expected)?;
     }
-    check_state(&top, &mid)?;
-    let dev = open_state(top.clone(), &mid, &run.base)?;
+    check_state(&files)?;
+    let journal = Journal::new();
+    let dir = RecordingDir::new(journal.clone());
+    populate(&dir, &files);
+    let from = journal.len();
+    let dev = recover_and_read(&dir, &run.base)?;
     run.oracle.check(&dev, k)?;
     if let (Choices::Random(rng), true) = (choices, depth.recovery_points > 0) {
-        crash_recovery(run, &top, &mid, k, rng, depth.recovery_points)?;
-    }
-    Ok(())
-}
-
-/// Opens the crash state `top` for writing on a recording store (the recovery of a dirty image:
-/// leaked space punched, a header written) and closes it, then judges states a crash at
-/// `points` moments of that recovery leaves, as a crash at `k` of the run.
-fn crash_recovery(run: &Run, top: &[u8], mid: &[u8], k: usize, rng: &mut Rng, points: usize) -> Result<(), String> {
-    let journal = Journal::new();
-    let store = Arc::new(RecordingStorage::with_contents(journal.clone(), 0, top.to_vec()));
-    let from = journal.len();
-    let img = Image::open_on(store, Path::new(TOP), OpenOptions::writable())
-        .map_err(|e| format!("recovery: the state does not open: {e}"))?;
-    read_device(img, mid, &run.base).map_err(|e| format!("recovery: {e}"))?;
-    let crash = CrashImages::new(&journal, 1);
-    for i in 0..points {
-        let k2 = if i == 0 { journal.len() } else { from + rng.below((journal.len() - from + 1) as u64) as usize };
-        let again = crash.state(0, k2, |n| rng.below(n as u64) as usize);
-        check_state(&again, mid).map_err(|e| format!("after a crash at {k2} of the recovery: {e}"))?;
-        let dev =
-            open_state(again, mid, &run.base).map_err(|e| format!("after a crash at {k2} of the recovery: {e}"))?;
-        run.oracle.check(&dev, k).map_err(|e| format!("after a crash at {k2} of the recovery: {e}"))?;
+        // A crash in the middle of that recovery (finishing a snapshot, repairing a dirty
+        // image, the close): every state it may leave recovers and reads the same way.
+        let again = CrashImages::new(&journal, dir.files());
+        for i in 0..depth.recovery_points {
+            let k2 = if i == 0 { journal.len() } else { from + rng.below((journal.len() - from + 1) as u64) as usize };
+            let names2 = again.names(k2, || rng.below(2) == 0);
+            let files2: Files = names2
+                .iter()
+                .map(|(n, &id)| (n.clone(), id, again.state(id, k2, |n| rng.below(n as u64) as usize)))
+                .collect();
+            let at = |e: String| format!("after a crash at {k2} of the recovery: {e}");
+            check_state(&files2).map_err(at)?;
+            let d3 = RecordingDir::new(Journal::new());
+            populate(&d3, &files2);
+            let dev = recover_and_read(&d3, &run.base).map_err(at)?;
+            run.oracle.check(&dev, k).map_err(at)?;
+        }
     }
     Ok(())
 }

@@ -7,7 +7,6 @@ use cowdisk::chain::create::{create_image, CreateOptions};
 use cowdisk::{Chain, ChainOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -80,12 +79,5 @@ pub fn run(a: DemoArgs) -> Result<(), Failure> {
     say!("  losetup -f --show /tmp/cowdisk-mnt/disk    # then mount the loop device");
     say!("Stop with Ctrl-C; the overlay is flushed and closed cleanly.");
     say!("");
-    serve_chains(
-        vec![("overlay".into(), Arc::new(chain))],
-        Some(socket),
-        a.listen,
-        16,
-        64,
-        std::time::Duration::from_secs(10),
-    )
+    serve_chains(vec![("overlay".into(), chain)], Some(socket), a.listen, 16, 64, std::time::Duration::from_secs(10))
 }

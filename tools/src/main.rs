@@ -8,7 +8,9 @@ macro_rules! say {
     };
 }
 
+mod control;
 mod demo;
+mod export;
 mod ops;
 mod progress;
 mod serve;
@@ -52,7 +54,14 @@ enum Cmd {
         data_checksums: bool,
     },
     /// Freeze IMAGE's current contents as SNAPSHOT; IMAGE becomes an empty overlay on it.
-    Snapshot { image: PathBuf, snapshot: PathBuf },
+    /// On an image a server serves, the server takes it while clients stay connected.
+    Snapshot {
+        image: PathBuf,
+        snapshot: PathBuf,
+        /// The serving server's control socket (default: found from IMAGE).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
     /// Make IMAGE independent of its parents (in place), or write its merged contents to --output.
     Flatten {
         image: PathBuf,
@@ -107,6 +116,9 @@ enum Cmd {
     },
     /// Serve images over NBD until SIGINT or SIGTERM.
     Serve(serve::ServeArgs),
+    /// Add, remove and list the exports of a running server.
+    #[command(subcommand)]
+    Export(export::ExportCmd),
     /// Create (or reuse) a demo base with an ext4 filesystem and an overlay on it, and serve it.
     Demo(demo::DemoArgs),
 }
@@ -174,7 +186,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Cmd::Snapshot { image, snapshot } => ops::snapshot_cmd(&image, &snapshot),
+        Cmd::Snapshot { image, snapshot, control } => ops::snapshot_cmd(&image, &snapshot, control.as_deref()),
         Cmd::Flatten { image, output, format } => ops::flatten_cmd(&image, output, &format),
         Cmd::Commit { image, force } => ops::commit_cmd(&image, force),
         Cmd::Info { image, json } => ops::info_cmd(&image, json),
@@ -184,6 +196,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ops::check_cmd(&image, CheckOptions { chain, repair, deep }, json)
         }
         Cmd::Serve(a) => serve::run(a),
+        Cmd::Export(c) => export::run(c),
         Cmd::Demo(a) => demo::run(a),
     }
 }

@@ -21,7 +21,21 @@ pub fn sweep_temps(target: &Path, purpose: &str) {
     }
 }
 
-pub fn snapshot_cmd(image: &Path, snap: &Path) -> Result<(), Failure> {
+pub fn snapshot_cmd(image: &Path, snap: &Path, control: Option<&Path>) -> Result<(), Failure> {
+    // A served image is snapshotted by its server, live; any other offline.
+    if let Some(mut c) = crate::control::client::for_image(image, control)? {
+        let abs = |p: &Path| crate::control::client::absolute(p);
+        let args = json!({"image": abs(image)?, "snapshot": abs(snap)?});
+        let r = c.call("snapshot", args)?;
+        let ms = r.get("paused_ms").and_then(Value::as_f64).unwrap_or(0.0);
+        say!(
+            "{} frozen as {}; {} is now an empty overlay on it (live: clients paused {ms:.1} ms)",
+            image.display(),
+            snap.display(),
+            image.display()
+        );
+        return Ok(());
+    }
     snapshot::snapshot(image, snap)?;
     say!("{} frozen as {}; {} is now an empty overlay on it", image.display(), snap.display(), image.display());
     Ok(())
@@ -132,7 +146,7 @@ pub fn map_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     let names: Vec<String> = std::iter::once(chain.top())
-        .chain(chain.lowers())
+        .chain(chain.lowers().iter().map(|l| &**l))
         .map(|i| i.path().display().to_string())
         .chain(chain.base().map(|b| b.path().display().to_string()))
         .collect();

@@ -1,7 +1,11 @@
 //! `cowdisk serve`: open each image's chain and export it over NBD until told to stop, with
-//! the TLS and client-authentication policy and the descriptions the operator gave.
+//! the TLS and client-authentication policy and the descriptions the operator gave, and the
+//! control channel through which the chains change while they are served (`control/`).
 
+use crate::control::server::{Control, Served as ControlServed};
+use crate::control::{canonical, rundir, server_socket};
 use crate::Failure;
+use cowdisk::live::LiveChain;
 use cowdisk::nbd::handshake::TlsMode;
 use cowdisk::nbd::meta::Offer;
 use cowdisk::nbd::server::{install_signal_handlers, ListenAddr, Server, ServerConfig};
@@ -15,9 +19,14 @@ use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Images to export (each the top of a chain).
-    #[arg(required = true)]
+    /// Images to export (each the top of a chain). May be none with --control: exports are
+    /// then added with `cowdisk export add`.
+    #[arg(required_unless_present = "control")]
     pub images: Vec<PathBuf>,
+    /// The control channel's Unix socket (default: in the user's runtime directory, where
+    /// `cowdisk snapshot IMAGE` and `cowdisk export` find it).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Listen on a Unix socket.
     #[arg(long)]
     pub socket: Option<PathBuf>,
@@ -137,7 +146,7 @@ pub fn export_name(path: &std::path::Path) -> String {
 pub struct Served {
     pub name: String,
     pub description: String,
-    pub chain: Arc<Chain>,
+    pub chain: Chain,
 }
 
 /// Where and how to serve.
@@ -148,13 +157,15 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub tls: Option<Tls>,
+    /// The control socket; `None`: the default place.
+    pub control: Option<PathBuf>,
     /// Metadata contexts offered besides base:allocation.
     pub contexts: Offer,
 }
 
 /// Serves already opened chains without descriptions or TLS; shared by `serve` and `demo`.
 pub fn serve_chains(
-    chains: Vec<(String, Arc<Chain>)>,
+    chains: Vec<(String, Chain)>,
     socket: Option<PathBuf>,
     listen: Option<String>,
     threads: usize,
@@ -165,7 +176,16 @@ pub fn serve_chains(
     let contexts = Offer::default();
     serve_exports(
         exports,
-        ServeOptions { socket, listen, threads, max_connections, handshake_timeout, tls: None, contexts },
+        ServeOptions {
+            socket,
+            listen,
+            threads,
+            max_connections,
+            handshake_timeout,
+            tls: None,
+            control: None,
+            contexts,
+        },
     )
 }
 
@@ -181,16 +201,18 @@ pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure
     if addrs.is_empty() {
         addrs.push(ListenAddr::Tcp("127.0.0.1:10809".into()));
     }
-    // The description is only what the operator wrote: anything derived from the image (its
-    // path above all) would tell every client how the server's disk is laid out.
-    let exports = served
-        .iter()
-        .map(|e| Export {
-            name: e.name.clone(),
-            description: e.description.clone(),
-            disk: e.chain.clone() as Arc<dyn Disk>,
-        })
-        .collect();
+    // Each chain is served live: the control channel may swap it (a snapshot) under clients.
+    let mut lives = Vec::new();
+    let mut exports = Vec::new();
+    for e in served {
+        let image = canonical(e.chain.top().path())
+            .map_err(|x| Failure(format!("{}: {x}", e.chain.top().path().display()), 1))?;
+        let live = Arc::new(LiveChain::new(e.chain));
+        // The description is only what the operator wrote: anything derived from the image
+        // (its path above all) would tell every client how the server's disk is laid out.
+        exports.push(Export::new(e.name.clone(), e.description, live.clone() as Arc<dyn Disk>));
+        lives.push(ControlServed { name: e.name, image, live });
+    }
     let verifies_clients = o.tls.as_ref().is_some_and(|t| t.config.verifies_clients());
     let cfg = ServerConfig {
         listen: addrs,
@@ -207,11 +229,19 @@ pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure
     let (tcp_scheme, unix_scheme) = if cfg.tls.is_some() { ("nbds", "nbds+unix") } else { ("nbd", "nbd+unix") };
     let server = Server::bind(cfg, exports)?;
     install_signal_handlers(&server.shutdown_handle());
+    let (socket, links) = match o.control {
+        Some(p) => (p, None),
+        None => {
+            let dir = rundir().map_err(|e| Failure(format!("control: {e}"), 1))?;
+            (server_socket(&dir, std::process::id()), Some(dir))
+        }
+    };
+    let names: Vec<(String, bool)> = lives.iter().map(|l| (l.name.clone(), l.live.is_read_only())).collect();
+    let mut control = Control::start(socket, links, server.control(), lives)?;
     let tcp = server.tcp_addrs();
     let mut out = std::io::stdout().lock();
-    for e in &served {
-        let name = &e.name;
-        let ro = if e.chain.is_read_only() { " (read-only)" } else { "" };
+    for (name, read_only) in &names {
+        let ro = if *read_only { " (read-only)" } else { "" };
         if let Some(s) = &o.socket {
             let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{name}?socket={}", s.display());
         }
@@ -222,15 +252,12 @@ pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure
     if verifies_clients {
         let _ = writeln!(out, "clients must present a certificate signed by the --tls-ca CA");
     }
+    let _ = writeln!(out, "control channel at {}", control.socket().display());
     let _ = out.flush();
     drop(out);
     let result = server.run();
-    let mut closed = Ok(());
-    for e in &served {
-        if let Err(x) = e.chain.close() {
-            closed = Err(x);
-        }
-    }
+    // No request runs any more: every chain is flushed and closed cleanly.
+    let closed = control.close_all();
     result?;
     closed?;
     Ok(())
@@ -252,7 +279,7 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
             return Err(Failure(format!("two exports would be named '{name}'; use --name"), 1));
         }
         let description = a.descriptions.get(i).cloned().unwrap_or_default();
-        served.push(Served { name, description, chain: Arc::new(chain) });
+        served.push(Served { name, description, chain });
     }
     let opts = ServeOptions {
         socket: a.socket,
@@ -261,6 +288,7 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         max_connections: a.max_connections,
         handshake_timeout: Duration::from_secs(a.handshake_timeout),
         tls,
+        control: a.control,
         contexts: Offer { allocation_depth: a.allocation_depth, dirty_bitmaps: a.dirty_bitmaps },
     };
     serve_exports(served, opts)

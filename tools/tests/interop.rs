@@ -582,21 +582,6 @@ fn nbdcopy_copies_export_to_file_file_into_export_and_export_to_export_byte_exac
 // fio
 // ---------------------------------------------------------------------------
 
-/// Runs fio with `args`; panics unless it exits 0 with `jobs` jobs reporting
-/// `err= 0` and no verification complaints.
-/// fio runs in `dir`: it leaves verify state files in its working directory.
-fn run_fio(dir: &Path, args: &[String], jobs: usize) -> String {
-    let out = run_status(tool("fio").current_dir(dir).args(args));
-    let text = format!("{}{}", stdout_of(&out), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "fio {args:?} failed ({}):\n{text}", out.status);
-    for bad in ["verify:", "bad magic", "crc32c mismatch", "fio: pid="] {
-        assert!(!text.contains(bad), "fio reported {bad:?}:\n{text}");
-    }
-    let ok = text.matches("err= 0:").count();
-    assert_eq!(ok, jobs, "expected {jobs} jobs with err= 0:\n{text}");
-    text
-}
-
 #[test]
 fn fio_randwrite_on_two_connections_verifies_crc32c_then_randread() {
     if !require_tool("fio") {

@@ -599,3 +599,18 @@ fn uri_escape(s: &str, keep_slash: bool) -> String {
 pub fn unix_uri(socket: &Path, export_name: &str) -> String {
     format!("nbd+unix:///{}?socket={}", uri_escape(export_name, false), uri_escape(&socket.to_string_lossy(), true))
 }
+
+/// Runs fio with `args` in `dir` (it leaves verify state files in its working directory);
+/// panics unless it exits 0 with `jobs` jobs reporting `err= 0` and no verification
+/// complaints. Returns its output.
+pub fn run_fio(dir: &Path, args: &[String], jobs: usize) -> String {
+    let out = run_status(tool("fio").current_dir(dir).args(args));
+    let text = format!("{}{}", stdout_of(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fio {args:?} failed ({}):\n{text}", out.status);
+    for bad in ["verify:", "bad magic", "crc32c mismatch", "fio: pid="] {
+        assert!(!text.contains(bad), "fio reported {bad:?}:\n{text}");
+    }
+    let ok = text.matches("err= 0:").count();
+    assert_eq!(ok, jobs, "expected {jobs} jobs with err= 0:\n{text}");
+    text
+}

@@ -76,8 +76,8 @@ pub fn exports() -> Vec<Arc<Export>> {
     let ro =
         Chain::assemble(open_top(OpenOptions::read_only()), vec![lower_img(OpenOptions::read_only())], Some(raw()));
     vec![
-        Arc::new(Export { name: "disk".into(), description: "fuzzed writable export".into(), disk: Arc::new(rw) }),
-        Arc::new(Export { name: "ro".into(), description: "fuzzed read-only export".into(), disk: Arc::new(ro) }),
+        Arc::new(Export::new("disk", "fuzzed writable export", Arc::new(rw))),
+        Arc::new(Export::new("ro", "fuzzed read-only export", Arc::new(ro))),
     ]
 }
 

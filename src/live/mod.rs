@@ -1,0 +1,236 @@
+//! A served disk whose chain can change under its clients: requests run on the chain of the
+//! moment, and an operation that replaces the chain (a live snapshot) waits for the requests
+//! in flight, holds new ones back while it runs, and lets them go on on the new chain. Clients
+//! see a pause, never an error or a disconnect.
+//!
+//! Invariant: a request runs entirely on one chain (it holds the chain shared from start to
+//! reply); a replacement holds it exclusively. If an operation leaves no usable chain (a
+//! snapshot decided on disk but not carried out), every later request fails with the reason,
+//! and the next open of the image finishes what was decided.
+
+use crate::chain::Chain;
+use crate::device::{Change, Disk, DiskExtents, DiskFlush, DiskLayers, DiskRead, DiskWrite, DiskZero, Extent, Payload};
+use crate::error::{err, Error, ErrorKind, Result};
+use crate::ops::snapshot::{snapshot_chain, LiveSnapshotError};
+use crate::storage::namespace::Namespace;
+use crate::sync::{lock, read, write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+pub mod jobs;
+mod steps;
+
+pub struct LiveChain {
+    /// The top image's path, fixed: a snapshot gives the path a new file, not a new path.
+    path: PathBuf,
+    size: u64,
+    read_only: bool,
+    /// The chain, or why there is none.
+    chain: RwLock<std::result::Result<Chain, String>>,
+    /// The job running on this chain, if any: one operation that changes the chain's layers
+    /// at a time (a snapshot asked meanwhile is refused).
+    busy: Mutex<Option<&'static str>>,
+}
+
+/// A replacement that failed: why, and the chain to go on with if it is unchanged.
+pub type Failed = (Error, Option<Chain>);
+
+impl LiveChain {
+    pub fn new(chain: Chain) -> LiveChain {
+        LiveChain {
+            path: chain.top().path().to_path_buf(),
+            size: chain.size(),
+            read_only: chain.is_read_only(),
+            chain: RwLock::new(Ok(chain)),
+            busy: Mutex::new(None),
+        }
+    }
+
+    /// The top image's path (the export's image).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The chain of the moment, for reading facts about it (layers, maps). Held shared: a
+    /// replacement waits until the guard is dropped.
+    pub fn current(&self) -> Result<ChainGuard<'_>> {
+        let g = read(&self.chain);
+        if let Err(reason) = &*g {
+            return Err(unusable(&self.path, reason));
+        }
+        Ok(ChainGuard(g))
+    }
+
+    /// Takes a snapshot of the top as `snapshot` (spec §5.7.1) while clients stay connected:
+    /// requests in flight finish, new ones wait, the chain is flushed, the snapshot steps run,
+    /// and requests go on on the new top. The snapshot holds every write acknowledged before
+    /// the call, and none that began after it returned. Returns how long requests waited.
+    /// Refused while a job runs on the chain.
+    pub fn snapshot(&self, ns: &dyn Namespace, snapshot: &Path) -> Result<Duration> {
+        if let Some(job) = *lock(&self.busy) {
+            return Err(
+                err(ErrorKind::InUse, format!("in use: a {job} job is running on this chain")).with_file(&self.path)
+            );
+        }
+        self.snapshot_now(ns, snapshot)
+    }
+
+    /// [`LiveChain::snapshot`] without asking whether a job runs (a job's own step).
+    fn snapshot_now(&self, ns: &dyn Namespace, snapshot: &Path) -> Result<Duration> {
+        self.replace(|chain| {
+            snapshot_chain(ns, chain, snapshot).map_err(|LiveSnapshotError { error, chain }| (error, chain.map(|c| *c)))
+        })
+    }
+
+    /// Replaces the chain by what `f` makes of it, with every request held back meanwhile:
+    /// requests in flight finish first, new ones wait and then run on the new chain. When `f`
+    /// fails without giving the chain back, the export stops (every request fails with the
+    /// reason). Returns how long requests waited.
+    pub fn replace(&self, f: impl FnOnce(Chain) -> std::result::Result<Chain, Failed>) -> Result<Duration> {
+        let mut g = write(&self.chain);
+        let paused = Instant::now();
+        let chain = match std::mem::replace(&mut *g, Err("a change of the chain did not finish".into())) {
+            Ok(c) => c,
+            Err(reason) => {
+                let e = unusable(&self.path, &reason);
+                *g = Err(reason);
+                return Err(e);
+            }
+        };
+        match f(chain) {
+            Ok(new) => {
+                *g = Ok(new);
+                Ok(paused.elapsed())
+            }
+            Err((error, Some(old))) => {
+                *g = Ok(old);
+                Err(error)
+            }
+            Err((error, None)) => {
+                *g = Err(format!("the chain could not be changed ({error}); restart to recover"));
+                Err(error)
+            }
+        }
+    }
+
+    /// Marks the chain busy with a `job`; refused if one runs. [`LiveChain::release`] ends it.
+    pub(crate) fn claim(&self, job: &'static str) -> Result<()> {
+        let mut b = lock(&self.busy);
+        if let Some(other) = *b {
+            return Err(
+                err(ErrorKind::InUse, format!("in use: a {other} job is running on this chain")).with_file(&self.path)
+            );
+        }
+        *b = Some(job);
+        Ok(())
+    }
+
+    pub(crate) fn release(&self) {
+        *lock(&self.busy) = None;
+    }
+
+    /// Flushes and closes the chain (the top cleanly, DIRTY cleared) and lets go of its files
+    /// once requests in flight are done; later requests fail.
+    pub fn close(&self) -> Result<()> {
+        let mut g = write(&self.chain);
+        match std::mem::replace(&mut *g, Err("the export was closed".into())) {
+            Ok(c) => c.close(),
+            Err(reason) => {
+                *g = Err(reason);
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&Chain) -> Result<R>) -> Result<R> {
+        match &*read(&self.chain) {
+            Ok(c) => f(c),
+            Err(reason) => Err(unusable(&self.path, reason)),
+        }
+    }
+}
+
+fn unusable(path: &Path, reason: &str) -> Error {
+    err(ErrorKind::Io, format!("export unavailable: {reason}")).with_file(path)
+}
+
+/// The chain of a [`LiveChain`] at one moment (see [`LiveChain::current`]).
+pub struct ChainGuard<'a>(RwLockReadGuard<'a, std::result::Result<Chain, String>>);
+
+impl std::ops::Deref for ChainGuard<'_> {
+    type Target = Chain;
+    fn deref(&self) -> &Chain {
+        match &*self.0 {
+            Ok(c) => c,
+            // `current` hands out guards only over a chain, and nothing changes it while one
+            // is held.
+            Err(_) => unreachable!("a ChainGuard holds a chain"),
+        }
+    }
+}
+
+impl DiskRead for LiveChain {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.with(|c| c.read_at(buf, offset))
+    }
+}
+
+impl DiskWrite for LiveChain {
+    fn write_from(&self, src: &mut dyn Payload, offset: u64, len: u64) -> Result<()> {
+        self.with(|c| c.write_from(src, offset, len))
+    }
+}
+
+impl DiskZero for LiveChain {
+    fn write_zeroes(&self, offset: u64, len: u64, allocate: bool) -> Result<()> {
+        self.with(|c| c.write_zeroes(offset, len, allocate))
+    }
+
+    fn zeroing_is_fast(&self, allocate: bool) -> bool {
+        !allocate
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.with(|c| c.discard(offset, len))
+    }
+}
+
+impl DiskFlush for LiveChain {
+    fn flush(&self) -> Result<()> {
+        self.with(|c| c.flush())
+    }
+}
+
+impl DiskExtents for LiveChain {
+    fn extents(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>> {
+        self.with(|c| c.extents(offset, len, max_extents))
+    }
+}
+
+/// Each call on the chain of the moment: a name is looked up and what changed since it is
+/// computed under one hold of the chain, so a snapshot taken meanwhile cannot make the name
+/// mean another layer halfway.
+impl DiskLayers for LiveChain {
+    fn snapshot_names(&self) -> Vec<String> {
+        self.with(|c| Ok(c.snapshot_names())).unwrap_or_default()
+    }
+
+    fn changed_since(&self, name: &str, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Change>> {
+        self.with(|c| c.changed_since(name, offset, len, max_extents))
+    }
+}
+
+impl Disk for LiveChain {
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn layers(&self) -> Option<&dyn DiskLayers> {
+        Some(self)
+    }
+}

@@ -1,0 +1,293 @@
+//! The steps of the background jobs (`jobs.rs`) on a live chain. Each does its long work
+//! while clients go on reading and writing, and changes the chain's layers only in short
+//! replacements with requests held back (`LiveChain::replace`), each one a single durable
+//! header write away from the chain before it, which reads the same: so a crash or a kill at
+//! any moment leaves a chain that opens and reads as every acknowledged write left it.
+
+use super::jobs::Job;
+use super::{Failed, LiveChain};
+use crate::chain::create::stored_parent_path;
+use crate::chain::Chain;
+use crate::device::{push_extent, DiskFlush, Extent, ExtentKind};
+use crate::error::{err, ErrorKind, Result};
+use crate::format::header::{ParentFormat, ParentRef};
+use crate::format::{Geometry, FLAG_FROZEN};
+use crate::layer::raw::RawImage;
+use crate::layer::{new_uuid, Image, OpenOptions};
+use crate::ops::all_extents;
+use crate::ops::commit::commit_prepare;
+use crate::ops::flatten::copy_device;
+use crate::storage::namespace::{publish_new, temp_name, Namespace};
+use crate::storage::LockMode;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Device bytes populated per step of a flatten: one step holds the chain (shared) as long as
+/// a request would, so a replacement never waits long for it.
+const FLATTEN_WINDOW: u64 = 4 << 20;
+
+/// The device ranges a chain reads from below its top, neighbours merged.
+fn served_below(c: &Chain) -> Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    for e in all_extents(c)?.into_iter().filter(|e| matches!(e.kind, ExtentKind::Data { depth } if depth > 0)) {
+        push_extent(&mut out, e, |_, _| true);
+    }
+    Ok(out)
+}
+
+/// The chain rebuilt from its own layers: what readers need after a lower layer's map moved.
+fn rebuilt(chain: Chain) -> Chain {
+    let (top, lowers, base) = chain.into_layers();
+    Chain::assemble_shared(top, lowers, base)
+}
+
+/// Runs `step` on `chain`; on failure gives the chain back with the error.
+fn or_keep(chain: Chain, step: impl FnOnce(&Chain) -> Result<()>) -> std::result::Result<Chain, Failed> {
+    match step(&chain) {
+        Ok(()) => Ok(chain),
+        Err(e) => Err((e, Some(chain))),
+    }
+}
+
+/// Flatten: every block the top reads from below is copied into it (only where the top still
+/// reads from below, chunk by chunk under the writers' locks), then one header write drops
+/// the parent reference, with requests held back. Stopped early, the top keeps what was
+/// copied, and a flatten run again copies only what is still below.
+pub(super) fn flatten(live: &LiveChain, job: &Job) -> Result<()> {
+    let ranges = live.with(served_below)?;
+    job.set_total(ranges.iter().map(|e| e.length).sum());
+    for e in &ranges {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            job.check()?;
+            let n = (e.end() - pos).min(FLATTEN_WINDOW);
+            live.with(|c| c.populate(pos, n))?;
+            job.advance(n);
+            pos += n;
+        }
+    }
+    job.check()?;
+    live.replace(|chain| {
+        let chain = or_keep(chain, |c| {
+            // Nothing should be left below; anything that is goes now.
+            for e in served_below(c)? {
+                c.populate(e.offset, e.length)?;
+            }
+            c.flush()?;
+            c.top().update_header(|h| h.parent = None)
+        })?;
+        let (top, _, _) = chain.into_layers();
+        Ok(Chain::assemble(top, Vec::new(), None))
+    })?;
+    Ok(())
+}
+
+/// Whether `path` names the intermediate layer of a commit (`IMAGE.commit-XXXXXXXX`).
+fn is_commit_layer(path: &Path) -> bool {
+    let name = path.file_name().map(OsStr::as_bytes).unwrap_or_default();
+    let Some(at) = name.windows(8).rposition(|w| w == b".commit-") else { return false };
+    let hex = &name[at + 8..];
+    at > 0 && hex.len() == 8 && hex.iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Commit: the top is frozen (a live snapshot) into an intermediate layer X, so that what is
+/// committed stops changing while new writes go to a new, empty top; X's blocks go into the
+/// parent P (`commit_prepare`, P taken up for writing in place, its readers unaffected); then,
+/// with requests held back, P's new map is switched in and the top is put on P directly (X's
+/// blocks are now in P: the device reads the same), and X goes. A commit stopped before that
+/// leaves X in the chain; the next commit starts from it.
+pub(super) fn commit(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<()> {
+    let image = live.path().to_path_buf();
+    let resume = live.with(|c| match c.lowers() {
+        [] => Err(err(
+            ErrorKind::InvalidArgument,
+            "has no cowdisk parent to commit into (a raw parent is never written; flatten makes a standalone image)",
+        )
+        .with_file(&image)),
+        [x, _, ..] if is_commit_layer(x.path()) => Ok(true),
+        _ => Ok(false),
+    })?;
+    if !resume {
+        let name = image.file_name().map(OsStr::to_string_lossy).unwrap_or_default();
+        let tag = u32::from_le_bytes(new_uuid()?[..4].try_into().unwrap_or_default());
+        live.snapshot_now(ns, &image.with_file_name(format!("{name}.commit-{tag:08x}")))?;
+    }
+    let (x, p) = live.with(|c| match c.lowers() {
+        [x, p, ..] => Ok((x.clone(), p.clone())),
+        _ => Err(err(ErrorKind::InvalidArgument, "the chain lost its parent layer").with_file(&image)),
+    })?;
+    let pref =
+        x.parent().ok_or_else(|| err(ErrorKind::Corrupt, "the frozen top names no parent").with_file(x.path()))?;
+    p.begin_writing()?;
+    let chunk = p.geometry().chunk_size();
+    let prepared = commit_prepare(
+        &x,
+        &p,
+        &|done, total| {
+            job.set_total(total * chunk);
+            job.advance_to(done * chunk);
+        },
+        &|| job.cancelled(),
+    );
+    let prepared = match prepared {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = p.end_writing();
+            return Err(e);
+        }
+    };
+    let switched = live.replace(|chain| {
+        let chain = or_keep(chain, |_| p.switch_map(prepared))?;
+        // P's slots moved: whatever happens next, readers go on with a chain that knows it.
+        let chain = rebuilt(chain);
+        let chain = or_keep(chain, |c| c.top().update_header(|h| h.parent = Some(pref.clone())))?;
+        let (top, mut lowers, base) = chain.into_layers();
+        lowers.remove(0);
+        Ok(Chain::assemble_shared(top, lowers, base))
+    });
+    let ended = p.end_writing();
+    switched?;
+    ended?;
+    // The last handle on X: its file closes, and nothing refers to it any more.
+    let x_path = x.path().to_path_buf();
+    drop(x);
+    ns.remove(&x_path);
+    ns.sync_dir(&x_path)
+}
+
+/// Compaction: the `layers` layers under the top (all its cowdisk layers if `None`) merged
+/// into one new frozen layer at `into` (same directory as the top), built on the side from a
+/// read-only view of them; then, with requests held back, the top is put on it in one header
+/// write. The merged layers' files are left as they are (other overlays may use them).
+/// Stopped early, the chain is as it was.
+pub(super) fn compact(
+    live: &LiveChain,
+    job: &Job,
+    ns: &dyn Namespace,
+    into: &Path,
+    layers: Option<usize>,
+) -> Result<()> {
+    let image = live.path().to_path_buf();
+    if !ns.same_dir(&image, into) {
+        return Err(err(ErrorKind::InvalidArgument, "the merged layer must be in the same directory as the image")
+            .with_file(into));
+    }
+    if ns.exists(into) {
+        return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(into));
+    }
+    let (run, rest, base_path) = live.with(|c| {
+        let l = c.lowers();
+        let k = layers.unwrap_or(l.len());
+        if k < 2 || k > l.len() {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("merges two or more of the {} cowdisk layers under the top", l.len()),
+            )
+            .with_file(&image));
+        }
+        Ok((l[..k].to_vec(), l[k..].to_vec(), c.base().map(|b| b.path().to_path_buf())))
+    })?;
+    let last = &run[run.len() - 1];
+    let below = last.parent();
+    // M records what is below the run as the run's last layer does, by a path from its own
+    // directory.
+    let m_parent = match below {
+        None => None,
+        Some(r) if ns.same_dir(into, last.path()) => Some(r),
+        Some(r) => {
+            let target = match (r.format, rest.first(), &base_path) {
+                (ParentFormat::Cowdisk, Some(l), _) => l.path().to_path_buf(),
+                (ParentFormat::Raw, _, Some(b)) => b.clone(),
+                _ => {
+                    return Err(
+                        err(ErrorKind::Corrupt, "the chain does not match its parent references").with_file(&image)
+                    )
+                }
+            };
+            Some(ParentRef { path: stored_parent_path(into, &target, false)?, ..r })
+        }
+    };
+    // A view of the run alone: new read-only handles of its files (readers' locks sit with
+    // the chain's own).
+    let opened = run
+        .iter()
+        .map(|l| {
+            ns.open(l.path(), false, LockMode::Shared)
+                .and_then(|s| Image::open_on(s, l.path(), OpenOptions::read_only()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut opened = opened.into_iter();
+    let view_top = opened.next().ok_or_else(|| err(ErrorKind::InvalidArgument, "nothing to merge"))?;
+    let view = Chain::assemble(view_top, opened.collect(), None);
+    let todo: Vec<Extent> = all_extents(&view)?.into_iter().filter(|e| e.kind != ExtentKind::Unallocated).collect();
+    job.set_total(todo.iter().map(|e| e.length).sum());
+    let g = run[0].geometry();
+    let geom = Geometry::new(g.virtual_size, g.chunk_shift)?.with_data_checksums(g.data_checksums)?;
+    let tmp = temp_name(into, "compact");
+    let storage = ns.create(&tmp)?;
+    let built = (|| -> Result<Image> {
+        let m = Image::create_on(storage.clone(), &tmp, geom, m_parent, new_uuid()?)?;
+        let base = match &base_path {
+            Some(b) => Some(RawImage::open(b, true, LockMode::Shared)?),
+            None => None,
+        };
+        // Written through a chain over what is below the run, so a whiteout becomes Zero
+        // where something below shows and Absent where nothing does: the same reads either way.
+        let dst = Chain::assemble_shared(m, rest.clone(), base);
+        for e in &todo {
+            job.check()?;
+            if e.kind.reads_zero() {
+                crate::device::DiskZero::write_zeroes(&dst, e.offset, e.length, false)?;
+                job.advance(e.length);
+            } else {
+                copy_device(&view, &dst, e, &mut |n| job.advance(n))?;
+            }
+        }
+        dst.flush()?;
+        let (m, _, _) = dst.into_layers();
+        m.update_header(|h| h.set_flag(FLAG_FROZEN, true))?;
+        m.close()?;
+        Ok(m)
+    })();
+    let published = built.and_then(|m| publish_new(ns, &tmp, into).map(|()| drop(m)));
+    // The new file's lock goes with its last handle, before it is opened as a reader.
+    drop(storage);
+    if let Err(e) = published {
+        ns.remove(&tmp);
+        return Err(e);
+    }
+    let merged = Image::open_on(ns.open(into, false, LockMode::Shared)?, into, OpenOptions::read_only())?;
+    let top_ref = ParentRef {
+        format: ParentFormat::Cowdisk,
+        path: into.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default(),
+        uuid: merged.uuid(),
+        size: merged.geometry().virtual_size,
+        fingerprint: 0,
+    };
+    let k = run.len();
+    drop(run);
+    live.replace(|chain| {
+        let chain = or_keep(chain, |c| c.top().update_header(|h| h.parent = Some(top_ref.clone())))?;
+        let (top, lowers, base) = chain.into_layers();
+        let mut new_lowers: Vec<Arc<Image>> = vec![Arc::new(merged)];
+        new_lowers.extend(lowers.into_iter().skip(k));
+        Ok(Chain::assemble_shared(top, new_lowers, base))
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_layers_are_recognised_by_name() {
+        assert!(is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3d")));
+        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3")));
+        assert!(!is_commit_layer(Path::new("/d/disk.cow")));
+        assert!(!is_commit_layer(Path::new("/d/.commit-0a1b2c3d")));
+        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3g")));
+    }
+}

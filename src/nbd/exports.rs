@@ -1,0 +1,162 @@
+//! The exports of a running server: a list that changes while it runs (exports added and
+//! removed through the control channel), each export with its open connections and I/O
+//! counters.
+//!
+//! A connection picks its export from the list as it is when the client asks, and keeps it
+//! (an `Arc`) until it ends; removing an export takes it out of the list for new clients and
+//! leaves the caller to end the connections that still use it.
+
+use super::proto::{CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
+use crate::device::Disk;
+use crate::error::{err, ErrorKind, Result};
+use crate::sync::{read, write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// One named export: a disk, how it is described to clients, and what it has served.
+pub struct Export {
+    pub name: String,
+    /// What NBD_OPT_LIST and NBD_INFO_DESCRIPTION tell every client; empty for none. Clients
+    /// may not be the operator's: never put server paths here.
+    pub description: String,
+    pub disk: Arc<dyn Disk>,
+    pub stats: ExportStats,
+    /// Taken out of the server's list: clients still negotiating it are turned away.
+    removed: AtomicBool,
+}
+
+impl Export {
+    pub fn new(name: impl Into<String>, description: impl Into<String>, disk: Arc<dyn Disk>) -> Export {
+        Export {
+            name: name.into(),
+            description: description.into(),
+            disk,
+            stats: ExportStats::default(),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+}
+
+/// Counters of one export since the server started serving it.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Connections in transmission now.
+    pub connections: AtomicU64,
+    /// Connections that reached transmission, ever.
+    pub connections_total: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    /// Write-zeroes and trims.
+    pub zeroes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+}
+
+impl ExportStats {
+    /// Counts one answered request of type `typ` over `len` bytes.
+    pub fn count(&self, typ: u16, len: u32, ok: bool) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        if !ok {
+            add(&self.errors, 1);
+            return;
+        }
+        match typ {
+            CMD_READ => {
+                add(&self.reads, 1);
+                add(&self.bytes_read, u64::from(len));
+            }
+            CMD_WRITE => {
+                add(&self.writes, 1);
+                add(&self.bytes_written, u64::from(len));
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => add(&self.zeroes, 1),
+            CMD_FLUSH => add(&self.flushes, 1),
+            _ => {}
+        }
+    }
+
+    /// Marks a connection entering (`true`) or leaving transmission.
+    pub fn connection(&self, entering: bool) {
+        if entering {
+            self.connections.fetch_add(1, Ordering::Relaxed);
+            self.connections_total.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// The server's list of exports; names are unique.
+#[derive(Default)]
+pub struct Exports {
+    list: RwLock<Vec<Arc<Export>>>,
+}
+
+impl Exports {
+    pub fn new(exports: Vec<Export>) -> Result<Exports> {
+        let e = Exports::default();
+        for x in exports {
+            e.add(x)?;
+        }
+        Ok(e)
+    }
+
+    /// Every export, in the order they were added (the first is the default export, what a
+    /// client that asks for the empty name gets).
+    pub fn list(&self) -> Vec<Arc<Export>> {
+        read(&self.list).clone()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        read(&self.list).iter().find(|e| e.name == name).cloned()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        read(&self.list).is_empty()
+    }
+
+    pub fn add(&self, e: Export) -> Result<Arc<Export>> {
+        let mut l = write(&self.list);
+        if l.iter().any(|x| x.name == e.name) {
+            return Err(err(ErrorKind::InvalidArgument, format!("an export named {:?} exists already", e.name)));
+        }
+        let e = Arc::new(e);
+        l.push(e.clone());
+        Ok(e)
+    }
+
+    /// Puts back an export [`Exports::remove`] took out (a removal that was refused).
+    pub(crate) fn add_back(&self, e: Arc<Export>) -> Result<()> {
+        e.removed.store(false, Ordering::Release);
+        let mut l = write(&self.list);
+        if l.iter().any(|x| x.name == e.name) {
+            return Err(err(ErrorKind::InvalidArgument, format!("an export named {:?} exists already", e.name)));
+        }
+        l.push(e);
+        Ok(())
+    }
+
+    /// Takes `name` out of the list; new clients can no longer pick it.
+    pub fn remove(&self, name: &str) -> Result<Arc<Export>> {
+        let mut l = write(&self.list);
+        let Some(i) = l.iter().position(|x| x.name == name) else {
+            return Err(err(ErrorKind::InvalidArgument, format!("no export named {name:?}")));
+        };
+        let e = l.remove(i);
+        e.removed.store(true, Ordering::Release);
+        Ok(e)
+    }
+}

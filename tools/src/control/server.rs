@@ -1,0 +1,330 @@
+//! The server side of the control channel: a Unix socket next to the NBD listeners, a thread
+//! per control connection, and the commands: `snapshot` (live, see `cowdisk::live`),
+//! `export-add`, `export-remove` and `export-list`. Every command either does all it says or
+//! changes nothing and answers with one line saying why.
+
+use super::{canonical, image_link};
+use cowdisk::live::LiveChain;
+use cowdisk::nbd::server::ServerControl;
+use cowdisk::nbd::{Export, ExportStats};
+use cowdisk::storage::namespace::RealFs;
+use cowdisk::{Chain, ChainOptions, Disk, Error, ErrorKind};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Longest request line read; anything longer ends the control connection.
+const MAX_LINE: usize = 64 * 1024;
+
+/// One export as the control channel knows it: the live chain behind it and its image.
+pub struct Served {
+    pub name: String,
+    /// The image's canonical path: what requests name it by.
+    pub image: PathBuf,
+    pub live: Arc<LiveChain>,
+}
+
+struct State {
+    server: ServerControl,
+    exports: Mutex<Vec<Served>>,
+    /// Where per-image links go (the default location), if there.
+    rundir: Option<PathBuf>,
+    socket: PathBuf,
+    stopping: AtomicBool,
+}
+
+/// The running control channel; dropping it removes its socket and links.
+pub struct Control {
+    state: Arc<State>,
+    /// The listening socket's descriptor: shut down to end the accept loop.
+    listener_fd: std::os::fd::RawFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Control {
+    /// Listens on `socket` (mode 0600) for the server behind `server`, which serves `exports`;
+    /// with `rundir`, links each image's default control path to it.
+    pub fn start(
+        socket: PathBuf,
+        rundir: Option<PathBuf>,
+        server: ServerControl,
+        exports: Vec<Served>,
+    ) -> Result<Control, Error> {
+        let listener = bind(&socket)?;
+        let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let state = Arc::new(State {
+            server,
+            exports: Mutex::new(Vec::new()),
+            rundir,
+            socket,
+            stopping: AtomicBool::new(false),
+        });
+        for s in exports {
+            state.link(&s.image);
+            lock(&state.exports).push(s);
+        }
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.stopping.load(Ordering::Acquire) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || session(&st, conn));
+            }
+        });
+        Ok(Control { state, listener_fd, thread: Some(thread) })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.state.socket
+    }
+
+    /// Stops accepting control connections and closes every live chain, reporting the first
+    /// error (after the NBD server has stopped: no request runs any more).
+    pub fn close_all(&mut self) -> Result<(), Error> {
+        self.stop();
+        let mut first = Ok(());
+        for s in lock(&self.state.exports).drain(..) {
+            if let Err(e) = s.live.close() {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.state.stopping.store(true, Ordering::Release);
+            // Wakes the accept loop (accept fails on a shut-down listener), which then sees
+            // `stopping`; unlike connecting to it, this works when the socket's name is gone.
+            // SAFETY: the descriptor is the listener's, which the accept thread still owns.
+            unsafe {
+                libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.state.socket);
+        for s in lock(&self.state.exports).iter() {
+            self.state.unlink(&s.image);
+        }
+    }
+}
+
+/// Binds the control socket: a stale one (nobody listening) is replaced, a live one refused.
+fn bind(socket: &Path) -> Result<UnixListener, Error> {
+    if socket.exists() {
+        if UnixStream::connect(socket).is_ok() {
+            return Err(cowdisk::Error::new(ErrorKind::InUse, "in use: another server listens on this control socket")
+                .with_file(socket));
+        }
+        std::fs::remove_file(socket).map_err(|e| Error::io("remove stale control socket", e).with_file(socket))?;
+    }
+    let l = UnixListener::bind(socket).map_err(|e| Error::io("bind control socket", e).with_file(socket))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("chmod control socket", e).with_file(socket))?;
+    Ok(l)
+}
+
+impl State {
+    fn link(&self, image: &Path) {
+        if let Some(d) = &self.rundir {
+            let l = image_link(d, image);
+            let _ = std::fs::remove_file(&l);
+            let _ = std::os::unix::fs::symlink(&self.socket, &l);
+        }
+    }
+
+    fn unlink(&self, image: &Path) {
+        if let Some(d) = &self.rundir {
+            let l = image_link(d, image);
+            // Only our own link: another server may serve the image by now.
+            if std::fs::read_link(&l).is_ok_and(|t| t == self.socket) {
+                let _ = std::fs::remove_file(&l);
+            }
+        }
+    }
+}
+
+/// The uid of the process at the other end of `s`.
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the size given; the fd is the stream's.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+fn session(st: &State, conn: UnixStream) {
+    // The socket's mode already keeps other users out; a peer of another uid (root aside)
+    // got in by a mistake in its directory's permissions and is not served.
+    // SAFETY: getuid has no failure mode.
+    let me = unsafe { libc::getuid() };
+    if !matches!(peer_uid(&conn), Some(u) if u == me || u == 0) {
+        return;
+    }
+    let Ok(w) = conn.try_clone() else { return };
+    let mut w = w;
+    let greeting = json!({"cowdisk": {"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}});
+    if writeln!(w, "{greeting}").is_err() {
+        return;
+    }
+    let mut r = BufReader::new(conn);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match std::io::Read::take(&mut r, MAX_LINE as u64 + 1).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(n) if n > MAX_LINE => {
+                let _ = writeln!(w, "{}", error_reply(&Value::Null, "invalid-argument", "request line too long"));
+                return;
+            }
+            Ok(_) => {}
+        }
+        let reply = match serde_json::from_slice::<Value>(&line) {
+            Ok(req) => {
+                let id = req.get("id").cloned().unwrap_or(Value::Null);
+                let cmd = req.get("execute").and_then(Value::as_str).unwrap_or("");
+                let args = req.get("arguments").cloned().unwrap_or_else(|| json!({}));
+                match dispatch(st, cmd, &args) {
+                    Ok(v) => json!({"return": v, "id": id}),
+                    Err(e) => error_reply(&id, e.kind().name(), &e.to_string()),
+                }
+            }
+            Err(e) => error_reply(&Value::Null, "invalid-argument", &format!("not a JSON request: {e}")),
+        };
+        if writeln!(w, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+fn error_reply(id: &Value, class: &str, desc: &str) -> Value {
+    json!({"error": {"class": class, "desc": desc}, "id": id})
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidArgument, msg)
+}
+
+fn arg_str<'a>(args: &'a Value, key: &str) -> Result<&'a str, Error> {
+    args.get(key).and_then(Value::as_str).ok_or_else(|| bad(format!("argument {key:?} (a string) is missing")))
+}
+
+fn arg_bool(args: &Value, key: &str) -> bool {
+    args.get(key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+fn dispatch(st: &State, cmd: &str, args: &Value) -> Result<Value, Error> {
+    match cmd {
+        "snapshot" => snapshot(st, args),
+        "export-add" => export_add(st, args),
+        "export-remove" => export_remove(st, args),
+        "export-list" => Ok(export_list(st)),
+        _ => Err(bad(format!("unknown command {cmd:?} (snapshot, export-add, export-remove, export-list)"))),
+    }
+}
+
+/// The live chain serving the image at `path` (any path naming it).
+fn live_of(st: &State, path: &str) -> Result<Arc<LiveChain>, Error> {
+    let p = canonical(Path::new(path)).map_err(|e| Error::io("resolve", e).with_file(Path::new(path)))?;
+    lock(&st.exports)
+        .iter()
+        .find(|s| s.image == p)
+        .map(|s| s.live.clone())
+        .ok_or_else(|| bad(format!("{path} is not served by this server")))
+}
+
+fn snapshot(st: &State, args: &Value) -> Result<Value, Error> {
+    let live = live_of(st, arg_str(args, "image")?)?;
+    let snap = PathBuf::from(arg_str(args, "snapshot")?);
+    let paused = live.snapshot(&RealFs, &snap)?;
+    Ok(json!({"paused_ms": paused.as_secs_f64() * 1000.0}))
+}
+
+fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
+    let image = PathBuf::from(arg_str(args, "image")?);
+    let canon = canonical(&image).map_err(|e| Error::io("resolve", e).with_file(&image))?;
+    let name = match args.get("name").and_then(Value::as_str) {
+        Some(n) => n.to_string(),
+        None => crate::serve::export_name(&image),
+    };
+    if st.server.exports().get(&name).is_some() {
+        return Err(bad(format!("an export named {name:?} exists already")));
+    }
+    if lock(&st.exports).iter().any(|s| s.image == canon) {
+        return Err(bad(format!("{} is served already", image.display())));
+    }
+    let read_only = arg_bool(args, "read_only");
+    let chain = Chain::open(&canon, ChainOptions { writable: !read_only, ..Default::default() })?;
+    let live = Arc::new(LiveChain::new(chain));
+    let description = args.get("description").and_then(Value::as_str).unwrap_or("");
+    st.server.add_export(Export::new(name.clone(), description, live.clone() as Arc<dyn Disk>))?;
+    st.link(&canon);
+    lock(&st.exports).push(Served { name: name.clone(), image: canon, live });
+    Ok(json!({"name": name, "read_only": read_only}))
+}
+
+fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
+    let name = arg_str(args, "name")?;
+    st.server.remove_export(name, arg_bool(args, "force"))?;
+    let served = {
+        let mut l = lock(&st.exports);
+        let i = l.iter().position(|s| s.name == name);
+        i.map(|i| l.remove(i))
+    };
+    if let Some(s) = served {
+        st.unlink(&s.image);
+        // No connection uses it any more: flushed and closed cleanly, so that another
+        // program may open the image at once.
+        s.live.close()?;
+    }
+    Ok(json!({"name": name}))
+}
+
+fn export_list(st: &State) -> Value {
+    let served = lock(&st.exports);
+    let list: Vec<Value> = st
+        .server
+        .exports()
+        .list()
+        .iter()
+        .map(|e| {
+            let g = |c: &std::sync::atomic::AtomicU64| ExportStats::get(c);
+            let s = &e.stats;
+            let image = served.iter().find(|x| x.name == e.name).map(|x| x.image.display().to_string());
+            json!({
+                "name": e.name, "image": image, "description": e.description,
+                "read_only": e.disk.is_read_only(), "size": e.disk.size(),
+                "connections": g(&s.connections), "connections_total": g(&s.connections_total),
+                "reads": g(&s.reads), "writes": g(&s.writes), "zeroes": g(&s.zeroes),
+                "flushes": g(&s.flushes), "bytes_read": g(&s.bytes_read),
+                "bytes_written": g(&s.bytes_written), "errors": g(&s.errors),
+            })
+        })
+        .collect();
+    json!(list)
+}

@@ -1,0 +1,359 @@
+//! Live operations on a running `cowdisk serve`, through the binary and real clients: snapshots
+//! taken while clients write (each holds exactly what they had acknowledged; fio's verify
+//! passes; an ext4 mounted on the export keeps working and a snapshot of it mounts), exports
+//! added, listed and removed while the server runs, and the control channel's refusals.
+
+mod common;
+
+use common::cli::*;
+use common::nbdclient::NbdClient;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+const BLOCK: u64 = 4096;
+
+/// A served overlay on a random raw base, with its control socket at a known path. The
+/// server is stopped before its directory goes (fields drop in order).
+struct Live {
+    server: Server,
+    ws: Ws,
+    ctl: PathBuf,
+    base: Vec<u8>,
+}
+
+impl Live {
+    fn start(size: u64) -> Live {
+        let ws = Ws::in_memory("live");
+        write_random_file(&ws.p("base.raw"), size, 0x11fe);
+        let base = std::fs::read(ws.p("base.raw")).unwrap();
+        ws.create("disk.cow", &["--backing", "base.raw", "--chunk-size", "16K"]);
+        let ctl = ws.p("ctl.sock");
+        let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&ws.p("nbd.sock")), "--control", s(&ctl)]);
+        Live { server, ws, ctl, base }
+    }
+
+    fn uri(&self) -> String {
+        self.server.uri("disk")
+    }
+
+    /// `cowdisk snapshot disk.cow NAME` through the control socket; the pause it reports.
+    fn snapshot(&self, name: &str) -> f64 {
+        let out = self.ws.ok(&["snapshot", "disk.cow", name, "--control", s(&self.ctl)]);
+        let ms = out.split("clients paused ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok());
+        ms.unwrap_or_else(|| panic!("no pause reported: {out}"))
+    }
+
+    fn client(&self) -> NbdClient<std::os::unix::net::UnixStream> {
+        let mut c = self.server.connect();
+        c.opt_go("disk", &[]).expect("NBD_OPT_GO");
+        c
+    }
+
+    /// The whole device of the frozen snapshot `name` (as flatten writes it).
+    fn snapshot_bytes(&self, name: &str) -> Vec<u8> {
+        let out = format!("{name}.raw");
+        self.ws.ok(&["flatten", name, "--output", &out, "--format", "raw"]);
+        let b = std::fs::read(self.ws.p(&out)).unwrap();
+        std::fs::remove_file(self.ws.p(&out)).unwrap();
+        b
+    }
+}
+
+/// One acknowledged write: the block it left behind, and when it was called and answered.
+struct Acked {
+    called: u64,
+    returned: u64,
+    block: u64,
+    content: Vec<u8>,
+}
+
+#[test]
+fn twenty_live_snapshots_each_hold_exactly_what_clients_had_acknowledged() {
+    const SIZE: u64 = 16 << 20;
+    let live = Live::start(SIZE);
+    let clock = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<Acked>::new()));
+    // Two connections; connection t owns the blocks b with b % 2 == t, so each block's writes
+    // are ordered. Some writes cover part of a block (the server copies the rest up).
+    let writers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let mut c = live.client();
+            let (clock, stop, acked) = (clock.clone(), stop.clone(), acked.clone());
+            let mut model = live.base.clone();
+            std::thread::spawn(move || {
+                let mut rng = XorShift::new(t + 7);
+                while !stop.load(Ordering::Relaxed) {
+                    let block = rng.next_u64() % (SIZE / BLOCK / 2) * 2 + t;
+                    let (off, len) = match rng.next_u64() % 3 {
+                        0 => (block * BLOCK + 512 * (rng.next_u64() % 7), 512),
+                        _ => (block * BLOCK, BLOCK),
+                    };
+                    let data = random_bytes(len as usize, rng.next_u64());
+                    let called = clock.fetch_add(1, Ordering::SeqCst);
+                    c.write(off, &data).expect("a write failed during live snapshots");
+                    if rng.next_u64().is_multiple_of(8) {
+                        c.flush().expect("a flush failed during live snapshots");
+                    }
+                    let returned = clock.fetch_add(1, Ordering::SeqCst);
+                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    let b = (block * BLOCK) as usize;
+                    let content = model[b..b + BLOCK as usize].to_vec();
+                    acked.lock().unwrap().push(Acked { called, returned, block, content });
+                }
+            })
+        })
+        .collect();
+    let mut snaps = Vec::new();
+    let mut longest: f64 = 0.0;
+    for k in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let name = format!("snap{k:02}.cow");
+        let called = clock.fetch_add(1, Ordering::SeqCst);
+        longest = longest.max(live.snapshot(&name));
+        let returned = clock.fetch_add(1, Ordering::SeqCst);
+        snaps.push((name, called, returned));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap();
+    eprintln!("{} writes acknowledged during 20 live snapshots; longest pause {longest:.1} ms", acked.len());
+    assert!(acked.len() > 200, "only {} writes", acked.len());
+    // Per block: the last write acknowledged before the snapshot was asked for, or a write
+    // that was in flight while it ran; nothing that began after it returned.
+    for (name, called, returned) in &snaps {
+        let dev = live.snapshot_bytes(name);
+        for b in 0..SIZE / BLOCK {
+            let got = &dev[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
+            let writes: Vec<&Acked> = acked.iter().filter(|w| w.block == b).collect();
+            let before = writes.iter().rev().find(|w| w.returned < *called);
+            let mut allowed =
+                vec![before.map_or(&live.base[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize], |w| &w.content[..])];
+            allowed
+                .extend(writes.iter().filter(|w| w.called < *returned && w.returned > *called).map(|w| &w.content[..]));
+            assert!(allowed.contains(&got), "{name}: block {b} holds neither what was acknowledged before the snapshot nor a write in flight during it");
+        }
+    }
+    let Live { server, ws, .. } = live;
+    assert!(server.stop().success());
+    let chk = ws.run(&["check", "--chain", "disk.cow"]);
+    assert_eq!(chk.code, Some(0), "{}", chk.describe());
+    assert_eq!(ws.info("disk.cow")["layers"].as_array().unwrap().len(), 22);
+}
+
+#[test]
+fn fio_random_writes_with_verify_on_two_connections_survive_twenty_live_snapshots() {
+    if !require_tool("fio") {
+        return;
+    }
+    const HALF: u64 = 48 << 20;
+    let live = Live::start(2 * HALF);
+    let args: Vec<String> = vec![
+        "--name=live".into(),
+        "--ioengine=nbd".into(),
+        format!("--uri={}", live.uri()),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--iodepth=16".into(),
+        "--numjobs=2".into(),
+        format!("--size={HALF}"),
+        format!("--offset_increment={HALF}"),
+        "--verify=crc32c".into(),
+    ];
+    let dir = live.ws.dir().to_path_buf();
+    let fio = std::thread::spawn(move || run_fio(&dir, &args, 2));
+    // Snapshots while fio writes: spaced out over its run, at least twenty of them.
+    let mut pauses = Vec::new();
+    let mut during = 0;
+    // (At most 40: the chain may not grow past 64 images.)
+    while (!fio.is_finished() || pauses.len() < 20) && pauses.len() < 40 {
+        let running = !fio.is_finished();
+        pauses.push(live.snapshot(&format!("s{:02}.cow", pauses.len())));
+        during += usize::from(running && !fio.is_finished());
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    }
+    let text = fio.join().expect("fio failed");
+    assert!(text.contains("WRITE:"), "{text}");
+    assert!(during >= 20, "only {during} snapshots were taken while fio ran");
+    pauses.sort_by(f64::total_cmp);
+    eprintln!(
+        "{} live snapshots ({during} while fio wrote): pauses median {:.1} ms, longest {:.1} ms",
+        pauses.len(),
+        pauses[pauses.len() / 2],
+        pauses[pauses.len() - 1]
+    );
+    let Live { server, ws, .. } = live;
+    assert!(server.stop().success());
+    let chk = ws.run(&["check", "--chain", "disk.cow"]);
+    assert_eq!(chk.code, Some(0), "{}", chk.describe());
+}
+
+#[test]
+fn an_ext4_mounted_on_the_export_keeps_working_across_live_snapshots_and_a_snapshot_mounts() {
+    if !require_fs_stack() || !require_tool("fio") {
+        return;
+    }
+    let live = Live::start(64 << 20);
+    let work = live.ws.p("fs");
+    std::fs::create_dir_all(&work).unwrap();
+    let fs = FsOverNbd::create(&live.uri(), &work);
+    let mnt = fs.path().to_path_buf();
+    let args: Vec<String> = vec![
+        "--name=inext4".into(),
+        format!("--filename={}", mnt.join("data").display()),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--size=16m".into(),
+        "--fsync=16".into(),
+        "--verify=crc32c".into(),
+    ];
+    let dir = live.ws.dir().to_path_buf();
+    let fio = std::thread::spawn(move || run_fio(&dir, &args, 1));
+    for k in 0..6 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        live.snapshot(&format!("fs{k}.cow"));
+    }
+    fio.join().expect("fio inside the ext4 failed");
+    std::fs::write(mnt.join("after"), b"written after the snapshots").unwrap();
+    fs.release().expect("unmount");
+    // A snapshot of a mounted file system is what a power cut would leave: it mounts (the
+    // journal replays) and then checks clean.
+    let raw = live.ws.p("fs3.raw");
+    live.ws.ok(&["flatten", "fs3.cow", "--output", s(&raw), "--format", "raw"]);
+    {
+        let l = LoopDev::attach(&raw).expect("losetup");
+        let m = Mount::new(l.path(), &live.ws.p("snapmnt")).expect("the snapshot's ext4 mounts");
+        m.unmount().unwrap();
+        let out = fsck_ext4(l.path());
+        assert!(out.status.success(), "e2fsck of the snapshot: {}", String::from_utf8_lossy(&out.stdout));
+        l.detach().unwrap();
+    }
+    assert!(live.server.stop().success());
+}
+
+/// The exports of a running server, as `export list --json` shows them, by name.
+fn exports(ws: &Ws, ctl: &Path) -> Vec<Value> {
+    ws.json(&["export", "list", "--json", "--control", s(ctl)]).as_array().cloned().unwrap_or_default()
+}
+
+fn field(list: &[Value], name: &str, key: &str) -> Value {
+    list.iter().find(|e| e["name"] == name).map(|e| e[key].clone()).unwrap_or(Value::Null)
+}
+
+#[test]
+fn exports_are_added_listed_and_removed_while_the_server_runs() {
+    let live = Live::start(4 << 20);
+    let (ws, ctl) = (&live.ws, &live.ctl);
+    ws.create("guest.cow", &["--size", "2M"]);
+    let out = ws.ok(&["export", "add", "guest.cow", "--name", "guest", "--control", s(ctl)]);
+    assert_eq!(out, "serving guest.cow as export guest\n");
+    let mut c = live.server.connect();
+    c.opt_go("guest", &[]).unwrap();
+    c.write(4096, &[7u8; 8192]).unwrap();
+    c.flush().unwrap();
+    let list = exports(ws, ctl);
+    assert_eq!(field(&list, "guest", "connections"), 1);
+    assert_eq!(field(&list, "guest", "writes"), 1);
+    assert_eq!(field(&list, "guest", "bytes_written"), 8192);
+    assert_eq!(field(&list, "disk", "connections"), 0);
+    // In use: refused, and nothing changes.
+    ws.fail(&["export", "remove", "guest", "--control", s(ctl)], &["guest", "1 client connected", "--force"]);
+    assert_eq!(c.read(4096, 4096).unwrap(), vec![7u8; 4096]);
+    // The other export is not disturbed by any of it.
+    let mut d = live.client();
+    d.write(0, &[1u8; 4096]).unwrap();
+    // Forced: the client's connection ends, the image is closed cleanly at once.
+    ws.ok(&["export", "remove", "guest", "--force", "--control", s(ctl)]);
+    assert!(c.read(0, 4096).is_err(), "the removed export still answered");
+    let info = ws.info("guest.cow");
+    assert_eq!(info["flags"], serde_json::json!([]), "not closed cleanly: {info}");
+    assert!(exports(ws, ctl).iter().all(|e| e["name"] != "guest"));
+    assert_eq!(d.read(0, 4096).unwrap(), vec![1u8; 4096]);
+    // Added again under the same name, it serves what was written before.
+    ws.ok(&["export", "add", "guest.cow", "--name", "guest", "--read-only", "--control", s(ctl)]);
+    let mut c = live.server.connect();
+    c.opt_go("guest", &[]).unwrap();
+    assert_eq!(c.read(4096, 8192).unwrap(), vec![7u8; 8192]);
+    assert!(c.write(0, &[1u8; 512]).is_err(), "a read-only export took a write");
+    assert_eq!(field(&exports(ws, ctl), "guest", "read_only"), true);
+    drop(c);
+    drop(d);
+    assert!(live.server.stop().success());
+}
+
+#[test]
+fn the_control_channel_refuses_bad_requests_in_one_line_and_changes_nothing() {
+    let live = Live::start(4 << 20);
+    let (ws, ctl) = (&live.ws, &live.ctl);
+    let before = ws.info("disk.cow");
+    ws.create("other.cow", &["--size", "1M"]);
+    // An image this server does not serve.
+    ws.fail(&["snapshot", "other.cow", "o1.cow", "--control", s(ctl)], &["other.cow", "not served by this server"]);
+    assert!(!ws.p("o1.cow").exists());
+    // A snapshot name that exists.
+    ws.fail(&["snapshot", "disk.cow", "other.cow", "--control", s(ctl)], &["other.cow", "already exists"]);
+    assert_eq!(ws.info("disk.cow")["layers"], before["layers"]);
+    // Removing or adding what does not exist / exists.
+    ws.fail(&["export", "remove", "nosuch", "--control", s(ctl)], &["no export named \"nosuch\""]);
+    ws.fail(&["export", "add", "disk.cow", "--name", "disk2", "--control", s(ctl)], &["disk.cow", "served already"]);
+    ws.fail(
+        &["export", "add", "other.cow", "--name", "disk", "--control", s(ctl)],
+        &["export named \"disk\" exists already"],
+    );
+    // A socket of another user is refused before anything is sent.
+    let theirs = ws.p("theirs.sock");
+    let _l = std::os::unix::net::UnixListener::bind(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    if is_root() {
+        // root may use anyone's socket, as with any file; only another user is refused.
+        let o = run_status(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(cowdisk_bin())
+                .args(["export", "list", "--control", s(ctl)]),
+        );
+        assert!(!o.status.success());
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("belongs to user 0"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // Garbage on the wire, and a client that leaves without reading its reply.
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let mut sock = std::os::unix::net::UnixStream::connect(ctl).unwrap();
+        let mut r = BufReader::new(sock.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"cowdisk\""), "{line}");
+        sock.write_all(b"{not json\n").unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"error\"") && line.contains("not a JSON request"), "{line}");
+        sock.write_all(b"{\"execute\":\"export-list\",\"id\":1}\n").unwrap();
+    }
+    assert_eq!(exports(ws, ctl).len(), 1);
+    assert_eq!(ws.info("disk.cow")["layers"], before["layers"]);
+    assert!(live.server.stop().success());
+}
+
+#[test]
+fn snapshot_finds_the_server_of_an_image_without_being_told() {
+    let ws = Ws::in_memory("live-default");
+    ws.create("d.cow", &["--size", "1M"]);
+    let server = Server::start(&[s(&ws.p("d.cow")), "--socket", s(&ws.p("n.sock"))]);
+    let out = ws.ok(&["snapshot", "d.cow", "d1.cow"]);
+    assert!(out.contains("(live: clients paused"), "{out}");
+    assert!(server.stop().success());
+    // Without a server, the same command snapshots offline.
+    let out = ws.ok(&["snapshot", "d.cow", "d2.cow"]);
+    assert!(!out.contains("live"), "{out}");
+    assert_eq!(ws.info("d.cow")["layers"].as_array().unwrap().len(), 3);
+}
