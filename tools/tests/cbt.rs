@@ -380,6 +380,30 @@ fn layer_names_two_layers_share_are_not_offered_as_bitmaps() {
     assert_eq!(diff_json(&ws, "a/snap.cow", "b/disk.cow"), [(0, MIB, false)]);
 }
 
+#[test]
+fn a_selected_bitmap_keeps_meaning_its_layer_across_live_snapshots() {
+    let ws = Ws::new();
+    let (image, sock, ctl) = (ws.p("disk.cow"), ws.p("nbd.sock"), ws.p("ctl.sock"));
+    build(&ws, [vec![], vec![], vec![]]);
+    let server = Server::start(&[s(&image), "--socket", s(&sock), "--control", s(&ctl), "--dirty-bitmaps"]);
+    let mut c = server.connect();
+    c.opt_structured_reply().unwrap();
+    let set = c.opt_set_meta_context("disk", &["qemu:dirty-bitmap:s1.cow"]).unwrap();
+    c.opt_go("disk", &[]).unwrap();
+    c.write(MIB, &random_bytes(8192, 1)).unwrap();
+    ws.ok(&["snapshot", "disk.cow", "s4.cow", "--control", s(&ctl)]);
+    c.write(3 * MIB, &random_bytes(4096, 2)).unwrap();
+    // s1.cow is now three layers down, not two: still the same layer, so both writes show.
+    let dirty = merged(status_maps(&mut c, &[set[0].id], 0, SIZE).remove(0));
+    let want = [(0, MIB, 0), (MIB, MIB + 8192, 1), (MIB + 8192, 3 * MIB, 0), (3 * MIB, 3 * MIB + 4096, 1)];
+    assert_eq!(dirty, [&want[..], &[(3 * MIB + 4096, SIZE, 0)]].concat());
+    let mut l = server.connect();
+    l.opt_structured_reply().unwrap();
+    let listed: Vec<String> =
+        l.opt_list_meta_context("disk", &["qemu:dirty-bitmap:"]).unwrap().into_iter().map(|m| m.name).collect();
+    assert_eq!(listed, ["s4.cow", "s2.cow", "s1.cow", "base.raw"].map(|n| format!("qemu:dirty-bitmap:{n}")));
+}
+
 // ---------------------------------------------------------------------------
 // Incremental backup, as the README tells it
 // ---------------------------------------------------------------------------
@@ -428,24 +452,33 @@ fn incremental_backup_recipe_from_the_readme_gives_a_byte_identical_disk() {
     std::os::unix::fs::FileExt::write_all_at(&full, &now[marker as usize..][..1], marker).unwrap();
     assert!(same_file_bytes(&ws.p("full.raw"), &ws.p("now.raw")), "full backup + incremental == the disk now");
 
-    // The point-in-time variant: a snapshot s3.cow served read-only beside the disk, which
-    // goes on being written; the same loop with SOCK and EXPORT changed as the README says.
+    // The point-in-time variant: a live snapshot s3.cow exported read-only beside the disk,
+    // which goes on being written; the same loop with EXPORT changed as the README says.
     drop(server);
-    ws.ok(&["snapshot", "disk.cow", "s3.cow"]);
-    let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&ws.p("nbd.sock"))]);
-    let s3 = Server::start(&[s(&ws.p("s3.cow")), "--read-only", "--dirty-bitmaps", "--socket", s(&ws.p("s3.sock"))]);
+    let ctl = ws.p("ctl.sock");
+    let server = Server::start(&[
+        s(&ws.p("disk.cow")),
+        "--socket",
+        s(&ws.p("nbd.sock")),
+        "--control",
+        s(&ctl),
+        "--dirty-bitmaps",
+    ]);
     fs::remove_file(ws.p("full.raw")).unwrap();
     ws.ok(&["flatten", "s1.cow", "--output", "full.raw", "--format", "raw"]);
     let mut c = server.connect();
     c.opt_go("disk", &[]).unwrap();
     c.write(MIB, &random_bytes(64 * 1024, 6)).unwrap();
+    ws.ok(&["snapshot", "disk.cow", "s3.cow", "--control", s(&ctl)]);
+    ws.ok(&["export", "add", "s3.cow", "--read-only", "--control", s(&ctl)]);
+    c.write(2 * MIB, &random_bytes(64 * 1024, 7)).unwrap();
     let line = "SOCK=$PWD/nbd.sock EXPORT=disk\n";
     assert!(recipe.starts_with(line), "the recipe starts with {line:?}:\n{recipe}");
-    let recipe = recipe.replacen(line, "SOCK=$PWD/s3.sock EXPORT=s3\n", 1);
+    let recipe = recipe.replacen(line, "SOCK=$PWD/nbd.sock EXPORT=s3\n", 1);
     let out = run(Command::new(tool_path("bash").unwrap()).arg("-euc").arg(&recipe).current_dir(ws.dir()));
     assert!(out.stderr.is_empty(), "the recipe printed errors:\n{}", String::from_utf8_lossy(&out.stderr));
-    c.write(2 * MIB, &random_bytes(64 * 1024, 7)).unwrap();
-    drop(s3);
+    c.write(3 * MIB, &random_bytes(64 * 1024, 8)).unwrap();
+    ws.ok(&["export", "remove", "s3", "--control", s(&ctl)]);
     let after = fs::read(ws.p("full.raw")).unwrap();
     assert_bytes_eq(&after, &ws.device("s3.cow"), "full backup at s1 + incremental from s3 == s3");
 }
