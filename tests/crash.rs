@@ -127,11 +127,15 @@ fn every_crash_state_opens_and_reads_durable_or_newer_data() {
         }
     });
     let n = states.load(Ordering::Relaxed);
+    let jobs: Vec<usize> = explorer::JOBS_DONE.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     eprintln!(
-        "explored {n} crash states of {} sequential and {} concurrent runs in {:.0?}, plus {pinned} of the pinned seeds",
+        "explored {n} crash states of {} sequential and {} concurrent runs in {:.0?} (jobs completed in them: {} flatten, {} commit, {} compact), plus {pinned} of the pinned seeds",
         runs[0].load(Ordering::Relaxed),
         runs[1].load(Ordering::Relaxed),
-        started.elapsed()
+        started.elapsed(),
+        jobs[0],
+        jobs[1],
+        jobs[2]
     );
     assert!(n >= min_states, "explored only {n} crash states");
 }

@@ -34,7 +34,7 @@ pub struct Chain {
     /// Shared: a job may hold a lower layer (to commit into it) while the chain it belongs to
     /// is replaced by another that keeps it.
     lowers: Vec<Arc<Image>>,
-    base: Option<RawImage>,
+    base: Option<Arc<RawImage>>,
     lower_map: ExtentMap,
     size: u64,
     chunk_shift: u32,
@@ -69,11 +69,11 @@ impl Chain {
 
     /// Builds a chain from already opened layers (index 0 of `lowers` is directly under `top`).
     pub fn assemble(top: Image, lowers: Vec<Image>, base: Option<RawImage>) -> Chain {
-        Chain::assemble_shared(top, lowers.into_iter().map(Arc::new).collect(), base)
+        Chain::assemble_shared(top, lowers.into_iter().map(Arc::new).collect(), base.map(Arc::new))
     }
 
     /// [`Chain::assemble`] with lower layers another chain (or a job) may share.
-    pub fn assemble_shared(top: Image, lowers: Vec<Arc<Image>>, base: Option<RawImage>) -> Chain {
+    pub fn assemble_shared(top: Image, lowers: Vec<Arc<Image>>, base: Option<Arc<RawImage>>) -> Chain {
         let g = top.geometry();
         let lower_map = ExtentMap::build(&lowers, g.virtual_size);
         Chain { top, lowers, base, lower_map, size: g.virtual_size, chunk_shift: g.chunk_shift }
@@ -88,7 +88,12 @@ impl Chain {
     }
 
     pub fn base(&self) -> Option<&RawImage> {
-        self.base.as_ref()
+        self.base.as_deref()
+    }
+
+    /// The raw base, to share with another chain over the same layers.
+    pub fn shared_base(&self) -> Option<Arc<RawImage>> {
+        self.base.clone()
     }
 
     /// Images in the chain, counting the top and the raw base.
@@ -97,7 +102,7 @@ impl Chain {
     }
 
     /// Takes the chain apart (to reopen or replace its top).
-    pub fn into_layers(self) -> (Image, Vec<Arc<Image>>, Option<RawImage>) {
+    pub fn into_layers(self) -> (Image, Vec<Arc<Image>>, Option<Arc<RawImage>>) {
         (self.top, self.lowers, self.base)
     }
 

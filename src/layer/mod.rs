@@ -258,6 +258,7 @@ impl Image {
         }
         if let Some(f) = self.storage.as_file() {
             f.downgrade_to_shared()?;
+            f.renamed(path);
         }
         self.writable.store(false, Ordering::Release);
         self.path = path.to_path_buf();

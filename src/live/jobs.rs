@@ -11,7 +11,7 @@
 use super::{steps, LiveChain};
 use crate::device::Disk;
 use crate::error::{err, Error, ErrorKind, Result};
-use crate::storage::namespace::RealFs;
+use crate::storage::namespace::{Namespace, RealFs};
 use crate::sync::lock;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,9 +94,16 @@ impl Job {
     /// Runs this job on `live` in the calling thread (a tool working on an image no server
     /// serves): what a server's job thread does. Refused if a job runs on the chain.
     pub fn run_here(&self, live: &LiveChain) -> Result<()> {
-        live.claim(self.spec.name())?;
-        let r = run(live, self);
-        live.release();
+        self.run_here_in(live, &RealFs)
+    }
+
+    /// [`Job::run_here`] with the job's file and name operations going through `ns`.
+    pub fn run_here_in(&self, live: &LiveChain, ns: &dyn Namespace) -> Result<()> {
+        let r = live.claim(self.spec.name()).and_then(|()| {
+            let r = run(live, self, ns);
+            live.release();
+            r
+        });
         self.finish(&r);
         r
     }
@@ -168,11 +175,14 @@ impl Job {
     }
 }
 
+/// A job and the thread running it (taken when it is waited for).
+type Running = (Arc<Job>, Option<std::thread::JoinHandle<()>>);
+
 /// The jobs of a server, running and finished.
 #[derive(Default)]
 pub struct Jobs {
     next: AtomicU64,
-    list: Mutex<Vec<(Arc<Job>, Option<std::thread::JoinHandle<()>>)>>,
+    list: Mutex<Vec<Running>>,
 }
 
 impl Jobs {
@@ -186,7 +196,7 @@ impl Jobs {
         let job = Arc::new(Job::new(self.next.fetch_add(1, Ordering::Relaxed) + 1, spec, live.path(), rate));
         let j = job.clone();
         let thread = std::thread::spawn(move || {
-            let r = run(&live, &j);
+            let r = run(&live, &j, &RealFs);
             live.release();
             j.finish(&r);
         });
@@ -234,12 +244,11 @@ impl Jobs {
     }
 }
 
-fn run(live: &LiveChain, job: &Job) -> Result<()> {
-    let ns = RealFs;
+fn run(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<()> {
     match &job.spec {
         JobSpec::Flatten => steps::flatten(live, job),
-        JobSpec::Commit => steps::commit(live, job, &ns),
-        JobSpec::Compact { into, layers } => steps::compact(live, job, &ns, into, *layers),
+        JobSpec::Commit => steps::commit(live, job, ns),
+        JobSpec::Compact { into, layers } => steps::compact(live, job, ns, into, *layers),
     }
     .map_err(|e: Error| e.during(job.spec.name()))
 }

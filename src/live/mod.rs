@@ -34,7 +34,7 @@ pub struct LiveChain {
 }
 
 /// A replacement that failed: why, and the chain to go on with if it is unchanged.
-pub type Failed = (Error, Option<Chain>);
+pub type Failed = (Error, Option<Box<Chain>>);
 
 impl LiveChain {
     pub fn new(chain: Chain) -> LiveChain {
@@ -79,7 +79,7 @@ impl LiveChain {
     /// [`LiveChain::snapshot`] without asking whether a job runs (a job's own step).
     fn snapshot_now(&self, ns: &dyn Namespace, snapshot: &Path) -> Result<Duration> {
         self.replace(|chain| {
-            snapshot_chain(ns, chain, snapshot).map_err(|LiveSnapshotError { error, chain }| (error, chain.map(|c| *c)))
+            snapshot_chain(ns, chain, snapshot).map_err(|LiveSnapshotError { error, chain }| (error, chain))
         })
     }
 
@@ -104,7 +104,7 @@ impl LiveChain {
                 Ok(paused.elapsed())
             }
             Err((error, Some(old))) => {
-                *g = Ok(old);
+                *g = Ok(*old);
                 Err(error)
             }
             Err((error, None)) => {

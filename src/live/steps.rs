@@ -12,10 +12,9 @@ use crate::device::{push_extent, DiskFlush, Extent, ExtentKind};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::{Geometry, FLAG_FROZEN};
-use crate::layer::raw::RawImage;
 use crate::layer::{new_uuid, Image, OpenOptions};
 use crate::ops::all_extents;
-use crate::ops::commit::commit_prepare;
+use crate::ops::commit::{commit_prepare, is_commit_layer};
 use crate::ops::flatten::copy_device;
 use crate::storage::namespace::{publish_new, temp_name, Namespace};
 use crate::storage::LockMode;
@@ -47,7 +46,7 @@ fn rebuilt(chain: Chain) -> Chain {
 fn or_keep(chain: Chain, step: impl FnOnce(&Chain) -> Result<()>) -> std::result::Result<Chain, Failed> {
     match step(&chain) {
         Ok(()) => Ok(chain),
-        Err(e) => Err((e, Some(chain))),
+        Err(e) => Err((e, Some(Box::new(chain)))),
     }
 }
 
@@ -82,14 +81,6 @@ pub(super) fn flatten(live: &LiveChain, job: &Job) -> Result<()> {
         Ok(Chain::assemble(top, Vec::new(), None))
     })?;
     Ok(())
-}
-
-/// Whether `path` names the intermediate layer of a commit (`IMAGE.commit-XXXXXXXX`).
-fn is_commit_layer(path: &Path) -> bool {
-    let name = path.file_name().map(OsStr::as_bytes).unwrap_or_default();
-    let Some(at) = name.windows(8).rposition(|w| w == b".commit-") else { return false };
-    let hex = &name[at + 8..];
-    at > 0 && hex.len() == 8 && hex.iter().all(u8::is_ascii_hexdigit)
 }
 
 /// Commit: the top is frozen (a live snapshot) into an intermediate layer X, so that what is
@@ -177,7 +168,7 @@ pub(super) fn compact(
     if ns.exists(into) {
         return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(into));
     }
-    let (run, rest, base_path) = live.with(|c| {
+    let (run, rest, base) = live.with(|c| {
         let l = c.lowers();
         let k = layers.unwrap_or(l.len());
         if k < 2 || k > l.len() {
@@ -187,7 +178,7 @@ pub(super) fn compact(
             )
             .with_file(&image));
         }
-        Ok((l[..k].to_vec(), l[k..].to_vec(), c.base().map(|b| b.path().to_path_buf())))
+        Ok((l[..k].to_vec(), l[k..].to_vec(), c.shared_base()))
     })?;
     let last = &run[run.len() - 1];
     let below = last.parent();
@@ -197,9 +188,9 @@ pub(super) fn compact(
         None => None,
         Some(r) if ns.same_dir(into, last.path()) => Some(r),
         Some(r) => {
-            let target = match (r.format, rest.first(), &base_path) {
+            let target = match (r.format, rest.first(), &base) {
                 (ParentFormat::Cowdisk, Some(l), _) => l.path().to_path_buf(),
-                (ParentFormat::Raw, _, Some(b)) => b.clone(),
+                (ParentFormat::Raw, _, Some(b)) => b.path().to_path_buf(),
                 _ => {
                     return Err(
                         err(ErrorKind::Corrupt, "the chain does not match its parent references").with_file(&image)
@@ -229,13 +220,9 @@ pub(super) fn compact(
     let storage = ns.create(&tmp)?;
     let built = (|| -> Result<Image> {
         let m = Image::create_on(storage.clone(), &tmp, geom, m_parent, new_uuid()?)?;
-        let base = match &base_path {
-            Some(b) => Some(RawImage::open(b, true, LockMode::Shared)?),
-            None => None,
-        };
         // Written through a chain over what is below the run, so a whiteout becomes Zero
         // where something below shows and Absent where nothing does: the same reads either way.
-        let dst = Chain::assemble_shared(m, rest.clone(), base);
+        let dst = Chain::assemble_shared(m, rest.clone(), base.clone());
         for e in &todo {
             job.check()?;
             if e.kind.reads_zero() {
@@ -276,18 +263,4 @@ pub(super) fn compact(
         Ok(Chain::assemble_shared(top, new_lowers, base))
     })?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commit_layers_are_recognised_by_name() {
-        assert!(is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3d")));
-        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3")));
-        assert!(!is_commit_layer(Path::new("/d/disk.cow")));
-        assert!(!is_commit_layer(Path::new("/d/.commit-0a1b2c3d")));
-        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3g")));
-    }
 }

@@ -191,7 +191,11 @@ fn check_image(path: &Path, opts: &CheckOptions, progress: Progress) -> ImageChe
     });
     match repaired {
         Ok(()) => r.repaired = true,
-        Err(e) if e.kind() == ErrorKind::InUse => r.errors.push(format!("{e} (cannot repair an image that is open)")),
+        // Not a verdict on the image: the repair could not be made (exit 1, like a file that
+        // cannot be read), and what was found stands.
+        Err(e) if e.kind() == ErrorKind::InUse => {
+            r.unreadable = Some(format!("{e} (cannot repair an image that is open)"))
+        }
         Err(e) => r.errors.push(e.to_string()),
     }
     r

@@ -9,7 +9,7 @@ use crate::format::blocks::BlockState;
 use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::map::MapEntry;
 use crate::format::BLOCK_SIZE;
-use crate::layer::{format_uuid, Image, OpenOptions, PreparedMap};
+use crate::layer::{format_uuid, read_header_only, Image, OpenOptions, PreparedMap};
 use crate::storage::namespace::{publish_replacing, temp_name, Namespace, RealFs};
 use crate::storage::LockMode;
 use std::collections::BTreeMap;
@@ -29,10 +29,12 @@ enum Src {
     Top(u64, usize),
 }
 
-pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
-    let top = Image::open(image, OpenOptions::writable())?;
+/// The parent a commit of `image` writes into, from its header alone (no lock: the image may
+/// be served): refused if there is none, if it is raw, or without `force` (other overlays
+/// built on it would see their disk change).
+pub fn commit_target(image: &Path, force: bool) -> Result<(ParentRef, std::path::PathBuf)> {
     let refuse = |kind, msg: String| Err(err(kind, msg).with_file(image).during("commit"));
-    let Some(pref) = top.parent() else {
+    let Some(pref) = read_header_only(image)?.parent else {
         return refuse(ErrorKind::InvalidArgument, "has no parent to commit into".into());
     };
     if pref.format == ParentFormat::Raw {
@@ -47,6 +49,32 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
                 ppath.display()
             ),
         );
+    }
+    Ok((pref, ppath))
+}
+
+/// Whether `path` names the intermediate layer a live commit freezes its top into
+/// (`IMAGE.commit-XXXXXXXX`).
+pub fn is_commit_layer(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let name = path.file_name().map(std::ffi::OsStr::as_bytes).unwrap_or_default();
+    let Some(at) = name.windows(8).rposition(|w| w == b".commit-") else { return false };
+    let hex = &name[at + 8..];
+    at > 0 && hex.len() == 8 && hex.iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Whether `image`'s parent is the intermediate layer of a live commit that stopped half-way
+/// (the next commit finishes it: see `cowdisk::live::jobs`).
+pub fn interrupted(image: &Path) -> Result<bool> {
+    Ok(read_header_only(image)?.parent.is_some_and(|p| is_commit_layer(&resolve_parent_path(image, &p))))
+}
+
+pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
+    let (pref, ppath) = commit_target(image, force)?;
+    let top = Image::open(image, OpenOptions::writable())?;
+    let refuse = |kind, msg: String| Err(err(kind, msg).with_file(image).during("commit"));
+    if top.parent().as_ref() != Some(&pref) {
+        return refuse(ErrorKind::ParentChanged, "changed while the commit began".into());
     }
     let parent = Image::open(
         &ppath,
@@ -180,4 +208,18 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
         }
     }
     parent.prepare_map(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_layers_are_recognised_by_name() {
+        assert!(is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3d")));
+        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3")));
+        assert!(!is_commit_layer(Path::new("/d/disk.cow")));
+        assert!(!is_commit_layer(Path::new("/d/.commit-0a1b2c3d")));
+        assert!(!is_commit_layer(Path::new("/d/disk.cow.commit-0a1b2c3g")));
+    }
 }

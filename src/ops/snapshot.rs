@@ -203,6 +203,9 @@ pub fn snapshot_chain(
     // S7 through the open file (a second open would be refused by its lock). Tidiness only:
     // the record is inert now that the live name is the new overlay's.
     let _ = top.clear_pending();
+    if let Some(f) = new.as_file() {
+        f.renamed(&image);
+    }
     let reopened = top.into_lower(snapshot).and_then(|frozen| {
         let new_top = Image::open_on(new, &image, OpenOptions::writable())?;
         lowers.insert(0, Arc::new(frozen));

@@ -2,12 +2,13 @@
 
 use super::{Pipe, Storage};
 use crate::error::{err, Error, ErrorKind, Result};
+use crate::sync::{read, write};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 
 /// How a file is locked against other processes (open file description locks, so that two
 /// opens in one process conflict the same way two processes do).
@@ -30,7 +31,9 @@ const UNSHARE_WRITE: i64 = 201;
 pub struct FileStorage {
     /// The open file; its open file description holds the locks.
     file: File,
-    path: PathBuf,
+    /// The name it is known by, for messages (and reopening): the file may be renamed while
+    /// open (a snapshot's new top, a frozen layer), see [`FileStorage::renamed`].
+    path: RwLock<PathBuf>,
     /// A second, writable open of the same file, for a file opened read-only that is then
     /// written after all (a lower layer a commit writes into: see
     /// [`FileStorage::enable_writes`]). Modifying calls go through it when there is one.
@@ -46,7 +49,7 @@ impl FileStorage {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| open_error(e, path))?;
-        let s = FileStorage { file, path: path.to_path_buf(), writer: OnceLock::new() };
+        let s = FileStorage { file, path: RwLock::new(path.to_path_buf()), writer: OnceLock::new() };
         s.lock(lock)?;
         Ok(s)
     }
@@ -60,13 +63,18 @@ impl FileStorage {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| Error::io("create", e).with_file(path))?;
-        let s = FileStorage { file, path: path.to_path_buf(), writer: OnceLock::new() };
+        let s = FileStorage { file, path: RwLock::new(path.to_path_buf()), writer: OnceLock::new() };
         s.lock(LockMode::Exclusive)?;
         Ok(s)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn path(&self) -> PathBuf {
+        read(&self.path).clone()
+    }
+
+    /// Records that the file is now named `to`.
+    pub fn renamed(&self, to: &Path) {
+        *write(&self.path) = to.to_path_buf();
     }
 
     /// Makes a store opened read-only writable: the file is opened again for writing (it must
@@ -75,17 +83,16 @@ impl FileStorage {
         if self.writer.get().is_some() {
             return Ok(());
         }
-        let w = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&self.path)
-            .map_err(|e| open_error(e, &self.path))?;
+        // Through the open descriptor, which names this very file whatever it is called now;
+        // the (device, inode) check below makes sure of it either way.
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
+        let open = |p: &Path| OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(p);
+        let w = open(&by_fd).or_else(|_| open(&self.path())).map_err(|e| open_error(e, &self.path()))?;
         let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino()));
         match (id(&self.file), id(&w)) {
             (Ok(a), Ok(b)) if a == b => {}
             _ => {
-                return Err(err(ErrorKind::InUse, "the file was replaced since it was opened").with_file(&self.path));
+                return Err(err(ErrorKind::InUse, "the file was replaced since it was opened").with_file(&self.path()));
             }
         }
         let _ = self.writer.set(w);
@@ -130,7 +137,7 @@ impl FileStorage {
                         _ => "in use: another process has this image open for writing",
                     },
                 )
-                .with_file(&self.path));
+                .with_file(&self.path()));
             }
         }
         Ok(())
@@ -159,14 +166,14 @@ impl FileStorage {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EAGAIN) | Some(libc::EACCES) => {
-                Err(err(ErrorKind::InUse, "in use: another process holds a conflicting lock").with_file(&self.path))
+                Err(err(ErrorKind::InUse, "in use: another process holds a conflicting lock").with_file(&self.path()))
             }
-            _ => Err(Error::io("lock", e).with_file(&self.path)),
+            _ => Err(Error::io("lock", e).with_file(&self.path())),
         }
     }
 
     fn ctx(&self, e: io::Error, op: &'static str, offset: u64) -> Error {
-        Error::io(op, e).with_file(&self.path).at(offset)
+        Error::io(op, e).with_file(&self.path()).at(offset)
     }
 
     /// fallocate(2) with `mode` over [offset, offset+len): `Ok(Ok(()))` when done (an empty
@@ -176,7 +183,7 @@ impl FileStorage {
             return Ok(Ok(()));
         }
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(err(ErrorKind::OutOfRange, format!("{op} range overflows")).with_file(&self.path));
+            return Err(err(ErrorKind::OutOfRange, format!("{op} range overflows")).with_file(&self.path()));
         };
         // SAFETY: plain syscall on an fd we own.
         if unsafe { libc::fallocate(self.out().as_raw_fd(), mode, off, l) } == 0 {
@@ -197,7 +204,7 @@ impl Storage for FileStorage {
         while done < buf.len() {
             let pos = offset
                 .checked_add(done as u64)
-                .ok_or_else(|| err(ErrorKind::OutOfRange, "read offset overflows").with_file(&self.path))?;
+                .ok_or_else(|| err(ErrorKind::OutOfRange, "read offset overflows").with_file(&self.path()))?;
             match self.file.read_at(&mut buf[done..], pos) {
                 Ok(0) => {
                     // Past end of file: sparse semantics, the rest reads as zero.

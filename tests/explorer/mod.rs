@@ -18,6 +18,7 @@ use cowdisk::format::header::{ParentFormat, ParentRef};
 use cowdisk::format::{Geometry, FLAG_FROZEN};
 use cowdisk::layer::raw::RawImage;
 use cowdisk::layer::{Image, OpenOptions};
+use cowdisk::live::jobs::{Job, JobSpec};
 use cowdisk::live::LiveChain;
 use cowdisk::ops::commit::{commit_into, empty_top_in};
 use cowdisk::ops::flatten::{flatten_chain, flatten_chain_to, OutputFormat};
@@ -31,6 +32,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const SIZE: u64 = 192 * 1024;
+
+/// Background jobs the concurrent runs completed: flatten, commit, compact.
+pub static JOBS_DONE: [std::sync::atomic::AtomicUsize; 3] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
 const TOP: &str = "top";
 const MID: &str = "mid";
 const OUT: &str = "out";
@@ -387,20 +395,50 @@ pub fn concurrent(seed: u64) -> Run {
                 .collect()
         })
         .collect();
-    // The threads go through a live chain, and one more thread takes live snapshots while
-    // they run: requests wait for it and go on on the new top.
+    // The threads go through a live chain; one more thread takes live snapshots while they
+    // run (requests wait for it and go on on the new top), and another runs a background job
+    // on the chain (a flatten, a commit into the middle layer, or a compaction).
     let chain = LiveChain::new(chain);
     let snapshots = rng.below(3);
+    let job = [
+        None,
+        Some(JobSpec::Flatten),
+        Some(JobSpec::Commit),
+        Some(JobSpec::Compact { into: PathBuf::from("merged"), layers: None }),
+    ][rng.below(4) as usize]
+        .clone();
+    let mid_may_change_from = matches!(job, Some(JobSpec::Commit)).then(|| journal.len());
     std::thread::scope(|s| {
         s.spawn(|| {
             for n in 0..snapshots {
                 std::thread::sleep(std::time::Duration::from_micros(300 + n * 500));
-                issue(&h, &journal, || {
-                    chain.snapshot(&dir, Path::new(&format!("snap{n}"))).unwrap();
-                    What::Flush
-                });
+                let (called, j_start) = (h.tick(), journal.len());
+                match chain.snapshot(&dir, Path::new(&format!("snap{n}"))) {
+                    Ok(_) => {
+                        h.record(Req { called, returned: h.tick(), j_start, j_end: journal.len(), what: What::Flush })
+                    }
+                    // A job runs on the chain: one change of its layers at a time.
+                    Err(e) if e.kind() == cowdisk::ErrorKind::InUse => {}
+                    Err(e) => panic!("live snapshot: {e}"),
+                }
             }
         });
+        if let Some(spec) = job.clone() {
+            s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                let job = Job::new(1, spec, Path::new(TOP), None);
+                match job.run_here_in(&chain, &dir) {
+                    Ok(()) => {
+                        let i =
+                            ["flatten", "commit", "compact"].iter().position(|k| *k == job.spec.name()).unwrap_or(0);
+                        JOBS_DONE[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // A compaction with fewer than two layers to merge, or a snapshot running.
+                    Err(e) if matches!(e.kind(), cowdisk::ErrorKind::InvalidArgument | cowdisk::ErrorKind::InUse) => {}
+                    Err(e) => panic!("{} job: {e}", job.spec.name()),
+                }
+            });
+        }
         for plan in &plans {
             let (chain, h, journal) = (&chain, &h, &journal);
             s.spawn(move || {
@@ -443,7 +481,7 @@ pub fn concurrent(seed: u64) -> Run {
         base,
         oracle: Oracle::new(&model, &h.reqs()),
         mid_id,
-        mid_may_change_from: None,
+        mid_may_change_from,
         mid_bytes_before,
         out: None,
         start,

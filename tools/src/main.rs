@@ -11,6 +11,7 @@ macro_rules! say {
 mod control;
 mod demo;
 mod export;
+mod jobs;
 mod ops;
 mod progress;
 mod serve;
@@ -29,6 +30,20 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How a background job is run when a server serves the image.
+#[derive(clap::Args)]
+pub struct JobArgs {
+    /// Most bytes per second the job moves (e.g. 50M); default unlimited.
+    #[arg(long, value_parser = size::parse_size, value_name = "SIZE")]
+    rate: Option<u64>,
+    /// Return once the job has started instead of following it to the end.
+    #[arg(long)]
+    detach: bool,
+    /// The serving server's control socket (default: found from IMAGE).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +78,7 @@ enum Cmd {
         control: Option<PathBuf>,
     },
     /// Make IMAGE independent of its parents (in place), or write its merged contents to --output.
+    /// On an image a server serves (in place only), a background job in that server.
     Flatten {
         image: PathBuf,
         /// Write a new standalone file instead of changing IMAGE.
@@ -71,13 +87,40 @@ enum Cmd {
         /// Format of --output.
         #[arg(long, value_parser = ["cowdisk", "raw"], default_value = "cowdisk", requires = "output")]
         format: String,
+        #[command(flatten)]
+        job: JobArgs,
     },
     /// Merge IMAGE's own data into its parent (a cowdisk layer); IMAGE becomes an empty overlay.
+    /// On an image a server serves, a background job in that server: IMAGE keeps what is
+    /// written while it runs.
     Commit {
         image: PathBuf,
         /// Commit even though other overlays may be built on the parent.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Merge the layers under IMAGE (all its cowdisk layers, or --layers N of them) into one
+    /// new frozen layer MERGED in the same directory, and put IMAGE on it. The merged layers'
+    /// files are left as they are. On an image a server serves, a background job in it.
+    Compact {
+        image: PathBuf,
+        merged: PathBuf,
+        /// How many layers under IMAGE to merge (at least 2; default all cowdisk layers).
+        #[arg(long)]
+        layers: Option<usize>,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// List the running server's background jobs, or cancel one.
+    Jobs {
+        #[command(subcommand)]
+        cmd: Option<jobs::JobsCmd>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
     },
     /// Show size, chunk size, allocation, flags and the whole chain.
     Info {
@@ -187,8 +230,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Snapshot { image, snapshot, control } => ops::snapshot_cmd(&image, &snapshot, control.as_deref()),
-        Cmd::Flatten { image, output, format } => ops::flatten_cmd(&image, output, &format),
-        Cmd::Commit { image, force } => ops::commit_cmd(&image, force),
+        Cmd::Flatten { image, output, format, job } => ops::flatten_cmd(&image, output, &format, &job),
+        Cmd::Commit { image, force, job } => ops::commit_cmd(&image, force, &job),
+        Cmd::Compact { image, merged, layers, job } => ops::compact_cmd(&image, &merged, layers, &job),
+        Cmd::Jobs { cmd: Some(c), .. } => jobs::run(c),
+        Cmd::Jobs { cmd: None, json, control } => jobs::list(json, control.as_deref()),
         Cmd::Info { image, json } => ops::info_cmd(&image, json),
         Cmd::Map { image, json } => ops::map_cmd(&image, json),
         Cmd::Diff { old, new, json } => ops::diff_cmd(&old, &new, json),

@@ -1,9 +1,12 @@
 //! The image-management commands: snapshot, flatten, commit, info, map, diff and check, with
 //! their human and `--json` output (the JSON shapes are documented in the README).
 
+use crate::jobs::{self, Start};
 use crate::progress::Bar;
 use crate::size::format_size;
 use crate::Failure;
+use crate::JobArgs;
+use cowdisk::live::jobs::JobSpec;
 use cowdisk::ops::check::{check, CheckOptions, CheckReport};
 use cowdisk::ops::flatten::{flatten_in_place, flatten_to, OutputFormat};
 use cowdisk::ops::info::{info, LayerInfo};
@@ -41,11 +44,18 @@ pub fn snapshot_cmd(image: &Path, snap: &Path, control: Option<&Path>) -> Result
     Ok(())
 }
 
-pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str) -> Result<(), Failure> {
+pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str, job: &JobArgs) -> Result<(), Failure> {
     let bar = Bar::new("flatten");
     let progress = |d, t| bar.update(d, t);
     match output {
         None => {
+            let start = Start { kind: "flatten", image, args: json!({}), rate: job.rate, detach: job.detach };
+            if jobs::on_server(start, job.control.as_deref())?.is_some() {
+                if !job.detach {
+                    say!("{} no longer depends on any parent (live)", image.display());
+                }
+                return Ok(());
+            }
             flatten_in_place(image, &progress)?;
             say!("{} no longer depends on any parent", image.display());
         }
@@ -59,11 +69,44 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str) -> Resul
     Ok(())
 }
 
-pub fn commit_cmd(image: &Path, force: bool) -> Result<(), Failure> {
+pub fn commit_cmd(image: &Path, force: bool, job: &JobArgs) -> Result<(), Failure> {
     let bar = Bar::new("commit");
+    // Refused the same way whether or not a server serves it.
+    commit::commit_target(image, force)?;
+    let start = Start { kind: "commit", image, args: json!({}), rate: job.rate, detach: job.detach };
+    if jobs::on_server(start, job.control.as_deref())?.is_some() {
+        if !job.detach {
+            say!("committed {} into its parent (live); it holds only what was written meanwhile", image.display());
+        }
+        return Ok(());
+    }
     sweep_temps(image, "commit");
-    commit::commit(image, force, &|d, t| bar.update(d, t))?;
+    if commit::interrupted(image)? {
+        // A live commit stopped half-way left its intermediate layer: finished the same way.
+        jobs::here(image, JobSpec::Commit, job.rate)?;
+    } else {
+        commit::commit(image, force, &|d, t| bar.update(d, t))?;
+    }
     say!("committed {} into its parent; it is now an empty overlay", image.display());
+    Ok(())
+}
+
+pub fn compact_cmd(image: &Path, merged: &Path, layers: Option<usize>, job: &JobArgs) -> Result<(), Failure> {
+    let into = crate::control::client::absolute(merged)?;
+    let args = json!({"into": into, "layers": layers});
+    let start = Start { kind: "compact", image, args, rate: job.rate, detach: job.detach };
+    let live = jobs::on_server(start, job.control.as_deref())?;
+    if live.is_none() {
+        jobs::here(image, JobSpec::Compact { into: merged.to_path_buf(), layers }, job.rate)?;
+    }
+    if !job.detach || live.is_none() {
+        say!(
+            "merged the layers under {} into {}; {} now stands on it",
+            image.display(),
+            merged.display(),
+            image.display()
+        );
+    }
     Ok(())
 }
 

@@ -229,13 +229,19 @@ pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure
     let (tcp_scheme, unix_scheme) = if cfg.tls.is_some() { ("nbds", "nbds+unix") } else { ("nbd", "nbd+unix") };
     let server = Server::bind(cfg, exports)?;
     install_signal_handlers(&server.shutdown_handle());
-    let (socket, links) = match o.control {
-        Some(p) => (p, None),
-        None => {
-            let dir = rundir().map_err(|e| Failure(format!("control: {e}"), 1))?;
-            (server_socket(&dir, std::process::id()), Some(dir))
+    // The runtime directory holds the default socket, or a link to the one given, and a link
+    // per served image: how the CLI finds the server of an image without being told. Without
+    // a usable runtime directory, only --control reaches the server.
+    let dir = rundir().ok();
+    let socket = match (o.control, &dir) {
+        (Some(p), _) => std::path::absolute(&p).unwrap_or(p),
+        (None, Some(d)) => server_socket(d, std::process::id()),
+        (None, None) => {
+            let e = rundir().err().map(|e| e.to_string()).unwrap_or_default();
+            return Err(Failure(format!("control: {e}; give --control PATH"), 1));
         }
     };
+    let links = dir;
     let names: Vec<(String, bool)> = lives.iter().map(|l| (l.name.clone(), l.live.is_read_only())).collect();
     let mut control = Control::start(socket, links, server.control(), lives)?;
     let tcp = server.tcp_addrs();

@@ -474,9 +474,11 @@ fn commands_that_write_an_image_a_server_holds_fail_with_in_use() {
     let model = ws.device("disk.cow");
     let sock = ws.p("s.sock");
     let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&sock)]);
-    // (A snapshot of a served image is taken by its server, live: tools/tests/live.rs.)
-    ws.fail(&["commit", "disk.cow", "--force"], &["disk.cow", "in use"]);
-    ws.fail(&["flatten", "disk.cow"], &["disk.cow", "in use"]);
+    // (Snapshot, commit and flatten of a served image are done by its server, live:
+    // tools/tests/live.rs and live_jobs.rs.) A second server, and a check that repairs, are
+    // refused.
+    let o = ws.fail(&["check", "--repair", "disk.cow"], &["disk.cow", "in use"]);
+    assert_eq!(o.code, Some(1), "an image in use is not a corrupt image: {}", o.describe());
     let o = ws.run(&["serve", "disk.cow", "--socket", "t.sock"]);
     assert_ne!(o.code, Some(0));
     assert!(o.error_line().contains("in use"), "{}", o.describe());

@@ -6,62 +6,15 @@
 mod common;
 
 use common::cli::*;
-use common::nbdclient::NbdClient;
+use common::live::Live;
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const BLOCK: u64 = 4096;
-
-/// A served overlay on a random raw base, with its control socket at a known path. The
-/// server is stopped before its directory goes (fields drop in order).
-struct Live {
-    server: Server,
-    ws: Ws,
-    ctl: PathBuf,
-    base: Vec<u8>,
-}
-
-impl Live {
-    fn start(size: u64) -> Live {
-        let ws = Ws::in_memory("live");
-        write_random_file(&ws.p("base.raw"), size, 0x11fe);
-        let base = std::fs::read(ws.p("base.raw")).unwrap();
-        ws.create("disk.cow", &["--backing", "base.raw", "--chunk-size", "16K"]);
-        let ctl = ws.p("ctl.sock");
-        let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&ws.p("nbd.sock")), "--control", s(&ctl)]);
-        Live { server, ws, ctl, base }
-    }
-
-    fn uri(&self) -> String {
-        self.server.uri("disk")
-    }
-
-    /// `cowdisk snapshot disk.cow NAME` through the control socket; the pause it reports.
-    fn snapshot(&self, name: &str) -> f64 {
-        let out = self.ws.ok(&["snapshot", "disk.cow", name, "--control", s(&self.ctl)]);
-        let ms = out.split("clients paused ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok());
-        ms.unwrap_or_else(|| panic!("no pause reported: {out}"))
-    }
-
-    fn client(&self) -> NbdClient<std::os::unix::net::UnixStream> {
-        let mut c = self.server.connect();
-        c.opt_go("disk", &[]).expect("NBD_OPT_GO");
-        c
-    }
-
-    /// The whole device of the frozen snapshot `name` (as flatten writes it).
-    fn snapshot_bytes(&self, name: &str) -> Vec<u8> {
-        let out = format!("{name}.raw");
-        self.ws.ok(&["flatten", name, "--output", &out, "--format", "raw"]);
-        let b = std::fs::read(self.ws.p(&out)).unwrap();
-        std::fs::remove_file(self.ws.p(&out)).unwrap();
-        b
-    }
-}
 
 /// One acknowledged write: the block it left behind, and when it was called and answered.
 struct Acked {

@@ -1,9 +1,11 @@
 //! The server side of the control channel: a Unix socket next to the NBD listeners, a thread
 //! per control connection, and the commands: `snapshot` (live, see `cowdisk::live`),
-//! `export-add`, `export-remove` and `export-list`. Every command either does all it says or
-//! changes nothing and answers with one line saying why.
+//! `export-add`, `export-remove`, `export-list`, and the background jobs `job-start`
+//! (commit, flatten, compact), `job-list` and `job-cancel`. Every command either does all it
+//! says or changes nothing and answers with one line saying why.
 
 use super::{canonical, image_link};
+use cowdisk::live::jobs::{Job, JobSpec, Jobs};
 use cowdisk::live::LiveChain;
 use cowdisk::nbd::server::ServerControl;
 use cowdisk::nbd::{Export, ExportStats};
@@ -35,6 +37,9 @@ struct State {
     rundir: Option<PathBuf>,
     socket: PathBuf,
     stopping: AtomicBool,
+    jobs: Jobs,
+    /// The link of the default name to a socket given with --control.
+    alias: Option<PathBuf>,
 }
 
 /// The running control channel; dropping it removes its socket and links.
@@ -59,6 +64,13 @@ impl Control {
         exports: Vec<Served>,
     ) -> Result<Control, Error> {
         let listener = bind(&socket)?;
+        // A socket outside the runtime directory is found there through a link of the
+        // default name.
+        let alias = rundir.as_ref().map(|d| super::server_socket(d, std::process::id())).filter(|a| *a != socket);
+        if let Some(a) = &alias {
+            let _ = std::fs::remove_file(a);
+            let _ = std::os::unix::fs::symlink(&socket, a);
+        }
         let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let state = Arc::new(State {
             server,
@@ -66,6 +78,8 @@ impl Control {
             rundir,
             socket,
             stopping: AtomicBool::new(false),
+            jobs: Jobs::default(),
+            alias,
         });
         for s in exports {
             state.link(&s.image);
@@ -93,6 +107,9 @@ impl Control {
     /// error (after the NBD server has stopped: no request runs any more).
     pub fn close_all(&mut self) -> Result<(), Error> {
         self.stop();
+        // Running jobs stop at their next safe point (see cowdisk::live::jobs for what each
+        // leaves), before their chains close.
+        self.state.jobs.stop_all();
         let mut first = Ok(());
         for s in lock(&self.state.exports).drain(..) {
             if let Err(e) = s.live.close() {
@@ -120,6 +137,9 @@ impl Drop for Control {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_file(&self.state.socket);
+        if let Some(a) = &self.state.alias {
+            let _ = std::fs::remove_file(a);
+        }
         for s in lock(&self.state.exports).iter() {
             self.state.unlink(&s.image);
         }
@@ -244,7 +264,15 @@ fn dispatch(st: &State, cmd: &str, args: &Value) -> Result<Value, Error> {
         "export-add" => export_add(st, args),
         "export-remove" => export_remove(st, args),
         "export-list" => Ok(export_list(st)),
-        _ => Err(bad(format!("unknown command {cmd:?} (snapshot, export-add, export-remove, export-list)"))),
+        "job-start" => job_start(st, args),
+        "job-list" => Ok(json!(st.jobs.list().iter().map(|j| job_json(j)).collect::<Vec<_>>())),
+        "job-cancel" => {
+            let id = args.get("id").and_then(Value::as_u64).ok_or_else(|| bad("argument \"id\" (a number) is missing"))?;
+            Ok(job_json(st.jobs.cancel(id)?.as_ref()))
+        }
+        _ => Err(bad(format!(
+            "unknown command {cmd:?} (snapshot, export-add, export-remove, export-list, job-start, job-list, job-cancel)"
+        ))),
     }
 }
 
@@ -290,6 +318,21 @@ fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
 
 fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
     let name = arg_str(args, "name")?;
+    let image = lock(&st.exports).iter().find(|s| s.name == name).map(|s| s.image.clone());
+    if let Some(image) = image.filter(|i| st.jobs.running_on(i)) {
+        if !arg_bool(args, "force") {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!("a job is running on export {name:?}; --force cancels it"),
+            ));
+        }
+        for j in st.jobs.list().iter().filter(|j| j.image == image) {
+            let _ = st.jobs.cancel(j.id);
+        }
+        while st.jobs.running_on(&image) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
     st.server.remove_export(name, arg_bool(args, "force"))?;
     let served = {
         let mut l = lock(&st.exports);
@@ -327,4 +370,35 @@ fn export_list(st: &State) -> Value {
         })
         .collect();
     json!(list)
+}
+
+fn job_start(st: &State, args: &Value) -> Result<Value, Error> {
+    let live = live_of(st, arg_str(args, "image")?)?;
+    let spec = match arg_str(args, "kind")? {
+        "commit" => JobSpec::Commit,
+        "flatten" => JobSpec::Flatten,
+        "compact" => JobSpec::Compact {
+            into: PathBuf::from(arg_str(args, "into")?),
+            layers: args.get("layers").and_then(Value::as_u64).map(|n| n as usize),
+        },
+        other => return Err(bad(format!("unknown job kind {other:?} (commit, flatten, compact)"))),
+    };
+    let rate = args.get("rate").and_then(Value::as_u64);
+    let job = st.jobs.start(live, spec, rate)?;
+    Ok(job_json(&job))
+}
+
+/// A job as `job-list` shows it.
+pub fn job_json(j: &Job) -> Value {
+    let (done, total) = j.progress();
+    let state = j.state();
+    let error = match &state {
+        cowdisk::live::jobs::JobState::Failed(e) => Some(e.clone()),
+        _ => None,
+    };
+    json!({
+        "id": j.id, "kind": j.spec.name(), "image": j.image.display().to_string(),
+        "state": state.name(), "error": error, "done": done, "total": total,
+        "rate": j.rate(), "elapsed_ms": j.elapsed().as_millis() as u64,
+    })
 }

@@ -13,6 +13,7 @@
 pub mod cli;
 mod data;
 mod fsstack;
+pub mod live;
 pub mod nbdclient;
 pub mod nbdtest;
 pub mod oracle;

@@ -66,7 +66,7 @@ fn uuid(n: u8) -> [u8; 16] {
 }
 
 /// Opens the image in `s` as the writable top over `lowers` (moved in and out of the chain).
-fn assemble(s: &Arc<MemStorage>, lowers: Vec<Arc<Image>>, base: Option<RawImage>, what: &str) -> Chain {
+fn assemble(s: &Arc<MemStorage>, lowers: Vec<Arc<Image>>, base: Option<Arc<RawImage>>, what: &str) -> Chain {
     let img = Image::open_on(s.clone(), Path::new("top.cow"), OpenOptions::writable())
         .unwrap_or_else(|e| panic!("{what}: top does not open: {e}"));
     Chain::assemble_shared(img, lowers, base)
@@ -103,7 +103,7 @@ pub fn run(data: &[u8]) {
         let g = geometry(lsize, shift, sel & 0x80 != 0);
         model.bytes.resize(lsize as usize, 0);
         let img = Image::create_on(s.clone(), Path::new("lower.cow"), g, None, uuid(i + 1)).expect("create lower");
-        let chain = Chain::assemble_shared(img, std::mem::take(&mut below.lowers), below.raw());
+        let chain = Chain::assemble_shared(img, std::mem::take(&mut below.lowers), below.raw().map(Arc::new));
         let got = read_all(&chain).expect("read new lower chain");
         model.assert_range(&got, 0, "new lower layer over the layers below");
         let n_ops = usize::from(b.u8()) % (MAX_LOWER_OPS + 1);
@@ -143,7 +143,7 @@ pub fn run(data: &[u8]) {
     model.bytes.resize(size as usize, 0);
     let img = Image::create_on(top.clone(), Path::new("top.cow"), g, None, uuid(0xff)).expect("create top");
     let raw = below.raw();
-    let chain = Chain::assemble_shared(img, std::mem::take(&mut below.lowers), raw);
+    let chain = Chain::assemble_shared(img, std::mem::take(&mut below.lowers), raw.map(Arc::new));
     let got = read_all(&chain).expect("read new top");
     model.assert_range(&got, 0, "new top over the lower layers");
     let mut w = World { chain: Some(chain), top, model, history: HashMap::new(), size };

@@ -1,0 +1,54 @@
+//! A running `cowdisk serve` of an overlay on a random raw base, with its control socket at a
+//! known path: what the tests of live operations (tools/tests/live*.rs) start from.
+
+use super::cli::*;
+use super::nbdclient::NbdClient;
+use super::*;
+use std::path::PathBuf;
+
+/// A served overlay on a random raw base, with its control socket at a known path. The
+/// server is stopped before its directory goes (fields drop in order).
+pub struct Live {
+    pub server: Server,
+    pub ws: Ws,
+    pub ctl: PathBuf,
+    pub base: Vec<u8>,
+}
+
+impl Live {
+    pub fn start(size: u64) -> Live {
+        let ws = Ws::in_memory("live");
+        write_random_file(&ws.p("base.raw"), size, 0x11fe);
+        let base = std::fs::read(ws.p("base.raw")).unwrap();
+        ws.create("disk.cow", &["--backing", "base.raw", "--chunk-size", "16K"]);
+        let ctl = ws.p("ctl.sock");
+        let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&ws.p("nbd.sock")), "--control", s(&ctl)]);
+        Live { server, ws, ctl, base }
+    }
+
+    pub fn uri(&self) -> String {
+        self.server.uri("disk")
+    }
+
+    /// `cowdisk snapshot disk.cow NAME` through the control socket; the pause it reports.
+    pub fn snapshot(&self, name: &str) -> f64 {
+        let out = self.ws.ok(&["snapshot", "disk.cow", name, "--control", s(&self.ctl)]);
+        let ms = out.split("clients paused ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok());
+        ms.unwrap_or_else(|| panic!("no pause reported: {out}"))
+    }
+
+    pub fn client(&self) -> NbdClient<std::os::unix::net::UnixStream> {
+        let mut c = self.server.connect();
+        c.opt_go("disk", &[]).expect("NBD_OPT_GO");
+        c
+    }
+
+    /// The whole device of the frozen snapshot `name` (as flatten writes it).
+    pub fn snapshot_bytes(&self, name: &str) -> Vec<u8> {
+        let out = format!("{name}.raw");
+        self.ws.ok(&["flatten", name, "--output", &out, "--format", "raw"]);
+        let b = std::fs::read(self.ws.p(&out)).unwrap();
+        std::fs::remove_file(self.ws.p(&out)).unwrap();
+        b
+    }
+}

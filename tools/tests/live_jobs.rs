@@ -1,0 +1,202 @@
+//! Background jobs on a running `cowdisk serve`, through the binary: commit, compaction and
+//! flatten run while fio writes and verifies on two connections; a job killed with SIGKILL or
+//! stopped by SIGTERM half-way leaves a chain that reads the same and that the same command
+//! run again finishes; jobs are listed, cancelled, and one at a time per chain.
+
+mod common;
+
+use common::cli::*;
+use common::live::Live;
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const SIZE: u64 = 48 << 20;
+
+/// Fills the chain of `live` with data in three layers: writes, a snapshot, writes, a
+/// snapshot, writes (so a commit, a compaction and a flatten each have work to do).
+fn layered(live: &Live) {
+    let mut c = live.client();
+    for (k, snap) in [(0u64, Some("s1.cow")), (1, Some("s2.cow")), (2, None)] {
+        for i in 0..24u64 {
+            let off = ((i * 2_654_435_761 + k * 977) % (SIZE / 65536 - 2)) * 65536 + 512 * (i % 9);
+            c.write(off, &random_bytes(40_000 + (i as usize % 5) * 20_000, k << 32 | i)).unwrap();
+        }
+        c.flush().unwrap();
+        if let Some(s) = snap {
+            live.snapshot(s);
+        }
+    }
+}
+
+/// The whole device, read through a new connection.
+fn device(live: &Live) -> Vec<u8> {
+    let mut c = live.client();
+    let mut out = Vec::with_capacity(SIZE as usize);
+    for off in (0..SIZE).step_by(4 << 20) {
+        out.extend(c.read(off, 4 << 20).unwrap());
+    }
+    out
+}
+
+fn layers(ws: &Ws) -> Vec<String> {
+    ws.info("disk.cow")["layers"].as_array().unwrap().iter().map(|l| l["path"].as_str().unwrap().to_string()).collect()
+}
+
+fn jobs(live: &Live) -> Vec<Value> {
+    live.ws.json(&["jobs", "--json", "--control", s(&live.ctl)]).as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn commit_compaction_and_flatten_run_while_fio_writes_and_verifies() {
+    if !require_tool("fio") {
+        return;
+    }
+    let live = Live::start(SIZE);
+    layered(&live);
+    let half = SIZE / 2;
+    let args: Vec<String> = vec![
+        "--name=jobs".into(),
+        "--ioengine=nbd".into(),
+        format!("--uri={}", live.uri()),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--iodepth=16".into(),
+        "--numjobs=2".into(),
+        format!("--size={half}"),
+        format!("--offset_increment={half}"),
+        "--verify=crc32c".into(),
+    ];
+    let dir = live.ws.dir().to_path_buf();
+    let fio = std::thread::spawn(move || run_fio(&dir, &args, 2));
+    let ctl = s(&live.ctl);
+    let out = live.ws.ok(&["commit", "disk.cow", "--force", "--control", ctl]);
+    assert!(out.contains("(live)"), "{out}");
+    let out = live.ws.ok(&["compact", "disk.cow", "merged.cow", "--control", ctl]);
+    assert!(out.contains("merged the layers"), "{out}");
+    let out = live.ws.ok(&["flatten", "disk.cow", "--control", ctl]);
+    assert!(out.contains("(live)"), "{out}");
+    let running_at_end = !fio.is_finished();
+    let text = fio.join().expect("fio failed while the jobs ran");
+    assert!(text.contains("WRITE:"), "{text}");
+    eprintln!("fio was {} running when the last job ended", if running_at_end { "still" } else { "no longer" });
+    let done: Vec<String> = jobs(&live).iter().map(|j| format!("{} {}", j["kind"], j["state"])).collect();
+    assert_eq!(done, ["\"commit\" \"completed\"", "\"compact\" \"completed\"", "\"flatten\" \"completed\""]);
+    let Live { server, ws, .. } = live;
+    assert!(server.stop().success());
+    assert_eq!(layers(&ws), ["disk.cow"]);
+    let c = ws.run(&["check", "--chain", "--deep", "disk.cow"]);
+    assert_eq!(c.code, Some(0), "{}", c.describe());
+}
+
+/// Runs `args` (a job) detached and slowed down, kills the server at `after`, and returns
+/// whether the job had finished by then.
+fn start_then_kill(live: &mut Live, args: &[&str], after: Duration) -> bool {
+    live.ws.ok(args);
+    std::thread::sleep(after);
+    let finished = jobs(live).iter().all(|j| j["state"] != "running");
+    live.server.daemon().kill9();
+    finished
+}
+
+#[test]
+fn a_job_killed_half_way_leaves_the_same_disk_and_the_same_command_finishes_it() {
+    for (kind, args, k) in [
+        ("commit", &["commit", "disk.cow", "--force"][..], 0u64),
+        ("compact", &["compact", "disk.cow", "merged.cow"][..], 1),
+        ("flatten", &["flatten", "disk.cow"][..], 2),
+        ("commit", &["commit", "disk.cow", "--force"][..], 3),
+    ] {
+        let mut live = Live::start(SIZE);
+        layered(&live);
+        let before = device(&live);
+        let ctl = live.ctl.clone();
+        let mut detached: Vec<&str> = args.to_vec();
+        detached.extend(["--detach", "--rate", "2M", "--control", s(&ctl)]);
+        let after = Duration::from_millis(150 + 350 * k);
+        let finished = start_then_kill(&mut live, &detached, after);
+        eprintln!("{kind}: killed after {after:?} ({})", if finished { "it had finished" } else { "half-way" });
+        // The chain opens and reads the same, and has nothing worse than leaked space.
+        let c = live.ws.run(&["check", "--chain", "disk.cow"]);
+        assert!(matches!(c.code, Some(0 | 3)), "{kind} after the kill: {}", c.describe());
+        let sock = live.ws.p("nbd.sock");
+        live.server = Server::start(&[s(&live.ws.p("disk.cow")), "--socket", s(&sock), "--control", s(&ctl)]);
+        assert_bytes_eq(&device(&live), &before, &format!("{kind} killed half-way"));
+        // The same command, run again, finishes the work.
+        let mut again: Vec<&str> = args.to_vec();
+        again.extend(["--control", s(&ctl)]);
+        if kind == "compact" && live.ws.p("merged.cow").exists() {
+            // It finished before the kill: the chain already stands on the merged layer.
+            assert!(layers(&live.ws).iter().any(|l| l.ends_with("merged.cow")));
+        } else {
+            live.ws.ok(&again);
+        }
+        assert_bytes_eq(&device(&live), &before, &format!("{kind} finished after the kill"));
+        let names = layers(&live.ws);
+        match kind {
+            "flatten" => assert_eq!(names, ["disk.cow"]),
+            "compact" => assert_eq!(names.len(), 3, "{names:?}"),
+            _ => assert!(names.iter().all(|n| !n.contains(".commit-")), "{names:?}"),
+        }
+        let Live { server, ws, .. } = live;
+        assert!(server.stop().success());
+        let c = ws.run(&["check", "--chain", "disk.cow"]);
+        assert_eq!(c.code, Some(0), "{kind}: {}", c.describe());
+    }
+}
+
+#[test]
+fn jobs_are_listed_cancelled_and_run_one_at_a_time() {
+    let live = Live::start(SIZE);
+    layered(&live);
+    let before = device(&live);
+    let (ws, ctl) = (&live.ws, s(&live.ctl));
+    let out = ws.ok(&["commit", "disk.cow", "--force", "--detach", "--rate", "4M", "--control", ctl]);
+    assert!(out.starts_with("job 1 started"), "{out}");
+    let j = &jobs(&live)[0];
+    assert_eq!(
+        (j["kind"].as_str(), j["state"].as_str(), j["rate"].as_u64()),
+        (Some("commit"), Some("running"), Some(4 << 20))
+    );
+    // One job per chain, and no snapshot meanwhile.
+    ws.fail(&["flatten", "disk.cow", "--control", ctl], &["in use", "a commit job is running"]);
+    ws.fail(&["snapshot", "disk.cow", "x.cow", "--control", ctl], &["in use", "a commit job is running"]);
+    ws.ok(&["jobs", "cancel", "1", "--control", ctl]);
+    let t = Instant::now();
+    while jobs(&live)[0]["state"] == "running" {
+        assert!(t.elapsed() < Duration::from_secs(10), "the job did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(jobs(&live)[0]["state"], "cancelled");
+    assert!(ws.ok(&["jobs", "--control", ctl]).contains("commit"));
+    assert_bytes_eq(&device(&live), &before, "after the cancelled commit");
+    // Cancelled, it left its intermediate layer; the next commit starts from it.
+    assert!(layers(ws).iter().any(|l| l.contains(".commit-")), "{:?}", layers(ws));
+    ws.ok(&["commit", "disk.cow", "--force", "--control", ctl]);
+    assert!(layers(ws).iter().all(|l| !l.contains(".commit-")), "{:?}", layers(ws));
+    assert_bytes_eq(&device(&live), &before, "after the commit run again");
+    let Live { server, .. } = live;
+    assert!(server.stop().success());
+}
+
+#[test]
+fn sigterm_during_a_job_stops_it_at_a_safe_point_and_the_server_exits_cleanly() {
+    let live = Live::start(SIZE);
+    layered(&live);
+    let before = device(&live);
+    let Live { server, ws, ctl, base } = live;
+    ws.ok(&["flatten", "disk.cow", "--detach", "--rate", "4M", "--control", s(&ctl)]);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    assert!(server.stop().success(), "the server did not exit cleanly");
+    assert!(t.elapsed() < Duration::from_secs(5), "stopping took {:?}", t.elapsed());
+    let c = ws.run(&["check", "--chain", "disk.cow"]);
+    assert_eq!(c.code, Some(0), "{}", c.describe());
+    let sock = ws.p("nbd.sock");
+    let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&sock), "--control", s(&ctl)]);
+    let live = Live { server, ws, ctl, base };
+    assert_bytes_eq(&device(&live), &before, "after the stopped flatten");
+    live.ws.ok(&["flatten", "disk.cow", "--control", s(&live.ctl)]);
+    assert_eq!(layers(&live.ws), ["disk.cow"]);
+    assert_bytes_eq(&device(&live), &before, "after the flatten run again");
+}
