@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::cli::*;
 use common::nbdclient::*;
-use common::nbdtest::{nbdinfo_map, status_maps};
+use common::nbdtest::{assert_nbd_error, nbdinfo_map, status_maps};
 use common::*;
 use serde_json::Value;
 
@@ -402,6 +402,14 @@ fn a_selected_bitmap_keeps_meaning_its_layer_across_live_snapshots() {
     let listed: Vec<String> =
         l.opt_list_meta_context("disk", &["qemu:dirty-bitmap:"]).unwrap().into_iter().map(|m| m.name).collect();
     assert_eq!(listed, ["s4.cow", "s2.cow", "s1.cow", "base.raw"].map(|n| format!("qemu:dirty-bitmap:{n}")));
+    // A compaction merges s1.cow away: its name is gone, and the client that selected it is
+    // told so (EINVAL) rather than answered from another layer.
+    let out = ws.run(&["compact", "disk.cow", "merged.cow", "--control", s(&ctl)]);
+    assert_eq!(out.code, Some(0), "compact\n{}", out.describe());
+    assert_nbd_error(c.block_status(0, 4096, 0), NBD_EINVAL, "the bitmap of a snapshot merged away");
+    let listed: Vec<String> =
+        l.opt_list_meta_context("disk", &["qemu:dirty-bitmap:"]).unwrap().into_iter().map(|m| m.name).collect();
+    assert_eq!(listed, ["qemu:dirty-bitmap:merged.cow", "qemu:dirty-bitmap:base.raw"]);
 }
 
 // ---------------------------------------------------------------------------
