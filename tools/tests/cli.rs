@@ -596,7 +596,9 @@ fn overlays_of_one_frozen_base_served_together_never_see_each_others_writes() {
     ws.ok(&["flatten", "d.cow", "--output", "d.raw", "--format", "raw"]);
     assert_bytes_eq(&fs::read(ws.p("d.raw")).unwrap(), &base_model, "d.raw");
     assert_eq!(ws.info("a.cow")["flags"], json!(["dirty"]));
-    ws.fail(&["commit", "c.cow", "--force"], &["c.cow", "in use"]);
+    // Asked of the server that serves c.cow, which refuses to take up the base the other
+    // exports read for writing.
+    ws.fail(&["commit", "c.cow", "--force"], &["base.cow", "in use"]);
     assert!(server.stop().success());
 
     assert_eq!(fs::read(ws.p("base.cow")).unwrap(), base_file, "the base file changed");
