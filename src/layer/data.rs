@@ -65,10 +65,43 @@ impl WritePlan<'_> {
 }
 
 impl Drop for WritePlan<'_> {
+    /// A write that failed part-way (a client gone in the middle of a large write, a full
+    /// disk) gives back the slot it took, so that nothing of it is left as leaked space.
     fn drop(&mut self) {
-        if let (false, SlotPlan::Relocate { to, .. }) = (self.committed, &self.slot) {
-            // Never named by any entry, in memory or on disk: free at once.
-            write(&self.img.state).alloc.free_now(&[*to]);
+        if self.committed {
+            return;
+        }
+        let freed = {
+            let mut guard = write(&self.img.state);
+            let st = &mut *guard;
+            match self.slot {
+                // Never named by any entry, in memory or on disk: free at once.
+                SlotPlan::Relocate { to, .. } => Some(to),
+                // Named by the entry, which holds no Data block in it: a map on disk that
+                // names it too is one a reader drops at open (spec §5.5), so the slot is no
+                // real reference and may be freed at once as well.
+                SlotPlan::NewSlot { slot } => {
+                    let unused = st
+                        .map
+                        .get(self.chunk)
+                        .is_some_and(|e| e.data_offset == slot && e.blocks.count(BlockState::Data) == 0);
+                    unused.then(|| {
+                        let alloc = &mut st.alloc;
+                        if let Ok(e) = st.map.entry_mut(self.chunk, |len| alloc.alloc_fresh(len)) {
+                            e.data_offset = 0;
+                            e.pinned = 0;
+                        }
+                        slot
+                    })
+                }
+                SlotPlan::InPlace { .. } => None,
+            }
+        };
+        if let Some(slot) = freed {
+            // What the failed write put there is nobody's data: punched before the slot is
+            // handed out again (a failed punch only leaves space leaked).
+            let _ = self.img.storage.punch(slot, self.img.geom.chunk_size());
+            write(&self.img.state).alloc.free_now(&[slot]);
         }
     }
 }

@@ -100,36 +100,55 @@ pub(super) fn commit(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<
         [x, _, ..] if is_commit_layer(x.path()) => Ok(true),
         _ => Ok(false),
     })?;
+    // The parent is taken up for writing first: refused (another process has it open, such
+    // as a server of another overlay on it), nothing has changed yet.
+    let p = live.with(|c| Ok(c.lowers()[usize::from(resume)].clone()))?;
+    p.begin_writing().map_err(|e| match e.kind() {
+        ErrorKind::InUse => err(
+            ErrorKind::InUse,
+            format!(
+                "in use: its parent {} is open in another process (other overlays on it?); nothing changed",
+                p.path().display()
+            ),
+        )
+        .with_file(&image),
+        _ => e,
+    })?;
+    let moved = move_down(live, job, ns, &p, resume);
+    let ended = p.end_writing();
+    let x = moved?;
+    ended?;
+    // The last handle on X: its file closes, and nothing refers to it any more.
+    let x_path = x.path().to_path_buf();
+    drop(x);
+    ns.remove(&x_path);
+    ns.sync_dir(&x_path)
+}
+
+/// The steps of [`commit`] while the parent `p` is taken up for writing: the top frozen into
+/// X (unless X is there already), X's blocks into `p`, and the switch. Returns X, no longer
+/// part of the chain.
+fn move_down(live: &LiveChain, job: &Job, ns: &dyn Namespace, p: &Arc<Image>, resume: bool) -> Result<Arc<Image>> {
+    let image = live.path().to_path_buf();
     if !resume {
         let name = image.file_name().map(OsStr::to_string_lossy).unwrap_or_default();
-        let tag = u32::from_le_bytes(new_uuid()?[..4].try_into().unwrap_or_default());
+        let u = new_uuid()?;
+        let tag = u32::from_le_bytes([u[0], u[1], u[2], u[3]]);
         live.snapshot_now(ns, &image.with_file_name(format!("{name}.commit-{tag:08x}")))?;
     }
-    let (x, p) = live.with(|c| match c.lowers() {
-        [x, p, ..] => Ok((x.clone(), p.clone())),
-        _ => Err(err(ErrorKind::InvalidArgument, "the chain lost its parent layer").with_file(&image)),
+    let x = live.with(|c| match c.lowers() {
+        [x, q, ..] if Arc::ptr_eq(q, p) => Ok(x.clone()),
+        _ => Err(err(ErrorKind::InvalidArgument, "the chain changed under the commit").with_file(&image)),
     })?;
     let pref =
         x.parent().ok_or_else(|| err(ErrorKind::Corrupt, "the frozen top names no parent").with_file(x.path()))?;
-    p.begin_writing()?;
     let chunk = p.geometry().chunk_size();
-    let prepared = commit_prepare(
-        &x,
-        &p,
-        &|done, total| {
-            job.set_total(total * chunk);
-            job.advance_to(done * chunk);
-        },
-        &|| job.cancelled(),
-    );
-    let prepared = match prepared {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = p.end_writing();
-            return Err(e);
-        }
+    let progress = |done, total| {
+        job.set_total(total * chunk);
+        job.advance_to(done * chunk);
     };
-    let switched = live.replace(|chain| {
+    let prepared = commit_prepare(&x, p, &progress, &|| job.cancelled())?;
+    live.replace(|chain| {
         let chain = or_keep(chain, |_| p.switch_map(prepared))?;
         // P's slots moved: whatever happens next, readers go on with a chain that knows it.
         let chain = rebuilt(chain);
@@ -137,15 +156,8 @@ pub(super) fn commit(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<
         let (top, mut lowers, base) = chain.into_layers();
         lowers.remove(0);
         Ok(Chain::assemble_shared(top, lowers, base))
-    });
-    let ended = p.end_writing();
-    switched?;
-    ended?;
-    // The last handle on X: its file closes, and nothing refers to it any more.
-    let x_path = x.path().to_path_buf();
-    drop(x);
-    ns.remove(&x_path);
-    ns.sync_dir(&x_path)
+    })?;
+    Ok(x)
 }
 
 /// Compaction: the `layers` layers under the top (all its cowdisk layers if `None`) merged

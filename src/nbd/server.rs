@@ -1,5 +1,6 @@
-//! The NBD server: listeners (TCP, Unix), one thread per connection for reading requests, a
-//! shared worker pool, the connection cap, the handshake deadline, and orderly shutdown.
+//! The NBD server: listeners (TCP, Unix, bound here or inherited already listening), one
+//! thread per connection for reading requests, a shared worker pool, the connection cap, the
+//! handshake deadline, and orderly shutdown.
 
 use super::budget::Budget;
 use super::exports::{Export, ExportStats, Exports};
@@ -28,6 +29,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub enum ListenAddr {
     Tcp(String),
     Unix(PathBuf),
+    /// A socket another process bound and made listen before starting this one (socket
+    /// activation: systemd, libnbd): its descriptor, which the server takes over and closes.
+    /// TCP or Unix, told apart by its address; a Unix socket's file is left in place, since
+    /// whoever bound it goes on listening there after this server exits.
+    Inherited(RawFd),
 }
 
 pub struct ServerConfig {
@@ -61,7 +67,8 @@ impl Default for ServerConfig {
 
 enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    /// With the path to remove at exit: `None` for an inherited socket (not ours to remove).
+    Unix(UnixListener, Option<PathBuf>),
 }
 
 impl Listener {
@@ -162,6 +169,61 @@ fn bind_unix(p: &Path) -> Result<UnixListener> {
     UnixListener::bind(p).map_err(|e| Error::io("bind", e).with_file(p))
 }
 
+/// An `int` socket option of `fd`.
+fn sockopt(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, an int of that size.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Takes over an inherited listening socket, after checking it is one a client can reach
+/// (the checks sd_is_socket makes): a descriptor that is not open, not a socket, not a
+/// stream, not listening (a systemd socket unit with `Accept=yes` hands over connections)
+/// or of another family is refused, and the descriptor left alone.
+fn inherit(fd: RawFd) -> Result<Listener> {
+    use std::os::fd::FromRawFd;
+    let refuse = |why: String| err(ErrorKind::InvalidArgument, format!("inherited descriptor {fd}: {why}"));
+    let os = |e: io::Error| refuse(e.to_string());
+    // SAFETY: fstat fills a stat of the right size; an invalid fd is reported as EBADF.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(os(io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(refuse("not a socket".into()));
+    }
+    if sockopt(fd, libc::SO_TYPE).map_err(os)? != libc::SOCK_STREAM {
+        return Err(refuse("not a stream socket".into()));
+    }
+    if sockopt(fd, libc::SO_ACCEPTCONN).map_err(os)? == 0 {
+        return Err(refuse("a socket that is not listening (a systemd socket unit needs Accept=no)".into()));
+    }
+    // SAFETY: an all-zero sockaddr_storage is valid; getsockname writes at most `len` bytes.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    if unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+        return Err(os(io::Error::last_os_error()));
+    }
+    // Not handed on to anything this process may start.
+    // SAFETY: F_SETFD on a descriptor checked open above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(os(io::Error::last_os_error()));
+    }
+    // SAFETY (both): the descriptor is an open listening socket of that family, handed to
+    // this process to own; nothing else in it uses the number.
+    match libc::c_int::from(addr.ss_family) {
+        libc::AF_UNIX => Ok(Listener::Unix(unsafe { UnixListener::from_raw_fd(fd) }, None)),
+        libc::AF_INET | libc::AF_INET6 => Ok(Listener::Tcp(unsafe { TcpListener::from_raw_fd(fd) })),
+        f => Err(refuse(format!("address family {f} is neither TCP nor Unix"))),
+    }
+}
+
 impl Server {
     /// Binds the listeners of `cfg` for `exports` (which may be empty: exports can be added
     /// while the server runs, see [`ServerControl`]).
@@ -180,7 +242,8 @@ impl Server {
                 ListenAddr::Tcp(a) => Listener::Tcp(
                     TcpListener::bind(a.as_str()).map_err(|e| Error::io("bind", e).with_file(Path::new(a)))?,
                 ),
-                ListenAddr::Unix(p) => Listener::Unix(bind_unix(p)?, p.clone()),
+                ListenAddr::Unix(p) => Listener::Unix(bind_unix(p)?, Some(p.clone())),
+                ListenAddr::Inherited(fd) => inherit(*fd)?,
             };
             match &listener {
                 Listener::Tcp(t) => t.set_nonblocking(true),
@@ -210,6 +273,17 @@ impl Server {
             .iter()
             .filter_map(|l| match l {
                 Listener::Tcp(t) => t.local_addr().ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Unix socket addresses listened on, bound or inherited (a path, or an abstract name).
+    pub fn unix_addrs(&self) -> Vec<std::os::unix::net::SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match l {
+                Listener::Unix(u, _) => u.local_addr().ok(),
                 _ => None,
             })
             .collect()
@@ -305,7 +379,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         for l in &self.listeners {
-            if let Listener::Unix(_, p) = l {
+            if let Listener::Unix(_, Some(p)) = l {
                 let _ = std::fs::remove_file(p);
             }
         }

@@ -9,15 +9,17 @@ macro_rules! say {
 }
 
 mod control;
+mod daemon;
 mod demo;
 mod export;
+mod generate;
 mod jobs;
 mod ops;
 mod progress;
 mod serve;
 mod size;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use cowdisk::chain::create::{create_image, CreateOptions};
 use cowdisk::format::header::ParentFormat;
 use cowdisk::format::{MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT};
@@ -158,10 +160,14 @@ enum Cmd {
         json: bool,
     },
     /// Serve images over NBD until SIGINT or SIGTERM.
+    #[command(after_long_help = serve::DAEMON_HELP)]
     Serve(serve::ServeArgs),
     /// Add, remove and list the exports of a running server.
     #[command(subcommand)]
     Export(export::ExportCmd),
+    /// Man pages and shell completions, made from this program's own command-line definition.
+    #[command(subcommand)]
+    Generate(generate::GenerateCmd),
     /// Create (or reuse) a demo base with an ext4 filesystem and an overlay on it, and serve it.
     Demo(demo::DemoArgs),
 }
@@ -244,6 +250,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Export(c) => export::run(c),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Generate(c) => generate::run(c, Cli::command()),
     }
 }
 

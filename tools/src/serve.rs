@@ -1,9 +1,11 @@
 //! `cowdisk serve`: open each image's chain and export it over NBD until told to stop, with
 //! the TLS and client-authentication policy and the descriptions the operator gave, and the
-//! control channel through which the chains change while they are served (`control/`).
+//! control channel through which the chains change while they are served (`control/`), on
+//! sockets it binds or inherits (socket activation), in the foreground or forked (`daemon`).
 
 use crate::control::server::{Control, Served as ControlServed};
 use crate::control::{canonical, rundir, server_socket};
+use crate::daemon::{inherited_sockets, Daemon};
 use crate::Failure;
 use cowdisk::live::LiveChain;
 use cowdisk::nbd::handshake::TlsMode;
@@ -13,6 +15,7 @@ use cowdisk::nbd::tls::TlsConfig;
 use cowdisk::nbd::Export;
 use cowdisk::{Chain, ChainOptions, Disk};
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,12 +30,23 @@ pub struct ServeArgs {
     /// `cowdisk snapshot IMAGE` and `cowdisk export` find it).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
-    /// Listen on a Unix socket.
+    /// Listen on a Unix socket. Refused under socket activation (LISTEN_PID, LISTEN_FDS):
+    /// the server then listens on the sockets it inherits.
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Listen on TCP HOST:PORT (default 127.0.0.1:10809 when no --socket is given).
+    /// Listen on TCP HOST:PORT (default 127.0.0.1:10809 when no --socket is given and no
+    /// socket is inherited). Refused under socket activation.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Write the server's process id to FILE once its sockets accept connections; removed
+    /// when it exits cleanly.
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Return once the sockets accept connections, leaving the server running in the
+    /// background, on its own session, with stdin, stdout and stderr on /dev/null. An error
+    /// before that point is printed and makes this command fail.
+    #[arg(long)]
+    pub fork: bool,
     /// Export read-only.
     #[arg(long)]
     pub read_only: bool,
@@ -82,6 +96,21 @@ pub struct ServeArgs {
     #[arg(long)]
     pub dirty_bitmaps: bool,
 }
+
+/// The end of `cowdisk serve --help` and of cowdisk-serve(1): how it runs as a daemon.
+pub const DAEMON_HELP: &str = "\
+Stopping: SIGTERM or SIGINT stops accepting clients, answers the requests in flight, flushes \
+and closes every image cleanly, removes the pid file and exits 0.
+
+Socket activation: started with LISTEN_PID set to its process id and LISTEN_FDS=N (by systemd, \
+systemd-socket-activate, or libnbd as in `nbdinfo -- [ cowdisk serve disk.cow ]`), the server \
+serves on the listening sockets it inherits as descriptors 3 to 3+N-1, each TCP or Unix; \
+--socket and --listen are then refused, the startup lines go to stderr, and the variables are \
+removed from its environment. LISTEN_FDNAMES is ignored.
+
+--fork: the command returns once the sockets accept connections, after printing the startup \
+lines and a line with the server's process id; the server goes on in its own session with \
+stdin, stdout and stderr on /dev/null, so its messages after startup are not seen.";
 
 /// Why `--tls-psk` is refused, as one line.
 const PSK_UNSUPPORTED: &str = "--tls-psk: TLS-PSK is not supported (rustls, the TLS library cowdisk uses, has no \
@@ -159,6 +188,10 @@ pub struct ServeOptions {
     pub tls: Option<Tls>,
     /// The control socket; `None`: the default place.
     pub control: Option<PathBuf>,
+    /// Listening sockets inherited through socket activation, served besides any above.
+    pub inherited: Vec<RawFd>,
+    /// The pid file and a waiting foreground process, told once the sockets accept.
+    pub daemon: Daemon,
     /// Metadata contexts offered besides base:allocation.
     pub contexts: Offer,
 }
@@ -184,14 +217,16 @@ pub fn serve_chains(
             handshake_timeout,
             tls: None,
             control: None,
+            inherited: Vec::new(),
+            daemon: Daemon::none(),
             contexts,
         },
     )
 }
 
 /// Serves the exports until SIGINT or SIGTERM, then closes every chain.
-pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure> {
-    let mut addrs = Vec::new();
+pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Failure> {
+    let mut addrs: Vec<ListenAddr> = o.inherited.iter().map(|fd| ListenAddr::Inherited(*fd)).collect();
     if let Some(s) = &o.socket {
         addrs.push(ListenAddr::Unix(s.clone()));
     }
@@ -244,32 +279,98 @@ pub fn serve_exports(served: Vec<Served>, o: ServeOptions) -> Result<(), Failure
     let links = dir;
     let names: Vec<(String, bool)> = lives.iter().map(|l| (l.name.clone(), l.live.is_read_only())).collect();
     let mut control = Control::start(socket, links, server.control(), lives)?;
-    let tcp = server.tcp_addrs();
-    let mut out = std::io::stdout().lock();
-    for (name, read_only) in &names {
-        let ro = if *read_only { " (read-only)" } else { "" };
-        if let Some(s) = &o.socket {
-            let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{name}?socket={}", s.display());
+    let startup = Startup {
+        names,
+        unix: server.unix_addrs(),
+        tcp: server.tcp_addrs(),
+        schemes: (unix_scheme, tcp_scheme),
+        verifies_clients,
+        control: control.socket().to_path_buf(),
+        // Socket-activated by libnbd (`nbdcopy -- [ cowdisk serve IMAGE ] -`), stdout may be
+        // the caller's data stream: the startup lines go to stderr then (and so to the
+        // journal, under systemd).
+        to_stderr: !o.inherited.is_empty(),
+        forked: o.daemon.is_forked(),
+    };
+    let started = o.daemon.write_pid_file().and_then(|pid_file| {
+        startup.print();
+        o.daemon.ready().map(|()| pid_file)
+    });
+    // A failure to start still closes every image cleanly before the error is reported.
+    let pid_file = match started {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = control.close_all();
+            return Err(e);
         }
-        for a in &tcp {
-            let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{name}");
-        }
-    }
-    if verifies_clients {
-        let _ = writeln!(out, "clients must present a certificate signed by the --tls-ca CA");
-    }
-    let _ = writeln!(out, "control channel at {}", control.socket().display());
-    let _ = out.flush();
-    drop(out);
+    };
     let result = server.run();
     // No request runs any more: every chain is flushed and closed cleanly.
     let closed = control.close_all();
     result?;
     closed?;
+    drop(pid_file);
     Ok(())
 }
 
+/// What a server prints once it serves: where each export is, the control channel, and the
+/// process that went on in the background.
+struct Startup {
+    /// Each export's name and whether it is read-only.
+    names: Vec<(String, bool)>,
+    unix: Vec<std::os::unix::net::SocketAddr>,
+    tcp: Vec<std::net::SocketAddr>,
+    /// The URI schemes (with or without TLS) for Unix sockets and TCP.
+    schemes: (&'static str, &'static str),
+    verifies_clients: bool,
+    control: PathBuf,
+    to_stderr: bool,
+    forked: bool,
+}
+
+impl Startup {
+    fn print(&self) {
+        use std::os::linux::net::SocketAddrExt;
+        let mut out: Box<dyn Write> =
+            if self.to_stderr { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
+        let (unix_scheme, tcp_scheme) = self.schemes;
+        for (name, read_only) in &self.names {
+            let ro = if *read_only { " (read-only)" } else { "" };
+            for a in &self.unix {
+                if let Some(p) = a.as_pathname() {
+                    let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{name}?socket={}", p.display());
+                } else if let Some(n) = a.as_abstract_name() {
+                    let n = String::from_utf8_lossy(n);
+                    let _ = writeln!(out, "serving {name}{ro} on the abstract Unix socket @{n}");
+                }
+            }
+            for a in &self.tcp {
+                let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{name}");
+            }
+        }
+        if self.verifies_clients {
+            let _ = writeln!(out, "clients must present a certificate signed by the --tls-ca CA");
+        }
+        let _ = writeln!(out, "control channel at {}", self.control.display());
+        if self.forked {
+            let _ = writeln!(out, "running in the background as process {}", std::process::id());
+        }
+        let _ = out.flush();
+    }
+}
+
 pub fn run(a: ServeArgs) -> Result<(), Failure> {
+    // First of all: LISTEN_PID names the process started, not one forked below.
+    let inherited = inherited_sockets()?;
+    // Refused, as nbdkit and qemu-nbd refuse them: which sockets to serve is the activating
+    // side's to say, and quietly serving on others as well would surprise either side.
+    if !inherited.is_empty() && (a.socket.is_some() || a.listen.is_some()) {
+        let opt = if a.socket.is_some() { "--socket" } else { "--listen" };
+        return Err(Failure(
+            format!("{opt} cannot be used with socket activation (LISTEN_FDS): the server listens on the sockets it inherits"),
+            1,
+        ));
+    }
     if a.names.len() > a.images.len() {
         return Err(Failure("more --name options than images".into(), 1));
     }
@@ -277,6 +378,9 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         return Err(Failure("more --description options than images".into(), 1));
     }
     let tls = tls_from_args(&a)?;
+    // Forked before any image is opened or thread started; from here on, errors are the
+    // server's, printed by it while the foreground process waits for it.
+    let daemon = Daemon::start(a.pid_file.clone(), a.fork)?;
     let mut served: Vec<Served> = Vec::new();
     for (i, p) in a.images.iter().enumerate() {
         let chain = Chain::open(p, ChainOptions { writable: !a.read_only, ..Default::default() })?;
@@ -295,6 +399,8 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         handshake_timeout: Duration::from_secs(a.handshake_timeout),
         tls,
         control: a.control,
+        inherited,
+        daemon,
         contexts: Offer { allocation_depth: a.allocation_depth, dirty_bitmaps: a.dirty_bitmaps },
     };
     serve_exports(served, opts)

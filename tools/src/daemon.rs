@@ -1,0 +1,221 @@
+//! `cowdisk serve` as a daemon: the listening sockets it inherits through socket activation
+//! (LISTEN_PID, LISTEN_FDS), the pid file, and `--fork`: the foreground process waits until
+//! the server it forked accepts connections (or failed before that) and then returns.
+
+use crate::Failure;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+/// The first inherited descriptor: fixed by the socket-activation protocol.
+const FIRST_FD: RawFd = 3;
+/// The most sockets accepted (nbdkit's limit): a wild LISTEN_FDS must not make us adopt
+/// every descriptor number up to it.
+const MAX_FDS: u32 = 16;
+/// What the forked server sends the waiting foreground process once it serves.
+const READY: u8 = b'R';
+
+/// The listening sockets handed over by whoever started this process (systemd, libnbd's
+/// `nbd_connect_systemd_socket_activation`, `systemd-socket-activate`): descriptors 3 to
+/// 3+LISTEN_FDS-1, when LISTEN_PID is this process's id. Empty without socket activation.
+///
+/// The variables are removed in any case, so that nothing this process starts mistakes them
+/// for its own; LISTEN_FDNAMES too (names are not used: every socket serves every export).
+/// Must run before `--fork`: the id in LISTEN_PID is the one of the process started.
+pub fn inherited_sockets() -> Result<Vec<RawFd>, Failure> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    let (Some(pid), Some(fds)) = (pid, fds) else { return Ok(Vec::new()) };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        // Meant for another process (a wrapper that forked): serve as if not activated, as
+        // nbdkit does, but say so, since the sockets the operator configured go unused.
+        eprintln!("cowdisk: LISTEN_PID={pid} is not this process ({}): socket activation ignored", std::process::id());
+        return Ok(Vec::new());
+    }
+    let n = match fds.trim().parse::<u32>() {
+        Ok(n @ 1..=MAX_FDS) => n as RawFd,
+        _ => {
+            return Err(Failure(format!("socket activation: LISTEN_FDS={fds} is not a number from 1 to {MAX_FDS}"), 1))
+        }
+    };
+    let fds: Vec<RawFd> = (FIRST_FD..FIRST_FD + n).collect();
+    for &fd in &fds {
+        // Checked open now, before this process opens anything: a missing descriptor's number
+        // would otherwise go to the first file opened (an image), which would then be taken
+        // for the socket. Close-on-exec, as nbdkit does, so nothing started inherits it.
+        // SAFETY: F_SETFD on a descriptor number; an invalid one is reported as EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(os_error(&format!("inherited descriptor {fd}")));
+        }
+    }
+    Ok(fds)
+}
+
+/// What the serving process does once its sockets accept connections: write the pid file,
+/// and, forked, tell the foreground process to return.
+pub struct Daemon {
+    pid_file: Option<PathBuf>,
+    /// Forked: the pipe to the waiting foreground process.
+    parent: Option<OwnedFd>,
+}
+
+fn os_error(what: &str) -> Failure {
+    Failure(format!("{what}: {}", std::io::Error::last_os_error()), 1)
+}
+
+impl Daemon {
+    /// Nothing to do when ready (`cowdisk demo`).
+    pub fn none() -> Daemon {
+        Daemon { pid_file: None, parent: None }
+    }
+
+    /// With `fork`, forks: the foreground process stays here until the server is ready (exit
+    /// 0) or has failed (its exit code; the server printed its error line on the stderr they
+    /// share), and only the server returns. Call while the process has one thread (fork
+    /// copies only the caller's) and before any image is opened.
+    pub fn start(pid_file: Option<PathBuf>, fork: bool) -> Result<Daemon, Failure> {
+        // Absolute now, so that removing it at exit does not depend on the directory then.
+        let pid_file = match pid_file {
+            Some(p) => Some(std::path::absolute(&p).map_err(|e| Failure(format!("{}: {e}", p.display()), 1))?),
+            None => None,
+        };
+        if !fork {
+            return Ok(Daemon { pid_file, parent: None });
+        }
+        let threads = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().to_string())));
+        if threads.as_deref().is_some_and(|n| n != "1") {
+            return Err(Failure("--fork: cannot fork a process that runs several threads".into(), 1));
+        }
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: fds is a valid array of two ints.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(os_error("--fork: pipe"));
+        }
+        // SAFETY: pipe2 returned two new descriptors that nothing else owns.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: the process has one thread (checked above), so the child gets a consistent
+        // copy of every lock and allocator state.
+        match unsafe { libc::fork() } {
+            -1 => Err(os_error("--fork: fork")),
+            0 => {
+                drop(r);
+                // Its own session: a Ctrl-C or hang-up meant for the shell that started it
+                // does not reach the server it left running.
+                // SAFETY: setsid has no memory-safety preconditions.
+                unsafe { libc::setsid() };
+                Ok(Daemon { pid_file, parent: Some(w) })
+            }
+            child => {
+                drop(w);
+                std::process::exit(wait_for_server(r, child))
+            }
+        }
+    }
+
+    /// Whether this is the server a `--fork` left running.
+    pub fn is_forked(&self) -> bool {
+        self.parent.is_some()
+    }
+
+    /// Writes the pid file, once the sockets accept connections; it is removed when the
+    /// returned guard is dropped.
+    pub fn write_pid_file(&self) -> Result<PidFile, Failure> {
+        match &self.pid_file {
+            Some(p) => PidFile::write(p.clone()),
+            None => Ok(PidFile(None)),
+        }
+    }
+
+    /// Called once the server serves and its startup lines are printed. Forked, it lets go of
+    /// the terminal or pipe it was started with (stdin, stdout and stderr become /dev/null, as
+    /// with qemu-nbd --fork, so that a caller's `$(cowdisk serve --fork ...)` returns) and
+    /// tells the foreground process to return.
+    pub fn ready(&mut self) -> Result<(), Failure> {
+        if let Some(w) = self.parent.take() {
+            let _ = std::io::stdout().flush();
+            detach_stdio()?;
+            // The foreground process may be gone (killed while it waited): nothing to tell.
+            let _ = std::fs::File::from(w).write_all(&[READY]);
+        }
+        Ok(())
+    }
+}
+
+/// The foreground side of `--fork`: the exit code once the server is ready (0), or once it
+/// has exited without getting there.
+fn wait_for_server(r: OwnedFd, child: libc::pid_t) -> i32 {
+    let mut byte = [0u8; 1];
+    // read_exact retries an interrupted read; end of file is the server gone (or failed).
+    if std::fs::File::from(r).read_exact(&mut byte).is_ok() && byte[0] == READY {
+        return 0;
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child; status is a valid int.
+    while unsafe { libc::waitpid(child, &mut status, 0) } < 0 {
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            eprintln!("cowdisk: --fork: the server process stopped before serving");
+            return 1;
+        }
+    }
+    if libc::WIFEXITED(status) {
+        // A server that exits 0 before it was ready cannot happen; 1 rather than a success.
+        libc::WEXITSTATUS(status).max(1)
+    } else {
+        let sig = libc::WTERMSIG(status);
+        eprintln!("cowdisk: --fork: the server process was killed by signal {sig} before it was serving");
+        1
+    }
+}
+
+/// Points stdin, stdout and stderr at /dev/null.
+fn detach_stdio() -> Result<(), Failure> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| Failure(format!("/dev/null: {e}"), 1))?;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors from one we hold open.
+        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+            return Err(os_error("--fork: dup2"));
+        }
+    }
+    Ok(())
+}
+
+/// The pid file, removed on drop if it still names this process.
+pub struct PidFile(Option<PathBuf>);
+
+impl PidFile {
+    /// Writes "PID\n" under a temporary name and renames it into place, so that a reader
+    /// never sees it empty or half written.
+    fn write(path: PathBuf) -> Result<PidFile, Failure> {
+        let fail = |e: std::io::Error| Failure(format!("{}: write pid file: {e}", path.display()), 1);
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(format!(".tmp-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, format!("{}\n", std::process::id())).map_err(fail)?;
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail(e));
+        }
+        Ok(PidFile(Some(path)))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            // Another server may have been started with the same file since: leave its.
+            let ours = std::fs::read_to_string(p).is_ok_and(|s| s.trim() == std::process::id().to_string());
+            if ours {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
