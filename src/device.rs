@@ -20,6 +20,17 @@ impl ExtentKind {
     pub fn reads_zero(self) -> bool {
         !matches!(self, ExtentKind::Data { .. })
     }
+
+    /// The layer that decides what the range reads as, counted as qemu's `qemu:allocation-depth`
+    /// counts it: 0 where no layer holds anything, 1 for the top, 2 and up for the layers
+    /// below. A whiteout counts as held by the layer that records it (it hides everything
+    /// below), as qemu counts a qcow2 zero cluster.
+    pub fn allocation_depth(self) -> u32 {
+        match self {
+            ExtentKind::Data { depth } | ExtentKind::Zero { depth } => depth as u32 + 1,
+            ExtentKind::Unallocated => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +164,60 @@ pub trait DiskExtents {
     fn extents(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>>;
 }
 
+/// A stretch of the device that may have changed since an earlier layer, or has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub offset: u64,
+    pub length: u64,
+    /// Some layer above the earlier one records this range (as data or as zeros), so it may
+    /// read differently now. `false`: it reads exactly as it did then.
+    pub changed: bool,
+}
+
+impl Change {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// Appends `c` to `out`, merged into the last change when it directly follows it and says the
+/// same.
+pub fn push_change(out: &mut Vec<Change>, c: Change) {
+    if c.length == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.end() == c.offset && last.changed == c.changed => last.length += c.length,
+        _ => out.push(c),
+    }
+}
+
+/// What a disk made of layers (a top over earlier, frozen ones) can say about them: the NBD
+/// server's `qemu:dirty-bitmap:NAME` contexts. (Which layer serves each extent, for
+/// `qemu:allocation-depth`, is [`ExtentKind`]'s depth, from [`DiskExtents`].)
+///
+/// A disk whose layers change while it is served (a snapshot taken live) answers each call from
+/// one state of its chain: a name is looked up and its changes computed in the same call, so a
+/// layer inserted in between cannot shift what the name means.
+pub trait DiskLayers {
+    /// The names [`DiskLayers::changed_since`] accepts: the layers below the top, nearest the
+    /// top first. Each is the file name (last path component) by which the layer above it
+    /// names it; a name two layers share, or that is not UTF-8, is left out.
+    fn snapshot_names(&self) -> Vec<String>;
+    /// Describes a prefix of [offset, offset+len) (at least one change, at most `max_extents`,
+    /// neighbours that say the same merged): which ranges may read differently from the way
+    /// they read in the layer named `name`, when that layer was the top. Reads no data.
+    fn changed_since(&self, name: &str, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Change>>;
+}
+
 /// A complete disk: what the NBD server exports.
 pub trait Disk: DiskRead + DiskWrite + DiskZero + DiskFlush + DiskExtents + Send + Sync {
     fn is_read_only(&self) -> bool;
+
+    /// Its layers, if it is made of them (without, the NBD server offers no dirty bitmaps). A
+    /// disk that wraps another, or swaps the chain it serves, implements [`DiskLayers`] by
+    /// asking the current inner disk at each call, and returns itself here.
+    fn layers(&self) -> Option<&dyn DiskLayers> {
+        None
+    }
 }

@@ -19,5 +19,5 @@ pub mod storage;
 mod sync;
 
 pub use chain::{Chain, ChainOptions};
-pub use device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind};
+pub use device::{Change, Disk, DiskExtents, DiskFlush, DiskLayers, DiskRead, DiskWrite, DiskZero, Extent, ExtentKind};
 pub use error::{Error, ErrorKind, Result};

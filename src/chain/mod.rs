@@ -7,7 +7,8 @@
 mod copy;
 pub mod create;
 pub mod extents;
-mod open;
+mod layers;
+pub(crate) mod open;
 pub mod pending;
 mod plan;
 mod populate;
@@ -15,7 +16,9 @@ mod populate;
 pub use copy::DeviceRange;
 pub use open::{resolve_parent_path, ChainOptions};
 
-use crate::device::{push_extent, Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, Payload};
+use crate::device::{
+    push_extent, Disk, DiskExtents, DiskFlush, DiskLayers, DiskRead, DiskWrite, DiskZero, Extent, Payload,
+};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::BLOCK_SIZE;
@@ -493,5 +496,9 @@ impl DiskExtents for Chain {
 impl Disk for Chain {
     fn is_read_only(&self) -> bool {
         !self.top.is_writable()
+    }
+
+    fn layers(&self) -> Option<&dyn DiskLayers> {
+        Some(self)
     }
 }

@@ -43,7 +43,9 @@ pub fn resolve_parent_path(child: &Path, parent: &ParentRef) -> PathBuf {
     }
 }
 
-fn identity(path: &Path) -> Result<(u64, u64)> {
+/// A file's identity, (device, inode), symbolic links followed: the same file however its path
+/// is spelled.
+pub(crate) fn identity(path: &Path) -> Result<(u64, u64)> {
     let md = std::fs::metadata(path).map_err(|e| Error::io("stat", e).with_file(path))?;
     Ok((md.dev(), md.ino()))
 }

@@ -9,7 +9,7 @@
 //! and the next open of the image finishes what was decided.
 
 use crate::chain::Chain;
-use crate::device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero, Extent, Payload};
+use crate::device::{Change, Disk, DiskExtents, DiskFlush, DiskLayers, DiskRead, DiskWrite, DiskZero, Extent, Payload};
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::ops::snapshot::{snapshot_chain, LiveSnapshotError};
 use crate::storage::namespace::Namespace;
@@ -212,8 +212,25 @@ impl DiskExtents for LiveChain {
     }
 }
 
+/// Each call on the chain of the moment: a name is looked up and what changed since it is
+/// computed under one hold of the chain, so a snapshot taken meanwhile cannot make the name
+/// mean another layer halfway.
+impl DiskLayers for LiveChain {
+    fn snapshot_names(&self) -> Vec<String> {
+        self.with(|c| Ok(c.snapshot_names())).unwrap_or_default()
+    }
+
+    fn changed_since(&self, name: &str, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Change>> {
+        self.with(|c| c.changed_since(name, offset, len, max_extents))
+    }
+}
+
 impl Disk for LiveChain {
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn layers(&self) -> Option<&dyn DiskLayers> {
+        Some(self)
     }
 }

@@ -5,6 +5,7 @@
 //! we accept) is disconnected before anything it asked for is allocated. A client that sends
 //! a well-formed option we do not support gets NBD_REP_ERR_UNSUP and may go on.
 
+use super::meta::{self, Context, Offer, Selected};
 use super::proto::*;
 use super::Export;
 use std::io::{self, Read, Write};
@@ -16,16 +17,15 @@ pub const MAX_OPTION_LEN: u32 = 16 * 1024;
 /// Largest request payload (and read length) we advertise and accept.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 pub const PREFERRED_BLOCK: u32 = 4096;
-/// The id we give base:allocation when a client selects it.
-pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// What was agreed when the client moved to transmission.
 #[derive(Clone)]
 pub struct Negotiated {
     pub export: Arc<Export>,
     pub structured: bool,
-    /// Context id of base:allocation if selected for this export.
-    pub meta_context: Option<u32>,
+    /// The metadata contexts selected for this export, in the order selected, with their ids
+    /// (1, 2, ... in that order; base:allocation alone is 1).
+    pub contexts: Vec<Selected>,
     pub flags: u16,
 }
 
@@ -56,8 +56,10 @@ pub struct Session<'a> {
     tls_active: bool,
     no_zeroes: bool,
     structured: bool,
-    /// (export name the contexts were selected for, base:allocation selected)
-    meta: Option<(String, bool)>,
+    /// (export name the contexts were selected for, the contexts selected)
+    meta: Option<(String, Vec<Context>)>,
+    /// The contexts offered besides base:allocation.
+    offer: Offer,
 }
 
 fn protocol_error(msg: &str) -> io::Error {
@@ -82,7 +84,13 @@ impl<'a> Session<'a> {
             no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
             structured: false,
             meta: None,
+            offer: Offer::default(),
         })
+    }
+
+    /// Offers these contexts besides base:allocation (none unless called).
+    pub fn offer_contexts(&mut self, offer: Offer) {
+        self.offer = offer;
     }
 
     /// Records that the stream is now TLS. Whatever was negotiated in plain text is forgotten:
@@ -116,16 +124,13 @@ impl<'a> Session<'a> {
     }
 
     fn negotiated(&self, export: Arc<Export>) -> Negotiated {
-        let selected = match &self.meta {
-            Some((name, true)) => self.find(name).is_some_and(|e| Arc::ptr_eq(&e, &export)),
-            _ => false,
+        let contexts = match &self.meta {
+            Some((name, ctxs)) if self.structured && self.find(name).is_some_and(|e| Arc::ptr_eq(&e, &export)) => {
+                ctxs.iter().cloned().enumerate().map(|(i, c)| (i as u32 + 1, c)).collect()
+            }
+            _ => Vec::new(),
         };
-        Negotiated {
-            flags: self.transmission_flags(&export),
-            structured: self.structured,
-            meta_context: (selected && self.structured).then_some(BASE_ALLOCATION_ID),
-            export,
-        }
+        Negotiated { flags: self.transmission_flags(&export), structured: self.structured, contexts, export }
     }
 
     /// Runs option haggling until the client picks an export, starts TLS, or leaves.
@@ -240,21 +245,19 @@ impl<'a> Session<'a> {
                         error(s, REP_ERR_INVALID, "malformed meta context request")?;
                         continue;
                     };
-                    if self.find(name).is_none() {
+                    let Some(export) = self.find(name) else {
                         error(s, REP_ERR_UNKNOWN, &format!("no export named '{name}'"))?;
                         continue;
-                    }
-                    let matches = if queries.is_empty() {
-                        opt == OPT_LIST_META_CONTEXT
-                    } else {
-                        queries.iter().any(|q| *q == BASE_ALLOCATION || (opt == OPT_LIST_META_CONTEXT && *q == "base:"))
                     };
-                    if matches {
-                        let id = if opt == OPT_SET_META_CONTEXT { BASE_ALLOCATION_ID } else { 0 };
-                        reply(s, REP_META_CONTEXT, &rep_meta_context(id, BASE_ALLOCATION))?;
+                    let list = opt == OPT_LIST_META_CONTEXT;
+                    let found = meta::select(&queries, list, &meta::offered(export.disk.as_ref(), self.offer));
+                    // Ids as `negotiated` gives them; a listing's ids mean nothing (spec: 0).
+                    for (i, c) in found.iter().enumerate() {
+                        let id = if list { 0 } else { i as u32 + 1 };
+                        reply(s, REP_META_CONTEXT, &rep_meta_context(id, &c.name()))?;
                     }
-                    if opt == OPT_SET_META_CONTEXT {
-                        self.meta = Some((name.to_string(), matches));
+                    if !list {
+                        self.meta = Some((name.to_string(), found));
                     }
                     reply(s, REP_ACK, &[])?;
                 }

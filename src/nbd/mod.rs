@@ -3,12 +3,14 @@
 //! payloads spliced or read from the socket ([`payload`]), TLS ([`tls`], [`tls_pump`]), the
 //! socket type they all share ([`sock`]), and listeners and lifecycle ([`server`]). Every
 //! dependency between these files points one way: `server` uses the rest, and `sock` uses
-//! none of them.
+//! none of them. Metadata contexts (which ones an export offers, what block status says in
+//! each) are [`meta`]'s.
 
 pub mod budget;
 mod buffers;
 pub mod exports;
 pub mod handshake;
+pub mod meta;
 pub mod payload;
 pub mod proto;
 pub mod server;

@@ -97,7 +97,7 @@ pub const EOVERFLOW: u32 = 75;
 pub const ENOTSUP: u32 = 95;
 pub const ESHUTDOWN: u32 = 108;
 
-/// The one metadata context we offer.
+/// The metadata context the NBD spec defines (qemu's are in `meta.rs`).
 pub const BASE_ALLOCATION: &str = "base:allocation";
 /// Strings (export names, queries) are at most 4096 bytes (spec: Conventions).
 pub const MAX_STRING: usize = 4096;

@@ -5,6 +5,7 @@
 use super::budget::Budget;
 use super::exports::{Export, ExportStats, Exports};
 use super::handshake::{Negotiated, Outcome, Session, TlsMode};
+use super::meta::Offer;
 use super::sock::Sock;
 use super::tls::{Stream, TlsConfig};
 use super::transmission;
@@ -45,6 +46,8 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: u64,
     pub tls: Option<TlsConfig>,
     pub tls_mode: TlsMode,
+    /// Metadata contexts offered besides base:allocation.
+    pub contexts: Offer,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +60,7 @@ impl Default for ServerConfig {
             max_in_flight_bytes: 256 * 1024 * 1024,
             tls: None,
             tls_mode: TlsMode::Off,
+            contexts: Offer::default(),
         }
     }
 }
@@ -439,6 +443,7 @@ fn negotiate(sh: &Shared, slot: &mut Option<Stream>) -> io::Result<Option<Negoti
     // The exports as they are when the client arrives; one removed meanwhile is refused below.
     let exports = sh.exports.list();
     let mut session = Session::start(stream, &exports, sh.cfg.tls_mode)?;
+    session.offer_contexts(sh.cfg.contexts);
     loop {
         let stream = slot.as_mut().ok_or_else(|| io::Error::other("no stream"))?;
         match session.options(stream)? {

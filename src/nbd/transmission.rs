@@ -7,6 +7,7 @@
 use super::budget::Budget;
 use super::buffers::Buffers;
 use super::handshake::{Negotiated, MAX_PAYLOAD};
+use super::meta;
 use super::payload::{Incoming, SocketPayload};
 use super::proto::*;
 use crate::device::{Disk, Extent, Payload};
@@ -368,26 +369,23 @@ impl Conn {
         Ok(all)
     }
 
+    /// One chunk per selected context (the spec requires one for each), all built before any
+    /// is sent: an error in one context fails the request as a whole.
     fn block_status(&self, req: &Request) -> Result<(), (u32, String)> {
-        let Some(ctx) = self.neg.meta_context else {
+        if self.neg.contexts.is_empty() {
             return Err((EINVAL, "no metadata context was negotiated".into()));
-        };
+        }
         if req.length == 0 {
             return Err((EINVAL, "block status of zero bytes".into()));
         }
         let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { 1024 };
-        let ext =
-            self.disk().extents(req.offset, u64::from(req.length), max).map_err(|e| (errno(&e), e.to_string()))?;
-        let mut desc: Vec<(u32, u32)> = Vec::with_capacity(ext.len());
-        for e in ext.iter().take(max) {
-            let flags = if e.kind.reads_zero() { STATE_HOLE | STATE_ZERO } else { 0 };
-            match desc.last_mut() {
-                Some(last) if last.1 == flags => last.0 += e.length as u32,
-                _ => desc.push((e.length as u32, flags)),
-            }
+        let chunks = meta::block_status(self.disk(), &self.neg.contexts, req.offset, u64::from(req.length), max)
+            .map_err(|e| (errno(&e), e.to_string()))?;
+        let mut out = Vec::new();
+        for (i, (id, desc)) in chunks.iter().enumerate() {
+            let flags = if i + 1 == chunks.len() { REPLY_FLAG_DONE } else { 0 };
+            push_chunk(&mut out, flags, REPLY_TYPE_BLOCK_STATUS, req.cookie, &block_status_payload(*id, desc));
         }
-        let mut out = Vec::with_capacity(CHUNK_HEADER_SIZE + 4 + 8 * desc.len());
-        push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, req.cookie, &block_status_payload(ctx, &desc));
         self.send(&out);
         Ok(())
     }

@@ -1,8 +1,9 @@
-//! Whole-image operations behind the CLI: snapshot, flatten, commit, check and the facts
+//! Whole-image operations behind the CLI: snapshot, flatten, commit, check, diff and the facts
 //! `info` and `map` print. Each is crash-safe as spec §5.7 describes.
 
 pub mod check;
 pub mod commit;
+pub mod diff;
 pub mod flatten;
 pub mod info;
 pub mod snapshot;

@@ -136,6 +136,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show which extents of NEW may differ from OLD, a layer below NEW in its chain (a
+    /// snapshot or the raw base), from the maps alone.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify checksums and invariants. Exit 0 clean, 3 leaked space only, 2 corrupted.
     Check {
         image: PathBuf,
@@ -235,6 +243,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Jobs { cmd: None, json, control } => jobs::list(json, control.as_deref()),
         Cmd::Info { image, json } => ops::info_cmd(&image, json),
         Cmd::Map { image, json } => ops::map_cmd(&image, json),
+        Cmd::Diff { old, new, json } => ops::diff_cmd(&old, &new, json),
         Cmd::Check { image, chain, repair, deep, json } => {
             ops::check_cmd(&image, CheckOptions { chain, repair, deep }, json)
         }

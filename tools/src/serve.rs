@@ -9,6 +9,7 @@ use crate::daemon::{inherited_sockets, Daemon};
 use crate::Failure;
 use cowdisk::live::LiveChain;
 use cowdisk::nbd::handshake::TlsMode;
+use cowdisk::nbd::meta::Offer;
 use cowdisk::nbd::server::{install_signal_handlers, ListenAddr, Server, ServerConfig};
 use cowdisk::nbd::tls::TlsConfig;
 use cowdisk::nbd::Export;
@@ -86,6 +87,14 @@ pub struct ServeArgs {
     /// TLS-PSK keys (psktool's `username:hexkey` lines). Not supported: refused with an error.
     #[arg(long, value_name = "FILE")]
     pub tls_psk: Option<PathBuf>,
+    /// Offer the NBD metadata context qemu:allocation-depth (tells clients how many layers
+    /// the chain has).
+    #[arg(long)]
+    pub allocation_depth: bool,
+    /// Offer a qemu:dirty-bitmap:NAME metadata context for each layer below the top, NAME its
+    /// file name (tells clients those names).
+    #[arg(long)]
+    pub dirty_bitmaps: bool,
 }
 
 /// The end of `cowdisk serve --help` and of cowdisk-serve(1): how it runs as a daemon.
@@ -183,6 +192,8 @@ pub struct ServeOptions {
     pub inherited: Vec<RawFd>,
     /// The pid file and a waiting foreground process, told once the sockets accept.
     pub daemon: Daemon,
+    /// Metadata contexts offered besides base:allocation.
+    pub contexts: Offer,
 }
 
 /// Serves already opened chains without descriptions or TLS; shared by `serve` and `demo`.
@@ -195,6 +206,7 @@ pub fn serve_chains(
     handshake_timeout: Duration,
 ) -> Result<(), Failure> {
     let exports = chains.into_iter().map(|(name, chain)| Served { name, description: String::new(), chain }).collect();
+    let contexts = Offer::default();
     serve_exports(
         exports,
         ServeOptions {
@@ -207,6 +219,7 @@ pub fn serve_chains(
             control: None,
             inherited: Vec::new(),
             daemon: Daemon::none(),
+            contexts,
         },
     )
 }
@@ -243,6 +256,7 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
         handshake_timeout: o.handshake_timeout,
         tls_mode: o.tls.as_ref().map_or(TlsMode::Off, |t| t.mode),
         tls: o.tls.map(|t| t.config),
+        contexts: o.contexts,
         ..ServerConfig::default()
     };
     // nbds:// tells libnbd (and people) to insist on TLS; with --tls optional plain
@@ -387,6 +401,7 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         control: a.control,
         inherited,
         daemon,
+        contexts: Offer { allocation_depth: a.allocation_depth, dirty_bitmaps: a.dirty_bitmaps },
     };
     serve_exports(served, opts)
 }

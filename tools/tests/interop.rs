@@ -7,6 +7,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::nbdtest::{nbdinfo_map, MapRun};
 use common::*;
 
 /// Size of the raw base (and so of overlays on it).
@@ -150,37 +151,6 @@ fn nbdinfo_query(uri: &str, kind: &str, what: &str) -> bool {
         Some(2) => false,
         _ => panic!("nbdinfo {kind} {what} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr)),
     }
-}
-
-/// One line of `nbdinfo --map`: offset, length, type bits, description.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct MapRun {
-    offset: u64,
-    length: u64,
-    kind: u32,
-    desc: String,
-}
-
-/// `nbdinfo --map URI`, parsed, with adjacent runs of the same type merged
-/// (the split between block-status replies is not part of the answer).
-fn nbdinfo_map(uri: &str) -> Vec<MapRun> {
-    let text = stdout_of(&run(tool("nbdinfo").arg("--map").arg(uri)));
-    let mut runs: Vec<MapRun> = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let mut f = line.split_whitespace();
-        let mut num = || -> u64 {
-            f.next()
-                .and_then(|t| t.parse().ok())
-                .unwrap_or_else(|| panic!("bad nbdinfo --map line {line:?} in:\n{text}"))
-        };
-        let (offset, length, kind) = (num(), num(), num() as u32);
-        let desc = line.split_whitespace().skip(3).collect::<Vec<_>>().join(" ");
-        match runs.last_mut() {
-            Some(last) if last.kind == kind && last.offset + last.length == offset => last.length += length,
-            _ => runs.push(MapRun { offset, length, kind, desc }),
-        }
-    }
-    runs
 }
 
 /// The map a disk of `size` should have when exactly `data` (sorted,
@@ -495,7 +465,7 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
     let uri = rig.uri("blank");
 
     // Nothing written: one hole.
-    assert_eq!(nbdinfo_map(&uri), expected_map(SIZE, &[]));
+    assert_eq!(nbdinfo_map(None, &uri), expected_map(SIZE, &[]));
 
     // Block-aligned (4K) ranges: a whole chunk at 0, a lone block, a range
     // across a chunk boundary, a multi-chunk run, two adjacent writes, the last block.
@@ -512,7 +482,7 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
         data.iter().enumerate().map(|(i, (o, l))| format!("write -P {:#x} {o} {l}", 0x21 + i)).collect();
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&uri, &refs);
-    assert_eq!(nbdinfo_map(&uri), expected_map(SIZE, &data), "map after writing {data:?}");
+    assert_eq!(nbdinfo_map(None, &uri), expected_map(SIZE, &data), "map after writing {data:?}");
 
     // Discard inside the multi-chunk run (not chunk-aligned) and a whole chunk.
     let trims = [(5 * MIB + 8 * KIB, 16 * KIB), (6 * MIB, 64 * KIB)];
@@ -526,7 +496,7 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
         (6 * MIB + 64 * KIB, 2 * MIB - 64 * KIB + 20 * KIB),
     ]);
     data.sort();
-    assert_eq!(nbdinfo_map(&uri), expected_map(SIZE, &data), "map after discarding {trims:?}");
+    assert_eq!(nbdinfo_map(None, &uri), expected_map(SIZE, &data), "map after discarding {trims:?}");
     // Trimmed ranges read as zeroes.
     qemu_io(
         &uri,
@@ -540,10 +510,10 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
     // On an overlay everything is data (the base's); a discard makes a
     // hole,zero range that hides the base there, and nowhere else.
     let ov = rig.uri("disk");
-    assert_eq!(nbdinfo_map(&ov), expected_map(BASE_SIZE, &[(0, BASE_SIZE)]));
+    assert_eq!(nbdinfo_map(None, &ov), expected_map(BASE_SIZE, &[(0, BASE_SIZE)]));
     qemu_io(&ov, &[&format!("discard {} {}", 3 * MIB, 192 * KIB)]);
     assert_eq!(
-        nbdinfo_map(&ov),
+        nbdinfo_map(None, &ov),
         expected_map(BASE_SIZE, &[(0, 3 * MIB), (3 * MIB + 192 * KIB, BASE_SIZE - 3 * MIB - 192 * KIB)])
     );
     qemu_io(&ov, &[&format!("read -P 0 {} {}", 3 * MIB, 192 * KIB)]);
@@ -556,7 +526,7 @@ fn nbdinfo_map_reports_data_exactly_where_written_and_hole_zero_after_discard() 
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&striped, &refs);
     let data: Vec<(u64, u64)> = blocks.iter().map(|b| (b * 4 * KIB, 4 * KIB)).collect();
-    let map = nbdinfo_map(&striped);
+    let map = nbdinfo_map(None, &striped);
     assert_eq!(map.len(), 2 * blocks.len(), "striped map has {} runs", map.len());
     assert_eq!(map, expected_map(SIZE, &data), "striped map");
     rig.assert_base_unchanged();

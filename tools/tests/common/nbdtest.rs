@@ -178,23 +178,45 @@ pub fn header_flags(image: &Path) -> u64 {
 /// first byte a reply left out (the server may describe only a prefix).
 pub fn status_map<S: NbdStream>(c: &mut NbdClient<S>, offset: u64, len: u64) -> Vec<(u64, u64, u32)> {
     let ctx = c.meta_contexts()[0].id;
+    status_maps(c, &[ctx], offset, len).remove(0)
+}
+
+/// Block status of [offset, offset+len) in each of the contexts `ids` (all selected on `c`, in
+/// the order selected), as (start, end, value) runs per context. Every reply must carry one
+/// chunk per context, in that order, each describing a prefix of the request; the next request
+/// starts where the shortest of them ends.
+pub fn status_maps<S: NbdStream>(
+    c: &mut NbdClient<S>,
+    ids: &[u32],
+    offset: u64,
+    len: u64,
+) -> Vec<Vec<(u64, u64, u32)>> {
     let end = offset + len;
-    let mut out = Vec::new();
+    let mut out = vec![Vec::new(); ids.len()];
     let mut pos = offset;
     while pos < end {
         let want = (end - pos).min(u64::from(u32::MAX)) as u32;
         let reply = c.block_status(pos, want, 0).expect("NBD_CMD_BLOCK_STATUS");
-        assert_eq!(reply.len(), 1, "one chunk per context: {reply:?}");
-        assert_eq!(reply[0].0, ctx, "chunk carries the negotiated context id");
-        let total: u64 = reply[0].1.iter().map(|e| u64::from(e.length)).sum();
-        assert!(
-            total <= u64::from(want),
-            "descriptors ({total} bytes) exceed the {want}-byte request at {pos}: {reply:?}"
-        );
-        for e in &reply[0].1 {
-            out.push((pos, pos + u64::from(e.length), e.flags));
-            pos += u64::from(e.length);
+        let got: Vec<u32> = reply.iter().map(|r| r.0).collect();
+        assert_eq!(got, ids, "one chunk per context, carrying the negotiated ids in order: {reply:?}");
+        let total = |r: &(u32, Vec<Extent>)| r.1.iter().map(|e| u64::from(e.length)).sum::<u64>();
+        let upto = pos + reply.iter().map(total).min().unwrap_or(0);
+        assert!(upto > pos, "a block status chunk describes nothing at {pos}: {reply:?}");
+        for (runs, (_, extents)) in out.iter_mut().zip(&reply) {
+            let mut at = pos;
+            for e in extents {
+                let e_end = at + u64::from(e.length);
+                assert!(
+                    e_end <= pos + u64::from(want),
+                    "descriptors exceed the {want}-byte request at {pos}: {reply:?}"
+                );
+                if at < upto {
+                    runs.push((at, e_end.min(upto), e.flags));
+                }
+                at = e_end;
+            }
         }
+        pos = upto;
     }
     out
 }
@@ -267,4 +289,38 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
         thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().expect("collect output")
+}
+
+/// One line of `nbdinfo --map`: offset, length, type bits (the context's 32-bit value),
+/// description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapRun {
+    pub offset: u64,
+    pub length: u64,
+    pub kind: u32,
+    pub desc: String,
+}
+
+/// `nbdinfo --map[=CONTEXT] URI` (base:allocation without a context), parsed, with adjacent
+/// runs of the same type merged (the split between block-status replies is not part of the
+/// answer).
+pub fn nbdinfo_map(context: Option<&str>, uri: &str) -> Vec<MapRun> {
+    let flag = context.map_or("--map".to_string(), |c| format!("--map={c}"));
+    let text = stdout_of(&run(tool("nbdinfo").arg(flag).arg(uri)));
+    let mut runs: Vec<MapRun> = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut f = line.split_whitespace();
+        let mut num = || -> u64 {
+            f.next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(|| panic!("bad nbdinfo --map line {line:?} in:\n{text}"))
+        };
+        let (offset, length, kind) = (num(), num(), num() as u32);
+        let desc = line.split_whitespace().skip(3).collect::<Vec<_>>().join(" ");
+        match runs.last_mut() {
+            Some(last) if last.kind == kind && last.offset + last.length == offset => last.length += length,
+            _ => runs.push(MapRun { offset, length, kind, desc }),
+        }
+    }
+    runs
 }
