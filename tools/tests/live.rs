@@ -105,22 +105,8 @@ fn fio_random_writes_with_verify_on_two_connections_survive_twenty_live_snapshot
     if !require_tool("fio") {
         return;
     }
-    const HALF: u64 = 48 << 20;
-    let live = Live::start(2 * HALF);
-    let args: Vec<String> = vec![
-        "--name=live".into(),
-        "--ioengine=nbd".into(),
-        format!("--uri={}", live.uri()),
-        "--rw=randwrite".into(),
-        "--bs=4k".into(),
-        "--iodepth=16".into(),
-        "--numjobs=2".into(),
-        format!("--size={HALF}"),
-        format!("--offset_increment={HALF}"),
-        "--verify=crc32c".into(),
-    ];
-    let dir = live.ws.dir().to_path_buf();
-    let fio = std::thread::spawn(move || run_fio(&dir, &args, 2));
+    let live = Live::start(96 << 20);
+    let fio = live.fio_on_two_connections("live");
     // Snapshots while fio writes: spaced out over its run, at least twenty of them.
     let mut pauses = Vec::new();
     let mut during = 0;

@@ -54,21 +54,7 @@ fn commit_compaction_and_flatten_run_while_fio_writes_and_verifies() {
     }
     let live = Live::start(SIZE);
     layered(&live);
-    let half = SIZE / 2;
-    let args: Vec<String> = vec![
-        "--name=jobs".into(),
-        "--ioengine=nbd".into(),
-        format!("--uri={}", live.uri()),
-        "--rw=randwrite".into(),
-        "--bs=4k".into(),
-        "--iodepth=16".into(),
-        "--numjobs=2".into(),
-        format!("--size={half}"),
-        format!("--offset_increment={half}"),
-        "--verify=crc32c".into(),
-    ];
-    let dir = live.ws.dir().to_path_buf();
-    let fio = std::thread::spawn(move || run_fio(&dir, &args, 2));
+    let fio = live.fio_on_two_connections("jobs");
     let ctl = s(&live.ctl);
     let out = live.ws.ok(&["commit", "disk.cow", "--force", "--control", ctl]);
     assert!(out.contains("(live)"), "{out}");

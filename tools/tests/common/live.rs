@@ -51,4 +51,24 @@ impl Live {
         std::fs::remove_file(self.ws.p(&out)).unwrap();
         b
     }
+
+    /// fio writing random 4 KiB blocks with crc32c verification on two connections, one per
+    /// half of the device, in a thread; its output once it passed (it panics otherwise).
+    pub fn fio_on_two_connections(&self, name: &str) -> std::thread::JoinHandle<String> {
+        let half = self.base.len() as u64 / 2;
+        let args: Vec<String> = vec![
+            format!("--name={name}"),
+            "--ioengine=nbd".into(),
+            format!("--uri={}", self.uri()),
+            "--rw=randwrite".into(),
+            "--bs=4k".into(),
+            "--iodepth=16".into(),
+            "--numjobs=2".into(),
+            format!("--size={half}"),
+            format!("--offset_increment={half}"),
+            "--verify=crc32c".into(),
+        ];
+        let dir = self.ws.dir().to_path_buf();
+        std::thread::spawn(move || run_fio(&dir, &args, 2))
+    }
 }
