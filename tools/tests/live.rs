@@ -105,7 +105,7 @@ fn fio_random_writes_with_verify_on_two_connections_survive_twenty_live_snapshot
     if !require_tool("fio") {
         return;
     }
-    let live = Live::start(96 << 20);
+    let live = Live::start(128 << 20);
     let fio = live.fio_on_two_connections("live");
     // Snapshots while fio writes: spaced out over its run, at least twenty of them.
     let mut pauses = Vec::new();
@@ -115,7 +115,6 @@ fn fio_random_writes_with_verify_on_two_connections_survive_twenty_live_snapshot
         let running = !fio.is_finished();
         pauses.push(live.snapshot(&format!("s{:02}.cow", pauses.len())));
         during += usize::from(running && !fio.is_finished());
-        std::thread::sleep(std::time::Duration::from_millis(40));
     }
     let text = fio.join().expect("fio failed");
     assert!(text.contains("WRITE:"), "{text}");
