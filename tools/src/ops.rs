@@ -62,7 +62,17 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str, job: &Jo
         Some(out) => {
             let f = if format == "raw" { OutputFormat::Raw } else { OutputFormat::Cowdisk };
             sweep_temps(&out, "flatten");
-            flatten_to(image, &out, f, &progress)?;
+            flatten_to(image, &out, f, &progress).map_err(|e| match e.kind() {
+                // The server holds the top: point at the ways that work on a served image.
+                cowdisk::ErrorKind::InUse if matches!(crate::control::client::for_image(image, None), Ok(Some(_))) => Failure(
+                    format!(
+                        "{e}; {} is served: take a live snapshot (cowdisk snapshot) and flatten the snapshot, or copy the export (nbdcopy)",
+                        image.display()
+                    ),
+                    1,
+                ),
+                _ => Failure::from(e),
+            })?;
             say!("wrote the merged contents of {} to {} ({format})", image.display(), out.display());
         }
     }
