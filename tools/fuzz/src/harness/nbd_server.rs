@@ -30,7 +30,7 @@ const BASE_LEN: u64 = 300_000;
 const OUTPUT_CAP: usize = 64 << 20;
 
 /// Image bytes built once: (lower layer, top layer), both closed cleanly.
-fn templates() -> &'static (Vec<u8>, Vec<u8>, Vec<u8>) {
+pub fn templates() -> &'static (Vec<u8>, Vec<u8>, Vec<u8>) {
     static T: OnceLock<(Vec<u8>, Vec<u8>, Vec<u8>)> = OnceLock::new();
     T.get_or_init(|| {
         let base = pattern(99, BASE_LEN as usize);
