@@ -23,7 +23,7 @@ shift || true
 if [ $# -gt 0 ]; then
     targets=("$@")
 else
-    targets=(image_open image_ops nbd_server)
+    targets=(image_open image_ops nbd_server image_files nbd_tls nbd_multi ops_chain)
 fi
 san=${FUZZ_SANITIZER:-address}
 nice_n=${FUZZ_NICE:-10}
@@ -41,6 +41,7 @@ max_len() {
         image_open) echo 262144 ;;
         image_ops) echo 4096 ;;
         nbd_server) echo 16384 ;;
+        ops_chain) echo 2048 ;;
         *) echo 4096 ;;
     esac
 }

@@ -15,7 +15,7 @@
 //! last flush or one of the versions it was given since. Any difference panics.
 
 use super::client::{be, req, write as nbd_write};
-use super::{check_extents, pattern, read_all, span, Bytes, History, Model, ScratchDir};
+use super::{check_extents, pattern, read_all, span, trace, Bytes, History, Model, ScratchDir};
 use cowdisk::device::{Disk, DiskExtents, DiskFlush, DiskRead, DiskWrite, DiskZero};
 use cowdisk::format::Geometry;
 use cowdisk::layer::raw::RawImage;
@@ -226,6 +226,14 @@ fn run_on(data: &[u8], mut store: Store) {
         below.lowers = lowers;
     }
 
+    trace(|| {
+        format!(
+            "setup: size {size}, top chunk {}, base {:?}, {} lower(s)",
+            1u64 << top_shift,
+            below.base.as_ref().map(|b| b.1),
+            below.lowers.len()
+        )
+    });
     let top = store.create("top");
     let g = geometry(size, top_shift, top_sel & 0x80 != 0);
     model.bytes.resize(size as usize, 0);
@@ -270,6 +278,7 @@ impl World {
     fn step(&mut self, b: &mut Bytes, step: usize) {
         let size = self.size;
         let cs = self.chain().top().geometry().chunk_size();
+        trace(|| format!("step {step}: op at input byte {}", b.pos()));
         let op = b.u8();
         if self.store.dir().is_some() && op % 16 >= 13 {
             return self.file_step(b, step, op);
@@ -278,6 +287,7 @@ impl World {
             0 | 1 => {
                 let (off, len) = span(b, size, cs, MAX_IO);
                 let d = pattern(u64::from(b.u32()), len as usize);
+                trace(|| format!("step {step}: write {off}+{len}"));
                 self.chain().write_at(&d, off).unwrap_or_else(|e| panic!("step {step}: write {off}+{len}: {e}"));
                 self.change(off, len, |m| m[off as usize..(off + len) as usize].copy_from_slice(&d));
             }
@@ -285,6 +295,12 @@ impl World {
                 let (off, len) = span(b, size, cs, size);
                 let allocate = op % 10 == 3;
                 let len = if allocate { len.min(MAX_IO) } else { len };
+                trace(|| {
+                    format!(
+                        "step {step}: {} {off}+{len}",
+                        ["zero", "zero+allocate", "discard"][usize::from(op % 10 - 2)]
+                    )
+                });
                 let r = if op % 10 == 4 {
                     self.chain().discard(off, len)
                 } else {
@@ -300,6 +316,7 @@ impl World {
                 self.model.assert_range(&buf, off, &format!("step {step}: read"));
             }
             6 => {
+                trace(|| format!("step {step}: flush"));
                 self.chain().flush().unwrap_or_else(|e| panic!("step {step}: flush: {e}"));
                 self.history.flushed();
             }
@@ -317,6 +334,7 @@ impl World {
             }
             8 => {
                 // Clean close and reopen.
+                trace(|| format!("step {step}: close and reopen"));
                 let chain = self.chain.take().expect("chain");
                 chain.close().unwrap_or_else(|e| panic!("step {step}: close: {e}"));
                 let (top, lowers, base) = chain.into_layers();
@@ -333,6 +351,7 @@ impl World {
     /// cut between two operations, and checks every block against its versions since the last
     /// flush. The recovered image then becomes the top.
     fn crash(&mut self, step: usize) {
+        trace(|| format!("step {step}: crash"));
         let copy = self.store.crash_copy(&self.top);
         let chain = self.chain.take().expect("chain");
         let (top, lowers, base) = chain.into_layers();
@@ -357,15 +376,20 @@ impl World {
             14 => {
                 // Flatten the open chain: what the top reads from below is copied into it
                 // (copy_file_range from the lower files), then its parent reference goes. The
-                // device does not change; everything is flushed.
+                // device does not change; a chain with anything below is flushed (one without
+                // is left alone).
+                trace(|| format!("step {step}: flatten the open chain"));
                 flatten_chain(self.chain(), &|_, _| {}).unwrap_or_else(|e| panic!("step {step}: flatten: {e}"));
-                self.history.flushed();
+                if self.chain().depth() > 1 {
+                    self.history.flushed();
+                }
                 self.check_all(&format!("step {step}: after flatten"));
             }
             _ => {
                 // A device range copied into another file (as flatten --output raw does).
                 let (off, len) = span(b, size, cs, 1 << 20);
                 let dst_off = u64::from(b.u16()) * 512;
+                trace(|| format!("step {step}: copy {off}+{len} to a file at {dst_off}"));
                 let dir = self.store.dir().expect("files");
                 let p = dir.join(&format!("copy-{step}.raw"));
                 let dst = FileStorage::create(&p).expect("create copy");
@@ -396,6 +420,7 @@ impl World {
             // Most are long enough to be spliced from the socket.
             let len = if seed & 3 != 0 { len.max(128 * 1024).min(size - off) } else { len };
             let d = pattern(seed, len as usize);
+            trace(|| format!("step {step}: NBD write {off}+{len}"));
             msg.extend(nbd_write(u16::from(seed & 4 != 0), i as u64, off, &d));
             writes.push((off, d));
         }

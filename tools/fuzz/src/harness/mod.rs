@@ -22,7 +22,7 @@ use cowdisk::ErrorKind;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 /// A cursor over the fuzzer's bytes that never fails: past the end everything reads as zero.
 pub struct Bytes<'a> {
@@ -33,6 +33,11 @@ pub struct Bytes<'a> {
 impl<'a> Bytes<'a> {
     pub fn new(data: &'a [u8]) -> Bytes<'a> {
         Bytes { data, pos: 0 }
+    }
+
+    /// Bytes consumed so far.
+    pub fn pos(&self) -> usize {
+        self.pos
     }
 
     pub fn is_empty(&self) -> bool {
@@ -362,4 +367,18 @@ pub fn watch_server_panics() {
 /// Panics on server threads so far (see [`watch_server_panics`]).
 pub fn server_panics() -> usize {
     SERVER_PANICS.load(Ordering::SeqCst)
+}
+
+/// Whether `FUZZ_TRACE` is set: the harnesses then print each step they run (for triage with
+/// `examples/replay`).
+pub fn tracing() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FUZZ_TRACE").is_some())
+}
+
+/// Prints what `msg` says when tracing.
+pub fn trace(msg: impl FnOnce() -> String) {
+    if tracing() {
+        eprintln!("{}", msg());
+    }
 }

@@ -110,6 +110,9 @@ impl Identity {
 }
 
 struct Servers {
+    /// The sockets and PEM files; lives as long as the process (the servers never stop). A
+    /// later process sweeps it away.
+    _dir: ScratchDir,
     sockets: Vec<PathBuf>,
     /// Client configurations by identity (4) and protocol versions (3).
     clients: Vec<Arc<ClientConfig>>,
@@ -119,8 +122,7 @@ fn servers() -> &'static Servers {
     static S: OnceLock<Servers> = OnceLock::new();
     S.get_or_init(|| {
         watch_server_panics();
-        // Lives as long as the process (the servers never stop); swept by a later process.
-        let dir = Box::leak(Box::new(ScratchDir::new("tls")));
+        let dir = ScratchDir::new("tls");
         for (name, text) in CERTS {
             std::fs::write(dir.join(name), text).expect("write PEM");
         }
@@ -160,7 +162,7 @@ fn servers() -> &'static Servers {
                 clients.push(client_config(id, versions));
             }
         }
-        Servers { sockets, clients }
+        Servers { _dir: dir, sockets, clients }
     })
 }
 
