@@ -371,45 +371,73 @@ struct W {
     len: u64,
 }
 
-/// The oracle: checks `got`, read at `off` in epoch `epoch`, byte by byte.
+/// The oracle: checks `got`, read at `off` in epoch `epoch`, byte by byte. Epochs are walked
+/// from `epoch` down: each write of an epoch adds its value as a candidate for the bytes it
+/// covers; the successful writes of an epoch before `epoch` close their bytes to older
+/// candidates. Bytes that stay open may hold their initial value.
 fn check_range(writes: &[W], errors: &HashMap<u64, u32>, initial: &[u8], epoch: u32, off: u64, got: &[u8], what: &str) {
+    const OPEN: u8 = 0;
+    const OK: u8 = 1;
+    const CLOSED: u8 = 2;
     let n = got.len();
-    let mut ok = vec![false; n];
-    let mut closed = vec![false; n];
+    let mut state = vec![OPEN; n];
+    let mut open = n;
     let end = off + n as u64;
+    let overlap = |w: &W| (w.off.max(off), (w.off + w.len).min(end));
     for e in (0..=epoch).rev() {
+        if open == 0 {
+            break;
+        }
         let in_epoch = writes.iter().filter(|w| w.epoch == e && w.off < end && w.off + w.len > off);
         for w in in_epoch.clone() {
-            let (s, t) = (w.off.max(off), (w.off + w.len).min(end));
-            for b in s..t {
-                let i = (b - off) as usize;
-                if !closed[i] {
-                    let v = w.data.as_ref().map_or(0, |d| d[(b - w.off) as usize]);
-                    ok[i] |= got[i] == v;
+            let (s, t) = overlap(w);
+            let (g, st) =
+                (&got[(s - off) as usize..(t - off) as usize], &mut state[(s - off) as usize..(t - off) as usize]);
+            match &w.data {
+                Some(d) => {
+                    for ((x, v), st) in g.iter().zip(&d[(s - w.off) as usize..(t - w.off) as usize]).zip(st) {
+                        if *st == OPEN && x == v {
+                            *st = OK;
+                            open -= 1;
+                        }
+                    }
+                }
+                None => {
+                    for (x, st) in g.iter().zip(st) {
+                        if *st == OPEN && *x == 0 {
+                            *st = OK;
+                            open -= 1;
+                        }
+                    }
                 }
             }
         }
         if e < epoch {
             for w in in_epoch.filter(|w| errors.get(&w.cookie) == Some(&0)) {
-                let (s, t) = (w.off.max(off), (w.off + w.len).min(end));
-                closed[(s - off) as usize..(t - off) as usize].fill(true);
+                let (s, t) = overlap(w);
+                for st in &mut state[(s - off) as usize..(t - off) as usize] {
+                    if *st == OPEN {
+                        *st = CLOSED;
+                        open -= 1;
+                    }
+                }
             }
         }
     }
-    for i in 0..n {
-        if !closed[i] && got[i] == initial[off as usize + i] {
-            ok[i] = true;
+    for (i, st) in state.iter_mut().enumerate() {
+        if *st == OPEN && got[i] == initial[off as usize + i] {
+            *st = OK;
         }
-        if !ok[i] {
-            let b = off + i as u64;
-            let writers: Vec<_> =
-                writes.iter().filter(|w| w.off <= b && b < w.off + w.len).map(|w| (w.epoch, w.cookie)).collect();
-            panic!(
-                "{what}: byte {b} (epoch {epoch}) is {:#04x}: neither its initial {:#04x} nor what any write that could be its last gave it (writes over it, (epoch, cookie): {writers:?})",
-                got[i],
-                initial[b as usize]
-            );
-        }
+    }
+    if let Some(i) = state.iter().position(|&st| st != OK) {
+        let b = off + i as u64;
+        let writers: Vec<_> =
+            writes.iter().filter(|w| w.off <= b && b < w.off + w.len).map(|w| (w.epoch, w.cookie)).collect();
+        panic!(
+            "{what}: byte {b} (epoch {epoch}) is {:#04x}: neither its initial {:#04x} nor what any write that could be its last gave it (writes over it, (epoch, cookie): {writers:?})",
+            got[i],
+            initial[b as usize]
+        );
     }
 }
 
