@@ -356,7 +356,7 @@ pub fn watch_server_panics() {
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let t = std::thread::current();
-            if t.name().is_none_or(|n| n.starts_with("nbd")) {
+            if t.name().map_or(true, |n| n.starts_with("nbd")) {
                 SERVER_PANICS.fetch_add(1, Ordering::SeqCst);
             }
             prev(info)

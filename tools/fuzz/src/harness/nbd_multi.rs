@@ -146,10 +146,14 @@ fn read_full(s: &mut UnixStream, buf: &mut [u8]) -> io::Result<()> {
     s.read_exact(buf)
 }
 
+/// A structured reply in progress: ranges covered (read chunks; block status: those said to
+/// be zero), the read's data, its error.
+type Partial = (Vec<(u64, u64)>, Vec<u8>, u32);
+
 /// The reply parser of one connection, on its own thread until the server closes.
 fn read_replies(mut s: UnixStream, structured: bool, shared: Arc<Shared>, conn: usize) {
     // Chunks of a structured reply in progress: cookie -> (bytes covered, read data, error).
-    let mut partial: HashMap<u64, (Vec<(u64, u64)>, Vec<u8>, u32)> = HashMap::new();
+    let mut partial: HashMap<u64, Partial> = HashMap::new();
     loop {
         let mut m = [0u8; 4];
         match s.read_exact(&mut m) {

@@ -301,7 +301,7 @@ fn mutate(buf: &[u8], pos: usize, muts: &[(usize, u8, u8)]) -> (Vec<u8>, bool) {
                 0 => byte = byte.map(|b| b ^ val.max(1)),
                 1 => return (out, true),
                 2 => {
-                    out.extend(std::iter::repeat_n(val, usize::from(val % 32) + 1));
+                    out.extend(std::iter::repeat(val).take(usize::from(val % 32) + 1));
                     spoiled = true;
                 }
                 _ => {
@@ -557,7 +557,7 @@ pub fn session(data: &[u8]) -> Seen {
                 break;
             }
         }
-        if !ends && sent.last().is_none_or(|(o, _)| *o != OPT_STARTTLS) {
+        if !ends && sent.last().map_or(true, |(o, _)| *o != OPT_STARTTLS) {
             sent.push((OPT_STARTTLS, &starttls));
         }
         let mut msg = flags.to_vec();
