@@ -56,6 +56,38 @@ fn nbd_server_saved_inputs() {
     replay_dir("nbd_server", harness::nbd_server::run);
 }
 
+#[test]
+fn image_files_saved_inputs() {
+    replay_dir("image_files", harness::image_ops::run_files);
+}
+
+#[test]
+fn nbd_tls_saved_inputs() {
+    replay_dir("nbd_tls", harness::nbd_tls::run);
+}
+
+#[test]
+fn nbd_multi_saved_inputs() {
+    replay_dir("nbd_multi", harness::nbd_multi::run);
+}
+
+#[test]
+fn ops_chain_saved_inputs() {
+    replay_dir("ops_chain", harness::ops_chain::run);
+}
+
+/// The nbd_tls harness gets where it should: an acceptable client through the TLS handshake
+/// to plaintext replies, a client without the CA's certificate refused in the handshake.
+#[test]
+fn nbd_tls_harness_reaches_options_over_tls() {
+    let good = std::fs::read(dir("nbd_tls").join("verify-good-go")).unwrap();
+    let seen = harness::nbd_tls::session(&good);
+    assert!(seen.starttls && seen.handshake_done && seen.plaintext > 0, "{seen:?}");
+    let foreign = std::fs::read(dir("nbd_tls").join("verify-foreign-go")).unwrap();
+    let seen = harness::nbd_tls::session(&foreign);
+    assert!(seen.starttls && seen.plaintext == 0 && seen.tls_error.is_some(), "{seen:?}");
+}
+
 /// The harnesses' own checks work: a well-formed session reaches transmission and is checked.
 #[test]
 fn nbd_server_harness_reaches_transmission() {

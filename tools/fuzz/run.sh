@@ -23,7 +23,7 @@ shift || true
 if [ $# -gt 0 ]; then
     targets=("$@")
 else
-    targets=(image_open image_ops nbd_server)
+    targets=(image_open image_ops nbd_server image_files nbd_tls nbd_multi ops_chain)
 fi
 san=${FUZZ_SANITIZER:-address}
 nice_n=${FUZZ_NICE:-10}
@@ -41,6 +41,7 @@ max_len() {
         image_open) echo 262144 ;;
         image_ops) echo 4096 ;;
         nbd_server) echo 16384 ;;
+        ops_chain) echo 2048 ;;
         *) echo 4096 ;;
     esac
 }
@@ -55,7 +56,10 @@ run_one() {
     local t=$1
     mkdir -p "corpus/$t" "artifacts/$t"
     local start=$SECONDS rc=0
-    nice -n "$nice_n" cargo fuzz run -O -a -s "$san" "$t" "corpus/$t" "seeds/$t" -- \
+    # The saved inputs seed the run too (libFuzzer adds new inputs to the first directory only).
+    local saved=()
+    [ -d "../../tests/fuzz_regressions/$t" ] && saved=("../../tests/fuzz_regressions/$t")
+    nice -n "$nice_n" cargo fuzz run -O -a -s "$san" "$t" "corpus/$t" "seeds/$t" "${saved[@]}" -- \
         -max_total_time="$secs" -max_len="$(max_len "$t")" -timeout=25 \
         -rss_limit_mb=2048 -malloc_limit_mb=2048 -print_final_stats=1 "${fork[@]}" \
         >"logs/$t.log" 2>&1 || rc=$?

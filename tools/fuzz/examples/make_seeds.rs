@@ -1,11 +1,12 @@
-//! Writes seed corpora for the fuzz targets: `make_seeds <dir>` fills `<dir>/image_open`,
-//! `<dir>/image_ops` and `<dir>/nbd_server`. Run by tools/fuzz/run.sh before fuzzing.
+//! Writes seed corpora for the fuzz targets: `make_seeds <dir>` fills `<dir>/<target>` for
+//! every target. Run by tools/fuzz/run.sh before fuzzing.
 
 use cowdisk::format::header::{ParentFormat, ParentRef, PendingSnapshot};
 use cowdisk::format::{Geometry, FLAG_CORRUPT, FLAG_FROZEN};
 use cowdisk::layer::{Image, OpenOptions};
 use cowdisk::storage::MemStorage;
 use cowdisk::{Chain, DiskWrite, DiskZero};
+use cowdisk_fuzz::harness::client::{go, meta, opt, req, write};
 use cowdisk_fuzz::harness::{image_open, pattern};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -186,61 +187,9 @@ fn image_ops_seeds(dir: &Path) {
     }
 }
 
-/// NBD client byte streams.
-mod nbd {
-    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-
-    pub fn opt(o: u32, data: &[u8]) -> Vec<u8> {
-        let mut v = IHAVEOPT.to_be_bytes().to_vec();
-        v.extend_from_slice(&o.to_be_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        v.extend_from_slice(data);
-        v
-    }
-
-    pub fn go(o: u32, name: &str, infos: &[u16]) -> Vec<u8> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-        for i in infos {
-            d.extend_from_slice(&i.to_be_bytes());
-        }
-        opt(o, &d)
-    }
-
-    pub fn meta(o: u32, name: &str, queries: &[&str]) -> Vec<u8> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-        for q in queries {
-            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-            d.extend_from_slice(q.as_bytes());
-        }
-        opt(o, &d)
-    }
-
-    pub fn req(flags: u16, typ: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-        let mut v = 0x2560_9513u32.to_be_bytes().to_vec();
-        v.extend_from_slice(&flags.to_be_bytes());
-        v.extend_from_slice(&typ.to_be_bytes());
-        v.extend_from_slice(&cookie.to_be_bytes());
-        v.extend_from_slice(&offset.to_be_bytes());
-        v.extend_from_slice(&length.to_be_bytes());
-        v
-    }
-
-    pub fn write(flags: u16, cookie: u64, offset: u64, data: &[u8]) -> Vec<u8> {
-        let mut v = req(flags, 1, cookie, offset, data.len() as u32);
-        v.extend_from_slice(data);
-        v
-    }
-}
-
-fn nbd_seeds(dir: &Path) {
-    use nbd::*;
-    let d = dir.join("nbd_server");
-    let flags = 3u32.to_be_bytes().to_vec(); // FIXED_NEWSTYLE | NO_ZEROES
-    let requests = |structured: bool| {
+/// A tour of every request type (and some edge cases) for the `disk` export.
+fn requests(structured: bool) -> Vec<u8> {
+    {
         let mut v = Vec::new();
         v.extend(req(0, 0, 1, 0, 4096)); // read
         v.extend(write(0, 2, 8192, &pattern(1, 4096))); // write
@@ -261,7 +210,12 @@ fn nbd_seeds(dir: &Path) {
         v.extend(req(0, 9, 15, 0, 1)); // unknown command
         v.extend(req(0, 2, 16, 0, 0)); // disc
         v
-    };
+    }
+}
+
+fn nbd_seeds(dir: &Path) {
+    let d = dir.join("nbd_server");
+    let flags = 3u32.to_be_bytes().to_vec(); // FIXED_NEWSTYLE | NO_ZEROES
     let mut seeds: Vec<(&str, Vec<u8>)> = Vec::new();
     // Structured replies, base:allocation, GO.
     let mut s = flags.clone();
@@ -313,11 +267,153 @@ fn nbd_seeds(dir: &Path) {
     }
 }
 
+/// image_files: the image_ops seeds, and the same with the operations only files have
+/// (NBD writes, flatten of the open chain, copy into a file) woven in.
+fn image_files_seeds(dir: &Path) {
+    let d = dir.join("image_files");
+    for i in 0u64..24 {
+        let mut v = vec![(i * 17) as u8, (i * 5) as u8, (i * 3) as u8 | (i & 1) as u8];
+        let mut r = pattern(i + 300, 60 + (i as usize * 37) % 400);
+        // Every 13th byte an op of the files' own (13, 14, 15 mod 16), as far as the decoder
+        // lands on it.
+        for (k, b) in r.iter_mut().enumerate().filter(|(k, _)| k % 13 == 0) {
+            *b = (*b & 0xf0) | (13 + (k / 13 % 3) as u8);
+        }
+        v.extend(r);
+        save(&d, &format!("files-{i:02}"), &v);
+    }
+    for i in 0u64..8 {
+        let mut v = vec![(i * 17) as u8, (i * 5) as u8, (i * 3) as u8 | (i & 1) as u8];
+        v.extend(pattern(i + 100, 60 + (i as usize * 37) % 400));
+        save(&d, &format!("ops-{i:02}"), &v);
+    }
+}
+
+/// A ClientHello as a rustls client sends it (for the raw nbd_tls seeds).
+fn client_hello(tls13_only: bool) -> Vec<u8> {
+    use rustls::pki_types::ServerName;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let vers: &[&rustls::SupportedProtocolVersion] =
+        if tls13_only { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(vers)
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut c = rustls::ClientConnection::new(std::sync::Arc::new(cfg), ServerName::try_from("localhost").unwrap())
+        .expect("client");
+    let mut v = Vec::new();
+    c.write_tls(&mut v).expect("hello");
+    v
+}
+
+/// nbd_tls: byte 0 = server (bits 0-1: required, verify, optional) | identity << 2 (none,
+/// CA's, foreign, self-signed) | versions << 4 | raw << 6. Scripted: plain length, plain
+/// bytes (client flags, options), mutation count and mutations (u16 LE position, kind,
+/// value), then the plaintext sent over TLS.
+fn nbd_tls_seeds(dir: &Path) {
+    let d = dir.join("nbd_tls");
+    let flags = 3u32.to_be_bytes().to_vec();
+    let mut over_tls = Vec::new();
+    over_tls.extend(opt(8, &[]));
+    over_tls.extend(meta(10, "disk", &["base:allocation"]));
+    over_tls.extend(go(7, "disk", &[3, 1, 2]));
+    over_tls.extend(requests(true));
+    let mut list_go = opt(3, &[]);
+    list_go.extend(go(6, "disk", &[1]));
+    list_go.extend(go(7, "ro", &[]));
+    list_go.extend(req(0, 0, 1, 0, 4096));
+    let scripted = |b0: u8, plain_opts: &[u8], muts: &[(u16, u8, u8)], app: &[u8]| {
+        let mut plain = flags.clone();
+        plain.extend_from_slice(plain_opts);
+        assert!(plain.len() < 256);
+        let mut v = vec![b0, plain.len() as u8];
+        v.extend(plain);
+        v.push(muts.len() as u8);
+        for (pos, kind, val) in muts {
+            v.extend(pos.to_le_bytes());
+            v.push(*kind);
+            v.push(*val);
+        }
+        v.extend_from_slice(app);
+        v
+    };
+    let mut pre = opt(3, &[]); // LIST before TLS: refused when TLS is required
+    pre.extend(opt(8, &[]));
+    pre.extend(go(6, "disk", &[1, 2]));
+    for server in 0u8..3 {
+        for id in 0u8..4 {
+            for versions in 0u8..3 {
+                let b0 = server | id << 2 | versions << 4;
+                let tag = format!("s{server}-id{id}-v{versions}");
+                save(&d, &format!("{tag}-go"), &scripted(b0, &[], &[], &over_tls));
+                if versions == 0 {
+                    save(&d, &format!("{tag}-pre-list"), &scripted(b0, &pre, &[], &list_go));
+                    save(&d, &format!("{tag}-flip"), &scripted(b0, &[], &[(60, 0, 0x40)], &over_tls));
+                    save(&d, &format!("{tag}-cut"), &scripted(b0, &[], &[(100, 1, 0)], &over_tls));
+                    save(&d, &format!("{tag}-insert"), &scripted(b0, &[], &[(5, 2, 7)], &over_tls));
+                }
+            }
+        }
+        // Plain options that end the plain phase (GO, EXPORT_NAME, ABORT).
+        save(&d, &format!("s{server}-plain-go"), &scripted(server, &go(7, "disk", &[]), &[], &[]));
+        save(&d, &format!("s{server}-plain-export-name"), &scripted(server, &opt(1, b"disk"), &[], &[]));
+        // Raw: plain options, STARTTLS, a real ClientHello, then garbage.
+        for (k, tls13) in [(0, true), (1, false)] {
+            let mut raw = vec![server | 0x40];
+            raw.extend(&flags);
+            raw.extend(opt(8, &[]));
+            raw.extend(opt(5, &[]));
+            raw.extend(client_hello(tls13));
+            save(&d, &format!("s{server}-raw-hello{k}"), &raw);
+        }
+        let mut raw = vec![server | 0x40];
+        raw.extend(&flags);
+        raw.extend(&pre);
+        raw.extend(opt(5, b"x"));
+        raw.extend(opt(5, &[]));
+        raw.extend(pattern(5, 300));
+        save(&d, &format!("s{server}-raw-garbage"), &raw);
+    }
+}
+
+/// nbd_multi: setup byte (files, 2 or 3 connections, window, chunk), connection byte
+/// (structured, threads), then ops.
+fn nbd_multi_seeds(dir: &Path) {
+    let d = dir.join("nbd_multi");
+    for i in 0u64..24 {
+        let mut v = vec![(i * 7) as u8, (i * 13) as u8];
+        v.extend(pattern(i + 500, 100 + (i as usize * 53) % 500));
+        save(&d, &format!("multi-{i:02}"), &v);
+    }
+}
+
+/// ops_chain: setup byte (size, chunk size, checksums, base), then steps.
+fn ops_chain_seeds(dir: &Path) {
+    let d = dir.join("ops_chain");
+    for i in 0u64..24 {
+        let mut v = vec![(i * 11) as u8];
+        let mut steps = pattern(i + 700, 80 + (i as usize * 41) % 300);
+        // A snapshot, a commit and a kill early on, whatever the bytes say.
+        for (k, op) in [(0usize, 7u8), (18, 10), (30, 11), (40, 9), (50, 8)] {
+            if let Some(b) = steps.get_mut(k) {
+                *b = op;
+            }
+        }
+        v.append(&mut steps);
+        save(&d, &format!("ops-{i:02}"), &v);
+    }
+}
+
 fn main() {
     let out: PathBuf = std::env::args().nth(1).expect("usage: make_seeds <dir>").into();
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden");
     image_open_seeds(&out, &golden);
     image_ops_seeds(&out);
+    image_files_seeds(&out);
     nbd_seeds(&out);
+    nbd_tls_seeds(&out);
+    nbd_multi_seeds(&out);
+    ops_chain_seeds(&out);
     eprintln!("seeds written under {}", out.display());
 }

@@ -1,19 +1,28 @@
 //! Fuzzing harnesses: each `run(data)` is what one fuzz target executes for one input. They
-//! depend on nothing but `cowdisk` and `std`, so that `tests/fuzz_regressions.rs` at the
-//! repository root can include this module by path and replay saved inputs without libFuzzer.
+//! depend on nothing but `cowdisk`, `std` and `rustls` (a dependency of `cowdisk` itself), so
+//! that `tests/fuzz_regressions.rs` at the repository root can include this module by path and
+//! replay saved inputs without libFuzzer.
 //!
 //! Besides "no panic", the harnesses check what the library promises: reads return what was
 //! written, extents that say "zero" read as zeros, an image closed cleanly opens again with
 //! the same content. Any violation panics, which libFuzzer reports as a crash.
 #![allow(dead_code)]
 
+pub mod client;
 pub mod image_open;
 pub mod image_ops;
+pub mod nbd_multi;
 pub mod nbd_server;
+pub mod nbd_tls;
+pub mod ops_chain;
 
 use cowdisk::device::{Disk, Extent};
 use cowdisk::storage::{MemStorage, Storage};
 use cowdisk::ErrorKind;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
 
 /// A cursor over the fuzzer's bytes that never fails: past the end everything reads as zero.
 pub struct Bytes<'a> {
@@ -24,6 +33,11 @@ pub struct Bytes<'a> {
 impl<'a> Bytes<'a> {
     pub fn new(data: &'a [u8]) -> Bytes<'a> {
         Bytes { data, pos: 0 }
+    }
+
+    /// Bytes consumed so far.
+    pub fn pos(&self) -> usize {
+        self.pos
     }
 
     pub fn is_empty(&self) -> bool {
@@ -201,5 +215,170 @@ impl Model {
                 }
             }
         }
+    }
+}
+
+/// Granularity of the crash oracle: after a crash (or a kill) every block holds what it held at
+/// the last flush or one of the versions it was given since.
+pub const CRASH_BLOCK: u64 = 4096;
+
+/// The versions of each block changed since the last flush, oldest (the flushed one) first: the
+/// crash oracle of image_ops and ops_chain.
+#[derive(Default)]
+pub struct History {
+    blocks: HashMap<u64, Vec<Vec<u8>>>,
+}
+
+impl History {
+    /// Applies `f` (a change of [off, off+len)) to `model`, recording the blocks' versions.
+    pub fn change(&mut self, model: &mut Vec<u8>, off: u64, len: u64, f: impl FnOnce(&mut Vec<u8>)) {
+        if len == 0 {
+            f(model);
+            return;
+        }
+        let first = off / CRASH_BLOCK;
+        let last = (off + len).div_ceil(CRASH_BLOCK);
+        let block = |m: &Vec<u8>, i: u64| {
+            let s = (i * CRASH_BLOCK) as usize;
+            m[s..(s + CRASH_BLOCK as usize).min(m.len())].to_vec()
+        };
+        for i in first..last {
+            let v = block(model, i);
+            self.blocks.entry(i).or_insert_with(|| vec![v]);
+        }
+        f(model);
+        for i in first..last {
+            let v = block(model, i);
+            self.blocks.get_mut(&i).expect("history").push(v);
+        }
+    }
+
+    /// Everything is durable: no block has more than one possible content.
+    pub fn flushed(&mut self) {
+        self.blocks.clear();
+    }
+
+    /// Checks a device read after a crash: each block is its content at the last flush or one
+    /// it was given since (`model` holds the newest of each).
+    pub fn check_crash(&self, model: &[u8], got: &[u8], what: &str) {
+        assert_eq!(got.len(), model.len(), "{what}: the device changed size");
+        for (i, bytes) in got.chunks(CRASH_BLOCK as usize).enumerate() {
+            let i = i as u64;
+            let ok = match self.blocks.get(&i) {
+                Some(versions) => versions.iter().any(|v| v == bytes),
+                None => {
+                    let s = (i * CRASH_BLOCK) as usize;
+                    bytes == &model[s..s + bytes.len()]
+                }
+            };
+            if !ok {
+                let known = self.blocks.get(&i).map_or(1, Vec::len);
+                panic!(
+                    "{what}: block {i} (offset {}) holds none of its {known} version(s) since the last flush",
+                    i * CRASH_BLOCK
+                );
+            }
+        }
+    }
+}
+
+/// A directory for one input's files, on tmpfs (`/dev/shm`) where there is one, removed when
+/// dropped. Directories that crashed fuzzers (dead processes) left behind are swept at the
+/// first use in a process.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+const SCRATCH_PREFIX: &str = "cowdisk-fuzz-";
+
+fn scratch_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+impl ScratchDir {
+    pub fn new(tag: &str) -> ScratchDir {
+        static SWEEP: Once = Once::new();
+        static N: AtomicU64 = AtomicU64::new(0);
+        let root = scratch_root();
+        SWEEP.call_once(|| {
+            for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix(SCRATCH_PREFIX) else { continue };
+                let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+                if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        });
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = root.join(format!("{SCRATCH_PREFIX}{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("scratch dir {}: {e}", path.display()));
+        ScratchDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+static SERVER_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+/// Prepares the process for harnesses that run server threads:
+/// - SIGPIPE is ignored, as the Rust runtime does for the `cowdisk` binary: a fuzz target has
+///   no Rust `main`, and a write to a socket its peer closed would kill the fuzzer;
+/// - panics on the server's own threads (unnamed connection and worker threads, and the
+///   `nbd-*` ones), which would otherwise only end their thread, are counted: libFuzzer's hook
+///   aborts on any panic, but a replay in `cargo test` would not notice them. Harness threads
+///   have names.
+pub fn watch_server_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        // SAFETY: setting a signal's disposition to SIG_IGN.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let t = std::thread::current();
+            if t.name().map_or(true, |n| n.starts_with("nbd")) {
+                SERVER_PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            prev(info)
+        }));
+    });
+}
+
+/// Panics on server threads so far (see [`watch_server_panics`]).
+pub fn server_panics() -> usize {
+    SERVER_PANICS.load(Ordering::SeqCst)
+}
+
+/// Whether `FUZZ_TRACE` is set: the harnesses then print each step they run (for triage with
+/// `examples/replay`).
+pub fn tracing() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FUZZ_TRACE").is_some())
+}
+
+/// Prints what `msg` says when tracing.
+pub fn trace(msg: impl FnOnce() -> String) {
+    if tracing() {
+        eprintln!("{}", msg());
     }
 }

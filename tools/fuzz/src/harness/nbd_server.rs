@@ -30,7 +30,7 @@ const BASE_LEN: u64 = 300_000;
 const OUTPUT_CAP: usize = 64 << 20;
 
 /// Image bytes built once: (lower layer, top layer), both closed cleanly.
-fn templates() -> &'static (Vec<u8>, Vec<u8>, Vec<u8>) {
+pub fn templates() -> &'static (Vec<u8>, Vec<u8>, Vec<u8>) {
     static T: OnceLock<(Vec<u8>, Vec<u8>, Vec<u8>)> = OnceLock::new();
     T.get_or_init(|| {
         let base = pattern(99, BASE_LEN as usize);
@@ -161,7 +161,7 @@ pub fn session(data: &[u8]) -> Option<(usize, usize)> {
     if threads == 1 && !overflow {
         check_replies(&rest, &out, structured, read_only, size);
     }
-    Some((requests(&rest).len(), out.len()))
+    Some((requests(&rest).0.len(), out.len()))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -191,8 +191,9 @@ fn be(b: &[u8]) -> u64 {
 }
 
 /// The requests the server must answer, parsed independently from the client's stream
-/// (written from the NBD protocol, not from the server's code).
-fn requests(mut s: &[u8]) -> Vec<Req> {
+/// (written from the NBD protocol, not from the server's code), and a last write whose header
+/// arrived but whose payload was cut off (see [`SPLICE_MIN`]).
+fn requests(mut s: &[u8]) -> (Vec<Req>, Option<Req>) {
     let mut out = Vec::new();
     while s.len() >= 28 {
         if be(&s[0..4]) as u32 != REQUEST_MAGIC {
@@ -212,18 +213,23 @@ fn requests(mut s: &[u8]) -> Vec<Req> {
         if r.typ == CMD_WRITE {
             // The payload follows the header (also when it is refused as too large).
             if s.len() < r.length as usize {
-                break;
+                return (out, Some(r));
             }
             s = &s[r.length as usize..];
         }
         out.push(r);
     }
-    out
+    (out, None)
 }
+
+/// Writes at least this long run as their payload arrives (transmission's `SPLICE_MIN`): one
+/// that fails its checks (range, flags, read-only) is answered before its payload is read,
+/// so a client that goes away in the middle of the payload may still get that error reply.
+const SPLICE_MIN: u32 = 128 * 1024;
 
 /// Checks that `out` answers `reqs` in order, each once, with well-formed replies.
 fn check_replies(input: &[u8], out: &[u8], structured: bool, read_only: bool, size: u64) {
-    let reqs = requests(input);
+    let (reqs, cut) = requests(input);
     let mut pos = 0usize;
     let take = |pos: &mut usize, n: usize, what: &str| -> &[u8] {
         assert!(
@@ -311,5 +317,29 @@ fn check_replies(input: &[u8], out: &[u8], structured: bool, read_only: bool, si
             assert_eq!(covered, u64::from(r.length), "request {i} {r:?}: read reply covers {covered} bytes");
         }
     }
-    assert!(pos == out.len(), "{} bytes of replies after the last request ({} requests)", out.len() - pos, reqs.len());
+    if let Some(r) = cut.filter(|r| r.length >= SPLICE_MIN && pos < out.len()) {
+        // At most one reply, and an error, for the write whose payload never arrived in full.
+        let magic = be(&out[pos..(pos + 4).min(out.len())]) as u32;
+        assert!(magic == SIMPLE_MAGIC || magic == STRUCTURED_MAGIC, "bad reply magic {magic:#x}");
+        let (error, cookie) = if magic == SIMPLE_MAGIC {
+            let h = take(&mut pos, 16, "a reply to the cut write");
+            (be(&h[4..8]) as u32, be(&h[8..16]))
+        } else {
+            let h = take(&mut pos, 20, "a reply to the cut write");
+            let (flags, typ, len) = (be(&h[4..6]) as u16, be(&h[6..8]) as u16, be(&h[16..20]) as usize);
+            assert!(typ & 0x8000 != 0 && flags & FLAG_DONE != 0, "cut write {r:?} answered with chunk type {typ}");
+            let p = take(&mut pos, len, "the error of the cut write");
+            assert!(len >= 6, "short error chunk");
+            (be(&p[0..4]) as u32, be(&h[8..16]))
+        };
+        assert_eq!(cookie, r.cookie, "reply for another cookie after the cut write {r:?}");
+        assert_ne!(error, 0, "the write {r:?} whose payload never arrived succeeded");
+    }
+    assert!(
+        pos == out.len(),
+        "{} bytes of replies after the last request ({} requests): {:02x?}",
+        out.len() - pos,
+        reqs.len(),
+        &out[pos..out.len().min(pos + 32)]
+    );
 }
