@@ -15,6 +15,7 @@ pub mod layer;
 pub mod live;
 pub mod nbd;
 pub mod ops;
+pub mod remote;
 pub mod storage;
 mod sync;
 

@@ -100,6 +100,9 @@ pub fn create_file_in(ns: &dyn Namespace, path: &Path, geom: Geometry, parent: O
 /// shift and whether it carries data checksums.
 fn parent_ref(child: &Path, parent: &Path, opts: &CreateOptions) -> Result<(ParentRef, u64, Option<u32>, bool)> {
     let ctx = |e: Error| e.with_file(parent).during("create overlay");
+    if crate::remote::is_remote(parent.as_os_str().as_encoded_bytes()) {
+        return remote_parent_ref(parent).map_err(ctx);
+    }
     let format = match opts.backing_format {
         Some(f) => f,
         None => probe_format(parent)?,
@@ -135,7 +138,24 @@ fn parent_ref(child: &Path, parent: &Path, opts: &CreateOptions) -> Result<(Pare
                 false,
             ))
         }
+        ParentFormat::Remote => remote_parent_ref(parent).map_err(ctx),
     }
+}
+
+/// The parent reference for an overlay on a remote layer (spec §9.1): a tag is resolved to
+/// the digest it names now, since a parent reference must not move.
+fn remote_parent_ref(parent: &Path) -> Result<(ParentRef, u64, Option<u32>, bool)> {
+    use crate::remote::{manifest::LayerKind, LayerUrl};
+    let url = LayerUrl::parse(&parent.to_string_lossy())?;
+    let digest = crate::remote::resolve(&url)?;
+    let m = crate::remote::fetch_manifest(&url.repo, &digest)?;
+    let path = url.repo.layer_url(&digest).into_bytes();
+    if path.len() > MAX_PARENT_PATH {
+        return Err(err(ErrorKind::InvalidArgument, format!("the layer URL is longer than {MAX_PARENT_PATH} bytes")));
+    }
+    let shift = (m.kind == LayerKind::Cowdisk).then_some(m.chunk_shift);
+    let pref = ParentRef { format: ParentFormat::Remote, path, uuid: m.uuid, size: m.virtual_size, fingerprint: 0 };
+    Ok((pref, m.virtual_size, shift, false))
 }
 
 /// The bytes recorded as the parent's path: relative to the child's directory, or absolute.

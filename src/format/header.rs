@@ -37,6 +37,9 @@ mod off {
 pub enum ParentFormat {
     Raw,
     Cowdisk,
+    /// A layer in an object store, named by URL (spec §9); its manifest says whether it is
+    /// a cowdisk layer or a raw base.
+    Remote,
 }
 
 impl ParentFormat {
@@ -44,6 +47,7 @@ impl ParentFormat {
         match self {
             ParentFormat::Raw => "raw",
             ParentFormat::Cowdisk => "cowdisk",
+            ParentFormat::Remote => "remote",
         }
     }
 }
@@ -160,6 +164,7 @@ impl Header {
             let fmt = match p.format {
                 ParentFormat::Raw => 1,
                 ParentFormat::Cowdisk => 2,
+                ParentFormat::Remote => 3,
             };
             LE::write_u32(&mut b[off::PARENT_FORMAT..], fmt);
             LE::write_u32(&mut b[off::PARENT_PATH_LEN..], p.path.len() as u32);
@@ -342,6 +347,7 @@ fn decode_parent(b: &[u8]) -> Result<Option<ParentRef>> {
         }
         1 => ParentFormat::Raw,
         2 => ParentFormat::Cowdisk,
+        3 => ParentFormat::Remote,
         other => return Err(err(ErrorKind::Corrupt, format!("unknown parent format {other}"))),
     };
     if len == 0 || len > MAX_PARENT_PATH {

@@ -198,7 +198,7 @@ pub(super) fn compact(
     // directory.
     let m_parent = match below {
         None => None,
-        Some(r) if ns.same_dir(into, last.path()) => Some(r),
+        Some(r) if ns.same_dir(into, last.path()) || r.format == ParentFormat::Remote => Some(r),
         Some(r) => {
             let target = match (r.format, rest.first(), &base) {
                 (ParentFormat::Cowdisk, Some(l), _) => l.path().to_path_buf(),

@@ -217,7 +217,9 @@ pub fn check(image: &Path, opts: &CheckOptions, progress: Progress) -> CheckRepo
     let mut child = image.to_path_buf();
     while let Ok(Some(p)) = crate::layer::read_header_only(&child).map(|h| h.parent) {
         let pp = resolve_parent_path(&child, &p);
-        if p.format == ParentFormat::Raw {
+        // A raw base has no structure to check; a remote layer was checked by opening the
+        // chain above (manifest against its digest); its chunks are checked as they are read.
+        if p.format != ParentFormat::Cowdisk {
             break;
         }
         let c = check_image(&pp, opts, progress);

@@ -61,6 +61,7 @@ pub fn info(image: &Path) -> Result<Vec<LayerInfo>> {
                     match p.format {
                         ParentFormat::Raw => "raw",
                         ParentFormat::Cowdisk => "cowdisk",
+                        ParentFormat::Remote => "remote",
                     },
                 )
             }),

@@ -87,6 +87,10 @@ fn depth_in(ns: &dyn Namespace, image: &Path, h: &Header) -> Result<usize> {
         if p.format == ParentFormat::Raw || depth > MAX_CHAIN_DEPTH {
             break;
         }
+        if p.format == ParentFormat::Remote {
+            let (repo, d) = crate::remote::parent_layer(&p.path)?;
+            return Ok(depth - 1 + crate::remote::chain_depth(&repo, &d, MAX_CHAIN_DEPTH + 1 - depth)?);
+        }
         let path = resolve_parent_path(&child, &p);
         next = ns
             .open(&path, false, LockMode::None)

@@ -1,0 +1,1 @@
+//! Listing, removing and collecting garbage in a repository (format-spec §9.7).

@@ -1,0 +1,328 @@
+//! The local cache of remote chunks that every cowdisk process on a host shares: one file per
+//! chunk, named by its digest, so any process may use any other's fills.
+//!
+//! Invariants: what a read returns is exactly the content its name is the digest of (a fill
+//! is verified, written to a temporary name and renamed, so two processes filling the same
+//! chunk write the same bytes; a read verifies again, so a file a power cut left short or
+//! wrong is dropped, never served);
+//! the files together stay within the size bound, least recently used first out (a file's
+//! modification time is its last use); concurrent reads of one chunk in one process make one
+//! fetch.
+
+use super::manifest::{hex, sha256, Digest};
+use crate::error::{err, Error, ErrorKind, Result};
+use crate::sync::lock;
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// A use younger than this does not update a file's time (one syscall saved per read).
+const TOUCH_AFTER: Duration = Duration::from_secs(60);
+
+pub struct Cache {
+    dir: PathBuf,
+    limit: u64,
+    /// This process's estimate of the bytes in the cache (other processes add to it too: a
+    /// scan under the lock file corrects it).
+    used: AtomicU64,
+    inflight: Mutex<HashMap<Digest, Arc<(Mutex<bool>, Condvar)>>>,
+    /// What this process fetched and read, for reports and tests.
+    pub fetched_bytes: AtomicU64,
+    pub hits: AtomicU64,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cache({}, {} bytes)", self.dir.display(), self.limit)
+    }
+}
+
+/// The default place: `$XDG_CACHE_HOME/cowdisk`, `~/.cache/cowdisk`, or for root
+/// `/var/cache/cowdisk`.
+pub fn default_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("cowdisk");
+    }
+    // SAFETY: getuid has no failure mode.
+    if unsafe { libc::getuid() } == 0 {
+        return PathBuf::from("/var/cache/cowdisk");
+    }
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache/cowdisk")
+}
+
+fn io(op: &'static str, p: &Path, e: std::io::Error) -> Error {
+    Error::io(op, e).with_file(p)
+}
+
+/// Runs `f` with the cache's lock file locked exclusively (eviction; fills need no lock).
+fn with_lock<T>(dir: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    let p = dir.join(".lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(|e| io("open", &p, e))?;
+    // SAFETY: flock on a descriptor we hold; released when the file closes.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io("lock", &p, std::io::Error::last_os_error()));
+    }
+    Ok(f())
+}
+
+impl Cache {
+    /// The cache in `dir` (made if missing), holding at most `limit` bytes.
+    pub fn open(dir: &Path, limit: u64) -> Result<Cache> {
+        std::fs::create_dir_all(dir).map_err(|e| io("create cache directory", dir, e))?;
+        let c = Cache {
+            dir: dir.to_path_buf(),
+            limit,
+            used: AtomicU64::new(0),
+            inflight: Mutex::new(HashMap::new()),
+            fetched_bytes: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+        };
+        c.used.store(c.scan().iter().map(|f| f.1).sum(), Ordering::Relaxed);
+        Ok(c)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    fn file(&self, d: &Digest) -> PathBuf {
+        let h = hex(d);
+        self.dir.join(&h[..2]).join(&h)
+    }
+
+    /// Every chunk file: (path, size, last use).
+    fn scan(&self) -> Vec<(PathBuf, u64, SystemTime)> {
+        let mut out = Vec::new();
+        let Ok(subs) = std::fs::read_dir(&self.dir) else { return out };
+        for sub in subs.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            let Ok(files) = std::fs::read_dir(sub.path()) else { continue };
+            for f in files.flatten() {
+                let name = f.file_name();
+                if name.len() != 64 {
+                    continue;
+                }
+                if let Ok(m) = f.metadata() {
+                    out.push((f.path(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+                }
+            }
+        }
+        out
+    }
+
+    /// The bytes of all chunk files, counted now.
+    pub fn size_on_disk(&self) -> u64 {
+        self.scan().iter().map(|f| f.1).sum()
+    }
+
+    /// The content of chunk `d` if the cache holds it (a use: it moves to the back of the
+    /// eviction order).
+    ///
+    /// The content is checked against its name on every read: fills are not synced before
+    /// their rename (a sync per fetched chunk would cost more than the fetch), so after a power
+    /// cut a file may hold less or other than it should; such a file is removed and the chunk
+    /// counts as not cached. (SHA-256 of a 64 KiB chunk takes tens of microseconds here.)
+    pub fn get(&self, d: &Digest) -> Option<Vec<u8>> {
+        let p = self.file(d);
+        let bytes = std::fs::read(&p).ok()?;
+        if sha256(&bytes) != *d {
+            let _ = std::fs::remove_file(&p);
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        if let Ok(m) = std::fs::metadata(&p) {
+            if m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > TOUCH_AFTER) {
+                let _ = std::fs::File::options().write(true).open(&p).and_then(|f| f.set_modified(SystemTime::now()));
+            }
+        }
+        Some(bytes)
+    }
+
+    /// The content of chunk `d`: from the cache, or from `fetch` (which must return content
+    /// already checked against `d`), then kept. Concurrent calls for one chunk make one fetch.
+    pub fn get_or_fetch(&self, d: &Digest, fetch: impl FnOnce() -> Result<Vec<u8>>) -> Result<Vec<u8>> {
+        if let Some(b) = self.get(d) {
+            return Ok(b);
+        }
+        let (slot, first) = {
+            let mut m = lock(&self.inflight);
+            match m.get(d) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s = Arc::new((Mutex::new(false), Condvar::new()));
+                    m.insert(*d, s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if !first {
+            // Another thread fetches it: wait, then take what it kept (or fetch ourselves if
+            // it failed).
+            let mut done = lock(&slot.0);
+            while !*done {
+                done = slot.1.wait(done).unwrap_or_else(|p| p.into_inner());
+            }
+            drop(done);
+            if let Some(b) = self.get(d) {
+                return Ok(b);
+            }
+            return fetch().inspect(|b| self.keep(d, b));
+        }
+        let r = fetch();
+        if let Ok(b) = &r {
+            self.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+            self.keep(d, b);
+        }
+        lock(&self.inflight).remove(d);
+        *lock(&slot.0) = true;
+        slot.1.notify_all();
+        r
+    }
+
+    /// Stores verified content under its digest (best effort: a cache that cannot be written
+    /// only costs fetches).
+    fn keep(&self, d: &Digest, content: &[u8]) {
+        let p = self.file(d);
+        if p.exists() {
+            return;
+        }
+        let Some(parent) = p.parent() else { return };
+        if std::fs::create_dir_all(parent).is_err() {
+            return;
+        }
+        static N: AtomicU64 = AtomicU64::new(0);
+        let tmp = parent.join(format!(".{}-{}.tmp", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        if std::fs::write(&tmp, content).and_then(|()| std::fs::rename(&tmp, &p)).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            return;
+        }
+        let used = self.used.fetch_add(content.len() as u64, Ordering::Relaxed) + content.len() as u64;
+        if used > self.limit {
+            let _ = self.evict();
+        }
+    }
+
+    /// Brings the cache under 90% of its bound, least recently used first, under the lock
+    /// file (so two processes do not evict twice over).
+    pub fn evict(&self) -> Result<()> {
+        with_lock(&self.dir, || {
+            let mut files = self.scan();
+            let mut total: u64 = files.iter().map(|f| f.1).sum();
+            let target = self.limit / 10 * 9;
+            files.sort_by_key(|f| f.2);
+            for (p, size, _) in files {
+                if total <= target {
+                    break;
+                }
+                if std::fs::remove_file(&p).is_ok() {
+                    total -= size;
+                }
+            }
+            self.used.store(total, Ordering::Relaxed);
+        })
+    }
+}
+
+/// A size such as `10G` for the cache bound, from `COWDISK_CACHE_SIZE` (bytes or with a K, M,
+/// G or T suffix), else 10 GiB.
+pub fn limit_from_env() -> Result<u64> {
+    match std::env::var("COWDISK_CACHE_SIZE") {
+        Err(_) => Ok(10 << 30),
+        Ok(v) => parse_size(&v).ok_or_else(|| err(ErrorKind::InvalidArgument, format!("COWDISK_CACHE_SIZE={v} is not a size"))),
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last()?.to_ascii_uppercase() {
+        'K' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' => (&s[..s.len() - 1], 1 << 20),
+        'G' => (&s[..s.len() - 1], 1 << 30),
+        'T' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::manifest::sha256;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cowdisk-cache-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_fill_is_kept_and_shared_with_another_open_of_the_cache() {
+        let d = dir("share");
+        let a = Cache::open(&d, 1 << 20).unwrap();
+        let content = vec![7u8; 5000];
+        let digest = sha256(&content);
+        let got = a.get_or_fetch(&digest, || Ok(content.clone())).unwrap();
+        assert_eq!(got, content);
+        let b = Cache::open(&d, 1 << 20).unwrap();
+        assert_eq!(b.get_or_fetch(&digest, || panic!("fetched again")).unwrap(), content);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_bound_holds_and_the_least_recently_used_go_first() {
+        let d = dir("bound");
+        let c = Cache::open(&d, 40_000).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 8000]).collect();
+        for (i, ch) in chunks.iter().enumerate() {
+            c.get_or_fetch(&sha256(ch), || Ok(ch.clone())).unwrap();
+            // Distinct times for the order to be seen.
+            let f = c.file(&sha256(ch));
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i as u64);
+            std::fs::File::options().write(true).open(&f).unwrap().set_modified(t).unwrap();
+        }
+        assert!(c.size_on_disk() <= 40_000, "{} bytes", c.size_on_disk());
+        assert!(c.get(&sha256(&chunks[9])).is_some(), "the newest was evicted");
+        assert!(c.get(&sha256(&chunks[0])).is_none(), "the oldest was kept");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn concurrent_reads_of_one_chunk_make_one_fetch() {
+        let d = dir("coalesce");
+        let c = Arc::new(Cache::open(&d, 1 << 20).unwrap());
+        let content = vec![3u8; 4096];
+        let digest = sha256(&content);
+        let fetches = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, content, fetches) = (c.clone(), content.clone(), fetches.clone());
+                std::thread::spawn(move || {
+                    c.get_or_fetch(&digest, || {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(50));
+                        Ok(content.clone())
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), content);
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("10G"), Some(10 << 30));
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("x"), None);
+    }
+}

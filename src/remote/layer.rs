@@ -1,0 +1,269 @@
+//! A remote layer as a chain sees it: a read-only store holding a cowdisk image made up from
+//! the manifest (headers and map sectors encoded here, one data slot per chunk with content,
+//! whose bytes are fetched when read), or the bytes of a raw base. So the chain reads a remote
+//! layer through the same code as a local file, and every chunk it touches is fetched once,
+//! through the shared cache.
+
+use super::manifest::{Digest, LayerKind, Manifest};
+use super::{fetch_chunk, fetch_manifest, parent_layer, read_ahead, RepoUrl};
+use crate::error::{err, ErrorKind, Result};
+use crate::format::header::{Header, MapExtent, ParentFormat, ParentRef};
+use crate::format::map::{encode_sector, MapEntry};
+use crate::format::{Geometry, FLAG_FROZEN, HEADER_SLOT_SIZE, SECTOR_SIZE};
+use crate::layer::raw::RawImage;
+use crate::layer::{Image, OpenOptions};
+use crate::storage::Storage;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A remote parent, opened: a cowdisk layer or a raw base.
+pub enum Opened {
+    Layer(Image),
+    Raw(RawImage),
+}
+
+/// Opens the remote layer a parent reference names (format-spec §9.5): its manifest fetched
+/// and checked, and its identity checked against the reference.
+pub fn open_parent(pref: &ParentRef) -> Result<Opened> {
+    let url_text = String::from_utf8_lossy(&pref.path).into_owned();
+    let (repo, digest) = parent_layer(&pref.path)?;
+    let m = fetch_manifest(&repo, &digest)?;
+    let changed = |what: String| err(ErrorKind::ParentChanged, format!("remote parent {url_text} changed: {what}"));
+    if m.virtual_size != pref.size {
+        return Err(changed(format!("size is {}, the overlay was made on {}", m.virtual_size, pref.size)));
+    }
+    if m.kind == LayerKind::Cowdisk && m.uuid != pref.uuid {
+        return Err(changed("another UUID".into()));
+    }
+    let path = Path::new(&url_text);
+    let layer = RemoteLayer::new(repo, digest, m)?;
+    Ok(match layer.manifest.kind {
+        LayerKind::Cowdisk => Opened::Layer(Image::open_on(Arc::new(layer), path, OpenOptions::read_only())?),
+        LayerKind::Raw => {
+            let size = layer.manifest.virtual_size;
+            Opened::Raw(RawImage::on(Arc::new(layer), path, size))
+        }
+    })
+}
+
+struct RemoteLayer {
+    repo: RepoUrl,
+    manifest: Manifest,
+    /// Cowdisk: the header area (both header slots).
+    header: Vec<u8>,
+    data_start: u64,
+    /// Cowdisk: the entry behind each data slot, in slot order.
+    slots: Vec<usize>,
+    /// Where the map extent starts (cowdisk), and its bytes.
+    map_start: u64,
+    map: Vec<u8>,
+    /// Raw: the entry of each chunk with content.
+    by_chunk: HashMap<u64, usize>,
+    len: u64,
+    /// The last chunk read (entry number + 1; 0 for none), to see sequential reads.
+    last: AtomicU64,
+    reading_ahead: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for RemoteLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteLayer({})", self.repo)
+    }
+}
+
+impl RemoteLayer {
+    fn new(repo: RepoUrl, _digest: Digest, manifest: Manifest) -> Result<RemoteLayer> {
+        let mut l = RemoteLayer {
+            repo,
+            header: Vec::new(),
+            data_start: 0,
+            slots: Vec::new(),
+            map_start: 0,
+            map: Vec::new(),
+            by_chunk: HashMap::new(),
+            len: manifest.virtual_size,
+            last: AtomicU64::new(0),
+            reading_ahead: Arc::new(AtomicBool::new(false)),
+            manifest,
+        };
+        match l.manifest.kind {
+            LayerKind::Raw => {
+                l.by_chunk = l.manifest.entries.iter().enumerate().map(|(i, e)| (e.chunk, i)).collect();
+            }
+            LayerKind::Cowdisk => l.make_image()?,
+        }
+        Ok(l)
+    }
+
+    /// The cowdisk image this layer reads as: both header slots valid, one data slot per
+    /// chunk with content in chunk order, the map in one extent after the slots.
+    fn make_image(&mut self) -> Result<()> {
+        let m = &self.manifest;
+        let geom = Geometry::new(m.virtual_size, m.chunk_shift)?;
+        let cs = geom.chunk_size();
+        self.data_start = geom.data_start();
+        self.slots = m.entries.iter().enumerate().filter(|(_, e)| e.content.is_some()).map(|(i, _)| i).collect();
+        self.map_start = self.data_start + self.slots.len() as u64 * cs;
+        let eps = geom.entries_per_sector();
+        let sectors = m.entries.len().div_ceil(eps);
+        let mut slot_of = HashMap::new();
+        for (k, &i) in self.slots.iter().enumerate() {
+            slot_of.insert(i, self.data_start + k as u64 * cs);
+        }
+        self.map = Vec::with_capacity(sectors * SECTOR_SIZE);
+        for s in 0..sectors {
+            let off = self.map_start + (s * SECTOR_SIZE) as u64;
+            let entries: Vec<MapEntry> = m.entries[s * eps..((s + 1) * eps).min(m.entries.len())]
+                .iter()
+                .enumerate()
+                .map(|(j, e)| MapEntry {
+                    chunk: e.chunk,
+                    data_offset: slot_of.get(&(s * eps + j)).copied().unwrap_or(0),
+                    blocks: e.blocks.clone().unwrap_or_else(|| crate::format::blocks::BlockStates::new(geom.blocks_per_chunk())),
+                    crcs: Vec::new(),
+                })
+                .collect();
+            let refs: Vec<Option<&MapEntry>> = (0..eps).map(|j| entries.get(j)).collect();
+            self.map.extend_from_slice(&encode_sector(&geom, off, &refs));
+        }
+        let parent = m.parent.map(|p| ParentRef {
+            format: ParentFormat::Remote,
+            path: self.repo.layer_url(&p.digest).into_bytes(),
+            uuid: p.uuid,
+            size: p.size,
+            fingerprint: 0,
+        });
+        let mut h = Header::new(geom, m.uuid, parent);
+        h.set_flag(FLAG_FROZEN, true);
+        if !self.map.is_empty() {
+            let len = (self.map.len() as u64).next_multiple_of(cs);
+            h.map_extents.push(MapExtent { offset: self.map_start, len });
+        }
+        self.header = vec![0u8; 2 * HEADER_SLOT_SIZE];
+        h.generation = 0;
+        self.header[..HEADER_SLOT_SIZE].copy_from_slice(&h.encode());
+        h.generation = 1;
+        self.header[HEADER_SLOT_SIZE..].copy_from_slice(&h.encode());
+        self.len = self.map_start + self.map.len() as u64;
+        Ok(())
+    }
+
+    /// The content of entry `i`, fetched (or from the cache); a read of the next entry after
+    /// the last one read starts fetching the few after it in the background.
+    fn content(&self, i: usize) -> Result<Vec<u8>> {
+        let e = &self.manifest.entries[i];
+        let Some((d, loc)) = &e.content else {
+            return Ok(vec![0u8; self.manifest.chunk_len(e.chunk) as usize]);
+        };
+        let prev = self.last.swap(i as u64 + 1, Ordering::Relaxed);
+        if prev == i as u64 && i > 0 {
+            self.read_ahead_from(i + 1);
+        }
+        fetch_chunk(&self.repo, d, loc)
+    }
+
+    fn read_ahead_from(&self, first: usize) {
+        let n = read_ahead();
+        if n == 0 || self.reading_ahead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let todo: Vec<_> = self.manifest.entries.iter().skip(first).filter_map(|e| e.content).take(n).collect();
+        let (repo, busy) = (self.repo.clone(), self.reading_ahead.clone());
+        std::thread::spawn(move || {
+            for (d, loc) in todo {
+                if fetch_chunk(&repo, &d, &loc).is_err() {
+                    break;
+                }
+            }
+            busy.store(false, Ordering::Release);
+        });
+    }
+}
+
+fn read_only() -> crate::Error {
+    err(ErrorKind::ReadOnly, "a remote layer is never written")
+}
+
+impl Storage for RemoteLayer {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let out = &mut buf[done..];
+            let n = match self.manifest.kind {
+                LayerKind::Raw => {
+                    let cs = self.manifest.chunk_size();
+                    let (c, at) = (pos / cs, (pos % cs) as usize);
+                    let n = out.len().min(cs as usize - at);
+                    match self.by_chunk.get(&c) {
+                        _ if pos >= self.len => out[..n].fill(0),
+                        Some(&i) => {
+                            let content = self.content(i)?;
+                            let m = n.min(content.len().saturating_sub(at));
+                            out[..m].copy_from_slice(&content[at..at + m]);
+                            out[m..n].fill(0);
+                        }
+                        None => out[..n].fill(0),
+                    }
+                    n
+                }
+                LayerKind::Cowdisk => {
+                    let cs = self.manifest.chunk_size();
+                    if pos < self.header.len() as u64 {
+                        let n = out.len().min(self.header.len() - pos as usize);
+                        out[..n].copy_from_slice(&self.header[pos as usize..pos as usize + n]);
+                        n
+                    } else if pos < self.data_start {
+                        let n = out.len().min((self.data_start - pos) as usize);
+                        out[..n].fill(0);
+                        n
+                    } else if pos < self.map_start {
+                        let (k, at) = (((pos - self.data_start) / cs) as usize, ((pos - self.data_start) % cs) as usize);
+                        let n = out.len().min(cs as usize - at);
+                        let content = self.content(self.slots[k])?;
+                        let m = n.min(content.len().saturating_sub(at));
+                        out[..m].copy_from_slice(&content[at..at + m]);
+                        out[m..n].fill(0);
+                        n
+                    } else if pos < self.len {
+                        let at = (pos - self.map_start) as usize;
+                        let n = out.len().min(self.map.len() - at);
+                        out[..n].copy_from_slice(&self.map[at..at + n]);
+                        n
+                    } else {
+                        out.fill(0);
+                        out.len()
+                    }
+                }
+            };
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(read_only())
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok(self.len)
+    }
+
+    fn set_len(&self, _len: u64) -> Result<()> {
+        Err(read_only())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn punch(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(read_only())
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        Some(0)
+    }
+}

@@ -1,0 +1,280 @@
+//! Layers in an object store (format-spec §9): repository URLs, the process's settings for
+//! reaching stores and caching their chunks, and fetching a chunk (from the shared cache, or
+//! by a ranged GET, decompressed and checked against its digest). `layer.rs` presents a remote
+//! layer to a chain as a read-only file, `push.rs` uploads layers, `admin.rs` lists, removes
+//! and collects garbage.
+
+pub mod admin;
+pub mod cache;
+mod layer;
+pub mod manifest;
+pub mod push;
+pub mod store;
+
+pub use layer::{open_parent, Opened};
+
+use crate::error::{err, ErrorKind, Result};
+use crate::sync::lock;
+use cache::Cache;
+use manifest::{hex, parse_hex, sha256, Codec, Digest, Location, Manifest};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use store::{Store, StoreConfig};
+
+/// A repository: `s3://BUCKET/PREFIX`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RepoUrl {
+    pub bucket: String,
+    /// Without leading or trailing `/`; may be empty.
+    pub prefix: String,
+}
+
+impl std::fmt::Display for RepoUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.prefix.is_empty() {
+            write!(f, "s3://{}", self.bucket)
+        } else {
+            write!(f, "s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+impl RepoUrl {
+    /// `s3://BUCKET[/PREFIX]`.
+    pub fn parse(url: &str) -> Result<RepoUrl> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| err(ErrorKind::InvalidArgument, format!("{url}: not an s3:// URL")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(err(ErrorKind::InvalidArgument, format!("{url}: no bucket")));
+        }
+        Ok(RepoUrl { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() })
+    }
+
+    /// The full key of `key` (relative to the repository).
+    pub fn key(&self, key: &str) -> String {
+        match (self.prefix.is_empty(), key.is_empty()) {
+            (true, _) => key.to_string(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}/{key}", self.prefix),
+        }
+    }
+
+    /// The URL of layer `d` in this repository, as a parent reference records it.
+    pub fn layer_url(&self, d: &Digest) -> String {
+        format!("{self}/layers/{}", hex(d))
+    }
+}
+
+/// Whether a parent or backing name is a remote one.
+pub fn is_remote(s: &[u8]) -> bool {
+    s.starts_with(b"s3://")
+}
+
+/// A layer named by URL: `s3://BUCKET/PREFIX/layers/DIGEST`, or (to be resolved)
+/// `s3://BUCKET/PREFIX/NAME` for a tag or a bare digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerUrl {
+    pub repo: RepoUrl,
+    pub name: LayerName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerName {
+    Digest(Digest),
+    Tag(String),
+}
+
+impl LayerUrl {
+    pub fn parse(url: &str) -> Result<LayerUrl> {
+        let bad = || err(ErrorKind::InvalidArgument, format!("{url}: not s3://BUCKET/PREFIX/LAYER (a tag or a digest)"));
+        let (head, last) = url.rsplit_once('/').ok_or_else(bad)?;
+        if last.is_empty() || !head.starts_with("s3://") || head.len() <= "s3://".len() {
+            return Err(bad());
+        }
+        if let (Some(repo), Some(d)) = (head.strip_suffix("/layers"), parse_hex(last)) {
+            return Ok(LayerUrl { repo: RepoUrl::parse(repo)?, name: LayerName::Digest(d) });
+        }
+        let repo = RepoUrl::parse(head)?;
+        Ok(LayerUrl { repo, name: parse_hex(last).map_or_else(|| LayerName::Tag(last.to_string()), LayerName::Digest) })
+    }
+}
+
+/// How this process reaches stores and caches their chunks.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub store: StoreConfig,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    /// Chunks read ahead after two reads of consecutive chunks of a layer.
+    pub read_ahead: usize,
+}
+
+impl RemoteOptions {
+    /// The defaults and the environment (see `store::StoreConfig::from_env` and
+    /// `COWDISK_CACHE_DIR`, `COWDISK_CACHE_SIZE`).
+    pub fn from_env() -> Result<RemoteOptions> {
+        Ok(RemoteOptions {
+            store: StoreConfig::from_env(),
+            cache_dir: std::env::var_os("COWDISK_CACHE_DIR").map(PathBuf::from).unwrap_or_else(cache::default_dir),
+            cache_size: cache::limit_from_env()?,
+            read_ahead: 4,
+        })
+    }
+}
+
+/// What a process uses to reach remote layers: settings, the open stores (one per
+/// repository) and the cache. Chains opened after [`configure`] use its settings.
+struct Context {
+    opts: RemoteOptions,
+    stores: Mutex<HashMap<RepoUrl, Arc<Store>>>,
+    cache: OnceLock<Arc<Cache>>,
+}
+
+fn context() -> &'static RwLock<Option<Arc<Context>>> {
+    static C: OnceLock<RwLock<Option<Arc<Context>>>> = OnceLock::new();
+    C.get_or_init(|| RwLock::new(None))
+}
+
+/// Sets how this process reaches stores (`--endpoint`) and where and how big its cache is
+/// (`--cache-dir`, `--cache-size`); otherwise the environment decides at first use.
+pub fn configure(opts: RemoteOptions) {
+    *crate::sync::write(context()) = Some(Arc::new(Context { opts, stores: Mutex::new(HashMap::new()), cache: OnceLock::new() }));
+}
+
+fn ctx() -> Result<Arc<Context>> {
+    if let Some(c) = crate::sync::read(context()).as_ref() {
+        return Ok(c.clone());
+    }
+    configure(RemoteOptions::from_env()?);
+    crate::sync::read(context()).clone().ok_or_else(|| err(ErrorKind::Io, "remote settings"))
+}
+
+/// The open store of `repo` (one per repository and process).
+pub fn store(repo: &RepoUrl) -> Result<Arc<Store>> {
+    let c = ctx()?;
+    let mut m = lock(&c.stores);
+    if let Some(s) = m.get(repo) {
+        return Ok(s.clone());
+    }
+    let s = Arc::new(Store::open(repo, &c.opts.store)?);
+    m.insert(repo.clone(), s.clone());
+    Ok(s)
+}
+
+/// The process's chunk cache.
+pub fn shared_cache() -> Result<Arc<Cache>> {
+    let c = ctx()?;
+    if let Some(cache) = c.cache.get() {
+        return Ok(cache.clone());
+    }
+    let cache = Arc::new(Cache::open(&c.opts.cache_dir, c.opts.cache_size)?);
+    Ok(c.cache.get_or_init(|| cache).clone())
+}
+
+pub(crate) fn read_ahead() -> usize {
+    ctx().map(|c| c.opts.read_ahead).unwrap_or(0)
+}
+
+/// The digest a layer URL names: itself, or what its tag holds now.
+pub fn resolve(url: &LayerUrl) -> Result<Digest> {
+    match &url.name {
+        LayerName::Digest(d) => Ok(*d),
+        LayerName::Tag(t) => {
+            let s = store(&url.repo)?;
+            let body = s.get(&format!("tags/{t}")).map_err(|e| match e.kind() {
+                ErrorKind::ParentMissing => err(ErrorKind::ParentMissing, format!("{}/{t}: no such tag or layer", url.repo)),
+                _ => e,
+            })?;
+            let text = String::from_utf8_lossy(&body);
+            parse_hex(text.trim()).ok_or_else(|| err(ErrorKind::Corrupt, format!("{}/tags/{t}: not a layer digest", url.repo)))
+        }
+    }
+}
+
+/// The manifest of layer `d`, checked against its digest. A manifest never changes under its
+/// name, so it is kept in the shared cache like a chunk (named by its digest, verified before
+/// it is kept): a second open of the layer on this host needs no request.
+pub fn fetch_manifest(repo: &RepoUrl, d: &Digest) -> Result<Manifest> {
+    let bytes = shared_cache()?.get_or_fetch(d, || {
+        let key = format!("layers/{}", hex(d));
+        let bytes = store(repo)?.get(&key).map_err(|e| match e.kind() {
+            ErrorKind::ParentMissing => err(ErrorKind::ParentMissing, format!("{}: no such layer", repo.layer_url(d))),
+            _ => e,
+        })?;
+        if sha256(&bytes) != *d {
+            return Err(err(ErrorKind::BadChecksum, format!("{}: the manifest does not match its name", repo.layer_url(d))));
+        }
+        Ok(bytes.to_vec())
+    })?;
+    Manifest::decode(&bytes).map_err(|e| e.with_file(Path::new(&repo.layer_url(d))))
+}
+
+/// How many layers the remote chain from layer `d` down holds (itself, its parents and a
+/// raw base), counting stopped once past `limit`.
+pub fn chain_depth(repo: &RepoUrl, d: &Digest, limit: usize) -> Result<usize> {
+    let (mut depth, mut next) = (0, Some(*d));
+    while let Some(d) = next.take() {
+        depth += 1;
+        if depth > limit {
+            break;
+        }
+        next = fetch_manifest(repo, &d)?.parent.map(|p| p.digest);
+    }
+    Ok(depth)
+}
+
+/// The repository and digest a parent reference of format 3 names.
+pub fn parent_layer(pref_path: &[u8]) -> Result<(RepoUrl, Digest)> {
+    let text = String::from_utf8_lossy(pref_path);
+    let url = LayerUrl::parse(&text)?;
+    match url.name {
+        LayerName::Digest(d) => Ok((url.repo, d)),
+        LayerName::Tag(_) => Err(err(ErrorKind::Corrupt, format!("{text}: a parent reference names a layer by digest"))),
+    }
+}
+
+/// The content of one chunk: from the cache, or fetched from its pack, decompressed and
+/// checked against its digest (content that does not match is an error, never data).
+pub fn fetch_chunk(repo: &RepoUrl, digest: &Digest, loc: &Location) -> Result<Vec<u8>> {
+    let cache = shared_cache()?;
+    cache.get_or_fetch(digest, || {
+        let s = store(repo)?;
+        let key = format!("packs/{}", hex(&loc.pack));
+        let stored = s.get_range(&key, loc.offset..loc.offset + u64::from(loc.stored))?;
+        let content = match loc.codec {
+            Codec::Stored => stored.to_vec(),
+            Codec::Zstd => zstd::bulk::decompress(&stored, loc.length as usize)
+                .map_err(|e| err(ErrorKind::Corrupt, format!("{repo}/{key}: a record does not decompress ({e})")))?,
+        };
+        if content.len() != loc.length as usize || sha256(&content) != *digest {
+            return Err(err(
+                ErrorKind::BadChecksum,
+                format!("{repo}/{key}: chunk {} does not match its digest", hex(digest)),
+            ));
+        }
+        Ok(content)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let r = RepoUrl::parse("s3://b/p/q/").unwrap();
+        assert_eq!((r.bucket.as_str(), r.prefix.as_str()), ("b", "p/q"));
+        assert_eq!(r.key("layers/x"), "p/q/layers/x");
+        assert_eq!(RepoUrl::parse("s3://b").unwrap().key("tags/t"), "tags/t");
+        assert!(RepoUrl::parse("http://b").is_err());
+        let d = sha256(b"x");
+        let u = LayerUrl::parse(&r.layer_url(&d)).unwrap();
+        assert_eq!((u.repo.clone(), u.name), (r.clone(), LayerName::Digest(d)));
+        let t = LayerUrl::parse("s3://b/p/q/base-v1").unwrap();
+        assert_eq!((t.repo, t.name), (r, LayerName::Tag("base-v1".into())));
+        assert!(LayerUrl::parse("s3://b").is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! The object store under a repository, as blocking calls: S3 (Ceph RGW, AWS, any store with
+//! its API) through the `object_store` crate on a small runtime of its own, configured the way
+//! AWS tools are (environment variables, then the shared credentials and config files), with
+//! bounded retries and timeouts. Every failure is one line naming the object.
+
+use super::RepoUrl;
+use crate::error::{err, Error, ErrorKind, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjPath;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+/// How a store is reached, beyond the bucket: what `--endpoint` and the environment say.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The store's URL (Ceph RGW: `http://HOST:7480`); default: the AWS variables or files,
+    /// else AWS itself.
+    pub endpoint: Option<String>,
+    /// Attempts after the first for a request that fails for a reason worth retrying.
+    pub retries: usize,
+    /// No retry is started this long after a request's first attempt.
+    pub retry_timeout: Duration,
+    /// Longest a single attempt may take.
+    pub timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { endpoint: None, retries: 3, retry_timeout: Duration::from_secs(15), timeout: Duration::from_secs(10) }
+    }
+}
+
+impl StoreConfig {
+    /// The defaults, changed by `COWDISK_S3_RETRIES`, `COWDISK_S3_RETRY_TIMEOUT` and
+    /// `COWDISK_S3_TIMEOUT` (seconds).
+    pub fn from_env() -> StoreConfig {
+        let mut c = StoreConfig::default();
+        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        if let Some(n) = num("COWDISK_S3_RETRIES") {
+            c.retries = n as usize;
+        }
+        if let Some(n) = num("COWDISK_S3_RETRY_TIMEOUT") {
+            c.retry_timeout = Duration::from_secs(n);
+        }
+        if let Some(n) = num("COWDISK_S3_TIMEOUT") {
+            c.timeout = Duration::from_secs(n);
+        }
+        c
+    }
+}
+
+/// The runtime all stores of the process share: two threads are enough to keep a few
+/// requests in flight, which is all a blocking caller does.
+fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cowdisk-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| err(ErrorKind::Io, format!("cannot start the object-store runtime: {e}")))
+}
+
+/// One `key = value` section of an AWS shared config or credentials file.
+fn ini_section(text: &str, wanted: &[String]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') && line.ends_with(']') {
+            inside = wanted.iter().any(|w| w == line[1..line.len() - 1].trim());
+        } else if inside {
+            if let Some((k, v)) = line.split_once('=') {
+                out.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// What the shared AWS files say for the profile in use (AWS_PROFILE, else `default`):
+/// credentials, region and endpoint. The `object_store` crate reads only the environment.
+fn aws_files() -> HashMap<String, String> {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let file = |var: &str, default: &str| {
+        std::env::var_os(var).map(std::path::PathBuf::from).unwrap_or_else(|| home.join(".aws").join(default))
+    };
+    let mut out = HashMap::new();
+    if let Ok(t) = std::fs::read_to_string(file("AWS_CONFIG_FILE", "config")) {
+        out.extend(ini_section(&t, &[profile.clone(), format!("profile {profile}")]));
+    }
+    if let Ok(t) = std::fs::read_to_string(file("AWS_SHARED_CREDENTIALS_FILE", "credentials")) {
+        out.extend(ini_section(&t, &[profile]));
+    }
+    out
+}
+
+/// An open repository.
+pub struct Store {
+    url: RepoUrl,
+    inner: Arc<dyn ObjectStore>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.url)
+    }
+}
+
+/// One listed object: its key below the repository, size and time of last change.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+impl Store {
+    pub fn open(url: &RepoUrl, cfg: &StoreConfig) -> Result<Store> {
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(&url.bucket);
+        let files = aws_files();
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+            if let (Some(k), Some(s)) = (files.get("aws_access_key_id"), files.get("aws_secret_access_key")) {
+                b = b.with_access_key_id(k).with_secret_access_key(s);
+                if let Some(t) = files.get("aws_session_token") {
+                    b = b.with_token(t);
+                }
+            }
+        }
+        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+            b = b.with_region(files.get("region").map(String::as_str).unwrap_or("us-east-1"));
+        }
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .or_else(|| files.get("endpoint_url").cloned());
+        if let Some(e) = &endpoint {
+            // A store of one's own (Ceph RGW) answers under its own name, not a bucket's
+            // sub-domain, and often over plain HTTP on a private network.
+            b = b.with_endpoint(e).with_virtual_hosted_style_request(false).with_allow_http(e.starts_with("http://"));
+        }
+        let retry = RetryConfig {
+            backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
+            max_retries: cfg.retries,
+            retry_timeout: cfg.retry_timeout,
+        };
+        let client = ClientOptions::new().with_timeout(cfg.timeout).with_connect_timeout(cfg.timeout.min(Duration::from_secs(5)));
+        let inner = b
+            .with_retry(retry)
+            .with_client_options(client)
+            .build()
+            .map_err(|e| err(ErrorKind::InvalidArgument, one_line(&e.to_string())).with_file(std::path::Path::new(&url.to_string())))?;
+        Ok(Store { url: url.clone(), inner: Arc::new(inner) })
+    }
+
+    pub fn url(&self) -> &RepoUrl {
+        &self.url
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        ObjPath::from(self.url.key(key))
+    }
+
+    fn fail(&self, key: &str, op: &'static str, e: object_store::Error) -> Error {
+        let name = std::path::PathBuf::from(format!("{}/{key}", self.url));
+        let kind = match &e {
+            object_store::Error::NotFound { .. } => ErrorKind::ParentMissing,
+            object_store::Error::AlreadyExists { .. } => ErrorKind::InvalidArgument,
+            _ => ErrorKind::Io,
+        };
+        let msg = match kind {
+            ErrorKind::ParentMissing => "not in the repository".to_string(),
+            _ => one_line(&e.to_string()),
+        };
+        err(kind, msg).with_file(&name).during(op)
+    }
+
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> Result<T> {
+        Ok(runtime()?.block_on(f))
+    }
+
+    /// The whole object at `key`.
+    pub fn get(&self, key: &str) -> Result<Bytes> {
+        let p = self.path(key);
+        self.block_on(async { self.inner.get(&p).await?.bytes().await })?.map_err(|e| self.fail(key, "get", e))
+    }
+
+    /// Bytes `range` of the object at `key`.
+    pub fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let p = self.path(key);
+        let want = range.end - range.start;
+        let b = self.block_on(self.inner.get_range(&p, range))?.map_err(|e| self.fail(key, "get", e))?;
+        if b.len() as u64 != want {
+            return Err(err(ErrorKind::Truncated, format!("asked for {want} bytes, got {}", b.len()))
+                .with_file(std::path::Path::new(&format!("{}/{key}", self.url))));
+        }
+        Ok(b)
+    }
+
+    pub fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let p = self.path(key);
+        self.block_on(self.inner.put(&p, PutPayload::from(bytes)))?.map(|_| ()).map_err(|e| self.fail(key, "put", e))
+    }
+
+    /// Writes `key` unless it exists; returns whether it was written.
+    pub fn put_new(&self, key: &str, bytes: Vec<u8>) -> Result<bool> {
+        let p = self.path(key);
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.block_on(self.inner.put_opts(&p, PutPayload::from(bytes), opts))? {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.fail(key, "put", e)),
+        }
+    }
+
+    /// Writes the objects in the background, one after another (each only once the one before
+    /// it is stored); the handle reports how it went.
+    pub fn put_then(&self, objects: Vec<(String, Vec<u8>)>) -> Result<tokio::task::JoinHandle<Result<()>>> {
+        let (inner, url) = (self.inner.clone(), self.url.clone());
+        let objects: Vec<(ObjPath, String, Vec<u8>)> =
+            objects.into_iter().map(|(k, b)| (self.path(&k), k, b)).collect();
+        Ok(runtime()?.spawn(async move {
+            for (p, k, bytes) in objects {
+                inner.put(&p, PutPayload::from(bytes)).await.map_err(|e| {
+                    err(ErrorKind::Io, one_line(&e.to_string()))
+                        .with_file(std::path::Path::new(&format!("{url}/{k}")))
+                        .during("put")
+                })?;
+            }
+            Ok(())
+        }))
+    }
+
+    /// Waits for a background write.
+    pub fn wait(&self, h: tokio::task::JoinHandle<Result<()>>) -> Result<()> {
+        self.block_on(h)?.map_err(|e| err(ErrorKind::Io, format!("an upload stopped: {e}")))?
+    }
+
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        let p = self.path(key);
+        match self.block_on(self.inner.head(&p))? {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.fail(key, "head", e)),
+        }
+    }
+
+    pub fn delete(&self, key: &str) -> Result<()> {
+        let p = self.path(key);
+        match self.block_on(self.inner.delete(&p))? {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.fail(key, "delete", e)),
+        }
+    }
+
+    /// Every object whose key starts with `dir/`, keys given below the repository.
+    pub fn list(&self, dir: &str) -> Result<Vec<Listed>> {
+        let p = self.path(dir);
+        let base = self.url.key("");
+        let items: Vec<_> = self.block_on(self.inner.list(Some(&p)).collect::<Vec<_>>())?;
+        let mut out = Vec::with_capacity(items.len());
+        for i in items {
+            let m = i.map_err(|e| self.fail(dir, "list", e))?;
+            let full = m.location.to_string();
+            let key = full.strip_prefix(base.as_str()).unwrap_or(&full).trim_start_matches('/').to_string();
+            out.push(Listed { key, size: m.size, modified: SystemTime::from(m.last_modified) });
+        }
+        Ok(out)
+    }
+}
+
+/// An error message on one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_files_sections_are_read_by_profile() {
+        let t = "[default]\naws_access_key_id = A\n[other]\naws_access_key_id=B\nregion = eu\n[profile other]\nendpoint_url = http://x\n";
+        let d = ini_section(t, &["default".into()]);
+        assert_eq!(d.get("aws_access_key_id").map(String::as_str), Some("A"));
+        let o = ini_section(t, &["other".into(), "profile other".into()]);
+        assert_eq!(o.get("aws_access_key_id").map(String::as_str), Some("B"));
+        assert_eq!(o.get("endpoint_url").map(String::as_str), Some("http://x"));
+    }
+}
