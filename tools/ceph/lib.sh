@@ -2,6 +2,7 @@
 # its layout, the recorded pids and whether they are alive, starting and stopping a daemon by its
 # pid, port checks, and the signed S3 request that tells whether the gateway answers.
 # Sourced by those scripts, never run on its own.
+# shellcheck shell=bash
 #
 # DIR holds everything of one cluster:
 #   ceph.conf      the cluster's configuration (every path in it points into DIR)
@@ -11,6 +12,7 @@
 #   log/           the daemons' logs (NAME.out: their stdout and stderr), start.log: the steps
 #   mon/ osd/ rgw/ run/ crash/   daemon data (osd/ceph-0/block: the sparse bluestore file), sockets
 
+# shellcheck disable=SC2034 # (start.sh uses these)
 # Defaults: fixed test keys (not secrets: the gateway listens on 127.0.0.1 only) and ports.
 CEPH_DEFAULT_ACCESS_KEY=COWDISKTESTACCESSKEY
 CEPH_DEFAULT_SECRET_KEY=cowdisk-test-secret-key-0000000000000000
@@ -189,7 +191,8 @@ osd_active() {
 bucket_answers() { [ "$(s3_request HEAD "/$S3_BUCKET")" = 200 ]; }
 
 # Starts radosgw (the mon and OSD must be up) and waits until a signed request to the bucket
-# succeeds. The bucket must exist (a first start makes it in between: pass "create").
+# succeeds. The bucket must exist ("existing"), or a first start makes the user and the bucket
+# in between ("create").
 start_rgw() {
     start_daemon rgw radosgw -c "$CONF" -f -n client.rgw.a
     if [ "${1:-}" = create ]; then

@@ -55,7 +55,7 @@ start)
     trap 'exit 130' INT TERM
     trap 'die "failed at line $LINENO: $BASH_COMMAND (see $LOGS/)"' ERR
     echo "--- rgw start $(date -Is)" >>"$LOGS/start.log"
-    start_rgw
+    start_rgw existing
     ok=1
     echo "ceph: started radosgw (pid $(<"$PIDS/rgw")) in $(since "$T0") s; S3 answers at http://127.0.0.1:$RGW_PORT"
     ;;

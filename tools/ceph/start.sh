@@ -174,7 +174,7 @@ step "osd active"
 if [ "$mode" = fresh ]; then
     start_rgw create
 else
-    start_rgw
+    start_rgw existing
 fi
 
 cat >"$DIR/s3.env" <<ENV
