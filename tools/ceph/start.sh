@@ -81,9 +81,9 @@ mkdir -p "$LOGS" "$PIDS" "$DIR/run" "$DIR/crash"
 echo "--- $mode $(date -Is)" >>"$LOGS/start.log"
 
 if [ "$mode" = fresh ]; then
-    # bluestore opens its block file with O_DIRECT, which tmpfs refuses.
+    # bluestore opens its block file with O_DIRECT, which tmpfs refuses (before Linux 6.6).
     dd if=/dev/zero of="$DIR/.o_direct" bs=4096 count=1 oflag=direct status=none 2>/dev/null ||
-        { rm -f "$DIR/.o_direct"; die "$DIR does not take O_DIRECT writes (tmpfs?); bluestore needs a disk-backed DIR"; }
+        { rm -f "$DIR/.o_direct"; die "$DIR does not take O_DIRECT writes (tmpfs?), which bluestore needs: use a DIR on a disk"; }
     rm -f "$DIR/.o_direct"
     mkdir -p "$DIR/mon/ceph-a" "$DIR/osd/ceph-0" "$DIR/rgw"
     fsid=$(cat /proc/sys/kernel/random/uuid)

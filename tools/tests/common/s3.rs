@@ -161,7 +161,7 @@ pub fn s3() -> Option<&'static S3> {
         return Some(s3);
     }
     if is_ci() {
-        missing("an S3 store: S3_ENDPOINT is not set (.ci/run starts one with tools/ceph/start.sh)");
+        missing("an S3 store (S3_ENDPOINT; .ci/run sets it from the s3.env of tools/ceph/start.sh)");
     }
     PRIVATE
         .get_or_init(|| {
