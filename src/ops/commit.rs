@@ -41,7 +41,11 @@ pub fn commit_target(image: &Path, force: bool) -> Result<(ParentRef, std::path:
         return refuse(ErrorKind::InvalidArgument, "its parent is a raw file; commit writes only into a cowdisk layer (flatten makes a standalone copy instead)".into());
     }
     if pref.format == ParentFormat::Remote {
-        return refuse(ErrorKind::InvalidArgument, "its parent is a layer in a repository, which is never written (flatten makes a standalone copy instead)".into());
+        return refuse(
+            ErrorKind::InvalidArgument,
+            "its parent is a layer in a repository, which is never written (flatten makes a standalone copy instead)"
+                .into(),
+        );
     }
     let ppath = resolve_parent_path(image, &pref);
     if !force {

@@ -60,7 +60,8 @@ fn io(op: &'static str, p: &Path, e: std::io::Error) -> Error {
 /// Runs `f` with the cache's lock file locked exclusively (eviction; fills need no lock).
 fn with_lock<T>(dir: &Path, f: impl FnOnce() -> T) -> Result<T> {
     let p = dir.join(".lock");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(|e| io("open", &p, e))?;
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(|e| io("open", &p, e))?;
     // SAFETY: flock on a descriptor we hold; released when the file closes.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(io("lock", &p, std::io::Error::last_os_error()));
@@ -234,7 +235,8 @@ impl Cache {
 pub fn limit_from_env() -> Result<u64> {
     match std::env::var("COWDISK_CACHE_SIZE") {
         Err(_) => Ok(10 << 30),
-        Ok(v) => parse_size(&v).ok_or_else(|| err(ErrorKind::InvalidArgument, format!("COWDISK_CACHE_SIZE={v} is not a size"))),
+        Ok(v) => parse_size(&v)
+            .ok_or_else(|| err(ErrorKind::InvalidArgument, format!("COWDISK_CACHE_SIZE={v} is not a size"))),
     }
 }
 

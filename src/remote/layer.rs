@@ -121,7 +121,10 @@ impl RemoteLayer {
                 .map(|(j, e)| MapEntry {
                     chunk: e.chunk,
                     data_offset: slot_of.get(&(s * eps + j)).copied().unwrap_or(0),
-                    blocks: e.blocks.clone().unwrap_or_else(|| crate::format::blocks::BlockStates::new(geom.blocks_per_chunk())),
+                    blocks: e
+                        .blocks
+                        .clone()
+                        .unwrap_or_else(|| crate::format::blocks::BlockStates::new(geom.blocks_per_chunk())),
                     crcs: Vec::new(),
                 })
                 .collect();
@@ -220,7 +223,8 @@ impl Storage for RemoteLayer {
                         out[..n].fill(0);
                         n
                     } else if pos < self.map_start {
-                        let (k, at) = (((pos - self.data_start) / cs) as usize, ((pos - self.data_start) % cs) as usize);
+                        let (k, at) =
+                            (((pos - self.data_start) / cs) as usize, ((pos - self.data_start) % cs) as usize);
                         let n = out.len().min(cs as usize - at);
                         let content = self.content(self.slots[k])?;
                         let m = n.min(content.len().saturating_sub(at));

@@ -233,7 +233,10 @@ impl Manifest {
         }
         let version = r.u32()?;
         if version != VERSION {
-            return Err(err(ErrorKind::Unsupported, format!("manifest version {version} (this build reads {VERSION})")));
+            return Err(err(
+                ErrorKind::Unsupported,
+                format!("manifest version {version} (this build reads {VERSION})"),
+            ));
         }
         let kind = match r.u32()? {
             1 => LayerKind::Raw,
@@ -246,7 +249,9 @@ impl Manifest {
         let chunk_shift = r.u32()?;
         let shift_ok = match kind {
             LayerKind::Raw => chunk_shift == RAW_CHUNK_SHIFT,
-            LayerKind::Cowdisk => (crate::format::MIN_CHUNK_SHIFT..=crate::format::MAX_CHUNK_SHIFT).contains(&chunk_shift),
+            LayerKind::Cowdisk => {
+                (crate::format::MIN_CHUNK_SHIFT..=crate::format::MAX_CHUNK_SHIFT).contains(&chunk_shift)
+            }
         };
         if !shift_ok || virtual_size == 0 || virtual_size > 1 << 60 {
             return Err(bad("bad geometry"));
@@ -270,7 +275,15 @@ impl Manifest {
             return Err(bad("counts larger than the object"));
         }
         let packs: Vec<Digest> = (0..pack_count).map(|_| r.digest()).collect::<Result<_>>()?;
-        let mut m = Manifest { kind, uuid, virtual_size, chunk_shift, parent, created, entries: Vec::with_capacity(count as usize) };
+        let mut m = Manifest {
+            kind,
+            uuid,
+            virtual_size,
+            chunk_shift,
+            parent,
+            created,
+            entries: Vec::with_capacity(count as usize),
+        };
         let (blocks, plane) = m.planes();
         let chunks = m.chunk_count();
         let mut last: Option<u64> = None;
@@ -298,7 +311,13 @@ impl Manifest {
                 let d = r.digest()?;
                 let pi = r.u32()? as usize;
                 let pack = *packs.get(pi).ok_or_else(|| bad(format!("pack number {pi} of {pack_count}")))?;
-                let loc = Location { pack, offset: r.u64()?, stored: r.u32()?, length: r.u32()?, codec: Codec::from_code(r.u8()?)? };
+                let loc = Location {
+                    pack,
+                    offset: r.u64()?,
+                    stored: r.u32()?,
+                    length: r.u32()?,
+                    codec: Codec::from_code(r.u8()?)?,
+                };
                 if u64::from(loc.length) != m.chunk_len(chunk) {
                     return Err(bad(format!("chunk {chunk}: content length {} is not the chunk's", loc.length)));
                 }
@@ -348,7 +367,8 @@ pub fn decode_index(pack: Digest, b: &[u8]) -> Result<Vec<(Digest, Location)>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let d = r.digest()?;
-        let loc = Location { pack, offset: r.u64()?, stored: r.u32()?, length: r.u32()?, codec: Codec::from_code(r.u8()?)? };
+        let loc =
+            Location { pack, offset: r.u64()?, stored: r.u32()?, length: r.u32()?, codec: Codec::from_code(r.u8()?)? };
         out.push((d, loc));
     }
     r.done()?;
@@ -420,7 +440,10 @@ mod tests {
             entries: vec![ChunkEntry {
                 chunk: 1,
                 blocks: None,
-                content: Some(([4; 32], Location { pack: [5; 32], offset: 0, stored: 10, length: 100_000 - 65536, codec: Codec::Stored })),
+                content: Some((
+                    [4; 32],
+                    Location { pack: [5; 32], offset: 0, stored: 10, length: 100_000 - 65536, codec: Codec::Stored },
+                )),
             }],
         };
         assert_eq!(Manifest::decode(&raw.encode()).unwrap(), raw);

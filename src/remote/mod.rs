@@ -89,7 +89,8 @@ pub enum LayerName {
 
 impl LayerUrl {
     pub fn parse(url: &str) -> Result<LayerUrl> {
-        let bad = || err(ErrorKind::InvalidArgument, format!("{url}: not s3://BUCKET/PREFIX/LAYER (a tag or a digest)"));
+        let bad =
+            || err(ErrorKind::InvalidArgument, format!("{url}: not s3://BUCKET/PREFIX/LAYER (a tag or a digest)"));
         let (head, last) = url.rsplit_once('/').ok_or_else(bad)?;
         if last.is_empty() || !head.starts_with("s3://") || head.len() <= "s3://".len() {
             return Err(bad());
@@ -141,7 +142,8 @@ fn context() -> &'static RwLock<Option<Arc<Context>>> {
 /// Sets how this process reaches stores (`--endpoint`) and where and how big its cache is
 /// (`--cache-dir`, `--cache-size`); otherwise the environment decides at first use.
 pub fn configure(opts: RemoteOptions) {
-    *crate::sync::write(context()) = Some(Arc::new(Context { opts, stores: Mutex::new(HashMap::new()), cache: OnceLock::new() }));
+    *crate::sync::write(context()) =
+        Some(Arc::new(Context { opts, stores: Mutex::new(HashMap::new()), cache: OnceLock::new() }));
 }
 
 fn ctx() -> Result<Arc<Context>> {
@@ -185,11 +187,14 @@ pub fn resolve(url: &LayerUrl) -> Result<Digest> {
         LayerName::Tag(t) => {
             let s = store(&url.repo)?;
             let body = s.get(&format!("tags/{t}")).map_err(|e| match e.kind() {
-                ErrorKind::ParentMissing => err(ErrorKind::ParentMissing, format!("{}/{t}: no such tag or layer", url.repo)),
+                ErrorKind::ParentMissing => {
+                    err(ErrorKind::ParentMissing, format!("{}/{t}: no such tag or layer", url.repo))
+                }
                 _ => e,
             })?;
             let text = String::from_utf8_lossy(&body);
-            parse_hex(text.trim()).ok_or_else(|| err(ErrorKind::Corrupt, format!("{}/tags/{t}: not a layer digest", url.repo)))
+            parse_hex(text.trim())
+                .ok_or_else(|| err(ErrorKind::Corrupt, format!("{}/tags/{t}: not a layer digest", url.repo)))
         }
     }
 }
@@ -205,7 +210,10 @@ pub fn fetch_manifest(repo: &RepoUrl, d: &Digest) -> Result<Manifest> {
             _ => e,
         })?;
         if sha256(&bytes) != *d {
-            return Err(err(ErrorKind::BadChecksum, format!("{}: the manifest does not match its name", repo.layer_url(d))));
+            return Err(err(
+                ErrorKind::BadChecksum,
+                format!("{}: the manifest does not match its name", repo.layer_url(d)),
+            ));
         }
         Ok(bytes.to_vec())
     })?;
@@ -232,7 +240,9 @@ pub fn parent_layer(pref_path: &[u8]) -> Result<(RepoUrl, Digest)> {
     let url = LayerUrl::parse(&text)?;
     match url.name {
         LayerName::Digest(d) => Ok((url.repo, d)),
-        LayerName::Tag(_) => Err(err(ErrorKind::Corrupt, format!("{text}: a parent reference names a layer by digest"))),
+        LayerName::Tag(_) => {
+            Err(err(ErrorKind::Corrupt, format!("{text}: a parent reference names a layer by digest")))
+        }
     }
 }
 

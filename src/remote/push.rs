@@ -101,7 +101,8 @@ pub fn push(image: &Path, repo: &RepoUrl, opts: &PushOptions, progress: Progress
                 )
                 .with_file(image)));
             }
-            let all: Vec<&Image> = std::iter::once(chain.top()).chain(chain.lowers().iter().map(|l| l.as_ref())).collect();
+            let all: Vec<&Image> =
+                std::iter::once(chain.top()).chain(chain.lowers().iter().map(|l| l.as_ref())).collect();
             let mut child = image.to_path_buf();
             for img in all {
                 layers.push((Local::Cowdisk(img), child.clone()));
@@ -110,11 +111,15 @@ pub fn push(image: &Path, repo: &RepoUrl, opts: &PushOptions, progress: Progress
                     Some(p) if p.format == ParentFormat::Remote => {
                         let (r, d) = parent_layer(&p.path)?;
                         if &r != repo {
-                            return Err(fail(err(
-                                ErrorKind::InvalidArgument,
-                                format!("stands on a layer of {r}; a layer is pushed to the repository of its parents"),
-                            )
-                            .with_file(&child)));
+                            return Err(fail(
+                                err(
+                                    ErrorKind::InvalidArgument,
+                                    format!(
+                                        "stands on a layer of {r}; a layer is pushed to the repository of its parents"
+                                    ),
+                                )
+                                .with_file(&child),
+                            ));
                         }
                         below = Some(ParentLayer { digest: d, uuid: p.uuid, size: p.size });
                         break;
@@ -151,11 +156,13 @@ pub fn push(image: &Path, repo: &RepoUrl, opts: &PushOptions, progress: Progress
         let key = format!("layers/{}", hex(&digest));
         let new_manifest = if must_exist {
             if !store.exists(&key)? {
-                return Err(fail(err(
-                    ErrorKind::InvalidArgument,
-                    format!("its parent {} is not in {repo}; push with --chain to push it too", path.display()),
-                )
-                .with_file(image)));
+                return Err(fail(
+                    err(
+                        ErrorKind::InvalidArgument,
+                        format!("its parent {} is not in {repo}; push with --chain to push it too", path.display()),
+                    )
+                    .with_file(image),
+                ));
             }
             false
         } else {
@@ -193,7 +200,10 @@ pub fn check_tag_name(tag: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(err(ErrorKind::InvalidArgument, format!("{tag:?} is not a tag name (letters, digits, '.', '_', '-'; not a digest)")))
+        Err(err(
+            ErrorKind::InvalidArgument,
+            format!("{tag:?} is not a tag name (letters, digits, '.', '_', '-'; not a digest)"),
+        ))
     }
 }
 
@@ -231,11 +241,13 @@ impl Known {
                 Err(e) => return Err(e),
             };
             for (d, loc) in decode_index(pack, &idx)? {
-                at.entry(d).and_modify(|old| {
-                    if loc.pack < old.pack {
-                        *old = loc;
-                    }
-                }).or_insert(loc);
+                at.entry(d)
+                    .and_modify(|old| {
+                        if loc.pack < old.pack {
+                            *old = loc;
+                        }
+                    })
+                    .or_insert(loc);
             }
         }
         Ok(Known { at })
@@ -291,7 +303,8 @@ impl<'a> Uploader<'a> {
             return Err(err(ErrorKind::InvalidArgument, "is not in the repository (push with --chain to push it too)"));
         }
         let z = zstd::bulk::compress(content, self.opts.level).map_err(|e| err(ErrorKind::Io, format!("zstd: {e}")))?;
-        let (codec, stored): (Codec, &[u8]) = if z.len() < content.len() { (Codec::Zstd, &z) } else { (Codec::Stored, content) };
+        let (codec, stored): (Codec, &[u8]) =
+            if z.len() < content.len() { (Codec::Zstd, &z) } else { (Codec::Stored, content) };
         let loc = Location {
             pack: [0; 32],
             offset: self.pack.len() as u64,

@@ -9,7 +9,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
@@ -31,7 +33,12 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { endpoint: None, retries: 3, retry_timeout: Duration::from_secs(15), timeout: Duration::from_secs(10) }
+        StoreConfig {
+            endpoint: None,
+            retries: 3,
+            retry_timeout: Duration::from_secs(15),
+            timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -150,16 +157,20 @@ impl Store {
             b = b.with_endpoint(e).with_virtual_hosted_style_request(false).with_allow_http(e.starts_with("http://"));
         }
         let retry = RetryConfig {
-            backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
             max_retries: cfg.retries,
             retry_timeout: cfg.retry_timeout,
         };
-        let client = ClientOptions::new().with_timeout(cfg.timeout).with_connect_timeout(cfg.timeout.min(Duration::from_secs(5)));
-        let inner = b
-            .with_retry(retry)
-            .with_client_options(client)
-            .build()
-            .map_err(|e| err(ErrorKind::InvalidArgument, one_line(&e.to_string())).with_file(std::path::Path::new(&url.to_string())))?;
+        let client = ClientOptions::new()
+            .with_timeout(cfg.timeout)
+            .with_connect_timeout(cfg.timeout.min(Duration::from_secs(5)));
+        let inner = b.with_retry(retry).with_client_options(client).build().map_err(|e| {
+            err(ErrorKind::InvalidArgument, one_line(&e.to_string())).with_file(std::path::Path::new(&url.to_string()))
+        })?;
         Ok(Store { url: url.clone(), inner: Arc::new(inner) })
     }
 
