@@ -42,11 +42,13 @@ pub struct PushOptions {
     pub parallel: usize,
     /// zstd level for records.
     pub level: i32,
+    /// A pack is sealed and uploaded once it holds this many bytes (default [`PACK_TARGET`]).
+    pub pack_size: usize,
 }
 
 impl Default for PushOptions {
     fn default() -> PushOptions {
-        PushOptions { tag: None, chain: false, parallel: 4, level: 3 }
+        PushOptions { tag: None, chain: false, parallel: 4, level: 3, pack_size: PACK_TARGET }
     }
 }
 
@@ -317,7 +319,7 @@ impl<'a> Uploader<'a> {
         self.pending.insert(d, (None, loc));
         self.uploaded_chunks += 1;
         self.uploaded_bytes += stored.len() as u64;
-        if self.pack.len() >= PACK_TARGET {
+        if self.pack.len() >= self.opts.pack_size.max(1) {
             self.seal()?;
         }
         Ok((d, loc))

@@ -154,7 +154,7 @@ impl Store {
         if let Some(e) = &endpoint {
             // A store of one's own (Ceph RGW) answers under its own name, not a bucket's
             // sub-domain, and often over plain HTTP on a private network.
-            b = b.with_endpoint(e).with_virtual_hosted_style_request(false).with_allow_http(e.starts_with("http://"));
+            b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
         }
         let retry = RetryConfig {
             backoff: BackoffConfig {
@@ -165,7 +165,11 @@ impl Store {
             max_retries: cfg.retries,
             retry_timeout: cfg.retry_timeout,
         };
+        // Plain HTTP only to an endpoint named as such. (This lives in the client options,
+        // which `with_client_options` replaces wholesale: the builder's own flag would be lost.)
+        let http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
         let client = ClientOptions::new()
+            .with_allow_http(http)
             .with_timeout(cfg.timeout)
             .with_connect_timeout(cfg.timeout.min(Duration::from_secs(5)));
         let inner = b.with_retry(retry).with_client_options(client).build().map_err(|e| {

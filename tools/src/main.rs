@@ -16,6 +16,7 @@ mod generate;
 mod jobs;
 mod ops;
 mod progress;
+mod remote;
 mod serve;
 mod size;
 
@@ -32,6 +33,8 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    remote: remote::RemoteArgs,
 }
 
 /// How a background job is run when a server serves the image.
@@ -168,6 +171,22 @@ enum Cmd {
     /// Man pages and shell completions, made from this program's own command-line definition.
     #[command(subcommand)]
     Generate(generate::GenerateCmd),
+    /// Upload a frozen layer or a raw base (--chain: and the layers below it) to an S3 store.
+    Push(remote::PushArgs),
+    /// List the layers and tags of a repository (s3://BUCKET/PREFIX).
+    Ls {
+        repo: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a tag (s3://BUCKET/PREFIX/TAG) or a layer no tag or layer names
+    /// (s3://BUCKET/PREFIX/layers/DIGEST).
+    Rm { url: String },
+    /// Delete the packs of a repository no layer references, after a grace period.
+    Gc(remote::GcArgs),
+    /// Fetch every chunk of the remote layers under an overlay (or of a remote layer) into the
+    /// local cache.
+    Pull(remote::PullArgs),
     /// Create (or reuse) a demo base with an ext4 filesystem and an overlay on it, and serve it.
     Demo(demo::DemoArgs),
 }
@@ -212,6 +231,7 @@ pub fn chunk_shift(image: &std::path::Path, chunk_size: Option<u64>) -> Result<O
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
+    cli.remote.apply()?;
     match cli.cmd {
         Cmd::Create { image, size, chunk_size, backing, backing_format, data_checksums } => {
             let format = backing_format.map(|f| if f == "raw" { ParentFormat::Raw } else { ParentFormat::Cowdisk });
@@ -250,6 +270,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Export(c) => export::run(c),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Push(a) => remote::push_cmd(a),
+        Cmd::Ls { repo, json } => remote::ls_cmd(&repo, json),
+        Cmd::Rm { url } => remote::rm_cmd(&url),
+        Cmd::Gc(a) => remote::gc_cmd(a),
+        Cmd::Pull(a) => remote::pull_cmd(a),
         Cmd::Generate(c) => generate::run(c, Cli::command()),
     }
 }
