@@ -91,7 +91,7 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
                 crate::remote::Opened::Layer(img) => {
                     next = img.header().parent.clone();
                     child_path = PathBuf::from(url);
-                    lowers.push(img);
+                    lowers.push(*img);
                 }
                 crate::remote::Opened::Raw(raw) => base = Some(raw),
             }

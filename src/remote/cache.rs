@@ -22,13 +22,19 @@ use std::time::{Duration, SystemTime};
 /// A use younger than this does not update a file's time (one syscall saved per read).
 const TOUCH_AFTER: Duration = Duration::from_secs(60);
 
+/// A fill in flight: set to true (and waiters woken) when the fetching thread is done.
+type Fill = (Mutex<bool>, Condvar);
+
+/// A fill's temporary file older than this was left by a process that died.
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
 pub struct Cache {
     dir: PathBuf,
     limit: u64,
     /// This process's estimate of the bytes in the cache (other processes add to it too: a
     /// scan under the lock file corrects it).
     used: AtomicU64,
-    inflight: Mutex<HashMap<Digest, Arc<(Mutex<bool>, Condvar)>>>,
+    inflight: Mutex<HashMap<Digest, Arc<Fill>>>,
     /// What this process fetched and read, for reports and tests.
     pub fetched_bytes: AtomicU64,
     pub hits: AtomicU64,
@@ -107,6 +113,12 @@ impl Cache {
             for f in files.flatten() {
                 let name = f.file_name();
                 if name.len() != 64 {
+                    // A fill's temporary file, left by a process killed between its write and
+                    // its rename: gone once it is older than any fill takes.
+                    let stale = f.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+                    if name.to_string_lossy().ends_with(".tmp") && stale.is_some_and(|a| a > STALE_TMP) {
+                        let _ = std::fs::remove_file(f.path());
+                    }
                     continue;
                 }
                 if let Ok(m) = f.metadata() {

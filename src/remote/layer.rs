@@ -5,6 +5,7 @@
 //! through the shared cache.
 
 use super::manifest::{Digest, LayerKind, Manifest};
+use super::trace::Recorder;
 use super::{fetch_chunk, fetch_manifest, parent_layer, read_ahead, RepoUrl};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::header::{Header, MapExtent, ParentFormat, ParentRef};
@@ -13,14 +14,15 @@ use crate::format::{Geometry, FLAG_FROZEN, HEADER_SLOT_SIZE, SECTOR_SIZE};
 use crate::layer::raw::RawImage;
 use crate::layer::{Image, OpenOptions};
 use crate::storage::Storage;
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A remote parent, opened: a cowdisk layer or a raw base.
 pub enum Opened {
-    Layer(Image),
+    Layer(Box<Image>),
     Raw(RawImage),
 }
 
@@ -40,7 +42,7 @@ pub fn open_parent(pref: &ParentRef) -> Result<Opened> {
     let path = Path::new(&url_text);
     let layer = RemoteLayer::new(repo, digest, m)?;
     Ok(match layer.manifest.kind {
-        LayerKind::Cowdisk => Opened::Layer(Image::open_on(Arc::new(layer), path, OpenOptions::read_only())?),
+        LayerKind::Cowdisk => Opened::Layer(Box::new(Image::open_on(Arc::new(layer), path, OpenOptions::read_only())?)),
         LayerKind::Raw => {
             let size = layer.manifest.virtual_size;
             Opened::Raw(RawImage::on(Arc::new(layer), path, size))
@@ -65,6 +67,8 @@ struct RemoteLayer {
     /// The last chunk read (entry number + 1; 0 for none), to see sequential reads.
     last: AtomicU64,
     reading_ahead: Arc<AtomicBool>,
+    /// Where first reads are recorded, when this process records traces.
+    recorder: Option<Arc<Mutex<Recorder>>>,
 }
 
 impl std::fmt::Debug for RemoteLayer {
@@ -74,8 +78,10 @@ impl std::fmt::Debug for RemoteLayer {
 }
 
 impl RemoteLayer {
-    fn new(repo: RepoUrl, _digest: Digest, manifest: Manifest) -> Result<RemoteLayer> {
+    fn new(repo: RepoUrl, digest: Digest, manifest: Manifest) -> Result<RemoteLayer> {
+        super::trace::start_prefetch(&repo, &digest, &manifest);
         let mut l = RemoteLayer {
+            recorder: super::trace::recorder(&repo, &digest),
             repo,
             header: Vec::new(),
             data_start: 0,
@@ -160,6 +166,9 @@ impl RemoteLayer {
         let Some((d, loc)) = &e.content else {
             return Ok(vec![0u8; self.manifest.chunk_len(e.chunk) as usize]);
         };
+        if let Some(r) = &self.recorder {
+            lock(r).saw(e.chunk);
+        }
         let prev = self.last.swap(i as u64 + 1, Ordering::Relaxed);
         if prev == i as u64 && i > 0 {
             self.read_ahead_from(i + 1);

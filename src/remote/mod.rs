@@ -10,6 +10,7 @@ mod layer;
 pub mod manifest;
 pub mod push;
 pub mod store;
+pub mod trace;
 
 pub use layer::{open_parent, Opened};
 

@@ -187,6 +187,10 @@ enum Cmd {
     /// Fetch every chunk of the remote layers under an overlay (or of a remote layer) into the
     /// local cache.
     Pull(remote::PullArgs),
+    /// The traces of remote layers: which chunks a workload read first (recorded by
+    /// `serve --record-trace`, fetched first by later servers).
+    #[command(subcommand)]
+    Trace(remote::TraceCmd),
     /// Create (or reuse) a demo base with an ext4 filesystem and an overlay on it, and serve it.
     Demo(demo::DemoArgs),
 }
@@ -275,6 +279,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Rm { url } => remote::rm_cmd(&url),
         Cmd::Gc(a) => remote::gc_cmd(a),
         Cmd::Pull(a) => remote::pull_cmd(a),
+        Cmd::Trace(c) => remote::trace_cmd(c),
         Cmd::Generate(c) => generate::run(c, Cli::command()),
     }
 }

@@ -271,3 +271,47 @@ pub fn pull_cmd(a: PullArgs) -> Result<(), Failure> {
     say!("{} remote layers: all {} chunks in the cache ({} as stored)", r.layers, r.chunks, format_size(r.bytes));
     Ok(())
 }
+
+#[derive(clap::Subcommand)]
+pub enum TraceCmd {
+    /// Show the trace stored with a remote layer (s3://BUCKET/PREFIX/TAG or .../layers/DIGEST):
+    /// its chunks in the order they were first read.
+    Show {
+        layer: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the trace stored with a remote layer.
+    Rm { layer: String },
+}
+
+pub fn trace_cmd(c: TraceCmd) -> Result<(), Failure> {
+    use cowdisk::remote::trace::fetch_trace;
+    match c {
+        TraceCmd::Show { layer, json: as_json } => {
+            let u = LayerUrl::parse(&layer)?;
+            let d = remote::resolve(&u)?;
+            let Some(t) = fetch_trace(&u.repo, &d)? else {
+                return Err(Failure(format!("{}: no trace (record one with serve --record-trace)", layer), 1));
+            };
+            let m = remote::fetch_manifest(&u.repo, &d)?;
+            let cs = m.chunk_size();
+            if as_json {
+                say!("{}", json!({"layer": u.repo.layer_url(&d), "chunk-size": cs, "chunks": t}));
+            } else {
+                say!("{}: {} chunks of {} in first-read order", u.repo.layer_url(&d), t.len(), format_size(cs));
+                for c in &t {
+                    say!("{c:>10}  offset {:#x}", c * cs);
+                }
+            }
+            Ok(())
+        }
+        TraceCmd::Rm { layer } => {
+            let u = LayerUrl::parse(&layer)?;
+            let d = remote::resolve(&u)?;
+            remote::store(&u.repo)?.delete(&format!("traces/{}", hex(&d)))?;
+            say!("removed the trace of {}", u.repo.layer_url(&d));
+            Ok(())
+        }
+    }
+}

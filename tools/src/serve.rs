@@ -95,6 +95,14 @@ pub struct ServeArgs {
     /// file name (tells clients those names).
     #[arg(long)]
     pub dirty_bitmaps: bool,
+    /// Record the order in which clients first read the chunks of each remote layer, and
+    /// store it with the layer (s3://.../traces/DIGEST) when the server stops: a later server
+    /// of an overlay on the layer fetches those chunks first.
+    #[arg(long)]
+    pub record_trace: bool,
+    /// Do not fetch the traced chunks of remote layers in the background at start.
+    #[arg(long)]
+    pub no_prefetch: bool,
 }
 
 /// The end of `cowdisk serve --help` and of cowdisk-serve(1): how it runs as a daemon.
@@ -381,6 +389,8 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
     // Forked before any image is opened or thread started; from here on, errors are the
     // server's, printed by it while the foreground process waits for it.
     let daemon = Daemon::start(a.pid_file.clone(), a.fork)?;
+    cowdisk::remote::trace::set_recording(a.record_trace);
+    cowdisk::remote::trace::set_prefetch(!a.no_prefetch);
     let mut served: Vec<Served> = Vec::new();
     for (i, p) in a.images.iter().enumerate() {
         let chain = Chain::open(p, ChainOptions { writable: !a.read_only, ..Default::default() })?;
@@ -403,5 +413,12 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         daemon,
         contexts: Offer { allocation_depth: a.allocation_depth, dirty_bitmaps: a.dirty_bitmaps },
     };
-    serve_exports(served, opts)
+    serve_exports(served, opts)?;
+    if a.record_trace {
+        // After every export is closed: nothing reads any more.
+        for t in cowdisk::remote::trace::save_recorded()? {
+            eprintln!("cowdisk: saved a trace of {} chunks as {}", t.chunks, t.url);
+        }
+    }
+    Ok(())
 }

@@ -389,10 +389,7 @@ fn bad_store_settings_and_missing_layers_fail_with_one_line() {
     assert!(err.contains("nosuch") && err.contains("no such tag or layer"), "{err}");
     assert!(!top.exists(), "a failed create left {}", top.display());
     let err = failure(
-        &repo
-            .cow(&cache, &["create", p(&top), "--backing", &format!("s3://no-such-bucket-cowdisk/x/b")])
-            .output()
-            .expect("run"),
+        &repo.cow(&cache, &["create", p(&top), "--backing", "s3://no-such-bucket-cowdisk/x/b"]).output().expect("run"),
     );
     assert!(err.contains("no-such-bucket-cowdisk"), "{err}");
     let err = failure(
@@ -419,7 +416,7 @@ fn bad_store_settings_and_missing_layers_fail_with_one_line() {
 
 /// Reads every chunk of the export one by one: Ok(bytes) or the error.
 fn read_chunks(server: &Server, size: usize) -> Vec<Result<Vec<u8>, String>> {
-    let mut c = client(&server);
+    let mut c = client(server);
     (0..size / CHUNK).map(|i| c.read((i * CHUNK) as u64, CHUNK as u32).map_err(|e| e.to_string())).collect()
 }
 
@@ -597,4 +594,74 @@ fn a_stopped_gateway_gives_eio_then_reads_resume_without_a_restart() {
     assert_bytes_eq(&rest, &data[half..], "second half after the outage");
     c.disconnect().ok();
     server.stop();
+}
+
+/// The chunk files (not manifests, which are smaller) in a cache directory.
+fn cached_chunks(dir: &Path) -> usize {
+    fn walk(p: &Path, n: &mut usize) {
+        let Ok(rd) = std::fs::read_dir(p) else { return };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path(), n),
+                Ok(_) if e.metadata().is_ok_and(|m| m.len() == CHUNK as u64) => *n += 1,
+                _ => {}
+            }
+        }
+    }
+    let mut n = 0;
+    walk(dir, &mut n);
+    n
+}
+
+#[test]
+fn a_recorded_trace_is_stored_with_the_layer_and_fetched_first_by_the_next_server() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = random_bytes(8 << 20, 91);
+    std::fs::write(ws.join("base.raw"), &data).expect("write");
+    run(&mut repo.cow(&ws.subdir("push"), &["push", p(&ws.join("base.raw")), &repo.url(), "--tag", "b"]));
+    let out = repo.cow(&ws.subdir("push"), &["trace", "show", &repo.layer("b")]).output().expect("run");
+    assert!(failure(&out).contains("no trace"));
+
+    // A "boot" reads three chunks, out of order, on a server that records.
+    let boot = [100u64, 7, 50];
+    let host_a = ws.subdir("a");
+    run(&mut repo.cow(&host_a, &["create", p(&ws.join("a.cow")), "--backing", &repo.layer("b")]));
+    let server = repo.server(&host_a, &[p(&ws.join("a.cow")), "--socket", p(&ws.join("a.sock")), "--record-trace"]);
+    let mut c = client(&server);
+    for &k in &boot {
+        let got = c.read(k * CHUNK as u64, 4096).expect("read");
+        assert_bytes_eq(&got, &data[k as usize * CHUNK..k as usize * CHUNK + 4096], &format!("chunk {k}"));
+    }
+    c.disconnect().ok();
+    let log_before_stop = server.log();
+    server.stop();
+    assert!(!log_before_stop.contains("saved a trace"), "saved before the stop");
+    let shown = repo.json(&host_a, &["trace", "show", &repo.layer("b"), "--json"]);
+    assert_eq!(shown["chunks"], serde_json::json!(boot), "{shown}");
+
+    // The next host's server fetches them before anyone asks; only them.
+    let host_b = ws.subdir("b");
+    run(&mut repo.cow(&host_b, &["create", p(&ws.join("b.cow")), "--backing", &repo.layer("b")]));
+    let server = repo.server(&host_b, &[p(&ws.join("b.cow")), "--socket", p(&ws.join("b.sock"))]);
+    assert!(
+        wait_until(Duration::from_secs(15), || cached_chunks(&host_b) >= boot.len()),
+        "the traced chunks were not prefetched: {} in the cache",
+        cached_chunks(&host_b)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(cached_chunks(&host_b), boot.len(), "prefetch fetched more than the trace");
+    server.stop();
+
+    // --no-prefetch: nothing is fetched until read.
+    let host_c = ws.subdir("c");
+    run(&mut repo.cow(&host_c, &["create", p(&ws.join("c.cow")), "--backing", &repo.layer("b")]));
+    let server = repo.server(&host_c, &[p(&ws.join("c.cow")), "--socket", p(&ws.join("c.sock")), "--no-prefetch"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(cached_chunks(&host_c), 0, "--no-prefetch fetched chunks");
+    server.stop();
+
+    run(&mut repo.cow(&host_c, &["trace", "rm", &repo.layer("b")]));
+    assert!(repo.keys("traces").is_empty(), "{:?}", repo.keys("traces"));
 }

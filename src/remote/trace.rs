@@ -1,0 +1,128 @@
+//! Trace-based prefetch (format-spec §9.8): recording the order in which a workload first reads
+//! the chunks of each remote layer, storing it with the layer, and fetching those chunks first
+//! when a layer that has a trace is opened to be served.
+//!
+//! Both are process-wide switches a server turns on ([`set_recording`], [`set_prefetch`]); an
+//! `info` or `check` never records or prefetches.
+
+use super::manifest::{decode_trace, encode_trace, hex, Digest, Manifest};
+use super::{fetch_chunk, store, RepoUrl};
+use crate::error::{ErrorKind, Result};
+use crate::sync::lock;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+static RECORDING: AtomicBool = AtomicBool::new(false);
+static PREFETCH: AtomicBool = AtomicBool::new(false);
+
+/// Record first reads of remote chunks from now on (layers opened later record).
+pub fn set_recording(on: bool) {
+    RECORDING.store(on, Ordering::Relaxed);
+}
+
+/// Fetch the traced chunks of remote layers opened from now on, in the background.
+pub fn set_prefetch(on: bool) {
+    PREFETCH.store(on, Ordering::Relaxed);
+}
+
+/// The first-read order of one layer's chunks.
+#[derive(Default)]
+pub(crate) struct Recorder {
+    order: Vec<u64>,
+    seen: HashSet<u64>,
+}
+
+impl Recorder {
+    pub(crate) fn saw(&mut self, chunk: u64) {
+        if self.seen.insert(chunk) {
+            self.order.push(chunk);
+        }
+    }
+}
+
+type Recorders = Mutex<HashMap<(RepoUrl, Digest), Arc<Mutex<Recorder>>>>;
+
+fn recorders() -> &'static Recorders {
+    static R: OnceLock<Recorders> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+/// The recorder of layer `d` when recording is on (one per layer and process, however many
+/// times the layer is opened).
+pub(crate) fn recorder(repo: &RepoUrl, d: &Digest) -> Option<Arc<Mutex<Recorder>>> {
+    if !RECORDING.load(Ordering::Relaxed) {
+        return None;
+    }
+    Some(lock(recorders()).entry((repo.clone(), *d)).or_default().clone())
+}
+
+/// A trace written by [`save_recorded`].
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub url: String,
+    pub chunks: usize,
+}
+
+/// Uploads the trace of every layer read since recording began (replacing an earlier trace of
+/// the layer); layers none of whose chunks were read get none.
+pub fn save_recorded() -> Result<Vec<Saved>> {
+    let all: Vec<_> = lock(recorders()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut out = Vec::new();
+    for ((repo, d), rec) in all {
+        let order = lock(&rec).order.clone();
+        if order.is_empty() {
+            continue;
+        }
+        let key = format!("traces/{}", hex(&d));
+        store(&repo)?.put(&key, encode_trace(&order)).map_err(|e| e.during("save trace"))?;
+        out.push(Saved { url: format!("{repo}/{key}"), chunks: order.len() });
+    }
+    Ok(out)
+}
+
+/// The trace of layer `d`, if it has one.
+pub fn fetch_trace(repo: &RepoUrl, d: &Digest) -> Result<Option<Vec<u64>>> {
+    match store(repo)?.get(&format!("traces/{}", hex(d))) {
+        Ok(b) => Ok(Some(decode_trace(&b)?)),
+        Err(e) if e.kind() == ErrorKind::ParentMissing => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Chunks fetched by prefetching since the process started (for `serve`'s log and tests).
+pub static PREFETCHED: AtomicUsize = AtomicUsize::new(0);
+
+/// Threads fetching one layer's traced chunks.
+const PREFETCH_THREADS: usize = 4;
+
+/// When prefetching is on: fetches the traced chunks of layer `d` (whose manifest is `m`) in
+/// trace order in the background, a few at a time. Reads asking for a chunk being fetched
+/// wait for that fetch (the cache coalesces them). Errors end the prefetch quietly: a read
+/// that needs the chunk fetches it itself and reports what goes wrong.
+pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Manifest) {
+    if !PREFETCH.load(Ordering::Relaxed) {
+        return;
+    }
+    let by_chunk: HashMap<u64, usize> = m.entries.iter().enumerate().map(|(i, e)| (e.chunk, i)).collect();
+    let entries: Vec<_> = m.entries.iter().map(|e| e.content).collect();
+    let (repo, d) = (repo.clone(), *d);
+    std::thread::spawn(move || {
+        let Ok(Some(trace)) = fetch_trace(&repo, &d) else { return };
+        let todo: Vec<_> =
+            trace.iter().filter_map(|c| by_chunk.get(c)).filter_map(|&i| entries.get(i).copied().flatten()).collect();
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..PREFETCH_THREADS {
+                sc.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((digest, loc)) = todo.get(i) else { break };
+                    if fetch_chunk(&repo, digest, loc).is_err() {
+                        break;
+                    }
+                    PREFETCHED.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+        });
+    });
+}
