@@ -448,7 +448,10 @@ fn corrupt_truncated_or_replaced_objects_are_never_served() {
     for (i, r) in got.iter().enumerate() {
         match r {
             Ok(b) => assert_bytes_eq(b, &data[i * CHUNK..(i + 1) * CHUNK], &format!("chunk {i}")),
-            Err(_) => failed += 1,
+            Err(e) => {
+                assert!(e.contains("EIO"), "chunk {i}: {e}");
+                failed += 1
+            }
         }
     }
     // A pack holds ~16 records, read by range: the flipped byte spoils one, the cut the ~8
@@ -579,7 +582,8 @@ fn a_stopped_gateway_gives_eio_then_reads_resume_without_a_restart() {
     let far = data.len() - CHUNK;
     let t = Instant::now();
     let r = c.read(far as u64, CHUNK as u32);
-    assert!(r.is_err(), "a read of an uncached chunk with the gateway stopped succeeded");
+    let e = r.expect_err("a read of an uncached chunk with the gateway stopped succeeded");
+    assert!(e.to_string().contains("EIO"), "the client saw {e}");
     assert!(t.elapsed() < Duration::from_secs(20), "the failed read took {:?}", t.elapsed());
     // Cached and local data keep being served, and the overlay takes writes.
     assert_bytes_eq(&c.read(0, half as u32).expect("cached read"), &data[..half], "cached half, gateway down");
@@ -603,7 +607,8 @@ fn cached_chunks(dir: &Path) -> usize {
         for e in rd.flatten() {
             match e.file_type() {
                 Ok(t) if t.is_dir() => walk(&e.path(), n),
-                Ok(_) if e.metadata().is_ok_and(|m| m.len() == CHUNK as u64) => *n += 1,
+                // Named by digest (a fill in progress has another name).
+                Ok(_) if e.file_name().len() == 64 && e.metadata().is_ok_and(|m| m.len() == CHUNK as u64) => *n += 1,
                 _ => {}
             }
         }
@@ -664,4 +669,55 @@ fn a_recorded_trace_is_stored_with_the_layer_and_fetched_first_by_the_next_serve
 
     run(&mut repo.cow(&host_c, &["trace", "rm", &repo.layer("b")]));
     assert!(repo.keys("traces").is_empty(), "{:?}", repo.keys("traces"));
+}
+
+#[test]
+fn processes_share_one_cache_and_a_killed_reader_leaves_it_sound() {
+    let Some(s3) = s3() else { return };
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = random_bytes(16 << 20, 101);
+    std::fs::write(ws.join("base.raw"), &data).expect("write");
+    run(&mut repo.cow(&ws.subdir("push"), &["push", p(&ws.join("base.raw")), &repo.url(), "--tag", "b"]));
+    let shared = ws.subdir("host-cache");
+
+    // A reader killed with -9 in the middle of filling the cache.
+    run(&mut repo.cow(&shared, &["create", p(&ws.join("k.cow")), "--backing", &repo.layer("b")]));
+    let mut killed = repo.server(&shared, &[p(&ws.join("k.cow")), "--socket", p(&ws.join("k.sock"))]);
+    let uri = killed.uri("");
+    let mut copy = tool("nbdcopy")
+        .arg(&uri)
+        .arg(ws.join("partial.raw"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nbdcopy");
+    assert!(wait_until(Duration::from_secs(20), || cached_chunks(&shared) >= 40), "nothing was cached");
+    killed.kill9();
+    let _ = copy.wait();
+
+    // Two servers of two overlays, one cache, reading everything at once.
+    let servers: Vec<Server> = (0..2)
+        .map(|i| {
+            let top = ws.join(format!("t{i}.cow"));
+            run(&mut repo.cow(&shared, &["create", p(&top), "--backing", &repo.layer("b")]));
+            repo.server(&shared, &[p(&top), "--socket", p(&ws.join(format!("t{i}.sock")))])
+        })
+        .collect();
+    let outs: Vec<PathBuf> = (0..2).map(|i| ws.join(format!("out{i}.raw"))).collect();
+    std::thread::scope(|sc| {
+        for (s, o) in servers.iter().zip(&outs) {
+            sc.spawn(move || copy_out(s, o));
+        }
+    });
+    for o in &outs {
+        assert_files_equal(o, &ws.join("base.raw"));
+    }
+    // Each chunk is kept once, whoever fetched it.
+    assert_eq!(cached_chunks(&shared), data.len() / CHUNK, "chunk files in the shared cache");
+    for s in servers {
+        s.stop();
+    }
 }
