@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// A use younger than this does not update a file's time (one syscall saved per read).
 const TOUCH_AFTER: Duration = Duration::from_secs(60);
@@ -35,6 +35,12 @@ pub struct Cache {
     /// scan under the lock file corrects it).
     used: AtomicU64,
     inflight: Mutex<HashMap<Digest, Arc<Fill>>>,
+    /// Chunk files this process has checked against their names (or written itself), with
+    /// when it last marked each as used. A file, once checked, is read by range without
+    /// hashing again: a file in the cache only ever changes by eviction (removal) and a new
+    /// fill (checked by its filler), so it holds what was checked until it is gone. A new
+    /// process checks again (a crash may have left a bad file).
+    verified: Mutex<HashMap<Digest, Instant>>,
     /// What this process fetched and read, for reports and tests.
     pub fetched_bytes: AtomicU64,
     pub hits: AtomicU64,
@@ -84,6 +90,7 @@ impl Cache {
             limit,
             used: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
             fetched_bytes: AtomicU64::new(0),
             hits: AtomicU64::new(0),
         };
@@ -148,6 +155,7 @@ impl Cache {
             let _ = std::fs::remove_file(&p);
             return None;
         }
+        lock(&self.verified).insert(*d, Instant::now());
         self.hits.fetch_add(1, Ordering::Relaxed);
         if let Ok(m) = std::fs::metadata(&p) {
             if m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > TOUCH_AFTER) {
@@ -155,6 +163,35 @@ impl Cache {
             }
         }
         Some(bytes)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of chunk `d` if this process has checked its file
+    /// before and it is still there; false otherwise (the caller then takes the whole chunk
+    /// through [`Cache::get_or_fetch`], which checks it).
+    pub fn read_verified(&self, d: &Digest, offset: u64, buf: &mut [u8]) -> bool {
+        use std::os::unix::fs::FileExt;
+        let touch = {
+            let mut v = lock(&self.verified);
+            let Some(last) = v.get_mut(d) else { return false };
+            let stale = last.elapsed() > TOUCH_AFTER;
+            if stale {
+                *last = Instant::now();
+            }
+            stale
+        };
+        let p = self.file(d);
+        let Ok(f) = std::fs::File::open(&p) else {
+            lock(&self.verified).remove(d);
+            return false;
+        };
+        if f.read_exact_at(buf, offset).is_err() {
+            return false;
+        }
+        if touch {
+            let _ = std::fs::File::options().write(true).open(&p).and_then(|f| f.set_modified(SystemTime::now()));
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// The content of chunk `d`: from the cache, or from `fetch` (which must return content
@@ -215,6 +252,7 @@ impl Cache {
             let _ = std::fs::remove_file(&tmp);
             return;
         }
+        lock(&self.verified).insert(*d, Instant::now());
         let used = self.used.fetch_add(content.len() as u64, Ordering::Relaxed) + content.len() as u64;
         if used > self.limit {
             let _ = self.evict();

@@ -159,12 +159,15 @@ impl RemoteLayer {
         Ok(())
     }
 
-    /// The content of entry `i`, fetched (or from the cache); a read of the next entry after
-    /// the last one read starts fetching the few after it in the background.
-    fn content(&self, i: usize) -> Result<Vec<u8>> {
+    /// Fills `out` from entry `i`'s content at `at` (zeros past its end): from the cache by
+    /// range when this process has checked the chunk's file before, else the whole chunk
+    /// fetched (or read from the cache and checked). A read of the entry after the last one
+    /// read starts fetching the few after it in the background.
+    fn read_entry(&self, i: usize, at: usize, out: &mut [u8]) -> Result<()> {
         let e = &self.manifest.entries[i];
         let Some((d, loc)) = &e.content else {
-            return Ok(vec![0u8; self.manifest.chunk_len(e.chunk) as usize]);
+            out.fill(0);
+            return Ok(());
         };
         if let Some(r) = &self.recorder {
             lock(r).saw(e.chunk);
@@ -173,7 +176,13 @@ impl RemoteLayer {
         if prev == i as u64 && i > 0 {
             self.read_ahead_from(i + 1);
         }
-        fetch_chunk(&self.repo, d, loc)
+        let m = out.len().min((loc.length as usize).saturating_sub(at));
+        if !super::shared_cache()?.read_verified(d, at as u64, &mut out[..m]) {
+            let content = fetch_chunk(&self.repo, d, loc)?;
+            out[..m].copy_from_slice(&content[at..at + m]);
+        }
+        out[m..].fill(0);
+        Ok(())
     }
 
     fn read_ahead_from(&self, first: usize) {
@@ -211,12 +220,7 @@ impl Storage for RemoteLayer {
                     let n = out.len().min(cs as usize - at);
                     match self.by_chunk.get(&c) {
                         _ if pos >= self.len => out[..n].fill(0),
-                        Some(&i) => {
-                            let content = self.content(i)?;
-                            let m = n.min(content.len().saturating_sub(at));
-                            out[..m].copy_from_slice(&content[at..at + m]);
-                            out[m..n].fill(0);
-                        }
+                        Some(&i) => self.read_entry(i, at, &mut out[..n])?,
                         None => out[..n].fill(0),
                     }
                     n
@@ -235,10 +239,7 @@ impl Storage for RemoteLayer {
                         let (k, at) =
                             (((pos - self.data_start) / cs) as usize, ((pos - self.data_start) % cs) as usize);
                         let n = out.len().min(cs as usize - at);
-                        let content = self.content(self.slots[k])?;
-                        let m = n.min(content.len().saturating_sub(at));
-                        out[..m].copy_from_slice(&content[at..at + m]);
-                        out[m..n].fill(0);
+                        self.read_entry(self.slots[k], at, &mut out[..n])?;
                         n
                     } else if pos < self.len {
                         let at = (pos - self.map_start) as usize;

@@ -16,6 +16,10 @@ pub struct DemoArgs {
     /// Also listen on TCP HOST:PORT.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Push the base to this repository (s3://BUCKET/PREFIX, tag demo-base) and serve an
+    /// overlay that reads it lazily from there instead (needs a store: see the README).
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
 }
 
 const BASE_SIZE: &str = "64M";
@@ -62,10 +66,21 @@ pub fn run(a: DemoArgs) -> Result<(), Failure> {
     } else {
         say!("reusing base {}", base.display());
     }
+    let (overlay, backing) = match &a.remote {
+        None => (overlay, base.clone()),
+        Some(url) => {
+            let repo = cowdisk::remote::RepoUrl::parse(url)?;
+            let opts = cowdisk::remote::push::PushOptions { tag: Some("demo-base".into()), ..Default::default() };
+            let pushed = cowdisk::remote::push::push(&base, &repo, &opts, &|_, _| {})?;
+            let up: u64 = pushed.iter().map(|p| p.uploaded_bytes).sum();
+            say!("pushed the base to {repo}/demo-base ({} uploaded)", crate::size::format_size(up));
+            (dir.join("remote-overlay.cow"), PathBuf::from(format!("{repo}/demo-base")))
+        }
+    };
     if !overlay.exists() {
-        let o = CreateOptions { backing: Some(base.clone()), ..Default::default() };
+        let o = CreateOptions { backing: Some(backing.clone()), ..Default::default() };
         create_image(&overlay, &o)?.close()?;
-        say!("made overlay {} on the base", overlay.display());
+        say!("made overlay {} on {}", overlay.display(), backing.display());
     } else {
         say!("reusing overlay {}", overlay.display());
     }
@@ -77,6 +92,9 @@ pub fn run(a: DemoArgs) -> Result<(), Failure> {
     say!("  qemu-io -f raw -c 'read -v 0 512' '{uri}'");
     say!("  mkdir -p /tmp/cowdisk-mnt && nbdfuse /tmp/cowdisk-mnt/disk '{uri}' &");
     say!("  losetup -f --show /tmp/cowdisk-mnt/disk    # then mount the loop device");
+    if a.remote.is_some() {
+        say!("Chunks of the base are fetched as they are read, into the cache (cowdisk info shows the chain).");
+    }
     say!("Stop with Ctrl-C; the overlay is flushed and closed cleanly.");
     say!("");
     serve_chains(vec![("overlay".into(), chain)], Some(socket), a.listen, 16, 64, std::time::Duration::from_secs(10))

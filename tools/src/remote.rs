@@ -22,7 +22,7 @@ pub struct RemoteArgs {
     #[arg(long, global = true, value_name = "URL")]
     endpoint: Option<String>,
     /// The chunk cache every cowdisk process of the host shares (default $COWDISK_CACHE_DIR,
-    /// else ~/.cache/cowdisk/chunks).
+    /// else $XDG_CACHE_HOME/cowdisk, ~/.cache/cowdisk, or /var/cache/cowdisk for root).
     #[arg(long, global = true, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Most bytes the cache keeps; least recently used chunks go first (default 10G or
