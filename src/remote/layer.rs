@@ -6,7 +6,7 @@
 
 use super::manifest::{Digest, LayerKind, Manifest};
 use super::trace::Recorder;
-use super::{fetch_chunk, fetch_manifest, parent_layer, read_ahead, RepoUrl};
+use super::{fetch_chunk, fetch_manifest, fetch_run, parent_layer, read_ahead, RepoUrl};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::header::{Header, MapExtent, ParentFormat, ParentRef};
 use crate::format::map::{encode_sector, MapEntry};
@@ -177,12 +177,37 @@ impl RemoteLayer {
             self.read_ahead_from(i + 1);
         }
         let m = out.len().min((loc.length as usize).saturating_sub(at));
-        if !super::shared_cache()?.read_verified(d, at as u64, &mut out[..m]) {
-            let content = fetch_chunk(&self.repo, d, loc)?;
+        let cache = super::shared_cache()?;
+        if !cache.read_verified(d, at as u64, &mut out[..m]) {
+            let run = self.run_from(i, &cache);
+            let content = if run.len() > 1 { fetch_run(&self.repo, &run)? } else { fetch_chunk(&self.repo, d, loc)? };
             out[..m].copy_from_slice(&content[at..at + m]);
         }
         out[m..].fill(0);
         Ok(())
+    }
+
+    /// Entry `i`'s record and those after it in its pack that the cache lacks, up to
+    /// `fetch_window()` stored bytes: what one ranged GET fetches for a read of entry `i`.
+    fn run_from(&self, i: usize, cache: &super::cache::Cache) -> Vec<(Digest, super::manifest::Location)> {
+        let window = super::fetch_window();
+        let mut run = Vec::new();
+        let Some(first) = self.manifest.entries.get(i).and_then(|e| e.content) else { return run };
+        run.push(first);
+        let mut end = first.1.offset + u64::from(first.1.stored);
+        let mut total = u64::from(first.1.stored);
+        for e in self.manifest.entries.iter().skip(i + 1).take(64) {
+            // Chunks without content have no record: the next record may still follow on.
+            let Some((d, loc)) = e.content else { continue };
+            if loc.pack != first.1.pack || loc.offset != end || total + u64::from(loc.stored) > window || cache.has(&d)
+            {
+                break;
+            }
+            end += u64::from(loc.stored);
+            total += u64::from(loc.stored);
+            run.push((d, loc));
+        }
+        run
     }
 
     fn read_ahead_from(&self, first: usize) {

@@ -14,6 +14,7 @@ use object_store::{
 };
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -110,6 +111,17 @@ fn aws_files() -> HashMap<String, String> {
     }
     out
 }
+
+/// What this process's ranged reads cost (for `serve`'s report at exit, and benchmarks).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub ranged_gets: AtomicU64,
+    pub ranged_bytes: AtomicU64,
+    pub ranged_micros: AtomicU64,
+}
+
+pub static STATS: Stats =
+    Stats { ranged_gets: AtomicU64::new(0), ranged_bytes: AtomicU64::new(0), ranged_micros: AtomicU64::new(0) };
 
 /// An open repository.
 pub struct Store {
@@ -214,7 +226,11 @@ impl Store {
     pub fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let p = self.path(key);
         let want = range.end - range.start;
+        let t = std::time::Instant::now();
         let b = self.block_on(self.inner.get_range(&p, range))?.map_err(|e| self.fail(key, "get", e))?;
+        STATS.ranged_gets.fetch_add(1, Ordering::Relaxed);
+        STATS.ranged_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        STATS.ranged_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         if b.len() as u64 != want {
             return Err(err(ErrorKind::Truncated, format!("asked for {want} bytes, got {}", b.len()))
                 .with_file(std::path::Path::new(&format!("{}/{key}", self.url))));

@@ -5,8 +5,8 @@
 //! Both are process-wide switches a server turns on ([`set_recording`], [`set_prefetch`]); an
 //! `info` or `check` never records or prefetches.
 
-use super::manifest::{decode_trace, encode_trace, hex, Digest, Manifest};
-use super::{fetch_chunk, store, RepoUrl};
+use super::manifest::{decode_trace, encode_trace, hex, Digest, Location, Manifest};
+use super::{fetch_run, store, RepoUrl};
 use crate::error::{ErrorKind, Result};
 use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
@@ -93,6 +93,33 @@ pub fn fetch_trace(repo: &RepoUrl, d: &Digest) -> Result<Option<Vec<u64>>> {
 /// Chunks fetched by prefetching since the process started (for `serve`'s log and tests).
 pub static PREFETCHED: AtomicUsize = AtomicUsize::new(0);
 
+/// Records at most this far apart in a pack are fetched by one GET (the bytes between them
+/// come along and are dropped).
+const GAP: u64 = 64 << 10;
+
+/// The traced records in trace order, grouped into runs that one ranged GET each fetches:
+/// a record joins the run before it if it lies after that run's end in the same pack, at most
+/// [`GAP`] bytes on, and the run stays within `window` bytes.
+fn runs_of(todo: &[(Digest, Location)], window: u64) -> Vec<Vec<(Digest, Location)>> {
+    let mut runs: Vec<Vec<(Digest, Location)>> = Vec::new();
+    for &(d, loc) in todo {
+        if let Some(run) = runs.last_mut() {
+            let (first, last) = (run[0].1, run[run.len() - 1].1);
+            let end = last.offset + u64::from(last.stored);
+            if loc.pack == first.pack
+                && loc.offset >= end
+                && loc.offset - end <= GAP
+                && loc.offset + u64::from(loc.stored) - first.offset <= window
+            {
+                run.push((d, loc));
+                continue;
+            }
+        }
+        runs.push(vec![(d, loc)]);
+    }
+    runs
+}
+
 /// Threads fetching one layer's traced chunks.
 const PREFETCH_THREADS: usize = 4;
 
@@ -111,16 +138,17 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Manifest) {
         let Ok(Some(trace)) = fetch_trace(&repo, &d) else { return };
         let todo: Vec<_> =
             trace.iter().filter_map(|c| by_chunk.get(c)).filter_map(|&i| entries.get(i).copied().flatten()).collect();
+        let runs = runs_of(&todo, super::fetch_window());
         let next = AtomicUsize::new(0);
         std::thread::scope(|sc| {
             for _ in 0..PREFETCH_THREADS {
                 sc.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((digest, loc)) = todo.get(i) else { break };
-                    if fetch_chunk(&repo, digest, loc).is_err() {
+                    let Some(run) = runs.get(i) else { break };
+                    if fetch_run(&repo, run).is_err() {
                         break;
                     }
-                    PREFETCHED.fetch_add(1, Ordering::Relaxed);
+                    PREFETCHED.fetch_add(run.len(), Ordering::Relaxed);
                 });
             }
         });

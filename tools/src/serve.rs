@@ -414,6 +414,17 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         contexts: Offer { allocation_depth: a.allocation_depth, dirty_bitmaps: a.dirty_bitmaps },
     };
     serve_exports(served, opts)?;
+    let st = &cowdisk::remote::store::STATS;
+    let gets = st.ranged_gets.load(std::sync::atomic::Ordering::Relaxed);
+    if gets > 0 {
+        let bytes = st.ranged_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let ms = st.ranged_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
+        eprintln!(
+            "cowdisk: fetched {} from object stores in {gets} ranged requests, {:.1} ms on average",
+            crate::size::format_size(bytes),
+            ms / gets as f64
+        );
+    }
     if a.record_trace {
         // After every export is closed: nothing reads any more.
         for t in cowdisk::remote::trace::save_recorded()? {

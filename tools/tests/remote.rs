@@ -607,8 +607,10 @@ fn cached_chunks(dir: &Path) -> usize {
         for e in rd.flatten() {
             match e.file_type() {
                 Ok(t) if t.is_dir() => walk(&e.path(), n),
-                // Named by digest (a fill in progress has another name).
-                Ok(_) if e.file_name().len() == 64 && e.metadata().is_ok_and(|m| m.len() == CHUNK as u64) => *n += 1,
+                // Named by digest (a fill in progress has another name); content and a 4-byte CRC.
+                Ok(_) if e.file_name().len() == 64 && e.metadata().is_ok_and(|m| m.len() == CHUNK as u64 + 4) => {
+                    *n += 1
+                }
                 _ => {}
             }
         }
