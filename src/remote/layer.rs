@@ -187,8 +187,8 @@ impl RemoteLayer {
         Ok(())
     }
 
-    /// Entry `i`'s record and those after it in its pack that the cache lacks, up to
-    /// `fetch_window()` stored bytes: what one ranged GET fetches for a read of entry `i`.
+    /// What one ranged GET fetches for a read of entry `i` that missed: its record and those
+    /// after it in its pack that the cache lacks, up to `fetch_window()` stored bytes.
     fn run_from(&self, i: usize, cache: &super::cache::Cache) -> Vec<(Digest, super::manifest::Location)> {
         let window = super::fetch_window();
         let mut run = Vec::new();

@@ -3,7 +3,7 @@
 //! object downloaded to a file, and a presigned GET URL for nbdkit's curl plugin.
 //!
 //! `s3bench upload FILE KEY [public]`, `s3bench download KEY FILE`, `s3bench presign KEY SECONDS`,
-//! `s3bench du PREFIX` (bytes stored under PREFIX), with
+//! `s3bench du PREFIX` (bytes stored under PREFIX), `s3bench rm PREFIX` (delete it all), with
 //! the store from S3_ENDPOINT (or AWS_ENDPOINT_URL), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 //! AWS_REGION and S3_BUCKET. upload and download print the seconds they took.
 
@@ -98,6 +98,21 @@ fn main() {
                 println!("{url}");
                 Ok(())
             }
+            ["rm", prefix] => {
+                let keys: Vec<ObjPath> = s
+                    .list(Some(&ObjPath::from(prefix)))
+                    .map(|m| m.map(|m| m.location))
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?;
+                for k in &keys {
+                    s.delete(k).await.map_err(|e| e.to_string())?;
+                }
+                println!("{}", keys.len());
+                Ok(())
+            }
             ["du", prefix] => {
                 let mut total = 0u64;
                 let mut list = s.list(Some(&ObjPath::from(prefix)));
@@ -107,7 +122,7 @@ fn main() {
                 println!("{total}");
                 Ok(())
             }
-            _ => Err("usage: s3bench upload FILE KEY [public] | du PREFIX | download KEY FILE | presign KEY SECONDS"
+            _ => Err("usage: s3bench upload FILE KEY [public] | du PREFIX | rm PREFIX | download KEY FILE | presign KEY SECONDS"
                 .to_string()),
         }
     });

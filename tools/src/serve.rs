@@ -420,7 +420,7 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
         let bytes = st.ranged_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let ms = st.ranged_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
         eprintln!(
-            "cowdisk: fetched {} from object stores in {gets} ranged requests, {:.1} ms on average",
+            "cowdisk: fetched {} ({bytes} bytes) from object stores in {gets} ranged requests, {:.1} ms on average",
             crate::size::format_size(bytes),
             ms / gets as f64
         );

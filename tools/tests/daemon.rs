@@ -415,3 +415,36 @@ fn pid_file_in_the_foreground_is_written_when_serving_and_removed_at_sigterm() {
     assert!(server.stop().success());
     assert!(!pid_file.exists(), "the pid file outlived the server");
 }
+
+#[test]
+fn a_server_killed_with_sigkill_leaves_nothing_behind_once_the_next_one_starts() {
+    let (ws, _) = workspace("sweep");
+    ws.create("other.cow", &["--size", "1M"]);
+    let run = ws.p("run");
+    std::fs::create_dir_all(&run).expect("mkdir run");
+    let env = [("XDG_RUNTIME_DIR", run.to_str().expect("utf-8"))];
+    let rundir = run.join("cowdisk");
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&rundir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let (disk, other, a_sock, b_sock) = (ws.p("disk.cow"), ws.p("other.cow"), ws.p("a.sock"), ws.p("b.sock"));
+    let s = |p: &PathBuf| p.to_str().expect("utf-8").to_string();
+    let (disk, other, a_sock, b_sock) = (s(&disk), s(&other), s(&a_sock), s(&b_sock));
+    let mut a = Server::start_with_env(&[&disk, "--socket", &a_sock], &env);
+    let a_server = format!("server-{}.sock", a.pid());
+    let left = names();
+    assert!(left.contains(&a_server) && left.iter().any(|n| n.starts_with("image-")), "{left:?}");
+    a.kill9();
+    assert_eq!(names(), left, "a killed server removed its files itself");
+
+    let b = Server::start_with_env(&[&other, "--socket", &b_sock], &env);
+    let now = names();
+    assert_eq!(now.len(), 2, "the dead server's socket and link are still there: {now:?}");
+    assert!(now.contains(&format!("server-{}.sock", b.pid())), "{now:?}");
+    b.stop();
+    assert!(names().is_empty(), "{:?}", names());
+}

@@ -723,3 +723,114 @@ fn processes_share_one_cache_and_a_killed_reader_leaves_it_sound() {
         s.stop();
     }
 }
+
+/// `cowdisk ARGS` with no store settings in its environment but `env`.
+fn bare(args: &[&str], env: &[(&str, String)]) -> Command {
+    let mut c = Command::new(cowdisk_bin());
+    c.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") || k.starts_with("S3_") {
+            c.env_remove(k);
+        }
+    }
+    c.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    c
+}
+
+#[test]
+fn credentials_and_endpoint_come_from_the_aws_files_or_the_command_line() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    make_base(&ws.join("base.raw"), 1, 111);
+    run(&mut repo.cow(&ws.subdir("c"), &["push", p(&ws.join("base.raw")), &repo.url(), "--tag", "b"]));
+    let creds = ws.join("credentials");
+    let config = ws.join("config");
+    std::fs::write(
+        &creds,
+        format!(
+            "[other]\naws_access_key_id = NOPE\naws_secret_access_key = nope\n\n[cowdisk]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            s3.access_key, s3.secret_key
+        ),
+    )
+    .expect("write credentials");
+    std::fs::write(&config, format!("[profile cowdisk]\nregion = {}\nendpoint_url = {}\n", s3.region, s3.endpoint))
+        .expect("write config");
+    let files = |profile: &str| {
+        vec![
+            ("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string()),
+            ("AWS_CONFIG_FILE", config.display().to_string()),
+            ("AWS_PROFILE", profile.to_string()),
+            ("COWDISK_CACHE_DIR", ws.join("c").display().to_string()),
+        ]
+    };
+    let out = run(&mut bare(&["ls", &repo.url(), "--json"], &files("cowdisk")));
+    let ls: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(ls["layers"][0]["tags"], serde_json::json!(["b"]), "{ls}");
+
+    // The wrong profile: refused by the store, in one line.
+    let err = failure(&bare(&["ls", &repo.url()], &files("other")).output().expect("run"));
+    assert!(err.contains(&repo.url()), "{err}");
+
+    // No endpoint in the files: --endpoint names it (credentials from the environment).
+    let env = vec![
+        ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
+        ("AWS_REGION", s3.region.clone()),
+        ("AWS_CONFIG_FILE", ws.join("none").display().to_string()),
+        ("AWS_SHARED_CREDENTIALS_FILE", ws.join("none").display().to_string()),
+        ("COWDISK_CACHE_DIR", ws.join("c").display().to_string()),
+    ];
+    let out = run(&mut bare(&["ls", &repo.url(), "--endpoint", &s3.endpoint], &env));
+    assert!(stdout_of(&out).contains("1 layers"), "{}", stdout_of(&out));
+}
+
+#[test]
+fn an_overlay_on_a_remote_layer_flattens_in_place() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let cache = ws.subdir("cache");
+    let data = make_base(&ws.join("base.raw"), 2, 121);
+    run(&mut repo.cow(&cache, &["push", p(&ws.join("base.raw")), &repo.url(), "--tag", "b"]));
+    let top = ws.join("top.cow");
+    run(&mut repo.cow(&cache, &["create", p(&top), "--backing", &repo.layer("b")]));
+    run(&mut repo.cow(&cache, &["flatten", p(&top)]));
+    let info = repo.json(&cache, &["info", p(&top), "--json"]);
+    assert_eq!(info["layers"].as_array().map(Vec::len), Some(1), "{info}");
+    // It no longer needs the store: removed there, it still reads as the base.
+    run(&mut repo.cow(&cache, &["rm", &repo.layer("b")]));
+    let url = repo.json(&cache, &["ls", &repo.url(), "--json"])["layers"][0]["url"].as_str().expect("url").to_string();
+    run(&mut repo.cow(&cache, &["rm", &url]));
+    run(&mut repo.cow(&cache, &["flatten", p(&top), "--output", p(&ws.join("out.raw")), "--format", "raw"]));
+    assert_files_equal(&ws.join("out.raw"), &ws.join("want.raw").tap_write(&data));
+}
+
+#[test]
+fn the_remote_demo_serves_an_overlay_on_the_pushed_base() {
+    let Some(s3) = s3() else { return };
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let dir = ws.subdir("demo");
+    let mut demo = repo.cow(&ws.subdir("cache"), &["demo", "--dir", p(&dir), "--remote", &repo.url()]);
+    demo.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let child = demo.spawn().expect("spawn demo");
+    let sock = dir.join("nbd.sock");
+    let up = wait_until(Duration::from_secs(60), || sock.exists());
+    if up {
+        run(tool("nbdcopy").arg(unix_uri(&sock, "overlay")).arg(ws.join("read.raw")));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().expect("wait demo");
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(up, "the demo did not serve: {said}");
+    assert!(out.status.success(), "the demo exited with {}: {said}", out.status);
+    assert!(said.contains("pushed the base to"), "{said}");
+    assert_files_equal(&ws.join("read.raw"), &dir.join("base.raw"));
+    let info = repo.json(&ws.join("cache"), &["info", p(&dir.join("remote-overlay.cow")), "--json"]);
+    assert!(info["layers"][1]["path"].as_str().is_some_and(|s| s.starts_with("s3://")), "{info}");
+}

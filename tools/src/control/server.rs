@@ -64,6 +64,9 @@ impl Control {
         exports: Vec<Served>,
     ) -> Result<Control, Error> {
         let listener = bind(&socket)?;
+        if let Some(d) = &rundir {
+            sweep_dangling_links(d);
+        }
         // A socket outside the runtime directory is found there through a link of the
         // default name.
         let alias = rundir.as_ref().map(|d| super::server_socket(d, std::process::id())).filter(|a| *a != socket);
@@ -112,6 +115,8 @@ impl Control {
         self.state.jobs.stop_all();
         let mut first = Ok(());
         for s in lock(&self.state.exports).drain(..) {
+            // Gone from the list, so Drop would not find it: its link goes now.
+            self.state.unlink(&s.image);
             if let Err(e) = s.live.close() {
                 first = first.and(Err(e));
             }
@@ -142,6 +147,32 @@ impl Drop for Control {
         }
         for s in lock(&self.state.exports).iter() {
             self.state.unlink(&s.image);
+        }
+    }
+}
+
+/// Removes what servers that died without cleaning up (killed with -9) left in the runtime
+/// directory: their `server-PID.sock` when no process PID runs, then links whose socket is
+/// gone. A live server makes its socket before its links, so none of its links dangles.
+fn sweep_dangling_links(rundir: &Path) {
+    let Ok(entries) = std::fs::read_dir(rundir) else { return };
+    let entries: Vec<_> = entries.flatten().collect();
+    for e in &entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("server-").and_then(|n| n.strip_suffix(".sock")) else { continue };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    for e in entries {
+        let p = e.path();
+        let is_link = e.file_type().is_ok_and(|t| t.is_symlink());
+        if is_link && !p.exists() && e.file_name().to_string_lossy().ends_with(".sock") {
+            let _ = std::fs::remove_file(&p);
         }
     }
 }
