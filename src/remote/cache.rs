@@ -25,9 +25,6 @@ const TOUCH_AFTER: Duration = Duration::from_secs(60);
 /// A fill in flight: set to true (and waiters woken) when the fetching thread is done.
 type Fill = (Mutex<bool>, Condvar);
 
-/// `Cache::used` before the first fill has counted the files.
-const UNCOUNTED: u64 = u64::MAX;
-
 /// A fill's temporary file older than this was left by a process that died.
 const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -36,7 +33,12 @@ pub struct Cache {
     limit: u64,
     /// This process's estimate of the bytes in the cache (other processes add to it too: a
     /// scan under the lock file corrects it).
-    used: AtomicU64,
+    ///
+    /// `None` until the first fill counts the files: a warm start (nothing to fill) should not
+    /// pay a walk over thousands of files. A fill's rename and its count, and an eviction's
+    /// scan, removals and new count, each happen under this lock, so no count of this
+    /// process is lost between them.
+    used: Mutex<Option<u64>>,
     inflight: Mutex<HashMap<Digest, Arc<Fill>>>,
     /// Chunk files this process has checked against their names (or written itself), with
     /// when it last marked each as used. A file, once checked, is read by range without
@@ -91,15 +93,12 @@ impl Cache {
         let c = Cache {
             dir: dir.to_path_buf(),
             limit,
-            used: AtomicU64::new(0),
+            used: Mutex::new(None),
             inflight: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
             fetched_bytes: AtomicU64::new(0),
             hits: AtomicU64::new(0),
         };
-        // What the cache holds is counted at the first fill, not here: a warm start (nothing
-        // to fill) should not pay a walk over thousands of files.
-        c.used.store(UNCOUNTED, Ordering::Relaxed);
         Ok(c)
     }
 
@@ -271,17 +270,26 @@ impl Cache {
         let mut file = Vec::with_capacity(content.len() + 4);
         file.extend_from_slice(content);
         file.extend_from_slice(&crc32fast::hash(content).to_le_bytes());
-        if std::fs::write(&tmp, &file).and_then(|()| std::fs::rename(&tmp, &p)).is_err() {
+        if std::fs::write(&tmp, &file).is_err() {
             let _ = std::fs::remove_file(&tmp);
             return;
         }
+        let over = {
+            let mut used = lock(&self.used);
+            if std::fs::rename(&tmp, &p).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+                return;
+            }
+            let now = match *used {
+                // The first fill counts what is there, itself included.
+                None => self.scan().iter().map(|f| f.1).sum(),
+                Some(u) => u + file.len() as u64,
+            };
+            *used = Some(now);
+            now > self.limit
+        };
         lock(&self.verified).insert(*d, Instant::now());
-        if self.used.load(Ordering::Relaxed) == UNCOUNTED {
-            let counted = self.scan().iter().map(|f| f.1).sum();
-            let _ = self.used.compare_exchange(UNCOUNTED, counted, Ordering::Relaxed, Ordering::Relaxed);
-        }
-        let used = self.used.fetch_add(file.len() as u64, Ordering::Relaxed) + file.len() as u64;
-        if used > self.limit {
+        if over {
             let _ = self.evict();
         }
     }
@@ -289,6 +297,7 @@ impl Cache {
     /// Brings the cache under 90% of its bound, least recently used first, under the lock
     /// file (so two processes do not evict twice over).
     pub fn evict(&self) -> Result<()> {
+        let mut used = lock(&self.used);
         with_lock(&self.dir, || {
             let mut files = self.scan();
             let mut total: u64 = files.iter().map(|f| f.1).sum();
@@ -302,7 +311,7 @@ impl Cache {
                     total -= size;
                 }
             }
-            self.used.store(total, Ordering::Relaxed);
+            *used = Some(total);
         })
     }
 }
