@@ -500,7 +500,7 @@ fn the_cache_stays_within_its_bound_while_reading_more_than_it_holds() {
     let ws = TempDir::for_test();
     let repo = Repo::new(s3);
     let cache = ws.subdir("cache");
-    let data = repo.push_base(&ws, &cache, random_bytes(24 << 20, 61), &[]);
+    repo.push_base(&ws, &cache, random_bytes(24 << 20, 61), &[]);
     let top = ws.join("top.cow");
     let reader = ws.subdir("reader-cache");
     run(&mut repo.cow(&reader, &["create", p(&top), "--backing", &repo.layer("b")]));
