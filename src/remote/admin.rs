@@ -172,8 +172,15 @@ pub struct GcReport {
     pub unmarked: u64,
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The store's time now: when it wrote a small object this pass writes.
+fn store_now(s: &Store) -> Result<u64> {
+    s.put("gc-clock", Vec::new())?;
+    let t = s.modified("gc-clock")?.ok_or_else(|| err(ErrorKind::Io, "gc-clock: written, then not found"))?;
+    Ok(secs(t))
 }
 
 /// One pass of garbage collection (format-spec §9.7): packs no manifest references are
@@ -187,14 +194,14 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
     // to it. A push that counts on a pack's chunks learned of them before the mark (a push
     // passes over marked packs), so if it takes less than the grace period its manifest is
     // written, and listed here, before the pack can go.
+    //
+    // Times are the store's own (when it wrote each mark, and a clock object written now), so
+    // that hosts whose clocks differ agree on a mark's age; a mark of unknown age never
+    // counts as old.
     let marks: HashMap<String, u64> = s
         .list("gc")?
         .into_iter()
-        .filter_map(|l| l.key.strip_prefix("gc/").map(|k| (k.to_string(), l.key.clone())))
-        .map(|(k, key)| {
-            let t = s.get(&key).ok().and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok()).unwrap_or(0);
-            (k, t)
-        })
+        .filter_map(|l| l.key.strip_prefix("gc/").map(|k| (k.to_string(), secs(l.modified))))
         .collect();
     let packs: Vec<(String, u64)> = s
         .list("packs")?
@@ -206,7 +213,7 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
         .iter()
         .flat_map(|(_, m)| m.entries.iter().filter_map(|e| e.content.map(|c| hex(&c.1.pack))))
         .collect();
-    let now = now_secs();
+    let now = if dry_run { secs(SystemTime::now()) } else { store_now(&s)? };
     r.packs = packs.len() as u64;
     for (name, size) in &packs {
         if referenced.contains(name) {
@@ -220,7 +227,14 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
                     s.put(&format!("gc/{name}"), now.to_string().into_bytes())?;
                 }
             }
-            Some(&t) if now.saturating_sub(t) >= grace.as_secs() => {
+            Some(&t) if t > 0 && now.saturating_sub(t) >= grace.as_secs() => {
+                // The mark must still be there, as old as listed (§9.7): a push that uploads
+                // this pack again removes it first.
+                let still = s.modified(&format!("gc/{name}"))?.map(secs) == Some(t);
+                if !still {
+                    r.waiting += 1;
+                    continue;
+                }
                 r.deleted += 1;
                 r.deleted_bytes += size;
                 if !dry_run {
@@ -242,10 +256,11 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
         }
     }
     // Indexes whose pack is gone (a pass cut off between the two deletes leaves none: the
-    // index goes first; but a pack deleted by hand would).
+    // index goes first; but a pack deleted by hand would). A pack missing from the first
+    // listing may have been uploaded since (its index follows it): asked again, one by one.
     for l in s.list("packs")? {
         if let Some(name) = l.key.strip_prefix("packs/").and_then(|k| k.strip_suffix(".idx")) {
-            if !pack_names.contains(&name.to_string()) && !dry_run {
+            if !pack_names.contains(&name.to_string()) && !dry_run && !s.exists(&format!("packs/{name}"))? {
                 s.delete(&l.key)?;
             }
         }

@@ -25,6 +25,9 @@ const TOUCH_AFTER: Duration = Duration::from_secs(60);
 /// A fill in flight: set to true (and waiters woken) when the fetching thread is done.
 type Fill = (Mutex<bool>, Condvar);
 
+/// Most chunks a process remembers having checked (about 6 MiB of memory).
+const MAX_VERIFIED: usize = 1 << 16;
+
 /// A fill's temporary file older than this was left by a process that died.
 const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -169,7 +172,7 @@ impl Cache {
             let _ = std::fs::remove_file(&p);
             return None;
         }
-        lock(&self.verified).insert(*d, Instant::now());
+        self.mark_verified(d);
         self.hits.fetch_add(1, Ordering::Relaxed);
         if let Ok(m) = std::fs::metadata(&p) {
             if m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > TOUCH_AFTER) {
@@ -177,6 +180,17 @@ impl Cache {
             }
         }
         Some(bytes)
+    }
+
+    /// Notes that this process checked (or wrote) chunk `d`'s file. The set is bounded: past
+    /// [`MAX_VERIFIED`] it starts again, which costs a CRC per file read next, not memory
+    /// growing with everything a long-running server has read.
+    fn mark_verified(&self, d: &Digest) {
+        let mut v = lock(&self.verified);
+        if v.len() >= MAX_VERIFIED {
+            v.clear();
+        }
+        v.insert(*d, Instant::now());
     }
 
     /// Whether the cache has a file for chunk `d` (not checked).
@@ -243,14 +257,22 @@ impl Cache {
             }
             return fetch().inspect(|b| self.keep(d, b));
         }
+        // Waiters are released however this ends, a panic in `fetch` included: otherwise
+        // every later read of the chunk would wait for a fill that never comes.
+        struct Release<'a>(&'a Cache, &'a Digest, &'a Fill);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.inflight).remove(self.1);
+                *lock(&self.2 .0) = true;
+                self.2 .1.notify_all();
+            }
+        }
+        let _release = Release(self, d, &slot);
         let r = fetch();
         if let Ok(b) = &r {
             self.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
             self.keep(d, b);
         }
-        lock(&self.inflight).remove(d);
-        *lock(&slot.0) = true;
-        slot.1.notify_all();
         r
     }
 
@@ -265,12 +287,20 @@ impl Cache {
         if std::fs::create_dir_all(parent).is_err() {
             return;
         }
+        // Named after the chunk and created exclusively: two processes that happen to share a
+        // pid (containers on one cache) and a counter can never write one temporary file, and
+        // so never publish one chunk's bytes under another's name.
         static N: AtomicU64 = AtomicU64::new(0);
-        let tmp = parent.join(format!(".{}-{}.tmp", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let tmp = parent.join(format!(".{}.{}-{}.tmp", hex(d), std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let mut file = Vec::with_capacity(content.len() + 4);
         file.extend_from_slice(content);
         file.extend_from_slice(&crc32fast::hash(content).to_le_bytes());
-        if std::fs::write(&tmp, &file).is_err() {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &file));
+        if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
             return;
         }
@@ -288,7 +318,7 @@ impl Cache {
             *used = Some(now);
             now > self.limit
         };
-        lock(&self.verified).insert(*d, Instant::now());
+        self.mark_verified(d);
         if over {
             let _ = self.evict();
         }

@@ -321,6 +321,7 @@ impl Manifest {
                 if u64::from(loc.length) != m.chunk_len(chunk) {
                     return Err(bad(format!("chunk {chunk}: content length {} is not the chunk's", loc.length)));
                 }
+                check_location(&loc)?;
                 Some((d, loc))
             } else {
                 None
@@ -334,6 +335,22 @@ impl Manifest {
         Ok(m)
     }
 }
+
+/// A record lies within the first [`MAX_PACK`] bytes of its pack, and stores at most what a
+/// chunk holds plus zstd's overhead: so no sum of offsets and lengths a reader makes can
+/// overflow, and no read asks for more than a chunk's worth.
+fn check_location(loc: &Location) -> Result<()> {
+    let end = loc.offset.checked_add(u64::from(loc.stored));
+    if !end.is_some_and(|e| e <= MAX_PACK) || u64::from(loc.stored) > MAX_STORED {
+        return Err(bad(format!("a record at {} of {} bytes lies outside any pack", loc.offset, loc.stored)));
+    }
+    Ok(())
+}
+
+/// The largest pack a reader accepts a record in (push makes them of 1 MiB to 1 GiB).
+pub const MAX_PACK: u64 = 1 << 40;
+/// The most bytes a record may store: a 2 MiB chunk, and zstd's bound for it.
+const MAX_STORED: u64 = (2 << 20) + (64 << 10);
 
 /// The records of one pack (format-spec §9.3).
 pub fn encode_index(records: &[(Digest, Location)]) -> Vec<u8> {
@@ -369,6 +386,7 @@ pub fn decode_index(pack: Digest, b: &[u8]) -> Result<Vec<(Digest, Location)>> {
         let d = r.digest()?;
         let loc =
             Location { pack, offset: r.u64()?, stored: r.u32()?, length: r.u32()?, codec: Codec::from_code(r.u8()?)? };
+        check_location(&loc)?;
         out.push((d, loc));
     }
     r.done()?;
@@ -478,6 +496,14 @@ mod tests {
         assert_eq!(decode_index([8; 32], &encode_index(&recs)).unwrap(), recs);
         assert_eq!(decode_trace(&encode_trace(&[5, 1, 9])).unwrap(), vec![5, 1, 9]);
         assert!(decode_trace(b"junk").is_err());
+    }
+
+    #[test]
+    fn records_outside_any_pack_are_refused() {
+        for (offset, stored) in [(u64::MAX - 3, 10u32), (MAX_PACK, 1), (0, 16 << 20)] {
+            let loc = Location { pack: [8; 32], offset, stored, length: 5, codec: Codec::Stored };
+            assert!(decode_index([8; 32], &encode_index(&[([1; 32], loc)])).is_err(), "{offset} {stored}");
+        }
     }
 
     #[test]

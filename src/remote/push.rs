@@ -78,6 +78,10 @@ enum Local<'a> {
 /// Pushes `image` (a frozen cowdisk layer or a raw file) to `repo`: the layers the repository
 /// lacks below it too with `opts.chain`. Returns what was done per layer, bottom first.
 pub fn push(image: &Path, repo: &RepoUrl, opts: &PushOptions, progress: Progress) -> Result<Vec<Pushed>> {
+    // A bad tag is refused before anything is uploaded.
+    if let Some(t) = &opts.tag {
+        check_tag_name(t)?;
+    }
     let fail = |e: crate::Error| e.during("push");
     let store = store(repo)?;
     let format = crate::chain::create::probe_format(image).map_err(fail)?;
@@ -121,6 +125,15 @@ pub fn push(image: &Path, repo: &RepoUrl, opts: &PushOptions, progress: Progress
                                     ),
                                 )
                                 .with_file(&child),
+                            ));
+                        }
+                        // Opening the chain may have read its manifest from the local cache:
+                        // the repository must still hold it, or the pushed child would stand
+                        // on nothing.
+                        if !store.exists(&format!("layers/{}", hex(&d)))? {
+                            return Err(fail(
+                                err(ErrorKind::ParentMissing, format!("its remote parent {} is gone", r.layer_url(&d)))
+                                    .with_file(&child),
                             ));
                         }
                         below = Some(ParentLayer { digest: d, uuid: p.uuid, size: p.size });
@@ -331,7 +344,11 @@ impl<'a> Uploader<'a> {
         if self.records.is_empty() {
             return Ok(());
         }
-        let bytes = std::mem::take(&mut self.pack);
+        let mut bytes = std::mem::take(&mut self.pack);
+        // 16 random bytes no record covers: a pack is never written twice under one name, so
+        // a pack that gc has marked (and may be deleting) is never this push's (format-spec
+        // §9.2, §9.7), however alike the records.
+        bytes.extend_from_slice(&crate::layer::new_uuid()?);
         let digest = sha256(&bytes);
         let n = self.sealed.len();
         self.sealed.push(digest);

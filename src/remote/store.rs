@@ -286,6 +286,16 @@ impl Store {
         }
     }
 
+    /// When the store last wrote `key` (by its own clock), or `None` if there is no `key`.
+    pub fn modified(&self, key: &str) -> Result<Option<SystemTime>> {
+        let p = self.path(key);
+        match self.block_on(self.inner.head(&p))? {
+            Ok(m) => Ok(Some(SystemTime::from(m.last_modified))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.fail(key, "head", e)),
+        }
+    }
+
     pub fn delete(&self, key: &str) -> Result<()> {
         let p = self.path(key);
         match self.block_on(self.inner.delete(&p))? {

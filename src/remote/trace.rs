@@ -145,7 +145,14 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Manifest) {
                 sc.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(run) = runs.get(i) else { break };
-                    if fetch_run(&repo, run).is_err() {
+                    // fetch_run answers from the cache when the run's first record is there,
+                    // and would then fetch none of the others.
+                    let Ok(cache) = super::shared_cache() else { break };
+                    let run: Vec<_> = run.iter().filter(|(d, _)| !cache.has(d)).copied().collect();
+                    if run.is_empty() {
+                        continue;
+                    }
+                    if fetch_run(&repo, &run).is_err() {
                         break;
                     }
                     PREFETCHED.fetch_add(run.len(), Ordering::Relaxed);

@@ -301,7 +301,7 @@ pub fn trace_cmd(c: TraceCmd) -> Result<(), Failure> {
             } else {
                 say!("{}: {} chunks of {} in first-read order", u.repo.layer_url(&d), t.len(), format_size(cs));
                 for c in &t {
-                    say!("{c:>10}  offset {:#x}", c * cs);
+                    say!("{c:>10}  offset {:#x}", c.saturating_mul(cs));
                 }
             }
             Ok(())
