@@ -43,7 +43,9 @@ fn writes_then(mut c: NbdClient<UnixStream>, stop: impl FnOnce()) -> Vec<u64> {
             break;
         }
         if i == 3 {
-            stop.take().map(|f| f());
+            if let Some(f) = stop.take() {
+                f();
+            }
         }
     }
     let mut acked = Vec::new();
