@@ -114,7 +114,7 @@ pub enum Removed {
 /// A layer is refused while a tag or another layer's manifest names it; its packs stay until
 /// [`gc`] finds them unreferenced.
 pub fn remove(url: &LayerUrl) -> Result<Removed> {
-    let s = store(&url.repo)?;
+    let s = super::batch_store(&url.repo)?;
     match &url.name {
         LayerName::Tag(t) => {
             if !s.exists(&format!("tags/{t}"))? {
@@ -188,7 +188,7 @@ fn store_now(s: &Store) -> Result<u64> {
 /// deleted (index first, so no push learns of chunks in a pack about to go; then the pack;
 /// then the mark). `dry_run` reports without changing anything.
 pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
-    let s = store(repo)?;
+    let s = super::batch_store(repo)?;
     let mut r = GcReport::default();
     // A pack goes only if it was marked at least `grace` ago and no manifest listed now refers
     // to it. A push that counts on a pack's chunks learned of them before the mark (a push

@@ -167,6 +167,20 @@ pub fn store(repo: &RepoUrl) -> Result<Arc<Store>> {
     Ok(s)
 }
 
+/// A store of `repo` for batch work (push, gc, rm), more patient than the one reads use: a
+/// read that waits long holds up a client, which would rather have EIO, but an upload of a
+/// 16 MiB pack to a busy gateway may take tens of seconds (seen on the local RGW with a push
+/// and the benchmark's other uploads at once), and failing it fails the whole push. At least
+/// 60 s per attempt, 5 retries, none started later than 180 s after the first.
+pub fn batch_store(repo: &RepoUrl) -> Result<Arc<Store>> {
+    let c = ctx()?;
+    let mut cfg = c.opts.store.clone();
+    cfg.timeout = cfg.timeout.max(std::time::Duration::from_secs(60));
+    cfg.retry_timeout = cfg.retry_timeout.max(std::time::Duration::from_secs(180));
+    cfg.retries = cfg.retries.max(5);
+    Ok(Arc::new(Store::open(repo, &cfg)?))
+}
+
 /// The process's chunk cache.
 pub fn shared_cache() -> Result<Arc<Cache>> {
     let c = ctx()?;

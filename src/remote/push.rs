@@ -14,7 +14,7 @@ use super::manifest::{
     ParentLayer, RAW_CHUNK_SHIFT,
 };
 use super::store::Store;
-use super::{parent_layer, store, RepoUrl};
+use super::{parent_layer, RepoUrl};
 use crate::chain::{resolve_parent_path, Chain, ChainOptions};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::blocks::BlockState;
@@ -83,7 +83,7 @@ pub fn push(image: &Path, repo: &RepoUrl, opts: &PushOptions, progress: Progress
         check_tag_name(t)?;
     }
     let fail = |e: crate::Error| e.during("push");
-    let store = store(repo)?;
+    let store = super::batch_store(repo)?;
     let format = crate::chain::create::probe_format(image).map_err(fail)?;
     let chain;
     let raw;
