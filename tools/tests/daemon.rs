@@ -438,12 +438,28 @@ fn a_server_killed_with_sigkill_leaves_nothing_behind_once_the_next_one_starts()
     let (disk, other, a_sock, b_sock) = (s(&disk), s(&other), s(&a_sock), s(&b_sock));
     let mut a = Server::start_with_env(&[&disk, "--socket", &a_sock], &env);
     let a_server = format!("server-{}.sock", a.pid());
+    // The control channel may come up just after the NBD socket the start waited for.
+    let ready = |pid: u32| {
+        let n = names();
+        n.contains(&format!("server-{pid}.sock")) && n.iter().any(|n| n.starts_with("image-"))
+    };
+    assert!(wait_until(Duration::from_secs(10), || ready(a.pid())), "{:?}", names());
     let left = names();
-    assert!(left.contains(&a_server) && left.iter().any(|n| n.starts_with("image-")), "{left:?}");
+    assert!(left.contains(&a_server), "{left:?}");
     a.kill9();
     assert_eq!(names(), left, "a killed server removed its files itself");
 
     let b = Server::start_with_env(&[&other, "--socket", &b_sock], &env);
+    // B's control socket comes first, then the sweep, then B's link.
+    let b_server = format!("server-{}.sock", b.pid());
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let n = names();
+            n.len() == 2 && n.contains(&b_server)
+        }),
+        "{:?}",
+        names()
+    );
     let now = names();
     assert_eq!(now.len(), 2, "the dead server's socket and link are still there: {now:?}");
     assert!(now.contains(&format!("server-{}.sock", b.pid())), "{now:?}");
