@@ -49,9 +49,6 @@ pub struct Cache {
     /// fill (checked by its filler), so it holds what was checked until it is gone. A new
     /// process checks again (a crash may have left a bad file).
     verified: Mutex<HashMap<Digest, Instant>>,
-    /// What this process fetched and read, for reports and tests.
-    pub fetched_bytes: AtomicU64,
-    pub hits: AtomicU64,
 }
 
 impl std::fmt::Debug for Cache {
@@ -99,8 +96,6 @@ impl Cache {
             used: Mutex::new(None),
             inflight: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
-            fetched_bytes: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
         };
         Ok(c)
     }
@@ -173,7 +168,6 @@ impl Cache {
             return None;
         }
         self.mark_verified(d);
-        self.hits.fetch_add(1, Ordering::Relaxed);
         if let Ok(m) = std::fs::metadata(&p) {
             if m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > TOUCH_AFTER) {
                 let _ = std::fs::File::options().write(true).open(&p).and_then(|f| f.set_modified(SystemTime::now()));
@@ -223,7 +217,6 @@ impl Cache {
         if touch {
             let _ = std::fs::File::options().write(true).open(&p).and_then(|f| f.set_modified(SystemTime::now()));
         }
-        self.hits.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -270,7 +263,6 @@ impl Cache {
         let _release = Release(self, d, &slot);
         let r = fetch();
         if let Ok(b) = &r {
-            self.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
             self.keep(d, b);
         }
         r

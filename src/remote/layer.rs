@@ -180,7 +180,7 @@ impl RemoteLayer {
         let cache = super::shared_cache()?;
         if !cache.read_verified(d, at as u64, &mut out[..m]) {
             let run = self.run_from(i, &cache);
-            let content = if run.len() > 1 { fetch_run(&self.repo, &run)? } else { fetch_chunk(&self.repo, d, loc)? };
+            let content = fetch_run(&self.repo, &run)?;
             out[..m].copy_from_slice(&content[at..at + m]);
         }
         out[m..].fill(0);
