@@ -3,7 +3,7 @@
 
 use super::manifest::{hex, parse_hex, Digest, LayerKind, Manifest};
 use super::store::Store;
-use super::{fetch_chunk, fetch_manifest, store, LayerName, LayerUrl, RepoUrl};
+use super::{fetch_entry, fetch_manifest, store, LayerName, LayerUrl, RepoUrl};
 use crate::error::{err, ErrorKind, Result};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -285,10 +285,17 @@ pub fn hydrate(repo: &RepoUrl, d: &Digest, parallel: usize, progress: crate::ops
     while let Some(d) = next.take() {
         let m = fetch_manifest(repo, &d)?;
         r.layers += 1;
-        todo.extend(m.entries.iter().filter_map(|e| e.content));
+        let chunks = super::shared_cache()?.layer(&d, &m)?;
+        let m = std::sync::Arc::new(m);
+        todo.extend(
+            m.entries
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| e.content.map(|(_, loc)| (m.clone(), chunks.clone(), i, loc.length))),
+        );
         next = m.parent.map(|p| p.digest);
     }
-    let total: u64 = todo.iter().map(|c| u64::from(c.1.length)).sum();
+    let total: u64 = todo.iter().map(|c| u64::from(c.3)).sum();
     let done = AtomicU64::new(0);
     let at = AtomicUsize::new(0);
     let running = AtomicUsize::new(parallel.max(1));
@@ -298,13 +305,13 @@ pub fn hydrate(repo: &RepoUrl, d: &Digest, parallel: usize, progress: crate::ops
             sc.spawn(|| {
                 loop {
                     let i = at.fetch_add(1, Ordering::Relaxed);
-                    let Some((digest, loc)) = todo.get(i) else { break };
+                    let Some((m, chunks, j, length)) = todo.get(i) else { break };
                     if crate::sync::lock(&failed).is_some() {
                         break;
                     }
-                    match fetch_chunk(repo, digest, loc) {
+                    match fetch_entry(repo, m, chunks, *j, &[]) {
                         Ok(_) => {
-                            done.fetch_add(u64::from(loc.length), Ordering::Relaxed);
+                            done.fetch_add(u64::from(*length), Ordering::Relaxed);
                         }
                         Err(e) => {
                             crate::sync::lock(&failed).get_or_insert(e);
@@ -325,6 +332,7 @@ pub fn hydrate(repo: &RepoUrl, d: &Digest, parallel: usize, progress: crate::ops
     if let Some(e) = crate::sync::lock(&failed).take() {
         return Err(e.during("pull"));
     }
+    super::shared_cache()?.publish_all()?;
     r.chunks = todo.len() as u64;
     r.bytes = total;
     Ok(r)

@@ -4,9 +4,10 @@
 //! layer through the same code as a local file, and every chunk it touches is fetched once,
 //! through the shared cache.
 
+use super::chunks::LayerChunks;
 use super::manifest::{Digest, LayerKind, Manifest};
 use super::trace::Recorder;
-use super::{fetch_chunk, fetch_manifest, fetch_run, parent_layer, read_ahead, RepoUrl};
+use super::{fetch_entry, fetch_manifest, parent_layer, read_ahead, RepoUrl};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::header::{Header, MapExtent, ParentFormat, ParentRef};
 use crate::format::map::{encode_sector, MapEntry};
@@ -18,7 +19,7 @@ use crate::sync::lock;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A remote parent, opened: a cowdisk layer or a raw base.
 pub enum Opened {
@@ -52,7 +53,11 @@ pub fn open_parent(pref: &ParentRef) -> Result<Opened> {
 
 struct RemoteLayer {
     repo: RepoUrl,
-    manifest: Manifest,
+    digest: Digest,
+    manifest: Arc<Manifest>,
+    /// Its chunks in the shared cache, opened at the first read (opening makes files there,
+    /// which `info` or `map` should not).
+    chunks: OnceLock<Arc<LayerChunks>>,
     /// Cowdisk: the header area (both header slots).
     header: Vec<u8>,
     data_start: u64,
@@ -79,10 +84,13 @@ impl std::fmt::Debug for RemoteLayer {
 
 impl RemoteLayer {
     fn new(repo: RepoUrl, digest: Digest, manifest: Manifest) -> Result<RemoteLayer> {
+        let manifest = Arc::new(manifest);
         super::trace::start_prefetch(&repo, &digest, &manifest);
         let mut l = RemoteLayer {
             recorder: super::trace::recorder(&repo, &digest),
             repo,
+            digest,
+            chunks: OnceLock::new(),
             header: Vec::new(),
             data_start: 0,
             slots: Vec::new(),
@@ -159,67 +167,76 @@ impl RemoteLayer {
         Ok(())
     }
 
-    /// Fills `out` from entry `i`'s content at `at` (zeros past its end): from the cache by
-    /// range when this process has checked the chunk's file before, else the whole chunk
-    /// fetched (or read from the cache and checked). A read of the entry after the last one
-    /// read starts fetching the few after it in the background.
+    fn chunks(&self) -> Result<Arc<LayerChunks>> {
+        if let Some(c) = self.chunks.get() {
+            return Ok(c.clone());
+        }
+        let c = super::shared_cache()?.layer(&self.digest, &self.manifest)?;
+        Ok(self.chunks.get_or_init(|| c).clone())
+    }
+
+    /// Fills `out` from entry `i`'s content at `at` (zeros past its end): from the cache, or
+    /// fetched with the records after it (see [`RemoteLayer::run_from`]). A read of the entry
+    /// after the last one read starts fetching the few after it in the background.
     fn read_entry(&self, i: usize, at: usize, out: &mut [u8]) -> Result<()> {
         let e = &self.manifest.entries[i];
-        let Some((d, loc)) = &e.content else {
+        let Some((_, loc)) = &e.content else {
             out.fill(0);
             return Ok(());
         };
         if let Some(r) = &self.recorder {
             lock(r).saw(e.chunk);
         }
+        let chunks = self.chunks()?;
         let prev = self.last.swap(i as u64 + 1, Ordering::Relaxed);
         if prev == i as u64 && i > 0 {
-            self.read_ahead_from(i + 1);
+            self.read_ahead_from(&chunks, i + 1);
         }
         let m = out.len().min((loc.length as usize).saturating_sub(at));
-        let cache = super::shared_cache()?;
-        if !cache.read_verified(d, at as u64, &mut out[..m]) {
-            let run = self.run_from(i, &cache);
-            let content = fetch_run(&self.repo, &run)?;
+        if !chunks.read(i, at, &mut out[..m]) {
+            let content = fetch_entry(&self.repo, &self.manifest, &chunks, i, &self.followers(i))?;
             out[..m].copy_from_slice(&content[at..at + m]);
         }
         out[m..].fill(0);
         Ok(())
     }
 
-    /// What one ranged GET fetches for a read of entry `i` that missed: its record and those
-    /// after it in its pack that the cache lacks, up to `fetch_window()` stored bytes.
-    fn run_from(&self, i: usize, cache: &super::cache::Cache) -> Vec<(Digest, super::manifest::Location)> {
+    /// The entries whose records follow entry `i`'s in its pack, one after the other, up to
+    /// `fetch_window()` stored bytes with `i`'s: what one ranged GET can bring along for a
+    /// read of `i` that missed (those kept already, or being fetched, cut the run short).
+    fn followers(&self, i: usize) -> Vec<usize> {
         let window = super::fetch_window();
         let mut run = Vec::new();
-        let Some(first) = self.manifest.entries.get(i).and_then(|e| e.content) else { return run };
-        run.push(first);
-        let mut end = first.1.offset + u64::from(first.1.stored);
-        let mut total = u64::from(first.1.stored);
-        for e in self.manifest.entries.iter().skip(i + 1).take(64) {
+        let Some((_, first)) = self.manifest.entries.get(i).and_then(|e| e.content) else { return run };
+        let mut end = first.offset + u64::from(first.stored);
+        let mut total = u64::from(first.stored);
+        for (j, e) in self.manifest.entries.iter().enumerate().skip(i + 1).take(64) {
             // Chunks without content have no record: the next record may still follow on.
-            let Some((d, loc)) = e.content else { continue };
-            if loc.pack != first.1.pack || loc.offset != end || total + u64::from(loc.stored) > window || cache.has(&d)
-            {
+            let Some((_, loc)) = e.content else { continue };
+            if loc.pack != first.pack || loc.offset != end || total + u64::from(loc.stored) > window {
                 break;
             }
             end += u64::from(loc.stored);
             total += u64::from(loc.stored);
-            run.push((d, loc));
+            run.push(j);
         }
         run
     }
 
-    fn read_ahead_from(&self, first: usize) {
+    fn read_ahead_from(&self, chunks: &Arc<LayerChunks>, first: usize) {
         let n = read_ahead();
         if n == 0 || self.reading_ahead.swap(true, Ordering::AcqRel) {
             return;
         }
-        let todo: Vec<_> = self.manifest.entries.iter().skip(first).filter_map(|e| e.content).take(n).collect();
-        let (repo, busy) = (self.repo.clone(), self.reading_ahead.clone());
+        let todo: Vec<usize> = (first..self.manifest.entries.len())
+            .filter(|&j| self.manifest.entries[j].content.is_some())
+            .take(n)
+            .collect();
+        let (repo, busy, chunks, m) =
+            (self.repo.clone(), self.reading_ahead.clone(), chunks.clone(), self.manifest.clone());
         std::thread::spawn(move || {
-            for (d, loc) in todo {
-                if fetch_chunk(&repo, &d, &loc).is_err() {
+            for j in todo {
+                if fetch_entry(&repo, &m, &chunks, j, &[]).is_err() {
                     break;
                 }
             }

@@ -6,6 +6,8 @@
 
 pub mod admin;
 pub mod cache;
+mod chunks;
+mod coalesce;
 mod layer;
 pub mod manifest;
 pub mod push;
@@ -17,6 +19,7 @@ pub use layer::{open_parent, Opened};
 use crate::error::{err, ErrorKind, Result};
 use crate::sync::lock;
 use cache::Cache;
+use chunks::LayerChunks;
 use manifest::{hex, parse_hex, sha256, Codec, Digest, Location, Manifest};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -188,7 +191,28 @@ pub fn shared_cache() -> Result<Arc<Cache>> {
         return Ok(cache.clone());
     }
     let cache = Arc::new(Cache::open(&c.opts.cache_dir, c.opts.cache_size)?);
-    Ok(c.cache.get_or_init(|| cache).clone())
+    let mut started = false;
+    let cache = c
+        .cache
+        .get_or_init(|| {
+            started = true;
+            cache
+        })
+        .clone();
+    if started {
+        cache.start_publisher();
+    }
+    Ok(cache)
+}
+
+/// Publishes the fills this process has not published yet (a process calls this before it
+/// exits; fills still pending at a crash are simply fetched again).
+pub fn publish_cache() -> Result<()> {
+    let Some(c) = crate::sync::read(context()).clone() else { return Ok(()) };
+    match c.cache.get() {
+        Some(cache) => cache.publish_all(),
+        None => Ok(()),
+    }
 }
 
 /// Most stored bytes one ranged GET fetches for a read that misses the cache: the record
@@ -278,41 +302,47 @@ pub fn parent_layer(pref_path: &[u8]) -> Result<(RepoUrl, Digest)> {
     }
 }
 
-/// The content of one chunk: from the cache, or fetched from its pack, decompressed and
-/// checked against its digest (content that does not match is an error, never data).
-pub fn fetch_chunk(repo: &RepoUrl, digest: &Digest, loc: &Location) -> Result<Vec<u8>> {
-    fetch_run(repo, &[(*digest, *loc)])
+/// Entry `i` of layer `m` (whose chunks in the cache are `chunks`): from the cache, or fetched
+/// with those of `followers` that one ranged GET can bring along (see
+/// [`LayerChunks::get_or_fetch`]).
+pub(crate) fn fetch_entry(
+    repo: &RepoUrl,
+    m: &Manifest,
+    chunks: &LayerChunks,
+    i: usize,
+    followers: &[usize],
+) -> Result<Arc<Vec<u8>>> {
+    chunks.get_or_fetch(&*shared_cache()?, i, followers, |run| {
+        let records: Vec<_> =
+            run.iter().filter_map(|&j| m.entries.get(j).and_then(|e| e.content).map(|(d, loc)| (j, d, loc))).collect();
+        fetch_records(repo, &records)
+    })
 }
 
-/// The content of the first chunk of `run`, records that lie one after the other in one pack:
-/// from the cache, or fetched with the others in one ranged GET. Every record fetched is
-/// checked and kept in the cache; only the first one's failure is an error (the others are
-/// an economy: a bad one is simply not kept).
-pub fn fetch_run(repo: &RepoUrl, run: &[(Digest, Location)]) -> Result<Vec<u8>> {
-    let Some((first, floc)) = run.first() else {
+/// The content of records `run` (entry number, digest, location), which lie one after the
+/// other in one pack, fetched with one ranged GET and each checked. Only the first record's
+/// failure is an error (the others are an economy: a bad one is left out).
+pub(crate) fn fetch_records(repo: &RepoUrl, run: &[(usize, Digest, Location)]) -> Result<Vec<(usize, Vec<u8>)>> {
+    let Some((_, _, floc)) = run.first() else {
         return Err(err(ErrorKind::InvalidArgument, "no chunk to fetch"));
     };
-    let cache = shared_cache()?;
-    cache.get_or_fetch(first, || {
-        let s = store(repo)?;
-        let key = format!("packs/{}", hex(&floc.pack));
-        let end = run.last().map_or(floc.offset + u64::from(floc.stored), |(_, l)| l.offset + u64::from(l.stored));
-        let bytes = s.get_range(&key, floc.offset..end)?;
-        let mut out = Err(err(ErrorKind::Io, "no record"));
-        for (k, (d, loc)) in run.iter().enumerate() {
-            let at = (loc.offset - floc.offset) as usize;
-            let stored = bytes.get(at..at + loc.stored as usize).ok_or_else(|| {
-                err(ErrorKind::Truncated, format!("{repo}/{key}: a record lies past the range fetched"))
-            });
-            let content = stored.and_then(|b| decode_record(repo, &key, d, loc, b));
-            if k == 0 {
-                out = content;
-            } else if let Ok(c) = content {
-                cache.keep(d, &c);
-            }
+    let s = store(repo)?;
+    let key = format!("packs/{}", hex(&floc.pack));
+    let end = run.last().map_or(floc.offset + u64::from(floc.stored), |(_, _, l)| l.offset + u64::from(l.stored));
+    let bytes = s.get_range(&key, floc.offset..end)?;
+    let mut out = Vec::with_capacity(run.len());
+    for (k, (i, d, loc)) in run.iter().enumerate() {
+        let at = (loc.offset - floc.offset) as usize;
+        let stored = bytes
+            .get(at..at + loc.stored as usize)
+            .ok_or_else(|| err(ErrorKind::Truncated, format!("{repo}/{key}: a record lies past the range fetched")));
+        match stored.and_then(|b| decode_record(repo, &key, d, loc, b)) {
+            Ok(c) => out.push((*i, c)),
+            Err(e) if k == 0 => return Err(e),
+            Err(_) => {}
         }
-        out
-    })
+    }
+    Ok(out)
 }
 
 /// A record's content: decompressed and checked against its digest.

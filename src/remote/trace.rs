@@ -6,7 +6,7 @@
 //! `info` or `check` never records or prefetches.
 
 use super::manifest::{decode_trace, encode_trace, hex, Digest, Location, Manifest};
-use super::{fetch_run, store, RepoUrl};
+use super::{fetch_entry, store, RepoUrl};
 use crate::error::{ErrorKind, Result};
 use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
@@ -100,22 +100,25 @@ const GAP: u64 = 64 << 10;
 /// The traced records in trace order, grouped into runs that one ranged GET each fetches:
 /// a record joins the run before it if it lies after that run's end in the same pack, at most
 /// [`GAP`] bytes on, and the run stays within `window` bytes.
-fn runs_of(todo: &[(Digest, Location)], window: u64) -> Vec<Vec<(Digest, Location)>> {
-    let mut runs: Vec<Vec<(Digest, Location)>> = Vec::new();
-    for &(d, loc) in todo {
+/// An entry of a manifest with content: its number, digest and record.
+type Entry = (usize, Digest, Location);
+
+fn runs_of(todo: &[Entry], window: u64) -> Vec<Vec<Entry>> {
+    let mut runs: Vec<Vec<Entry>> = Vec::new();
+    for &(i, d, loc) in todo {
         if let Some(run) = runs.last_mut() {
-            let (first, last) = (run[0].1, run[run.len() - 1].1);
+            let (first, last) = (run[0].2, run[run.len() - 1].2);
             let end = last.offset + u64::from(last.stored);
             if loc.pack == first.pack
                 && loc.offset >= end
                 && loc.offset - end <= GAP
                 && loc.offset + u64::from(loc.stored) - first.offset <= window
             {
-                run.push((d, loc));
+                run.push((i, d, loc));
                 continue;
             }
         }
-        runs.push(vec![(d, loc)]);
+        runs.push(vec![(i, d, loc)]);
     }
     runs
 }
@@ -127,17 +130,20 @@ const PREFETCH_THREADS: usize = 4;
 /// trace order in the background, a few at a time. Reads asking for a chunk being fetched
 /// wait for that fetch (the cache coalesces them). Errors end the prefetch quietly: a read
 /// that needs the chunk fetches it itself and reports what goes wrong.
-pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Manifest) {
+pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Arc<Manifest>) {
     if !PREFETCH.load(Ordering::Relaxed) {
         return;
     }
-    let by_chunk: HashMap<u64, usize> = m.entries.iter().enumerate().map(|(i, e)| (e.chunk, i)).collect();
-    let entries: Vec<_> = m.entries.iter().map(|e| e.content).collect();
-    let (repo, d) = (repo.clone(), *d);
+    let Ok(chunks) = super::shared_cache().and_then(|c| c.layer(d, m)) else { return };
+    let (repo, d, m) = (repo.clone(), *d, m.clone());
     std::thread::spawn(move || {
         let Ok(Some(trace)) = fetch_trace(&repo, &d) else { return };
-        let todo: Vec<_> =
-            trace.iter().filter_map(|c| by_chunk.get(c)).filter_map(|&i| entries.get(i).copied().flatten()).collect();
+        let by_chunk: HashMap<u64, usize> = m.entries.iter().enumerate().map(|(i, e)| (e.chunk, i)).collect();
+        let todo: Vec<Entry> = trace
+            .iter()
+            .filter_map(|c| by_chunk.get(c))
+            .filter_map(|&i| m.entries.get(i).and_then(|e| e.content).map(|(d, loc)| (i, d, loc)))
+            .collect();
         let runs = runs_of(&todo, super::fetch_window());
         let next = AtomicUsize::new(0);
         std::thread::scope(|sc| {
@@ -145,14 +151,11 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Manifest) {
                 sc.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(run) = runs.get(i) else { break };
-                    // fetch_run answers from the cache when the run's first record is there,
+                    // A fetch answers from the cache when the run's first record is there,
                     // and would then fetch none of the others.
-                    let Ok(cache) = super::shared_cache() else { break };
-                    let run: Vec<_> = run.iter().filter(|(d, _)| !cache.has(d)).copied().collect();
-                    if run.is_empty() {
-                        continue;
-                    }
-                    if fetch_run(&repo, &run).is_err() {
+                    let run: Vec<usize> = run.iter().map(|e| e.0).filter(|&j| !chunks.has(j)).collect();
+                    let Some((&first, followers)) = run.split_first() else { continue };
+                    if fetch_entry(&repo, &m, &chunks, first, followers).is_err() {
                         break;
                     }
                     PREFETCHED.fetch_add(run.len(), Ordering::Relaxed);

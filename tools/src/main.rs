@@ -317,7 +317,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
-    match run(cli) {
+    let result = run(cli);
+    // Chunks fetched in the last moments are kept for the next process (a failure here only
+    // costs that process a fetch).
+    let _ = cowdisk::remote::publish_cache();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(msg, code)) => {
             if !msg.is_empty() {

@@ -101,22 +101,25 @@ fn failure(out: &Output) -> String {
     err
 }
 
+/// The bytes the files under `dir` take on disk (allocated blocks: the cache's chunk files are
+/// sparse).
 fn du(dir: &Path) -> u64 {
     du_of(dir, |_| true)
 }
 
-/// The bytes of the files in the cache `dir` named by a digest: what its bound is about (a
-/// fill still being written, or cut off when its process exited, has a temporary name).
+/// What the cache in `dir` holds that its bound is about: every file but its lock file and a
+/// fill's temporary file (still being written, or cut off when its process exited).
 fn cached_bytes(dir: &Path) -> u64 {
-    du_of(dir, |name| name.len() == 64)
+    du_of(dir, |name| name != ".lock" && !name.ends_with(".tmp"))
 }
 
 fn du_of(dir: &Path, counted: fn(&str) -> bool) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
     rd.flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => du_of(&e.path(), counted),
-            Ok(_) if counted(&e.file_name().to_string_lossy()) => e.metadata().map_or(0, |m| m.len()),
+            Ok(_) if counted(&e.file_name().to_string_lossy()) => e.metadata().map_or(0, |m| m.blocks() * 512),
             _ => 0,
         })
         .sum()
@@ -623,24 +626,16 @@ fn a_stopped_gateway_gives_eio_then_reads_resume_without_a_restart() {
     server.stop();
 }
 
-/// The chunk files (not manifests, which are smaller) in a cache directory.
+/// The chunks a cache directory holds: the records of its layers' index files (format-spec
+/// §9.5, informative: a 64-byte header, then 32-byte records whose first 8 bytes, the tag, are
+/// 0 for a chunk not held).
 fn cached_chunks(dir: &Path) -> usize {
-    fn walk(p: &Path, n: &mut usize) {
-        let Ok(rd) = std::fs::read_dir(p) else { return };
-        for e in rd.flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => walk(&e.path(), n),
-                // Named by digest (a fill in progress has another name); content and a 4-byte CRC.
-                Ok(_) if e.file_name().len() == 64 && e.metadata().is_ok_and(|m| m.len() == CHUNK as u64 + 4) => {
-                    *n += 1
-                }
-                _ => {}
-            }
-        }
-    }
-    let mut n = 0;
-    walk(dir, &mut n);
-    n
+    let Ok(rd) = std::fs::read_dir(dir.join("layers")) else { return 0 };
+    rd.flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "index"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .map(|b| b.get(64..).unwrap_or_default().chunks_exact(32).filter(|r| r[..8] != [0u8; 8]).count())
+        .sum()
 }
 
 #[test]
