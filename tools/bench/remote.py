@@ -50,11 +50,12 @@ def sh(*args, **kw):
 
 
 def du_bytes(d):
+    """The bytes the files under `d` take on disk (the cache's chunk files are sparse)."""
     total = 0
     for root, _, files in os.walk(d):
         for f in files:
             try:
-                total += os.path.getsize(os.path.join(root, f))
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
             except OSError:
                 pass
     return total
