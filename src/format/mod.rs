@@ -31,7 +31,7 @@ pub const DEFAULT_CHUNK_SHIFT: u32 = 16;
 pub const SIZE_ALIGN: u64 = 512;
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 60;
 /// Most images in one chain, counting the top and a raw base.
-pub const MAX_CHAIN_DEPTH: usize = 64;
+pub const MAX_CHAIN_DEPTH: usize = 256;
 pub const MAX_PARENT_PATH: usize = 2048;
 pub const MAX_MAP_EXTENTS: usize = 64;
 /// The smallest map extent; later extents double the map's size (spec §4.3).

@@ -110,7 +110,7 @@ fn fio_random_writes_with_verify_on_two_connections_survive_twenty_live_snapshot
     // Snapshots while fio writes: spaced out over its run, at least twenty of them.
     let mut pauses = Vec::new();
     let mut during = 0;
-    // (At most 40: the chain may not grow past 64 images.)
+    // (At most 40, to bound the test's time.)
     while (!fio.is_finished() || pauses.len() < 20) && pauses.len() < 40 {
         let running = !fio.is_finished();
         pauses.push(live.snapshot(&format!("s{:02}.cow", pauses.len())));
