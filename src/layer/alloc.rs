@@ -109,6 +109,20 @@ impl Allocator {
         }
     }
 
+    /// Takes the free ranges out, so that none is handed out until [`Allocator::add_free`]
+    /// gives them back (space still to be punched before reuse); new slots meanwhile come from
+    /// fresh space at the end.
+    pub fn take_free(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.free)
+    }
+
+    /// Gives back ranges taken by [`Allocator::take_free`].
+    pub fn add_free(&mut self, ranges: &[(u64, u64)]) {
+        for &(s, e) in ranges {
+            self.insert_free(s, e);
+        }
+    }
+
     fn insert_free(&mut self, s: u64, e: u64) {
         let i = self.free.partition_point(|r| r.1 < s);
         // Merge with neighbours that touch [s, e).

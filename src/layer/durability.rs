@@ -71,9 +71,14 @@ impl Image {
         match res {
             Ok(()) => {
                 if !released.is_empty() {
-                    let _drain = write(&self.reclaim);
                     // Released space is punched before anyone can reuse it (with data checksums
                     // this is the first moment it may be: the old map no longer points there).
+                    // Only I/O planned before the release can still reach it, and such I/O
+                    // holds the reclaim lock shared from its plan to its end: taking the lock
+                    // once waits for it to end. No later plan names the space (the map does
+                    // not, and the allocator hands it out only below), so the punches need no
+                    // lock, and readers do not wait for them.
+                    drop(write(&self.reclaim));
                     for &off in &released {
                         self.storage.punch(off, self.geom.chunk_size()).map_err(|e| e.with_file(&self.path))?;
                     }
@@ -185,21 +190,31 @@ impl Image {
         self.require_writable()?;
         let ctx = |e: Error| e.with_file(&self.path).during("replace map");
         let _f = lock(&self.flush_lock);
-        let _drain = write(&self.reclaim);
-        let mut guard = write(&self.state);
-        let st = &mut *guard;
-        let old_map = std::mem::replace(&mut st.map, prepared.map);
-        if let Err(e) = self.write_header(st, |_| {}) {
-            st.map = old_map;
-            return Err(ctx(e));
-        }
+        // The switch itself, under the locks readers and writers need, is memory and one header
+        // write; its sync and the punches of what only the old map used run without them.
+        // Taking the reclaim lock waits for I/O planned against the old map; plans made after
+        // it use the new one. The space only the old map used is kept out of the allocator
+        // until it is punched (fresh space at the end serves new slots meanwhile).
+        let freed = {
+            let _drain = write(&self.reclaim);
+            let mut guard = write(&self.state);
+            let st = &mut *guard;
+            let old_map = std::mem::replace(&mut st.map, prepared.map);
+            if let Err(e) = self.write_header(st, |_| {}) {
+                st.map = old_map;
+                return Err(ctx(e));
+            }
+            let file_len = self.storage.len().map_err(ctx)?;
+            st.alloc =
+                Allocator::rebuild(self.geom.chunk_size(), self.geom.data_start(), file_len, st.map.used_ranges())
+                    .map_err(ctx)?;
+            st.alloc.take_free()
+        };
         self.sync_or_poison().map_err(ctx)?;
-        let file_len = self.storage.len().map_err(ctx)?;
-        st.alloc = Allocator::rebuild(self.geom.chunk_size(), self.geom.data_start(), file_len, st.map.used_ranges())
-            .map_err(ctx)?;
-        for &(s, e) in st.alloc.free_ranges() {
+        for &(s, e) in &freed {
             self.storage.punch(s, e - s).map_err(ctx)?;
         }
+        write(&self.state).alloc.add_free(&freed);
         Ok(())
     }
 
