@@ -289,6 +289,7 @@ def fio(srv, name, opts, runtime_cap):
         p99 = [j[d].get("clat_ns", {}).get("percentile", {}).get("99.000000") for j in jobs]
         p99 = [p for p in p99 if p]
         r[d + "_p99_us"] = max(p99) / 1000 if p99 else None
+    r["requests"] = sum(j[d].get("total_ios", 0) for j in jobs for d in ("read", "write", "trim", "sync"))
     r["runtime_s"] = max(j["job_runtime"] for j in jobs) / 1000
     return r
 
@@ -469,9 +470,107 @@ def job_randread4(peer):
     record("randread4", peer, r)
 
 
+
+def job_syncwrite(peer):
+    """4K random first writes at queue depth 1, each followed by a FLUSH (what a database or a
+    journaling file system asks for): fio's random map writes each block at most once."""
+    img = fresh_image(peer, "sy")
+    with served(peer, img) as s:
+        r = fio(s, "syncwrite", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1", "--time_based",
+                                 f"--runtime={ARGS.runtime}"], ARGS.runtime)
+    remove(img)
+    r.update(value=r["write_iops"], unit="IOPS")
+    record("syncwrite", peer, r)
+
+
+def job_syncrewrite(peer):
+    """As job_syncwrite, over blocks already written (in the overlay, or the raw copy)."""
+    img = fresh_image(peer, "sr2")
+    region = min(ARGS.size_bytes, 256 * MiB)
+    with served(peer, img) as s:
+        fio(s, "prewrite", ["--rw=write", "--bs=1M", "--iodepth=4", f"--size={region}", "--fsync_on_close=1"], 600)
+        r = fio(s, "syncrewrite", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1", f"--size={region}",
+                                   "--time_based", f"--runtime={ARGS.runtime}", "--norandommap", "--randrepeat=0"],
+                ARGS.runtime)
+    remove(img)
+    r.update(value=r["write_iops"], unit="IOPS")
+    record("syncrewrite", peer, r)
+
+
+MIXED_PEERS = ["cowdisk", "nbdkit"]
+# The writers' load is fixed (requests per second), so that every peer serves the same work
+# beside the readers: a faster writer would otherwise take more of the machine from them.
+MIXED_WRITE_IOPS = 1000
+
+
+def mixed_jobfile(uri, writers):
+    """fio job file: 2 connections of 4K random reads (QD4), and if `writers`, 2 more: 4K
+    random writes and 4K random trims, each QD4 at MIXED_WRITE_IOPS, a FLUSH every 8."""
+    text = f"""[global]
+ioengine=nbd
+uri={uri}
+time_based
+runtime={ARGS.runtime}
+bs=4k
+norandommap
+randrepeat=0
+group_reporting
+
+[readers]
+rw=randread
+numjobs=2
+iodepth=4
+"""
+    if writers:
+        for name, rw in (("writers", "randwrite"), ("trimmers", "randtrim")):
+            text += f"""
+[{name}]
+{'new_group' if name == 'writers' else ''}
+rw={rw}
+fsync=8
+rate_iops={MIXED_WRITE_IOPS}
+iodepth=4
+"""
+    return text
+
+
+def job_mixed(peer):
+    """Reads beside writers: read latency of 2 reading connections alone, then with 2 more
+    writing, trimming and flushing, on the same fresh image."""
+    for writers in (False, True):
+        img = fresh_image(peer, "mx")
+        with served(peer, img) as s:
+            jf = SCRATCH / "mixed.fio"
+            jf.write_text(mixed_jobfile(s.uri, writers))
+            out = SCRATCH / "mixed.json"
+            run(["sync"], quiet=True)
+            cpu0 = s.cpu_seconds()
+            run(["fio", jf, "--output-format=json", f"--output={out}"], timeout=ARGS.runtime + 300)
+            cpu1 = s.cpu_seconds()
+            data = json.loads(out.read_text())
+        remove(img, out)
+        groups = data.get("jobs") or []
+        readers = [g for g in groups if g["read"]["iops"] > 0]
+        if not readers:
+            raise BenchError(f"mixed load against {peer}: no reads reported")
+        rd = readers[0]["read"]
+        pct = rd["clat_ns"]["percentile"]
+        r = {"read_iops": rd["iops"], "p50_us": pct["50.000000"] / 1000, "p99_us": pct["99.000000"] / 1000,
+             "server_cpu_s": cpu1 - cpu0, "read_bytes": rd["io_bytes"], "write_bytes": 0,
+             "requests": sum(g[d].get("total_ios", 0) for g in groups for d in ("read", "write", "trim", "sync"))}
+        for g in groups:
+            if g is not readers[0]:
+                r["write_iops"] = g["write"]["iops"]
+                r["trim_iops"] = g["trim"]["iops"]
+                r["write_bytes"] = g["write"]["io_bytes"]
+        r.update(value=r["p99_us"], unit="µs p99")
+        record("mixed" if writers else "mixed-alone", peer, r)
+
+
 # 16-deep vs 1-deep chains ------------------------------------------------------------------------
 
 CHAINS = {}  # (peer, depth) -> top image
+DEEP = 256
 
 
 def layer_write(srv, layer):
@@ -531,12 +630,55 @@ def build_chains():
     run(["sync"])
 
 
+def deep_layer_write(srv, layer):
+    """One layer of the deep chain: 1/16 of layer_write's blocks, so that DEEP layers hold
+    about what 16 layers of layer_write hold."""
+    n = max(1, ARGS.size_bytes // 4096 // 100 // 16)
+    fio(srv, f"deep{layer}", ["--rw=randwrite", "--bs=4k", "--iodepth=16", f"--number_ios={n}",
+                              f"--randseed={5000 + layer}", f"--buffer_pattern=0x{layer % 256:02x}d00d"], 600)
+
+
+def build_deep_chain():
+    """A cowdisk chain of DEEP images (the top, DEEP - 2 frozen layers, the raw base), built as
+    a user builds one: one server, writes, and `cowdisk snapshot` of the served image after each
+    batch (live, through the server); and a 1-deep overlay holding the same write batches."""
+    log(f"building a {DEEP}-image cowdisk chain and a 1-deep overlay with the same data")
+    d = SCRATCH / "deep"
+    d.mkdir()
+    top = d / "top.cow"
+    run([ARGS.cowdisk, "create", top, "--backing", BASE])
+    with served("cowdisk", top) as s:
+        for layer in range(1, DEEP - 1):
+            deep_layer_write(s, layer)
+            run([ARGS.cowdisk, "snapshot", top, d / f"l{layer:03d}.cow"], quiet=True)
+        deep_layer_write(s, DEEP - 1)
+    info = json.loads(run([ARGS.cowdisk, "info", "--json", top], quiet=True).stdout)
+    if len(info["layers"]) != DEEP:
+        raise BenchError(f"the deep chain has {len(info['layers'])} images, expected {DEEP}")
+    CHAINS[("cowdisk", DEEP)] = top
+    flat = d / "flat.cow"
+    run([ARGS.cowdisk, "create", flat, "--backing", BASE])
+    with served("cowdisk", flat) as s:
+        for layer in range(1, DEEP):
+            deep_layer_write(s, layer)
+    CHAINS[("cowdisk", "1x")] = flat
+    run(["sync"])
+
+
+def op_open_deep(rep):
+    """Opening the deep chain: `cowdisk info --json` (every layer's header and map read, the
+    chain checked), and a server's time to answer."""
+    t, rss, el, p = time_v([ARGS.cowdisk, "info", "--json", CHAINS[("cowdisk", DEEP)]])
+    json.loads(p.stdout)
+    record("open-deep", "cowdisk", {"value": t * 1000, "unit": "ms", "rss_kib": rss, "time_elapsed": el})
+
+
 def job_chain(peer, depth):
     with served(peer, CHAINS[(peer, depth)]) as s:
         r = fio(s, f"chain{depth}", rand_read_opts(), ARGS.runtime)
         r["hwm_kib"] = s.status_field("VmHWM")
     r.update(value=r["read_iops"], unit="IOPS")
-    record(f"chain{depth}", peer, r)
+    record(f"chain{'-deep' if depth == DEEP else depth}", peer, r)
 
 
 # Image operations ---------------------------------------------------------------------------------
@@ -640,6 +782,18 @@ def med(job, peer, key="value"):
     return statistics.median(vals) if vals else None
 
 
+def spread(job, peer, key="value"):
+    """The median of a job's repetitions, with their minimum and maximum when there are several."""
+    runs = RESULTS.get(job, {}).get(peer) or []
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    if not vals:
+        return "—"
+    m = statistics.median(vals)
+    if len(vals) == 1:
+        return fmt_num(m)
+    return f"{fmt_num(m)} ({fmt_num(min(vals))}–{fmt_num(max(vals))})"
+
+
 def fmt_num(v, unit=""):
     if v is None:
         return "—"
@@ -706,7 +860,7 @@ def build_tables():
             res = verdict([(ge(rn, 0.9), f"{fmt_num(rn, 'x')} nbdkit")])
         else:
             res = ""
-        rows.append([title, unit] + [fmt_num(v[p]) for p in PEERS] +
+        rows.append([title, unit] + [spread(job, p) for p in PEERS] +
                     [fmt_num(rq, "x"), fmt_num(re2, "x"), fmt_num(rn, "x"), targets.get(job, "—"), res])
         if job == "firstwrite":
             g = {p: med(job, p, "growth_ratio") for p in PEERS}
@@ -744,6 +898,46 @@ def build_tables():
     rc, rq = ratio(c16["cowdisk"], c1["cowdisk"]), ratio(c16["qcow2"], c1["qcow2"])
     rows.append(["6c. 16-deep ÷ 1-deep", "ratio", fmt_num(rc, "x"), fmt_num(rq, "x"), "—", "—", "—", "—", "—",
                  "≥0.95× (cowdisk)", verdict([(ge(rc, 0.95), fmt_num(rc, "x"))])])
+    rows.append([f"6d. 4K random read, QD16, {DEEP}-image chain (cowdisk: top, {DEEP - 2} frozen layers, base)", "IOPS",
+                 spread("chain-deep", "cowdisk"), "—", "—", "—", "—", "—", "—", "—", ""])
+    rows.append(["6e. 4K random read, QD16, 1-deep overlay with the same data", "IOPS", spread("chain1x", "cowdisk"),
+                 "—", "—", "—", "—", "—", "—", "—", ""])
+    rd = ratio(med("chain-deep", "cowdisk"), med("chain1x", "cowdisk"))
+    rows.append([f"6f. {DEEP}-deep ÷ 1-deep", "ratio", fmt_num(rd, "x"), "—", "—", "—", "—", "—", "—", "≥0.95×",
+                 verdict([(ge(rd, 0.95), fmt_num(rd, "x"))])])
+    hd, h1 = med("chain-deep", "cowdisk", "hwm_kib"), med("chain1x", "cowdisk", "hwm_kib")
+    rh = ratio(hd, h1)
+    rows.append([f"6g. server peak RSS (VmHWM), {DEEP}-deep ÷ 1-deep (same data)", "ratio",
+                 f"{fmt_num(rh, 'x')} ({fmt_num(hd / 1024 if hd else None)} / {fmt_num(h1 / 1024 if h1 else None)} MiB)",
+                 "—", "—", "—", "—", "—", "—", "memory follows data, not depth", verdict([(le(rh, 1.5), fmt_num(rh, "x"))])])
+    # durable writes
+    for job, title, lim in (("syncwrite", "8a. 4K random first write, FLUSH after each, QD1 (fresh overlay)", 0.9),
+                            ("syncrewrite", "8b. 4K random rewrite, FLUSH after each, QD1 (blocks already written)", 0.95)):
+        v = {p: med(job, p) for p in PEERS}
+        rq, re2, rn = ratio(v["cowdisk"], v["qcow2"]), ratio(v["cowdisk"], v["qcow2-el2"]), ratio(v["cowdisk"], v["nbdkit"])
+        rows.append([title, "IOPS"] + [spread(job, p) for p in PEERS] +
+                    [fmt_num(rq, "x"), fmt_num(re2, "x"), fmt_num(rn, "x"), f"≥{lim}× nbdkit",
+                     verdict([(ge(rn, lim), f"{fmt_num(rn, 'x')} nbdkit")])])
+    # reads beside writers
+    alone = {p: med("mixed-alone", p) for p in MIXED_PEERS}
+    under = {p: med("mixed", p) for p in MIXED_PEERS}
+    dash = ["—", "—"]
+    rows.append(["9a. read p99 latency, 2 connections of 4K random reads (QD4), alone", "µs",
+                 spread("mixed-alone", "cowdisk")] + dash + [spread("mixed-alone", "nbdkit")] + dash +
+                [fmt_num(ratio(alone["cowdisk"], alone["nbdkit"]), "x"), "—", ""])
+    rn = ratio(under["cowdisk"], under["nbdkit"])
+    rows.append([f"9b. the same, beside 2 connections writing and trimming 4K ({MIXED_WRITE_IOPS} IOPS each, FLUSH "
+                 "every 8)", "µs", spread("mixed", "cowdisk")] + dash + [spread("mixed", "nbdkit")] + dash +
+                [fmt_num(rn, "x"), "≤ nbdkit's", verdict([(le(rn, 1.0), fmt_num(rn, "x") + " nbdkit")])])
+    own = {p: ratio(under[p], alone[p]) for p in MIXED_PEERS}
+    rows.append(["9c. read p99 beside writers ÷ alone", "ratio", fmt_num(own["cowdisk"], "x")] + dash +
+                [fmt_num(own["nbdkit"], "x")] + dash + ["—", "≤2× (cowdisk)",
+                                                        verdict([(le(own["cowdisk"], 2.0), fmt_num(own["cowdisk"], "x"))])])
+    for key, sub, what in (("p50_us", "9d", "read p50 latency beside writers (alone)"),
+                           ("read_iops", "9e", "read IOPS beside writers (alone)")):
+        cells = {p: f"{spread('mixed', p, key)} ({fmt_num(med('mixed-alone', p, key))})" for p in MIXED_PEERS}
+        rows.append([f"{sub}. {what}", "µs" if key == "p50_us" else "IOPS", cells["cowdisk"]] + dash +
+                    [cells["nbdkit"]] + dash + ["—", "—", ""])
     # order rows by their number
     def order(r):
         m = re.match(r"(\d+)([a-z]?)", r[0])
@@ -770,12 +964,40 @@ def build_tables():
                 verdict([(lt(o, 50), f"{fmt_num(o)} ms")])])
     ops.append(["Open: max RSS of that process (MiB)", fmt_num(orss), "—", "—", "—", "<64 MiB",
                 verdict([(lt(orss, 64), f"{fmt_num(orss)} MiB")])])
+    od, odrss = med("open-deep", "cowdisk"), med("open-deep", "cowdisk", "rss_kib")
+    ops.append([f"Open a {DEEP}-image chain: `cowdisk info --json` (ms wall, incl. process start-up; MiB max RSS)",
+                f"{spread('open-deep', 'cowdisk')} / {fmt_num(odrss / 1024 if odrss else None)}", "—", "—", "—",
+                "<100 ms", verdict([(lt(od, 100), f"{fmt_num(od)} ms")])])
     su, surss = med("startup", "cowdisk"), med("startup", "cowdisk", "rss_kib")
     ops.append(["For reference: `cowdisk --version` (ms wall / MiB max RSS)",
                 f"{fmt_num(su)} / {fmt_num(surss / 1024 if surss else None)}", "—", "—", "—", "—", ""])
     ops_table = md_table(["Operation", "cowdisk", "qemu-img convert", "cp --sparse=never", "Ratio", "Target (issue)",
                           "Result"], ops)
     return io_table, ops_table
+
+
+def cpu_table():
+    """Server CPU seconds per GiB moved and per million requests, each peer, every fio job."""
+    rows = []
+    jobs = ["randread", "firstwrite", "rewrite", "seqread", "seqwrite", "randread4", "syncwrite", "syncrewrite",
+            "mixed-alone", "mixed", "chain16", "chain1", "chain-deep", "chain1x"]
+    for job in jobs:
+        if job not in RESULTS:
+            continue
+        cells = []
+        for p in PEERS:
+            runs = RESULTS[job].get(p) or []
+            per_gib = [r["server_cpu_s"] / ((r.get("read_bytes", 0) + r.get("write_bytes", 0)) / GiB) for r in runs
+                       if r.get("server_cpu_s") is not None and r.get("read_bytes", 0) + r.get("write_bytes", 0)]
+            per_mreq = [r["server_cpu_s"] / (r["requests"] / 1e6) for r in runs
+                        if r.get("server_cpu_s") is not None and r.get("requests")]
+            if not per_gib and not per_mreq:
+                cells.append("—")
+                continue
+            cells.append(f"{fmt_num(statistics.median(per_gib)) if per_gib else '—'} / "
+                         f"{fmt_num(statistics.median(per_mreq)) if per_mreq else '—'}")
+        rows.append([job] + cells)
+    return md_table(["Job"] + [LABEL[p] for p in PEERS], rows)
 
 
 def md_table(head, rows):
@@ -993,6 +1215,14 @@ individual repetitions are listed at the end.
 
 {ops_table}
 
+### Server CPU: seconds per GiB moved / per million requests
+
+Server CPU time (user + system, from /proc/PID/stat, read before and after each fio run)
+divided by the bytes read and written in that run, and by its requests (reads, writes, trims
+and flushes); median over the repetitions. Lower is better.
+
+{cpu_table()}
+
 ### Chart
 
 ![throughput normalised to nbdkit]({chart_rel})
@@ -1054,6 +1284,20 @@ individual repetitions are listed at the end.
      never written (about 85% of the device) fall through every layer to the base.
   7. 4K random read with `--numjobs=4` (4 NBD connections, iodepth 16 each); the server's peak RSS
      is VmHWM from /proc/PID/status read right after the run, before stopping it.
+  6d-6g. A cowdisk chain of {DEEP} images (the top, {DEEP - 2} frozen layers, the raw base), built
+     the way a user builds one: one `cowdisk serve`, and {DEEP - 1} batches of scattered 4K fio
+     writes (1/16 of job 6's batch each, seed = layer), with a live `cowdisk snapshot top.cow
+     lNNN.cow` through the server after each but the last; and a 1-deep overlay that receives
+     the same batches. Job 1's random read on both, and the server's VmHWM after it.
+  8. 4K random writes at iodepth 1 with a FLUSH after every write (`--fsync=1`), time based:
+     8a on a fresh overlay (fio's random map: every write is a first write; nbdkit: the raw copy),
+     8b over the first {human(min(ARGS.size_bytes, 256 * MiB))} after they were written once
+     (1M sequential writes, flushed).
+  9. Reads beside writers, on a fresh overlay (nbdkit: the raw copy): 2 connections of 4K random
+     reads at iodepth 4, alone, then beside 2 more connections, one of 4K random writes and one
+     of 4K random trims, each at iodepth 4 limited to {MIXED_WRITE_IOPS} requests per second
+     (`rate_iops`, so that every peer serves the same writing work) with a FLUSH every 8 (`fsync=8`).
+     One fio job file, `group_reporting`: the readers' completion-latency percentiles.
 - **Flatten:** the 16-deep chains of job 6. Before each timed command a global `sync` runs
   (untimed). Timed: `cowdisk flatten top.cow --output out.raw --format raw` (cowdisk fsyncs the
   output itself, then renames it into place); `qemu-img convert -f qcow2 -O raw q16.qcow2 out.raw`
@@ -1070,6 +1314,7 @@ individual repetitions are listed at the end.
     command (so it **includes process start-up** and /usr/bin/time's own fork/exec), max RSS as
     reported by `time -v`. The file is in the page cache (just written). `cowdisk --version` is
     timed the same way for reference.
+  - Open of the deep chain (job 6d's): `/usr/bin/time -v cowdisk info --json top.cow`, as above.
   - Snapshot: per repetition, `cp --sparse=always big.cow bigsnap.cow`, `sync` (untimed), then the
     timed `cowdisk snapshot bigsnap.cow bigsnap-frozen.cow` (wall time of the whole command,
     including process start-up and the fsyncs cowdisk does).
@@ -1114,12 +1359,12 @@ def rotated(peers, rep):
 
 
 def main():
-    global ARGS, SCRATCH, BASE, BASE_COPY
+    global ARGS, SCRATCH, BASE, BASE_COPY, DEEP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", help="scratch directory (created; default: a new temp dir under /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="do not remove the scratch directory")
     ap.add_argument("--size", type=parse_size, help="base size (default 1G; --quick: 64M)")
-    ap.add_argument("--runtime", type=int, help="seconds per fio job (default 20; --quick: 3)")
+    ap.add_argument("--runtime", type=int, help="seconds per fio job (default 20; --quick: 2)")
     ap.add_argument("--repeat", type=int, help="repetitions, the median is reported (default 3; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="small size, short runs: a smoke run")
     ap.add_argument("--cowdisk", help="the cowdisk binary (default: $CARGO_TARGET_DIR/release/cowdisk, else target/release/cowdisk)")
@@ -1128,9 +1373,11 @@ def main():
                     help="SVG chart, referenced from the report (default tools/bench/chart.svg)")
     ARGS = ap.parse_args()
     ARGS.size_bytes = ARGS.size or (64 * MiB if ARGS.quick else GiB)
-    ARGS.runtime = ARGS.runtime or (3 if ARGS.quick else 20)
+    ARGS.runtime = ARGS.runtime or (2 if ARGS.quick else 20)
     ARGS.repeat = ARGS.repeat or (1 if ARGS.quick else 3)
     ARGS.big_chunks = 1024 if ARGS.quick else 16384
+    # The deep chain: at the chain limit (format-spec §7), 16 images for a smoke run.
+    DEEP = 16 if ARGS.quick else 256
     if ARGS.size_bytes % MiB or ARGS.size_bytes < 16 * MiB:
         ap.error("--size must be a multiple of 1 MiB and at least 16 MiB")
     if not ARGS.cowdisk:
@@ -1157,7 +1404,9 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
 
-    per_rep = 4 * len(PEERS) + 4  # time-based fio runs per repetition; the write jobs mostly end sooner
+    # Time-based fio runs per repetition (the write jobs mostly end sooner): jobs 1, 3, 4, 7, the
+    # two sync-write jobs, and the mixed load (alone and with writers).
+    per_rep = 6 * len(PEERS) + 2 * len(MIXED_PEERS) + 4
     log(f"scratch {SCRATCH}; base {human(ARGS.size_bytes)}; {ARGS.runtime} s per fio job; {ARGS.repeat} repetition(s); "
         f"about {per_rep * ARGS.runtime * ARGS.repeat / 60:.0f} min of fio time plus set-up")
     ok = False
@@ -1180,20 +1429,24 @@ def main():
 
         for rep in range(ARGS.repeat):
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: fio jobs")
-            for job in (job_randread, job_firstwrite, job_growth, job_rewrite, job_seqread, job_seqwrite, job_randread4):
+            for job in (job_randread, job_firstwrite, job_growth, job_rewrite, job_seqread, job_seqwrite, job_randread4,
+                        job_syncwrite, job_syncrewrite, job_mixed):
                 # The 1M sequential write is short and, on this VM, the noisiest job (see the
                 # report's note on memory): it runs SEQWRITE_RUNS times per repetition.
                 runs = SEQWRITE_RUNS if job is job_seqwrite else 1
                 for k in range(runs):
-                    peers = SEQWRITE_PEERS if job is job_seqwrite else PEERS
+                    peers = SEQWRITE_PEERS if job is job_seqwrite else MIXED_PEERS if job is job_mixed else PEERS
                     for peer in rotated(peers, rep * runs + k):
                         job(peer)
         build_chains()
+        build_deep_chain()
         for rep in range(ARGS.repeat):
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: chains")
             for peer in rotated(("cowdisk", "qcow2"), rep):
                 for depth in (16, 1):
                     job_chain(peer, depth)
+            for depth in rotated((DEEP, "1x"), rep):
+                job_chain("cowdisk", depth)
         for rep in range(ARGS.repeat):
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: flatten")
             op_flatten(rep)
@@ -1203,6 +1456,7 @@ def main():
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: open, snapshot")
             op_open(big, rep)
             op_snapshot(big, rep)
+            op_open_deep(rep)
         total = time.monotonic() - t_start
         io_table, ops_table = build_tables()
         print("\n" + io_table + "\n\n" + ops_table + "\n")
