@@ -7,39 +7,61 @@ use std::sync::{Condvar, Mutex};
 /// Counts requests and bytes in flight on one connection. A request always gets in when the
 /// connection is idle, so one request of the largest allowed size never deadlocks.
 pub struct Budget {
-    state: Mutex<(usize, u64)>,
+    state: Mutex<State>,
     cv: Condvar,
     max_requests: usize,
     max_bytes: u64,
 }
 
+struct State {
+    requests: usize,
+    bytes: u64,
+    /// Threads waiting on `cv`: a release wakes them only if there are some (a wake is a
+    /// system call even with nobody waiting, and a release comes with every request).
+    waiters: usize,
+}
+
 impl Budget {
     pub fn new(max_requests: usize, max_bytes: u64) -> Budget {
-        Budget { state: Mutex::new((0, 0)), cv: Condvar::new(), max_requests, max_bytes }
+        Budget {
+            state: Mutex::new(State { requests: 0, bytes: 0, waiters: 0 }),
+            cv: Condvar::new(),
+            max_requests,
+            max_bytes,
+        }
     }
 
     pub fn acquire(&self, bytes: u64) {
         let mut s = lock(&self.state);
-        while s.0 > 0 && (s.0 >= self.max_requests || s.1 + bytes > self.max_bytes) {
-            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        while s.requests > 0 && (s.requests >= self.max_requests || s.bytes + bytes > self.max_bytes) {
+            s = self.wait(s);
         }
-        s.0 += 1;
-        s.1 += bytes;
+        s.requests += 1;
+        s.bytes += bytes;
     }
 
     pub fn release(&self, bytes: u64) {
         let mut s = lock(&self.state);
-        s.0 -= 1;
-        s.1 -= bytes;
-        self.cv.notify_all();
+        s.requests -= 1;
+        s.bytes -= bytes;
+        if s.waiters > 0 {
+            self.cv.notify_all();
+        }
     }
 
     /// Blocks until nothing is in flight.
     pub fn wait_idle(&self) {
         let mut s = lock(&self.state);
-        while s.0 > 0 {
-            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        while s.requests > 0 {
+            s = self.wait(s);
         }
+    }
+
+    fn wait<'a>(&self, mut s: std::sync::MutexGuard<'a, State>) -> std::sync::MutexGuard<'a, State> {
+        s.waiters += 1;
+        let mut s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        s.waiters -= 1;
+        s
     }
 }
 
