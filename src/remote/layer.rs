@@ -232,15 +232,20 @@ impl RemoteLayer {
             .filter(|&j| self.manifest.entries[j].content.is_some())
             .take(n)
             .collect();
+        let Some(bg) = super::Background::start() else {
+            self.reading_ahead.store(false, Ordering::Release);
+            return;
+        };
         let (repo, busy, chunks, m) =
             (self.repo.clone(), self.reading_ahead.clone(), chunks.clone(), self.manifest.clone());
         std::thread::spawn(move || {
             for j in todo {
-                if fetch_entry(&repo, &m, &chunks, j, &[]).is_err() {
+                if bg.stopping() || fetch_entry(&repo, &m, &chunks, j, &[]).is_err() {
                     break;
                 }
             }
             busy.store(false, Ordering::Release);
+            drop(bg);
         });
     }
 }

@@ -205,9 +205,49 @@ pub fn shared_cache() -> Result<Arc<Cache>> {
     Ok(cache)
 }
 
+/// Background fetches running (read-ahead, trace prefetch), and whether the process is on its
+/// way out (no new background fetch starts then).
+static BACKGROUND: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static CLOSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A background fetch in progress: counted while it lives, so that [`publish_cache`] can wait
+/// for it. None once the process is closing.
+pub(crate) struct Background(());
+
+impl Background {
+    pub(crate) fn start() -> Option<Background> {
+        use std::sync::atomic::Ordering;
+        BACKGROUND.fetch_add(1, Ordering::AcqRel);
+        if CLOSING.load(Ordering::Acquire) {
+            BACKGROUND.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Background(()))
+    }
+
+    /// Whether the work should stop (the process is closing).
+    pub(crate) fn stopping(&self) -> bool {
+        CLOSING.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        BACKGROUND.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Publishes the fills this process has not published yet (a process calls this before it
-/// exits; fills still pending at a crash are simply fetched again).
+/// exits; fills still pending at a crash are simply fetched again). Background fetches stop
+/// starting new requests, and the ones under way are waited for (at most a few seconds): a
+/// chunk a read-ahead fetched is one the next process would otherwise fetch again.
 pub fn publish_cache() -> Result<()> {
+    use std::sync::atomic::Ordering;
+    CLOSING.store(true, Ordering::Release);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while BACKGROUND.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let Some(c) = crate::sync::read(context()).clone() else { return Ok(()) };
     match c.cache.get() {
         Some(cache) => cache.publish_all(),

@@ -135,6 +135,7 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Arc<Manifest>) {
         return;
     }
     let Ok(chunks) = super::shared_cache().and_then(|c| c.layer(d, m)) else { return };
+    let Some(bg) = super::Background::start() else { return };
     let (repo, d, m) = (repo.clone(), *d, m.clone());
     std::thread::spawn(move || {
         let Ok(Some(trace)) = fetch_trace(&repo, &d) else { return };
@@ -151,6 +152,9 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Arc<Manifest>) {
                 sc.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(run) = runs.get(i) else { break };
+                    if bg.stopping() {
+                        break;
+                    }
                     // A fetch answers from the cache when the run's first record is there,
                     // and would then fetch none of the others.
                     let run: Vec<usize> = run.iter().map(|e| e.0).filter(|&j| !chunks.has(j)).collect();
