@@ -222,23 +222,23 @@ fn refuses_a_parent_loop() {
 }
 
 #[test]
-fn refuses_a_chain_deeper_than_64_images() {
+fn refuses_a_chain_deeper_than_256_images() {
     let d = TempDir::new("deep");
     let mut paths: Vec<PathBuf> = vec![d.join("l0.cow")];
     standalone(&paths[0], 64 * 1024);
-    for i in 1..65 {
+    for i in 1..257 {
         freeze(&paths[i - 1]);
         let p = d.join(&format!("l{i}.cow"));
         overlay(&p, &paths[i - 1]);
         paths.push(p);
     }
-    // 64 images (l0..l63) open; 65 do not.
-    let ok = Chain::open(&paths[63], ChainOptions::default()).unwrap();
-    assert_eq!(ok.depth(), 64);
+    // 256 images (l0..l255) open (format-spec §3.3 rule 1); 257 do not.
+    let ok = Chain::open(&paths[255], ChainOptions::default()).unwrap();
+    assert_eq!(ok.depth(), 256);
     drop(ok);
-    let e = open_err(&paths[64]);
+    let e = open_err(&paths[256]);
     assert_eq!(e.kind(), ErrorKind::ChainTooDeep);
-    assert_one_line_naming(&e, &paths[64], "deeper than 64");
+    assert_one_line_naming(&e, &paths[256], "deeper than 256");
 }
 
 #[test]
