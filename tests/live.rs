@@ -134,11 +134,11 @@ fn a_snapshot_that_would_make_the_chain_too_deep_is_refused() {
     std::fs::write(&base, pattern(3, 65536)).unwrap();
     let top = dir.join("disk.cow");
     create_image(&top, &CreateOptions { backing: Some(base), ..Default::default() }).unwrap().close().unwrap();
-    for i in 0..62 {
+    for i in 0..254 {
         snapshot(&top, &dir.join(&format!("s{i}.cow"))).unwrap();
     }
     let c = Chain::open(&top, ChainOptions { writable: true, ..Default::default() }).unwrap();
-    assert_eq!(c.depth(), 64);
+    assert_eq!(c.depth(), 256);
     let live = LiveChain::new(c);
     let e = live.snapshot(&RealFs, &dir.join("one-more.cow")).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ChainTooDeep, "{e}");
