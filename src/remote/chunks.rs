@@ -182,7 +182,7 @@ impl LayerChunks {
 
     fn record(&self, i: usize) -> Option<Record> {
         let mut b = [0u8; RECORD as usize];
-        self.index.read_at(&mut b, HEADER + i as u64 * RECORD).ok()?;
+        self.index.read_at(&mut b, record_offset(i)).ok()?;
         Record::decode(&b).filter(|r| r.length == self.entries[i].1 && r.chunk == self.entries[i].0)
     }
 
@@ -227,7 +227,7 @@ impl LayerChunks {
     fn touch(&self, i: usize, r: Record) {
         let now = now_secs();
         if now.saturating_sub(r.last_use) > TOUCH_AFTER {
-            let _ = self.index.write_at(&now.to_le_bytes(), HEADER + i as u64 * RECORD + 24);
+            let _ = self.index.write_at(&now.to_le_bytes(), record_offset(i) + 24);
         }
     }
 
@@ -309,7 +309,7 @@ impl LayerChunks {
             for (j, c) in &fresh {
                 let tag = self.next_tag.fetch_add(2, Ordering::Relaxed);
                 let r = Record { tag, chunk: self.entries[*j].0, length: c.len() as u32, last_use: now };
-                self.index.write_at(&r.encode(), HEADER + *j as u64 * RECORD)?;
+                self.index.write_at(&r.encode(), record_offset(*j))?;
                 self.known[*j].store(tag, Ordering::Release);
                 grew += footprint(c.len() as u64);
             }
@@ -325,6 +325,11 @@ impl LayerChunks {
         cache.count(grew);
         Ok(())
     }
+}
+
+/// Where entry `i`'s record is in the index file.
+fn record_offset(i: usize) -> u64 {
+    HEADER + i as u64 * RECORD
 }
 
 /// The space a chunk of `len` bytes counts for: whole file system blocks.
@@ -354,7 +359,7 @@ pub(super) fn evict_locked(ip: &Path, dp: &Path, shift: u32, victims: &[(usize, 
     }
     let index = FileStorage::open(ip, true, LockMode::None)?;
     for (i, _) in victims {
-        index.write_at(&[0u8; RECORD as usize], HEADER + *i as u64 * RECORD)?;
+        index.write_at(&[0u8; RECORD as usize], record_offset(*i))?;
     }
     index.sync()?;
     let data = FileStorage::open(dp, true, LockMode::None)?;
