@@ -228,10 +228,17 @@ impl RemoteLayer {
         if n == 0 || self.reading_ahead.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Only chunks the cache lacks: reading ahead what it holds would only read the cache
+        // file for nothing (a warm boot read 4 cached chunks ahead of every sequential read).
         let todo: Vec<usize> = (first..self.manifest.entries.len())
             .filter(|&j| self.manifest.entries[j].content.is_some())
             .take(n)
+            .filter(|&j| !chunks.has(j))
             .collect();
+        if todo.is_empty() {
+            self.reading_ahead.store(false, Ordering::Release);
+            return;
+        }
         let Some(bg) = super::Background::start() else {
             self.reading_ahead.store(false, Ordering::Release);
             return;

@@ -142,6 +142,11 @@ rgw data = $DIR/rgw
 # No bucket lifecycle processing: its worker sleeps 5 s at a time and radosgw's shutdown waits
 # for it (5 s for every stop, which tests of a store going away do often).
 rgw enable lc threads = false
+# Space of deleted objects goes back to the OSD within seconds, not after the default two
+# hours: the benchmarks delete what each repetition stored, and a full OSD makes requests
+# hang rather than fail (a --repeat 5 object-store run filled a fresh 20 GiB OSD).
+rgw gc obj min wait = 0
+rgw gc processor period = 5
 CONF
     monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$CEPH_MON_PORT]" "$DIR/monmap" >>"$LOGS/cli.log" 2>&1
     ceph-mon -c "$CONF" --mkfs -i a --monmap "$DIR/monmap" >>"$LOGS/cli.log" 2>&1 ||
