@@ -9,12 +9,18 @@
 //! content, so a file a power cut left short or wrong is dropped, never served); chunk files
 //! keep their own invariants (`chunks.rs`); concurrent fetches of one thing in one process
 //! make one fetch.
+//!
+//! The bound is one for all processes: the bytes the cache holds are counted in one small file,
+//! `.usage`, read and written under the lock file by every fill and eviction, and room is made
+//! under that lock before a fill is written. A count a power cut may have left stale is
+//! recounted: the file names the boot it was written in.
 
 use super::chunks::{self, LayerChunks};
 use super::coalesce::Coalescer;
 use super::manifest::{hex, Digest, Manifest};
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::sync::lock;
+use byteorder::{ByteOrder, LE};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -35,14 +41,6 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 pub struct Cache {
     dir: PathBuf,
     limit: u64,
-    /// This process's estimate of the bytes in the cache (other processes add to it too: a
-    /// scan under the lock file corrects it).
-    ///
-    /// `None` until the first fill counts the files: a warm start (nothing to fill) should not
-    /// pay a walk over the cache. A fill is counted after it is published, an eviction sets
-    /// the count from its scan: a fill an eviction's scan saw may so be counted twice, never
-    /// lost. The estimate errs high, which costs an early eviction, never the bound.
-    used: Mutex<Option<u64>>,
     blob_fetches: Coalescer<Digest>,
     /// The layers whose chunks this process has opened (each opened once, shared by every
     /// chain, prefetch and pull of the process).
@@ -88,7 +86,6 @@ impl Cache {
         let c = Cache {
             dir: dir.to_path_buf(),
             limit,
-            used: Mutex::new(None),
             blob_fetches: Coalescer::new(),
             layers: Mutex::new(HashMap::new()),
             wake: (Mutex::new(false), Condvar::new()),
@@ -235,43 +232,47 @@ impl Cache {
         self.scan().0
     }
 
-    /// Makes room for `n` bytes about to be written: evicts if they would pass the bound.
-    pub(super) fn reserve(&self, n: u64) {
-        let over = {
-            let mut used = lock(&self.used);
-            let now = match *used {
-                None => self.scan().0,
-                Some(u) => u,
-            };
-            *used = Some(now);
-            now + n > self.limit
-        };
-        if over {
-            let _ = self.evict_to((self.limit / 10 * 9).saturating_sub(n));
+    /// Makes room for `n` bytes about to be written and counts them, under the lock file
+    /// (the caller holds it): evicts first if they would pass the bound. Counted before they
+    /// are written, so a process killed in between leaves the count high (an early eviction),
+    /// never low.
+    pub(super) fn make_room_locked(&self, n: u64) -> Result<()> {
+        let mut used = self.usage_locked();
+        if used + n > self.limit {
+            used = self.evict_locked((self.limit / 10 * 9).saturating_sub(n))?;
         }
+        self.set_usage_locked(used + n);
+        Ok(())
+    }
+
+    /// The bytes the cache holds, from `.usage` (the caller holds the lock file): counted
+    /// afresh when the file is missing, damaged, or from an earlier boot (a power cut may have
+    /// lost its last writes, which are not synced).
+    fn usage_locked(&self) -> u64 {
+        let boot = boot_id();
+        if let Ok(b) = std::fs::read(self.dir.join(".usage")) {
+            if b.len() == USAGE_LEN && &b[..8] == USAGE_MAGIC && LE::read_u64(&b[8..16]) == boot {
+                return LE::read_u64(&b[16..24]);
+            }
+        }
+        let total = self.scan().0;
+        self.set_usage_locked(total);
+        total
+    }
+
+    fn set_usage_locked(&self, total: u64) {
+        let mut b = [0u8; USAGE_LEN];
+        b[..8].copy_from_slice(USAGE_MAGIC);
+        LE::write_u64(&mut b[8..16], boot_id());
+        LE::write_u64(&mut b[16..24], total);
+        // Not synced: a count lost to a power cut is recounted in the next boot (above).
+        let _ = std::fs::write(self.dir.join(".usage"), b);
     }
 
     /// The most bytes of fills a layer holds for publishing: an eighth of the bound, so that
     /// what waits to be written stays small beside what the cache holds.
     pub(super) fn max_pending(&self) -> u64 {
         (self.limit / 8).clamp(64 << 10, 32 << 20)
-    }
-
-    /// Adds `n` bytes to this process's count of the cache, evicting if that passes the bound.
-    pub(super) fn count(&self, n: u64) {
-        let over = {
-            let mut used = lock(&self.used);
-            let now = match *used {
-                // The first fill counts what is there, itself included.
-                None => self.scan().0,
-                Some(u) => u + n,
-            };
-            *used = Some(now);
-            now > self.limit
-        };
-        if over {
-            let _ = self.evict();
-        }
     }
 
     /// The content of blob `d` if the cache holds it (a use: it moves to the back of the
@@ -335,23 +336,25 @@ impl Cache {
             .create_new(true)
             .open(&tmp)
             .and_then(|mut f| std::io::Write::write_all(&mut f, &file));
-        if written.is_err() || std::fs::rename(&tmp, &p).is_err() {
+        let kept = written.is_ok()
+            && self
+                .with_lock(|| self.make_room_locked(file.len() as u64).is_ok() && std::fs::rename(&tmp, &p).is_ok())
+                .unwrap_or(false);
+        if !kept {
             let _ = std::fs::remove_file(&tmp);
-            return;
         }
-        self.count(file.len() as u64);
     }
 
     /// Brings the cache under 90% of its bound, least recently used first, under the lock
     /// file (so two processes do not evict twice over).
     pub fn evict(&self) -> Result<()> {
-        self.evict_to(self.limit / 10 * 9)
+        self.with_lock(|| self.evict_locked(self.limit / 10 * 9).map(|_| ()))?
     }
 
-    /// Brings the cache down to `target` bytes, least recently used first.
-    fn evict_to(&self, target: u64) -> Result<()> {
-        let mut used = lock(&self.used);
-        self.with_lock(|| -> Result<()> {
+    /// Brings the cache down to `target` bytes, least recently used first, and returns (and
+    /// records in `.usage`) what it then holds. The caller holds the lock file.
+    fn evict_locked(&self, target: u64) -> Result<u64> {
+        {
             let (mut total, mut all) = self.scan();
             all.sort_by_key(|v| v.2);
             let mut chunks: HashMap<Arc<PathBuf>, Vec<(usize, chunks::Record)>> = HashMap::new();
@@ -375,10 +378,24 @@ impl Cache {
                 let Some(shift) = chunks::shift_of(&ip) else { continue };
                 chunks::evict_locked(&ip, &ip.with_extension("data"), shift, &victims)?;
             }
-            *used = Some(total);
-            Ok(())
-        })?
+            self.set_usage_locked(total);
+            Ok(total)
+        }
     }
+}
+
+const USAGE_MAGIC: &[u8; 8] = b"CDUSAGE1";
+/// `.usage`: magic, the boot it was written in (see [`boot_id`]), the bytes held; little-endian.
+const USAGE_LEN: usize = 24;
+
+/// This boot of the machine, as a number: the first 8 bytes of the SHA-256 of the kernel's
+/// boot id (0 where there is none, and then a count is trusted across a power cut).
+fn boot_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        std::fs::read("/proc/sys/kernel/random/boot_id")
+            .map_or(0, |b| LE::read_u64(&super::manifest::sha256(b.trim_ascii())[..8]))
+    })
 }
 
 /// A size such as `10G` for the cache bound, from `COWDISK_CACHE_SIZE` (bytes or with a K, M,

@@ -294,15 +294,15 @@ impl LayerChunks {
         if batch.is_empty() {
             return Ok(());
         }
-        cache.reserve(batch.iter().map(|(_, c)| footprint(c.len() as u64)).sum());
-        let grew = cache.with_lock(|| -> Result<u64> {
-            let mut grew = 0;
+        cache.with_lock(|| -> Result<()> {
             let fresh: Vec<_> = batch.iter().filter(|(j, _)| self.record(*j).is_none()).collect();
+            if fresh.is_empty() {
+                return Ok(());
+            }
+            // Room first, under the lock: the bound holds for all processes together.
+            cache.make_room_locked(fresh.iter().map(|(_, c)| footprint(c.len() as u64)).sum())?;
             for (j, c) in &fresh {
                 self.data.write_at(c, self.data_offset(*j))?;
-            }
-            if fresh.is_empty() {
-                return Ok(0);
             }
             self.data.sync()?;
             let now = now_secs();
@@ -311,9 +311,8 @@ impl LayerChunks {
                 let r = Record { tag, chunk: self.entries[*j].0, length: c.len() as u32, last_use: now };
                 self.index.write_at(&r.encode(), record_offset(*j))?;
                 self.known[*j].store(tag, Ordering::Release);
-                grew += footprint(c.len() as u64);
             }
-            Ok(grew)
+            Ok(())
         })??;
         let mut p = lock(&self.pending);
         for (j, c) in &batch {
@@ -322,7 +321,6 @@ impl LayerChunks {
             }
         }
         drop(p);
-        cache.count(grew);
         Ok(())
     }
 }
@@ -482,6 +480,38 @@ mod tests {
                 assert!(!la.read(i, 0, &mut whole), "entry {i} was evicted but reads as cached");
             }
         }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn two_processes_filling_at_once_keep_the_one_bound() {
+        let d = dir("two-bound");
+        let (digest, m, contents) = layer(8);
+        let other = sha256(b"another layer");
+        let bound = 5u64 << SHIFT;
+        // Both processes open the cache (and count what it holds) before either fills.
+        let (a, b) = (Cache::open(&d, bound).unwrap(), Cache::open(&d, bound).unwrap());
+        let (la, lb) = (a.layer(&digest, &m).unwrap(), b.layer(&other, &m).unwrap());
+        for i in 0..8 {
+            fill(&a, &la, i, &contents);
+            a.publish_all().unwrap();
+            fill(&b, &lb, i, &contents);
+            b.publish_all().unwrap();
+            let on_disk = a.size_on_disk();
+            assert!(on_disk <= bound, "after {} fills of each: {on_disk} bytes, bound {bound}", i + 1);
+        }
+        // Eviction made room, it did not empty the cache; what reads as cached is right.
+        let mut whole = vec![0u8; 1 << SHIFT];
+        let mut kept = 0;
+        for l in [&la, &lb] {
+            for (i, content) in contents.iter().enumerate() {
+                if l.read(i, 0, &mut whole) {
+                    assert!(whole == *content, "entry {i} reads wrong content");
+                    kept += 1;
+                }
+            }
+        }
+        assert!((3..=5).contains(&kept), "{kept} chunks kept under a bound of 5");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
