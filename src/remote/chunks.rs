@@ -14,7 +14,12 @@
 //!   punches, so a record found after any crash still names its bytes;
 //! - a read takes the record's tag before and after it reads the data and trusts the data
 //!   only if the tag is the same: an eviction clears the tag before punching, and every
-//!   publish writes a new one.
+//!   publish writes a new one;
+//! - a process fetching an entry holds a lock on that entry's record (an OFD byte-range lock
+//!   on the index file) from before its request until the fill is published or dropped; a
+//!   process missing the same entry waits for the lock and then looks in the cache again, so
+//!   concurrent misses of one chunk by several processes make one fetch. Within a process
+//!   the coalescer does this (one open file description holds the locks of all its threads).
 
 use super::cache::Cache;
 use super::coalesce::Coalescer;
@@ -38,6 +43,9 @@ pub(super) const HEADER: u64 = 64;
 /// A record: tag (8, 0 for none), chunk index (8), length (4), CRC-32 of those 20 bytes (4),
 /// last use in seconds since 1970 (4, outside the CRC: a use may rewrite it alone), reserved.
 pub(super) const RECORD: u64 = 32;
+/// The longest a process waits for another's fetch of a chunk before fetching it itself:
+/// longer than a fetch takes with its retries (COWDISK_S3_RETRY_TIMEOUT, 15 s by default).
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A use younger than this does not rewrite the record's time (a write saved per read).
 const TOUCH_AFTER: u32 = 60;
 
@@ -100,6 +108,8 @@ pub struct LayerChunks {
     pending: Mutex<HashMap<usize, Arc<Vec<u8>>>>,
     pending_bytes: AtomicU64,
     fetches: Coalescer<usize>,
+    /// Entries whose record this process holds locked (fetching, or fetched and pending).
+    claimed: Mutex<std::collections::HashSet<usize>>,
     /// Tags: a random start, counted up (a tag is never 0).
     next_tag: AtomicU64,
 }
@@ -176,6 +186,7 @@ impl LayerChunks {
             pending: Mutex::new(HashMap::new()),
             pending_bytes: AtomicU64::new(0),
             fetches: Coalescer::new(),
+            claimed: Mutex::new(std::collections::HashSet::new()),
             next_tag: AtomicU64::new(seed | 1),
         })
     }
@@ -258,17 +269,98 @@ impl LayerChunks {
             |j| self.has(j),
             cached,
             |run| {
-                let mut mine = None;
-                for (j, content) in fetch(run)? {
-                    let c = Arc::new(content);
+                // Across processes: wait while another process fetches `i`; it may have
+                // published `i` by then.
+                let waited = self.claim_waiting(i);
+                if waited {
+                    if let Some(c) = cached() {
+                        self.unclaim(&[i]);
+                        return Ok(c);
+                    }
+                }
+                // The followers another process is fetching are left to it.
+                let mut mine: Vec<usize> = vec![i];
+                mine.extend(run.iter().skip(1).copied().take_while(|&j| self.try_claim(j)));
+                let fetched = fetch(&mine);
+                let mut content = None;
+                let got = match fetched {
+                    Ok(got) => got,
+                    Err(e) => {
+                        self.unclaim(&mine);
+                        return Err(e);
+                    }
+                };
+                for (j, c) in got {
+                    let c = Arc::new(c);
                     if j == i {
-                        mine = Some(c.clone());
+                        content = Some(c.clone());
                     }
                     self.keep(cache, j, c);
                 }
-                mine.ok_or_else(|| err(ErrorKind::Io, "a fetch did not return the chunk asked for"))
+                // Claims of entries not now waiting to be published end here; the others end
+                // with their publish.
+                let unkept: Vec<usize> = {
+                    let p = lock(&self.pending);
+                    mine.iter().copied().filter(|j| !p.contains_key(j)).collect()
+                };
+                self.unclaim(&unkept);
+                content.ok_or_else(|| err(ErrorKind::Io, "a fetch did not return the chunk asked for"))
             },
         )
+    }
+
+    /// Takes the cross-process claim of entry `i` without waiting; false if another process
+    /// holds it. A claim this process already holds counts as taken.
+    fn try_claim(&self, i: usize) -> bool {
+        let mut claimed = lock(&self.claimed);
+        if claimed.contains(&i) {
+            return true;
+        }
+        let ok = self.record_lock(i, libc::F_WRLCK);
+        if ok {
+            claimed.insert(i);
+        }
+        ok
+    }
+
+    /// Takes the claim of entry `i`, waiting (at most [`CLAIM_WAIT`]) while another process
+    /// holds it. Returns whether it waited. Past the limit the fetch goes ahead unclaimed: a
+    /// process stuck on a store that does not answer holds nobody else up for longer.
+    fn claim_waiting(&self, i: usize) -> bool {
+        let deadline = std::time::Instant::now() + CLAIM_WAIT;
+        let mut waited = false;
+        while !self.try_claim(i) {
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            waited = true;
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        waited
+    }
+
+    /// Ends this process's claims of `entries`.
+    fn unclaim(&self, entries: &[usize]) {
+        let mut claimed = lock(&self.claimed);
+        for &j in entries {
+            if claimed.remove(&j) {
+                self.record_lock(j, libc::F_UNLCK);
+            }
+        }
+    }
+
+    /// One OFD lock call (never waiting) on entry `i`'s record; whether it succeeded.
+    fn record_lock(&self, i: usize, l_type: libc::c_int) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock is plain data; zeroed is a valid value for every field.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = l_type as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = record_offset(i) as libc::off_t;
+        fl.l_len = RECORD as libc::off_t;
+        // SAFETY: the fd is the index file's, open for as long as self, and fl is a valid
+        // flock for F_OFD_SETLK.
+        unsafe { libc::fcntl(self.index.file().as_raw_fd(), libc::F_OFD_SETLK, &mut fl) == 0 }
     }
 
     /// Holds checked content of entry `j` for the next publish.
@@ -321,6 +413,8 @@ impl LayerChunks {
             }
         }
         drop(p);
+        // Published: another process waiting for one of these finds it now.
+        self.unclaim(&batch.iter().map(|(j, _)| *j).collect::<Vec<_>>());
         Ok(())
     }
 }
@@ -480,6 +574,35 @@ mod tests {
                 assert!(!la.read(i, 0, &mut whole), "entry {i} was evicted but reads as cached");
             }
         }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn two_processes_missing_one_chunk_at_once_make_one_fetch() {
+        let d = dir("two-fetch");
+        let (digest, m, contents) = layer(4);
+        let (a, b) = (Arc::new(Cache::open(&d, 1 << 30).unwrap()), Arc::new(Cache::open(&d, 1 << 30).unwrap()));
+        a.start_publisher();
+        b.start_publisher();
+        let (la, lb) = (a.layer(&digest, &m).unwrap(), b.layer(&digest, &m).unwrap());
+        let fetches = AtomicU64::new(0);
+        let serve = |run: &[usize], wait: u64| {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(wait));
+            Ok(run.iter().map(|&j| (j, contents[j].clone())).collect())
+        };
+        std::thread::scope(|sc| {
+            // The first process's request takes 100 ms and brings entry 3 along.
+            let first = sc.spawn(|| la.get_or_fetch(&a, 2, &[3], |run| serve(run, 100)).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let second = lb.get_or_fetch(&b, 2, &[3], |run| serve(run, 0)).unwrap();
+            assert!(*second == contents[2], "the second process read wrong content");
+            assert!(*first.join().unwrap() == contents[2]);
+        });
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "both processes fetched the chunk");
+        // What came along with the first fetch is the second's from the cache too.
+        let mut whole = vec![0u8; 1 << SHIFT];
+        assert!(lb.read(3, 0, &mut whole) && whole == contents[3]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -560,6 +560,63 @@ fn the_cache_stays_within_its_bound_while_two_processes_read_more_than_it_holds(
     assert!(kept >= bound / 2, "the cache kept only {kept} bytes");
 }
 
+/// The bytes a stopped server said it fetched from object stores (it says nothing when it
+/// fetched nothing).
+fn fetched_bytes(log: &str) -> u64 {
+    log.lines()
+        .find(|l| l.contains("from object stores"))
+        .map(|l| {
+            l.split_once('(')
+                .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("a fetch count that does not parse: {l}"))
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_processes_reading_one_layer_at_once_fetch_it_once() {
+    let Some(s3) = s3() else { return };
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let layer_bytes = 24u64 << 20;
+    repo.push_base(&ws, &ws.subdir("cache"), random_bytes(layer_bytes as usize, 67), &[]);
+    let reader = ws.subdir("reader-cache");
+    let servers: Vec<Server> = (0..2)
+        .map(|i| {
+            let top = ws.join(format!("top{i}.cow"));
+            run(&mut repo.cow(&reader, &["create", p(&top), "--backing", &repo.layer("b")]));
+            repo.server(&reader, &[p(&top), "--socket", p(&ws.join(format!("s{i}.sock")))])
+        })
+        .collect();
+    std::thread::scope(|sc| {
+        let copies: Vec<_> = servers
+            .iter()
+            .enumerate()
+            .map(|(i, server)| {
+                let out = ws.join(format!("read{i}.raw"));
+                sc.spawn(move || copy_out(server, &out))
+            })
+            .collect();
+        for c in copies {
+            c.join().expect("copy");
+        }
+    });
+    let mut fetched = 0;
+    for mut server in servers {
+        server.daemon().terminate(STOP_TIMEOUT);
+        fetched += fetched_bytes(&server.log());
+    }
+    for i in 0..2 {
+        assert_files_equal(&ws.join(format!("read{i}.raw")), &ws.join("base.raw"));
+    }
+    // Random data does not compress: the layer is about 24 MiB in the store. Each process
+    // fetching for itself fetched most of it twice.
+    assert!(fetched <= layer_bytes * 5 / 4, "two readers fetched {fetched} bytes of a {layer_bytes}-byte layer");
+}
+
 #[test]
 fn two_hosts_on_one_layer_each_read_their_own_writes() {
     let Some(s3) = s3() else { return };
