@@ -497,6 +497,125 @@ def job_syncrewrite(peer):
     record("syncrewrite", peer, r)
 
 
+FS_TREE = None  # (tar of the ext4 job's files, their bytes, their count), made once
+
+
+def fs_tree():
+    """The files job 10 copies in: small files of /usr/share (under 1 MiB each, in name order)
+    filling about 60% of the disk (the first round copied 700 MiB of small files into 1 GiB),
+    packed once into a tar in the scratch directory."""
+    global FS_TREE
+    if FS_TREE:
+        return FS_TREE
+    budget, total, names = ARGS.size_bytes * 6 // 10, 0, []
+    for root, dirs, files in os.walk("/usr/share"):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            # Whole blocks on ext4, and a little for the inode and directory entry.
+            cost = -(-st.st_size // 4096) * 4096 + 256
+            if not stat_is_small_file(st) or total + cost > budget:
+                continue
+            names.append(p.lstrip("/"))
+            total += cost
+    listing = SCRATCH / "fs-tree.list"
+    listing.write_text("\n".join(names) + "\n")
+    tar = SCRATCH / "fs-tree.tar"
+    run(["tar", "-C", "/", "--no-recursion", "-cf", tar, "-T", listing])
+    nbytes = sum(os.lstat("/" + n).st_size for n in names)
+    FS_TREE = (tar, nbytes, len(names))
+    return FS_TREE
+
+
+def stat_is_small_file(st):
+    import stat as st_mod
+    return st_mod.S_ISREG(st.st_mode) and 0 < st.st_size < MiB
+
+
+def drop_caches():
+    run(["sync"])
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def job_ext4(peer):
+    """10. A real file system on the export, as a user mounts one without the nbd module:
+    nbdfuse exposes it as a file, losetup and mkfs.ext4 make a device and a file system. Then
+    the timed phases: copy in the tree of small files (tar, then syncfs), read it all back cold
+    (umount, drop caches, mount), delete it (rm -rf, then syncfs)."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("nbdfuse", "losetup", "mkfs.ext4", "mount", "tar")):
+        log("  ext4: skipped (needs root, nbdfuse, losetup, mkfs.ext4, tar)")
+        return
+    tar, tree_bytes, nfiles = fs_tree()
+    img = fresh_image(peer, "fs")
+    work = SCRATCH / "fs"
+    fuse, mnt = work / "fuse", work / "mnt"
+    fuse.mkdir(parents=True, exist_ok=True)
+    mnt.mkdir(parents=True, exist_ok=True)
+    with served(peer, img) as s:
+        nbdfuse, loop, mounted = None, None, False
+        try:
+            nbdfuse = subprocess.Popen(["nbdfuse", str(fuse / "disk"), s.uri], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+            deadline = time.monotonic() + 20
+            while not (fuse / "disk").exists():
+                if nbdfuse.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"nbdfuse did not come up on {s.uri}")
+                time.sleep(0.02)
+            loop = run(["losetup", "-f", "--show", fuse / "disk"], quiet=True).stdout.strip()
+            run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", loop], quiet=True)
+            run(["mount", "-o", "noatime", loop, mnt], quiet=True)
+            mounted = True
+            cpu0 = s.cpu_seconds()
+            t0 = time.monotonic()
+            run(["tar", "-C", mnt, "-xf", tar], quiet=True)
+            run(["sync", "-f", mnt], quiet=True)
+            t_copy = time.monotonic() - t0
+            run(["umount", mnt], quiet=True)
+            mounted = False
+            drop_caches()
+            run(["mount", "-o", "noatime", loop, mnt], quiet=True)
+            mounted = True
+            t0 = time.monotonic()
+            got = 0
+            for root, _, files in os.walk(mnt):
+                for f in files:
+                    with open(os.path.join(root, f), "rb", buffering=0) as fh:
+                        while True:
+                            b = fh.read(MiB)
+                            if not b:
+                                break
+                            got += len(b)
+            t_read = time.monotonic() - t0
+            if got != tree_bytes:
+                raise BenchError(f"ext4 on {peer}: read back {got} bytes of {tree_bytes}")
+            t0 = time.monotonic()
+            for e in os.listdir(mnt):
+                if e != "lost+found":
+                    shutil.rmtree(mnt / e)
+            run(["sync", "-f", mnt], quiet=True)
+            t_del = time.monotonic() - t0
+            cpu = s.cpu_seconds() - cpu0
+        finally:
+            if mounted:
+                subprocess.run(["umount", str(mnt)], capture_output=True)
+            if loop:
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
+            if nbdfuse:
+                subprocess.run(["fusermount3", "-u", str(fuse)], capture_output=True)
+                try:
+                    nbdfuse.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    kill_group(nbdfuse)
+    remove(img)
+    record("ext4", peer, dict(value=t_copy, unit="s", copy_s=t_copy, read_s=t_read, delete_s=t_del,
+                              server_cpu_s=cpu, write_bytes=tree_bytes, read_bytes=tree_bytes,
+                              tree_bytes=tree_bytes, files=nfiles))
+
+
 MIXED_PEERS = ["cowdisk", "nbdkit"]
 # The writers' load is fixed (requests per second), so that every peer serves the same work
 # beside the readers: a faster writer would otherwise take more of the machine from them.
@@ -943,6 +1062,18 @@ def build_tables():
         cells = {p: f"{spread('mixed', p, key)} ({fmt_num(med('mixed-alone', p, key))})" for p in MIXED_PEERS}
         rows.append([f"{sub}. {what}", "µs" if key == "p50_us" else "IOPS", cells["cowdisk"]] + dash +
                     [cells["nbdkit"]] + dash + ["—", "—", ""])
+    # a file system on the export
+    if "ext4" in RESULTS:
+        any_run = next(iter(next(iter(RESULTS["ext4"].values()))), {})
+        what = f"{any_run.get('tree_bytes', 0) / MiB:.0f} MiB in {any_run.get('files', 0):,} files"
+        for key, sub, title in (("copy_s", "10a", f"ext4 on the export: copy in {what} (tar, then syncfs)"),
+                                ("read_s", "10b", "ext4: read it all back cold (umount, drop caches, mount)"),
+                                ("delete_s", "10c", "ext4: delete it (rm -rf, then syncfs)")):
+            v = {p: med("ext4", p, key) for p in PEERS}
+            # Times: a ratio above 1 is cowdisk slower.
+            rows.append([f"{sub}. {title}", "s"] + [spread("ext4", p, key) for p in PEERS] +
+                        [fmt_num(ratio(v["cowdisk"], v[p]), "x") for p in ("qcow2", "qcow2-el2", "nbdkit")] +
+                        ["— (time: lower is better)", ""])
     # order rows by their number
     def order(r):
         m = re.match(r"(\d+)([a-z]?)", r[0])
@@ -985,7 +1116,7 @@ def cpu_table():
     """Server CPU seconds per GiB moved and per million requests, each peer, every fio job."""
     rows = []
     jobs = ["randread", "firstwrite", "rewrite", "seqread", "seqwrite", "randread4", "syncwrite", "syncrewrite",
-            "mixed-alone", "mixed", "chain16", "chain1", "chain-deep", "chain1x"]
+            "mixed-alone", "mixed", "chain16", "chain1", "chain-deep", "chain1x", "ext4"]
     for job in jobs:
         if job not in RESULTS:
             continue
@@ -1303,6 +1434,11 @@ and flushes); median over the repetitions. Lower is better.
      of 4K random trims, each at iodepth 4 limited to {MIXED_WRITE_IOPS} requests per second
      (`rate_iops`, so that every peer serves the same writing work) with a FLUSH every 8 (`fsync=8`).
      One fio job file, `group_reporting`: the readers' completion-latency percentiles.
+  10. A file system on the export, on a fresh overlay (nbdkit: a raw copy): `nbdfuse` exposes the
+     export as a file, `losetup` makes it a device, `mkfs.ext4 -E nodiscard,lazy_itable_init=0,
+     lazy_journal_init=0` and `mount -o noatime` (untimed). Timed: 10a `tar -xf` of small files
+     of /usr/share (under 1 MiB each, about 60% of the disk, packed once) then `sync -f`; 10b
+     `umount`, drop caches, `mount`, and every file read whole; 10c `rm -rf` then `sync -f`.
 - **Flatten:** the 16-deep chains of job 6. Before each timed command a global `sync` runs
   (untimed). Timed: `cowdisk flatten top.cow --output out.raw --format raw` (cowdisk fsyncs the
   output itself, then renames it into place); `qemu-img convert -f qcow2 -O raw q16.qcow2 out.raw`
@@ -1435,7 +1571,7 @@ def main():
         for rep in range(ARGS.repeat):
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: fio jobs")
             for job in (job_randread, job_firstwrite, job_growth, job_rewrite, job_seqread, job_seqwrite, job_randread4,
-                        job_syncwrite, job_syncrewrite, job_mixed):
+                        job_syncwrite, job_syncrewrite, job_mixed, job_ext4):
                 # The 1M sequential write is short and, on this VM, the noisiest job (see the
                 # report's note on memory): it runs SEQWRITE_RUNS times per repetition.
                 runs = SEQWRITE_RUNS if job is job_seqwrite else 1
