@@ -616,6 +616,50 @@ def job_ext4(peer):
                               tree_bytes=tree_bytes, files=nfiles))
 
 
+def fua_writes(srv, offsets):
+    """Writes 4K at each offset in turn, each with FUA (qemu-io's `write -f`: NBD_CMD_FLAG_FUA,
+    which every peer here advertises), one at a time; returns requests per second and the
+    server's CPU seconds. fio's nbd engine sends no FUA, so qemu-io reads the writes from stdin."""
+    cmds = "".join(f"write -f -q -P 0x5a {o} 4k\n" for o in offsets)
+    cpu0 = srv.cpu_seconds()
+    t0 = time.monotonic()
+    p = subprocess.run(["qemu-io", "-f", "raw", srv.uri], input=cmds, capture_output=True, text=True, timeout=600)
+    el = time.monotonic() - t0
+    if p.returncode != 0 or "error" in p.stdout.lower() or "error" in p.stderr.lower():
+        raise BenchError(f"qemu-io FUA writes against {srv.peer} failed: {p.stdout[-500:]} {p.stderr[-500:]}")
+    return dict(value=len(offsets) / el, unit="IOPS", server_cpu_s=srv.cpu_seconds() - cpu0, requests=len(offsets),
+                write_bytes=4096 * len(offsets))
+
+
+def fua_count():
+    return 500 * ARGS.runtime
+
+
+def job_fuawrite(peer):
+    """As job_syncwrite, with FUA on each write instead of a FLUSH after it: first writes of
+    distinct 4K blocks in random order on a fresh overlay."""
+    import random
+    blocks = random.Random(8).sample(range(ARGS.size_bytes // 4096), fua_count())
+    img = fresh_image(peer, "fua")
+    with served(peer, img) as s:
+        r = fua_writes(s, [b * 4096 for b in blocks])
+    remove(img)
+    record("fuawrite", peer, r)
+
+
+def job_fuarewrite(peer):
+    """As job_syncrewrite, with FUA: random 4K rewrites of blocks written (and flushed) before."""
+    import random
+    region = min(ARGS.size_bytes, 256 * MiB)
+    rnd = random.Random(9)
+    img = fresh_image(peer, "fua2")
+    with served(peer, img) as s:
+        fio(s, "prewrite", ["--rw=write", "--bs=1M", "--iodepth=4", f"--size={region}", "--fsync_on_close=1"], 600)
+        r = fua_writes(s, [rnd.randrange(region // 4096) * 4096 for _ in range(fua_count())])
+    remove(img)
+    record("fuarewrite", peer, r)
+
+
 MIXED_PEERS = ["cowdisk", "nbdkit"]
 # The writers' load is fixed (requests per second), so that every peer serves the same work
 # beside the readers: a faster writer would otherwise take more of the machine from them.
@@ -1036,7 +1080,9 @@ def build_tables():
                  verdict([(lt(hd / 1024 if hd else None, 64), f"{fmt_num(hd / 1024 if hd else None)} MiB")])])
     # durable writes
     for job, title, lim in (("syncwrite", "8a. 4K random first write, FLUSH after each, QD1 (fresh overlay)", 0.9),
-                            ("syncrewrite", "8b. 4K random rewrite, FLUSH after each, QD1 (blocks already written)", 0.95)):
+                            ("syncrewrite", "8b. 4K random rewrite, FLUSH after each, QD1 (blocks already written)", 0.95),
+                            ("fuawrite", "8c. 4K random first write with FUA, QD1 (fresh overlay; qemu-io)", 0.9),
+                            ("fuarewrite", "8d. 4K random rewrite with FUA, QD1 (blocks already written; qemu-io)", 0.95)):
         v = {p: med(job, p) for p in PEERS}
         rq, re2, rn = ratio(v["cowdisk"], v["qcow2"]), ratio(v["cowdisk"], v["qcow2-el2"]), ratio(v["cowdisk"], v["nbdkit"])
         rows.append([title, "IOPS"] + [spread(job, p) for p in PEERS] +
@@ -1116,7 +1162,7 @@ def cpu_table():
     """Server CPU seconds per GiB moved and per million requests, each peer, every fio job."""
     rows = []
     jobs = ["randread", "firstwrite", "rewrite", "seqread", "seqwrite", "randread4", "syncwrite", "syncrewrite",
-            "mixed-alone", "mixed", "chain16", "chain1", "chain-deep", "chain1x", "ext4"]
+            "fuawrite", "fuarewrite", "mixed-alone", "mixed", "chain16", "chain1", "chain-deep", "chain1x", "ext4"]
     for job in jobs:
         if job not in RESULTS:
             continue
@@ -1428,7 +1474,10 @@ and flushes); median over the repetitions. Lower is better.
   8. 4K random writes at iodepth 1 with a FLUSH after every write (`--fsync=1`), time based:
      8a on a fresh overlay (fio's random map: every write is a first write; nbdkit: the raw copy),
      8b over the first {human(min(ARGS.size_bytes, 256 * MiB))} after they were written once
-     (1M sequential writes, flushed).
+     (1M sequential writes, flushed). 8c and 8d: the same two with FUA on each write instead
+     of a FLUSH after it (fio's nbd engine sends no FUA: `qemu-io` reads {500 * ARGS.runtime:,}
+     `write -f` commands from stdin, distinct blocks in random order for 8c, random blocks of the
+     written region for 8d; requests per second over qemu-io's whole run).
   9. Reads beside writers, on a fresh overlay (nbdkit: the raw copy): 2 connections of 4K random
      reads at iodepth 4, alone, then beside 2 more connections, one of 4K random writes and one
      of 4K random trims, each at iodepth 4 limited to {MIXED_WRITE_IOPS} requests per second
@@ -1571,7 +1620,7 @@ def main():
         for rep in range(ARGS.repeat):
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: fio jobs")
             for job in (job_randread, job_firstwrite, job_growth, job_rewrite, job_seqread, job_seqwrite, job_randread4,
-                        job_syncwrite, job_syncrewrite, job_mixed, job_ext4):
+                        job_syncwrite, job_syncrewrite, job_fuawrite, job_fuarewrite, job_mixed, job_ext4):
                 # The 1M sequential write is short and, on this VM, the noisiest job (see the
                 # report's note on memory): it runs SEQWRITE_RUNS times per repetition.
                 runs = SEQWRITE_RUNS if job is job_seqwrite else 1
