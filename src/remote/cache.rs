@@ -354,33 +354,31 @@ impl Cache {
     /// Brings the cache down to `target` bytes, least recently used first, and returns (and
     /// records in `.usage`) what it then holds. The caller holds the lock file.
     fn evict_locked(&self, target: u64) -> Result<u64> {
-        {
-            let (mut total, mut all) = self.scan();
-            all.sort_by_key(|v| v.2);
-            let mut chunks: HashMap<Arc<PathBuf>, Vec<(usize, chunks::Record)>> = HashMap::new();
-            for (v, size, _) in all {
-                if total <= target {
-                    break;
-                }
-                match v {
-                    Victim::Blob(p) => {
-                        if std::fs::remove_file(&p).is_ok() {
-                            total -= size;
-                        }
-                    }
-                    Victim::Chunk(ip, i, r) => {
-                        chunks.entry(ip).or_default().push((i, r));
+        let (mut total, mut all) = self.scan();
+        all.sort_by_key(|v| v.2);
+        let mut chunks: HashMap<Arc<PathBuf>, Vec<(usize, chunks::Record)>> = HashMap::new();
+        for (v, size, _) in all {
+            if total <= target {
+                break;
+            }
+            match v {
+                Victim::Blob(p) => {
+                    if std::fs::remove_file(&p).is_ok() {
                         total -= size;
                     }
                 }
+                Victim::Chunk(ip, i, r) => {
+                    chunks.entry(ip).or_default().push((i, r));
+                    total -= size;
+                }
             }
-            for (ip, victims) in chunks {
-                let Some(shift) = chunks::shift_of(&ip) else { continue };
-                chunks::evict_locked(&ip, &ip.with_extension("data"), shift, &victims)?;
-            }
-            self.set_usage_locked(total);
-            Ok(total)
         }
+        for (ip, victims) in chunks {
+            let Some(shift) = chunks::shift_of(&ip) else { continue };
+            chunks::evict_locked(&ip, &ip.with_extension("data"), shift, &victims)?;
+        }
+        self.set_usage_locked(total);
+        Ok(total)
     }
 }
 

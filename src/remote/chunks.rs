@@ -281,15 +281,8 @@ impl LayerChunks {
                 // The followers another process is fetching are left to it.
                 let mut mine: Vec<usize> = vec![i];
                 mine.extend(run.iter().skip(1).copied().take_while(|&j| self.try_claim(j)));
-                let fetched = fetch(&mine);
+                let got = fetch(&mine).inspect_err(|_| self.unclaim(&mine))?;
                 let mut content = None;
-                let got = match fetched {
-                    Ok(got) => got,
-                    Err(e) => {
-                        self.unclaim(&mine);
-                        return Err(e);
-                    }
-                };
                 for (j, c) in got {
                     let c = Arc::new(c);
                     if j == i {

@@ -235,11 +235,7 @@ impl RemoteLayer {
             .take(n)
             .filter(|&j| !chunks.has(j))
             .collect();
-        if todo.is_empty() {
-            self.reading_ahead.store(false, Ordering::Release);
-            return;
-        }
-        let Some(bg) = super::Background::start() else {
+        let Some(bg) = (!todo.is_empty()).then(super::Background::start).flatten() else {
             self.reading_ahead.store(false, Ordering::Release);
             return;
         };

@@ -14,11 +14,13 @@ import argparse
 import datetime
 import json
 import os
+import random
 import re
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -507,7 +509,7 @@ def fs_tree():
     global FS_TREE
     if FS_TREE:
         return FS_TREE
-    budget, total, names = ARGS.size_bytes * 6 // 10, 0, []
+    budget, total, nbytes, names = ARGS.size_bytes * 6 // 10, 0, 0, []
     for root, dirs, files in os.walk("/usr/share"):
         dirs.sort()
         for f in sorted(files):
@@ -518,22 +520,17 @@ def fs_tree():
                 continue
             # Whole blocks on ext4, and a little for the inode and directory entry.
             cost = -(-st.st_size // 4096) * 4096 + 256
-            if not stat_is_small_file(st) or total + cost > budget:
+            if not (stat.S_ISREG(st.st_mode) and 0 < st.st_size < MiB) or total + cost > budget:
                 continue
             names.append(p.lstrip("/"))
             total += cost
+            nbytes += st.st_size
     listing = SCRATCH / "fs-tree.list"
     listing.write_text("\n".join(names) + "\n")
     tar = SCRATCH / "fs-tree.tar"
     run(["tar", "-C", "/", "--no-recursion", "-cf", tar, "-T", listing])
-    nbytes = sum(os.lstat("/" + n).st_size for n in names)
     FS_TREE = (tar, nbytes, len(names))
     return FS_TREE
-
-
-def stat_is_small_file(st):
-    import stat as st_mod
-    return st_mod.S_ISREG(st.st_mode) and 0 < st.st_size < MiB
 
 
 def drop_caches():
@@ -638,7 +635,6 @@ def fua_count():
 def job_fuawrite(peer):
     """As job_syncwrite, with FUA on each write instead of a FLUSH after it: first writes of
     distinct 4K blocks in random order on a fresh overlay."""
-    import random
     blocks = random.Random(8).sample(range(ARGS.size_bytes // 4096), fua_count())
     img = fresh_image(peer, "fua")
     with served(peer, img) as s:
@@ -649,7 +645,6 @@ def job_fuawrite(peer):
 
 def job_fuarewrite(peer):
     """As job_syncrewrite, with FUA: random 4K rewrites of blocks written (and flushed) before."""
-    import random
     region = min(ARGS.size_bytes, 256 * MiB)
     rnd = random.Random(9)
     img = fresh_image(peer, "fua2")

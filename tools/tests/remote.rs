@@ -500,6 +500,33 @@ fn corrupt_truncated_or_replaced_objects_are_never_served() {
     server.stop();
 }
 
+/// `n` servers on one host (one cache, `cache`), each serving an overlay of its own on layer
+/// `b`, with `extra` options.
+fn overlay_servers(repo: &Repo, ws: &TempDir, cache: &Path, n: usize, extra: &[&str]) -> Vec<Server> {
+    (0..n)
+        .map(|i| {
+            let top = ws.join(format!("top{i}.cow"));
+            run(&mut repo.cow(cache, &["create", p(&top), "--backing", &repo.layer("b")]));
+            let sock = ws.join(format!("s{i}.sock"));
+            let mut args = vec![p(&top), "--socket", p(&sock)];
+            args.extend_from_slice(extra);
+            repo.server(cache, &args)
+        })
+        .collect()
+}
+
+/// Copies every server's export out at once (to `ws/readI.raw`), within scope `sc`.
+fn copy_all_at_once<'s>(sc: &'s std::thread::Scope<'s, '_>, servers: &'s [Server], ws: &'s TempDir) {
+    let copies: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, server)| sc.spawn(move || copy_out(server, &ws.join(format!("read{i}.raw")))))
+        .collect();
+    for c in copies {
+        c.join().expect("copy");
+    }
+}
+
 #[test]
 fn the_cache_stays_within_its_bound_while_two_processes_read_more_than_it_holds() {
     let Some(s3) = s3() else { return };
@@ -514,14 +541,7 @@ fn the_cache_stays_within_its_bound_while_two_processes_read_more_than_it_holds(
     // bound is the cache's, not each process's.
     let reader = ws.subdir("reader-cache");
     let bound: u64 = 4 << 20;
-    let servers: Vec<Server> = (0..2)
-        .map(|i| {
-            let top = ws.join(format!("top{i}.cow"));
-            run(&mut repo.cow(&reader, &["create", p(&top), "--backing", &repo.layer("b")]));
-            let sock = ws.join(format!("s{i}.sock"));
-            repo.server(&reader, &[p(&top), "--socket", p(&sock), "--cache-size", "4M"])
-        })
-        .collect();
+    let servers = overlay_servers(&repo, &ws, &reader, 2, &["--cache-size", "4M"]);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let most = std::thread::scope(|sc| {
         let watcher = sc.spawn(|| {
@@ -532,17 +552,7 @@ fn the_cache_stays_within_its_bound_while_two_processes_read_more_than_it_holds(
             }
             most.max(cached_bytes(&reader))
         });
-        let copies: Vec<_> = servers
-            .iter()
-            .enumerate()
-            .map(|(i, server)| {
-                let out = ws.join(format!("read{i}.raw"));
-                sc.spawn(move || copy_out(server, &out))
-            })
-            .collect();
-        for c in copies {
-            c.join().expect("copy");
-        }
+        copy_all_at_once(sc, &servers, &ws);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         watcher.join().expect("watcher")
     });
@@ -584,26 +594,8 @@ fn two_processes_reading_one_layer_at_once_fetch_it_once() {
     let layer_bytes = 24u64 << 20;
     repo.push_base(&ws, &ws.subdir("cache"), random_bytes(layer_bytes as usize, 67), &[]);
     let reader = ws.subdir("reader-cache");
-    let servers: Vec<Server> = (0..2)
-        .map(|i| {
-            let top = ws.join(format!("top{i}.cow"));
-            run(&mut repo.cow(&reader, &["create", p(&top), "--backing", &repo.layer("b")]));
-            repo.server(&reader, &[p(&top), "--socket", p(&ws.join(format!("s{i}.sock")))])
-        })
-        .collect();
-    std::thread::scope(|sc| {
-        let copies: Vec<_> = servers
-            .iter()
-            .enumerate()
-            .map(|(i, server)| {
-                let out = ws.join(format!("read{i}.raw"));
-                sc.spawn(move || copy_out(server, &out))
-            })
-            .collect();
-        for c in copies {
-            c.join().expect("copy");
-        }
-    });
+    let servers = overlay_servers(&repo, &ws, &reader, 2, &[]);
+    std::thread::scope(|sc| copy_all_at_once(sc, &servers, &ws));
     let mut fetched = 0;
     for mut server in servers {
         server.daemon().terminate(STOP_TIMEOUT);
