@@ -13,7 +13,9 @@
 //! The bound is one for all processes: the bytes the cache holds are counted in one small file,
 //! `.usage`, read and written under the lock file by every fill and eviction, and room is made
 //! under that lock before a fill is written. A count a power cut may have left stale is
-//! recounted: the file names the boot it was written in.
+//! recounted: the file names the boot it was written in. So is one a killed process left in
+//! the middle of a change (marked unsettled while the change runs), and the recount first
+//! punches out the bytes such a change may have left that no record covers.
 
 use super::chunks::{self, LayerChunks};
 use super::coalesce::Coalescer;
@@ -232,32 +234,57 @@ impl Cache {
         self.scan().0
     }
 
-    /// Makes room for `n` bytes about to be written and counts them, under the lock file
-    /// (the caller holds it): evicts first if they would pass the bound. Counted before they
-    /// are written, so a process killed in between leaves the count high (an early eviction),
-    /// never low.
-    pub(super) fn make_room_locked(&self, n: u64) -> Result<()> {
+    /// Runs `write`, which adds `n` bytes to the cache, after making room for them (evicting
+    /// first if they would pass the bound), and counts them once it succeeded. The caller holds
+    /// the lock file. While it runs, `.usage` says the count is unsettled: a process killed in
+    /// the middle (between a fill's data and its record, or an eviction's records and its
+    /// punches) leaves it so, and the next holder of the lock recounts and punches out what
+    /// no record covers (see [`Cache::usage_locked`]) instead of carrying those bytes
+    /// uncounted. A `write` that fails leaves it unsettled too.
+    pub(super) fn fill_locked<T>(&self, n: u64, write: impl FnOnce() -> Result<T>) -> Result<T> {
         let mut used = self.usage_locked();
+        self.set_usage_locked(UNSETTLED);
         if used + n > self.limit {
             used = self.evict_locked((self.limit / 10 * 9).saturating_sub(n))?;
         }
+        let out = write()?;
         self.set_usage_locked(used + n);
-        Ok(())
+        Ok(out)
     }
 
-    /// The bytes the cache holds, from `.usage` (the caller holds the lock file): counted
-    /// afresh when the file is missing, damaged, or from an earlier boot (a power cut may have
-    /// lost its last writes, which are not synced).
+    /// The bytes the cache holds, from `.usage` (the caller holds the lock file). Counted
+    /// afresh when the file is missing or damaged, from an earlier boot (a power cut may have
+    /// lost its last writes, which are not synced), or unsettled (its writer died in a change);
+    /// a recount first punches out every byte of a layer's data file that no record covers,
+    /// which only a change cut short leaves (every fill is written and recorded under the lock).
     fn usage_locked(&self) -> u64 {
         let boot = boot_id();
         if let Ok(b) = std::fs::read(self.dir.join(".usage")) {
             if b.len() == USAGE_LEN && &b[..8] == USAGE_MAGIC && LE::read_u64(&b[8..16]) == boot {
-                return LE::read_u64(&b[16..24]);
+                let n = LE::read_u64(&b[16..24]);
+                if n != UNSETTLED {
+                    return n;
+                }
             }
         }
+        self.sweep_locked();
         let total = self.scan().0;
         self.set_usage_locked(total);
         total
+    }
+
+    /// Punches what no record covers out of every layer's data file (best effort: a file that
+    /// cannot be swept keeps its stray bytes until its chunks are fetched again).
+    fn sweep_locked(&self) {
+        let Ok(files) = std::fs::read_dir(self.dir.join("layers")) else { return };
+        for f in files.flatten() {
+            let ip = f.path();
+            if ip.extension().is_some_and(|e| e == "index") {
+                if let Some(shift) = chunks::shift_of(&ip) {
+                    let _ = chunks::sweep_locked(&ip, &ip.with_extension("data"), shift);
+                }
+            }
+        }
     }
 
     fn set_usage_locked(&self, total: u64) {
@@ -336,10 +363,9 @@ impl Cache {
             .create_new(true)
             .open(&tmp)
             .and_then(|mut f| std::io::Write::write_all(&mut f, &file));
-        let kept = written.is_ok()
-            && self
-                .with_lock(|| self.make_room_locked(file.len() as u64).is_ok() && std::fs::rename(&tmp, &p).is_ok())
-                .unwrap_or(false);
+        let rename = || std::fs::rename(&tmp, &p).map_err(|e| io("rename", &p, e));
+        let kept =
+            written.is_ok() && self.with_lock(|| self.fill_locked(file.len() as u64, rename).is_ok()).unwrap_or(false);
         if !kept {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -348,11 +374,17 @@ impl Cache {
     /// Brings the cache under 90% of its bound, least recently used first, under the lock
     /// file (so two processes do not evict twice over).
     pub fn evict(&self) -> Result<()> {
-        self.with_lock(|| self.evict_locked(self.limit / 10 * 9).map(|_| ()))?
+        self.with_lock(|| {
+            self.usage_locked();
+            self.set_usage_locked(UNSETTLED);
+            let total = self.evict_locked(self.limit / 10 * 9)?;
+            self.set_usage_locked(total);
+            Ok(())
+        })?
     }
 
-    /// Brings the cache down to `target` bytes, least recently used first, and returns (and
-    /// records in `.usage`) what it then holds. The caller holds the lock file.
+    /// Brings the cache down to `target` bytes, least recently used first, and returns what it
+    /// then holds. The caller holds the lock file and has marked `.usage` unsettled.
     fn evict_locked(&self, target: u64) -> Result<u64> {
         let (mut total, mut all) = self.scan();
         all.sort_by_key(|v| v.2);
@@ -377,7 +409,6 @@ impl Cache {
             let Some(shift) = chunks::shift_of(&ip) else { continue };
             chunks::evict_locked(&ip, &ip.with_extension("data"), shift, &victims)?;
         }
-        self.set_usage_locked(total);
         Ok(total)
     }
 }
@@ -385,6 +416,8 @@ impl Cache {
 const USAGE_MAGIC: &[u8; 8] = b"CDUSAGE1";
 /// `.usage`: magic, the boot it was written in (see [`boot_id`]), the bytes held; little-endian.
 const USAGE_LEN: usize = 24;
+/// The count while a change is under way (see [`Cache::fill_locked`]): no cache holds this much.
+const UNSETTLED: u64 = u64::MAX;
 
 /// This boot of the machine, as a number: the first 8 bytes of the SHA-256 of the kernel's
 /// boot id (0 where there is none, and then a count is trusted across a power cut).

@@ -385,19 +385,20 @@ impl LayerChunks {
                 return Ok(());
             }
             // Room first, under the lock: the bound holds for all processes together.
-            cache.make_room_locked(fresh.iter().map(|(_, c)| footprint(c.len() as u64)).sum())?;
-            for (j, c) in &fresh {
-                self.data.write_at(c, self.data_offset(*j))?;
-            }
-            self.data.sync()?;
-            let now = now_secs();
-            for (j, c) in &fresh {
-                let tag = self.next_tag.fetch_add(2, Ordering::Relaxed);
-                let r = Record { tag, chunk: self.entries[*j].0, length: c.len() as u32, last_use: now };
-                self.index.write_at(&r.encode(), record_offset(*j))?;
-                self.known[*j].store(tag, Ordering::Release);
-            }
-            Ok(())
+            cache.fill_locked(fresh.iter().map(|(_, c)| footprint(c.len() as u64)).sum(), || {
+                for (j, c) in &fresh {
+                    self.data.write_at(c, self.data_offset(*j))?;
+                }
+                self.data.sync()?;
+                let now = now_secs();
+                for (j, c) in &fresh {
+                    let tag = self.next_tag.fetch_add(2, Ordering::Relaxed);
+                    let r = Record { tag, chunk: self.entries[*j].0, length: c.len() as u32, last_use: now };
+                    self.index.write_at(&r.encode(), record_offset(*j))?;
+                    self.known[*j].store(tag, Ordering::Release);
+                }
+                Ok(())
+            })
         })??;
         let mut p = lock(&self.pending);
         for (j, c) in &batch {
@@ -452,6 +453,41 @@ pub(super) fn evict_locked(ip: &Path, dp: &Path, shift: u32, victims: &[(usize, 
         data.punch(r.chunk << shift, footprint(u64::from(r.length)))?;
     }
     Ok(())
+}
+
+/// Punches every byte of the data file `dp` that no record of the index `ip` covers: what a
+/// process killed between a fill's data and its record, or between an eviction's records and
+/// its punches, leaves. The caller holds the cache's lock, under which every fill is written
+/// and recorded, so no such byte belongs to a fill under way. Returns the bytes punched.
+pub(super) fn sweep_locked(ip: &Path, dp: &Path, shift: u32) -> Result<u64> {
+    let mut kept: Vec<(u64, u64)> = records_of(ip)
+        .iter()
+        .map(|(_, r)| (r.chunk << shift, (r.chunk << shift) + footprint(u64::from(r.length))))
+        .collect();
+    kept.sort_unstable();
+    let data = FileStorage::open(dp, true, LockMode::None)?;
+    let (mut pos, mut k, mut punched) = (0u64, 0usize, 0u64);
+    while let Some(start) = data.next_data(pos)? {
+        let end = data.next_hole(start)?;
+        if end <= start {
+            break;
+        }
+        // The gaps between kept ranges inside this run of data.
+        let mut at = start;
+        while at < end {
+            while k < kept.len() && kept[k].1 <= at {
+                k += 1;
+            }
+            let next = kept.get(k).map_or(end, |r| r.0.clamp(at, end));
+            if next > at {
+                data.punch(at, next - at)?;
+                punched += next - at;
+            }
+            at = kept.get(k).map_or(end, |r| r.1.min(end)).max(next);
+        }
+        pos = end;
+    }
+    Ok(punched)
 }
 
 /// The chunk shift an index file records.
@@ -628,6 +664,46 @@ mod tests {
             }
         }
         assert!((3..=5).contains(&kept), "{kept} chunks kept under a bound of 5");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn bytes_a_change_cut_short_left_without_a_record_are_punched_at_the_next_fill() {
+        use std::os::unix::fs::MetadataExt;
+        let d = dir("cut-short");
+        let (digest, m, contents) = layer(4);
+        let a = Cache::open(&d, 1 << 30).unwrap();
+        let la = a.layer(&digest, &m).unwrap();
+        for i in 0..3 {
+            fill(&a, &la, i, &contents);
+        }
+        a.publish_all().unwrap();
+        let (ip, dp) = paths(&d, &crate::remote::manifest::hex(&digest));
+        let allocated = || std::fs::metadata(&dp).unwrap().blocks() * 512;
+        assert_eq!(allocated(), 3 << SHIFT);
+        // An eviction of entry 1 that ends after clearing its record, before the punch: what
+        // a process killed there leaves (a failed change leaves the count unsettled the same way).
+        let cut = a.with_lock(|| {
+            a.fill_locked(0, || -> Result<()> {
+                let index = FileStorage::open(&ip, true, LockMode::None)?;
+                index.write_at(&[0u8; RECORD as usize], record_offset(1))?;
+                index.sync()?;
+                Err(err(ErrorKind::Io, "killed"))
+            })
+        });
+        assert!(cut.unwrap().is_err());
+        assert_eq!(allocated(), 3 << SHIFT, "the evicted bytes are still there");
+        // The next fill, by another process, recounts: the stray bytes go, the kept ones stay.
+        let b = Cache::open(&d, 1 << 30).unwrap();
+        let lb = b.layer(&digest, &m).unwrap();
+        fill(&b, &lb, 3, &contents);
+        b.publish_all().unwrap();
+        assert_eq!(allocated(), 3 << SHIFT, "entries 0, 2 and 3 hold the data file, entry 1 nothing");
+        let mut whole = vec![0u8; 1 << SHIFT];
+        for i in [0, 2, 3] {
+            assert!(lb.read(i, 0, &mut whole) && whole == contents[i], "entry {i} reads back");
+        }
+        assert!(!lb.read(1, 0, &mut whole));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

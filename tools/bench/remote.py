@@ -71,7 +71,8 @@ def wait_for(cond, timeout, what):
     while not cond():
         if time.time() - t > timeout:
             raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        # Polled often: the wait is inside the timed start of every variant.
+        time.sleep(0.002)
 
 
 class Mounted:
@@ -157,6 +158,8 @@ def main():
     ap.add_argument("--size", default="1536M", help="ext4 base size (default 1536M)")
     ap.add_argument("--boot-mib", type=int, default=48, help="bytes of files the boot set reads")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--pair-rounds", type=int, default=3,
+                    help="local/warm pairs measured in each repetition (the warm target's samples)")
     ap.add_argument("--quick", action="store_true", help="a small base, one repetition")
     ap.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     ap.add_argument("--keep", action="store_true")
@@ -328,17 +331,23 @@ def cold_start(a, work, cow, s3b, env, repo, base, boot, boot_bytes):
         # order, the local chain and warm (the lazy run's cache): the scratch file system may
         # be mounted with online discard (this machine's is), so the runs just after the
         # download's 1.5 GiB file is deleted share the device with its discards; the two runs
-        # compared with each other see the same conditions.
-        last = [("local", None, []), ("warm", d / "cache-lazy", ["--no-prefetch"])]
+        # compared with each other see the same conditions. Their target is 10%, closer than
+        # single runs of one variant repeat here (up to 20% apart), so each repetition
+        # measures --pair-rounds pairs, the order alternating from pair to pair, and every
+        # run counts.
+        pair = [("local", None, []), ("warm", d / "cache-lazy", ["--no-prefetch"])]
+        pairs = [x for p in range(a.pair_rounds) for x in (pair if (r + p) % 2 == 0 else pair[::-1])]
         for kind, cache, extra in [("lazy", d / "cache-lazy", ["--no-prefetch"]),
-                                   ("trace", d / "cache-trace", [])] + (last if r % 2 == 0 else last[::-1]):
+                                   ("trace", d / "cache-trace", [])] + pairs:
             if kind == "local":
+                (d / "local.cow").unlink(missing_ok=True)
                 sh(cow, "create", d / "local.cow", "--backing", base)
                 drop_caches()
                 t = through([cow, "serve", d / "local.cow", "--socket", sock], sock, env, d, d / "local.log")
                 results["local"].append((t, 0, 0))
                 continue
             top = d / f"{kind}.cow"
+            top.unlink(missing_ok=True)
             sh(cow, "create", top, "--backing", layer, env=cache_env(cache))
             before = du_bytes(cache)
             drop_caches()
@@ -503,7 +512,8 @@ def write_report(a, setup, cold, push, elapsed, env):
 
 Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {elapsed / 60:.1f} minutes, against a single-node
 Ceph RGW on this machine (`tools/ceph/start.sh`; {os.cpu_count()} cores). {'; '.join(versions)}.
-Medians in bold, min / median / max over {a.repeat} repetition(s), the variants interleaved.
+Medians in bold, min / median / max over {a.repeat} repetition(s), the variants interleaved;
+the local chain and the warm cache over {a.repeat * a.pair_rounds} runs each ({a.pair_rounds} pairs per repetition).
 
 **The base**: ext4, {human(setup['base_bytes'])}, holding {setup['files']:,} files ({human(setup['tree_bytes'])}:
 {source}). **The boot set**: {setup['sets']['boot'][0]:,} files, {human(boot)}: every 7th file in name
@@ -556,9 +566,10 @@ of the download) until the last byte is read. Bytes fetched are the object's siz
 what the curl plugin read according to nbdkit's stats filter (nbdkit), and what the cowdisk
 server says it fetched at exit (the stored records' bytes of its ranged GETs: zstd-compressed
 where that was smaller); the last column is the growth of cowdisk's chunk cache (content
-bytes as allocated on disk, with read-ahead and the records a GET brought along). The variants run in the order download, nbdkit, lazy, trace, then the local
-chain and the warm cache back to back (which of the two goes first alternates between
-repetitions): the scratch file system here is mounted with online discard, so the runs just
+bytes as allocated on disk, with read-ahead and the records a GET brought along). The variants run in the order download, nbdkit, lazy, trace, then
+{a.pair_rounds} pairs of the local chain and the warm cache back to back (which of the two goes first alternates from
+pair to pair; every run counts, since single runs of one variant here differ by up to 20% and the
+warm target is 10%): the scratch file system here is mounted with online discard, so the runs just
 after the download's file is deleted share the device with its discards, and the two runs the
 warm target compares see the same conditions. The nbdkit variant reads a public-read copy of the raw image (its
 curl plugin sends a HEAD, which a presigned GET URL does not allow). The store, the servers
