@@ -72,6 +72,9 @@ struct RemoteLayer {
     /// The last chunk read (entry number + 1; 0 for none), to see sequential reads.
     last: AtomicU64,
     reading_ahead: Arc<AtomicBool>,
+    /// The entries this process fetched (a bit each): a sequential reader among them is on
+    /// the frontier of what the cache holds, and only there is reading ahead worth a request.
+    fetched_here: Arc<EntryBits>,
     /// Where first reads are recorded, when this process records traces.
     recorder: Option<Arc<Mutex<Recorder>>>,
 }
@@ -100,6 +103,7 @@ impl RemoteLayer {
             len: manifest.virtual_size,
             last: AtomicU64::new(0),
             reading_ahead: Arc::new(AtomicBool::new(false)),
+            fetched_here: Arc::new(EntryBits::new(manifest.entries.len())),
             manifest,
         };
         match l.manifest.kind {
@@ -189,12 +193,20 @@ impl RemoteLayer {
         }
         let chunks = self.chunks()?;
         let prev = self.last.swap(i as u64 + 1, Ordering::Relaxed);
-        if prev == i as u64 && i > 0 {
+        // Read ahead for a sequential reader on the frontier: reading what this process
+        // fetched, or about to miss. One reading what the cache held before (a warm boot) is
+        // not: ahead of it lie chunks nobody read last time, and fetching them only takes
+        // the store's and the machine's time from the reads that matter.
+        if prev == i as u64 && i > 0 && (self.fetched_here.get(i - 1) || self.fetched_here.get(i) || !chunks.has(i)) {
             self.read_ahead_from(&chunks, i + 1);
         }
         let m = out.len().min((loc.length as usize).saturating_sub(at));
         if !chunks.read(i, at, &mut out[..m]) {
-            let content = fetch_entry(&self.repo, &self.manifest, &chunks, i, &self.followers(i))?;
+            let followers = self.followers(i);
+            let content = fetch_entry(&self.repo, &self.manifest, &chunks, i, &followers)?;
+            for j in std::iter::once(i).chain(followers) {
+                self.fetched_here.set(j);
+            }
             out[..m].copy_from_slice(&content[at..at + m]);
         }
         out[m..].fill(0);
@@ -239,17 +251,42 @@ impl RemoteLayer {
             self.reading_ahead.store(false, Ordering::Release);
             return;
         };
-        let (repo, busy, chunks, m) =
-            (self.repo.clone(), self.reading_ahead.clone(), chunks.clone(), self.manifest.clone());
+        let (repo, busy, chunks, m, ours) = (
+            self.repo.clone(),
+            self.reading_ahead.clone(),
+            chunks.clone(),
+            self.manifest.clone(),
+            self.fetched_here.clone(),
+        );
         std::thread::spawn(move || {
             for j in todo {
                 if bg.stopping() || fetch_entry(&repo, &m, &chunks, j, &[]).is_err() {
                     break;
                 }
+                ours.set(j);
             }
             busy.store(false, Ordering::Release);
             drop(bg);
         });
+    }
+}
+
+/// One bit per manifest entry, set from any thread.
+struct EntryBits(Vec<AtomicU64>);
+
+impl EntryBits {
+    fn new(n: usize) -> EntryBits {
+        EntryBits((0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn set(&self, i: usize) {
+        if let Some(w) = self.0.get(i / 64) {
+            w.fetch_or(1 << (i % 64), Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
     }
 }
 

@@ -587,6 +587,52 @@ fn fetched_bytes(log: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Which entries of each layer the cache at `dir` holds, by entry number (format-spec §9.5,
+/// informative: a record's tag is 0 for a chunk not held).
+fn cached_entries(dir: &Path) -> Vec<usize> {
+    let Ok(rd) = std::fs::read_dir(dir.join("layers")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "index")) {
+        let b = std::fs::read(e.path()).unwrap_or_default();
+        let records = b.get(64..).unwrap_or_default().chunks_exact(32);
+        out.extend(records.enumerate().filter(|(_, r)| r[..8] != [0u8; 8]).map(|(i, _)| i));
+    }
+    out
+}
+
+#[test]
+fn a_warm_sequential_read_fetches_nothing_beyond_what_it_reads() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("cache"), random_bytes(8 << 20, 71), &[]);
+    let cache = ws.subdir("reader-cache");
+    // A first process reads the first 2 MiB in order: it fetches them, and ahead of them.
+    let read_in_order = |server: &Server, chunks: usize| {
+        let mut c = client(server);
+        for i in 0..chunks {
+            let got = c.read((i * CHUNK) as u64, CHUNK as u32).expect("read");
+            assert_bytes_eq(&got, &data[i * CHUNK..(i + 1) * CHUNK], &format!("chunk {i}"));
+        }
+        c.disconnect().ok();
+    };
+    let mut lazy = overlay_servers(&repo, &ws, &cache, 1, &["--no-prefetch"]).remove(0);
+    read_in_order(&lazy, 32);
+    lazy.daemon().terminate(STOP_TIMEOUT);
+    assert!(fetched_bytes(&lazy.log()) >= 2 << 20);
+    let held = cached_entries(&cache);
+    let prefix = held.iter().enumerate().take_while(|&(k, &i)| k == i).count();
+    assert!(prefix >= 32, "the first reader's chunks are cached: {held:?}");
+    // A second process reads everything the cache holds from the start, in order: all of it
+    // is there, so it makes no request (reading ahead past it would fetch chunks nobody read).
+    let ws2 = TempDir::for_test();
+    let mut warm = overlay_servers(&repo, &ws2, &cache, 1, &["--no-prefetch"]).remove(0);
+    read_in_order(&warm, prefix);
+    warm.daemon().terminate(STOP_TIMEOUT);
+    assert_eq!(fetched_bytes(&warm.log()), 0, "a warm read of {prefix} cached chunks fetched");
+    assert_eq!(cached_entries(&cache), held);
+}
+
 #[test]
 fn two_processes_reading_one_layer_at_once_fetch_it_once() {
     let Some(s3) = s3() else { return };
