@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Runs chosen jobs of bench.py against chosen peers, interleaved, and prints each run's main
+figure: for measuring one change without the full run (a full `tools/bench/run.sh` is what
+BENCHMARKS.md records).
+
+Usage: tools/bench/jobs.py [--jobs job_syncwrite,job_syncrewrite] [--peers cowdisk,nbdkit]
+                           [--rounds 2] [--runtime 10] [--dir /var/tmp/cowdisk-jobs]
+Needs the release binary (cargo build --release) and the peers bench.py needs.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--jobs", default="job_syncwrite,job_syncrewrite,job_fuawrite,job_fuarewrite")
+ap.add_argument("--peers", default="cowdisk,nbdkit")
+ap.add_argument("--rounds", type=int, default=2)
+ap.add_argument("--runtime", type=int, default=10)
+ap.add_argument("--dir", default="/var/tmp/cowdisk-jobs")
+a = ap.parse_args()
+sys.argv = sys.argv[:1]
+import bench as B  # noqa: E402  (after argv is cleared: bench.py parses none at import)
+
+
+class Args:
+    pass
+
+
+B.ARGS = Args()
+B.ARGS.runtime, B.ARGS.quick, B.ARGS.size_bytes, B.ARGS.repeat = a.runtime, False, B.GiB, 1
+B.ARGS.big_chunks = 16384
+B.ARGS.cowdisk = str(B.REPO / "target" / "release" / "cowdisk")
+B.SCRATCH = Path(a.dir)
+B.SCRATCH.mkdir(parents=True, exist_ok=True)
+B.BASE, B.BASE_COPY = B.SCRATCH / "base.raw", B.SCRATCH / "base-copy.raw"
+for p in B.SCRATCH.iterdir():
+    if p.is_file() and p not in (B.BASE, B.BASE_COPY):
+        p.unlink()
+if not B.BASE_COPY.exists():
+    with open(B.BASE, "wb") as f:
+        for _ in range(B.GiB // (8 << 20)):
+            f.write(os.urandom(8 << 20))
+    B.run(["cp", "--sparse=never", B.BASE, B.BASE_COPY])
+    B.run(["sync"])
+with open(B.BASE, "rb", buffering=0) as f:
+    while f.read(8 << 20):
+        pass
+peers = a.peers.split(",")
+jobs = [getattr(B, j) for j in a.jobs.split(",")]
+for r in range(a.rounds):
+    for job in jobs:
+        for peer in peers if r % 2 == 0 else peers[::-1]:
+            job(peer)
+for name, by_peer in B.RESULTS.items():
+    print(name, {p: [round(m["value"]) for m in ms] for p, ms in by_peer.items()})
