@@ -236,19 +236,26 @@ impl Cache {
 
     /// Runs `write`, which adds `n` bytes to the cache, after making room for them (evicting
     /// first if they would pass the bound), and counts them once it succeeded. The caller holds
-    /// the lock file. While it runs, `.usage` says the count is unsettled: a process killed in
-    /// the middle (between a fill's data and its record, or an eviction's records and its
-    /// punches) leaves it so, and the next holder of the lock recounts and punches out what
-    /// no record covers (see [`Cache::usage_locked`]) instead of carrying those bytes
-    /// uncounted. A `write` that fails leaves it unsettled too.
+    /// the lock file.
     pub(super) fn fill_locked<T>(&self, n: u64, write: impl FnOnce() -> Result<T>) -> Result<T> {
-        let mut used = self.usage_locked();
+        self.change_locked(|used| {
+            let used =
+                if used + n > self.limit { self.evict_locked((self.limit / 10 * 9).saturating_sub(n))? } else { used };
+            Ok((write()?, used + n))
+        })
+    }
+
+    /// Every change of what the cache holds, under the lock file (the caller holds it): `f` gets
+    /// the bytes held and returns what it made of them. While it runs, `.usage` says the count
+    /// is unsettled: a process killed in the middle (between a fill's data and its record, or
+    /// an eviction's records and its punches) leaves it so, and the next holder of the lock
+    /// recounts and punches out what no record covers (see [`Cache::usage_locked`]) instead of
+    /// carrying those bytes uncounted. An `f` that fails leaves it unsettled too.
+    fn change_locked<T>(&self, f: impl FnOnce(u64) -> Result<(T, u64)>) -> Result<T> {
+        let used = self.usage_locked();
         self.set_usage_locked(UNSETTLED);
-        if used + n > self.limit {
-            used = self.evict_locked((self.limit / 10 * 9).saturating_sub(n))?;
-        }
-        let out = write()?;
-        self.set_usage_locked(used + n);
+        let (out, total) = f(used)?;
+        self.set_usage_locked(total);
         Ok(out)
     }
 
@@ -374,17 +381,11 @@ impl Cache {
     /// Brings the cache under 90% of its bound, least recently used first, under the lock
     /// file (so two processes do not evict twice over).
     pub fn evict(&self) -> Result<()> {
-        self.with_lock(|| {
-            self.usage_locked();
-            self.set_usage_locked(UNSETTLED);
-            let total = self.evict_locked(self.limit / 10 * 9)?;
-            self.set_usage_locked(total);
-            Ok(())
-        })?
+        self.with_lock(|| self.change_locked(|_| Ok(((), self.evict_locked(self.limit / 10 * 9)?))))?
     }
 
     /// Brings the cache down to `target` bytes, least recently used first, and returns what it
-    /// then holds. The caller holds the lock file and has marked `.usage` unsettled.
+    /// then holds. The caller holds the lock file, inside [`Cache::change_locked`].
     fn evict_locked(&self, target: u64) -> Result<u64> {
         let (mut total, mut all) = self.scan();
         all.sort_by_key(|v| v.2);
@@ -416,7 +417,7 @@ impl Cache {
 const USAGE_MAGIC: &[u8; 8] = b"CDUSAGE1";
 /// `.usage`: magic, the boot it was written in (see [`boot_id`]), the bytes held; little-endian.
 const USAGE_LEN: usize = 24;
-/// The count while a change is under way (see [`Cache::fill_locked`]): no cache holds this much.
+/// The count while a change is under way (see [`Cache::change_locked`]): no cache holds this much.
 const UNSETTLED: u64 = u64::MAX;
 
 /// This boot of the machine, as a number: the first 8 bytes of the SHA-256 of the kernel's
