@@ -305,3 +305,53 @@ fn a_write_whose_payload_is_cut_off_leaves_no_leaked_space() {
         assert_eq!(r.exit_code(), 0, "checksums {sums}: {r:?}");
     }
 }
+
+/// Found by the crash explorer in the first version of the redo journal (format-spec §5.9,
+/// pinned as concurrent seed 231): a cluster released by a journaled flush was given to another
+/// chunk at once, while an older record in the journal still held a copy of a block of it. A
+/// checkpoint cut short after its sectors were durable, before its record restarting the
+/// journal, left the old chain, whose replay wrote that old copy into the new owner's block:
+/// the new chunk read the old chunk's data. Released clusters now wait for the checkpoint.
+#[test]
+fn a_cluster_released_in_the_journal_is_not_reused_before_the_checkpoint() {
+    let journal = Journal::new();
+    let base = pattern(231, SIZE as usize);
+    let store = Arc::new(RecordingStorage::new(journal.clone(), 0));
+    // 4 KiB chunks: a map sector holds 15 entries, handed out in the order chunks are first
+    // written, so chunk 40 below is described by the second sector, which no record logs.
+    let g = Geometry::new(SIZE, 12).unwrap();
+    let top = Image::create_on(store.clone(), Path::new("top"), g, Some(raw_ref()), [1; 16]).unwrap();
+    let raw = RawImage::on(Arc::new(MemStorage::from_bytes(base.clone())), Path::new("base.raw"), SIZE);
+    let chain = Chain::assemble(top, Vec::new(), Some(raw));
+    // The journal and the map's first extent are made (a flush adding an extent is not
+    // journaled); chunk 63 takes the first entry.
+    chain.write_at(&[1u8; BLOCK], 63 * BLOCK as u64).unwrap();
+    chain.flush().unwrap();
+    let old = vec![0xaa; BLOCK];
+    for c in 0..14u64 {
+        chain.write_at(&old, c * BLOCK as u64).unwrap();
+    }
+    chain.flush().unwrap(); // a record holding copies of chunk 0's block (and the first sector)
+    chain.discard(0, BLOCK as u64).unwrap();
+    chain.flush().unwrap(); // a record releasing chunk 0's cluster
+    let new = vec![0x55; BLOCK];
+    chain.write_at(&new, 40 * BLOCK as u64).unwrap(); // chunk 40 takes a cluster
+    chain.top().update_header(|_| {}).unwrap(); // a checkpoint, then a header write
+                                                // The crash: just before the checkpoint's record, every write before it landed.
+    let ops = journal.ops();
+    let k = ops
+        .iter()
+        .rposition(|(_, op)| matches!(op, cowdisk::storage::recording::RecOp::DurableWrite { .. }))
+        .expect("the checkpoint's record");
+    let bytes = CrashImages::new(&journal, 1).state(0, k, |n| n - 1);
+    let top = Image::open_on(Arc::new(MemStorage::from_bytes(bytes)), Path::new("top"), OpenOptions::writable())
+        .expect("the crash state opens");
+    let raw = RawImage::on(Arc::new(MemStorage::from_bytes(base.clone())), Path::new("base.raw"), SIZE);
+    let chain = Chain::assemble(top, Vec::new(), Some(raw));
+    let mut dev = vec![0u8; SIZE as usize];
+    chain.read_at(&mut dev, 0).unwrap();
+    // Chunk 40's block: what the base held there, or what was written; never chunk 0's data.
+    let at = 40 * BLOCK;
+    assert_block_is_one_of(&dev, 40, &[&base[at..at + BLOCK], &new], "chunk 40 after the crash");
+    assert_block_is_one_of(&dev, 0, &[&[0u8; BLOCK], &old], "chunk 0 after the crash");
+}

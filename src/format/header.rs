@@ -29,6 +29,8 @@ mod off {
     pub const PENDING_KIND: usize = 3192;
     pub const PENDING_LENS: usize = 3196;
     pub const PENDING_NAMES: usize = 3204;
+    pub const JOURNAL_OFFSET: usize = 3972;
+    pub const JOURNAL_LEN: usize = 3980;
     pub const CRC: usize = 4092;
 }
 
@@ -91,6 +93,8 @@ pub struct Header {
     pub map_extents: Vec<MapExtent>,
     /// An interrupted snapshot to finish (spec §5.7).
     pub pending: Option<PendingSnapshot>,
+    /// The redo journal's area (spec §5.9), with INCOMPAT_JOURNAL.
+    pub journal: Option<MapExtent>,
 }
 
 /// The intent record of a snapshot (spec §5.7): once it is durable in a frozen image's header,
@@ -122,6 +126,7 @@ impl Header {
             parent,
             map_extents: Vec::new(),
             pending: None,
+            journal: None,
         }
     }
 
@@ -148,11 +153,17 @@ impl Header {
         LE::write_u32(&mut b[off::VERSION..], VERSION);
         LE::write_u32(&mut b[off::SLOT_SIZE..], HEADER_SLOT_SIZE as u32);
         LE::write_u64(&mut b[off::GENERATION..], self.generation);
-        let incompat = if self.geometry.data_checksums {
+        let mut incompat = if self.geometry.data_checksums {
             self.incompat | INCOMPAT_DATA_CHECKSUMS
         } else {
             self.incompat & !INCOMPAT_DATA_CHECKSUMS
         };
+        incompat &= !INCOMPAT_JOURNAL;
+        if let Some(j) = &self.journal {
+            incompat |= INCOMPAT_JOURNAL;
+            LE::write_u64(&mut b[off::JOURNAL_OFFSET..], j.offset);
+            LE::write_u64(&mut b[off::JOURNAL_LEN..], j.len);
+        }
         LE::write_u64(&mut b[off::INCOMPAT..], incompat);
         LE::write_u64(&mut b[off::COMPAT..], self.compat);
         LE::write_u64(&mut b[off::VIRTUAL_SIZE..], self.geometry.virtual_size);
@@ -252,6 +263,26 @@ impl Header {
             map_extents.push(e);
         }
         let pending = decode_pending(b)?;
+        let journal = if incompat & INCOMPAT_JOURNAL != 0 {
+            let j = MapExtent {
+                offset: LE::read_u64(&b[off::JOURNAL_OFFSET..]),
+                len: LE::read_u64(&b[off::JOURNAL_LEN..]),
+            };
+            validate_extent(&geometry, &j)
+                .and_then(|_| {
+                    if j.len > MAX_JOURNAL {
+                        Err(err(ErrorKind::Corrupt, format!("a journal of {} bytes (at most {MAX_JOURNAL})", j.len)))
+                    } else if map_extents.iter().any(|o| j.offset < o.end() && o.offset < j.end()) {
+                        Err(err(ErrorKind::Corrupt, "the journal overlaps a map extent"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .map_err(|e| err(ErrorKind::Corrupt, format!("journal: {}", e.message())))?;
+            Some(j)
+        } else {
+            None
+        };
         Ok(Header {
             generation: LE::read_u64(&b[off::GENERATION..]),
             incompat,
@@ -262,6 +293,7 @@ impl Header {
             parent,
             map_extents,
             pending,
+            journal,
         })
     }
 

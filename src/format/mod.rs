@@ -46,7 +46,12 @@ pub const KNOWN_FLAGS: u64 = FLAG_FROZEN | FLAG_DIRTY | FLAG_CORRUPT;
 /// Incompatible feature: every data block carries a CRC-32 in its map entry (spec §2.3, §4.2).
 pub const INCOMPAT_DATA_CHECKSUMS: u64 = 1 << 0;
 /// Incompatible features this build understands.
-pub const KNOWN_INCOMPAT: u64 = INCOMPAT_DATA_CHECKSUMS;
+/// The image has a redo journal (spec §5.9): its map on the file may be older than its last
+/// flush until the journal is replayed, so a reader that does not know it must refuse.
+pub const INCOMPAT_JOURNAL: u64 = 1 << 1;
+pub const KNOWN_INCOMPAT: u64 = INCOMPAT_DATA_CHECKSUMS | INCOMPAT_JOURNAL;
+/// Longest journal area a header may list.
+pub const MAX_JOURNAL: u64 = 64 << 20;
 /// Largest chunk size that may carry data checksums: the entry must fit in one map sector.
 pub const MAX_CHECKSUM_CHUNK_SHIFT: u32 = 18;
 

@@ -9,7 +9,11 @@ use crate::format::header::MAX_FILE_SIZE;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Use {
     MapExtent,
-    DataSlot { chunk: u64 },
+    DataSlot {
+        chunk: u64,
+    },
+    /// The redo journal's area (spec §5.9).
+    Journal,
 }
 
 #[derive(Debug)]
@@ -158,6 +162,7 @@ fn describe(u: Use) -> String {
     match u {
         Use::MapExtent => "a map extent".to_string(),
         Use::DataSlot { chunk } => format!("the data slot of chunk {chunk}"),
+        Use::Journal => "the journal".to_string(),
     }
 }
 

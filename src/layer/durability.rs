@@ -2,18 +2,19 @@
 //! replacement and close, and what a failed sync means.
 
 use super::alloc::Allocator;
-use super::map::ChunkMap;
-use super::{lock, write, Image, State};
+use super::journal::{self, Record};
+use super::map::{ChunkMap, DirtySnapshot};
+use super::{lock, read, used_ranges, write, Image, JournalState, State, Written};
 
 /// A whole new map made durable by [`Image::prepare_map`], waiting for
 /// [`Image::switch_map`].
 pub struct PreparedMap {
     map: ChunkMap,
 }
-use crate::error::{Error, Result};
-use crate::format::header::{Header, PendingSnapshot};
+use crate::error::{err, Error, ErrorKind, Result};
+use crate::format::header::{Header, MapExtent, PendingSnapshot};
 use crate::format::map::MapEntry;
-use crate::format::{FLAG_CORRUPT, FLAG_DIRTY, FLAG_FROZEN};
+use crate::format::{BLOCK_SIZE, FLAG_CORRUPT, FLAG_DIRTY, FLAG_FROZEN};
 use std::sync::atomic::Ordering;
 
 impl Image {
@@ -34,42 +35,76 @@ impl Image {
         self.storage.sync().inspect_err(|_| self.poisoned.store(true, Ordering::Release))
     }
 
-    /// Makes every write completed before the call durable (spec §5.3): data first, then the
-    /// header if the map grew, then the dirty map sectors, then released space becomes reusable.
+    /// Makes every write completed before the call durable: with one durable write of a
+    /// journal record where the image journals and the flush is small (spec §5.9), else in
+    /// place (spec §5.3): data first, then the header if the map grew, then the dirty map
+    /// sectors. Then released space becomes reusable.
     pub fn flush(&self) -> Result<()> {
         if !self.is_writable() {
             return Ok(());
         }
         let _f = lock(&self.flush_lock);
-        self.flush_locked()
+        self.flush_locked(true)
     }
 
-    fn flush_locked(&self) -> Result<()> {
+    /// Whether flushes of this image may go to a journal: a writable top (a frozen layer being
+    /// written by a commit, and images with data checksums, keep to §5.3 alone).
+    fn journals(&self, st: &State) -> bool {
+        self.is_writable() && !self.geom.data_checksums && !st.header.has_flag(FLAG_FROZEN)
+    }
+
+    /// The flush. `may_journal` false (closing, header changes, map switches) leaves the map in
+    /// the file complete: a checkpoint if records were written since the last one.
+    fn flush_locked(&self, may_journal: bool) -> Result<()> {
         if self.poisoned.load(Ordering::Acquire) {
             return self.require_writable();
         }
-        let (snap, released) = {
+        let mut js = lock(&self.journal);
+        if may_journal {
+            self.make_journal(&mut js)?;
+        }
+        let (snap, released, journaled, written) = {
             // F1 waits for writes between plan and commit (data checksums): see data.rs.
             let _gate = write(&self.snapshot_gate);
             let mut st = write(&self.state);
-            (st.map.take_dirty(), st.alloc.take_pending())
-        };
-        let res = (|| -> Result<()> {
-            self.sync_or_poison()?;
-            if !snap.is_empty() {
-                if snap.extents_changed {
-                    let mut st = write(&self.state);
-                    self.write_header(&mut st, |_| {})?;
-                }
-                for (off, bytes) in &snap.encoded {
-                    self.storage.write_at(bytes, *off)?;
-                }
-                self.sync_or_poison()?;
+            // What was written before this instant is this flush's to copy; later writes
+            // are the next one's.
+            let written = std::mem::take(&mut *lock(&self.written));
+            // A flush that changed no map sector, with no record since the last checkpoint,
+            // is one sync in place already (rewrites of written blocks): a record would only
+            // copy the blocks.
+            let changed = st.map.dirty_sectors() > 0 || js.records > 0;
+            let journaled = may_journal && changed && self.journals(&st) && record_fits(&st, &js, &written);
+            if !journaled && js.records > 0 {
+                // A checkpoint: the sectors logged since the last one go to their places too.
+                st.map.mark_sectors_dirty(js.logged.iter().copied());
             }
+            (st.map.take_dirty(), st.alloc.take_pending(), journaled, written)
+        };
+        let res = if journaled && snap.is_empty() && written.bytes == 0 {
+            // Nothing written or changed since the last flush: nothing to make durable.
             Ok(())
-        })();
+        } else if journaled {
+            self.flush_to_journal(&mut js, &snap, written)
+        } else {
+            self.flush_in_place(&mut js, &snap)
+        };
         match res {
             Ok(()) => {
+                // Space a journaled flush released waits for the next checkpoint: until then a
+                // crash replays records that may hold blocks of it, written there after its new
+                // owner's (whose map sector a checkpoint cut short may have put in place).
+                let released = if journaled {
+                    js.deferred.extend(released);
+                    Vec::new()
+                } else if js.records == 0 {
+                    let mut all = std::mem::take(&mut js.deferred);
+                    all.extend(released);
+                    all
+                } else {
+                    released
+                };
+                drop(js);
                 if !released.is_empty() {
                     // Released space is punched before anyone can reuse it (with data checksums
                     // this is the first moment it may be: the old map no longer points there).
@@ -96,6 +131,7 @@ impl Image {
                 Ok(())
             }
             Err(e) => {
+                drop(js);
                 let mut st = write(&self.state);
                 st.map.restore_dirty(snap);
                 st.alloc.requeue(released);
@@ -104,11 +140,156 @@ impl Image {
         }
     }
 
+    /// One journal record: the dirty sectors and a copy of every block written since the last
+    /// flush, written durably in one write (spec §5.9). The sectors stay logged until the next
+    /// checkpoint writes them in place.
+    fn flush_to_journal(&self, js: &mut JournalState, snap: &DirtySnapshot, written: Written) -> Result<()> {
+        let mut offs: Vec<u64> = written
+            .ranges
+            .iter()
+            .flat_map(|&(off, len)| (off / BLOCK_SIZE..(off + len).div_ceil(BLOCK_SIZE)).map(|b| b * BLOCK_SIZE))
+            .collect();
+        offs.sort_unstable();
+        offs.dedup();
+        let mut blocks = Vec::with_capacity(offs.len());
+        let restore = |w: Written| {
+            let mut now = lock(&self.written);
+            now.ranges.extend(w.ranges);
+            now.bytes = now.bytes.saturating_add(w.bytes);
+        };
+        {
+            let _copying = write(&self.copy_gate);
+            for &off in &offs {
+                let mut b = vec![0u8; BLOCK_SIZE as usize];
+                if let Err(e) = self.storage.read_at(&mut b, off) {
+                    restore(written);
+                    return Err(e);
+                }
+                blocks.push((off, b));
+            }
+        }
+        let rec = Record { seq: js.next_seq, replay_from: js.replay_from, sectors: snap.encoded.clone(), blocks };
+        let bytes = rec.encode();
+        let area_end = read(&self.state).header.journal.map_or(0, |a| a.end());
+        if js.pos + bytes.len() as u64 > area_end {
+            // record_fits planned for at least this much.
+            restore(written);
+            return Err(err(ErrorKind::Io, "a journal record outgrew the room planned for it"));
+        }
+        // Durable on return, or the image is poisoned: a failed durable write is a failed sync
+        // (the kernel may have dropped what it could not write).
+        self.storage.write_durable(&bytes, js.pos).inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        js.pos += bytes.len() as u64;
+        js.next_seq += 1;
+        js.records += 1;
+        js.logged.extend(snap.sectors().iter().copied());
+        Ok(())
+    }
+
+    /// Spec §5.3, and the checkpoint of a journal with records since the last one (the
+    /// snapshot then holds the sectors they logged): sync, header, sectors, sync; then a
+    /// record at the start of the area that says nothing before it needs replaying.
+    fn flush_in_place(&self, js: &mut JournalState, snap: &DirtySnapshot) -> Result<()> {
+        // Everything written so far is durable after this sync: no record needs to copy it.
+        // (Writes noted between here and the sync are copied by no record either, but are
+        // also covered by the sync.)
+        *lock(&self.written) = Written::default();
+        self.sync_or_poison()?;
+        if !snap.is_empty() {
+            if snap.extents_changed {
+                let st = write(&self.state);
+                let listed = st.header.map_extents.clone();
+                let new: Vec<MapExtent> = st.map.extents().iter().filter(|e| !listed.contains(e)).copied().collect();
+                drop(st);
+                self.fill_holes(&new)?;
+                let mut st = write(&self.state);
+                self.write_header(&mut st, |_| {})?;
+            }
+            for (off, bytes) in &snap.encoded {
+                self.storage.write_at(bytes, *off)?;
+            }
+            self.sync_or_poison()?;
+        }
+        if js.records > 0 {
+            if let Some(area) = read(&self.state).header.journal {
+                let mark =
+                    Record { seq: js.next_seq, replay_from: js.next_seq + 1, sectors: Vec::new(), blocks: Vec::new() };
+                self.storage
+                    .write_durable(&mark.encode(), area.offset)
+                    .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+                js.pos = area.offset + mark.len() as u64;
+                js.next_seq += 1;
+                js.replay_from = js.next_seq;
+            }
+            js.records = 0;
+            js.logged.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes zeros into the holes of map extents (all of a new one): a journaling image keeps
+    /// its map's space allocated, so that writing a sector in place later (a checkpoint, a
+    /// replay after a crash, spec §5.9) never needs space a full file system may not have.
+    /// Holes read as zeros already, so no sector changes. Stores that cannot tell holes from
+    /// data have none to fill.
+    fn fill_holes(&self, extents: &[MapExtent]) -> Result<()> {
+        let zeros = vec![0u8; 1 << 20];
+        for e in extents {
+            let mut at = e.offset;
+            while at < e.end() {
+                let hole = self.storage.next_hole(at)?.clamp(at, e.end());
+                if hole >= e.end() {
+                    break;
+                }
+                let data = self.storage.next_data(hole)?.map_or(e.end(), |d| d.clamp(hole, e.end()));
+                let data = if data == hole { e.end() } else { data };
+                let mut z = hole;
+                while z < data {
+                    let n = (data - z).min(zeros.len() as u64);
+                    self.storage.write_at(&zeros[..n as usize], z)?;
+                    z += n;
+                }
+                at = data;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a journaling image its journal area at its first flush (spec §5.9): fresh space
+    /// written with a checkpoint record and zeros, synced, then a header naming it, synced.
+    fn make_journal(&self, js: &mut JournalState) -> Result<()> {
+        let area = {
+            let mut st = write(&self.state);
+            if st.header.journal.is_some() || !self.journals(&st) {
+                return Ok(());
+            }
+            let cs = self.geom.chunk_size();
+            let len = (self.geom.virtual_size / 64).clamp(256 << 10, journal::AREA).next_multiple_of(cs);
+            MapExtent { offset: st.alloc.alloc_fresh(len)?, len }
+        };
+        let ctx = |e: Error| e.with_file(&self.path).during("make the journal");
+        let extents = read(&self.state).map.extents().to_vec();
+        self.fill_holes(&extents).map_err(ctx)?;
+        let mark = Record { seq: 1, replay_from: 2, sectors: Vec::new(), blocks: Vec::new() };
+        let m = mark.encode();
+        let mut bytes = vec![0u8; area.len as usize];
+        bytes[..m.len()].copy_from_slice(&m);
+        self.storage.write_at(&bytes, area.offset).map_err(ctx)?;
+        self.sync_or_poison().map_err(ctx)?;
+        {
+            let mut st = write(&self.state);
+            self.write_header(&mut st, |h| h.journal = Some(area)).map_err(ctx)?;
+        }
+        self.sync_or_poison().map_err(ctx)?;
+        *js = JournalState { pos: area.offset + m.len() as u64, next_seq: 2, replay_from: 2, ..Default::default() };
+        Ok(())
+    }
+
     /// Rewrites the header through `f` and makes it durable (flushes data and map first).
     pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<()> {
         self.require_writable()?;
         let _f = lock(&self.flush_lock);
-        self.flush_locked()?;
+        self.flush_locked(false)?;
         let mut st = write(&self.state);
         self.write_header(&mut st, f).map_err(|e| e.with_file(&self.path))?;
         drop(st);
@@ -123,12 +304,20 @@ impl Image {
     pub fn freeze(&self, pending: PendingSnapshot) -> Result<()> {
         self.require_writable()?;
         let _f = lock(&self.flush_lock);
-        self.flush_locked()?;
+        self.flush_locked(false)?;
         let mut st = write(&self.state);
+        // A frozen layer has no journal: its map in the file is complete (the flush above made
+        // it so), and readers of layers (a push among them) need no more. The area is punched
+        // first: its chain holds nothing to replay, and a crash before the header leaves a live
+        // image whose empty area reads as an empty chain; after it, nothing is left over.
+        if let Some(a) = st.header.journal {
+            self.storage.punch(a.offset, a.len).map_err(|e| e.with_file(&self.path))?;
+        }
         self.write_header(&mut st, |h| {
             h.set_flag(FLAG_FROZEN, true);
             h.set_flag(FLAG_DIRTY, false);
             h.pending = Some(pending);
+            h.journal = None;
         })
         .map_err(|e| e.with_file(&self.path))?;
         drop(st);
@@ -168,13 +357,14 @@ impl Image {
         self.require_writable()?;
         let ctx = |e: Error| e.with_file(&self.path).during("replace map");
         let _f = lock(&self.flush_lock);
-        self.flush_locked()?;
+        self.flush_locked(false)?;
         let mut map = {
             let mut guard = write(&self.state);
             let alloc = &mut guard.alloc;
             ChunkMap::rebuilt(self.geom, entries, |len| alloc.alloc_fresh(len)).map_err(ctx)?
         };
         let snap = map.take_dirty();
+        self.fill_holes(map.extents()).map_err(ctx)?;
         self.sync_or_poison().map_err(ctx)?;
         for (off, bytes) in &snap.encoded {
             self.storage.write_at(bytes, *off).map_err(ctx)?;
@@ -190,6 +380,9 @@ impl Image {
         self.require_writable()?;
         let ctx = |e: Error| e.with_file(&self.path).during("replace map");
         let _f = lock(&self.flush_lock);
+        // No journal record may name a sector of the old map once it is gone (its space is
+        // reused): what was logged goes in place first.
+        self.flush_locked(false).map_err(ctx)?;
         // The switch itself, under the locks readers and writers need, is memory and one header
         // write; its sync and the punches of what only the old map used run without them.
         // Taking the reclaim lock waits for I/O planned against the old map; plans made after
@@ -205,9 +398,13 @@ impl Image {
                 return Err(ctx(e));
             }
             let file_len = self.storage.len().map_err(ctx)?;
-            st.alloc =
-                Allocator::rebuild(self.geom.chunk_size(), self.geom.data_start(), file_len, st.map.used_ranges())
-                    .map_err(ctx)?;
+            st.alloc = Allocator::rebuild(
+                self.geom.chunk_size(),
+                self.geom.data_start(),
+                file_len,
+                used_ranges(&st.map, &st.header),
+            )
+            .map_err(ctx)?;
             st.alloc.take_free()
         };
         self.sync_or_poison().map_err(ctx)?;
@@ -231,7 +428,7 @@ impl Image {
         if self.clean.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.flush_locked()?;
+        self.flush_locked(false)?;
         let mut st = write(&self.state);
         self.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, false)).map_err(|e| e.with_file(&self.path))?;
         drop(st);
@@ -239,4 +436,17 @@ impl Image {
         self.clean.store(true, Ordering::Release);
         Ok(())
     }
+}
+
+/// Whether a flush fits one journal record: no new map extent (that needs a header), the data
+/// written since the last flush small enough to copy, and room left in the area.
+fn record_fits(st: &State, js: &JournalState, w: &Written) -> bool {
+    let Some(area) = st.header.journal else { return false };
+    if st.map.extents_changed() || w.bytes > journal::MAX_RECORD_DATA {
+        return false;
+    }
+    // Each range may straddle a block boundary at both ends.
+    let blocks = (w.bytes / BLOCK_SIZE) as usize + 2 * w.ranges.len();
+    let len = Record::len_for(st.map.dirty_sectors(), blocks) as u64;
+    js.pos >= area.offset && js.pos + len <= area.end()
 }

@@ -333,6 +333,17 @@ impl ChunkMap {
         DirtySnapshot { sectors, encoded, extents_changed }
     }
 
+    /// Number of sectors a flush would write now.
+    pub fn dirty_sectors(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Marks sectors (by number) dirty: the ones a redo journal logged since its last
+    /// checkpoint, which the checkpoint writes in place.
+    pub fn mark_sectors_dirty(&mut self, sectors: impl IntoIterator<Item = u64>) {
+        self.dirty.extend(sectors);
+    }
+
     /// Marks a snapshot's sectors dirty again after its write failed.
     pub fn restore_dirty(&mut self, snap: DirtySnapshot) {
         self.dirty.extend(snap.sectors);
@@ -378,6 +389,11 @@ pub struct DirtySnapshot {
 }
 
 impl DirtySnapshot {
+    /// The sectors (by number) it holds.
+    pub fn sectors(&self) -> &[u64] {
+        &self.sectors
+    }
+
     pub fn is_empty(&self) -> bool {
         self.sectors.is_empty() && !self.extents_changed
     }

@@ -16,6 +16,7 @@
 pub mod alloc;
 mod data;
 mod durability;
+pub mod journal;
 
 pub use data::{SlotPlan, WritePlan};
 pub use durability::PreparedMap;
@@ -70,6 +71,44 @@ pub(crate) struct State {
     alloc: Allocator,
 }
 
+/// Where the redo journal (spec §5.9) stands; changed only by flushes (under `flush_lock`).
+#[derive(Debug, Default)]
+struct JournalState {
+    /// File offset of the next record.
+    pos: u64,
+    next_seq: u64,
+    /// The first record after the last checkpoint: what a crash now would replay from.
+    replay_from: u64,
+    /// Records written since the last checkpoint (0: the map in the file is complete).
+    records: usize,
+    /// Map sectors (by number) logged since the last checkpoint, written in place at the next.
+    logged: std::collections::BTreeSet<u64>,
+    /// Clusters released by journaled flushes: reusable only after the next checkpoint.
+    deferred: Vec<u64>,
+}
+
+impl JournalState {
+    /// The state after a chain read from the area (its last record a checkpoint's, or none).
+    fn after(chain: &journal::Chain) -> JournalState {
+        let next = chain.next_seq();
+        JournalState { pos: chain.end, next_seq: next, replay_from: next, ..Default::default() }
+    }
+}
+
+/// Data written since the last flush (file ranges), for the journal's copy of it.
+#[derive(Debug, Default)]
+struct Written {
+    ranges: Vec<(u64, u64)>,
+    bytes: u64,
+}
+
+/// Every range the image's file uses: the map's and the journal's.
+fn used_ranges(map: &ChunkMap, header: &Header) -> Vec<(u64, u64, alloc::Use)> {
+    let mut v = map.used_ranges();
+    v.extend(header.journal.map(|j| (j.offset, j.len, alloc::Use::Journal)));
+    v
+}
+
 const STRIPES: usize = 64;
 
 pub struct Image {
@@ -97,6 +136,12 @@ pub struct Image {
     corrupt_found: AtomicBool,
     /// Slots dropped at open because they held no data (see [`ChunkMap::drop_empty_slots`]).
     repaired_on_open: usize,
+    journal: Mutex<JournalState>,
+    /// Data written since the last flush (noted only while a journal record could hold it).
+    written: Mutex<Written>,
+    /// Held shared by every data write and exclusively while a flush copies what was written
+    /// for its journal record: no copy catches a block in the middle of a write.
+    copy_gate: RwLock<()>,
 }
 
 impl std::fmt::Debug for Image {
@@ -168,7 +213,7 @@ impl Image {
         storage.sync().map_err(ctx)?;
         let state =
             State { map: ChunkMap::empty(geom), alloc: Allocator::empty(geom.chunk_size(), geom.data_start()), header };
-        Ok(Image::assemble(path, storage, geom, true, state, 0))
+        Ok(Image::assemble(path, storage, geom, true, state, 0, JournalState::default()))
     }
 
     fn assemble(
@@ -178,6 +223,7 @@ impl Image {
         writable: bool,
         state: State,
         repaired: usize,
+        journal: JournalState,
     ) -> Image {
         Image {
             path: path.to_path_buf(),
@@ -194,6 +240,9 @@ impl Image {
             poisoned: AtomicBool::new(false),
             corrupt_found: AtomicBool::new(false),
             repaired_on_open: repaired,
+            journal: Mutex::new(journal),
+            written: Mutex::new(Written::default()),
+            copy_gate: RwLock::new(()),
         }
     }
 
@@ -208,6 +257,8 @@ impl Image {
         let ctx = |e: Error| e.with_file(path).during("open");
         let file_len = storage.len().map_err(ctx)?;
         let header = read_header(storage.as_ref(), file_len).map_err(ctx)?;
+        let (storage, jstate) = replay_journal(storage, &header, opts.write).map_err(ctx)?;
+        let file_len = storage.len().map_err(ctx)?;
         if opts.write && header.has_flag(FLAG_FROZEN) && !opts.allow_frozen {
             return Err(ctx(err(
                 ErrorKind::ReadOnly,
@@ -221,12 +272,12 @@ impl Image {
         let mut map = ChunkMap::load(storage.as_ref(), geom, &header.map_extents, file_len).map_err(ctx)?;
         let repaired = map.drop_empty_slots();
         check_data_within_file(&map, file_len).map_err(ctx)?;
-        let alloc =
-            Allocator::rebuild(geom.chunk_size(), geom.data_start(), file_len, map.used_ranges()).map_err(ctx)?;
+        let alloc = Allocator::rebuild(geom.chunk_size(), geom.data_start(), file_len, used_ranges(&map, &header))
+            .map_err(ctx)?;
         let was_dirty = header.has_flag(FLAG_DIRTY);
         let state = State { header, map, alloc };
         if !opts.write {
-            return Ok(Image::assemble(path, storage, geom, false, state, repaired));
+            return Ok(Image::assemble(path, storage, geom, false, state, repaired, jstate));
         }
         if was_dirty {
             // Unclean shutdown: unreferenced space may hold data written after the last flush.
@@ -234,7 +285,7 @@ impl Image {
                 storage.punch(s, e - s).map_err(ctx)?;
             }
         }
-        let img = Image::assemble(path, storage, geom, true, state, repaired);
+        let img = Image::assemble(path, storage, geom, true, state, repaired, jstate);
         {
             let mut st = write(&img.state);
             img.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, true)).map_err(ctx)?;
@@ -422,14 +473,20 @@ impl Image {
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.require_writable()?;
-        self.storage.write_at(buf, offset).map_err(|e| e.with_file(&self.path))
+        let _g = read(&self.copy_gate);
+        self.storage.write_at(buf, offset).map_err(|e| e.with_file(&self.path))?;
+        self.note_written(offset, buf.len() as u64);
+        Ok(())
     }
 
     /// Copies `len` bytes of this image's file from `from` to `to` (ranges that do not overlap):
     /// a relocated chunk's blocks to its new slot.
     pub fn copy_within(&self, from: u64, to: u64, len: u64) -> Result<()> {
         self.require_writable()?;
-        self.storage.copy_to(from, len, self.storage.as_ref(), to).map_err(|e| e.with_file(&self.path))
+        let _g = read(&self.copy_gate);
+        self.storage.copy_to(from, len, self.storage.as_ref(), to).map_err(|e| e.with_file(&self.path))?;
+        self.note_written(to, len);
+        Ok(())
     }
 
     /// Writes the next `len` bytes of `src` at `offset`. With `fresh` (whole chunks going into
@@ -439,7 +496,20 @@ impl Image {
         if fresh {
             self.storage.allocate(offset, len as u64).map_err(|e| e.with_file(&self.path))?;
         }
-        src.take_to(self.storage.as_ref(), offset, len).map_err(|e| e.with_file(&self.path))
+        let _g = read(&self.copy_gate);
+        src.take_to(self.storage.as_ref(), offset, len).map_err(|e| e.with_file(&self.path))?;
+        self.note_written(offset, len as u64);
+        Ok(())
+    }
+
+    /// Notes a data write for the next flush's journal record; past what one record holds it
+    /// only counts (that flush then writes the map in place instead).
+    fn note_written(&self, offset: u64, len: u64) {
+        let mut w = lock(&self.written);
+        w.bytes = w.bytes.saturating_add(len);
+        if w.bytes <= journal::MAX_RECORD_DATA {
+            w.ranges.push((offset, len));
+        }
     }
 }
 
@@ -453,6 +523,32 @@ impl Drop for Image {
 /// The current header on `storage` (without reading the map).
 pub fn read_header_of(storage: &dyn Storage) -> Result<Header> {
     read_header(storage, storage.len()?)
+}
+
+/// Brings the map in the file up to the last flush (spec §5.9): the records of the image's
+/// journal that a crash left to replay are written to their places and synced, and a
+/// checkpoint record says so, when the image is opened for writing; a reader that may not
+/// write reads the file through the replayed bytes instead. Returns the store to use and
+/// where the journal stands.
+fn replay_journal(storage: Arc<dyn Storage>, header: &Header, write: bool) -> Result<(Arc<dyn Storage>, JournalState)> {
+    let Some(area) = header.journal else { return Ok((storage, JournalState::default())) };
+    let chain = journal::Chain::read(storage.as_ref(), &area)?;
+    let patches = chain.patches(&header.map_extents, &area, header.geometry.data_start())?;
+    if patches.is_empty() {
+        return Ok((storage, JournalState::after(&chain)));
+    }
+    if !write {
+        return Ok((Arc::new(journal::Replayed::new(storage, patches)), JournalState::default()));
+    }
+    for (off, bytes) in &patches {
+        storage.write_at(bytes, *off)?;
+    }
+    storage.sync()?;
+    let seq = chain.next_seq();
+    let mark = journal::Record { seq, replay_from: seq + 1, sectors: Vec::new(), blocks: Vec::new() };
+    storage.write_durable(&mark.encode(), area.offset)?;
+    let pos = area.offset + mark.len() as u64;
+    Ok((storage, JournalState { pos, next_seq: seq + 1, replay_from: seq + 1, ..Default::default() }))
 }
 
 /// Writes `h` with the next generation into the slot not holding the current header, and

@@ -53,13 +53,26 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
     let locked = ns.open(image, true, LockMode::Exclusive)?;
     let mut h = read_header_of(locked.as_ref()).map_err(|e| e.with_file(image).during("snapshot"))?;
     refuse_frozen(&h, image)?;
+    if journal_to_replay(locked.as_ref(), &h).map_err(ctx)? {
+        // A crash left flushes in the journal that the map in the file lacks: a writable open
+        // replays them and its close leaves the map complete (only then; otherwise the map is
+        // never loaded).
+        Image::open_on(locked.clone(), image, OpenOptions::writable()).and_then(|i| i.close()).map_err(ctx)?;
+        h = read_header_of(locked.as_ref()).map_err(|e| e.with_file(image).during("snapshot"))?;
+    }
     refuse_too_deep(depth_in(ns, image, &h)?, image)?;
     // 1. The new overlay, complete, under a temporary name.
     let (pending, new) = new_overlay(ns, image, names, &h)?;
     drop(new);
     // 2. The decision: frozen plus the intent record, in one durable header write.
+    // A frozen layer has no journal (its map in the file is complete). The area is punched
+    // first: its chain holds nothing to replay (above), so a crash before the header leaves the
+    // live image with an area that reads as an empty chain, and none after it leaves it behind.
     h.set_flag(FLAG_FROZEN, true);
     h.pending = Some(pending.clone());
+    if let Some(a) = h.journal.take() {
+        locked.punch(a.offset, a.len).map_err(|e| e.with_file(image).during("snapshot"))?;
+    }
     write_next_header(locked.as_ref(), &mut h, true).map_err(|e| e.with_file(image).during("snapshot"))?;
     drop(locked);
     // 3. Carry it out: the names move; then the record is cleared.
@@ -216,4 +229,11 @@ pub fn snapshot_chain(
         Ok(Chain::assemble_shared(new_top, lowers, base))
     });
     reopened.map_err(|e| failed(e, None))
+}
+
+/// Whether the journal of the image (header `h`) holds records a crash left to replay.
+fn journal_to_replay(storage: &dyn crate::storage::Storage, h: &Header) -> Result<bool> {
+    let Some(area) = h.journal else { return Ok(false) };
+    let chain = crate::layer::journal::Chain::read(storage, &area)?;
+    Ok(!chain.to_replay().is_empty())
 }

@@ -43,6 +43,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn set_len(&self, len: u64) -> Result<()>;
     /// Makes every completed write durable (fdatasync for files).
     fn sync(&self) -> Result<()>;
+    /// Writes all of `buf` at `offset` and returns once those bytes are durable, saying
+    /// nothing of other writes not yet synced (files: `pwritev2` with `RWF_DSYNC`, which
+    /// writes back only this range; the one flush of a redo journal, format-spec §5.9). A store
+    /// without a cheaper way writes and syncs everything.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_at(buf, offset)?;
+        self.sync()
+    }
     /// Deallocates a range; it reads as zeros afterwards. The length of the store is unchanged.
     fn punch(&self, offset: u64, len: u64) -> Result<()>;
     /// Writes `len` bytes that `pipe` holds at `offset`, as [`Storage::write_at`] would. On

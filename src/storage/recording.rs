@@ -41,6 +41,13 @@ pub enum RecOp {
         len: u64,
     },
     Sync,
+    /// A write durable when it returned, for its own sectors only (RWF_DSYNC): the sectors it
+    /// covers hold its bytes in every crash state after it (until written again), whatever
+    /// other unsynced writes do.
+    DurableWrite {
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// Directory operations of a [`RecordingDir`] (logged under [`DIR`]).
     Name {
         name: PathBuf,
@@ -134,6 +141,12 @@ impl Storage for RecordingStorage {
         Ok(())
     }
 
+    fn write_durable(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.mem.write_at(buf, offset)?;
+        self.journal.push(self.file, RecOp::DurableWrite { offset, data: buf.to_vec() });
+        Ok(())
+    }
+
     /// Like fallocate mode 0 on a file: the file grows to cover the range, which reads as zero.
     fn allocate(&self, offset: u64, len: u64) -> Result<()> {
         let end = offset.saturating_add(len);
@@ -153,7 +166,7 @@ impl Storage for RecordingStorage {
 
 fn apply(img: &mut Vec<u8>, op: &RecOp) {
     match op {
-        RecOp::Write { offset, data } => {
+        RecOp::Write { offset, data } | RecOp::DurableWrite { offset, data } => {
             let end = *offset as usize + data.len();
             if img.len() < end {
                 img.resize(end, 0);
@@ -179,7 +192,7 @@ fn apply(img: &mut Vec<u8>, op: &RecOp) {
 /// The file length after `op`, from `len` before it.
 fn length_after(len: u64, op: &RecOp) -> u64 {
     match op {
-        RecOp::Write { offset, data } => len.max(offset + data.len() as u64),
+        RecOp::Write { offset, data } | RecOp::DurableWrite { offset, data } => len.max(offset + data.len() as u64),
         RecOp::SetLen(l) => *l,
         RecOp::Allocate { offset, len: n } => len.max(offset + n),
         _ => len,
@@ -373,6 +386,24 @@ impl CrashImages {
                 continue;
             }
             let after = length_after(len, op);
+            if let RecOp::DurableWrite { offset, data } = op {
+                // Durable now: its sectors leave the undecided ones, with this content; so
+                // does the length it needs (only the lengths that hold it stay possible).
+                let end = *offset as usize + data.len();
+                if img.len() < end {
+                    img.resize(end, 0);
+                }
+                img[*offset as usize..end].copy_from_slice(data);
+                for sec in *offset as usize / SECTOR..end.div_ceil(SECTOR) {
+                    cands.remove(&sec);
+                }
+                lengths.retain(|&l| l >= end as u64);
+                if after != len || lengths.is_empty() {
+                    lengths.push(after);
+                }
+                len = after;
+                continue;
+            }
             let (off, bytes): (u64, std::borrow::Cow<[u8]>) = match op {
                 RecOp::Write { offset, data } => (*offset, std::borrow::Cow::Borrowed(data)),
                 RecOp::Punch { offset, len } => (*offset, std::borrow::Cow::Owned(vec![0u8; *len as usize])),

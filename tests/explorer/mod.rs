@@ -501,14 +501,33 @@ fn wrote(off: u64, data: &[u8]) -> What {
 pub type Files = Vec<(PathBuf, usize, Vec<u8>)>;
 
 /// Opens the crash state in `dir` the way a user's next open would: an interrupted snapshot
-/// is finished first, the top is opened for writing (a dirty image is repaired), its parents
-/// are followed by name down to the raw base. Reads the whole device, flushes and closes.
+/// is finished first, the top is opened for writing (a dirty image is repaired, its journal
+/// replayed), its parents are followed by name down to the raw base. Reads the whole device,
+/// flushes and closes. Before that, the same chain opened read-only (a journal replayed in
+/// memory only) must read the same device.
 fn recover_and_read(dir: &RecordingDir, base: &[u8]) -> Result<Vec<u8>, String> {
     cowdisk::chain::pending::complete_pending_in(dir, Path::new(TOP))
         .map_err(|e| format!("finishing an interrupted snapshot fails: {e}"))?;
-    let store = dir.open(Path::new(TOP), true, LockMode::None).map_err(|e| format!("top is missing: {e}"))?;
-    let top = Image::open_on(store, Path::new(TOP), OpenOptions::writable())
-        .map_err(|e| format!("top does not open: {e}"))?;
+    let read_only = open_chain(dir, base, OpenOptions::read_only())?;
+    let mut seen = vec![0u8; SIZE as usize];
+    read_only.read_at(&mut seen, 0).map_err(|e| format!("a read-only read fails: {e}"))?;
+    drop(read_only);
+    let chain = open_chain(dir, base, OpenOptions::writable())?;
+    let mut dev = vec![0u8; SIZE as usize];
+    chain.read_at(&mut dev, 0).map_err(|e| format!("read fails: {e}"))?;
+    if dev != seen {
+        let s = dev.chunks(SECTOR).zip(seen.chunks(SECTOR)).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(format!("opened read-only, the device reads otherwise than once recovered (sector {s})"));
+    }
+    chain.flush().map_err(|e| format!("flush after recovery fails: {e}"))?;
+    chain.close().map_err(|e| format!("close after recovery fails: {e}"))?;
+    Ok(dev)
+}
+
+/// The chain of the crash state in `dir`: the top opened with `opts`, its parents read-only.
+fn open_chain(dir: &RecordingDir, base: &[u8], opts: OpenOptions) -> Result<Chain, String> {
+    let store = dir.open(Path::new(TOP), opts.write, LockMode::None).map_err(|e| format!("top is missing: {e}"))?;
+    let top = Image::open_on(store, Path::new(TOP), opts).map_err(|e| format!("top does not open: {e}"))?;
     let mut lowers = Vec::new();
     let mut raw = None;
     let mut next = top.parent();
@@ -528,12 +547,7 @@ fn recover_and_read(dir: &RecordingDir, base: &[u8]) -> Result<Vec<u8>, String> 
         next = img.parent();
         lowers.push(img);
     }
-    let chain = Chain::assemble(top, lowers, raw);
-    let mut dev = vec![0u8; SIZE as usize];
-    chain.read_at(&mut dev, 0).map_err(|e| format!("read fails: {e}"))?;
-    chain.flush().map_err(|e| format!("flush after recovery fails: {e}"))?;
-    chain.close().map_err(|e| format!("close after recovery fails: {e}"))?;
-    Ok(dev)
+    Ok(Chain::assemble(top, lowers, raw))
 }
 
 /// Runs `check` on every cowdisk image of the crash state (not temporary files) as a power

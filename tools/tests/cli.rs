@@ -202,10 +202,12 @@ fn snapshot_of_a_10g_image_copies_nothing() {
     let t = Instant::now();
     ws.ok(&["snapshot", "big.cow", "big-snap.cow"]);
     let took = t.elapsed();
-    // The snapshot is the very file that was the image (same inode, same blocks): nothing
-    // was copied; the new overlay under the old name is a few KiB.
+    // The snapshot is the very file that was the image (same inode, no block added): nothing
+    // was copied, and its journal area (format-spec §5.9) was given back; the new overlay
+    // under the old name is a few KiB.
     assert_eq!(inode(&ws.p("big-snap.cow")), id);
-    assert_eq!(on_disk(&ws.p("big-snap.cow")), blocks);
+    let after = on_disk(&ws.p("big-snap.cow"));
+    assert!((3 * MIB..=blocks).contains(&after), "the snapshot holds {after} bytes, the image held {blocks}");
     assert!(on_disk(&ws.p("big.cow")) <= 64 * KIB, "new overlay occupies {} bytes", on_disk(&ws.p("big.cow")));
     let v = ws.info("big.cow");
     assert_eq!(v["virtual_size"], json!(10 * GIB));

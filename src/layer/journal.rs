@@ -1,0 +1,337 @@
+//! The redo journal of one image (spec §5.9): its record format, reading back the chain of
+//! records a crash left, and the store that shows an image as if they were replayed.
+//!
+//! A small flush writes one record holding the map sectors it changed and a copy of every block
+//! written since the flush before, with one durable write into an area written before (so that
+//! the write needs no file-system metadata); the sectors go to their places in the file only at
+//! the next checkpoint. Invariants: records lie one after another from the start of the area,
+//! each numbered one more than the one before it; a record is valid only whole (its CRC) and in
+//! sequence; every record from the newest valid record's `replay_from` on is replayed, in order,
+//! before the map in the file is trusted.
+
+use crate::error::{err, ErrorKind, Result};
+use crate::format::header::MapExtent;
+use crate::format::{BLOCK_SIZE, SECTOR_SIZE};
+use crate::storage::Storage;
+use byteorder::{ByteOrder, LittleEndian as LE};
+use std::collections::BTreeMap;
+
+const MAGIC: &[u8; 4] = b"CDJR";
+/// Bytes of a record's fixed head, before its offset lists.
+const HEAD: usize = 40;
+const SECTOR: usize = SECTOR_SIZE;
+const BLOCK: usize = BLOCK_SIZE as usize;
+
+/// The journal area a writer makes: large enough for a few hundred small flushes between
+/// checkpoints, small beside any disk worth journaling.
+pub const AREA: u64 = 16 << 20;
+/// The most block bytes one record carries; a flush with more written since the one before
+/// makes a checkpoint instead (a long record costs more than the sync it would save).
+pub const MAX_RECORD_DATA: u64 = 256 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    /// The oldest record still to be replayed (`seq + 1` for a checkpoint's record: none).
+    pub replay_from: u64,
+    /// Map sectors: file offset and content.
+    pub sectors: Vec<(u64, [u8; SECTOR])>,
+    /// Data blocks: file offset and 4096 bytes.
+    pub blocks: Vec<(u64, Vec<u8>)>,
+}
+
+fn head_len(sectors: usize, blocks: usize) -> usize {
+    (HEAD + 8 * (sectors + blocks)).next_multiple_of(SECTOR)
+}
+
+impl Record {
+    /// Bytes a record of `sectors` sectors and `blocks` blocks takes (a multiple of 512).
+    pub fn len_for(sectors: usize, blocks: usize) -> usize {
+        head_len(sectors, blocks) + SECTOR * sectors + BLOCK * blocks
+    }
+
+    /// Bytes the record takes in the area (never zero: a record has a head).
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        Record::len_for(self.sectors.len(), self.blocks.len())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let head = head_len(self.sectors.len(), self.blocks.len());
+        let mut b = vec![0u8; self.len()];
+        b[4..8].copy_from_slice(MAGIC);
+        LE::write_u64(&mut b[8..], self.seq);
+        LE::write_u64(&mut b[16..], self.replay_from);
+        LE::write_u32(&mut b[24..], self.len() as u32);
+        LE::write_u32(&mut b[28..], self.sectors.len() as u32);
+        LE::write_u32(&mut b[32..], self.blocks.len() as u32);
+        let offsets = self.sectors.iter().map(|s| s.0).chain(self.blocks.iter().map(|d| d.0));
+        for (i, off) in offsets.enumerate() {
+            LE::write_u64(&mut b[HEAD + 8 * i..], off);
+        }
+        let mut at = head;
+        for (_, s) in &self.sectors {
+            b[at..at + SECTOR].copy_from_slice(s);
+            at += SECTOR;
+        }
+        for (_, d) in &self.blocks {
+            b[at..at + BLOCK].copy_from_slice(d);
+            at += BLOCK;
+        }
+        let crc = crc32fast::hash(&b[4..]);
+        LE::write_u32(&mut b[0..], crc);
+        b
+    }
+
+    /// The record starting with `head` (its first 512 bytes), reading the rest with `more`;
+    /// `None` if it is not a whole, valid record of at most `room` bytes.
+    fn read(head: &[u8], room: u64, more: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<Option<Record>> {
+        if head.len() < SECTOR || &head[4..8] != MAGIC {
+            return Ok(None);
+        }
+        let len = LE::read_u32(&head[24..]) as usize;
+        let (ns, nd) = (LE::read_u32(&head[28..]) as usize, LE::read_u32(&head[32..]) as usize);
+        // Bounded before anything is sized by them: the record must fit in what is left.
+        if ns as u64 > room / SECTOR as u64 || nd as u64 > room / BLOCK as u64 {
+            return Ok(None);
+        }
+        let hl = head_len(ns, nd);
+        if len as u64 > room || len != hl + SECTOR * ns + BLOCK * nd {
+            return Ok(None);
+        }
+        let mut b = vec![0u8; len];
+        b[..SECTOR].copy_from_slice(&head[..SECTOR]);
+        more(&mut b[SECTOR..])?;
+        if crc32fast::hash(&b[4..]) != LE::read_u32(&b[0..]) {
+            return Ok(None);
+        }
+        let off = |i: usize| LE::read_u64(&b[HEAD + 8 * i..]);
+        let mut at = hl;
+        let mut sectors = Vec::with_capacity(ns);
+        for i in 0..ns {
+            let mut s = [0u8; SECTOR];
+            s.copy_from_slice(&b[at..at + SECTOR]);
+            sectors.push((off(i), s));
+            at += SECTOR;
+        }
+        let mut blocks = Vec::with_capacity(nd);
+        for i in 0..nd {
+            blocks.push((off(ns + i), b[at..at + BLOCK].to_vec()));
+            at += BLOCK;
+        }
+        Ok(Some(Record { seq: LE::read_u64(&b[8..]), replay_from: LE::read_u64(&b[16..]), sectors, blocks }))
+    }
+}
+
+/// What a journal area holds: the records from its start that are valid and in sequence.
+#[derive(Debug, Default)]
+pub struct Chain {
+    pub records: Vec<Record>,
+    /// File offset just past the last of them (the area's start if there is none).
+    pub end: u64,
+}
+
+impl Chain {
+    /// Reads the chain from `area` of `storage`.
+    pub fn read(storage: &dyn Storage, area: &MapExtent) -> Result<Chain> {
+        let mut chain = Chain { records: Vec::new(), end: area.offset };
+        let mut head = [0u8; SECTOR];
+        while chain.end + SECTOR as u64 <= area.end() {
+            storage.read_at(&mut head, chain.end)?;
+            let at = chain.end;
+            let room = area.end() - at;
+            let Some(r) = Record::read(&head, room, |rest| storage.read_at(rest, at + SECTOR as u64))? else { break };
+            if chain.records.last().is_some_and(|p| r.seq != p.seq + 1) {
+                break;
+            }
+            chain.end += r.len() as u64;
+            chain.records.push(r);
+        }
+        Ok(chain)
+    }
+
+    /// The records to replay, oldest first: from the newest record's `replay_from` on.
+    pub fn to_replay(&self) -> &[Record] {
+        let Some(last) = self.records.last() else { return &[] };
+        let first = self.records.iter().position(|r| r.seq >= last.replay_from).unwrap_or(self.records.len());
+        &self.records[first..]
+    }
+
+    /// The sequence number the next record takes.
+    pub fn next_seq(&self) -> u64 {
+        self.records.last().map_or(1, |r| r.seq + 1)
+    }
+
+    /// The bytes replaying puts where, later records over earlier ones. Every place must be
+    /// one the journal may name: sectors inside a map extent, blocks at or after `data_start`
+    /// outside the map extents and the journal (a record that names another place is corrupt,
+    /// not replayed).
+    pub fn patches(&self, extents: &[MapExtent], area: &MapExtent, data_start: u64) -> Result<BTreeMap<u64, Vec<u8>>> {
+        let inside = |e: &MapExtent, off: u64, n: u64| off >= e.offset && off + n <= e.end();
+        let overlaps = |e: &MapExtent, off: u64, n: u64| off < e.end() && e.offset < off + n;
+        let mut out = BTreeMap::new();
+        for r in self.to_replay() {
+            for (off, s) in &r.sectors {
+                if off % SECTOR as u64 != 0 || !extents.iter().any(|e| inside(e, *off, SECTOR as u64)) {
+                    return Err(err(
+                        ErrorKind::Corrupt,
+                        format!("journal record {} names a map sector at {off}", r.seq),
+                    ));
+                }
+                out.insert(*off, s.to_vec());
+            }
+            for (off, d) in &r.blocks {
+                let n = BLOCK as u64;
+                let misplaced = off % n != 0
+                    || *off < data_start
+                    || off.checked_add(n).map_or(true, |e| e > crate::format::header::MAX_FILE_SIZE)
+                    || overlaps(area, *off, n)
+                    || extents.iter().any(|e| overlaps(e, *off, n));
+                if misplaced {
+                    return Err(err(
+                        ErrorKind::Corrupt,
+                        format!("journal record {} names a data block at {off}", r.seq),
+                    ));
+                }
+                out.insert(*off, d.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An image's file as its journal's replay would leave it, for readers that may not write
+/// (spec §5.9): reads see the replayed bytes over the file's; nothing can be written.
+#[derive(Debug)]
+pub struct Replayed {
+    inner: std::sync::Arc<dyn Storage>,
+    /// Non-overlapping pieces (512 or 4096 bytes) by file offset.
+    patches: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Replayed {
+    pub fn new(inner: std::sync::Arc<dyn Storage>, patches: BTreeMap<u64, Vec<u8>>) -> Replayed {
+        Replayed { inner, patches }
+    }
+}
+
+fn read_only() -> crate::Error {
+    err(ErrorKind::ReadOnly, "an image whose journal is not replayed yet is read-only here")
+}
+
+impl Storage for Replayed {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)?;
+        let end = offset + buf.len() as u64;
+        // Pieces are at most a block long: any that overlaps starts after offset - BLOCK.
+        for (&at, bytes) in self.patches.range(offset.saturating_sub(BLOCK as u64)..end) {
+            let (s, e) = (at.max(offset), (at + bytes.len() as u64).min(end));
+            if s < e {
+                buf[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&bytes[(s - at) as usize..(e - at) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(read_only())
+    }
+
+    fn len(&self) -> Result<u64> {
+        let last = self.patches.iter().next_back().map_or(0, |(at, b)| at + b.len() as u64);
+        Ok(self.inner.len()?.max(last))
+    }
+
+    fn set_len(&self, _len: u64) -> Result<()> {
+        Err(read_only())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn punch(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(read_only())
+    }
+
+    fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        // Replayed blocks may lie in holes of the file: every offset may hold data.
+        Ok((offset < self.len()?).then_some(offset))
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.inner.allocated_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    fn rec(seq: u64, replay_from: u64, fill: u8) -> Record {
+        Record {
+            seq,
+            replay_from,
+            sectors: vec![(131072 + 512 * seq, [fill; SECTOR])],
+            blocks: vec![(65536 + 4096 * seq, vec![fill; BLOCK])],
+        }
+    }
+
+    fn area() -> MapExtent {
+        MapExtent { offset: 1 << 20, len: 1 << 20 }
+    }
+
+    fn write_chain(s: &MemStorage, recs: &[Record]) -> u64 {
+        let mut at = area().offset;
+        for r in recs {
+            s.write_at(&r.encode(), at).unwrap();
+            at += r.len() as u64;
+        }
+        at
+    }
+
+    #[test]
+    fn records_round_trip_and_the_chain_ends_at_a_torn_or_stale_one() {
+        let s = MemStorage::new();
+        s.write_at(&vec![0u8; 2 << 20], 0).unwrap();
+        let recs = [rec(7, 7, 1), rec(8, 7, 2), rec(9, 7, 3)];
+        let end = write_chain(&s, &recs);
+        let c = Chain::read(&s, &area()).unwrap();
+        assert_eq!(c.records, recs);
+        assert_eq!(c.end, end);
+        assert_eq!(c.next_seq(), 10);
+        // A stale record after the chain (an older number) is not part of it.
+        s.write_at(&rec(3, 3, 9).encode(), end).unwrap();
+        assert_eq!(Chain::read(&s, &area()).unwrap().records.len(), 3);
+        // A torn last record (one sector of its data never written) ends the chain before it.
+        let third = area().offset + (recs[0].len() + recs[1].len()) as u64;
+        s.write_at(&[0u8; 512], third + 1024).unwrap();
+        let c = Chain::read(&s, &area()).unwrap();
+        assert_eq!(c.records, recs[..2]);
+        assert_eq!(c.to_replay(), &recs[..2]);
+    }
+
+    #[test]
+    fn replay_starts_where_the_newest_record_says_and_later_records_win() {
+        let s = MemStorage::new();
+        s.write_at(&vec![0u8; 2 << 20], 0).unwrap();
+        let mut later = rec(12, 11, 5);
+        later.blocks[0].0 = 65536 + 4096 * 11;
+        write_chain(&s, &[rec(10, 11, 0), rec(11, 11, 4), later]);
+        let c = Chain::read(&s, &area()).unwrap();
+        assert_eq!(c.to_replay().iter().map(|r| r.seq).collect::<Vec<_>>(), vec![11, 12]);
+        let extents = [MapExtent { offset: 131072, len: 65536 }];
+        let p = c.patches(&extents, &area(), 65536).unwrap();
+        assert_eq!(p[&(65536 + 4096 * 11)], vec![5u8; BLOCK], "record 12 rewrote record 11's block");
+        let r = Replayed::new(std::sync::Arc::new(s), p);
+        let mut b = vec![0u8; 8192];
+        r.read_at(&mut b, 65536 + 4096 * 11 - 2048).unwrap();
+        assert_eq!(&b[..2048], &[0u8; 2048][..]);
+        assert_eq!(&b[2048..6144], &[5u8; BLOCK][..]);
+        // A record naming a place outside the map extents is corrupt, not replayed.
+        let bad = Chain { records: vec![rec(1, 1, 1)], end: 0 };
+        assert!(bad.patches(&[], &area(), 65536).is_err());
+    }
+}
