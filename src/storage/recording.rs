@@ -479,6 +479,27 @@ mod tests {
         assert_eq!(&torn[512..], &[1u8; 512][..]);
     }
 
+    #[test]
+    fn a_durable_write_survives_every_crash_and_leaves_other_unsynced_writes_undecided() {
+        let j = Journal::new();
+        let s = RecordingStorage::new(j.clone(), 0);
+        s.write_at(&[1u8; 2048], 0).unwrap();
+        s.sync().unwrap();
+        s.write_at(&[2u8; 512], 0).unwrap(); // unsynced, before
+        s.write_durable(&[3u8; 512], 1024).unwrap();
+        s.write_at(&[4u8; 512], 1536).unwrap(); // unsynced, after
+        let c = CrashImages::new(&j, 1);
+        let k = j.len();
+        for choice in [0usize, 1, 2] {
+            let img = c.state(0, k, |n| choice.min(n - 1));
+            assert_eq!(&img[1024..1536], &[3u8; 512][..], "the durable write is there (choice {choice})");
+        }
+        let none = c.state(0, k, |_| 0);
+        assert_eq!((&none[..512], &none[1536..]), (&[1u8; 512][..], &[1u8; 512][..]), "the others may be lost");
+        let all = c.state(0, k, |n| n - 1);
+        assert_eq!((&all[..512], &all[1536..]), (&[2u8; 512][..], &[4u8; 512][..]), "or may have landed");
+    }
+
     /// Every choice the state builder offers, enumerated: the distinct states it can build.
     fn all_states(c: &CrashImages, k: usize) -> std::collections::BTreeSet<Vec<u8>> {
         let mut out = std::collections::BTreeSet::new();
