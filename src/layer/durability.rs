@@ -212,8 +212,7 @@ impl Image {
         }
         if js.records > 0 {
             if let Some(area) = read(&self.state).header.journal {
-                let mark =
-                    Record { seq: js.next_seq, replay_from: js.next_seq + 1, sectors: Vec::new(), blocks: Vec::new() };
+                let mark = Record::checkpoint(js.next_seq);
                 self.storage
                     .write_durable(&mark.encode(), area.offset)
                     .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
@@ -264,13 +263,13 @@ impl Image {
                 return Ok(());
             }
             let cs = self.geom.chunk_size();
-            let len = (self.geom.virtual_size / 64).clamp(256 << 10, journal::AREA).next_multiple_of(cs);
+            let len = (self.geom.virtual_size / 256).clamp(256 << 10, journal::AREA).next_multiple_of(cs);
             MapExtent { offset: st.alloc.alloc_fresh(len)?, len }
         };
         let ctx = |e: Error| e.with_file(&self.path).during("make the journal");
         let extents = read(&self.state).map.extents().to_vec();
         self.fill_holes(&extents).map_err(ctx)?;
-        let mark = Record { seq: 1, replay_from: 2, sectors: Vec::new(), blocks: Vec::new() };
+        let mark = Record::checkpoint(1);
         let m = mark.encode();
         let mut bytes = vec![0u8; area.len as usize];
         bytes[..m.len()].copy_from_slice(&m);

@@ -545,7 +545,7 @@ fn replay_journal(storage: Arc<dyn Storage>, header: &Header, write: bool) -> Re
     }
     storage.sync()?;
     let seq = chain.next_seq();
-    let mark = journal::Record { seq, replay_from: seq + 1, sectors: Vec::new(), blocks: Vec::new() };
+    let mark = journal::Record::checkpoint(seq);
     storage.write_durable(&mark.encode(), area.offset)?;
     let pos = area.offset + mark.len() as u64;
     Ok((storage, JournalState { pos, next_seq: seq + 1, replay_from: seq + 1, ..Default::default() }))
