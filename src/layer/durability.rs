@@ -169,8 +169,11 @@ impl Image {
             }
         }
         let rec = Record { seq: js.next_seq, replay_from: js.replay_from, sectors: snap.encoded.clone(), blocks };
-        let bytes = rec.encode();
-        let area_end = read(&self.state).header.journal.map_or(0, |a| a.end());
+        let (area_end, uuid) = {
+            let st = read(&self.state);
+            (st.header.journal.map_or(0, |a| a.end()), st.header.uuid)
+        };
+        let bytes = rec.encode(&uuid);
         if js.pos + bytes.len() as u64 > area_end {
             // record_fits planned for at least this much.
             restore(written);
@@ -211,10 +214,14 @@ impl Image {
             self.sync_or_poison()?;
         }
         if js.records > 0 {
-            if let Some(area) = read(&self.state).header.journal {
+            let (area, uuid) = {
+                let st = read(&self.state);
+                (st.header.journal, st.header.uuid)
+            };
+            if let Some(area) = area {
                 let mark = Record::checkpoint(js.next_seq);
                 self.storage
-                    .write_durable(&mark.encode(), area.offset)
+                    .write_durable(&mark.encode(&uuid), area.offset)
                     .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
                 js.pos = area.offset + mark.len() as u64;
                 js.next_seq += 1;
@@ -270,7 +277,7 @@ impl Image {
         let extents = read(&self.state).map.extents().to_vec();
         self.fill_holes(&extents).map_err(ctx)?;
         let mark = Record::checkpoint(1);
-        let m = mark.encode();
+        let m = mark.encode(&read(&self.state).header.uuid);
         let mut bytes = vec![0u8; area.len as usize];
         bytes[..m.len()].copy_from_slice(&m);
         self.storage.write_at(&bytes, area.offset).map_err(ctx)?;

@@ -42,6 +42,14 @@ pub struct Record {
     pub blocks: Vec<(u64, Vec<u8>)>,
 }
 
+/// CRC-32 of the image's uuid followed by `bytes`.
+fn seal(uuid: &[u8; 16], bytes: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(uuid);
+    h.update(bytes);
+    h.finalize()
+}
+
 fn head_len(sectors: usize, blocks: usize) -> usize {
     (HEAD + 8 * (sectors + blocks)).next_multiple_of(SECTOR)
 }
@@ -64,7 +72,10 @@ impl Record {
         Record::len_for(self.sectors.len(), self.blocks.len())
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    /// The record's bytes, sealed with the image's `uuid`: the CRC covers the uuid first, so
+    /// that bytes a guest wrote (which a record copies, and which stale space in the area may
+    /// hold) can never pass for a record of this image: the guest never sees its uuid.
+    pub fn encode(&self, uuid: &[u8; 16]) -> Vec<u8> {
         let head = head_len(self.sectors.len(), self.blocks.len());
         let mut b = vec![0u8; self.len()];
         b[4..8].copy_from_slice(MAGIC);
@@ -86,14 +97,19 @@ impl Record {
             b[at..at + BLOCK].copy_from_slice(d);
             at += BLOCK;
         }
-        let crc = crc32fast::hash(&b[4..]);
+        let crc = seal(uuid, &b[4..]);
         LE::write_u32(&mut b[0..], crc);
         b
     }
 
     /// The record starting with `head` (its first 512 bytes), reading the rest with `more`;
     /// `None` if it is not a whole, valid record of at most `room` bytes.
-    fn read(head: &[u8], room: u64, more: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<Option<Record>> {
+    fn read(
+        head: &[u8],
+        room: u64,
+        uuid: &[u8; 16],
+        more: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<Option<Record>> {
         if head.len() < SECTOR || &head[4..8] != MAGIC {
             return Ok(None);
         }
@@ -110,7 +126,7 @@ impl Record {
         let mut b = vec![0u8; len];
         b[..SECTOR].copy_from_slice(&head[..SECTOR]);
         more(&mut b[SECTOR..])?;
-        if crc32fast::hash(&b[4..]) != LE::read_u32(&b[0..]) {
+        if seal(uuid, &b[4..]) != LE::read_u32(&b[0..]) {
             return Ok(None);
         }
         let off = |i: usize| LE::read_u64(&b[HEAD + 8 * i..]);
@@ -140,15 +156,17 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// Reads the chain from `area` of `storage`.
-    pub fn read(storage: &dyn Storage, area: &MapExtent) -> Result<Chain> {
+    /// Reads the chain from `area` of `storage`, an image whose uuid is `uuid`.
+    pub fn read(storage: &dyn Storage, area: &MapExtent, uuid: &[u8; 16]) -> Result<Chain> {
         let mut chain = Chain { records: Vec::new(), end: area.offset };
         let mut head = [0u8; SECTOR];
         while chain.end + SECTOR as u64 <= area.end() {
             storage.read_at(&mut head, chain.end)?;
             let at = chain.end;
             let room = area.end() - at;
-            let Some(r) = Record::read(&head, room, |rest| storage.read_at(rest, at + SECTOR as u64))? else { break };
+            let Some(r) = Record::read(&head, room, uuid, |rest| storage.read_at(rest, at + SECTOR as u64))? else {
+                break;
+            };
             if chain.records.last().is_some_and(|p| r.seq != p.seq + 1) {
                 break;
             }
@@ -287,6 +305,8 @@ mod tests {
         }
     }
 
+    const UUID: [u8; 16] = [7; 16];
+
     fn area() -> MapExtent {
         MapExtent { offset: 1 << 20, len: 1 << 20 }
     }
@@ -294,7 +314,7 @@ mod tests {
     fn write_chain(s: &MemStorage, recs: &[Record]) -> u64 {
         let mut at = area().offset;
         for r in recs {
-            s.write_at(&r.encode(), at).unwrap();
+            s.write_at(&r.encode(&UUID), at).unwrap();
             at += r.len() as u64;
         }
         at
@@ -306,19 +326,21 @@ mod tests {
         s.write_at(&vec![0u8; 2 << 20], 0).unwrap();
         let recs = [rec(7, 7, 1), rec(8, 7, 2), rec(9, 7, 3)];
         let end = write_chain(&s, &recs);
-        let c = Chain::read(&s, &area()).unwrap();
+        let c = Chain::read(&s, &area(), &UUID).unwrap();
         assert_eq!(c.records, recs);
         assert_eq!(c.end, end);
         assert_eq!(c.next_seq(), 10);
         // A stale record after the chain (an older number) is not part of it.
-        s.write_at(&rec(3, 3, 9).encode(), end).unwrap();
-        assert_eq!(Chain::read(&s, &area()).unwrap().records.len(), 3);
+        s.write_at(&rec(3, 3, 9).encode(&UUID), end).unwrap();
+        assert_eq!(Chain::read(&s, &area(), &UUID).unwrap().records.len(), 3);
         // A torn last record (one sector of its data never written) ends the chain before it.
         let third = area().offset + (recs[0].len() + recs[1].len()) as u64;
         s.write_at(&[0u8; 512], third + 1024).unwrap();
-        let c = Chain::read(&s, &area()).unwrap();
+        let c = Chain::read(&s, &area(), &UUID).unwrap();
         assert_eq!(c.records, recs[..2]);
         assert_eq!(c.to_replay(), &recs[..2]);
+        // Records sealed for another image are none of this one's.
+        assert!(Chain::read(&s, &area(), &[8; 16]).unwrap().records.is_empty());
     }
 
     #[test]
@@ -328,7 +350,7 @@ mod tests {
         let mut later = rec(12, 11, 5);
         later.blocks[0].0 = 65536 + 4096 * 11;
         write_chain(&s, &[rec(10, 11, 0), rec(11, 11, 4), later]);
-        let c = Chain::read(&s, &area()).unwrap();
+        let c = Chain::read(&s, &area(), &UUID).unwrap();
         assert_eq!(c.to_replay().iter().map(|r| r.seq).collect::<Vec<_>>(), vec![11, 12]);
         let extents = [MapExtent { offset: 131072, len: 65536 }];
         let p = c.patches(&extents, &area(), 65536).unwrap();

@@ -532,7 +532,7 @@ pub fn read_header_of(storage: &dyn Storage) -> Result<Header> {
 /// where the journal stands.
 fn replay_journal(storage: Arc<dyn Storage>, header: &Header, write: bool) -> Result<(Arc<dyn Storage>, JournalState)> {
     let Some(area) = header.journal else { return Ok((storage, JournalState::default())) };
-    let chain = journal::Chain::read(storage.as_ref(), &area)?;
+    let chain = journal::Chain::read(storage.as_ref(), &area, &header.uuid)?;
     let patches = chain.patches(&header.map_extents, &area, header.geometry.data_start())?;
     if patches.is_empty() {
         return Ok((storage, JournalState::after(&chain)));
@@ -546,7 +546,7 @@ fn replay_journal(storage: Arc<dyn Storage>, header: &Header, write: bool) -> Re
     storage.sync()?;
     let seq = chain.next_seq();
     let mark = journal::Record::checkpoint(seq);
-    storage.write_durable(&mark.encode(), area.offset)?;
+    storage.write_durable(&mark.encode(&header.uuid), area.offset)?;
     let pos = area.offset + mark.len() as u64;
     Ok((storage, JournalState { pos, next_seq: seq + 1, replay_from: seq + 1, ..Default::default() }))
 }
