@@ -36,7 +36,11 @@ use std::time::{Duration, Instant};
 ///   new owner's sector had reached the file): released clusters now wait for the checkpoint.
 ///   Found in the second of four 60-second runs; a concurrent run's interleaving differs from
 ///   run to run, so the seed is kept for the workload it draws, not as an exact replay.
-const PINNED: &[(u64, Kind)] = &[(772, Kind::Sequential), (231, Kind::Concurrent)];
+/// - (392, Concurrent): not a defect of the image: the oracle ruled out every value of a
+///   sector whose last write (zeros over zeros) left no journal entry and was made durable by
+///   a flush that had nothing to write (a journaling flush with nothing new writes nothing).
+///   Failed about 1 run in 15; kept for the oracle rule it found.
+const PINNED: &[(u64, Kind)] = &[(772, Kind::Sequential), (231, Kind::Concurrent), (392, Kind::Concurrent)];
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

@@ -297,9 +297,27 @@ impl Image {
         let _f = lock(&self.flush_lock);
         self.flush_locked(false)?;
         let mut st = write(&self.state);
-        self.write_header(&mut st, f).map_err(|e| e.with_file(&self.path))?;
+        let mut h = st.header.clone();
+        f(&mut h);
+        if h.has_flag(FLAG_FROZEN) {
+            // A header that freezes the image drops its journal (spec §5.9), as freeze does.
+            self.drop_journal(&mut st, &mut h)?;
+        }
+        self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
         drop(st);
         self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("update header"))
+    }
+
+    /// Takes the journal out of `h`, the header about to freeze the image, and punches its
+    /// area first: a checkpoint just ran, so its chain holds nothing to replay, and a crash
+    /// before the header leaves a live image whose empty area reads as an empty chain; after
+    /// it, nothing is left over.
+    fn drop_journal(&self, st: &mut State, h: &mut Header) -> Result<()> {
+        if let Some(a) = h.journal.take() {
+            debug_assert_eq!(st.header.journal, Some(a));
+            self.storage.punch(a.offset, a.len).map_err(|e| e.with_file(&self.path))?;
+        }
+        Ok(())
     }
 
     /// Freezes this writable image in place for a live snapshot (spec §5.7.1 S3): flushes,
@@ -313,19 +331,13 @@ impl Image {
         self.flush_locked(false)?;
         let mut st = write(&self.state);
         // A frozen layer has no journal: its map in the file is complete (the flush above made
-        // it so), and readers of layers (a push among them) need no more. The area is punched
-        // first: its chain holds nothing to replay, and a crash before the header leaves a live
-        // image whose empty area reads as an empty chain; after it, nothing is left over.
-        if let Some(a) = st.header.journal {
-            self.storage.punch(a.offset, a.len).map_err(|e| e.with_file(&self.path))?;
-        }
-        self.write_header(&mut st, |h| {
-            h.set_flag(FLAG_FROZEN, true);
-            h.set_flag(FLAG_DIRTY, false);
-            h.pending = Some(pending);
-            h.journal = None;
-        })
-        .map_err(|e| e.with_file(&self.path))?;
+        // it so), and readers of layers (a push among them) need no more.
+        let mut h = st.header.clone();
+        h.set_flag(FLAG_FROZEN, true);
+        h.set_flag(FLAG_DIRTY, false);
+        h.pending = Some(pending);
+        self.drop_journal(&mut st, &mut h)?;
+        self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
         drop(st);
         self.closing.store(true, Ordering::Release);
         self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("freeze"))?;

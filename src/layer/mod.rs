@@ -687,6 +687,24 @@ mod tests {
     }
 
     #[test]
+    fn a_header_that_freezes_the_image_drops_its_journal_and_punches_the_area() {
+        let (s, img) = mem_image();
+        write_blocks(&img, 0, 0, 1, 1);
+        img.flush().unwrap();
+        let area = img.header().journal.expect("a first flush gives a writable image its journal");
+        let mut b = vec![0u8; 512];
+        s.read_at(&mut b, area.offset).unwrap();
+        assert_ne!(b, vec![0u8; 512], "the area starts with a checkpoint record");
+        img.update_header(|h| h.set_flag(FLAG_FROZEN, true)).unwrap();
+        drop(img);
+        let frozen = reopen(&s, OpenOptions::read_only()).unwrap();
+        assert_eq!(frozen.header().journal, None);
+        s.read_at(&mut b, area.offset).unwrap();
+        assert_eq!(b, vec![0u8; 512], "the area is punched");
+        assert!(frozen.with_entry(0, |e| e.is_some()), "the flushed write is in the map");
+    }
+
+    #[test]
     fn refuses_to_open_corrupt_flagged_image_for_writing() {
         let (s, img) = mem_image();
         img.update_header(|h| h.set_flag(FLAG_CORRUPT, true)).unwrap();

@@ -139,6 +139,12 @@ impl Storage for Jitter {
         jitter();
         self.0.sync()
     }
+    fn write_durable(&self, buf: &[u8], offset: u64) -> cowdisk::Result<()> {
+        // Forwarded, not left to the trait's write-and-sync: the journal's record is one
+        // durable write that syncs nothing else (spec §5.9), and the crash model must see it so.
+        jitter();
+        self.0.write_durable(buf, offset)
+    }
     fn punch(&self, offset: u64, len: u64) -> cowdisk::Result<()> {
         jitter();
         self.0.punch(offset, len)
@@ -685,11 +691,14 @@ pub fn crash_points(run: &Run, n: usize, rng: &mut Rng) -> Vec<usize> {
 pub fn journal_around(run: &Run, k: usize) -> String {
     use cowdisk::storage::recording::RecOp;
     let ops = run.journal.ops();
-    let (a, b) = (k.saturating_sub(12), (k + 4).min(ops.len()));
+    // COWDISK_CRASH_VERBOSE shows the whole journal.
+    let all = std::env::var_os("COWDISK_CRASH_VERBOSE").is_some();
+    let (a, b) = if all { (0, ops.len()) } else { (k.saturating_sub(12), (k + 4).min(ops.len())) };
     let mut out = String::new();
     for (i, (f, op)) in ops.iter().enumerate().take(b).skip(a) {
         let what = match op {
             RecOp::Write { offset, data } => format!("write {offset}+{}", data.len()),
+            RecOp::DurableWrite { offset, data } => format!("durable write {offset}+{}", data.len()),
             other => format!("{other:?}"),
         };
         out += &format!("\n  {}{i}: file {f}: {what}", if i == k { "-> " } else { "   " });

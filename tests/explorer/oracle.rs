@@ -3,7 +3,8 @@
 //! and from them, for a crash at a journal index, the values each 512-byte sector may hold.
 //!
 //! The rule is the one format-spec §5.3 promises clients. A FLUSH that completed before the
-//! crash (its last journal entry, the sync that ends it, is before the crash point) makes
+//! crash (its last journal entry is before the crash point; one with nothing to make durable
+//! has none) makes
 //! durable every write, write-zeroes and discard that returned before the FLUSH was called.
 //! So a sector may read the value of any write of it that could have reached the journal
 //! before the crash, unless a write of it that must be durable began after that one returned
@@ -106,20 +107,73 @@ impl Oracle {
         // Durable: the initial value, and every write that returned before a completed flush
         // was called.
         let durable = |x: &(u64, u64, usize, u64)| x.0 == 0 || x.1 < d;
-        let possible = |x: &(u64, u64, usize, u64)| x.0 == 0 || x.2 < k;
+        // Possible: its effects may be in the journal before the crash, or it must be durable
+        // anyway. A request that returned before a completed flush was called and left no entry
+        // before that flush's last (zeros over zeros: nothing to write, and a flush with
+        // nothing to make durable writes nothing, spec §5.9) found its value in place already.
+        let possible = |x: &(u64, u64, usize, u64)| x.0 == 0 || x.2 < k || durable(x);
         w.iter().filter(|x| possible(x)).filter(|x| !w.iter().any(|y| durable(y) && y.0 > x.1)).map(|x| x.3).collect()
     }
 
     /// Checks every sector of `dev`; the first that reads a value it may not hold, described.
     pub fn check(&self, dev: &[u8], k: usize) -> Result<(), String> {
         for (s, c) in dev.chunks(SECTOR).enumerate() {
-            if !self.allowed(s, k).contains(&hash(c)) {
+            let allowed = self.allowed(s, k);
+            if !allowed.contains(&hash(c)) {
+                // What a reader of the failure needs: the sector's writes (called, returned,
+                // first journal index, value) and the flushes that had completed.
+                let writes: Vec<String> = self.sectors[s]
+                    .iter()
+                    .map(|w| {
+                        format!(
+                            "({}, {}, j{}, {:x}{})",
+                            w.0,
+                            w.1,
+                            w.2,
+                            w.3,
+                            if allowed.contains(&w.3) { " allowed" } else { "" }
+                        )
+                    })
+                    .collect();
+                let flushes: Vec<String> =
+                    self.flushes.iter().filter(|f| f.1 <= k).map(|f| format!("called {} done j{}", f.0, f.1)).collect();
                 return Err(format!(
-                    "sector {s} (byte {}) reads a value neither durable nor written since",
-                    s * SECTOR
+                    "sector {s} (byte {}) reads a value neither durable nor written since: read {:x}; its writes {}; flushes completed: {}",
+                    s * SECTOR,
+                    hash(c),
+                    writes.join(" "),
+                    flushes.join(", ")
                 ));
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(called: u64, returned: u64, j_start: usize, h: u64) -> Req {
+        Req { called, returned, j_start, j_end: j_start, what: What::Write(vec![(0, h)]) }
+    }
+
+    /// Concurrent seed 392: zeros written over zeros left no journal entry, returned, and a
+    /// flush called after it completed without writing anything (nothing to make durable).
+    /// At a crash after that flush, the sector holds that request's value, and nothing older.
+    #[test]
+    fn a_durable_request_that_left_no_entry_is_still_what_the_sector_holds() {
+        let zeros = hash(&[0u8; SECTOR]);
+        let reqs = [
+            write(1, 2, 5, 11),
+            write(3, 4, 6, zeros),
+            Req { called: 5, returned: 6, j_start: 7, j_end: 9, what: What::Flush },
+            write(7, 8, 9, zeros),
+            Req { called: 9, returned: 10, j_start: 9, j_end: 9, what: What::Flush },
+        ];
+        let o = Oracle::new(&[1u8; SECTOR], &reqs);
+        assert_eq!(o.allowed(0, 9), HashSet::from([zeros]));
+        // Before the first flush completed, the older values are possible still.
+        assert_eq!(o.allowed(0, 7), HashSet::from([hash(&[1u8; SECTOR]), 11, zeros]));
     }
 }
