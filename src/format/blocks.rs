@@ -143,15 +143,18 @@ impl BlockStates {
 
     /// Writes both planes as on disk: each plane `plane_bytes` long, block i at byte i/8 bit i%8.
     pub fn encode(&self, plane_bytes: usize, out: &mut [u8]) {
-        out[..2 * plane_bytes].fill(0);
-        for (i, bit) in self.data().iter().by_vals().enumerate() {
-            if bit {
-                out[i / 8] |= 1 << (i % 8);
-            }
-        }
-        for (i, bit) in self.zero().iter().by_vals().enumerate() {
-            if bit {
-                out[plane_bytes + i / 8] |= 1 << (i % 8);
+        // Word by word: the planes are Lsb0 words whose bits past `blocks` are zero, so a word's
+        // little-endian bytes are the plane's bytes as stored.
+        let (data, zero): (&[u64], &[u64]) = match &self.planes {
+            Planes::Inline(w) => (&w[0..1], &w[1..2]),
+            Planes::Heap(w) => w.split_at(w.len() / 2),
+        };
+        let (d_out, z_out) = out[..2 * plane_bytes].split_at_mut(plane_bytes);
+        for (words, out) in [(data, d_out), (zero, z_out)] {
+            for (i, bytes) in out.chunks_mut(8).enumerate() {
+                let w = words.get(i).copied().unwrap_or(0);
+                debug_assert!(bytes.len() == 8 || w >> (8 * bytes.len()) == 0, "bits past the plane");
+                bytes.copy_from_slice(&w.to_le_bytes()[..bytes.len()]);
             }
         }
     }
@@ -178,6 +181,34 @@ impl BlockStates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every chunk size (1 to 512 blocks): the planes as stored have block i at byte i/8, bit
+    /// i%8 (the data plane, then the zero plane), and decode back to the same states.
+    #[test]
+    fn planes_encode_bit_by_bit_and_decode_back_at_every_chunk_size() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for shift in 0..=9 {
+            let blocks = 1usize << shift;
+            let plane = (blocks / 8).max(4);
+            let mut s = BlockStates::new(blocks);
+            for b in 0..blocks {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let st = [BlockState::Absent, BlockState::Data, BlockState::Zero][(x % 3) as usize];
+                s.set_range(b, b + 1, st);
+            }
+            let mut out = vec![0xffu8; 2 * plane];
+            s.encode(plane, &mut out);
+            for b in 0..8 * plane {
+                let bit = |p: usize| out[p * plane + b / 8] >> (b % 8) & 1 == 1;
+                let want = if b < blocks { s.get(b) } else { BlockState::Absent };
+                assert_eq!(bit(0), want == BlockState::Data, "{blocks} blocks, data bit {b}");
+                assert_eq!(bit(1), want == BlockState::Zero, "{blocks} blocks, zero bit {b}");
+            }
+            assert_eq!(BlockStates::decode(blocks, blocks, plane, &out), Some(s));
+        }
+    }
 
     #[test]
     fn new_chunk_is_all_absent() {

@@ -24,33 +24,73 @@ pub struct MapEntry {
     pub crcs: Vec<u32>,
 }
 
+/// A map entry's fields, borrowed: what encoding needs, without a copy of the entry.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    pub chunk: u64,
+    pub data_offset: u64,
+    pub blocks: &'a BlockStates,
+    pub crcs: &'a [u32],
+}
+
+impl MapEntry {
+    pub fn as_ref(&self) -> EntryRef<'_> {
+        EntryRef { chunk: self.chunk, data_offset: self.data_offset, blocks: &self.blocks, crcs: &self.crcs }
+    }
+}
+
 /// Encodes one sector at file offset `sector_offset`; `entries` has one element per entry
 /// position (`None` = unused). A sector with no entry in use encodes as all zeros.
 pub fn encode_sector(g: &Geometry, sector_offset: u64, entries: &[Option<&MapEntry>]) -> [u8; SECTOR_SIZE] {
+    encode_entries(g, sector_offset, entries.iter().map(|e| e.map(MapEntry::as_ref)))
+}
+
+/// [`encode_sector`] over borrowed entries, one per entry position.
+pub fn encode_entries<'a>(
+    g: &Geometry,
+    sector_offset: u64,
+    entries: impl IntoIterator<Item = Option<EntryRef<'a>>>,
+) -> [u8; SECTOR_SIZE] {
     let mut b = [0u8; SECTOR_SIZE];
-    if entries.iter().all(Option::is_none) {
-        return b;
+    let es = g.entry_size();
+    for (i, e) in entries.into_iter().enumerate() {
+        let at = SECTOR_HEADER + i * es;
+        encode_entry(g, e, &mut b[at..at + es]);
+    }
+    seal_sector(g, sector_offset, &mut b);
+    b
+}
+
+/// Writes entry `e` (or an unused entry) into `out`, one entry's bytes of a sector. The sector
+/// needs [`seal_sector`] afterwards.
+pub fn encode_entry(g: &Geometry, e: Option<EntryRef<'_>>, out: &mut [u8]) {
+    out.fill(0);
+    let Some(e) = e else { return };
+    LE::write_u32(out, ENTRY_IN_USE);
+    LE::write_u64(&mut out[8..], e.chunk);
+    LE::write_u64(&mut out[16..], e.data_offset);
+    let planes = 24 + 2 * g.bitmap_bytes();
+    e.blocks.encode(g.bitmap_bytes(), &mut out[24..planes]);
+    if g.data_checksums {
+        for (i, c) in e.crcs.iter().enumerate().take(g.blocks_per_chunk()) {
+            LE::write_u32(&mut out[planes + 4 * i..], *c);
+        }
+    }
+}
+
+/// Completes a sector whose entries are written: its magic, offset and CRC, or all zeros if
+/// no entry is in use.
+pub fn seal_sector(g: &Geometry, sector_offset: u64, b: &mut [u8; SECTOR_SIZE]) {
+    let es = g.entry_size();
+    let in_use = (0..g.entries_per_sector()).any(|i| LE::read_u32(&b[SECTOR_HEADER + i * es..]) & ENTRY_IN_USE != 0);
+    if !in_use {
+        b.fill(0);
+        return;
     }
     b[4..8].copy_from_slice(&SECTOR_MAGIC);
     LE::write_u64(&mut b[8..16], sector_offset);
-    let es = g.entry_size();
-    for (i, e) in entries.iter().enumerate() {
-        let Some(e) = e else { continue };
-        let at = SECTOR_HEADER + i * es;
-        LE::write_u32(&mut b[at..], ENTRY_IN_USE);
-        LE::write_u64(&mut b[at + 8..], e.chunk);
-        LE::write_u64(&mut b[at + 16..], e.data_offset);
-        let planes = 24 + 2 * g.bitmap_bytes();
-        e.blocks.encode(g.bitmap_bytes(), &mut b[at + 24..at + planes]);
-        if g.data_checksums {
-            for (i, c) in e.crcs.iter().enumerate().take(g.blocks_per_chunk()) {
-                LE::write_u32(&mut b[at + planes + 4 * i..], *c);
-            }
-        }
-    }
     let crc = crc32fast::hash(&b[4..]);
     LE::write_u32(&mut b[0..4], crc);
-    b
 }
 
 /// Decodes one sector read from file offset `sector_offset`: the in-use entries with their

@@ -308,6 +308,17 @@ impl Image {
         self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("update header"))
     }
 
+    /// Cuts off what [`Image::extend_ahead`] lengthened the file by and no slot took: space
+    /// past the end of everything handed out, which holds nothing. The header write that
+    /// follows is synced with it.
+    fn trim_tail(&self, st: &State) -> Result<()> {
+        let end = st.alloc.end();
+        if st.extended_to > end && self.storage.len()? > end {
+            self.storage.set_len(end)?;
+        }
+        Ok(())
+    }
+
     /// Takes the journal out of `h`, the header about to freeze the image, and punches its
     /// area first: a checkpoint just ran, so its chain holds nothing to replay, and a crash
     /// before the header leaves a live image whose empty area reads as an empty chain; after
@@ -337,6 +348,7 @@ impl Image {
         h.set_flag(FLAG_DIRTY, false);
         h.pending = Some(pending);
         self.drop_journal(&mut st, &mut h)?;
+        self.trim_tail(&st).map_err(|e| e.with_file(&self.path).during("freeze"))?;
         self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
         drop(st);
         self.closing.store(true, Ordering::Release);
@@ -448,6 +460,7 @@ impl Image {
         }
         self.flush_locked(false)?;
         let mut st = write(&self.state);
+        self.trim_tail(&st).map_err(|e| e.with_file(&self.path).during("close"))?;
         self.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, false)).map_err(|e| e.with_file(&self.path))?;
         drop(st);
         self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("close"))?;

@@ -69,6 +69,9 @@ pub(crate) struct State {
     header: Header,
     map: ChunkMap,
     alloc: Allocator,
+    /// The file length this process made sure of ahead of the slots it hands out (see
+    /// [`Image::extend_ahead`]); 0 when it has made sure of none.
+    extended_to: u64,
 }
 
 /// Where the redo journal (spec §5.9) stands; changed only by flushes (under `flush_lock`).
@@ -211,8 +214,12 @@ impl Image {
         storage.write_at(&h0.encode(), 0).map_err(ctx)?;
         storage.write_at(&header.encode(), HEADER_SLOT_SIZE as u64).map_err(ctx)?;
         storage.sync().map_err(ctx)?;
-        let state =
-            State { map: ChunkMap::empty(geom), alloc: Allocator::empty(geom.chunk_size(), geom.data_start()), header };
+        let state = State {
+            map: ChunkMap::empty(geom),
+            alloc: Allocator::empty(geom.chunk_size(), geom.data_start()),
+            header,
+            extended_to: 0,
+        };
         Ok(Image::assemble(path, storage, geom, true, state, 0, JournalState::default()))
     }
 
@@ -275,7 +282,7 @@ impl Image {
         let alloc = Allocator::rebuild(geom.chunk_size(), geom.data_start(), file_len, used_ranges(&map, &header))
             .map_err(ctx)?;
         let was_dirty = header.has_flag(FLAG_DIRTY);
-        let state = State { header, map, alloc };
+        let state = State { header, map, alloc, extended_to: file_len };
         if !opts.write {
             return Ok(Image::assemble(path, storage, geom, false, state, repaired, jstate));
         }
