@@ -120,22 +120,23 @@ impl Image {
     /// it. A write that grows a file changes its size, which a file system must make durable
     /// with the next sync of any range of it: with ext4, each journal record's durable write
     /// then also wrote the inode (measured in PROFILING.md). The tail reads as zeros, takes no
-    /// space, and is cut off again at close. Best effort: a file that cannot be lengthened only
-    /// loses the saving.
-    fn extend_ahead(&self, st: &mut State) {
+    /// space, and is cut off again at close. A file that cannot be lengthened fails the write
+    /// that needed it, as a failed write would: the store is failing.
+    fn extend_ahead(&self, st: &mut State) -> Result<()> {
         let end = st.alloc.end();
         if end <= st.extended_to {
-            return;
+            return Ok(());
         }
         let cs = self.geom.chunk_size();
         let step = (self.geom.virtual_size / 16).clamp(cs, EXTEND_STEP_MAX).next_multiple_of(cs);
         let to = end.saturating_add(step).min(crate::format::header::MAX_FILE_SIZE);
         // Nothing is written past `end` (every slot, map extent and journal area lies below
         // it), so lengthening to `to` can never cut anything off.
-        if self.storage.len().is_ok_and(|len| len < to) {
-            let _ = self.storage.set_len(to);
+        if self.storage.len()? < to {
+            self.storage.set_len(to)?;
         }
         st.extended_to = to;
+        Ok(())
     }
 
     /// Decides where a write of blocks `first..last` of `chunk` goes (see [`SlotPlan`]), taking
@@ -172,10 +173,13 @@ impl Image {
                 SlotPlan::NewSlot { slot }
             }
         };
-        if !matches!(slot, SlotPlan::InPlace { .. }) {
-            self.extend_ahead(st);
-        }
-        Ok(WritePlan { img: self, chunk, first, last, slot, committed: false, _gate: gate })
+        let extended = if matches!(slot, SlotPlan::InPlace { .. }) { Ok(()) } else { self.extend_ahead(st) };
+        drop(guard);
+        // Made before the error is returned, so that dropping it gives the slot back (its drop
+        // takes the state lock, released above).
+        let plan = WritePlan { img: self, chunk, first, last, slot, committed: false, _gate: gate };
+        extended.map_err(|e| e.with_file(&self.path))?;
+        Ok(plan)
     }
 
     /// Records a planned write whose data has been written: the covered blocks become Data
