@@ -211,8 +211,8 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
 /// The request stream and the threads waiting for their turn at it. A thread that finds
 /// another reading parks on a condition variable instead of contending for the stream's lock:
 /// the reader holds that lock across a blocking read, and std's mutex spins before it sleeps
-/// (about 5 µs here, per request at queue depth 1: a tenth of the server's user time in a
-/// write-and-flush loop, PROFILING.md).
+/// (a tenth of the server's user time in a write-and-flush loop at queue depth 1,
+/// PROFILING.md).
 struct Reader {
     input: Mutex<Input>,
     /// Threads parked waiting for the stream.
