@@ -301,7 +301,7 @@ impl Image {
         f(&mut h);
         if h.has_flag(FLAG_FROZEN) {
             // A header that freezes the image drops its journal (spec §5.9), as freeze does.
-            self.drop_journal(&mut st, &mut h)?;
+            self.drop_journal(&mut h)?;
         }
         self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
         drop(st);
@@ -323,9 +323,8 @@ impl Image {
     /// area first: a checkpoint just ran, so its chain holds nothing to replay, and a crash
     /// before the header leaves a live image whose empty area reads as an empty chain; after
     /// it, nothing is left over.
-    fn drop_journal(&self, st: &mut State, h: &mut Header) -> Result<()> {
+    fn drop_journal(&self, h: &mut Header) -> Result<()> {
         if let Some(a) = h.journal.take() {
-            debug_assert_eq!(st.header.journal, Some(a));
             self.storage.punch(a.offset, a.len).map_err(|e| e.with_file(&self.path))?;
         }
         Ok(())
@@ -347,7 +346,7 @@ impl Image {
         h.set_flag(FLAG_FROZEN, true);
         h.set_flag(FLAG_DIRTY, false);
         h.pending = Some(pending);
-        self.drop_journal(&mut st, &mut h)?;
+        self.drop_journal(&mut h)?;
         self.trim_tail(&st).map_err(|e| e.with_file(&self.path).during("freeze"))?;
         self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
         drop(st);

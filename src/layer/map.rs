@@ -303,6 +303,13 @@ impl ChunkMap {
         unreachable!("sector {sector} beyond the map's extents")
     }
 
+    /// The entry whose record is at position `pos`, borrowed for encoding.
+    fn entry_at(&self, pos: u64) -> Option<EntryRef<'_>> {
+        let c = *self.owners.get(&pos)?;
+        let e = self.entries.get(&c)?;
+        Some(EntryRef { chunk: c, data_offset: e.data_offset, blocks: &e.blocks, crcs: &e.crcs })
+    }
+
     /// Encodes one sector from the current entries: only the `changed` ones (bit i: entry i)
     /// where the sector as last encoded is kept, else all of them.
     fn encode(&mut self, sector: u64, changed: u64) -> (u64, [u8; SECTOR_SIZE]) {
@@ -315,10 +322,7 @@ impl ChunkMap {
             if kept.is_some() && changed & (1 << i) == 0 {
                 continue;
             }
-            let e = self.owners.get(&(first + i as u64)).and_then(|&c| {
-                let e = self.entries.get(&c)?;
-                Some(EntryRef { chunk: c, data_offset: e.data_offset, blocks: &e.blocks, crcs: &e.crcs })
-            });
+            let e = self.entry_at(first + i as u64);
             let at = SECTOR_HEADER + i * es;
             encode_entry(&self.geom, e, &mut b[at..at + es]);
         }
@@ -484,11 +488,7 @@ mod tests {
             x % n
         };
         let full = |m: &ChunkMap, sector: u64| {
-            let entries = (sector * eps..(sector + 1) * eps).map(|pos| {
-                let c = *m.owners.get(&pos)?;
-                let e = m.entries.get(&c)?;
-                Some(EntryRef { chunk: c, data_offset: e.data_offset, blocks: &e.blocks, crcs: &e.crcs })
-            });
+            let entries = (sector * eps..(sector + 1) * eps).map(|pos| m.entry_at(pos));
             crate::format::map::encode_entries(&m.geom, m.sector_offset(sector), entries)
         };
         let mut next = 1u64 << 20;
