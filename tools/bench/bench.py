@@ -1555,10 +1555,16 @@ def main():
     ap.add_argument("--repeat", type=int, help="repetitions, the median is reported (default 3; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="small size, short runs: a smoke run")
     ap.add_argument("--cowdisk", help="the cowdisk binary (default: $CARGO_TARGET_DIR/release/cowdisk, else target/release/cowdisk)")
-    ap.add_argument("--output", default=str(REPO / "BENCHMARKS.md"), help="report (default BENCHMARKS.md at the repo root)")
-    ap.add_argument("--chart", default=str(REPO / "tools" / "bench" / "chart.svg"),
-                    help="SVG chart, referenced from the report (default tools/bench/chart.svg)")
+    ap.add_argument("--output", help="report (default BENCHMARKS.md at the repo root; --quick: "
+                    "target/bench-quick/BENCHMARKS.md, so that a smoke run never replaces the recorded one)")
+    ap.add_argument("--chart", help="SVG chart, referenced from the report (default tools/bench/chart.svg for "
+                    "the repo's BENCHMARKS.md, else chart.svg beside the report)")
     ARGS = ap.parse_args()
+    if not ARGS.output:
+        ARGS.output = str(REPO / "target" / "bench-quick" / "BENCHMARKS.md" if ARGS.quick else REPO / "BENCHMARKS.md")
+    if not ARGS.chart:
+        out = Path(ARGS.output).resolve()
+        ARGS.chart = str(REPO / "tools" / "bench" / "chart.svg" if out == REPO / "BENCHMARKS.md" else out.parent / "chart.svg")
     ARGS.size_bytes = ARGS.size or (64 * MiB if ARGS.quick else GiB)
     ARGS.runtime = ARGS.runtime or (2 if ARGS.quick else 20)
     ARGS.repeat = ARGS.repeat or (1 if ARGS.quick else 3)
@@ -1650,6 +1656,7 @@ def main():
         io_table, ops_table = build_tables()
         print("\n" + io_table + "\n\n" + ops_table + "\n")
         Path(ARGS.chart).parent.mkdir(parents=True, exist_ok=True)
+        Path(ARGS.output).parent.mkdir(parents=True, exist_ok=True)
         chart_ok = svg_chart(ARGS.chart)
         write_report(io_table, ops_table, mi, total, chart_ok)
         log(f"wrote {ARGS.output} and {ARGS.chart}; total {total / 60:.1f} min")
