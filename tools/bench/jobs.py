@@ -5,10 +5,14 @@ BENCHMARKS.md records).
 
 Usage: tools/bench/jobs.py [--jobs job_syncwrite,job_syncrewrite] [--peers cowdisk,nbdkit]
                            [--rounds 2] [--runtime 10] [--dir /var/tmp/cowdisk-jobs]
-Needs the release binary (cargo build --release) and the peers bench.py needs.
+Needs the release binary (cargo build --release) and the peers bench.py needs. A peer
+`cowdisk=PATH` runs the cowdisk binary at PATH (copy a build aside to compare two builds:
+`--peers cowdisk=/var/tmp/old,cowdisk,nbdkit`). With nbdkit among the peers, each cowdisk run
+is also given as a ratio to nbdkit's run of the same job and round.
 """
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,9 +53,38 @@ with open(B.BASE, "rb", buffering=0) as f:
         pass
 peers = a.peers.split(",")
 jobs = [getattr(B, j) for j in a.jobs.split(",")]
+default_cowdisk = B.ARGS.cowdisk
+
+
+def run_job(job, peer):
+    """Runs one job for one peer; a `cowdisk=PATH` peer's results are filed under its own name."""
+    if not peer.startswith("cowdisk="):
+        job(peer)
+        return
+    B.ARGS.cowdisk = str(Path(peer.split("=", 1)[1]).resolve())
+    before = {name: len(by.get("cowdisk", [])) for name, by in B.RESULTS.items()}
+    try:
+        job("cowdisk")
+    finally:
+        B.ARGS.cowdisk = default_cowdisk
+    for name, by in B.RESULTS.items():
+        runs = by.get("cowdisk", [])
+        moved = runs[before.get(name, 0):]
+        del runs[before.get(name, 0):]
+        by.setdefault(peer, []).extend(moved)
+
+
 for r in range(a.rounds):
     for job in jobs:
         for peer in peers if r % 2 == 0 else peers[::-1]:
-            job(peer)
+            run_job(job, peer)
 for name, by_peer in B.RESULTS.items():
+    by_peer = {p: ms for p, ms in by_peer.items() if ms}
     print(name, {p: [round(m["value"]) for m in ms] for p, ms in by_peer.items()})
+    if "nbdkit" in by_peer:
+        kit = [m["value"] for m in by_peer["nbdkit"]]
+        for p, ms in by_peer.items():
+            if p != "nbdkit":
+                ratios = sorted(m["value"] / k for m, k in zip(ms, kit))
+                print(f"  {p} / nbdkit per round: {', '.join(f'{x:.3f}' for x in ratios)}; "
+                      f"median {statistics.median(ratios):.3f}")

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Would a journal checkpoint that runs beside the flushes help (PROFILING.md, "What is left on
+8a")? A model of 8a's I/O on one file: 4K hole fills at random places of a lengthened 1 GiB
+region, each followed by a 5 KiB record written with RWF_DSYNC; every 800 records a checkpoint
+(fdatasync, 64 map pages written, fdatasync, a durable mark). Modes:
+  sync: the checkpoint in line, as cowdisk does it;
+  bg:   the area in two halves, a full half's checkpoint in a thread while records go on in the
+        other;
+  raw:  a raw file's overwrite + fdatasync (nbdkit's I/O).
+
+Usage: tools/bench/checkpointprobe.py MODE SECONDS   (writes /var/tmp/cowdisk-ckprobe.img, removed after)
+"""
+import os
+import random
+import sys
+import threading
+import time
+
+mode, secs = sys.argv[1], float(sys.argv[2])
+path = "/var/tmp/cowdisk-ckprobe.img"
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+GiB, HALF, MAP = 1 << 30, 4 << 20, 1 << 20
+block, record, page = os.urandom(4096), os.urandom(5120), os.urandom(4096)
+JBASE, MBASE = GiB, GiB + 2 * HALF
+if mode == "raw":
+    z = bytes(1 << 20)
+    for i in range(1024): os.pwrite(fd, z, i << 20)
+else:
+    os.pwrite(fd, bytes(2 * HALF + MAP), JBASE)
+    os.ftruncate(fd, JBASE + 2 * HALF + MAP)
+os.fsync(fd)
+def checkpoint(half):
+    os.fdatasync(fd)
+    for _ in range(64):
+        os.pwrite(fd, page, MBASE + random.randrange(MAP // 4096) * 4096)
+    os.fdatasync(fd)
+    os.pwritev(fd, [record[:512]], JBASE + half * HALF, os.RWF_DSYNC)
+n, half, jpos, bg, t0 = 0, 0, 512, None, time.monotonic()
+while time.monotonic() - t0 < secs:
+    os.pwrite(fd, block, random.randrange(GiB // 4096) * 4096)
+    if mode == "raw":
+        os.fdatasync(fd); n += 1; continue
+    if jpos + 5120 > HALF:
+        if mode == "sync":
+            checkpoint(0); jpos = 512
+        else:
+            if bg: bg.join()
+            bg = threading.Thread(target=checkpoint, args=(half,)); bg.start()
+            half, jpos = 1 - half, 512
+    os.pwritev(fd, [record], JBASE + half * HALF + jpos, os.RWF_DSYNC)
+    jpos += 5120; n += 1
+if bg: bg.join()
+print(f"{mode}: {n / (time.monotonic() - t0):,.0f} IOPS")
+os.close(fd); os.unlink(path)
