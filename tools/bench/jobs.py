@@ -57,21 +57,17 @@ default_cowdisk = B.ARGS.cowdisk
 
 
 def run_job(job, peer):
-    """Runs one job for one peer; a `cowdisk=PATH` peer's results are filed under its own name."""
+    """Runs one job for one peer; a `cowdisk=PATH` peer runs as cowdisk, recorded under its own name."""
     if not peer.startswith("cowdisk="):
         job(peer)
         return
+    record = B.record
     B.ARGS.cowdisk = str(Path(peer.split("=", 1)[1]).resolve())
-    before = {name: len(by.get("cowdisk", [])) for name, by in B.RESULTS.items()}
+    B.record = lambda name, _peer, m: record(name, peer, m)
     try:
         job("cowdisk")
     finally:
-        B.ARGS.cowdisk = default_cowdisk
-    for name, by in B.RESULTS.items():
-        runs = by.get("cowdisk", [])
-        moved = runs[before.get(name, 0):]
-        del runs[before.get(name, 0):]
-        by.setdefault(peer, []).extend(moved)
+        B.ARGS.cowdisk, B.record = default_cowdisk, record
 
 
 for r in range(a.rounds):
@@ -79,12 +75,11 @@ for r in range(a.rounds):
         for peer in peers if r % 2 == 0 else peers[::-1]:
             run_job(job, peer)
 for name, by_peer in B.RESULTS.items():
-    by_peer = {p: ms for p, ms in by_peer.items() if ms}
     print(name, {p: [round(m["value"]) for m in ms] for p, ms in by_peer.items()})
     if "nbdkit" in by_peer:
         kit = [m["value"] for m in by_peer["nbdkit"]]
         for p, ms in by_peer.items():
             if p != "nbdkit":
-                ratios = sorted(m["value"] / k for m, k in zip(ms, kit))
+                ratios = [m["value"] / k for m, k in zip(ms, kit)]
                 print(f"  {p} / nbdkit per round: {', '.join(f'{x:.3f}' for x in ratios)}; "
                       f"median {statistics.median(ratios):.3f}")
