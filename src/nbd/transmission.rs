@@ -12,9 +12,10 @@ use super::payload::{Incoming, SocketPayload};
 use super::proto::*;
 use crate::device::{Disk, Extent, Payload};
 use crate::error::{Error, ErrorKind};
-use crate::storage::Pipe;
+use crate::storage::{poll_one, Pipe};
 use crate::sync::lock;
 use std::io::{self, BufReader, Read, Write};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
 
@@ -29,6 +30,11 @@ const READ_BUFFER: usize = 64 * 1024;
 /// into the image (see [`SocketPayload`]), by the thread that reads them. Shorter ones are read
 /// whole first: their payload mostly comes with the header in one read anyway.
 const SPLICE_MIN: u32 = 128 * 1024;
+
+/// Requests without overlap after which a connection stops waking a thread to read on while
+/// it runs one (see [`next_request`]): about a third of a second at queue depth 1 with a
+/// FLUSH after each write, long enough that a client which keeps requests in flight shows it.
+const EAGER_REQUESTS: u32 = 1024;
 /// Reads shorter than this are answered with one data chunk: looking for holes costs more
 /// than the bytes it saves.
 const HOLE_SCAN_MIN: u32 = 64 * 1024;
@@ -42,6 +48,15 @@ struct Conn {
     broken: AtomicBool,
     /// Ends the reader when a reply cannot be sent.
     on_broken: Box<dyn Fn() + Send + Sync>,
+    /// The request stream's socket, polled (never read) to see whether the client sent more
+    /// before a reply; `None` if the stream is not a socket.
+    in_fd: Option<RawFd>,
+    /// The request being answered was read without waking a thread (see [`next_request`]):
+    /// nobody reads the stream until it is answered.
+    quiet: AtomicBool,
+    /// A reply to a quiet request found more requests sent before it: the client keeps
+    /// requests in flight.
+    overlap: AtomicBool,
 }
 
 /// The request stream, read by one thread at a time.
@@ -50,6 +65,23 @@ struct Input {
     done: bool,
     /// For spliced writes; made at the first one. `Err` if it could not be made.
     pipe: Option<io::Result<Pipe>>,
+    /// Requests still to be read waking a thread for the next one (see [`next_request`]).
+    eager: u32,
+}
+
+impl Input {
+    /// Whether more of the stream may be waiting: bytes already buffered, or the socket
+    /// readable now. A stream that is not a socket, or a poll that fails, counts as waiting
+    /// (the caller then wakes a thread, as it would without asking).
+    fn more_waiting(&self) -> bool {
+        !self.r.buffer().is_empty() || self.done || readable(self.r.get_ref().socket_fd())
+    }
+}
+
+/// Whether the socket `fd` has bytes to read now. No socket, or a poll that fails, counts as
+/// readable: callers then wake a thread, as they would without asking.
+fn readable(fd: Option<RawFd>) -> bool {
+    fd.map_or(true, |fd| poll_one(fd, libc::POLLIN, 0).unwrap_or(true))
 }
 
 /// Maps a library error to the NBD error a client should see.
@@ -87,8 +119,16 @@ pub fn serve(
         bufs: Buffers::default(),
         broken: AtomicBool::new(false),
         on_broken,
+        in_fd: reader.socket_fd(),
+        quiet: AtomicBool::new(false),
+        overlap: AtomicBool::new(false),
     };
-    let input = Reader::new(Input { r: BufReader::with_capacity(READ_BUFFER, reader), done: false, pipe: None });
+    let input = Reader::new(Input {
+        r: BufReader::with_capacity(READ_BUFFER, reader),
+        done: false,
+        pipe: None,
+        eager: EAGER_REQUESTS,
+    });
     let pool = Pool {
         conn: &conn,
         input: &input,
@@ -123,7 +163,7 @@ impl<'a> Pool<'a> {
     where
         'a: 's,
     {
-        while let Some((req, payload, cost)) = next_request(self.conn, self.input, self.global) {
+        while let Some((req, payload, cost)) = next_request(self.conn, self.input, self.global, &self.busy) {
             let busy = self.busy.fetch_add(1, Ordering::AcqRel) + 1;
             let grow = |n: usize| (busy >= n && n < self.max).then_some(n + 1);
             if self.started.fetch_update(Ordering::AcqRel, Ordering::Acquire, grow).is_ok() {
@@ -141,15 +181,47 @@ impl<'a> Pool<'a> {
 /// Reads the next request to run (answering the ones that need no work on the spot), or
 /// `None` when the connection is over. The payload's bytes are charged to both budgets. A
 /// write's payload is the first `req.length` bytes of the returned buffer, which may be longer.
-fn next_request(conn: &Conn, input: &Reader, global: &Budget) -> Option<(Request, Vec<u8>, u64)> {
+///
+/// Waking a thread to read on while this one runs is what lets a client that keeps several
+/// requests in flight be read from; for a client at queue depth 1, which sends nothing more
+/// before this request's reply, it only moves the stream between threads: a futex wake, two
+/// context switches and a thread entering a read that waits, per request, on cores the client
+/// needs too (PROFILING.md). So once a connection has shown no overlap for
+/// [`EAGER_REQUESTS`] requests in a row, a request read while no other is counted busy and
+/// nothing more waits in the stream is "quiet": no thread is woken, and this one reads the
+/// next request itself once it has answered. Overlap is more in the stream after a request,
+/// or more sent before a quiet request's reply (see [`Conn::send`]); either puts the
+/// connection back to waking for the next [`EAGER_REQUESTS`]. So the cost of being wrong is
+/// bounded: a request sent while a quiet one runs waits until that one is answered, once. A
+/// new connection starts out waking.
+fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize) -> Option<(Request, Vec<u8>, u64)> {
     let mut guard = input.take();
+    if conn.overlap.swap(false, Ordering::AcqRel) {
+        guard.eager = EAGER_REQUESTS;
+    }
     let r = next_request_locked(conn, &mut guard, global);
-    input.give(guard);
+    // Another request still counted busy is no sign of overlap by itself: at queue depth 1
+    // its thread may have sent the reply and not yet counted itself done.
+    let quiet = r.is_some()
+        && busy.load(Ordering::Acquire) == 0
+        && if guard.more_waiting() {
+            guard.eager = EAGER_REQUESTS;
+            false
+        } else {
+            guard.eager == 0
+        };
+    conn.quiet.store(quiet, Ordering::Release);
+    if quiet {
+        drop(guard);
+    } else {
+        guard.eager = guard.eager.saturating_sub(1);
+        input.give(guard);
+    }
     r
 }
 
 fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Option<(Request, Vec<u8>, u64)> {
-    let Input { r, done, pipe } = guard;
+    let Input { r, done, pipe, .. } = guard;
     loop {
         if *done || conn.broken.load(Ordering::Acquire) {
             *done = true;
@@ -275,9 +347,15 @@ impl Conn {
         self.neg.export.disk.as_ref()
     }
 
+    /// Sends (part of) a reply. Before a quiet request's reply, looks whether the client has
+    /// sent more already: at queue depth 1 it cannot have, so if it did, it keeps requests in
+    /// flight, and the next read wakes threads again (see [`next_request`]).
     fn send(&self, bytes: &[u8]) {
         if self.broken.load(Ordering::Acquire) {
             return;
+        }
+        if self.quiet.load(Ordering::Acquire) && readable(self.in_fd) {
+            self.overlap.store(true, Ordering::Release);
         }
         let mut w = lock(&self.out);
         if w.write_all(bytes).and_then(|_| w.flush()).is_err() {

@@ -22,6 +22,7 @@ pub use fault::{FaultKind, FaultStorage};
 pub use file::{FileStorage, LockMode};
 #[cfg(any(test, feature = "testing"))]
 pub use mem::MemStorage;
+pub(crate) use pipe::poll_one;
 pub use pipe::Pipe;
 
 use crate::error::{Error, Result};

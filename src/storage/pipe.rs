@@ -41,7 +41,7 @@ fn retry(mut f: impl FnMut() -> isize) -> io::Result<usize> {
 
 /// Whether `fd` is ready for `events` within `timeout_ms` (-1: wait as long as it takes).
 /// Errors and hang-ups count as ready: the next call on `fd` reports them.
-fn poll_one(fd: RawFd, events: libc::c_short, timeout_ms: libc::c_int) -> io::Result<bool> {
+pub(crate) fn poll_one(fd: RawFd, events: libc::c_short, timeout_ms: libc::c_int) -> io::Result<bool> {
     let mut p = libc::pollfd { fd, events, revents: 0 };
     // SAFETY: one pollfd we own.
     let n = retry(|| unsafe { libc::poll(&mut p, 1, timeout_ms) as isize })?;

@@ -218,6 +218,84 @@ fn sixty_four_pipelined_reads_and_writes_are_matched_by_cookie() {
     }
 }
 
+/// Sends a FLUSH of `MIB`-sized writes of new data (more each try, until the FLUSH is still
+/// running 20 ms later, else the order says nothing), then a READ of the first block, and
+/// returns whether the READ was answered first.
+fn read_beside_a_long_flush(c: &mut NbdClient<UnixStream>, next: &mut u64, block: &[u8], tag: u64) -> bool {
+    let mut dirty = 32 * MIB;
+    loop {
+        assert!(dirty <= 512 * MIB, "a FLUSH of 256 MiB of new data was over within 20 ms");
+        let data = random_bytes(MIB as usize, 42 + tag);
+        for _ in 0..dirty / MIB {
+            c.write(*next, &data).unwrap();
+            *next += MIB;
+        }
+        let (flush, read) = (0xf1a5_0000 + tag, 0x4ead_0000 + tag);
+        c.send_request(0, NBD_CMD_FLUSH, flush, 0, 0, &[]).unwrap();
+        thread::sleep(Duration::from_millis(20));
+        if readable_now(c.stream()) {
+            assert_eq!(c.read_response().expect("flush reply").cookie, flush);
+            dirty *= 2;
+            continue;
+        }
+        c.send_request(0, NBD_CMD_READ, read, 0, 4096, &[]).unwrap();
+        let first = c.read_response().expect("first reply");
+        let second = c.read_response().expect("second reply");
+        assert!(first.is_ok() && second.is_ok());
+        let data = if first.cookie == read { first.read_data() } else { second.read_data() };
+        assert_bytes_eq(&data.unwrap(), block, "the read beside the flush");
+        eprintln!("{tag}: {} MiB dirty; the READ answered first: {}", dirty / MIB, first.cookie == read);
+        return first.cookie == read;
+    }
+}
+
+/// Whether a reply is waiting on the socket (without reading it).
+fn readable_now(s: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd we own, no wait.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
+/// A client that keeps requests in flight (qemu, the kernel) must not see a read wait behind a
+/// slow FLUSH on the same connection: a thread reads on while the FLUSH runs. The server stops
+/// doing that for a connection at queue depth 1 (it would only move the stream between
+/// threads, PROFILING.md), and must start again as soon as the client shows it keeps requests
+/// in flight: on a fresh connection, after a burst of pipelined requests, and after one request
+/// sent before the reply to the one before (which may wait, once).
+#[test]
+fn a_read_sent_while_a_long_flush_runs_is_answered_first_also_after_a_queue_depth_1_stretch() {
+    let fx = fixture_with("2G", &[]);
+    let mut c = simple_client(&fx.server, "disk");
+    let block = random_bytes(4096, 41);
+    c.write(0, &block).unwrap();
+    c.flush().unwrap();
+    let mut next = MIB;
+    let qd1_stretch = |c: &mut NbdClient<UnixStream>| {
+        for _ in 0..1100 {
+            assert_bytes_eq(&c.read(0, 4096).unwrap(), &block, "a read at queue depth 1");
+        }
+    };
+    assert!(read_beside_a_long_flush(&mut c, &mut next, &block, 0), "fresh connection: the READ waited for the FLUSH");
+
+    qd1_stretch(&mut c);
+    let burst = (0..8).map(|i| Req::new(NBD_CMD_READ, 0xb0 + i, 0, 4096, vec![])).collect();
+    send_batch(&mut c, burst).join().unwrap().expect("send the burst");
+    for _ in 0..8 {
+        assert!(c.read_response().expect("burst reply").is_ok());
+    }
+    assert!(read_beside_a_long_flush(&mut c, &mut next, &block, 1), "after a burst: the READ waited for the FLUSH");
+
+    qd1_stretch(&mut c);
+    // The first READ may wait for its FLUSH (nothing showed the server it should read on);
+    // the FLUSH's reply then finds it sent, so the second must not.
+    read_beside_a_long_flush(&mut c, &mut next, &block, 2);
+    assert!(
+        read_beside_a_long_flush(&mut c, &mut next, &block, 3),
+        "after a READ sent beside a FLUSH: the next READ waited"
+    );
+}
+
 #[test]
 fn multi_conn_a_write_acknowledged_on_one_connection_is_seen_on_another_after_its_flush() {
     let fx = fixture();
