@@ -101,7 +101,9 @@ fn errno(e: &Error) -> u32 {
 /// `threads` threads share the connection, leader/follower style: whoever holds the reader
 /// reads one request (and its payload), lets go of the reader, runs the request and sends its
 /// reply. There is no hand-off between a reading thread and a working thread, and at most
-/// `threads` requests are in flight. A write of [`SPLICE_MIN`] bytes or more is the exception:
+/// `threads` requests are in flight. A connection at queue depth 1 does not even wake a
+/// thread to read on: one thread reads, runs and answers in turn (see [`next_request`]). A
+/// write of [`SPLICE_MIN`] bytes or more is the exception to letting go of the reader:
 /// it runs before the reader is let go, as its payload arrives. Its bytes then reach the page
 /// cache in one copy, and large writes to one file do not contend for its inode lock.
 pub fn serve(
