@@ -71,15 +71,6 @@ struct Input {
     eager: u32,
 }
 
-impl Input {
-    /// Whether more of the stream may be waiting: bytes already buffered, or the socket
-    /// readable now. A stream that is not a socket, or a poll that fails, counts as waiting
-    /// (the caller then wakes a thread, as it would without asking).
-    fn more_waiting(&self) -> bool {
-        !self.r.buffer().is_empty() || self.done || readable(self.r.get_ref().socket_fd())
-    }
-}
-
 /// Whether the socket `fd` has bytes to read now. No socket, or a poll that fails, counts as
 /// readable: callers then wake a thread, as they would without asking.
 fn readable(fd: Option<RawFd>) -> bool {
@@ -208,7 +199,8 @@ fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize
     // its thread may have sent the reply and not yet counted itself done.
     let quiet = r.is_some()
         && busy.load(Ordering::Acquire) == 0
-        && if guard.more_waiting() {
+        // More waiting: bytes already buffered, or the socket readable now.
+        && if !guard.r.buffer().is_empty() || guard.done || readable(conn.in_fd) {
             guard.eager = EAGER_REQUESTS;
             false
         } else {

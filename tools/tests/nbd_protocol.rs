@@ -224,7 +224,7 @@ fn sixty_four_pipelined_reads_and_writes_are_matched_by_cookie() {
 fn read_beside_a_long_flush(c: &mut NbdClient<UnixStream>, next: &mut u64, block: &[u8], tag: u64) -> bool {
     let mut dirty = 32 * MIB;
     loop {
-        assert!(dirty <= 512 * MIB, "a FLUSH of 256 MiB of new data was over within 20 ms");
+        assert!(dirty <= 512 * MIB, "a FLUSH of 512 MiB of new data was over within 20 ms");
         let data = random_bytes(MIB as usize, 42 + tag);
         for _ in 0..dirty / MIB {
             c.write(*next, &data).unwrap();
