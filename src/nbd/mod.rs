@@ -15,6 +15,7 @@ pub mod payload;
 pub mod proto;
 pub mod server;
 pub mod sock;
+mod spin;
 pub mod tls;
 pub mod tls_pump;
 pub mod transmission;

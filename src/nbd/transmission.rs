@@ -10,6 +10,7 @@ use super::handshake::{Negotiated, MAX_PAYLOAD};
 use super::meta;
 use super::payload::{Incoming, SocketPayload};
 use super::proto::*;
+use super::spin::Spin;
 use crate::device::{Disk, Extent, Payload};
 use crate::error::{Error, ErrorKind};
 use crate::storage::{poll_one, Pipe};
@@ -69,6 +70,8 @@ struct Input {
     pipe: Option<io::Result<Pipe>>,
     /// Requests still to be read waking a thread for the next one (see [`next_request`]).
     eager: u32,
+    /// How long a quiet connection's reader looks for the next request before sleeping.
+    spin: Spin,
 }
 
 /// Whether the socket `fd` has bytes to read now. No socket, or a poll that fails, counts as
@@ -123,6 +126,7 @@ pub fn serve(
         done: false,
         pipe: None,
         eager: EAGER_REQUESTS,
+        spin: Spin::default(),
     });
     let pool = Pool {
         conn: &conn,
@@ -189,12 +193,23 @@ impl<'a> Pool<'a> {
 /// connection back to waking for the next [`EAGER_REQUESTS`]. So the cost of being wrong is
 /// bounded: a request sent while a quiet one runs waits until that one is answered, once. A
 /// new connection starts out waking.
+///
+/// A quiet connection's thread looks for the next request for a while before it sleeps in
+/// the read (see [`Spin`]): at queue depth 1 that request comes soon.
 fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize) -> Option<(Request, Vec<u8>, u64)> {
     let mut guard = input.take();
     if conn.overlap.swap(false, Ordering::AcqRel) {
         guard.eager = EAGER_REQUESTS;
+        guard.spin.reset();
     }
+    let spun = match conn.in_fd {
+        Some(fd) if guard.eager == 0 && guard.r.buffer().is_empty() && !guard.done => Some(guard.spin.wait(fd)),
+        _ => None,
+    };
     let r = next_request_locked(conn, &mut guard, global);
+    if let Some((start, caught)) = spun {
+        guard.spin.adapt(start.elapsed(), caught);
+    }
     // Another request still counted busy is no sign of overlap by itself: at queue depth 1
     // its thread may have sent the reply and not yet counted itself done.
     let quiet = r.is_some()
@@ -202,6 +217,7 @@ fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize
         // More waiting: bytes already buffered, or the socket readable now.
         && if !guard.r.buffer().is_empty() || guard.done || readable(conn.in_fd) {
             guard.eager = EAGER_REQUESTS;
+            guard.spin.reset();
             false
         } else {
             guard.eager == 0

@@ -296,6 +296,33 @@ fn a_read_sent_while_a_long_flush_runs_is_answered_first_also_after_a_queue_dept
     );
 }
 
+/// CPU time (user + system) the process `pid` has used so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_queue_depth_1_client_gone_idle_costs_the_server_no_cpu() {
+    // A quiet connection's thread looks for the next request a little while before it sleeps
+    // (src/nbd/spin.rs); a client that stops sending must not keep it looking.
+    let fx = fixture();
+    let mut c = simple_client(&fx.server, "disk");
+    for _ in 0..3000 {
+        c.read(0, 4096).unwrap();
+    }
+    let pid = fx.server.pid();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    // 2 s of a spinning thread would be some 200 ticks at 100 Hz.
+    assert!(used <= 10, "the server used {used} ticks of CPU in 2 s with its only client idle");
+    assert!(c.read(0, 4096).is_ok(), "the connection still answers after the pause");
+}
+
 #[test]
 fn multi_conn_a_write_acknowledged_on_one_connection_is_seen_on_another_after_its_flush() {
     let fx = fixture();

@@ -1,0 +1,130 @@
+//! How long a quiet connection's thread busy-waits for the client's next request before it
+//! sleeps in the read, adapted to how soon requests have been coming.
+//!
+//! Why: at queue depth 1 every request and every reply wakes a sleeping thread, and on a
+//! virtual machine waking a thread whose CPU has halted costs tens of microseconds (an
+//! interrupt to the halted vCPU and the host scheduling it again): on the 2-vCPU test machine
+//! a request reached a sleeping server thread 14 to 19 µs after the client sent it, and the
+//! whole durable-write pair paid several such wake-ups (PROFILING.md, "Halted CPUs"). A
+//! thread that looks at the socket for a little while first sees a request that comes soon
+//! without being woken, and its CPU does not halt in between. QEMU's event loop does the same
+//! (adaptive polling, `poll-max-ns`), and so does Linux for network sockets (`busy_poll`).
+//!
+//! The rule, after QEMU's: a wait the spin did not cover but that was still short
+//! (at most [`SPIN_MAX`]) doubles the spin for the next wait (from [`SPIN_START`]); a wait
+//! longer than that halves it, down to none. So a client that answers quickly gets a thread
+//! that waits for it awake, and an idle or slow one costs at most one short spin now and
+//! then. Between looks the thread yields its CPU, so a client on the same CPU runs.
+
+use crate::storage::poll_one;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+/// The longest spin, and the longest wait that still makes the next spin longer.
+pub(crate) const SPIN_MAX: Duration = Duration::from_micros(200);
+/// The first spin a short wait earns.
+pub(crate) const SPIN_START: Duration = Duration::from_micros(8);
+
+/// One connection's spin budget; used only by the thread holding the request stream.
+#[derive(Debug, Default)]
+pub(crate) struct Spin {
+    budget: Duration,
+}
+
+impl Spin {
+    /// Looks at `fd` until it is readable or the budget is spent; returns when the wait began
+    /// and whether the spin saw the socket readable.
+    pub(crate) fn wait(&self, fd: RawFd) -> (Instant, bool) {
+        let start = Instant::now();
+        if self.budget.is_zero() {
+            return (start, false);
+        }
+        loop {
+            // A failed poll counts as readable: the read that follows reports the error.
+            if poll_one(fd, libc::POLLIN, 0).unwrap_or(true) {
+                return (start, true);
+            }
+            if start.elapsed() >= self.budget {
+                return (start, false);
+            }
+            // SAFETY: no arguments; gives this CPU to another runnable thread, if any.
+            unsafe { libc::sched_yield() };
+        }
+    }
+
+    /// Adapts the budget to a wait that took `waited` (from the start of the spin to a request
+    /// read) and that the spin did or did not see end.
+    pub(crate) fn adapt(&mut self, waited: Duration, caught: bool) {
+        if caught {
+            return;
+        }
+        self.budget = if waited <= SPIN_MAX {
+            (self.budget * 2).clamp(SPIN_START, SPIN_MAX)
+        } else if self.budget / 2 < SPIN_START {
+            Duration::ZERO
+        } else {
+            self.budget / 2
+        };
+    }
+
+    /// Back to no spin: the connection is no longer quiet.
+    pub(crate) fn reset(&mut self) {
+        self.budget = Duration::ZERO;
+    }
+
+    #[cfg(test)]
+    fn budget(&self) -> Duration {
+        self.budget
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn short_waits_grow_the_spin_to_its_cap_and_long_ones_shrink_it_to_none() {
+        let mut s = Spin::default();
+        let mut want = SPIN_START;
+        for _ in 0..10 {
+            s.adapt(SPIN_MAX, false);
+            assert_eq!(s.budget(), want, "after a wait of {SPIN_MAX:?} the spin did not survive");
+            want = (want * 2).min(SPIN_MAX);
+        }
+        assert_eq!(s.budget(), SPIN_MAX);
+        // A request the spin saw changes nothing.
+        s.adapt(3 * US, true);
+        assert_eq!(s.budget(), SPIN_MAX);
+        let mut want = SPIN_MAX;
+        while !want.is_zero() {
+            want = if want / 2 < SPIN_START { Duration::ZERO } else { want / 2 };
+            s.adapt(SPIN_MAX + US, false);
+            assert_eq!(s.budget(), want);
+        }
+        s.adapt(Duration::from_millis(5), false);
+        assert!(s.budget().is_zero(), "a long wait left a spin of {:?}", s.budget());
+        s.adapt(10 * US, false);
+        assert_eq!(s.budget(), SPIN_START);
+        s.reset();
+        assert!(s.budget().is_zero());
+    }
+
+    #[test]
+    fn a_spin_ends_as_soon_as_the_socket_is_readable_and_not_later_than_its_budget() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap_or_else(|e| panic!("socketpair: {e}"));
+        let mut s = Spin::default();
+        for _ in 0..6 {
+            s.adapt(10 * US, false);
+        }
+        use std::os::fd::AsRawFd;
+        let (start, caught) = s.wait(a.as_raw_fd());
+        assert!(!caught, "nothing was sent");
+        assert!(start.elapsed() >= SPIN_MAX, "the spin gave up after {:?}", start.elapsed());
+        use std::io::Write;
+        (&b).write_all(b"x").unwrap_or_else(|e| panic!("write: {e}"));
+        let (_, caught) = s.wait(a.as_raw_fd());
+        assert!(caught, "a readable socket was not seen");
+    }
+}
