@@ -21,9 +21,9 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 /// The longest spin, and the longest wait that still makes the next spin longer.
-pub(crate) const SPIN_MAX: Duration = Duration::from_micros(200);
+const SPIN_MAX: Duration = Duration::from_micros(200);
 /// The first spin a short wait earns.
-pub(crate) const SPIN_START: Duration = Duration::from_micros(8);
+const SPIN_START: Duration = Duration::from_micros(8);
 
 /// One connection's spin budget; used only by the thread holding the request stream.
 #[derive(Debug, Default)]

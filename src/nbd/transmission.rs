@@ -74,6 +74,16 @@ struct Input {
     spin: Spin,
 }
 
+impl Input {
+    /// The connection showed overlap: wake a thread to read on for the next
+    /// [`EAGER_REQUESTS`], and look for nothing before sleeping (no connection that wakes
+    /// threads is quiet).
+    fn overlapped(&mut self) {
+        self.eager = EAGER_REQUESTS;
+        self.spin.reset();
+    }
+}
+
 /// Whether the socket `fd` has bytes to read now. No socket, or a poll that fails, counts as
 /// readable: callers then wake a thread, as they would without asking.
 fn readable(fd: Option<RawFd>) -> bool {
@@ -199,8 +209,7 @@ impl<'a> Pool<'a> {
 fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize) -> Option<(Request, Vec<u8>, u64)> {
     let mut guard = input.take();
     if conn.overlap.swap(false, Ordering::AcqRel) {
-        guard.eager = EAGER_REQUESTS;
-        guard.spin.reset();
+        guard.overlapped();
     }
     let spun = match conn.in_fd {
         Some(fd) if guard.eager == 0 && guard.r.buffer().is_empty() && !guard.done => Some(guard.spin.wait(fd)),
@@ -216,8 +225,7 @@ fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize
         && busy.load(Ordering::Acquire) == 0
         // More waiting: bytes already buffered, or the socket readable now.
         && if !guard.r.buffer().is_empty() || guard.done || readable(conn.in_fd) {
-            guard.eager = EAGER_REQUESTS;
-            guard.spin.reset();
+            guard.overlapped();
             false
         } else {
             guard.eager == 0
