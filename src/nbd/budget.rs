@@ -2,6 +2,7 @@
 //! for the whole server), and so how much memory clients can make the server hold.
 
 use crate::sync::lock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// Counts requests and bytes in flight on one connection. A request always gets in when the
@@ -11,6 +12,8 @@ pub struct Budget {
     cv: Condvar,
     max_requests: usize,
     max_bytes: u64,
+    /// `state.requests`, readable without the lock (for [`Budget::in_flight`]).
+    in_flight: AtomicUsize,
 }
 
 struct State {
@@ -28,7 +31,14 @@ impl Budget {
             cv: Condvar::new(),
             max_requests,
             max_bytes,
+            in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// Requests in flight now, without taking the lock: a hint that may be stale by the
+    /// time the caller acts on it.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     pub fn acquire(&self, bytes: u64) {
@@ -38,12 +48,14 @@ impl Budget {
         }
         s.requests += 1;
         s.bytes += bytes;
+        self.in_flight.store(s.requests, Ordering::Relaxed);
     }
 
     pub fn release(&self, bytes: u64) {
         let mut s = lock(&self.state);
         s.requests -= 1;
         s.bytes -= bytes;
+        self.in_flight.store(s.requests, Ordering::Relaxed);
         if s.waiters > 0 {
             self.cv.notify_all();
         }
@@ -74,7 +86,9 @@ mod tests {
     fn budget_admits_an_oversized_request_when_idle() {
         let b = Budget::new(4, 10);
         b.acquire(100);
+        assert_eq!(b.in_flight(), 1);
         b.release(100);
+        assert_eq!(b.in_flight(), 0);
         b.wait_idle();
     }
 

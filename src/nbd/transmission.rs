@@ -205,14 +205,19 @@ impl<'a> Pool<'a> {
 /// new connection starts out waking.
 ///
 /// A quiet connection's thread looks for the next request for a while before it sleeps in
-/// the read (see [`Spin`]): at queue depth 1 that request comes soon.
+/// the read (see [`Spin`]): at queue depth 1 that request comes soon. It does not look while
+/// other connections have requests in flight: their threads need the CPUs more.
 fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize) -> Option<(Request, Vec<u8>, u64)> {
     let mut guard = input.take();
     if conn.overlap.swap(false, Ordering::AcqRel) {
         guard.overlapped();
     }
+    // This connection's requests are all answered here (it is quiet), so any request in
+    // flight is another connection's.
     let spun = match conn.in_fd {
-        Some(fd) if guard.eager == 0 && guard.r.buffer().is_empty() && !guard.done => Some(guard.spin.wait(fd)),
+        Some(fd) if guard.eager == 0 && guard.r.buffer().is_empty() && !guard.done => {
+            guard.spin.wait(fd, || global.in_flight() > 0)
+        }
         _ => None,
     };
     let r = next_request_locked(conn, &mut guard, global);
