@@ -257,14 +257,41 @@ def served(peer, image):
 FIO_N = 0
 
 
-def fio(srv, name, opts, runtime_cap):
-    """Runs one fio job over the server's export; returns read/write sums over all jobs."""
+def settle(image, *also):
+    """Untimed, before every measured run. First writes back what earlier jobs left dirty in the
+    page cache (nbdkit does not fsync when it stops), so that no peer's timed run pays for
+    another's writeback. Then reads back into the page cache what the run reads: the base,
+    nbdkit's copy of it, the served image with whatever else lies in its own directory (a
+    chain's layers), and `also` with its directory likewise. The method promises every peer a cached base, and a warm-up
+    pass at the start does not keep that promise on a VM that pages out cold page cache (see
+    `pageout_age`): after a few minutes of write jobs, or the ext4 job's drop_caches, part of
+    the base is on disk again, and whichever peer runs first pays for reading it back."""
+    run(["sync"], quiet=True)
+    files = {BASE, BASE_COPY}
+    for x in map(Path, (image, *also)):
+        files.add(x)
+        if x.parent != SCRATCH and x.parent.is_dir():
+            files.update(p for p in x.parent.iterdir() if p.is_file())
+    for p in sorted(files):
+        try:
+            with open(p, "rb", buffering=0) as f:
+                while f.read(8 * MiB):
+                    pass
+        except FileNotFoundError:
+            pass
+
+
+def fio(srv, name, opts, runtime_cap, warm=True):
+    """Runs one fio job over the server's export; returns read/write sums over all jobs. Settles
+    the machine first (`settle`); `warm=False` only writes back, for the untimed fio runs that
+    build chains (a read-back of the base before each of 256 layers' writes would cost minutes)."""
     global FIO_N
     FIO_N += 1
     out = SCRATCH / f"fio-{FIO_N}.json"
-    # Untimed: write back what earlier jobs left dirty in the page cache (nbdkit does not fsync
-    # when it stops), so that no peer's timed run pays for another's writeback.
-    run(["sync"], quiet=True)
+    if warm:
+        settle(srv.image)
+    else:
+        run(["sync"], quiet=True)
     load = os.getloadavg()[0]
     cmd = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={srv.uri}", "--output-format=json",
            f"--output={out}"] + opts
@@ -566,6 +593,7 @@ def job_ext4(peer):
             run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", loop], quiet=True)
             run(["mount", "-o", "noatime", loop, mnt], quiet=True)
             mounted = True
+            settle(s.image, tar)
             cpu0 = s.cpu_seconds()
             t0 = time.monotonic()
             run(["tar", "-C", mnt, "-xf", tar], quiet=True)
@@ -618,6 +646,7 @@ def fua_writes(srv, offsets):
     which every peer here advertises), one at a time; returns requests per second and the
     server's CPU seconds. fio's nbd engine sends no FUA, so qemu-io reads the writes from stdin."""
     cmds = "".join(f"write -f -q -P 0x5a {o} 4k\n" for o in offsets)
+    settle(srv.image)
     cpu0 = srv.cpu_seconds()
     t0 = time.monotonic()
     p = subprocess.run(["qemu-io", "-f", "raw", srv.uri], input=cmds, capture_output=True, text=True, timeout=600)
@@ -701,7 +730,7 @@ def job_mixed(peer):
             jf = SCRATCH / "mixed.fio"
             jf.write_text(mixed_jobfile(s.uri, writers))
             out = SCRATCH / "mixed.json"
-            run(["sync"], quiet=True)
+            settle(s.image)
             cpu0 = s.cpu_seconds()
             run(["fio", jf, "--output-format=json", f"--output={out}"], timeout=ARGS.runtime + 300)
             cpu1 = s.cpu_seconds()
@@ -738,7 +767,7 @@ def layer_write(srv, layer):
     # so that the cowdisk and qcow2 chains hold byte-identical disks and their flattened outputs
     # can be compared.
     fio(srv, f"layer{layer}", ["--rw=randwrite", "--bs=4k", "--iodepth=16", f"--number_ios={n}",
-                               f"--randseed={1000 + layer}", f"--buffer_pattern=0x{layer:02x}c0ffee"], 600)
+                               f"--randseed={1000 + layer}", f"--buffer_pattern=0x{layer:02x}c0ffee"], 600, warm=False)
 
 
 def build_chains():
@@ -793,7 +822,7 @@ def deep_layer_write(srv, layer):
     about what 16 layers of layer_write hold."""
     n = max(1, ARGS.size_bytes // 4096 // 100 // 16)
     fio(srv, f"deep{layer}", ["--rw=randwrite", "--bs=4k", "--iodepth=16", f"--number_ios={n}",
-                              f"--randseed={5000 + layer}", f"--buffer_pattern=0x{layer % 256:02x}d00d"], 600)
+                              f"--randseed={5000 + layer}", f"--buffer_pattern=0x{layer % 256:02x}d00d"], 600, warm=False)
 
 
 def build_deep_chain():
@@ -853,7 +882,7 @@ def op_flatten(rep):
     order = [t for k in range(FLATTEN_RUNS) for t in rotated(["cowdisk", "qemu-img", "cp"], rep * FLATTEN_RUNS + k)]
     for i, tool in enumerate(order):
         remove(out)
-        run(["sync"])
+        settle(CHAINS[("cowdisk", 16)], CHAINS[("qcow2", 16)])
         if tool == "cowdisk":
             cmds = [[ARGS.cowdisk, "flatten", CHAINS[("cowdisk", 16)], "--output", out, "--format", "raw"]]
         elif tool == "qemu-img":
@@ -887,7 +916,7 @@ def build_big():
     run([ARGS.cowdisk, "create", big, "--size", "1T"])
     log(f"writing {n} x 64 KiB at random offsets over the 1 TiB image")
     with served("cowdisk", big) as s:
-        r = fio(s, "bigfill", ["--rw=randwrite", "--bs=64k", "--iodepth=16", f"--number_ios={n}"], 3600)
+        r = fio(s, "bigfill", ["--rw=randwrite", "--bs=64k", "--iodepth=16", f"--number_ios={n}"], 3600, warm=False)
     if r["write_bytes"] != n * 65536:
         raise BenchError(f"fio wrote {r['write_bytes']} bytes to the big image, expected {n * 65536}")
     info = json.loads(run([ARGS.cowdisk, "info", "--json", big]).stdout)
@@ -1303,6 +1332,7 @@ def machine_info():
                                                              text=True).stdout.splitlines() if "thread_model" in l),
         "fio": first_line(["fio", "--version"]),
         "page_reporting": free_page_reporting(),
+        "pageout_age": pageout_age(),
     }
 
 
@@ -1318,6 +1348,26 @@ def free_page_reporting():
             continue
         return len(bits) > 5 and bits[5] == "1"  # VIRTIO_BALLOON_F_REPORTING is feature bit 5
     return False
+
+
+def pageout_age():
+    """Seconds after which this VM pages out memory nobody touched, or None: DAMON's sysfs
+    interface (kdamonds running a `pageout` scheme; its minimum age is counted in aggregation
+    intervals). This VM runs one on the physical address space, filtered to unmapped pages,
+    that is the page cache: a file nobody read for about a minute goes back to disk."""
+    ages = []
+    for kd in Path("/sys/kernel/mm/damon/admin/kdamonds").glob("[0-9]*"):
+        try:
+            if (kd / "state").read_text().strip() != "on":
+                continue
+            for ctx in (kd / "contexts").glob("[0-9]*"):
+                aggr_us = int((ctx / "monitoring_attrs/intervals/aggr_us").read_text())
+                for sch in (ctx / "schemes").glob("[0-9]*"):
+                    if (sch / "action").read_text().strip() == "pageout":
+                        ages.append(int((sch / "access_pattern/age/min").read_text()) * aggr_us / 1e6)
+        except (OSError, ValueError):
+            continue
+    return min(ages) if ages else None
 
 
 def write_report(io_table, ops_table, mi, total_s, chart_ok):
@@ -1346,6 +1396,14 @@ backs. Reads of the cached base and overwrites of pages already cached (nbdkit's
 rows 2, 3 and 5) allocate no pages and are not exposed to this. The write jobs' repetitions
 below show the spread; job 5 runs {runs}× per repetition for that reason.
 """.format(runs=SEQWRITE_RUNS)
+    if mi.get("pageout_age") is not None:
+        memory_note += f"""
+**Cold page cache:** this VM pages out page cache nobody touched for {mi['pageout_age']:.0f} s (DAMON,
+`pageout` of unmapped pages). A warm-up pass at the start therefore does not keep the base
+cached through the run: a few minutes of write jobs, or the ext4 job's drop_caches, put part
+of it back on disk. Before every measured run the base, nbdkit's copy and the served image's
+files are read back (untimed), so that no peer pays for the one before it.
+"""
     text = f"""# Benchmarks
 
 cowdisk side by side with qemu-nbd (qcow2 overlays) and nbdkit (raw file, the ceiling: no
@@ -1411,9 +1469,10 @@ and flushes); median over the repetitions. Lower is better.
 
 - **Base:** one raw file of {human(ARGS.size_bytes)} of random data (`os.urandom`, 8 MiB blocks). The
   page cache cannot be dropped (not root-free, and other people use the machine); instead the base
-  is read once end to end before the jobs (a warm-up pass), so every peer reads it from the page
-  cache alike. nbdkit's read jobs serve a copy (`cp --sparse=never`), also in the page cache once
-  written.
+  is read once end to end before the jobs (a warm-up pass), and again, with nbdkit's copy and the
+  served image's files, before every measured run (untimed, after the `sync`), so every peer
+  reads it from the page cache alike. nbdkit's read jobs serve a copy (`cp --sparse=never`), also
+  in the page cache once written.
 - **Peers**, each started on its own Unix socket and stopped (SIGTERM, orderly exit, exit status
   checked) after every job:
   - cowdisk: `cowdisk create ov.cow --backing base.raw`, then `cowdisk serve ov.cow --socket S`
@@ -1638,7 +1697,8 @@ def main():
         for rep in range(ARGS.repeat):
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: chains")
             for peer in rotated(("cowdisk", "qcow2"), rep):
-                for depth in (16, 1):
+                # Each depth goes first in turn too: row 6c divides one by the other.
+                for depth in rotated((16, 1), rep):
                     job_chain(peer, depth)
             for depth in rotated(("deep", "1x"), rep):
                 job_chain("cowdisk", depth)

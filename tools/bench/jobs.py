@@ -8,10 +8,12 @@ Usage: tools/bench/jobs.py [--jobs job_syncwrite,job_syncrewrite] [--peers cowdi
 Needs the release binary (cargo build --release) and the peers bench.py needs. A peer
 `cowdisk=PATH` runs the cowdisk binary at PATH (copy a build aside to compare two builds:
 `--peers cowdisk=/var/tmp/old,cowdisk,nbdkit`). With nbdkit among the peers, each cowdisk run
-is also given as a ratio to nbdkit's run of the same job and round.
+is also given as a ratio to nbdkit's run of the same job and round. `--jobs job_chain16,job_chain1
+--peers cowdisk` measures rows 6a and 6b (the chains are built first, as bench.py builds them).
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -40,7 +42,9 @@ B.SCRATCH = Path(a.dir)
 B.SCRATCH.mkdir(parents=True, exist_ok=True)
 B.BASE, B.BASE_COPY = B.SCRATCH / "base.raw", B.SCRATCH / "base-copy.raw"
 for p in B.SCRATCH.iterdir():
-    if p.is_file() and p not in (B.BASE, B.BASE_COPY):
+    if p.is_dir():
+        shutil.rmtree(p)  # an earlier run's chains
+    elif p not in (B.BASE, B.BASE_COPY):
         p.unlink()
 if not B.BASE_COPY.exists():
     with open(B.BASE, "wb") as f:
@@ -52,7 +56,20 @@ with open(B.BASE, "rb", buffering=0) as f:
     while f.read(8 << 20):
         pass
 peers = a.peers.split(",")
-jobs = [getattr(B, j) for j in a.jobs.split(",")]
+
+
+def job(name):
+    """bench.py's job `name`; `job_chain16` and `job_chain1` read the 16-deep chain and the
+    1-deep overlay with the same data (rows 6a and 6b; peers cowdisk and qcow2), built once."""
+    if name.startswith("job_chain"):
+        if not B.CHAINS:
+            B.build_chains()
+        depth = int(name.removeprefix("job_chain"))
+        return lambda peer: B.job_chain(peer, depth)
+    return getattr(B, name)
+
+
+jobs = [job(j) for j in a.jobs.split(",")]
 default_cowdisk = B.ARGS.cowdisk
 
 
@@ -71,7 +88,9 @@ def run_job(job, peer):
 
 
 for r in range(a.rounds):
-    for job in jobs:
+    # Each job and each peer goes first in turn: a ratio of two jobs (6a ÷ 6b) is as exposed
+    # to order as a ratio of two peers.
+    for job in B.rotated(jobs, r):
         for peer in peers if r % 2 == 0 else peers[::-1]:
             run_job(job, peer)
 for name, by_peer in B.RESULTS.items():
