@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a command of this repository drives, those that are missing:
 # `tools/packages.sh tests` (what `.ci/run` needs), `tools/packages.sh bench` (what
-# tools/bench/run.sh needs), `tools/packages.sh remote` (tools/bench/remote.sh). One place, so the test run and the benchmark cannot drift apart.
+# tools/bench/run.sh needs), `tools/packages.sh remote` (tools/bench/remote.sh). One place, so
+# the test run and the benchmarks cannot drift apart.
 set -euo pipefail
 
 # systemd: systemd-socket-activate and systemd-analyze (tests/daemon.rs; no systemd needs to

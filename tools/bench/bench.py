@@ -283,8 +283,9 @@ def settle(image, *also):
 
 def fio(srv, name, opts, runtime_cap, warm=True):
     """Runs one fio job over the server's export; returns read/write sums over all jobs. Settles
-    the machine first (`settle`); `warm=False` only writes back, for the untimed fio runs that
-    build chains (a read-back of the base before each of 256 layers' writes would cost minutes)."""
+    the machine first (`settle`); `warm=False` only writes back, for the untimed fio runs: those
+    that build chains (a read-back of the base before each of 256 layers' writes would cost
+    minutes) and a job's prewrite (the measured run after it settles)."""
     global FIO_N
     FIO_N += 1
     out = SCRATCH / f"fio-{FIO_N}.json"
@@ -454,7 +455,7 @@ def job_rewrite(peer):
     img = fresh_image(peer, "rw")
     region = min(ARGS.size_bytes, 256 * MiB)
     with served(peer, img) as s:
-        fio(s, "prewrite", ["--rw=write", "--bs=1M", "--iodepth=4", f"--size={region}"], 600)
+        fio(s, "prewrite", ["--rw=write", "--bs=1M", "--iodepth=4", f"--size={region}"], 600, warm=False)
         r = fio(s, "rewrite", ["--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={region}", "--time_based",
                                f"--runtime={ARGS.runtime}", "--norandommap", "--randrepeat=0"], ARGS.runtime)
         r["hwm_kib"] = s.status_field("VmHWM")
@@ -517,7 +518,7 @@ def job_syncrewrite(peer):
     img = fresh_image(peer, "sr2")
     region = min(ARGS.size_bytes, 256 * MiB)
     with served(peer, img) as s:
-        fio(s, "prewrite", ["--rw=write", "--bs=1M", "--iodepth=4", f"--size={region}", "--fsync_on_close=1"], 600)
+        fio(s, "prewrite", ["--rw=write", "--bs=1M", "--iodepth=4", f"--size={region}", "--fsync_on_close=1"], 600, warm=False)
         r = fio(s, "syncrewrite", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1", f"--size={region}",
                                    "--time_based", f"--runtime={ARGS.runtime}", "--norandommap", "--randrepeat=0"],
                 ARGS.runtime)
@@ -678,7 +679,7 @@ def job_fuarewrite(peer):
     rnd = random.Random(9)
     img = fresh_image(peer, "fua2")
     with served(peer, img) as s:
-        fio(s, "prewrite", ["--rw=write", "--bs=1M", "--iodepth=4", f"--size={region}", "--fsync_on_close=1"], 600)
+        fio(s, "prewrite", ["--rw=write", "--bs=1M", "--iodepth=4", f"--size={region}", "--fsync_on_close=1"], 600, warm=False)
         r = fua_writes(s, [rnd.randrange(region // 4096) * 4096 for _ in range(fua_count())])
     remove(img)
     record("fuarewrite", peer, r)
