@@ -262,10 +262,11 @@ def settle(image, *also):
     page cache (nbdkit does not fsync when it stops), so that no peer's timed run pays for
     another's writeback. Then reads back into the page cache what the run reads: the base,
     nbdkit's copy of it, the served image with whatever else lies in its own directory (a
-    chain's layers), and `also` with its directory likewise. The method promises every peer a cached base, and a warm-up
-    pass at the start does not keep that promise on a VM that pages out cold page cache (see
-    `pageout_age`): after a few minutes of write jobs, or the ext4 job's drop_caches, part of
-    the base is on disk again, and whichever peer runs first pays for reading it back."""
+    chain's layers), and `also` with its directory likewise. The method promises every peer a
+    cached base, and a warm-up pass at the start does not keep that promise on a VM that pages
+    out cold page cache (see `pageout_age`): after a few minutes of write jobs, or the ext4
+    job's drop_caches, part of the base is on disk again, and whichever peer runs first pays
+    for reading it back."""
     run(["sync"], quiet=True)
     files = {BASE, BASE_COPY}
     for x in map(Path, (image, *also)):
