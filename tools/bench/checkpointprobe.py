@@ -6,7 +6,16 @@ region, each followed by a 5 KiB record written with RWF_DSYNC; every 800 record
   sync: the checkpoint in line, as cowdisk does it;
   bg:   the area in two halves, a full half's checkpoint in a thread while records go on in the
         other;
-  raw:  a raw file's overwrite + fdatasync (nbdkit's I/O).
+  raw:  a raw file's overwrite + fdatasync (nbdkit's I/O);
+  none: the records alone, never a checkpoint: the most any change to the checkpoint can win;
+  ready: as sync, but the 1 GiB region written and synced first, so that hole fills become
+        overwrites (what slots written ahead of their first use would give, at the cost of
+        sparse growth);
+  inplace: no block in the record: the block stays where it was written, a 1 KiB record (head
+        and one map sector) is written beside it without a sync, and one fdatasync makes both
+        durable (data in place with a checksummed record; the region written first, as that
+        design needs).
+It prints IOPS and the writes that took over 2 ms (the stalls): their number and total time.
 
 Usage: tools/bench/checkpointprobe.py MODE SECONDS   (writes /var/tmp/cowdisk-ckprobe.img, removed after)
 """
@@ -17,15 +26,17 @@ import threading
 import time
 
 mode, secs = sys.argv[1], float(sys.argv[2])
+if mode not in ("sync", "bg", "raw", "none", "ready", "inplace"):
+    sys.exit(f"unknown mode {mode}: sync, bg, raw, none, ready or inplace")
 path = "/var/tmp/cowdisk-ckprobe.img"
 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
 GiB, HALF, MAP = 1 << 30, 4 << 20, 1 << 20
 block, record, page = os.urandom(4096), os.urandom(5120), os.urandom(4096)
 JBASE, MBASE = GiB, GiB + 2 * HALF
-if mode == "raw":
+if mode in ("raw", "ready", "inplace"):
     z = bytes(1 << 20)
     for i in range(1024): os.pwrite(fd, z, i << 20)
-else:
+if mode != "raw":
     os.pwrite(fd, bytes(2 * HALF + MAP), JBASE)
     os.ftruncate(fd, JBASE + 2 * HALF + MAP)
 os.fsync(fd)
@@ -36,19 +47,31 @@ def checkpoint(half):
     os.fdatasync(fd)
     os.pwritev(fd, [record[:512]], JBASE + half * HALF, os.RWF_DSYNC)
 n, half, jpos, bg, t0 = 0, 0, 512, None, time.monotonic()
+stalls = []
 while time.monotonic() - t0 < secs:
+    t = time.monotonic()
     os.pwrite(fd, block, random.randrange(GiB // 4096) * 4096)
     if mode == "raw":
-        os.fdatasync(fd); n += 1; continue
-    if jpos + 5120 > HALF:
-        if mode == "sync":
+        os.fdatasync(fd); n += 1
+    elif mode == "inplace":
+        jpos = jpos + 1024 if jpos + 1024 <= HALF else 512
+        os.pwrite(fd, record[:1024], JBASE + jpos)
+        os.fdatasync(fd); n += 1
+    else:
+        n += 1
+        if jpos + 5120 > HALF and mode == "none":
+            jpos = 512
+        elif jpos + 5120 > HALF and mode in ("sync", "ready"):
             checkpoint(0); jpos = 512
-        else:
+        elif jpos + 5120 > HALF:
             if bg: bg.join()
             bg = threading.Thread(target=checkpoint, args=(half,)); bg.start()
             half, jpos = 1 - half, 512
-    os.pwritev(fd, [record], JBASE + half * HALF + jpos, os.RWF_DSYNC)
-    jpos += 5120; n += 1
+        os.pwritev(fd, [record], JBASE + half * HALF + jpos, os.RWF_DSYNC)
+        jpos += 5120
+    if time.monotonic() - t > 0.002:
+        stalls.append(time.monotonic() - t)
 if bg: bg.join()
-print(f"{mode}: {n / (time.monotonic() - t0):,.0f} IOPS")
+took = time.monotonic() - t0
+print(f"{mode}: {n / took:,.0f} IOPS; {len(stalls)} writes over 2 ms, {sum(stalls) * 1000:.0f} ms of {took * 1000:,.0f}")
 os.close(fd); os.unlink(path)
