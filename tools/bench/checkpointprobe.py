@@ -51,26 +51,28 @@ stalls = []
 while time.monotonic() - t0 < secs:
     t = time.monotonic()
     os.pwrite(fd, block, random.randrange(GiB // 4096) * 4096)
+    n += 1
     if mode == "raw":
-        os.fdatasync(fd); n += 1
+        os.fdatasync(fd)
     elif mode == "inplace":
-        jpos = jpos + 1024 if jpos + 1024 <= HALF else 512
+        if jpos + 1024 > HALF: jpos = 512
         os.pwrite(fd, record[:1024], JBASE + jpos)
-        os.fdatasync(fd); n += 1
+        jpos += 1024
+        os.fdatasync(fd)
     else:
-        n += 1
-        if jpos + 5120 > HALF and mode == "none":
+        if jpos + 5120 > HALF:
+            if mode in ("sync", "ready"):
+                checkpoint(0)
+            elif mode == "bg":
+                if bg: bg.join()
+                bg = threading.Thread(target=checkpoint, args=(half,)); bg.start()
+                half = 1 - half
             jpos = 512
-        elif jpos + 5120 > HALF and mode in ("sync", "ready"):
-            checkpoint(0); jpos = 512
-        elif jpos + 5120 > HALF:
-            if bg: bg.join()
-            bg = threading.Thread(target=checkpoint, args=(half,)); bg.start()
-            half, jpos = 1 - half, 512
         os.pwritev(fd, [record], JBASE + half * HALF + jpos, os.RWF_DSYNC)
         jpos += 5120
-    if time.monotonic() - t > 0.002:
-        stalls.append(time.monotonic() - t)
+    dt = time.monotonic() - t
+    if dt > 0.002:
+        stalls.append(dt)
 if bg: bg.join()
 took = time.monotonic() - t0
 print(f"{mode}: {n / took:,.0f} IOPS; {len(stalls)} writes over 2 ms, {sum(stalls) * 1000:.0f} ms of {took * 1000:,.0f}")
