@@ -2,7 +2,7 @@
 //! including INFO, LIST, ABORT, STRUCTURED_REPLY, the meta-context options and STARTTLS.
 //!
 //! A client that breaks the protocol (bad magic, unknown client flags, an option longer than
-//! we accept) is disconnected before anything it asked for is allocated. A client that sends
+//! we read at all) is disconnected before anything it asked for is allocated. A client that sends
 //! a well-formed option we do not support gets NBD_REP_ERR_UNSUP and may go on.
 
 use super::meta::{self, Context, Offer, Selected};
@@ -11,9 +11,14 @@ use super::Export;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
-/// Largest option payload read into memory; anything longer ends the connection unread.
-/// Enough for an export name and a list of meta-context queries (each at most 4096 bytes).
+/// Largest option payload read into memory. Enough for an export name and a list of
+/// meta-context queries (each at most 4096 bytes).
 pub const MAX_OPTION_LEN: u32 = 16 * 1024;
+/// Largest option payload read at all: a longer one than [`MAX_OPTION_LEN`] up to this is read
+/// and dropped a piece at a time and answered NBD_REP_ERR_TOO_BIG, as the spec asks of a
+/// server ("simply error inbound options"); only past this (qemu-nbd's bound too) is a client
+/// taken for hostile and disconnected unread.
+pub const MAX_OPTION_DISCARD: u32 = MAX_PAYLOAD;
 /// Largest request payload (and read length) we advertise and accept.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 pub const PREFERRED_BLOCK: u32 = 4096;
@@ -142,16 +147,35 @@ impl<'a> Session<'a> {
             if magic != IHAVEOPT {
                 return Err(protocol_error("bad option magic"));
             }
-            if len > MAX_OPTION_LEN {
+            if len > MAX_OPTION_DISCARD {
                 return Err(protocol_error("option longer than the server accepts"));
             }
-            let mut data = vec![0u8; len as usize];
-            s.read_exact(&mut data)?;
             let reply = |s: &mut S, typ: u32, payload: &[u8]| -> io::Result<()> {
                 s.write_all(&option_reply(opt, typ, payload))?;
                 s.flush()
             };
             let error = |s: &mut S, typ: u32, msg: &str| reply(s, typ, msg.as_bytes());
+            if len > MAX_OPTION_LEN {
+                io::copy(&mut Read::by_ref(s).take(u64::from(len)), &mut io::sink()).and_then(|n| {
+                    if n == u64::from(len) {
+                        Ok(())
+                    } else {
+                        Err(io::ErrorKind::UnexpectedEof.into())
+                    }
+                })?;
+                // NBD_OPT_EXPORT_NAME has no error reply: the spec's answer is to hang up.
+                if opt == OPT_EXPORT_NAME {
+                    return Ok(Outcome::Closed);
+                }
+                error(
+                    s,
+                    REP_ERR_TOO_BIG,
+                    &format!("option of {len} bytes: this server reads at most {MAX_OPTION_LEN}"),
+                )?;
+                continue;
+            }
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data)?;
 
             if self.tls == TlsMode::Required && !self.tls_active && opt != OPT_STARTTLS && opt != OPT_ABORT {
                 if opt == OPT_EXPORT_NAME {
@@ -237,6 +261,11 @@ impl<'a> Session<'a> {
                     reply(s, REP_ACK, &[])?;
                 }
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    // "Issuing this command replaces all previously-set metadata contexts
+                    // (including when this command fails)": an error below leaves none.
+                    if opt == OPT_SET_META_CONTEXT {
+                        self.meta = None;
+                    }
                     if !self.structured {
                         error(s, REP_ERR_INVALID, "negotiate structured replies first")?;
                         continue;

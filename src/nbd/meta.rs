@@ -124,8 +124,19 @@ pub fn block_status(
                 let Some(layers) = disk.layers() else {
                     return Err(err(ErrorKind::InvalidArgument, "this export has no layers to compare with"));
                 };
-                let changes = layers.changed_since(name, offset, len, max)?;
-                changes.iter().map(|c| (c.length, if c.changed { STATE_DIRTY } else { 0 })).collect()
+                match layers.changed_since(name, offset, len, max) {
+                    Ok(changes) => {
+                        changes.iter().map(|c| (c.length, if c.changed { STATE_DIRTY } else { 0 })).collect()
+                    }
+                    // The layer was merged away (flatten, compact) since the client selected
+                    // it: what changed since it can no longer be told, so all of it may have.
+                    // Dirty is the answer that never makes a backup miss a change, and the
+                    // spec's "a single block status descriptor with length matching the
+                    // requested length" for a context that cannot answer; an error would also
+                    // take the other contexts of the request with it.
+                    Err(_) if !layers.snapshot_names().iter().any(|n| n == name) => vec![(len, STATE_DIRTY)],
+                    Err(e) => return Err(e),
+                }
             }
         };
         out.push((*id, descriptors(runs, max)));

@@ -487,7 +487,11 @@ impl Conn {
 
     fn read(&self, req: &Request) -> Result<(), (u32, String)> {
         if req.length > MAX_PAYLOAD {
-            return Err((EINVAL, format!("read of {} bytes exceeds the maximum {MAX_PAYLOAD}", req.length)));
+            // With structured replies (and so NBD_CMD_FLAG_DF) a read this long is one the
+            // spec lets a server refuse "up front with NBD_EOVERFLOW, so a client should be
+            // prepared to retry with smaller requests"; without them EOVERFLOW is not allowed.
+            let code = if self.neg.structured { EOVERFLOW } else { EINVAL };
+            return Err((code, format!("read of {} bytes exceeds the maximum {MAX_PAYLOAD}", req.length)));
         }
         let lib = |e: Error| (errno(&e), e.to_string());
         if !self.neg.structured {

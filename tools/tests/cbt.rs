@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::cli::*;
 use common::nbdclient::*;
-use common::nbdtest::{assert_nbd_error, nbdinfo_map, status_maps};
+use common::nbdtest::{nbdinfo_map, status_maps};
 use common::*;
 use serde_json::Value;
 
@@ -390,6 +390,17 @@ fn a_selected_bitmap_keeps_meaning_its_layer_across_live_snapshots() {
     c.opt_structured_reply().unwrap();
     let set = c.opt_set_meta_context("disk", &["qemu:dirty-bitmap:s1.cow"]).unwrap();
     c.opt_go("disk", &[]).unwrap();
+    // A second client has the same bitmap and base:allocation in one request.
+    let mut both = server.connect();
+    both.opt_structured_reply().unwrap();
+    let both_ids: Vec<u32> = both
+        .opt_set_meta_context("disk", &["qemu:dirty-bitmap:s1.cow", "base:allocation"])
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(both_ids.len(), 2);
+    both.opt_go("disk", &[]).unwrap();
     c.write(MIB, &random_bytes(8192, 1)).unwrap();
     ws.ok(&["snapshot", "disk.cow", "s4.cow", "--control", s(&ctl)]);
     c.write(3 * MIB, &random_bytes(4096, 2)).unwrap();
@@ -402,11 +413,17 @@ fn a_selected_bitmap_keeps_meaning_its_layer_across_live_snapshots() {
     let listed: Vec<String> =
         l.opt_list_meta_context("disk", &["qemu:dirty-bitmap:"]).unwrap().into_iter().map(|m| m.name).collect();
     assert_eq!(listed, ["s4.cow", "s2.cow", "s1.cow", "base.raw"].map(|n| format!("qemu:dirty-bitmap:{n}")));
-    // A compaction merges s1.cow away: its name is gone, and the client that selected it is
-    // told so (EINVAL) rather than answered from another layer.
+    let alloc_before = merged(status_maps(&mut both, &both_ids, 0, SIZE).remove(1));
+    // A compaction merges s1.cow away: its name is gone, and what changed since it can no
+    // longer be told, so a client that selected it is told that everything may have (never
+    // answered from another layer, which could hide a change from a backup), and the other
+    // context of the same request still answers.
     let out = ws.run(&["compact", "disk.cow", "merged.cow", "--control", s(&ctl)]);
     assert_eq!(out.code, Some(0), "compact\n{}", out.describe());
-    assert_nbd_error(c.block_status(0, 4096, 0), NBD_EINVAL, "the bitmap of a snapshot merged away");
+    assert_eq!(merged(status_maps(&mut c, &[set[0].id], 0, SIZE).remove(0)), [(0, SIZE, 1)], "merged-away bitmap");
+    let mut after = status_maps(&mut both, &both_ids, 0, SIZE).into_iter().map(merged);
+    assert_eq!(after.next().unwrap(), [(0, SIZE, 1)], "merged-away bitmap beside base:allocation");
+    assert_eq!(after.next().unwrap(), alloc_before, "base:allocation beside a merged-away bitmap");
     let listed: Vec<String> =
         l.opt_list_meta_context("disk", &["qemu:dirty-bitmap:"]).unwrap().into_iter().map(|m| m.name).collect();
     assert_eq!(listed, ["qemu:dirty-bitmap:merged.cow", "qemu:dirty-bitmap:base.raw"]);

@@ -395,9 +395,17 @@ fn write_payload_over_32_mib_is_drained_and_refused_with_einval() {
     assert!(is_zero(&assert_usable(&mut c, "an oversized write")));
     assert!(is_zero(&c.read(32 * MIB, 4096).unwrap()));
 
-    // Reads over the maximum are refused too, without a payload.
+    // Reads over the maximum are refused too, without a payload: EINVAL with simple replies,
+    // EOVERFLOW (the spec's "retry with smaller requests") with structured ones, with or
+    // without NBD_CMD_FLAG_DF.
     assert_nbd_error(c.read(0, MAX_PAYLOAD_ADVERTISED + 4096), NBD_EINVAL, "read over 32 MiB");
     assert_usable(&mut c, "an oversized read");
+    let mut st = structured_client(&fx.server, "disk");
+    for flags in [0, NBD_CMD_FLAG_DF] {
+        let r = st.command(flags, NBD_CMD_READ, 0, MAX_PAYLOAD_ADVERTISED + 1, &[]).expect("oversized structured read");
+        assert_eq!(r.error, NBD_EOVERFLOW, "flags {flags:#x}: {}", errno_name(r.error));
+    }
+    assert_usable(&mut st, "an oversized structured read");
 
     // Exactly the maximum is fine.
     let max = random_bytes(MAX_PAYLOAD_ADVERTISED as usize, 100);
@@ -429,6 +437,7 @@ fn oversized_read_is_refused_at_once_while_another_client_is_in_the_middle_of_a_
     for structured in [false, true] {
         let mut b2 = client(&fx.server, "disk", structured);
         b2.set_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Past the end of the 16 MiB export: EINVAL in both modes.
         assert_nbd_error(b2.read(0, u32::MAX), NBD_EINVAL, "read of 4 GiB - 1 bytes");
         assert_usable(&mut b2, "an oversized read");
     }

@@ -258,6 +258,27 @@ fn meta_context_options_need_structured_replies_and_offer_base_allocation() {
 }
 
 #[test]
+fn a_failed_set_meta_context_leaves_no_context_selected() {
+    // "Issuing this command replaces all previously-set metadata contexts (including when
+    // this command fails)": block status after a failed SET is refused, not answered with the
+    // contexts of the SET before it.
+    let fx = fixture();
+    let malformed = [0, 0, 0, 4, b'd', b'i', b's', b'k', 0, 0, 0, 1, 0, 0, 0, 0xff];
+    for (what, data) in [
+        ("a SET for an unknown export", NbdClient::<UnixStream>::meta_context_payload("nosuch", &[BASE_ALLOCATION])),
+        ("a malformed SET", malformed.to_vec()),
+    ] {
+        let mut c = fx.server.connect();
+        c.opt_structured_reply().unwrap();
+        assert_eq!(c.opt_set_meta_context("disk", &[BASE_ALLOCATION]).expect("SET").len(), 1);
+        let r = c.option_exchange(NBD_OPT_SET_META_CONTEXT, &data).unwrap();
+        assert!(r.last().unwrap().is_error(), "{what}: {}", rep_name(r.last().unwrap().reply_type));
+        c.opt_go("disk", &[]).expect("GO");
+        assert_nbd_error(c.block_status(0, 4096, 0), NBD_EINVAL, what);
+    }
+}
+
+#[test]
 fn export_name_enters_transmission_with_and_without_no_zeroes() {
     let fx = fixture();
     let data = random_bytes(4096, 3);

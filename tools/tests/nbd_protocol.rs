@@ -41,7 +41,7 @@ fn bad_option_magic_closes_the_connection() {
 }
 
 #[test]
-fn option_longer_than_16_kib_closes_without_waiting_for_its_payload() {
+fn option_over_32_mib_closes_without_waiting_for_its_payload() {
     let fx = fixture();
     let mut c = fx.server.connect();
     // Only the header: a server that tried to read (or allocate) 1 GiB would sit waiting.
@@ -50,15 +50,39 @@ fn option_longer_than_16_kib_closes_without_waiting_for_its_payload() {
     assert_closed_within(&mut c, Duration::from_secs(3), "1 GiB option");
     assert!(t.elapsed() < Duration::from_secs(2), "closed promptly");
 
-    // Just over the limit, with the bytes actually sent, is refused the same way.
+    // Just over 32 MiB (qemu-nbd's bound too), likewise.
     let mut c = fx.server.connect();
-    c.send_option_raw(IHAVEOPT, 0x4242, 16 * 1024 + 1, &vec![0u8; 16 * 1024 + 1]).unwrap();
-    assert_closed_within(&mut c, Duration::from_secs(3), "16 KiB + 1 option");
+    c.send_option_raw(IHAVEOPT, 0x4242, (32 << 20) + 1, &[]).unwrap();
+    assert_closed_within(&mut c, Duration::from_secs(3), "32 MiB + 1 option");
+}
 
+#[test]
+fn option_over_16_kib_is_read_and_answered_too_big_and_haggling_goes_on() {
+    let fx = fixture();
     // At the limit an unknown option is merely unsupported.
     let mut c = fx.server.connect();
     let r = c.option_exchange(0x4242, &vec![0u8; 16 * 1024]).unwrap();
     assert_eq!(r.last().unwrap().reply_type, NBD_REP_ERR_UNSUP);
+
+    // Past it the spec asks a server to "simply error inbound options", not hang up: a
+    // well-formed SET_META_CONTEXT of five 3.5 KB queries (17.5 KB) and a 1 MiB unknown option
+    // get NBD_REP_ERR_TOO_BIG, and the same connection then selects and uses its export.
+    c.opt_structured_reply().unwrap();
+    let long: Vec<String> = (0..5).map(|i| format!("x-{i}:{}", "a".repeat(3500))).collect();
+    let queries: Vec<&str> = long.iter().map(String::as_str).collect();
+    assert_rep_error(c.opt_set_meta_context("disk", &queries), NBD_REP_ERR_TOO_BIG, "a 17.5 KB SET_META_CONTEXT");
+    let r = c.option_exchange(0x4242, &vec![7u8; 1 << 20]).unwrap();
+    assert_eq!(r.last().unwrap().reply_type, NBD_REP_ERR_TOO_BIG, "a 1 MiB option");
+    let set = c.opt_set_meta_context("disk", &["base:allocation"]).expect("SET after the refusals");
+    assert_eq!(set.len(), 1);
+    c.opt_go("disk", &[]).expect("GO after the refusals");
+    c.write(0, &[9u8; 4096]).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![9u8; 4096]);
+
+    // NBD_OPT_EXPORT_NAME has no error reply: a name that long is hung up on.
+    let mut c = fx.server.connect();
+    c.send_option_raw(IHAVEOPT, NBD_OPT_EXPORT_NAME, 20_000, &vec![b'x'; 20_000]).unwrap();
+    assert_closed_within(&mut c, Duration::from_secs(3), "a 20,000-byte export name");
 }
 
 #[test]
