@@ -338,3 +338,91 @@ fn flatten_of_long_and_short_stretches_across_copy_windows_matches_the_device() 
         }
     }
 }
+
+/// A commit of a top smaller than its parent, whose size ends inside a block: the parent's
+/// bytes past the top's end are not the top's, and every other overlay on the parent must go
+/// on reading them (a review found them overwritten with the zeros of the top's slot).
+#[test]
+fn commit_of_a_smaller_top_ending_inside_a_block_keeps_the_parent_bytes_past_its_end() {
+    const P: usize = 12_288;
+    const T: u64 = 10_240;
+    // Each change in a writable open of its own, closed (and unlocked) before the next step.
+    let edit = |image: &Path, f: &dyn Fn(&Chain)| {
+        let c = rw(image);
+        f(&c);
+        c.close().unwrap();
+    };
+    let make = |d: &TempDir, base: bool, fill: usize| -> PathBuf {
+        let (p0, p) = (d.join("p0.cow"), d.join("p.cow"));
+        let mut o = CreateOptions { size: Some(P as u64), chunk_shift: Some(12), ..Default::default() };
+        if base {
+            std::fs::write(d.join("base.raw"), vec![0x77u8; P]).unwrap();
+            o.backing = Some(d.join("base.raw"));
+        }
+        create_image(&p0, &o).unwrap().close().unwrap();
+        edit(&p0, &|c| c.write_at(&vec![0x55u8; fill], 0).unwrap());
+        snapshot::snapshot(&p0, &p).unwrap();
+        p
+    };
+    let device = |image: &Path| -> Vec<u8> {
+        let c = Chain::open(image, ChainOptions::default()).unwrap();
+        let mut v = vec![0u8; c.size() as usize];
+        c.read_at(&mut v, 0).unwrap();
+        v
+    };
+    let top_on = |d: &TempDir, p: &Path, name: &str| -> PathBuf {
+        let t = d.join(name);
+        let o = CreateOptions { size: Some(T), backing: Some(p.to_path_buf()), ..Default::default() };
+        create_image(&t, &o).unwrap().close().unwrap();
+        t
+    };
+    // (what the top does, how much of the parent holds 0x55, what the parent shows after)
+    let wrote = |v: &mut Vec<u8>| v[8192..9216].fill(0x66);
+    let zeroed = |v: &mut Vec<u8>| v[8192..T as usize].fill(0);
+    type Change = fn(&Chain);
+    let write: Change = |c| c.write_at(&[0x66u8; 1024], 8192).unwrap();
+    let discard: Change = |c| c.discard(8192, T - 8192).unwrap();
+    for (what, change, fill) in [
+        ("a write, the parent's block data", write, P),
+        ("a discard, the parent's block data", discard, P),
+        ("a write, the parent's block absent and nothing below it", write, 8192),
+    ] {
+        let d = TempDir::new("commit-tail");
+        let p = make(&d, false, fill);
+        let mut want = device(&p);
+        let t = top_on(&d, &p, "t.cow");
+        edit(&t, &change);
+        if what.starts_with("a write") {
+            wrote(&mut want);
+        } else {
+            zeroed(&mut want);
+        }
+        commit::commit(&t, true, &|_, _| {}).unwrap();
+        // Another overlay on the parent, of the parent's size, reads all of it.
+        let v = top_on(&d, &p, "v.cow");
+        let o = CreateOptions { size: Some(P as u64), backing: Some(p.clone()), ..Default::default() };
+        std::fs::remove_file(&v).unwrap();
+        create_image(&v, &o).unwrap().close().unwrap();
+        let got = device(&v);
+        let at = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(at.is_none(), "{what}: the parent differs from what it should show at byte {at:?}");
+        assert_eq!(device(&t), want[..T as usize], "{what}: the top after the commit");
+        let r = check(&p, &CheckOptions::default(), &|_, _| {});
+        assert_eq!(r.exit_code(), 0, "{what}: check of the parent says {r:?}");
+    }
+
+    // The parent does not hold the block and a raw base below it does: the commit would need
+    // the base's bytes, so it is refused and nothing changes.
+    let d = TempDir::new("commit-tail-below");
+    let p = make(&d, true, 8192);
+    let before = device(&p);
+    let t = top_on(&d, &p, "t.cow");
+    edit(&t, &write);
+    let shown = device(&t);
+    let e = commit::commit(&t, true, &|_, _| {}).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(device(&p) == before, "the refused commit changed the parent's device");
+    let r = check(&p, &CheckOptions::default(), &|_, _| {});
+    assert_eq!(r.exit_code(), 0, "after the refused commit, check of the parent says {r:?}");
+    assert_eq!(device(&t), shown, "the refused commit changed the top's device");
+}

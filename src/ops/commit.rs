@@ -27,6 +27,13 @@ enum Update {
 enum Src {
     Parent(usize),
     Top(u64, usize),
+    /// The block the top's end falls inside: its first `keep` bytes from the top (its data,
+    /// or zeros), the rest from the parent's own block (its data, or zeros).
+    Tail {
+        top: Option<(u64, usize)>,
+        parent: Option<usize>,
+        keep: usize,
+    },
 }
 
 /// The parent a commit of `image` writes into, from its header alone (no lock: the image may
@@ -167,6 +174,32 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
         }
     }
 
+    // A top smaller than its parent whose size is not a whole number of blocks ends inside a
+    // parent block. The top shows only that block's first `keep` bytes (the rest of its slot
+    // reads as zeros, the layers below being cut off at the top's size), and the parent's
+    // bytes after them are not the top's to change: they stay what the parent shows. Where the
+    // parent does not hold that block itself, what it shows there comes from the layers below
+    // it, which a commit does not read: refused before anything is written.
+    let tail = (tg.virtual_size % BLOCK_SIZE != 0 && tg.virtual_size < pg.virtual_size).then(|| {
+        let off = tg.virtual_size / BLOCK_SIZE * BLOCK_SIZE;
+        let pc = off >> pg.chunk_shift;
+        (pc, ((off - (pc << pg.chunk_shift)) / BLOCK_SIZE) as usize, (tg.virtual_size % BLOCK_SIZE) as usize)
+    });
+    if let Some((pc, b, _)) = tail {
+        let touched = updates.get(&pc).is_some_and(|ups| ups.iter().any(|&(b0, b1, _)| (b0..b1).contains(&b)));
+        let held = parent.with_entry(pc, |e| e.is_some_and(|e| e.blocks.get(b) != BlockState::Absent));
+        if touched && !held && parent.parent().is_some() {
+            return Err(err(
+                ErrorKind::Unsupported,
+                format!(
+                    "ends {} bytes into a block its parent does not hold (the parent's parent does): \
+                     committing it would need the layers below the parent; nothing changed",
+                    tg.virtual_size % BLOCK_SIZE
+                ),
+            ));
+        }
+    }
+
     let total = updates.len() as u64;
     let mut entries: Vec<MapEntry> = parent
         .entries()
@@ -182,6 +215,8 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
             .unwrap_or_else(|| crate::format::blocks::BlockStates::new(bpc));
         let mut source: Vec<Option<Src>> =
             (0..bpc).map(|b| (blocks.get(b) == BlockState::Data).then_some(Src::Parent(b))).collect();
+        let tail_here = tail.filter(|&(tpc, b, _)| tpc == pc && ups.iter().any(|&(b0, b1, _)| (b0..b1).contains(&b)));
+        let tail_parent = tail_here.and_then(|(_, b, _)| (blocks.get(b) == BlockState::Data).then_some(b));
         for (b0, b1, u) in ups {
             for (k, s) in source[b0..b1].iter_mut().enumerate() {
                 *s = match u {
@@ -191,6 +226,17 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
             }
             let st = if matches!(u, Update::Data(..)) { BlockState::Data } else { BlockState::Zero };
             blocks.set_range(b0, b1, st);
+        }
+        if let Some((_, b, keep)) = tail_here {
+            let top = match source[b] {
+                Some(Src::Top(tc, tb)) => Some((tc, tb)),
+                _ => None,
+            };
+            // Zeros from both sides are the Zero the update already made.
+            if top.is_some() || tail_parent.is_some() {
+                source[b] = Some(Src::Tail { top, parent: tail_parent, keep });
+                blocks.set_range(b, b + 1, BlockState::Data);
+            }
         }
         // Never write into the old slot: the durable map points there until the switch.
         let data_offset = if blocks.count(BlockState::Data) > 0 { parent.alloc_detached_slot()? } else { 0 };
@@ -202,6 +248,20 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
                 None => continue,
                 Some(Src::Parent(pb)) => parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut block)?,
                 Some(Src::Top(tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
+                Some(Src::Tail { top: from_top, parent: from_parent, keep }) => {
+                    match from_top {
+                        Some((tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
+                        None => block.fill(0),
+                    }
+                    match from_parent {
+                        Some(pb) => {
+                            let mut own = vec![0u8; BLOCK_SIZE as usize];
+                            parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut own)?;
+                            block[keep..].copy_from_slice(&own[keep..]);
+                        }
+                        None => block[keep..].fill(0),
+                    }
+                }
             }
             parent.write_at(&block, data_offset + b as u64 * BLOCK_SIZE)?;
             if let Some(c) = crcs.get_mut(b) {
