@@ -198,6 +198,12 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
     // Times are the store's own (when it wrote each mark, and a clock object written now), so
     // that hosts whose clocks differ agree on a mark's age; a mark of unknown age never
     // counts as old.
+    //
+    // The clock is read before anything is listed (§9.7: the pass writes gc-clock first). A
+    // mark `grace` old by it was then `grace` old before the manifests below were listed, so
+    // the listing holds every manifest a push shorter than the grace wrote. Read after the
+    // listing, a slow listing would age the marks past the manifests it missed.
+    let now = if dry_run { secs(SystemTime::now()) } else { store_now(&s)? };
     let marks: HashMap<String, u64> = s
         .list("gc")?
         .into_iter()
@@ -213,7 +219,6 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
         .iter()
         .flat_map(|(_, m)| m.entries.iter().filter_map(|e| e.content.map(|c| hex(&c.1.pack))))
         .collect();
-    let now = if dry_run { secs(SystemTime::now()) } else { store_now(&s)? };
     r.packs = packs.len() as u64;
     for (name, size) in &packs {
         if referenced.contains(name) {
