@@ -5,8 +5,12 @@
 //! A connection picks its export from the list as it is when the client asks, and keeps it
 //! (an `Arc`) until it ends; removing an export takes it out of the list for new clients and
 //! leaves the caller to end the connections that still use it.
+//!
+//! Invariant: a connection enters transmission ([`Exports::enter`]) and an export is taken
+//! out ([`Exports::remove`]) each under the list's lock, so a removal either sees the
+//! connection counted or the connection sees the export removed: never neither.
 
-use super::proto::{CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
+use super::proto::{CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, MAX_STRING};
 use crate::device::Disk;
 use crate::error::{err, ErrorKind, Result};
 use crate::sync::{read, write};
@@ -34,10 +38,6 @@ impl Export {
             stats: ExportStats::default(),
             removed: AtomicBool::new(false),
         }
-    }
-
-    pub fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::Acquire)
     }
 }
 
@@ -99,6 +99,14 @@ impl ExportStats {
     }
 }
 
+/// Why [`Exports::remove`] removed nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RemoveError {
+    Unknown,
+    /// So many connections use it.
+    InUse(u64),
+}
+
 /// The server's list of exports; names are unique.
 #[derive(Default)]
 pub struct Exports {
@@ -128,7 +136,22 @@ impl Exports {
         read(&self.list).is_empty()
     }
 
+    /// Adds `e` at the end of the list. Its name and description must be NBD strings (at most
+    /// 4096 bytes: a longer one would break NBD_OPT_LIST for every client), and the name not
+    /// empty, which already means the default export.
     pub fn add(&self, e: Export) -> Result<Arc<Export>> {
+        if e.name.is_empty() || e.name.len() > MAX_STRING || e.name.contains('\0') {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("an export name is 1 to {MAX_STRING} bytes without NUL, not {} bytes", e.name.len()),
+            ));
+        }
+        if e.description.len() > MAX_STRING || e.description.contains('\0') {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                format!("a description is at most {MAX_STRING} bytes without NUL, not {} bytes", e.description.len()),
+            ));
+        }
         let mut l = write(&self.list);
         if l.iter().any(|x| x.name == e.name) {
             return Err(err(ErrorKind::InvalidArgument, format!("an export named {:?} exists already", e.name)));
@@ -138,23 +161,29 @@ impl Exports {
         Ok(e)
     }
 
-    /// Puts back an export [`Exports::remove`] took out (a removal that was refused).
-    pub(crate) fn add_back(&self, e: Arc<Export>) -> Result<()> {
-        e.removed.store(false, Ordering::Release);
-        let mut l = write(&self.list);
-        if l.iter().any(|x| x.name == e.name) {
-            return Err(err(ErrorKind::InvalidArgument, format!("an export named {:?} exists already", e.name)));
+    /// A connection enters transmission on `e`: counted, unless `e` was removed meanwhile
+    /// (false: not to be served, and not counted).
+    pub fn enter(&self, e: &Export) -> bool {
+        let _l = read(&self.list);
+        if e.removed.load(Ordering::Acquire) {
+            return false;
         }
-        l.push(e);
-        Ok(())
+        e.stats.connection(true);
+        true
     }
 
-    /// Takes `name` out of the list; new clients can no longer pick it.
-    pub fn remove(&self, name: &str) -> Result<Arc<Export>> {
+    /// Takes `name` out of the list; new clients can no longer pick it. With `if_unused`, an
+    /// export a connection uses is left where it is (its place decides the default export)
+    /// and the number of its connections is the error.
+    pub fn remove(&self, name: &str, if_unused: bool) -> std::result::Result<Arc<Export>, RemoveError> {
         let mut l = write(&self.list);
         let Some(i) = l.iter().position(|x| x.name == name) else {
-            return Err(err(ErrorKind::InvalidArgument, format!("no export named {name:?}")));
+            return Err(RemoveError::Unknown);
         };
+        let users = ExportStats::get(&l[i].stats.connections);
+        if if_unused && users > 0 {
+            return Err(RemoveError::InUse(users));
+        }
         let e = l.remove(i);
         e.removed.store(true, Ordering::Release);
         Ok(e)

@@ -3,7 +3,7 @@
 //! handshake deadline, and orderly shutdown.
 
 use super::budget::Budget;
-use super::exports::{Export, ExportStats, Exports};
+use super::exports::{Export, ExportStats, Exports, RemoveError};
 use super::handshake::{Negotiated, Outcome, Session, TlsMode};
 use super::meta::Offer;
 use super::sock::Sock;
@@ -474,14 +474,15 @@ fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
     if let Ok(Some(n)) = negotiated {
         let export = n.export.clone();
         set_phase(&sh, id, Some(Phase::Transmission(export.clone())));
-        export.stats.connection(true);
         // An export removed while this client negotiated it is not served.
-        if !sh.stopping.load(Ordering::Acquire) && !export.is_removed() {
-            if let Some(Ok((reader, writer, closer))) = slot.take().map(Stream::split) {
-                transmission::serve(reader, writer, n, sh.cfg.threads_per_connection, &sh.budget, closer);
+        if sh.exports.enter(&export) {
+            if !sh.stopping.load(Ordering::Acquire) {
+                if let Some(Ok((reader, writer, closer))) = slot.take().map(Stream::split) {
+                    transmission::serve(reader, writer, n, sh.cfg.threads_per_connection, &sh.budget, closer);
+                }
             }
+            export.stats.connection(false);
         }
-        export.stats.connection(false);
     }
     // Closing our end tells a TLS pump to send what is left and close_notify. Waiting for it
     // keeps the connection registered (so the shutdown sweep can still cut a client that
@@ -513,20 +514,23 @@ impl ServerControl {
     /// connections stop reading requests, answer those in flight, and close (as at shutdown).
     /// Returns the export once no connection uses it any more.
     pub fn remove_export(&self, name: &str, force: bool) -> Result<Arc<Export>> {
-        let e = self.shared.exports.remove(name)?;
+        let e = match self.shared.exports.remove(name, !force) {
+            Ok(e) => e,
+            Err(RemoveError::Unknown) => {
+                return Err(err(ErrorKind::InvalidArgument, format!("no export named {name:?}")))
+            }
+            // Refused: the export stays where it was in the list, nothing changed.
+            Err(RemoveError::InUse(n)) => {
+                return Err(err(
+                    ErrorKind::InUse,
+                    format!(
+                        "export {name:?} has {n} client{} connected; --force disconnects them",
+                        if n == 1 { "" } else { "s" }
+                    ),
+                ))
+            }
+        };
         let users = || ExportStats::get(&e.stats.connections);
-        if users() > 0 && !force {
-            // Back in the list: nothing changed (it goes to the end of the list).
-            let n = users();
-            let _ = self.shared.exports.add_back(e.clone());
-            return Err(err(
-                ErrorKind::InUse,
-                format!(
-                    "export {name:?} has {n} client{} connected; --force disconnects them",
-                    if n == 1 { "" } else { "s" }
-                ),
-            ));
-        }
         let cut = |how: Shutdown| {
             if let Ok(conns) = self.shared.conns.lock() {
                 for (s, phase) in conns.values() {

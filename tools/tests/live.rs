@@ -225,6 +225,15 @@ fn exports_are_added_listed_and_removed_while_the_server_runs() {
     // The other export is not disturbed by any of it.
     let mut d = live.client();
     d.write(0, &[1u8; 4096]).unwrap();
+    // A refused removal leaves the export where it was: the first is the default export, so
+    // a client asking for the empty name still gets "disk", not "guest".
+    ws.fail(&["export", "remove", "disk", "--control", s(ctl)], &["disk", "1 client connected"]);
+    let names: Vec<Value> = exports(ws, ctl).iter().map(|e| e["name"].clone()).collect();
+    assert_eq!(names, ["disk", "guest"]);
+    let mut e = live.server.connect();
+    e.opt_go("", &[]).unwrap();
+    assert_eq!(e.read(0, 4096).unwrap(), vec![1u8; 4096], "the default export is no longer disk");
+    drop(e);
     // Forced: the client's connection ends, the image is closed cleanly at once.
     ws.ok(&["export", "remove", "guest", "--force", "--control", s(ctl)]);
     assert!(c.read(0, 4096).is_err(), "the removed export still answered");
@@ -263,6 +272,13 @@ fn the_control_channel_refuses_bad_requests_in_one_line_and_changes_nothing() {
         &["export", "add", "other.cow", "--name", "disk", "--control", s(ctl)],
         &["export named \"disk\" exists already"],
     );
+    // Names no client could ask for: longer than an NBD string (4096 bytes, which would
+    // break NBD_OPT_LIST for every client), or empty (the default export's name).
+    let long = "x".repeat(4097);
+    for name in [long.as_str(), ""] {
+        ws.fail(&["export", "add", "other.cow", "--name", name, "--control", s(ctl)], &["1 to 4096 bytes"]);
+    }
+    assert_eq!(exports(ws, ctl).len(), 1, "a refused name was added");
     // A socket of another user is refused before anything is sent.
     let theirs = ws.p("theirs.sock");
     let _l = std::os::unix::net::UnixListener::bind(&theirs).unwrap();
