@@ -241,6 +241,17 @@ impl Replayed {
     }
 }
 
+impl Replayed {
+    /// The start of the first piece that ends after `offset`.
+    fn piece_from(&self, offset: u64) -> Option<u64> {
+        // Pieces are at most a block long: one that ends after offset starts after offset - BLOCK.
+        self.patches
+            .range(offset.saturating_sub(BLOCK as u64)..)
+            .find(|(&at, b)| at + b.len() as u64 > offset)
+            .map(|(&at, _)| at)
+    }
+}
+
 fn read_only() -> crate::Error {
     err(ErrorKind::ReadOnly, "an image whose journal is not replayed yet is read-only here")
 }
@@ -281,9 +292,33 @@ impl Storage for Replayed {
         Err(read_only())
     }
 
+    // Data is the file's data and the replayed pieces (which may lie in its holes); holes are
+    // what neither covers. Said exactly, not "everything may be data": `check` counts the space
+    // no slot or extent uses by it, and would take every hole for leaked space.
     fn next_data(&self, offset: u64) -> Result<Option<u64>> {
-        // Replayed blocks may lie in holes of the file: every offset may hold data.
-        Ok((offset < self.len()?).then_some(offset))
+        let file = self.inner.next_data(offset)?;
+        let piece = self.piece_from(offset).map(|at| at.max(offset));
+        Ok(match (file, piece) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    fn next_hole(&self, offset: u64) -> Result<u64> {
+        let len = self.len()?;
+        let mut pos = offset;
+        loop {
+            let hole = self.inner.next_hole(pos)?.min(len);
+            // A piece that starts at or before the file's hole and goes past it fills it.
+            match self
+                .patches
+                .range(hole.saturating_sub(BLOCK as u64)..=hole)
+                .find(|(&at, b)| at + b.len() as u64 > hole)
+            {
+                Some((&at, b)) if hole < len => pos = at + b.len() as u64,
+                _ => return Ok(hole),
+            }
+        }
     }
 
     fn allocated_bytes(&self) -> Option<u64> {
