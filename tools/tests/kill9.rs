@@ -129,7 +129,7 @@ fn check_of_an_image_killed_with_journal_records_to_replay_finds_no_leak() {
     assert!(!text.contains("leaked"), "check: {text}");
     // Both flushed writes are there, read through the replay and after it.
     for round in 0..2 {
-        let mut server = Server::start(&[img.to_str().unwrap(), "--socket", sock.to_str().unwrap()]);
+        let server = Server::start(&[img.to_str().unwrap(), "--socket", sock.to_str().unwrap()]);
         let mut c = connect(&server);
         assert_eq!(c.read(0, 4096).unwrap(), vec![0x11u8; 4096], "round {round}");
         assert_eq!(c.read(1 << 20, 4096).unwrap(), vec![0x22u8; 4096], "round {round}");
