@@ -361,6 +361,19 @@ impl Image {
         self.require_writable()?;
         write(&self.state).alloc.alloc_slot()
     }
+
+    /// Gives back slots of [`Image::alloc_detached_slot`] no map will refer to (a commit
+    /// stopped before its map was prepared): punched, then free for new slots at once, since
+    /// no map sector and no journal record ever named them.
+    pub fn release_detached_slots(&self, slots: &[u64]) -> Result<()> {
+        self.require_writable()?;
+        let cluster = self.geom.chunk_size();
+        for &off in slots {
+            self.storage.punch(off, cluster).map_err(|e| e.with_file(&self.path))?;
+        }
+        write(&self.state).alloc.free_now(slots);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

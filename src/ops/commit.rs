@@ -141,8 +141,8 @@ pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()
 /// (open for writing), and `parent`'s new map written and made durable, not yet in force
 /// (the switch is [`Image::switch_map`]). Readers of `parent` see its old map meanwhile.
 /// `stop` is asked between chunks: when it says so, the commit stops with an error and
-/// `parent` is unchanged (what was copied is unreferenced space, reclaimed at its next
-/// writable open after a crash, or at once by the caller's [`Image::end_writing`]).
+/// `parent` is unchanged (the slots copied into are punched and free again; after a crash,
+/// unreferenced space its next writable open reclaims).
 pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dyn Fn() -> bool) -> Result<PreparedMap> {
     let (tg, pg) = (top.geometry(), parent.geometry());
     if tg.virtual_size > pg.virtual_size {
@@ -200,81 +200,96 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
         }
     }
 
-    let total = updates.len() as u64;
-    let mut entries: Vec<MapEntry> = parent
-        .entries()
-        .into_iter()
-        .filter(|(c, _)| !updates.contains_key(c))
-        .map(|(chunk, e)| MapEntry { chunk, data_offset: e.data_offset, blocks: e.blocks, crcs: e.crcs.to_vec() })
-        .collect();
-    let bpc = pg.blocks_per_chunk();
-    let mut block = vec![0u8; BLOCK_SIZE as usize];
-    for (done, (pc, ups)) in updates.into_iter().enumerate() {
-        let mut blocks = parent
-            .with_entry(pc, |e| e.map(|e| e.blocks.clone()))
-            .unwrap_or_else(|| crate::format::blocks::BlockStates::new(bpc));
-        let mut source: Vec<Option<Src>> =
-            (0..bpc).map(|b| (blocks.get(b) == BlockState::Data).then_some(Src::Parent(b))).collect();
-        let tail_here = tail.filter(|&(tpc, b, _)| tpc == pc && ups.iter().any(|&(b0, b1, _)| (b0..b1).contains(&b)));
-        let tail_parent = tail_here.and_then(|(_, b, _)| (blocks.get(b) == BlockState::Data).then_some(b));
-        for (b0, b1, u) in ups {
-            for (k, s) in source[b0..b1].iter_mut().enumerate() {
-                *s = match u {
-                    Update::Data(tc, tb) => Some(Src::Top(tc, tb + k)),
-                    Update::Zero => None,
+    // Slots taken so far: given back if the commit stops before its map is prepared, so that
+    // a cancelled or failed commit leaves no unreferenced space behind in the parent.
+    let mut taken: Vec<u64> = Vec::new();
+    let built = (|| -> Result<PreparedMap> {
+        let total = updates.len() as u64;
+        let mut entries: Vec<MapEntry> = parent
+            .entries()
+            .into_iter()
+            .filter(|(c, _)| !updates.contains_key(c))
+            .map(|(chunk, e)| MapEntry { chunk, data_offset: e.data_offset, blocks: e.blocks, crcs: e.crcs.to_vec() })
+            .collect();
+        let bpc = pg.blocks_per_chunk();
+        let mut block = vec![0u8; BLOCK_SIZE as usize];
+        for (done, (pc, ups)) in updates.into_iter().enumerate() {
+            let mut blocks = parent
+                .with_entry(pc, |e| e.map(|e| e.blocks.clone()))
+                .unwrap_or_else(|| crate::format::blocks::BlockStates::new(bpc));
+            let mut source: Vec<Option<Src>> =
+                (0..bpc).map(|b| (blocks.get(b) == BlockState::Data).then_some(Src::Parent(b))).collect();
+            let tail_here =
+                tail.filter(|&(tpc, b, _)| tpc == pc && ups.iter().any(|&(b0, b1, _)| (b0..b1).contains(&b)));
+            let tail_parent = tail_here.and_then(|(_, b, _)| (blocks.get(b) == BlockState::Data).then_some(b));
+            for (b0, b1, u) in ups {
+                for (k, s) in source[b0..b1].iter_mut().enumerate() {
+                    *s = match u {
+                        Update::Data(tc, tb) => Some(Src::Top(tc, tb + k)),
+                        Update::Zero => None,
+                    };
+                }
+                let st = if matches!(u, Update::Data(..)) { BlockState::Data } else { BlockState::Zero };
+                blocks.set_range(b0, b1, st);
+            }
+            if let Some((_, b, keep)) = tail_here {
+                let top = match source[b] {
+                    Some(Src::Top(tc, tb)) => Some((tc, tb)),
+                    _ => None,
                 };
-            }
-            let st = if matches!(u, Update::Data(..)) { BlockState::Data } else { BlockState::Zero };
-            blocks.set_range(b0, b1, st);
-        }
-        if let Some((_, b, keep)) = tail_here {
-            let top = match source[b] {
-                Some(Src::Top(tc, tb)) => Some((tc, tb)),
-                _ => None,
-            };
-            // Zeros from both sides are the Zero the update already made.
-            if top.is_some() || tail_parent.is_some() {
-                source[b] = Some(Src::Tail { top, parent: tail_parent, keep });
-                blocks.set_range(b, b + 1, BlockState::Data);
-            }
-        }
-        // Never write into the old slot: the durable map points there until the switch.
-        let data_offset = if blocks.count(BlockState::Data) > 0 { parent.alloc_detached_slot()? } else { 0 };
-        let mut crcs = vec![0u32; pg.checksum_bytes() / 4];
-        for (b, src) in source.iter().enumerate() {
-            // Copies are verified against the source's checksums, so a damaged block is never
-            // laundered into the parent under a fresh, valid checksum.
-            match *src {
-                None => continue,
-                Some(Src::Parent(pb)) => parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut block)?,
-                Some(Src::Top(tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
-                Some(Src::Tail { top: from_top, parent: from_parent, keep }) => {
-                    match from_top {
-                        Some((tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
-                        None => block.fill(0),
-                    }
-                    match from_parent {
-                        Some(pb) => {
-                            let mut own = vec![0u8; BLOCK_SIZE as usize];
-                            parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut own)?;
-                            block[keep..].copy_from_slice(&own[keep..]);
-                        }
-                        None => block[keep..].fill(0),
-                    }
+                // Zeros from both sides are the Zero the update already made.
+                if top.is_some() || tail_parent.is_some() {
+                    source[b] = Some(Src::Tail { top, parent: tail_parent, keep });
+                    blocks.set_range(b, b + 1, BlockState::Data);
                 }
             }
-            parent.write_at(&block, data_offset + b as u64 * BLOCK_SIZE)?;
-            if let Some(c) = crcs.get_mut(b) {
-                *c = crc32fast::hash(&block);
+            // Never write into the old slot: the durable map points there until the switch.
+            let data_offset = if blocks.count(BlockState::Data) > 0 { parent.alloc_detached_slot()? } else { 0 };
+            if data_offset != 0 {
+                taken.push(data_offset);
+            }
+            let mut crcs = vec![0u32; pg.checksum_bytes() / 4];
+            for (b, src) in source.iter().enumerate() {
+                // Copies are verified against the source's checksums, so a damaged block is never
+                // laundered into the parent under a fresh, valid checksum.
+                match *src {
+                    None => continue,
+                    Some(Src::Parent(pb)) => parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut block)?,
+                    Some(Src::Top(tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
+                    Some(Src::Tail { top: from_top, parent: from_parent, keep }) => {
+                        match from_top {
+                            Some((tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
+                            None => block.fill(0),
+                        }
+                        match from_parent {
+                            Some(pb) => {
+                                let mut own = vec![0u8; BLOCK_SIZE as usize];
+                                parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut own)?;
+                                block[keep..].copy_from_slice(&own[keep..]);
+                            }
+                            None => block[keep..].fill(0),
+                        }
+                    }
+                }
+                parent.write_at(&block, data_offset + b as u64 * BLOCK_SIZE)?;
+                if let Some(c) = crcs.get_mut(b) {
+                    *c = crc32fast::hash(&block);
+                }
+            }
+            entries.push(MapEntry { chunk: pc, data_offset, blocks, crcs });
+            progress(done as u64 + 1, total);
+            if stop() {
+                return Err(err(ErrorKind::Cancelled, "cancelled; the parent is unchanged"));
             }
         }
-        entries.push(MapEntry { chunk: pc, data_offset, blocks, crcs });
-        progress(done as u64 + 1, total);
-        if stop() {
-            return Err(err(ErrorKind::Cancelled, "cancelled; the parent is unchanged"));
-        }
+        parent.prepare_map(entries)
+    })();
+    if built.is_err() && !taken.is_empty() {
+        // The error that stopped the commit is the one to report; a failed release leaves
+        // the space to the next writable open's reclaim, as before.
+        let _ = parent.release_detached_slots(&taken);
     }
-    parent.prepare_map(entries)
+    built
 }
 
 #[cfg(test)]

@@ -156,6 +156,9 @@ fn jobs_are_listed_cancelled_and_run_one_at_a_time() {
     assert_eq!(jobs(&live)[0]["state"], "cancelled");
     assert!(ws.ok(&["jobs", "--control", ctl]).contains("commit"));
     assert_bytes_eq(&device(&live), &before, "after the cancelled commit");
+    // What it had copied into the parent is given back: no space leaked.
+    let c = ws.run(&["check", "--chain", "disk.cow"]);
+    assert_eq!(c.code, Some(0), "after the cancelled commit: {}", c.describe());
     // Cancelled, it left its intermediate layer; the next commit starts from it.
     assert!(layers(ws).iter().any(|l| l.contains(".commit-")), "{:?}", layers(ws));
     ws.ok(&["commit", "disk.cow", "--force", "--control", ctl]);
