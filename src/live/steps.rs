@@ -16,7 +16,7 @@ use crate::layer::{new_uuid, Image, OpenOptions};
 use crate::ops::all_extents;
 use crate::ops::commit::{commit_prepare, is_commit_layer};
 use crate::ops::flatten::copy_device;
-use crate::storage::namespace::{publish_new, temp_name, Namespace};
+use crate::storage::namespace::{publish_new, sweep_stale_temps, temp_name, Namespace};
 use crate::storage::LockMode;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -228,6 +228,9 @@ pub(super) fn compact(
     job.set_total(todo.iter().map(|e| e.length).sum());
     let g = run[0].geometry();
     let geom = Geometry::new(g.virtual_size, g.chunk_shift)?.with_data_checksums(g.data_checksums)?;
+    // What a compaction killed before its rename left (as big as the merged layer): gone
+    // before this one makes its own.
+    sweep_stale_temps(ns, into, "compact");
     let tmp = temp_name(into, "compact");
     let storage = ns.create(&tmp)?;
     let built = (|| -> Result<Image> {

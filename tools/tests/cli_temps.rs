@@ -55,6 +55,13 @@ fn stale_temporary_files_of_flatten_and_commit_are_removed_and_do_not_block() {
     assert_eq!(o.code, Some(0), "{}", o.describe());
     assert!(o.stderr.contains("left by an interrupted flatten"), "{}", o.describe());
     assert_bytes_eq(&std::fs::read(ws.p("out.raw")).unwrap(), &model, "flattened output");
+    // A compaction killed before its rename leaves a temporary file as big as the merged
+    // layer; the next compaction into the same name removes it.
+    std::fs::write(ws.p(&format!(".merged.cow.compact.{DEAD_PID}-0.tmp")), b"x").unwrap();
+    ws.ok(&["snapshot", "disk.cow", "disk-2.cow"]);
+    let o = ws.run(&["compact", "disk.cow", "merged.cow"]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert_bytes_eq(&ws.device("disk.cow"), &model, "after compact");
     let o = ws.run(&["commit", "disk.cow", "--force"]);
     assert_eq!(o.code, Some(0), "{}", o.describe());
     assert!(o.stderr.contains("left by an interrupted commit"), "{}", o.describe());
