@@ -30,7 +30,7 @@ use store::{Store, StoreConfig};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RepoUrl {
     pub bucket: String,
-    /// Without leading or trailing `/`; may be empty.
+    /// Without leading, trailing or doubled `/`; may be empty.
     pub prefix: String,
 }
 
@@ -54,7 +54,11 @@ impl RepoUrl {
         if bucket.is_empty() {
             return Err(err(ErrorKind::InvalidArgument, format!("{url}: no bucket")));
         }
-        Ok(RepoUrl { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() })
+        // Empty segments collapsed (`p//q` is `p/q`): the store's paths collapse them too, and
+        // a prefix that kept them would match none of the keys a listing returns (so `rm`
+        // found no tag or child to refuse for, and push no chunk to reuse).
+        let prefix = prefix.split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("/");
+        Ok(RepoUrl { bucket: bucket.to_string(), prefix })
     }
 
     /// The full key of `key` (relative to the repository).
@@ -416,7 +420,11 @@ mod tests {
         let u = LayerUrl::parse(&r.layer_url(&d)).unwrap();
         assert_eq!((u.repo.clone(), u.name), (r.clone(), LayerName::Digest(d)));
         let t = LayerUrl::parse("s3://b/p/q/base-v1").unwrap();
-        assert_eq!((t.repo, t.name), (r, LayerName::Tag("base-v1".into())));
+        assert_eq!((t.repo, t.name), (r.clone(), LayerName::Tag("base-v1".into())));
         assert!(LayerUrl::parse("s3://b").is_err());
+        // Empty segments name the same repository.
+        assert_eq!(RepoUrl::parse("s3://b//p//q//").unwrap(), r);
+        let u = LayerUrl::parse(&format!("s3://b/p//q/layers/{}", hex(&d))).unwrap();
+        assert_eq!(u.repo, r);
     }
 }

@@ -123,6 +123,12 @@ pub struct Stats {
 pub static STATS: Stats =
     Stats { ranged_gets: AtomicU64::new(0), ranged_bytes: AtomicU64::new(0), ranged_micros: AtomicU64::new(0) };
 
+/// Whether an endpoint URL names a user (and maybe a secret) before its host.
+fn has_userinfo(endpoint: &str) -> bool {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    rest.split(['/', '?', '#']).next().is_some_and(|authority| authority.contains('@'))
+}
+
 /// An open repository.
 pub struct Store {
     url: RepoUrl,
@@ -164,6 +170,16 @@ impl Store {
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .or_else(|| files.get("endpoint_url").cloned());
         if let Some(e) = &endpoint {
+            // Credentials in the endpoint would be printed with every error the store's
+            // client reports (it names the URL it failed on): refused, with where they go.
+            if has_userinfo(e) {
+                return Err(err(
+                    ErrorKind::InvalidArgument,
+                    "the endpoint has credentials in it (user:secret@): refused, so that no error \
+                     message prints them; give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+                     or in ~/.aws/credentials",
+                ));
+            }
             // A store of one's own (Ceph RGW) answers under its own name, not a bucket's
             // sub-domain, and often over plain HTTP on a private network.
             b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
@@ -332,6 +348,16 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_with_a_user_are_told_apart() {
+        for e in ["http://u:s@h:1", "https://u@h", "u:s@h:7480/x"] {
+            assert!(has_userinfo(e), "{e}");
+        }
+        for e in ["http://h:7480", "https://h/p@q", "http://h?a=@", "h:1"] {
+            assert!(!has_userinfo(e), "{e}");
+        }
+    }
 
     #[test]
     fn shared_files_sections_are_read_by_profile() {

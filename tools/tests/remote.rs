@@ -960,3 +960,17 @@ fn the_remote_demo_serves_an_overlay_on_the_pushed_base() {
     let info = repo.json(&ws.join("cache"), &["info", p(&dir.join("remote-overlay.cow")), "--json"]);
     assert!(info["layers"][1]["path"].as_str().is_some_and(|s| s.starts_with("s3://")), "{info}");
 }
+
+/// An endpoint with credentials in it is refused before anything is sent, and the secret is
+/// printed nowhere (the store client's errors name the URL they failed on).
+#[test]
+fn an_endpoint_with_credentials_in_it_is_refused_without_printing_them() {
+    let out = Command::new(cowdisk_bin())
+        .args(["ls", "s3://bucket/repo", "--endpoint", "http://user:SECRETPW@127.0.0.1:1"])
+        .output()
+        .expect("run cowdisk");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("credentials"), "{stderr}");
+    assert!(!stdout.contains("SECRETPW") && !stderr.contains("SECRETPW"), "{stdout}{stderr}");
+}
