@@ -279,6 +279,9 @@ pub struct PullReport {
     pub layers: u64,
     pub chunks: u64,
     pub bytes: u64,
+    /// The chunks the cache holds at the end: fewer than `chunks` when its bound is smaller
+    /// than the layers.
+    pub held: u64,
 }
 
 /// Fetches every chunk of the remote layer `d` and the remote layers below it into the
@@ -340,5 +343,6 @@ pub fn hydrate(repo: &RepoUrl, d: &Digest, parallel: usize, progress: crate::ops
     super::shared_cache()?.publish_all()?;
     r.chunks = todo.len() as u64;
     r.bytes = total;
+    r.held = todo.iter().filter(|(_, chunks, j, _)| chunks.has(*j)).count() as u64;
     Ok(r)
 }

@@ -167,7 +167,15 @@ impl Cache {
         if let Some(l) = layers.get(d) {
             return Ok(l.clone());
         }
-        let l = Arc::new(self.with_lock(|| LayerChunks::open_locked(&self.dir, d, m))??);
+        let l = self.with_lock(|| -> Result<LayerChunks> {
+            let (l, grew) = LayerChunks::open_locked(&self.dir, d, m)?;
+            // A new index file is bytes of the cache like any fill (room made for it first).
+            if grew > 0 {
+                self.fill_locked(grew, || Ok(()))?;
+            }
+            Ok(l)
+        })??;
+        let l = Arc::new(l);
         layers.insert(*d, l.clone());
         Ok(l)
     }

@@ -128,7 +128,9 @@ impl LayerChunks {
     /// The chunks of layer `digest` (manifest `m`) in the cache in `dir`; the files are made
     /// (or made again, if they do not belong to this layer) under the cache's lock, which the
     /// caller holds.
-    pub(super) fn open_locked(dir: &Path, digest: &Digest, m: &Manifest) -> Result<LayerChunks> {
+    /// Opens (creating it where needed) the layer's index and data files, and returns them with
+    /// the bytes by which creating them grew the cache, for the caller to count.
+    pub(super) fn open_locked(dir: &Path, digest: &Digest, m: &Manifest) -> Result<(LayerChunks, u64)> {
         let name = super::manifest::hex(digest);
         let (ip, dp) = paths(dir, &name);
         if let Some(parent) = ip.parent() {
@@ -153,7 +155,9 @@ impl LayerChunks {
         header[24..56].copy_from_slice(digest);
         let mut found = [0u8; HEADER as usize];
         index.read_at(&mut found, 0)?;
+        let mut grew = 0;
         if found != header || index.len()? != HEADER + n * RECORD {
+            grew = (HEADER + n * RECORD).saturating_sub(index.len()?);
             // New, or not this layer's (a crash during a first open, or a foreign file):
             // start empty. Records go first, so no record outlives the bytes it names.
             index.set_len(0)?;
@@ -177,7 +181,7 @@ impl LayerChunks {
                 AtomicU64::new(tag)
             })
             .collect();
-        Ok(LayerChunks {
+        let chunks = LayerChunks {
             entries,
             shift: m.chunk_shift,
             index,
@@ -188,7 +192,8 @@ impl LayerChunks {
             fetches: Coalescer::new(),
             claimed: Mutex::new(std::collections::HashSet::new()),
             next_tag: AtomicU64::new(seed | 1),
-        })
+        };
+        Ok((chunks, grew))
     }
 
     fn record(&self, i: usize) -> Option<Record> {
@@ -380,7 +385,18 @@ impl LayerChunks {
             return Ok(());
         }
         cache.with_lock(|| -> Result<()> {
-            let fresh: Vec<_> = batch.iter().filter(|(j, _)| self.record(*j).is_none()).collect();
+            // No more than the bound can hold after eviction (90% of it): the rest were served
+            // to their readers and are not kept, rather than pushing the cache past its bound.
+            let room = cache.limit() / 10 * 9;
+            let mut sum = 0;
+            let fresh: Vec<_> = batch
+                .iter()
+                .filter(|(j, _)| self.record(*j).is_none())
+                .take_while(|(_, c)| {
+                    sum += footprint(c.len() as u64);
+                    sum <= room
+                })
+                .collect();
             if fresh.is_empty() {
                 return Ok(());
             }
@@ -571,6 +587,38 @@ mod tests {
         let data = std::fs::read(paths(&d, &crate::remote::manifest::hex(&digest)).1).unwrap();
         assert_eq!(data[6 << SHIFT..7 << SHIFT], contents[2][..]);
         assert!(!lb.read(1, 0, &mut part), "an entry never filled reads as cached");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_bound_counts_the_index_files_and_a_batch_never_passes_it() {
+        let d = dir("bound");
+        // 4096 entries: an index file of 128 KiB, a third of a bound of 6 chunks (384 KiB).
+        let (digest, mut m, contents) = layer(4);
+        let proto = m.entries[0].clone();
+        m.entries = (0..4096u64).map(|i| ChunkEntry { chunk: i, ..proto.clone() }).collect();
+        m.virtual_size = 4096 << SHIFT;
+        let limit = 6 << SHIFT;
+        let c = Cache::open(&d, limit).unwrap();
+        // The cache in use already (its count kept, not recounted), when the layer comes.
+        let (small, small_m, small_contents) = layer(2);
+        let small = sha256(&[&small[..], b"small"].concat());
+        fill(&c, &c.layer(&small, &small_m).unwrap(), 0, &small_contents);
+        c.publish_all().unwrap();
+        let l = c.layer(&digest, &m).unwrap();
+        for i in 0..12 {
+            // Kept without a publish in between: batches of several chunks.
+            let got = l.get_or_fetch(&c, i, &[], |_| Ok(vec![(i, contents[0].clone())])).unwrap();
+            assert_eq!(*got, contents[0]);
+            if i % 5 == 4 {
+                c.publish_all().unwrap();
+            }
+            assert!(c.size_on_disk() <= limit, "after {i}: {} bytes, bound {limit}", c.size_on_disk());
+        }
+        c.publish_all().unwrap();
+        assert!(c.size_on_disk() <= limit, "{} bytes, bound {limit}", c.size_on_disk());
+        let mut whole = vec![0u8; 1 << SHIFT];
+        assert!((0..12).any(|i| l.read(i, 0, &mut whole)), "nothing kept");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -268,7 +268,17 @@ pub fn pull_cmd(a: PullArgs) -> Result<(), Failure> {
     let progress = |d, t| bar.update(d, t);
     let r = admin::hydrate(&repo, &digest, a.parallel as usize, &progress)?;
     drop(bar);
-    say!("{} remote layers: all {} chunks in the cache ({} as stored)", r.layers, r.chunks, format_size(r.bytes));
+    if r.held == r.chunks {
+        say!("{} remote layers: all {} chunks in the cache ({} as stored)", r.layers, r.chunks, format_size(r.bytes));
+    } else {
+        say!(
+            "{} remote layers: {} chunks fetched ({} as stored), {} of them kept: the cache's bound is smaller than the layers",
+            r.layers,
+            r.chunks,
+            format_size(r.bytes),
+            r.held
+        );
+    }
     Ok(())
 }
 
