@@ -229,3 +229,32 @@ fn a_parent_that_is_a_device_is_refused_unless_allowed() {
     assert!(!p.exists());
     let _ = Path::new("/dev/null");
 }
+
+/// A header at the largest generation cannot be followed: the next would wrap to 0 and lose
+/// to it (the higher generation is current). Opening it for writing is refused with a typed
+/// error, nothing is written, and it still reads.
+#[test]
+fn a_header_at_the_largest_generation_is_not_written_past() {
+    let dir = TempDir::new("hostile-gen");
+    let (mut b, _) = valid_image(&dir);
+    for (slot, g) in [(0usize, u64::MAX - 1), (1, u64::MAX)] {
+        let s = &mut b[slot * 4096..(slot + 1) * 4096];
+        le64(s, 16, g);
+        let crc = crc32fast::hash(&s[..4092]);
+        s[4092..].copy_from_slice(&crc.to_le_bytes());
+    }
+    let p = dir.join("gen.cow");
+    std::fs::write(&p, &b).unwrap();
+    let e = Chain::open(&p, ChainOptions { writable: true, ..Default::default() }).map(|_| ()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("generation"), "{e}");
+    assert!(std::fs::read(&p).unwrap() == b, "the refused open wrote to the file");
+    // An offline snapshot writes the header without opening the map: refused the same way.
+    let e = cowdisk::ops::snapshot::snapshot(&p, &dir.join("snap.cow")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(std::fs::read(&p).unwrap() == b, "the refused snapshot wrote to the file");
+    let c = Chain::open(&p, ChainOptions::default()).unwrap();
+    let mut got = vec![0u8; 4096];
+    cowdisk::DiskRead::read_at(&c, &mut got, 65536 * 3).unwrap();
+    assert_eq!(got, vec![0x5a; 4096]);
+}

@@ -24,7 +24,7 @@ impl Image {
     pub(super) fn write_header(&self, st: &mut State, f: impl FnOnce(&mut Header)) -> Result<()> {
         let mut h = st.header.clone();
         f(&mut h);
-        h.generation += 1;
+        h.generation = super::next_generation(h.generation).map_err(|e| e.with_file(&self.path))?;
         h.map_extents = st.map.extents().to_vec();
         self.storage.write_at(&h.encode(), h.slot_offset())?;
         st.header = h;

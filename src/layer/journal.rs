@@ -308,7 +308,12 @@ impl Storage for Replayed {
         let len = self.len()?;
         let mut pos = offset;
         loop {
-            let hole = self.inner.next_hole(pos)?.min(len);
+            if pos >= len {
+                return Ok(len.max(offset));
+            }
+            // Past the file's end (pieces may go further) the file answers its length: never
+            // before `pos`.
+            let hole = self.inner.next_hole(pos)?.clamp(pos, len);
             // A piece that starts at or before the file's hole and goes past it fills it.
             match self
                 .patches
@@ -353,6 +358,33 @@ mod tests {
             at += r.len() as u64;
         }
         at
+    }
+
+    #[test]
+    fn the_replayed_file_tells_its_holes_from_data_with_pieces_in_holes_and_past_the_end() {
+        use crate::storage::{FileStorage, LockMode};
+        let p = std::env::temp_dir().join(format!("cowdisk-replayed-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        std::fs::File::create(&p).unwrap();
+        let f = FileStorage::open(&p, true, LockMode::None).unwrap();
+        // The file: data [0, 4096), a hole to its end at 16384.
+        f.write_at(&[1u8; BLOCK], 0).unwrap();
+        f.set_len(16384).unwrap();
+        // Pieces: two adjacent in the hole, one past the file's end.
+        let patches: BTreeMap<u64, Vec<u8>> =
+            [8192u64, 12288, 16384].into_iter().map(|at| (at, vec![2u8; BLOCK])).collect();
+        let r = Replayed::new(std::sync::Arc::new(f), patches);
+        assert_eq!(r.len().unwrap(), 20480);
+        assert_eq!(r.next_data(0).unwrap(), Some(0));
+        assert_eq!(r.next_hole(0).unwrap(), 4096);
+        assert_eq!(r.next_data(4096).unwrap(), Some(8192));
+        assert_eq!(r.next_data(9000).unwrap(), Some(9000));
+        assert_eq!(r.next_hole(8192).unwrap(), 20480, "adjacent pieces and one past the end are one run");
+        assert_eq!(r.next_hole(16384).unwrap(), 20480);
+        assert_eq!(r.next_data(20480).unwrap(), None);
+        assert_eq!(r.next_hole(20480).unwrap(), 20480);
+        assert_eq!(r.next_hole(25000).unwrap(), 25000, "never before the offset asked");
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]

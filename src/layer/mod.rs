@@ -558,12 +558,20 @@ fn replay_journal(storage: Arc<dyn Storage>, header: &Header, write: bool) -> Re
     Ok((storage, JournalState { pos, next_seq: seq + 1, replay_from: seq + 1, ..Default::default() }))
 }
 
+/// The generation after `g`. Only a crafted header is at the largest (2^64 header writes):
+/// wrapped to 0, the next header would lose to it (§2.4, the higher generation wins).
+pub(crate) fn next_generation(g: u64) -> Result<u64> {
+    g.checked_add(1).ok_or_else(|| {
+        err(ErrorKind::Corrupt, "the header generation is at its largest value: no header can follow it")
+    })
+}
+
 /// Writes `h` with the next generation into the slot not holding the current header, and
 /// syncs if asked. For header-only changes by tools that hold the image's lock without
 /// opening its map (snapshot); `h` must be the header last read from `storage`.
 pub fn write_next_header(storage: &dyn Storage, h: &mut Header, sync: bool) -> Result<()> {
     let mut next = h.clone();
-    next.generation += 1;
+    next.generation = next_generation(h.generation)?;
     storage.write_at(&next.encode(), next.slot_offset())?;
     if sync {
         storage.sync()?;

@@ -68,7 +68,10 @@ impl LiveChain {
     /// the call, and none that began after it returned. Returns how long requests waited.
     /// Refused while a job runs on the chain.
     pub fn snapshot(&self, ns: &dyn Namespace, snapshot: &Path) -> Result<Duration> {
-        if let Some(job) = *lock(&self.busy) {
+        // Held across the snapshot: a job cannot start between the look and the snapshot (it
+        // would find a layer it did not expect and fail).
+        let busy = lock(&self.busy);
+        if let Some(job) = *busy {
             return Err(
                 err(ErrorKind::InUse, format!("in use: a {job} job is running on this chain")).with_file(&self.path)
             );

@@ -99,6 +99,25 @@ impl ExportStats {
     }
 }
 
+/// Whether `name` and `description` can be an export's: NBD strings (at most 4096 bytes, no
+/// NUL; a longer one would break NBD_OPT_LIST for every client), the name not empty (the
+/// empty name is how a client asks for the default export).
+pub fn check_strings(name: &str, description: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_STRING || name.contains('\0') {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!("an export name is 1 to {MAX_STRING} bytes without NUL, not {} bytes", name.len()),
+        ));
+    }
+    if description.len() > MAX_STRING || description.contains('\0') {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            format!("a description is at most {MAX_STRING} bytes without NUL, not {} bytes", description.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// Why [`Exports::remove`] removed nothing.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RemoveError {
@@ -136,22 +155,9 @@ impl Exports {
         read(&self.list).is_empty()
     }
 
-    /// Adds `e` at the end of the list. Its name and description must be NBD strings (at most
-    /// 4096 bytes: a longer one would break NBD_OPT_LIST for every client), and the name not
-    /// empty, which already means the default export.
+    /// Adds `e` at the end of the list; its name and description must pass [`check_strings`].
     pub fn add(&self, e: Export) -> Result<Arc<Export>> {
-        if e.name.is_empty() || e.name.len() > MAX_STRING || e.name.contains('\0') {
-            return Err(err(
-                ErrorKind::InvalidArgument,
-                format!("an export name is 1 to {MAX_STRING} bytes without NUL, not {} bytes", e.name.len()),
-            ));
-        }
-        if e.description.len() > MAX_STRING || e.description.contains('\0') {
-            return Err(err(
-                ErrorKind::InvalidArgument,
-                format!("a description is at most {MAX_STRING} bytes without NUL, not {} bytes", e.description.len()),
-            ));
-        }
+        check_strings(&e.name, &e.description)?;
         let mut l = write(&self.list);
         if l.iter().any(|x| x.name == e.name) {
             return Err(err(ErrorKind::InvalidArgument, format!("an export named {:?} exists already", e.name)));

@@ -167,6 +167,10 @@ impl<'a> Session<'a> {
                 if opt == OPT_EXPORT_NAME {
                     return Ok(Outcome::Closed);
                 }
+                // A SET_META_CONTEXT that fails still replaces the selection (below).
+                if opt == OPT_SET_META_CONTEXT {
+                    self.meta = None;
+                }
                 error(
                     s,
                     REP_ERR_TOO_BIG,

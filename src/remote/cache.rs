@@ -167,13 +167,11 @@ impl Cache {
         if let Some(l) = layers.get(d) {
             return Ok(l.clone());
         }
-        let l = self.with_lock(|| -> Result<LayerChunks> {
-            let (l, grew) = LayerChunks::open_locked(&self.dir, d, m)?;
-            // A new index file is bytes of the cache like any fill (room made for it first).
-            if grew > 0 {
-                self.fill_locked(grew, || Ok(()))?;
-            }
-            Ok(l)
+        let l = self.with_lock(|| {
+            // A new index file is bytes of the cache like any fill: room made for it, and
+            // counted, before it is made (so a scan meanwhile does not count it twice).
+            let have = std::fs::metadata(chunks::paths(&self.dir, &hex(d)).0).map_or(0, |f| f.len());
+            self.fill_locked(chunks::index_len(m).saturating_sub(have), || LayerChunks::open_locked(&self.dir, d, m))
         })??;
         let l = Arc::new(l);
         layers.insert(*d, l.clone());
@@ -235,6 +233,16 @@ impl Cache {
             }
         }
         (total, out)
+    }
+
+    /// The bytes of the layers' index files, which eviction never removes.
+    pub(super) fn index_bytes(&self) -> u64 {
+        let Ok(files) = std::fs::read_dir(self.dir.join("layers")) else { return 0 };
+        files
+            .flatten()
+            .filter(|f| f.path().extension().is_some_and(|e| e == "index"))
+            .map(|f| f.metadata().map_or(0, |m| m.len()))
+            .sum()
     }
 
     /// The bytes the bound counts, counted now.

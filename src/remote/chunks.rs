@@ -128,9 +128,7 @@ impl LayerChunks {
     /// The chunks of layer `digest` (manifest `m`) in the cache in `dir`; the files are made
     /// (or made again, if they do not belong to this layer) under the cache's lock, which the
     /// caller holds.
-    /// Opens (creating it where needed) the layer's index and data files, and returns them with
-    /// the bytes by which creating them grew the cache, for the caller to count.
-    pub(super) fn open_locked(dir: &Path, digest: &Digest, m: &Manifest) -> Result<(LayerChunks, u64)> {
+    pub(super) fn open_locked(dir: &Path, digest: &Digest, m: &Manifest) -> Result<LayerChunks> {
         let name = super::manifest::hex(digest);
         let (ip, dp) = paths(dir, &name);
         if let Some(parent) = ip.parent() {
@@ -155,9 +153,7 @@ impl LayerChunks {
         header[24..56].copy_from_slice(digest);
         let mut found = [0u8; HEADER as usize];
         index.read_at(&mut found, 0)?;
-        let mut grew = 0;
         if found != header || index.len()? != HEADER + n * RECORD {
-            grew = (HEADER + n * RECORD).saturating_sub(index.len()?);
             // New, or not this layer's (a crash during a first open, or a foreign file):
             // start empty. Records go first, so no record outlives the bytes it names.
             index.set_len(0)?;
@@ -181,7 +177,7 @@ impl LayerChunks {
                 AtomicU64::new(tag)
             })
             .collect();
-        let chunks = LayerChunks {
+        Ok(LayerChunks {
             entries,
             shift: m.chunk_shift,
             index,
@@ -192,8 +188,7 @@ impl LayerChunks {
             fetches: Coalescer::new(),
             claimed: Mutex::new(std::collections::HashSet::new()),
             next_tag: AtomicU64::new(seed | 1),
-        };
-        Ok((chunks, grew))
+        })
     }
 
     fn record(&self, i: usize) -> Option<Record> {
@@ -385,9 +380,10 @@ impl LayerChunks {
             return Ok(());
         }
         cache.with_lock(|| -> Result<()> {
-            // No more than the bound can hold after eviction (90% of it): the rest were served
-            // to their readers and are not kept, rather than pushing the cache past its bound.
-            let room = cache.limit() / 10 * 9;
+            // No more than the bound can hold after eviction (90% of it, less the index files,
+            // which are never evicted): the rest were served to their readers and are not
+            // kept, rather than pushing the cache past its bound.
+            let room = (cache.limit() / 10 * 9).saturating_sub(cache.index_bytes());
             let mut sum = 0;
             let fresh: Vec<_> = batch
                 .iter()
@@ -427,6 +423,11 @@ impl LayerChunks {
         self.unclaim(&batch.iter().map(|(j, _)| *j).collect::<Vec<_>>());
         Ok(())
     }
+}
+
+/// The length of the index file of a layer with manifest `m`.
+pub(super) fn index_len(m: &Manifest) -> u64 {
+    HEADER + m.entries.len() as u64 * RECORD
 }
 
 /// Where entry `i`'s record is in the index file.

@@ -99,6 +99,10 @@ impl LayerUrl {
     pub fn parse(url: &str) -> Result<LayerUrl> {
         let bad =
             || err(ErrorKind::InvalidArgument, format!("{url}: not s3://BUCKET/PREFIX/LAYER (a tag or a digest)"));
+        // Empty segments collapsed, as in a repository URL (`p/layers//D` is `p/layers/D`).
+        let path = url.strip_prefix("s3://").ok_or_else(bad)?;
+        let path = path.split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("/");
+        let url = format!("s3://{path}");
         let (head, last) = url.rsplit_once('/').ok_or_else(bad)?;
         if last.is_empty() || !head.starts_with("s3://") || head.len() <= "s3://".len() {
             return Err(bad());
@@ -424,7 +428,9 @@ mod tests {
         assert!(LayerUrl::parse("s3://b").is_err());
         // Empty segments name the same repository.
         assert_eq!(RepoUrl::parse("s3://b//p//q//").unwrap(), r);
-        let u = LayerUrl::parse(&format!("s3://b/p//q/layers/{}", hex(&d))).unwrap();
-        assert_eq!(u.repo, r);
+        for url in [format!("s3://b/p//q/layers/{}", hex(&d)), format!("s3://b/p/q/layers//{}/", hex(&d))] {
+            let u = LayerUrl::parse(&url).unwrap();
+            assert_eq!((u.repo, u.name), (r.clone(), LayerName::Digest(d)), "{url}");
+        }
     }
 }

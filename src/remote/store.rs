@@ -168,6 +168,8 @@ impl Store {
             .endpoint
             .clone()
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            // object_store reads this one itself: looked at here too, so that it is checked.
+            .or_else(|| std::env::var("AWS_ENDPOINT").ok())
             .or_else(|| files.get("endpoint_url").cloned());
         if let Some(e) = &endpoint {
             // Credentials in the endpoint would be printed with every error the store's

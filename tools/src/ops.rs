@@ -102,6 +102,8 @@ pub fn commit_cmd(image: &Path, force: bool, job: &JobArgs) -> Result<(), Failur
 }
 
 pub fn compact_cmd(image: &Path, merged: &Path, layers: Option<usize>, job: &JobArgs) -> Result<(), Failure> {
+    // Said here; the compaction sweeps too (a server's, which says nothing, among them).
+    sweep_temps(merged, "compact");
     let into = crate::control::client::absolute(merged)?;
     let args = json!({"into": into, "layers": layers});
     let start = Start { kind: "compact", image, args, rate: job.rate, detach: job.detach };

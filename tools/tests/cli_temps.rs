@@ -61,6 +61,7 @@ fn stale_temporary_files_of_flatten_and_commit_are_removed_and_do_not_block() {
     ws.ok(&["snapshot", "disk.cow", "disk-2.cow"]);
     let o = ws.run(&["compact", "disk.cow", "merged.cow"]);
     assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stderr.contains("left by an interrupted compact"), "{}", o.describe());
     assert_bytes_eq(&ws.device("disk.cow"), &model, "after compact");
     let o = ws.run(&["commit", "disk.cow", "--force"]);
     assert_eq!(o.code, Some(0), "{}", o.describe());

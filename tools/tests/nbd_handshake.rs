@@ -264,9 +264,13 @@ fn a_failed_set_meta_context_leaves_no_context_selected() {
     // contexts of the SET before it.
     let fx = fixture();
     let malformed = [0, 0, 0, 4, b'd', b'i', b's', b'k', 0, 0, 0, 1, 0, 0, 0, 0xff];
+    // Five 3.5 KB queries: 17.5 KB, more than the server reads (NBD_REP_ERR_TOO_BIG).
+    let long: Vec<String> = (0..5).map(|i| format!("x-{i}:{}", "a".repeat(3500))).collect();
+    let long: Vec<&str> = long.iter().map(String::as_str).collect();
     for (what, data) in [
         ("a SET for an unknown export", NbdClient::<UnixStream>::meta_context_payload("nosuch", &[BASE_ALLOCATION])),
         ("a malformed SET", malformed.to_vec()),
+        ("a SET too long to read", NbdClient::<UnixStream>::meta_context_payload("disk", &long)),
     ] {
         let mut c = fx.server.connect();
         c.opt_structured_reply().unwrap();

@@ -331,6 +331,9 @@ fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
         Some(n) => n.to_string(),
         None => crate::serve::export_name(&image),
     };
+    let description = args.get("description").and_then(Value::as_str).unwrap_or("");
+    // Refused before the image is opened (a writable open may replay its journal).
+    cowdisk::nbd::exports::check_strings(&name, description)?;
     if st.server.exports().get(&name).is_some() {
         return Err(bad(format!("an export named {name:?} exists already")));
     }
@@ -340,7 +343,6 @@ fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
     let read_only = arg_bool(args, "read_only");
     let chain = Chain::open(&canon, ChainOptions { writable: !read_only, ..Default::default() })?;
     let live = Arc::new(LiveChain::new(chain));
-    let description = args.get("description").and_then(Value::as_str).unwrap_or("");
     st.server.add_export(Export::new(name.clone(), description, live.clone() as Arc<dyn Disk>))?;
     st.link(&canon);
     lock(&st.exports).push(Served { name: name.clone(), image: canon, live });
