@@ -239,16 +239,14 @@ impl Replayed {
     pub fn new(inner: std::sync::Arc<dyn Storage>, patches: BTreeMap<u64, Vec<u8>>) -> Replayed {
         Replayed { inner, patches }
     }
-}
 
-impl Replayed {
-    /// The start of the first piece that ends after `offset`.
-    fn piece_from(&self, offset: u64) -> Option<u64> {
+    /// Start and end of the first piece that ends after `offset` (pieces never overlap).
+    fn piece_from(&self, offset: u64) -> Option<(u64, u64)> {
         // Pieces are at most a block long: one that ends after offset starts after offset - BLOCK.
         self.patches
             .range(offset.saturating_sub(BLOCK as u64)..)
-            .find(|(&at, b)| at + b.len() as u64 > offset)
-            .map(|(&at, _)| at)
+            .map(|(&at, b)| (at, at + b.len() as u64))
+            .find(|&(_, end)| end > offset)
     }
 }
 
@@ -297,7 +295,7 @@ impl Storage for Replayed {
     // no slot or extent uses by it, and would take every hole for leaked space.
     fn next_data(&self, offset: u64) -> Result<Option<u64>> {
         let file = self.inner.next_data(offset)?;
-        let piece = self.piece_from(offset).map(|at| at.max(offset));
+        let piece = self.piece_from(offset).map(|(at, _)| at.max(offset));
         Ok(match (file, piece) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -315,12 +313,8 @@ impl Storage for Replayed {
             // before `pos`.
             let hole = self.inner.next_hole(pos)?.clamp(pos, len);
             // A piece that starts at or before the file's hole and goes past it fills it.
-            match self
-                .patches
-                .range(hole.saturating_sub(BLOCK as u64)..=hole)
-                .find(|(&at, b)| at + b.len() as u64 > hole)
-            {
-                Some((&at, b)) if hole < len => pos = at + b.len() as u64,
+            match self.piece_from(hole) {
+                Some((at, end)) if at <= hole && hole < len => pos = end,
                 _ => return Ok(hole),
             }
         }

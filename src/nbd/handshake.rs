@@ -150,6 +150,12 @@ impl<'a> Session<'a> {
             if len > MAX_OPTION_DISCARD {
                 return Err(protocol_error("option longer than the server accepts"));
             }
+            // "Issuing this command replaces all previously-set metadata contexts (including
+            // when this command fails)": whatever happens to it below, it leaves none before
+            // its own (too long, malformed, refused or answered).
+            if opt == OPT_SET_META_CONTEXT {
+                self.meta = None;
+            }
             let reply = |s: &mut S, typ: u32, payload: &[u8]| -> io::Result<()> {
                 s.write_all(&option_reply(opt, typ, payload))?;
                 s.flush()
@@ -166,10 +172,6 @@ impl<'a> Session<'a> {
                 // NBD_OPT_EXPORT_NAME has no error reply: the spec's answer is to hang up.
                 if opt == OPT_EXPORT_NAME {
                     return Ok(Outcome::Closed);
-                }
-                // A SET_META_CONTEXT that fails still replaces the selection (below).
-                if opt == OPT_SET_META_CONTEXT {
-                    self.meta = None;
                 }
                 error(
                     s,
@@ -265,11 +267,6 @@ impl<'a> Session<'a> {
                     reply(s, REP_ACK, &[])?;
                 }
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                    // "Issuing this command replaces all previously-set metadata contexts
-                    // (including when this command fails)": an error below leaves none.
-                    if opt == OPT_SET_META_CONTEXT {
-                        self.meta = None;
-                    }
                     if !self.structured {
                         error(s, REP_ERR_INVALID, "negotiate structured replies first")?;
                         continue;

@@ -179,22 +179,30 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
     // reads as zeros, the layers below being cut off at the top's size), and the parent's
     // bytes after them are not the top's to change: they stay what the parent shows. Where the
     // parent does not hold that block itself, what it shows there comes from the layers below
-    // it, which a commit does not read: refused before anything is written.
-    let tail = (tg.virtual_size % BLOCK_SIZE != 0 && tg.virtual_size < pg.virtual_size).then(|| {
-        let off = tg.virtual_size / BLOCK_SIZE * BLOCK_SIZE;
-        let pc = off >> pg.chunk_shift;
-        (pc, ((off - (pc << pg.chunk_shift)) / BLOCK_SIZE) as usize, (tg.virtual_size % BLOCK_SIZE) as usize)
-    });
-    if let Some((pc, b, _)) = tail {
-        let touched = updates.get(&pc).is_some_and(|ups| ups.iter().any(|&(b0, b1, _)| (b0..b1).contains(&b)));
-        let held = parent.with_entry(pc, |e| e.is_some_and(|e| e.blocks.get(b) != BlockState::Absent));
-        if touched && !held && parent.parent().is_some() {
+    // it, which a commit does not read: refused before anything is written. Only a block the
+    // top changes matters.
+    let tail = (tg.virtual_size % BLOCK_SIZE != 0 && tg.virtual_size < pg.virtual_size)
+        .then(|| {
+            let off = tg.virtual_size / BLOCK_SIZE * BLOCK_SIZE;
+            let pc = off >> pg.chunk_shift;
+            Tail {
+                chunk: pc,
+                block: ((off - (pc << pg.chunk_shift)) / BLOCK_SIZE) as usize,
+                keep: (tg.virtual_size % BLOCK_SIZE) as usize,
+            }
+        })
+        .filter(|t| {
+            updates.get(&t.chunk).is_some_and(|ups| ups.iter().any(|&(b0, b1, _)| (b0..b1).contains(&t.block)))
+        });
+    if let Some(t) = tail {
+        let held = parent.with_entry(t.chunk, |e| e.is_some_and(|e| e.blocks.get(t.block) != BlockState::Absent));
+        if !held && parent.parent().is_some() {
             return Err(err(
                 ErrorKind::Unsupported,
                 format!(
                     "ends {} bytes into a block its parent does not hold (the parent's parent does): \
                      committing it would need the layers below the parent; nothing changed",
-                    tg.virtual_size % BLOCK_SIZE
+                    t.keep
                 ),
             ));
         }
@@ -203,93 +211,113 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
     // Slots taken so far: given back if the commit stops before its map is prepared, so that
     // a cancelled or failed commit leaves no unreferenced space behind in the parent.
     let mut taken: Vec<u64> = Vec::new();
-    let built = (|| -> Result<PreparedMap> {
-        let total = updates.len() as u64;
-        let mut entries: Vec<MapEntry> = parent
-            .entries()
-            .into_iter()
-            .filter(|(c, _)| !updates.contains_key(c))
-            .map(|(chunk, e)| MapEntry { chunk, data_offset: e.data_offset, blocks: e.blocks, crcs: e.crcs.to_vec() })
-            .collect();
-        let bpc = pg.blocks_per_chunk();
-        let mut block = vec![0u8; BLOCK_SIZE as usize];
-        for (done, (pc, ups)) in updates.into_iter().enumerate() {
-            let mut blocks = parent
-                .with_entry(pc, |e| e.map(|e| e.blocks.clone()))
-                .unwrap_or_else(|| crate::format::blocks::BlockStates::new(bpc));
-            let mut source: Vec<Option<Src>> =
-                (0..bpc).map(|b| (blocks.get(b) == BlockState::Data).then_some(Src::Parent(b))).collect();
-            let tail_here =
-                tail.filter(|&(tpc, b, _)| tpc == pc && ups.iter().any(|&(b0, b1, _)| (b0..b1).contains(&b)));
-            let tail_parent = tail_here.and_then(|(_, b, _)| (blocks.get(b) == BlockState::Data).then_some(b));
-            for (b0, b1, u) in ups {
-                for (k, s) in source[b0..b1].iter_mut().enumerate() {
-                    *s = match u {
-                        Update::Data(tc, tb) => Some(Src::Top(tc, tb + k)),
-                        Update::Zero => None,
-                    };
-                }
-                let st = if matches!(u, Update::Data(..)) { BlockState::Data } else { BlockState::Zero };
-                blocks.set_range(b0, b1, st);
-            }
-            if let Some((_, b, keep)) = tail_here {
-                let top = match source[b] {
-                    Some(Src::Top(tc, tb)) => Some((tc, tb)),
-                    _ => None,
-                };
-                // Zeros from both sides are the Zero the update already made.
-                if top.is_some() || tail_parent.is_some() {
-                    source[b] = Some(Src::Tail { top, parent: tail_parent, keep });
-                    blocks.set_range(b, b + 1, BlockState::Data);
-                }
-            }
-            // Never write into the old slot: the durable map points there until the switch.
-            let data_offset = if blocks.count(BlockState::Data) > 0 { parent.alloc_detached_slot()? } else { 0 };
-            if data_offset != 0 {
-                taken.push(data_offset);
-            }
-            let mut crcs = vec![0u32; pg.checksum_bytes() / 4];
-            for (b, src) in source.iter().enumerate() {
-                // Copies are verified against the source's checksums, so a damaged block is never
-                // laundered into the parent under a fresh, valid checksum.
-                match *src {
-                    None => continue,
-                    Some(Src::Parent(pb)) => parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut block)?,
-                    Some(Src::Top(tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
-                    Some(Src::Tail { top: from_top, parent: from_parent, keep }) => {
-                        match from_top {
-                            Some((tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
-                            None => block.fill(0),
-                        }
-                        match from_parent {
-                            Some(pb) => {
-                                let mut own = vec![0u8; BLOCK_SIZE as usize];
-                                parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut own)?;
-                                block[keep..].copy_from_slice(&own[keep..]);
-                            }
-                            None => block[keep..].fill(0),
-                        }
-                    }
-                }
-                parent.write_at(&block, data_offset + b as u64 * BLOCK_SIZE)?;
-                if let Some(c) = crcs.get_mut(b) {
-                    *c = crc32fast::hash(&block);
-                }
-            }
-            entries.push(MapEntry { chunk: pc, data_offset, blocks, crcs });
-            progress(done as u64 + 1, total);
-            if stop() {
-                return Err(err(ErrorKind::Cancelled, "cancelled; the parent is unchanged"));
-            }
-        }
-        parent.prepare_map(entries)
-    })();
+    let built = copy_down(top, parent, updates, tail, progress, stop, &mut taken).and_then(|e| parent.prepare_map(e));
     if built.is_err() && !taken.is_empty() {
         // The error that stopped the commit is the one to report; a failed release leaves
         // the space to the next writable open's reclaim, as before.
         let _ = parent.release_detached_slots(&taken);
     }
     built
+}
+
+/// The block of the parent in which a smaller top ends (see [`commit_prepare`]).
+#[derive(Clone, Copy)]
+struct Tail {
+    chunk: u64,
+    block: usize,
+    keep: usize,
+}
+
+/// C2 of [`commit_prepare`]: each parent chunk in `updates` rebuilt in a fresh slot (pushed
+/// to `taken`); returns the parent's whole new map.
+fn copy_down(
+    top: &Image,
+    parent: &Image,
+    updates: BTreeMap<u64, Vec<(usize, usize, Update)>>,
+    tail: Option<Tail>,
+    progress: Progress,
+    stop: &dyn Fn() -> bool,
+    taken: &mut Vec<u64>,
+) -> Result<Vec<MapEntry>> {
+    let pg = parent.geometry();
+    let total = updates.len() as u64;
+    let mut entries: Vec<MapEntry> = parent
+        .entries()
+        .into_iter()
+        .filter(|(c, _)| !updates.contains_key(c))
+        .map(|(chunk, e)| MapEntry { chunk, data_offset: e.data_offset, blocks: e.blocks, crcs: e.crcs.to_vec() })
+        .collect();
+    let bpc = pg.blocks_per_chunk();
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    for (done, (pc, ups)) in updates.into_iter().enumerate() {
+        let mut blocks = parent
+            .with_entry(pc, |e| e.map(|e| e.blocks.clone()))
+            .unwrap_or_else(|| crate::format::blocks::BlockStates::new(bpc));
+        let mut source: Vec<Option<Src>> =
+            (0..bpc).map(|b| (blocks.get(b) == BlockState::Data).then_some(Src::Parent(b))).collect();
+        let tail_here = tail.filter(|t| t.chunk == pc);
+        let tail_parent = tail_here.and_then(|t| (blocks.get(t.block) == BlockState::Data).then_some(t.block));
+        for (b0, b1, u) in ups {
+            for (k, s) in source[b0..b1].iter_mut().enumerate() {
+                *s = match u {
+                    Update::Data(tc, tb) => Some(Src::Top(tc, tb + k)),
+                    Update::Zero => None,
+                };
+            }
+            let st = if matches!(u, Update::Data(..)) { BlockState::Data } else { BlockState::Zero };
+            blocks.set_range(b0, b1, st);
+        }
+        if let Some(Tail { block: b, keep, .. }) = tail_here {
+            let top = match source[b] {
+                Some(Src::Top(tc, tb)) => Some((tc, tb)),
+                _ => None,
+            };
+            // Zeros from both sides are the Zero the update already made.
+            if top.is_some() || tail_parent.is_some() {
+                source[b] = Some(Src::Tail { top, parent: tail_parent, keep });
+                blocks.set_range(b, b + 1, BlockState::Data);
+            }
+        }
+        // Never write into the old slot: the durable map points there until the switch.
+        let data_offset = if blocks.count(BlockState::Data) > 0 { parent.alloc_detached_slot()? } else { 0 };
+        if data_offset != 0 {
+            taken.push(data_offset);
+        }
+        let mut crcs = vec![0u32; pg.checksum_bytes() / 4];
+        for (b, src) in source.iter().enumerate() {
+            // Copies are verified against the source's checksums, so a damaged block is never
+            // laundered into the parent under a fresh, valid checksum.
+            match *src {
+                None => continue,
+                Some(Src::Parent(pb)) => parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut block)?,
+                Some(Src::Top(tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
+                Some(Src::Tail { top: from_top, parent: from_parent, keep }) => {
+                    match from_top {
+                        Some((tc, tb)) => top.read_data_verified(tc, tb as u64 * BLOCK_SIZE, &mut block)?,
+                        None => block.fill(0),
+                    }
+                    match from_parent {
+                        Some(pb) => {
+                            let mut own = vec![0u8; BLOCK_SIZE as usize];
+                            parent.read_data_verified(pc, pb as u64 * BLOCK_SIZE, &mut own)?;
+                            block[keep..].copy_from_slice(&own[keep..]);
+                        }
+                        None => block[keep..].fill(0),
+                    }
+                }
+            }
+            parent.write_at(&block, data_offset + b as u64 * BLOCK_SIZE)?;
+            if let Some(c) = crcs.get_mut(b) {
+                *c = crc32fast::hash(&block);
+            }
+        }
+        entries.push(MapEntry { chunk: pc, data_offset, blocks, crcs });
+        progress(done as u64 + 1, total);
+        if stop() {
+            return Err(err(ErrorKind::Cancelled, "cancelled; the parent is unchanged"));
+        }
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]

@@ -54,11 +54,7 @@ impl RepoUrl {
         if bucket.is_empty() {
             return Err(err(ErrorKind::InvalidArgument, format!("{url}: no bucket")));
         }
-        // Empty segments collapsed (`p//q` is `p/q`): the store's paths collapse them too, and
-        // a prefix that kept them would match none of the keys a listing returns (so `rm`
-        // found no tag or child to refuse for, and push no chunk to reuse).
-        let prefix = prefix.split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("/");
-        Ok(RepoUrl { bucket: bucket.to_string(), prefix })
+        Ok(RepoUrl { bucket: bucket.to_string(), prefix: collapse_slashes(prefix) })
     }
 
     /// The full key of `key` (relative to the repository).
@@ -74,6 +70,13 @@ impl RepoUrl {
     pub fn layer_url(&self, d: &Digest) -> String {
         format!("{self}/layers/{}", hex(d))
     }
+}
+
+/// `path` without empty segments, leading, trailing or doubled `/` (`p//q/` is `p/q`). The
+/// store's paths collapse them too: a prefix that kept them would match none of the keys a
+/// listing returns (so `rm` found no tag or child to refuse for, and push no chunk to reuse).
+fn collapse_slashes(path: &str) -> String {
+    path.split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("/")
 }
 
 /// Whether a parent or backing name is a remote one.
@@ -99,10 +102,7 @@ impl LayerUrl {
     pub fn parse(url: &str) -> Result<LayerUrl> {
         let bad =
             || err(ErrorKind::InvalidArgument, format!("{url}: not s3://BUCKET/PREFIX/LAYER (a tag or a digest)"));
-        // Empty segments collapsed, as in a repository URL (`p/layers//D` is `p/layers/D`).
-        let path = url.strip_prefix("s3://").ok_or_else(bad)?;
-        let path = path.split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("/");
-        let url = format!("s3://{path}");
+        let url = format!("s3://{}", collapse_slashes(url.strip_prefix("s3://").ok_or_else(bad)?));
         let (head, last) = url.rsplit_once('/').ok_or_else(bad)?;
         if last.is_empty() || !head.starts_with("s3://") || head.len() <= "s3://".len() {
             return Err(bad());
