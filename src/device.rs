@@ -148,8 +148,10 @@ pub trait DiskZero {
     /// Makes the range read as zeros. With `allocate`, space is kept allocated (NBD NO_HOLE);
     /// otherwise the cheapest representation is used (a whiteout in the map).
     fn write_zeroes(&self, offset: u64, len: u64, allocate: bool) -> Result<()>;
-    /// Whether [`DiskZero::write_zeroes`] with these arguments is a metadata-only operation.
-    fn zeroing_is_fast(&self, allocate: bool) -> bool;
+    /// Whether [`DiskZero::write_zeroes`] with these arguments is a metadata-only operation
+    /// (NBD FAST_ZERO: a server that would write data must refuse instead). The range is in
+    /// bounds; the caller checked.
+    fn zeroing_is_fast(&self, offset: u64, len: u64, allocate: bool) -> bool;
     /// Releases the range; afterwards it reads as zeros.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
 }

@@ -453,8 +453,12 @@ impl DiskZero for Chain {
         Ok(())
     }
 
-    fn zeroing_is_fast(&self, allocate: bool) -> bool {
-        !allocate
+    fn zeroing_is_fast(&self, offset: u64, len: u64, allocate: bool) -> bool {
+        // Whole blocks become map entries; a block only partly covered is written as data
+        // (copied up first when a lower layer holds it), which is what FAST_ZERO must avoid.
+        // The device's short last block counts as whole when the range runs to the end.
+        let end = offset + len;
+        !allocate && offset % BLOCK_SIZE == 0 && (end % BLOCK_SIZE == 0 || end == self.size)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

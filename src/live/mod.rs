@@ -194,8 +194,9 @@ impl DiskZero for LiveChain {
         self.with(|c| c.write_zeroes(offset, len, allocate))
     }
 
-    fn zeroing_is_fast(&self, allocate: bool) -> bool {
-        !allocate
+    fn zeroing_is_fast(&self, offset: u64, len: u64, allocate: bool) -> bool {
+        // An unusable chain fails the zeroing itself, with its reason.
+        self.with(|c| Ok(c.zeroing_is_fast(offset, len, allocate))).unwrap_or(true)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -467,8 +467,11 @@ impl Conn {
             }
             CMD_WRITE_ZEROES => {
                 let allocate = req.flags & CMD_FLAG_NO_HOLE != 0;
-                if req.flags & CMD_FLAG_FAST_ZERO != 0 && !disk.zeroing_is_fast(allocate) {
-                    return Err((ENOTSUP, "zeroing with NO_HOLE writes data, which is not fast".into()));
+                if req.flags & CMD_FLAG_FAST_ZERO != 0 && !disk.zeroing_is_fast(req.offset, len, allocate) {
+                    return Err((
+                        ENOTSUP,
+                        "this zeroing writes data (NO_HOLE, or a block only partly covered), which is not fast".into(),
+                    ));
                 }
                 if len > 0 {
                     disk.write_zeroes(req.offset, len, allocate).map_err(lib)?;

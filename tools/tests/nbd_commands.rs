@@ -153,7 +153,7 @@ fn trim_makes_the_range_read_zero_and_leaves_neighbours() {
 }
 
 #[test]
-fn write_zeroes_plain_no_hole_and_fast_zero_and_fast_zero_with_no_hole_is_enotsup() {
+fn write_zeroes_plain_no_hole_and_fast_zero_and_fast_zero_with_no_hole_or_partial_blocks_is_enotsup() {
     let fx = fixture();
     for structured in [false, true] {
         let mut c = client(&fx.server, "disk", structured);
@@ -171,6 +171,10 @@ fn write_zeroes_plain_no_hole_and_fast_zero_and_fast_zero_with_no_hole_is_enotsu
             NBD_ENOTSUP,
             "FAST_ZERO with NO_HOLE",
         );
+        // A block only partly covered is written as data (copy-up first): not fast either.
+        for (at, n, what) in [(k(256) + 512, 64 * 1024, "unaligned start"), (k(320), 5000, "unaligned end")] {
+            assert_nbd_error(c.write_zeroes(at, n, NBD_CMD_FLAG_FAST_ZERO), NBD_ENOTSUP, &format!("FAST_ZERO, {what}"));
+        }
         assert_usable(&mut c, "ENOTSUP");
 
         let mut want = data.clone();
@@ -179,7 +183,7 @@ fn write_zeroes_plain_no_hole_and_fast_zero_and_fast_zero_with_no_hole_is_enotsu
         assert_bytes_eq(
             &c.read(base, data.len() as u32).unwrap(),
             &want,
-            "zeroed ranges read zero; the ENOTSUP range is untouched",
+            "zeroed ranges read zero; the ENOTSUP ranges are untouched",
         );
     }
 }
