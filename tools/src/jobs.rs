@@ -87,13 +87,29 @@ pub fn on_server(start: Start, control: Option<&Path>) -> Result<Option<Value>, 
         say!("job {id} started: {} of {}; follow it with `cowdisk jobs`", start.kind, start.image.display());
         return Ok(Some(job));
     }
-    follow(&mut c, id, start.kind).map(Some)
+    follow(&mut c, id, start.kind, start.image).map(Some)
 }
 
-fn follow(c: &mut Client, id: u64, kind: &str) -> Result<Value, Failure> {
+fn follow(c: &mut Client, id: u64, kind: &str, image: &Path) -> Result<Value, Failure> {
     let bar = Bar::new(kind);
     loop {
-        let list = c.call("job-list", json!({}))?;
+        let list = match c.call("job-list", json!({})) {
+            Ok(l) => l,
+            // The server was killed or stopped under the job: say so, not just that a socket
+            // broke. Jobs are crash-safe: stopped anywhere, the disk reads as before
+            // (tests/live_jobs.rs kills the server under each kind).
+            Err(_) if c.lost() => {
+                return Err(Failure(
+                    format!(
+                        "{}: the server stopped while job {id} ({kind}) was running, so the job did not \
+                         finish; the disk reads as before, and running the command again finishes it",
+                        image.display()
+                    ),
+                    1,
+                ))
+            }
+            Err(e) => return Err(e),
+        };
         let job = list
             .as_array()
             .and_then(|l| l.iter().find(|j| j.get("id").and_then(Value::as_u64) == Some(id)).cloned())
@@ -103,7 +119,15 @@ fn follow(c: &mut Client, id: u64, kind: &str) -> Result<Value, Failure> {
         match job.get("state").and_then(Value::as_str).unwrap_or("") {
             "running" => std::thread::sleep(Duration::from_millis(100)),
             "completed" => return Ok(job),
-            "cancelled" => return Err(Failure(format!("job {id} ({kind}) was cancelled"), 1)),
+            "cancelled" => {
+                return Err(Failure(
+                    format!(
+                        "job {id} ({kind}) was cancelled (by `cowdisk jobs cancel`, or by its server stopping); \
+                         running the command again finishes it"
+                    ),
+                    1,
+                ))
+            }
             _ => {
                 let e = job.get("error").and_then(Value::as_str).unwrap_or("failed");
                 return Err(Failure(e.to_string(), 1));

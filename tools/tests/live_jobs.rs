@@ -1,7 +1,8 @@
 //! Background jobs on a running `cowdisk serve`, through the binary: commit, compaction and
 //! flatten run while fio writes and verifies on two connections; a job killed with SIGKILL or
 //! stopped by SIGTERM half-way leaves a chain that reads the same and that the same command
-//! run again finishes; jobs are listed, cancelled, and one at a time per chain.
+//! run again finishes; a command following its job says so when the server dies or stops
+//! under it; jobs are listed, cancelled, and one at a time per chain.
 
 mod common;
 
@@ -196,4 +197,52 @@ fn sigterm_during_a_job_stops_it_at_a_safe_point_and_the_server_exits_cleanly() 
     live.ws.ok(&["flatten", "disk.cow", "--control", s(&live.ctl)]);
     assert_eq!(layers(&live.ws), ["disk.cow"]);
     assert_bytes_eq(&device(&live), &before, "after the flatten run again");
+}
+
+#[test]
+fn a_followed_job_whose_server_dies_or_stops_says_so_and_the_command_run_again_finishes_it() {
+    // kill -9, then SIGTERM (which cancels the job before the server exits).
+    for kill in [true, false] {
+        let mut live = Live::start(SIZE);
+        layered(&live);
+        let before = device(&live);
+        let (dir, ctl) = (live.ws.dir().to_path_buf(), live.ctl.clone());
+        // Followed, not detached: the command waits for the job and reports how it ended.
+        let follower = std::thread::spawn(move || {
+            run_in(&dir, &["commit", "disk.cow", "--force", "--rate", "2M", "--control", s(&ctl)])
+        });
+        let t = Instant::now();
+        while jobs(&live).is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(10), "the job did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let sock = live.ws.p("nbd.sock");
+        if kill {
+            live.server.daemon().kill9();
+        } else {
+            let Live { server, ws, ctl, base } = live;
+            assert!(server.stop().success(), "the server did not exit cleanly");
+            let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&sock), "--control", s(&ctl)]);
+            live = Live { server, ws, ctl, base };
+        }
+        let o = follower.join().expect("follower thread");
+        assert_eq!(o.code, Some(1), "{}", o.describe());
+        let line = o.error_line();
+        // At SIGTERM the server cancels the job and closes the control channel: the command
+        // sees whichever comes first.
+        let stopped = line.contains("the server stopped while job 1 (commit) was running");
+        let cancelled = line.contains("job 1 (commit) was cancelled") && line.contains("its server stopping");
+        assert!(stopped || (!kill && cancelled), "{}", o.describe());
+        assert!(line.contains("running the command again finishes it"), "{}", o.describe());
+        if kill {
+            live.server = Server::start(&[s(&live.ws.p("disk.cow")), "--socket", s(&sock), "--control", s(&live.ctl)]);
+        }
+        assert_bytes_eq(&device(&live), &before, "after the interrupted commit");
+        live.ws.ok(&["commit", "disk.cow", "--force", "--control", s(&live.ctl)]);
+        assert!(layers(&live.ws).iter().all(|l| !l.contains(".commit-")), "{:?}", layers(&live.ws));
+        assert_bytes_eq(&device(&live), &before, "after the commit run again");
+        let Live { server, .. } = live;
+        assert!(server.stop().success());
+    }
 }

@@ -14,6 +14,8 @@ pub struct Client {
     r: BufReader<UnixStream>,
     w: UnixStream,
     next_id: u64,
+    /// The connection broke (the server closed it or died): no further call can succeed.
+    lost: bool,
 }
 
 fn fail(path: &Path, what: impl std::fmt::Display) -> Failure {
@@ -32,7 +34,7 @@ impl Client {
         }
         let s = UnixStream::connect(path).map_err(|e| fail(path, e))?;
         let w = s.try_clone().map_err(|e| fail(path, e))?;
-        let mut c = Client { path: path.to_path_buf(), r: BufReader::new(s), w, next_id: 1 };
+        let mut c = Client { path: path.to_path_buf(), r: BufReader::new(s), w, next_id: 1, lost: false };
         let hello = c.line()?;
         if hello.get("cowdisk").is_none() {
             return Err(fail(path, "not a cowdisk control socket"));
@@ -43,10 +45,21 @@ impl Client {
     fn line(&mut self) -> Result<Value, Failure> {
         let mut l = String::new();
         match self.r.read_line(&mut l) {
-            Ok(0) => Err(fail(&self.path, "the server closed the connection")),
+            Ok(0) => {
+                self.lost = true;
+                Err(fail(&self.path, "the server closed the connection"))
+            }
             Ok(_) => serde_json::from_str(&l).map_err(|e| fail(&self.path, format!("bad reply: {e}"))),
-            Err(e) => Err(fail(&self.path, e)),
+            Err(e) => {
+                self.lost = true;
+                Err(fail(&self.path, e))
+            }
         }
+    }
+
+    /// Whether the connection broke in a call: the server closed it, or is gone.
+    pub fn lost(&self) -> bool {
+        self.lost
     }
 
     /// Runs `command` with `arguments` on the server; its error is returned as the server's
@@ -55,7 +68,10 @@ impl Client {
         let id = self.next_id;
         self.next_id += 1;
         let req = json!({"execute": command, "arguments": arguments, "id": id});
-        writeln!(self.w, "{req}").map_err(|e| fail(&self.path, e))?;
+        if let Err(e) = writeln!(self.w, "{req}") {
+            self.lost = true;
+            return Err(fail(&self.path, e));
+        }
         let reply = self.line()?;
         if let Some(e) = reply.get("error") {
             let desc = e.get("desc").and_then(Value::as_str).unwrap_or("the server refused the request");
