@@ -6,7 +6,8 @@
 //! sector reads a value the oracle allows, lower layers are untouched, `check` finds nothing
 //! worse than leaked space, a new output is absent or complete, and a crash in the middle of
 //! the recovery leaves a state that passes all of it again. Snapshots are explored the same
-//! way, including crashes while a later open finishes an interrupted one.
+//! way, including crashes while a later open finishes an interrupted one, and snapshots of
+//! an image a kill left DIRTY (the frozen layer must keep no leaked space).
 //!
 //! How long: the explorer runs for `COWDISK_CRASH_SECONDS` (default 20; `.ci/run` gives it
 //! 150) on two threads, and at least `COWDISK_CRASH_STATES` states (default 2,000), whichever
@@ -170,6 +171,9 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
         c.close().unwrap();
         drop(c);
         dir.sync_dir(live).unwrap();
+        // Every third seed snapshots the image as a kill leaves it (DIRTY, with space no
+        // durable map entry points at), which the snapshot repairs before it freezes.
+        let (journal, dir) = if seed % 3 == 0 { killed(&dir, live, &model) } else { (journal, dir) };
         let start = journal.len();
         snapshot_in(&dir, live, Path::new("snap.cow")).unwrap();
         let end = journal.len();
@@ -213,4 +217,25 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
         }
     }
     assert!(states >= 300, "explored only {states} snapshot crash states");
+}
+
+/// `live` in `dir` as a kill of its writer leaves it: opened for writing (DIRTY), then the
+/// first half rewritten with the same bytes and never flushed, so the rewrites sit in slots no
+/// durable map entry points at; its file as the process left it, in a new recording directory.
+fn killed(dir: &RecordingDir, live: &Path, model: &[u8]) -> (std::sync::Arc<Journal>, RecordingDir) {
+    use cowdisk::format::FLAG_DIRTY;
+    use cowdisk::layer::{read_header_of, OpenOptions};
+    use cowdisk::storage::namespace::Namespace;
+    let s = dir.open(live, true, LockMode::Exclusive).unwrap();
+    let c = Chain::assemble(Image::open_on(s.clone(), live, OpenOptions::writable()).unwrap(), Vec::new(), None);
+    c.write_at(&model[..model.len() / 2], 0).unwrap();
+    let mut left = vec![0u8; s.len().unwrap() as usize];
+    s.read_at(&mut left, 0).unwrap();
+    drop(c);
+    let journal = Journal::new();
+    let d2 = RecordingDir::new(journal.clone());
+    explorer::populate(&d2, &[(live.to_path_buf(), 0, left)]);
+    let h = read_header_of(d2.open(live, false, LockMode::None).unwrap().as_ref()).unwrap();
+    assert!(h.has_flag(FLAG_DIRTY), "the killed image is not DIRTY");
+    (journal, d2)
 }

@@ -12,7 +12,7 @@ use crate::chain::{resolve_parent_path, Chain};
 use crate::device::DiskFlush;
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::header::{Header, ParentFormat, ParentRef, PendingSnapshot, MAX_PENDING_NAME};
-use crate::format::{FLAG_FROZEN, MAX_CHAIN_DEPTH};
+use crate::format::{FLAG_DIRTY, FLAG_FROZEN, MAX_CHAIN_DEPTH};
 use crate::layer::{read_header_of, write_next_header, Image, OpenOptions};
 use crate::storage::namespace::{sweep_stale_temps, temp_name, Namespace, RealFs};
 use crate::storage::{LockMode, Storage};
@@ -53,10 +53,12 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
     let locked = ns.open(image, true, LockMode::Exclusive)?;
     let mut h = read_header_of(locked.as_ref()).map_err(|e| e.with_file(image).during("snapshot"))?;
     refuse_frozen(&h, image)?;
-    if journal_to_replay(locked.as_ref(), &h).map_err(ctx)? {
-        // A crash left flushes in the journal that the map in the file lacks: a writable open
-        // replays them and its close leaves the map complete (only then; otherwise the map is
-        // never loaded).
+    if h.has_flag(FLAG_DIRTY) || journal_to_replay(locked.as_ref(), &h).map_err(ctx)? {
+        // A crash left flushes in the journal that the map in the file lacks, or space no map
+        // entry points at (data written after the last flush): a writable open replays the
+        // one and punches the other, and its close leaves the map complete and the image
+        // clean. Frozen, the image could never give that space back. Only then is the map
+        // loaded.
         Image::open_on(locked.clone(), image, OpenOptions::writable()).and_then(|i| i.close()).map_err(ctx)?;
         h = read_header_of(locked.as_ref()).map_err(|e| e.with_file(image).during("snapshot"))?;
     }
