@@ -238,24 +238,38 @@ struct Known {
 
 impl Known {
     /// Every pack index, less those of packs marked for collection (format-spec §9.7: a
-    /// marked pack may be deleted before this push ends, so its chunks are uploaded again).
+    /// marked pack may be deleted before this push ends, so its chunks are uploaded again),
+    /// and less those whose pack the listing lacks or lists too short for the index's records
+    /// (deleted or cut by hand, or by a tool that went wrong): a manifest that counted on
+    /// them would name chunks no read can get. The listing gives the sizes at no cost; a
+    /// pack's bytes are not read (a damaged record is found by the reader's digest check).
     fn learn(store: &Store) -> Result<Known> {
         let marked: HashSet<String> =
             store.list("gc")?.into_iter().filter_map(|l| l.key.strip_prefix("gc/").map(str::to_string)).collect();
+        let listed = store.list("packs")?;
+        let pack_size: HashMap<&str, u64> = listed
+            .iter()
+            .filter_map(|l| l.key.strip_prefix("packs/").filter(|n| !n.contains('.')).map(|n| (n, l.size)))
+            .collect();
         let mut at: HashMap<Digest, Location> = HashMap::new();
-        for l in store.list("packs")? {
+        for l in &listed {
             let Some(name) = l.key.strip_prefix("packs/").and_then(|k| k.strip_suffix(".idx")) else { continue };
             let Some(pack) = parse_hex(name) else { continue };
             if marked.contains(name) {
                 continue;
             }
+            let Some(&size) = pack_size.get(name) else { continue };
             let idx = match store.get(&l.key) {
                 Ok(b) => b,
                 // Collected between the listing and now.
                 Err(e) if e.kind() == ErrorKind::ParentMissing => continue,
                 Err(e) => return Err(e),
             };
-            for (d, loc) in decode_index(pack, &idx)? {
+            let records = decode_index(pack, &idx)?;
+            if records.iter().any(|(_, loc)| loc.offset.saturating_add(u64::from(loc.stored)) > size) {
+                continue;
+            }
+            for (d, loc) in records {
                 at.entry(d)
                     .and_modify(|old| {
                         if loc.pack < old.pack {
