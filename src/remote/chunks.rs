@@ -379,7 +379,7 @@ impl LayerChunks {
         if batch.is_empty() {
             return Ok(());
         }
-        cache.with_lock(|| -> Result<()> {
+        let published = cache.with_lock(|| -> Result<()> {
             // No more than the bound can hold after eviction (90% of it, less the index files,
             // which are never evicted): the rest were served to their readers and are not
             // kept, rather than pushing the cache past its bound.
@@ -411,7 +411,15 @@ impl LayerChunks {
                 }
                 Ok(())
             })
-        })??;
+        });
+        if let Err(e) = published.and_then(|r| r) {
+            // The fills stay pending (a later publish tries again), but their claims end
+            // now: another process waiting for one of them fetches it itself instead of
+            // waiting out CLAIM_WAIT for a publish that may never come (a full or broken
+            // cache directory).
+            self.unclaim(&batch.iter().map(|(j, _)| *j).collect::<Vec<_>>());
+            return Err(e);
+        }
         let mut p = lock(&self.pending);
         for (j, c) in &batch {
             if p.remove(j).is_some() {

@@ -695,6 +695,46 @@ fn two_processes_reading_one_layer_at_once_fetch_it_once() {
     assert!(fetched <= layer_bytes * 5 / 4, "two readers fetched {fetched} bytes of a {layer_bytes}-byte layer");
 }
 
+/// A process whose fills cannot be published (its cache directory broken: here the lock
+/// file replaced by a directory) does not hold up another process reading the same chunks:
+/// its claims end with the failed publish. Before, the other process waited out the 30 s
+/// claim limit for every chunk.
+#[test]
+fn a_failing_publish_does_not_hold_another_process_reading_the_same_chunks() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(CHUNK * 4, 81), &[]);
+    let cache = ws.subdir("reader-cache");
+    let servers = overlay_servers(&repo, &ws, &cache, 2, &["--no-prefetch"]);
+    // Each server reads the last chunk, so both have the layer open in the cache; from then
+    // on no publish can lock the cache.
+    let (mut first, mut second) = (client(&servers[0]), client(&servers[1]));
+    for c in [&mut first, &mut second] {
+        assert_bytes_eq(&c.read((3 * CHUNK) as u64, CHUNK as u32).expect("read"), &data[3 * CHUNK..], "chunk 3");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::remove_file(cache.join(".lock")).expect("remove the cache's lock file");
+    std::fs::create_dir(cache.join(".lock")).expect("a directory in its place");
+    for i in 0..3 {
+        let got = first.read((i * CHUNK) as u64, CHUNK as u32).expect("first reader");
+        assert_bytes_eq(&got, &data[i * CHUNK..(i + 1) * CHUNK], &format!("first reader, chunk {i}"));
+    }
+    // The first server's publisher has run and failed by now (it runs within 20 ms).
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    for i in 0..3 {
+        let got = second.read((i * CHUNK) as u64, CHUNK as u32).expect("second reader");
+        assert_bytes_eq(&got, &data[i * CHUNK..(i + 1) * CHUNK], &format!("second reader, chunk {i}"));
+    }
+    let waited = t.elapsed();
+    assert!(waited < Duration::from_secs(15), "the second reader waited {waited:?} for claims of a failed publish");
+    drop((first, second));
+    for s in servers {
+        s.stop();
+    }
+}
+
 #[test]
 fn two_hosts_on_one_layer_each_read_their_own_writes() {
     let Some(s3) = s3() else { return };
