@@ -576,6 +576,36 @@ fn check_state(files: &Files) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes `bytes` to a new file at `p`, leaving its all-zero 4 KiB blocks as holes: a crash
+/// state holds punched space as zeros, and `check` counts free space that holds data (not
+/// holes) as leaked.
+pub fn write_sparse(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(p)?;
+    f.set_len(bytes.len() as u64)?;
+    for (i, block) in bytes.chunks(4096).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            f.write_all_at(block, i as u64 * 4096)?;
+        }
+    }
+    Ok(())
+}
+
+/// The top of `dir` once recovered and closed: `check` finds it clean, with no leaked space
+/// (opening a dirty image for writing reclaims what a crash leaked, §5.5) and not dirty.
+fn check_recovered(dir: &RecordingDir) -> Result<(), String> {
+    use cowdisk::ops::check::{check, CheckOptions};
+    let s = dir.open(Path::new(TOP), false, LockMode::None).map_err(|e| format!("top is missing: {e}"))?;
+    let scratch = TempDir::new("crashrecovered");
+    let p = scratch.join(TOP);
+    write_sparse(&p, &bytes_of(s.as_ref())).map_err(|e| format!("cannot write the recovered top: {e}"))?;
+    let r = check(&p, &CheckOptions::default(), &|_, _| {});
+    if r.exit_code() != 0 || r.images.iter().any(|i| i.dirty) {
+        return Err(format!("once recovered and closed, check finds the top unclean: {r:?}"));
+    }
+    Ok(())
+}
+
 /// A new output file, if its name survived, holds exactly the device it was made from.
 fn check_output(format: OutputFormat, bytes: Vec<u8>, expected: &[u8]) -> Result<(), String> {
     let dev = match format {
@@ -658,6 +688,7 @@ pub fn judge_with(run: &Run, crash: &CrashImages, k: usize, choices: &mut Choice
     let from = journal.len();
     let dev = recover_and_read(&dir, &run.base)?;
     run.oracle.check(&dev, k)?;
+    check_recovered(&dir)?;
     if let (Choices::Random(rng), true) = (choices, depth.recovery_points > 0) {
         // A crash in the middle of that recovery (finishing a snapshot, repairing a dirty
         // image, the close): every state it may leave recovers and reads the same way.
@@ -675,6 +706,7 @@ pub fn judge_with(run: &Run, crash: &CrashImages, k: usize, choices: &mut Choice
             populate(&d3, &files2);
             let dev = recover_and_read(&d3, &run.base).map_err(at)?;
             run.oracle.check(&dev, k).map_err(at)?;
+            check_recovered(&d3).map_err(at)?;
         }
     }
     Ok(())

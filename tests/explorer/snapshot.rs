@@ -19,7 +19,7 @@ pub fn snapshot_state_is_before_or_after(files: &[(PathBuf, usize, Vec<u8>)], mo
         let p = scratch.join(name.to_str().ok_or("name is not UTF-8")?);
         match made.iter().find(|(f, _)| f == file) {
             Some((_, first)) => std::fs::hard_link(first, &p).map_err(|e| e.to_string())?,
-            None => write_sparse(&p, bytes).map_err(|e| e.to_string())?,
+            None => super::write_sparse(&p, bytes).map_err(|e| e.to_string())?,
         }
         made.push((*file, p));
     }
@@ -43,21 +43,6 @@ pub fn snapshot_state_is_before_or_after(files: &[(PathBuf, usize, Vec<u8>)], mo
     // A frozen layer can never give space back: the snapshot repairs before it freezes.
     if after && r.images.iter().any(|i| i.path.ends_with("snap.cow") && i.leaked_bytes > 0) {
         return Err(format!("the snapshot froze leaked space: {r:?}"));
-    }
-    Ok(())
-}
-
-/// Writes `bytes` to a new file at `p`, leaving its all-zero 4 KiB blocks as holes: a crash
-/// state holds punched space as zeros, and `check` counts free space that holds data (not
-/// holes) as leaked.
-fn write_sparse(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(p)?;
-    f.set_len(bytes.len() as u64)?;
-    for (i, block) in bytes.chunks(4096).enumerate() {
-        if block.iter().any(|&b| b != 0) {
-            f.write_all_at(block, i as u64 * 4096)?;
-        }
     }
     Ok(())
 }
