@@ -15,6 +15,13 @@ region, each followed by a 5 KiB record written with RWF_DSYNC; every 800 record
         and one map sector) is written beside it without a sync, and one fdatasync makes both
         durable (data in place with a checksummed record; the region written first, as that
         design needs).
+  log:  a log-structured data home: no block written in a slot; each 5 KiB record (head, map
+        sector, block) appended with RWF_DSYNC to a log region written before the run; every
+        12,800 records the whole 2 MiB map of 4K-block pointers written, fdatasync, a durable
+        mark (the map points into the log, so nothing moves at a checkpoint);
+  logfill: as log, but the log region made ready during the run: a thread keeps 16 MiB ahead
+        of the log's head written with zeros and synced (so a record never waits on the file
+        system for the blocks it lands in).
 It prints IOPS and the writes that took over 2 ms (the stalls): their number and total time.
 
 Usage: tools/bench/checkpointprobe.py MODE SECONDS   (writes /var/tmp/cowdisk-ckprobe.img, removed after)
@@ -26,8 +33,9 @@ import threading
 import time
 
 mode, secs = sys.argv[1], float(sys.argv[2])
-if mode not in ("sync", "bg", "raw", "none", "ready", "inplace"):
-    sys.exit(f"unknown mode {mode}: sync, bg, raw, none, ready or inplace")
+MODES = ("sync", "bg", "raw", "none", "ready", "inplace", "log", "logfill")
+if mode not in MODES:
+    sys.exit(f"unknown mode {mode}: {', '.join(MODES)}")
 path = "/var/tmp/cowdisk-ckprobe.img"
 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
 GiB, HALF, MAP = 1 << 30, 4 << 20, 1 << 20
@@ -39,19 +47,54 @@ if mode in ("raw", "ready", "inplace"):
 if mode != "raw":
     os.pwrite(fd, bytes(2 * HALF + MAP), JBASE)
     os.ftruncate(fd, JBASE + 2 * HALF + MAP)
+# The log region, after the journal and map areas: 512 MiB, enough for any run of a minute.
+LBASE, LLEN, LMAP = GiB + 2 * HALF + MAP, 512 << 20, 2 << 20
+ready_to = [0]
+if mode in ("log", "logfill"):
+    z = bytes(1 << 20)
+    for i in range(LMAP >> 20): os.pwrite(fd, z, LBASE - LMAP + (i << 20))
+    if mode == "log":
+        for i in range(LLEN >> 20): os.pwrite(fd, z, LBASE + (i << 20))
+        ready_to[0] = LLEN
 os.fsync(fd)
+def fill_ahead():
+    # Zeros written and synced ahead of the log's head (16 MiB ahead, 4 MiB at a time).
+    z = bytes(4 << 20)
+    while not done[0] and ready_to[0] < LLEN:
+        if ready_to[0] - lpos[0] < (16 << 20):
+            os.pwrite(fd, z, LBASE + ready_to[0])
+            os.fdatasync(fd)
+            ready_to[0] += len(z)
+        else:
+            time.sleep(0.001)
+done, lpos = [False], [0]
 def checkpoint(half):
     os.fdatasync(fd)
     for _ in range(64):
         os.pwrite(fd, page, MBASE + random.randrange(MAP // 4096) * 4096)
     os.fdatasync(fd)
     os.pwritev(fd, [record[:512]], JBASE + half * HALF, os.RWF_DSYNC)
+filler = threading.Thread(target=fill_ahead) if mode == "logfill" else None
+if filler: filler.start()
 n, half, jpos, bg, t0 = 0, 0, 512, None, time.monotonic()
 stalls = []
 while time.monotonic() - t0 < secs:
     t = time.monotonic()
-    os.pwrite(fd, block, random.randrange(GiB // 4096) * 4096)
     n += 1
+    if mode in ("log", "logfill"):
+        while lpos[0] + 5120 > ready_to[0]:
+            if lpos[0] + 5120 > LLEN: sys.exit("the log region is full: run for less time")
+            time.sleep(0.0001)
+        os.pwritev(fd, [record], LBASE + lpos[0], os.RWF_DSYNC)
+        lpos[0] += 5120
+        if n % 12800 == 0:
+            os.pwrite(fd, bytes(LMAP), LBASE - LMAP)
+            os.fdatasync(fd)
+            os.pwritev(fd, [record[:512]], JBASE, os.RWF_DSYNC)
+        dt = time.monotonic() - t
+        if dt > 0.002: stalls.append(dt)
+        continue
+    os.pwrite(fd, block, random.randrange(GiB // 4096) * 4096)
     if mode == "raw":
         os.fdatasync(fd)
     elif mode == "inplace":
@@ -75,5 +118,7 @@ while time.monotonic() - t0 < secs:
         stalls.append(dt)
 if bg: bg.join()
 took = time.monotonic() - t0
+done[0] = True
+if filler: filler.join()
 print(f"{mode}: {n / took:,.0f} IOPS; {len(stalls)} writes over 2 ms, {sum(stalls) * 1000:.0f} ms of {took * 1000:,.0f}")
 os.close(fd); os.unlink(path)
