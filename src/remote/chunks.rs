@@ -412,14 +412,12 @@ impl LayerChunks {
                 Ok(())
             })
         });
-        if let Err(e) = published.and_then(|r| r) {
-            // The fills stay pending (a later publish tries again), but their claims end
-            // now: another process waiting for one of them fetches it itself instead of
-            // waiting out CLAIM_WAIT for a publish that may never come (a full or broken
-            // cache directory).
-            self.unclaim(&batch.iter().map(|(j, _)| *j).collect::<Vec<_>>());
-            return Err(e);
-        }
+        // Published, or not: either way the batch leaves memory and its claims end. A batch
+        // that could not be published (a full or broken cache directory) was served to its
+        // readers and is not kept: held for another try, the fills of a whole layer read
+        // through a cache that keeps failing would pile up in memory. Its claims end so that
+        // another process waiting for one of them fetches it itself instead of waiting out
+        // CLAIM_WAIT for a publish that will not come; after a publish, it finds it cached.
         let mut p = lock(&self.pending);
         for (j, c) in &batch {
             if p.remove(j).is_some() {
@@ -427,9 +425,8 @@ impl LayerChunks {
             }
         }
         drop(p);
-        // Published: another process waiting for one of these finds it now.
         self.unclaim(&batch.iter().map(|(j, _)| *j).collect::<Vec<_>>());
-        Ok(())
+        published.and_then(|r| r)
     }
 }
 

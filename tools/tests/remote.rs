@@ -735,6 +735,52 @@ fn a_failing_publish_does_not_hold_another_process_reading_the_same_chunks() {
     }
 }
 
+/// The resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().strip_suffix("kB"));
+    kib.and_then(|k| k.trim().parse::<u64>().ok()).expect("VmRSS") << 10
+}
+
+/// Fills that cannot be published (the cache directory broken, as above) are not held for
+/// another try: reading a whole 48 MiB layer through such a cache grows the server by what
+/// its reads need (16 MiB measured), not by the layer. Held, they piled up: 60 MiB measured.
+#[test]
+fn fills_a_broken_cache_cannot_keep_do_not_pile_up_in_memory() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let size = 48 << 20;
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(size, 83), &[]);
+    let cache = ws.subdir("reader-cache");
+    let top = ws.join("top.cow");
+    run(&mut repo.cow(&cache, &["create", p(&top), "--backing", &repo.layer("b")]));
+    // A bound of 8 MiB: fills are published once 1 MiB of them wait.
+    let env: Vec<(&str, String)> = s3
+        .env()
+        .into_iter()
+        .chain([("COWDISK_CACHE_DIR", cache.display().to_string()), ("COWDISK_CACHE_SIZE", "8M".to_string())])
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut server = Server::start_with_env(&[p(&top), "--socket", p(&ws.join("s.sock")), "--no-prefetch"], &env);
+    let mut c = client(&server);
+    assert_bytes_eq(&c.read(0, CHUNK as u32).expect("read"), &data[..CHUNK], "chunk 0");
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::remove_file(cache.join(".lock")).expect("remove the cache's lock file");
+    std::fs::create_dir(cache.join(".lock")).expect("a directory in its place");
+    let pid = server.daemon().pid();
+    let before = rss(pid);
+    for off in (0..size).step_by(4 << 20) {
+        let got = c.read(off as u64, 4 << 20).expect("read");
+        assert_bytes_eq(&got, &data[off..off + (4 << 20)], &format!("at {off}"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let grown = rss(pid).saturating_sub(before);
+    assert!(grown < 32 << 20, "reading a {size}-byte layer through a broken cache grew the server by {grown} bytes");
+    drop(c);
+    server.stop();
+}
+
 #[test]
 fn two_hosts_on_one_layer_each_read_their_own_writes() {
     let Some(s3) = s3() else { return };
