@@ -22,6 +22,8 @@ region, each followed by a 5 KiB record written with RWF_DSYNC; every 800 record
   logfill: as log, but the log region made ready during the run: a thread keeps 16 MiB ahead
         of the log's head written with zeros and synced (so a record never waits on the file
         system for the blocks it lands in).
+  log8k: as logfill, with 8 KiB records (a 4 KiB head cluster, then the block, 4 KiB
+        aligned): the log home with 4 KiB chunks and no new kind of map entry.
 It prints IOPS and the writes that took over 2 ms (the stalls): their number and total time.
 
 Usage: tools/bench/checkpointprobe.py MODE SECONDS   (writes /var/tmp/cowdisk-ckprobe.img, removed after)
@@ -33,7 +35,7 @@ import threading
 import time
 
 mode, secs = sys.argv[1], float(sys.argv[2])
-MODES = ("sync", "bg", "raw", "none", "ready", "inplace", "log", "logfill")
+MODES = ("sync", "bg", "raw", "none", "ready", "inplace", "log", "logfill", "log8k")
 if mode not in MODES:
     sys.exit(f"unknown mode {mode}: {', '.join(MODES)}")
 path = "/var/tmp/cowdisk-ckprobe.img"
@@ -50,7 +52,7 @@ if mode != "raw":
 # The log region, after the journal and map areas: 512 MiB, enough for any run of a minute.
 LBASE, LLEN, LMAP = GiB + 2 * HALF + MAP, 512 << 20, 2 << 20
 ready_to = [0]
-if mode in ("log", "logfill"):
+if mode in ("log", "logfill", "log8k"):
     z = bytes(1 << 20)
     for i in range(LMAP >> 20): os.pwrite(fd, z, LBASE - LMAP + (i << 20))
     if mode == "log":
@@ -74,19 +76,20 @@ def checkpoint(half):
         os.pwrite(fd, page, MBASE + random.randrange(MAP // 4096) * 4096)
     os.fdatasync(fd)
     os.pwritev(fd, [record[:512]], JBASE + half * HALF, os.RWF_DSYNC)
-filler = threading.Thread(target=fill_ahead) if mode == "logfill" else None
+filler = threading.Thread(target=fill_ahead) if mode in ("logfill", "log8k") else None
+rec = os.urandom(8192) if mode == "log8k" else record
 if filler: filler.start()
 n, half, jpos, bg, t0 = 0, 0, 512, None, time.monotonic()
 stalls = []
 while time.monotonic() - t0 < secs:
     t = time.monotonic()
     n += 1
-    if mode in ("log", "logfill"):
-        while lpos[0] + 5120 > ready_to[0]:
-            if lpos[0] + 5120 > LLEN: sys.exit("the log region is full: run for less time")
+    if mode in ("log", "logfill", "log8k"):
+        while lpos[0] + len(rec) > ready_to[0]:
+            if lpos[0] + len(rec) > LLEN: sys.exit("the log region is full: run for less time")
             time.sleep(0.0001)
-        os.pwritev(fd, [record], LBASE + lpos[0], os.RWF_DSYNC)
-        lpos[0] += 5120
+        os.pwritev(fd, [rec], LBASE + lpos[0], os.RWF_DSYNC)
+        lpos[0] += len(rec)
         if n % 12800 == 0:
             os.pwrite(fd, bytes(LMAP), LBASE - LMAP)
             os.fdatasync(fd)
