@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Row 8c's load by hand, for comparing chunk sizes: 10,000 first writes of 4K with FUA through
+qemu-io (as bench.py's `fua_writes`) on a fresh cowdisk overlay of a 1 GiB random base, with
+64 KiB and with 4 KiB chunks, against nbdkit on a `cp` copy of the base (synced), the order
+rotated each round. Prints IOPS and the ratios to nbdkit per round (docs/log-home.md).
+
+Usage: tools/bench/fuaprobe.py DIR [ROUNDS]   (DIR is made and holds the base; removed after)
+Needs target/release/cowdisk, qemu-io and nbdkit.
+"""
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+cowdisk = os.path.join(root, "target", "release", "cowdisk")
+work, rounds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 4
+os.makedirs(work)
+os.chdir(work)
+with open("base.raw", "wb") as f:
+    for _ in range(1024):
+        f.write(os.urandom(1 << 20))
+    os.fsync(f.fileno())
+blocks = random.Random(8).sample(range((1 << 30) // 4096), 10000)
+cmds = "".join(f"write -f -q -P 0x5a {b * 4096} 4k\n" for b in blocks)
+
+
+def run(peer):
+    for f in ("o.cow", "o.raw", "s"):
+        if os.path.exists(f):
+            os.unlink(f)
+    if peer.startswith("cowdisk"):
+        subprocess.run([cowdisk, "create", "o.cow", "--backing", "base.raw", "--chunk-size", peer.split("-")[1]],
+                       check=True, capture_output=True)
+        srv = subprocess.Popen([cowdisk, "serve", "o.cow", "--socket", "s", "--name", "d"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        uri = "nbd+unix:///d?socket=s"
+    else:
+        subprocess.run(["cp", "--sparse=never", "base.raw", "o.raw"], check=True)
+        fd = os.open("o.raw", os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        srv = subprocess.Popen(["nbdkit", "-f", "-U", "s", "file", "o.raw"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        uri = "nbd+unix:///?socket=s"
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists("s"):
+            if time.monotonic() > deadline:
+                sys.exit(f"{peer}: no socket after 10 s")
+            time.sleep(0.01)
+        time.sleep(0.3)
+        subprocess.run(["sync"], check=True)
+        t = time.monotonic()
+        r = subprocess.run(["qemu-io", "-f", "raw", uri], input=cmds, capture_output=True, text=True)
+        took = time.monotonic() - t
+        if r.returncode != 0 or "error" in (r.stdout + r.stderr).lower():
+            sys.exit(f"{peer}: qemu-io failed: {r.stderr[-300:]}")
+        return len(blocks) / took
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+peers = ["cowdisk-64K", "cowdisk-4K", "nbdkit"]
+try:
+    for rnd in range(rounds):
+        order = peers[rnd % 3:] + peers[:rnd % 3]
+        res = {p: run(p) for p in order}
+        print(f"round {rnd}: " + ", ".join(f"{p} {res[p]:,.0f} IOPS" for p in peers)
+              + f"; ÷ nbdkit: 64K {res['cowdisk-64K'] / res['nbdkit']:.2f}, 4K {res['cowdisk-4K'] / res['nbdkit']:.2f}",
+              flush=True)
+finally:
+    os.chdir("/")
+    shutil.rmtree(work)
