@@ -51,6 +51,9 @@ pub fn open_parent(pref: &ParentRef) -> Result<Opened> {
     })
 }
 
+/// How long reads go uncached after the cache failed to take a layer before it is tried again.
+const CACHE_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct RemoteLayer {
     repo: RepoUrl,
     digest: Digest,
@@ -58,6 +61,9 @@ struct RemoteLayer {
     /// Its chunks in the shared cache, opened at the first read (opening makes files there,
     /// which `info` or `map` should not).
     chunks: OnceLock<Arc<LayerChunks>>,
+    /// After the cache failed to take the layer: no new try before this time (a try may
+    /// evict to make room, which a cache failing again and again should not repeat per read).
+    cache_retry: Mutex<Option<std::time::Instant>>,
     /// Cowdisk: the header area (both header slots).
     header: Vec<u8>,
     data_start: u64,
@@ -94,6 +100,7 @@ impl RemoteLayer {
             repo,
             digest,
             chunks: OnceLock::new(),
+            cache_retry: Mutex::new(None),
             header: Vec::new(),
             data_start: 0,
             slots: Vec::new(),
@@ -171,12 +178,24 @@ impl RemoteLayer {
         Ok(())
     }
 
-    fn chunks(&self) -> Result<Arc<LayerChunks>> {
+    /// The layer's chunks in the cache; `None` while the cache cannot take it (its directory
+    /// full or broken): reads then go to the store, uncached, rather than fail.
+    fn chunks(&self) -> Option<Arc<LayerChunks>> {
         if let Some(c) = self.chunks.get() {
-            return Ok(c.clone());
+            return Some(c.clone());
         }
-        let c = super::shared_cache()?.layer(&self.digest, &self.manifest)?;
-        Ok(self.chunks.get_or_init(|| c).clone())
+        let mut retry = lock(&self.cache_retry);
+        if retry.is_some_and(|t| std::time::Instant::now() < t) {
+            return None;
+        }
+        match super::shared_cache().and_then(|c| c.layer(&self.digest, &self.manifest)) {
+            Ok(c) => Some(self.chunks.get_or_init(|| c).clone()),
+            Err(e) => {
+                *retry = Some(std::time::Instant::now() + CACHE_RETRY);
+                lock(&super::store::STATS.cache_error).get_or_insert_with(|| e.to_string());
+                None
+            }
+        }
     }
 
     /// Fills `out` from entry `i`'s content at `at` (zeros past its end): from the cache, or
@@ -184,14 +203,23 @@ impl RemoteLayer {
     /// after the last one read starts fetching the few after it in the background.
     fn read_entry(&self, i: usize, at: usize, out: &mut [u8]) -> Result<()> {
         let e = &self.manifest.entries[i];
-        let Some((_, loc)) = &e.content else {
+        let Some((digest, loc)) = &e.content else {
             out.fill(0);
             return Ok(());
         };
         if let Some(r) = &self.recorder {
             lock(r).saw(e.chunk);
         }
-        let chunks = self.chunks()?;
+        let m = out.len().min((loc.length as usize).saturating_sub(at));
+        let Some(chunks) = self.chunks() else {
+            // No cache: this read's record alone, checked as any fetch is; nothing read ahead.
+            super::store::STATS.uncached_reads.fetch_add(1, Ordering::Relaxed);
+            let got = super::fetch_records(&self.repo, &[(i, *digest, *loc)])?;
+            let content = got.first().map(|(_, c)| c).ok_or_else(|| err(ErrorKind::Io, "a fetch returned nothing"))?;
+            out[..m].copy_from_slice(&content[at..at + m]);
+            out[m..].fill(0);
+            return Ok(());
+        };
         let prev = self.last.swap(i as u64 + 1, Ordering::Relaxed);
         // Read ahead for a sequential reader on the frontier: reading what this process
         // fetched, or about to miss. One reading what the cache held before (a warm boot) is
@@ -200,7 +228,6 @@ impl RemoteLayer {
         if prev == i as u64 && i > 0 && (self.fetched_here.get(i - 1) || self.fetched_here.get(i) || !chunks.has(i)) {
             self.read_ahead_from(&chunks, i + 1);
         }
-        let m = out.len().min((loc.length as usize).saturating_sub(at));
         if !chunks.read(i, at, &mut out[..m]) {
             let followers = self.followers(i);
             let content = fetch_entry(&self.repo, &self.manifest, &chunks, i, &followers)?;

@@ -118,10 +118,19 @@ pub struct Stats {
     pub ranged_gets: AtomicU64,
     pub ranged_bytes: AtomicU64,
     pub ranged_micros: AtomicU64,
+    /// Reads served straight from the store because the cache could not take the layer.
+    pub uncached_reads: AtomicU64,
+    /// Why the cache could not, the first time it could not.
+    pub cache_error: std::sync::Mutex<Option<String>>,
 }
 
-pub static STATS: Stats =
-    Stats { ranged_gets: AtomicU64::new(0), ranged_bytes: AtomicU64::new(0), ranged_micros: AtomicU64::new(0) };
+pub static STATS: Stats = Stats {
+    ranged_gets: AtomicU64::new(0),
+    ranged_bytes: AtomicU64::new(0),
+    ranged_micros: AtomicU64::new(0),
+    uncached_reads: AtomicU64::new(0),
+    cache_error: std::sync::Mutex::new(None),
+};
 
 /// Whether an endpoint URL names a user (and maybe a secret) before its host.
 fn has_userinfo(endpoint: &str) -> bool {

@@ -425,6 +425,11 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
             ms / gets as f64
         );
     }
+    let uncached = st.uncached_reads.load(std::sync::atomic::Ordering::Relaxed);
+    if uncached > 0 {
+        let why = st.cache_error.lock().map(|e| e.clone().unwrap_or_default()).unwrap_or_default();
+        eprintln!("cowdisk: {uncached} reads of remote layers went to the store uncached: the cache failed ({why})");
+    }
     if a.record_trace {
         // After every export is closed: nothing reads any more.
         for t in cowdisk::remote::trace::save_recorded()? {

@@ -735,6 +735,35 @@ fn a_failing_publish_does_not_hold_another_process_reading_the_same_chunks() {
     }
 }
 
+/// A cache that cannot take a layer (its directory broken before the first read: here the lock
+/// file replaced by a directory) does not make the layer unreadable: reads go to the store,
+/// uncached, and the server says so when it stops. Before, every read failed with EIO.
+#[test]
+fn a_layer_reads_uncached_when_the_cache_cannot_take_it() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(CHUNK * 8, 85), &[]);
+    let cache = ws.subdir("reader-cache");
+    std::fs::create_dir(cache.join(".lock")).expect("a directory where the cache's lock file goes");
+    let top = ws.join("top.cow");
+    run(&mut repo.cow(&cache, &["create", p(&top), "--backing", &repo.layer("b")]));
+    let mut server = repo.server(&cache, &[p(&top), "--socket", p(&ws.join("s.sock"))]);
+    let mut c = client(&server);
+    for round in 0..2 {
+        assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &data, &format!("round {round}"));
+    }
+    c.write(1000, &[7u8; 5000]).expect("a write to the overlay");
+    let mut want = data.clone();
+    want[1000..6000].fill(7);
+    assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &want, "after the write");
+    drop(c);
+    server.daemon().terminate(STOP_TIMEOUT);
+    let log = server.log();
+    assert!(log.contains("went to the store uncached: the cache failed"), "{log}");
+    assert!(!cache.join("layers").exists() || du(&cache.join("layers")) == 0, "the broken cache kept chunks");
+}
+
 /// The resident memory of process `pid`, in bytes.
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
