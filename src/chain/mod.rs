@@ -458,7 +458,7 @@ impl DiskZero for Chain {
         // (copied up first when a lower layer holds it), which is what FAST_ZERO must avoid.
         // The device's short last block counts as whole when the range runs to the end.
         let end = offset + len;
-        !allocate && offset % BLOCK_SIZE == 0 && (end % BLOCK_SIZE == 0 || end == self.size)
+        len == 0 || (!allocate && offset % BLOCK_SIZE == 0 && (end % BLOCK_SIZE == 0 || end == self.size))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -348,6 +348,9 @@ impl Image {
         h.pending = Some(pending);
         self.drop_journal(&mut h)?;
         self.trim_tail(&st).map_err(|e| e.with_file(&self.path).during("freeze"))?;
+        // Punches and the cut tail durable before the header that freezes the image (as at
+        // close): a frozen layer is never opened for writing, so nothing would reclaim them.
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("freeze"))?;
         self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
         drop(st);
         self.closing.store(true, Ordering::Release);
@@ -460,6 +463,11 @@ impl Image {
         self.flush_locked(false)?;
         let mut st = write(&self.state);
         self.trim_tail(&st).map_err(|e| e.with_file(&self.path).during("close"))?;
+        // The flush punched what it released after its last sync, and the tail was just cut:
+        // made durable before the header that says the image is clean. In one sync with it, a
+        // crash could keep the clean header and lose a punch, leaving old data in free space
+        // of a clean image, which no open reclaims (only a DIRTY image's is, §5.5).
+        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("close"))?;
         self.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, false)).map_err(|e| e.with_file(&self.path))?;
         drop(st);
         self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("close"))?;

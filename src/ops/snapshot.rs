@@ -57,8 +57,8 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
         // A crash left flushes in the journal that the map in the file lacks, or space no map
         // entry points at (data written after the last flush): a writable open replays the
         // one and punches the other, and its close leaves the map complete and the image
-        // clean. Frozen, the image could never give that space back. Only then is the map
-        // loaded.
+        // clean. Frozen, no open would give that space back (only `check --repair` does).
+        // Only then is the map loaded.
         Image::open_on(locked.clone(), image, OpenOptions::writable()).and_then(|i| i.close()).map_err(ctx)?;
         h = read_header_of(locked.as_ref()).map_err(|e| e.with_file(image).during("snapshot"))?;
     }
@@ -73,7 +73,13 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
     h.set_flag(FLAG_FROZEN, true);
     h.pending = Some(pending.clone());
     if let Some(a) = h.journal.take() {
-        locked.punch(a.offset, a.len).map_err(|e| e.with_file(image).during("snapshot"))?;
+        // Durable before the header that freezes the image: in one sync with it, a crash could
+        // keep FROZEN and lose the punch, leaving the old records in the frozen layer as
+        // leaked space.
+        locked
+            .punch(a.offset, a.len)
+            .and_then(|()| locked.sync())
+            .map_err(|e| e.with_file(image).during("snapshot"))?;
     }
     write_next_header(locked.as_ref(), &mut h, true).map_err(|e| e.with_file(image).during("snapshot"))?;
     drop(locked);

@@ -101,8 +101,8 @@ fn follow(c: &mut Client, id: u64, kind: &str, image: &Path) -> Result<Value, Fa
             Err(_) if c.lost() => {
                 return Err(Failure(
                     format!(
-                        "{}: the server stopped while job {id} ({kind}) was running, so the job did not \
-                         finish; the disk reads as before, and running the command again finishes it",
+                        "{}: the server stopped while job {id} ({kind}) was running, so the job may not \
+                         have finished; the disk reads as before, and running the command again finishes it",
                         image.display()
                     ),
                     1,

@@ -209,7 +209,7 @@ fn a_followed_job_whose_server_dies_or_stops_says_so_and_the_command_run_again_f
         let (dir, ctl) = (live.ws.dir().to_path_buf(), live.ctl.clone());
         // Followed, not detached: the command waits for the job and reports how it ended.
         let follower = std::thread::spawn(move || {
-            run_in(&dir, &["commit", "disk.cow", "--force", "--rate", "2M", "--control", s(&ctl)])
+            run_in(&dir, &["commit", "disk.cow", "--force", "--rate", "256K", "--control", s(&ctl)])
         });
         let t = Instant::now();
         while jobs(&live).is_empty() {

@@ -49,6 +49,11 @@ impl Client {
                 self.lost = true;
                 Err(fail(&self.path, "the server closed the connection"))
             }
+            // A line cut short by the server dying mid-write is a lost connection, not a bad reply.
+            Ok(_) if !l.ends_with('\n') => {
+                self.lost = true;
+                Err(fail(&self.path, "the server closed the connection"))
+            }
             Ok(_) => serde_json::from_str(&l).map_err(|e| fail(&self.path, format!("bad reply: {e}"))),
             Err(e) => {
                 self.lost = true;
