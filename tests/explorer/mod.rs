@@ -8,12 +8,15 @@
 //! that passes all of this again.
 #![allow(dead_code)]
 
+mod checks;
 pub mod oracle;
 mod snapshot;
 
 pub use snapshot::{populate, snapshot_state_is_before_or_after};
 
-use crate::common::{pattern, TempDir};
+use crate::common::pattern;
+pub use checks::write_sparse;
+use checks::{check_output, check_recovered, check_state};
 use cowdisk::format::header::{ParentFormat, ParentRef};
 use cowdisk::format::{Geometry, FLAG_FROZEN};
 use cowdisk::layer::raw::RawImage;
@@ -554,75 +557,6 @@ fn open_chain(dir: &RecordingDir, base: &[u8], opts: OpenOptions) -> Result<Chai
         lowers.push(img);
     }
     Ok(Chain::assemble(top, lowers, raw))
-}
-
-/// Runs `check` on every cowdisk image of the crash state (not temporary files) as a power
-/// cut left it (before any repair): leaked space is allowed, an inconsistency is not.
-fn check_state(files: &Files) -> Result<(), String> {
-    use cowdisk::ops::check::{check, CheckOptions};
-    let scratch = TempDir::new("crashcheck");
-    for (name, _, bytes) in files {
-        // Temporary files (hidden names) may hold anything until they are complete.
-        if !bytes.starts_with(&cowdisk::format::MAGIC) || name.to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let p = scratch.join(&name.to_string_lossy());
-        std::fs::write(&p, bytes).map_err(|e| format!("cannot write the crash state: {e}"))?;
-        let r = check(&p, &CheckOptions::default(), &|_, _| {});
-        if !matches!(r.exit_code(), 0 | 3) || r.images.iter().any(|i| i.unreadable.is_some()) {
-            return Err(format!("check finds {} corrupt: {r:?}", name.display()));
-        }
-    }
-    Ok(())
-}
-
-/// Writes `bytes` to a new file at `p`, leaving its all-zero 4 KiB blocks as holes: a crash
-/// state holds punched space as zeros, and `check` counts free space that holds data (not
-/// holes) as leaked.
-pub fn write_sparse(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(p)?;
-    f.set_len(bytes.len() as u64)?;
-    for (i, block) in bytes.chunks(4096).enumerate() {
-        if block.iter().any(|&b| b != 0) {
-            f.write_all_at(block, i as u64 * 4096)?;
-        }
-    }
-    Ok(())
-}
-
-/// The top of `dir` once recovered and closed: `check` finds it clean, with no leaked space
-/// (opening a dirty image for writing reclaims what a crash leaked, §5.5) and not dirty.
-fn check_recovered(dir: &RecordingDir) -> Result<(), String> {
-    use cowdisk::ops::check::{check, CheckOptions};
-    let s = dir.open(Path::new(TOP), false, LockMode::None).map_err(|e| format!("top is missing: {e}"))?;
-    let scratch = TempDir::new("crashrecovered");
-    let p = scratch.join(TOP);
-    write_sparse(&p, &bytes_of(s.as_ref())).map_err(|e| format!("cannot write the recovered top: {e}"))?;
-    let r = check(&p, &CheckOptions::default(), &|_, _| {});
-    if r.exit_code() != 0 || r.images.iter().any(|i| i.dirty) {
-        return Err(format!("once recovered and closed, check finds the top unclean: {r:?}"));
-    }
-    Ok(())
-}
-
-/// A new output file, if its name survived, holds exactly the device it was made from.
-fn check_output(format: OutputFormat, bytes: Vec<u8>, expected: &[u8]) -> Result<(), String> {
-    let dev = match format {
-        OutputFormat::Raw => bytes,
-        OutputFormat::Cowdisk => {
-            let img = Image::open_on(Arc::new(MemStorage::from_bytes(bytes)), Path::new(OUT), OpenOptions::read_only())
-                .map_err(|e| format!("the new output does not open: {e}"))?;
-            let c = Chain::assemble(img, Vec::new(), None);
-            let mut d = vec![0u8; SIZE as usize];
-            c.read_at(&mut d, 0).map_err(|e| format!("the new output does not read: {e}"))?;
-            d
-        }
-    };
-    if dev != expected {
-        return Err("the new output exists but does not hold the flattened device".into());
-    }
-    Ok(())
 }
 
 /// Which checks of a crash state to make.
