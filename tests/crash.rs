@@ -245,7 +245,6 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
 fn killed(dir: &RecordingDir, live: &Path, model: &[u8]) -> (std::sync::Arc<Journal>, RecordingDir) {
     use cowdisk::format::FLAG_DIRTY;
     use cowdisk::layer::{read_header_of, OpenOptions};
-    use cowdisk::ops::check::{check, CheckOptions};
     use cowdisk::storage::namespace::Namespace;
     let s = dir.open(live, true, LockMode::Exclusive).unwrap();
     let c = Chain::assemble(Image::open_on(s.clone(), live, OpenOptions::writable()).unwrap(), Vec::new(), None);
@@ -256,10 +255,7 @@ fn killed(dir: &RecordingDir, live: &Path, model: &[u8]) -> (std::sync::Arc<Jour
     drop(c);
     let journal = Journal::new();
     let d2 = RecordingDir::new(journal.clone());
-    let scratch = common::TempDir::new("killed");
-    let p = scratch.join("killed.cow");
-    explorer::write_sparse(&p, &left).unwrap();
-    let r = check(&p, &CheckOptions::default(), &|_, _| {});
+    let r = explorer::check_bytes(&left).unwrap();
     assert!(r.leaked_bytes() > 0, "the killed image leaks nothing: {r:?}");
     explorer::populate(&d2, &[(live.to_path_buf(), 0, left)]);
     let h = read_header_of(d2.open(live, false, LockMode::None).unwrap().as_ref()).unwrap();

@@ -5,6 +5,7 @@
 use super::{bytes_of, Files, OUT, SIZE, TOP};
 use crate::common::TempDir;
 use cowdisk::layer::{Image, OpenOptions};
+use cowdisk::ops::check::{check, CheckOptions, CheckReport};
 use cowdisk::ops::flatten::OutputFormat;
 use cowdisk::storage::namespace::Namespace;
 use cowdisk::storage::recording::RecordingDir;
@@ -13,19 +14,23 @@ use cowdisk::{Chain, DiskRead};
 use std::path::Path;
 use std::sync::Arc;
 
+/// `check` of an image whose file holds `bytes`, written to a scratch file (sparse).
+pub fn check_bytes(bytes: &[u8]) -> Result<CheckReport, String> {
+    let scratch = TempDir::new("crashcheck");
+    let p = scratch.join("image.cow");
+    write_sparse(&p, bytes).map_err(|e| format!("cannot write the image: {e}"))?;
+    Ok(check(&p, &CheckOptions::default(), &|_, _| {}))
+}
+
 /// Runs `check` on every cowdisk image of the crash state (not temporary files) as a power
 /// cut left it (before any repair): leaked space is allowed, an inconsistency is not.
 pub(super) fn check_state(files: &Files) -> Result<(), String> {
-    use cowdisk::ops::check::{check, CheckOptions};
-    let scratch = TempDir::new("crashcheck");
     for (name, _, bytes) in files {
         // Temporary files (hidden names) may hold anything until they are complete.
         if !bytes.starts_with(&cowdisk::format::MAGIC) || name.to_string_lossy().starts_with('.') {
             continue;
         }
-        let p = scratch.join(&name.to_string_lossy());
-        std::fs::write(&p, bytes).map_err(|e| format!("cannot write the crash state: {e}"))?;
-        let r = check(&p, &CheckOptions::default(), &|_, _| {});
+        let r = check_bytes(bytes)?;
         if !matches!(r.exit_code(), 0 | 3) || r.images.iter().any(|i| i.unreadable.is_some()) {
             return Err(format!("check finds {} corrupt: {r:?}", name.display()));
         }
@@ -36,7 +41,7 @@ pub(super) fn check_state(files: &Files) -> Result<(), String> {
 /// Writes `bytes` to a new file at `p`, leaving its all-zero 4 KiB blocks as holes: a crash
 /// state holds punched space as zeros, and `check` counts free space that holds data (not
 /// holes) as leaked.
-pub fn write_sparse(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_sparse(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::create(p)?;
     f.set_len(bytes.len() as u64)?;
@@ -51,12 +56,8 @@ pub fn write_sparse(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The top of `dir` once recovered and closed: `check` finds it clean, with no leaked space
 /// (opening a dirty image for writing reclaims what a crash leaked, §5.5) and not dirty.
 pub(super) fn check_recovered(dir: &RecordingDir) -> Result<(), String> {
-    use cowdisk::ops::check::{check, CheckOptions};
     let s = dir.open(Path::new(TOP), false, LockMode::None).map_err(|e| format!("top is missing: {e}"))?;
-    let scratch = TempDir::new("crashrecovered");
-    let p = scratch.join(TOP);
-    write_sparse(&p, &bytes_of(s.as_ref())).map_err(|e| format!("cannot write the recovered top: {e}"))?;
-    let r = check(&p, &CheckOptions::default(), &|_, _| {});
+    let r = check_bytes(&bytes_of(s.as_ref()))?;
     if r.exit_code() != 0 || r.images.iter().any(|i| i.dirty) {
         return Err(format!("once recovered and closed, check finds the top unclean: {r:?}"));
     }

@@ -105,6 +105,16 @@ fn flushed_writes_survive_repeated_kill_9_of_the_server() {
     assert!(std::fs::read(&base).unwrap() == base_bytes, "the raw base changed");
 }
 
+/// A new image `dir/top.cow` of `size`, served on `dir/s.sock`: the image, the socket, the
+/// server.
+fn new_served(dir: &TempDir, size: &str) -> (std::path::PathBuf, std::path::PathBuf, Server) {
+    let img = dir.join("top.cow");
+    run(Command::new(cowdisk_bin()).arg("create").arg(&img).arg("--size").arg(size));
+    let sock = dir.join("s.sock");
+    let server = Server::start(&[img.to_str().unwrap(), "--socket", sock.to_str().unwrap()]);
+    (img, sock, server)
+}
+
 /// An image killed with flushes in its journal still to be replayed is read by `check`
 /// through the replay; the space the server lengthened the file by ahead of its writes is
 /// holes, not leaked space (a review saw 59.9M "leaked" and exit 3, and `--repair` punching
@@ -112,10 +122,7 @@ fn flushed_writes_survive_repeated_kill_9_of_the_server() {
 #[test]
 fn check_of_an_image_killed_with_journal_records_to_replay_finds_no_leak() {
     let dir = TempDir::new("kill9-check");
-    let img = dir.join("top.cow");
-    run(Command::new(cowdisk_bin()).arg("create").arg(&img).arg("--size").arg("1G"));
-    let sock = dir.join("s.sock");
-    let mut server = Server::start(&[img.to_str().unwrap(), "--socket", sock.to_str().unwrap()]);
+    let (img, sock, mut server) = new_served(&dir, "1G");
     let mut c = connect(&server);
     for (off, fill) in [(0, 0x11u8), (1 << 20, 0x22)] {
         c.write(off, &[fill; 4096]).unwrap();
@@ -144,10 +151,7 @@ fn check_of_an_image_killed_with_journal_records_to_replay_finds_no_leak() {
 #[test]
 fn an_offline_snapshot_of_a_killed_image_freezes_no_leaked_space() {
     let dir = TempDir::new("kill9-snap");
-    let img = dir.join("top.cow");
-    run(Command::new(cowdisk_bin()).arg("create").arg(&img).arg("--size").arg("64M"));
-    let sock = dir.join("s.sock");
-    let mut server = Server::start(&[img.to_str().unwrap(), "--socket", sock.to_str().unwrap()]);
+    let (img, sock, mut server) = new_served(&dir, "64M");
     let mut c = connect(&server);
     let flushed = random_bytes(1 << 20, 7);
     c.write(0, &flushed).unwrap();

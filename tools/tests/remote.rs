@@ -64,8 +64,18 @@ impl Repo {
     }
 
     fn server(&self, cache: &Path, args: &[&str]) -> Server {
-        let env: Vec<(&str, String)> =
-            self.s3.env().into_iter().chain([("COWDISK_CACHE_DIR", cache.display().to_string())]).collect();
+        self.server_env(cache, args, &[])
+    }
+
+    /// [`Repo::server`] with `extra` variables in its environment too.
+    fn server_env(&self, cache: &Path, args: &[&str], extra: &[(&'static str, &str)]) -> Server {
+        let env: Vec<(&str, String)> = self
+            .s3
+            .env()
+            .into_iter()
+            .chain([("COWDISK_CACHE_DIR", cache.display().to_string())])
+            .chain(extra.iter().map(|&(k, v)| (k, v.to_string())))
+            .collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Server::start_with_env(args, &env)
     }
@@ -695,6 +705,16 @@ fn two_processes_reading_one_layer_at_once_fetch_it_once() {
     assert!(fetched <= layer_bytes * 5 / 4, "two readers fetched {fetched} bytes of a {layer_bytes}-byte layer");
 }
 
+/// Breaks the cache at `cache` for every process using it: a directory where its lock file
+/// goes, so that nothing can lock it (publish, a layer's first open) from now on.
+fn break_cache_lock(cache: &Path) {
+    let lock = cache.join(".lock");
+    if lock.exists() {
+        std::fs::remove_file(&lock).expect("remove the cache's lock file");
+    }
+    std::fs::create_dir(&lock).expect("a directory where the cache's lock file goes");
+}
+
 /// A process whose fills cannot be published (its cache directory broken: here the lock
 /// file replaced by a directory) does not hold up another process reading the same chunks:
 /// its claims end with the failed publish. Before, the other process waited out the 30 s
@@ -714,8 +734,7 @@ fn a_failing_publish_does_not_hold_another_process_reading_the_same_chunks() {
         assert_bytes_eq(&c.read((3 * CHUNK) as u64, CHUNK as u32).expect("read"), &data[3 * CHUNK..], "chunk 3");
     }
     std::thread::sleep(Duration::from_millis(200));
-    std::fs::remove_file(cache.join(".lock")).expect("remove the cache's lock file");
-    std::fs::create_dir(cache.join(".lock")).expect("a directory in its place");
+    break_cache_lock(&cache);
     for i in 0..3 {
         let got = first.read((i * CHUNK) as u64, CHUNK as u32).expect("first reader");
         assert_bytes_eq(&got, &data[i * CHUNK..(i + 1) * CHUNK], &format!("first reader, chunk {i}"));
@@ -745,10 +764,8 @@ fn a_layer_reads_uncached_when_the_cache_cannot_take_it() {
     let repo = Repo::new(s3);
     let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(CHUNK * 8, 85), &[]);
     let cache = ws.subdir("reader-cache");
-    std::fs::create_dir(cache.join(".lock")).expect("a directory where the cache's lock file goes");
-    let top = ws.join("top.cow");
-    run(&mut repo.cow(&cache, &["create", p(&top), "--backing", &repo.layer("b")]));
-    let mut server = repo.server(&cache, &[p(&top), "--socket", p(&ws.join("s.sock"))]);
+    break_cache_lock(&cache);
+    let mut server = overlay_servers(&repo, &ws, &cache, 1, &[]).remove(0);
     let mut c = client(&server);
     for round in 0..2 {
         assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &data, &format!("round {round}"));
@@ -785,18 +802,13 @@ fn fills_a_broken_cache_cannot_keep_do_not_pile_up_in_memory() {
     let top = ws.join("top.cow");
     run(&mut repo.cow(&cache, &["create", p(&top), "--backing", &repo.layer("b")]));
     // A bound of 8 MiB: fills are published once 1 MiB of them wait.
-    let env: Vec<(&str, String)> = s3
-        .env()
-        .into_iter()
-        .chain([("COWDISK_CACHE_DIR", cache.display().to_string()), ("COWDISK_CACHE_SIZE", "8M".to_string())])
-        .collect();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut server = Server::start_with_env(&[p(&top), "--socket", p(&ws.join("s.sock")), "--no-prefetch"], &env);
+    let sock = ws.join("s.sock");
+    let args = [p(&top), "--socket", p(&sock), "--no-prefetch"];
+    let mut server = repo.server_env(&cache, &args, &[("COWDISK_CACHE_SIZE", "8M")]);
     let mut c = client(&server);
     assert_bytes_eq(&c.read(0, CHUNK as u32).expect("read"), &data[..CHUNK], "chunk 0");
     std::thread::sleep(Duration::from_millis(200));
-    std::fs::remove_file(cache.join(".lock")).expect("remove the cache's lock file");
-    std::fs::create_dir(cache.join(".lock")).expect("a directory in its place");
+    break_cache_lock(&cache);
     let pid = server.daemon().pid();
     let before = rss(pid);
     for off in (0..size).step_by(4 << 20) {

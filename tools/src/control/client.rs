@@ -45,21 +45,18 @@ impl Client {
     fn line(&mut self) -> Result<Value, Failure> {
         let mut l = String::new();
         match self.r.read_line(&mut l) {
-            Ok(0) => {
-                self.lost = true;
-                Err(fail(&self.path, "the server closed the connection"))
-            }
-            // A line cut short by the server dying mid-write is a lost connection, not a bad reply.
-            Ok(_) if !l.ends_with('\n') => {
-                self.lost = true;
-                Err(fail(&self.path, "the server closed the connection"))
-            }
+            // Nothing, or a line cut short by the server dying mid-write: a lost connection,
+            // not a bad reply.
+            Ok(_) if !l.ends_with('\n') => Err(self.broke("the server closed the connection")),
             Ok(_) => serde_json::from_str(&l).map_err(|e| fail(&self.path, format!("bad reply: {e}"))),
-            Err(e) => {
-                self.lost = true;
-                Err(fail(&self.path, e))
-            }
+            Err(e) => Err(self.broke(e)),
         }
+    }
+
+    /// The failure of a connection that broke; no further call can succeed.
+    fn broke(&mut self, what: impl std::fmt::Display) -> Failure {
+        self.lost = true;
+        fail(&self.path, what)
     }
 
     /// Whether the connection broke in a call: the server closed it, or is gone.
@@ -74,8 +71,7 @@ impl Client {
         self.next_id += 1;
         let req = json!({"execute": command, "arguments": arguments, "id": id});
         if let Err(e) = writeln!(self.w, "{req}") {
-            self.lost = true;
-            return Err(fail(&self.path, e));
+            return Err(self.broke(e));
         }
         let reply = self.line()?;
         if let Some(e) = reply.get("error") {
