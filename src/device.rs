@@ -142,6 +142,10 @@ pub trait DiskWrite {
     /// Writes `len` bytes taken from `src` at `offset`. On error, some of them may not have
     /// been taken; the caller accounts for the rest.
     fn write_from(&self, src: &mut dyn Payload, offset: u64, len: u64) -> Result<()>;
+    /// As [`DiskWrite::write_from`], returning only once the write is durable together with
+    /// every write completed before it was called (NBD FUA; format-spec §5.3): at most the
+    /// write followed by a flush.
+    fn write_fua_from(&self, src: &mut dyn Payload, offset: u64, len: u64) -> Result<()>;
 }
 
 pub trait DiskZero {

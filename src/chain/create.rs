@@ -29,6 +29,8 @@ pub struct CreateOptions {
     /// Per-block data checksums (chunks of at most 256 KiB); defaults to the cowdisk parent's
     /// setting, or off.
     pub data_checksums: Option<bool>,
+    /// The log-structured data home of format-spec §5.10 (8 KiB chunks, the default with it).
+    pub log: bool,
 }
 
 /// Guesses a parent's format: cowdisk if it starts with the magic, raw otherwise.
@@ -69,9 +71,15 @@ pub fn create_image(path: &Path, opts: &CreateOptions) -> Result<Image> {
                 .during("create"))
         }
     };
-    let shift = opts.chunk_shift.or(parent_shift).unwrap_or(DEFAULT_CHUNK_SHIFT);
+    let shift = match opts.log {
+        true => opts.chunk_shift.unwrap_or(crate::format::LOG_CHUNK_SHIFT),
+        false => opts.chunk_shift.or(parent_shift).unwrap_or(DEFAULT_CHUNK_SHIFT),
+    };
+    // A log-structured image keeps no checksums, whatever its parent does.
+    let sums = opts.data_checksums.unwrap_or(parent_sums && !opts.log);
     let geom = Geometry::new(size, shift)
-        .and_then(|g| g.with_data_checksums(opts.data_checksums.unwrap_or(parent_sums)))
+        .and_then(|g| g.with_data_checksums(sums))
+        .and_then(|g| g.with_log(opts.log))
         .map_err(|e| e.with_file(path).during("create"))?;
     create_file_in(&RealFs, path, geom, parent)?;
     Image::open(path, OpenOptions::writable())

@@ -209,10 +209,12 @@ impl Chain {
         let checksums = self.top.geometry().data_checksums;
         if !checksums {
             // An overwrite of blocks that are all Data already: in place, and the map does not
-            // change.
+            // change (unless the slot is a log record's home: pinned, the plan moves it).
             let slot = self.top.with_entry(p.chunk, |e| {
-                e.filter(|e| e.blocks.get(first) == BlockState::Data && e.blocks.run_end(first, last) == last)
-                    .map(|e| e.data_offset)
+                e.filter(|e| {
+                    e.pinned == 0 && e.blocks.get(first) == BlockState::Data && e.blocks.run_end(first, last) == last
+                })
+                .map(|e| e.data_offset)
             });
             if let Some(slot) = slot.filter(|&s| s != 0) {
                 return self.top.write_at(data, slot + p.start);
@@ -222,9 +224,12 @@ impl Chain {
         let (head_state, tail_state) = self.top.with_entry(p.chunk, |e| {
             e.map_or((BlockState::Absent, BlockState::Absent), |e| (e.blocks.get(first), e.blocks.get(last - 1)))
         });
-        // With checksums every block is written whole: its checksum covers all of it.
-        let head_fill = p.start % BLOCK_SIZE != 0 && (checksums || head_state != BlockState::Data);
-        let tail_fill = p.end % BLOCK_SIZE != 0 && (checksums || tail_state != BlockState::Data);
+        // With checksums every block is written whole: its checksum covers all of it. So is a
+        // block of a chunk that moves to a new slot (a pinned one: checksums, or a log record's
+        // home), where the rest of a Data block is not yet.
+        let whole = checksums || matches!(plan.slot(), SlotPlan::Relocate { .. });
+        let head_fill = p.start % BLOCK_SIZE != 0 && (whole || head_state != BlockState::Data);
+        let tail_fill = p.end % BLOCK_SIZE != 0 && (whole || tail_state != BlockState::Data);
         if let SlotPlan::Relocate { from, to, keep } = plan.slot() {
             for &(s, t) in keep {
                 let at = s as u64 * BLOCK_SIZE;
@@ -433,6 +438,31 @@ impl DiskWrite for Chain {
             let _g = self.top.lock_chunk(p.chunk);
             self.write_piece_locked(p, data)?;
             i += 1;
+        }
+        Ok(())
+    }
+
+    fn write_fua_from(&self, src: &mut dyn Payload, offset: u64, len: u64) -> Result<()> {
+        self.require_writable()?;
+        self.check_range(offset, len, "write")?;
+        if !self.top.geometry().log || len != BLOCK_SIZE || offset % BLOCK_SIZE != 0 {
+            self.write_from(src, offset, len)?;
+            return self.flush();
+        }
+        // A log-structured top takes a block of a chunk it has no slot for with one durable
+        // record that becomes the slot (spec §5.10); where it cannot (the chunk has a slot
+        // already, ...) the write and a flush, as any other image.
+        let mut data = vec![0u8; BLOCK_SIZE as usize];
+        src.take(&mut data)?;
+        let chunk = offset >> self.chunk_shift;
+        let block = ((offset - self.chunk_base(chunk)) / BLOCK_SIZE) as usize;
+        let logged = {
+            let _lock = self.top.lock_chunk(chunk);
+            self.top.write_logged(chunk, block, &data)?
+        };
+        if !logged {
+            self.write_from(&mut &data[..], offset, len)?;
+            self.flush()?;
         }
         Ok(())
     }

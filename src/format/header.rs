@@ -158,7 +158,10 @@ impl Header {
         } else {
             self.incompat & !INCOMPAT_DATA_CHECKSUMS
         };
-        incompat &= !INCOMPAT_JOURNAL;
+        incompat &= !(INCOMPAT_JOURNAL | INCOMPAT_LOG);
+        if self.geometry.log {
+            incompat |= INCOMPAT_LOG;
+        }
         if let Some(j) = &self.journal {
             incompat |= INCOMPAT_JOURNAL;
             LE::write_u64(&mut b[off::JOURNAL_OFFSET..], j.offset);
@@ -242,6 +245,7 @@ impl Header {
         }
         let geometry = Geometry::new(LE::read_u64(&b[off::VIRTUAL_SIZE..]), u32::from(b[off::CHUNK_SHIFT]))
             .and_then(|g| g.with_data_checksums(incompat & INCOMPAT_DATA_CHECKSUMS != 0))
+            .and_then(|g| g.with_log(incompat & INCOMPAT_LOG != 0))
             .map_err(|e| err(ErrorKind::Corrupt, e.message().to_string()))?;
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[off::UUID..off::UUID + 16]);

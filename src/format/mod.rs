@@ -25,6 +25,8 @@ pub const SECTOR_SIZE: usize = 512;
 pub const BLOCK_SHIFT: u32 = 12;
 pub const BLOCK_SIZE: u64 = 1 << BLOCK_SHIFT;
 pub const MIN_CHUNK_SHIFT: u32 = 12;
+/// The chunk size of a log-structured image (INCOMPAT_LOG, spec §5.10): 8 KiB.
+pub const LOG_CHUNK_SHIFT: u32 = 13;
 pub const MAX_CHUNK_SHIFT: u32 = 21;
 pub const DEFAULT_CHUNK_SHIFT: u32 = 16;
 /// Virtual sizes are whole 512-byte sectors, at least one, at most 2^60 bytes.
@@ -49,7 +51,11 @@ pub const INCOMPAT_DATA_CHECKSUMS: u64 = 1 << 0;
 /// The image has a redo journal (spec §5.9): its map on the file may be older than its last
 /// flush until the journal is replayed, so a reader that does not know it must refuse.
 pub const INCOMPAT_JOURNAL: u64 = 1 << 1;
-pub const KNOWN_INCOMPAT: u64 = INCOMPAT_DATA_CHECKSUMS | INCOMPAT_JOURNAL;
+/// The journal's records live in the data area and a record's blocks stay there as their home
+/// (spec §5.10): a reader that does not follow the records out of the journal area would read
+/// a map that is older than the last flush.
+pub const INCOMPAT_LOG: u64 = 1 << 2;
+pub const KNOWN_INCOMPAT: u64 = INCOMPAT_DATA_CHECKSUMS | INCOMPAT_JOURNAL | INCOMPAT_LOG;
 /// Longest journal area a header may list.
 pub const MAX_JOURNAL: u64 = 64 << 20;
 /// Largest chunk size that may carry data checksums: the entry must fit in one map sector.
@@ -62,6 +68,9 @@ pub struct Geometry {
     pub chunk_shift: u32,
     /// Whether map entries carry a CRC-32 per block (INCOMPAT_DATA_CHECKSUMS).
     pub data_checksums: bool,
+    /// Whether the image's durable writes of new chunks go to a log in the data area whose
+    /// records are those chunks' slots (INCOMPAT_LOG, spec §5.10): 8 KiB chunks, no checksums.
+    pub log: bool,
 }
 
 impl Geometry {
@@ -79,7 +88,7 @@ impl Geometry {
                 format!("virtual size {virtual_size} is invalid (a multiple of 512, at least 512, at most 2^60)"),
             ));
         }
-        Ok(Geometry { virtual_size, chunk_shift, data_checksums: false })
+        Ok(Geometry { virtual_size, chunk_shift, data_checksums: false, log: false })
     }
 
     /// The same geometry with per-block data checksums; chunks of at most 256 KiB only.
@@ -87,7 +96,24 @@ impl Geometry {
         if on && self.chunk_shift > MAX_CHECKSUM_CHUNK_SHIFT {
             return Err(err(ErrorKind::InvalidArgument, "data checksums need a chunk size of at most 256 KiB"));
         }
+        if on && self.log {
+            return Err(err(ErrorKind::InvalidArgument, "a log-structured image has no data checksums"));
+        }
         Ok(Geometry { data_checksums: on, ..self })
+    }
+
+    /// The same geometry with the log-structured data home of spec §5.10: 8 KiB chunks only
+    /// (a record is one cluster, the new slot of the chunk written: its block where the slot
+    /// has it, the record's head in the other), and no data checksums (a block's checksum
+    /// would have to be written with it, in the same record).
+    pub fn with_log(self, on: bool) -> Result<Geometry> {
+        if on && self.chunk_shift != LOG_CHUNK_SHIFT {
+            return Err(err(ErrorKind::InvalidArgument, "a log-structured image needs 8 KiB chunks"));
+        }
+        if on && self.data_checksums {
+            return Err(err(ErrorKind::InvalidArgument, "a log-structured image has no data checksums"));
+        }
+        Ok(Geometry { log: on, ..self })
     }
 
     pub fn chunk_size(&self) -> u64 {

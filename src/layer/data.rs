@@ -250,7 +250,10 @@ impl Image {
             return Err(err(ErrorKind::InvalidArgument, "data blocks need a slot first"));
         }
         let mut punches = Vec::new();
-        if state != BlockState::Data && e.data_offset != 0 && !checksums {
+        // A log record's home (spec §5.10) is under the record's CRC until the checkpoint:
+        // punched only when its release is reusable, as with data checksums.
+        let keep = checksums || e.pinned != 0;
+        if state != BlockState::Data && e.data_offset != 0 && !keep {
             for (s, t, was) in e.blocks.runs(start, end) {
                 if was == BlockState::Data {
                     punches.push((e.data_offset + s as u64 * BLOCK_SIZE, (t - s) as u64 * BLOCK_SIZE));
@@ -264,9 +267,7 @@ impl Image {
             }
         }
         if e.data_offset != 0 && e.blocks.count(BlockState::Data) == 0 {
-            if !checksums {
-                punches = vec![(e.data_offset, self.geom.chunk_size())];
-            }
+            punches = if keep { Vec::new() } else { vec![(e.data_offset, self.geom.chunk_size())] };
             alloc.release_later(e.data_offset);
             e.data_offset = 0;
             e.pinned = 0;

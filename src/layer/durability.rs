@@ -31,7 +31,7 @@ impl Image {
         Ok(())
     }
 
-    fn sync_or_poison(&self) -> Result<()> {
+    pub(super) fn sync_or_poison(&self) -> Result<()> {
         self.storage.sync().inspect_err(|_| self.poisoned.store(true, Ordering::Release))
     }
 
@@ -49,7 +49,7 @@ impl Image {
 
     /// Whether flushes of this image may go to a journal: a writable top (a frozen layer being
     /// written by a commit, and images with data checksums, keep to §5.3 alone).
-    fn journals(&self, st: &State) -> bool {
+    pub(super) fn journals(&self, st: &State) -> bool {
         self.is_writable() && !self.geom.data_checksums && !st.header.has_flag(FLAG_FROZEN)
     }
 
@@ -74,7 +74,8 @@ impl Image {
             // is one sync in place already (rewrites of written blocks): a record would only
             // copy the blocks.
             let changed = st.map.dirty_sectors() > 0 || js.records > 0;
-            let journaled = may_journal && changed && self.journals(&st) && record_fits(&st, &js, &written);
+            let journaled =
+                may_journal && changed && self.journals(&st) && record_fits(&st, &js, &written, self.area_layout());
             if !journaled && js.records > 0 {
                 // A checkpoint: the sectors logged since the last one go to their places too.
                 st.map.mark_sectors_dirty(js.logged.iter().copied());
@@ -87,7 +88,7 @@ impl Image {
         } else if journaled {
             self.flush_to_journal(&mut js, &snap, written)
         } else {
-            self.flush_in_place(&mut js, &snap)
+            self.flush_in_place(&mut js, &snap, may_journal)
         };
         match res {
             Ok(()) => {
@@ -144,36 +145,28 @@ impl Image {
     /// flush, written durably in one write (spec §5.9). The sectors stay logged until the next
     /// checkpoint writes them in place.
     fn flush_to_journal(&self, js: &mut JournalState, snap: &DirtySnapshot, written: Written) -> Result<()> {
-        let mut offs: Vec<u64> = written
-            .ranges
-            .iter()
-            .flat_map(|&(off, len)| (off / BLOCK_SIZE..(off + len).div_ceil(BLOCK_SIZE)).map(|b| b * BLOCK_SIZE))
-            .collect();
-        offs.sort_unstable();
-        offs.dedup();
-        let mut blocks = Vec::with_capacity(offs.len());
-        let restore = |w: Written| {
-            let mut now = lock(&self.written);
-            now.ranges.extend(w.ranges);
-            now.bytes = now.bytes.saturating_add(w.bytes);
-        };
-        {
-            let _copying = write(&self.copy_gate);
-            for &off in &offs {
-                let mut b = vec![0u8; BLOCK_SIZE as usize];
-                if let Err(e) = self.storage.read_at(&mut b, off) {
-                    restore(written);
-                    return Err(e);
-                }
-                blocks.push((off, b));
+        let restore = |w: Written| Written::put_back(&self.written, w);
+        let blocks = match self.copy_written(&written.blocks()) {
+            Ok(b) => b,
+            Err(e) => {
+                restore(written);
+                return Err(e);
             }
-        }
-        let rec = Record { seq: js.next_seq, replay_from: js.replay_from, sectors: snap.encoded.clone(), blocks };
+        };
+        // With LOG the record names the log's place, where the record after it may be.
+        let rec = Record {
+            seq: js.next_seq,
+            replay_from: js.replay_from,
+            sectors: snap.encoded.clone(),
+            blocks,
+            next: js.log_pos,
+            before: 0,
+        };
         let (area_end, uuid) = {
             let st = read(&self.state);
             (st.header.journal.map_or(0, |a| a.end()), st.header.uuid)
         };
-        let bytes = rec.encode(&uuid);
+        let bytes = rec.encode(&uuid, self.area_layout());
         if js.pos + bytes.len() as u64 > area_end {
             // record_fits planned for at least this much.
             restore(written);
@@ -189,10 +182,26 @@ impl Image {
         Ok(())
     }
 
+    /// A copy of the blocks at `offs`, each read whole: a block being written meanwhile is
+    /// copied old or new, never torn (data writes hold the copy gate shared).
+    pub(super) fn copy_written(&self, offs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>> {
+        let _copying = write(&self.copy_gate);
+        offs.iter()
+            .map(|&off| {
+                let mut b = vec![0u8; BLOCK_SIZE as usize];
+                self.storage.read_at(&mut b, off)?;
+                Ok((off, b))
+            })
+            .collect()
+    }
+
     /// Spec §5.3, and the checkpoint of a journal with records since the last one (the
     /// snapshot then holds the sectors they logged): sync, header, sectors, sync; then a
     /// record at the start of the area that says nothing before it needs replaying.
-    fn flush_in_place(&self, js: &mut JournalState, snap: &DirtySnapshot) -> Result<()> {
+    ///
+    /// `keep_window` false (a flush that leaves the map in the file complete: close, header
+    /// changes, map switches) also gives a log's window of ready space up.
+    fn flush_in_place(&self, js: &mut JournalState, snap: &DirtySnapshot, keep_window: bool) -> Result<()> {
         // Everything written so far is durable after this sync: no record needs to copy it.
         // (Writes noted between here and the sync are copied by no record either, but are
         // also covered by the sync.)
@@ -219,18 +228,34 @@ impl Image {
                 (st.header.journal, st.header.uuid)
             };
             if let Some(area) = area {
-                let mark = Record::checkpoint(js.next_seq);
+                // With LOG the mark names the log's place, where one is kept.
+                let next = if keep_window { js.log_pos } else { 0 };
+                let layout = self.area_layout();
+                let mark = Record::checkpoint(js.next_seq, next);
                 self.storage
-                    .write_durable(&mark.encode(&uuid), area.offset)
+                    .write_durable(&mark.encode(&uuid, layout), area.offset)
                     .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
-                js.pos = area.offset + mark.len() as u64;
+                js.pos = area.offset + mark.len(layout) as u64;
                 js.next_seq += 1;
                 js.replay_from = js.next_seq;
             }
             js.records = 0;
             js.logged.clear();
+            self.log_checkpointed(js);
+        }
+        if self.geom.log && !keep_window {
+            self.log_give_up_window(js)?;
         }
         Ok(())
+    }
+
+    /// How this image's records in the area are laid out.
+    pub(super) fn area_layout(&self) -> journal::Layout {
+        if self.geom.log {
+            journal::Layout::LogArea
+        } else {
+            journal::Layout::Area
+        }
     }
 
     /// Writes zeros into the holes of map extents (all of a new one): a journaling image keeps
@@ -263,7 +288,7 @@ impl Image {
 
     /// Gives a journaling image its journal area at its first flush (spec §5.9): fresh space
     /// written with a checkpoint record and zeros, synced, then a header naming it, synced.
-    fn make_journal(&self, js: &mut JournalState) -> Result<()> {
+    pub(super) fn make_journal(&self, js: &mut JournalState) -> Result<()> {
         let area = {
             let mut st = write(&self.state);
             if st.header.journal.is_some() || !self.journals(&st) {
@@ -276,8 +301,8 @@ impl Image {
         let ctx = |e: Error| e.with_file(&self.path).during("make the journal");
         let extents = read(&self.state).map.extents().to_vec();
         self.fill_holes(&extents).map_err(ctx)?;
-        let mark = Record::checkpoint(1);
-        let m = mark.encode(&read(&self.state).header.uuid);
+        let mark = Record::checkpoint(1, 0);
+        let m = mark.encode(&read(&self.state).header.uuid, self.area_layout());
         let mut bytes = vec![0u8; area.len as usize];
         bytes[..m.len()].copy_from_slice(&m);
         self.storage.write_at(&bytes, area.offset).map_err(ctx)?;
@@ -478,13 +503,13 @@ impl Image {
 
 /// Whether a flush fits one journal record: no new map extent (that needs a header), the data
 /// written since the last flush small enough to copy, and room left in the area.
-fn record_fits(st: &State, js: &JournalState, w: &Written) -> bool {
+fn record_fits(st: &State, js: &JournalState, w: &Written, layout: journal::Layout) -> bool {
     let Some(area) = st.header.journal else { return false };
     if st.map.extents_changed() || w.bytes > journal::MAX_RECORD_DATA {
         return false;
     }
     // Each range may straddle a block boundary at both ends.
     let blocks = (w.bytes / BLOCK_SIZE) as usize + 2 * w.ranges.len();
-    let len = Record::len_for(st.map.dirty_sectors(), blocks) as u64;
-    js.pos >= area.offset && js.pos + len <= area.end()
+    let len = Record::len_for(st.map.dirty_sectors(), blocks, layout) as u64;
+    js.pos >= area.offset && js.pos + len <= area.end() && js.log_records < super::log::CHECKPOINT_RECORDS
 }

@@ -1,13 +1,16 @@
-//! The redo journal of one image (spec §5.9): its record format, reading back the chain of
-//! records a crash left, and the store that shows an image as if they were replayed.
+//! The redo journal of one image (spec §5.9, and the log of §5.10): its record format, reading
+//! back the chain of records a crash left, and the store that shows an image as if they were
+//! replayed.
 //!
 //! A small flush writes one record holding the map sectors it changed and a copy of every block
-//! written since the flush before, with one durable write into an area written before (so that
+//! written since the flush before, with one durable write into space written before (so that
 //! the write needs no file-system metadata); the sectors go to their places in the file only at
-//! the next checkpoint. Invariants: records lie one after another from the start of the area,
-//! each numbered one more than the one before it; a record is valid only whole (its CRC) and in
-//! sequence; every record from the newest valid record's `replay_from` on is replayed, in order,
-//! before the map in the file is trusted.
+//! the next checkpoint. Invariants: without LOG, records lie one after another from the start
+//! of the area; with LOG, the area holds the checkpoint's record and every record names the
+//! place of the next (in the data area, where a record's blocks may be their own home). Each
+//! record is numbered one more than the one before it; a record is valid only whole (its CRC)
+//! and in sequence; every record from the newest valid record's `replay_from` on is replayed,
+//! in order, before the map in the file is trusted.
 
 use crate::error::{err, ErrorKind, Result};
 use crate::format::header::MapExtent;
@@ -17,8 +20,6 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use std::collections::BTreeMap;
 
 const MAGIC: &[u8; 4] = b"CDJR";
-/// Bytes of a record's fixed head, before its offset lists.
-const HEAD: usize = 40;
 const SECTOR: usize = SECTOR_SIZE;
 const BLOCK: usize = BLOCK_SIZE as usize;
 
@@ -30,6 +31,34 @@ pub const AREA: u64 = 4 << 20;
 /// The most block bytes one record carries; a flush with more written since the one before
 /// makes a checkpoint instead (a long record costs more than the sync it would save).
 pub const MAX_RECORD_DATA: u64 = 256 << 10;
+/// The longest record in the data area a reader reads (spec §5.10: a writer puts one cluster
+/// there).
+pub const MAX_LOG_RECORD: u64 = 64 << 10;
+
+/// How a record is laid out, by where it lies and the image's features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Spec §5.9: in the area, a 40-byte fixed head.
+    Area,
+    /// Spec §5.10, in the area of a LOG image: a 48-byte fixed head (with `next`).
+    LogArea,
+    /// Spec §5.10, in the data area: a 48-byte fixed head, the head and sector images padded
+    /// to 4096, and `before` block images ahead of the head.
+    LogHome,
+}
+
+impl Layout {
+    fn fixed(self) -> usize {
+        match self {
+            Layout::Area => 40,
+            Layout::LogArea | Layout::LogHome => 48,
+        }
+    }
+
+    fn has_next(self) -> bool {
+        self != Layout::Area
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -40,97 +69,122 @@ pub struct Record {
     pub sectors: Vec<(u64, [u8; SECTOR])>,
     /// Data blocks: file offset and 4096 bytes.
     pub blocks: Vec<(u64, Vec<u8>)>,
+    /// LOG: the place of the log's next record (spec §5.10), 0 for none.
+    pub next: u64,
+    /// LOG, in the data area: how many of `blocks` lie before the head in the file (0 or 1).
+    pub before: u32,
 }
 
-/// CRC-32 of the image's uuid followed by `bytes`.
-fn seal(uuid: &[u8; 16], bytes: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(uuid);
-    h.update(bytes);
-    h.finalize()
-}
-
-fn head_len(sectors: usize, blocks: usize) -> usize {
-    (HEAD + 8 * (sectors + blocks)).next_multiple_of(SECTOR)
+/// Bytes of the head and the sector images: up to where the block images after the head start.
+fn head_part(sectors: usize, blocks: usize, layout: Layout) -> usize {
+    let end = (layout.fixed() + 8 * (sectors + blocks)).next_multiple_of(SECTOR) + SECTOR * sectors;
+    if layout == Layout::LogHome {
+        end.next_multiple_of(BLOCK)
+    } else {
+        end
+    }
 }
 
 impl Record {
-    /// A checkpoint's record, numbered `seq`: it names nothing, and nothing before it is to be
-    /// replayed.
-    pub fn checkpoint(seq: u64) -> Record {
-        Record { seq, replay_from: seq + 1, sectors: Vec::new(), blocks: Vec::new() }
+    /// A checkpoint's record, numbered `seq`: it names no sector or block, and nothing before
+    /// it is to be replayed. With LOG, `next` names where the log's next record goes (0: none).
+    pub fn checkpoint(seq: u64, next: u64) -> Record {
+        Record { seq, replay_from: seq + 1, sectors: Vec::new(), blocks: Vec::new(), next, before: 0 }
     }
 
-    /// Bytes a record of `sectors` sectors and `blocks` blocks takes (a multiple of 512).
-    pub fn len_for(sectors: usize, blocks: usize) -> usize {
-        head_len(sectors, blocks) + SECTOR * sectors + BLOCK * blocks
+    /// Bytes a record of `sectors` sectors and `blocks` blocks takes.
+    pub fn len_for(sectors: usize, blocks: usize, layout: Layout) -> usize {
+        head_part(sectors, blocks, layout) + BLOCK * blocks
     }
 
-    /// Bytes the record takes in the area (never zero: a record has a head).
-    #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> usize {
-        Record::len_for(self.sectors.len(), self.blocks.len())
+    /// Bytes the record takes (never zero: a record has a head).
+    pub fn len(&self, layout: Layout) -> usize {
+        Record::len_for(self.sectors.len(), self.blocks.len(), layout)
     }
 
-    /// The record's bytes, sealed with the image's `uuid`: the CRC covers the uuid first, so
-    /// that bytes a guest wrote (which a record copies, and which stale space in the area may
-    /// hold) can never pass for a record of this image: the guest never sees its uuid.
-    pub fn encode(&self, uuid: &[u8; 16]) -> Vec<u8> {
-        let head = head_len(self.sectors.len(), self.blocks.len());
-        let mut b = vec![0u8; self.len()];
-        b[4..8].copy_from_slice(MAGIC);
-        LE::write_u64(&mut b[8..], self.seq);
-        LE::write_u64(&mut b[16..], self.replay_from);
-        LE::write_u32(&mut b[24..], self.len() as u32);
-        LE::write_u32(&mut b[28..], self.sectors.len() as u32);
-        LE::write_u32(&mut b[32..], self.blocks.len() as u32);
+    /// Where block image `i` lies, from the record's first byte.
+    pub fn image_at(&self, i: usize, layout: Layout) -> u64 {
+        let before = self.before as usize;
+        let at = if i < before {
+            BLOCK * i
+        } else {
+            BLOCK * before + head_part(self.sectors.len(), self.blocks.len(), layout) + BLOCK * (i - before)
+        };
+        at as u64
+    }
+
+    /// The record's bytes in file order, sealed with the image's `uuid`: the CRC covers the
+    /// uuid first, so that bytes a guest wrote (which a record copies, and which stale space
+    /// may hold) can never pass for a record of this image: the guest never sees its uuid.
+    pub fn encode(&self, uuid: &[u8; 16], layout: Layout) -> Vec<u8> {
+        let (ns, nd) = (self.sectors.len(), self.blocks.len());
+        let h = BLOCK * self.before as usize;
+        let mut b = vec![0u8; self.len(layout)];
+        b[h + 4..h + 8].copy_from_slice(MAGIC);
+        LE::write_u64(&mut b[h + 8..], self.seq);
+        LE::write_u64(&mut b[h + 16..], self.replay_from);
+        let len = b.len() as u32;
+        LE::write_u32(&mut b[h + 24..], len);
+        LE::write_u32(&mut b[h + 28..], ns as u32);
+        LE::write_u32(&mut b[h + 32..], nd as u32);
+        if layout.has_next() {
+            LE::write_u32(&mut b[h + 36..], self.before);
+            LE::write_u64(&mut b[h + 40..], self.next);
+        }
         let offsets = self.sectors.iter().map(|s| s.0).chain(self.blocks.iter().map(|d| d.0));
         for (i, off) in offsets.enumerate() {
-            LE::write_u64(&mut b[HEAD + 8 * i..], off);
+            LE::write_u64(&mut b[h + layout.fixed() + 8 * i..], off);
         }
-        let mut at = head;
+        let mut at = h + (layout.fixed() + 8 * (ns + nd)).next_multiple_of(SECTOR);
         for (_, s) in &self.sectors {
             b[at..at + SECTOR].copy_from_slice(s);
             at += SECTOR;
         }
-        for (_, d) in &self.blocks {
+        for (i, (_, d)) in self.blocks.iter().enumerate() {
+            let at = self.image_at(i, layout) as usize;
             b[at..at + BLOCK].copy_from_slice(d);
-            at += BLOCK;
         }
-        let crc = seal(uuid, &b[4..]);
-        LE::write_u32(&mut b[0..], crc);
+        let crc = seal(uuid, &b, h);
+        LE::write_u32(&mut b[h..], crc);
         b
     }
 
-    /// The record starting with `head` (its first 512 bytes), reading the rest with `more`;
-    /// `None` if it is not a whole, valid record of at most `room` bytes.
+    /// The record whose head is at `head_at` in `storage`, `None` if there is none there that
+    /// is whole, valid and at most `room` bytes from its first byte on. Returns it with the
+    /// place of its first byte.
     fn read(
-        head: &[u8],
+        storage: &dyn Storage,
+        head_at: u64,
         room: u64,
         uuid: &[u8; 16],
-        more: impl FnOnce(&mut [u8]) -> Result<()>,
-    ) -> Result<Option<Record>> {
-        if head.len() < SECTOR || &head[4..8] != MAGIC {
+        layout: Layout,
+    ) -> Result<Option<(Record, u64)>> {
+        let mut head = [0u8; SECTOR];
+        storage.read_at(&mut head, head_at)?;
+        if &head[4..8] != MAGIC {
             return Ok(None);
         }
         let len = LE::read_u32(&head[24..]) as usize;
         let (ns, nd) = (LE::read_u32(&head[28..]) as usize, LE::read_u32(&head[32..]) as usize);
+        let before = if layout.has_next() { LE::read_u32(&head[36..]) } else { 0 };
         // Bounded before anything is sized by them: the record must fit in what is left.
-        if ns as u64 > room / SECTOR as u64 || nd as u64 > room / BLOCK as u64 {
+        let fits = ns as u64 <= room / SECTOR as u64 && nd as u64 <= room / BLOCK as u64;
+        if !fits || before as usize > nd || (before != 0 && layout != Layout::LogHome) {
             return Ok(None);
         }
-        let hl = head_len(ns, nd);
-        if len as u64 > room || len != hl + SECTOR * ns + BLOCK * nd {
+        let h = (BLOCK * before as usize) as u64;
+        let Some(start) = head_at.checked_sub(h) else { return Ok(None) };
+        if len as u64 > room || len != Record::len_for(ns, nd, layout) {
             return Ok(None);
         }
         let mut b = vec![0u8; len];
-        b[..SECTOR].copy_from_slice(&head[..SECTOR]);
-        more(&mut b[SECTOR..])?;
-        if seal(uuid, &b[4..]) != LE::read_u32(&b[0..]) {
+        storage.read_at(&mut b, start)?;
+        let h = h as usize;
+        if seal(uuid, &b, h) != LE::read_u32(&b[h..]) {
             return Ok(None);
         }
-        let off = |i: usize| LE::read_u64(&b[HEAD + 8 * i..]);
-        let mut at = hl;
+        let off = |i: usize| LE::read_u64(&b[h + layout.fixed() + 8 * i..]);
+        let mut at = h + (layout.fixed() + 8 * (ns + nd)).next_multiple_of(SECTOR);
         let mut sectors = Vec::with_capacity(ns);
         for i in 0..ns {
             let mut s = [0u8; SECTOR];
@@ -138,39 +192,91 @@ impl Record {
             sectors.push((off(i), s));
             at += SECTOR;
         }
-        let mut blocks = Vec::with_capacity(nd);
+        let next = if layout.has_next() { LE::read_u64(&b[h + 40..]) } else { 0 };
+        let mut r = Record {
+            seq: LE::read_u64(&b[h + 8..]),
+            replay_from: LE::read_u64(&b[h + 16..]),
+            sectors,
+            blocks: Vec::with_capacity(nd),
+            next,
+            before,
+        };
         for i in 0..nd {
-            blocks.push((off(ns + i), b[at..at + BLOCK].to_vec()));
-            at += BLOCK;
+            let at = r.image_at(i, layout) as usize;
+            r.blocks.push((off(ns + i), b[at..at + BLOCK].to_vec()));
         }
-        Ok(Some(Record { seq: LE::read_u64(&b[8..]), replay_from: LE::read_u64(&b[16..]), sectors, blocks }))
+        Ok(Some((r, start)))
     }
 }
 
-/// What a journal area holds: the records from its start that are valid and in sequence.
+/// CRC-32 of the image's uuid followed by the record's bytes `b` but the CRC field (the 4
+/// bytes at `h`, where its head starts).
+fn seal(uuid: &[u8; 16], b: &[u8], h: usize) -> u32 {
+    let mut c = crc32fast::Hasher::new();
+    c.update(uuid);
+    c.update(&b[..h]);
+    c.update(&b[h + 4..]);
+    c.finalize()
+}
+
+/// What a journal holds: the records from the area's start that are valid and in sequence.
+/// Without LOG they lie one after another; with it (spec §5.10) the record after one lies
+/// either where the area's records go on or at the place in the data area the last record
+/// named, its head there or one block after it.
 #[derive(Debug, Default)]
 pub struct Chain {
     pub records: Vec<Record>,
-    /// File offset just past the last of them (the area's start if there is none).
+    /// File offset of each record's first byte, and whether it lies in the area.
+    pub places: Vec<(u64, bool)>,
+    /// File offset just past the last record in the area (the area's start if there is none).
     pub end: u64,
+    /// Whether the image has LOG.
+    pub log: bool,
 }
 
 impl Chain {
-    /// Reads the chain from `area` of `storage`, an image whose uuid is `uuid`.
-    pub fn read(storage: &dyn Storage, area: &MapExtent, uuid: &[u8; 16]) -> Result<Chain> {
-        let mut chain = Chain { records: Vec::new(), end: area.offset };
-        let mut head = [0u8; SECTOR];
-        while chain.end + SECTOR as u64 <= area.end() {
-            storage.read_at(&mut head, chain.end)?;
-            let at = chain.end;
-            let room = area.end() - at;
-            let Some(r) = Record::read(&head, room, uuid, |rest| storage.read_at(rest, at + SECTOR as u64))? else {
-                break;
-            };
-            if chain.records.last().is_some_and(|p| r.seq != p.seq + 1) {
-                break;
+    /// Reads the chain of `area` of `storage`, an image whose uuid is `uuid`, with LOG if
+    /// `log`. A record that names as the next place one no record may be (not a multiple of
+    /// 4096, or past the largest file) is corrupt.
+    pub fn read(storage: &dyn Storage, area: &MapExtent, uuid: &[u8; 16], log: bool) -> Result<Chain> {
+        let mut chain = Chain { records: Vec::new(), places: Vec::new(), end: area.offset, log };
+        let in_area = if log { Layout::LogArea } else { Layout::Area };
+        let mut log_at = 0u64;
+        loop {
+            let follows = |r: &Record, chain: &Chain| chain.records.last().map_or(true, |p| r.seq == p.seq + 1);
+            let mut found = None;
+            if chain.end + SECTOR as u64 <= area.end() {
+                if let Some((r, at)) = Record::read(storage, chain.end, area.end() - chain.end, uuid, in_area)? {
+                    if follows(&r, &chain) {
+                        found = Some((r, at, true));
+                    }
+                }
             }
-            chain.end += r.len() as u64;
+            // The first record is the area's; later ones may be in the log.
+            if found.is_none() && log_at != 0 && !chain.records.is_empty() {
+                for before in 0..2u64 {
+                    let head = log_at + before * BLOCK as u64;
+                    if let Some((r, at)) = Record::read(storage, head, MAX_LOG_RECORD, uuid, Layout::LogHome)? {
+                        if at == log_at && follows(&r, &chain) {
+                            found = Some((r, at, false));
+                            break;
+                        }
+                    }
+                }
+            }
+            let Some((r, at, in_area_now)) = found else { break };
+            let layout = if in_area_now { in_area } else { Layout::LogHome };
+            if in_area_now {
+                chain.end = at + r.len(layout) as u64;
+            }
+            if log {
+                let n = r.next;
+                if n != 0 && (n % BLOCK as u64 != 0 || n > crate::format::header::MAX_FILE_SIZE - MAX_LOG_RECORD) {
+                    return Err(err(ErrorKind::Corrupt, format!("journal record {} names its next at {n}", r.seq)));
+                }
+                log_at = n;
+            }
+            chain.places.push((at, in_area_now));
             chain.records.push(r);
         }
         Ok(chain)
@@ -190,13 +296,31 @@ impl Chain {
 
     /// The bytes replaying puts where, later records over earlier ones. Every place must be
     /// one the journal may name: sectors inside a map extent, blocks at or after `data_start`
-    /// outside the map extents and the journal (a record that names another place is corrupt,
-    /// not replayed).
+    /// outside the map extents and the journal area, and in a log each record itself outside
+    /// them too (a record that names another place, or lies in one, is corrupt, not replayed).
+    /// A block already at its place (a log record's block whose home is the record) is not
+    /// a piece: replaying it would write what is there.
     pub fn patches(&self, extents: &[MapExtent], area: &MapExtent, data_start: u64) -> Result<BTreeMap<u64, Vec<u8>>> {
         let inside = |e: &MapExtent, off: u64, n: u64| off >= e.offset && off + n <= e.end();
         let overlaps = |e: &MapExtent, off: u64, n: u64| off < e.end() && e.offset < off + n;
+        let misplaced = |off: u64, n: u64| {
+            off < data_start
+                || off.checked_add(n).map_or(true, |e| e > crate::format::header::MAX_FILE_SIZE)
+                || overlaps(area, off, n)
+                || extents.iter().any(|e| overlaps(e, off, n))
+        };
+        let first = self.records.len() - self.to_replay().len();
         let mut out = BTreeMap::new();
-        for r in self.to_replay() {
+        for (r, &(place, in_area)) in self.to_replay().iter().zip(&self.places[first..]) {
+            let layout = match (in_area, self.log) {
+                (true, false) => Layout::Area,
+                (true, true) => Layout::LogArea,
+                (false, _) => Layout::LogHome,
+            };
+            let len = r.len(layout) as u64;
+            if !in_area && misplaced(place, len) {
+                return Err(err(ErrorKind::Corrupt, format!("journal record {} lies at {place}", r.seq)));
+            }
             for (off, s) in &r.sectors {
                 if off % SECTOR as u64 != 0 || !extents.iter().any(|e| inside(e, *off, SECTOR as u64)) {
                     return Err(err(
@@ -206,18 +330,19 @@ impl Chain {
                 }
                 out.insert(*off, s.to_vec());
             }
-            for (off, d) in &r.blocks {
+            for (i, (off, d)) in r.blocks.iter().enumerate() {
                 let n = BLOCK as u64;
-                let misplaced = off % n != 0
-                    || *off < data_start
-                    || off.checked_add(n).map_or(true, |e| e > crate::format::header::MAX_FILE_SIZE)
-                    || overlaps(area, *off, n)
-                    || extents.iter().any(|e| overlaps(e, *off, n));
-                if misplaced {
+                if off % n != 0 || misplaced(*off, n) {
                     return Err(err(
                         ErrorKind::Corrupt,
                         format!("journal record {} names a data block at {off}", r.seq),
                     ));
+                }
+                if *off == place + r.image_at(i, layout) {
+                    // Its own home: the file holds the record's image there (the CRC covered
+                    // it), so the replay writes nothing; an earlier piece for the place is older.
+                    out.remove(off);
+                    continue;
                 }
                 out.insert(*off, d.clone());
             }
@@ -336,6 +461,8 @@ mod tests {
             replay_from,
             sectors: vec![(131072 + 512 * seq, [fill; SECTOR])],
             blocks: vec![(65536 + 4096 * seq, vec![fill; BLOCK])],
+            next: 0,
+            before: 0,
         }
     }
 
@@ -348,8 +475,8 @@ mod tests {
     fn write_chain(s: &MemStorage, recs: &[Record]) -> u64 {
         let mut at = area().offset;
         for r in recs {
-            s.write_at(&r.encode(&UUID), at).unwrap();
-            at += r.len() as u64;
+            s.write_at(&r.encode(&UUID, Layout::Area), at).unwrap();
+            at += r.len(Layout::Area) as u64;
         }
         at
     }
@@ -387,21 +514,21 @@ mod tests {
         s.write_at(&vec![0u8; 2 << 20], 0).unwrap();
         let recs = [rec(7, 7, 1), rec(8, 7, 2), rec(9, 7, 3)];
         let end = write_chain(&s, &recs);
-        let c = Chain::read(&s, &area(), &UUID).unwrap();
+        let c = Chain::read(&s, &area(), &UUID, false).unwrap();
         assert_eq!(c.records, recs);
         assert_eq!(c.end, end);
         assert_eq!(c.next_seq(), 10);
         // A stale record after the chain (an older number) is not part of it.
-        s.write_at(&rec(3, 3, 9).encode(&UUID), end).unwrap();
-        assert_eq!(Chain::read(&s, &area(), &UUID).unwrap().records.len(), 3);
+        s.write_at(&rec(3, 3, 9).encode(&UUID, Layout::Area), end).unwrap();
+        assert_eq!(Chain::read(&s, &area(), &UUID, false).unwrap().records.len(), 3);
         // A torn last record (one sector of its data never written) ends the chain before it.
-        let third = area().offset + (recs[0].len() + recs[1].len()) as u64;
+        let third = area().offset + (recs[0].len(Layout::Area) + recs[1].len(Layout::Area)) as u64;
         s.write_at(&[0u8; 512], third + 1024).unwrap();
-        let c = Chain::read(&s, &area(), &UUID).unwrap();
+        let c = Chain::read(&s, &area(), &UUID, false).unwrap();
         assert_eq!(c.records, recs[..2]);
         assert_eq!(c.to_replay(), &recs[..2]);
         // Records sealed for another image are none of this one's.
-        assert!(Chain::read(&s, &area(), &[8; 16]).unwrap().records.is_empty());
+        assert!(Chain::read(&s, &area(), &[8; 16], false).unwrap().records.is_empty());
     }
 
     #[test]
@@ -411,7 +538,7 @@ mod tests {
         let mut later = rec(12, 11, 5);
         later.blocks[0].0 = 65536 + 4096 * 11;
         write_chain(&s, &[rec(10, 11, 0), rec(11, 11, 4), later]);
-        let c = Chain::read(&s, &area(), &UUID).unwrap();
+        let c = Chain::read(&s, &area(), &UUID, false).unwrap();
         assert_eq!(c.to_replay().iter().map(|r| r.seq).collect::<Vec<_>>(), vec![11, 12]);
         let extents = [MapExtent { offset: 131072, len: 65536 }];
         let p = c.patches(&extents, &area(), 65536).unwrap();
@@ -422,7 +549,73 @@ mod tests {
         assert_eq!(&b[..2048], &[0u8; 2048][..]);
         assert_eq!(&b[2048..6144], &[5u8; BLOCK][..]);
         // A record naming a place outside the map extents is corrupt, not replayed.
-        let bad = Chain { records: vec![rec(1, 1, 1)], end: 0 };
+        let bad = Chain { records: vec![rec(1, 1, 1)], places: vec![(area().offset, true)], end: 0, log: false };
         assert!(bad.patches(&[], &area(), 65536).is_err());
+    }
+
+    /// A log (spec §5.10): records in the area name the log's next place; a record there has
+    /// its head first or after one block; its blocks at their own images are not replayed
+    /// (they are there), a copy in the area is; the chain ends where neither place holds the
+    /// next record, and a record lying on a map extent is corrupt.
+    #[test]
+    fn a_log_chain_goes_between_the_area_and_the_data_area_and_leaves_home_blocks_where_they_are() {
+        let s = MemStorage::new();
+        let area = MapExtent { offset: 1 << 20, len: 1 << 20 };
+        let extents = [MapExtent { offset: 65536, len: 65536 }];
+        let (w1, w2) = (4 << 20, 6 << 20);
+        let mut at = area.offset;
+        let put = |r: &Record, place: u64, layout: Layout| {
+            s.write_at(&r.encode(&UUID, layout), place).unwrap();
+            place + r.len(layout) as u64
+        };
+        at = put(&Record::checkpoint(4, w1), at, Layout::LogArea);
+        // Record 5 in the log, its block (block 1 of an 8 KiB slot at w1) after its head.
+        let r5 = Record {
+            seq: 5,
+            replay_from: 5,
+            sectors: vec![(65536, [1; SECTOR])],
+            blocks: vec![(w1 + 4096, vec![2; BLOCK])],
+            next: w2,
+            before: 0,
+        };
+        assert_eq!(put(&r5, w1, Layout::LogHome), w1 + 8192);
+        // Record 6 in the area (a copy of a block written in place), naming the log's place.
+        let r6 = Record {
+            seq: 6,
+            replay_from: 5,
+            sectors: vec![(66048, [3; SECTOR])],
+            blocks: vec![(200 << 10, vec![4; BLOCK])],
+            next: w2,
+            before: 0,
+        };
+        at = put(&r6, at, Layout::LogArea);
+        // Record 7 in the log, its block (block 0 of the slot at w2) before its head.
+        let r7 = Record {
+            seq: 7,
+            replay_from: 5,
+            sectors: vec![(65536, [5; SECTOR])],
+            blocks: vec![(w2, vec![6; BLOCK])],
+            next: w2 + 8192,
+            before: 1,
+        };
+        assert_eq!(r7.image_at(0, Layout::LogHome), 0);
+        put(&r7, w2, Layout::LogHome);
+        let c = Chain::read(&s, &area, &UUID, true).unwrap();
+        assert_eq!(c.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 5, 6, 7]);
+        assert_eq!(
+            c.places,
+            vec![(area.offset, true), (w1, false), (at - r6.len(Layout::LogArea) as u64, true), (w2, false)]
+        );
+        assert_eq!(c.end, at);
+        let p = c.patches(&extents, &area, 8192).unwrap();
+        assert_eq!(p.keys().copied().collect::<Vec<_>>(), vec![65536, 66048, 200 << 10]);
+        assert_eq!(p[&65536], vec![5u8; SECTOR], "the later record's sector wins");
+        // A record on a map extent is corrupt.
+        let mut bad = Chain::read(&s, &area, &UUID, true).unwrap();
+        bad.places[3] = (65536, false);
+        assert!(bad.patches(&extents, &area, 8192).is_err());
+        // A torn record 7 (its block's last sector lost) ends the chain after record 6.
+        s.write_at(&[0u8; SECTOR], w2 + 3584).unwrap();
+        assert_eq!(Chain::read(&s, &area, &UUID, true).unwrap().records.len(), 3);
     }
 }

@@ -54,7 +54,8 @@ pub struct Entry {
     /// block is never overwritten in place (spec §5.8). Set from the entry on load, grown by each
     /// flush's snapshot (F1) of the entry, cleared when the entry gets a new slot (no durable
     /// map can point at a slot taken since: released slots are reused only once that release
-    /// is durable). Always 0 without data checksums, whose blocks may be overwritten in place.
+    /// is durable). Without data checksums 0, but in a log-structured image (spec §5.10): 1 while
+    /// the chunk's slot is the home a record since the last checkpoint holds.
     pub pinned: u64,
     /// Position of the entry's record: sector index * entries_per_sector + index in sector.
     pos: u64,
@@ -278,6 +279,13 @@ impl ChunkMap {
         self.extents.push(MapExtent { offset, len });
         self.extents_changed = true;
         Ok(())
+    }
+
+    /// The entry of `chunk`, to change without marking its sector dirty: only for changes the
+    /// sector as last encoded already holds (a log record made it durable, spec §5.10), or
+    /// that no sector holds (the pins).
+    pub fn get_mut_quiet(&mut self, chunk: u64) -> Option<&mut Entry> {
+        self.entries.get_mut(&chunk)
     }
 
     pub fn mark_dirty(&mut self, chunk: u64) {

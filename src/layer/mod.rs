@@ -17,6 +17,7 @@ pub mod alloc;
 mod data;
 mod durability;
 pub mod journal;
+mod log;
 
 pub use data::{SlotPlan, WritePlan};
 pub use durability::PreparedMap;
@@ -77,8 +78,21 @@ pub(crate) struct State {
 /// Where the redo journal (spec §5.9) stands; changed only by flushes (under `flush_lock`).
 #[derive(Debug, Default)]
 struct JournalState {
-    /// File offset of the next record.
+    /// File offset of the next record in the area.
     pos: u64,
+    /// LOG (spec §5.10): the place in the data area every record names for the log's next, a
+    /// cluster of ready space in the window; 0 for none.
+    log_pos: u64,
+    /// LOG: the end of the window of ready space (written with zeros and synced) `log_pos` is in.
+    window_end: u64,
+    /// LOG: chunks whose slot holds a record since the last checkpoint (its block and its
+    /// head). Those bytes are under the record's CRC, so they are not overwritten in place nor
+    /// punched until the checkpoint: such a chunk is pinned, and a write moves it.
+    homed: Vec<u64>,
+    /// LOG: records in the data area since the last checkpoint.
+    log_records: u64,
+    /// LOG: the window after this one, taken and being made ready by a thread (see `log.rs`).
+    next_window: Option<log::Preparing>,
     next_seq: u64,
     /// The first record after the last checkpoint: what a crash now would replay from.
     replay_from: u64,
@@ -92,6 +106,7 @@ struct JournalState {
 
 impl JournalState {
     /// The state after a chain read from the area (its last record a checkpoint's, or none).
+    /// A log has no window yet: what the last record names was given up at close.
     fn after(chain: &journal::Chain) -> JournalState {
         let next = chain.next_seq();
         JournalState { pos: chain.end, next_seq: next, replay_from: next, ..Default::default() }
@@ -103,6 +118,27 @@ impl JournalState {
 struct Written {
     ranges: Vec<(u64, u64)>,
     bytes: u64,
+}
+
+impl Written {
+    /// The 4 KiB blocks the ranges touch, in order, each once: what a record copies.
+    fn blocks(&self) -> Vec<u64> {
+        let mut offs: Vec<u64> = self
+            .ranges
+            .iter()
+            .flat_map(|&(off, len)| (off / BLOCK_SIZE..(off + len).div_ceil(BLOCK_SIZE)).map(|b| b * BLOCK_SIZE))
+            .collect();
+        offs.sort_unstable();
+        offs.dedup();
+        offs
+    }
+
+    /// Puts ranges taken by a flush back (its record was not written).
+    fn put_back(into: &Mutex<Written>, w: Written) {
+        let mut now = lock(into);
+        now.ranges.extend(w.ranges);
+        now.bytes = now.bytes.saturating_add(w.bytes);
+    }
 }
 
 /// Every range the image's file uses: the map's and the journal's.
@@ -134,7 +170,7 @@ pub struct Image {
     /// Set when a sync failed: the kernel may have dropped dirty pages, so nothing written
     /// since the last good flush can be trusted to reach the disk; every later write and flush
     /// fails until the image is reopened (a retried fsync could report success for lost data).
-    poisoned: AtomicBool,
+    poisoned: Arc<AtomicBool>,
     /// A data checksum failed: the next flush or close records FLAG_CORRUPT in the header.
     corrupt_found: AtomicBool,
     /// Slots dropped at open because they held no data (see [`ChunkMap::drop_empty_slots`]).
@@ -244,7 +280,7 @@ impl Image {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             closing: AtomicBool::new(false),
             clean: AtomicBool::new(false),
-            poisoned: AtomicBool::new(false),
+            poisoned: Arc::new(AtomicBool::new(false)),
             corrupt_found: AtomicBool::new(false),
             repaired_on_open: repaired,
             journal: Mutex::new(journal),
@@ -539,9 +575,10 @@ pub fn read_header_of(storage: &dyn Storage) -> Result<Header> {
 /// where the journal stands.
 fn replay_journal(storage: Arc<dyn Storage>, header: &Header, write: bool) -> Result<(Arc<dyn Storage>, JournalState)> {
     let Some(area) = header.journal else { return Ok((storage, JournalState::default())) };
-    let chain = journal::Chain::read(storage.as_ref(), &area, &header.uuid)?;
+    let log = header.geometry.log;
+    let chain = journal::Chain::read(storage.as_ref(), &area, &header.uuid, log)?;
     let patches = chain.patches(&header.map_extents, &area, header.geometry.data_start())?;
-    if patches.is_empty() {
+    if chain.to_replay().is_empty() {
         return Ok((storage, JournalState::after(&chain)));
     }
     if !write {
@@ -552,9 +589,12 @@ fn replay_journal(storage: Arc<dyn Storage>, header: &Header, write: bool) -> Re
     }
     storage.sync()?;
     let seq = chain.next_seq();
-    let mark = journal::Record::checkpoint(seq);
-    storage.write_durable(&mark.encode(&header.uuid), area.offset)?;
-    let pos = area.offset + mark.len() as u64;
+    // With LOG, the mark names no place in the data area: the window there is free space now
+    // (a writable open of a dirty image punches it), and a writer makes a new one.
+    let layout = if log { journal::Layout::LogArea } else { journal::Layout::Area };
+    let mark = journal::Record::checkpoint(seq, 0);
+    storage.write_durable(&mark.encode(&header.uuid, layout), area.offset)?;
+    let pos = area.offset + mark.len(layout) as u64;
     Ok((storage, JournalState { pos, next_seq: seq + 1, replay_from: seq + 1, ..Default::default() }))
 }
 

@@ -187,6 +187,10 @@ impl DiskWrite for LiveChain {
     fn write_from(&self, src: &mut dyn Payload, offset: u64, len: u64) -> Result<()> {
         self.with(|c| c.write_from(src, offset, len))
     }
+
+    fn write_fua_from(&self, src: &mut dyn Payload, offset: u64, len: u64) -> Result<()> {
+        self.with(|c| c.write_fua_from(src, offset, len))
+    }
 }
 
 impl DiskZero for LiveChain {

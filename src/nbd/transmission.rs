@@ -455,7 +455,12 @@ impl Conn {
         match req.typ {
             CMD_READ => return self.read(req),
             CMD_WRITE => {
-                if len > 0 {
+                if fua && len > 0 {
+                    // Durable on return, in one step where the disk can (spec §5.10).
+                    disk.write_fua_from(payload, req.offset, len).map_err(lib)?;
+                } else if fua {
+                    disk.flush().map_err(lib)?;
+                } else if len > 0 {
                     disk.write_from(payload, req.offset, len).map_err(lib)?;
                 }
             }
@@ -481,7 +486,7 @@ impl Conn {
             CMD_BLOCK_STATUS => return self.block_status(req),
             _ => unreachable!("checked above"),
         }
-        if fua && writes {
+        if fua && writes && req.typ != CMD_WRITE {
             disk.flush().map_err(lib)?;
         }
         self.send_ok(req);

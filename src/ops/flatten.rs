@@ -114,7 +114,9 @@ pub fn flatten_chain_to(
             }
             OutputFormat::Cowdisk => {
                 let tg = chain.top().geometry();
-                let g = Geometry::new(chain.size(), tg.chunk_shift)?.with_data_checksums(tg.data_checksums)?;
+                let g = Geometry::new(chain.size(), tg.chunk_shift)?
+                    .with_data_checksums(tg.data_checksums)?
+                    .with_log(tg.log)?;
                 let img = Image::create_on(file.clone(), &tmp, g, None, new_uuid()?)?;
                 let dst = Chain::assemble(img, Vec::new(), None);
                 for e in &data {

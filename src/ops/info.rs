@@ -19,6 +19,8 @@ pub struct LayerInfo {
     pub chunk_size: Option<u64>,
     /// Whether data blocks carry checksums.
     pub data_checksums: bool,
+    /// The log-structured data home (format-spec §5.10).
+    pub log: bool,
     /// Bytes of data blocks the layer holds (a raw base: its length).
     pub data_bytes: u64,
     /// Bytes the file occupies on disk.
@@ -51,6 +53,7 @@ pub fn info(image: &Path) -> Result<Vec<LayerInfo>> {
             virtual_size: h.geometry.virtual_size,
             chunk_size: Some(h.geometry.chunk_size()),
             data_checksums: h.geometry.data_checksums,
+            log: h.geometry.log,
             data_bytes: img.data_bytes(),
             disk_bytes: disk(img.path()),
             uuid: Some(format_uuid(&h.uuid)),
@@ -74,6 +77,7 @@ pub fn info(image: &Path) -> Result<Vec<LayerInfo>> {
             virtual_size: b.size(),
             chunk_size: None,
             data_checksums: false,
+            log: false,
             data_bytes: b.size(),
             disk_bytes: disk(b.path()),
             uuid: None,

@@ -242,6 +242,6 @@ pub fn snapshot_chain(
 /// Whether the journal of the image (header `h`) holds records a crash left to replay.
 fn journal_to_replay(storage: &dyn crate::storage::Storage, h: &Header) -> Result<bool> {
     let Some(area) = h.journal else { return Ok(false) };
-    let chain = crate::layer::journal::Chain::read(storage, &area, &h.uuid)?;
+    let chain = crate::layer::journal::Chain::read(storage, &area, &h.uuid, h.geometry.log)?;
     Ok(!chain.to_replay().is_empty())
 }

@@ -43,6 +43,9 @@ pub static JOBS_DONE: [std::sync::atomic::AtomicUsize; 3] = [
     std::sync::atomic::AtomicUsize::new(0),
     std::sync::atomic::AtomicUsize::new(0),
 ];
+/// Records the runs wrote in a log-structured top's data area (format-spec §5.10): the
+/// explorer's proof that the log's path is taken at all.
+pub static LOG_RECORDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 const TOP: &str = "top";
 const MID: &str = "mid";
 const OUT: &str = "out";
@@ -242,6 +245,31 @@ fn written(model: &[u8], off: u64, len: u64) -> What {
     What::Write((s0..s1).map(|s| (s, hash(&model[s * SECTOR..(s + 1) * SECTOR]))).collect())
 }
 
+/// Durable writes into `top`'s file outside its journal area from journal index `from` on:
+/// the records of its log (format-spec §5.10), counted into [`LOG_RECORDS`].
+fn count_log_records(
+    journal: &Journal,
+    dir: &RecordingDir,
+    area: Option<cowdisk::format::header::MapExtent>,
+    from: usize,
+) {
+    use cowdisk::storage::recording::RecOp;
+    let (Some(top), Some(area)) = (dir.file_of(Path::new(TOP)), area) else { return };
+    let n = journal.ops()[from..]
+        .iter()
+        .filter(|(f, op)| *f == top && matches!(op, RecOp::DurableWrite { offset, .. } if *offset >= area.end()))
+        .count();
+    LOG_RECORDS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A write's record as one with FUA.
+fn as_fua(w: What) -> What {
+    match w {
+        What::Write(v) => What::WriteFua(v),
+        other => other,
+    }
+}
+
 /// The sequential workload of seed `seed`. Its random draws are those of the explorer's
 /// first version, so a seed names the same writes it always did (seed 772 found the defect of
 /// scenario A); the finale's variants come from a second generator.
@@ -260,11 +288,21 @@ pub fn sequential(seed: u64) -> Run {
         })
         .collect();
     let top_sums = rng.below(2) == 0;
-    let g = Geometry::new(SIZE, shift).unwrap().with_data_checksums(top_sums).unwrap();
+    // A quarter of the seeds (none of the pinned ones: the rest of their draws is unchanged)
+    // write a log-structured top (format-spec §5.10), three writes in four as FUA writes, most
+    // of those of one aligned block (what takes the log's path).
+    let log = seed % 4 == 2;
+    let mut fua = Rng(seed.wrapping_mul(0x5851_f42d_4c95_7f2d) | 1);
+    let g = if log {
+        Geometry::new(SIZE, 13).unwrap().with_log(true).unwrap()
+    } else {
+        Geometry::new(SIZE, shift).unwrap().with_data_checksums(top_sums).unwrap()
+    };
     let Setup { chain, mut model, mid_id, mid_bytes: mid_bytes_before } =
         setup(&dir, &base, mid_sums, g, &mid_writes, false);
     let initial = model.clone();
     let start = journal.len();
+    let area = chain.top().header().journal;
     let h = History::new();
     let ops = 20 + rng.below(30);
     for i in 0..ops {
@@ -272,7 +310,26 @@ pub fn sequential(seed: u64) -> Run {
         let off = if rng.below(3) == 0 { rng.below(SIZE / 4096) * 4096 } else { rng.below(SIZE) };
         let max_len = if rng.below(4) == 0 { 70_000 } else { 9_000 };
         let len = (1 + rng.below(max_len)).min(SIZE - off);
+        let with_fua = log && r <= 4 && fua.below(4) != 0;
+        let (off, len) = if with_fua && fua.below(4) != 0 { (fua.below(SIZE / 4096) * 4096, 4096) } else { (off, len) };
+        if with_fua && len == 4096 && fua.below(2) == 0 {
+            // The block's chunk discarded first: a chunk with no slot is what the log takes
+            // (the device has only 24 chunks), and a slot released meanwhile waits for the
+            // checkpoint.
+            let chunk = off / 8192 * 8192;
+            issue(&h, &journal, || {
+                chain.discard(chunk, 8192).unwrap();
+                model[chunk as usize..chunk as usize + 8192].fill(0);
+                written(&model, chunk, 8192)
+            });
+        }
         issue(&h, &journal, || match r {
+            0..=4 if with_fua => {
+                let d = pattern(seed ^ (i << 20), len as usize);
+                chain.write_fua_from(&mut &d[..], off, len).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&d);
+                as_fua(written(&model, off, len))
+            }
             0..=4 => {
                 let d = pattern(seed ^ (i << 20), len as usize);
                 chain.write_at(&d, off).unwrap();
@@ -353,6 +410,7 @@ pub fn sequential(seed: u64) -> Run {
         }
     }
     let end = journal.len();
+    count_log_records(&journal, &dir, area, start);
     Run {
         kind: Kind::Sequential,
         seed,
@@ -380,12 +438,21 @@ pub fn concurrent(seed: u64) -> Run {
     let base = Arc::new(pattern(seed ^ 0xc0c0, SIZE as usize));
     let shift = [12u32, 14, 16][rng.below(3) as usize];
     let sums = rng.below(4) != 0;
-    let g = Geometry::new(SIZE, shift).unwrap().with_data_checksums(sums).unwrap();
+    // As in the sequential runs: a quarter of the seeds with a log-structured top and FUA
+    // writes, drawn apart so that the other seeds draw what they always did.
+    let log = seed % 4 == 2;
+    let mut fua = Rng(seed.wrapping_mul(0x5851_f42d_4c95_7f2d) | 1);
+    let g = if log {
+        Geometry::new(SIZE, 13).unwrap().with_log(true).unwrap()
+    } else {
+        Geometry::new(SIZE, shift).unwrap().with_data_checksums(sums).unwrap()
+    };
     let mid_writes: Vec<(u64, Vec<u8>)> =
         (0..3u64).map(|i| (rng.below(SIZE - 20_000), pattern(seed ^ (i + 7), 12_000))).collect();
     let Setup { chain, model, mid_id, mid_bytes: mid_bytes_before } =
         setup(&dir, &base, rng.below(2) == 0, g, &mid_writes, true);
     let start = journal.len();
+    let area = chain.top().header().journal;
     let h = History::new();
     let threads = 2 + rng.below(2);
     // A few hot spots, so that requests of different threads meet in the same chunks.
@@ -401,6 +468,22 @@ pub fn concurrent(seed: u64) -> Run {
                     let most = if rng.below(4) == 0 { 80 } else { 18 };
                     let len = 512 * (1 + rng.below(most));
                     (rng.below(20), off, len.min(SIZE - off), rng.next())
+                })
+                .collect()
+        })
+        .collect();
+    // FUA writes (r 21; r 22: of one aligned block) in the log seeds, in place of three
+    // writes in four.
+    let plans: Vec<Vec<(u64, u64, u64, u64)>> = plans
+        .into_iter()
+        .map(|plan| {
+            plan.into_iter()
+                .map(|(r, off, len, salt)| match r {
+                    0..=8 if log && fua.below(4) != 0 => match fua.below(4) {
+                        0 => (21, off, len, salt),
+                        _ => (22, off / 4096 * 4096, 4096, salt),
+                    },
+                    _ => (r, off, len, salt),
                 })
                 .collect()
         })
@@ -454,6 +537,11 @@ pub fn concurrent(seed: u64) -> Run {
             s.spawn(move || {
                 for &(r, off, len, salt) in plan {
                     match r {
+                        21 | 22 => issue(h, journal, || {
+                            let d = pattern(salt, len as usize);
+                            chain.write_fua_from(&mut &d[..], off, len).unwrap();
+                            as_fua(wrote(off, &d))
+                        }),
                         0..=8 => issue(h, journal, || {
                             let d = pattern(salt, len as usize);
                             chain.write_at(&d, off).unwrap();
@@ -483,6 +571,7 @@ pub fn concurrent(seed: u64) -> Run {
         }
     });
     let end = journal.len();
+    count_log_records(&journal, &dir, area, start);
     Run {
         kind: Kind::Concurrent,
         seed,
@@ -577,14 +666,14 @@ pub enum Choices<'a> {
 }
 
 impl Choices<'_> {
-    fn pick(&mut self, n: usize) -> usize {
+    pub fn pick(&mut self, n: usize) -> usize {
         match self {
             Choices::Random(r) => r.below(n as u64) as usize,
             Choices::AllLanded => n - 1,
         }
     }
 
-    fn keep(&mut self) -> bool {
+    pub fn keep(&mut self) -> bool {
         match self {
             Choices::Random(r) => r.below(2) == 0,
             Choices::AllLanded => true,

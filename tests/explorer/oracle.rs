@@ -25,6 +25,9 @@ pub fn hash(b: &[u8]) -> u64 {
 pub enum What {
     /// Sectors and the hashes of the values the request gave them.
     Write(Vec<(usize, u64)>),
+    /// A write with FUA: durable itself once it returned, and a FLUSH called when it was
+    /// (format-spec §5.3: the write followed by a flush, at most).
+    WriteFua(Vec<(usize, u64)>),
     /// A FLUSH, or anything else that makes every earlier returned write durable once its
     /// journal entries are in (a commit, a close).
     Flush,
@@ -67,8 +70,10 @@ impl History {
     }
 }
 
-/// The writes of one sector, as (called, returned, j_start, hash); the initial value first.
-type SectorWrites = Vec<(u64, u64, usize, u64)>;
+/// The writes of one sector, as (called, returned, j_start, hash, durable from: the journal
+/// index from which it is durable by itself, a FUA write's end, else none); the initial value
+/// first.
+type SectorWrites = Vec<(u64, u64, usize, u64, usize)>;
 
 /// The allowed values of every sector for any crash point of one run.
 pub struct Oracle {
@@ -80,14 +85,21 @@ pub struct Oracle {
 impl Oracle {
     /// `initial`: the device before the first request; `reqs`: everything recorded.
     pub fn new(initial: &[u8], reqs: &[Req]) -> Oracle {
-        let mut sectors: Vec<SectorWrites> = initial.chunks(SECTOR).map(|c| vec![(0, 0, 0, hash(c))]).collect();
+        let mut sectors: Vec<SectorWrites> =
+            initial.chunks(SECTOR).map(|c| vec![(0, 0, 0, hash(c), usize::MAX)]).collect();
         let mut flushes = Vec::new();
         for r in reqs {
             match &r.what {
                 What::Write(v) => {
                     for &(s, h) in v {
-                        sectors[s].push((r.called, r.returned, r.j_start, h));
+                        sectors[s].push((r.called, r.returned, r.j_start, h, usize::MAX));
                     }
+                }
+                What::WriteFua(v) => {
+                    for &(s, h) in v {
+                        sectors[s].push((r.called, r.returned, r.j_start, h, r.j_end));
+                    }
+                    flushes.push((r.called, r.j_end));
                 }
                 What::Flush => flushes.push((r.called, r.j_end)),
             }
@@ -104,14 +116,14 @@ impl Oracle {
     pub fn allowed(&self, s: usize, k: usize) -> HashSet<u64> {
         let d = self.durable_before(k);
         let w = &self.sectors[s];
-        // Durable: the initial value, and every write that returned before a completed flush
-        // was called.
-        let durable = |x: &(u64, u64, usize, u64)| x.0 == 0 || x.1 < d;
+        // Durable: the initial value, every write that returned before a completed flush was
+        // called, and a FUA write that completed.
+        let durable = |x: &(u64, u64, usize, u64, usize)| x.0 == 0 || x.1 < d || x.4 <= k;
         // Possible: its effects may be in the journal before the crash, or it must be durable
         // anyway. A request that returned before a completed flush was called and left no entry
         // before that flush's last (zeros over zeros: nothing to write, and a flush with
         // nothing to make durable writes nothing, spec §5.9) found its value in place already.
-        let possible = |x: &(u64, u64, usize, u64)| x.0 == 0 || x.2 < k || durable(x);
+        let possible = |x: &(u64, u64, usize, u64, usize)| x.0 == 0 || x.2 < k || durable(x);
         w.iter().filter(|x| possible(x)).filter(|x| !w.iter().any(|y| durable(y) && y.0 > x.1)).map(|x| x.3).collect()
     }
 

@@ -35,6 +35,8 @@ GiB = 1 << 30
 TiB = 1 << 40
 
 PEERS = ["cowdisk", "qcow2", "qcow2-el2", "nbdkit"]
+# Job 8c also runs a log-structured cowdisk image (`create --log`), reported as row 8e.
+FUA_PEERS = PEERS + ["cowdisk-log"]
 LABEL = {
     "cowdisk": "cowdisk",
     "qcow2": "qemu-nbd qcow2",
@@ -120,7 +122,7 @@ class Server:
         self.image = Path(image)
         self.sock = scratch / f"nbd-{Server.seq}.sock"
         self.logpath = scratch / f"server-{Server.seq}-{peer}.log"
-        if peer == "cowdisk":
+        if peer in ("cowdisk", "cowdisk-log"):
             self.cmd = [ARGS.cowdisk, "serve", self.image, "--socket", self.sock]
             self.export = self.image.stem
         elif peer in ("qcow2", "qcow2-el2"):
@@ -346,6 +348,10 @@ def fresh_image(peer, name):
     if peer == "cowdisk":
         p = SCRATCH / f"{name}.cow"
         run([ARGS.cowdisk, "create", p, "--backing", BASE])
+    elif peer == "cowdisk-log":
+        # Log-structured (format-spec §5.10): a FUA first write is one record, the block's home.
+        p = SCRATCH / f"{name}.cow"
+        run([ARGS.cowdisk, "create", p, "--backing", BASE, "--log"])
     elif peer == "qcow2":
         p = SCRATCH / f"{name}.qcow2"
         run(["qemu-img", "create", "-f", "qcow2", "-b", BASE, "-F", "raw", p])
@@ -1116,6 +1122,10 @@ def build_tables():
         rows.append([title, "IOPS"] + [spread(job, p) for p in PEERS] +
                     [fmt_num(rq, "x"), fmt_num(re2, "x"), fmt_num(rn, "x"), f"≥{lim}× nbdkit",
                      verdict([(ge(rn, lim), f"{fmt_num(rn, 'x')} nbdkit")])])
+    rl = ratio(med("fuawrite", "cowdisk-log"), med("fuawrite", "nbdkit"))
+    rows.append(["8e. as 8c, on a log-structured image (`create --log`, format-spec §5.10)", "IOPS",
+                 spread("fuawrite", "cowdisk-log"), "—", "—", spread("fuawrite", "nbdkit"), "—", "—",
+                 fmt_num(rl, "x"), "≥0.9× nbdkit", verdict([(ge(rl, 0.9), f"{fmt_num(rl, 'x')} nbdkit")])])
     # reads beside writers
     alone = {p: med("mixed-alone", p) for p in MIXED_PEERS}
     under = {p: med("mixed", p) for p in MIXED_PEERS}
@@ -1535,7 +1545,9 @@ and flushes); median over the repetitions. Lower is better.
      (1M sequential writes, flushed). 8c and 8d: the same two with FUA on each write instead
      of a FLUSH after it (fio's nbd engine sends no FUA: `qemu-io` reads {500 * ARGS.runtime:,}
      `write -f` commands from stdin, distinct blocks in random order for 8c, random blocks of the
-     written region for 8d; requests per second over qemu-io's whole run).
+     written region for 8d; requests per second over qemu-io's whole run). 8e: 8c's writes on
+     a log-structured cowdisk image (`cowdisk create --log`: 8K chunks, a FUA first write is one
+     record that stays the block's home, format-spec §5.10), interleaved with 8c's peers.
   9. Reads beside writers, on a fresh overlay (nbdkit: the raw copy): 2 connections of 4K random
      reads at iodepth 4, alone, then beside 2 more connections, one of 4K random writes and one
      of 4K random trims, each at iodepth 4 limited to {MIXED_WRITE_IOPS} requests per second
@@ -1691,7 +1703,8 @@ def main():
                 # report's note on memory): it runs SEQWRITE_RUNS times per repetition.
                 runs = SEQWRITE_RUNS if job is job_seqwrite else 1
                 for k in range(runs):
-                    peers = SEQWRITE_PEERS if job is job_seqwrite else MIXED_PEERS if job is job_mixed else PEERS
+                    peers = (SEQWRITE_PEERS if job is job_seqwrite else MIXED_PEERS if job is job_mixed
+                             else FUA_PEERS if job is job_fuawrite else PEERS)
                     for peer in rotated(peers, rep * runs + k):
                         job(peer)
         build_chains()

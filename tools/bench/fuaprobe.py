@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Row 8c's load by hand, for comparing chunk sizes: 10,000 first writes of 4K with FUA through
 qemu-io (as bench.py's `fua_writes`) on a fresh cowdisk overlay of a 1 GiB random base, with
-64 KiB and with 4 KiB chunks, against nbdkit on a `cp` copy of the base (synced), the order
-rotated each round. Prints IOPS and the ratios to nbdkit per round (docs/log-home.md).
+64 KiB and with 4 KiB chunks, and log-structured (`create --log`, format-spec §5.10), against
+nbdkit on a `cp` copy of the base (synced), the order rotated each round. Prints IOPS and the
+ratios to nbdkit per round (PROFILING.md).
 
 Usage: tools/bench/fuaprobe.py DIR [ROUNDS]   (DIR is made and holds the base; removed after)
 Needs target/release/cowdisk, qemu-io and nbdkit.
@@ -32,8 +33,9 @@ def run(peer):
         if os.path.exists(f):
             os.unlink(f)
     if peer.startswith("cowdisk"):
-        subprocess.run([cowdisk, "create", "o.cow", "--backing", "base.raw", "--chunk-size", peer.split("-")[1]],
-                       check=True, capture_output=True)
+        kind = peer.split("-")[1]
+        opts = ["--log"] if kind == "log" else ["--chunk-size", kind]
+        subprocess.run([cowdisk, "create", "o.cow", "--backing", "base.raw"] + opts, check=True, capture_output=True)
         srv = subprocess.Popen([cowdisk, "serve", "o.cow", "--socket", "s", "--name", "d"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         uri = "nbd+unix:///d?socket=s"
@@ -64,13 +66,13 @@ def run(peer):
         srv.wait()
 
 
-peers = ["cowdisk-64K", "cowdisk-4K", "nbdkit"]
+peers = os.environ.get("PEERS", "cowdisk-64K,cowdisk-4K,cowdisk-log,nbdkit").split(",")
 try:
     for rnd in range(rounds):
-        order = peers[rnd % 3:] + peers[:rnd % 3]
+        order = peers[rnd % len(peers):] + peers[:rnd % len(peers)]
         res = {p: run(p) for p in order}
-        print(f"round {rnd}: " + ", ".join(f"{p} {res[p]:,.0f} IOPS" for p in peers)
-              + f"; ÷ nbdkit: 64K {res['cowdisk-64K'] / res['nbdkit']:.2f}, 4K {res['cowdisk-4K'] / res['nbdkit']:.2f}",
+        ratios = ", ".join(f"{p.split('-')[1]} {res[p] / res['nbdkit']:.2f}" for p in peers[:-1])
+        print(f"round {rnd}: " + ", ".join(f"{p} {res[p]:,.0f} IOPS" for p in peers) + f"; ÷ nbdkit: {ratios}",
               flush=True)
 finally:
     os.chdir("/")

@@ -130,6 +130,7 @@ fn layer_json(l: &LayerInfo, depth: usize) -> Value {
         "virtual_size": l.virtual_size,
         "chunk_size": l.chunk_size,
         "data_checksums": l.data_checksums,
+        "log": l.log,
         "data_bytes": l.data_bytes,
         "disk_bytes": l.disk_bytes,
         "uuid": l.uuid,
@@ -162,6 +163,9 @@ pub fn info_cmd(image: &Path, as_json: bool) -> Result<(), Failure> {
         say!("chunk size: {}", format_size(c));
     }
     say!("data checksums: {}", if top.data_checksums { "on" } else { "off" });
+    if top.log {
+        say!("log-structured: on (new blocks' durable writes go to a log in the data area)");
+    }
     say!("allocated: {} of data, {} on disk", format_size(top.data_bytes), format_size(top.disk_bytes));
     say!("flags: {}", if top.flags.is_empty() { "none".to_string() } else { top.flags.join(", ") });
     say!("chain ({} layer{}):", layers.len(), if layers.len() == 1 { "" } else { "s" });
