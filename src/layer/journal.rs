@@ -34,6 +34,10 @@ pub const MAX_RECORD_DATA: u64 = 256 << 10;
 /// The longest record in the data area a reader reads (spec §5.10: a writer puts one cluster
 /// there).
 pub const MAX_LOG_RECORD: u64 = 64 << 10;
+/// The most records in the data area between two checkpoints (spec §5.10): a writer
+/// checkpoints before it writes more, and a reader takes a chain with more as corrupt (what
+/// it holds in memory stays bounded, whatever a file says).
+pub const MAX_LOG_RECORDS: u64 = 8192;
 
 /// How a record is laid out, by where it lies and the image's features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,7 +245,7 @@ impl Chain {
     pub fn read(storage: &dyn Storage, area: &MapExtent, uuid: &[u8; 16], log: bool) -> Result<Chain> {
         let mut chain = Chain { records: Vec::new(), places: Vec::new(), end: area.offset, log };
         let in_area = if log { Layout::LogArea } else { Layout::Area };
-        let mut log_at = 0u64;
+        let (mut log_at, mut logged) = (0u64, 0u64);
         loop {
             let follows = |r: &Record, chain: &Chain| chain.records.last().map_or(true, |p| r.seq == p.seq + 1);
             let mut found = None;
@@ -265,6 +269,15 @@ impl Chain {
                 }
             }
             let Some((r, at, in_area_now)) = found else { break };
+            if !in_area_now {
+                logged += 1;
+                if logged > MAX_LOG_RECORDS {
+                    return Err(err(
+                        ErrorKind::Corrupt,
+                        format!("more than {MAX_LOG_RECORDS} journal records in the log"),
+                    ));
+                }
+            }
             let layout = if in_area_now { in_area } else { Layout::LogHome };
             if in_area_now {
                 chain.end = at + r.len(layout) as u64;
@@ -617,5 +630,28 @@ mod tests {
         // A torn record 7 (its block's last sector lost) ends the chain after record 6.
         s.write_at(&[0u8; SECTOR], w2 + 3584).unwrap();
         assert_eq!(Chain::read(&s, &area, &UUID, true).unwrap().records.len(), 3);
+    }
+
+    /// A chain with more records in the data area than a writer writes between checkpoints
+    /// is corrupt: a hostile file cannot make a reader hold any number of them.
+    #[test]
+    fn a_log_longer_than_a_writer_writes_between_checkpoints_is_corrupt() {
+        let s = MemStorage::new();
+        let area = MapExtent { offset: 8192, len: 4096 };
+        let first = 1 << 20;
+        s.write_at(&Record::checkpoint(1, first).encode(&UUID, Layout::LogArea), area.offset).unwrap();
+        let put = |n: u64| {
+            let at = first + 8192 * (n - 2);
+            let r = Record { seq: n, replay_from: 2, sectors: vec![], blocks: vec![], next: at + 8192, before: 0 };
+            s.write_at(&r.encode(&UUID, Layout::LogHome), at).unwrap();
+        };
+        for n in 2..2 + MAX_LOG_RECORDS {
+            put(n);
+        }
+        let c = Chain::read(&s, &area, &UUID, true).unwrap();
+        assert_eq!(c.records.len() as u64, 1 + MAX_LOG_RECORDS);
+        put(2 + MAX_LOG_RECORDS);
+        let e = Chain::read(&s, &area, &UUID, true).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     }
 }

@@ -3,9 +3,10 @@
 //! that is that chunk's new slot, its head in the slot's other block.
 //!
 //! Invariants: `JournalState::log_pos` is 0 or a cluster of the current window, and every
-//! record written since it was set names it as the log's next place; a window is written with zeros and synced before any record names it, so
-//! nothing stale there can pass for a record; a chunk whose slot holds a record since the last
-//! checkpoint is pinned (its bytes are under that record's CRC) until the checkpoint.
+//! record written since it was set names it as the log's next place; a window is written with
+//! zeros and synced before any record names it, so nothing stale there can pass for a record;
+//! a chunk whose slot holds a record since the last checkpoint is pinned (its bytes are under
+//! that record's CRC) until the checkpoint.
 
 use super::journal::{Layout, Record};
 use super::{lock, read, write, Image, JournalState};
@@ -15,8 +16,9 @@ use crate::format::BLOCK_SIZE;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Records in the data area after which the next flush is a checkpoint: bounds what a crash
-/// leaves to read back (one cluster each) and how long homed chunks stay pinned.
-pub const CHECKPOINT_RECORDS: u64 = 8192;
+/// leaves to read back (one cluster each) and how long homed chunks stay pinned; a reader
+/// refuses a chain with more.
+pub const CHECKPOINT_RECORDS: u64 = super::journal::MAX_LOG_RECORDS;
 
 impl Image {
     /// Bytes of a window of ready space: 1/64 of the disk, 64 KiB to 16 MiB. It is written
@@ -27,76 +29,85 @@ impl Image {
     }
 
     /// A new window: never-written space at the allocation end, written with zeros and synced.
-    fn new_window(&self) -> Result<(u64, u64)> {
+    /// `None` when it cannot be made (the file system full, a write refused): the space goes
+    /// back, and the caller writes without the log. A failed sync is an error (and poisons).
+    fn new_window(&self) -> Result<Option<(u64, u64)>> {
         let len = self.window_len();
         let at = write(&self.state).alloc.alloc_fresh(len)?;
-        make_ready(self.storage.as_ref(), at, at + len, &self.poisoned)
-            .map_err(|e| e.with_file(&self.path).during("make log space ready"))?;
-        Ok((at, at + len))
-    }
-
-    /// Starts making the window after the current one ready in a thread once half of the
-    /// current one is used: written in line, the zeros and their sync cost a record's writer
-    /// as much as a checkpoint would (PROFILING.md).
-    fn prepare_next_window(&self, js: &mut JournalState) -> Result<()> {
-        let len = self.window_len();
-        if js.next_window.is_some() || js.log_pos == 0 || js.window_end - js.log_pos > len / 2 {
-            return Ok(());
+        match make_ready(self.storage.as_ref(), at, at + len, &self.poisoned) {
+            Ok(()) => Ok(Some((at, at + len))),
+            Err(e) if self.poisoned.load(Ordering::Acquire) => {
+                Err(e.with_file(&self.path).during("make log space ready"))
+            }
+            Err(_) => {
+                // What was written of it is punched, so that no clean image keeps it; a failed
+                // punch leaves it leaked until a repair.
+                if self.storage.punch(at, len).is_ok() {
+                    write(&self.state).alloc.add_free(&[(at, at + len)]);
+                }
+                Ok(None)
+            }
         }
-        let at = write(&self.state).alloc.alloc_fresh(len)?;
-        let (storage, poisoned) = (self.storage.clone(), self.poisoned.clone());
-        let spawned = std::thread::Builder::new()
-            .name("cowdisk-log-space".into())
-            .spawn(move || make_ready(storage.as_ref(), at, at + len, &poisoned));
-        match spawned {
-            Ok(thread) => js.next_window = Some(Preparing { start: at, end: at + len, thread }),
-            // No thread: the space is made ready in line when it is needed.
-            Err(_) => write(&self.state).alloc.add_free(&[(at, at + len)]),
-        }
-        Ok(())
     }
 
-    /// The window the thread made ready, once it is done; `None` if none was started.
-    fn take_prepared(&self, js: &mut JournalState) -> Result<Option<(u64, u64)>> {
-        let Some(p) = js.next_window.take() else { return Ok(None) };
-        let done = p
-            .thread
-            .join()
-            .map_err(|_| err(ErrorKind::Io, "the thread making log space ready panicked"))
-            .and_then(|r| r);
-        done.map(|()| Some((p.start, p.end))).map_err(|e| e.with_file(&self.path).during("make log space ready"))
-    }
-
-    /// Makes sure the log has a place every record since names: when it has none, a new
-    /// window, named by an empty record in the area (one durable write). False when the area
-    /// has no room for that record (the flush after the write then checkpoints).
+    /// Makes sure the log has a place every record since names, and that the place after it
+    /// is ready: when it has none, a new window, named by an empty record in the area (one
+    /// durable write). False when that cannot be done now (no room in the area: the flush
+    /// after the write checkpoints; no space for a window): nothing changed, and the write
+    /// goes without the log.
     fn log_ready(&self, js: &mut JournalState) -> Result<bool> {
-        if js.log_pos != 0 {
-            return Ok(true);
+        if js.log_pos == 0 {
+            let (area, uuid) = {
+                let st = read(&self.state);
+                (st.header.journal, st.header.uuid)
+            };
+            let Some(area) = area else { return Err(err(ErrorKind::Io, "a log with no journal area")) };
+            let layout = self.area_layout();
+            let mut rec = Record::checkpoint(js.next_seq, 0);
+            rec.replay_from = js.replay_from;
+            if js.pos + rec.len(layout) as u64 > area.end() {
+                return Ok(false);
+            }
+            let Some((start, end)) = self.new_window()? else { return Ok(false) };
+            rec.next = start;
+            self.storage
+                .write_durable(&rec.encode(&uuid, layout), js.pos)
+                .inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+                .map_err(|e| e.with_file(&self.path))?;
+            js.pos += rec.len(layout) as u64;
+            js.next_seq += 1;
+            js.records += 1;
+            js.log_pos = start;
+            js.window_end = end;
         }
-        let (area, uuid) = {
-            let st = read(&self.state);
-            (st.header.journal, st.header.uuid)
-        };
-        let Some(area) = area else { return Err(err(ErrorKind::Io, "a log with no journal area")) };
-        let layout = self.area_layout();
-        let mut rec = Record::checkpoint(js.next_seq, 0);
-        rec.replay_from = js.replay_from;
-        if js.pos + rec.len(layout) as u64 > area.end() {
-            return Ok(false);
+        // The place the record at `log_pos` will name: the next cluster of the window, or the
+        // first of the next window, made ready now, before the record changes anything.
+        if js.log_pos + self.geom.chunk_size() >= js.window_end && js.next_window.is_none() {
+            match self.new_window()? {
+                Some(w) => js.next_window = Some(w),
+                None => return Ok(false),
+            }
         }
-        let (start, end) = self.new_window()?;
-        rec.next = start;
-        self.storage
-            .write_durable(&rec.encode(&uuid, layout), js.pos)
-            .inspect_err(|_| self.poisoned.store(true, Ordering::Release))
-            .map_err(|e| e.with_file(&self.path))?;
-        js.pos += rec.len(layout) as u64;
-        js.next_seq += 1;
-        js.records += 1;
-        js.log_pos = start;
-        js.window_end = end;
         Ok(true)
+    }
+
+    /// The place the record at `log_pos` names for the next (see [`Image::log_ready`]).
+    fn log_next(&self, js: &JournalState) -> u64 {
+        let end = js.log_pos + self.geom.chunk_size();
+        match js.next_window {
+            Some((start, _)) if end >= js.window_end => start,
+            _ => end,
+        }
+    }
+
+    /// After the record at `log_pos` is durable: the log's place moves to what it named.
+    fn log_advance(&self, js: &mut JournalState, next: u64) {
+        if let Some((start, end)) = js.next_window.filter(|w| w.0 == next) {
+            js.window_end = end;
+            js.next_window = None;
+            debug_assert_eq!(start, next);
+        }
+        js.log_pos = next;
     }
 
     /// After a checkpoint's mark is durable no record is needed any more: homed chunks may be
@@ -119,10 +130,7 @@ impl Image {
     /// that named the place will be followed there only by a reader looking for a record with
     /// a number that was never written.
     pub(super) fn log_give_up_window(&self, js: &mut JournalState) -> Result<()> {
-        let mut give_up = Vec::new();
-        if let Some(w) = self.take_prepared(js)? {
-            give_up.push(w);
-        }
+        let mut give_up: Vec<(u64, u64)> = js.next_window.take().into_iter().collect();
         if js.log_pos != 0 {
             give_up.push((js.log_pos, js.window_end));
         }
@@ -194,28 +202,30 @@ impl Image {
             (snap, st.alloc.take_pending())
         };
         let home = at + block as u64 * BLOCK_SIZE;
-        let record = self.log_next(&mut js).and_then(|next| {
-            let rec = Record {
-                seq: js.next_seq,
-                replay_from: js.replay_from,
-                sectors: snap.encoded.clone(),
-                blocks: vec![(home, data.to_vec())],
-                next,
-                before,
-            };
-            let uuid = read(&self.state).header.uuid;
-            let bytes = rec.encode(&uuid, Layout::LogHome);
-            debug_assert_eq!(at + rec.image_at(0, Layout::LogHome), home);
-            self.storage.write_durable(&bytes, at).inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
-            js.log_pos = next;
-            Ok(())
-        });
-        if let Err(e) = record {
+        let next = self.log_next(&js);
+        let rec = Record {
+            seq: js.next_seq,
+            replay_from: js.replay_from,
+            sectors: snap.encoded.clone(),
+            blocks: vec![(home, data.to_vec())],
+            next,
+            before,
+        };
+        let uuid = read(&self.state).header.uuid;
+        let bytes = rec.encode(&uuid, Layout::LogHome);
+        debug_assert_eq!(at + rec.image_at(0, Layout::LogHome), home);
+        // Durable on return, or the image is poisoned (a failed durable write is a failed sync).
+        if let Err(e) = self.storage.write_durable(&bytes, at) {
+            self.poisoned.store(true, Ordering::Release);
             let mut st = write(&self.state);
+            if let Some(e) = st.map.get_mut_quiet(chunk).filter(|e| e.data_offset == at) {
+                e.data_offset = 0;
+            }
             st.map.restore_dirty(snap);
             st.alloc.requeue(released);
             return Err(e.with_file(&self.path).during("flush"));
         }
+        self.log_advance(&mut js, next);
         js.next_seq += 1;
         js.records += 1;
         js.log_records += 1;
@@ -231,36 +241,11 @@ impl Image {
         }
         Ok(true)
     }
-
-    /// The place the record at `log_pos` (one cluster) names for the next: the cluster after
-    /// it while the window has it, else the start of a new window made ready now.
-    fn log_next(&self, js: &mut JournalState) -> Result<u64> {
-        let end = js.log_pos + self.geom.chunk_size();
-        if end < js.window_end {
-            self.prepare_next_window(js)?;
-            return Ok(end);
-        }
-        let (start, new_end) = match self.take_prepared(js)? {
-            Some(w) => w,
-            None => self.new_window()?,
-        };
-        js.window_end = new_end;
-        Ok(start)
-    }
-}
-
-/// A window being made ready by a thread of its own.
-#[derive(Debug)]
-pub(super) struct Preparing {
-    start: u64,
-    end: u64,
-    thread: std::thread::JoinHandle<Result<()>>,
 }
 
 /// Writes zeros over `start..end` of `storage` and syncs: log space a record can land in with
 /// one durable write (the file system has allocated it), holding nothing that could pass for
-/// a record. A failed sync sets `poisoned` at once, from whatever thread: the kernel may have
-/// dropped pages of records, and the sync that saw the error has consumed it for this file.
+/// a record. A failed sync sets `poisoned`: the kernel may have dropped pages of records.
 fn make_ready(storage: &dyn crate::storage::Storage, start: u64, end: u64, poisoned: &AtomicBool) -> Result<()> {
     let zeros = vec![0u8; (1 << 20).min(end - start) as usize];
     let mut z = start;

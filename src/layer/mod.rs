@@ -91,8 +91,10 @@ struct JournalState {
     homed: Vec<u64>,
     /// LOG: records in the data area since the last checkpoint.
     log_records: u64,
-    /// LOG: the window after this one, taken and being made ready by a thread (see `log.rs`).
-    next_window: Option<log::Preparing>,
+    /// LOG: the window after the current one, made ready because `log_pos` is the current
+    /// one's last cluster (the record there names its start).
+    next_window: Option<(u64, u64)>,
+
     next_seq: u64,
     /// The first record after the last checkpoint: what a crash now would replay from.
     replay_from: u64,
@@ -170,7 +172,7 @@ pub struct Image {
     /// Set when a sync failed: the kernel may have dropped dirty pages, so nothing written
     /// since the last good flush can be trusted to reach the disk; every later write and flush
     /// fails until the image is reopened (a retried fsync could report success for lost data).
-    poisoned: Arc<AtomicBool>,
+    poisoned: AtomicBool,
     /// A data checksum failed: the next flush or close records FLAG_CORRUPT in the header.
     corrupt_found: AtomicBool,
     /// Slots dropped at open because they held no data (see [`ChunkMap::drop_empty_slots`]).
@@ -280,7 +282,7 @@ impl Image {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             closing: AtomicBool::new(false),
             clean: AtomicBool::new(false),
-            poisoned: Arc::new(AtomicBool::new(false)),
+            poisoned: AtomicBool::new(false),
             corrupt_found: AtomicBool::new(false),
             repaired_on_open: repaired,
             journal: Mutex::new(journal),

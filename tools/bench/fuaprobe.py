@@ -5,7 +5,8 @@ qemu-io (as bench.py's `fua_writes`) on a fresh cowdisk overlay of a 1 GiB rando
 nbdkit on a `cp` copy of the base (synced), the order rotated each round. Prints IOPS and the
 ratios to nbdkit per round (PROFILING.md).
 
-Usage: tools/bench/fuaprobe.py DIR [ROUNDS]   (DIR is made and holds the base; removed after)
+Usage: [PEERS=cowdisk-64K,cowdisk-log,nbdkit] tools/bench/fuaprobe.py DIR [ROUNDS]
+(DIR is made and holds the base; removed after; a peer cowdisk-KIND@BINARY runs that build)
 Needs target/release/cowdisk, qemu-io and nbdkit.
 """
 import os
@@ -33,10 +34,12 @@ def run(peer):
         if os.path.exists(f):
             os.unlink(f)
     if peer.startswith("cowdisk"):
-        kind = peer.split("-")[1]
+        # cowdisk-KIND, or cowdisk-KIND@BINARY to compare builds
+        kind, _, binary = peer.split("-", 1)[1].partition("@")
+        binary = binary or cowdisk
         opts = ["--log"] if kind == "log" else ["--chunk-size", kind]
-        subprocess.run([cowdisk, "create", "o.cow", "--backing", "base.raw"] + opts, check=True, capture_output=True)
-        srv = subprocess.Popen([cowdisk, "serve", "o.cow", "--socket", "s", "--name", "d"],
+        subprocess.run([binary, "create", "o.cow", "--backing", "base.raw"] + opts, check=True, capture_output=True)
+        srv = subprocess.Popen([binary, "serve", "o.cow", "--socket", "s", "--name", "d"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         uri = "nbd+unix:///d?socket=s"
     else:
@@ -71,7 +74,7 @@ try:
     for rnd in range(rounds):
         order = peers[rnd % len(peers):] + peers[:rnd % len(peers)]
         res = {p: run(p) for p in order}
-        ratios = ", ".join(f"{p.split('-')[1]} {res[p] / res['nbdkit']:.2f}" for p in peers[:-1])
+        ratios = ", ".join(f"{p.split('-', 1)[1]} {res[p] / res['nbdkit']:.2f}" for p in peers[:-1])
         print(f"round {rnd}: " + ", ".join(f"{p} {res[p]:,.0f} IOPS" for p in peers) + f"; ÷ nbdkit: {ratios}",
               flush=True)
 finally:
