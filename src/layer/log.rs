@@ -40,11 +40,10 @@ impl Image {
                 Err(e.with_file(&self.path).during("make log space ready"))
             }
             Err(_) => {
-                // What was written of it is punched, so that no clean image keeps it; a failed
-                // punch leaves it leaked until a repair.
-                if self.storage.punch(at, len).is_ok() {
-                    write(&self.state).alloc.add_free(&[(at, at + len)]);
-                }
+                // What was written of it (zeros) is punched, so that no clean image keeps it,
+                // and free either way: the space holds nothing a record or a slot needs.
+                let _ = self.storage.punch(at, len);
+                write(&self.state).alloc.add_free(&[(at, at + len)]);
                 Ok(None)
             }
         }
@@ -136,11 +135,12 @@ impl Image {
         }
         js.log_pos = 0;
         js.window_end = 0;
-        for &(s, e) in &give_up {
-            self.storage.punch(s, e - s).map_err(|e| e.with_file(&self.path))?;
-        }
+        // Free whatever the punches do: the space holds zeros or nothing, never a record. A
+        // failed punch is reported, and the space is reused all the same (not lost to a
+        // retried close that would find nothing left to give up).
+        let punched: Result<()> = give_up.iter().try_for_each(|&(s, e)| self.storage.punch(s, e - s));
         write(&self.state).alloc.add_free(&give_up);
-        Ok(())
+        punched.map_err(|e| e.with_file(&self.path))
     }
 
     /// Writes the 4 KiB `data` into block `block` of `chunk`, a chunk with no slot, durably,
