@@ -21,11 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub const CHECKPOINT_RECORDS: u64 = super::journal::MAX_LOG_RECORDS;
 
 impl Image {
-    /// Bytes of a window of ready space: 1/64 of the disk, 64 KiB to 16 MiB. It is written
-    /// with zeros once, so that a record landing there makes the file system allocate nothing
-    /// (a durable write into a hole waits for the file system's journal, PROFILING.md).
+    /// Bytes of a window of ready space: 1/16 of the disk, 64 KiB to 16 MiB (each window costs
+    /// a sync, so not much smaller than that). It is written with zeros once, so that a record
+    /// landing there makes the file system allocate nothing (a durable write into a hole waits
+    /// for the file system's journal, PROFILING.md).
     fn window_len(&self) -> u64 {
-        (self.geom.virtual_size / 64).clamp(64 << 10, 16 << 20).next_multiple_of(self.geom.chunk_size())
+        (self.geom.virtual_size / 16).clamp(64 << 10, 16 << 20).next_multiple_of(self.geom.chunk_size())
     }
 
     /// A new window: never-written space at the allocation end, written with zeros and synced.
