@@ -35,6 +35,12 @@ impl Image {
         self.storage.sync().inspect_err(|_| self.poisoned.store(true, Ordering::Release))
     }
 
+    /// One durable write (a journal record): durable on return, or the image is poisoned, as
+    /// after a failed sync (the kernel may have dropped what it could not write).
+    pub(super) fn write_durable_or_poison(&self, bytes: &[u8], at: u64) -> Result<()> {
+        self.storage.write_durable(bytes, at).inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+    }
+
     /// Makes every write completed before the call durable: with one durable write of a
     /// journal record where the image journals and the flush is small (spec §5.9), else in
     /// place (spec §5.3): data first, then the header if the map grew, then the dirty map
@@ -172,9 +178,7 @@ impl Image {
             restore(written);
             return Err(err(ErrorKind::Io, "a journal record outgrew the room planned for it"));
         }
-        // Durable on return, or the image is poisoned: a failed durable write is a failed sync
-        // (the kernel may have dropped what it could not write).
-        self.storage.write_durable(&bytes, js.pos).inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        self.write_durable_or_poison(&bytes, js.pos)?;
         js.pos += bytes.len() as u64;
         js.next_seq += 1;
         js.records += 1;
@@ -232,9 +236,7 @@ impl Image {
                 let next = if keep_window { js.log_pos } else { 0 };
                 let layout = self.area_layout();
                 let mark = Record::checkpoint(js.next_seq, next);
-                self.storage
-                    .write_durable(&mark.encode(&uuid, layout), area.offset)
-                    .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+                self.write_durable_or_poison(&mark.encode(&uuid, layout), area.offset)?;
                 js.pos = area.offset + mark.len(layout) as u64;
                 js.next_seq += 1;
                 js.replay_from = js.next_seq;
@@ -511,5 +513,5 @@ fn record_fits(st: &State, js: &JournalState, w: &Written, layout: journal::Layo
     // Each range may straddle a block boundary at both ends.
     let blocks = (w.bytes / BLOCK_SIZE) as usize + 2 * w.ranges.len();
     let len = Record::len_for(st.map.dirty_sectors(), blocks, layout) as u64;
-    js.pos >= area.offset && js.pos + len <= area.end() && js.log_records < super::log::CHECKPOINT_RECORDS
+    js.pos >= area.offset && js.pos + len <= area.end() && js.log_records < journal::MAX_LOG_RECORDS
 }

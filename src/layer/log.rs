@@ -8,17 +8,12 @@
 //! a chunk whose slot holds a record since the last checkpoint is pinned (its bytes are under
 //! that record's CRC) until the checkpoint.
 
-use super::journal::{Layout, Record};
+use super::journal::{Layout, Record, MAX_LOG_RECORDS};
 use super::{lock, read, write, Image, JournalState};
 use crate::error::{err, ErrorKind, Result};
 use crate::format::blocks::BlockState;
 use crate::format::BLOCK_SIZE;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-/// Records in the data area after which the next flush is a checkpoint: bounds what a crash
-/// leaves to read back (one cluster each) and how long homed chunks stay pinned; a reader
-/// refuses a chain with more.
-pub const CHECKPOINT_RECORDS: u64 = super::journal::MAX_LOG_RECORDS;
 
 impl Image {
     /// Bytes of a window of ready space: 1/16 of the disk, 64 KiB to 16 MiB (each window costs
@@ -63,17 +58,21 @@ impl Image {
             };
             let Some(area) = area else { return Err(err(ErrorKind::Io, "a log with no journal area")) };
             let layout = self.area_layout();
-            let mut rec = Record::checkpoint(js.next_seq, 0);
-            rec.replay_from = js.replay_from;
+            // Nothing but the window's start: no sector, no block, replay unchanged.
+            let mut rec = Record {
+                seq: js.next_seq,
+                replay_from: js.replay_from,
+                sectors: Vec::new(),
+                blocks: Vec::new(),
+                next: 0,
+                before: 0,
+            };
             if js.pos + rec.len(layout) as u64 > area.end() {
                 return Ok(false);
             }
             let Some((start, end)) = self.new_window()? else { return Ok(false) };
             rec.next = start;
-            self.storage
-                .write_durable(&rec.encode(&uuid, layout), js.pos)
-                .inspect_err(|_| self.poisoned.store(true, Ordering::Release))
-                .map_err(|e| e.with_file(&self.path))?;
+            self.write_durable_or_poison(&rec.encode(&uuid, layout), js.pos).map_err(|e| e.with_file(&self.path))?;
             js.pos += rec.len(layout) as u64;
             js.next_seq += 1;
             js.records += 1;
@@ -102,10 +101,9 @@ impl Image {
 
     /// After the record at `log_pos` is durable: the log's place moves to what it named.
     fn log_advance(&self, js: &mut JournalState, next: u64) {
-        if let Some((start, end)) = js.next_window.filter(|w| w.0 == next) {
+        if let Some((_, end)) = js.next_window.filter(|w| w.0 == next) {
             js.window_end = end;
             js.next_window = None;
-            debug_assert_eq!(start, next);
         }
         js.log_pos = next;
     }
@@ -165,7 +163,9 @@ impl Image {
             return Ok(false);
         }
         self.make_journal(&mut js)?;
-        if js.log_records >= CHECKPOINT_RECORDS || !self.log_ready(&mut js)? {
+        // A checkpoint is due after MAX_LOG_RECORDS records in the log: the flush after a plain
+        // write makes it (a reader refuses a longer log).
+        if js.log_records >= MAX_LOG_RECORDS || !self.log_ready(&mut js)? {
             return Ok(false);
         }
         let at = js.log_pos;
@@ -215,9 +215,7 @@ impl Image {
         let uuid = read(&self.state).header.uuid;
         let bytes = rec.encode(&uuid, Layout::LogHome);
         debug_assert_eq!(at + rec.image_at(0, Layout::LogHome), home);
-        // Durable on return, or the image is poisoned (a failed durable write is a failed sync).
-        if let Err(e) = self.storage.write_durable(&bytes, at) {
-            self.poisoned.store(true, Ordering::Release);
+        if let Err(e) = self.write_durable_or_poison(&bytes, at) {
             let mut st = write(&self.state);
             if let Some(e) = st.map.get_mut_quiet(chunk).filter(|e| e.data_offset == at) {
                 e.data_offset = 0;

@@ -262,6 +262,20 @@ fn count_log_records(
     LOG_RECORDS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The top's geometry for seed `seed` (chunk shift `shift`, data checksums `sums`), whether it
+/// is log-structured, and the generator of its FUA writes. A quarter of the seeds (none of the
+/// pinned ones) have a log-structured top (format-spec §5.10) and FUA writes, drawn from their
+/// own generator, so that every other seed draws what it always did.
+fn top_geometry(seed: u64, shift: u32, sums: bool) -> (Geometry, bool, Rng) {
+    let log = seed % 4 == 2;
+    let g = if log {
+        Geometry::new(SIZE, 13).unwrap().with_log(true).unwrap()
+    } else {
+        Geometry::new(SIZE, shift).unwrap().with_data_checksums(sums).unwrap()
+    };
+    (g, log, Rng(seed.wrapping_mul(0x5851_f42d_4c95_7f2d) | 1))
+}
+
 /// A write's record as one with FUA.
 fn as_fua(w: What) -> What {
     match w {
@@ -288,16 +302,9 @@ pub fn sequential(seed: u64) -> Run {
         })
         .collect();
     let top_sums = rng.below(2) == 0;
-    // A quarter of the seeds (none of the pinned ones: the rest of their draws is unchanged)
-    // write a log-structured top (format-spec §5.10), three writes in four as FUA writes, most
-    // of those of one aligned block (what takes the log's path).
-    let log = seed % 4 == 2;
-    let mut fua = Rng(seed.wrapping_mul(0x5851_f42d_4c95_7f2d) | 1);
-    let g = if log {
-        Geometry::new(SIZE, 13).unwrap().with_log(true).unwrap()
-    } else {
-        Geometry::new(SIZE, shift).unwrap().with_data_checksums(top_sums).unwrap()
-    };
+    // Three writes in four of a log seed are FUA writes, most of those of one aligned block
+    // (what takes the log's path).
+    let (g, log, mut fua) = top_geometry(seed, shift, top_sums);
     let Setup { chain, mut model, mid_id, mid_bytes: mid_bytes_before } =
         setup(&dir, &base, mid_sums, g, &mid_writes, false);
     let initial = model.clone();
@@ -438,15 +445,7 @@ pub fn concurrent(seed: u64) -> Run {
     let base = Arc::new(pattern(seed ^ 0xc0c0, SIZE as usize));
     let shift = [12u32, 14, 16][rng.below(3) as usize];
     let sums = rng.below(4) != 0;
-    // As in the sequential runs: a quarter of the seeds with a log-structured top and FUA
-    // writes, drawn apart so that the other seeds draw what they always did.
-    let log = seed % 4 == 2;
-    let mut fua = Rng(seed.wrapping_mul(0x5851_f42d_4c95_7f2d) | 1);
-    let g = if log {
-        Geometry::new(SIZE, 13).unwrap().with_log(true).unwrap()
-    } else {
-        Geometry::new(SIZE, shift).unwrap().with_data_checksums(sums).unwrap()
-    };
+    let (g, log, mut fua) = top_geometry(seed, shift, sums);
     let mid_writes: Vec<(u64, Vec<u8>)> =
         (0..3u64).map(|i| (rng.below(SIZE - 20_000), pattern(seed ^ (i + 7), 12_000))).collect();
     let Setup { chain, model, mid_id, mid_bytes: mid_bytes_before } =
