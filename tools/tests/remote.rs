@@ -1075,6 +1075,70 @@ fn credentials_and_endpoint_come_from_the_aws_files_or_the_command_line() {
     assert!(stdout_of(&out).contains("1 layers"), "{}", stdout_of(&out));
 }
 
+/// A layer written as a log-structured image (`create --log`, format-spec §5.10): FUA writes
+/// whose blocks live where their log records were written, some still only in the log when
+/// the server is killed. Reopened, frozen and pushed, it reads lazily as written: the store
+/// holds the blocks, never the records' heads beside them.
+#[test]
+fn a_log_structured_layer_killed_with_records_in_its_log_pushes_and_reads_as_written() {
+    let Some(s3) = s3() else { return };
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let cache = ws.subdir("cache");
+    let mut expected = make_base(&ws.join("base.raw"), 4, 131);
+    let l1 = ws.join("l1.cow");
+    run(Command::new(cowdisk_bin()).args(["create", "--log", p(&l1), "--backing", p(&ws.join("base.raw"))]));
+    let mut server = Server::start(&[p(&l1), "--socket", p(&ws.join("w.sock"))]);
+    let mut c = client(&server);
+    let mut rng = XorShift::new(132);
+    for i in 0..64u64 {
+        // One aligned 4K block per FUA write, each in a chunk not written before: the kind
+        // of write the log takes. Every eighth is followed by a partial rewrite and a flush.
+        let off = (i * 7 % 512) * 8192 + (i % 2) * 4096;
+        let data = random_bytes(4096, rng.next_u64());
+        c.write_flags(off, &data, common::nbdclient::NBD_CMD_FLAG_FUA).expect("FUA write");
+        expected[off as usize..off as usize + 4096].copy_from_slice(&data);
+        if i % 8 == 5 {
+            let part = random_bytes(1024, rng.next_u64());
+            c.write(off + 1024, &part).expect("partial rewrite");
+            c.flush().expect("flush");
+            expected[off as usize + 1024..off as usize + 2048].copy_from_slice(&part);
+        }
+    }
+    drop(c);
+    server.kill9();
+
+    run(Command::new(cowdisk_bin()).args(["snapshot", p(&l1), p(&ws.join("s1.cow"))]));
+    let pushed = repo.json(&cache, &["push", p(&ws.join("s1.cow")), &repo.url(), "--tag", "log", "--chain", "--json"]);
+    let layers = pushed["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 2, "{pushed}");
+    // One 8K chunk (a log-structured image's chunk size) for each of the 64 written blocks.
+    assert_eq!((layers[1]["chunks"].as_u64(), layers[1]["content-bytes"].as_u64()), (Some(64), Some(64 * 8192)));
+
+    let cache2 = ws.subdir("cache2");
+    let top = ws.join("top.cow");
+    run(&mut repo.cow(&cache2, &["create", p(&top), "--backing", &repo.layer("log")]));
+    run(&mut repo.cow(&cache2, &["check", "--chain", p(&top)]));
+    // The remote layer holds the written blocks and nothing else: a record's head, in the
+    // other block of its chunk, is not data, and reads there fall through to the base.
+    let map = repo.json(&cache2, &["map", p(&top), "--json"]);
+    let depth1: u64 = map
+        .as_array()
+        .expect("extents")
+        .iter()
+        .filter(|e| e["depth"] == 1)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(depth1, 64 * 4096, "the remote log-structured layer's extents in {map}");
+    let server = repo.server(&cache2, &[p(&top), "--socket", p(&ws.join("s.sock"))]);
+    copy_out(&server, &ws.join("read.raw"));
+    server.stop();
+    assert_files_equal(&ws.join("read.raw"), &ws.join("expected.raw").tap_write(&expected));
+}
+
 #[test]
 fn an_overlay_on_a_remote_layer_flattens_in_place() {
     let Some(s3) = s3() else { return };
