@@ -9,7 +9,8 @@ Needs the release binary (cargo build --release) and the peers bench.py needs. A
 `cowdisk=PATH` runs the cowdisk binary at PATH (copy a build aside to compare two builds:
 `--peers cowdisk=/var/tmp/old,cowdisk,nbdkit`). With nbdkit among the peers, each cowdisk run
 is also given as a ratio to nbdkit's run of the same job and round. `--jobs job_chain16,job_chain1
---peers cowdisk` measures rows 6a and 6b (the chains are built first, as bench.py builds them).
+--peers cowdisk` measures rows 6a and 6b, `--jobs job_chaindeep,job_chain1x` rows 6d and 6e (the
+chains are built first, as bench.py builds them).
 """
 import argparse
 import os
@@ -57,9 +58,15 @@ peers = a.peers.split(",")
 
 def job(name):
     """bench.py's job `name`; `job_chain16` and `job_chain1` read the 16-deep chain and the
-    1-deep overlay with the same data (rows 6a and 6b; peers cowdisk and qcow2), built once."""
+    1-deep overlay with the same data (rows 6a and 6b; peers cowdisk and qcow2), built once;
+    `job_chaindeep` and `job_chain1x` the 256-image chain and its 1-deep twin (rows 6d, 6e)."""
+    if name in ("job_chaindeep", "job_chain1x"):
+        if ("cowdisk", "deep") not in B.CHAINS:
+            B.build_deep_chain()
+        which = name.removeprefix("job_chain")
+        return lambda peer: B.job_chain(peer, which)
     if name.startswith("job_chain"):
-        if not B.CHAINS:
+        if ("cowdisk", 16) not in B.CHAINS:
             B.build_chains()
         depth = int(name.removeprefix("job_chain"))
         return lambda peer: B.job_chain(peer, depth)
