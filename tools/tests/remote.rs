@@ -180,6 +180,16 @@ fn copy_out(server: &Server, out: &Path) {
     run(tool("nbdcopy").arg(server.uri("")).arg(out));
 }
 
+/// Bytes that `cowdisk map --json` printed as `map` says come from the layer at `depth`.
+fn bytes_at_depth(map: &Value, depth: u64) -> u64 {
+    map.as_array()
+        .expect("extents")
+        .iter()
+        .filter(|e| e["depth"] == depth)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
@@ -233,13 +243,7 @@ fn a_pushed_chain_is_served_lazily_and_reads_as_the_local_one() {
     assert!(chain[1]["path"].as_str().is_some_and(|s| s.starts_with("s3://")), "{info}");
     run(&mut repo.cow(&cache2, &["check", "--chain", p(&top_cow)]));
     let map = repo.json(&cache2, &["map", p(&top_cow), "--json"]);
-    let depth1: u64 = map
-        .as_array()
-        .expect("extents")
-        .iter()
-        .filter(|e| e["depth"] == 1)
-        .map(|e| e["length"].as_u64().unwrap_or(0))
-        .sum();
+    let depth1 = bytes_at_depth(&map, 1);
     // The layer's writes, to the 4K block.
     assert_eq!(depth1, (3 * CHUNK + CHUNK + 4096) as u64, "the remote cowdisk layer's extents in {map}");
     // Only the manifests are fetched (kept in the cache too), no chunk.
@@ -1125,13 +1129,7 @@ fn a_log_structured_layer_killed_with_records_in_its_log_pushes_and_reads_as_wri
     // The remote layer holds the written blocks and nothing else: a record's head, in the
     // other block of its chunk, is not data, and reads there fall through to the base.
     let map = repo.json(&cache2, &["map", p(&top), "--json"]);
-    let depth1: u64 = map
-        .as_array()
-        .expect("extents")
-        .iter()
-        .filter(|e| e["depth"] == 1)
-        .map(|e| e["length"].as_u64().unwrap_or(0))
-        .sum();
+    let depth1 = bytes_at_depth(&map, 1);
     assert_eq!(depth1, 64 * 4096, "the remote log-structured layer's extents in {map}");
     let server = repo.server(&cache2, &[p(&top), "--socket", p(&ws.join("s.sock"))]);
     copy_out(&server, &ws.join("read.raw"));
