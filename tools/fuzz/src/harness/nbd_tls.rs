@@ -111,16 +111,18 @@ impl Identity {
 
 struct Servers {
     /// The sockets and PEM files; lives as long as the process (the servers never stop). A
-    /// later process sweeps it away.
-    _dir: ScratchDir,
+    /// static is never dropped: a fuzzer that exits leaves it for a later process to sweep,
+    /// and a test binary removes it with `remove_scratch` when its last TLS session is done.
+    dir: ScratchDir,
     sockets: Vec<PathBuf>,
     /// Client configurations by identity (4) and protocol versions (3).
     clients: Vec<Arc<ClientConfig>>,
 }
 
+static SERVERS: OnceLock<Servers> = OnceLock::new();
+
 fn servers() -> &'static Servers {
-    static S: OnceLock<Servers> = OnceLock::new();
-    S.get_or_init(|| {
+    SERVERS.get_or_init(|| {
         watch_server_panics();
         let dir = ScratchDir::new("tls");
         for (name, text) in CERTS {
@@ -163,8 +165,16 @@ fn servers() -> &'static Servers {
                 clients.push(client_config(id, versions));
             }
         }
-        Servers { _dir: dir, sockets, clients }
+        Servers { dir, sockets, clients }
     })
+}
+
+/// Removes the servers' socket and PEM directory. The servers keep running, but no client
+/// can reach them afterwards: call it only after the process's last `session`.
+pub fn remove_scratch() {
+    if let Some(s) = SERVERS.get() {
+        let _ = std::fs::remove_dir_all(s.dir.path());
+    }
 }
 
 fn certs(name: &str) -> Vec<CertificateDer<'static>> {
