@@ -55,6 +55,11 @@ def verdict(row):
     return "PASS" if row["Result"].startswith("PASS") else "FAIL"
 
 
+def cell(row):
+    """One run's cell: the judged figure and the verdict."""
+    return f"{figure(row)} {verdict(row)}"
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
@@ -65,12 +70,11 @@ def main():
     for label, b in second.items():
         a = first.get(label)
         short = label.split(". ")[0] if re.match(r"^\d+[a-z]?\. ", label) else label
-        one = f"{figure(a)} {verdict(a)}" if a else "not run"
+        one = cell(a) if a else "not run"
         both = "yes" if a and verdict(a) == verdict(b) == "PASS" else "**no**"
-        print(f"| {short} | {b['Target (issue)']} | {one} | {figure(b)} {verdict(b)} | {both} |")
+        print(f"| {short} | {b['Target (issue)']} | {one} | {cell(b)} | {both} |")
     for label in first.keys() - second.keys():
-        print(f"| {label} | {first[label]['Target (issue)']} | {figure(first[label])} {verdict(first[label])} "
-              f"| not run | **no** |")
+        print(f"| {label} | {first[label]['Target (issue)']} | {cell(first[label])} | not run | **no** |")
 
 
 if __name__ == "__main__":
