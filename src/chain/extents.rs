@@ -83,10 +83,10 @@ impl ExtentMap {
             let li = i as u8;
             let g = layer.geometry();
             let layer_end = g.virtual_size.min(size);
-            for (chunk, e) in layer.entries() {
+            layer.for_each_entry(|chunk, e| {
                 let base = chunk << g.chunk_shift;
                 if base >= layer_end {
-                    continue;
+                    return;
                 }
                 for (s, t, st) in e.blocks.runs(0, g.blocks_per_chunk()) {
                     let start = base + s as u64 * BLOCK_SIZE;
@@ -103,7 +103,7 @@ impl ExtentMap {
                     };
                     m.fill_gaps(start, end, source);
                 }
-            }
+            });
             // What lies past a lower layer's end reads as zero through it: layers further down
             // are not visible there.
             if layer_end < size {
@@ -180,6 +180,11 @@ impl Builder {
             pos = pos.max(x.end);
         }
         if pos >= end {
+            return;
+        }
+        if self.map.range(pos..end).next().is_none() {
+            // Nothing above covers any of it: the common case, with no list to gather.
+            self.insert(pos, end, source.advanced(pos - start));
             return;
         }
         let covered: Vec<(u64, u64)> = self.map.range(pos..end).map(|(&k, x)| (k, x.end)).collect();

@@ -6,6 +6,7 @@
 //! heap allocation for its bitmaps.
 
 use bitvec::prelude::*;
+use byteorder::ByteOrder;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockState {
@@ -160,22 +161,45 @@ impl BlockStates {
     }
 
     /// Reads both planes; `None` if a bit is set beyond `valid_blocks` or a block is both data and zero.
+    ///
+    /// Word by word, the mirror of [`BlockStates::encode`]: opening a deep chain decodes every
+    /// entry of every layer, and a bit-by-bit copy was a tenth of that.
     pub fn decode(blocks: usize, valid_blocks: usize, plane_bytes: usize, bytes: &[u8]) -> Option<BlockStates> {
         let mut s = BlockStates::new(blocks);
         let (dp, zp) = (&bytes[..plane_bytes], &bytes[plane_bytes..2 * plane_bytes]);
-        let dbits = dp.view_bits::<Lsb0>();
-        let zbits = zp.view_bits::<Lsb0>();
-        if dbits[valid_blocks..].any() || zbits[valid_blocks..].any() {
-            return None;
-        }
-        let (d, z) = s.planes_mut();
-        d.clone_from_bitslice(&dbits[..blocks]);
-        z.clone_from_bitslice(&zbits[..blocks]);
-        if (0..blocks).any(|i| d[i] && z[i]) {
-            return None;
+        let words: &mut [u64] = match &mut s.planes {
+            Planes::Inline(w) => w,
+            Planes::Heap(w) => w,
+        };
+        // A plane never holds more bits than its words (plane_bytes * 8 <= n * 64).
+        let n = words.len() / 2;
+        for i in 0..n {
+            let (d, z) = (plane_word(dp, i), plane_word(zp, i));
+            let lo = 64 * i;
+            let valid = match valid_blocks.saturating_sub(lo) {
+                0 => 0,
+                v if v >= 64 => u64::MAX,
+                v => (1u64 << v) - 1,
+            };
+            if (d | z) & !valid != 0 || d & z != 0 {
+                return None;
+            }
+            words[i] = d;
+            words[n + i] = z;
         }
         Some(s)
     }
+}
+
+/// Word `i` of a plane as stored (little-endian bytes; a plane shorter than the word is padded
+/// with zeros).
+fn plane_word(plane: &[u8], i: usize) -> u64 {
+    let start = (8 * i).min(plane.len());
+    let end = (start + 8).min(plane.len());
+    if start == end {
+        return 0;
+    }
+    byteorder::LittleEndian::read_uint(&plane[start..end], end - start)
 }
 
 #[cfg(test)]
@@ -268,5 +292,35 @@ mod tests {
         let out = [0x00, 0x01, 0, 0, 0, 0, 0, 0];
         assert_eq!(BlockStates::decode(16, 8, 4, &out), None);
         assert!(BlockStates::decode(16, 9, 4, &out).is_some());
+    }
+
+    /// At every chunk size, heap planes included, and at every bit of either plane: one set bit
+    /// decodes only below the valid blocks, and a block set in both planes never does.
+    #[test]
+    fn every_bit_of_both_planes_is_checked_at_every_chunk_size() {
+        for shift in 0..=9 {
+            let blocks = 1usize << shift;
+            let plane = (blocks / 8).max(4);
+            for bit in 0..plane * 8 {
+                for (p, valid) in [0, 1]
+                    .into_iter()
+                    .flat_map(|p| [blocks, blocks - blocks / 3, blocks.saturating_sub(3).max(1)].map(|v| (p, v)))
+                {
+                    let mut out = vec![0u8; 2 * plane];
+                    out[p * plane + bit / 8] |= 1 << (bit % 8);
+                    let got = BlockStates::decode(blocks, valid, plane, &out);
+                    assert_eq!(got.is_some(), bit < valid, "{blocks} blocks, {valid} valid, plane {p}, bit {bit}");
+                    if let Some(s) = got {
+                        let want = if p == 0 { BlockState::Data } else { BlockState::Zero };
+                        assert_eq!(s.get(bit), want);
+                        assert_eq!(s.count(BlockState::Absent), blocks - 1);
+                    }
+                }
+                let mut both = vec![0u8; 2 * plane];
+                both[bit / 8] |= 1 << (bit % 8);
+                both[plane + bit / 8] |= 1 << (bit % 8);
+                assert_eq!(BlockStates::decode(blocks, blocks, plane, &both), None, "{blocks} blocks, bit {bit}");
+            }
+        }
     }
 }

@@ -96,7 +96,9 @@ pub fn seal_sector(g: &Geometry, sector_offset: u64, b: &mut [u8; SECTOR_SIZE]) 
 /// Decodes one sector read from file offset `sector_offset`: the in-use entries with their
 /// positions. An all-zero sector is empty. Every field is validated against the geometry.
 pub fn decode_sector(g: &Geometry, sector_offset: u64, b: &[u8]) -> Result<Vec<(usize, MapEntry)>> {
-    if b.iter().all(|&x| x == 0) {
+    // Most sectors of a sparse layer's map are empty: an OR over all bytes, with no early exit,
+    // compiles to wide vector ORs, where a byte-wise `all` was a fifth of opening a deep chain.
+    if b.iter().fold(0u8, |acc, &x| acc | x) == 0 {
         return Ok(Vec::new());
     }
     let corrupt = |msg: String| err(ErrorKind::Corrupt, msg).at(sector_offset);

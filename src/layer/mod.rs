@@ -447,7 +447,16 @@ impl Image {
     /// Every entry, sorted by chunk (for merging lower layers, listing and checking).
     pub fn entries(&self) -> Vec<(u64, Entry)> {
         let st = read(&self.state);
-        st.map.sorted_chunks().into_iter().filter_map(|c| st.map.get(c).map(|e| (c, e.clone()))).collect()
+        st.map.sorted_entries().into_iter().map(|(c, e)| (c, e.clone())).collect()
+    }
+
+    /// Hands every entry to `f`, sorted by chunk, without copying them (as [`Image::entries`]
+    /// does), under the map's read lock: `f` must not call back into this image.
+    pub fn for_each_entry(&self, mut f: impl FnMut(u64, &Entry)) {
+        let st = read(&self.state);
+        for (c, e) in st.map.sorted_entries() {
+            f(c, e);
+        }
     }
 
     /// The first chunk at or after `chunk` that has an entry in this image.
