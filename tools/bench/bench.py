@@ -12,6 +12,7 @@ Standard library only. Usually run through tools/bench/run.sh, which builds the 
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import random
@@ -1334,8 +1335,10 @@ def machine_info():
         "mem": mem,
         "kernel": os.uname().release,
         "fs": fs,
-        "commit": commit + (" (the working tree had uncommitted changes, which the binary includes)" if dirty else "")
-        + f"; binary built {built.strftime('%Y-%m-%d %H:%M UTC')}",
+        # The binary's digest names the build exactly: two runs are "on one build" only where it
+        # matches (tools/bench/two_runs.py), whatever the working tree held.
+        "commit": commit + (" (the working tree had uncommitted changes)" if dirty else "")
+        + f"; binary built {built.strftime('%Y-%m-%d %H:%M UTC')}, md5 {file_md5(ARGS.cowdisk)[:8]}",
         "cowdisk": first_line([str(ARGS.cowdisk), "--version"]),
         "qemu-nbd": first_line(["qemu-nbd", "--version"]),
         "qemu-img": first_line(["qemu-img", "--version"]),
@@ -1597,6 +1600,14 @@ REMOTE_END = "<!-- remote.sh: end -->"
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def file_md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def parse_size(s):

@@ -4,8 +4,12 @@ target by target: a target counts as met only where the median meets it in both 
 
 Usage: tools/bench/two_runs.py FIRST.md SECOND.md
        (for a committed run: git show REV:BENCHMARKS.md > /tmp/first.md)
+       tools/bench/two_runs.py --insert FIRST.md SECOND.md
 Prints a Markdown table: each row that has a target, the figure its target is judged on in
-each run, each run's verdict, and whether it is met in both.
+each run, each run's verdict, and whether it is met in both. With --insert, writes that table
+into SECOND.md instead, as a section before its results (replacing one written before), headed
+by when each run finished and which build each ran: "on one build" only where both runs' build
+lines match (git HEAD, build time and the binary's md5; tools/bench/twice.sh makes such runs).
 """
 import re
 import sys
@@ -60,21 +64,76 @@ def cell(row):
     return f"{figure(row)} {verdict(row)}"
 
 
-def main():
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    first = dict(rows(sys.argv[1]))
-    second = dict(rows(sys.argv[2]))
-    print("| Row | Target | First run | Second run | Met in both |")
-    print("|---|---|---|---|---|")
+def table(first_path, second_path):
+    """The side-by-side table's lines."""
+    first = dict(rows(first_path))
+    second = dict(rows(second_path))
+    out = ["| Row | Target | First run | Second run | Met in both |", "|---|---|---|---|---|"]
     for label, b in second.items():
         a = first.get(label)
         short = label.split(". ")[0] if re.match(r"^\d+[a-z]?\. ", label) else label
         one = cell(a) if a else "not run"
         both = "yes" if a and verdict(a) == verdict(b) == "PASS" else "**no**"
-        print(f"| {short} | {b['Target (issue)']} | {one} | {cell(b)} | {both} |")
+        out.append(f"| {short} | {b['Target (issue)']} | {one} | {cell(b)} | {both} |")
     for label in first.keys() - second.keys():
-        print(f"| {label} | {first[label]['Target (issue)']} | {cell(first[label])} | not run | **no** |")
+        out.append(f"| {label} | {first[label]['Target (issue)']} | {cell(first[label])} | not run | **no** |")
+    return out
+
+
+BEGIN, END = "<!-- two_runs: begin -->", "<!-- two_runs: end -->"
+
+
+def run_facts(path):
+    """(when the run finished, its minutes, the build it ran) from a BENCHMARKS.md's header."""
+    text = Path(path).read_text()
+    when = re.search(r"^on (\d{4}-\d\d-\d\d \d\d:\d\d UTC); the whole run took\s+([\d.]+) minutes", text, re.M)
+    build = re.search(r"^\| cowdisk \| (.*) \|$", text, re.M)
+    if not when or not build:
+        sys.exit(f"{path}: no run date or no cowdisk build line (not a full run's BENCHMARKS.md?)")
+    return when.group(1), when.group(2), build.group(1)
+
+
+def section(first_path, second_path):
+    (w1, m1, b1), (w2, m2, b2) = run_facts(first_path), run_facts(second_path)
+    if (w1, m1) == (w2, m2):
+        sys.exit(f"{first_path} and {second_path} are the same run")
+    one_build = b1 == b2
+    head = "## Two runs back to back on one build" if one_build else "## Two runs side by side (not one build)"
+    build = f"Both ran {b2}." if one_build else f"The first ran {b1}; this one {b2}."
+    return "\n".join([
+        BEGIN,
+        head,
+        "",
+        f"The run before this one finished {w1} after {m1} minutes; this one {w2} after {m2} minutes. "
+        f"{build} A target counts as met only where the median meets it in both. Made by "
+        "`tools/bench/two_runs.py --insert FIRST.md BENCHMARKS.md`, FIRST.md being the first run's file:",
+        "",
+        *table(first_path, second_path),
+        END,
+        "",
+    ])
+
+
+def insert(first_path, second_path):
+    p = Path(second_path)
+    text = p.read_text()
+    begin, end = text.find(BEGIN), text.find(END)
+    if 0 <= begin < end:
+        text = text[:begin] + text[end + len(END):].lstrip("\n")
+    at = text.find("## Results")
+    if at < 0:
+        sys.exit(f"{second_path}: no results section")
+    p.write_text(text[:at] + section(first_path, second_path) + "\n" + text[at:])
+
+
+def main():
+    args = sys.argv[1:]
+    if len(args) == 3 and args[0] == "--insert":
+        insert(args[1], args[2])
+    elif len(args) == 2:
+        print("\n".join(table(*args)))
+    else:
+        sys.exit(__doc__)
 
 
 if __name__ == "__main__":
