@@ -171,8 +171,9 @@ impl BlockStates {
             Planes::Inline(w) => w,
             Planes::Heap(w) => w,
         };
-        // A plane never holds more bits than its words (plane_bytes * 8 <= n * 64).
+        // A plane never holds more bits than its words: every stored bit is read and checked.
         let n = words.len() / 2;
+        debug_assert!(plane_bytes * 8 <= n * 64, "a {plane_bytes}-byte plane for {blocks} blocks");
         for i in 0..n {
             let (d, z) = (plane_word(dp, i), plane_word(zp, i));
             let lo = 64 * i;

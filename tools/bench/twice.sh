@@ -9,9 +9,19 @@
 set -eu
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
+# The report each run writes, as bench.py picks it: --output, else --quick's, else BENCHMARKS.md.
+report=BENCHMARKS.md
+output=
+prev=
+for a in "$@"; do
+    case "$prev" in --output) output=$a ;; esac
+    case "$a" in --output=*) output=${a#--output=} ;; --quick) report=target/bench-quick/BENCHMARKS.md ;; esac
+    prev=$a
+done
+report=${output:-$report}
 first=/var/tmp/cowdisk-bench-first-run.md
 tools/bench/run.sh "$@"
-cp BENCHMARKS.md "$first"
+cp "$report" "$first"
 tools/bench/run.sh "$@"
-python3 tools/bench/two_runs.py --insert "$first" BENCHMARKS.md
-echo "both runs side by side in BENCHMARKS.md; the first run's file is $first"
+python3 tools/bench/two_runs.py --insert "$first" "$report"
+echo "both runs side by side in $report; the first run's file is $first"
