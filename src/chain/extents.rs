@@ -182,20 +182,17 @@ impl Builder {
         if pos >= end {
             return;
         }
-        if self.map.range(pos..end).next().is_none() {
-            // Nothing above covers any of it: the common case, with no list to gather.
-            self.insert(pos, end, source.advanced(pos - start));
-            return;
-        }
-        let covered: Vec<(u64, u64)> = self.map.range(pos..end).map(|(&k, x)| (k, x.end)).collect();
-        for (ks, ke) in covered {
+        // One covered extent at a time, found afresh after each insert (which only adds below
+        // it): no list gathered, and one descent when nothing covers the range, the usual case.
+        while pos < end {
+            let Some((ks, ke)) = self.map.range(pos..end).next().map(|(&k, x)| (k, x.end)) else {
+                self.insert(pos, end, source.advanced(pos - start));
+                return;
+            };
             if ks > pos {
                 self.insert(pos, ks, source.advanced(pos - start));
             }
             pos = pos.max(ke);
-        }
-        if pos < end {
-            self.insert(pos, end, source.advanced(pos - start));
         }
     }
 

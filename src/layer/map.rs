@@ -207,16 +207,11 @@ impl ChunkMap {
         self.entries.iter().map(|(&c, e)| (c, e))
     }
 
-    /// Chunks in ascending order (for merging and listing, not the I/O path).
-    pub fn sorted_chunks(&self) -> Vec<u64> {
-        self.order.iter().copied().collect()
-    }
-
     /// Every entry, borrowed, sorted by chunk. Gathered from the table and sorted rather than
     /// looked up chunk by chunk along `order`: on a freshly loaded map each lookup is a cache
     /// miss, and a deep chain's open walks every layer's entries.
     pub fn sorted_entries(&self) -> Vec<(u64, &Entry)> {
-        let mut v: Vec<(u64, &Entry)> = self.entries.iter().map(|(&c, e)| (c, e)).collect();
+        let mut v: Vec<(u64, &Entry)> = self.iter().collect();
         v.sort_unstable_by_key(|&(c, _)| c);
         v
     }

@@ -446,8 +446,9 @@ impl Image {
 
     /// Every entry, sorted by chunk (for merging lower layers, listing and checking).
     pub fn entries(&self) -> Vec<(u64, Entry)> {
-        let st = read(&self.state);
-        st.map.sorted_entries().into_iter().map(|(c, e)| (c, e.clone())).collect()
+        let mut v = Vec::new();
+        self.for_each_entry(|c, e| v.push((c, e.clone())));
+        v
     }
 
     /// Hands every entry to `f`, sorted by chunk, without copying them (as [`Image::entries`]
