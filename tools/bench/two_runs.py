@@ -9,7 +9,7 @@ Prints a Markdown table: each row that has a target, the figure its target is ju
 each run, each run's verdict, and whether it is met in both. With --insert, writes that table
 into SECOND.md instead, as a section before its results (replacing one written before), headed
 by when each run finished and which build each ran: "on one build" only where both runs' build
-lines match (git HEAD, build time and the binary's md5; tools/bench/twice.sh makes such runs).
+lines name the same binary (build time and md5; tools/bench/twice.sh makes such runs).
 """
 import re
 import sys
@@ -93,13 +93,27 @@ def run_facts(path):
     return when.group(1), when.group(2), build.group(1)
 
 
+def binary(build):
+    """The part of a build line that names the binary: its build time and md5."""
+    m = re.search(r"binary built (.*)$", build)
+    return m.group(1) if m else build
+
+
 def section(first_path, second_path):
     (w1, m1, b1), (w2, m2, b2) = run_facts(first_path), run_facts(second_path)
     if (w1, m1) == (w2, m2):
         sys.exit(f"{first_path} and {second_path} are the same run")
-    one_build = b1 == b2
+    # One build is one binary: the same build time and md5. The line's note that the working
+    # tree had uncommitted changes says nothing about the binary (a test file edited during the
+    # second run sets it), so it is left out of the comparison.
+    one_build = binary(b1) == binary(b2)
     head = "## Two runs back to back on one build" if one_build else "## Two runs side by side (not one build)"
-    build = f"Both ran {b2}." if one_build else f"The first ran {b1}; this one {b2}."
+    if b1 == b2:
+        build = f"Both ran {b2}."
+    elif one_build:
+        build = f"Both ran the same binary. The first run's build line: {b1}; this one's: {b2}."
+    else:
+        build = f"The first ran {b1}; this one {b2}."
     return "\n".join([
         BEGIN,
         head,

@@ -2,7 +2,8 @@
 //! flatten run while fio writes and verifies on two connections; a job killed with SIGKILL or
 //! stopped by SIGTERM half-way leaves a chain that reads the same and that the same command
 //! run again finishes; a command following its job says so when the server dies or stops
-//! under it; jobs are listed, cancelled, and one at a time per chain.
+//! under it; jobs are listed, cancelled, and one at a time per chain; a snapshot asked at the
+//! same moment as a job is taken whole or refused, never half-done.
 
 mod common;
 
@@ -10,6 +11,7 @@ use common::cli::*;
 use common::live::Live;
 use common::*;
 use serde_json::Value;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 48 << 20;
@@ -245,4 +247,73 @@ fn a_followed_job_whose_server_dies_or_stops_says_so_and_the_command_run_again_f
         let Live { server, .. } = live;
         assert!(server.stop().success());
     }
+}
+
+/// A snapshot and a job asked for at the same moment, round after round, with a client
+/// writing between rounds: the job always runs (a job asked during a snapshot waits for it),
+/// and the snapshot is either taken whole, holding every acknowledged write, or refused
+/// because the job runs, leaving no file. The disk reads what was written throughout, and the
+/// chain checks clean at the end.
+#[test]
+fn a_snapshot_racing_a_job_start_is_taken_whole_or_refused() {
+    let live = Live::start(SIZE);
+    let mut model = live.base.clone();
+    let mut c = live.client();
+    let ctl = s(&live.ctl).to_string();
+    let (mut taken, mut refused) = (0, 0);
+    for round in 0..9u64 {
+        // Two new cowdisk layers below the top each round, so that every kind of job has
+        // work to do (a compaction needs two, a commit one).
+        for k in 0..2u64 {
+            for i in 0..6u64 {
+                let off = ((round * 7919 + k * 131 + i * 2_654_435_761) % (SIZE / 65536 - 2)) * 65536 + 512 * i;
+                let data = random_bytes(20_000 + 9_000 * i as usize, round << 40 | k << 32 | i);
+                c.write(off, &data).unwrap();
+                model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            }
+            c.flush().unwrap();
+            live.snapshot(&format!("p{round}-{k}.cow"));
+        }
+        let (kind, mut job): (&str, Vec<String>) = match round % 3 {
+            0 => ("commit", vec!["commit".into(), "disk.cow".into(), "--force".into()]),
+            1 => ("compact", vec!["compact".into(), "disk.cow".into(), format!("m{round}.cow")]),
+            _ => ("flatten", vec!["flatten".into(), "disk.cow".into()]),
+        };
+        job.extend(["--control".into(), ctl.clone()]);
+        let snap = format!("r{round}.cow");
+        let ask = vec!["snapshot".into(), "disk.cow".into(), snap.clone(), "--control".into(), ctl.clone()];
+        // Both at once, or one of them 2 ms behind the other.
+        let (snap_delay, job_delay) = [(0, 0), (2, 0), (0, 2)][(round / 3) as usize];
+        let barrier = Arc::new(Barrier::new(2));
+        let start = |args: Vec<String>, delay: u64| {
+            let (dir, b) = (live.ws.dir().to_path_buf(), barrier.clone());
+            std::thread::spawn(move || {
+                b.wait();
+                std::thread::sleep(Duration::from_millis(delay));
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                run_in(&dir, &a)
+            })
+        };
+        let (j, sn) = (start(job, job_delay), start(ask, snap_delay));
+        let (j, sn) = (j.join().expect("job command"), sn.join().expect("snapshot command"));
+        assert_eq!(j.code, Some(0), "round {round}, {kind}: {}", j.describe());
+        if sn.code == Some(0) {
+            taken += 1;
+            assert!(sn.stdout.contains("clients paused"), "round {round}: {}", sn.describe());
+            assert_bytes_eq(&live.snapshot_bytes(&snap), &model, &format!("round {round}: snapshot beside a {kind}"));
+        } else {
+            refused += 1;
+            let line = sn.error_line();
+            assert!(line.contains("in use") && line.contains(&format!("a {kind} job is running")), "{}", sn.describe());
+            assert!(!live.ws.p(&snap).exists(), "round {round}: a refused snapshot left {snap}");
+        }
+        assert_bytes_eq(&device(&live), &model, &format!("round {round}: after the {kind} and the snapshot"));
+    }
+    eprintln!("snapshots taken beside a job: {taken}; refused because the job ran: {refused}");
+    assert!(jobs(&live).iter().all(|j| j["state"] == "completed"), "{:?}", jobs(&live));
+    drop(c);
+    let Live { server, ws, .. } = live;
+    assert!(server.stop().success());
+    let c = ws.run(&["check", "--chain", "--deep", "disk.cow"]);
+    assert_eq!(c.code, Some(0), "{}", c.describe());
 }
