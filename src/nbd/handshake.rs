@@ -7,6 +7,7 @@
 
 use super::meta::{self, Context, Offer, Selected};
 use super::proto::*;
+use super::winding::Winding;
 use super::Export;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -65,6 +66,9 @@ pub struct Session<'a> {
     meta: Option<(String, Vec<Context>)>,
     /// The contexts offered besides base:allocation.
     offer: Offer,
+    /// Set when the server winds this connection down: options read from then on are
+    /// refused with NBD_REP_ERR_SHUTDOWN.
+    winding: Arc<Winding>,
 }
 
 fn protocol_error(msg: &str) -> io::Error {
@@ -73,7 +77,12 @@ fn protocol_error(msg: &str) -> io::Error {
 
 impl<'a> Session<'a> {
     /// Sends the greeting and reads the client flags.
-    pub fn start<S: Read + Write>(s: &mut S, exports: &'a [Arc<Export>], tls: TlsMode) -> io::Result<Session<'a>> {
+    pub fn start<S: Read + Write>(
+        s: &mut S,
+        exports: &'a [Arc<Export>],
+        tls: TlsMode,
+        winding: Arc<Winding>,
+    ) -> io::Result<Session<'a>> {
         s.write_all(&greeting())?;
         s.flush()?;
         let mut f = [0u8; 4];
@@ -90,6 +99,7 @@ impl<'a> Session<'a> {
             structured: false,
             meta: None,
             offer: Offer::default(),
+            winding,
         })
     }
 
@@ -183,6 +193,22 @@ impl<'a> Session<'a> {
             let mut data = vec![0u8; len as usize];
             s.read_exact(&mut data)?;
 
+            // Spec: a server shutting down "SHOULD error further options received (other than
+            // an NBD_OPT_ABORT) with NBD_REP_ERR_SHUTDOWN"; NBD_OPT_EXPORT_NAME has no error
+            // reply, so it is hung up on.
+            if let Some(why) = self.winding.refusal() {
+                match opt {
+                    OPT_ABORT => {
+                        let _ = reply(s, REP_ACK, &[]);
+                        return Ok(Outcome::Closed);
+                    }
+                    OPT_EXPORT_NAME => return Ok(Outcome::Closed),
+                    _ => {
+                        error(s, REP_ERR_SHUTDOWN, why)?;
+                        continue;
+                    }
+                }
+            }
             if self.tls == TlsMode::Required && !self.tls_active && opt != OPT_STARTTLS && opt != OPT_ABORT {
                 if opt == OPT_EXPORT_NAME {
                     return Ok(Outcome::Closed);

@@ -1,7 +1,8 @@
 //! The NBD server: protocol encoding kept pure ([`proto`]), option haggling ([`handshake`]),
 //! the request engine ([`transmission`]) and its reused buffers ([`buffers`]), request
 //! payloads spliced or read from the socket ([`payload`]), TLS ([`tls`], [`tls_pump`]), the
-//! socket type they all share ([`sock`]), and listeners and lifecycle ([`server`]). Every
+//! socket type they all share ([`sock`]), a connection's wind-down at shutdown
+//! ([`winding`]), and listeners and lifecycle ([`server`]). Every
 //! dependency between these files points one way: `server` uses the rest, and `sock` uses
 //! none of them. Metadata contexts (which ones an export offers, what block status says in
 //! each) are [`meta`]'s.
@@ -19,5 +20,6 @@ mod spin;
 pub mod tls;
 pub mod tls_pump;
 pub mod transmission;
+pub mod winding;
 
 pub use exports::{Export, ExportStats, Exports};

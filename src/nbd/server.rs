@@ -9,6 +9,7 @@ use super::meta::Offer;
 use super::sock::Sock;
 use super::tls::{Stream, TlsConfig};
 use super::transmission;
+use super::winding::{Why, Winding};
 use crate::error::{err, Error, ErrorKind, Result};
 use std::collections::HashMap;
 use std::io;
@@ -100,10 +101,18 @@ enum Phase {
     Transmission(Arc<Export>),
 }
 
+/// A connection the server knows of: its raw socket (shutting it down is how the handshake
+/// deadline and a wind-down reach it, TLS or not), its phase, and its wind-down notice.
+struct Registered {
+    sock: Sock,
+    phase: Phase,
+    winding: Arc<Winding>,
+}
+
 struct Shared {
     exports: Exports,
     budget: Budget,
-    conns: Mutex<HashMap<u64, (Sock, Phase)>>,
+    conns: Mutex<HashMap<u64, Registered>>,
     stopping: AtomicBool,
     cfg: ServerConfig,
 }
@@ -334,34 +343,16 @@ impl Server {
                     Err(_) => continue,
                 };
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
-                if !admit(&self.shared, id, &sock) {
+                let Some(winding) = admit(&self.shared, id, &sock) else {
                     sock.shutdown(Shutdown::Both);
                     continue;
-                }
+                };
                 let sh = self.shared.clone();
-                threads.push(std::thread::spawn(move || connection(sh, id, sock)));
+                threads.push(std::thread::spawn(move || connection(sh, id, sock, winding)));
             }
         }
         self.shared.stopping.store(true, Ordering::Release);
-        if let Ok(conns) = self.shared.conns.lock() {
-            for (s, phase) in conns.values() {
-                s.shutdown(match phase {
-                    Phase::Handshake(_) => Shutdown::Both,
-                    Phase::Transmission(_) => Shutdown::Read,
-                });
-            }
-        }
-        // Requests already read finish and are answered; a client that stops reading its
-        // replies cannot hold the shutdown hostage: after the grace period its socket is closed.
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
-        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Ok(conns) = self.shared.conns.lock() {
-            for (s, _) in conns.values() {
-                s.shutdown(Shutdown::Both);
-            }
-        }
+        wind_down(&self.shared, Why::ServerStopping, |_| true, || threads.iter().all(|t| t.is_finished()));
         for t in threads {
             let _ = t.join();
         }
@@ -395,10 +386,10 @@ fn reap_stalled_handshakes(sh: &Shared) {
     while !sh.stopping.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(200));
         if let Ok(conns) = sh.conns.lock() {
-            for (s, phase) in conns.values() {
-                if let Phase::Handshake(t) = phase {
+            for r in conns.values() {
+                if let Phase::Handshake(t) = r.phase {
                     if t.elapsed() > sh.cfg.handshake_timeout {
-                        s.shutdown(Shutdown::Both);
+                        r.sock.shutdown(Shutdown::Both);
                     }
                 }
             }
@@ -406,20 +397,47 @@ fn reap_stalled_handshakes(sh: &Shared) {
     }
 }
 
-/// Registers a new connection (in the handshake phase) unless the cap is reached. Counting and
-/// registering happen under one lock in the accept loop, so a burst of connects cannot get
-/// past the cap before the connection threads have started.
-fn admit(sh: &Shared, id: u64, sock: &Sock) -> bool {
-    let Ok(mut c) = sh.conns.lock() else { return false };
+/// Registers a new connection (in the handshake phase) unless the cap is reached, and returns
+/// its wind-down notice. Counting and registering happen under one lock in the accept loop,
+/// so a burst of connects cannot get past the cap before the connection threads have started.
+fn admit(sh: &Shared, id: u64, sock: &Sock) -> Option<Arc<Winding>> {
+    let mut c = sh.conns.lock().ok()?;
     if c.len() >= sh.cfg.max_connections {
-        return false;
+        return None;
     }
-    match sock.try_clone() {
-        Ok(clone) => {
-            c.insert(id, (clone, Phase::Handshake(Instant::now())));
-            true
+    let winding = Arc::new(Winding::default());
+    let sock = sock.try_clone().ok()?;
+    c.insert(id, Registered { sock, phase: Phase::Handshake(Instant::now()), winding: winding.clone() });
+    Some(winding)
+}
+
+/// Winds down the connections `mine` picks (spec: "On a server shutdown, the server SHOULD
+/// wait for inflight requests to be serviced prior to initiating a hard disconnect [...] any
+/// subsequently received requests SHOULD be NBD_ESHUTDOWN"): each refuses what it reads from
+/// now on (see [`Winding`]); its read side is closed once its client has been quiet for
+/// [`QUIET`](super::winding::QUIET) (or at the latest [`LONGEST`](super::winding::LONGEST)
+/// after), so it answers what it has read and ends. Returns
+/// when `finished` says so, or after [`SHUTDOWN_GRACE`], when the sockets are shut down
+/// whole: a client that keeps sending, or stops reading its replies, cannot hold a shutdown
+/// hostage.
+fn wind_down(sh: &Shared, why: Why, mine: impl Fn(&Phase) -> bool, finished: impl Fn() -> bool) {
+    let each = |f: &dyn Fn(&Registered)| {
+        if let Ok(conns) = sh.conns.lock() {
+            conns.values().filter(|r| mine(&r.phase)).for_each(f);
         }
-        Err(_) => false,
+    };
+    each(&|r| r.winding.start(why));
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while !finished() && Instant::now() < deadline {
+        each(&|r| {
+            if r.winding.take_cut() {
+                r.sock.shutdown(Shutdown::Read);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !finished() {
+        each(&|r| r.sock.shutdown(Shutdown::Both));
     }
 }
 
@@ -429,7 +447,7 @@ fn set_phase(sh: &Shared, id: u64, phase: Option<Phase>) {
     match phase {
         Some(p) => {
             if let Some(e) = c.get_mut(&id) {
-                e.1 = p;
+                e.phase = p;
             }
         }
         None => {
@@ -438,11 +456,11 @@ fn set_phase(sh: &Shared, id: u64, phase: Option<Phase>) {
     }
 }
 
-fn negotiate(sh: &Shared, slot: &mut Option<Stream>) -> io::Result<Option<Negotiated>> {
+fn negotiate(sh: &Shared, slot: &mut Option<Stream>, winding: Arc<Winding>) -> io::Result<Option<Negotiated>> {
     let stream = slot.as_mut().ok_or_else(|| io::Error::other("no stream"))?;
     // The exports as they are when the client arrives; one removed meanwhile is refused below.
     let exports = sh.exports.list();
-    let mut session = Session::start(stream, &exports, sh.cfg.tls_mode)?;
+    let mut session = Session::start(stream, &exports, sh.cfg.tls_mode, winding)?;
     session.offer_contexts(sh.cfg.contexts);
     loop {
         let stream = slot.as_mut().ok_or_else(|| io::Error::other("no stream"))?;
@@ -459,7 +477,7 @@ fn negotiate(sh: &Shared, slot: &mut Option<Stream>) -> io::Result<Option<Negoti
     }
 }
 
-fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
+fn connection(sh: Arc<Shared>, id: u64, sock: Sock, winding: Arc<Winding>) {
     sock.set_nodelay();
     // Accepted just as shutdown began: the sweep has closed the socket, nothing to serve.
     if sh.stopping.load(Ordering::Acquire) {
@@ -469,7 +487,7 @@ fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
     // The registry keeps the raw socket, also after STARTTLS: shutting it down is how the
     // handshake deadline and the shutdown sweep reach a connection, TLS or not.
     let mut slot = Some(Stream::Plain(sock));
-    let negotiated = negotiate(&sh, &mut slot);
+    let negotiated = negotiate(&sh, &mut slot, winding.clone());
     let pump = slot.as_mut().and_then(Stream::take_pump);
     if let Ok(Some(n)) = negotiated {
         let export = n.export.clone();
@@ -478,7 +496,8 @@ fn connection(sh: Arc<Shared>, id: u64, sock: Sock) {
         if sh.exports.enter(&export) {
             if !sh.stopping.load(Ordering::Acquire) {
                 if let Some(Ok((reader, writer, closer))) = slot.take().map(Stream::split) {
-                    transmission::serve(reader, writer, n, sh.cfg.threads_per_connection, &sh.budget, closer);
+                    let threads = sh.cfg.threads_per_connection;
+                    transmission::serve(reader, writer, n, threads, &sh.budget, closer, winding);
                 }
             }
             export.stats.connection(false);
@@ -511,7 +530,8 @@ impl ServerControl {
     }
 
     /// Stops serving `name`. Refused while clients use it, unless `force`: then their
-    /// connections stop reading requests, answer those in flight, and close (as at shutdown).
+    /// connections wind down as at shutdown (requests read from then on are refused with
+    /// NBD_ESHUTDOWN) and close.
     /// Returns the export once no connection uses it any more.
     pub fn remove_export(&self, name: &str, force: bool) -> Result<Arc<Export>> {
         let e = match self.shared.exports.remove(name, !force) {
@@ -531,26 +551,11 @@ impl ServerControl {
             }
         };
         let users = || ExportStats::get(&e.stats.connections);
-        let cut = |how: Shutdown| {
-            if let Ok(conns) = self.shared.conns.lock() {
-                for (s, phase) in conns.values() {
-                    if matches!(phase, Phase::Transmission(x) if Arc::ptr_eq(x, &e)) {
-                        s.shutdown(how);
-                    }
-                }
-            }
-        };
-        cut(Shutdown::Read);
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
-        while users() > 0 && Instant::now() < deadline {
+        let mine = |p: &Phase| matches!(p, Phase::Transmission(x) if Arc::ptr_eq(x, &e));
+        wind_down(&self.shared, Why::ExportRemoved, mine, || users() == 0);
+        // Past the grace period the sockets are shut down whole: the connections end now.
+        while users() > 0 {
             std::thread::sleep(Duration::from_millis(10));
-        }
-        if users() > 0 {
-            // A client that does not read its replies does not hold the removal hostage.
-            cut(Shutdown::Both);
-            while users() > 0 {
-                std::thread::sleep(Duration::from_millis(10));
-            }
         }
         Ok(e)
     }

@@ -11,6 +11,7 @@ use super::meta;
 use super::payload::{Incoming, SocketPayload};
 use super::proto::*;
 use super::spin::Spin;
+use super::winding::Winding;
 use crate::device::{Disk, Extent, Payload};
 use crate::error::{Error, ErrorKind};
 use crate::storage::{poll_one, Pipe};
@@ -18,6 +19,7 @@ use crate::sync::lock;
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
 
 /// Payload bytes (read lengths and write payloads) one connection may have in flight.
@@ -60,6 +62,9 @@ struct Conn {
     /// A reply to a quiet request found more requests sent before it: the client keeps
     /// requests in flight.
     overlap: AtomicBool,
+    /// Set when the server winds the connection down: requests read from then on are
+    /// refused with NBD_ESHUTDOWN.
+    winding: Arc<Winding>,
 }
 
 /// The request stream, read by one thread at a time.
@@ -101,8 +106,9 @@ fn errno(e: &Error) -> u32 {
 }
 
 /// Serves requests until the client disconnects, the socket breaks, or `reader` hits EOF
-/// (which is how the server asks a connection to wind down). Returns once every request
-/// already read has been answered.
+/// (which is how the server ends a connection it winds down). Returns once every request
+/// already read has been answered. Once `winding` is set, requests read are answered
+/// NBD_ESHUTDOWN instead of run.
 ///
 /// `threads` threads share the connection, leader/follower style: whoever holds the reader
 /// reads one request (and its payload), lets go of the reader, runs the request and sends its
@@ -119,6 +125,7 @@ pub fn serve(
     threads: usize,
     global: &Budget,
     on_broken: Box<dyn Fn() + Send + Sync>,
+    winding: Arc<Winding>,
 ) {
     let conn = Conn {
         neg,
@@ -130,6 +137,7 @@ pub fn serve(
         in_fd: reader.socket_fd(),
         quiet: AtomicBool::new(false),
         overlap: AtomicBool::new(false),
+        winding,
     };
     let input = Reader::new(Input {
         r: BufReader::with_capacity(READ_BUFFER, reader),
@@ -260,6 +268,14 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
         if req.typ == CMD_DISC {
             *done = true;
             return None;
+        }
+        if let Some(why) = conn.winding.refusal() {
+            if req.typ == CMD_WRITE && drain(r, u64::from(req.length)).is_err() {
+                *done = true;
+                return None;
+            }
+            conn.send_error(&req, ESHUTDOWN, why);
+            continue;
         }
         // A read over the maximum is refused without a buffer, so it is not charged: its cost
         // would exceed the global budget and hold it (and this connection) until every other

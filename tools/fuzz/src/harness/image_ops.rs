@@ -453,6 +453,7 @@ impl World {
                         Box::new(move || {
                             let _ = c.shutdown(Shutdown::Both);
                         }),
+                        Default::default(),
                     );
                 })
                 .expect("server thread");

@@ -292,7 +292,7 @@ fn open_conn(
         .name(format!("nbd-fuzz-conn-{i}"))
         .spawn(move || {
             let mut s = server;
-            let Ok(mut session) = Session::start(&mut s, &exports, TlsMode::Off) else { return };
+            let Ok(mut session) = Session::start(&mut s, &exports, TlsMode::Off, Default::default()) else { return };
             let neg = match session.options(&mut s) {
                 Ok(Outcome::Transmit(n)) => n,
                 _ => return,
@@ -308,6 +308,7 @@ fn open_conn(
                 Box::new(move || {
                     let _ = c.shutdown(Shutdown::Both);
                 }),
+                Default::default(),
             );
         })
         .expect("server thread");

@@ -132,7 +132,7 @@ pub fn run(data: &[u8]) {
 pub fn session(data: &[u8]) -> Option<(usize, usize)> {
     let exports = exports();
     let mut d = Duplex { input: Cursor::new(data), written: 0 };
-    let Ok(mut session) = Session::start(&mut d, &exports, TlsMode::Off) else {
+    let Ok(mut session) = Session::start(&mut d, &exports, TlsMode::Off, Default::default()) else {
         return None;
     };
     let neg = match session.options(&mut d) {
@@ -155,6 +155,7 @@ pub fn session(data: &[u8]) -> Option<(usize, usize)> {
         threads,
         &budget,
         Box::new(|| {}),
+        Default::default(),
     );
     budget.wait_idle();
     let (out, overflow) = std::mem::take(&mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()));

@@ -1,0 +1,132 @@
+//! A connection's notice that it is being wound down (the server stops, or its export is
+//! removed by force), and how long its client has been quiet since.
+//!
+//! The NBD spec asks a server that shuts down to answer requests in flight, then requests it
+//! receives afterwards with `NBD_ESHUTDOWN` (options with `NBD_REP_ERR_SHUTDOWN`), so that the
+//! client learns why and disconnects softly. A connection's reader cannot be woken from a
+//! blocking read without closing the socket's read side, after which a client's next request
+//! is lost (a Unix socket refuses it with EPIPE). So the server keeps reading while the
+//! client keeps sending, refusing each request, and closes the read side only once the
+//! client has sent nothing for [`QUIET`], or [`LONGEST`] after winding began: a pipelining
+//! client gets an answer for every request it sent, an idle one costs the shutdown [`QUIET`],
+//! and one that goes on sending after its refusals (the spec says it MUST disconnect) costs it
+//! [`LONGEST`].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a winding-down connection's client must send nothing before its read side is
+/// closed. Longer than a pipelining client's gap between two requests even on a loaded
+/// machine; short enough that an idle client barely delays a shutdown.
+pub const QUIET: Duration = Duration::from_millis(200);
+/// How long a winding-down connection is read from at most.
+pub const LONGEST: Duration = Duration::from_secs(2);
+
+/// Why a connection winds down; the reason goes into structured error replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    ServerStopping = 1,
+    ExportRemoved = 2,
+}
+
+#[derive(Debug)]
+pub struct Winding {
+    /// 0 while serving, else a [`Why`].
+    why: AtomicU8,
+    /// When winding began, in microseconds since `epoch`.
+    began: AtomicU64,
+    /// When a request or option was last read while winding down (or winding began), in
+    /// microseconds since `epoch`.
+    last: AtomicU64,
+    /// The read side has been closed: set once, by whoever closes it.
+    cut: AtomicBool,
+    epoch: Instant,
+}
+
+impl Default for Winding {
+    fn default() -> Self {
+        Winding {
+            why: AtomicU8::new(0),
+            began: AtomicU64::new(0),
+            last: AtomicU64::new(0),
+            cut: AtomicBool::new(false),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Winding {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Starts winding down, unless it already has (the first reason stays).
+    pub fn start(&self, why: Why) {
+        let now = self.now();
+        if self.why.compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.began.store(now, Ordering::Release);
+            self.last.store(now, Ordering::Release);
+        }
+    }
+
+    /// Whether the connection is winding down.
+    pub fn started(&self) -> bool {
+        self.why.load(Ordering::Acquire) != 0
+    }
+
+    /// For a request or option just read: `None` while serving, so it runs; else the message
+    /// to refuse it with. Either way one atomic load while serving; the clock is read only
+    /// while winding down, to note that the client is not quiet.
+    pub fn refusal(&self) -> Option<&'static str> {
+        let why = match self.why.load(Ordering::Acquire) {
+            0 => return None,
+            2 => "the export is being removed from the server",
+            _ => "the server is shutting down",
+        };
+        self.last.store(self.now(), Ordering::Release);
+        Some(why)
+    }
+
+    /// Whether the read side should now be closed: winding down, not closed yet, and nothing
+    /// read for [`QUIET`] or winding for [`LONGEST`]. True once: the caller closes it.
+    pub fn take_cut(&self) -> bool {
+        let now = self.now();
+        let since =
+            |at: &AtomicU64, d: Duration| now.saturating_sub(at.load(Ordering::Acquire)) >= d.as_micros() as u64;
+        self.started()
+            && (since(&self.last, QUIET) || since(&self.began, LONGEST))
+            && !self.cut.swap(true, Ordering::AcqRel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_only_after_start_and_cuts_once_after_a_quiet_spell() {
+        let w = Winding::default();
+        assert_eq!(w.refusal(), None);
+        assert!(!w.take_cut(), "a serving connection is never cut");
+        w.start(Why::ExportRemoved);
+        w.start(Why::ServerStopping);
+        assert_eq!(w.refusal(), Some("the export is being removed from the server"), "the first reason stays");
+        assert!(!w.take_cut(), "just read a request: not quiet");
+        std::thread::sleep(QUIET + Duration::from_millis(20));
+        assert!(w.take_cut());
+        assert!(!w.take_cut(), "cut once");
+    }
+
+    #[test]
+    fn a_client_that_keeps_sending_is_cut_after_the_longest_wind_down() {
+        let w = Winding::default();
+        w.start(Why::ServerStopping);
+        let t = Instant::now();
+        while !w.take_cut() {
+            assert!(w.refusal().is_some());
+            assert!(t.elapsed() < LONGEST + QUIET, "never cut");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(t.elapsed() >= LONGEST, "cut while the client was sending, after {:?}", t.elapsed());
+    }
+}

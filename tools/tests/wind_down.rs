@@ -1,0 +1,225 @@
+//! A server that stops, or removes an export by force, while a real client (libnbd, through
+//! nbdsh) keeps talking to it: every request gets an answer, NBD_ESHUTDOWN for those the
+//! server refused (NBD_REP_ERR_SHUTDOWN for options), the refused writes are not in the
+//! image, the acknowledged ones are, and the server does not wait out its grace period.
+
+mod common;
+
+use common::nbdtest::*;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const BLOCK: u64 = 4096;
+/// Well under the server's 10 s grace period: a server that needed it would fail the tests.
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// The byte every 4K block `b` is written with (never zero, so a block left unwritten tells).
+fn fill(b: u64) -> u8 {
+    (b % 251 + 1) as u8
+}
+
+/// Runs `script` in nbdsh (libnbd's Python shell; `h` is its handle) and returns its stdout.
+/// Lines of the form `block B ok` or `block B ERRNO` say what became of each write.
+fn nbdsh(script: &str) -> String {
+    // nbdsh runs the first python3 on PATH; Debian's libnbd module is built for Debian's
+    // (a pyenv python3 ahead of it on PATH, as on the CI machines, lacks it).
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let out = tool("nbdsh").env("PATH", path).arg("-c").arg(script).output().expect("run nbdsh");
+    assert!(
+        out.status.success(),
+        "nbdsh failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What became of each block's write: "ok" or the errno name libnbd reported.
+fn outcomes(stdout: &str) -> BTreeMap<u64, String> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("block")).then(|| {
+                let b = w.next().and_then(|b| b.parse().ok()).expect("block number");
+                (b, w.next().unwrap_or("").to_owned())
+            })
+        })
+        .collect()
+}
+
+/// Serves `image` again and checks it block by block: acknowledged writes hold their bytes,
+/// everything else (refused, never sent) reads as zeros.
+fn assert_only_acknowledged_writes_landed(dir: &TempDir, image: &Path, size: u64, done: &BTreeMap<u64, String>) {
+    let server = serve(&[image], &dir.join("again.sock"), &[]);
+    let mut c = simple_client(&server, "disk");
+    for piece in 0..size / MIB {
+        let got = c.read(piece * MIB, MIB as u32).expect("read back");
+        for (i, bytes) in got.chunks(BLOCK as usize).enumerate() {
+            let b = piece * MIB / BLOCK + i as u64;
+            let acked = done.get(&b).is_some_and(|o| o == "ok");
+            let want = if acked { fill(b) } else { 0 };
+            assert!(
+                bytes.iter().all(|&x| x == want),
+                "block {b} ({}) should read {want:#x} throughout",
+                done.get(&b).map_or("never sent", String::as_str)
+            );
+        }
+    }
+}
+
+fn wait_exit_promptly(server: &mut Server, what: &str) {
+    let t = Instant::now();
+    let status = server.daemon().wait_exit(PROMPT).unwrap_or_else(|| panic!("no exit after {what}\n{}", server.log()));
+    assert_eq!(status.code(), Some(0), "exit status\n{}", server.log());
+    eprintln!("server exited {:?} after {what}", t.elapsed());
+}
+
+#[test]
+fn a_client_writing_when_the_server_stops_is_answered_eshutdown_and_only_acknowledged_writes_land() {
+    if !require_tool("nbdsh") {
+        return;
+    }
+    let dir = TempDir::for_test();
+    let image = create_image(&dir, "disk.cow", "16M");
+    let sock = dir.join("nbd.sock");
+    let mut server = serve(&[&image], &sock, &[]);
+    // Writes one block after another (queue depth 1); after 300 it sends the server SIGTERM
+    // and writes on until a write fails, as a guest would, then disconnects.
+    let script = format!(
+        r#"
+import os, signal
+h.connect_unix({sock:?})
+b = 0
+while True:
+    try:
+        h.pwrite(bytes([b % 251 + 1]) * 4096, b * 4096)
+        print("block", b, "ok")
+    except nbd.Error as e:
+        print("block", b, e.errno)
+        break
+    b += 1
+    if b == 300:
+        os.kill({pid}, signal.SIGTERM)
+h.shutdown()
+"#,
+        sock = path_str(&sock),
+        pid = server.pid(),
+    );
+    let done = outcomes(&nbdsh(&script));
+    let (last, why) = done.iter().next_back().expect("some writes");
+    assert_eq!(why, "ESHUTDOWN", "the first write the server refused, block {last}");
+    assert!(*last >= 300, "failed before the signal");
+    assert_eq!(done.values().filter(|o| *o != "ok").count(), 1, "one refusal, then the client disconnects");
+    wait_exit_promptly(&mut server, "SIGTERM and the client's disconnect");
+    drop(server);
+    assert_only_acknowledged_writes_landed(&dir, &image, 16 * MIB, &done);
+}
+
+#[test]
+fn a_forced_export_removal_answers_every_pipelined_write_ok_or_eshutdown() {
+    if !require_tool("nbdsh") {
+        return;
+    }
+    let dir = TempDir::for_test();
+    let image = create_image(&dir, "disk.cow", "32M");
+    let sock = dir.join("nbd.sock");
+    let mut server = serve(&[&image], &sock, &[]);
+    let control = format!("/run/cowdisk/server-{}.sock", server.pid());
+    // Keeps 64 writes in flight, to blocks in a scattered order; after 500 are sent it starts
+    // `cowdisk export remove --force` and writes on; once a write fails it sends no more,
+    // collects the answers of those in flight, disconnects, and waits for the removal.
+    let script = format!(
+        r#"
+import errno, subprocess
+h.connect_unix({sock:?})
+N = 8192
+state = {{"inflight": 0, "stop": False}}
+def done(b):
+    def cb(err):
+        state["inflight"] -= 1
+        e = err.value if hasattr(err, "value") else err
+        print("block", b, "ok" if e == 0 else errno.errorcode.get(e, e))
+        if e != 0:
+            state["stop"] = True
+        return 0
+    return cb
+sent = 0
+remover = None
+while True:
+    while not state["stop"] and state["inflight"] < 64 and sent < N:
+        b = (sent * 7919) % N
+        h.aio_pwrite(bytes([b % 251 + 1]) * 4096, b * 4096, completion=done(b))
+        state["inflight"] += 1
+        sent += 1
+    if remover is None and sent >= 500:
+        remover = subprocess.Popen([{bin:?}, "export", "remove", "disk", "--force", "--control", {control:?}],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if state["inflight"] == 0 and (state["stop"] or sent >= N):
+        break
+    h.poll(1)
+h.shutdown()
+out, _ = remover.communicate()
+print("remove", remover.returncode, out.strip())
+"#,
+        sock = path_str(&sock),
+        bin = path_str(&cowdisk_bin()),
+        control = control,
+    );
+    let out = nbdsh(&script);
+    assert!(out.contains("remove 0 export disk removed"), "the removal succeeds:\n{out}");
+    let done = outcomes(&out);
+    let refused = done.values().filter(|o| *o == "ESHUTDOWN").count();
+    let other: Vec<_> = done.iter().filter(|(_, o)| *o != "ok" && *o != "ESHUTDOWN").collect();
+    assert!(other.is_empty(), "every write is acknowledged or refused with ESHUTDOWN: {other:?}");
+    assert!(refused >= 1, "the client was writing on when the export went: some write is refused");
+    assert!(done.len() < 8192, "the client stopped at the refusal");
+    eprintln!("{} writes acknowledged, {refused} refused", done.len() - refused);
+    // The server serves on, without the export; its image is closed and can be served anew.
+    assert!(server.is_running(), "the server keeps running\n{}", server.log());
+    assert_eq!(server.stop().code(), Some(0));
+    assert_only_acknowledged_writes_landed(&dir, &image, 32 * MIB, &done);
+}
+
+#[test]
+fn a_client_still_negotiating_when_the_server_stops_is_answered_rep_err_shutdown() {
+    if !require_tool("nbdsh") {
+        return;
+    }
+    let dir = TempDir::for_test();
+    let image = create_image(&dir, "disk.cow", "16M");
+    let sock = dir.join("nbd.sock");
+    let mut server = serve(&[&image], &sock, &[]);
+    // In libnbd's option mode the client stays in negotiation: it lists the exports, the
+    // server is sent SIGTERM, and the client asks for NBD_OPT_INFO until one is refused.
+    let script = format!(
+        r#"
+import os, signal, time
+h.set_opt_mode(True)
+h.connect_unix({sock:?})
+names = []
+h.opt_list(lambda name, desc: names.append(name) or 0)
+print("listed", names)
+os.kill({pid}, signal.SIGTERM)
+for i in range(200):
+    try:
+        h.opt_info()
+        time.sleep(0.01)
+    except nbd.Error as e:
+        print("info", e.errno, e.string)
+        break
+h.opt_abort()
+print("aborted")
+"#,
+        sock = path_str(&sock),
+        pid = server.pid(),
+    );
+    let out = nbdsh(&script);
+    assert!(out.contains("listed ['disk']"), "{out}");
+    let info = out.lines().find(|l| l.starts_with("info ")).unwrap_or_else(|| panic!("no option refused:\n{out}"));
+    assert!(info.starts_with("info ESHUTDOWN "), "refused as shutting down (NBD_REP_ERR_SHUTDOWN): {info}");
+    assert!(out.contains("aborted"), "NBD_OPT_ABORT is still answered:\n{out}");
+    wait_exit_promptly(&mut server, "SIGTERM and the client's abort");
+}
