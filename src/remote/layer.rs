@@ -188,11 +188,25 @@ impl RemoteLayer {
         if retry.is_some_and(|t| std::time::Instant::now() < t) {
             return None;
         }
+        let stats = &super::store::STATS;
         match super::shared_cache().and_then(|c| c.layer(&self.digest, &self.manifest)) {
-            Ok(c) => Some(self.chunks.get_or_init(|| c).clone()),
+            Ok(c) => {
+                // Told once per outage: every layer fails alike while the cache is broken.
+                if retry.is_some() && stats.cache_down.swap(false, Ordering::AcqRel) {
+                    super::store::cache_notice("the cache takes remote layers again");
+                }
+                Some(self.chunks.get_or_init(|| c).clone())
+            }
             Err(e) => {
                 *retry = Some(std::time::Instant::now() + CACHE_RETRY);
-                lock(&super::store::STATS.cache_error).get_or_insert_with(|| e.to_string());
+                lock(&stats.cache_error).get_or_insert_with(|| e.to_string());
+                if !stats.cache_down.swap(true, Ordering::AcqRel) {
+                    super::store::cache_notice(&format!(
+                        "the cache cannot take remote layers ({e}): their reads go to the store uncached, \
+                         without read-ahead; it is tried again every {} s",
+                        CACHE_RETRY.as_secs()
+                    ));
+                }
                 None
             }
         }

@@ -122,6 +122,8 @@ pub struct Stats {
     pub uncached_reads: AtomicU64,
     /// Why the cache could not, the first time it could not.
     pub cache_error: std::sync::Mutex<Option<String>>,
+    /// The cache failed to take a layer and has not taken one since.
+    pub cache_down: std::sync::atomic::AtomicBool,
 }
 
 pub static STATS: Stats = Stats {
@@ -130,7 +132,23 @@ pub static STATS: Stats = Stats {
     ranged_micros: AtomicU64::new(0),
     uncached_reads: AtomicU64::new(0),
     cache_error: std::sync::Mutex::new(None),
+    cache_down: std::sync::atomic::AtomicBool::new(false),
 };
+
+/// Who is told, as it happens, that the cache stopped or started again taking layers (`serve`
+/// prints it); nobody until set. The counts go into [`STATS`] either way.
+static CACHE_NOTICE: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
+/// Sets who is told of the cache's failures and recoveries (once per process).
+pub fn on_cache_notice(f: fn(&str)) {
+    let _ = CACHE_NOTICE.set(f);
+}
+
+pub(crate) fn cache_notice(msg: &str) {
+    if let Some(f) = CACHE_NOTICE.get() {
+        f(msg);
+    }
+}
 
 /// Whether an endpoint URL names a user (and maybe a secret) before its host.
 fn has_userinfo(endpoint: &str) -> bool {

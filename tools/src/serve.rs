@@ -382,6 +382,8 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
     if a.names.len() > a.images.len() {
         return Err(Failure("more --name options than images".into(), 1));
     }
+    // Before any chain opens: a cache that fails is reported when it fails, not only at exit.
+    cowdisk::remote::store::on_cache_notice(|m| eprintln!("cowdisk: {m}"));
     if a.descriptions.len() > a.images.len() {
         return Err(Failure("more --description options than images".into(), 1));
     }

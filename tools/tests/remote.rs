@@ -760,9 +760,10 @@ fn a_failing_publish_does_not_hold_another_process_reading_the_same_chunks() {
 
 /// A cache that cannot take a layer (its directory broken before the first read: here the lock
 /// file replaced by a directory) does not make the layer unreadable: reads go to the store,
-/// uncached, and the server says so when it stops. Before, every read failed with EIO.
+/// uncached, and the server says so as it happens and when it stops. Before, every read failed
+/// with EIO. Once the directory is mended, the next try (10 s on) takes the layer again.
 #[test]
-fn a_layer_reads_uncached_when_the_cache_cannot_take_it() {
+fn a_layer_reads_uncached_when_the_cache_cannot_take_it_and_cached_once_it_is_mended() {
     let Some(s3) = s3() else { return };
     let ws = TempDir::for_test();
     let repo = Repo::new(s3);
@@ -778,11 +779,22 @@ fn a_layer_reads_uncached_when_the_cache_cannot_take_it() {
     let mut want = data.clone();
     want[1000..6000].fill(7);
     assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &want, "after the write");
+    let told = "the cache cannot take remote layers";
+    assert_eq!(server.log().matches(told).count(), 1, "told once, while serving:\n{}", server.log());
+    assert!(!cache.join("layers").exists() || du(&cache.join("layers")) == 0, "the broken cache kept chunks");
+
+    std::fs::remove_dir(cache.join(".lock")).expect("mend the cache directory");
+    std::thread::sleep(Duration::from_millis(10_500));
+    assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &want, "after the mend");
+    assert!(
+        wait_until(Duration::from_secs(10), || cache.join("layers").exists() && du(&cache.join("layers")) > 0),
+        "the mended cache keeps the chunks read"
+    );
+    assert!(server.log().contains("the cache takes remote layers again"), "{}", server.log());
     drop(c);
     server.daemon().terminate(STOP_TIMEOUT);
     let log = server.log();
     assert!(log.contains("went to the store uncached: the cache failed"), "{log}");
-    assert!(!cache.join("layers").exists() || du(&cache.join("layers")) == 0, "the broken cache kept chunks");
 }
 
 /// The resident memory of process `pid`, in bytes.
