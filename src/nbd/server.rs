@@ -416,10 +416,9 @@ fn admit(sh: &Shared, id: u64, sock: &Sock) -> Option<Arc<Winding>> {
 /// subsequently received requests SHOULD be NBD_ESHUTDOWN"): each refuses what it reads from
 /// now on (see [`Winding`]); its read side is closed once its client has been quiet for
 /// [`QUIET`](super::winding::QUIET) (or at the latest [`LONGEST`](super::winding::LONGEST)
-/// after), so it answers what it has read and ends. Returns
-/// when `finished` says so, or after [`SHUTDOWN_GRACE`], when the sockets are shut down
-/// whole: a client that keeps sending, or stops reading its replies, cannot hold a shutdown
-/// hostage.
+/// after), so it answers what it has read and ends. Returns when `finished` says so, or after
+/// [`SHUTDOWN_GRACE`], when the sockets are shut down whole: a client that stops reading its
+/// replies cannot hold a shutdown hostage.
 fn wind_down(sh: &Shared, why: Why, mine: impl Fn(&Phase) -> bool, finished: impl Fn() -> bool) {
     let each = |f: &dyn Fn(&Registered)| {
         if let Ok(conns) = sh.conns.lock() {

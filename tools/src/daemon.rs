@@ -1,6 +1,8 @@
 //! `cowdisk serve` as a daemon: the listening sockets it inherits through socket activation
-//! (LISTEN_PID, LISTEN_FDS), the pid file, and `--fork`: the foreground process waits until
-//! the server it forked accepts connections (or failed before that) and then returns.
+//! (LISTEN_PID, LISTEN_FDS), the pid file, `--fork` (the foreground process waits until the
+//! server it forked accepts connections, or failed before that, and then returns), `--log`
+//! (where stderr goes once it serves), and readiness told to a service manager (sd_notify:
+//! NOTIFY_SOCKET, for systemd's `Type=notify`).
 
 use crate::Failure;
 use std::io::{Read, Write};
@@ -60,6 +62,8 @@ pub struct Daemon {
     pid_file: Option<PathBuf>,
     /// Forked: the pipe to the waiting foreground process.
     parent: Option<OwnedFd>,
+    /// `--log`: opened (appending) before anything else, so a bad path fails the start.
+    log: Option<std::fs::File>,
 }
 
 fn os_error(what: &str) -> Failure {
@@ -69,21 +73,31 @@ fn os_error(what: &str) -> Failure {
 impl Daemon {
     /// Nothing to do when ready (`cowdisk demo`).
     pub fn none() -> Daemon {
-        Daemon { pid_file: None, parent: None }
+        Daemon { pid_file: None, parent: None, log: None }
     }
 
     /// With `fork`, forks: the foreground process stays here until the server is ready (exit
     /// 0) or has failed (its exit code; the server printed its error line on the stderr they
     /// share), and only the server returns. Call while the process has one thread (fork
     /// copies only the caller's) and before any image is opened.
-    pub fn start(pid_file: Option<PathBuf>, fork: bool) -> Result<Daemon, Failure> {
+    pub fn start(pid_file: Option<PathBuf>, fork: bool, log: Option<PathBuf>) -> Result<Daemon, Failure> {
         // Absolute now, so that removing it at exit does not depend on the directory then.
         let pid_file = match pid_file {
             Some(p) => Some(std::path::absolute(&p).map_err(|e| Failure(format!("{}: {e}", p.display()), 1))?),
             None => None,
         };
+        let log = match log {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .map_err(|e| Failure(format!("{}: --log: {e}", p.display()), 1))?,
+            ),
+            None => None,
+        };
         if !fork {
-            return Ok(Daemon { pid_file, parent: None });
+            return Ok(Daemon { pid_file, parent: None, log });
         }
         let threads = std::fs::read_to_string("/proc/self/status")
             .ok()
@@ -108,7 +122,7 @@ impl Daemon {
                 // does not reach the server it left running.
                 // SAFETY: setsid has no memory-safety preconditions.
                 unsafe { libc::setsid() };
-                Ok(Daemon { pid_file, parent: Some(w) })
+                Ok(Daemon { pid_file, parent: Some(w), log })
             }
             child => {
                 drop(w);
@@ -133,16 +147,53 @@ impl Daemon {
 
     /// Called once the server serves and its startup lines are printed. Forked, it lets go of
     /// the terminal or pipe it was started with (stdin, stdout and stderr become /dev/null, as
-    /// with qemu-nbd --fork, so that a caller's `$(cowdisk serve --fork ...)` returns) and
-    /// tells the foreground process to return.
+    /// with qemu-nbd --fork, so that a caller's `$(cowdisk serve --fork ...)` returns; stderr
+    /// the `--log` file if there is one) and tells the foreground process to return. In the
+    /// foreground, `--log` takes stderr alone. Last, a service manager that asked
+    /// (NOTIFY_SOCKET) is told the server is ready.
     pub fn ready(&mut self) -> Result<(), Failure> {
         if let Some(w) = self.parent.take() {
             let _ = std::io::stdout().flush();
-            detach_stdio()?;
+            detach_stdio(self.log.as_ref())?;
             // The foreground process may be gone (killed while it waited): nothing to tell.
             let _ = std::fs::File::from(w).write_all(&[READY]);
+        } else if let Some(log) = &self.log {
+            // SAFETY: dup2 onto stderr from a descriptor we hold open.
+            if unsafe { libc::dup2(log.as_raw_fd(), 2) } < 0 {
+                return Err(os_error("--log: dup2"));
+            }
         }
+        notify(&format!("READY=1\nMAINPID={}\n", std::process::id()));
         Ok(())
+    }
+
+    /// Tells a service manager that asked (NOTIFY_SOCKET) that the server is stopping.
+    pub fn stopping(&self) {
+        notify("STOPPING=1\n");
+    }
+}
+
+/// Sends `state` to the service manager's notification socket (sd_notify(3)): NOTIFY_SOCKET
+/// names a Unix datagram socket, a path or, after `@`, an abstract name. Written by hand: the
+/// protocol is one datagram, and the crates for it add nothing to that. A failure is printed,
+/// not fatal: the manager then times the start out and says so.
+fn notify(state: &str) {
+    let Some(addr) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = addr.as_bytes();
+        let to = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                std::os::unix::net::SocketAddr::from_abstract_name(name)?
+            }
+            None => std::os::unix::net::SocketAddr::from_pathname(&addr)?,
+        };
+        sock.send_to_addr(state.as_bytes(), &to).map(|_| ())
+    })();
+    if let Err(e) = sent {
+        eprintln!("cowdisk: NOTIFY_SOCKET {}: cannot notify the service manager: {e}", addr.to_string_lossy());
     }
 }
 
@@ -172,16 +223,20 @@ fn wait_for_server(r: OwnedFd, child: libc::pid_t) -> i32 {
     }
 }
 
-/// Points stdin, stdout and stderr at /dev/null.
-fn detach_stdio() -> Result<(), Failure> {
+/// Points stdin, stdout and stderr at /dev/null, stderr at `log` if given.
+fn detach_stdio(log: Option<&std::fs::File>) -> Result<(), Failure> {
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")
         .map_err(|e| Failure(format!("/dev/null: {e}"), 1))?;
     for fd in 0..3 {
-        // SAFETY: dup2 onto the standard descriptors from one we hold open.
-        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+        let from = match log {
+            Some(l) if fd == 2 => l.as_raw_fd(),
+            _ => null.as_raw_fd(),
+        };
+        // SAFETY: dup2 onto the standard descriptors from ones we hold open.
+        if unsafe { libc::dup2(from, fd) } < 0 {
             return Err(os_error("--fork: dup2"));
         }
     }

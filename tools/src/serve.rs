@@ -43,10 +43,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
     /// Return once the sockets accept connections, leaving the server running in the
-    /// background, on its own session, with stdin, stdout and stderr on /dev/null. An error
-    /// before that point is printed and makes this command fail.
+    /// background, on its own session, with stdin, stdout and stderr on /dev/null (stderr on
+    /// the --log file if given). An error before that point is printed and makes this command
+    /// fail.
     #[arg(long)]
     pub fork: bool,
+    /// Once the server serves (after its startup lines), its messages (stderr) are appended
+    /// to FILE, forked or not. Errors before that still go to the terminal.
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
     /// Export read-only.
     #[arg(long)]
     pub read_only: bool,
@@ -118,7 +123,12 @@ removed from its environment. LISTEN_FDNAMES is ignored.
 
 --fork: the command returns once the sockets accept connections, after printing the startup \
 lines and a line with the server's process id; the server goes on in its own session with \
-stdin, stdout and stderr on /dev/null, so its messages after startup are not seen.";
+stdin, stdout and stderr on /dev/null, so its messages after startup are not seen unless \
+--log FILE takes them.
+
+Service managers: with NOTIFY_SOCKET set (systemd's Type=notify), the server sends READY=1 and \
+MAINPID once its sockets accept connections, and STOPPING=1 when a shutdown has answered its \
+clients.";
 
 /// Why `--tls-psk` is refused, as one line.
 const PSK_UNSUPPORTED: &str = "--tls-psk: TLS-PSK is not supported (rustls, the TLS library cowdisk uses, has no \
@@ -313,6 +323,7 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
         }
     };
     let result = server.run();
+    o.daemon.stopping();
     // No request runs any more: every chain is flushed and closed cleanly.
     let closed = control.close_all();
     result?;
@@ -390,7 +401,7 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
     let tls = tls_from_args(&a)?;
     // Forked before any image is opened or thread started; from here on, errors are the
     // server's, printed by it while the foreground process waits for it.
-    let daemon = Daemon::start(a.pid_file.clone(), a.fork)?;
+    let daemon = Daemon::start(a.pid_file.clone(), a.fork, a.log.clone())?;
     cowdisk::remote::trace::set_recording(a.record_trace);
     cowdisk::remote::trace::set_prefetch(!a.no_prefetch);
     let mut served: Vec<Served> = Vec::new();

@@ -1,8 +1,8 @@
 //! `cowdisk serve` as a daemon, through the binary and the real tools that start one: socket
 //! activation by systemd-socket-activate (with the sample units of tools/systemd, checked by
-//! systemd-analyze) and by libnbd (nbdcopy, nbdinfo), `--pid-file`, `--fork`, and SIGTERM in
-//! each mode (requests in flight answered, images flushed and closed, pid file removed,
-//! exit 0).
+//! systemd-analyze) and by libnbd (nbdcopy, nbdinfo), readiness told to NOTIFY_SOCKET,
+//! `--pid-file`, `--fork`, `--log`, and SIGTERM in each mode (requests in flight answered,
+//! images flushed and closed, pid file removed, exit 0).
 
 mod common;
 
@@ -127,11 +127,17 @@ fn the_sample_units_verify_and_serve_by_socket_activation_until_sigterm() {
     std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
     let exec = unit_values(&service_unit, "ExecStart");
     assert_eq!(exec.len(), 1, "{exec:?}");
+    // Type=notify, as the unit says: systemd passes NOTIFY_SOCKET and waits for READY=1.
+    assert_eq!(unit_values(&service_unit, "Type"), ["notify"], "the sample service is Type=notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(ws.p("notify.sock")).expect("bind a notify socket");
     let mut cmd = tool("systemd-socket-activate");
-    cmd.arg("-l").arg(&sock).arg("--").args(local(&exec[0]).split_whitespace());
+    // The activator passes its children only the variables it is told to.
+    cmd.arg("-l").arg(&sock).arg(format!("--setenv=NOTIFY_SOCKET={}", s(&ws.p("notify.sock"))));
+    cmd.arg("--").args(local(&exec[0]).split_whitespace());
     // The first connection starts the server, as with systemd.
     let mut d = Daemon::start(cmd, Ready::UnixSocket(sock.clone()));
     assert!(wait_until(STARTUP_TIMEOUT, || d.log().contains("control channel at")), "{}", d.log());
+    assert_eq!(notification(&notify, STARTUP_TIMEOUT), format!("READY=1\nMAINPID={}\n", d.pid()), "{}", d.log());
     let uri = unix_uri(&sock, "disk");
     assert!(d.log().contains(&format!("serving disk at nbd+unix:///disk?socket={}", sock.display())), "{}", d.log());
     let size = run(tool("nbdinfo").args(["--size", &uri]));
@@ -465,4 +471,81 @@ fn a_server_killed_with_sigkill_leaves_nothing_behind_once_the_next_one_starts()
     assert!(now.contains(&format!("server-{}.sock", b.pid())), "{now:?}");
     b.stop();
     assert!(names().is_empty(), "{:?}", names());
+}
+
+/// Receives one datagram on `sock` within `timeout`, as text.
+fn notification(sock: &std::os::unix::net::UnixDatagram, timeout: Duration) -> String {
+    sock.set_read_timeout(Some(timeout)).expect("set a read timeout");
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("a notification from the server");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// systemd's `Type=notify` (sd_notify(3)): with NOTIFY_SOCKET set, the server sends READY=1
+/// with its pid once its socket accepts connections (a client connecting the moment it
+/// arrives is served), and STOPPING=1 at SIGTERM; a path and an abstract name alike.
+#[test]
+fn notify_socket_is_told_ready_once_serving_and_stopping_at_sigterm() {
+    let (ws, _) = workspace("notify");
+    let abstract_name = format!("cowdisk-test-notify-{}", std::process::id());
+    for (addr, bound) in [
+        (s(&ws.p("notify.sock")).to_owned(), std::os::unix::net::UnixDatagram::bind(ws.p("notify.sock"))),
+        (format!("@{abstract_name}"), {
+            use std::os::linux::net::SocketAddrExt;
+            let a = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).expect("an address");
+            std::os::unix::net::UnixDatagram::bind_addr(&a)
+        }),
+    ] {
+        let listener = bound.expect("bind the notification socket");
+        let sock = ws.p("nbd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new(cowdisk_bin());
+        cmd.args(["serve", s(&ws.p("disk.cow")), "--socket", s(&sock)]).env("NOTIFY_SOCKET", &addr);
+        let mut d = Daemon::spawn(cmd).expect("start the server");
+        let ready = notification(&listener, STARTUP_TIMEOUT);
+        assert_eq!(ready, format!("READY=1\nMAINPID={}\n", d.pid()), "{addr}\n{}", d.log());
+        let mut c = NbdClient::connect_unix(&sock).expect("the socket accepts once READY=1 is sent");
+        c.opt_go("disk", &[]).expect("NBD_OPT_GO");
+        drop(c);
+        d.signal(libc::SIGTERM).expect("SIGTERM");
+        assert_eq!(notification(&listener, STOP_TIMEOUT), "STOPPING=1\n", "{addr}");
+        assert_eq!(d.wait_exit(STOP_TIMEOUT).and_then(|s| s.code()), Some(0), "{}", d.log());
+    }
+}
+
+/// `--log FILE`: once serving, the server's stderr is appended to FILE, forked (stdin and
+/// stdout still /dev/null) or in the foreground; the startup lines still go to the caller. A
+/// log that cannot be opened fails the start in one line, before anything is served.
+#[test]
+fn log_takes_the_servers_stderr_once_serving_forked_or_not() {
+    become_subreaper();
+    let (ws, _) = workspace("log");
+    std::fs::write(ws.p("server.log"), "an earlier line\n").unwrap();
+    let script = "out=$(\"$BIN\" serve --fork disk.cow --socket nbd.sock --pid-file cowdisk.pid --log server.log); \
+                  rc=$?; printf '%s\\n' \"$out\"; exit $rc";
+    let (code, out) = bash_within(&ws, script, STARTUP_TIMEOUT);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("serving disk at "), "the startup lines go to the caller: {out}");
+    let pid: i32 = std::fs::read_to_string(ws.p("cowdisk.pid")).expect("pid file").trim().parse().expect("a pid");
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{pid}/fd/{n}")).expect("the server's descriptors");
+    assert_eq!((fd(0), fd(1)), (PathBuf::from("/dev/null"), PathBuf::from("/dev/null")));
+    assert_eq!(fd(2), ws.p("server.log"), "the forked server's stderr");
+    // SAFETY: signalling the server this test started (and reaps).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(wait_pid(pid, STOP_TIMEOUT), Some(0));
+    let log = std::fs::read_to_string(ws.p("server.log")).unwrap();
+    assert!(log.starts_with("an earlier line\n"), "appended, not truncated: {log:?}");
+    assert!(!log.contains("serving disk"), "the startup lines are not logged: {log:?}");
+
+    let sock = ws.p("fg.sock");
+    let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&sock), "--log", s(&ws.p("server.log"))]);
+    assert!(server.log().contains("serving disk at "), "{}", server.log());
+    let pid = server.pid();
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap(), ws.p("server.log"));
+    assert!(server.stop().success());
+
+    let o = ws.run(&["serve", "disk.cow", "--socket", "x.sock", "--log", "no/such/dir/server.log"]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(o.error_line().contains("no/such/dir/server.log: --log: No such file or directory"), "{}", o.describe());
+    assert!(!ws.p("x.sock").exists(), "nothing served");
 }

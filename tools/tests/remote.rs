@@ -760,8 +760,9 @@ fn a_failing_publish_does_not_hold_another_process_reading_the_same_chunks() {
 
 /// A cache that cannot take a layer (its directory broken before the first read: here the lock
 /// file replaced by a directory) does not make the layer unreadable: reads go to the store,
-/// uncached, and the server says so as it happens and when it stops. Before, every read failed
-/// with EIO. Once the directory is mended, the next try (10 s on) takes the layer again.
+/// uncached, and the server says so as it happens and when it stops (in its `--log` file,
+/// where its messages after startup go). Before, every read failed with EIO. Once the
+/// directory is mended, the next try (10 s on) takes the layer again.
 #[test]
 fn a_layer_reads_uncached_when_the_cache_cannot_take_it_and_cached_once_it_is_mended() {
     let Some(s3) = s3() else { return };
@@ -770,7 +771,9 @@ fn a_layer_reads_uncached_when_the_cache_cannot_take_it_and_cached_once_it_is_me
     let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(CHUNK * 8, 85), &[]);
     let cache = ws.subdir("reader-cache");
     break_cache_lock(&cache);
-    let mut server = overlay_servers(&repo, &ws, &cache, 1, &[]).remove(0);
+    let log = ws.join("server.log");
+    let mut server = overlay_servers(&repo, &ws, &cache, 1, &["--log", p(&log)]).remove(0);
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
     let mut c = client(&server);
     for round in 0..2 {
         assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &data, &format!("round {round}"));
@@ -780,7 +783,7 @@ fn a_layer_reads_uncached_when_the_cache_cannot_take_it_and_cached_once_it_is_me
     want[1000..6000].fill(7);
     assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &want, "after the write");
     let told = "the cache cannot take remote layers";
-    assert_eq!(server.log().matches(told).count(), 1, "told once, while serving:\n{}", server.log());
+    assert_eq!(said().matches(told).count(), 1, "told once, while serving:\n{}", said());
     assert!(!cache.join("layers").exists() || du(&cache.join("layers")) == 0, "the broken cache kept chunks");
 
     std::fs::remove_dir(cache.join(".lock")).expect("mend the cache directory");
@@ -790,11 +793,10 @@ fn a_layer_reads_uncached_when_the_cache_cannot_take_it_and_cached_once_it_is_me
         wait_until(Duration::from_secs(10), || cache.join("layers").exists() && du(&cache.join("layers")) > 0),
         "the mended cache keeps the chunks read"
     );
-    assert!(server.log().contains("the cache takes remote layers again"), "{}", server.log());
+    assert!(said().contains("the cache takes remote layers again"), "{}", said());
     drop(c);
     server.daemon().terminate(STOP_TIMEOUT);
-    let log = server.log();
-    assert!(log.contains("went to the store uncached: the cache failed"), "{log}");
+    assert!(said().contains("went to the store uncached: the cache failed"), "{}", said());
 }
 
 /// The resident memory of process `pid`, in bytes.
