@@ -21,6 +21,11 @@ pub fn set_recording(on: bool) {
     RECORDING.store(on, Ordering::Relaxed);
 }
 
+/// Whether first reads are being recorded (a `--record-trace` server).
+pub fn recording() -> bool {
+    RECORDING.load(Ordering::Relaxed)
+}
+
 /// Fetch the traced chunks of remote layers opened from now on, in the background.
 pub fn set_prefetch(on: bool) {
     PREFETCH.store(on, Ordering::Relaxed);

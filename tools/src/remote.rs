@@ -293,6 +293,15 @@ pub enum TraceCmd {
     },
     /// Delete the trace stored with a remote layer.
     Rm { layer: String },
+    /// Store what a running `serve --record-trace` has recorded so far with each remote layer
+    /// it read (as its stop would), without stopping it; it goes on recording.
+    Save {
+        /// The server's control socket (default: the one server of this user).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn trace_cmd(c: TraceCmd) -> Result<(), Failure> {
@@ -313,6 +322,20 @@ pub fn trace_cmd(c: TraceCmd) -> Result<(), Failure> {
                 for c in &t {
                     say!("{c:>10}  offset {:#x}", c.saturating_mul(cs));
                 }
+            }
+            Ok(())
+        }
+        TraceCmd::Save { control, json: as_json } => {
+            let saved = crate::control::client::server(control.as_deref())?.call("trace-save", json!({}))?;
+            let rows = saved.as_array().cloned().unwrap_or_default();
+            if as_json {
+                say!("{}", serde_json::to_string_pretty(&saved).unwrap_or_default());
+            } else if rows.is_empty() {
+                say!("no remote layer has been read since recording began: no trace saved");
+            }
+            for t in rows.iter().filter(|_| !as_json) {
+                let n = t.get("chunks").and_then(Value::as_u64).unwrap_or(0);
+                say!("saved a trace of {n} chunks as {}", t.get("url").and_then(Value::as_str).unwrap_or(""));
             }
             Ok(())
         }

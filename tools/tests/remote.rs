@@ -946,23 +946,38 @@ fn a_recorded_trace_is_stored_with_the_layer_and_fetched_first_by_the_next_serve
     let boot = [100u64, 7, 50];
     let host_a = ws.subdir("a");
     run(&mut repo.cow(&host_a, &["create", p(&ws.join("a.cow")), "--backing", &repo.layer("b")]));
-    let server = repo.server(&host_a, &[p(&ws.join("a.cow")), "--socket", p(&ws.join("a.sock")), "--record-trace"]);
+    let ctl = ws.join("a-control.sock");
+    let (top, sock) = (ws.join("a.cow"), ws.join("a.sock"));
+    let server = repo.server(&host_a, &[p(&top), "--socket", p(&sock), "--record-trace", "--control", p(&ctl)]);
     let mut c = client(&server);
-    for &k in &boot {
+    let read = |c: &mut NbdClient<std::os::unix::net::UnixStream>, k: u64| {
         let got = c.read(k * CHUNK as u64, 4096).expect("read");
         assert_bytes_eq(&got, &data[k as usize * CHUNK..k as usize * CHUNK + 4096], &format!("chunk {k}"));
+    };
+    for &k in &boot[..2] {
+        read(&mut c, k);
     }
+    // `trace save` stores what was recorded so far while the server runs on and records on.
+    let out = run(&mut repo.cow(&host_a, &["trace", "save", "--control", p(&ctl)]));
+    assert!(stdout_of(&out).starts_with("saved a trace of 2 chunks as "), "{}", stdout_of(&out));
+    let shown = repo.json(&host_a, &["trace", "show", &repo.layer("b"), "--json"]);
+    assert_eq!(shown["chunks"], serde_json::json!(boot[..2]), "{shown}");
+    read(&mut c, boot[2]);
     c.disconnect().ok();
     let log_before_stop = server.log();
     server.stop();
-    assert!(!log_before_stop.contains("saved a trace"), "saved before the stop");
+    assert!(!log_before_stop.contains("saved a trace"), "the server saved by itself before its stop");
     let shown = repo.json(&host_a, &["trace", "show", &repo.layer("b"), "--json"]);
-    assert_eq!(shown["chunks"], serde_json::json!(boot), "{shown}");
+    assert_eq!(shown["chunks"], serde_json::json!(boot), "the stop stores the whole trace: {shown}");
 
     // The next host's server fetches them before anyone asks; only them.
     let host_b = ws.subdir("b");
     run(&mut repo.cow(&host_b, &["create", p(&ws.join("b.cow")), "--backing", &repo.layer("b")]));
-    let server = repo.server(&host_b, &[p(&ws.join("b.cow")), "--socket", p(&ws.join("b.sock"))]);
+    let ctl_b = ws.join("b-control.sock");
+    let server =
+        repo.server(&host_b, &[p(&ws.join("b.cow")), "--socket", p(&ws.join("b.sock")), "--control", p(&ctl_b)]);
+    let out = repo.cow(&host_b, &["trace", "save", "--control", p(&ctl_b)]).output().expect("run");
+    assert!(failure(&out).contains("records no traces (start it with --record-trace)"), "{}", failure(&out));
     assert!(
         wait_until(Duration::from_secs(15), || cached_chunks(&host_b) >= boot.len()),
         "the traced chunks were not prefetched: {} in the cache",

@@ -126,8 +126,8 @@ fn a_forced_export_removal_answers_every_pipelined_write_ok_or_eshutdown() {
     let dir = TempDir::for_test();
     let image = create_image(&dir, "disk.cow", "32M");
     let sock = dir.join("nbd.sock");
-    let mut server = serve(&[&image], &sock, &[]);
-    let control = format!("/run/cowdisk/server-{}.sock", server.pid());
+    let control = dir.join("control.sock");
+    let mut server = serve(&[&image], &sock, &["--control", path_str(&control)]);
     // Keeps 64 writes in flight, to blocks in a scattered order; after 500 are sent it starts
     // `cowdisk export remove --force` and writes on; once a write fails it sends no more,
     // collects the answers of those in flight, disconnects, and waits for the removal.
@@ -166,7 +166,7 @@ print("remove", remover.returncode, out.strip())
 "#,
         sock = path_str(&sock),
         bin = path_str(&cowdisk_bin()),
-        control = control,
+        control = path_str(&control),
     );
     let out = nbdsh(&script);
     assert!(out.contains("remove 0 export disk removed"), "the removal succeeds:\n{out}");

@@ -297,14 +297,26 @@ fn dispatch(st: &State, cmd: &str, args: &Value) -> Result<Value, Error> {
         "export-list" => Ok(export_list(st)),
         "job-start" => job_start(st, args),
         "job-list" => Ok(json!(st.jobs.list().iter().map(|j| job_json(j)).collect::<Vec<_>>())),
+        "trace-save" => trace_save(),
         "job-cancel" => {
             let id = args.get("id").and_then(Value::as_u64).ok_or_else(|| bad("argument \"id\" (a number) is missing"))?;
             Ok(job_json(st.jobs.cancel(id)?.as_ref()))
         }
         _ => Err(bad(format!(
-            "unknown command {cmd:?} (snapshot, export-add, export-remove, export-list, job-start, job-list, job-cancel)"
+            "unknown command {cmd:?} (snapshot, export-add, export-remove, export-list, job-start, job-list, job-cancel, \
+             trace-save)"
         ))),
     }
+}
+
+/// Stores what a `--record-trace` server recorded so far with each layer read, as its stop
+/// would; recording goes on, and a later save (or the stop) stores the longer trace.
+fn trace_save() -> Result<Value, Error> {
+    if !cowdisk::remote::trace::recording() {
+        return Err(bad("this server records no traces (start it with --record-trace)"));
+    }
+    let saved = cowdisk::remote::trace::save_recorded()?;
+    Ok(json!(saved.iter().map(|t| json!({"url": t.url, "chunks": t.chunks})).collect::<Vec<_>>()))
 }
 
 /// The live chain serving the image at `path` (any path naming it).
