@@ -1,5 +1,5 @@
 //! A server that stops, or removes an export by force, while a real client (libnbd, through
-//! nbdsh) keeps talking to it: every request gets an answer, NBD_ESHUTDOWN for those the
+//! nbdsh; over a Unix socket, and over TCP with TLS) keeps talking to it: every request gets an answer, NBD_ESHUTDOWN for those the
 //! server refused (NBD_REP_ERR_SHUTDOWN for options), the refused writes are not in the
 //! image, the acknowledged ones are, and the server does not wait out its grace period.
 
@@ -77,21 +77,22 @@ fn wait_exit_promptly(server: &mut Server, what: &str) {
     eprintln!("server exited {:?} after {what}", t.elapsed());
 }
 
-#[test]
-fn a_client_writing_when_the_server_stops_is_answered_eshutdown_and_only_acknowledged_writes_land() {
+/// Writes one block after another (queue depth 1) through a client that connects with
+/// `connect` (Python, on handle `h`); after 300 it sends the server SIGTERM and writes on until
+/// a write fails, as a guest would, then disconnects. The failure must be ESHUTDOWN, the
+/// server must exit promptly, and only the acknowledged writes may be in the image.
+fn writes_across_sigterm(serve_extra: &[&str], connect: impl FnOnce(&Path) -> String) {
     if !require_tool("nbdsh") {
         return;
     }
     let dir = TempDir::for_test();
     let image = create_image(&dir, "disk.cow", "16M");
     let sock = dir.join("nbd.sock");
-    let mut server = serve(&[&image], &sock, &[]);
-    // Writes one block after another (queue depth 1); after 300 it sends the server SIGTERM
-    // and writes on until a write fails, as a guest would, then disconnects.
+    let mut server = serve(&[&image], &sock, serve_extra);
     let script = format!(
         r#"
 import os, signal
-h.connect_unix({sock:?})
+{connect}
 b = 0
 while True:
     try:
@@ -105,7 +106,7 @@ while True:
         os.kill({pid}, signal.SIGTERM)
 h.shutdown()
 "#,
-        sock = path_str(&sock),
+        connect = connect(&sock),
         pid = server.pid(),
     );
     let done = outcomes(&nbdsh(&script));
@@ -116,6 +117,29 @@ h.shutdown()
     wait_exit_promptly(&mut server, "SIGTERM and the client's disconnect");
     drop(server);
     assert_only_acknowledged_writes_landed(&dir, &image, 16 * MIB, &done);
+}
+
+#[test]
+fn a_client_writing_when_the_server_stops_is_answered_eshutdown_and_only_acknowledged_writes_land() {
+    writes_across_sigterm(&[], |sock| format!("h.connect_unix({:?})", path_str(sock)));
+}
+
+/// The same over TCP and TLS: the refusals go through the TLS pump, and the read side closed
+/// at the end is the raw socket's.
+#[test]
+fn a_tls_client_over_tcp_writing_when_the_server_stops_is_answered_eshutdown_too() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki_dir = TempDir::for_test();
+    let pki = common::tls::make_pki(pki_dir.path(), "wind");
+    let port = common::tls::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (cert, key) = (path_str(&pki.cert), path_str(&pki.key));
+    let uri = common::tls::tls_tcp_uri(port, "disk", &pki.client);
+    writes_across_sigterm(&["--listen", &listen, "--tls-cert", cert, "--tls-key", key], |_| {
+        format!("h.set_uri_allow_local_file(True)\nh.connect_uri({uri:?})")
+    });
 }
 
 #[test]
