@@ -5,9 +5,11 @@
 # the test run and the benchmarks cannot drift apart.
 set -euo pipefail
 
-# python3-libnbd: nbdsh, libnbd as a client in Python (tests/wind_down.rs). systemd: systemd-socket-activate and systemd-analyze (tests/daemon.rs; no systemd needs to
+# python3-libnbd: nbdsh, libnbd as a client in Python (tests/wind_down.rs). xfsprogs,
+# btrfs-progs: host file systems other than ext4 for the images (tests/host_fs.rs).
+# systemd: systemd-socket-activate and systemd-analyze (tests/daemon.rs; no systemd needs to
 # run); man-db and groff-base: man and groff render the generated man pages (tests/generate.rs).
-tests=(libnbd-bin python3-libnbd nbdkit fio fuse3 e2fsprogs qemu-utils openssl systemd man-db groff-base)
+tests=(libnbd-bin python3-libnbd xfsprogs btrfs-progs nbdkit fio fuse3 e2fsprogs qemu-utils openssl systemd man-db groff-base)
 # Ceph for the object-store tests (tools/ceph/start.sh: mon, OSD, radosgw; the ceph CLI):
 # without recommends, which would add ~40 packages (ceph-mgr and its python stack among them).
 # ceph-common pulls in sudo, whose prerm refuses removal for a root without a password: purging

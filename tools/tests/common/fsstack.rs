@@ -398,10 +398,18 @@ impl FileFs {
     /// Makes `file` (`size` bytes, sparse) an ext4 file system with the extra mkfs.ext4
     /// options `mkfs` and mounts it at `mountpoint`.
     pub fn create(file: &Path, size: u64, mkfs: &[&str], mountpoint: &Path) -> FileFs {
+        let mut args = vec!["-q", "-F"];
+        args.extend_from_slice(mkfs);
+        FileFs::make(file, size, "mkfs.ext4", &args, mountpoint)
+    }
+
+    /// The same with another file system: `mkfs` (mkfs.xfs, mkfs.btrfs) run with `args` and
+    /// the file.
+    pub fn make(file: &Path, size: u64, mkfs: &str, args: &[&str], mountpoint: &Path) -> FileFs {
         let f = fs::File::create(file).unwrap_or_else(|e| panic!("cannot create {}: {e}", file.display()));
         f.set_len(size).unwrap_or_else(|e| panic!("cannot size {}: {e}", file.display()));
         drop(f);
-        run(tool("mkfs.ext4").args(["-q", "-F"]).args(mkfs).arg(file));
+        run(tool(mkfs).args(args).arg(file));
         let loopdev = LoopDev::attach(file).unwrap_or_else(|e| panic!("losetup: {e}"));
         let mount = Mount::new(loopdev.path(), mountpoint).unwrap_or_else(|e| panic!("mount: {e}"));
         FileFs { mount, loopdev }
