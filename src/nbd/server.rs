@@ -49,6 +49,9 @@ pub struct ServerConfig {
     pub tls_mode: TlsMode,
     /// Metadata contexts offered besides base:allocation.
     pub contexts: Offer,
+    /// Called once when a shutdown begins, before the connections wind down (`serve` tells a
+    /// service manager STOPPING=1).
+    pub on_stopping: Option<fn()>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +65,7 @@ impl Default for ServerConfig {
             tls: None,
             tls_mode: TlsMode::Off,
             contexts: Offer::default(),
+            on_stopping: None,
         }
     }
 }
@@ -352,6 +356,9 @@ impl Server {
             }
         }
         self.shared.stopping.store(true, Ordering::Release);
+        if let Some(f) = self.shared.cfg.on_stopping {
+            f();
+        }
         wind_down(&self.shared, Why::ServerStopping, |_| true, || threads.iter().all(|t| t.is_finished()));
         for t in threads {
             let _ = t.join();
@@ -478,11 +485,8 @@ fn negotiate(sh: &Shared, slot: &mut Option<Stream>, winding: Arc<Winding>) -> i
 
 fn connection(sh: Arc<Shared>, id: u64, sock: Sock, winding: Arc<Winding>) {
     sock.set_nodelay();
-    // Accepted just as shutdown began: the sweep has closed the socket, nothing to serve.
-    if sh.stopping.load(Ordering::Acquire) {
-        set_phase(&sh, id, None);
-        return;
-    }
+    // A connection accepted just before a shutdown began runs like any other: the wind-down
+    // reached it through the registry, so it refuses what its client asks and then ends.
     // The registry keeps the raw socket, also after STARTTLS: shutting it down is how the
     // handshake deadline and the shutdown sweep reach a connection, TLS or not.
     let mut slot = Some(Stream::Plain(sock));
@@ -491,13 +495,13 @@ fn connection(sh: Arc<Shared>, id: u64, sock: Sock, winding: Arc<Winding>) {
     if let Ok(Some(n)) = negotiated {
         let export = n.export.clone();
         set_phase(&sh, id, Some(Phase::Transmission(export.clone())));
-        // An export removed while this client negotiated it is not served.
+        // An export removed while this client negotiated it is not served. One that
+        // negotiated as a shutdown began is: it answers NBD_ESHUTDOWN (its wind-down began
+        // while it negotiated) rather than hanging up on a client it just let in.
         if sh.exports.enter(&export) {
-            if !sh.stopping.load(Ordering::Acquire) {
-                if let Some(Ok((reader, writer, closer))) = slot.take().map(Stream::split) {
-                    let threads = sh.cfg.threads_per_connection;
-                    transmission::serve(reader, writer, n, threads, &sh.budget, closer, winding);
-                }
+            if let Some(Ok((reader, writer, closer))) = slot.take().map(Stream::split) {
+                let threads = sh.cfg.threads_per_connection;
+                transmission::serve(reader, writer, n, threads, &sh.budget, closer, winding);
             }
             export.stats.connection(false);
         }
@@ -549,11 +553,14 @@ impl ServerControl {
                 ))
             }
         };
-        let users = || ExportStats::get(&e.stats.connections);
         let mine = |p: &Phase| matches!(p, Phase::Transmission(x) if Arc::ptr_eq(x, &e));
-        wind_down(&self.shared, Why::ExportRemoved, mine, || users() == 0);
+        // Gone once unregistered, not once served: a TLS connection stays registered until
+        // its pump has sent the last replies, and a client that does not read them must still
+        // be cut after the grace period.
+        let gone = || self.shared.conns.lock().map_or(true, |c| !c.values().any(|r| mine(&r.phase)));
+        wind_down(&self.shared, Why::ExportRemoved, mine, gone);
         // Past the grace period the sockets are shut down whole: the connections end now.
-        while users() > 0 {
+        while !gone() || ExportStats::get(&e.stats.connections) > 0 {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(e)

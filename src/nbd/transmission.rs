@@ -146,14 +146,7 @@ pub fn serve(
         eager: EAGER_REQUESTS,
         spin: Spin::default(),
     });
-    let pool = Pool {
-        conn: &conn,
-        input: &input,
-        global,
-        max: threads.max(1),
-        started: AtomicUsize::new(1),
-        busy: AtomicUsize::new(0),
-    };
+    let pool = Pool { conn: &conn, input: &input, global, max: threads.max(1), started: AtomicUsize::new(1) };
     std::thread::scope(|s| {
         s.spawn(|| pool.work(s));
     });
@@ -171,8 +164,6 @@ struct Pool<'a> {
     global: &'a Budget,
     max: usize,
     started: AtomicUsize,
-    /// Threads between taking a request and having answered it.
-    busy: AtomicUsize,
 }
 
 impl<'a> Pool<'a> {
@@ -180,14 +171,17 @@ impl<'a> Pool<'a> {
     where
         'a: 's,
     {
-        while let Some((req, payload, cost)) = next_request(self.conn, self.input, self.global, &self.busy) {
-            let busy = self.busy.fetch_add(1, Ordering::AcqRel) + 1;
+        // Threads between taking a request and having answered it (kept in the connection's
+        // wind-down notice, which must not cut a connection that owes replies).
+        let busy_count = &self.conn.winding.busy;
+        while let Some((req, payload, cost)) = next_request(self.conn, self.input, self.global, busy_count) {
+            let busy = busy_count.fetch_add(1, Ordering::AcqRel) + 1;
             let grow = |n: usize| (busy >= n && n < self.max).then_some(n + 1);
             if self.started.fetch_update(Ordering::AcqRel, Ordering::Acquire, grow).is_ok() {
                 s.spawn(move || self.work(s));
             }
             self.conn.handle(&req, &mut &payload[..payload.len().min(req.length as usize)]);
-            self.busy.fetch_sub(1, Ordering::AcqRel);
+            busy_count.fetch_sub(1, Ordering::AcqRel);
             self.conn.bufs.give(payload);
             self.conn.budget.release(cost);
             self.global.release(cost);
@@ -298,7 +292,9 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
         if req.typ == CMD_WRITE && req.length >= SPLICE_MIN {
             let pipe = pipe.get_or_insert_with(Pipe::new).as_ref().ok();
             let mut payload = SocketPayload::new(r, pipe, req.length as usize);
+            conn.winding.busy.fetch_add(1, Ordering::AcqRel);
             conn.handle(&req, &mut payload);
+            conn.winding.busy.fetch_sub(1, Ordering::AcqRel);
             if payload.finish().is_err() {
                 *done = true;
                 return None;
@@ -399,7 +395,9 @@ impl Conn {
             self.overlap.store(true, Ordering::Release);
         }
         let mut w = lock(&self.out);
-        if w.write_all(bytes).and_then(|_| w.flush()).is_err() {
+        let sent = w.write_all(bytes).and_then(|_| w.flush());
+        self.winding.replied();
+        if sent.is_err() {
             self.broken.store(true, Ordering::Release);
             (self.on_broken)();
         }

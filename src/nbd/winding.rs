@@ -7,9 +7,10 @@
 //! blocking read without closing the socket's read side, after which a client's next request
 //! is lost (a Unix socket refuses it with EPIPE). So the server keeps reading while the
 //! client keeps sending, refusing each request, and closes the read side only once the
-//! client has sent nothing for [`QUIET`], or [`LONGEST`] after winding began: a pipelining
-//! client gets an answer for every request it sent, an idle one costs the shutdown [`QUIET`],
-//! and one that goes on sending after its refusals (the spec says it MUST disconnect) costs it
+//! connection has been quiet for [`QUIET`] (no request running, none read and no reply sent
+//! meanwhile), or [`LONGEST`] after winding began: a client gets an answer for every request
+//! it sent, also one sent after a slow reply, an idle one costs the shutdown [`QUIET`], and one
+//! that goes on sending after its refusals (the spec says it MUST disconnect) costs it
 //! [`LONGEST`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -35,9 +36,13 @@ pub struct Winding {
     why: AtomicU8,
     /// When winding began, in microseconds since `epoch`.
     began: AtomicU64,
-    /// When a request or option was last read while winding down (or winding began), in
-    /// microseconds since `epoch`.
+    /// When a request or option was last read or a reply sent while winding down (or winding
+    /// began), in microseconds since `epoch`.
     last: AtomicU64,
+    /// Requests of the connection being run: the transmission phase's own count (it decides
+    /// how many threads serve the connection), kept here so that a wind-down never closes the
+    /// read side of a connection that still owes a reply.
+    pub(crate) busy: std::sync::atomic::AtomicUsize,
     /// The read side has been closed: set once, by whoever closes it.
     cut: AtomicBool,
     epoch: Instant,
@@ -49,6 +54,7 @@ impl Default for Winding {
             why: AtomicU8::new(0),
             began: AtomicU64::new(0),
             last: AtomicU64::new(0),
+            busy: std::sync::atomic::AtomicUsize::new(0),
             cut: AtomicBool::new(false),
             epoch: Instant::now(),
         }
@@ -62,11 +68,15 @@ impl Winding {
 
     /// Starts winding down, unless it already has (the first reason stays).
     pub fn start(&self, why: Why) {
-        let now = self.now();
-        if self.why.compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            self.began.store(now, Ordering::Release);
-            self.last.store(now, Ordering::Release);
+        if self.started() {
+            return;
         }
+        // The times before the reason: whoever sees the reason sees them too. Two starting at
+        // once both store about the same time; the first reason stays.
+        let now = self.now();
+        self.began.store(now, Ordering::Release);
+        self.last.store(now, Ordering::Release);
+        let _ = self.why.compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Whether the connection is winding down.
@@ -87,15 +97,23 @@ impl Winding {
         Some(why)
     }
 
-    /// Whether the read side should now be closed: winding down, not closed yet, and nothing
-    /// read for [`QUIET`] or winding for [`LONGEST`]. True once: the caller closes it.
+    /// For a reply just sent: while winding down, the connection is not quiet (its client may
+    /// send its next request, or NBD_CMD_DISC, only now).
+    pub fn replied(&self) {
+        if self.started() {
+            self.last.store(self.now(), Ordering::Release);
+        }
+    }
+
+    /// Whether the read side should now be closed: winding down, not closed yet, and quiet
+    /// (nothing running, read or sent) for [`QUIET`], or winding for [`LONGEST`]. True once:
+    /// the caller closes it.
     pub fn take_cut(&self) -> bool {
         let now = self.now();
         let since =
             |at: &AtomicU64, d: Duration| now.saturating_sub(at.load(Ordering::Acquire)) >= d.as_micros() as u64;
-        self.started()
-            && (since(&self.last, QUIET) || since(&self.began, LONGEST))
-            && !self.cut.swap(true, Ordering::AcqRel)
+        let quiet = self.busy.load(Ordering::Acquire) == 0 && since(&self.last, QUIET);
+        self.started() && (quiet || since(&self.began, LONGEST)) && !self.cut.swap(true, Ordering::AcqRel)
     }
 }
 
@@ -112,6 +130,13 @@ mod tests {
         w.start(Why::ServerStopping);
         assert_eq!(w.refusal(), Some("the export is being removed from the server"), "the first reason stays");
         assert!(!w.take_cut(), "just read a request: not quiet");
+        // A request running keeps it open however long it takes; its reply starts the quiet.
+        w.busy.fetch_add(1, Ordering::AcqRel);
+        std::thread::sleep(QUIET + Duration::from_millis(20));
+        assert!(!w.take_cut(), "cut while a request runs");
+        w.busy.fetch_sub(1, Ordering::AcqRel);
+        w.replied();
+        assert!(!w.take_cut(), "cut right after a reply");
         std::thread::sleep(QUIET + Duration::from_millis(20));
         assert!(w.take_cut());
         assert!(!w.take_cut(), "cut once");

@@ -191,8 +191,9 @@ impl RemoteLayer {
         let stats = &super::store::STATS;
         match super::shared_cache().and_then(|c| c.layer(&self.digest, &self.manifest)) {
             Ok(c) => {
-                // Told once per outage: every layer fails alike while the cache is broken.
-                if retry.is_some() && stats.cache_down.swap(false, Ordering::AcqRel) {
+                // Told once per outage, by whichever layer the cache takes first after it: every
+                // layer fails alike while the cache is broken.
+                if stats.cache_down.swap(false, Ordering::AcqRel) {
                     super::store::cache_notice("the cache takes remote layers again");
                 }
                 Some(self.chunks.get_or_init(|| c).clone())

@@ -72,6 +72,10 @@ pub struct Saved {
 /// Uploads the trace of every layer read since recording began (replacing an earlier trace of
 /// the layer); layers none of whose chunks were read get none.
 pub fn save_recorded() -> Result<Vec<Saved>> {
+    // One save at a time (`trace save` and a stop may meet): a save that copied a shorter
+    // order must not upload it after a later one uploaded a longer.
+    static SAVING: Mutex<()> = Mutex::new(());
+    let _one = lock(&SAVING);
     let all: Vec<_> = lock(recorders()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut out = Vec::new();
     for ((repo, d), rec) in all {

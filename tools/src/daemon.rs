@@ -166,11 +166,11 @@ impl Daemon {
         notify(&format!("READY=1\nMAINPID={}\n", std::process::id()));
         Ok(())
     }
+}
 
-    /// Tells a service manager that asked (NOTIFY_SOCKET) that the server is stopping.
-    pub fn stopping(&self) {
-        notify("STOPPING=1\n");
-    }
+/// Tells a service manager that asked (NOTIFY_SOCKET) that the server begins its shutdown.
+pub fn notify_stopping() {
+    notify("STOPPING=1\n");
 }
 
 /// Sends `state` to the service manager's notification socket (sd_notify(3)): NOTIFY_SOCKET

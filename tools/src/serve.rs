@@ -127,8 +127,7 @@ stdin, stdout and stderr on /dev/null, so its messages after startup are not see
 --log FILE takes them.
 
 Service managers: with NOTIFY_SOCKET set (systemd's Type=notify), the server sends READY=1 and \
-MAINPID once its sockets accept connections, and STOPPING=1 when a shutdown has answered its \
-clients.";
+MAINPID once its sockets accept connections, and STOPPING=1 when a shutdown begins.";
 
 /// Why `--tls-psk` is refused, as one line.
 const PSK_UNSUPPORTED: &str = "--tls-psk: TLS-PSK is not supported (rustls, the TLS library cowdisk uses, has no \
@@ -275,6 +274,7 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
         tls_mode: o.tls.as_ref().map_or(TlsMode::Off, |t| t.mode),
         tls: o.tls.map(|t| t.config),
         contexts: o.contexts,
+        on_stopping: Some(crate::daemon::notify_stopping),
         ..ServerConfig::default()
     };
     // nbds:// tells libnbd (and people) to insist on TLS; with --tls optional plain
@@ -323,7 +323,6 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
         }
     };
     let result = server.run();
-    o.daemon.stopping();
     // No request runs any more: every chain is flushed and closed cleanly.
     let closed = control.close_all();
     result?;
