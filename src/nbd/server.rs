@@ -3,7 +3,7 @@
 //! handshake deadline, and orderly shutdown.
 
 use super::budget::Budget;
-use super::exports::{Export, ExportStats, Exports, RemoveError};
+use super::exports::{Export, Exports, RemoveError};
 use super::handshake::{Negotiated, Outcome, Session, TlsMode};
 use super::meta::Offer;
 use super::sock::Sock;
@@ -559,8 +559,9 @@ impl ServerControl {
         // be cut after the grace period.
         let gone = || self.shared.conns.lock().map_or(true, |c| !c.values().any(|r| mine(&r.phase)));
         wind_down(&self.shared, Why::ExportRemoved, mine, gone);
-        // Past the grace period the sockets are shut down whole: the connections end now.
-        while !gone() || ExportStats::get(&e.stats.connections) > 0 {
+        // Past the grace period the sockets are shut down whole: the connections end now. (A
+        // connection is counted in the export's stats only while registered with it.)
+        while !gone() {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(e)

@@ -13,7 +13,7 @@
 //! that goes on sending after its refusals (the spec says it MUST disconnect) costs it
 //! [`LONGEST`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a winding-down connection's client must send nothing before its read side is
@@ -42,7 +42,7 @@ pub struct Winding {
     /// Requests of the connection being run: the transmission phase's own count (it decides
     /// how many threads serve the connection), kept here so that a wind-down never closes the
     /// read side of a connection that still owes a reply.
-    pub(crate) busy: std::sync::atomic::AtomicUsize,
+    pub(crate) busy: AtomicUsize,
     /// The read side has been closed: set once, by whoever closes it.
     cut: AtomicBool,
     epoch: Instant,
@@ -54,7 +54,7 @@ impl Default for Winding {
             why: AtomicU8::new(0),
             began: AtomicU64::new(0),
             last: AtomicU64::new(0),
-            busy: std::sync::atomic::AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
             cut: AtomicBool::new(false),
             epoch: Instant::now(),
         }
@@ -90,18 +90,23 @@ impl Winding {
     pub fn refusal(&self) -> Option<&'static str> {
         let why = match self.why.load(Ordering::Acquire) {
             0 => return None,
-            2 => "the export is being removed from the server",
+            w if w == Why::ExportRemoved as u8 => "the export is being removed from the server",
             _ => "the server is shutting down",
         };
-        self.last.store(self.now(), Ordering::Release);
+        self.touch();
         Some(why)
+    }
+
+    /// Notes that the connection is not quiet now.
+    fn touch(&self) {
+        self.last.store(self.now(), Ordering::Release);
     }
 
     /// For a reply just sent: while winding down, the connection is not quiet (its client may
     /// send its next request, or NBD_CMD_DISC, only now).
     pub fn replied(&self) {
         if self.started() {
-            self.last.store(self.now(), Ordering::Release);
+            self.touch();
         }
     }
 

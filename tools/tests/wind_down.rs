@@ -8,7 +8,7 @@ mod common;
 use common::nbdtest::*;
 use common::*;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const BLOCK: u64 = 4096;
@@ -82,6 +82,29 @@ fn assert_only_acknowledged_writes_landed(dir: &TempDir, image: &Path, size: u64
     }
 }
 
+/// A server of `disk.cow` (`size`) on `nbd.sock` with its control channel on `control.sock`
+/// and `extra` arguments, in a new test directory; `None` without nbdsh (skipped).
+struct Rig {
+    server: Server,
+    image: PathBuf,
+    sock: PathBuf,
+    control: PathBuf,
+    dir: TempDir,
+}
+
+fn rig(size: &str, extra: &[&str]) -> Option<Rig> {
+    if !require_tool("nbdsh") {
+        return None;
+    }
+    let dir = TempDir::for_test();
+    let image = create_image(&dir, "disk.cow", size);
+    let (sock, control) = (dir.join("nbd.sock"), dir.join("control.sock"));
+    let mut args = vec!["--control", path_str(&control)];
+    args.extend_from_slice(extra);
+    let server = serve(&[&image], &sock, &args);
+    Some(Rig { server, image, sock, control, dir })
+}
+
 fn wait_exit_promptly(server: &mut Server, what: &str) {
     let t = Instant::now();
     let status = server.daemon().wait_exit(PROMPT).unwrap_or_else(|| panic!("no exit after {what}\n{}", server.log()));
@@ -95,13 +118,7 @@ fn wait_exit_promptly(server: &mut Server, what: &str) {
 /// ESHUTDOWN, the server must exit promptly, and only the acknowledged writes may be in the
 /// image.
 fn writes_across_sigterm(serve_extra: &[&str], connect: impl FnOnce(&Path) -> String) {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let dir = TempDir::for_test();
-    let image = create_image(&dir, "disk.cow", "16M");
-    let sock = dir.join("nbd.sock");
-    let mut server = serve(&[&image], &sock, serve_extra);
+    let Some(Rig { mut server, image, sock, dir, .. }) = rig("16M", serve_extra) else { return };
     let script = format!(
         r#"
 import os, signal
@@ -167,13 +184,7 @@ fn a_tls_client_over_tcp_writing_when_the_server_stops_is_answered_eshutdown_too
 /// answered, the client's next write is answered ESHUTDOWN, not lost on a closed socket.
 #[test]
 fn a_client_waiting_for_a_slow_flush_at_sigterm_is_still_answered_eshutdown_after_it() {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let dir = TempDir::for_test();
-    let image = create_image(&dir, "disk.cow", "1G");
-    let sock = dir.join("nbd.sock");
-    let mut server = serve(&[&image], &sock, &[]);
+    let Some(Rig { mut server, image, sock, dir, .. }) = rig("1G", &[]) else { return };
     let script = format!(
         r#"
 import os, signal, time
@@ -216,14 +227,7 @@ h.shutdown()
 
 #[test]
 fn a_forced_export_removal_answers_every_pipelined_write_ok_or_eshutdown() {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let dir = TempDir::for_test();
-    let image = create_image(&dir, "disk.cow", "32M");
-    let sock = dir.join("nbd.sock");
-    let control = dir.join("control.sock");
-    let mut server = serve(&[&image], &sock, &["--control", path_str(&control)]);
+    let Some(Rig { mut server, image, sock, control, dir }) = rig("32M", &[]) else { return };
     // Keeps 64 writes in flight, over the blocks in a scattered order and round again (no two
     // writes of a block in flight at once); after 500 are sent it starts `cowdisk export
     // remove --force` and writes on; once a write fails it sends no more, collects the answers
@@ -282,13 +286,7 @@ print("remove", remover.returncode, out.strip())
 
 #[test]
 fn a_client_still_negotiating_when_the_server_stops_is_answered_rep_err_shutdown() {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let dir = TempDir::for_test();
-    let image = create_image(&dir, "disk.cow", "16M");
-    let sock = dir.join("nbd.sock");
-    let mut server = serve(&[&image], &sock, &[]);
+    let Some(Rig { mut server, sock, dir: _dir, .. }) = rig("16M", &[]) else { return };
     // In libnbd's option mode the client stays in negotiation: it lists the exports, the
     // server is sent SIGTERM, and the client asks for NBD_OPT_INFO until one is refused.
     let script = format!(
