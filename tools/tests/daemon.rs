@@ -155,12 +155,6 @@ fn the_sample_units_verify_and_serve_by_socket_activation_until_sigterm() {
     assert_stopped_cleanly(&ws, &base, &acked);
 }
 
-/// A TCP port free a moment ago.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local_addr").port()
-}
-
 #[test]
 fn socket_activation_serves_every_inherited_socket_and_removes_its_pid_file() {
     if !require_tools(&["systemd-socket-activate", "nbdinfo"]) {

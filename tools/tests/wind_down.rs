@@ -170,7 +170,7 @@ fn a_tls_client_over_tcp_writing_when_the_server_stops_is_answered_eshutdown_too
     }
     let pki_dir = TempDir::for_test();
     let pki = common::tls::make_pki(pki_dir.path(), "wind");
-    let port = common::tls::free_port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let (cert, key) = (path_str(&pki.cert), path_str(&pki.key));
     let uri = common::tls::tls_tcp_uri(port, "disk", &pki.client);

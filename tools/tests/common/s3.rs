@@ -20,7 +20,6 @@
 
 use std::fs::{self, File};
 use std::io::Read;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -224,10 +223,6 @@ fn run_script(script: &str, dir: &Path, args: &[&str], env: &[(&str, String)]) -
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
 impl Ceph {
     /// Starts a fresh cluster; `None` (a loud skip) if Ceph is not installed outside CI.
     /// Panics with the start script's one-line reason if it cannot start.
@@ -250,7 +245,7 @@ impl Ceph {
             }
             fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
             let watchdog = spawn_watchdog(&dir);
-            let (mon_port, rgw_port) = (free_port(), free_port());
+            let (mon_port, rgw_port) = (super::free_port(), super::free_port());
             let env = [("CEPH_MON_PORT", mon_port.to_string()), ("RGW_PORT", rgw_port.to_string())];
             let mut ceph = Ceph { s3: placeholder(), dir, watchdog: Some(watchdog) };
             match run_script("start.sh", &ceph.dir, &[], &env) {

@@ -5,7 +5,7 @@ use super::{run, run_status, tool, tool_path};
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener};
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -125,10 +125,6 @@ impl Pki {
 // ---------------------------------------------------------------------------
 // URIs and tools
 // ---------------------------------------------------------------------------
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Percent-encodes for a URI query value (keeps `/`).
 pub fn esc(v: &str) -> String {
