@@ -61,7 +61,7 @@ pub struct ExportStats {
 
 impl ExportStats {
     /// Counts one answered request of type `typ` over `len` bytes.
-    pub fn count(&self, typ: u16, len: u32, ok: bool) {
+    pub fn count(&self, typ: u16, len: u64, ok: bool) {
         let add = |c: &AtomicU64, n: u64| {
             c.fetch_add(n, Ordering::Relaxed);
         };
@@ -72,11 +72,11 @@ impl ExportStats {
         match typ {
             CMD_READ => {
                 add(&self.reads, 1);
-                add(&self.bytes_read, u64::from(len));
+                add(&self.bytes_read, len);
             }
             CMD_WRITE => {
                 add(&self.writes, 1);
-                add(&self.bytes_written, u64::from(len));
+                add(&self.bytes_written, len);
             }
             CMD_TRIM | CMD_WRITE_ZEROES => add(&self.zeroes, 1),
             CMD_FLUSH => add(&self.flushes, 1),

@@ -1,5 +1,6 @@
 //! The fixed-newstyle handshake: option haggling up to NBD_OPT_GO / NBD_OPT_EXPORT_NAME,
-//! including INFO, LIST, ABORT, STRUCTURED_REPLY, the meta-context options and STARTTLS.
+//! including INFO, LIST, ABORT, STRUCTURED_REPLY, EXTENDED_HEADERS, the meta-context options
+//! and STARTTLS.
 //!
 //! A client that breaks the protocol (bad magic, unknown client flags, an option longer than
 //! we read at all) is disconnected before anything it asked for is allocated. A client that sends
@@ -28,7 +29,10 @@ pub const PREFERRED_BLOCK: u32 = 4096;
 #[derive(Clone)]
 pub struct Negotiated {
     pub export: Arc<Export>,
+    /// Replies in chunks: structured replies or extended headers were agreed.
     pub structured: bool,
+    /// NBD_OPT_EXTENDED_HEADERS was agreed: 32-byte request and reply headers, 64-bit lengths.
+    pub extended: bool,
     /// The metadata contexts selected for this export, in the order selected, with their ids
     /// (1, 2, ... in that order; base:allocation alone is 1).
     pub contexts: Vec<Selected>,
@@ -62,6 +66,7 @@ pub struct Session<'a> {
     tls_active: bool,
     no_zeroes: bool,
     structured: bool,
+    extended: bool,
     /// (export name the contexts were selected for, the contexts selected)
     meta: Option<(String, Vec<Context>)>,
     /// The contexts offered besides base:allocation.
@@ -97,6 +102,7 @@ impl<'a> Session<'a> {
             tls_active: false,
             no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
             structured: false,
+            extended: false,
             meta: None,
             offer: Offer::default(),
             winding,
@@ -109,13 +115,20 @@ impl<'a> Session<'a> {
     }
 
     /// Records that the stream is now TLS. Whatever was negotiated in plain text is forgotten:
-    /// the spec says the server MUST NOT preserve negotiation state (structured replies, meta
-    /// contexts) from before STARTTLS, which a man in the middle could have injected. The
-    /// client's NO_ZEROES flag stays: it belongs to the greeting, not to option haggling.
+    /// the spec says the server MUST NOT preserve negotiation state (structured replies,
+    /// extended headers, meta contexts) from before STARTTLS, which a man in the middle could
+    /// have injected. The client's NO_ZEROES flag stays: it belongs to the greeting, not to
+    /// option haggling.
     pub fn tls_started(&mut self) {
         self.tls_active = true;
         self.structured = false;
+        self.extended = false;
         self.meta = None;
+    }
+
+    /// Replies come in chunks: structured replies or extended headers.
+    fn chunked(&self) -> bool {
+        self.structured || self.extended
     }
 
     fn find(&self, name: &str) -> Option<Arc<Export>> {
@@ -132,7 +145,7 @@ impl<'a> Session<'a> {
         } else {
             f |= FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
         }
-        if self.structured {
+        if self.chunked() {
             f |= FLAG_SEND_DF;
         }
         f
@@ -140,12 +153,18 @@ impl<'a> Session<'a> {
 
     fn negotiated(&self, export: Arc<Export>) -> Negotiated {
         let contexts = match &self.meta {
-            Some((name, ctxs)) if self.structured && self.find(name).is_some_and(|e| Arc::ptr_eq(&e, &export)) => {
+            Some((name, ctxs)) if self.chunked() && self.find(name).is_some_and(|e| Arc::ptr_eq(&e, &export)) => {
                 ctxs.iter().cloned().enumerate().map(|(i, c)| (i as u32 + 1, c)).collect()
             }
             _ => Vec::new(),
         };
-        Negotiated { flags: self.transmission_flags(&export), structured: self.structured, contexts, export }
+        Negotiated {
+            flags: self.transmission_flags(&export),
+            structured: self.chunked(),
+            extended: self.extended,
+            contexts,
+            export,
+        }
     }
 
     /// Runs option haggling until the client picks an export, starts TLS, or leaves.
@@ -217,6 +236,9 @@ impl<'a> Session<'a> {
                 continue;
             }
             match opt {
+                // "A client that has used NBD_OPT_EXTENDED_HEADERS to negotiate extended
+                // headers MUST NOT use this option": its reply has no way to say so.
+                OPT_EXPORT_NAME if self.extended => return Ok(Outcome::Closed),
                 OPT_EXPORT_NAME => {
                     let Some(name) = Payload::new(&data).string(data.len()) else {
                         return Ok(Outcome::Closed);
@@ -289,12 +311,25 @@ impl<'a> Session<'a> {
                         error(s, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
                         continue;
                     }
+                    if self.extended {
+                        error(s, REP_ERR_EXT_HEADER_REQD, "extended headers were negotiated and take precedence")?;
+                        continue;
+                    }
                     self.structured = true;
                     reply(s, REP_ACK, &[])?;
                 }
+                OPT_EXTENDED_HEADERS => {
+                    if !data.is_empty() {
+                        error(s, REP_ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data")?;
+                        continue;
+                    }
+                    // Asking again changes nothing: it is acknowledged again.
+                    self.extended = true;
+                    reply(s, REP_ACK, &[])?;
+                }
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                    if !self.structured {
-                        error(s, REP_ERR_INVALID, "negotiate structured replies first")?;
+                    if !self.chunked() {
+                        error(s, REP_ERR_INVALID, "negotiate structured replies or extended headers first")?;
                         continue;
                     }
                     let Some((name, queries)) = parse_meta_request(&data) else {

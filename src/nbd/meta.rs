@@ -53,8 +53,8 @@ pub struct Offer {
 /// A context a client selected and the id its block status chunks carry.
 pub type Selected = (u32, Context);
 
-/// One NBD_REPLY_TYPE_BLOCK_STATUS chunk: the context id and its (length, flags) descriptors.
-pub type StatusChunk = (u32, Vec<(u32, u32)>);
+/// One block status chunk: the context id and its (length, flags) descriptors.
+pub type StatusChunk = (u32, Vec<(u64, u32)>);
 
 /// Every context offered for `disk`, in the order a listing reports them.
 pub fn offered(disk: &dyn Disk, offer: Offer) -> Vec<Context> {
@@ -145,13 +145,13 @@ pub fn block_status(
 }
 
 /// At most `max` runs as descriptors, neighbours with the same flags merged. Every run lies
-/// inside one request, whose length is a u32, so every sum of lengths fits one too.
-fn descriptors(runs: Vec<(u64, u32)>, max: usize) -> Vec<(u32, u32)> {
-    let mut desc: Vec<(u32, u32)> = Vec::with_capacity(runs.len().min(max));
+/// inside one request, so the sums do not overflow.
+fn descriptors(runs: Vec<(u64, u32)>, max: usize) -> Vec<(u64, u32)> {
+    let mut desc: Vec<(u64, u32)> = Vec::with_capacity(runs.len().min(max));
     for (length, flags) in runs.into_iter().take(max) {
         match desc.last_mut() {
-            Some(last) if last.1 == flags => last.0 += length as u32,
-            _ => desc.push((length as u32, flags)),
+            Some(last) if last.1 == flags => last.0 += length,
+            _ => desc.push((length, flags)),
         }
     }
     desc

@@ -180,7 +180,8 @@ impl<'a> Pool<'a> {
             if self.started.fetch_update(Ordering::AcqRel, Ordering::Acquire, grow).is_ok() {
                 s.spawn(move || self.work(s));
             }
-            self.conn.handle(&req, &mut &payload[..payload.len().min(req.length as usize)]);
+            let n = req.payload_len(self.conn.neg.extended) as usize;
+            self.conn.handle(&req, &mut &payload[..payload.len().min(n)]);
             busy_count.fetch_sub(1, Ordering::AcqRel);
             self.conn.bufs.give(payload);
             self.conn.budget.release(cost);
@@ -191,7 +192,8 @@ impl<'a> Pool<'a> {
 
 /// Reads the next request to run (answering the ones that need no work on the spot), or
 /// `None` when the connection is over. The payload's bytes are charged to both budgets. A
-/// write's payload is the first `req.length` bytes of the returned buffer, which may be longer.
+/// write's payload is the first [`Request::payload_len`] bytes of the returned buffer, which
+/// may be longer.
 ///
 /// Waking a thread to read on while this one runs is what lets a client that keeps several
 /// requests in flight be read from; for a client at queue depth 1, which sends nothing more
@@ -249,13 +251,16 @@ fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize
 
 fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Option<(Request, Vec<u8>, u64)> {
     let Input { r, done, pipe, .. } = guard;
+    let extended = conn.neg.extended;
+    let max = u64::from(MAX_PAYLOAD);
     loop {
         if *done || conn.broken.load(Ordering::Acquire) {
             *done = true;
             return None;
         }
-        let mut h = [0u8; REQUEST_SIZE];
-        let Some(req) = r.read_exact(&mut h).ok().and_then(|_| parse_request(&h)) else {
+        let mut h = [0u8; EXTENDED_REQUEST_SIZE];
+        let h = &mut h[..request_size(extended)];
+        let Some(req) = r.read_exact(h).ok().and_then(|_| parse_request(h, extended)) else {
             *done = true;
             return None;
         };
@@ -263,23 +268,42 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
             *done = true;
             return None;
         }
+        let payload_len = req.payload_len(extended);
+        // Extended headers: "A server SHOULD initiate hard disconnect if a client sets the
+        // NBD_CMD_FLAG_PAYLOAD_LEN flag and uses a length larger than a server's advertised
+        // maximum payload length". (A compact write's payload is at most 4 GiB: it is read and
+        // dropped, below, as before extended headers existed.)
+        if extended && payload_len > max {
+            *done = true;
+            return None;
+        }
         if let Some(why) = conn.winding.refusal() {
-            if req.typ == CMD_WRITE && drain(r, u64::from(req.length)).is_err() {
+            if drain(r, payload_len).is_err() {
                 *done = true;
                 return None;
             }
             conn.send_error(&req, ESHUTDOWN, why);
             continue;
         }
+        // A payload on a command that takes none (extended headers only; no command of ours
+        // documents a payload form) is read and dropped, and the command refused.
+        if payload_len > 0 && req.typ != CMD_WRITE {
+            if drain(r, payload_len).is_err() {
+                *done = true;
+                return None;
+            }
+            conn.send_error(&req, EINVAL, "this command takes no payload");
+            continue;
+        }
         // A read over the maximum is refused without a buffer, so it is not charged: its cost
         // would exceed the global budget and hold it (and this connection) until every other
         // connection is idle.
         let cost = match req.typ {
-            CMD_WRITE => u64::from(req.length),
-            CMD_READ if req.length <= MAX_PAYLOAD => u64::from(req.length),
+            CMD_WRITE => payload_len,
+            CMD_READ if req.length <= max => req.length,
             _ => 0,
         };
-        if req.typ == CMD_WRITE && req.length > MAX_PAYLOAD {
+        if req.typ == CMD_WRITE && payload_len > max {
             if drain(r, cost).is_err() {
                 *done = true;
                 return None;
@@ -289,9 +313,9 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
         }
         // Run here, holding the reader: its payload is still in the socket. No buffer is
         // taken for it, so nothing is charged.
-        if req.typ == CMD_WRITE && req.length >= SPLICE_MIN {
+        if req.typ == CMD_WRITE && payload_len >= u64::from(SPLICE_MIN) {
             let pipe = pipe.get_or_insert_with(Pipe::new).as_ref().ok();
-            let mut payload = SocketPayload::new(r, pipe, req.length as usize);
+            let mut payload = SocketPayload::new(r, pipe, payload_len as usize);
             conn.winding.busy.fetch_add(1, Ordering::AcqRel);
             conn.handle(&req, &mut payload);
             conn.winding.busy.fetch_sub(1, Ordering::AcqRel);
@@ -305,8 +329,8 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
         global.acquire(cost);
         let mut payload = Vec::new();
         if req.typ == CMD_WRITE {
-            payload = conn.bufs.take(req.length as usize);
-            if r.read_exact(&mut payload[..req.length as usize]).is_err() {
+            payload = conn.bufs.take(payload_len as usize);
+            if r.read_exact(&mut payload[..payload_len as usize]).is_err() {
                 conn.budget.release(cost);
                 global.release(cost);
                 *done = true;
@@ -403,7 +427,19 @@ impl Conn {
         }
     }
 
+    /// How this connection frames the chunks of `req`'s reply.
+    fn framing(&self, req: &Request) -> Framing {
+        Framing::new(self.neg.extended, req)
+    }
+
+    /// A reply without data. Extended headers allow no simple reply: it is one NONE chunk.
     fn send_ok(&self, req: &Request) {
+        if self.neg.extended {
+            let mut out = Vec::with_capacity(32);
+            self.framing(req).push(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[]);
+            self.send(&out);
+            return;
+        }
         let mut b = [0u8; SIMPLE_REPLY_SIZE];
         simple_reply(&mut b, 0, req.cookie);
         self.send(&b);
@@ -412,7 +448,7 @@ impl Conn {
     fn send_error(&self, req: &Request, errno: u32, msg: &str) {
         if self.neg.structured {
             let mut out = Vec::with_capacity(64);
-            push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req.cookie, &error_payload(errno, msg));
+            self.framing(req).push(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, &error_payload(errno, msg));
             self.send(&out);
         } else {
             let mut b = [0u8; SIMPLE_REPLY_SIZE];
@@ -425,6 +461,7 @@ impl Conn {
         let fua = if self.neg.flags & FLAG_SEND_FUA != 0 { CMD_FLAG_FUA } else { 0 };
         match typ {
             CMD_READ => fua | if self.neg.structured { CMD_FLAG_DF } else { 0 },
+            CMD_WRITE if self.neg.extended => fua | CMD_FLAG_PAYLOAD_LEN,
             CMD_WRITE_ZEROES => fua | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
             CMD_BLOCK_STATUS => fua | CMD_FLAG_REQ_ONE,
             _ => fua,
@@ -458,7 +495,7 @@ impl Conn {
         if writes && disk.is_read_only() {
             return Err((EPERM, "export is read-only".into()));
         }
-        let len = u64::from(req.length);
+        let len = req.length;
         let in_range = req.offset.checked_add(len).is_some_and(|end| end <= disk.size());
         if !in_range && req.typ != CMD_FLUSH {
             let code = if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
@@ -508,7 +545,7 @@ impl Conn {
     }
 
     fn read(&self, req: &Request) -> Result<(), (u32, String)> {
-        if req.length > MAX_PAYLOAD {
+        if req.length > u64::from(MAX_PAYLOAD) {
             // With structured replies (and so NBD_CMD_FLAG_DF) a read this long is one the
             // spec lets a server refuse "up front with NBD_EOVERFLOW, so a client should be
             // prepared to retry with smaller requests"; without them EOVERFLOW is not allowed.
@@ -525,22 +562,23 @@ impl Conn {
                 })
                 .map_err(lib);
         }
+        let f = self.framing(req);
         if req.length == 0 {
             let mut out = Vec::new();
-            push_chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);
+            f.push(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[]);
             self.send(&out);
             return Ok(());
         }
-        let runs = if req.flags & CMD_FLAG_DF != 0 || req.length < HOLE_SCAN_MIN {
-            vec![(req.offset, u64::from(req.length), false)]
+        let runs = if req.flags & CMD_FLAG_DF != 0 || req.length < u64::from(HOLE_SCAN_MIN) {
+            vec![(req.offset, req.length, false)]
         } else {
-            zero_runs(&self.all_extents(req.offset, u64::from(req.length)).map_err(lib)?)
+            zero_runs(&self.all_extents(req.offset, req.length).map_err(lib)?)
         };
         let size = |&(_, len, zero): &(u64, u64, bool)| {
             if zero {
-                HOLE_CHUNK_SIZE
+                f.hole_chunk_size()
             } else {
-                DATA_CHUNK_HEADER_SIZE + len as usize
+                f.data_header_size() + len as usize
             }
         };
         // The whole reply is built before anything is sent, so no error can follow the last
@@ -553,10 +591,10 @@ impl Conn {
                 let flags = if i + 1 == runs.len() { REPLY_FLAG_DONE } else { 0 };
                 let chunk = &mut out[at..at + size(run)];
                 if zero {
-                    hole_chunk(chunk, flags, req.cookie, start, len as u32);
+                    f.hole(chunk, flags, start, len as u32);
                 } else {
-                    data_chunk_header(chunk, flags, req.cookie, start, len as u32);
-                    self.disk().read_at(&mut chunk[DATA_CHUNK_HEADER_SIZE..], start)?;
+                    f.data_header(chunk, flags, start, len as u32);
+                    self.disk().read_at(&mut chunk[f.data_header_size()..], start)?;
                 }
                 at += chunk.len();
             }
@@ -601,12 +639,13 @@ impl Conn {
             return Err((EINVAL, "block status of zero bytes".into()));
         }
         let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { 1024 };
-        let chunks = meta::block_status(self.disk(), &self.neg.contexts, req.offset, u64::from(req.length), max)
+        let chunks = meta::block_status(self.disk(), &self.neg.contexts, req.offset, req.length, max)
             .map_err(|e| (errno(&e), e.to_string()))?;
+        let f = self.framing(req);
         let mut out = Vec::new();
         for (i, (id, desc)) in chunks.iter().enumerate() {
             let flags = if i + 1 == chunks.len() { REPLY_FLAG_DONE } else { 0 };
-            push_chunk(&mut out, flags, REPLY_TYPE_BLOCK_STATUS, req.cookie, &block_status_payload(*id, desc));
+            f.push_block_status(&mut out, flags, *id, desc);
         }
         self.send(&out);
         Ok(())

@@ -33,6 +33,10 @@ pub const NBD_OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const NBD_STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Request and reply magics once `NBD_OPT_EXTENDED_HEADERS` was agreed (the spec's
+/// extension-ext-header branch).
+pub const NBD_EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const NBD_EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 /// Zero padding after an `NBD_OPT_EXPORT_NAME` reply unless `NBD_FLAG_C_NO_ZEROES`.
 pub const EXPORT_NAME_ZERO_PAD: usize = 124;
 
@@ -69,6 +73,7 @@ pub const NBD_OPT_GO: u32 = 7;
 pub const NBD_OPT_STRUCTURED_REPLY: u32 = 8;
 pub const NBD_OPT_LIST_META_CONTEXT: u32 = 9;
 pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
+pub const NBD_OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option reply types.
 pub const NBD_REP_ACK: u32 = 1;
@@ -86,6 +91,7 @@ pub const NBD_REP_ERR_UNKNOWN: u32 = NBD_REP_FLAG_ERROR + 6;
 pub const NBD_REP_ERR_SHUTDOWN: u32 = NBD_REP_FLAG_ERROR + 7;
 pub const NBD_REP_ERR_BLOCK_SIZE_REQD: u32 = NBD_REP_FLAG_ERROR + 8;
 pub const NBD_REP_ERR_TOO_BIG: u32 = NBD_REP_FLAG_ERROR + 9;
+pub const NBD_REP_ERR_EXT_HEADER_REQD: u32 = NBD_REP_FLAG_ERROR + 10;
 
 // Information types for NBD_OPT_INFO / NBD_OPT_GO.
 pub const NBD_INFO_EXPORT: u16 = 0;
@@ -99,6 +105,7 @@ pub const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const NBD_CMD_FLAG_DF: u16 = 1 << 2;
 pub const NBD_CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const NBD_CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+pub const NBD_CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Request types.
 pub const NBD_CMD_READ: u16 = 0;
@@ -117,6 +124,7 @@ pub const NBD_REPLY_TYPE_NONE: u16 = 0;
 pub const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const NBD_REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const NBD_REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 /// Bit 15: set in every error chunk type (the spec names no constant for it).
 pub const NBD_REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 pub const NBD_REPLY_TYPE_ERROR: u16 = NBD_REPLY_TYPE_ERROR_BIT + 1;
@@ -385,6 +393,11 @@ pub enum ChunkKind {
         offset: u64,
         length: u32,
     },
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`: (length, flags) descriptors of 64 bits each.
+    BlockStatusExt {
+        context_id: u32,
+        extents: Vec<(u64, u64)>,
+    },
     BlockStatus {
         context_id: u32,
         extents: Vec<Extent>,
@@ -405,6 +418,10 @@ pub enum ChunkKind {
         message: String,
     },
 }
+
+/// One `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` chunk: the context id and its (length, flags)
+/// descriptors.
+pub type ExtStatus = (u32, Vec<(u64, u64)>);
 
 /// One structured reply chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -453,7 +470,7 @@ pub struct Response {
     pub cookie: u64,
     pub request_type: u16,
     pub request_offset: u64,
-    pub request_length: u32,
+    pub request_length: u64,
     pub structured: bool,
     /// The simple reply's error, or the first error chunk's error; 0 on success.
     pub error: u32,
@@ -495,7 +512,7 @@ impl Response {
             return Ok(self.data.clone());
         }
         let start = self.request_offset;
-        let end = start + u64::from(self.request_length);
+        let end = start + self.request_length;
         let mut out = vec![0u8; len];
         let mut covered: Vec<(u64, u64)> = Vec::new();
         for chunk in &self.chunks {
@@ -528,6 +545,25 @@ impl Response {
         }
         if pos != end {
             return Err(invalid(format!("read reply left [{pos}, {end}) uncovered")));
+        }
+        Ok(out)
+    }
+
+    /// The `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` chunks as (context id, (length, flags)
+    /// descriptors), in arrival order.
+    pub fn block_status_ext(&self) -> io::Result<Vec<ExtStatus>> {
+        if self.error != 0 {
+            return Err(self.clone().check().unwrap_err());
+        }
+        let mut out = Vec::new();
+        for chunk in &self.chunks {
+            match &chunk.kind {
+                ChunkKind::BlockStatusExt { context_id, extents } => out.push((*context_id, extents.clone())),
+                other => return Err(invalid(format!("unexpected chunk in an extended block status reply: {other:?}"))),
+            }
+        }
+        if out.is_empty() {
+            return Err(invalid("block status reply without any NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk"));
         }
         Ok(out)
     }
@@ -565,7 +601,7 @@ pub enum PeerState {
 struct Inflight {
     request_type: u16,
     offset: u64,
-    length: u32,
+    length: u64,
 }
 
 // ---------------------------------------------------------------------------
@@ -579,6 +615,7 @@ pub struct NbdClient<S: NbdStream> {
     /// Client flags we sent back.
     pub client_flags: u32,
     structured: bool,
+    extended: bool,
     meta_contexts: Vec<MetaContext>,
     export: Option<ExportInfo>,
     inflight: HashMap<u64, Inflight>,
@@ -627,6 +664,7 @@ impl<S: NbdStream> NbdClient<S> {
             handshake_flags: 0,
             client_flags: 0,
             structured: false,
+            extended: false,
             meta_contexts: Vec::new(),
             export: None,
             inflight: HashMap::new(),
@@ -842,6 +880,17 @@ impl<S: NbdStream> NbdClient<S> {
         Ok(info)
     }
 
+    /// `NBD_OPT_EXTENDED_HEADERS`; on ACK every request and reply from then on uses the
+    /// 32-byte headers.
+    pub fn opt_extended_headers(&mut self) -> io::Result<()> {
+        let replies = self.option_expect_ack(NBD_OPT_EXTENDED_HEADERS, &[])?;
+        if !replies.is_empty() {
+            return Err(invalid("NBD_OPT_EXTENDED_HEADERS answered with more than an ACK"));
+        }
+        self.extended = true;
+        Ok(())
+    }
+
     pub fn opt_structured_reply(&mut self) -> io::Result<()> {
         let replies = self.option_expect_ack(NBD_OPT_STRUCTURED_REPLY, &[])?;
         if !replies.is_empty() {
@@ -936,13 +985,32 @@ impl<S: NbdStream> NbdClient<S> {
         length: u32,
         payload: &[u8],
     ) -> io::Result<()> {
-        let mut msg = Vec::with_capacity(28 + payload.len());
-        msg.extend_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+        self.send_request64(flags, request_type, cookie, offset, u64::from(length), payload)
+    }
+
+    /// [`Self::send_request`] with a 64-bit length: in an extended header once extended
+    /// headers were agreed, else the low 32 bits in a compact one.
+    pub fn send_request64(
+        &mut self,
+        flags: u16,
+        request_type: u16,
+        cookie: u64,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let mut msg = Vec::with_capacity(32 + payload.len());
+        let magic = if self.extended { NBD_EXTENDED_REQUEST_MAGIC } else { NBD_REQUEST_MAGIC };
+        msg.extend_from_slice(&magic.to_be_bytes());
         msg.extend_from_slice(&flags.to_be_bytes());
         msg.extend_from_slice(&request_type.to_be_bytes());
         msg.extend_from_slice(&cookie.to_be_bytes());
         msg.extend_from_slice(&offset.to_be_bytes());
-        msg.extend_from_slice(&length.to_be_bytes());
+        if self.extended {
+            msg.extend_from_slice(&length.to_be_bytes());
+        } else {
+            msg.extend_from_slice(&(length as u32).to_be_bytes());
+        }
         msg.extend_from_slice(payload);
         if request_type != NBD_CMD_DISC {
             self.expect_reply_for(cookie, request_type, offset, length);
@@ -958,8 +1026,8 @@ impl<S: NbdStream> NbdClient<S> {
     }
 
     /// Registers a request sent with [`Self::send_raw`] so its reply can be read.
-    pub fn expect_reply_for(&mut self, cookie: u64, request_type: u16, offset: u64, length: u32) {
-        self.inflight.insert(cookie, Inflight { request_type, offset, length });
+    pub fn expect_reply_for(&mut self, cookie: u64, request_type: u16, offset: u64, length: impl Into<u64>) {
+        self.inflight.insert(cookie, Inflight { request_type, offset, length: length.into() });
     }
 
     pub fn inflight_count(&self) -> usize {
@@ -969,7 +1037,40 @@ impl<S: NbdStream> NbdClient<S> {
     /// Reads exactly one reply message: a simple reply, or one structured chunk.
     pub fn read_reply(&mut self) -> io::Result<Reply> {
         let magic = self.read_u32()?;
+        if self.extended && magic != NBD_EXTENDED_REPLY_MAGIC {
+            return Err(invalid(format!("reply magic {magic:#x} although extended headers were negotiated")));
+        }
         match magic {
+            NBD_EXTENDED_REPLY_MAGIC => {
+                if !self.extended {
+                    return Err(invalid("extended reply although extended headers were not negotiated"));
+                }
+                let flags = self.read_u16()?;
+                let chunk_type = self.read_u16()?;
+                let cookie = self.read_u64()?;
+                let offset = self.read_u64()?;
+                let len = self.read_u64()?;
+                if len > u64::from(MAX_PAYLOAD) + 64 {
+                    return Err(invalid(format!("extended chunk claims {len} bytes of payload")));
+                }
+                let payload = self.read_vec(len as usize)?;
+                let Some(req) = self.inflight.get(&cookie).copied() else {
+                    return Err(invalid(format!("extended chunk for cookie {cookie:#x}, which is not in flight")));
+                };
+                if offset != req.offset {
+                    return Err(invalid(format!(
+                        "extended chunk for cookie {cookie:#x} carries offset {offset}, the request's was {}",
+                        req.offset
+                    )));
+                }
+                let kind = parse_chunk(chunk_type, flags, &payload)?;
+                let chunk = Chunk { cookie, flags, chunk_type, kind };
+                if chunk.is_done() {
+                    self.inflight.remove(&cookie);
+                    self.finished.insert(cookie, req);
+                }
+                Ok(Reply::Structured(chunk))
+            }
             NBD_SIMPLE_REPLY_MAGIC => {
                 let error = self.read_u32()?;
                 let cookie = self.read_u64()?;
@@ -984,7 +1085,7 @@ impl<S: NbdStream> NbdClient<S> {
                     )));
                 }
                 let data = if req.request_type == NBD_CMD_READ && error == 0 {
-                    self.read_vec(req.length as usize)?
+                    self.read_vec(usize::try_from(req.length).map_err(|_| invalid("read length"))?)?
                 } else {
                     Vec::new()
                 };
@@ -1103,9 +1204,7 @@ impl<S: NbdStream> NbdClient<S> {
         length: u32,
         payload: &[u8],
     ) -> io::Result<Response> {
-        let cookie = self.next_cookie();
-        self.send_request(flags, request_type, cookie, offset, length, payload)?;
-        self.wait_response(cookie)
+        self.command64(flags, request_type, offset, u64::from(length), payload)
     }
 
     pub fn read(&mut self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
@@ -1122,6 +1221,20 @@ impl<S: NbdStream> NbdClient<S> {
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.command(0, NBD_CMD_FLUSH, 0, 0, &[])?.check().map(drop)
+    }
+
+    /// [`Self::command`] with a 64-bit length (see [`Self::send_request64`]).
+    pub fn command64(
+        &mut self,
+        flags: u16,
+        request_type: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> io::Result<Response> {
+        let cookie = self.next_cookie();
+        self.send_request64(flags, request_type, cookie, offset, length, payload)?;
+        self.wait_response(cookie)
     }
 
     pub fn trim(&mut self, offset: u64, length: u32) -> io::Result<()> {
@@ -1234,6 +1347,28 @@ fn parse_chunk(chunk_type: u16, flags: u16, payload: &[u8]) -> io::Result<ChunkK
                 return Err(invalid("NBD_REPLY_TYPE_OFFSET_HOLE of size 0"));
             }
             ChunkKind::OffsetHole { offset, length }
+        }
+        NBD_REPLY_TYPE_BLOCK_STATUS_EXT => {
+            if len < 24 || !(len - 8).is_multiple_of(16) {
+                return Err(invalid(format!("NBD_REPLY_TYPE_BLOCK_STATUS_EXT with length {len}")));
+            }
+            let context_id = p.u32()?;
+            let count = p.u32()? as usize;
+            if count != (len - 8) / 16 {
+                return Err(invalid(format!(
+                    "NBD_REPLY_TYPE_BLOCK_STATUS_EXT counts {count} descriptors in {len} bytes"
+                )));
+            }
+            let mut extents = Vec::with_capacity(count);
+            while p.remaining() > 0 {
+                let length = p.u64()?;
+                let flags = p.u64()?;
+                if length == 0 {
+                    return Err(invalid("block status extent of length 0"));
+                }
+                extents.push((length, flags));
+            }
+            ChunkKind::BlockStatusExt { context_id, extents }
         }
         NBD_REPLY_TYPE_BLOCK_STATUS => {
             if len < 12 || (len - 4) & 7 != 0 {

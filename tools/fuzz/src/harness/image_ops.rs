@@ -432,6 +432,7 @@ impl World {
         let neg = Negotiated {
             export: export.clone(),
             structured: false,
+            extended: false,
             contexts: Vec::new(),
             flags: FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES,
         };
