@@ -239,6 +239,16 @@ fn option_state_from_before_starttls_is_forgotten_and_starttls_is_once_only() {
     c.disconnect().unwrap();
     assert!(closes_within(&mut c, Duration::from_secs(5)), "server did not close after NBD_CMD_DISC");
 
+    // Extended headers agreed in plain text are forgotten too: the client, which must
+    // negotiate them again and did not, is served compact headers.
+    let mut c = server.connect();
+    c.opt_extended_headers().unwrap();
+    let (mut c, _) = start_tls(c, tls13.clone());
+    let info = c.opt_go(EXPORT, &[]).unwrap();
+    assert!(!info.has_flag(NBD_FLAG_SEND_DF), "extended headers from before STARTTLS were kept");
+    assert_eq!(c.read(MIB, 8192).unwrap(), vec![0xc3; 8192], "a compact request after STARTTLS");
+    c.disconnect().unwrap();
+
     // Negotiated over TLS, the same options take effect (and TLS 1.2 works too).
     let (mut c, version) = start_tls(server.connect(), client_config(&rig.pki.ca, TLS12));
     assert_eq!(version, rustls::ProtocolVersion::TLSv1_2);
