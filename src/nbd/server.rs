@@ -52,6 +52,9 @@ pub struct ServerConfig {
     /// Called once when a shutdown begins, before the connections wind down (`serve` tells a
     /// service manager STOPPING=1).
     pub on_stopping: Option<fn()>,
+    /// Called from the accept loop at least this often while it runs (`serve` sends a service
+    /// manager's watchdog WATCHDOG=1): a call says the loop that admits clients is not stuck.
+    pub heartbeat: Option<(Duration, fn())>,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +69,7 @@ impl Default for ServerConfig {
             tls_mode: TlsMode::Off,
             contexts: Offer::default(),
             on_stopping: None,
+            heartbeat: None,
         }
     }
 }
@@ -320,13 +324,24 @@ impl Server {
             let sh = self.shared.clone();
             std::thread::spawn(move || reap_stalled_handshakes(&sh))
         };
+        // The poll wakes at least once a second, and as often as the heartbeat needs.
+        let wake =
+            self.shared.cfg.heartbeat.map_or(Duration::from_secs(1), |(every, _)| every.min(Duration::from_secs(1)));
+        let wake_ms = wake.as_millis().clamp(1, 1000) as libc::c_int;
+        let mut beat = Instant::now();
         'accept: loop {
+            if let Some((every, f)) = self.shared.cfg.heartbeat {
+                if beat.elapsed() >= every {
+                    f();
+                    beat = Instant::now();
+                }
+            }
             let mut pfds: Vec<libc::pollfd> = std::iter::once(self.pipe.0)
                 .chain(self.listeners.iter().map(Listener::fd))
                 .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
                 .collect();
             // SAFETY: pfds is a valid slice of pollfd for the duration of the call.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wake_ms) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {

@@ -1,13 +1,16 @@
 //! `cowdisk serve` as a daemon: the listening sockets it inherits through socket activation
 //! (LISTEN_PID, LISTEN_FDS), the pid file, `--fork` (the foreground process waits until the
 //! server it forked accepts connections, or failed before that, and then returns), `--log`
-//! (where stderr goes once it serves), and readiness told to a service manager (sd_notify:
-//! NOTIFY_SOCKET, for systemd's `Type=notify`).
+//! (where stderr goes once it serves; reopened at SIGHUP), and readiness and keep-alives told
+//! to a service manager (sd_notify: NOTIFY_SOCKET, for systemd's `Type=notify` and
+//! `WatchdogSec=`).
 
 use crate::Failure;
+use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 /// The first inherited descriptor: fixed by the socket-activation protocol.
 const FIRST_FD: RawFd = 3;
@@ -62,8 +65,9 @@ pub struct Daemon {
     pid_file: Option<PathBuf>,
     /// Forked: the pipe to the waiting foreground process.
     parent: Option<OwnedFd>,
-    /// `--log`: opened (appending) before anything else, so a bad path fails the start.
-    log: Option<std::fs::File>,
+    /// `--log`: opened (appending) before anything else, so a bad path fails the start; and
+    /// its path, absolute, which SIGHUP opens again.
+    log: Option<(std::fs::File, PathBuf)>,
 }
 
 fn os_error(what: &str) -> Failure {
@@ -87,13 +91,11 @@ impl Daemon {
             None => None,
         };
         let log = match log {
-            Some(p) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&p)
-                    .map_err(|e| Failure(format!("{}: --log: {e}", p.display()), 1))?,
-            ),
+            Some(p) => {
+                let fail = |e: std::io::Error| Failure(format!("{}: --log: {e}", p.display()), 1);
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(fail)?;
+                Some((f, std::path::absolute(&p).map_err(fail)?))
+            }
             None => None,
         };
         if !fork {
@@ -149,28 +151,94 @@ impl Daemon {
     /// the terminal or pipe it was started with (stdin, stdout and stderr become /dev/null, as
     /// with qemu-nbd --fork, so that a caller's `$(cowdisk serve --fork ...)` returns; stderr
     /// the `--log` file if there is one) and tells the foreground process to return. In the
-    /// foreground, `--log` takes stderr alone. Last, a service manager that asked
-    /// (NOTIFY_SOCKET) is told the server is ready.
+    /// foreground, `--log` takes stderr alone. With `--log`, SIGHUP from then on opens the
+    /// file again (see [`reopen_log`]). Last, a service manager that asked (NOTIFY_SOCKET) is
+    /// told the server is ready.
     pub fn ready(&mut self) -> Result<(), Failure> {
+        let log = self.log.as_ref().map(|(f, _)| f);
         if let Some(w) = self.parent.take() {
             let _ = std::io::stdout().flush();
-            detach_stdio(self.log.as_ref())?;
+            detach_stdio(log)?;
             // The foreground process may be gone (killed while it waited): nothing to tell.
             let _ = std::fs::File::from(w).write_all(&[READY]);
-        } else if let Some(log) = &self.log {
+        } else if let Some(log) = log {
             // SAFETY: dup2 onto stderr from a descriptor we hold open.
             if unsafe { libc::dup2(log.as_raw_fd(), 2) } < 0 {
                 return Err(os_error("--log: dup2"));
             }
+        }
+        if let Some((_, path)) = &self.log {
+            reopen_log_on_sighup(path)?;
         }
         notify(&format!("READY=1\nMAINPID={}\n", std::process::id()));
         Ok(())
     }
 }
 
+/// `--log`'s path, for the SIGHUP handler; set once, before the handler is installed.
+static LOG_PATH: OnceLock<CString> = OnceLock::new();
+
+/// Makes SIGHUP open the `--log` file at `path` again and put it under stderr, as logrotate's
+/// `postrotate` step expects of a daemon (rename the file, signal, the daemon writes to a new
+/// one). Without `--log`, SIGHUP keeps its default action.
+fn reopen_log_on_sighup(path: &std::path::Path) -> Result<(), Failure> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Failure("--log: a NUL in the path".into(), 1))?;
+    if LOG_PATH.set(c).is_err() {
+        return Ok(()); // already installed
+    }
+    // SAFETY: installing a handler that makes only async-signal-safe calls.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = reopen_log as extern "C" fn(libc::c_int) as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGHUP, &sa, std::ptr::null_mut()) != 0 {
+            return Err(os_error("--log: sigaction(SIGHUP)"));
+        }
+    }
+    Ok(())
+}
+
+/// The SIGHUP handler: open(2), dup2(2) and close(2), all async-signal-safe, with errno kept
+/// for the code it interrupted. If the file cannot be opened (its directory gone), stderr
+/// stays where it was: better the old file than nothing.
+extern "C" fn reopen_log(_: libc::c_int) {
+    let Some(path) = LOG_PATH.get() else { return };
+    // SAFETY: errno is this thread's; path is a valid NUL-terminated string that lives forever.
+    unsafe {
+        let errno = libc::__errno_location();
+        let saved = *errno;
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC, 0o644);
+        if fd >= 0 {
+            libc::dup2(fd, 2);
+            libc::close(fd);
+        }
+        *errno = saved;
+    }
+}
+
 /// Tells a service manager that asked (NOTIFY_SOCKET) that the server begins its shutdown.
 pub fn notify_stopping() {
     notify("STOPPING=1\n");
+}
+
+/// How often to tell a service manager's watchdog that the server is alive (sd_watchdog_enabled(3)):
+/// half of WATCHDOG_USEC, if it is set, and WATCHDOG_PID is unset or this process's id (it
+/// names the process the manager watches; a wrapper's child is not it).
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok().filter(|&u| u > 0)?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    Some(std::time::Duration::from_micros(usec / 2).max(std::time::Duration::from_millis(1)))
+}
+
+/// One watchdog keep-alive (WATCHDOG=1), sent from the server's accept loop.
+pub fn notify_watchdog() {
+    notify("WATCHDOG=1\n");
 }
 
 /// Sends `state` to the service manager's notification socket (sd_notify(3)): NOTIFY_SOCKET

@@ -124,10 +124,13 @@ removed from its environment. LISTEN_FDNAMES is ignored.
 --fork: the command returns once the sockets accept connections, after printing the startup \
 lines and a line with the server's process id; the server goes on in its own session with \
 stdin, stdout and stderr on /dev/null, so its messages after startup are not seen unless \
---log FILE takes them.
+--log FILE takes them. SIGHUP makes the server open the --log file again (logrotate's \
+postrotate step: rename the file, then signal); without --log, SIGHUP ends the server.
 
 Service managers: with NOTIFY_SOCKET set (systemd's Type=notify), the server sends READY=1 and \
-MAINPID once its sockets accept connections, and STOPPING=1 when a shutdown begins.";
+MAINPID once its sockets accept connections, and STOPPING=1 when a shutdown begins. With \
+WATCHDOG_USEC set too (systemd's WatchdogSec=), and WATCHDOG_PID unset or its own process id, \
+it sends WATCHDOG=1 every half of that interval while it accepts clients.";
 
 /// Why `--tls-psk` is refused, as one line.
 const PSK_UNSUPPORTED: &str = "--tls-psk: TLS-PSK is not supported (rustls, the TLS library cowdisk uses, has no \
@@ -275,6 +278,7 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
         tls: o.tls.map(|t| t.config),
         contexts: o.contexts,
         on_stopping: Some(crate::daemon::notify_stopping),
+        heartbeat: crate::daemon::watchdog_interval().map(|every| (every, crate::daemon::notify_watchdog as fn())),
         ..ServerConfig::default()
     };
     // nbds:// tells libnbd (and people) to insist on TLS; with --tls optional plain

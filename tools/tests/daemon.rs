@@ -543,3 +543,67 @@ fn log_takes_the_servers_stderr_once_serving_forked_or_not() {
     assert!(o.error_line().contains("no/such/dir/server.log: --log: No such file or directory"), "{}", o.describe());
     assert!(!ws.p("x.sock").exists(), "nothing served");
 }
+
+/// logrotate's way (rename the file, then `kill -HUP`): SIGHUP makes the server open `--log`
+/// again, so that what it says afterwards goes to the new file and nothing more to the renamed
+/// one, and it goes on serving. A NOTIFY_SOCKET nobody listens on makes it say something at
+/// READY=1 and again at STOPPING=1.
+#[test]
+fn sighup_opens_the_log_again_after_it_was_renamed() {
+    let (ws, _) = workspace("logrotate");
+    let (sock, log, rotated) = (ws.p("nbd.sock"), ws.p("server.log"), ws.p("server.log.1"));
+    let server = Server::start_with_env(
+        &[s(&ws.p("disk.cow")), "--socket", s(&sock), "--log", s(&log)],
+        &[("NOTIFY_SOCKET", s(&ws.p("nobody.sock")))],
+    );
+    let said = |p: &Path| std::fs::read_to_string(p).unwrap_or_default().matches("cannot notify").count();
+    assert!(wait_until(STARTUP_TIMEOUT, || said(&log) == 1), "READY=1's failure is not in the log");
+    std::fs::rename(&log, &rotated).expect("rotate the log");
+    let pid = server.pid();
+    // SAFETY: signalling the server this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+    let stderr = || std::fs::read_link(format!("/proc/{pid}/fd/2")).ok();
+    assert!(wait_until(STARTUP_TIMEOUT, || stderr().as_deref() == Some(log.as_path())), "stderr is {:?}", stderr());
+    let mut c = NbdClient::connect_unix(&sock).expect("still serving after SIGHUP");
+    c.opt_go("disk", &[]).expect("NBD_OPT_GO");
+    c.write(0, &[7u8; 4096]).expect("write");
+    drop(c);
+    assert!(server.stop().success(), "the server did not stop cleanly");
+    assert_eq!((said(&rotated), said(&log)), (1, 1), "STOPPING=1's failure goes to the new log alone");
+}
+
+/// systemd's watchdog (WatchdogSec=): with WATCHDOG_USEC set, the server sends WATCHDOG=1 at
+/// least every half of it while it serves; with WATCHDOG_PID naming another process, none.
+#[test]
+fn watchdog_keep_alives_come_every_half_interval_while_serving() {
+    let (ws, _) = workspace("watchdog");
+    for (pid_env, pings) in [(None, true), (Some("1"), false)] {
+        let listen_at = ws.p("notify.sock");
+        let _ = std::fs::remove_file(&listen_at);
+        let listener = std::os::unix::net::UnixDatagram::bind(&listen_at).expect("bind the notification socket");
+        let sock = ws.p("nbd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new(cowdisk_bin());
+        cmd.args(["serve", s(&ws.p("disk.cow")), "--socket", s(&sock)])
+            .env("NOTIFY_SOCKET", &listen_at)
+            .env("WATCHDOG_USEC", "400000");
+        if let Some(p) = pid_env {
+            cmd.env("WATCHDOG_PID", p);
+        }
+        let mut d = Daemon::spawn(cmd).expect("start the server");
+        assert!(notification(&listener, STARTUP_TIMEOUT).starts_with("READY=1\n"), "{}", d.log());
+        if pings {
+            // Every keep-alive within the interval (generous: 2 s each on a busy machine).
+            for _ in 0..5 {
+                assert_eq!(notification(&listener, Duration::from_secs(2)), "WATCHDOG=1\n", "{}", d.log());
+            }
+        } else {
+            listener.set_read_timeout(Some(Duration::from_millis(1500))).expect("timeout");
+            let mut buf = [0u8; 64];
+            let got = listener.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+            assert!(got.is_err(), "a keep-alive for another process's watchdog: {got:?}");
+        }
+        d.signal(libc::SIGTERM).expect("SIGTERM");
+        assert_eq!(d.wait_exit(STOP_TIMEOUT).and_then(|s| s.code()), Some(0), "{}", d.log());
+    }
+}
