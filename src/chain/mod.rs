@@ -502,6 +502,10 @@ impl DiskFlush for Chain {
     }
 }
 
+/// The most steps (runs of chunks planned alike) one [`DiskExtents::extents`] call takes: as
+/// many as a 4 GiB range of 64 KiB chunks, the most a request of 32-bit length could ask for.
+const MAX_EXTENT_STEPS: usize = 65_536;
+
 impl DiskExtents for Chain {
     fn extents(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Extent>> {
         self.check_range(offset, len, "block status")?;
@@ -510,6 +514,7 @@ impl DiskExtents for Chain {
         let mut out = Vec::new();
         let mut spans = Vec::new();
         let mut pos = offset;
+        let mut steps = 0usize;
         while pos < end {
             spans.clear();
             pos = self.plan_step(pos, end, &mut spans);
@@ -520,6 +525,14 @@ impl DiskExtents for Chain {
             // Stop once enough is described: a reply may cover a prefix of the range.
             if out.len() > max {
                 out.truncate(max);
+                break;
+            }
+            // Or once this call has looked far enough: written chunks all merge into one
+            // extent, so without this an NBD block status of 64-bit length (extended headers)
+            // over a densely written disk would look at every chunk of it in one request.
+            // A hole takes one step whatever its length.
+            steps += 1;
+            if steps >= MAX_EXTENT_STEPS {
                 break;
             }
         }

@@ -100,6 +100,27 @@ s = flags + opt(8) + opt(10, meta) + name_req(7, b"disk")
 s += req(8, 7, 1, 0, 1 << 20) + req(0, 7, 2, 4095, 1) + req(0, 0, 3, 60000, 200000) + req(0, 2, 4, 0, 0)
 save("nbd_server", "structured-block-status", s + b"\0")  # odd length: two threads
 
+
+def xreq(flags, typ, cookie, offset, length, payload=b""):
+    """An extended request (NBD_OPT_EXTENDED_HEADERS): 32 bytes, a 64-bit length."""
+    return struct.pack(">IHHQQQ", 0x21E41C71, flags, typ, cookie, offset, length) + payload
+
+
+# Extended headers, base:allocation, then: block status and a trim with 64-bit lengths (the
+# whole disk, and far past it), a write without and one with PAYLOAD_LEN, a read across them,
+# a trim carrying a payload (read and refused), a zero-length read, a zeroing past the end, a
+# block status with REQ_ONE. Even length: one thread, every reply checked.
+s = flags + opt(11) + opt(10, meta) + name_req(7, b"disk")
+s += xreq(0, 7, 1, 0, 1 << 40) + xreq(0, 7, 2, 0, 4 << 20) + xreq(0, 4, 3, 0, 1 << 40) + xreq(0, 4, 4, 1 << 20, 1 << 20)
+s += xreq(0, 1, 5, 4096, 8, b"abcdefgh") + xreq(32, 1, 6, 8192, 4, b"wxyz") + xreq(0, 0, 7, 0, 3 << 16)
+s += xreq(32, 4, 8, 0, 6, b"junk!!") + xreq(0, 0, 9, 512, 0) + xreq(0, 6, 10, 1 << 41, 1 << 12)
+s += xreq(8, 7, 11, 4096, 1 << 33) + xreq(0, 2, 12, 0, 0)
+s += b"\0" * (len(s) % 2)  # the server reads nothing after NBD_CMD_DISC
+save("nbd_server", "extended-headers", s)
+# The same, then a compact request where extended ones were agreed: the server stops reading.
+t = s[: s.index(xreq(0, 2, 12, 0, 0))] + req(0, 0, 13, 0, 512)
+save("nbd_server", "extended-then-compact", t + b"\0" * (len(t) % 2))
+
 # image_ops: a few operation sequences (setup bytes, then ops).
 for i, setup in enumerate([b"\x13\x06\x03", b"\x25\x00\x00", b"\x04\x04\x07"]):
     body = bytes((j * 73 + i * 11) & 0xFF for j in range(300))

@@ -143,7 +143,7 @@ pub fn session(data: &[u8]) -> Option<(usize, usize)> {
     assert!(d.written > 0, "handshake reached transmission without replying");
     let rest = data[d.input.position() as usize..].to_vec();
     let threads = 1 + data.len() % 2;
-    let structured = neg.structured;
+    let (structured, extended) = (neg.structured, neg.extended);
     let read_only = neg.export.disk.is_read_only();
     let size = neg.export.disk.size();
     let sink = Sink::default();
@@ -160,9 +160,9 @@ pub fn session(data: &[u8]) -> Option<(usize, usize)> {
     budget.wait_idle();
     let (out, overflow) = std::mem::take(&mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()));
     if threads == 1 && !overflow {
-        check_replies(&rest, &out, structured, read_only, size);
+        check_replies(&rest, &out, Mode { structured, extended }, read_only, size);
     }
-    Some((requests(&rest).0.len(), out.len()))
+    Some((requests(&rest, extended).0.len(), out.len()))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -171,12 +171,27 @@ struct Req {
     typ: u16,
     cookie: u64,
     offset: u64,
-    length: u32,
+    /// The header's length: 32 bits widened, or 64 with extended headers.
+    length: u64,
+}
+
+/// What the handshake agreed: chunked replies (structured or extended), and extended headers
+/// (32-byte requests and replies, 64-bit lengths).
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    structured: bool,
+    extended: bool,
 }
 
 const REQUEST_MAGIC: u32 = 0x2560_9513;
+const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 const SIMPLE_MAGIC: u32 = 0x6744_6698;
 const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
+const EXTENDED_MAGIC: u32 = 0x6e8a_278c;
+/// The largest payload the server advertises; an extended request announcing a longer one ends
+/// the connection.
+const MAX_PAYLOAD: u64 = 32 << 20;
+const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
@@ -186,6 +201,7 @@ const TYPE_NONE: u16 = 0;
 const TYPE_OFFSET_DATA: u16 = 1;
 const TYPE_OFFSET_HOLE: u16 = 2;
 const TYPE_BLOCK_STATUS: u16 = 5;
+const TYPE_BLOCK_STATUS_EXT: u16 = 6;
 
 fn be(b: &[u8]) -> u64 {
     b.iter().fold(0, |a, &x| (a << 8) | u64::from(x))
@@ -194,10 +210,11 @@ fn be(b: &[u8]) -> u64 {
 /// The requests the server must answer, parsed independently from the client's stream
 /// (written from the NBD protocol, not from the server's code), and a last write whose header
 /// arrived but whose payload was cut off (see [`SPLICE_MIN`]).
-fn requests(mut s: &[u8]) -> (Vec<Req>, Option<Req>) {
+fn requests(mut s: &[u8], extended: bool) -> (Vec<Req>, Option<Req>) {
+    let (size, magic) = if extended { (32, EXTENDED_REQUEST_MAGIC) } else { (28, REQUEST_MAGIC) };
     let mut out = Vec::new();
-    while s.len() >= 28 {
-        if be(&s[0..4]) as u32 != REQUEST_MAGIC {
+    while s.len() >= size {
+        if be(&s[0..4]) as u32 != magic {
             break;
         }
         let r = Req {
@@ -205,18 +222,24 @@ fn requests(mut s: &[u8]) -> (Vec<Req>, Option<Req>) {
             typ: be(&s[6..8]) as u16,
             cookie: be(&s[8..16]),
             offset: be(&s[16..24]),
-            length: be(&s[24..28]) as u32,
+            length: be(&s[24..size]),
         };
-        s = &s[28..];
+        s = &s[size..];
         if r.typ == CMD_DISC {
             break;
         }
-        if r.typ == CMD_WRITE {
-            // The payload follows the header (also when it is refused as too large).
-            if s.len() < r.length as usize {
-                return (out, Some(r));
+        // A write's payload follows its header (also when it is refused as too large); with
+        // extended headers, so does one any request flags with PAYLOAD_LEN, up to the maximum.
+        let payload =
+            if r.typ == CMD_WRITE || (extended && r.flags & CMD_FLAG_PAYLOAD_LEN != 0) { r.length } else { 0 };
+        if extended && payload > MAX_PAYLOAD {
+            break;
+        }
+        if payload > 0 {
+            if (s.len() as u64) < payload {
+                return (out, Some(r).filter(|r| r.typ == CMD_WRITE));
             }
-            s = &s[r.length as usize..];
+            s = &s[payload as usize..];
         }
         out.push(r);
     }
@@ -229,8 +252,12 @@ fn requests(mut s: &[u8]) -> (Vec<Req>, Option<Req>) {
 const SPLICE_MIN: u32 = 128 * 1024;
 
 /// Checks that `out` answers `reqs` in order, each once, with well-formed replies.
-fn check_replies(input: &[u8], out: &[u8], structured: bool, read_only: bool, size: u64) {
-    let (reqs, cut) = requests(input);
+fn check_replies(input: &[u8], out: &[u8], mode: Mode, read_only: bool, size: u64) {
+    let Mode { structured, extended } = mode;
+    let (reqs, cut) = requests(input, extended);
+    // A chunk header: its size, magic, and where its length field lies.
+    let (chunk_size, chunk_magic, len_at) =
+        if extended { (32, EXTENDED_MAGIC, 24..32) } else { (20, STRUCTURED_MAGIC, 16..20) };
     let mut pos = 0usize;
     let take = |pos: &mut usize, n: usize, what: &str| -> &[u8] {
         assert!(
@@ -243,10 +270,12 @@ fn check_replies(input: &[u8], out: &[u8], structured: bool, read_only: bool, si
         s
     };
     for (i, r) in reqs.iter().enumerate() {
-        let in_range = r.offset.checked_add(u64::from(r.length)).is_some_and(|e| e <= size);
-        // With structured replies, commands other than READ may still get a simple reply.
-        let simple =
-            !structured || (r.typ != CMD_READ && out.len() >= pos + 4 && be(&out[pos..pos + 4]) as u32 == SIMPLE_MAGIC);
+        let in_range = r.offset.checked_add(r.length).is_some_and(|e| e <= size);
+        // With structured replies, commands other than READ may still get a simple reply;
+        // with extended headers, none may.
+        let simple = !extended
+            && (!structured
+                || (r.typ != CMD_READ && out.len() >= pos + 4 && be(&out[pos..pos + 4]) as u32 == SIMPLE_MAGIC));
         if simple {
             let h = take(&mut pos, 16, "a simple reply");
             assert_eq!(be(&h[0..4]) as u32, SIMPLE_MAGIC, "request {i} {r:?}: bad reply magic");
@@ -266,12 +295,15 @@ fn check_replies(input: &[u8], out: &[u8], structured: bool, read_only: bool, si
         let mut covered = 0u64;
         let mut errored = false;
         loop {
-            let h = take(&mut pos, 20, "a structured chunk header");
-            assert_eq!(be(&h[0..4]) as u32, STRUCTURED_MAGIC, "request {i} {r:?}: bad chunk magic");
+            let h = take(&mut pos, chunk_size, "a chunk header");
+            assert_eq!(be(&h[0..4]) as u32, chunk_magic, "request {i} {r:?}: bad chunk magic");
             let flags = be(&h[4..6]) as u16;
             let typ = be(&h[6..8]) as u16;
             assert_eq!(be(&h[8..16]), r.cookie, "request {i} {r:?}: chunk for another cookie");
-            let len = be(&h[16..20]) as usize;
+            if extended {
+                assert_eq!(be(&h[16..24]), r.offset, "request {i} {r:?}: chunk with another offset");
+            }
+            let len = be(&h[len_at.clone()]) as usize;
             let p = take(&mut pos, len, "a chunk payload");
             match typ {
                 TYPE_NONE => assert_eq!(len, 0, "request {i}: NONE chunk with payload"),
@@ -281,13 +313,30 @@ fn check_replies(input: &[u8], out: &[u8], structured: bool, read_only: bool, si
                     let off = be(&p[0..8]);
                     let n = if typ == TYPE_OFFSET_DATA { (len - 8) as u64 } else { be(&p[8..12]) };
                     assert!(
-                        off >= r.offset && off + n <= r.offset + u64::from(r.length),
+                        off >= r.offset && off + n <= r.offset + r.length,
                         "request {i} {r:?}: chunk {off}+{n} outside the read"
                     );
                     assert!(n > 0, "request {i} {r:?}: empty data/hole chunk");
                     covered += n;
                 }
+                TYPE_BLOCK_STATUS_EXT => {
+                    assert!(extended, "request {i} {r:?}: BLOCK_STATUS_EXT without extended headers");
+                    assert_eq!(r.typ, CMD_BLOCK_STATUS, "request {i}: block status for {r:?}");
+                    assert!(len >= 24 && (len - 8) % 16 == 0, "request {i}: bad block status length {len}");
+                    assert_eq!(be(&p[4..8]) as usize, (len - 8) / 16, "request {i}: descriptor count");
+                    let total: u64 = p[8..].chunks(16).map(|d| be(&d[0..8])).sum();
+                    assert!(p[8..].chunks(16).all(|d| be(&d[8..12]) == 0), "request {i}: base: status over 32 bits");
+                    assert!(total > 0, "request {i} {r:?}: block status describes nothing");
+                    assert!(
+                        r.offset + total <= size,
+                        "request {i} {r:?}: block status past the end of the export ({total} bytes)"
+                    );
+                    if r.flags & (1 << 3) != 0 {
+                        assert_eq!(len, 24, "request {i} {r:?}: REQ_ONE answered with several extents");
+                    }
+                }
                 TYPE_BLOCK_STATUS => {
+                    assert!(!extended, "request {i} {r:?}: BLOCK_STATUS with extended headers");
                     assert_eq!(r.typ, CMD_BLOCK_STATUS, "request {i}: block status for {r:?}");
                     assert!(len >= 12 && (len - 4) % 8 == 0, "request {i}: bad block status length {len}");
                     let total: u64 = p[4..].chunks(8).map(|d| be(&d[0..4])).sum();
@@ -315,19 +364,20 @@ fn check_replies(input: &[u8], out: &[u8], structured: bool, read_only: bool, si
         }
         if r.typ == CMD_READ && !errored {
             assert!(in_range, "request {i} {r:?}: read outside the export succeeded");
-            assert_eq!(covered, u64::from(r.length), "request {i} {r:?}: read reply covers {covered} bytes");
+            assert_eq!(covered, r.length, "request {i} {r:?}: read reply covers {covered} bytes");
         }
     }
-    if let Some(r) = cut.filter(|r| r.length >= SPLICE_MIN && pos < out.len()) {
+    if let Some(r) = cut.filter(|r| r.length >= u64::from(SPLICE_MIN) && pos < out.len()) {
         // At most one reply, and an error, for the write whose payload never arrived in full.
         let magic = be(&out[pos..(pos + 4).min(out.len())]) as u32;
-        assert!(magic == SIMPLE_MAGIC || magic == STRUCTURED_MAGIC, "bad reply magic {magic:#x}");
+        assert!(magic == SIMPLE_MAGIC || magic == chunk_magic, "bad reply magic {magic:#x}");
         let (error, cookie) = if magic == SIMPLE_MAGIC {
+            assert!(!extended, "a simple reply with extended headers");
             let h = take(&mut pos, 16, "a reply to the cut write");
             (be(&h[4..8]) as u32, be(&h[8..16]))
         } else {
-            let h = take(&mut pos, 20, "a reply to the cut write");
-            let (flags, typ, len) = (be(&h[4..6]) as u16, be(&h[6..8]) as u16, be(&h[16..20]) as usize);
+            let h = take(&mut pos, chunk_size, "a reply to the cut write");
+            let (flags, typ, len) = (be(&h[4..6]) as u16, be(&h[6..8]) as u16, be(&h[len_at.clone()]) as usize);
             assert!(typ & 0x8000 != 0 && flags & FLAG_DONE != 0, "cut write {r:?} answered with chunk type {typ}");
             let p = take(&mut pos, len, "the error of the cut write");
             assert!(len >= 6, "short error chunk");
