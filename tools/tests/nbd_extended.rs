@@ -170,3 +170,25 @@ fn extended_payloads_on_commands_that_take_none() {
         .expect("send the header");
     assert_closed_within(&mut c, Duration::from_secs(5), "a payload over the maximum");
 }
+
+/// Shutdown with extended headers: writes sent one after another across a SIGTERM are each
+/// answered, the first one read after it with NBD_ESHUTDOWN in an extended error chunk (the
+/// client checks the framing), its payload read and dropped; the server then exits cleanly.
+#[test]
+fn writes_across_sigterm_are_refused_in_extended_replies() {
+    let mut fx = fixture();
+    let mut c = extended_client(&fx, "disk");
+    c.write(0, &[1u8; 4096]).expect("a write before the signal");
+    fx.server.daemon().signal(libc::SIGTERM).expect("SIGTERM");
+    let mut refused = None;
+    for i in 0..10_000u64 {
+        let r = c.command(0, NBD_CMD_WRITE, (i % 64) * 4096, 4096, &[2u8; 4096]).expect("a reply, not a hang-up");
+        if r.error != 0 {
+            refused = Some(r.error);
+            break;
+        }
+    }
+    assert_eq!(refused, Some(NBD_ESHUTDOWN), "no write was refused with ESHUTDOWN");
+    let status = fx.server.daemon().wait_exit(STOP_TIMEOUT);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", fx.server.log());
+}
