@@ -295,8 +295,8 @@ pub fn request_size(extended: bool) -> usize {
 /// Parses a request header of [`request_size`] bytes; `None` for a bad magic (the connection
 /// cannot continue). A compact magic where extended headers were agreed is a bad magic too.
 pub fn parse_request(b: &[u8], extended: bool) -> Option<Request> {
-    let (magic, size) = if extended { (EXTENDED_REQUEST_MAGIC, 32) } else { (REQUEST_MAGIC, 28) };
-    let b = b.get(..size)?;
+    let magic = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    let b = b.get(..request_size(extended))?;
     if BE::read_u32(&b[0..]) != magic {
         return None;
     }

@@ -325,9 +325,8 @@ impl Server {
             std::thread::spawn(move || reap_stalled_handshakes(&sh))
         };
         // The poll wakes at least once a second, and as often as the heartbeat needs.
-        let wake =
-            self.shared.cfg.heartbeat.map_or(Duration::from_secs(1), |(every, _)| every.min(Duration::from_secs(1)));
-        let wake_ms = wake.as_millis().clamp(1, 1000) as libc::c_int;
+        let wake_ms =
+            self.shared.cfg.heartbeat.map_or(1000, |(every, _)| every.as_millis().clamp(1, 1000)) as libc::c_int;
         let mut beat = Instant::now();
         'accept: loop {
             if let Some((every, f)) = self.shared.cfg.heartbeat {

@@ -201,6 +201,16 @@ fn check_fs(raw: &Path, files: &HashMap<String, String>, absent: &[&str]) {
     }
 }
 
+/// An overlay `dir`/disk.cow on `dir`/base.raw, served on TCP (which the guest reaches through
+/// qemu's user network) with its control channel `dir`/ctl.sock: the server and its port.
+fn serve_overlay(dir: &Path) -> (Server, u16) {
+    ok_in(dir, &["create", "disk.cow", "--backing", "base.raw", "--backing-format", "raw"]);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = Server::start(&[s(&dir.join("disk.cow")), "--listen", &listen, "--control", s(&dir.join("ctl.sock"))]);
+    (server, port)
+}
+
 fn data_bytes(dir: &Path, image: &str) -> u64 {
     let v: serde_json::Value =
         serde_json::from_str(&ok_in(dir, &["info", image, "--json"])).expect("info --json is JSON");
@@ -224,10 +234,7 @@ fn ext4_through_the_kernel_nbd_client() {
     std::fs::write(src.join("hello.txt"), "hello from the base\n").expect("write hello.txt");
     mkfs_from(&src, &dir.join("base.raw"), "64M");
     let base_sum = md5(&dir.join("base.raw"));
-    ok_in(dir, &["create", "disk.cow", "--backing", "base.raw", "--backing-format", "raw"]);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let server = Server::start(&[s(&dir.join("disk.cow")), "--listen", &listen, "--control", s(&dir.join("ctl.sock"))]);
+    let (mut server, port) = serve_overlay(dir);
 
     let scenario = format!(
         r#"
@@ -263,7 +270,6 @@ nbd-client -d /dev/nbd0
     assert_eq!(queue[0][1], "1", "the kernel sends no FUA: {:?}", queue[0]);
     assert_ne!(queue[0][2], "0", "the kernel sends no discards: {:?}", queue[0]);
 
-    let mut server = server;
     assert!(server.is_running(), "the server stopped under the kernel client:\n{}", server.log());
     let status = server.stop();
     assert!(status.success(), "the server did not stop cleanly: {status}");
@@ -294,11 +300,8 @@ fn live_snapshot_under_the_kernel_nbd_client() {
     let src = tmp.subdir("src");
     std::fs::write(src.join("hello.txt"), "hello from the base\n").expect("write hello.txt");
     mkfs_from(&src, &dir.join("base.raw"), "64M");
-    ok_in(dir, &["create", "disk.cow", "--backing", "base.raw", "--backing-format", "raw"]);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let (mut server, port) = serve_overlay(dir);
     let ctl = dir.join("ctl.sock");
-    let mut server = Server::start(&[s(&dir.join("disk.cow")), "--listen", &listen, "--control", s(&ctl)]);
     // The guest waits for a connection to this port before it thaws: the snapshot is taken by then.
     let gate = TcpListener::bind("127.0.0.1:0").expect("bind the gate");
     let gate_port = gate.local_addr().expect("gate address").port();
