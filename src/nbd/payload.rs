@@ -5,6 +5,7 @@
 //! slow to send them keeps no lock held meanwhile.
 
 use super::sock::Sock;
+use super::winding::Winding;
 use crate::device::Payload;
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::storage::{Pipe, Storage};
@@ -51,6 +52,8 @@ pub struct SocketPayload<'a> {
     /// Bytes were lost between the socket and storage (a pipe that could not be emptied):
     /// the request stream is out of step and the connection must end.
     lost: bool,
+    /// The connection's counts: reading from the socket is a wait on the client (stall.rs).
+    winding: &'a Winding,
 }
 
 fn client_error(e: io::Error) -> Error {
@@ -58,8 +61,18 @@ fn client_error(e: io::Error) -> Error {
 }
 
 impl<'a> SocketPayload<'a> {
-    pub fn new(r: &'a mut BufReader<Box<dyn Incoming>>, pipe: Option<&'a Pipe>, len: usize) -> SocketPayload<'a> {
-        SocketPayload { r, pipe, left: len, staged: 0, lost: false }
+    pub fn new(
+        r: &'a mut BufReader<Box<dyn Incoming>>,
+        pipe: Option<&'a Pipe>,
+        len: usize,
+        winding: &'a Winding,
+    ) -> SocketPayload<'a> {
+        SocketPayload { r, pipe, left: len, staged: 0, lost: false, winding }
+    }
+
+    /// Moves between `min` and `max` bytes from the socket into the pipe: a wait on the client.
+    fn fill(&self, pipe: &Pipe, fd: RawFd, min: usize, max: usize) -> Result<usize> {
+        self.winding.on_client(|| pipe.fill_up(fd, min, max)).map_err(client_error)
     }
 
     /// Reads and drops whatever of the payload the device did not take (after an error), so
@@ -127,7 +140,7 @@ impl Payload for SocketPayload<'_> {
         if have < max {
             if let Some((pipe, fd)) = self.socket() {
                 // Never past the payload: `max - have` <= the payload bytes still in the socket.
-                let n = pipe.fill_up(fd, min.saturating_sub(have), max - have).map_err(client_error)?;
+                let n = self.fill(pipe, fd, min.saturating_sub(have), max - have)?;
                 self.left -= n;
                 self.staged += n;
                 have += n;
@@ -153,7 +166,8 @@ impl Payload for SocketPayload<'_> {
         }
         let rest = &mut buf[b + p..];
         self.left -= rest.len();
-        self.r.read_exact(rest).map_err(client_error)
+        let r = &mut *self.r;
+        self.winding.on_client(|| r.read_exact(rest)).map_err(client_error)
     }
 
     fn take_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> Result<()> {
@@ -182,7 +196,7 @@ impl Payload for SocketPayload<'_> {
             return storage.write_at(&tmp, offset + done as u64);
         };
         while done < len {
-            let n = pipe.fill_up(fd, 1, len - done).map_err(client_error)?;
+            let n = self.fill(pipe, fd, 1, len - done)?;
             if n == 0 {
                 return Err(client_error(io::ErrorKind::UnexpectedEof.into()));
             }
@@ -236,7 +250,8 @@ mod tests {
         let file = FileStorage::create(&path).expect("create");
         let (mut r, sender) = stream();
         let pipe = Pipe::new().expect("pipe");
-        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN);
+        let w = Winding::default();
+        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN, &w);
         p.take_to(&file, 4096, LEN).expect("payload into the file");
         p.finish().expect("nothing left to drain");
         let mut next = [0u8; 4];
@@ -258,7 +273,8 @@ mod tests {
         faulty.arm(1, FaultKind::Eio, false);
         let (mut r, sender) = stream();
         let pipe = Pipe::new().expect("pipe");
-        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN);
+        let w = Winding::default();
+        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN, &w);
         let e = p.take_to(&faulty, 0, LEN).expect_err("the second write fails");
         assert_eq!(e.kind(), ErrorKind::Io);
         assert_eq!(faulty.failures(), 1);
@@ -279,7 +295,8 @@ mod tests {
         let (mut r, sender) = stream();
         let buffered = r.buffer().len();
         let pipe = Pipe::new().expect("pipe");
-        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN);
+        let w = Winding::default();
+        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN, &w);
         let ready = p.ready(LEN, LEN).expect("ready");
         assert!(ready > buffered && ready <= LEN, "ready {ready}, buffered {buffered}");
         assert_eq!(p.ready(10, 10).expect("ready again"), 10, "asking for less never takes more");
@@ -310,7 +327,8 @@ mod tests {
         faulty.arm(1, FaultKind::NoSpace, false);
         let (mut r, sender) = stream();
         let pipe = Pipe::new().expect("pipe");
-        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN);
+        let w = Winding::default();
+        let mut p = SocketPayload::new(&mut r, Some(&pipe), LEN, &w);
         assert!(p.ready(LEN, LEN).expect("ready") > 0);
         let e = p.take_to(&faulty, 0, LEN).expect_err("the staged write fails");
         assert_eq!(e.kind(), ErrorKind::NoSpace);
@@ -329,7 +347,8 @@ mod tests {
         let path = tmp("nopipe");
         let file = FileStorage::create(&path).expect("create");
         let (mut r, sender) = stream();
-        let mut p = SocketPayload::new(&mut r, None, LEN);
+        let w = Winding::default();
+        let mut p = SocketPayload::new(&mut r, None, LEN, &w);
         let mut head = vec![0u8; 1000];
         p.take(&mut head).expect("head into memory");
         p.take_to(&file, 0, LEN - 1000).expect("rest into the file");
@@ -345,7 +364,8 @@ mod tests {
     #[test]
     fn asking_for_more_than_the_payload_holds_is_refused_before_reading() {
         let (mut r, sender) = stream();
-        let mut p = SocketPayload::new(&mut r, None, 10);
+        let w = Winding::default();
+        let mut p = SocketPayload::new(&mut r, None, 10, &w);
         let mut buf = [0u8; 11];
         assert_eq!(p.take(&mut buf).expect_err("11 of 10").kind(), ErrorKind::InvalidArgument);
         p.finish().expect("drain the 10");

@@ -7,6 +7,7 @@ use super::exports::{Export, Exports, RemoveError};
 use super::handshake::{Negotiated, Outcome, Session, TlsMode};
 use super::meta::Offer;
 use super::sock::Sock;
+use super::stall::Stalls;
 use super::tls::{Stream, TlsConfig};
 use super::transmission;
 use super::winding::{Why, Winding};
@@ -52,9 +53,20 @@ pub struct ServerConfig {
     /// Called once when a shutdown begins, before the connections wind down (`serve` tells a
     /// service manager STOPPING=1).
     pub on_stopping: Option<fn()>,
-    /// Called from the accept loop at least this often while it runs (`serve` sends a service
-    /// manager's watchdog WATCHDOG=1): a call says the loop that admits clients is not stuck.
-    pub heartbeat: Option<(Duration, fn())>,
+    /// A service manager's watchdog, fed from the accept loop (`serve` sends WATCHDOG=1).
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// Keep-alives for a watchdog: `beat` is called from the accept loop at least every `every`
+/// while no connection's requests are stuck (stall.rs: no step for `every` while a request
+/// runs outside a wait on its client). So a call says that the loop admitting clients runs and
+/// that the requests being served move. `notice` is told when keep-alives stop for a stuck
+/// connection and when they go on again.
+#[derive(Clone, Copy)]
+pub struct Heartbeat {
+    pub every: Duration,
+    pub beat: fn(),
+    pub notice: fn(&str),
 }
 
 impl Default for ServerConfig {
@@ -325,15 +337,11 @@ impl Server {
             std::thread::spawn(move || reap_stalled_handshakes(&sh))
         };
         // The poll wakes at least once a second, and as often as the heartbeat needs.
-        let wake_ms =
-            self.shared.cfg.heartbeat.map_or(1000, |(every, _)| every.as_millis().clamp(1, 1000)) as libc::c_int;
-        let mut beat = Instant::now();
+        let wake_ms = self.shared.cfg.heartbeat.map_or(1000, |h| h.every.as_millis().clamp(1, 1000)) as libc::c_int;
+        let mut watch = self.shared.cfg.heartbeat.map(Watch::new);
         'accept: loop {
-            if let Some((every, f)) = self.shared.cfg.heartbeat {
-                if beat.elapsed() >= every {
-                    f();
-                    beat = Instant::now();
-                }
+            if let Some(w) = watch.as_mut() {
+                w.tick(&self.shared);
             }
             let mut pfds: Vec<libc::pollfd> = std::iter::once(self.pipe.0)
                 .chain(self.listeners.iter().map(Listener::fd))
@@ -399,6 +407,53 @@ impl Drop for Server {
         unsafe {
             libc::close(self.pipe.0);
             libc::close(self.pipe.1);
+        }
+    }
+}
+
+/// The accept loop's side of the watchdog: keep-alives while no connection is stuck.
+struct Watch {
+    hb: Heartbeat,
+    stalls: Stalls,
+    last_beat: Instant,
+    /// Keep-alives are being withheld.
+    withheld: bool,
+}
+
+impl Watch {
+    fn new(hb: Heartbeat) -> Watch {
+        Watch { hb, stalls: Stalls::new(hb.every), last_beat: Instant::now(), withheld: false }
+    }
+
+    /// Samples every connection; beats if none is stuck and a beat is due.
+    fn tick(&mut self, sh: &Shared) {
+        let now = Instant::now();
+        let stuck = match sh.conns.lock() {
+            Ok(c) => self.stalls.update(c.iter().map(|(&id, r)| (id, r.winding.sample())), now),
+            // A poisoned registry: a connection thread panicked holding it; say nothing is
+            // stuck rather than stop the keep-alives of a server that still admits clients.
+            Err(_) => None,
+        };
+        match stuck {
+            Some(d) if !self.withheld => {
+                self.withheld = true;
+                (self.hb.notice)(&format!(
+                    "a request has made no progress for {:.1} s (a disk that does not answer?): \
+                     watchdog keep-alives withheld until it does",
+                    d.as_secs_f64()
+                ));
+            }
+            Some(_) => {}
+            None => {
+                if self.withheld {
+                    self.withheld = false;
+                    (self.hb.notice)("requests make progress again: watchdog keep-alives resumed");
+                }
+                if now.duration_since(self.last_beat) >= self.hb.every {
+                    (self.hb.beat)();
+                    self.last_beat = now;
+                }
+            }
         }
     }
 }

@@ -175,14 +175,14 @@ impl<'a> Pool<'a> {
         // wind-down notice, which must not cut a connection that owes replies).
         let busy_count = &self.conn.winding.busy;
         while let Some((req, payload, cost)) = next_request(self.conn, self.input, self.global, busy_count) {
-            let busy = busy_count.fetch_add(1, Ordering::AcqRel) + 1;
+            let busy = self.conn.winding.begin();
             let grow = |n: usize| (busy >= n && n < self.max).then_some(n + 1);
             if self.started.fetch_update(Ordering::AcqRel, Ordering::Acquire, grow).is_ok() {
                 s.spawn(move || self.work(s));
             }
             let n = req.payload_len(self.conn.neg.extended) as usize;
             self.conn.handle(&req, &mut &payload[..payload.len().min(n)]);
-            busy_count.fetch_sub(1, Ordering::AcqRel);
+            self.conn.winding.end();
             self.conn.bufs.give(payload);
             self.conn.budget.release(cost);
             self.global.release(cost);
@@ -315,10 +315,10 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
         // taken for it, so nothing is charged.
         if req.typ == CMD_WRITE && payload_len >= u64::from(SPLICE_MIN) {
             let pipe = pipe.get_or_insert_with(Pipe::new).as_ref().ok();
-            let mut payload = SocketPayload::new(r, pipe, payload_len as usize);
-            conn.winding.busy.fetch_add(1, Ordering::AcqRel);
+            let mut payload = SocketPayload::new(r, pipe, payload_len as usize, &conn.winding);
+            conn.winding.begin();
             conn.handle(&req, &mut payload);
-            conn.winding.busy.fetch_sub(1, Ordering::AcqRel);
+            conn.winding.end();
             if payload.finish().is_err() {
                 *done = true;
                 return None;
@@ -418,8 +418,12 @@ impl Conn {
         if self.quiet.load(Ordering::Acquire) && readable(self.in_fd) {
             self.overlap.store(true, Ordering::Release);
         }
-        let mut w = lock(&self.out);
-        let sent = w.write_all(bytes).and_then(|_| w.flush());
+        // Waiting for the writer and writing are waits on the client (one that does not read
+        // its replies fills the socket): never a stall (stall.rs).
+        let sent = self.winding.on_client(|| {
+            let mut w = lock(&self.out);
+            w.write_all(bytes).and_then(|_| w.flush())
+        });
         self.winding.replied();
         if sent.is_err() {
             self.broken.store(true, Ordering::Release);

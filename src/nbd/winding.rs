@@ -1,5 +1,6 @@
 //! A connection's notice that it is being wound down (the server stops, or its export is
-//! removed by force), and how long its client has been quiet since.
+//! removed by force), how long its client has been quiet since, and the counts of requests
+//! running and steps made that the watchdog's stall check reads ([`super::stall`]).
 //!
 //! The NBD spec asks a server that shuts down to answer requests in flight, then requests it
 //! receives afterwards with `NBD_ESHUTDOWN` (options with `NBD_REP_ERR_SHUTDOWN`), so that the
@@ -43,6 +44,12 @@ pub struct Winding {
     /// how many threads serve the connection), kept here so that a wind-down never closes the
     /// read side of a connection that still owes a reply.
     pub(crate) busy: AtomicUsize,
+    /// Threads of `busy` waiting on the client in the middle of a request (a write's payload
+    /// still arriving, a reply being sent): such a wait is the client's doing, never a stall.
+    on_client: AtomicUsize,
+    /// Steps forward: requests answered and waits on the client that ended. A count that
+    /// stands still while a request runs outside such a wait is what a stuck disk looks like.
+    steps: AtomicU64,
     /// The read side has been closed: set once, by whoever closes it.
     cut: AtomicBool,
     epoch: Instant,
@@ -55,6 +62,8 @@ impl Default for Winding {
             began: AtomicU64::new(0),
             last: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            on_client: AtomicUsize::new(0),
+            steps: AtomicU64::new(0),
             cut: AtomicBool::new(false),
             epoch: Instant::now(),
         }
@@ -108,6 +117,42 @@ impl Winding {
         if self.started() {
             self.touch();
         }
+    }
+
+    /// A request taken to be run: counted busy; returns how many are now.
+    pub(crate) fn begin(&self) -> usize {
+        self.busy.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// A request answered (or given up): no longer busy, and a step forward.
+    pub(crate) fn end(&self) {
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+        self.steps.fetch_add(1, Ordering::Release);
+    }
+
+    /// Runs `f`, a wait on the client in the middle of a request (reading its payload,
+    /// sending its reply), as one: not a stall however long it takes, and a step when done.
+    pub(crate) fn on_client<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Wait<'a>(&'a Winding);
+        impl Drop for Wait<'_> {
+            fn drop(&mut self) {
+                self.0.on_client.fetch_sub(1, Ordering::AcqRel);
+                self.0.steps.fetch_add(1, Ordering::Release);
+            }
+        }
+        self.on_client.fetch_add(1, Ordering::AcqRel);
+        let _wait = Wait(self);
+        f()
+    }
+
+    /// What the stall check needs: the steps made so far, and whether some request is running
+    /// outside a wait on the client. Steps are read first: a step between the two reads is
+    /// seen at the next sample.
+    pub(crate) fn sample(&self) -> super::stall::Sample {
+        let steps = self.steps.load(Ordering::Acquire);
+        let busy = self.busy.load(Ordering::Acquire);
+        let on_client = self.on_client.load(Ordering::Acquire);
+        super::stall::Sample { steps, working: busy > on_client }
     }
 
     /// Whether the read side should now be closed: winding down, not closed yet, and quiet

@@ -241,6 +241,13 @@ pub fn notify_watchdog() {
     notify("WATCHDOG=1\n");
 }
 
+/// What the watchdog check saw (keep-alives withheld for a stuck request, or resumed): on
+/// stderr, and as the service's status line (`systemctl status`).
+pub fn watchdog_notice(m: &str) {
+    eprintln!("cowdisk: {m}");
+    notify(&format!("STATUS={m}\n"));
+}
+
 /// Sends `state` to the service manager's notification socket (sd_notify(3)): NOTIFY_SOCKET
 /// names a Unix datagram socket, a path or, after `@`, an abstract name. Written by hand: the
 /// protocol is one datagram, and the crates for it add nothing to that. A failure is printed,

@@ -10,7 +10,7 @@ use crate::Failure;
 use cowdisk::live::LiveChain;
 use cowdisk::nbd::handshake::TlsMode;
 use cowdisk::nbd::meta::Offer;
-use cowdisk::nbd::server::{install_signal_handlers, ListenAddr, Server, ServerConfig};
+use cowdisk::nbd::server::{install_signal_handlers, Heartbeat, ListenAddr, Server, ServerConfig};
 use cowdisk::nbd::tls::TlsConfig;
 use cowdisk::nbd::Export;
 use cowdisk::{Chain, ChainOptions, Disk};
@@ -130,7 +130,11 @@ postrotate step: rename the file, then signal); without --log, SIGHUP ends the s
 Service managers: with NOTIFY_SOCKET set (systemd's Type=notify), the server sends READY=1 and \
 MAINPID once its sockets accept connections, and STOPPING=1 when a shutdown begins. With \
 WATCHDOG_USEC set too (systemd's WatchdogSec=), and WATCHDOG_PID unset or its own process id, \
-it sends WATCHDOG=1 every half of that interval while it accepts clients.";
+it sends WATCHDOG=1 every half of that interval while it accepts clients and no request is stuck: \
+a request that runs for half the interval without any request of its connection being answered \
+(a disk that does not answer) stops the keep-alives until it moves again, so the service manager \
+restarts the server; waiting for a client that sends or reads slowly never counts as stuck. \
+Keep WatchdogSec= above twice the longest a flush can take on the storage.";
 
 /// Why `--tls-psk` is refused, as one line.
 const PSK_UNSUPPORTED: &str = "--tls-psk: TLS-PSK is not supported (rustls, the TLS library cowdisk uses, has no \
@@ -278,7 +282,11 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
         tls: o.tls.map(|t| t.config),
         contexts: o.contexts,
         on_stopping: Some(crate::daemon::notify_stopping),
-        heartbeat: crate::daemon::watchdog_interval().map(|every| (every, crate::daemon::notify_watchdog as fn())),
+        heartbeat: crate::daemon::watchdog_interval().map(|every| Heartbeat {
+            every,
+            beat: crate::daemon::notify_watchdog,
+            notice: crate::daemon::watchdog_notice,
+        }),
         ..ServerConfig::default()
     };
     // nbds:// tells libnbd (and people) to insist on TLS; with --tls optional plain
