@@ -5,7 +5,8 @@
 //! Layout: [`format`] (bytes on disk), [`storage`] (the I/O seam), [`layer`] (one image file),
 //! [`chain`] (the merged device and copy-up), [`device`] (the traits a served disk offers),
 //! [`ops`] (whole-image operations), [`live`] (chains that change under a server's clients),
-//! [`nbd`] (the server).
+//! [`nbd`] (the server), [`progress`] (the steps a long request makes, for the server's stall
+//! check).
 
 pub mod chain;
 pub mod device;
@@ -15,6 +16,7 @@ pub mod layer;
 pub mod live;
 pub mod nbd;
 pub mod ops;
+pub mod progress;
 pub mod remote;
 pub mod storage;
 mod sync;

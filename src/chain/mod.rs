@@ -473,6 +473,8 @@ impl DiskZero for Chain {
         self.require_writable()?;
         self.check_range(offset, len, "write zeroes")?;
         for p in self.pieces(offset, len) {
+            // One request may cover terabytes: each chunk is a step (progress.rs).
+            crate::progress::step();
             if allocate {
                 let _g = self.top.lock_chunk(p.chunk);
                 self.write_zeros_locked(p)?;

@@ -52,7 +52,7 @@ pub struct SocketPayload<'a> {
     /// Bytes were lost between the socket and storage (a pipe that could not be emptied):
     /// the request stream is out of step and the connection must end.
     lost: bool,
-    /// The connection's counts: reading from the socket is a wait on the client (stall.rs).
+    /// The connection's counts: reading from the socket is a wait for the payload (stall.rs).
     winding: &'a Winding,
 }
 
@@ -72,7 +72,7 @@ impl<'a> SocketPayload<'a> {
 
     /// Moves between `min` and `max` bytes from the socket into the pipe: a wait on the client.
     fn fill(&self, pipe: &Pipe, fd: RawFd, min: usize, max: usize) -> Result<usize> {
-        self.winding.on_client(|| pipe.fill_up(fd, min, max)).map_err(client_error)
+        self.winding.on_payload(|| pipe.fill_up(fd, min, max)).map_err(client_error)
     }
 
     /// Reads and drops whatever of the payload the device did not take (after an error), so
@@ -167,7 +167,7 @@ impl Payload for SocketPayload<'_> {
         let rest = &mut buf[b + p..];
         self.left -= rest.len();
         let r = &mut *self.r;
-        self.winding.on_client(|| r.read_exact(rest)).map_err(client_error)
+        self.winding.on_payload(|| r.read_exact(rest)).map_err(client_error)
     }
 
     fn take_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> Result<()> {

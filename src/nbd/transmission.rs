@@ -174,15 +174,18 @@ impl<'a> Pool<'a> {
         // Threads between taking a request and having answered it (kept in the connection's
         // wind-down notice, which must not cut a connection that owes replies).
         let busy_count = &self.conn.winding.busy;
+        // The steps of long requests this thread runs are the connection's (stall.rs).
+        let _steps = crate::progress::attach(self.conn.winding.steps());
         while let Some((req, payload, cost)) = next_request(self.conn, self.input, self.global, busy_count) {
-            let busy = self.conn.winding.begin();
+            let running = self.conn.winding.begin();
+            let busy = running.now;
             let grow = |n: usize| (busy >= n && n < self.max).then_some(n + 1);
             if self.started.fetch_update(Ordering::AcqRel, Ordering::Acquire, grow).is_ok() {
                 s.spawn(move || self.work(s));
             }
             let n = req.payload_len(self.conn.neg.extended) as usize;
             self.conn.handle(&req, &mut &payload[..payload.len().min(n)]);
-            self.conn.winding.end();
+            drop(running);
             self.conn.bufs.give(payload);
             self.conn.budget.release(cost);
             self.global.release(cost);
@@ -282,7 +285,7 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
                 *done = true;
                 return None;
             }
-            conn.send_error(&req, ESHUTDOWN, why);
+            conn.refuse(&req, ESHUTDOWN, why);
             continue;
         }
         // A payload on a command that takes none (extended headers only; no command of ours
@@ -292,7 +295,7 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
                 *done = true;
                 return None;
             }
-            conn.send_error(&req, EINVAL, "this command takes no payload");
+            conn.refuse(&req, EINVAL, "this command takes no payload");
             continue;
         }
         // A read over the maximum is refused without a buffer, so it is not charged: its cost
@@ -308,7 +311,7 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
                 *done = true;
                 return None;
             }
-            conn.send_error(&req, EINVAL, "payload larger than the advertised maximum");
+            conn.refuse(&req, EINVAL, "payload larger than the advertised maximum");
             continue;
         }
         // Run here, holding the reader: its payload is still in the socket. No buffer is
@@ -316,9 +319,9 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
         if req.typ == CMD_WRITE && payload_len >= u64::from(SPLICE_MIN) {
             let pipe = pipe.get_or_insert_with(Pipe::new).as_ref().ok();
             let mut payload = SocketPayload::new(r, pipe, payload_len as usize, &conn.winding);
-            conn.winding.begin();
+            let running = conn.winding.begin();
             conn.handle(&req, &mut payload);
-            conn.winding.end();
+            drop(running);
             if payload.finish().is_err() {
                 *done = true;
                 return None;
@@ -434,6 +437,13 @@ impl Conn {
     /// How this connection frames the chunks of `req`'s reply.
     fn framing(&self, req: &Request) -> Framing {
         Framing::new(self.neg.extended, req)
+    }
+
+    /// Refuses a request where it is read, counted busy while its reply is sent (a reply sent
+    /// to a client that does not read it is a wait on the client only within a request).
+    fn refuse(&self, req: &Request, errno: u32, msg: &str) {
+        let _running = self.winding.begin();
+        self.send_error(req, errno, msg);
     }
 
     /// A reply without data. Extended headers allow no simple reply: it is one NONE chunk.

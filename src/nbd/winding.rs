@@ -15,6 +15,7 @@
 //! [`LONGEST`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a winding-down connection's client must send nothing before its read side is
@@ -47,12 +48,31 @@ pub struct Winding {
     /// Threads of `busy` waiting on the client in the middle of a request (a write's payload
     /// still arriving, a reply being sent): such a wait is the client's doing, never a stall.
     on_client: AtomicUsize,
-    /// Steps forward: requests answered and waits on the client that ended. A count that
+    /// Of `on_client`, the threads waiting for a write's payload: they hold the device's locks
+    /// meanwhile (the payload goes straight into the image), so requests waiting for those
+    /// locks are the client's doing too.
+    on_payload: AtomicUsize,
+    /// Steps forward: requests answered, waits on the client that ended, and the steps a long
+    /// request makes (progress.rs; the connection's threads count theirs here). A count that
     /// stands still while a request runs outside such a wait is what a stuck disk looks like.
-    steps: AtomicU64,
+    steps: Arc<AtomicU64>,
     /// The read side has been closed: set once, by whoever closes it.
     cut: AtomicBool,
     epoch: Instant,
+}
+
+/// A request being run: counted busy while it lives (see [`Winding::begin`]).
+pub(crate) struct Running<'a> {
+    w: &'a Winding,
+    /// Requests of the connection running when this one began, itself included.
+    pub(crate) now: usize,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.w.busy.fetch_sub(1, Ordering::AcqRel);
+        self.w.steps.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl Default for Winding {
@@ -63,7 +83,8 @@ impl Default for Winding {
             last: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             on_client: AtomicUsize::new(0),
-            steps: AtomicU64::new(0),
+            on_payload: AtomicUsize::new(0),
+            steps: Arc::new(AtomicU64::new(0)),
             cut: AtomicBool::new(false),
             epoch: Instant::now(),
         }
@@ -119,40 +140,55 @@ impl Winding {
         }
     }
 
-    /// A request taken to be run: counted busy; returns how many are now.
-    pub(crate) fn begin(&self) -> usize {
-        self.busy.fetch_add(1, Ordering::AcqRel) + 1
+    /// A request taken to be run (or a refusal being sent): counted busy until the guard is
+    /// dropped, also by a panic, and then a step forward.
+    pub(crate) fn begin(&self) -> Running<'_> {
+        let now = self.busy.fetch_add(1, Ordering::AcqRel) + 1;
+        Running { w: self, now }
     }
 
-    /// A request answered (or given up): no longer busy, and a step forward.
-    pub(crate) fn end(&self) {
-        self.busy.fetch_sub(1, Ordering::AcqRel);
-        self.steps.fetch_add(1, Ordering::Release);
+    /// The counter a connection's threads attach for the steps of long requests (progress.rs).
+    pub(crate) fn steps(&self) -> Arc<AtomicU64> {
+        self.steps.clone()
     }
 
-    /// Runs `f`, a wait on the client in the middle of a request (reading its payload,
-    /// sending its reply), as one: not a stall however long it takes, and a step when done.
+    /// Runs `f`, a wait on the client in the middle of a request (sending its reply), as one:
+    /// not a stall however long it takes, and a step when done. Only within [`Self::begin`].
     pub(crate) fn on_client<T>(&self, f: impl FnOnce() -> T) -> T {
-        struct Wait<'a>(&'a Winding);
+        self.waiting(&[&self.on_client], f)
+    }
+
+    /// As [`Self::on_client`], for a wait for a write's payload, with the device's locks held.
+    pub(crate) fn on_payload<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.waiting(&[&self.on_client, &self.on_payload], f)
+    }
+
+    fn waiting<T>(&self, counts: &[&AtomicUsize], f: impl FnOnce() -> T) -> T {
+        struct Wait<'a>(&'a [&'a AtomicUsize], &'a AtomicU64);
         impl Drop for Wait<'_> {
             fn drop(&mut self) {
-                self.0.on_client.fetch_sub(1, Ordering::AcqRel);
-                self.0.steps.fetch_add(1, Ordering::Release);
+                for c in self.0 {
+                    c.fetch_sub(1, Ordering::AcqRel);
+                }
+                self.1.fetch_add(1, Ordering::Release);
             }
         }
-        self.on_client.fetch_add(1, Ordering::AcqRel);
-        let _wait = Wait(self);
+        for c in counts {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+        let _wait = Wait(counts, &self.steps);
         f()
     }
 
-    /// What the stall check needs: the steps made so far, and whether some request is running
-    /// outside a wait on the client. Steps are read first: a step between the two reads is
-    /// seen at the next sample.
+    /// What the stall check needs: the steps made so far, whether some request is running
+    /// outside a wait on the client, and whether one waits for a payload. Steps are read
+    /// first: a step between the reads is seen at the next sample.
     pub(crate) fn sample(&self) -> super::stall::Sample {
         let steps = self.steps.load(Ordering::Acquire);
         let busy = self.busy.load(Ordering::Acquire);
         let on_client = self.on_client.load(Ordering::Acquire);
-        super::stall::Sample { steps, working: busy > on_client }
+        let on_payload = self.on_payload.load(Ordering::Acquire);
+        super::stall::Sample { steps, working: busy > on_client, on_payload: on_payload > 0 }
     }
 
     /// Whether the read side should now be closed: winding down, not closed yet, and quiet

@@ -131,10 +131,10 @@ Service managers: with NOTIFY_SOCKET set (systemd's Type=notify), the server sen
 MAINPID once its sockets accept connections, and STOPPING=1 when a shutdown begins. With \
 WATCHDOG_USEC set too (systemd's WatchdogSec=), and WATCHDOG_PID unset or its own process id, \
 it sends WATCHDOG=1 every half of that interval while it accepts clients and no request is stuck: \
-a request that runs for half the interval without any request of its connection being answered \
-(a disk that does not answer) stops the keep-alives until it moves again, so the service manager \
-restarts the server; waiting for a client that sends or reads slowly never counts as stuck. \
-Keep WatchdogSec= above twice the longest a flush can take on the storage.";
+a request that makes no step for half the interval (nothing of its connection answered: a disk that \
+does not answer) stops the keep-alives until it moves again, so the service manager restarts the \
+server. Waiting for a client (a slow payload, replies not read) is never taken for stuck. Keep \
+WatchdogSec= above twice the longest a flush can take on the storage.";
 
 /// Why `--tls-psk` is refused, as one line.
 const PSK_UNSUPPORTED: &str = "--tls-psk: TLS-PSK is not supported (rustls, the TLS library cowdisk uses, has no \
