@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::pattern;
+use common::{pattern, PunchFaults};
 use cowdisk::format::header::{ParentFormat, ParentRef};
 use cowdisk::format::Geometry;
 use cowdisk::layer::raw::RawImage;
@@ -336,8 +336,9 @@ fn a_cluster_released_in_the_journal_is_not_reused_before_the_checkpoint() {
     chain.flush().unwrap(); // a record releasing chunk 0's cluster
     let new = vec![0x55; BLOCK];
     chain.write_at(&new, 40 * BLOCK as u64).unwrap(); // chunk 40 takes a cluster
-    chain.top().update_header(|_| {}).unwrap(); // a checkpoint, then a header write
-                                                // The crash: just before the checkpoint's record, every write before it landed.
+                                                      // A checkpoint, then a header write; the crash: just before the checkpoint's record,
+                                                      // every write before it landed.
+    chain.top().update_header(|_| {}).unwrap();
     let ops = journal.ops();
     let k = ops
         .iter()
@@ -354,4 +355,96 @@ fn a_cluster_released_in_the_journal_is_not_reused_before_the_checkpoint() {
     let at = 40 * BLOCK;
     assert_block_is_one_of(&dev, 40, &[&base[at..at + BLOCK], &new], "chunk 40 after the crash");
     assert_block_is_one_of(&dev, 0, &[&[0u8; BLOCK], &old], "chunk 0 after the crash");
+}
+
+/// Found in review (2026-12-03): a write of whole chunks that failed part-way gave the new
+/// slot of a chunk it had already written back at once, although that write was noted for the
+/// next journaled flush, whose record then held a copy of what it put there. Handed to another
+/// chunk before the checkpoint, the slot took that chunk's write; a checkpoint cut short after
+/// its sectors were in place, before its record restarting the journal, left the old chain,
+/// whose replay wrote the record's copy over the new owner's block: that chunk read bytes of a
+/// write that had failed elsewhere. The slot of a failed write now waits like a released one
+/// (format-spec §5.4, §5.9). The punch of the dropped slot fails here (a punch may fail, and
+/// the slot is then still free to reuse): the record's copy is the failed write's bytes, not
+/// zeros, so the block it lands in reads a value no request gave it.
+#[test]
+fn a_slot_of_a_failed_write_is_not_reused_before_the_checkpoint() {
+    use cowdisk::device::Payload;
+
+    /// Every byte ready at once, then the connection reset once `left` bytes were taken.
+    struct ResetAfter {
+        left: usize,
+    }
+    impl Payload for ResetAfter {
+        fn ready(&mut self, _min: usize, max: usize) -> cowdisk::Result<usize> {
+            Ok(max)
+        }
+        fn take(&mut self, buf: &mut [u8]) -> cowdisk::Result<()> {
+            if buf.len() > self.left {
+                return Err(cowdisk::Error::new(ErrorKind::Io, "connection reset"));
+            }
+            self.left -= buf.len();
+            buf.fill(0x3c);
+            Ok(())
+        }
+        fn take_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> cowdisk::Result<()> {
+            if len > self.left {
+                return Err(cowdisk::Error::new(ErrorKind::Io, "connection reset"));
+            }
+            storage.write_at(&vec![0x3c; len], offset)?;
+            self.left -= len;
+            Ok(())
+        }
+    }
+
+    let journal = Journal::new();
+    let base = pattern(78, SIZE as usize);
+    let store = Arc::new(PunchFaults::new(Arc::new(RecordingStorage::new(journal.clone(), 0))));
+    // 4 KiB chunks (one block each): a map sector holds 15 entries, handed out in the order
+    // chunks first get one.
+    let g = Geometry::new(SIZE, 12).unwrap();
+    let top = Image::create_on(store.clone(), Path::new("top"), g, Some(raw_ref()), [1; 16]).unwrap();
+    let raw = RawImage::on(Arc::new(MemStorage::from_bytes(base.clone())), Path::new("base.raw"), SIZE);
+    let chain = Chain::assemble(top, Vec::new(), Some(raw));
+    let at = |c: u64| c * BLOCK as u64;
+    // The journal and the map's first extent (a flush adding an extent is not journaled).
+    chain.write_at(&[1u8; BLOCK], at(63)).unwrap();
+    chain.flush().unwrap();
+    // Chunk 40 zeroed: an entry with no slot, in the first sector, which 13 more chunks fill;
+    // then a checkpoint, so that no record logs that sector.
+    chain.write_zeroes(at(40), BLOCK as u64, false).unwrap();
+    for c in 0..13 {
+        chain.write_at(&[2u8; BLOCK], at(c)).unwrap();
+    }
+    // Chunk 21 has a slot: a write of chunks 20 to 22 is three runs (a new slot, in place, a
+    // new slot).
+    chain.write_at(&[3u8; BLOCK], at(21)).unwrap();
+    chain.top().update_header(|_| {}).unwrap();
+    // The failed write: chunks 20 and 21 written, the connection reset before chunk 22's bytes.
+    store.failing.store(true, Ordering::SeqCst);
+    let e = chain.write_from(&mut ResetAfter { left: 2 * BLOCK }, at(20), 3 * BLOCK as u64).unwrap_err();
+    store.failing.store(false, Ordering::SeqCst);
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    chain.flush().unwrap(); // journaled: its record holds a copy of chunk 20's dropped slot
+    let new = vec![0x55; BLOCK];
+    chain.write_at(&new, at(40)).unwrap(); // chunk 40 takes a slot
+    chain.top().update_header(|_| {}).unwrap(); // a checkpoint, then a header write
+                                                // The crash: just before the checkpoint's record, every write before it landed.
+    let ops = journal.ops();
+    let k = ops
+        .iter()
+        .rposition(|(_, op)| matches!(op, cowdisk::storage::recording::RecOp::DurableWrite { .. }))
+        .expect("the checkpoint's record");
+    let bytes = CrashImages::new(&journal, 1).state(0, k, |n| n - 1);
+    let top = Image::open_on(Arc::new(MemStorage::from_bytes(bytes)), Path::new("top"), OpenOptions::writable())
+        .expect("the crash state opens");
+    let raw = RawImage::on(Arc::new(MemStorage::from_bytes(base.clone())), Path::new("base.raw"), SIZE);
+    let chain = Chain::assemble(top, Vec::new(), Some(raw));
+    let mut dev = vec![0u8; SIZE as usize];
+    chain.read_at(&mut dev, 0).unwrap();
+    // Chunk 40: zeros (durable since the first checkpoint) or what was written; never the
+    // failed write's bytes. Chunk 20: the base (the write failed) or what it sent.
+    assert_block_is_one_of(&dev, 40, &[&[0u8; BLOCK], &new], "chunk 40 after the crash");
+    let b20 = &base[at(20) as usize..at(21) as usize];
+    assert_block_is_one_of(&dev, 20, &[b20, &[0x3c; BLOCK]], "chunk 20 after the crash");
 }

@@ -1,8 +1,12 @@
-//! Shared helpers for the library's integration tests: scratch directories and deterministic bytes.
+//! Shared helpers for the library's integration tests: scratch directories, deterministic bytes
+//! and a store whose punches fail on demand.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use cowdisk::storage::Storage;
 
 /// Where scratch directories go: $COWDISK_TEST_DIR if set, else /dev/shm when it is there (a
 /// real file system with hole punching and locks, whose fsync does not wait for a disk, so the
@@ -60,4 +64,62 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A store passing every operation on, whose punches fail while `failing` is set: a slot a
+/// failed write gives back then keeps what the write put there (the library's FaultStorage
+/// fails the Nth modifying operation of any kind, not punches alone). `refused` counts them.
+#[derive(Debug)]
+pub struct PunchFaults {
+    inner: Arc<dyn Storage>,
+    pub failing: AtomicBool,
+    pub refused: AtomicUsize,
+}
+
+impl PunchFaults {
+    pub fn new(inner: Arc<dyn Storage>) -> PunchFaults {
+        PunchFaults { inner, failing: AtomicBool::new(false), refused: AtomicUsize::new(0) }
+    }
+}
+
+impl Storage for PunchFaults {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> cowdisk::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> cowdisk::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> cowdisk::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> cowdisk::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync(&self) -> cowdisk::Result<()> {
+        self.inner.sync()
+    }
+    fn write_durable(&self, buf: &[u8], offset: u64) -> cowdisk::Result<()> {
+        // Passed on, not left to the trait's write-and-sync: the crash model must see a
+        // journal record as the one durable write it is (format-spec §5.9).
+        self.inner.write_durable(buf, offset)
+    }
+    fn punch(&self, offset: u64, len: u64) -> cowdisk::Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(cowdisk::Error::new(cowdisk::ErrorKind::Io, "the punch failed"));
+        }
+        self.inner.punch(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> cowdisk::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+    fn next_data(&self, offset: u64) -> cowdisk::Result<Option<u64>> {
+        self.inner.next_data(offset)
+    }
+    fn next_hole(&self, offset: u64) -> cowdisk::Result<u64> {
+        self.inner.next_hole(offset)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.inner.allocated_bytes()
+    }
 }

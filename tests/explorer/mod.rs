@@ -14,7 +14,7 @@ mod snapshot;
 
 pub use snapshot::{populate, snapshot_state_is_before_or_after};
 
-use crate::common::pattern;
+use crate::common::{pattern, PunchFaults};
 pub use checks::check_bytes;
 use checks::write_sparse;
 use checks::{check_output, check_recovered, check_state};
@@ -33,6 +33,7 @@ use cowdisk::{Chain, DiskFlush, DiskRead, DiskWrite, DiskZero};
 use oracle::{hash, History, Oracle, Req, What, SECTOR};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 pub const SIZE: u64 = 192 * 1024;
@@ -46,6 +47,11 @@ pub static JOBS_DONE: [std::sync::atomic::AtomicUsize; 3] = [
 /// Records the runs wrote in a log-structured top's data area (format-spec §5.10): the
 /// explorer's proof that the log's path is taken at all.
 pub static LOG_RECORDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Slots the runs' failed writes had written and then gave back (a new slot or a relocation
+/// of a chunk the write did not finish): the proof that the path a review found wrong is taken.
+pub static FAILED_WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Punches of such slots made to fail: the slot keeps what the failed write put there.
+pub static PUNCHES_REFUSED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 const TOP: &str = "top";
 const MID: &str = "mid";
 const OUT: &str = "out";
@@ -183,13 +189,15 @@ fn mid_ref() -> ParentRef {
     }
 }
 
-/// What [`setup`] made: the chain, the device's contents, and the middle layer's file id and
-/// bytes (which must not change unless a commit writes into it).
+/// What [`setup`] made: the chain, the device's contents, the middle layer's file id and
+/// bytes (which must not change unless a commit writes into it), and the top's store when its
+/// punches may be made to fail.
 struct Setup {
     chain: Chain,
     model: Vec<u8>,
     mid_id: usize,
     mid_bytes: Vec<u8>,
+    punches: Option<Arc<PunchFaults>>,
 }
 
 /// A frozen middle layer "mid" over the raw base, with `mid_writes` of its own, and a fresh top
@@ -201,6 +209,7 @@ fn setup(
     top_geom: Geometry,
     mid_writes: &[(u64, Vec<u8>)],
     jittery: bool,
+    punch_faults: bool,
 ) -> Setup {
     let raw_ref =
         ParentRef { format: ParentFormat::Raw, path: b"base.raw".to_vec(), uuid: [0; 16], size: SIZE, fingerprint: 0 };
@@ -220,6 +229,11 @@ fn setup(
     let mid_ro = Image::open_on(mid_store, Path::new(MID), OpenOptions::read_only()).unwrap();
     let top_store = dir.create(Path::new(TOP)).unwrap();
     let top_store: Arc<dyn Storage> = if jittery { Arc::new(Jitter(top_store)) } else { top_store };
+    let punches = punch_faults.then(|| Arc::new(PunchFaults::new(top_store.clone())));
+    let top_store: Arc<dyn Storage> = match &punches {
+        Some(p) => p.clone(),
+        None => top_store,
+    };
     let top = Image::create_on(top_store, Path::new(TOP), top_geom, Some(mid_ref()), [1; 16]).unwrap();
     top.flush().unwrap();
     dir.sync_dir(Path::new(TOP)).unwrap();
@@ -228,6 +242,7 @@ fn setup(
         model,
         mid_id: dir.file_of(Path::new(MID)).unwrap(),
         mid_bytes,
+        punches,
     }
 }
 
@@ -276,6 +291,80 @@ fn top_geometry(seed: u64, shift: u32, sums: bool) -> (Geometry, bool, Rng) {
     (g, log, Rng(seed.wrapping_mul(0x5851_f42d_4c95_7f2d) | 1))
 }
 
+/// A write's payload that fails part-way, as a client gone in the middle of a large write:
+/// everything is ready at once, and a take that would go past byte `stop` fails, taking and
+/// writing nothing (so a write fails between its runs of slots, never within a sector).
+struct Cut<'a> {
+    data: &'a [u8],
+    pos: usize,
+    stop: usize,
+}
+
+impl cowdisk::device::Payload for Cut<'_> {
+    fn ready(&mut self, _min: usize, max: usize) -> cowdisk::Result<usize> {
+        Ok(max.min(self.data.len() - self.pos))
+    }
+    fn take(&mut self, buf: &mut [u8]) -> cowdisk::Result<()> {
+        if self.pos + buf.len() > self.stop {
+            return Err(cowdisk::Error::new(cowdisk::ErrorKind::Io, "the client went away"));
+        }
+        buf.copy_from_slice(&self.data[self.pos..self.pos + buf.len()]);
+        self.pos += buf.len();
+        Ok(())
+    }
+    fn take_to(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> cowdisk::Result<()> {
+        if self.pos + len > self.stop {
+            return Err(cowdisk::Error::new(cowdisk::ErrorKind::Io, "the client went away"));
+        }
+        storage.write_at(&self.data[self.pos..self.pos + len], offset)?;
+        self.pos += len;
+        Ok(())
+    }
+}
+
+/// Whether seed `seed`'s sequential run has failed writes: three in eight seeds of plain tops
+/// and two in sixteen of log-structured ones, none of the pinned seeds (which draw what they
+/// always did).
+fn has_failed_writes(seed: u64) -> bool {
+    matches!(seed % 8, 3 | 5 | 7) || matches!(seed % 16, 2 | 6)
+}
+
+/// A write of `len` bytes at `off` on `chain` whose payload fails after a random part of it,
+/// then what the device reads there: the request's record.
+fn failed_write(
+    chain: &Chain,
+    journal: &Journal,
+    model: &mut [u8],
+    seed: u64,
+    at: (u64, u64, u64),
+    punches: Option<&PunchFaults>,
+) -> What {
+    use cowdisk::storage::recording::RecOp;
+    let (off, len, stop) = at;
+    let d = pattern(seed ^ 0xfa11 ^ off, len as usize);
+    let from = journal.len();
+    let fail_punches = |on: bool| punches.iter().for_each(|p| p.failing.store(on, Ordering::SeqCst));
+    let refused = punches.map_or(0, |p| p.refused.load(Ordering::Relaxed));
+    fail_punches(true);
+    let res = chain.write_from(&mut Cut { data: &d, pos: 0, stop: stop as usize }, off, len);
+    fail_punches(false);
+    PUNCHES_REFUSED.fetch_add(punches.map_or(0, |p| p.refused.load(Ordering::Relaxed)) - refused, Ordering::Relaxed);
+    assert!(res.is_err(), "a write cut off at byte {stop} of {len} succeeded");
+    // A write punches nothing but a slot it gives back (a punch that failed is counted in
+    // PUNCHES_REFUSED instead).
+    let given_back = journal.ops()[from..].iter().filter(|(_, op)| matches!(op, RecOp::Punch { .. })).count();
+    FAILED_WRITES.fetch_add(given_back, Ordering::Relaxed);
+    let range = off as usize..(off + len) as usize;
+    chain.read_at(&mut model[range.clone()], off).unwrap();
+    // Each sector may read what the device reads now or what the client sent: a block the
+    // write put in place (in a slot the durable map still points at) before it failed is the
+    // client's own data in the range it wrote, which a failed write may leave (NBD: the range's
+    // contents are unspecified after an error). Data anywhere else is the defect.
+    let (s0, s1) = (range.start / SECTOR, range.end / SECTOR);
+    let sent = |s: usize| hash(&d[s * SECTOR - range.start..(s + 1) * SECTOR - range.start]);
+    What::Failed((s0..s1).flat_map(|s| [(s, hash(&model[s * SECTOR..(s + 1) * SECTOR])), (s, sent(s))]).collect())
+}
+
 /// A write's record as one with FUA.
 fn as_fua(w: What) -> What {
     match w {
@@ -305,14 +394,28 @@ pub fn sequential(seed: u64) -> Run {
     // Three writes in four of a log seed are FUA writes, most of those of one aligned block
     // (what takes the log's path).
     let (g, log, mut fua) = top_geometry(seed, shift, top_sums);
-    let Setup { chain, mut model, mid_id, mid_bytes: mid_bytes_before } =
-        setup(&dir, &base, mid_sums, g, &mid_writes, false);
+    let Setup { chain, mut model, mid_id, mid_bytes: mid_bytes_before, punches } =
+        setup(&dir, &base, mid_sums, g, &mid_writes, false, has_failed_writes(seed));
     let initial = model.clone();
     let start = journal.len();
     let area = chain.top().header().journal;
     let h = History::new();
     let ops = 20 + rng.below(30);
+    // Failed writes come from a generator of their own, so that the other draws stay the same.
+    let mut fails = Rng(seed.wrapping_mul(0x2127_599b_f432_5c37) | 1);
+    let cs = g.chunk_size();
     for i in 0..ops {
+        if has_failed_writes(seed) && fails.below(5) == 0 {
+            // Whole chunks (runs of new slots and of slots written in place), sometimes with a
+            // partial chunk at either end, cut off at a random byte.
+            let off = (fails.below(SIZE / cs) * cs + fails.below(2) * 4096).min(SIZE - 4096);
+            let len = ((1 + fails.below(3)) * cs + fails.below(2) * 4096).min(SIZE - off);
+            let stop = fails.below(len);
+            // In half of them the punch of a slot the write gives back fails too.
+            let punch_fails = fails.below(2) == 0;
+            let punches = punches.as_deref().filter(|_| punch_fails);
+            issue(&h, &journal, || failed_write(&chain, &journal, &mut model, seed, (off, len, stop), punches));
+        }
         let r = rng.below(10);
         let off = if rng.below(3) == 0 { rng.below(SIZE / 4096) * 4096 } else { rng.below(SIZE) };
         let max_len = if rng.below(4) == 0 { 70_000 } else { 9_000 };
@@ -437,7 +540,7 @@ pub fn sequential(seed: u64) -> Run {
 /// The concurrent workload of seed `seed`: 2 or 3 threads on one chain (data checksums on
 /// in 3 runs of 4, where the ordering between writes and flushes matters most), each issuing
 /// writes, write-zeroes, discards, reads and flushes of a few blocks around a few chunks, so
-/// that they meet in the same chunks.
+/// that they meet in the same chunks; in three seeds of eight, some writes are cut off part-way.
 pub fn concurrent(seed: u64) -> Run {
     let mut rng = Rng(seed.wrapping_mul(0xd6e8_feb8_6659_fd93) | 1);
     let journal = Journal::new();
@@ -448,8 +551,8 @@ pub fn concurrent(seed: u64) -> Run {
     let (g, log, mut fua) = top_geometry(seed, shift, sums);
     let mid_writes: Vec<(u64, Vec<u8>)> =
         (0..3u64).map(|i| (rng.below(SIZE - 20_000), pattern(seed ^ (i + 7), 12_000))).collect();
-    let Setup { chain, model, mid_id, mid_bytes: mid_bytes_before } =
-        setup(&dir, &base, rng.below(2) == 0, g, &mid_writes, true);
+    let Setup { chain, model, mid_id, mid_bytes: mid_bytes_before, .. } =
+        setup(&dir, &base, rng.below(2) == 0, g, &mid_writes, true, false);
     let start = journal.len();
     let area = chain.top().header().journal;
     let h = History::new();
@@ -482,6 +585,20 @@ pub fn concurrent(seed: u64) -> Run {
                         0 => (21, off, len, salt),
                         _ => (22, off / 4096 * 4096, 4096, salt),
                     },
+                    _ => (r, off, len, salt),
+                })
+                .collect()
+        })
+        .collect();
+    // Writes cut off part-way (r 23) in place of one write in six, in three seeds of eight
+    // (none pinned), from a generator of their own.
+    let mut cuts = Rng(seed.wrapping_mul(0x9fb2_1c65_1e98_df25) | 1);
+    let plans: Vec<Vec<(u64, u64, u64, u64)>> = plans
+        .into_iter()
+        .map(|plan| {
+            plan.into_iter()
+                .map(|(r, off, len, salt)| match r {
+                    0..=8 if matches!(seed % 8, 1 | 3 | 5) && cuts.below(6) == 0 => (23, off, len, salt),
                     _ => (r, off, len, salt),
                 })
                 .collect()
@@ -545,6 +662,17 @@ pub fn concurrent(seed: u64) -> Run {
                             let d = pattern(salt, len as usize);
                             chain.write_at(&d, off).unwrap();
                             wrote(off, &d)
+                        }),
+                        23 => issue(h, journal, || {
+                            // Cut off at a sector: what it wrote of a sector is all of it.
+                            let d = pattern(salt, len as usize);
+                            let stop = (salt >> 8) % (len / 512) * 512;
+                            let res = chain.write_from(&mut Cut { data: &d, pos: 0, stop: stop as usize }, off, len);
+                            assert!(res.is_err(), "a write cut off at byte {stop} of {len} succeeded");
+                            match wrote(off, &d) {
+                                What::Write(v) => What::Failed(v),
+                                other => other,
+                            }
                         }),
                         9 | 10 => issue(h, journal, || {
                             chain.write_zeroes(off, len, salt % 2 == 0).unwrap();

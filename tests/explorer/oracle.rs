@@ -31,6 +31,11 @@ pub enum What {
     /// A FLUSH, or anything else that makes every earlier returned write durable once its
     /// journal entries are in (a commit, a close).
     Flush,
+    /// A write that failed part-way, with the hashes its sectors read once it returned: each
+    /// may hold that value or keep what it could hold before, also after later flushes (the
+    /// parts that failed were never written where the map points; the parts that succeeded
+    /// may be the only ones a crash keeps), until a durable write of the sector replaces it.
+    Failed(Vec<(usize, u64)>),
 }
 
 #[derive(Debug, Clone)]
@@ -71,9 +76,9 @@ impl History {
 }
 
 /// The writes of one sector, as (called, returned, j_start, hash, durable from: the journal
-/// index from which it is durable by itself, a FUA write's end, else none); the initial value
-/// first.
-type SectorWrites = Vec<(u64, u64, usize, u64, usize)>;
+/// index from which it is durable by itself, a FUA write's end, else none; failed: a write
+/// that failed part-way, never durable); the initial value first.
+type SectorWrites = Vec<(u64, u64, usize, u64, usize, bool)>;
 
 /// The allowed values of every sector for any crash point of one run.
 pub struct Oracle {
@@ -86,18 +91,23 @@ impl Oracle {
     /// `initial`: the device before the first request; `reqs`: everything recorded.
     pub fn new(initial: &[u8], reqs: &[Req]) -> Oracle {
         let mut sectors: Vec<SectorWrites> =
-            initial.chunks(SECTOR).map(|c| vec![(0, 0, 0, hash(c), usize::MAX)]).collect();
+            initial.chunks(SECTOR).map(|c| vec![(0, 0, 0, hash(c), usize::MAX, false)]).collect();
         let mut flushes = Vec::new();
         for r in reqs {
             match &r.what {
                 What::Write(v) => {
                     for &(s, h) in v {
-                        sectors[s].push((r.called, r.returned, r.j_start, h, usize::MAX));
+                        sectors[s].push((r.called, r.returned, r.j_start, h, usize::MAX, false));
+                    }
+                }
+                What::Failed(v) => {
+                    for &(s, h) in v {
+                        sectors[s].push((r.called, r.returned, r.j_start, h, usize::MAX, true));
                     }
                 }
                 What::WriteFua(v) => {
                     for &(s, h) in v {
-                        sectors[s].push((r.called, r.returned, r.j_start, h, r.j_end));
+                        sectors[s].push((r.called, r.returned, r.j_start, h, r.j_end, false));
                     }
                     flushes.push((r.called, r.j_end));
                 }
@@ -117,13 +127,13 @@ impl Oracle {
         let d = self.durable_before(k);
         let w = &self.sectors[s];
         // Durable: the initial value, every write that returned before a completed flush was
-        // called, and a FUA write that completed.
-        let durable = |x: &(u64, u64, usize, u64, usize)| x.0 == 0 || x.1 < d || x.4 <= k;
+        // called, and a FUA write that completed; never a write that failed.
+        let durable = |x: &(u64, u64, usize, u64, usize, bool)| !x.5 && (x.0 == 0 || x.1 < d || x.4 <= k);
         // Possible: its effects may be in the journal before the crash, or it must be durable
         // anyway. A request that returned before a completed flush was called and left no entry
         // before that flush's last (zeros over zeros: nothing to write, and a flush with
         // nothing to make durable writes nothing, spec §5.9) found its value in place already.
-        let possible = |x: &(u64, u64, usize, u64, usize)| x.0 == 0 || x.2 < k || durable(x);
+        let possible = |x: &(u64, u64, usize, u64, usize, bool)| x.0 == 0 || x.2 < k || durable(x);
         w.iter().filter(|x| possible(x)).filter(|x| !w.iter().any(|y| durable(y) && y.0 > x.1)).map(|x| x.3).collect()
     }
 
@@ -138,21 +148,29 @@ impl Oracle {
                     .iter()
                     .map(|w| {
                         format!(
-                            "({}, {}, j{}, {:x}{})",
+                            "({}, {}, j{}, {:x}{}{})",
                             w.0,
                             w.1,
                             w.2,
                             w.3,
+                            if w.5 { " failed" } else { "" },
                             if allowed.contains(&w.3) { " allowed" } else { "" }
                         )
                     })
                     .collect();
                 let flushes: Vec<String> =
                     self.flushes.iter().filter(|f| f.1 <= k).map(|f| format!("called {} done j{}", f.0, f.1)).collect();
+                // A value another sector was given says whose data leaked here.
+                let elsewhere: Vec<String> = (self.sectors.iter().enumerate())
+                    .flat_map(|(o, ws)| {
+                        ws.iter().filter(|w| w.3 == hash(c)).map(move |w| format!("sector {o} by ({}, {})", w.0, w.1))
+                    })
+                    .collect();
                 return Err(format!(
-                    "sector {s} (byte {}) reads a value neither durable nor written since: read {:x}; its writes {}; flushes completed: {}",
+                    "sector {s} (byte {}) reads a value neither durable nor written since: read {:x}{}; its writes {}; flushes completed: {}",
                     s * SECTOR,
                     hash(c),
+                    if elsewhere.is_empty() { String::new() } else { format!(" (written to {})", elsewhere.join(", ")) },
                     writes.join(" "),
                     flushes.join(", ")
                 ));
@@ -187,5 +205,23 @@ mod tests {
         assert_eq!(o.allowed(0, 9), HashSet::from([zeros]));
         // Before the first flush completed, the older values are possible still.
         assert_eq!(o.allowed(0, 7), HashSet::from([hash(&[1u8; SECTOR]), 11, zeros]));
+    }
+
+    /// A write that failed part-way leaves the sector old or new also after a flush completed,
+    /// until a later write of it is durable.
+    #[test]
+    fn a_failed_write_keeps_the_old_value_possible_until_a_durable_write_replaces_both() {
+        let reqs = [
+            write(1, 2, 5, 11),
+            Req { called: 3, returned: 4, j_start: 6, j_end: 7, what: What::Flush },
+            Req { called: 5, returned: 6, j_start: 7, j_end: 8, what: What::Failed(vec![(0, 22)]) },
+            Req { called: 7, returned: 8, j_start: 8, j_end: 9, what: What::Flush },
+            write(9, 10, 9, 33),
+            Req { called: 11, returned: 12, j_start: 10, j_end: 11, what: What::Flush },
+        ];
+        let o = Oracle::new(&[1u8; SECTOR], &reqs);
+        assert_eq!(o.allowed(0, 9), HashSet::from([11, 22]));
+        assert_eq!(o.allowed(0, 10), HashSet::from([11, 22, 33]));
+        assert_eq!(o.allowed(0, 11), HashSet::from([33]));
     }
 }
