@@ -1,4 +1,4 @@
-//! Shared harness for binary-level integration tests: locating `cowdisk`, tool checks, command runners, and guards (temp dirs, daemons, the `cowdisk serve` server; nbdfuse, loop devices and mounts in [`fsstack`]) that release what they took on drop, also when a test panics. Test data and comparisons are in [`data`]; helpers of one group of tests in [`cli`], [`nbdtest`] and [`tls`]; the raw NBD client in [`nbdclient`]; what a device may read after a crash in [`oracle`]. The S3 store (a local Ceph RGW) and clusters of a test's own are in [`s3`].
+//! Shared harness for binary-level integration tests: locating `cowdisk`, tool checks, command runners, and guards (temp dirs, daemons, the `cowdisk serve` server; nbdfuse, loop devices and mounts in [`fsstack`]) that release what they took on drop, also when a test panics. Test data and comparisons are in [`data`]; helpers of one group of tests in [`cli`], [`daemon`], [`nbdtest`] and [`tls`]; the raw NBD client in [`nbdclient`]; what a device may read after a crash in [`oracle`]. The S3 store (a local Ceph RGW) and clusters of a test's own are in [`s3`]; the object-store tests' own helpers in [`remote`].
 //!
 //! Release order matters and follows from declaration order when guards are
 //! plain locals (Rust drops locals in reverse): declare the `Server` first,
@@ -11,12 +11,14 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod daemon;
 mod data;
 mod fsstack;
 pub mod live;
 pub mod nbdclient;
 pub mod nbdtest;
 pub mod oracle;
+pub mod remote;
 pub mod s3;
 pub mod tls;
 

@@ -1,0 +1,506 @@
+//! Remote layers read through the shared chunk cache (issue 16), through the `cowdisk` binary
+//! against a real Ceph RGW: the cache's bound under two processes, warm and shared reads fetching
+//! once, a broken cache (reads go on uncached, memory stays flat), two hosts on one layer, the
+//! gateway stopped and back, recorded traces fetched first, a killed reader.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::nbdclient::NbdClient;
+use common::remote::*;
+use common::s3::{s3, Ceph};
+use common::*;
+
+fn overlay_servers(repo: &Repo, ws: &TempDir, cache: &Path, n: usize, extra: &[&str]) -> Vec<Server> {
+    (0..n)
+        .map(|i| {
+            let top = ws.join(format!("top{i}.cow"));
+            run(&mut repo.cow(cache, &["create", p(&top), "--backing", &repo.layer("b")]));
+            let sock = ws.join(format!("s{i}.sock"));
+            let mut args = vec![p(&top), "--socket", p(&sock)];
+            args.extend_from_slice(extra);
+            repo.server(cache, &args)
+        })
+        .collect()
+}
+
+/// Copies every server's export out at once (to `ws/readI.raw`), within scope `sc`.
+fn copy_all_at_once<'s>(sc: &'s std::thread::Scope<'s, '_>, servers: &'s [Server], ws: &'s TempDir) {
+    let copies: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, server)| sc.spawn(move || copy_out(server, &ws.join(format!("read{i}.raw")))))
+        .collect();
+    for c in copies {
+        c.join().expect("copy");
+    }
+}
+
+#[test]
+fn the_cache_stays_within_its_bound_while_two_processes_read_more_than_it_holds() {
+    let Some(s3) = s3() else { return };
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let cache = ws.subdir("cache");
+    repo.push_base(&ws, &cache, random_bytes(24 << 20, 61), &[]);
+    // Two servers on one host (one cache), each reading an overlay of its own at once: the
+    // bound is the cache's, not each process's.
+    let reader = ws.subdir("reader-cache");
+    let bound: u64 = 4 << 20;
+    let servers = overlay_servers(&repo, &ws, &reader, 2, &["--cache-size", "4M"]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let most = std::thread::scope(|sc| {
+        let watcher = sc.spawn(|| {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(cached_bytes(&reader));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most.max(cached_bytes(&reader))
+        });
+        copy_all_at_once(sc, &servers, &ws);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().expect("watcher")
+    });
+    for server in servers {
+        server.stop();
+    }
+    for i in 0..2 {
+        assert_files_equal(&ws.join(format!("read{i}.raw")), &ws.join("base.raw"));
+    }
+    // Never past the bound, watched as allocated bytes every 5 ms (64 KiB of slack for the
+    // `.usage` file's block). With a count per process it reached 5.1 to 7.0 MiB here.
+    assert!(most <= bound + (64 << 10), "the cache reached {most} bytes with a bound of {bound}");
+    let kept = cached_bytes(&reader);
+    assert!(kept <= bound, "the cache holds {kept} bytes after the reads, bound {bound}");
+    assert!(kept >= bound / 2, "the cache kept only {kept} bytes");
+}
+
+/// The bytes a stopped server said it fetched from object stores (it says nothing when it
+/// fetched nothing).
+fn fetched_bytes(log: &str) -> u64 {
+    log.lines()
+        .find(|l| l.contains("from object stores"))
+        .map(|l| {
+            l.split_once('(')
+                .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("a fetch count that does not parse: {l}"))
+        })
+        .unwrap_or(0)
+}
+
+/// Which entries of each layer the cache at `dir` holds, by entry number (format-spec §9.5,
+/// informative: a record's tag is 0 for a chunk not held).
+fn cached_entries(dir: &Path) -> Vec<usize> {
+    let Ok(rd) = std::fs::read_dir(dir.join("layers")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "index")) {
+        let b = std::fs::read(e.path()).unwrap_or_default();
+        let records = b.get(64..).unwrap_or_default().chunks_exact(32);
+        out.extend(records.enumerate().filter(|(_, r)| r[..8] != [0u8; 8]).map(|(i, _)| i));
+    }
+    out
+}
+
+#[test]
+fn a_warm_sequential_read_fetches_nothing_beyond_what_it_reads() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("cache"), random_bytes(8 << 20, 71), &[]);
+    let cache = ws.subdir("reader-cache");
+    // A first process reads the first 2 MiB in order: it fetches them, and ahead of them.
+    let read_in_order = |server: &Server, chunks: usize| {
+        let mut c = client(server);
+        for i in 0..chunks {
+            let got = c.read((i * CHUNK) as u64, CHUNK as u32).expect("read");
+            assert_bytes_eq(&got, &data[i * CHUNK..(i + 1) * CHUNK], &format!("chunk {i}"));
+        }
+        c.disconnect().ok();
+    };
+    let mut lazy = overlay_servers(&repo, &ws, &cache, 1, &["--no-prefetch"]).remove(0);
+    read_in_order(&lazy, 32);
+    lazy.daemon().terminate(STOP_TIMEOUT);
+    assert!(fetched_bytes(&lazy.log()) >= 2 << 20);
+    let held = cached_entries(&cache);
+    let prefix = held.iter().enumerate().take_while(|&(k, &i)| k == i).count();
+    assert!(prefix >= 32, "the first reader's chunks are cached: {held:?}");
+    // A second process reads everything the cache holds from the start, in order: all of it
+    // is there, so it makes no request (reading ahead past it would fetch chunks nobody read).
+    let ws2 = TempDir::for_test();
+    let mut warm = overlay_servers(&repo, &ws2, &cache, 1, &["--no-prefetch"]).remove(0);
+    read_in_order(&warm, prefix);
+    warm.daemon().terminate(STOP_TIMEOUT);
+    assert_eq!(fetched_bytes(&warm.log()), 0, "a warm read of {prefix} cached chunks fetched");
+    assert_eq!(cached_entries(&cache), held);
+}
+
+#[test]
+fn two_processes_reading_one_layer_at_once_fetch_it_once() {
+    let Some(s3) = s3() else { return };
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let layer_bytes = 24u64 << 20;
+    repo.push_base(&ws, &ws.subdir("cache"), random_bytes(layer_bytes as usize, 67), &[]);
+    let reader = ws.subdir("reader-cache");
+    let servers = overlay_servers(&repo, &ws, &reader, 2, &[]);
+    std::thread::scope(|sc| copy_all_at_once(sc, &servers, &ws));
+    let mut fetched = 0;
+    for mut server in servers {
+        server.daemon().terminate(STOP_TIMEOUT);
+        fetched += fetched_bytes(&server.log());
+    }
+    for i in 0..2 {
+        assert_files_equal(&ws.join(format!("read{i}.raw")), &ws.join("base.raw"));
+    }
+    // Random data does not compress: the layer is about 24 MiB in the store. Each process
+    // fetching for itself fetched most of it twice.
+    assert!(fetched <= layer_bytes * 5 / 4, "two readers fetched {fetched} bytes of a {layer_bytes}-byte layer");
+}
+
+/// Breaks the cache at `cache` for every process using it: a directory where its lock file
+/// goes, so that nothing can lock it (publish, a layer's first open) from now on.
+fn break_cache_lock(cache: &Path) {
+    let lock = cache.join(".lock");
+    if lock.exists() {
+        std::fs::remove_file(&lock).expect("remove the cache's lock file");
+    }
+    std::fs::create_dir(&lock).expect("a directory where the cache's lock file goes");
+}
+
+/// A process whose fills cannot be published (its cache directory broken: here the lock
+/// file replaced by a directory) does not hold up another process reading the same chunks:
+/// its claims end with the failed publish. Before, the other process waited out the 30 s
+/// claim limit for every chunk.
+#[test]
+fn a_failing_publish_does_not_hold_another_process_reading_the_same_chunks() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(CHUNK * 4, 81), &[]);
+    let cache = ws.subdir("reader-cache");
+    let servers = overlay_servers(&repo, &ws, &cache, 2, &["--no-prefetch"]);
+    // Each server reads the last chunk, so both have the layer open in the cache; from then
+    // on no publish can lock the cache.
+    let (mut first, mut second) = (client(&servers[0]), client(&servers[1]));
+    for c in [&mut first, &mut second] {
+        assert_bytes_eq(&c.read((3 * CHUNK) as u64, CHUNK as u32).expect("read"), &data[3 * CHUNK..], "chunk 3");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    break_cache_lock(&cache);
+    for i in 0..3 {
+        let got = first.read((i * CHUNK) as u64, CHUNK as u32).expect("first reader");
+        assert_bytes_eq(&got, &data[i * CHUNK..(i + 1) * CHUNK], &format!("first reader, chunk {i}"));
+    }
+    // The first server's publisher has run and failed by now (it runs within 20 ms).
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    for i in 0..3 {
+        let got = second.read((i * CHUNK) as u64, CHUNK as u32).expect("second reader");
+        assert_bytes_eq(&got, &data[i * CHUNK..(i + 1) * CHUNK], &format!("second reader, chunk {i}"));
+    }
+    let waited = t.elapsed();
+    assert!(waited < Duration::from_secs(15), "the second reader waited {waited:?} for claims of a failed publish");
+    drop((first, second));
+    for s in servers {
+        s.stop();
+    }
+}
+
+/// A cache that cannot take a layer (its directory broken before the first read: here the lock
+/// file replaced by a directory) does not make the layer unreadable: reads go to the store,
+/// uncached, and the server says so as it happens and when it stops (in its `--log` file,
+/// where its messages after startup go). Before, every read failed with EIO. Once the
+/// directory is mended, the next try (10 s on) takes the layer again.
+#[test]
+fn a_layer_reads_uncached_when_the_cache_cannot_take_it_and_cached_once_it_is_mended() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(CHUNK * 8, 85), &[]);
+    let cache = ws.subdir("reader-cache");
+    break_cache_lock(&cache);
+    let log = ws.join("server.log");
+    let mut server = overlay_servers(&repo, &ws, &cache, 1, &["--log", p(&log)]).remove(0);
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut c = client(&server);
+    for round in 0..2 {
+        assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &data, &format!("round {round}"));
+    }
+    c.write(1000, &[7u8; 5000]).expect("a write to the overlay");
+    let mut want = data.clone();
+    want[1000..6000].fill(7);
+    assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &want, "after the write");
+    let told = "the cache cannot take remote layers";
+    assert_eq!(said().matches(told).count(), 1, "told once, while serving:\n{}", said());
+    assert!(!cache.join("layers").exists() || du(&cache.join("layers")) == 0, "the broken cache kept chunks");
+
+    std::fs::remove_dir(cache.join(".lock")).expect("mend the cache directory");
+    std::thread::sleep(Duration::from_millis(10_500));
+    assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &want, "after the mend");
+    assert!(
+        wait_until(Duration::from_secs(10), || cache.join("layers").exists() && du(&cache.join("layers")) > 0),
+        "the mended cache keeps the chunks read"
+    );
+    assert!(said().contains("the cache takes remote layers again"), "{}", said());
+    drop(c);
+    server.daemon().terminate(STOP_TIMEOUT);
+    assert!(said().contains("went to the store uncached: the cache failed"), "{}", said());
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().strip_suffix("kB"));
+    kib.and_then(|k| k.trim().parse::<u64>().ok()).expect("VmRSS") << 10
+}
+
+/// Fills that cannot be published (the cache directory broken, as above) are not held for
+/// another try: reading a whole 48 MiB layer through such a cache grows the server by what
+/// its reads need (16 MiB measured), not by the layer. Held, they piled up: 60 MiB measured.
+#[test]
+fn fills_a_broken_cache_cannot_keep_do_not_pile_up_in_memory() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let size = 48 << 20;
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(size, 83), &[]);
+    let cache = ws.subdir("reader-cache");
+    let top = ws.join("top.cow");
+    run(&mut repo.cow(&cache, &["create", p(&top), "--backing", &repo.layer("b")]));
+    // A bound of 8 MiB: fills are published once 1 MiB of them wait.
+    let sock = ws.join("s.sock");
+    let args = [p(&top), "--socket", p(&sock), "--no-prefetch"];
+    let mut server = repo.server_env(&cache, &args, &[("COWDISK_CACHE_SIZE", "8M")]);
+    let mut c = client(&server);
+    assert_bytes_eq(&c.read(0, CHUNK as u32).expect("read"), &data[..CHUNK], "chunk 0");
+    std::thread::sleep(Duration::from_millis(200));
+    break_cache_lock(&cache);
+    let pid = server.daemon().pid();
+    let before = rss(pid);
+    for off in (0..size).step_by(4 << 20) {
+        let got = c.read(off as u64, 4 << 20).expect("read");
+        assert_bytes_eq(&got, &data[off..off + (4 << 20)], &format!("at {off}"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let grown = rss(pid).saturating_sub(before);
+    assert!(grown < 32 << 20, "reading a {size}-byte layer through a broken cache grew the server by {grown} bytes");
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn two_hosts_on_one_layer_each_read_their_own_writes() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), holed(4, 71), &[]);
+    let hosts: Vec<(PathBuf, PathBuf, Vec<u8>)> = (0..2)
+        .map(|h| {
+            let cache = ws.subdir(format!("host{h}/cache"));
+            let top = ws.join(format!("host{h}/top.cow"));
+            run(&mut repo.cow(&cache, &["create", p(&top), "--backing", &repo.layer("b")]));
+            (cache, top, random_bytes(3 * CHUNK, 72 + h))
+        })
+        .collect();
+    let servers: Vec<Server> = hosts
+        .iter()
+        .enumerate()
+        .map(|(h, (cache, top, _))| repo.server(cache, &[p(top), "--socket", p(&ws.join(format!("s{h}.sock")))]))
+        .collect();
+    let off = (1 << 20) + 1000;
+    for (s, (_, _, mine)) in servers.iter().zip(&hosts) {
+        client(s).write(off, mine).expect("write");
+    }
+    for (h, (s, (cache, _, mine))) in servers.iter().zip(&hosts).enumerate() {
+        let mut c = client(s);
+        assert_bytes_eq(&c.read(off, mine.len() as u32).expect("read"), mine, &format!("host {h}'s own write"));
+        let whole = c.read(0, data.len() as u32).expect("read all");
+        let mut want = data.clone();
+        want[off as usize..off as usize + mine.len()].copy_from_slice(mine);
+        assert_bytes_eq(&whole, &want, &format!("host {h}'s device"));
+        assert!(du(cache) > 0, "host {h} fetched nothing into its cache");
+    }
+    for s in servers {
+        s.stop();
+    }
+}
+
+#[test]
+fn a_stopped_gateway_gives_eio_then_reads_resume_without_a_restart() {
+    let Some(ceph) = Ceph::start() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(ceph.s3());
+    let cache = ws.subdir("cache");
+    let data = repo.push_base(&ws, &cache, random_bytes(4 << 20, 81), &[]);
+    let top = ws.join("top.cow");
+    let host = ws.subdir("host");
+    run(&mut repo.cow(&host, &["create", p(&top), "--backing", &repo.layer("b")]));
+    let env: Vec<(&str, String)> = repo
+        .s3
+        .env()
+        .into_iter()
+        .chain([
+            ("COWDISK_CACHE_DIR", host.display().to_string()),
+            ("COWDISK_S3_RETRIES", "2".into()),
+            ("COWDISK_S3_RETRY_TIMEOUT", "4".into()),
+            ("COWDISK_S3_TIMEOUT", "2".into()),
+        ])
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut server = Server::start_with_env(&[p(&top), "--socket", p(&ws.join("s.sock"))], &env);
+    let mut c = client(&server);
+    let half = data.len() / 2;
+    assert_bytes_eq(&c.read(0, half as u32).expect("read the first half"), &data[..half], "first half");
+
+    let said = ceph.rgw_stop();
+    assert!(said.contains("stopped rgw"), "{said}");
+    // Far from the first half: read-ahead has not fetched it.
+    let far = data.len() - CHUNK;
+    let t = Instant::now();
+    let r = c.read(far as u64, CHUNK as u32);
+    let e = r.expect_err("a read of an uncached chunk with the gateway stopped succeeded");
+    assert!(e.to_string().contains("EIO"), "the client saw {e}");
+    assert!(t.elapsed() < Duration::from_secs(20), "the failed read took {:?}", t.elapsed());
+    // Cached and local data keep being served, and the overlay takes writes.
+    assert_bytes_eq(&c.read(0, half as u32).expect("cached read"), &data[..half], "cached half, gateway down");
+    let mine = random_bytes(CHUNK, 82);
+    c.write(0, &mine).expect("write with the gateway down");
+    assert_bytes_eq(&c.read(0, CHUNK as u32).expect("read back"), &mine, "own write, gateway down");
+    assert!(server.is_running(), "the server died with the gateway");
+
+    let said = ceph.rgw_start();
+    assert!(said.contains("S3 answers"), "{said}");
+    let rest = c.read(half as u64, half as u32).expect("the second half once the gateway is back");
+    assert_bytes_eq(&rest, &data[half..], "second half after the outage");
+    c.disconnect().ok();
+    server.stop();
+}
+
+/// How many chunks a cache directory holds (see [`cached_entries`]).
+fn cached_chunks(dir: &Path) -> usize {
+    cached_entries(dir).len()
+}
+
+#[test]
+fn a_recorded_trace_is_stored_with_the_layer_and_fetched_first_by_the_next_server() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push"), random_bytes(8 << 20, 91), &[]);
+    let out = repo.cow(&ws.subdir("push"), &["trace", "show", &repo.layer("b")]).output().expect("run");
+    assert!(failure(&out).contains("no trace"));
+
+    // A "boot" reads three chunks, out of order, on a server that records.
+    let boot = [100u64, 7, 50];
+    let host_a = ws.subdir("a");
+    run(&mut repo.cow(&host_a, &["create", p(&ws.join("a.cow")), "--backing", &repo.layer("b")]));
+    let ctl = ws.join("a-control.sock");
+    let (top, sock) = (ws.join("a.cow"), ws.join("a.sock"));
+    let server = repo.server(&host_a, &[p(&top), "--socket", p(&sock), "--record-trace", "--control", p(&ctl)]);
+    let mut c = client(&server);
+    let read = |c: &mut NbdClient<std::os::unix::net::UnixStream>, k: u64| {
+        let got = c.read(k * CHUNK as u64, 4096).expect("read");
+        assert_bytes_eq(&got, &data[k as usize * CHUNK..k as usize * CHUNK + 4096], &format!("chunk {k}"));
+    };
+    for &k in &boot[..2] {
+        read(&mut c, k);
+    }
+    // `trace save` stores what was recorded so far while the server runs on and records on.
+    let out = run(&mut repo.cow(&host_a, &["trace", "save", "--control", p(&ctl)]));
+    assert!(stdout_of(&out).starts_with("saved a trace of 2 chunks as "), "{}", stdout_of(&out));
+    let shown = repo.json(&host_a, &["trace", "show", &repo.layer("b"), "--json"]);
+    assert_eq!(shown["chunks"], serde_json::json!(boot[..2]), "{shown}");
+    read(&mut c, boot[2]);
+    c.disconnect().ok();
+    let log_before_stop = server.log();
+    server.stop();
+    assert!(!log_before_stop.contains("saved a trace"), "the server saved by itself before its stop");
+    let shown = repo.json(&host_a, &["trace", "show", &repo.layer("b"), "--json"]);
+    assert_eq!(shown["chunks"], serde_json::json!(boot), "the stop stores the whole trace: {shown}");
+
+    // The next host's server fetches them before anyone asks; only them.
+    let host_b = ws.subdir("b");
+    run(&mut repo.cow(&host_b, &["create", p(&ws.join("b.cow")), "--backing", &repo.layer("b")]));
+    let ctl_b = ws.join("b-control.sock");
+    let server =
+        repo.server(&host_b, &[p(&ws.join("b.cow")), "--socket", p(&ws.join("b.sock")), "--control", p(&ctl_b)]);
+    let out = repo.cow(&host_b, &["trace", "save", "--control", p(&ctl_b)]).output().expect("run");
+    assert!(failure(&out).contains("records no traces (start it with --record-trace)"), "{}", failure(&out));
+    assert!(
+        wait_until(Duration::from_secs(15), || cached_chunks(&host_b) >= boot.len()),
+        "the traced chunks were not prefetched: {} in the cache",
+        cached_chunks(&host_b)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(cached_chunks(&host_b), boot.len(), "prefetch fetched more than the trace");
+    server.stop();
+
+    // --no-prefetch: nothing is fetched until read.
+    let host_c = ws.subdir("c");
+    run(&mut repo.cow(&host_c, &["create", p(&ws.join("c.cow")), "--backing", &repo.layer("b")]));
+    let server = repo.server(&host_c, &[p(&ws.join("c.cow")), "--socket", p(&ws.join("c.sock")), "--no-prefetch"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(cached_chunks(&host_c), 0, "--no-prefetch fetched chunks");
+    server.stop();
+
+    run(&mut repo.cow(&host_c, &["trace", "rm", &repo.layer("b")]));
+    assert!(repo.keys("traces").is_empty(), "{:?}", repo.keys("traces"));
+}
+
+#[test]
+fn processes_share_one_cache_and_a_killed_reader_leaves_it_sound() {
+    let Some(s3) = s3() else { return };
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push"), random_bytes(16 << 20, 101), &[]);
+    let shared = ws.subdir("host-cache");
+
+    // A reader killed with -9 in the middle of filling the cache.
+    run(&mut repo.cow(&shared, &["create", p(&ws.join("k.cow")), "--backing", &repo.layer("b")]));
+    let mut killed = repo.server(&shared, &[p(&ws.join("k.cow")), "--socket", p(&ws.join("k.sock"))]);
+    let uri = killed.uri("");
+    let mut copy = tool("nbdcopy")
+        .arg(&uri)
+        .arg(ws.join("partial.raw"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nbdcopy");
+    assert!(wait_until(Duration::from_secs(20), || cached_chunks(&shared) >= 40), "nothing was cached");
+    killed.kill9();
+    let _ = copy.wait();
+
+    // Two servers of two overlays, one cache, reading everything at once.
+    let servers: Vec<Server> = (0..2)
+        .map(|i| {
+            let top = ws.join(format!("t{i}.cow"));
+            run(&mut repo.cow(&shared, &["create", p(&top), "--backing", &repo.layer("b")]));
+            repo.server(&shared, &[p(&top), "--socket", p(&ws.join(format!("t{i}.sock")))])
+        })
+        .collect();
+    let outs: Vec<PathBuf> = (0..2).map(|i| ws.join(format!("out{i}.raw"))).collect();
+    std::thread::scope(|sc| {
+        for (s, o) in servers.iter().zip(&outs) {
+            sc.spawn(move || copy_out(s, o));
+        }
+    });
+    for o in &outs {
+        assert_files_equal(o, &ws.join("base.raw"));
+    }
+    // Each chunk is kept once, whoever fetched it.
+    assert_eq!(cached_chunks(&shared), data.len() / CHUNK, "chunk files in the shared cache");
+    for s in servers {
+        s.stop();
+    }
+}
