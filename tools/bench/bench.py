@@ -1409,8 +1409,8 @@ into an evicted copy or a sparse file, rows 5b and 5c) therefore vary from run t
 about 10× for the same work, depending on whether the kernel hands out pages the host still
 backs. Reads of the cached base and overwrites of pages already cached (nbdkit's raw copy in
 rows 2, 3 and 5) allocate no pages and are not exposed to this. The write jobs' repetitions
-below show the spread; job 5 runs {runs}× per repetition for that reason.
-""".format(runs=SEQWRITE_RUNS)
+below show the spread; job 2 runs {runs2}× and job 5 {runs}× per repetition for that reason.
+""".format(runs=SEQWRITE_RUNS, runs2=FIRSTWRITE_RUNS)
     if mi.get("pageout_age") is not None:
         memory_note += f"""
 **Cold page cache:** this VM pages out page cache nobody touched for {mi['pageout_age']:.0f} s (DAMON,
@@ -1516,7 +1516,8 @@ and flushes); median over the repetitions. Lower is better.
   2. 4K random writes, iodepth 16, on a fresh overlay, **not** time based: fio's random map writes
      each block at most once, and the job ends when the whole device is covered or after
      {ARGS.runtime} s, so every write is a first write (at these speeds the whole device is
-     usually covered before {ARGS.runtime} s: see "fio runtime s" below). Overlay growth =
+     usually covered before {ARGS.runtime} s: see "fio runtime s" below); {FIRSTWRITE_RUNS} runs per
+     repetition and per peer, the median over all of them. Overlay growth =
      (st_blocks × 512 after the server stopped − before) ÷ bytes fio wrote. Because job 2 usually
      covers the whole device, growth is also measured (row 2c) on a separate fresh overlay after
      4K first writes at random offsets covering 10% of the device (no time limit); that is where
@@ -1619,6 +1620,9 @@ def parse_size(s):
 
 
 SEQWRITE_RUNS = 4
+# Job 2 is short too (3 to 12 s per peer) and writes into new pages like job 5: with three
+# samples per peer, two slow ones decided the median (2026-12-03, BENCHMARKS.md's two runs).
+FIRSTWRITE_RUNS = 4
 FLATTEN_RUNS = 3
 
 
@@ -1630,7 +1634,7 @@ def rotated(peers, rep):
 
 
 def main():
-    global ARGS, SCRATCH, BASE, BASE_COPY, DEEP, SEQWRITE_RUNS
+    global ARGS, SCRATCH, BASE, BASE_COPY, DEEP, SEQWRITE_RUNS, FIRSTWRITE_RUNS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", help="scratch directory (created; default: a new temp dir under /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="do not remove the scratch directory")
@@ -1657,6 +1661,7 @@ def main():
     # A smoke run keeps to about two minutes: 8 images, one round of the 1M sequential writes.
     DEEP = 8 if ARGS.quick else 256
     SEQWRITE_RUNS = 1 if ARGS.quick else SEQWRITE_RUNS
+    FIRSTWRITE_RUNS = 1 if ARGS.quick else FIRSTWRITE_RUNS
     if ARGS.size_bytes % MiB or ARGS.size_bytes < 16 * MiB:
         ap.error("--size must be a multiple of 1 MiB and at least 16 MiB")
     if not ARGS.cowdisk:
@@ -1710,9 +1715,9 @@ def main():
             log(f"=== repetition {rep + 1}/{ARGS.repeat}: fio jobs")
             for job in (job_randread, job_firstwrite, job_growth, job_rewrite, job_seqread, job_seqwrite, job_randread4,
                         job_syncwrite, job_syncrewrite, job_fuawrite, job_fuarewrite, job_mixed, job_ext4):
-                # The 1M sequential write is short and, on this VM, the noisiest job (see the
-                # report's note on memory): it runs SEQWRITE_RUNS times per repetition.
-                runs = SEQWRITE_RUNS if job is job_seqwrite else 1
+                # The first-write jobs 2 and 5 are short and, on this VM, the noisiest (see the
+                # report's note on memory): they run several times per repetition.
+                runs = {job_seqwrite: SEQWRITE_RUNS, job_firstwrite: FIRSTWRITE_RUNS}.get(job, 1)
                 for k in range(runs):
                     peers = (SEQWRITE_PEERS if job is job_seqwrite else MIXED_PEERS if job is job_mixed
                              else FUA_PEERS if job is job_fuawrite else PEERS)
