@@ -448,3 +448,60 @@ fn a_slot_of_a_failed_write_is_not_reused_before_the_checkpoint() {
     let b20 = &base[at(20) as usize..at(21) as usize];
     assert_block_is_one_of(&dev, 20, &[b20, &[0x3c; BLOCK]], "chunk 20 after the crash");
 }
+
+/// Found in review (2026-12-03): a header written through `update_header` that freezes the
+/// image dropped the journal and punched its area, but synced the punch only with that header:
+/// a crash could keep the frozen header and lose the punch, leaving the area's records as
+/// space no map points at, in a layer nothing opens for writing again (format-spec §5.9: the
+/// area is punched, and synced, before that header, as `freeze` already did).
+#[test]
+fn a_header_that_freezes_the_image_follows_the_punch_of_its_journal() {
+    use cowdisk::format::FLAG_FROZEN;
+    use cowdisk::ops::check::{check, CheckOptions};
+    use cowdisk::storage::recording::RecOp;
+
+    let journal = Journal::new();
+    let store = Arc::new(RecordingStorage::new(journal.clone(), 0));
+    let g = Geometry::new(SIZE, 16).unwrap();
+    let img = Image::create_on(store, Path::new("top"), g, Some(raw_ref()), [1; 16]).unwrap();
+    // The first flush makes the journal; the second writes a record into it.
+    let chain = Chain::assemble(img, Vec::new(), None);
+    chain.write_at(&[2u8; BLOCK], 0).unwrap();
+    chain.flush().unwrap();
+    chain.write_at(&[3u8; BLOCK], 4096).unwrap();
+    chain.flush().unwrap();
+    assert!(chain.top().header().journal.is_some(), "the image has a journal to drop");
+    chain.top().update_header(|h| h.set_flag(FLAG_FROZEN, true)).unwrap();
+
+    // The crash: just before the last sync, with the frozen header in place and every sector
+    // the header did not write as it was at the sync before (the area not yet punched).
+    let ops = journal.ops();
+    let k = ops.iter().rposition(|(_, op)| matches!(op, RecOp::Sync)).expect("the header's sync");
+    let header = ops[..k].iter().rev().find_map(|(_, op)| match op {
+        RecOp::Write { offset, data } => Some((*offset, data.len())),
+        _ => None,
+    });
+    let (h_off, h_len) = header.expect("the frozen header's write");
+    // Candidates come sector by sector in order; the header's are the first unless something
+    // before it in the file is also unsynced, which this image does not have below the header.
+    let header_sectors = h_len.div_ceil(512);
+    assert!(h_off < 65536, "the header is at the file's start");
+    let mut calls = 0;
+    let bytes = CrashImages::new(&journal, 1).state(0, k, |n| {
+        calls += 1;
+        if calls <= header_sectors {
+            n
+        } else {
+            0
+        }
+    });
+    let frozen =
+        Image::open_on(Arc::new(MemStorage::from_bytes(bytes.clone())), Path::new("top"), OpenOptions::read_only())
+            .expect("the crash state opens");
+    assert!(frozen.header().has_flag(FLAG_FROZEN), "the state has the frozen header");
+    let scratch = common::TempDir::new("frozen");
+    let p = scratch.join("top.cow");
+    common::write_sparse(&p, &bytes).unwrap();
+    let r = check(&p, &CheckOptions::default(), &|_, _| {});
+    assert_eq!(r.images[0].leaked_bytes, 0, "space leaked in the frozen layer: {r:?}");
+}

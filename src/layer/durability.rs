@@ -327,8 +327,11 @@ impl Image {
         let mut h = st.header.clone();
         f(&mut h);
         if h.has_flag(FLAG_FROZEN) {
-            // A header that freezes the image drops its journal (spec §5.9), as freeze does.
+            // A header that freezes the image drops its journal (spec §5.9), as freeze does,
+            // and the punch of its area is durable before that header: a frozen layer is never
+            // opened for writing, so nothing would reclaim an area the crash left unpunched.
             self.drop_journal(&mut h)?;
+            self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("update header"))?;
         }
         self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
         drop(st);

@@ -123,3 +123,18 @@ impl Storage for PunchFaults {
         self.inner.allocated_bytes()
     }
 }
+
+/// Writes `bytes` to a new file at `p`, leaving its all-zero 4 KiB blocks as holes: a crash
+/// state holds punched space as zeros, and `check` counts free space that holds data (not
+/// holes) as leaked.
+pub fn write_sparse(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(p)?;
+    f.set_len(bytes.len() as u64)?;
+    for (i, block) in bytes.chunks(4096).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            f.write_all_at(block, i as u64 * 4096)?;
+        }
+    }
+    Ok(())
+}

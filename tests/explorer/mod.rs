@@ -16,7 +16,6 @@ pub use snapshot::{populate, snapshot_state_is_before_or_after};
 
 use crate::common::{pattern, PunchFaults};
 pub use checks::check_bytes;
-use checks::write_sparse;
 use checks::{check_output, check_recovered, check_state};
 use cowdisk::format::header::{ParentFormat, ParentRef};
 use cowdisk::format::{Geometry, FLAG_FROZEN};

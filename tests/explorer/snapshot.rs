@@ -19,7 +19,7 @@ pub fn snapshot_state_is_before_or_after(files: &[(PathBuf, usize, Vec<u8>)], mo
         let p = scratch.join(name.to_str().ok_or("name is not UTF-8")?);
         match made.iter().find(|(f, _)| f == file) {
             Some((_, first)) => std::fs::hard_link(first, &p).map_err(|e| e.to_string())?,
-            None => super::write_sparse(&p, bytes).map_err(|e| e.to_string())?,
+            None => crate::common::write_sparse(&p, bytes).map_err(|e| e.to_string())?,
         }
         made.push((*file, p));
     }
