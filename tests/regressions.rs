@@ -505,3 +505,157 @@ fn a_header_that_freezes_the_image_follows_the_punch_of_its_journal() {
     let r = check(&p, &CheckOptions::default(), &|_, _| {});
     assert_eq!(r.images[0].leaked_bytes, 0, "space leaked in the frozen layer: {r:?}");
 }
+
+/// Found in review (2026-12-04): a flush that punched the slots it released stopped at the
+/// first punch that failed, with the whole batch already out of the queue: none of them went
+/// back, so they were neither free nor queued. A slot a relocating rewrite left (data
+/// checksums, spec §5.8) kept its old data, a later flush and close succeeded and marked the
+/// image clean, and `check` found data in space no map points at (format-spec §5.5 forbids it
+/// in a clean image). Slots whose punch failed now go back to the queue, for the next flush to
+/// punch. (A discard punches its blocks when it runs: a slot it releases holds nothing, so the
+/// rewrite is what shows the leak.)
+#[test]
+fn a_slot_whose_punch_failed_is_punched_by_a_later_flush() {
+    use cowdisk::ops::check::{check, CheckOptions};
+
+    let mem = Arc::new(MemStorage::new());
+    let store = Arc::new(PunchFaults::new(mem.clone()));
+    let g = Geometry::new(SIZE, 12).and_then(|g| g.with_data_checksums(true)).unwrap();
+    let top = Image::create_on(store.clone(), Path::new("top"), g, Some(raw_ref()), [1; 16]).unwrap();
+    let chain = Chain::assemble(top, Vec::new(), None);
+    for c in 0..4u64 {
+        chain.write_at(&[7u8; BLOCK], c * BLOCK as u64).unwrap();
+    }
+    chain.top().update_header(|_| {}).unwrap(); // the map durable: a rewrite must relocate
+    for c in 1..3u64 {
+        chain.write_at(&[8u8; BLOCK], c * BLOCK as u64).unwrap(); // releases the old slot
+    }
+    store.failing.store(true, Ordering::SeqCst);
+    let failed = chain.top().update_header(|_| {});
+    store.failing.store(false, Ordering::SeqCst);
+    assert!(failed.is_err() && store.refused.load(Ordering::Relaxed) > 0, "a punch was refused ({failed:?})");
+    chain.flush().unwrap();
+    chain.close().unwrap();
+    drop(chain);
+
+    let scratch = common::TempDir::new("punch");
+    let p = scratch.join("top.cow");
+    common::write_sparse(&p, &mem.snapshot()).unwrap();
+    let r = check(&p, &CheckOptions::default(), &|_, _| {});
+    assert_eq!(r.images[0].leaked_bytes, 0, "space leaked after a failed punch: {r:?}");
+    let img =
+        Image::open_on(Arc::new(MemStorage::from_bytes(mem.snapshot())), Path::new("top"), OpenOptions::read_only())
+            .unwrap();
+    assert!(!img.header().has_flag(cowdisk::format::FLAG_DIRTY), "the image was closed clean");
+    let chain = Chain::assemble(img, Vec::new(), None);
+    for c in 0..4u64 {
+        let mut buf = [0u8; BLOCK];
+        chain.read_at(&mut buf, c * BLOCK as u64).unwrap();
+        let want = if (1..3).contains(&c) { 8 } else { 7 };
+        assert!(buf.iter().all(|&b| b == want), "chunk {c} reads back what was last written");
+    }
+}
+
+/// Found in the same review: a map replacement (commit's last step) punched the space only the
+/// old map used and stopped at the first punch that failed, with that space already out of
+/// the allocator. The old map's sectors stayed in space no map points at, and a later close
+/// marked the image clean (format-spec §5.5). The space now goes to the release queue, which
+/// the next flush punches.
+#[test]
+fn old_map_space_whose_punch_failed_is_punched_by_a_later_flush() {
+    use cowdisk::format::map::MapEntry;
+    use cowdisk::ops::check::{check, CheckOptions};
+
+    let mem = Arc::new(MemStorage::new());
+    let store = Arc::new(PunchFaults::new(mem.clone()));
+    let top =
+        Image::create_on(store.clone(), Path::new("top"), Geometry::new(SIZE, 12).unwrap(), Some(raw_ref()), [1; 16])
+            .unwrap();
+    let chain = Chain::assemble(top, Vec::new(), None);
+    for c in 0..4u64 {
+        chain.write_at(&[7u8; BLOCK], c * BLOCK as u64).unwrap();
+    }
+    chain.top().update_header(|_| {}).unwrap(); // the map in its extent on disk
+    let entries: Vec<MapEntry> = chain
+        .top()
+        .entries()
+        .into_iter()
+        .map(|(chunk, e)| MapEntry { chunk, data_offset: e.data_offset, blocks: e.blocks, crcs: e.crcs.to_vec() })
+        .collect();
+    store.failing.store(true, Ordering::SeqCst);
+    let replaced = chain.top().replace_map(entries);
+    store.failing.store(false, Ordering::SeqCst);
+    assert!(replaced.is_err() && store.refused.load(Ordering::Relaxed) > 0, "a punch was refused ({replaced:?})");
+    chain.flush().unwrap();
+    chain.close().unwrap();
+    drop(chain);
+
+    let scratch = common::TempDir::new("punch-map");
+    let p = scratch.join("top.cow");
+    common::write_sparse(&p, &mem.snapshot()).unwrap();
+    let r = check(&p, &CheckOptions::default(), &|_, _| {});
+    assert_eq!(r.images[0].leaked_bytes, 0, "the old map's space leaked after a failed punch: {r:?}");
+    let img =
+        Image::open_on(Arc::new(MemStorage::from_bytes(mem.snapshot())), Path::new("top"), OpenOptions::read_only())
+            .unwrap();
+    assert!(!img.header().has_flag(cowdisk::format::FLAG_DIRTY), "the image was closed clean");
+    let chain = Chain::assemble(img, Vec::new(), None);
+    let mut buf = vec![0u8; 4 * BLOCK];
+    chain.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 7), "every chunk reads back what was written");
+}
+
+/// Found in the same review: a header update that freezes the image (what compaction writes
+/// into its temporary) punches the journal area first; when the header write after that
+/// failed, the image stayed writable with the old header, which still names the area, and a
+/// journal state that went on writing records past the punched start. Recovery reads a hole
+/// at the start of the area as an empty chain, so a flush that reported success lost its
+/// data at reopen. Such a failure now poisons the image: later writes and flushes fail until
+/// it is reopened. Every modifying operation of the update is failed in turn.
+#[test]
+fn a_flush_after_a_failed_freezing_header_update_keeps_its_promise() {
+    use cowdisk::format::FLAG_FROZEN;
+
+    let mut failed_updates = 0;
+    for nth in 1..=8 {
+        let mem = Arc::new(MemStorage::new());
+        let fault = Arc::new(FaultStorage::new(mem.clone()));
+        let top = Image::create_on(
+            fault.clone(),
+            Path::new("top"),
+            Geometry::new(SIZE, 12).unwrap(),
+            Some(raw_ref()),
+            [1; 16],
+        )
+        .unwrap();
+        let chain = Chain::assemble(top, Vec::new(), None);
+        // Journaled flushes: the area exists and holds records.
+        for c in 0..3u64 {
+            chain.write_at(&[7u8; BLOCK], c * BLOCK as u64).unwrap();
+            chain.flush().unwrap();
+        }
+        fault.arm(nth, FaultKind::Eio, false);
+        let frozen = chain.top().update_header(|h| h.set_flag(FLAG_FROZEN, true));
+        fault.arm(u64::MAX, FaultKind::Eio, false);
+        if frozen.is_ok() {
+            continue; // the fault fell after the update's last operation
+        }
+        failed_updates += 1;
+        let wrote = chain.write_at(&[9u8; BLOCK], 4 * BLOCK as u64).and_then(|_| chain.flush());
+        // A power cut right after the flush: what the file holds now (every write it made
+        // was synced before it returned), not what a close would add.
+        let after = mem.snapshot();
+        drop(chain);
+        let Ok(()) = wrote else { continue }; // refused: the caller knows, nothing was promised
+        let img =
+            Image::open_on(Arc::new(MemStorage::from_bytes(after)), Path::new("top"), OpenOptions::writable()).unwrap();
+        let chain = Chain::assemble(img, Vec::new(), None);
+        let mut buf = [0u8; BLOCK];
+        chain.read_at(&mut buf, 4 * BLOCK as u64).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 9),
+            "fault at operation {nth}: a flush reported success and its write is gone"
+        );
+    }
+    assert!(failed_updates > 0, "some fault made the update fail");
+}

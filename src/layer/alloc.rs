@@ -24,8 +24,9 @@ pub struct Allocator {
     end: u64,
     /// Free cluster ranges [start, end) below `end`, sorted, disjoint, coalesced.
     free: Vec<(u64, u64)>,
-    /// Clusters released by map changes not yet durable.
-    pending: Vec<u64>,
+    /// Space [start, end) released by map changes not yet durable, or not yet punched: free
+    /// only once a flush has made the change durable and punched it.
+    pending: Vec<(u64, u64)>,
 }
 
 impl Allocator {
@@ -93,24 +94,20 @@ impl Allocator {
 
     /// Queues a cluster to be freed once the map change that released it is durable.
     pub fn release_later(&mut self, off: u64) {
-        self.pending.push(off);
+        self.pending.push((off, off + self.cluster));
     }
 
-    /// Takes the queued releases; the caller passes them to [`Allocator::free_now`] after the
-    /// map no longer referencing them has been synced.
-    pub fn take_pending(&mut self) -> Vec<u64> {
+    /// Takes the queued releases; the caller punches them and passes them to
+    /// [`Allocator::add_free`] after the map no longer referencing them has been synced.
+    pub fn take_pending(&mut self) -> Vec<(u64, u64)> {
         std::mem::take(&mut self.pending)
     }
 
-    /// Puts releases back in the queue (their map change failed to become durable).
-    pub fn requeue(&mut self, offs: Vec<u64>) {
-        self.pending.extend(offs);
-    }
-
-    pub fn free_now(&mut self, offs: &[u64]) {
-        for &off in offs {
-            self.insert_free(off, off + self.cluster);
-        }
+    /// Puts releases back in the queue: their map change failed to become durable, or their
+    /// punch failed (space is free only once punched, since a clean image holds no data in
+    /// free space, spec §5.5).
+    pub fn requeue(&mut self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+        self.pending.extend(ranges);
     }
 
     /// Takes the free ranges out, so that none is handed out until [`Allocator::add_free`]
@@ -120,7 +117,7 @@ impl Allocator {
         std::mem::take(&mut self.free)
     }
 
-    /// Gives back ranges taken by [`Allocator::take_free`].
+    /// Makes ranges free: ones taken by [`Allocator::take_free`], or released ones, punched.
     pub fn add_free(&mut self, ranges: &[(u64, u64)]) {
         for &(s, e) in ranges {
             self.insert_free(s, e);
@@ -206,13 +203,13 @@ mod tests {
     }
 
     #[test]
-    fn released_space_is_reused_only_after_free_now() {
+    fn released_space_is_reused_only_after_add_free() {
         let mut a = Allocator::empty(C, C);
         let s = a.alloc_slot().unwrap();
         a.release_later(s);
         assert_ne!(a.alloc_slot().unwrap(), s);
         let p = a.take_pending();
-        a.free_now(&p);
+        a.add_free(&p);
         assert_eq!(a.alloc_slot().unwrap(), s);
     }
 
@@ -222,7 +219,7 @@ mod tests {
         for _ in 0..4 {
             a.alloc_slot().unwrap();
         }
-        a.free_now(&[3 * C, C, 2 * C]);
+        a.add_free(&[(3 * C, 4 * C), (C, 2 * C), (2 * C, 3 * C)]);
         assert_eq!(a.free_ranges(), &[(C, 4 * C)]);
     }
 

@@ -375,11 +375,7 @@ impl Image {
     pub fn release_detached_slots(&self, slots: &[u64]) -> Result<()> {
         self.require_writable()?;
         let cluster = self.geom.chunk_size();
-        for &off in slots {
-            self.storage.punch(off, cluster).map_err(|e| e.with_file(&self.path))?;
-        }
-        write(&self.state).alloc.free_now(slots);
-        Ok(())
+        self.punch_and_free(slots.iter().map(|&s| (s, s + cluster)).collect())
     }
 }
 

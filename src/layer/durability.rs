@@ -121,10 +121,7 @@ impl Image {
                     // not, and the allocator hands it out only below), so the punches need no
                     // lock, and readers do not wait for them.
                     drop(write(&self.reclaim));
-                    for &off in &released {
-                        self.storage.punch(off, self.geom.chunk_size()).map_err(|e| e.with_file(&self.path))?;
-                    }
-                    write(&self.state).alloc.free_now(&released);
+                    self.punch_and_free(released).map_err(|e| e.during("flush"))?;
                 }
                 if self.corrupt_found.load(Ordering::Acquire) {
                     let mut st = write(&self.state);
@@ -327,13 +324,11 @@ impl Image {
         let mut h = st.header.clone();
         f(&mut h);
         if h.has_flag(FLAG_FROZEN) {
-            // A header that freezes the image drops its journal (spec §5.9), as freeze does,
-            // and the punch of its area is durable before that header: a frozen layer is never
-            // opened for writing, so nothing would reclaim an area the crash left unpunched.
-            self.drop_journal(&mut h)?;
-            self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("update header"))?;
+            // A header that freezes the image drops its journal (spec §5.9), as freeze does.
+            self.write_freezing_header(&mut st, h, false).map_err(|e| e.during("update header"))?;
+        } else {
+            self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
         }
-        self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
         drop(st);
         self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("update header"))
     }
@@ -349,15 +344,29 @@ impl Image {
         Ok(())
     }
 
-    /// Takes the journal out of `h`, the header about to freeze the image, and punches its
-    /// area first: a checkpoint just ran, so its chain holds nothing to replay, and a crash
-    /// before the header leaves a live image whose empty area reads as an empty chain; after
-    /// it, nothing is left over.
-    fn drop_journal(&self, h: &mut Header) -> Result<()> {
-        if let Some(a) = h.journal.take() {
-            self.storage.punch(a.offset, a.len).map_err(|e| e.with_file(&self.path))?;
-        }
-        Ok(())
+    /// Writes `h`, a header that freezes the image, after what must be durable before it:
+    /// the punch of its journal area, which `h` no longer names (a checkpoint just ran, so the
+    /// area holds nothing to replay; a crash before the header leaves a live image whose empty
+    /// area reads as an empty chain), and with `trim` the cut tail. A frozen layer is never
+    /// opened for writing, so nothing would reclaim what a crash left unpunched. The header
+    /// write is not synced here.
+    ///
+    /// Any failure poisons the image: the area may be punched while the header in force still
+    /// names it, and a record the image went on writing after the punched checkpoint would
+    /// follow a hole, which recovery reads as the end of the chain (a flush that reported
+    /// success would be lost to a crash). Only a reopen, which reads both afresh, may write.
+    fn write_freezing_header(&self, st: &mut State, mut h: Header, trim: bool) -> Result<()> {
+        let res = (|| {
+            if let Some(a) = h.journal.take() {
+                self.storage.punch(a.offset, a.len)?;
+            }
+            if trim {
+                self.trim_tail(st)?;
+            }
+            self.storage.sync()?;
+            self.write_header(st, |next| *next = h)
+        })();
+        res.inspect_err(|_| self.poisoned.store(true, Ordering::Release)).map_err(|e| e.with_file(&self.path))
     }
 
     /// Freezes this writable image in place for a live snapshot (spec §5.7.1 S3): flushes,
@@ -376,12 +385,7 @@ impl Image {
         h.set_flag(FLAG_FROZEN, true);
         h.set_flag(FLAG_DIRTY, false);
         h.pending = Some(pending);
-        self.drop_journal(&mut h)?;
-        self.trim_tail(&st).map_err(|e| e.with_file(&self.path).during("freeze"))?;
-        // Punches and the cut tail durable before the header that freezes the image (as at
-        // close): a frozen layer is never opened for writing, so nothing would reclaim them.
-        self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("freeze"))?;
-        self.write_header(&mut st, |next| *next = h).map_err(|e| e.with_file(&self.path))?;
+        self.write_freezing_header(&mut st, h, true).map_err(|e| e.during("freeze"))?;
         drop(st);
         self.closing.store(true, Ordering::Release);
         self.sync_or_poison().map_err(|e| e.with_file(&self.path).during("freeze"))?;
@@ -470,10 +474,25 @@ impl Image {
             st.alloc.take_free()
         };
         self.sync_or_poison().map_err(ctx)?;
-        for &(s, e) in &freed {
-            self.storage.punch(s, e - s).map_err(ctx)?;
+        self.punch_and_free(freed).map_err(ctx)
+    }
+
+    /// Punches released space no durable map references any more, then makes it free, in
+    /// that order: a clean image holds no data in free space (spec §5.5), and only a DIRTY
+    /// one's is reclaimed at open. A punch that fails leaves its range, and the ones after it,
+    /// holding what they held: they go back to the release queue, for the next flush to punch
+    /// (dropped from both they would be space no map points at, with old data in it, in an
+    /// image a later close marks clean).
+    pub(super) fn punch_and_free(&self, ranges: Vec<(u64, u64)>) -> Result<()> {
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            if let Err(err) = self.storage.punch(s, e - s) {
+                let mut st = write(&self.state);
+                st.alloc.add_free(&ranges[..i]);
+                st.alloc.requeue(ranges[i..].iter().copied());
+                return Err(err.with_file(&self.path));
+            }
         }
-        write(&self.state).alloc.add_free(&freed);
+        write(&self.state).alloc.add_free(&ranges);
         Ok(())
     }
 

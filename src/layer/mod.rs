@@ -102,8 +102,8 @@ struct JournalState {
     records: usize,
     /// Map sectors (by number) logged since the last checkpoint, written in place at the next.
     logged: std::collections::BTreeSet<u64>,
-    /// Clusters released by journaled flushes: reusable only after the next checkpoint.
-    deferred: Vec<u64>,
+    /// Space released by journaled flushes: reusable only after the next checkpoint.
+    deferred: Vec<(u64, u64)>,
 }
 
 impl JournalState {
@@ -172,6 +172,8 @@ pub struct Image {
     /// Set when a sync failed: the kernel may have dropped dirty pages, so nothing written
     /// since the last good flush can be trusted to reach the disk; every later write and flush
     /// fails until the image is reopened (a retried fsync could report success for lost data).
+    /// Also set when a header that freezes the image failed after its journal area was
+    /// punched (the in-memory journal no longer matches the file).
     poisoned: AtomicBool,
     /// A data checksum failed: the next flush or close records FLAG_CORRUPT in the header.
     corrupt_found: AtomicBool,
@@ -512,7 +514,7 @@ impl Image {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(err(
                 ErrorKind::Io,
-                "an earlier sync failed; writes since the last flush may be lost; reopen the image",
+                "an earlier sync or header write failed; writes since the last flush may be lost; reopen the image",
             )
             .with_file(&self.path));
         }
