@@ -17,8 +17,9 @@
 //! the middle of a change (marked unsettled while the change runs), and the recount first
 //! punches out the bytes such a change may have left that no record covers.
 
-use super::chunks::{self, LayerChunks};
+use super::chunks::LayerChunks;
 use super::coalesce::Coalescer;
+use super::index;
 use super::manifest::{hex, Digest, Manifest};
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::sync::lock;
@@ -78,7 +79,7 @@ fn io(op: &'static str, p: &Path, e: std::io::Error) -> Error {
 enum Victim {
     Blob(PathBuf),
     /// A layer's index file and one of its records.
-    Chunk(Arc<PathBuf>, usize, chunks::Record),
+    Chunk(Arc<PathBuf>, usize, index::Record),
 }
 
 impl Cache {
@@ -170,8 +171,8 @@ impl Cache {
         let l = self.with_lock(|| {
             // A new index file is bytes of the cache like any fill: room made for it, and
             // counted, before it is made (so a scan meanwhile does not count it twice).
-            let have = std::fs::metadata(chunks::paths(&self.dir, &hex(d)).0).map_or(0, |f| f.len());
-            self.fill_locked(chunks::index_len(m).saturating_sub(have), || LayerChunks::open_locked(&self.dir, d, m))
+            let have = std::fs::metadata(index::paths(&self.dir, &hex(d)).0).map_or(0, |f| f.len());
+            self.fill_locked(index::index_len(m).saturating_sub(have), || LayerChunks::open_locked(&self.dir, d, m))
         })??;
         let l = Arc::new(l);
         layers.insert(*d, l.clone());
@@ -226,8 +227,8 @@ impl Cache {
             }
             total += f.metadata().map_or(0, |m| m.len());
             let ip = Arc::new(p);
-            for (i, r) in chunks::records_of(&ip) {
-                let size = chunks::footprint(u64::from(r.length));
+            for (i, r) in index::records_of(&ip) {
+                let size = index::footprint(u64::from(r.length));
                 total += size;
                 out.push((Victim::Chunk(ip.clone(), i, r), size, u64::from(r.last_use)));
             }
@@ -303,8 +304,8 @@ impl Cache {
         for f in files.flatten() {
             let ip = f.path();
             if ip.extension().is_some_and(|e| e == "index") {
-                if let Some(shift) = chunks::shift_of(&ip) {
-                    let _ = chunks::sweep_locked(&ip, &ip.with_extension("data"), shift);
+                if let Some(shift) = index::shift_of(&ip) {
+                    let _ = index::sweep_locked(&ip, &ip.with_extension("data"), shift);
                 }
             }
         }
@@ -405,7 +406,7 @@ impl Cache {
     fn evict_locked(&self, target: u64) -> Result<u64> {
         let (mut total, mut all) = self.scan();
         all.sort_by_key(|v| v.2);
-        let mut chunks: HashMap<Arc<PathBuf>, Vec<(usize, chunks::Record)>> = HashMap::new();
+        let mut chunks: HashMap<Arc<PathBuf>, Vec<(usize, index::Record)>> = HashMap::new();
         for (v, size, _) in all {
             if total <= target {
                 break;
@@ -423,8 +424,8 @@ impl Cache {
             }
         }
         for (ip, victims) in chunks {
-            let Some(shift) = chunks::shift_of(&ip) else { continue };
-            chunks::evict_locked(&ip, &ip.with_extension("data"), shift, &victims)?;
+            let Some(shift) = index::shift_of(&ip) else { continue };
+            index::evict_locked(&ip, &ip.with_extension("data"), shift, &victims)?;
         }
         Ok(total)
     }

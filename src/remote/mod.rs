@@ -8,6 +8,7 @@ pub mod admin;
 pub mod cache;
 mod chunks;
 mod coalesce;
+mod index;
 mod layer;
 pub mod manifest;
 pub mod push;
