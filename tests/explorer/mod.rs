@@ -51,6 +51,9 @@ pub static LOG_RECORDS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atom
 pub static FAILED_WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Punches of such slots made to fail: the slot keeps what the failed write put there.
 pub static PUNCHES_REFUSED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Flushes whose punch of released space was made to fail: what they released must be punched
+/// by a later flush, never left with its old data in a clean image (found in review, 2026-12-04).
+pub static FLUSH_PUNCHES_REFUSED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 const TOP: &str = "top";
 const MID: &str = "mid";
 const OUT: &str = "out";
@@ -400,8 +403,10 @@ pub fn sequential(seed: u64) -> Run {
     let area = chain.top().header().journal;
     let h = History::new();
     let ops = 20 + rng.below(30);
-    // Failed writes come from a generator of their own, so that the other draws stay the same.
+    // Failed writes come from a generator of their own, so that the other draws stay the same,
+    // and so do flushes whose punches fail.
     let mut fails = Rng(seed.wrapping_mul(0x2127_599b_f432_5c37) | 1);
+    let mut flush_fails = Rng(seed.wrapping_mul(0x9fb2_1c65_1e98_df25) | 1);
     let cs = g.chunk_size();
     for i in 0..ops {
         if has_failed_writes(seed) && fails.below(5) == 0 {
@@ -456,8 +461,23 @@ pub fn sequential(seed: u64) -> Run {
                 written(&model, off, len)
             }
             _ => {
-                chain.flush().unwrap();
-                What::Flush
+                // In a third of the flushes of a failed-write seed every punch fails: the
+                // flush reports it (and promises nothing), and the space it released waits
+                // for a later flush to punch it. A finale that leaves the top or a frozen
+                // layer clean then shows any left behind with its old data (check_recovered).
+                let refusing = punches.as_deref().filter(|_| flush_fails.below(3) == 0);
+                refusing.iter().for_each(|p| p.failing.store(true, Ordering::SeqCst));
+                let before = refusing.map_or(0, |p| p.refused.load(Ordering::Relaxed));
+                let res = chain.flush();
+                refusing.iter().for_each(|p| p.failing.store(false, Ordering::SeqCst));
+                let refused = refusing.map_or(0, |p| p.refused.load(Ordering::Relaxed)) - before;
+                FLUSH_PUNCHES_REFUSED.fetch_add(refused, Ordering::Relaxed);
+                match res {
+                    Ok(()) => What::Flush,
+                    // Only a punch may fail here; a failed flush records no sector.
+                    Err(_) if refused > 0 => What::Failed(Vec::new()),
+                    Err(e) => panic!("a flush failed: {e}"),
+                }
             }
         });
     }
