@@ -659,3 +659,218 @@ fn a_flush_after_a_failed_freezing_header_update_keeps_its_promise() {
     }
     assert!(failed_updates > 0, "some fault made the update fail");
 }
+
+/// A parent image (on `store`) holding 7s in chunks 0..4, flushed and still open, and a top
+/// over it with 8s in chunks 1 and 5: what a commit of the top changes is chunk 1 (a slot of
+/// the parent's given up, a new one taken) and chunk 5 (a new slot), and the map moves to a
+/// new extent.
+fn parent_and_top(store: Arc<dyn Storage>) -> (Image, Image) {
+    let g = Geometry::new(SIZE, 12).unwrap();
+    let parent = Image::create_on(store, Path::new("parent"), g, Some(raw_ref()), [3; 16]).unwrap();
+    let c = Chain::assemble(parent, Vec::new(), None);
+    for i in 0..4u64 {
+        c.write_at(&[7u8; BLOCK], i * BLOCK as u64).unwrap();
+    }
+    c.flush().unwrap();
+    let (parent, _, _) = c.into_layers();
+    let pref = ParentRef {
+        format: ParentFormat::Cowdisk,
+        path: b"parent".to_vec(),
+        uuid: [3; 16],
+        size: SIZE,
+        fingerprint: 0,
+    };
+    let top = Image::create_on(Arc::new(MemStorage::new()), Path::new("top"), g, Some(pref), [4; 16]).unwrap();
+    let t = Chain::assemble(top, Vec::new(), None);
+    for i in [1u64, 5] {
+        t.write_at(&[8u8; BLOCK], i * BLOCK as u64).unwrap();
+    }
+    t.flush().unwrap();
+    let (top, _, _) = t.into_layers();
+    (parent, top)
+}
+
+/// What chunks 0..6 of the parent read, each as its first byte, once it is closed: closed as
+/// it is, or (when the failure poisoned it) reopened for writing, which reclaims what a
+/// failure left, and closed again. Also asserts that `check` finds no leaked space in it.
+fn closed_parent_reads(parent: Image, mem: &Arc<MemStorage>, what: &str) -> Vec<u8> {
+    if parent.close().is_err() {
+        drop(parent);
+        let again = Image::open_on(
+            Arc::new(MemStorage::from_bytes(mem.snapshot())),
+            Path::new("parent"),
+            OpenOptions::writable(),
+        );
+        let again = again.unwrap_or_else(|e| panic!("{what}: the parent does not reopen: {e}"));
+        again.close().unwrap();
+        let bytes = again.storage().len().and_then(|n| {
+            let mut b = vec![0u8; n as usize];
+            again.storage().read_at(&mut b, 0).map(|()| b)
+        });
+        return reads_and_no_leak(&bytes.unwrap(), what);
+    }
+    drop(parent);
+    reads_and_no_leak(&mem.snapshot(), what)
+}
+
+/// What chunks 0..6 of the image in `bytes` read (see [`closed_parent_reads`]), after
+/// asserting that `check` finds it clean.
+fn reads_and_no_leak(bytes: &[u8], what: &str) -> Vec<u8> {
+    use cowdisk::ops::check::{check, CheckOptions};
+    let scratch = common::TempDir::new("parent");
+    let p = scratch.join("parent.cow");
+    common::write_sparse(&p, bytes).unwrap();
+    let r = check(&p, &CheckOptions::default(), &|_, _| {});
+    assert_eq!(r.exit_code(), 0, "{what}: check finds the closed parent unclean (leaked space?): {r:?}");
+    let img =
+        Image::open_on(Arc::new(MemStorage::from_bytes(bytes.to_vec())), Path::new("parent"), OpenOptions::read_only())
+            .unwrap();
+    let c = Chain::assemble(img, Vec::new(), None);
+    (0..6u64)
+        .map(|i| {
+            let mut b = [0u8; BLOCK];
+            c.read_at(&mut b, i * BLOCK as u64).unwrap();
+            assert!(b.iter().all(|&x| x == b[0]), "{what}: chunk {i} is torn");
+            b[0]
+        })
+        .collect()
+}
+
+/// Found in review (2026-12-04): a commit whose map switch failed before its header write
+/// dropped the prepared map, whose new extent and new slots (the top's data) no map named and
+/// nothing gave back; a prepare that failed after taking its extents kept them too; a failed
+/// header write let the image go on as if the old map were certain. Each left data in free
+/// space of a parent that a later close marked clean (§5.5). Every modifying operation of the
+/// commit is failed in turn: the parent then reads as before the commit or after it, and,
+/// closed (reopened first if the failure poisoned it), has no leaked space.
+#[test]
+fn a_commit_that_fails_at_any_operation_leaves_no_space_behind_in_the_parent() {
+    use cowdisk::ops::commit::commit_into;
+    let before = vec![7, 7, 7, 7, 0, 0];
+    let after = vec![7, 8, 7, 7, 0, 8];
+    let mut failed = 0;
+    for nth in 1..=40 {
+        let mem = Arc::new(MemStorage::new());
+        let fault = Arc::new(FaultStorage::new(mem.clone()));
+        let (parent, top) = parent_and_top(fault.clone());
+        fault.arm(nth, FaultKind::Eio, false);
+        let res = commit_into(&top, &parent, &|_, _| {});
+        fault.arm(u64::MAX, FaultKind::Eio, false);
+        let what = format!("fault at operation {nth} ({res:?})");
+        let reads = closed_parent_reads(parent, &mem, &what);
+        if res.is_ok() {
+            assert_eq!(reads, after, "{what}");
+            break;
+        }
+        failed += 1;
+        assert!(reads == before || reads == after, "{what}: the parent reads {reads:?}");
+    }
+    assert!(failed > 5, "the commit failed at only {failed} operations");
+}
+
+/// Found in the same review: the first flush makes the journal area; when a write
+/// or sync of it failed before the header named it, the area (its checkpoint mark written)
+/// was neither named nor free, and a later close left it in free space of a clean image.
+/// Every modifying operation of that flush is failed in turn; then a flush and a close (a
+/// reopen first if the failure poisoned the image) leave no leaked space, and the data a
+/// flush that succeeded promised.
+#[test]
+fn a_journal_area_whose_making_failed_is_given_back() {
+    let mut failed = 0;
+    for nth in 1..=12 {
+        let mem = Arc::new(MemStorage::new());
+        let fault = Arc::new(FaultStorage::new(mem.clone()));
+        let img = Image::create_on(
+            fault.clone(),
+            Path::new("parent"),
+            Geometry::new(SIZE, 12).unwrap(),
+            Some(raw_ref()),
+            [5; 16],
+        )
+        .unwrap();
+        let c = Chain::assemble(img, Vec::new(), None);
+        c.write_at(&[7u8; BLOCK], 0).unwrap();
+        c.write_at(&[8u8; BLOCK], BLOCK as u64).unwrap();
+        assert!(c.top().header().journal.is_none(), "no journal before the first flush");
+        fault.arm(nth, FaultKind::Eio, false);
+        let res = c.flush();
+        fault.arm(u64::MAX, FaultKind::Eio, false);
+        let made = c.top().header().journal.is_some();
+        if res.is_ok() && made {
+            break;
+        }
+        failed += u32::from(res.is_err());
+        // After a failed sync the image is poisoned and promises nothing it had not flushed.
+        let promised = c.flush().is_ok();
+        let (img, _, _) = c.into_layers();
+        let what = format!("fault at operation {nth} ({res:?})");
+        let reads = closed_parent_reads(img, &mem, &what);
+        if promised {
+            assert_eq!(reads[..2], [7, 8], "{what}");
+        }
+    }
+    assert!(failed > 1, "the flush failed at only {failed} operations");
+}
+
+/// Found in the same review: when a layer taken up for writing (a live commit's parent)
+/// failed to give writing up again (its close stopped at a punch that failed), the image
+/// stayed writable and closing, and the next take-up returned at once: every later write
+/// was refused as "image is closed" until the server restarted. Writing now resumes.
+#[test]
+fn writing_resumes_after_a_failed_end_of_writing() {
+    let mem = Arc::new(MemStorage::new());
+    let store = Arc::new(PunchFaults::new(mem.clone()));
+    let (parent, _top) = parent_and_top(store.clone());
+    parent.close().unwrap();
+    drop(parent);
+    let p = Image::open_on(store.clone(), Path::new("parent"), OpenOptions::read_only()).unwrap();
+    p.begin_writing().unwrap();
+    let c = Chain::assemble(p, Vec::new(), None);
+    c.discard(BLOCK as u64, BLOCK as u64).unwrap(); // the slot goes to the release queue
+    store.failing.store(true, Ordering::SeqCst);
+    let ended = c.top().end_writing();
+    store.failing.store(false, Ordering::SeqCst);
+    assert!(ended.is_err() && store.refused.load(Ordering::Relaxed) > 0, "the punch at close failed ({ended:?})");
+    c.top().begin_writing().unwrap();
+    c.write_at(&[9u8; BLOCK], 2 * BLOCK as u64).expect("a write after writing was taken up again");
+    c.top().end_writing().unwrap();
+    let (p, _, _) = c.into_layers();
+    assert!(!p.is_writable());
+    drop(p);
+    assert_eq!(reads_and_no_leak(&mem.snapshot(), "after the take-up")[..4], [7, 0, 9, 7]);
+}
+
+/// Found in the same review: a log-structured image gives its window of ready space up at
+/// close, punched; when a punch failed, the space was made free all the same, and the close
+/// retried (or the one at drop) marked the image clean with the window's written space in
+/// its free space, which `check` on the file reports as leaked. The space now goes to the
+/// release queue, which the retried close punches.
+#[test]
+fn a_log_window_whose_punch_failed_is_punched_by_the_retried_close() {
+    use cowdisk::ops::check::{check, CheckOptions};
+    use cowdisk::storage::FileStorage;
+
+    let dir = common::TempDir::new("logwindow");
+    let p = dir.join("top.cow");
+    let store = Arc::new(PunchFaults::new(Arc::new(FileStorage::create(&p).unwrap())));
+    let g = Geometry::new(SIZE, 13).and_then(|g| g.with_log(true)).unwrap();
+    let top = Image::create_on(store.clone(), &p, g, Some(raw_ref()), [6; 16]).unwrap();
+    let c = Chain::assemble(top, Vec::new(), None);
+    for i in 0..3u64 {
+        // Aligned single blocks with FUA into chunks with no slot: what takes the log's path.
+        c.write_fua_from(&mut &[9u8; BLOCK][..], 4 * i * BLOCK as u64, BLOCK as u64).unwrap();
+    }
+    store.failing.store(true, Ordering::SeqCst);
+    let closed = c.close();
+    store.failing.store(false, Ordering::SeqCst);
+    assert!(closed.is_err() && store.refused.load(Ordering::Relaxed) > 0, "a punch at close failed ({closed:?})");
+    c.close().unwrap();
+    drop((c, store)); // the file's lock goes with its last handle
+    let r = check(&p, &CheckOptions::default(), &|_, _| {});
+    assert_eq!(r.exit_code(), 0, "check finds the closed image unclean: {r:?}");
+    let img = Image::open(&p, OpenOptions::read_only()).unwrap();
+    let c = Chain::assemble(img, Vec::new(), None);
+    let mut b = [0u8; BLOCK];
+    c.read_at(&mut b, 4 * BLOCK as u64).unwrap();
+    assert!(b.iter().all(|&x| x == 9), "a FUA write reads back");
+}

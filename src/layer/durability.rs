@@ -10,6 +10,11 @@ use super::{lock, read, used_ranges, write, Image, JournalState, State, Written}
 /// [`Image::switch_map`].
 pub struct PreparedMap {
     map: ChunkMap,
+    /// What only the new map uses: its extents (fresh space) and the slots no map in force
+    /// names (a commit's detached slots). A switch that fails before its header write gives
+    /// them back, punched: nothing else would, and a later close would leave them, with their
+    /// data, in free space of a clean image (§5.5).
+    own: Vec<(u64, u64)>,
 }
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::header::{Header, MapExtent, PendingSnapshot};
@@ -298,17 +303,30 @@ impl Image {
             MapExtent { offset: st.alloc.alloc_fresh(len)?, len }
         };
         let ctx = |e: Error| e.with_file(&self.path).during("make the journal");
-        let extents = read(&self.state).map.extents().to_vec();
-        self.fill_holes(&extents).map_err(ctx)?;
         let mark = Record::checkpoint(1, 0);
         let m = mark.encode(&read(&self.state).header.uuid, self.area_layout());
-        let mut bytes = vec![0u8; area.len as usize];
-        bytes[..m.len()].copy_from_slice(&m);
-        self.storage.write_at(&bytes, area.offset).map_err(ctx)?;
-        self.sync_or_poison().map_err(ctx)?;
+        let written = (|| {
+            let extents = read(&self.state).map.extents().to_vec();
+            self.fill_holes(&extents)?;
+            let mut bytes = vec![0u8; area.len as usize];
+            bytes[..m.len()].copy_from_slice(&m);
+            self.storage.write_at(&bytes, area.offset)?;
+            self.sync_or_poison()
+        })();
+        if let Err(e) = written {
+            // No header names the area yet: given back, punched (a later close would leave
+            // its mark in free space of a clean image, §5.5).
+            let _ = self.punch_and_free(vec![(area.offset, area.end())]);
+            return Err(ctx(e));
+        }
         {
             let mut st = write(&self.state);
-            self.write_header(&mut st, |h| h.journal = Some(area)).map_err(ctx)?;
+            // The header may be in the file or not: the area is neither given back nor used,
+            // and the image is poisoned (it stays DIRTY; a writable open reclaims the area if
+            // the header that won does not name it).
+            self.write_header(&mut st, |h| h.journal = Some(area))
+                .inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+                .map_err(ctx)?;
         }
         self.sync_or_poison().map_err(ctx)?;
         *js = JournalState { pos: area.offset + m.len() as u64, next_seq: 2, replay_from: 2, ..Default::default() };
@@ -424,31 +442,48 @@ impl Image {
         let ctx = |e: Error| e.with_file(&self.path).during("replace map");
         let _f = lock(&self.flush_lock);
         self.flush_locked(false)?;
-        let mut map = {
+        let (mut map, own) = {
             let mut guard = write(&self.state);
-            let alloc = &mut guard.alloc;
-            ChunkMap::rebuilt(self.geom, entries, |len| alloc.alloc_fresh(len)).map_err(ctx)?
+            let st = &mut *guard;
+            let alloc = &mut st.alloc;
+            let map = ChunkMap::rebuilt(self.geom, entries, |len| alloc.alloc_fresh(len)).map_err(ctx)?;
+            let in_force: std::collections::HashSet<u64> = st.map.used_ranges().iter().map(|u| u.0).collect();
+            let own: Vec<(u64, u64)> =
+                map.used_ranges().iter().filter(|u| !in_force.contains(&u.0)).map(|u| (u.0, u.0 + u.1)).collect();
+            (map, own)
         };
         let snap = map.take_dirty();
-        self.fill_holes(map.extents()).map_err(ctx)?;
-        self.sync_or_poison().map_err(ctx)?;
-        for (off, bytes) in &snap.encoded {
-            self.storage.write_at(bytes, *off).map_err(ctx)?;
+        let written = (|| {
+            self.fill_holes(map.extents())?;
+            self.sync_or_poison()?;
+            for (off, bytes) in &snap.encoded {
+                self.storage.write_at(bytes, *off)?;
+            }
+            self.sync_or_poison()
+        })();
+        if let Err(e) = written {
+            // The new extents hold zeros and sectors no header names: given back, punched.
+            // The slots are the caller's to give back (it took them).
+            let extents = map.extents().iter().map(|x| (x.offset, x.end())).collect();
+            let _ = self.punch_and_free(extents);
+            return Err(ctx(e));
         }
-        self.sync_or_poison().map_err(ctx)?;
-        Ok(PreparedMap { map })
+        Ok(PreparedMap { map, own })
     }
 
     /// The second half of [`Image::replace_map`]: one durable header write puts the prepared
     /// map in force; then the space only the old map used is punched and becomes free. Waits
     /// for data I/O on the old slots to finish first (the reclaim lock).
     pub fn switch_map(&self, prepared: PreparedMap) -> Result<()> {
-        self.require_writable()?;
         let ctx = |e: Error| e.with_file(&self.path).during("replace map");
         let _f = lock(&self.flush_lock);
         // No journal record may name a sector of the old map once it is gone (its space is
         // reused): what was logged goes in place first.
-        self.flush_locked(false).map_err(ctx)?;
+        if let Err(e) = self.require_writable().and_then(|()| self.flush_locked(false)) {
+            // Nothing switched: what only the new map uses goes back, punched.
+            let _ = self.punch_and_free(prepared.own);
+            return Err(ctx(e));
+        }
         // The switch itself, under the locks readers and writers need, is memory and one header
         // write; its sync and the punches of what only the old map used run without them.
         // Taking the reclaim lock waits for I/O planned against the old map; plans made after
@@ -459,18 +494,26 @@ impl Image {
             let mut guard = write(&self.state);
             let st = &mut *guard;
             let old_map = std::mem::replace(&mut st.map, prepared.map);
+            // From the header write on, a failure poisons the image: the header may be in the
+            // file or not, so neither map's own space may be given back (and after it, the
+            // allocator would not match the map in force). The image then stays DIRTY, and
+            // the next writable open reclaims what the map that won does not use.
+            let poison = |e: Error| {
+                self.poisoned.store(true, Ordering::Release);
+                ctx(e)
+            };
             if let Err(e) = self.write_header(st, |_| {}) {
                 st.map = old_map;
-                return Err(ctx(e));
+                return Err(poison(e));
             }
-            let file_len = self.storage.len().map_err(ctx)?;
+            let file_len = self.storage.len().map_err(poison)?;
             st.alloc = Allocator::rebuild(
                 self.geom.chunk_size(),
                 self.geom.data_start(),
                 file_len,
                 used_ranges(&st.map, &st.header),
             )
-            .map_err(ctx)?;
+            .map_err(poison)?;
             st.alloc.take_free()
         };
         self.sync_or_poison().map_err(ctx)?;

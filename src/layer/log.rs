@@ -134,12 +134,10 @@ impl Image {
         }
         js.log_pos = 0;
         js.window_end = 0;
-        // Free whatever the punches do: the space holds zeros or nothing, never a record. A
-        // failed punch is reported, and the space is reused all the same (not lost to a
-        // retried close that would find nothing left to give up).
-        let punched: Result<()> = give_up.iter().try_for_each(|&(s, e)| self.storage.punch(s, e - s));
-        write(&self.state).alloc.add_free(&give_up);
-        punched.map_err(|e| e.with_file(&self.path))
+        // The space holds zeros or nothing, never a record. What a failed punch leaves goes
+        // to the release queue, for the next flush to punch (a retried close finds nothing
+        // left to give up, and written zeros count as data in a clean image's free space).
+        self.punch_and_free(give_up)
     }
 
     /// Writes the 4 KiB `data` into block `block` of `chunk`, a chunk with no slot, durably,

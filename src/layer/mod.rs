@@ -232,11 +232,15 @@ impl Image {
     /// (in use) if another process has the file open; leaked space reclaimed if it was not
     /// closed cleanly; DIRTY set durably, as a writable open does (spec §5.5).
     pub fn begin_writing(&self) -> Result<()> {
-        if self.is_writable() {
+        // A failed end_writing leaves the image writable and closing (its close stopped
+        // part-way, DIRTY cleared in the file or not): writing resumes below, with the lock
+        // it still holds, and DIRTY set durably again.
+        let resumed = self.is_writable();
+        if resumed && !self.closing.load(Ordering::Acquire) {
             return Ok(());
         }
         let ctx = |e: Error| e.with_file(&self.path).during("open for writing");
-        if let Some(f) = self.storage.as_file() {
+        if let (Some(f), false) = (self.storage.as_file(), resumed) {
             f.enable_writes().map_err(ctx)?;
             if let Err(e) = f.lock(LockMode::Exclusive) {
                 // A refused upgrade lets go of every lock byte: take the reader's back.
