@@ -617,7 +617,7 @@ fn a_flush_after_a_failed_freezing_header_update_keeps_its_promise() {
     use cowdisk::format::FLAG_FROZEN;
 
     let mut failed_updates = 0;
-    for nth in 1..=8 {
+    for nth in 0..=8 {
         let mem = Arc::new(MemStorage::new());
         let fault = Arc::new(FaultStorage::new(mem.clone()));
         let top = Image::create_on(
@@ -749,7 +749,7 @@ fn a_commit_that_fails_at_any_operation_leaves_no_space_behind_in_the_parent() {
     let before = vec![7, 7, 7, 7, 0, 0];
     let after = vec![7, 8, 7, 7, 0, 8];
     let mut failed = 0;
-    for nth in 1..=40 {
+    for nth in 0..=40 {
         let mem = Arc::new(MemStorage::new());
         let fault = Arc::new(FaultStorage::new(mem.clone()));
         let (parent, top) = parent_and_top(fault.clone());
@@ -777,7 +777,7 @@ fn a_commit_that_fails_at_any_operation_leaves_no_space_behind_in_the_parent() {
 #[test]
 fn a_journal_area_whose_making_failed_is_given_back() {
     let mut failed = 0;
-    for nth in 1..=12 {
+    for nth in 0..=12 {
         let mem = Arc::new(MemStorage::new());
         let fault = Arc::new(FaultStorage::new(mem.clone()));
         let img = Image::create_on(

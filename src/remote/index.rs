@@ -95,7 +95,11 @@ pub(super) fn footprint(len: u64) -> u64 {
 
 /// Every record of the index file `p`, with its entry number: what eviction chooses from.
 pub(super) fn records_of(p: &Path) -> Vec<(usize, Record)> {
-    let Ok(bytes) = std::fs::read(p) else { return Vec::new() };
+    std::fs::read(p).map_or_else(|_| Vec::new(), |b| records_in(&b))
+}
+
+/// Every record of an index file whose bytes are `bytes`, with its entry number.
+fn records_in(bytes: &[u8]) -> Vec<(usize, Record)> {
     if bytes.len() < HEADER as usize || &bytes[..8] != MAGIC {
         return Vec::new();
     }
@@ -114,11 +118,26 @@ pub(super) fn evict_locked(ip: &Path, dp: &Path, shift: u32, victims: &[(usize, 
         return Ok(());
     }
     let index = FileStorage::open(ip, true, LockMode::None)?;
-    for (i, _) in victims {
-        index.write_at(&[0u8; RECORD as usize], record_offset(*i))?;
-    }
-    index.sync()?;
     let data = FileStorage::open(dp, true, LockMode::None)?;
+    evict_in(&index, &data, shift, victims)
+}
+
+/// [`evict_locked`] on the two files open as `index` and `data`.
+///
+/// When clearing the records fails (the sync above all), they are written back before the
+/// error is returned, and nothing is punched: the cleared records may be in the page cache
+/// and not on the disk, and a sweep (the next holder of the lock recounts after a failed
+/// change) reads the page cache, so it would punch bytes that the records on the disk, read
+/// after a reboot or once the pages are dropped, still name: a chunk read as zeros. Written
+/// back, the records name bytes that are still there, wherever they are read from.
+fn evict_in(index: &dyn Storage, data: &dyn Storage, shift: u32, victims: &[(usize, Record)]) -> Result<()> {
+    let cleared = victims.iter().try_for_each(|(i, _)| index.write_at(&[0u8; RECORD as usize], record_offset(*i)));
+    if let Err(e) = cleared.and_then(|()| index.sync()) {
+        for (i, r) in victims {
+            let _ = index.write_at(&r.encode(), record_offset(*i));
+        }
+        return Err(e);
+    }
     for (_, r) in victims {
         data.punch(r.chunk << shift, footprint(u64::from(r.length)))?;
     }
@@ -171,6 +190,39 @@ pub(super) fn shift_of(p: &Path) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::{FaultKind, FaultStorage, MemStorage};
+    use std::sync::Arc;
+
+    /// Found in review (2026-12-04): an eviction whose sync of the cleared records failed left
+    /// them cleared in the page cache only; the sweep that follows a failed change punched the
+    /// bytes those records still named on the disk. The records are now written back.
+    #[test]
+    fn an_eviction_whose_sync_failed_leaves_its_records_and_their_bytes() {
+        let shift = 12;
+        let recs: Vec<(usize, Record)> =
+            (0..3u64).map(|c| (c as usize, Record { tag: 10 + c, chunk: c, length: 4096, last_use: 1 })).collect();
+        let mem = Arc::new(MemStorage::new());
+        mem.write_at(&index_header(shift, 3, &[9; 32]), 0).unwrap();
+        for (i, r) in &recs {
+            mem.write_at(&r.encode(), record_offset(*i)).unwrap();
+        }
+        let data = MemStorage::new();
+        data.write_at(&[5u8; 3 * 4096], 0).unwrap();
+        let index = FaultStorage::new(mem.clone());
+        // Two records cleared (operations 0 and 1), then the sync (2) fails.
+        index.arm(2, FaultKind::Eio, false);
+        assert!(evict_in(&index, &data, shift, &recs[..2]).is_err());
+        assert_eq!(records_in(&mem.snapshot()), recs, "the records the eviction cleared are back");
+        let mut b = vec![0u8; 3 * 4096];
+        data.read_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 5), "nothing was punched");
+        // And without a fault the two go, records first, then their bytes.
+        index.arm(u64::MAX, FaultKind::Eio, false);
+        evict_in(&index, &data, shift, &recs[..2]).unwrap();
+        assert_eq!(records_in(&mem.snapshot()), recs[2..]);
+        data.read_at(&mut b, 0).unwrap();
+        assert!(b[..8192].iter().all(|&x| x == 0) && b[8192..].iter().all(|&x| x == 5));
+    }
 
     #[test]
     fn records_round_trip_and_a_damaged_one_reads_as_none() {
