@@ -71,8 +71,12 @@ impl Oracle {
             let h = sector_hash(bytes);
             assert!(
                 h == self.durable[s] || self.since[s].contains(&h) || also(s, h),
-                "{what}: sector {s} (byte {}) reads a value that was neither flushed nor written since",
-                s * SECTOR
+                "{what}: sector {s} (byte {}) reads a value that was neither flushed nor written since \
+                 (it reads zeros: {}; values written since the last flush: {}; its first bytes: {:02x?})",
+                s * SECTOR,
+                bytes.iter().all(|&b| b == 0),
+                self.since[s].len(),
+                &bytes[..16.min(bytes.len())]
             );
         }
     }
