@@ -24,6 +24,11 @@ fn raw_ref() -> ParentRef {
     ParentRef { format: ParentFormat::Raw, path: b"base.raw".to_vec(), uuid: [0; 16], size: SIZE, fingerprint: 0 }
 }
 
+/// A new overlay of geometry `g` on the raw base, created on `store` as `path`, as a chain.
+fn overlay_chain(store: Arc<dyn Storage>, path: &Path, g: Geometry) -> Chain {
+    Chain::assemble(Image::create_on(store, path, g, Some(raw_ref()), [1; 16]).unwrap(), Vec::new(), None)
+}
+
 /// A chain of a checksummed overlay (64 KiB chunks) on a recording store, over `base`.
 fn checksummed_chain(journal: &Arc<Journal>, base: Arc<dyn Storage>) -> (Arc<RecordingStorage>, Chain) {
     let store = Arc::new(RecordingStorage::new(journal.clone(), 0));
@@ -521,8 +526,7 @@ fn a_slot_whose_punch_failed_is_punched_by_a_later_flush() {
     let mem = Arc::new(MemStorage::new());
     let store = Arc::new(PunchFaults::new(mem.clone()));
     let g = Geometry::new(SIZE, 12).and_then(|g| g.with_data_checksums(true)).unwrap();
-    let top = Image::create_on(store.clone(), Path::new("top"), g, Some(raw_ref()), [1; 16]).unwrap();
-    let chain = Chain::assemble(top, Vec::new(), None);
+    let chain = overlay_chain(store.clone(), Path::new("top"), g);
     for c in 0..4u64 {
         chain.write_at(&[7u8; BLOCK], c * BLOCK as u64).unwrap();
     }
@@ -568,10 +572,7 @@ fn old_map_space_whose_punch_failed_is_punched_by_a_later_flush() {
 
     let mem = Arc::new(MemStorage::new());
     let store = Arc::new(PunchFaults::new(mem.clone()));
-    let top =
-        Image::create_on(store.clone(), Path::new("top"), Geometry::new(SIZE, 12).unwrap(), Some(raw_ref()), [1; 16])
-            .unwrap();
-    let chain = Chain::assemble(top, Vec::new(), None);
+    let chain = overlay_chain(store.clone(), Path::new("top"), Geometry::new(SIZE, 12).unwrap());
     for c in 0..4u64 {
         chain.write_at(&[7u8; BLOCK], c * BLOCK as u64).unwrap();
     }
@@ -620,15 +621,7 @@ fn a_flush_after_a_failed_freezing_header_update_keeps_its_promise() {
     for nth in 0..=8 {
         let mem = Arc::new(MemStorage::new());
         let fault = Arc::new(FaultStorage::new(mem.clone()));
-        let top = Image::create_on(
-            fault.clone(),
-            Path::new("top"),
-            Geometry::new(SIZE, 12).unwrap(),
-            Some(raw_ref()),
-            [1; 16],
-        )
-        .unwrap();
-        let chain = Chain::assemble(top, Vec::new(), None);
+        let chain = overlay_chain(fault.clone(), Path::new("top"), Geometry::new(SIZE, 12).unwrap());
         // Journaled flushes: the area exists and holds records.
         for c in 0..3u64 {
             chain.write_at(&[7u8; BLOCK], c * BLOCK as u64).unwrap();
@@ -780,15 +773,7 @@ fn a_journal_area_whose_making_failed_is_given_back() {
     for nth in 0..=12 {
         let mem = Arc::new(MemStorage::new());
         let fault = Arc::new(FaultStorage::new(mem.clone()));
-        let img = Image::create_on(
-            fault.clone(),
-            Path::new("parent"),
-            Geometry::new(SIZE, 12).unwrap(),
-            Some(raw_ref()),
-            [5; 16],
-        )
-        .unwrap();
-        let c = Chain::assemble(img, Vec::new(), None);
+        let c = overlay_chain(fault.clone(), Path::new("parent"), Geometry::new(SIZE, 12).unwrap());
         c.write_at(&[7u8; BLOCK], 0).unwrap();
         c.write_at(&[8u8; BLOCK], BLOCK as u64).unwrap();
         assert!(c.top().header().journal.is_none(), "no journal before the first flush");
@@ -854,8 +839,7 @@ fn a_log_window_whose_punch_failed_is_punched_by_the_retried_close() {
     let p = dir.join("top.cow");
     let store = Arc::new(PunchFaults::new(Arc::new(FileStorage::create(&p).unwrap())));
     let g = Geometry::new(SIZE, 13).and_then(|g| g.with_log(true)).unwrap();
-    let top = Image::create_on(store.clone(), &p, g, Some(raw_ref()), [6; 16]).unwrap();
-    let c = Chain::assemble(top, Vec::new(), None);
+    let c = overlay_chain(store.clone(), &p, g);
     for i in 0..3u64 {
         // Aligned single blocks with FUA into chunks with no slot: what takes the log's path.
         c.write_fua_from(&mut &[9u8; BLOCK][..], 4 * i * BLOCK as u64, BLOCK as u64).unwrap();

@@ -36,14 +36,20 @@ impl Image {
         Ok(())
     }
 
+    /// `r`, having poisoned the image if it is an error: for steps after which the file may
+    /// not be what memory says (a failed sync, a header write that may or may not be in it).
+    pub(super) fn poisoning<T>(&self, r: Result<T>) -> Result<T> {
+        r.inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+    }
+
     pub(super) fn sync_or_poison(&self) -> Result<()> {
-        self.storage.sync().inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+        self.poisoning(self.storage.sync())
     }
 
     /// One durable write (a journal record): durable on return, or the image is poisoned, as
     /// after a failed sync (the kernel may have dropped what it could not write).
     pub(super) fn write_durable_or_poison(&self, bytes: &[u8], at: u64) -> Result<()> {
-        self.storage.write_durable(bytes, at).inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+        self.poisoning(self.storage.write_durable(bytes, at))
     }
 
     /// Makes every write completed before the call durable: with one durable write of a
@@ -324,9 +330,7 @@ impl Image {
             // The header may be in the file or not: the area is neither given back nor used,
             // and the image is poisoned (it stays DIRTY; a writable open reclaims the area if
             // the header that won does not name it).
-            self.write_header(&mut st, |h| h.journal = Some(area))
-                .inspect_err(|_| self.poisoned.store(true, Ordering::Release))
-                .map_err(ctx)?;
+            self.poisoning(self.write_header(&mut st, |h| h.journal = Some(area))).map_err(ctx)?;
         }
         self.sync_or_poison().map_err(ctx)?;
         *js = JournalState { pos: area.offset + m.len() as u64, next_seq: 2, replay_from: 2, ..Default::default() };
@@ -384,7 +388,7 @@ impl Image {
             self.storage.sync()?;
             self.write_header(st, |next| *next = h)
         })();
-        res.inspect_err(|_| self.poisoned.store(true, Ordering::Release)).map_err(|e| e.with_file(&self.path))
+        self.poisoning(res).map_err(|e| e.with_file(&self.path))
     }
 
     /// Freezes this writable image in place for a live snapshot (spec §5.7.1 S3): flushes,
@@ -498,22 +502,19 @@ impl Image {
             // file or not, so neither map's own space may be given back (and after it, the
             // allocator would not match the map in force). The image then stays DIRTY, and
             // the next writable open reclaims what the map that won does not use.
-            let poison = |e: Error| {
-                self.poisoned.store(true, Ordering::Release);
-                ctx(e)
-            };
-            if let Err(e) = self.write_header(st, |_| {}) {
+            if let Err(e) = self.poisoning(self.write_header(st, |_| {})) {
                 st.map = old_map;
-                return Err(poison(e));
+                return Err(ctx(e));
             }
-            let file_len = self.storage.len().map_err(poison)?;
-            st.alloc = Allocator::rebuild(
-                self.geom.chunk_size(),
-                self.geom.data_start(),
-                file_len,
-                used_ranges(&st.map, &st.header),
-            )
-            .map_err(poison)?;
+            let file_len = self.poisoning(self.storage.len()).map_err(ctx)?;
+            st.alloc = self
+                .poisoning(Allocator::rebuild(
+                    self.geom.chunk_size(),
+                    self.geom.data_start(),
+                    file_len,
+                    used_ranges(&st.map, &st.header),
+                ))
+                .map_err(ctx)?;
             st.alloc.take_free()
         };
         self.sync_or_poison().map_err(ctx)?;
