@@ -43,14 +43,19 @@ impl Rig {
     /// The file holding the ext4 lives on a tmpfs of its own, so that the many syncs cost no
     /// disk I/O (a kill -9 leaves the page cache, so durability is not at stake). `thin`: that
     /// tmpfs holds only so many bytes, fewer than the file system (a thin-provisioned disk):
-    /// the file system believes it has room that the medium has not.
+    /// the file system believes it has room that the medium has not. Its ext4 is built so that
+    /// every request is one page, which the tmpfs writes whole or refuses
+    /// ([`FileFs::create_on_thin_medium`] says why).
     fn new(mkfs: &[&str], thin: Option<u64>) -> Rig {
         let dir = TempDir::for_test();
         let opts = format!("size={}", thin.unwrap_or(2 * FS_SIZE));
         let tmpfs = Mount::with_options(Path::new("tmpfs"), &dir.join("medium"), &["-t", "tmpfs", "-o", &opts])
             .unwrap_or_else(|e| panic!("mount tmpfs: {e}"));
         let fs_file = tmpfs.path().join("fs.ext4");
-        let fs = FileFs::create(&fs_file, FS_SIZE, mkfs, &dir.join("mnt"));
+        let fs = match thin {
+            Some(_) => FileFs::create_on_thin_medium(&fs_file, FS_SIZE, mkfs, &dir.join("mnt")),
+            None => FileFs::create(&fs_file, FS_SIZE, mkfs, &dir.join("mnt")),
+        };
         let base_path = dir.join("base.raw");
         write_random_file(&base_path, SIZE, 0xba5e);
         let base = std::fs::read(&base_path).expect("read base");
@@ -113,6 +118,40 @@ impl Rig {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// After a completed FLUSH: the image file as its medium holds it (read with O_DIRECT, past
+/// the page cache) is the file as cowdisk sees it. If not, the thin medium dropped data it
+/// said it wrote, and any loss the oracle finds later would be the medium's, not cowdisk's.
+fn assert_medium_holds(image: &Path) {
+    use std::alloc::{alloc_zeroed, dealloc, Layout};
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const BUF: usize = MIB as usize;
+    let cached = std::fs::read(image).expect("read the image");
+    let direct =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(image).expect("open O_DIRECT");
+    let layout = Layout::from_size_align(BUF, 4096).expect("layout");
+    // SAFETY: a non-zero size; freed below with the same layout.
+    let ptr = unsafe { alloc_zeroed(layout) };
+    assert!(!ptr.is_null(), "allocate an aligned buffer");
+    // SAFETY: ptr is valid for BUF bytes until the dealloc below and nothing else aliases it.
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, BUF) };
+    let mut at = 0;
+    while at < cached.len() {
+        let n = direct.read_at(buf, at as u64).expect("O_DIRECT read of the image");
+        assert!(n > 0, "O_DIRECT read of the image ended at {at} of {}", cached.len());
+        let n = n.min(cached.len() - at);
+        if let Some(i) = (0..n).find(|&i| buf[i] != cached[at + i]) {
+            panic!(
+                "the medium does not hold what the file system says it wrote: the image's byte {} \
+                 differs (a short write the loop driver took for a whole one?)",
+                at + i
+            );
+        }
+        at += n;
+    }
+    // SAFETY: allocated above with this layout; buf is not used after this.
+    unsafe { dealloc(ptr, layout) };
 }
 
 /// Drops the image file's clean pages from the page cache, as memory pressure may at any
@@ -336,6 +375,7 @@ fn enospc_at_fsync_on_thin_storage_fails_the_flush_and_refuses_writes_until_the_
             Ok(()) => {
                 oracle.flushed(&model);
                 flushed += 1;
+                assert_medium_holds(&rig.image);
             }
             Err(e) => break e,
         }

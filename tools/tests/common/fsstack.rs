@@ -193,6 +193,9 @@ pub struct LoopDev {
     dev: PathBuf,
     backing: PathBuf,
     attached: bool,
+    /// The request cap to put back before detaching: a loop device keeps it across
+    /// bindings, and the next test to bind this device must not inherit it.
+    cap_to_restore: Option<(PathBuf, String)>,
 }
 
 impl LoopDev {
@@ -215,7 +218,7 @@ impl LoopDev {
                     if !dev.starts_with("/dev") {
                         return Err(format!("losetup printed no device: {:?}", stdout_of(&out)));
                     }
-                    return Ok(LoopDev { dev, backing: file.to_path_buf(), attached: true });
+                    return Ok(LoopDev { dev, backing: file.to_path_buf(), attached: true, cap_to_restore: None });
                 }
                 Err(e) if e.contains("free loop device") && Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(200));
@@ -234,6 +237,18 @@ impl LoopDev {
         &self.backing
     }
 
+    /// Caps every request the block layer sends this device at `kib` KiB (queue
+    /// max_sectors_kb), read back to make sure the kernel took it.
+    pub fn cap_requests(&mut self, kib: u32) {
+        let name = self.dev.file_name().expect("a loop device has a name").to_string_lossy().into_owned();
+        let knob = PathBuf::from(format!("/sys/block/{name}/queue/max_sectors_kb"));
+        let was = fs::read_to_string(&knob).unwrap_or_else(|e| panic!("read {}: {e}", knob.display()));
+        self.cap_to_restore = Some((knob.clone(), was));
+        fs::write(&knob, format!("{kib}\n")).unwrap_or_else(|e| panic!("write {}: {e}", knob.display()));
+        let now = fs::read_to_string(&knob).unwrap_or_else(|e| panic!("read {}: {e}", knob.display()));
+        assert_eq!(now.trim(), kib.to_string(), "{} did not take the request cap", knob.display());
+    }
+
     pub fn detach(mut self) -> Result<(), String> {
         self.release()
     }
@@ -242,6 +257,10 @@ impl LoopDev {
         if !std::mem::take(&mut self.attached) {
             return Ok(());
         }
+        let restored = match self.cap_to_restore.take() {
+            Some((knob, was)) => fs::write(&knob, was).map_err(|e| format!("restore {}: {e}", knob.display())),
+            None => Ok(()),
+        };
         // On a busy device `losetup -d` only sets autoclear and still exits 0,
         // so success means nothing until the binding is actually gone.
         let result = try_run(tool("losetup").arg("-d").arg(&self.dev)).map(drop);
@@ -253,7 +272,7 @@ impl LoopDev {
                 losetup_lines_mentioning(&self.dev)
             ));
         }
-        Ok(())
+        restored
     }
 }
 
@@ -406,11 +425,35 @@ impl FileFs {
     /// The same with another file system: `mkfs` (mkfs.xfs, mkfs.btrfs) run with `args` and
     /// the file.
     pub fn make(file: &Path, size: u64, mkfs: &str, args: &[&str], mountpoint: &Path) -> FileFs {
+        Self::make_on(file, size, mkfs, args, mountpoint, false)
+    }
+
+    /// As [`FileFs::create`] on a `file` whose own file system runs out of space before the
+    /// ext4 does (a thin-provisioned disk: a tmpfs smaller than the file). The loop driver
+    /// completes a short write to its backing file as a success (lo_complete_rq retries short
+    /// reads only), and a tmpfs that fills up part-way through a request writes the pages it
+    /// still has room for and returns that count: the rest of the request is dropped with
+    /// no error, after the kernel told ext4 it was written, and a later fsync of data that
+    /// never reached the medium succeeds. That is the medium lying, not a thin disk (which
+    /// fails the write), so here every request is one 4 KiB page, aligned: 4 KiB blocks and
+    /// sectors, and requests capped at 4 KiB. The tmpfs then has room for the whole
+    /// request or fails it.
+    pub fn create_on_thin_medium(file: &Path, size: u64, mkfs: &[&str], mountpoint: &Path) -> FileFs {
+        let mut args = vec!["-q", "-F", "-b", "4096"];
+        args.extend_from_slice(mkfs);
+        FileFs::make_on(file, size, "mkfs.ext4", &args, mountpoint, true)
+    }
+
+    fn make_on(file: &Path, size: u64, mkfs: &str, args: &[&str], mountpoint: &Path, page_requests: bool) -> FileFs {
         let f = fs::File::create(file).unwrap_or_else(|e| panic!("cannot create {}: {e}", file.display()));
         f.set_len(size).unwrap_or_else(|e| panic!("cannot size {}: {e}", file.display()));
         drop(f);
         run(tool(mkfs).args(args).arg(file));
-        let loopdev = LoopDev::attach(file).unwrap_or_else(|e| panic!("losetup: {e}"));
+        let losetup: &[&str] = if page_requests { &["--sector-size", "4096"] } else { &[] };
+        let mut loopdev = LoopDev::attach_with(file, losetup).unwrap_or_else(|e| panic!("losetup: {e}"));
+        if page_requests {
+            loopdev.cap_requests(4);
+        }
         let mount = Mount::new(loopdev.path(), mountpoint).unwrap_or_else(|e| panic!("mount: {e}"));
         FileFs { mount, loopdev }
     }
