@@ -139,6 +139,15 @@ impl Error {
         &self.message
     }
 
+    /// What a client of the server may be told: the step and the message, without the file
+    /// (server paths are the operator's business) or the offset in it.
+    pub fn for_client(&self) -> String {
+        match self.op {
+            Some(op) => format!("{op}: {}", self.message),
+            None => self.message.clone(),
+        }
+    }
+
     /// The OS errno behind an I/O error, when there is one.
     pub fn os_error(&self) -> Option<i32> {
         self.source.as_ref().and_then(|e| e.raw_os_error())

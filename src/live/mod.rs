@@ -91,8 +91,12 @@ impl LiveChain {
     /// fails without giving the chain back, the export stops (every request fails with the
     /// reason). Returns how long requests waited.
     pub fn replace(&self, f: impl FnOnce(Chain) -> std::result::Result<Chain, Failed>) -> Result<Duration> {
-        let mut g = write(&self.chain);
+        // Requests are held from the moment this waits for the lock (it is taken before any
+        // new reader: writer first), not only once it has it: a request that takes long to
+        // finish, such as a large write whose client is slow to send its payload, makes
+        // every client of the export wait as long, and the pause reported says so.
         let paused = Instant::now();
+        let mut g = write(&self.chain);
         let chain = match std::mem::replace(&mut *g, Err("a change of the chain did not finish".into())) {
             Ok(c) => c,
             Err(reason) => {
@@ -111,7 +115,8 @@ impl LiveChain {
                 Err(error)
             }
             Err((error, None)) => {
-                *g = Err(format!("the chain could not be changed ({error}); restart to recover"));
+                // Requests tell clients this reason: no server paths in it.
+                *g = Err(format!("the chain could not be changed ({}); restart to recover", error.for_client()));
                 Err(error)
             }
         }

@@ -5,6 +5,10 @@ use crate::sync::lock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
+/// A connection's only request of at most this many payload bytes gets past the server-wide
+/// budget whatever the other connections hold (see [`Budget::acquire_beside`]).
+pub const RESERVED_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Counts requests and bytes in flight on one connection. A request always gets in when the
 /// connection is idle, so one request of the largest allowed size never deadlocks.
 pub struct Budget {
@@ -41,14 +45,32 @@ impl Budget {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    pub fn acquire(&self, bytes: u64) {
+    /// Charges a request of `bytes`, waiting for room. Returns whether nothing was in flight
+    /// before it (the caller's connection was idle).
+    pub fn acquire(&self, bytes: u64) -> bool {
+        self.acquire_beside(bytes, false)
+    }
+
+    /// As [`Budget::acquire`]; `reserved`: admitted at once whatever others hold. The server
+    /// gives that to a connection's only request of at most [`RESERVED_BYTES`], so that
+    /// connections which leave their replies unread (and so keep the budget full) cannot
+    /// stall a connection that asks for little: every connection gets one such request in,
+    /// which adds at most `RESERVED_BYTES` per connection to what the budget bounds. A
+    /// request without payload bytes holds no memory and is admitted too.
+    pub fn acquire_beside(&self, bytes: u64, reserved: bool) -> bool {
         let mut s = lock(&self.state);
-        while s.requests > 0 && (s.requests >= self.max_requests || s.bytes + bytes > self.max_bytes) {
+        let idle = s.requests == 0;
+        while !(s.requests == 0 || reserved || self.has_room(&s, bytes)) {
             s = self.wait(s);
         }
         s.requests += 1;
         s.bytes += bytes;
         self.in_flight.store(s.requests, Ordering::Relaxed);
+        idle
+    }
+
+    fn has_room(&self, s: &State, bytes: u64) -> bool {
+        s.requests < self.max_requests && (bytes == 0 || s.bytes + bytes <= self.max_bytes)
     }
 
     pub fn release(&self, bytes: u64) {
@@ -85,10 +107,23 @@ mod tests {
     #[test]
     fn budget_admits_an_oversized_request_when_idle() {
         let b = Budget::new(4, 10);
-        b.acquire(100);
+        assert!(b.acquire(100), "nothing was in flight");
         assert_eq!(b.in_flight(), 1);
         b.release(100);
         assert_eq!(b.in_flight(), 0);
+        b.wait_idle();
+    }
+
+    #[test]
+    fn a_full_budget_still_admits_reserved_and_payload_free_requests() {
+        let b = Budget::new(usize::MAX, 10);
+        b.acquire(10);
+        assert!(!b.acquire_beside(4, true), "reserved: in at once, although the budget is full");
+        b.acquire(0);
+        assert_eq!(b.in_flight(), 3);
+        for n in [0, 4, 10] {
+            b.release(n);
+        }
         b.wait_idle();
     }
 

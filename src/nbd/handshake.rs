@@ -189,7 +189,9 @@ impl<'a> Session<'a> {
                 s.write_all(&option_reply(opt, typ, payload))?;
                 s.flush()
             };
-            let error = |s: &mut S, typ: u32, msg: &str| reply(s, typ, msg.as_bytes());
+            // Spec: an error message is at most 4096 bytes (one naming a long export name
+            // would be longer).
+            let error = |s: &mut S, typ: u32, msg: &str| reply(s, typ, clip(msg, MAX_STRING).as_bytes());
             if len > MAX_OPTION_LEN {
                 io::copy(&mut Read::by_ref(s).take(u64::from(len)), &mut io::sink()).and_then(|n| {
                     if n == u64::from(len) {

@@ -433,8 +433,18 @@ impl Framing {
     }
 }
 
+/// `s` cut to at most `max` bytes at a character boundary: a message the spec says is UTF-8
+/// must not end in half a character.
+pub fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 pub fn error_payload(error: u32, message: &str) -> Vec<u8> {
-    let msg = &message.as_bytes()[..message.len().min(1024)];
+    let msg = clip(message, 1024).as_bytes();
     let mut b = vec![0u8; 6];
     BE::write_u32(&mut b[0..], error);
     BE::write_u16(&mut b[4..], msg.len() as u16);
@@ -445,6 +455,16 @@ pub fn error_payload(error: u32, message: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_messages_are_cut_at_a_character_boundary() {
+        let msg = format!("{}é tail", "x".repeat(1023));
+        let b = error_payload(5, &msg);
+        let len = BE::read_u16(&b[4..]) as usize;
+        assert_eq!(len, 1023, "the two-byte character at 1023 does not fit whole");
+        assert!(std::str::from_utf8(&b[6..]).is_ok());
+        assert_eq!(clip("abc", 10), "abc");
+    }
 
     #[test]
     fn greeting_is_nbdmagic_ihaveopt_and_fixed_newstyle_no_zeroes() {

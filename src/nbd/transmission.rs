@@ -4,7 +4,7 @@
 //! Every client error (bad flag, out of range, oversized payload) gets an error reply and
 //! leaves the connection usable; only a bad request magic or a broken socket ends it.
 
-use super::budget::Budget;
+use super::budget::{Budget, RESERVED_BYTES};
 use super::buffers::Buffers;
 use super::handshake::{Negotiated, MAX_PAYLOAD};
 use super::meta;
@@ -328,8 +328,8 @@ fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Optio
             }
             continue;
         }
-        conn.budget.acquire(cost);
-        global.acquire(cost);
+        let alone = conn.budget.acquire(cost);
+        global.acquire_beside(cost, alone && cost <= RESERVED_BYTES);
         let mut payload = Vec::new();
         if req.typ == CMD_WRITE {
             payload = conn.bufs.take(payload_len as usize);
@@ -515,7 +515,7 @@ impl Conn {
             let code = if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
             return Err((code, format!("{len} bytes at {} are outside the {}-byte export", req.offset, disk.size())));
         }
-        let lib = |e: Error| (errno(&e), e.to_string());
+        let lib = |e: Error| (errno(&e), e.for_client());
         let fua = req.flags & CMD_FLAG_FUA != 0;
         match req.typ {
             CMD_READ => return self.read(req),
@@ -566,7 +566,7 @@ impl Conn {
             let code = if self.neg.structured { EOVERFLOW } else { EINVAL };
             return Err((code, format!("read of {} bytes exceeds the maximum {MAX_PAYLOAD}", req.length)));
         }
-        let lib = |e: Error| (errno(&e), e.to_string());
+        let lib = |e: Error| (errno(&e), e.for_client());
         if !self.neg.structured {
             let n = SIMPLE_REPLY_SIZE + req.length as usize;
             return self
@@ -654,7 +654,7 @@ impl Conn {
         }
         let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { 1024 };
         let chunks = meta::block_status(self.disk(), &self.neg.contexts, req.offset, req.length, max)
-            .map_err(|e| (errno(&e), e.to_string()))?;
+            .map_err(|e| (errno(&e), e.for_client()))?;
         let f = self.framing(req);
         let mut out = Vec::new();
         for (i, (id, desc)) in chunks.iter().enumerate() {

@@ -179,6 +179,15 @@ fn nbd_errno(e: &io::Error, what: &str) -> u32 {
     cmd_error(e).unwrap_or_else(|| panic!("{what}: the connection failed ({e}), expected an NBD error reply")).error
 }
 
+/// An error reply's message tells the client nothing of where the server keeps the image
+/// (clients need not be the operator's).
+#[track_caller]
+fn assert_tells_no_path(e: &io::Error, image: &Path) {
+    let dir = image.parent().expect("the image is in a directory").to_string_lossy().into_owned();
+    let msg = cmd_error(e).map(|ce| ce.message.clone()).unwrap_or_default();
+    assert!(!msg.contains(&dir), "the error message names the server's files: {msg:?}");
+}
+
 /// Random writes: unaligned small ones (copy-up from the base), block-sized, whole chunks,
 /// and large ones that the server splices from the socket.
 fn next_write(rng: &mut XorShift) -> (u64, Vec<u8>) {
@@ -382,6 +391,7 @@ fn enospc_at_fsync_on_thin_storage_fails_the_flush_and_refuses_writes_until_the_
         assert!(flushed < 100, "the thin storage never filled up");
     };
     assert_eq!(nbd_errno(&refused, "flush"), NBD_ENOSPC, "fsync ran out of space: {refused}");
+    assert_tells_no_path(&refused, &rig.image);
     // The kernel may drop the pages it could not write whenever memory runs short (it did on
     // a CI machine): evicting them here makes that case the one every run tests.
     evict(&rig.image);
@@ -391,7 +401,9 @@ fn enospc_at_fsync_on_thin_storage_fails_the_flush_and_refuses_writes_until_the_
     // Spec §5.3: once a sync failed the kernel may have dropped pages it could not write, so
     // the image refuses writes and flushes until it is reopened, also once space is back.
     std::fs::remove_file(&filler).unwrap();
-    assert_nbd_error(c.write(0, &[7; 4096]), NBD_EIO, "write after the failed sync");
+    let refused = c.write(0, &[7; 4096]).expect_err("write after the failed sync");
+    assert_eq!(nbd_errno(&refused, "write after the failed sync"), NBD_EIO, "{refused}");
+    assert_tells_no_path(&refused, &rig.image);
     assert_nbd_error(c.flush(), NBD_EIO, "flush after the failed sync");
     assert_bytes_eq(&read_device(&mut c), &seen, "the device after writes were refused");
     drop(c);

@@ -375,6 +375,15 @@ fn go_for_an_unknown_export_is_err_unknown_and_haggling_continues() {
     let mut c = fx.server.connect();
     assert_rep_error(c.opt_info("nosuch", &[]), NBD_REP_ERR_UNKNOWN, "INFO for an unknown export");
     assert_rep_error(c.opt_go("nosuch", &[]), NBD_REP_ERR_UNKNOWN, "GO for an unknown export");
+    // Spec (Conventions): an error message is at most 4096 bytes, also one that names an
+    // unknown export whose name is as long as a name may be.
+    let long = "n".repeat(4096);
+    for (what, r) in [("INFO", c.opt_info(&long, &[])), ("GO", c.opt_go(&long, &[]))] {
+        let e = r.expect_err("an unknown export of 4096 bytes");
+        let rep = rep_error(&e).unwrap_or_else(|| panic!("{what}: a transport error: {e}"));
+        assert_eq!(rep.reply_type, NBD_REP_ERR_UNKNOWN, "{what}: {rep}");
+        assert!(rep.message.len() <= 4096, "{what}: an error message of {} bytes", rep.message.len());
+    }
     c.opt_go("disk", &[]).expect("GO for the real export");
     assert_usable(&mut c, "GO for an unknown export");
 

@@ -187,6 +187,37 @@ fn connection_cap_refuses_a_third_client_while_two_keep_working() {
 // ---------------------------------------------------------------------------
 
 #[test]
+fn clients_that_leave_their_replies_unread_do_not_stall_a_client_asking_for_little() {
+    // Four connections with two 32 MiB reads each, their replies never read, hold the whole
+    // server-wide budget of payload bytes in flight (256 MiB). Another client's small reads
+    // and writes must still be answered, not wait until those clients go.
+    let fx = fixture_with("80M", &[]);
+    let mut hogs = Vec::new();
+    for _ in 0..4 {
+        let mut c = simple_client(&fx.server, "disk");
+        for k in 0..2 {
+            c.send_request(0, NBD_CMD_READ, 0x400 + k, k * 32 * MIB, 32 * MIB as u32, &[]).expect("send a 32 MiB read");
+        }
+        hogs.push(c);
+    }
+    thread::sleep(Duration::from_millis(500));
+    let mut c = simple_client(&fx.server, "disk");
+    c.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    let data = random_bytes(4096, 77);
+    let t = Instant::now();
+    c.write(64 * MIB, &data).unwrap_or_else(|e| panic!("a 4 KiB write beside the unread replies: {e}"));
+    assert_bytes_eq(
+        &c.read(64 * MIB, 4096).unwrap_or_else(|e| panic!("a 4 KiB read beside them: {e}")),
+        &data,
+        "read back",
+    );
+    c.write(70 * MIB, &random_bytes(4 * MIB as usize, 78)).unwrap_or_else(|e| panic!("a 4 MiB write beside them: {e}"));
+    eprintln!("answered in {:?} beside 256 MiB of unread replies", t.elapsed());
+    drop(hogs);
+    c.flush().expect("flush once they are gone");
+}
+
+#[test]
 fn sixty_four_pipelined_reads_and_writes_are_matched_by_cookie() {
     let fx = fixture_with("32M", &[]);
     let area = |i: u64| i * 256 * KIB;
