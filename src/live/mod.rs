@@ -13,13 +13,19 @@ use crate::device::{Change, Disk, DiskExtents, DiskFlush, DiskLayers, DiskRead, 
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::ops::snapshot::{snapshot_chain, LiveSnapshotError};
 use crate::storage::namespace::Namespace;
-use crate::sync::{lock, read, write};
+use crate::sync::lock;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub mod jobs;
 mod steps;
+
+/// How long a replacement holds new requests back at a time while it waits for those in
+/// flight (see [`LiveChain::hold`]): well over what requests take to finish on a loaded
+/// machine, so a busy export is paused once, not in turns.
+const HOLD: Duration = Duration::from_millis(100);
 
 pub struct LiveChain {
     /// The top image's path, fixed: a snapshot gives the path a new file, not a new path.
@@ -55,7 +61,7 @@ impl LiveChain {
     /// The chain of the moment, for reading facts about it (layers, maps). Held shared: a
     /// replacement waits until the guard is dropped.
     pub fn current(&self) -> Result<ChainGuard<'_>> {
-        let g = read(&self.chain);
+        let g = self.chain.read();
         if let Err(reason) = &*g {
             return Err(unusable(&self.path, reason));
         }
@@ -96,7 +102,7 @@ impl LiveChain {
         // finish, such as a large write whose client is slow to send its payload, makes
         // every client of the export wait as long, and the pause reported says so.
         let paused = Instant::now();
-        let mut g = write(&self.chain);
+        let mut g = self.hold();
         let chain = match std::mem::replace(&mut *g, Err("a change of the chain did not finish".into())) {
             Ok(c) => c,
             Err(reason) => {
@@ -141,7 +147,7 @@ impl LiveChain {
     /// Flushes and closes the chain (the top cleanly, DIRTY cleared) and lets go of its files
     /// once requests in flight are done; later requests fail.
     pub fn close(&self) -> Result<()> {
-        let mut g = write(&self.chain);
+        let mut g = self.hold();
         match std::mem::replace(&mut *g, Err("the export was closed".into())) {
             Ok(c) => c.close(),
             Err(reason) => {
@@ -151,8 +157,23 @@ impl LiveChain {
         }
     }
 
+    /// The chain held exclusively. While this waits for the requests in flight, new ones are
+    /// held back (the lock is task-fair: a busy export cannot starve a replacement), but for
+    /// at most [`HOLD`] at a time: a request that does not finish (a large write runs as its
+    /// payload arrives, and its client may stop sending) would otherwise keep every client of
+    /// the export waiting with it. After each [`HOLD`] requests run as long again, and the
+    /// wait starts over.
+    fn hold(&self) -> RwLockWriteGuard<'_, std::result::Result<Chain, String>> {
+        loop {
+            if let Some(g) = self.chain.try_write_for(HOLD) {
+                return g;
+            }
+            std::thread::sleep(HOLD);
+        }
+    }
+
     pub(crate) fn with<R>(&self, f: impl FnOnce(&Chain) -> Result<R>) -> Result<R> {
-        match &*read(&self.chain) {
+        match &*self.chain.read() {
             Ok(c) => f(c),
             Err(reason) => Err(unusable(&self.path, reason)),
         }

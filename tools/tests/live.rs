@@ -101,6 +101,54 @@ fn twenty_live_snapshots_each_hold_exactly_what_clients_had_acknowledged() {
 }
 
 #[test]
+fn a_client_that_stops_in_the_middle_of_a_write_does_not_stall_the_others_during_a_live_snapshot() {
+    use common::nbdclient::NBD_CMD_WRITE;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    const SIZE: u64 = 16 << 20;
+    let live = Live::start(SIZE);
+    // A sends a 1 MiB write (run as its payload arrives) and half its payload, then stops.
+    let mut a = live.client();
+    let data = random_bytes(MIB as usize, 0xa11);
+    let half = data.len() / 2;
+    a.send_request(0, NBD_CMD_WRITE, 0xa, 2 * MIB, MIB as u32, &data[..half]).expect("send half a write");
+    let mut b = live.client();
+    b.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let snap = std::thread::scope(|scope| {
+        let snap = scope.spawn(|| live.snapshot("snap.cow"));
+        // The snapshot now waits for A's write. B goes on meanwhile, in turns with the
+        // snapshot's attempts: each of its requests waits a fraction of a second at most.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut slowest = Duration::ZERO;
+        let mut answered = 0;
+        let mut failed = None;
+        while started.elapsed() < Duration::from_secs(2) && failed.is_none() {
+            let t = Instant::now();
+            match b.read(5 * MIB, 4096) {
+                Ok(_) => answered += 1,
+                Err(e) => failed = Some(e),
+            }
+            slowest = slowest.max(t.elapsed());
+        }
+        let waited = !snap.is_finished();
+        // A sends the rest (also when B failed: the snapshot thread must end): its write
+        // lands, and the snapshot goes through.
+        a.stream().write_all(&data[half..]).expect("send the rest of the payload");
+        a.read_response().expect("A's write answered").check().expect("A's write succeeded");
+        let snap = snap.join().expect("the snapshot");
+        assert!(failed.is_none(), "B's read while A stalls a snapshot: {failed:?}");
+        assert!(waited, "the snapshot did not wait for A's write in flight");
+        assert!(slowest < Duration::from_secs(1), "B waited {slowest:?} for a read");
+        eprintln!("{answered} reads answered beside the stalled write, the slowest in {slowest:?}");
+        snap
+    });
+    assert!(snap >= 1500.0, "the pause reported ({snap} ms) leaves out the wait for A's write");
+    assert_bytes_eq(&b.read(2 * MIB, MIB as u32).unwrap(), &data, "A's write after the snapshot");
+}
+
+#[test]
 fn fio_random_writes_with_verify_on_two_connections_survive_twenty_live_snapshots() {
     if !require_tool("fio") {
         return;
