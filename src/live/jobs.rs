@@ -237,11 +237,6 @@ impl Jobs {
             let _ = h.join();
         }
     }
-
-    /// Whether a job runs on the chain of `image`.
-    pub fn running_on(&self, image: &Path) -> bool {
-        self.list().iter().any(|j| j.image == image && j.state() == JobState::Running)
-    }
 }
 
 fn run(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<()> {

@@ -129,7 +129,7 @@ impl LiveChain {
     }
 
     /// Marks the chain busy with a `job`; refused if one runs. [`LiveChain::release`] ends it.
-    pub(crate) fn claim(&self, job: &'static str) -> Result<()> {
+    pub fn claim(&self, job: &'static str) -> Result<()> {
         let mut b = lock(&self.busy);
         if let Some(other) = *b {
             return Err(
@@ -140,7 +140,7 @@ impl LiveChain {
         Ok(())
     }
 
-    pub(crate) fn release(&self) {
+    pub fn release(&self) {
         *lock(&self.busy) = None;
     }
 

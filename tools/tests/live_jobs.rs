@@ -180,6 +180,31 @@ fn jobs_are_listed_cancelled_and_run_one_at_a_time() {
 }
 
 #[test]
+fn export_remove_is_refused_while_a_job_runs_and_with_force_cancels_it_first() {
+    // Served by a relative path (as `cowdisk serve disk.cow` is): the job knows its image by
+    // that path, the export by the canonical one; the removal must see the job all the same.
+    let live = Live::start_relative(SIZE);
+    layered(&live);
+    let before = device(&live);
+    let (ws, ctl) = (&live.ws, s(&live.ctl));
+    ws.ok(&["commit", "disk.cow", "--force", "--detach", "--rate", "2M", "--control", ctl]);
+    assert_eq!(jobs(&live)[0]["state"], "running");
+    ws.fail(&["export", "remove", "disk", "--control", ctl], &["in use", "commit job is running", "--force"]);
+    assert_eq!(jobs(&live)[0]["state"], "running", "a refused removal leaves the job alone");
+    assert_bytes_eq(&device(&live), &before, "the export after the refused removal");
+    ws.ok(&["export", "remove", "disk", "--force", "--control", ctl]);
+    assert_eq!(jobs(&live)[0]["state"], "cancelled", "the forced removal cancels the job first");
+    // The cancelled job gave back what it had copied: nothing leaks, and the chain reads the same.
+    let c = ws.run(&["check", "--chain", "disk.cow"]);
+    assert_eq!(c.code, Some(0), "after the forced removal: {}", c.describe());
+    let Live { server, ws, .. } = live;
+    assert!(server.stop().success());
+    let out = ws.p("after.raw");
+    ws.ok(&["flatten", "disk.cow", "--output", s(&out), "--format", "raw"]);
+    assert_bytes_eq(&std::fs::read(&out).unwrap(), &before, "the image after the forced removal");
+}
+
+#[test]
 fn sigterm_during_a_job_stops_it_at_a_safe_point_and_the_server_exits_cleanly() {
     let live = Live::start(SIZE);
     layered(&live);

@@ -363,22 +363,28 @@ fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
 
 fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
     let name = arg_str(args, "name")?;
-    let image = lock(&st.exports).iter().find(|s| s.name == name).map(|s| s.image.clone());
-    if let Some(image) = image.filter(|i| st.jobs.running_on(i)) {
-        if !arg_bool(args, "force") {
-            return Err(Error::new(
-                ErrorKind::InUse,
-                format!("a job is running on export {name:?}; --force cancels it"),
-            ));
-        }
-        for j in st.jobs.list().iter().filter(|j| j.image == image) {
-            let _ = st.jobs.cancel(j.id);
-        }
-        while st.jobs.running_on(&image) {
+    let force = arg_bool(args, "force");
+    let live = lock(&st.exports).iter().find(|s| s.name == name).map(|s| s.live.clone());
+    // The chain is claimed for the removal, as a job claims it: a job running on it is seen
+    // whatever path it was started by (the chain's own, not the export's canonical one), and
+    // none can start while the export's clients are being disconnected.
+    if let Some(live) = &live {
+        while let Err(e) = live.claim("export removal") {
+            if e.kind() != ErrorKind::InUse || !force {
+                return Err(Error::new(e.kind(), format!("{}; --force cancels it", e.message())));
+            }
+            for j in st.jobs.list().iter().filter(|j| j.image == live.path()) {
+                let _ = st.jobs.cancel(j.id);
+            }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
-    st.server.remove_export(name, arg_bool(args, "force"))?;
+    if let Err(e) = st.server.remove_export(name, force) {
+        if let Some(live) = &live {
+            live.release();
+        }
+        return Err(e);
+    }
     let served = {
         let mut l = lock(&st.exports);
         let i = l.iter().position(|s| s.name == name);

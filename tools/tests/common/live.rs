@@ -17,12 +17,25 @@ pub struct Live {
 
 impl Live {
     pub fn start(size: u64) -> Live {
+        Self::start_naming(size, false)
+    }
+
+    /// The same, the server started in the workspace and told the image's relative path
+    /// (`cowdisk serve disk.cow`, as the README does).
+    pub fn start_relative(size: u64) -> Live {
+        Self::start_naming(size, true)
+    }
+
+    fn start_naming(size: u64, relative: bool) -> Live {
         let ws = Ws::in_memory("live");
         write_random_file(&ws.p("base.raw"), size, 0x11fe);
         let base = std::fs::read(ws.p("base.raw")).unwrap();
         ws.create("disk.cow", &["--backing", "base.raw", "--chunk-size", "16K"]);
         let ctl = ws.p("ctl.sock");
-        let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&ws.p("nbd.sock")), "--control", s(&ctl)]);
+        let image = if relative { PathBuf::from("disk.cow") } else { ws.p("disk.cow") };
+        let sock = ws.p("nbd.sock");
+        let args = [s(&image), "--socket", s(&sock), "--control", s(&ctl)];
+        let server = if relative { Server::start_in(ws.dir(), &args) } else { Server::start(&args) };
         Live { server, ws, ctl, base }
     }
 

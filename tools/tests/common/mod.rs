@@ -519,6 +519,16 @@ impl Server {
     }
 
     pub fn try_start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
+        Self::launch(args, env, None)
+    }
+
+    /// Started in `dir`, so that `args` may name images by paths relative to it (as a user
+    /// in that directory would).
+    pub fn start_in(dir: &Path, args: &[&str]) -> Server {
+        Self::launch(args, &[], Some(dir)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn launch(args: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> Result<Server, String> {
         let socket = flag_value(args, "--socket").map(PathBuf::from);
         let listen = flag_value(args, "--listen");
         let ready = match (&socket, &listen) {
@@ -530,6 +540,9 @@ impl Server {
         };
         let mut cmd = Command::new(cowdisk_bin());
         cmd.arg("serve").args(args);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
