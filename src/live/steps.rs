@@ -14,7 +14,7 @@ use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::{Geometry, FLAG_FROZEN};
 use crate::layer::{new_uuid, Image, OpenOptions};
 use crate::ops::all_extents;
-use crate::ops::commit::{commit_prepare, is_commit_layer};
+use crate::ops::commit::{check_committable, commit_prepare, is_commit_layer};
 use crate::ops::flatten::copy_device;
 use crate::storage::namespace::{publish_new, sweep_stale_temps, temp_name, Namespace};
 use crate::storage::LockMode;
@@ -131,6 +131,10 @@ pub(super) fn commit(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<
 fn move_down(live: &LiveChain, job: &Job, ns: &dyn Namespace, p: &Arc<Image>, resume: bool) -> Result<Arc<Image>> {
     let image = live.path().to_path_buf();
     if !resume {
+        // A commit that must be refused is refused before the top is frozen, not after it
+        // with the frozen layer left behind (writes meanwhile may still make it refused
+        // below, as they would have a moment later).
+        live.with(|c| check_committable(c.top(), p).map_err(|e| e.with_file(&image)))?;
         let name = image.file_name().map(OsStr::to_string_lossy).unwrap_or_default();
         let u = new_uuid()?;
         let tag = u32::from_le_bytes([u[0], u[1], u[2], u[3]]);

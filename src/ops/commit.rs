@@ -144,10 +144,8 @@ pub fn commit_into(top: &Image, parent: &Image, progress: Progress) -> Result<()
 /// `parent` is unchanged (the slots copied into are punched and free again; after a crash,
 /// unreferenced space its next writable open reclaims).
 pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dyn Fn() -> bool) -> Result<PreparedMap> {
+    check_committable(top, parent)?;
     let (tg, pg) = (top.geometry(), parent.geometry());
-    if tg.virtual_size > pg.virtual_size {
-        return Err(err(ErrorKind::InvalidArgument, "is larger than its parent; commit cannot grow the parent"));
-    }
 
     // The top's data and zero blocks, regrouped by the parent's chunks (sizes may differ).
     let mut updates: BTreeMap<u64, Vec<(usize, usize, Update)>> = BTreeMap::new();
@@ -177,10 +175,9 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
     // A top smaller than its parent whose size is not a whole number of blocks ends inside a
     // parent block. The top shows only that block's first `keep` bytes (the rest of its slot
     // reads as zeros, the layers below being cut off at the top's size), and the parent's
-    // bytes after them are not the top's to change: they stay what the parent shows. Where the
-    // parent does not hold that block itself, what it shows there comes from the layers below
-    // it, which a commit does not read: refused before anything is written. Only a block the
-    // top changes matters.
+    // bytes after them are not the top's to change: they stay what the parent shows (where
+    // the parent does not hold that block, `check_committable` refused above). Only a block
+    // the top changes matters.
     let tail = (tg.virtual_size % BLOCK_SIZE != 0 && tg.virtual_size < pg.virtual_size)
         .then(|| {
             let off = tg.virtual_size / BLOCK_SIZE * BLOCK_SIZE;
@@ -194,20 +191,6 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
         .filter(|t| {
             updates.get(&t.chunk).is_some_and(|ups| ups.iter().any(|&(b0, b1, _)| (b0..b1).contains(&t.block)))
         });
-    if let Some(t) = tail {
-        let held = parent.with_entry(t.chunk, |e| e.is_some_and(|e| e.blocks.get(t.block) != BlockState::Absent));
-        if !held && parent.parent().is_some() {
-            return Err(err(
-                ErrorKind::Unsupported,
-                format!(
-                    "ends {} bytes into a block its parent does not hold (the parent's parent does): \
-                     committing it would need the layers below the parent; nothing changed",
-                    t.keep
-                ),
-            ));
-        }
-    }
-
     // Slots taken so far: given back if the commit stops before its map is prepared, so that
     // a cancelled or failed commit leaves no unreferenced space behind in the parent.
     let mut taken: Vec<u64> = Vec::new();
@@ -218,6 +201,40 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
         let _ = parent.release_detached_slots(&taken);
     }
     built
+}
+
+/// Why `top` cannot be committed into `parent`, if it cannot; asked before anything is
+/// written (a live commit asks before it freezes the top, so a refusal leaves no layer
+/// behind). A top larger than its parent would grow it. A top smaller than its parent whose
+/// size is not a whole number of blocks ends inside a parent block: the top shows only that
+/// block's first bytes, and the parent's bytes after them are not the top's to change; where
+/// the parent does not hold that block itself, what it shows there comes from the layers
+/// below it, which a commit does not read. Only a block the top changes matters.
+pub fn check_committable(top: &Image, parent: &Image) -> Result<()> {
+    let (tg, pg) = (top.geometry(), parent.geometry());
+    if tg.virtual_size > pg.virtual_size {
+        return Err(err(ErrorKind::InvalidArgument, "is larger than its parent; commit cannot grow the parent"));
+    }
+    if tg.virtual_size % BLOCK_SIZE == 0 || tg.virtual_size == pg.virtual_size {
+        return Ok(());
+    }
+    let off = tg.virtual_size / BLOCK_SIZE * BLOCK_SIZE;
+    let holds = |img: &Image, shift: u32| {
+        let chunk = off >> shift;
+        let block = ((off - (chunk << shift)) / BLOCK_SIZE) as usize;
+        img.with_entry(chunk, |e| e.is_some_and(|e| e.blocks.get(block) != BlockState::Absent))
+    };
+    if holds(top, tg.chunk_shift) && !holds(parent, pg.chunk_shift) && parent.parent().is_some() {
+        return Err(err(
+            ErrorKind::Unsupported,
+            format!(
+                "ends {} bytes into a block its parent does not hold (the parent's parent does): \
+                 committing it would need the layers below the parent; nothing changed",
+                tg.virtual_size % BLOCK_SIZE
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The block of the parent in which a smaller top ends (see [`commit_prepare`]).

@@ -3,7 +3,9 @@
 //! stopped by SIGTERM half-way leaves a chain that reads the same and that the same command
 //! run again finishes; a command following its job says so when the server dies or stops
 //! under it; jobs are listed, cancelled, and one at a time per chain; a snapshot asked at the
-//! same moment as a job is taken whole or refused, never half-done.
+//! same moment as a job is taken whole or refused, never half-done; `export remove` waits for
+//! no job but refuses or (forced) cancels it; a live commit that must be refused leaves the
+//! chain as an offline one does.
 
 mod common;
 
@@ -202,6 +204,31 @@ fn export_remove_is_refused_while_a_job_runs_and_with_force_cancels_it_first() {
     let out = ws.p("after.raw");
     ws.ok(&["flatten", "disk.cow", "--output", s(&out), "--format", "raw"]);
     assert_bytes_eq(&std::fs::read(&out).unwrap(), &before, "the image after the forced removal");
+}
+
+#[test]
+fn a_live_commit_that_must_be_refused_changes_nothing_like_an_offline_one() {
+    // A top larger than its cowdisk parent: commit would have to grow the parent.
+    let ws = Ws::in_memory("refused");
+    ws.create("p0.cow", &["--size", "16M"]);
+    ws.ok(&["snapshot", "p0.cow", "p.cow"]);
+    ws.create("disk.cow", &["--backing", "p.cow", "--size", "32M"]);
+    ws.fail(&["commit", "disk.cow", "--force"], &["larger than its parent", "disk.cow"]);
+    let before = layers(&ws);
+    let (sock, ctl) = (ws.p("nbd.sock"), ws.p("ctl.sock"));
+    let server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&sock), "--control", s(&ctl)]);
+    let mut c = server.connect();
+    c.opt_go("disk", &[]).expect("NBD_OPT_GO");
+    c.write(0, &random_bytes(65536, 5)).unwrap();
+    c.flush().unwrap();
+    for _ in 0..2 {
+        ws.fail(&["commit", "disk.cow", "--force", "--control", s(&ctl)], &["larger than its parent"]);
+        assert_eq!(layers(&ws), before, "a refused live commit left the chain as it was");
+    }
+    drop(c);
+    assert!(server.stop().success());
+    let c = ws.run(&["check", "--chain", "disk.cow"]);
+    assert_eq!(c.code, Some(0), "after the refused commits: {}", c.describe());
 }
 
 #[test]
