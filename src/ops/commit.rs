@@ -172,25 +172,8 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
         }
     }
 
-    // A top smaller than its parent whose size is not a whole number of blocks ends inside a
-    // parent block. The top shows only that block's first `keep` bytes (the rest of its slot
-    // reads as zeros, the layers below being cut off at the top's size), and the parent's
-    // bytes after them are not the top's to change: they stay what the parent shows (where
-    // the parent does not hold that block, `check_committable` refused above). Only a block
-    // the top changes matters.
-    let tail = (tg.virtual_size % BLOCK_SIZE != 0 && tg.virtual_size < pg.virtual_size)
-        .then(|| {
-            let off = tg.virtual_size / BLOCK_SIZE * BLOCK_SIZE;
-            let pc = off >> pg.chunk_shift;
-            Tail {
-                chunk: pc,
-                block: ((off - (pc << pg.chunk_shift)) / BLOCK_SIZE) as usize,
-                keep: (tg.virtual_size % BLOCK_SIZE) as usize,
-            }
-        })
-        .filter(|t| {
-            updates.get(&t.chunk).is_some_and(|ups| ups.iter().any(|&(b0, b1, _)| (b0..b1).contains(&t.block)))
-        });
+    // The parent block a smaller top ends inside, if the top changes it (see [`Tail::of`]).
+    let tail = Tail::of(top, parent);
     // Slots taken so far: given back if the commit stops before its map is prepared, so that
     // a cancelled or failed commit leaves no unreferenced space behind in the parent.
     let mut taken: Vec<u64> = Vec::new();
@@ -205,36 +188,30 @@ pub fn commit_prepare(top: &Image, parent: &Image, progress: Progress, stop: &dy
 
 /// Why `top` cannot be committed into `parent`, if it cannot; asked before anything is
 /// written (a live commit asks before it freezes the top, so a refusal leaves no layer
-/// behind). A top larger than its parent would grow it. A top smaller than its parent whose
-/// size is not a whole number of blocks ends inside a parent block: the top shows only that
-/// block's first bytes, and the parent's bytes after them are not the top's to change; where
-/// the parent does not hold that block itself, what it shows there comes from the layers
-/// below it, which a commit does not read. Only a block the top changes matters.
+/// behind). A top larger than its parent would grow it. Where a smaller top ends inside a
+/// parent block ([`Tail`]) that the parent does not hold itself, what the parent shows after
+/// the top's end comes from the layers below it, which a commit does not read.
 pub fn check_committable(top: &Image, parent: &Image) -> Result<()> {
     let (tg, pg) = (top.geometry(), parent.geometry());
     if tg.virtual_size > pg.virtual_size {
         return Err(err(ErrorKind::InvalidArgument, "is larger than its parent; commit cannot grow the parent"));
     }
-    if tg.virtual_size % BLOCK_SIZE == 0 || tg.virtual_size == pg.virtual_size {
-        return Ok(());
-    }
-    let off = tg.virtual_size / BLOCK_SIZE * BLOCK_SIZE;
-    let holds = |img: &Image, shift: u32| {
-        let chunk = off >> shift;
-        let block = ((off - (chunk << shift)) / BLOCK_SIZE) as usize;
-        img.with_entry(chunk, |e| e.is_some_and(|e| e.blocks.get(block) != BlockState::Absent))
-    };
-    if holds(top, tg.chunk_shift) && !holds(parent, pg.chunk_shift) && parent.parent().is_some() {
-        return Err(err(
+    match Tail::of(top, parent) {
+        Some(t) if !holds(parent, t.chunk, t.block) && parent.parent().is_some() => Err(err(
             ErrorKind::Unsupported,
             format!(
                 "ends {} bytes into a block its parent does not hold (the parent's parent does): \
                  committing it would need the layers below the parent; nothing changed",
-                tg.virtual_size % BLOCK_SIZE
+                t.keep
             ),
-        ));
+        )),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// Whether `img` itself holds block `block` of chunk `chunk` (data or zeros).
+fn holds(img: &Image, chunk: u64, block: usize) -> bool {
+    img.with_entry(chunk, |e| e.is_some_and(|e| e.blocks.get(block) != BlockState::Absent))
 }
 
 /// The block of the parent in which a smaller top ends (see [`commit_prepare`]).
@@ -243,6 +220,29 @@ struct Tail {
     chunk: u64,
     block: usize,
     keep: usize,
+}
+
+impl Tail {
+    /// A top smaller than its parent whose size is not a whole number of blocks ends inside a
+    /// parent block. The top shows only that block's first `keep` bytes (the rest of its slot
+    /// reads as zeros, the layers below being cut off at the top's size), and the parent's
+    /// bytes after them are not the top's to change: they stay what the parent shows. `None`
+    /// unless the top ends so and holds that block itself: only a block the top changes
+    /// matters.
+    fn of(top: &Image, parent: &Image) -> Option<Tail> {
+        let (tg, pg) = (top.geometry(), parent.geometry());
+        if tg.virtual_size % BLOCK_SIZE == 0 || tg.virtual_size >= pg.virtual_size {
+            return None;
+        }
+        let off = tg.virtual_size / BLOCK_SIZE * BLOCK_SIZE;
+        let at = |shift: u32| {
+            let chunk = off >> shift;
+            (chunk, ((off - (chunk << shift)) / BLOCK_SIZE) as usize)
+        };
+        let (tc, tb) = at(tg.chunk_shift);
+        let (chunk, block) = at(pg.chunk_shift);
+        holds(top, tc, tb).then_some(Tail { chunk, block, keep: (tg.virtual_size % BLOCK_SIZE) as usize })
+    }
 }
 
 /// C2 of [`commit_prepare`]: each parent chunk in `updates` rebuilt in a fresh slot (pushed

@@ -370,7 +370,7 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
     // none can start while the export's clients are being disconnected.
     if let Some(live) = &live {
         while let Err(e) = live.claim("export removal") {
-            if e.kind() != ErrorKind::InUse || !force {
+            if !force {
                 return Err(Error::new(e.kind(), format!("{}; --force cancels it", e.message())));
             }
             for j in st.jobs.list().iter().filter(|j| j.image == live.path()) {
