@@ -82,6 +82,8 @@ impl LiveChain {
                 err(ErrorKind::InUse, format!("in use: a {job} job is running on this chain")).with_file(&self.path)
             );
         }
+        // The name a commit's own snapshot takes (`snapshot_now`) is not the user's to take.
+        crate::ops::commit::refuse_commit_layer_name(snapshot).map_err(|e| e.during("snapshot"))?;
         self.snapshot_now(ns, snapshot)
     }
 

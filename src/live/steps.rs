@@ -14,7 +14,7 @@ use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::{Geometry, FLAG_FROZEN};
 use crate::layer::{new_uuid, Image, OpenOptions};
 use crate::ops::all_extents;
-use crate::ops::commit::{check_committable, commit_prepare, is_commit_layer};
+use crate::ops::commit::{check_committable, commit_prepare, is_commit_layer, refuse_commit_layer_name};
 use crate::ops::flatten::copy_device;
 use crate::storage::namespace::{publish_new, sweep_stale_temps, temp_name, Namespace};
 use crate::storage::LockMode;
@@ -184,6 +184,7 @@ pub(super) fn compact(
     if ns.exists(into) {
         return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(into));
     }
+    refuse_commit_layer_name(into)?;
     let (run, rest, base) = live.with(|c| {
         let l = c.lowers();
         let k = layers.unwrap_or(l.len());

@@ -77,6 +77,21 @@ pub fn is_commit_layer(path: &Path) -> bool {
     at > 0 && hex.len() == 8 && hex.iter().all(u8::is_ascii_hexdigit)
 }
 
+/// Refuses `path` as the name of a layer the user makes (a snapshot, a compaction's merged
+/// layer) when it is named like a commit's intermediate layer: the next commit of the image
+/// on it would take it for one, merge it into its parent and delete it.
+pub fn refuse_commit_layer_name(path: &Path) -> Result<()> {
+    if is_commit_layer(path) {
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            "names ending in .commit- and eight hex digits are kept for the intermediate layer of a live commit \
+             (the next commit would merge such a layer into its parent and delete it); choose another name",
+        )
+        .with_file(path));
+    }
+    Ok(())
+}
+
 /// Whether `image`'s parent is the intermediate layer of a live commit that stopped half-way
 /// (the next commit finishes it: see `cowdisk::live::jobs`).
 pub fn interrupted(image: &Path) -> Result<bool> {

@@ -14,6 +14,7 @@ use crate::error::{err, Error, ErrorKind, Result};
 use crate::format::header::{Header, ParentFormat, ParentRef, PendingSnapshot, MAX_PENDING_NAME};
 use crate::format::{FLAG_DIRTY, FLAG_FROZEN, MAX_CHAIN_DEPTH};
 use crate::layer::{read_header_of, write_next_header, Image, OpenOptions};
+use crate::ops::commit::refuse_commit_layer_name;
 use crate::storage::namespace::{sweep_stale_temps, temp_name, Namespace, RealFs};
 use crate::storage::{LockMode, Storage};
 use std::os::unix::ffi::OsStrExt;
@@ -37,6 +38,7 @@ pub fn snapshot(image: &Path, snapshot: &Path) -> Result<()> {
 pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<()> {
     let ctx = |e: Error| e.during("snapshot");
     let names = names(ns, image, snapshot)?;
+    refuse_commit_layer_name(snapshot).map_err(ctx)?;
     // An earlier snapshot of this image decided but not carried out (the command was killed)
     // is finished first; when it is the snapshot asked for, that is the result. Checking the
     // name first would refuse it once linked, and going on would decide a second snapshot

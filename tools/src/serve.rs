@@ -4,7 +4,7 @@
 //! sockets it binds or inherits (socket activation), in the foreground or forked (`daemon`).
 
 use crate::control::server::{Control, Served as ControlServed};
-use crate::control::{canonical, rundir, server_socket};
+use crate::control::{name_of, rundir, server_socket};
 use crate::daemon::{inherited_sockets, Daemon};
 use crate::Failure;
 use cowdisk::live::LiveChain;
@@ -264,7 +264,7 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
     let mut lives = Vec::new();
     let mut exports = Vec::new();
     for e in served {
-        let image = canonical(e.chain.top().path())
+        let image = name_of(e.chain.top().path())
             .map_err(|x| Failure(format!("{}: {x}", e.chain.top().path().display()), 1))?;
         let live = Arc::new(LiveChain::new(e.chain));
         // The description is only what the operator wrote: anything derived from the image

@@ -378,3 +378,81 @@ fn snapshot_finds_the_server_of_an_image_without_being_told() {
     assert!(!out.contains("live"), "{out}");
     assert_eq!(ws.info("d.cow")["layers"].as_array().unwrap().len(), 3);
 }
+
+/// An image served by the name of a symbolic link (here to a file in another directory): a
+/// live snapshot replaces the link with the new overlay (spec §3.3 uses the path as given),
+/// and the server still knows its image by that name for the next snapshot and for jobs,
+/// found by `cowdisk snapshot` without being told where the server is.
+#[test]
+fn an_image_served_through_a_symbolic_link_keeps_its_live_operations() {
+    let ws = Ws::in_memory("live-symlink");
+    std::fs::create_dir(ws.p("real")).unwrap();
+    std::fs::create_dir(ws.p("links")).unwrap();
+    ws.create("real/d.cow", &["--size", "1M"]);
+    std::os::unix::fs::symlink("../real/d.cow", ws.p("links/d.cow")).unwrap();
+    let ctl = ws.p("c.sock");
+    let server = Server::start(&[s(&ws.p("links/d.cow")), "--socket", s(&ws.p("n.sock")), "--control", s(&ctl)]);
+    let mut c = server.connect();
+    c.opt_go("d", &[]).unwrap();
+    let mut model = vec![0u8; 1 << 20];
+    for (i, snap) in ["links/s1.cow", "links/s2.cow", "links/s3.cow"].iter().enumerate() {
+        let block = vec![b'a' + i as u8; 4096];
+        c.write(i as u64 * 8192, &block).unwrap();
+        model[i * 8192..i * 8192 + 4096].copy_from_slice(&block);
+        let out = ws.ok(&["snapshot", "links/d.cow", snap]);
+        assert!(out.contains("(live: clients paused"), "snapshot {i}: {out}");
+    }
+    // The server lists its image by the name it serves it under.
+    let list = ws.json(&["export", "list", "--json", "--control", s(&ctl)]);
+    let listed = list.as_array().unwrap().iter().find(|e| e["name"] == "d").map(|e| e["image"].clone());
+    assert_eq!(listed, Some(Value::from(s(&ws.p("links/d.cow").canonicalize().unwrap()))), "{list}");
+    // A job through the same name: commit the top into s3 while the client is connected.
+    c.write(3 * 8192, &[b'z'; 4096]).unwrap();
+    model[3 * 8192..3 * 8192 + 4096].fill(b'z');
+    let out = ws.ok(&["commit", "links/d.cow", "--force"]);
+    assert!(out.contains("(live)"), "{out}");
+    // The file the link pointed at is the first snapshot now, not the served image: refused.
+    ws.fail(&["snapshot", "real/d.cow", "real/x.cow"], &["not served by this server"]);
+    assert!(!ws.p("real/x.cow").exists());
+    assert_eq!(c.read(0, 1 << 20).unwrap(), model, "the export's contents");
+    drop(c);
+    assert!(server.stop().success());
+    let layers: Vec<Value> =
+        ws.info("links/d.cow")["layers"].as_array().unwrap().iter().map(|l| l["path"].clone()).collect();
+    assert_eq!(layers, ["links/d.cow", "links/s3.cow", "links/s2.cow", "links/s1.cow"], "the chain");
+    assert_eq!(ws.device("links/d.cow"), model, "the image's contents after the server stopped");
+}
+
+/// A commit's intermediate layer is known by its name (`IMAGE.commit-` and eight hex digits):
+/// the next commit of an image on such a layer merges it into its parent and deletes it. So a
+/// layer the user makes may not take such a name: a snapshot (live or offline) or a
+/// compaction into one is refused and changes nothing, and a later commit leaves the user's
+/// snapshots where they are.
+#[test]
+fn a_layer_the_user_names_like_a_commits_intermediate_layer_is_refused() {
+    let live = Live::start(1 << 20);
+    let (ws, ctl) = (&live.ws, s(&live.ctl));
+    let reserved = "disk.cow.commit-0a1b2c3d";
+    let mut c = live.client();
+    c.write(0, &[5u8; 4096]).unwrap();
+    ws.fail(&["snapshot", "disk.cow", reserved, "--control", ctl], &[reserved, "kept for the intermediate layer"]);
+    live.snapshot("s1.cow");
+    live.snapshot("s2.cow");
+    ws.fail(&["compact", "disk.cow", reserved, "--control", ctl], &[reserved, "kept for the intermediate layer"]);
+    assert!(!ws.p(reserved).exists());
+    c.write(4096, &[6u8; 4096]).unwrap();
+    ws.ok(&["commit", "disk.cow", "--force", "--control", ctl]);
+    drop(c);
+    assert!(live.server.stop().success());
+    let layers: Vec<Value> =
+        ws.info("disk.cow")["layers"].as_array().unwrap().iter().map(|l| l["path"].clone()).collect();
+    assert_eq!(layers, ["disk.cow", "s2.cow", "s1.cow", "base.raw"]);
+    // Offline, the same refusal, and the chain is unchanged.
+    ws.fail(&["snapshot", "disk.cow", "disk.cow.commit-ffffffff"], &["kept for the intermediate layer"]);
+    assert!(!ws.p("disk.cow.commit-ffffffff").exists());
+    assert_eq!(ws.info("disk.cow")["layers"].as_array().unwrap().len(), 4);
+    let device = ws.device("disk.cow");
+    assert_eq!(&device[..4096], &[5u8; 4096][..]);
+    assert_eq!(&device[4096..8192], &[6u8; 4096][..]);
+    assert_eq!(&device[8192..], &live.base[8192..]);
+}

@@ -1,7 +1,7 @@
 //! The CLI side of the control channel: finding the server of an image (or the one server
 //! running), refusing a socket that belongs to another user, and one request and its reply.
 
-use super::{canonical, image_link, rundir};
+use super::{canonical, image_link, name_of, rundir};
 use crate::Failure;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -83,18 +83,22 @@ impl Client {
 }
 
 /// The control socket of the server serving `image`, if one is running: `control` if given,
-/// else the default link for the image when a server answers there.
+/// else the default link for the image when a server answers there: the one keyed by its
+/// canonical path (a server links that of the file it opened), else by its name (a server
+/// links that too, and after a snapshot through a symbolic link only that one names it).
 pub fn for_image(image: &Path, control: Option<&Path>) -> Result<Option<Client>, Failure> {
     if let Some(c) = control {
         return Client::connect(c).map(Some);
     }
-    let (Ok(dir), Ok(canon)) = (rundir(), canonical(image)) else { return Ok(None) };
-    let link = image_link(&dir, &canon);
-    // A link left by a server that is gone (killed) leads nowhere: the image is not served.
-    if std::fs::metadata(&link).is_err() || UnixStream::connect(&link).is_err() {
-        return Ok(None);
+    let Ok(dir) = rundir() else { return Ok(None) };
+    for key in [canonical(image), name_of(image)].into_iter().flatten() {
+        let link = image_link(&dir, &key);
+        // A link left by a server that is gone (killed) leads nowhere: the image is not served.
+        if std::fs::metadata(&link).is_ok() && UnixStream::connect(&link).is_ok() {
+            return Client::connect(&link).map(Some);
+        }
     }
-    Client::connect(&link).map(Some)
+    Ok(None)
 }
 
 /// The server to manage exports of: `control` if given, else the one server of this user
@@ -123,9 +127,5 @@ pub fn server(control: Option<&Path>) -> Result<Client, Failure> {
 /// `path` made absolute against the current directory without resolving its last component
 /// (which may not exist yet): what the server, whose directory may differ, is sent.
 pub fn absolute(path: &Path) -> Result<PathBuf, Failure> {
-    let abs = std::path::absolute(path).map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;
-    match (abs.parent(), abs.file_name()) {
-        (Some(d), Some(n)) => Ok(d.canonicalize().map(|d| d.join(n)).unwrap_or(abs.clone())),
-        _ => Ok(abs),
-    }
+    name_of(path).map_err(|e| Failure(format!("{}: {e}", path.display()), 1))
 }

@@ -6,7 +6,7 @@
 //!
 //! Where: `--control PATH`, or by default `RUNDIR/server-PID.sock`, with a link
 //! `RUNDIR/image-KEY.sock` to it for every image it serves, KEY being a hash of the image's
-//! canonical path; so `cowdisk snapshot IMAGE ...` finds the server of IMAGE without being
+//! name (`name_of`) and another of its canonical path where that differs; so `cowdisk snapshot IMAGE ...` finds the server of IMAGE without being
 //! told. RUNDIR is `$XDG_RUNTIME_DIR/cowdisk`, else `/run/cowdisk` for root, else
 //! `/tmp/cowdisk-UID`; it and the sockets are the user's alone (modes 0700 and 0600).
 
@@ -39,12 +39,49 @@ fn key(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// The canonical path of `image` (what the server and the CLI agree an image is called).
+/// The canonical path of `image`: the file it names now, however spelled.
 pub fn canonical(image: &Path) -> std::io::Result<PathBuf> {
     image.canonicalize()
 }
 
-/// The link under which the server of the image at canonical path `image` can be reached.
+/// `image` made absolute with its directory resolved but its final component kept as given:
+/// the name an export's image is known by. A snapshot puts a new file under the name the
+/// image was opened by (a symbolic link there is replaced by the new overlay: spec §3.3 uses
+/// that path as is), so this name, unlike the canonical path, names the export's image before
+/// and after any number of snapshots.
+pub fn name_of(image: &Path) -> std::io::Result<PathBuf> {
+    let abs = std::path::absolute(image)?;
+    match (abs.parent(), abs.file_name()) {
+        (Some(d), Some(n)) => Ok(d.canonicalize().map(|d| d.join(n)).unwrap_or(abs.clone())),
+        _ => Ok(abs),
+    }
+}
+
+/// Whether `request` names the image of an export known by `name` ([`name_of`]): by that name,
+/// or by another path to the same file as it is now (a symbolic link's target, before a
+/// snapshot replaces the link).
+pub fn names_image(request: &Path, name: &Path) -> bool {
+    if name_of(request).is_ok_and(|r| r == name) {
+        return true;
+    }
+    matches!((canonical(request), canonical(name)), (Ok(a), Ok(b)) if a == b)
+}
+
+/// The links under which the server of the export known by `name` is found: its name's key,
+/// and its canonical path's key where that differs (the CLI looks for both, see
+/// `client::for_image`).
+pub fn image_links(rundir: &Path, name: &Path) -> Vec<PathBuf> {
+    let mut l = vec![image_link(rundir, name)];
+    if let Ok(c) = canonical(name) {
+        if c != name {
+            l.push(image_link(rundir, &c));
+        }
+    }
+    l
+}
+
+/// The link under which the server of the image at `image` (a name or a canonical path) can
+/// be reached.
 pub fn image_link(rundir: &Path, image: &Path) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
     rundir.join(format!("image-{:016x}.sock", key(image.as_os_str().as_bytes())))

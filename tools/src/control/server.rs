@@ -4,7 +4,7 @@
 //! (commit, flatten, compact), `job-list` and `job-cancel`. Every command either does all it
 //! says or changes nothing and answers with one line saying why.
 
-use super::{canonical, image_link};
+use super::{image_links, name_of, names_image};
 use cowdisk::live::jobs::{Job, JobSpec, Jobs};
 use cowdisk::live::LiveChain;
 use cowdisk::nbd::server::ServerControl;
@@ -25,7 +25,8 @@ const MAX_LINE: usize = 64 * 1024;
 /// One export as the control channel knows it: the live chain behind it and its image.
 pub struct Served {
     pub name: String,
-    /// The image's canonical path: what requests name it by.
+    /// The image's name (`name_of` the path its chain was opened by): requests name it by
+    /// this or by any path to the same file (`names_image`).
     pub image: PathBuf,
     pub live: Arc<LiveChain>,
 }
@@ -40,6 +41,8 @@ struct State {
     jobs: Jobs,
     /// The link of the default name to a socket given with --control.
     alias: Option<PathBuf>,
+    /// The per-image links made for each export, by export name: removed with it.
+    links: Mutex<Vec<(String, Vec<PathBuf>)>>,
 }
 
 /// The running control channel; dropping it removes its socket and links.
@@ -83,9 +86,10 @@ impl Control {
             stopping: AtomicBool::new(false),
             jobs: Jobs::default(),
             alias,
+            links: Mutex::new(Vec::new()),
         });
         for s in exports {
-            state.link(&s.image);
+            state.link(&s.name, &s.image);
             lock(&state.exports).push(s);
         }
         let st = state.clone();
@@ -116,7 +120,7 @@ impl Control {
         let mut first = Ok(());
         for s in lock(&self.state.exports).drain(..) {
             // Gone from the list, so Drop would not find it: its link goes now.
-            self.state.unlink(&s.image);
+            self.state.unlink(&s.name);
             if let Err(e) = s.live.close() {
                 first = first.and(Err(e));
             }
@@ -146,7 +150,7 @@ impl Drop for Control {
             let _ = std::fs::remove_file(a);
         }
         for s in lock(&self.state.exports).iter() {
-            self.state.unlink(&s.image);
+            self.state.unlink(&s.name);
         }
     }
 }
@@ -193,20 +197,28 @@ fn bind(socket: &Path) -> Result<UnixListener, Error> {
 }
 
 impl State {
-    fn link(&self, image: &Path) {
+    /// Links the default control paths of the image known by `image` (export `name`) to this
+    /// server. The links are remembered: the image's canonical path may change under its name
+    /// (a snapshot through a symbolic link), and the link made for the old one goes too.
+    fn link(&self, name: &str, image: &Path) {
         if let Some(d) = &self.rundir {
-            let l = image_link(d, image);
-            let _ = std::fs::remove_file(&l);
-            let _ = std::os::unix::fs::symlink(&self.socket, &l);
+            let made = image_links(d, image);
+            for l in &made {
+                let _ = std::fs::remove_file(l);
+                let _ = std::os::unix::fs::symlink(&self.socket, l);
+            }
+            lock(&self.links).push((name.to_string(), made));
         }
     }
 
-    fn unlink(&self, image: &Path) {
-        if let Some(d) = &self.rundir {
-            let l = image_link(d, image);
-            // Only our own link: another server may serve the image by now.
-            if std::fs::read_link(&l).is_ok_and(|t| t == self.socket) {
-                let _ = std::fs::remove_file(&l);
+    fn unlink(&self, name: &str) {
+        let mut links = lock(&self.links);
+        while let Some(i) = links.iter().position(|(n, _)| n == name) {
+            for l in links.remove(i).1 {
+                // Only our own link: another server may serve the image by now.
+                if std::fs::read_link(&l).is_ok_and(|t| t == self.socket) {
+                    let _ = std::fs::remove_file(&l);
+                }
             }
         }
     }
@@ -319,12 +331,15 @@ fn trace_save() -> Result<Value, Error> {
     Ok(json!(saved.iter().map(|t| json!({"url": t.url, "chunks": t.chunks})).collect::<Vec<_>>()))
 }
 
-/// The live chain serving the image at `path` (any path naming it).
+/// The live chain serving the image at `path` (its name, or any path to its file).
 fn live_of(st: &State, path: &str) -> Result<Arc<LiveChain>, Error> {
-    let p = canonical(Path::new(path)).map_err(|e| Error::io("resolve", e).with_file(Path::new(path)))?;
+    let p = Path::new(path);
+    if let Err(e) = p.symlink_metadata() {
+        return Err(Error::io("resolve", e).with_file(p));
+    }
     lock(&st.exports)
         .iter()
-        .find(|s| s.image == p)
+        .find(|s| names_image(p, &s.image))
         .map(|s| s.live.clone())
         .ok_or_else(|| bad(format!("{path} is not served by this server")))
 }
@@ -338,7 +353,12 @@ fn snapshot(st: &State, args: &Value) -> Result<Value, Error> {
 
 fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
     let image = PathBuf::from(arg_str(args, "image")?);
-    let canon = canonical(&image).map_err(|e| Error::io("resolve", e).with_file(&image))?;
+    // Opened by its name, as `cowdisk serve` opens its images: relative parents are found
+    // from the directory of that name (spec §3.3), and a snapshot replaces the file there.
+    let named = name_of(&image).map_err(|e| Error::io("resolve", e).with_file(&image))?;
+    if let Err(e) = std::fs::metadata(&named) {
+        return Err(Error::io("open", e).with_file(&image));
+    }
     let name = match args.get("name").and_then(Value::as_str) {
         Some(n) => n.to_string(),
         None => crate::serve::export_name(&image),
@@ -349,15 +369,15 @@ fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
     if st.server.exports().get(&name).is_some() {
         return Err(bad(format!("an export named {name:?} exists already")));
     }
-    if lock(&st.exports).iter().any(|s| s.image == canon) {
+    if lock(&st.exports).iter().any(|s| names_image(&named, &s.image)) {
         return Err(bad(format!("{} is served already", image.display())));
     }
     let read_only = arg_bool(args, "read_only");
-    let chain = Chain::open(&canon, ChainOptions { writable: !read_only, ..Default::default() })?;
+    let chain = Chain::open(&named, ChainOptions { writable: !read_only, ..Default::default() })?;
     let live = Arc::new(LiveChain::new(chain));
     st.server.add_export(Export::new(name.clone(), description, live.clone() as Arc<dyn Disk>))?;
-    st.link(&canon);
-    lock(&st.exports).push(Served { name: name.clone(), image: canon, live });
+    st.link(&name, &named);
+    lock(&st.exports).push(Served { name: name.clone(), image: named, live });
     Ok(json!({"name": name, "read_only": read_only}))
 }
 
@@ -366,7 +386,7 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
     let force = arg_bool(args, "force");
     let live = lock(&st.exports).iter().find(|s| s.name == name).map(|s| s.live.clone());
     // The chain is claimed for the removal, as a job claims it: a job running on it is seen
-    // whatever path it was started by (the chain's own, not the export's canonical one), and
+    // whatever path it was started by (the chain's own, not the export's name), and
     // none can start while the export's clients are being disconnected.
     if let Some(live) = &live {
         while let Err(e) = live.claim("export removal") {
@@ -391,7 +411,7 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
         i.map(|i| l.remove(i))
     };
     if let Some(s) = served {
-        st.unlink(&s.image);
+        st.unlink(&s.name);
         // No connection uses it any more: flushed and closed cleanly, so that another
         // program may open the image at once.
         s.live.close()?;
