@@ -6,10 +6,11 @@
 set -euo pipefail
 
 # python3-libnbd: nbdsh, libnbd as a client in Python (tests/wind_down.rs). xfsprogs,
-# btrfs-progs: host file systems other than ext4 for the images (tests/host_fs.rs).
+# btrfs-progs: host file systems other than ext4 for the images (tests/host_fs.rs), and
+# exfat-fuse with exfatprogs one without hard links (the kernel here has no FAT or exFAT).
 # systemd: systemd-socket-activate and systemd-analyze (tests/daemon.rs; no systemd needs to
 # run); man-db and groff-base: man and groff render the generated man pages (tests/generate.rs).
-tests=(libnbd-bin python3-libnbd xfsprogs btrfs-progs nbdkit fio fuse3 e2fsprogs qemu-utils openssl systemd man-db groff-base)
+tests=(libnbd-bin python3-libnbd xfsprogs btrfs-progs exfat-fuse exfatprogs nbdkit fio fuse3 e2fsprogs qemu-utils openssl systemd man-db groff-base)
 # qemu-system-x86 boots a Debian kernel whose nbd module is the client of tests/kernel_client.rs
 # (tools/kernel-client/build.py downloads that kernel; nothing of it is installed here).
 # Ceph for the object-store tests (tools/ceph/start.sh: mon, OSD, radosgw; the ceph CLI):

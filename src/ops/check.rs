@@ -24,6 +24,9 @@ pub struct ImageCheck {
     pub dirty: bool,
     /// Leaks punched and the dirty flag cleared by `repair`.
     pub repaired: bool,
+    /// Of the leaked bytes, those `repair` could not give back: the file system does not punch
+    /// holes (exFAT, FAT), so the space stays the file's (new data reuses it).
+    pub unreclaimable_bytes: u64,
     /// One header slot is unreadable (a torn header write, or damage); the other is in use.
     pub header_slot_damaged: bool,
     /// Data blocks whose checksum does not match (`deep` only).
@@ -68,7 +71,11 @@ impl CheckReport {
     pub fn exit_code(&self) -> u8 {
         if self.corrupt() {
             2
-        } else if self.images.iter().any(|i| (i.leaked_bytes > 0 || i.header_slot_damaged) && !i.repaired) {
+        } else if self
+            .images
+            .iter()
+            .any(|i| (i.leaked_bytes > 0 || i.header_slot_damaged) && !i.repaired || i.unreclaimable_bytes > 0)
+        {
             3
         } else {
             0
@@ -186,11 +193,17 @@ fn check_image(path: &Path, opts: &CheckOptions, progress: Progress) -> ImageChe
         for &(s, e) in &leaks {
             img.storage().punch(s, e - s)?;
         }
+        // Where the file system cannot punch, the storage writes zeros instead: the space is
+        // still the file's, and is reported so rather than called reclaimed.
+        let kept: u64 = data_in(img.storage().as_ref(), &leaks)?.iter().map(|(s, e)| e - s).sum();
         img.update_header(|h| h.set_flag(FLAG_CORRUPT, false))?;
-        img.close()
+        img.close().map(|()| kept)
     });
     match repaired {
-        Ok(()) => r.repaired = true,
+        Ok(kept) => {
+            r.repaired = true;
+            r.unreclaimable_bytes = kept;
+        }
         // Not a verdict on the image: the repair could not be made (exit 1, like a file that
         // cannot be read), and what was found stands.
         Err(e) if e.kind() == ErrorKind::InUse => {

@@ -168,12 +168,33 @@ fn new_overlay(
         fingerprint: 0,
     };
     let new = ns.create(&temp)?;
-    let made = Image::create_closed_on(new.as_ref(), &temp, h.geometry, Some(parent)).and_then(|()| ns.sync_dir(&temp));
+    let made = Image::create_closed_on(new.as_ref(), &temp, h.geometry, Some(parent))
+        .and_then(|()| ns.sync_dir(&temp))
+        .and_then(|()| links_work(ns, image, &temp));
     if let Err(e) = made {
         ns.remove(&temp);
         return Err(e.during("snapshot"));
     }
     Ok((PendingSnapshot { live, snapshot: snap, temp: file_name(&temp)? }, new))
+}
+
+/// Whether `temp` can be given a second name next to `image`. Carrying out a snapshot (S5)
+/// gives the frozen image the snapshot's name by a hard link; on a file system without them
+/// (FAT, exFAT, some FUSE and SMB mounts) that would fail after the decision, leaving an image
+/// frozen with a snapshot no open can finish. So a link is tried first, on the new overlay,
+/// and a refusal changes nothing. (Left behind by a crash, the extra name is a temporary
+/// file of this snapshot, which the next one's sweep removes.)
+fn links_work(ns: &dyn Namespace, image: &Path, temp: &Path) -> Result<()> {
+    let probe = temp_name(image, "snapshot");
+    let linked = ns.link(temp, &probe);
+    ns.remove(&probe);
+    linked.map_err(|e| {
+        err(
+            ErrorKind::Unsupported,
+            format!("this file system refused a hard link ({}), which a snapshot needs; nothing changed", e.message()),
+        )
+        .with_file(image)
+    })
 }
 
 /// A live snapshot that did not happen, or did not finish.

@@ -68,6 +68,12 @@ fn c_path(p: &Path) -> Result<CString> {
         .map_err(|_| err(ErrorKind::InvalidArgument, "path contains a zero byte").with_file(p))
 }
 
+/// Whether a failed link(2) says the file system has no hard links (EPERM is what FAT, exFAT
+/// and FUSE file systems without a link operation answer, for a file of one's own).
+fn no_hard_links(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+}
+
 fn already_exists(to: &Path) -> Error {
     err(ErrorKind::InvalidArgument, "already exists").with_file(to)
 }
@@ -119,6 +125,16 @@ impl Namespace for RealFs {
             Some(libc::EINVAL) | Some(libc::ENOSYS) => match std::fs::hard_link(from, to) {
                 Ok(()) => std::fs::remove_file(from).map_err(|e| Error::io("remove", e).with_file(from)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(already_exists(to)),
+                // No hard links either (FAT, exFAT, some FUSE and SMB mounts): nothing there
+                // refuses to replace atomically. A look, then a plain rename; a file created
+                // under `to` between the two would be replaced, the one race left on such a
+                // file system.
+                Err(e) if no_hard_links(&e) => {
+                    if to.symlink_metadata().is_ok() {
+                        return Err(already_exists(to));
+                    }
+                    std::fs::rename(from, to).map_err(|e| Error::io("rename", e).with_file(to))
+                }
                 Err(e) => Err(Error::io("link", e).with_file(to)),
             },
             _ => Err(Error::io("rename", e).with_file(to)),

@@ -261,6 +261,7 @@ fn report_json(r: &CheckReport) -> Value {
             "leaked_bytes": i.leaked_bytes,
             "dirty": i.dirty,
             "repaired": i.repaired,
+            "unreclaimable_bytes": i.unreclaimable_bytes,
             "header_slot_damaged": i.header_slot_damaged,
             "damaged_blocks": i.damaged_blocks,
         })).collect::<Vec<_>>(),
@@ -284,11 +285,15 @@ pub fn check_cmd(image: &Path, opts: CheckOptions, as_json: bool) -> Result<(), 
                 state.push("checksums and invariants ok".to_string());
             }
             if i.leaked_bytes > 0 {
-                state.push(format!(
-                    "{} leaked{}",
-                    format_size(i.leaked_bytes),
-                    if i.repaired { " (reclaimed)" } else { "" }
-                ));
+                let how = match (i.repaired, i.unreclaimable_bytes) {
+                    (false, _) => String::new(),
+                    (true, 0) => " (reclaimed)".into(),
+                    (true, n) => format!(
+                        " ({} of it not given back: this file system does not punch holes; new data reuses it)",
+                        format_size(n)
+                    ),
+                };
+                state.push(format!("{} leaked{how}", format_size(i.leaked_bytes)));
             }
             if i.header_slot_damaged {
                 state.push(if i.repaired {

@@ -2,7 +2,9 @@
 //! file): the file operations the server relies on there (fallocate for new slots, hole
 //! punching for discards, pwritev2 with RWF_DSYNC for the journal and the log, splice for large
 //! writes) keep every byte a client wrote, through a live snapshot, a clean stop,
-//! `check --chain --deep` and `flatten --output`.
+//! `check --chain --deep` and `flatten --output`. And exFAT (through FUSE), which has no hard
+//! links: images are made and served there, and a snapshot, which needs one, is refused before
+//! anything changes.
 
 mod common;
 
@@ -130,4 +132,70 @@ fn images_on_xfs_keep_every_byte_written() {
 #[test]
 fn images_on_btrfs_keep_every_byte_written() {
     on("btrfs", "mkfs.btrfs", &["-q", "-f"]);
+}
+
+/// exFAT has no hard links (link(2) answers EPERM). New files are published there by a look
+/// and a plain rename; a snapshot, which gives the frozen image its new name by a hard link,
+/// is refused before its decision, live or offline, and the image goes on as it was: before
+/// 2026-12-04 the decision was written first, and the image was left frozen with a snapshot
+/// that no open could finish, so that it could be neither served nor snapshotted again.
+#[test]
+fn on_a_file_system_without_hard_links_a_snapshot_is_refused_and_changes_nothing() {
+    if !(require_loop_mount() && require_tools(&["mkfs.exfat", "mount.exfat-fuse"])) {
+        return;
+    }
+    let dir = TempDir::for_test();
+    let img = dir.join("exfat.img");
+    std::fs::File::create(&img).and_then(|f| f.set_len(256 << 20)).expect("make the exFAT file");
+    run(tool("mkfs.exfat").arg(&img));
+    let loopdev = LoopDev::attach(&img).unwrap_or_else(|e| panic!("losetup: {e}"));
+    let mount = Mount::with_options(loopdev.path(), &dir.join("mnt"), &["-t", "exfat-fuse"])
+        .unwrap_or_else(|e| panic!("mount: {e}"));
+    let d = mount.path();
+    std::fs::write(d.join("a"), b"x").expect("write on exFAT");
+    assert!(std::fs::hard_link(d.join("a"), d.join("b")).is_err(), "exFAT took a hard link");
+    std::fs::remove_file(d.join("a")).expect("remove");
+
+    write_random_file(&d.join("base.raw"), SIZE as u64, 0xfa7);
+    let mut disk = std::fs::read(d.join("base.raw")).expect("read the base");
+    ok_in(d, &["create", "disk.cow", "--backing", "base.raw", "--backing-format", "raw"]);
+    let (sock, ctl) = (dir.join("nbd.sock"), dir.join("ctl.sock"));
+    let server = Server::start(&[s(&d.join("disk.cow")), "--socket", s(&sock), "--control", s(&ctl)]);
+    let mut rng = XorShift::new(0xfa7);
+    let mut c = server.connect();
+    c.opt_go("disk", &[]).expect("NBD_OPT_GO");
+    mixed_load(&mut c, &mut disk, &mut rng, 100);
+    let refused = run_in(d, &["snapshot", "disk.cow", "snap.cow", "--control", s(&ctl)]);
+    assert_eq!(refused.code, Some(1), "{}", refused.describe());
+    assert!(refused.error_line().contains("refused a hard link"), "{}", refused.describe());
+    mixed_load(&mut c, &mut disk, &mut rng, 100);
+    assert_bytes_eq(&read_all(&mut c), &disk, "served after the refused snapshot");
+    drop(c);
+    assert_eq!(server.stop().code(), Some(0));
+
+    let refused = run_in(d, &["snapshot", "disk.cow", "snap.cow"]);
+    assert!(refused.error_line().contains("refused a hard link"), "{}", refused.describe());
+    let info: serde_json::Value =
+        serde_json::from_str(&ok_in(d, &["info", "--json", "disk.cow"])).expect("info --json");
+    assert_eq!(info["flags"], serde_json::json!([]), "the image changed: {info}");
+    assert_eq!(info["layers"].as_array().map(Vec::len), Some(2), "{info}");
+    // Sound; space the discards freed may be reported as leaked (exit 3): exFAT cannot punch
+    // holes, so it stays the file's, and `--repair` says it cannot give it back.
+    let checked = run_in(d, &["check", "disk.cow", "--chain", "--deep"]);
+    let sound = checked.stdout.lines().all(|l| l.contains("checksums and invariants ok"));
+    assert!(matches!(checked.code, Some(0) | Some(3)) && sound, "{}", checked.describe());
+    if checked.code == Some(3) {
+        let repaired = run_in(d, &["check", "disk.cow", "--repair"]);
+        assert!(repaired.stdout.contains("not given back"), "{}", repaired.describe());
+    }
+    assert_bytes_eq(&device_in(d, "disk.cow"), &disk, "disk.cow after the stop");
+    let mut names: Vec<String> = std::fs::read_dir(d)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["base.raw", "disk.cow"], "files left behind");
+    drop(mount);
+    drop(loopdev);
+    assert!(mounts_under(dir.path()).is_empty(), "still mounted: {:?}", mounts_under(dir.path()));
 }
