@@ -37,6 +37,12 @@ const TOUCH_AFTER: Duration = Duration::from_secs(60);
 /// A fill's temporary file older than this was left by a process that died.
 const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// The longest wait for the cache's lock file. Its holders keep it for a publish, a fill or
+/// an eviction (milliseconds); one that holds it longer is stuck (stopped with SIGSTOP or ^Z, a
+/// frozen container, an fsync hung on a bad disk), and what the lock guards is best effort:
+/// the waiter goes on without caching rather than with it.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
 /// How long fills wait to be published together: one sync of a layer's data file covers all
 /// the fills of this interval.
 const PUBLISH_EVERY: Duration = Duration::from_millis(20);
@@ -50,6 +56,10 @@ pub struct Cache {
     layers: Mutex<HashMap<Digest, Arc<LayerChunks>>>,
     /// Set when fills wait to be published; the publisher thread waits on it.
     wake: (Mutex<bool>, Condvar),
+    /// A wait for the lock file ran out and none has been taken since: later callers look
+    /// once instead of waiting, so that a stuck holder costs one wait of [`LOCK_WAIT`], not one
+    /// per read.
+    lock_stuck: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cache {
@@ -92,6 +102,7 @@ impl Cache {
             blob_fetches: Coalescer::new(),
             layers: Mutex::new(HashMap::new()),
             wake: (Mutex::new(false), Condvar::new()),
+            lock_stuck: std::sync::atomic::AtomicBool::new(false),
         };
         Ok(c)
     }
@@ -147,6 +158,8 @@ impl Cache {
     }
 
     /// Runs `f` with the cache's lock file locked exclusively (publishing chunks, eviction).
+    /// Waits at most [`LOCK_WAIT`] for another holder (and not at all while an earlier wait
+    /// ran out and no lock has been taken since); past that, fails with `InUse`.
     pub(super) fn with_lock<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         let p = self.dir.join(".lock");
         let file = std::fs::OpenOptions::new()
@@ -155,10 +168,25 @@ impl Cache {
             .write(true)
             .open(&p)
             .map_err(|e| io("open", &p, e))?;
+        let deadline = std::time::Instant::now()
+            + if self.lock_stuck.load(Ordering::Acquire) { Duration::ZERO } else { LOCK_WAIT };
         // SAFETY: flock on a descriptor we hold; released when the file closes.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io("lock", &p, std::io::Error::last_os_error()));
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io("lock", &p, e));
+            }
+            if std::time::Instant::now() >= deadline {
+                self.lock_stuck.store(true, Ordering::Release);
+                return Err(err(
+                    ErrorKind::InUse,
+                    format!("another process has held the cache's lock for over {} s", LOCK_WAIT.as_secs()),
+                )
+                .with_file(&p));
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
+        self.lock_stuck.store(false, Ordering::Release);
         Ok(f())
     }
 

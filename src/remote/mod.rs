@@ -308,7 +308,7 @@ pub fn resolve(url: &LayerUrl) -> Result<Digest> {
 /// name, so it is kept in the shared cache like a chunk (named by its digest, verified before
 /// it is kept): a second open of the layer on this host needs no request.
 pub fn fetch_manifest(repo: &RepoUrl, d: &Digest) -> Result<Manifest> {
-    let bytes = shared_cache()?.get_or_fetch(d, || {
+    let fetch = || {
         let key = format!("layers/{}", hex(d));
         let bytes = store(repo)?.get(&key).map_err(|e| match e.kind() {
             ErrorKind::ParentMissing => err(ErrorKind::ParentMissing, format!("{}: no such layer", repo.layer_url(d))),
@@ -321,7 +321,13 @@ pub fn fetch_manifest(repo: &RepoUrl, d: &Digest) -> Result<Manifest> {
             ));
         }
         Ok(bytes.to_vec())
-    })?;
+    };
+    // A cache that cannot be opened (its directory cannot be made: a read-only file system)
+    // only costs the request; the layer's reads go uncached likewise (`RemoteLayer::chunks`).
+    let bytes = match shared_cache() {
+        Ok(c) => c.get_or_fetch(d, fetch)?,
+        Err(_) => fetch()?,
+    };
     Manifest::decode(&bytes).map_err(|e| e.with_file(Path::new(&repo.layer_url(d))))
 }
 

@@ -156,6 +156,33 @@ fn has_userinfo(endpoint: &str) -> bool {
     rest.split(['/', '?', '#']).next().is_some_and(|authority| authority.contains('@'))
 }
 
+/// Refuses an endpoint the store's client would misread or print secrets from: one that does
+/// not parse as an http or https URL with a host, one with credentials (in any spelling the
+/// parser accepts, such as `http:/user:secret@host`, which `has_userinfo` misses and on which
+/// the client panicked), and one with a query or fragment (which the client drops, so that a
+/// token there was silently not used). No message repeats the endpoint: it may hold a secret.
+fn check_endpoint(endpoint: &str) -> Result<()> {
+    let refuse = |why: &str| Err(err(ErrorKind::InvalidArgument, format!("the endpoint {why}")));
+    let credentials = "has credentials in it (user:secret@): refused, so that no error message prints them; \
+                       give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or in ~/.aws/credentials";
+    if has_userinfo(endpoint) {
+        return refuse(credentials);
+    }
+    let Ok(u) = url::Url::parse(endpoint) else {
+        return refuse("is not a URL (http://HOST:PORT or https://HOST)");
+    };
+    if !u.username().is_empty() || u.password().is_some() {
+        return refuse(credentials);
+    }
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
+        return refuse("must be http://HOST[:PORT] or https://HOST[:PORT]");
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return refuse("has a query or fragment (?… or #…), which the S3 client would drop: refused");
+    }
+    Ok(())
+}
+
 /// An open repository.
 pub struct Store {
     url: RepoUrl,
@@ -201,14 +228,7 @@ impl Store {
         if let Some(e) = &endpoint {
             // Credentials in the endpoint would be printed with every error the store's
             // client reports (it names the URL it failed on): refused, with where they go.
-            if has_userinfo(e) {
-                return Err(err(
-                    ErrorKind::InvalidArgument,
-                    "the endpoint has credentials in it (user:secret@): refused, so that no error \
-                     message prints them; give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
-                     or in ~/.aws/credentials",
-                ));
-            }
+            check_endpoint(e)?;
             // A store of one's own (Ceph RGW) answers under its own name, not a bucket's
             // sub-domain, and often over plain HTTP on a private network.
             b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
@@ -385,6 +405,26 @@ mod tests {
         }
         for e in ["http://h:7480", "https://h/p@q", "http://h?a=@", "h:1"] {
             assert!(!has_userinfo(e), "{e}");
+        }
+    }
+
+    #[test]
+    fn endpoints_are_checked_as_the_client_parses_them() {
+        for e in ["http://127.0.0.1:7480", "https://s3.example.com", "http://h:1/", "HTTP://h:7480"] {
+            assert!(check_endpoint(e).is_ok(), "{e}");
+        }
+        for e in [
+            "http:/user:SECRET@127.0.0.1:7480",
+            "http:///user:SECRET@h",
+            "https://u@h",
+            "ftp://h",
+            "http://h:7480?token=x",
+            "http://h:7480#x",
+            "not a url",
+            "h:7480",
+        ] {
+            let m = check_endpoint(e).map_err(|x| x.to_string()).expect_err(e);
+            assert!(!m.contains(e) && !m.contains("SECRET@") && !m.contains("token="), "{e}: {m}");
         }
     }
 

@@ -215,6 +215,71 @@ fn a_failing_publish_does_not_hold_another_process_reading_the_same_chunks() {
     }
 }
 
+/// Another process that holds the cache's lock file and does not let go (stopped with ^Z or
+/// SIGSTOP in the middle of a publish, a frozen container) does not stop reads: a read that
+/// needs the lock waits for it at most 5 s, then goes to the store uncached, and so do the
+/// reads after it without waiting again. Before, every reader thread of every process on the
+/// cache waited for the lock as long as it was held (a review found a server whose 16 threads
+/// all waited on a stopped `cowdisk pull`).
+#[test]
+fn a_process_that_holds_the_cache_lock_and_stops_does_not_stop_reads() {
+    use std::os::fd::AsRawFd;
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(CHUNK * 8, 87), &[]);
+    let cache = ws.subdir("reader-cache");
+    let server = overlay_servers(&repo, &ws, &cache, 1, &["--no-prefetch"]).remove(0);
+    // The lock as a stopped holder keeps it: taken by this test and held.
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(cache.join(".lock"));
+    let lock = lock.expect("open the cache's lock file");
+    // SAFETY: flock on a descriptor this test holds; released when the file closes.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0, "lock the cache");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut c = client(&server);
+    let reader = std::thread::spawn(move || {
+        let t = Instant::now();
+        for i in 0..8 {
+            let got = c.read((i * CHUNK) as u64, CHUNK as u32);
+            let _ = tx.send((i, got, t.elapsed()));
+        }
+    });
+    let mut waited = Duration::ZERO;
+    for i in 0..8 {
+        let Ok((j, got, at)) = rx.recv_timeout(Duration::from_secs(30)) else {
+            drop(lock);
+            panic!("read {i} still waits for the cache's lock after 30 s");
+        };
+        assert_bytes_eq(&got.expect("read"), &data[j * CHUNK..(j + 1) * CHUNK], &format!("chunk {j}"));
+        waited = at;
+    }
+    reader.join().expect("reader");
+    assert!(waited < Duration::from_secs(15), "eight reads took {waited:?} beside a stuck lock holder");
+    drop(lock);
+    server.stop();
+}
+
+/// A cache directory that cannot be made (a read-only file system: here a path under /proc)
+/// costs requests, not commands: `ls` lists the repository, an overlay on a layer is created
+/// and served, and its reads go to the store uncached. Before, each of them failed with
+/// "create cache directory", though the README promised reads uncached.
+#[test]
+fn a_cache_directory_that_cannot_be_made_costs_requests_not_commands() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(CHUNK * 2, 89), &[]);
+    let nowhere = Path::new("/proc/cowdisk-no-cache");
+    assert!(std::fs::create_dir_all(nowhere).is_err(), "{} could be made", nowhere.display());
+    let listed = stdout_of(&run(&mut repo.cow(nowhere, &["ls", &repo.url()])));
+    assert!(listed.contains('b'), "the tag is not listed:\n{listed}");
+    let server = overlay_servers(&repo, &ws, nowhere, 1, &["--no-prefetch"]).remove(0);
+    let mut c = client(&server);
+    assert_bytes_eq(&c.read(0, data.len() as u32).expect("read"), &data, "the layer, read uncached");
+    drop(c);
+    server.stop();
+}
+
 /// A cache that cannot take a layer (its directory broken before the first read: here the lock
 /// file replaced by a directory) does not make the layer unreadable: reads go to the store,
 /// uncached, and the server says so as it happens and when it stops (in its `--log` file,
