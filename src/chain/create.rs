@@ -157,7 +157,15 @@ fn remote_parent_ref(parent: &Path) -> Result<(ParentRef, u64, Option<u32>, bool
     let url = LayerUrl::parse(&parent.to_string_lossy())?;
     let digest = crate::remote::resolve(&url)?;
     let m = crate::remote::fetch_manifest(&url.repo, &digest)?;
-    let path = url.repo.layer_url(&digest).into_bytes();
+    let path = url.repo.layer_url(&digest);
+    // The manifest may have come from this host's cache, which knows layers by digest alone:
+    // the repository named must hold the layer now (it may have been removed, or never been
+    // there), or the overlay would stand on nothing and its first read of it fail.
+    let key = format!("layers/{}", crate::remote::manifest::hex(&digest));
+    if !crate::remote::store(&url.repo)?.exists(&key)? {
+        return Err(err(ErrorKind::ParentMissing, format!("{path}: no such layer")));
+    }
+    let path = path.into_bytes();
     if path.len() > MAX_PARENT_PATH {
         return Err(err(ErrorKind::InvalidArgument, format!("the layer URL is longer than {MAX_PARENT_PATH} bytes")));
     }

@@ -236,7 +236,19 @@ fn rm_refuses_what_is_named_and_gc_deletes_only_after_its_grace() {
     let err = failure(&repo.cow(&cache, &["rm", &repo.layer("nosuch")]).output().expect("run"));
     assert!(err.contains("nosuch"), "{err}");
     run(&mut repo.cow(&cache, &["rm", &repo.layer("s")]));
+    // An overlay made on the top first: this host's cache now holds its manifest.
+    run(&mut repo.cow(&cache, &["create", p(&ws.join("on-top.cow")), "--backing", &top_url]));
     run(&mut repo.cow(&cache, &["rm", &top_url]));
+    // The cache knows manifests by digest alone: an overlay on the removed layer, or on the
+    // base's digest in a repository that never held it, is refused all the same (before
+    // 2026-12-04 both were made, and their first read of the layer failed with EIO).
+    let elsewhere = format!("s3://{}/{}-elsewhere/layers/{base_d}", repo.s3.bucket, repo.prefix);
+    for url in [&top_url, &elsewhere] {
+        let o = ws.join("o.cow");
+        let err = failure(&repo.cow(&cache, &["create", p(&o), "--backing", url]).output().expect("run"));
+        assert!(err.contains("no such layer"), "{url}: {err}");
+        assert!(!o.exists(), "{url}: an overlay was made");
+    }
     let packs = repo.keys("packs").len();
     assert!(packs >= 2, "{packs} pack objects");
 
