@@ -238,6 +238,8 @@ pub(super) fn compact(
     sweep_stale_temps(ns, into, "compact");
     let tmp = temp_name(into, "compact");
     let storage = ns.create(&tmp)?;
+    // The merged layer holds the image's data: no more readers than the image has.
+    ns.copy_owner_and_mode(&image, &tmp);
     let built = (|| -> Result<Image> {
         let m = Image::create_on(storage.clone(), &tmp, geom, m_parent, new_uuid()?)?;
         // Written through a chain over what is below the run, so a whiteout becomes Zero

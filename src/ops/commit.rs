@@ -135,6 +135,7 @@ pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<
     top.close()?;
     let tmp = temp_name(image, "commit");
     let fresh = ns.create(&tmp).map_err(|e| e.during("commit"))?;
+    ns.copy_owner_and_mode(image, &tmp);
     let done = Image::create_closed_on(fresh.as_ref(), &tmp, top.geometry(), Some(pref))
         .and_then(|()| publish_replacing(ns, &tmp, image));
     if done.is_err() {

@@ -168,6 +168,7 @@ fn new_overlay(
         fingerprint: 0,
     };
     let new = ns.create(&temp)?;
+    ns.copy_owner_and_mode(image, &temp);
     let made = Image::create_closed_on(new.as_ref(), &temp, h.geometry, Some(parent))
         .and_then(|()| ns.sync_dir(&temp))
         .and_then(|()| links_work(ns, image, &temp));

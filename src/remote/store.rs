@@ -174,7 +174,7 @@ fn check_endpoint(endpoint: &str) -> Result<()> {
     if !u.username().is_empty() || u.password().is_some() {
         return refuse(credentials);
     }
-    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().map_or(true, str::is_empty) {
         return refuse("must be http://HOST[:PORT] or https://HOST[:PORT]");
     }
     if u.query().is_some() || u.fragment().is_some() {

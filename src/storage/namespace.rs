@@ -14,7 +14,7 @@ use super::{FileStorage, LockMode, Storage};
 use crate::error::{err, Error, ErrorKind, Result};
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,6 +44,11 @@ pub trait Namespace {
     fn siblings(&self, path: &Path) -> Vec<OsString>;
     /// Whether some open of the file holds a lock on it (someone is using it).
     fn is_locked(&self, path: &Path) -> bool;
+    /// Gives the new file `to` the permission bits and owner of `from` (the file it will stand
+    /// in for), as far as this process may: a snapshot's or a commit's new overlay takes the
+    /// image's name, and with it must keep who may open it. Best effort: a process that may
+    /// not give the file away (not root) leaves it its own, as before.
+    fn copy_owner_and_mode(&self, _from: &Path, _to: &Path) {}
 }
 
 /// The real file system.
@@ -158,6 +163,13 @@ impl Namespace for RealFs {
         // Someone else's writer or reader lock makes an exclusive lock fail; a file that cannot
         // be opened at all is left alone too.
         FileStorage::open(path, false, LockMode::Exclusive).is_err()
+    }
+
+    fn copy_owner_and_mode(&self, from: &Path, to: &Path) {
+        let Ok(md) = std::fs::metadata(from) else { return };
+        // The owner first: chown clears set-user-ID bits, which the mode then restores.
+        let _ = std::os::unix::fs::chown(to, Some(md.uid()), Some(md.gid()));
+        let _ = std::fs::set_permissions(to, std::fs::Permissions::from_mode(md.mode() & 0o7777));
     }
 }
 

@@ -13,6 +13,7 @@ mod daemon;
 mod demo;
 mod export;
 mod generate;
+mod interrupt;
 mod jobs;
 mod ops;
 mod progress;

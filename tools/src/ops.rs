@@ -62,6 +62,7 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str, job: &Jo
         Some(out) => {
             let f = if format == "raw" { OutputFormat::Raw } else { OutputFormat::Cowdisk };
             sweep_temps(&out, "flatten");
+            crate::interrupt::remove_temps_on_signal(&out, "flatten");
             flatten_to(image, &out, f, &progress).map_err(|e| match e.kind() {
                 // The server holds the top: point at the ways that work on a served image.
                 cowdisk::ErrorKind::InUse if matches!(crate::control::client::for_image(image, None), Ok(Some(_))) => Failure(
@@ -109,6 +110,7 @@ pub fn compact_cmd(image: &Path, merged: &Path, layers: Option<usize>, job: &Job
     let start = Start { kind: "compact", image, args, rate: job.rate, detach: job.detach };
     let live = jobs::on_server(start, job.control.as_deref())?;
     if live.is_none() {
+        crate::interrupt::remove_temps_on_signal(merged, "compact");
         jobs::here(image, JobSpec::Compact { into: merged.to_path_buf(), layers }, job.rate)?;
     }
     if !job.detach || live.is_none() {

@@ -97,3 +97,33 @@ fn concurrent_flattens_to_one_output_never_replace_each_other() {
         assert_eq!(hidden_files(&ws), Vec::<String>::new(), "temporary files left");
     }
 }
+
+/// Ctrl-C (SIGINT) or SIGTERM in the middle of `flatten --output` removes the hidden
+/// temporary file the copy was going into, and the process still ends by the signal (as a
+/// shell expects). Before 2026-12-04 a full-size hidden file stayed behind until a later
+/// flatten to the same output name swept it.
+#[test]
+fn an_interrupted_flatten_leaves_no_temporary_file() {
+    use std::os::unix::process::ExitStatusExt;
+    let ws = Ws::new();
+    write_random_file(&ws.p("base.raw"), 384 << 20, 0x51);
+    ws.create("d.cow", &["--backing", "base.raw"]);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mut child = ws
+            .cmd(&["flatten", "d.cow", "--output", "out.raw", "--format", "raw"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start flatten");
+        let started = wait_until(std::time::Duration::from_secs(20), || {
+            hidden_files(&ws).iter().any(|n| n.contains(".flatten."))
+        });
+        assert!(started, "no temporary file appeared");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait().expect("wait for flatten");
+        assert_eq!(status.signal(), Some(sig), "flatten was not ended by signal {sig}: {status:?}");
+        assert_eq!(hidden_files(&ws), Vec::<String>::new(), "temporary files left after signal {sig}");
+        assert!(!ws.p("out.raw").exists(), "an output appeared");
+    }
+}

@@ -456,3 +456,48 @@ fn a_layer_the_user_names_like_a_commits_intermediate_layer_is_refused() {
     assert_eq!(&device[4096..8192], &[6u8; 4096][..]);
     assert_eq!(&device[8192..], &live.base[8192..]);
 }
+
+/// The mode and owner of a file, as `ls -l` shows them.
+fn mode_and_owner(p: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (md.mode() & 0o7777, md.uid(), md.gid())
+}
+
+/// A snapshot or a commit puts a new file under the image's name, and a compaction writes the
+/// image's data into a new layer: each keeps the image's permission bits and owner (as root,
+/// here given to `nobody`), live and offline. Before 2026-12-04 each new file was root's with
+/// mode 0644: everything written after a snapshot landed in a world-readable file, and a VM
+/// running as another user could no longer open its disk.
+#[test]
+fn snapshots_commits_and_compactions_keep_the_images_mode_and_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let live = Live::start(1 << 20);
+    let (ws, ctl) = (&live.ws, s(&live.ctl));
+    let img = ws.p("disk.cow");
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o640)).unwrap();
+    // nobody:nogroup on Debian; only root may give a file away.
+    let owner = if is_root() { (65534, 65534) } else { (mode_and_owner(&img).1, mode_and_owner(&img).2) };
+    if is_root() {
+        std::os::unix::fs::chown(&img, Some(owner.0), Some(owner.1)).unwrap();
+    }
+    let want = (0o640, owner.0, owner.1);
+    let mut c = live.client();
+    c.write(0, &[3u8; 4096]).unwrap();
+    live.snapshot("s1.cow");
+    assert_eq!(mode_and_owner(&img), want, "after a live snapshot");
+    c.write(4096, &[4u8; 4096]).unwrap();
+    live.snapshot("s2.cow");
+    c.write(8192, &[5u8; 4096]).unwrap();
+    ws.ok(&["commit", "disk.cow", "--force", "--control", ctl]);
+    assert_eq!(mode_and_owner(&img), want, "after a live commit");
+    ws.ok(&["compact", "disk.cow", "merged.cow", "--control", ctl]);
+    assert_eq!(mode_and_owner(&ws.p("merged.cow")), want, "the merged layer");
+    drop(c);
+    assert!(live.server.stop().success());
+    ws.ok(&["snapshot", "disk.cow", "s3.cow"]);
+    assert_eq!(mode_and_owner(&img), want, "after an offline snapshot");
+    ws.serve_write("disk.cow", &[data(0, 4096, 9)]);
+    ws.ok(&["commit", "disk.cow", "--force"]);
+    assert_eq!(mode_and_owner(&img), want, "after an offline commit");
+}
