@@ -187,11 +187,24 @@ pub(super) fn compact(
     refuse_commit_layer_name(into)?;
     let (run, rest, base) = live.with(|c| {
         let l = c.lowers();
-        let k = layers.unwrap_or(l.len());
-        if k < 2 || k > l.len() {
+        // Layers in a repository are never rewritten, and a remote layer's parents are all
+        // remote: only the local layers above the first remote one can be merged.
+        let mut local = 0;
+        let mut above = c.top().parent();
+        while local < l.len() && above.as_ref().is_some_and(|p| p.format == ParentFormat::Cowdisk) {
+            above = l[local].parent();
+            local += 1;
+        }
+        let k = layers.unwrap_or(local);
+        if k < 2 || k > local {
+            let remote = if local < l.len() {
+                format!(" (the {} below them are layers in a repository, which are never rewritten)", l.len() - local)
+            } else {
+                String::new()
+            };
             return Err(err(
                 ErrorKind::InvalidArgument,
-                format!("merges two or more of the {} cowdisk layers under the top", l.len()),
+                format!("merges two or more of the {local} local cowdisk layers under the top{remote}"),
             )
             .with_file(&image));
         }

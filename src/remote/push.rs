@@ -240,8 +240,9 @@ impl Known {
     /// Every pack index, less those of packs marked for collection (format-spec §9.7: a
     /// marked pack may be deleted before this push ends, so its chunks are uploaded again),
     /// and less those whose pack the listing lacks or lists too short for the index's records
-    /// (deleted or cut by hand, or by a tool that went wrong): a manifest that counted on
-    /// them would name chunks no read can get. The listing gives the sizes at no cost; a
+    /// (deleted or cut by hand, or by a tool that went wrong), or that do not decode (damaged,
+    /// or some other program's object): a manifest that counted on them would name chunks no
+    /// read can get, and one such object must not stop every push to the repository. The listing gives the sizes at no cost; a
     /// pack's bytes are not read (a damaged record is found by the reader's digest check).
     fn learn(store: &Store) -> Result<Known> {
         let marked: HashSet<String> =
@@ -265,7 +266,7 @@ impl Known {
                 Err(e) if e.kind() == ErrorKind::ParentMissing => continue,
                 Err(e) => return Err(e),
             };
-            let records = decode_index(pack, &idx)?;
+            let Ok(records) = decode_index(pack, &idx) else { continue };
             if records.iter().any(|(_, loc)| loc.offset.saturating_add(u64::from(loc.stored)) > size) {
                 continue;
             }

@@ -112,7 +112,7 @@ enum Cmd {
         #[command(flatten)]
         job: JobArgs,
     },
-    /// Merge the layers under IMAGE (all its cowdisk layers, or --layers N of them) into one
+    /// Merge the layers under IMAGE (all its local cowdisk layers, or --layers N of them) into one
     /// new frozen layer MERGED in the same directory, and put IMAGE on it. The merged layers'
     /// files are left as they are. On an image a server serves, a background job in it.
     Compact {

@@ -579,3 +579,67 @@ fn an_endpoint_with_credentials_in_it_is_refused_without_printing_them() {
         }
     }
 }
+
+/// A pack index that does not decode (damaged, or some other program's object under
+/// `packs/`) is passed over by a push, which uploads those chunks again: before 2026-12-04 one
+/// such object made every push to the repository fail with "count larger than the object",
+/// naming nothing.
+#[test]
+fn a_damaged_pack_index_does_not_stop_pushes() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let name = "ab".repeat(32);
+    let pack = format!("{}/packs/{name}", repo.prefix);
+    repo.put(&pack, vec![0u8; 1000]);
+    // A pack index's head (magic, version 1) that claims 5 records and holds none.
+    let mut idx = b"CDPKIDX\0".to_vec();
+    idx.extend_from_slice(&1u32.to_le_bytes());
+    idx.extend_from_slice(&5u32.to_le_bytes());
+    repo.put(&format!("{pack}.idx"), idx);
+    assert_eq!(repo.keys("packs").len(), 2, "the damaged pack is not in the repository");
+    let cache = ws.subdir("cache");
+    repo.push_base(&ws, &cache, random_bytes(3 * CHUNK, 95), &[]);
+    let top = ws.join("top.cow");
+    run(&mut repo.cow(&ws.subdir("c2"), &["create", p(&top), "--backing", &repo.layer("b")]));
+    run(&mut repo.cow(&ws.subdir("c2"), &["flatten", p(&top), "--output", p(&ws.join("out.raw")), "--format", "raw"]));
+    assert_files_equal(&ws.join("out.raw"), &ws.join("base.raw"));
+}
+
+/// `compact` merges the local layers under an overlay, never layers in a repository (which are
+/// never rewritten): on an overlay directly on a remote layer it is refused saying so (before
+/// 2026-12-04: "open: No such file or directory" naming the layer's URL), and with local
+/// snapshots above the remote layers it merges those, and the device reads the same.
+#[test]
+fn compact_merges_the_local_layers_above_remote_ones() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let cache = ws.subdir("cache");
+    let mut device = make_base(&ws.join("base.raw"), 2, 41);
+    run(Command::new(cowdisk_bin()).args(["create", p(&ws.join("l.cow")), "--backing", p(&ws.join("base.raw"))]));
+    write_into(&ws.join("l.cow"), &ws.join("w.sock"), &[(0, random_bytes(CHUNK, 42))], &mut device);
+    run(Command::new(cowdisk_bin()).args(["snapshot", p(&ws.join("l.cow")), p(&ws.join("s.cow"))]));
+    run(&mut repo.cow(&cache, &["push", p(&ws.join("s.cow")), &repo.url(), "--chain", "--tag", "s"]));
+    let t = ws.join("t.cow");
+    run(&mut repo.cow(&cache, &["create", p(&t), "--backing", &repo.layer("s")]));
+    let refused = failure(&repo.cow(&cache, &["compact", p(&t), p(&ws.join("m.cow"))]).output().expect("run"));
+    assert!(refused.contains("0 local cowdisk layers") && refused.contains("in a repository"), "{refused}");
+    assert!(!ws.join("m.cow").exists());
+    for (i, snap) in ["a1.cow", "a2.cow"].iter().enumerate() {
+        let server = repo.server(&cache, &[p(&t), "--socket", p(&ws.join("t.sock"))]);
+        let mut c = client(&server);
+        let (at, data) = ((i + 1) * CHUNK, random_bytes(CHUNK, 43 + i as u64));
+        c.write(at as u64, &data).expect("write");
+        device[at..at + CHUNK].copy_from_slice(&data);
+        drop(c);
+        server.stop();
+        run(&mut repo.cow(&cache, &["snapshot", p(&t), p(&ws.join(snap))]));
+    }
+    run(&mut repo.cow(&cache, &["compact", p(&t), p(&ws.join("m.cow"))]));
+    let info = repo.json(&cache, &["info", p(&t), "--json"]);
+    let layers = info["layers"].as_array().map(Vec::len);
+    assert_eq!(layers, Some(4), "t, m, the remote layer and the remote base: {info}");
+    run(&mut repo.cow(&cache, &["flatten", p(&t), "--output", p(&ws.join("out.raw")), "--format", "raw"]));
+    assert_bytes_eq(&std::fs::read(ws.join("out.raw")).expect("read"), &device, "the device after the compaction");
+}
