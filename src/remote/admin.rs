@@ -29,6 +29,9 @@ pub struct LayerListing {
 pub struct Listing {
     pub layers: Vec<LayerListing>,
     pub dangling_tags: Vec<(String, String)>,
+    /// Objects under `layers/` named like a layer that are not one this version can read
+    /// (damaged, of a newer format, or some other program's): digest and why.
+    pub damaged: Vec<(Digest, String)>,
     pub packs: u64,
     pub pack_bytes: u64,
 }
@@ -50,15 +53,41 @@ fn tags(s: &Store) -> Result<Vec<(String, std::result::Result<Digest, String>)>>
     Ok(out)
 }
 
-/// Every manifest, by digest (fetched once per host: manifests are kept in the cache).
-fn manifests(repo: &RepoUrl, s: &Store) -> Result<Vec<(Digest, Manifest)>> {
-    let mut out = Vec::new();
+/// The manifests of a repository: those that decode, by digest (fetched once per host:
+/// manifests are kept in the cache), and the objects named like one that do not (why, in one
+/// line), which a listing shows and a removal or a collection must not guess about.
+struct Manifests {
+    good: Vec<(Digest, Manifest)>,
+    damaged: Vec<(Digest, String)>,
+}
+
+impl Manifests {
+    /// Refuses `what` while a manifest does not decode: nothing can tell which layer it stands
+    /// on or which packs it needs. Names the first, and how to remove it.
+    fn refuse_damaged(&self, repo: &RepoUrl, what: &str) -> Result<()> {
+        let Some((d, why)) = self.damaged.first() else { return Ok(()) };
+        Err(err(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{}: {why}; {what} cannot tell what it stands on or needs: remove it first (cowdisk rm {})",
+                repo.layer_url(d),
+                repo.layer_url(d)
+            ),
+        ))
+    }
+}
+
+fn manifests(repo: &RepoUrl, s: &Store) -> Result<Manifests> {
+    let mut out = Manifests { good: Vec::new(), damaged: Vec::new() };
     for l in s.list("layers")? {
         let Some(d) = l.key.strip_prefix("layers/").and_then(parse_hex) else { continue };
         match fetch_manifest(repo, &d) {
-            Ok(m) => out.push((d, m)),
+            Ok(m) => out.good.push((d, m)),
             // Removed between the listing and now.
             Err(e) if e.kind() == ErrorKind::ParentMissing => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::BadChecksum | ErrorKind::Corrupt | ErrorKind::Unsupported) => {
+                out.damaged.push((d, e.message().to_string()))
+            }
             Err(e) => return Err(e),
         }
     }
@@ -67,7 +96,7 @@ fn manifests(repo: &RepoUrl, s: &Store) -> Result<Vec<(Digest, Manifest)>> {
 
 pub fn list(repo: &RepoUrl) -> Result<Listing> {
     let s = store(repo)?;
-    let ms = manifests(repo, &s)?;
+    let Manifests { good: ms, damaged } = manifests(repo, &s)?;
     let mut by_digest: HashMap<Digest, Vec<String>> = HashMap::new();
     let mut dangling = Vec::new();
     for (name, d) in tags(&s)? {
@@ -98,6 +127,7 @@ pub fn list(repo: &RepoUrl) -> Result<Listing> {
     Ok(Listing {
         layers,
         dangling_tags: dangling,
+        damaged,
         packs: packs.len() as u64,
         pack_bytes: packs.iter().map(|p| p.size).sum(),
     })
@@ -137,7 +167,12 @@ pub fn remove(url: &LayerUrl) -> Result<Removed> {
                 )
                 .with_file(std::path::Path::new(&url.repo.layer_url(d))));
             }
-            let children: Vec<String> = manifests(&url.repo, &s)?
+            // The layer's own manifest may be what does not decode: removing it is the way out.
+            let mut all = manifests(&url.repo, &s)?;
+            all.damaged.retain(|(x, _)| x != d);
+            all.refuse_damaged(&url.repo, "the removal")?;
+            let children: Vec<String> = all
+                .good
                 .into_iter()
                 .filter(|(_, m)| m.parent.is_some_and(|p| p.digest == *d))
                 .map(|(c, _)| hex(&c)[..12].to_string())
@@ -215,10 +250,12 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
         .filter(|l| !l.key.ends_with(".idx"))
         .filter_map(|l| l.key.strip_prefix("packs/").map(|k| (k.to_string(), l.size)))
         .collect();
-    let referenced: HashSet<String> = manifests(repo, &s)?
-        .iter()
-        .flat_map(|(_, m)| m.entries.iter().filter_map(|e| e.content.map(|c| hex(&c.1.pack))))
-        .collect();
+    let all = manifests(repo, &s)?;
+    // A manifest that does not decode may reference any pack: collecting now could delete
+    // what a layer needs.
+    all.refuse_damaged(repo, "garbage collection")?;
+    let referenced: HashSet<String> =
+        all.good.iter().flat_map(|(_, m)| m.entries.iter().filter_map(|e| e.content.map(|c| hex(&c.1.pack)))).collect();
     r.packs = packs.len() as u64;
     for (name, size) in &packs {
         if referenced.contains(name) {
@@ -278,6 +315,7 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
 pub struct PullReport {
     pub layers: u64,
     pub chunks: u64,
+    /// The chunks' content bytes (what reads of them return; stored compressed, they take less).
     pub bytes: u64,
     /// The chunks the cache holds at the end: fewer than `chunks` when its bound is smaller
     /// than the layers.

@@ -182,7 +182,15 @@ pub fn ls_cmd(repo: &str, as_json: bool) -> Result<(), Failure> {
             })
             .collect();
         let dangling: Vec<Value> = l.dangling_tags.iter().map(|(t, d)| json!({"tag": t, "names": d})).collect();
-        say!("{}", json!({"layers": layers, "dangling-tags": dangling, "packs": l.packs, "pack-bytes": l.pack_bytes}));
+        let damaged: Vec<Value> = l
+            .damaged
+            .iter()
+            .map(|(d, why)| json!({"digest": hex(d), "url": repo.layer_url(d), "error": why}))
+            .collect();
+        say!(
+            "{}",
+            json!({"layers": layers, "dangling-tags": dangling, "damaged": damaged, "packs": l.packs, "pack-bytes": l.pack_bytes})
+        );
         return Ok(());
     }
     for x in &l.layers {
@@ -199,6 +207,9 @@ pub fn ls_cmd(repo: &str, as_json: bool) -> Result<(), Failure> {
     }
     for (t, d) in &l.dangling_tags {
         say!("tag {t} names {d}, which is not in the repository");
+    }
+    for (d, why) in &l.damaged {
+        say!("{}  damaged: {why} (cowdisk rm removes it)", hex(d));
     }
     say!("{} layers, {} packs ({})", l.layers.len(), l.packs, format_size(l.pack_bytes));
     Ok(())
@@ -269,10 +280,10 @@ pub fn pull_cmd(a: PullArgs) -> Result<(), Failure> {
     let r = admin::hydrate(&repo, &digest, a.parallel as usize, &progress)?;
     drop(bar);
     if r.held == r.chunks {
-        say!("{} remote layers: all {} chunks in the cache ({} as stored)", r.layers, r.chunks, format_size(r.bytes));
+        say!("{} remote layers: all {} chunks in the cache ({} of content)", r.layers, r.chunks, format_size(r.bytes));
     } else {
         say!(
-            "{} remote layers: {} chunks fetched ({} as stored), {} of them kept: the cache's bound is smaller than the layers",
+            "{} remote layers: {} chunks fetched ({} of content), {} of them kept: the cache's bound is smaller than the layers",
             r.layers,
             r.chunks,
             format_size(r.bytes),

@@ -643,3 +643,31 @@ fn compact_merges_the_local_layers_above_remote_ones() {
     run(&mut repo.cow(&cache, &["flatten", p(&t), "--output", p(&ws.join("out.raw")), "--format", "raw"]));
     assert_bytes_eq(&std::fs::read(ws.join("out.raw")).expect("read"), &device, "the device after the compaction");
 }
+
+/// An object under `layers/` that is no manifest this version reads (damaged, newer, or some
+/// other program's) is listed as damaged, not a failure of `ls`; `rm` removes it; `gc` and
+/// the removal of another layer, which cannot tell what it stands on or needs, refuse naming
+/// it. Before 2026-12-04 one such object made `ls`, `rm` and `gc` fail for the whole
+/// repository, and no cowdisk command could remove it.
+#[test]
+fn a_damaged_manifest_is_listed_and_can_be_removed() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let cache = ws.subdir("cache");
+    repo.push_base(&ws, &cache, random_bytes(CHUNK, 97), &[]);
+    let bad = "cd".repeat(32);
+    repo.put(&format!("{}/layers/{bad}", repo.prefix), b"garbage!".to_vec());
+    let ls = repo.json(&cache, &["ls", &repo.url(), "--json"]);
+    assert_eq!(ls["layers"].as_array().map(Vec::len), Some(1), "{ls}");
+    assert_eq!(ls["damaged"][0]["digest"], bad.as_str(), "{ls}");
+    let text = stdout_of(&run(&mut repo.cow(&cache, &["ls", &repo.url()])));
+    assert!(text.contains(&format!("{bad}  damaged:")), "{text}");
+    let refused = failure(&repo.cow(&cache, &["gc", &repo.url(), "--grace", "0"]).output().expect("run"));
+    assert!(refused.contains(&bad) && refused.contains("remove it first"), "{refused}");
+    run(&mut repo.cow(&cache, &["rm", &format!("{}/layers/{bad}", repo.url())]));
+    let ls = repo.json(&cache, &["ls", &repo.url(), "--json"]);
+    assert_eq!(ls["damaged"].as_array().map(Vec::len), Some(0), "{ls}");
+    assert_eq!(ls["layers"].as_array().map(Vec::len), Some(1), "{ls}");
+    run(&mut repo.cow(&cache, &["gc", &repo.url(), "--grace", "0"]));
+}
