@@ -35,7 +35,9 @@ pub struct CreateOptions {
 
 /// Guesses a parent's format: cowdisk if it starts with the magic, raw otherwise.
 pub fn probe_format(path: &Path) -> Result<ParentFormat> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io("open", e).with_file(path))?;
+    // Opened as images are (a FIFO is refused there rather than waited on forever).
+    let s = crate::storage::FileStorage::open(path, false, crate::storage::LockMode::None)?;
+    let mut f = s.file();
     let mut m = [0u8; 8];
     let mut got = 0;
     while got < 8 {

@@ -43,12 +43,30 @@ pub struct FileStorage {
 impl FileStorage {
     /// Opens an existing file, read-write or read-only, and takes `lock` on it.
     pub fn open(path: &Path, writable: bool, lock: LockMode) -> Result<FileStorage> {
+        // Without O_NONBLOCK, opening a FIFO waits for a writer forever (`cowdisk info FIFO`
+        // hung); with it, the open returns and the FIFO is refused below, as it has no
+        // offsets to read at. The flag is cleared again for what is kept.
         let file = OpenOptions::new()
             .read(true)
             .write(writable)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| open_error(e, path))?;
+        let kind = file.metadata().map_err(|e| Error::io("stat", e).with_file(path))?.file_type();
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if kind.is_fifo() || kind.is_socket() {
+                return Err(err(ErrorKind::InvalidArgument, "is a FIFO or socket, not a disk image").with_file(path));
+            }
+        }
+        // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns.
+        unsafe {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
         let s = FileStorage { file, path: RwLock::new(path.to_path_buf()), writer: OnceLock::new() };
         s.lock(lock)?;
         Ok(s)

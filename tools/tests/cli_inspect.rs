@@ -312,3 +312,41 @@ fn check_after_kill_9_of_serve_during_writes_finds_no_corruption_and_repair_leav
     ws.serve_write("disk.cow", &[data(0, 4096, 1)]);
     assert_eq!(ws.device("disk.cow")[..4096], random_bytes(4096, 1)[..]);
 }
+
+/// A FIFO named as an image (or as a parent) is refused at once: opening one for reading
+/// waits for a writer, and `info`, `check` and `map` of a FIFO waited forever before
+/// 2026-12-04.
+#[test]
+fn a_fifo_named_as_an_image_is_refused_at_once() {
+    let ws = Ws::new();
+    let fifo = ws.p("pipe");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let sock = ws.p("s.sock");
+    let commands: [&[&str]; 5] = [
+        &["info", "pipe"],
+        &["check", "pipe"],
+        &["map", "pipe"],
+        &["create", "o.cow", "--backing", "pipe"],
+        &["serve", "pipe", "--socket", s(&sock)],
+    ];
+    for args in commands {
+        let mut child = ws
+            .cmd(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start cowdisk");
+        let done = wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten().is_some());
+        if !done {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cowdisk {args:?} still waits on a FIFO after 10 s");
+        }
+        let out = child.wait_with_output().expect("output");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{args:?} succeeded: {said}");
+        assert!(said.contains("is a FIFO or socket, not a disk image"), "{args:?}: {said}");
+    }
+    assert!(!ws.p("o.cow").exists());
+}
