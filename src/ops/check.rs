@@ -8,7 +8,7 @@ use crate::format::blocks::BlockState;
 use crate::format::header::ParentFormat;
 use crate::format::{BLOCK_SIZE, FLAG_CORRUPT, FLAG_DIRTY};
 use crate::layer::{Image, OpenOptions};
-use crate::storage::{LockMode, Storage};
+use crate::storage::{FileStorage, LockMode, Storage};
 use crate::{Chain, ChainOptions};
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,11 @@ pub struct ImageCheck {
     pub leaked_bytes: u64,
     /// The dirty flag was set: the image was not closed cleanly (or is open right now).
     pub dirty: bool,
+    /// Another process has the image open for writing (a server): space holding data written
+    /// since its last flush, which its durable map does not point at yet, is counted here, not
+    /// as leaked.
+    pub in_use: bool,
+    pub unflushed_bytes: u64,
     /// Leaks punched and the dirty flag cleared by `repair`.
     pub repaired: bool,
     /// Of the leaked bytes, those `repair` could not give back: the file system does not punch
@@ -163,6 +168,14 @@ fn check_image(path: &Path, opts: &CheckOptions, progress: Progress) -> ImageChe
         }
     };
     r.leaked_bytes = leaks.iter().map(|(s, e)| e - s).sum();
+    // A writer's lock on a dirty image: a server is writing it, and what it wrote since its
+    // last flush sits where the durable map does not point yet. Not a leak, and not one
+    // `--repair` could reclaim (it would refuse the open image).
+    r.in_use =
+        r.dirty && matches!(FileStorage::open(path, false, LockMode::Shared), Err(e) if e.kind() == ErrorKind::InUse);
+    if r.in_use {
+        r.unflushed_bytes = std::mem::take(&mut r.leaked_bytes);
+    }
     // A corrupt mark means something was found at run time: look at every block again.
     if opts.deep || (opts.repair && h.has_flag(FLAG_CORRUPT)) {
         let (bad, notes) = scrub(&img, progress);

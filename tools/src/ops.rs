@@ -262,6 +262,8 @@ fn report_json(r: &CheckReport) -> Value {
             "errors": i.errors,
             "leaked_bytes": i.leaked_bytes,
             "dirty": i.dirty,
+            "in_use": i.in_use,
+            "unflushed_bytes": i.unflushed_bytes,
             "repaired": i.repaired,
             "unreclaimable_bytes": i.unreclaimable_bytes,
             "header_slot_damaged": i.header_slot_damaged,
@@ -307,7 +309,12 @@ pub fn check_cmd(image: &Path, opts: CheckOptions, as_json: bool) -> Result<(), 
             if i.damaged_blocks > 0 {
                 state.push(format!("{} damaged data blocks", i.damaged_blocks));
             }
-            if i.dirty {
+            if i.in_use {
+                state.push(format!(
+                    "open for writing in another process: {} written since its last flush, not in its durable map yet",
+                    format_size(i.unflushed_bytes)
+                ));
+            } else if i.dirty {
                 state.push(if i.repaired {
                     "was not closed cleanly (flag cleared)".into()
                 } else {
