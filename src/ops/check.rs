@@ -148,8 +148,9 @@ fn check_image(path: &Path, opts: &CheckOptions, progress: Progress) -> ImageChe
     let found = crate::layer::read_header_slots(path).and_then(|h| Ok((h, Image::open(path, OpenOptions::inspect())?)));
     let ((h, torn), img) = match found {
         Ok(x) => x,
-        Err(e) if e.kind() == ErrorKind::Io => {
-            // Not a verdict on the image: it could not be read at all (missing, no permission).
+        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::NotAnImage) => {
+            // Not a verdict on an image: it could not be read at all (missing, no permission,
+            // a FIFO), or it is no cowdisk image (a raw file: nothing of ours to check).
             r.unreadable = Some(e.to_string());
             return r;
         }
@@ -236,9 +237,19 @@ pub fn check(image: &Path, opts: &CheckOptions, progress: Progress) -> CheckRepo
         return report;
     }
     let verify = Chain::open(image, ChainOptions { inspect: true, verify_parents: true, ..Default::default() });
-    if let Err(e) = verify {
-        report.images[0].errors.push(e.to_string());
-        return report;
+    match verify {
+        Ok(_) => {}
+        // A parent that cannot be found or read (moved, a store that does not answer) says
+        // nothing of the images: an error, like a missing image. A parent that changed, a
+        // loop or a damaged layer is a verdict on the chain.
+        Err(e) if matches!(e.kind(), ErrorKind::ParentMissing | ErrorKind::Io) => {
+            report.images[0].unreadable = Some(e.to_string());
+            return report;
+        }
+        Err(e) => {
+            report.images[0].errors.push(e.to_string());
+            return report;
+        }
     }
     let mut child = image.to_path_buf();
     while let Ok(Some(p)) = crate::layer::read_header_only(&child).map(|h| h.parent) {

@@ -455,15 +455,27 @@ fn errors_are_one_line_naming_the_file_and_cause_and_never_a_panic() {
     assert!(!ws.p("x.cow").exists() && !ws.p("o.raw").exists() && !ws.p("snap.cow").exists());
 }
 
-/// `check` exits 2 for a corrupted image; a path that names no file is not a corrupted
-/// image but an error like any other command's.
+/// `check` exits 2 for a corrupted image; a path that names no file, a file that is no
+/// cowdisk image, and (with `--chain`) a parent that is missing are not corrupted images but
+/// errors like any other command's: exit 1, one line (before 2026-12-04 the last two exited 2,
+/// "corrupt", though every image was intact).
 #[test]
 fn check_of_a_missing_file_is_a_one_line_error_not_a_corrupt_verdict() {
     let ws = Ws::new();
     for args in [&["check", "missing.cow"][..], &["check", "--json", "missing.cow"]] {
         let o = ws.fail(args, &["missing.cow", "No such file"]);
+        assert_eq!(o.code, Some(1), "{}", o.describe());
         assert!(!o.stdout.contains("corrupt"), "{}", o.describe());
     }
+    std::fs::write(ws.p("plain.raw"), vec![7u8; 65536]).unwrap();
+    let o = ws.fail(&["check", "plain.raw"], &["plain.raw", "not a cowdisk image"]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    ws.create("top.cow", &["--backing", "plain.raw"]);
+    std::fs::rename(ws.p("plain.raw"), ws.p("moved.raw")).unwrap();
+    ws.ok(&["check", "top.cow"]);
+    let o = ws.fail(&["check", "--chain", "top.cow"], &["plain.raw", "missing"]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(!o.stdout.contains("corrupt"), "{}", o.describe());
 }
 
 #[test]
