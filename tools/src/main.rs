@@ -73,6 +73,10 @@ enum Cmd {
         /// Defaults to the cowdisk parent's setting.
         #[arg(long)]
         data_checksums: bool,
+        /// Keep no data checksums, even where the cowdisk parent keeps them (which an overlay
+        /// otherwise does too, and which limit chunks to 256K).
+        #[arg(long, conflicts_with = "data_checksums")]
+        no_data_checksums: bool,
         /// Log-structured: a FUA write of a 4K block where the image has none yet is one durable
         /// write, of a record that stays the block's home (format-spec §5.10). 8K chunks (the
         /// default with it), no data checksums; earlier versions cannot open the image.
@@ -243,14 +247,14 @@ pub fn chunk_shift(image: &std::path::Path, chunk_size: Option<u64>) -> Result<O
 fn run(cli: Cli) -> Result<(), Failure> {
     cli.remote.apply()?;
     match cli.cmd {
-        Cmd::Create { image, size, chunk_size, backing, backing_format, data_checksums, log } => {
+        Cmd::Create { image, size, chunk_size, backing, backing_format, data_checksums, no_data_checksums, log } => {
             let format = backing_format.map(|f| if f == "raw" { ParentFormat::Raw } else { ParentFormat::Cowdisk });
             let opts = CreateOptions {
                 size,
                 chunk_shift: chunk_shift(&image, chunk_size)?,
                 backing,
                 backing_format: format,
-                data_checksums: data_checksums.then_some(true),
+                data_checksums: if no_data_checksums { Some(false) } else { data_checksums.then_some(true) },
                 log,
                 ..Default::default()
             };

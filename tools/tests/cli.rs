@@ -689,3 +689,27 @@ fn usage_errors_are_one_line_with_exit_code_2() {
     assert_eq!(o.code, Some(0), "{}", o.describe());
     assert!(o.stdout.contains("--backing"), "{}", o.describe());
 }
+
+/// An overlay keeps data checksums where its cowdisk parent keeps them, which limits its chunks
+/// to 256K; `--no-data-checksums` turns that off (before 2026-12-04 nothing could, and such an
+/// overlay with larger chunks could not be made). Reads of the parent's blocks are still
+/// verified by the parent's own checksums.
+#[test]
+fn no_data_checksums_turns_off_what_an_overlay_inherits() {
+    let ws = Ws::new();
+    ws.create("a.cow", &["--size", "4M", "--data-checksums"]);
+    ws.serve_write("a.cow", &[data(0, 64 * KIB, 5)]);
+    ws.ok(&["snapshot", "a.cow", "s.cow"]);
+    ws.create("inherits.cow", &["--backing", "s.cow"]);
+    assert_eq!(ws.info("inherits.cow")["layers"][0]["data_checksums"], true);
+    ws.fail(&["create", "big.cow", "--backing", "s.cow", "--chunk-size", "512K"], &["256 KiB"]);
+    ws.create("big.cow", &["--backing", "s.cow", "--chunk-size", "512K", "--no-data-checksums"]);
+    let info = ws.info("big.cow");
+    assert_eq!(info["layers"][0]["data_checksums"], false, "{info}");
+    assert_eq!(info["layers"][1]["data_checksums"], true, "{info}");
+    ws.serve_write("big.cow", &[data(MIB, 64 * KIB, 6)]);
+    let mut model = ws.device("s.cow");
+    apply(&mut model, &[data(MIB, 64 * KIB, 6)]);
+    assert_eq!(ws.device("big.cow"), model);
+    ws.fail(&["create", "x.cow", "--size", "1M", "--data-checksums", "--no-data-checksums"], &["cannot be used with"]);
+}
