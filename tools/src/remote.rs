@@ -353,7 +353,11 @@ pub fn trace_cmd(c: TraceCmd) -> Result<(), Failure> {
         TraceCmd::Rm { layer } => {
             let u = LayerUrl::parse(&layer)?;
             let d = remote::resolve(&u)?;
-            remote::store(&u.repo)?.delete(&format!("traces/{}", hex(&d)))?;
+            let (store, key) = (remote::store(&u.repo)?, format!("traces/{}", hex(&d)));
+            if !store.exists(&key)? {
+                return Err(Failure(format!("{}: has no trace", u.repo.layer_url(&d)), 1));
+            }
+            store.delete(&key)?;
             say!("removed the trace of {}", u.repo.layer_url(&d));
             Ok(())
         }

@@ -519,6 +519,9 @@ fn a_recorded_trace_is_stored_with_the_layer_and_fetched_first_by_the_next_serve
 
     run(&mut repo.cow(&host_c, &["trace", "rm", &repo.layer("b")]));
     assert!(repo.keys("traces").is_empty(), "{:?}", repo.keys("traces"));
+    // Once more: there is none to remove, and it says so.
+    let again = failure(&repo.cow(&host_c, &["trace", "rm", &repo.layer("b")]).output().expect("run"));
+    assert!(again.contains("has no trace"), "{again}");
 }
 
 #[test]
