@@ -100,6 +100,12 @@ pub fn interrupted(image: &Path) -> Result<bool> {
 
 pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
     let (pref, ppath) = commit_target(image, force)?;
+    // The refusals first, from opens that write nothing: a writable open writes a header (the
+    // dirty flag), so a commit refused after it had changed both files. (What these opens
+    // cannot read is left to the writable opens below to report.)
+    if let (Ok(t), Ok(p)) = (Image::open(image, OpenOptions::inspect()), Image::open(&ppath, OpenOptions::inspect())) {
+        check_committable(&t, &p).map_err(|e| e.with_file(image).during("commit"))?;
+    }
     let top = Image::open(image, OpenOptions::writable())?;
     let refuse = |kind, msg: String| Err(err(kind, msg).with_file(image).during("commit"));
     if top.parent().as_ref() != Some(&pref) {

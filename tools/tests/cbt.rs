@@ -178,7 +178,7 @@ fn diff_refuses_images_it_cannot_compare_in_one_line() {
     build(&ws, data_only_layers());
     ws.create("other.cow", &["--size", "4M"]);
     fs::write(ws.p("notes.txt"), "not an image").unwrap();
-    let before: Vec<u32> = ["s1.cow", "s2.cow", "disk.cow"].iter().map(|n| crc32_file(&ws.p(n))).collect();
+    let before: Vec<u64> = ["s1.cow", "s2.cow", "disk.cow"].iter().map(|n| file_fingerprint(&ws.p(n))).collect();
     ws.fail(&["diff", "disk.cow", "s1.cow"], &["disk.cow: diff: is above s1.cow", "cowdisk diff s1.cow disk.cow"]);
     ws.fail(&["diff", "other.cow", "disk.cow"], &["other.cow: diff: is not in the chain of disk.cow"]);
     ws.fail(&["diff", "notes.txt", "disk.cow"], &["notes.txt", "is not in the chain of disk.cow"]);
@@ -187,7 +187,7 @@ fn diff_refuses_images_it_cannot_compare_in_one_line() {
     ws.fail(&["diff", "s1.cow", "nosuch.cow"], &["nosuch.cow"]);
     ws.fail(&["diff", "s1.cow", "notes.txt"], &["notes.txt"]);
     ws.fail(&["diff", "s1.cow"], &["NEW"]);
-    let after: Vec<u32> = ["s1.cow", "s2.cow", "disk.cow"].iter().map(|n| crc32_file(&ws.p(n))).collect();
+    let after: Vec<u64> = ["s1.cow", "s2.cow", "disk.cow"].iter().map(|n| file_fingerprint(&ws.p(n))).collect();
     assert_eq!(before, after, "a refused diff changes nothing");
 }
 

@@ -127,9 +127,9 @@ fn create_refuses_a_writable_cowdisk_backing_and_an_existing_file() {
     let o = ws.fail(&["create", "child.cow", "--backing", "live.cow"], &["live.cow", "writable", "snapshot"]);
     assert!(!ws.p("child.cow").exists(), "{}", o.describe());
 
-    let crc = crc32_file(&ws.p("live.cow"));
+    let crc = file_fingerprint(&ws.p("live.cow"));
     ws.fail(&["create", "live.cow", "--size", "2M"], &["live.cow", "already exists"]);
-    assert_eq!(crc32_file(&ws.p("live.cow")), crc, "existing file was changed");
+    assert_eq!(file_fingerprint(&ws.p("live.cow")), crc, "existing file was changed");
     write_random_file(&ws.p("some.raw"), 8192, 1);
     ws.fail(
         &["create", "some.raw", "--backing", "live.cow", "--backing-format", "raw"],
@@ -221,7 +221,7 @@ fn snapshot_failures_name_the_file_and_change_nothing() {
     ws.create("disk.cow", &["--size", "1M"]);
     ws.serve_write("disk.cow", &[data(0, 8192, 5)]);
     ws.create("other.cow", &["--size", "1M"]);
-    let crc = |n: &str| crc32_file(&ws.p(n));
+    let crc = |n: &str| file_fingerprint(&ws.p(n));
     let (c_disk, c_other) = (crc("disk.cow"), crc("other.cow"));
 
     ws.fail(&["snapshot", "missing.cow", "s.cow"], &["missing.cow"]);
@@ -249,7 +249,7 @@ fn flatten_in_place_drops_the_parents_keeps_contents_and_leaves_lower_layers_unt
     let ws = Ws::new();
     let model = three_layer_chain(&ws);
     assert_eq!(ws.info("disk.cow")["layers"].as_array().unwrap().len(), 3);
-    let (c_base, c_mid) = (crc32_file(&ws.p("base.raw")), crc32_file(&ws.p("disk-1.cow")));
+    let (c_base, c_mid) = (file_fingerprint(&ws.p("base.raw")), file_fingerprint(&ws.p("disk-1.cow")));
 
     let out = ws.ok(&["flatten", "disk.cow"]);
     assert_eq!(out, "disk.cow no longer depends on any parent\n");
@@ -259,8 +259,8 @@ fn flatten_in_place_drops_the_parents_keeps_contents_and_leaves_lower_layers_unt
     assert_eq!(layers[0]["parent"], Value::Null);
     assert_eq!(layers[0]["flags"], json!([]));
     assert_bytes_eq(&ws.device("disk.cow"), &model, "after flatten in place");
-    assert_eq!(crc32_file(&ws.p("base.raw")), c_base, "base changed");
-    assert_eq!(crc32_file(&ws.p("disk-1.cow")), c_mid, "frozen layer changed");
+    assert_eq!(file_fingerprint(&ws.p("base.raw")), c_base, "base changed");
+    assert_eq!(file_fingerprint(&ws.p("disk-1.cow")), c_mid, "frozen layer changed");
     assert_eq!(ws.run(&["check", "disk.cow"]).code, Some(0));
     // The zeros written over base data stay zeros without the base; deleting the old
     // layers does not matter any more.
@@ -287,7 +287,7 @@ fn flatten_to_output_writes_the_merged_device_raw_and_sparse_or_as_standalone_co
     let all: Vec<Op> = lower.iter().chain(&upper).cloned().collect();
     let mut model = vec![0u8; size as usize];
     apply(&mut model, &all);
-    let c_top = crc32_file(&ws.p("disk.cow"));
+    let c_top = file_fingerprint(&ws.p("disk.cow"));
 
     let out = ws.ok(&["flatten", "disk.cow", "--output", "out.raw", "--format", "raw"]);
     assert_eq!(out, "wrote the merged contents of disk.cow to out.raw (raw)\n");
@@ -301,7 +301,7 @@ fn flatten_to_output_writes_the_merged_device_raw_and_sparse_or_as_standalone_co
         used >= written * 9 / 10 && used <= written + 512 * KIB,
         "out.raw occupies {used} bytes for {written} bytes of written blocks"
     );
-    assert_eq!(crc32_file(&ws.p("disk.cow")), c_top, "the source changed");
+    assert_eq!(file_fingerprint(&ws.p("disk.cow")), c_top, "the source changed");
 
     let out = ws.ok(&["flatten", "disk.cow", "--output", "out.cow", "--format", "cowdisk"]);
     assert_eq!(out, "wrote the merged contents of disk.cow to out.cow (cowdisk)\n");
@@ -323,9 +323,9 @@ fn flatten_to_output_writes_the_merged_device_raw_and_sparse_or_as_standalone_co
     assert_eq!(ws.info("default.cow")["layers"][0]["format"], json!("cowdisk"));
 
     // An existing output is refused and kept.
-    let c_out = crc32_file(&ws.p("out.raw"));
+    let c_out = file_fingerprint(&ws.p("out.raw"));
     ws.fail(&["flatten", "disk.cow", "--output", "out.raw", "--format", "raw"], &["out.raw", "already exists"]);
-    assert_eq!(crc32_file(&ws.p("out.raw")), c_out);
+    assert_eq!(file_fingerprint(&ws.p("out.raw")), c_out);
 }
 
 // ---------------------------------------------------------------------------
@@ -351,12 +351,12 @@ fn commit_without_force_is_refused_with_the_reason_and_with_force_moves_the_data
     let ws = Ws::new();
     let model = two_layer_chain(&ws);
     let before = ws.info("disk.cow");
-    let (c_top, c_parent) = (crc32_file(&ws.p("disk.cow")), crc32_file(&ws.p("disk-1.cow")));
+    let (c_top, c_parent) = (file_fingerprint(&ws.p("disk.cow")), file_fingerprint(&ws.p("disk-1.cow")));
 
     let o = ws.fail(&["commit", "disk.cow"], &["disk.cow", "disk-1.cow", "other overlays", "--force"]);
     assert_eq!(o.code, Some(1));
-    assert_eq!(crc32_file(&ws.p("disk.cow")), c_top);
-    assert_eq!(crc32_file(&ws.p("disk-1.cow")), c_parent);
+    assert_eq!(file_fingerprint(&ws.p("disk.cow")), c_top);
+    assert_eq!(file_fingerprint(&ws.p("disk-1.cow")), c_parent);
 
     let out = ws.ok(&["commit", "disk.cow", "--force"]);
     assert_eq!(out, "committed disk.cow into its parent; it is now an empty overlay\n");
@@ -385,28 +385,35 @@ fn commit_is_refused_into_a_raw_parent_without_a_parent_and_into_a_parent_anothe
     write_random_file(&ws.p("base.raw"), MIB, 1);
     ws.create("on-raw.cow", &["--backing", "base.raw"]);
     ws.serve_write("on-raw.cow", &[data(0, 4096, 2)]);
-    let c_base = crc32_file(&ws.p("base.raw"));
+    let c_base = file_fingerprint(&ws.p("base.raw"));
     ws.fail(&["commit", "on-raw.cow", "--force"], &["on-raw.cow", "raw"]);
-    assert_eq!(crc32_file(&ws.p("base.raw")), c_base);
+    assert_eq!(file_fingerprint(&ws.p("base.raw")), c_base);
     ws.create("alone.cow", &["--size", "1M"]);
     ws.fail(&["commit", "alone.cow", "--force"], &["alone.cow", "no parent"]);
     ws.ok(&["snapshot", "alone.cow", "alone-0.cow"]);
     ws.create("bigger.cow", &["--backing", "alone-0.cow", "--size", "2M"]);
     ws.serve_write("bigger.cow", &[data(MIB + 4096, 4096, 3)]);
-    let c_small = crc32_file(&ws.p("alone-0.cow"));
+    let c_small = file_fingerprint(&ws.p("alone-0.cow"));
     ws.fail(&["commit", "bigger.cow", "--force"], &["bigger.cow", "larger than its parent"]);
-    assert_eq!(crc32_file(&ws.p("alone-0.cow")), c_small);
+    assert_eq!(file_fingerprint(&ws.p("alone-0.cow")), c_small);
+    // An empty top: neither file changes at all, refused before either is opened for writing
+    // (before 2026-12-04 both had a new header generation written first).
+    ws.create("bigger-empty.cow", &["--backing", "alone-0.cow", "--size", "2M"]);
+    let c_empty = file_fingerprint(&ws.p("bigger-empty.cow"));
+    ws.fail(&["commit", "bigger-empty.cow", "--force"], &["larger than its parent"]);
+    assert_eq!(file_fingerprint(&ws.p("alone-0.cow")), c_small, "the refused commit changed the parent");
+    assert_eq!(file_fingerprint(&ws.p("bigger-empty.cow")), c_empty, "the refused commit changed the top");
 
     let model = two_layer_chain(&ws);
     ws.create("other.cow", &["--backing", "disk-1.cow"]);
-    let c_parent = crc32_file(&ws.p("disk-1.cow"));
+    let c_parent = file_fingerprint(&ws.p("disk-1.cow"));
     let data_before = ws.info("disk.cow")["layers"][0]["data_bytes"].clone();
     {
         let sock = ws.p("other.sock");
         let _server = Server::start(&[s(&ws.p("other.cow")), "--socket", s(&sock)]);
         ws.fail(&["commit", "disk.cow", "--force"], &["disk-1.cow", "in use"]);
     }
-    assert_eq!(crc32_file(&ws.p("disk-1.cow")), c_parent, "parent changed");
+    assert_eq!(file_fingerprint(&ws.p("disk-1.cow")), c_parent, "parent changed");
     assert_eq!(ws.info("disk.cow")["layers"][0]["data_bytes"], data_before);
     assert_bytes_eq(&ws.device("disk.cow"), &model, "after refused commit");
     // Once that server is gone the same commit works.

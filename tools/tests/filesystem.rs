@@ -22,7 +22,7 @@ fn s(p: &Path) -> &str {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry {
     Dir,
-    File { size: u64, crc: u32 },
+    File { size: u64, crc: u64 },
 }
 
 type Tree = BTreeMap<PathBuf, Entry>;
@@ -31,7 +31,7 @@ type Tree = BTreeMap<PathBuf, Entry>;
 fn put_file(root: &Path, rel: &Path, data: &[u8], tree: &mut Tree) {
     let p = root.join(rel);
     fs::write(&p, data).unwrap_or_else(|e| panic!("cannot write {}: {e}", p.display()));
-    tree.insert(rel.to_path_buf(), Entry::File { size: data.len() as u64, crc: crc32(data) });
+    tree.insert(rel.to_path_buf(), Entry::File { size: data.len() as u64, crc: bytes_fingerprint(data) });
 }
 
 fn put_dir(root: &Path, rel: &Path, tree: &mut Tree) {
@@ -104,7 +104,7 @@ fn read_tree(root: &Path) -> Tree {
             } else {
                 assert!(ft.is_file(), "unexpected {:?} at {}", ft, rel.display());
                 let p = root.join(&rel);
-                tree.insert(rel, Entry::File { size: fs::metadata(&p).unwrap().len(), crc: crc32_file(&p) });
+                tree.insert(rel, Entry::File { size: fs::metadata(&p).unwrap().len(), crc: file_fingerprint(&p) });
             }
         }
     }
@@ -138,9 +138,9 @@ fn assert_tree_eq(actual: &Tree, expected: &Tree, what: &str) {
 }
 
 /// Size, CRC-32 and modification time of a file: enough to tell it never changed.
-fn fingerprint(p: &Path) -> (u64, u32, SystemTime) {
+fn fingerprint(p: &Path) -> (u64, u64, SystemTime) {
     let m = fs::metadata(p).unwrap();
-    (m.len(), crc32_file(p), m.modified().unwrap())
+    (m.len(), file_fingerprint(p), m.modified().unwrap())
 }
 
 /// `sync -f`: syncfs(2) on the filesystem holding `p`.

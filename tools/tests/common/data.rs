@@ -83,17 +83,35 @@ pub fn crc32(data: &[u8]) -> u32 {
     crc32_update(0, data)
 }
 
-pub fn crc32_file(path: &Path) -> u32 {
+/// A fingerprint of the whole file, to tell whether it changed: 64-bit FNV-1a. Not a CRC-32:
+/// a cowdisk header or map sector carries the CRC-32 of its own bytes, and a block changed
+/// together with its CRC is a codeword of the CRC, so a CRC-32 of the whole file does not
+/// change when only such blocks do (a header rewritten with a new generation went unseen).
+pub fn file_fingerprint(path: &Path) -> u64 {
     let mut f = File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
     let mut buf = vec![0u8; 1 << 20];
-    let mut crc = 0;
+    let mut h = FNV_START;
     loop {
         let n = f.read(&mut buf).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         if n == 0 {
-            return crc;
+            return h;
         }
-        crc = crc32_update(crc, &buf[..n]);
+        h = fnv_update(h, &buf[..n]);
     }
+}
+
+/// [`file_fingerprint`] of bytes in memory.
+pub fn bytes_fingerprint(data: &[u8]) -> u64 {
+    fnv_update(FNV_START, data)
+}
+
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv_update(mut h: u64, data: &[u8]) -> u64 {
+    for &b in data {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h
 }
 
 /// Offset of the first differing byte, or of the end of the shorter input.
