@@ -79,7 +79,7 @@ impl CheckReport {
         } else if self
             .images
             .iter()
-            .any(|i| (i.leaked_bytes > 0 || i.header_slot_damaged) && !i.repaired || i.unreclaimable_bytes > 0)
+            .any(|i| ((i.leaked_bytes > 0 || i.header_slot_damaged) && !i.repaired) || i.unreclaimable_bytes > 0)
         {
             3
         } else {

@@ -188,7 +188,7 @@ pub fn temp_name(path: &Path, purpose: &str) -> PathBuf {
 /// The process id in a temporary name of `path` made for `purpose` by [`temp_name`], or `Some(None)`
 /// for the fixed name `.NAME.PURPOSE.tmp` that versions before unique names used; `None` if
 /// `name` is not such a temporary name.
-fn temp_owner(path: &Path, purpose: &str, name: &OsStr) -> Option<Option<u32>> {
+pub fn temp_owner(path: &Path, purpose: &str, name: &OsStr) -> Option<Option<u32>> {
     let mut prefix = b".".to_vec();
     prefix.extend_from_slice(path.file_name()?.as_bytes());
     prefix.extend_from_slice(format!(".{purpose}.").as_bytes());

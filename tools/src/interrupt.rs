@@ -8,17 +8,14 @@
 //! and the cleanup is ordinary code. A kill -9 still leaves the file; the next run's sweep
 //! removes it, as before.
 
-use std::os::unix::ffi::OsStrExt;
+use cowdisk::storage::namespace::{temp_owner, Namespace, RealFs};
 use std::path::Path;
 
 /// From now on, SIGINT, SIGTERM and SIGHUP remove this process's temporary files made for
 /// `purpose` next to `target` (named as `cowdisk::storage::namespace::temp_name` names them),
 /// then end the process by the signal. Call before any other thread starts.
-pub fn remove_temps_on_signal(target: &Path, purpose: &str) {
-    let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    let mut prefix = b".".to_vec();
-    prefix.extend_from_slice(target.file_name().map(|n| n.as_bytes()).unwrap_or_default());
-    prefix.extend_from_slice(format!(".{purpose}.{}-", std::process::id()).as_bytes());
+pub fn remove_temps_on_signal(target: &Path, purpose: &'static str) {
+    let target = target.to_path_buf();
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; the calls only
     // read and write it and this thread's signal mask.
     let set = unsafe {
@@ -38,12 +35,10 @@ pub fn remove_temps_on_signal(target: &Path, purpose: &str) {
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
             return;
         }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let name = e.file_name();
-                if name.as_bytes().starts_with(&prefix) && name.as_bytes().ends_with(b".tmp") {
-                    let _ = std::fs::remove_file(e.path());
-                }
+        let me = Some(Some(std::process::id()));
+        for name in RealFs.siblings(&target) {
+            if temp_owner(&target, purpose, &name) == me {
+                let _ = std::fs::remove_file(target.with_file_name(&name));
             }
         }
         // SAFETY: restores the default action and unblocks the signal in this thread, then

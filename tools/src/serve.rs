@@ -270,7 +270,7 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
         // The description is only what the operator wrote: anything derived from the image
         // (its path above all) would tell every client how the server's disk is laid out.
         exports.push(Export::new(e.name.clone(), e.description, live.clone() as Arc<dyn Disk>));
-        lives.push(ControlServed { name: e.name, image, live });
+        lives.push(ControlServed { name: e.name, image, live, links: Vec::new() });
     }
     let verifies_clients = o.tls.as_ref().is_some_and(|t| t.config.verifies_clients());
     let cfg = ServerConfig {

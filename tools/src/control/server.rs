@@ -29,6 +29,10 @@ pub struct Served {
     /// this or by any path to the same file (`names_image`).
     pub image: PathBuf,
     pub live: Arc<LiveChain>,
+    /// The default control paths linked to this server for it (`State::link`), removed with
+    /// it: made when it was added, as the image's canonical path may change under its name
+    /// later (a snapshot through a symbolic link).
+    pub links: Vec<PathBuf>,
 }
 
 struct State {
@@ -41,8 +45,6 @@ struct State {
     jobs: Jobs,
     /// The link of the default name to a socket given with --control.
     alias: Option<PathBuf>,
-    /// The per-image links made for each export, by export name: removed with it.
-    links: Mutex<Vec<(String, Vec<PathBuf>)>>,
 }
 
 /// The running control channel; dropping it removes its socket and links.
@@ -86,10 +88,9 @@ impl Control {
             stopping: AtomicBool::new(false),
             jobs: Jobs::default(),
             alias,
-            links: Mutex::new(Vec::new()),
         });
-        for s in exports {
-            state.link(&s.name, &s.image);
+        for mut s in exports {
+            s.links = state.link(&s.image);
             lock(&state.exports).push(s);
         }
         let st = state.clone();
@@ -120,7 +121,7 @@ impl Control {
         let mut first = Ok(());
         for s in lock(&self.state.exports).drain(..) {
             // Gone from the list, so Drop would not find it: its link goes now.
-            self.state.unlink(&s.name);
+            self.state.unlink(&s);
             if let Err(e) = s.live.close() {
                 first = first.and(Err(e));
             }
@@ -150,7 +151,7 @@ impl Drop for Control {
             let _ = std::fs::remove_file(a);
         }
         for s in lock(&self.state.exports).iter() {
-            self.state.unlink(&s.name);
+            self.state.unlink(s);
         }
     }
 }
@@ -197,28 +198,23 @@ fn bind(socket: &Path) -> Result<UnixListener, Error> {
 }
 
 impl State {
-    /// Links the default control paths of the image known by `image` (export `name`) to this
-    /// server. The links are remembered: the image's canonical path may change under its name
-    /// (a snapshot through a symbolic link), and the link made for the old one goes too.
-    fn link(&self, name: &str, image: &Path) {
-        if let Some(d) = &self.rundir {
-            let made = image_links(d, image);
-            for l in &made {
-                let _ = std::fs::remove_file(l);
-                let _ = std::os::unix::fs::symlink(&self.socket, l);
-            }
-            lock(&self.links).push((name.to_string(), made));
+    /// Links the default control paths of the image known by `image` to this server; returns
+    /// them, for [`State::unlink`].
+    fn link(&self, image: &Path) -> Vec<PathBuf> {
+        let Some(d) = &self.rundir else { return Vec::new() };
+        let made = image_links(d, image);
+        for l in &made {
+            let _ = std::fs::remove_file(l);
+            let _ = std::os::unix::fs::symlink(&self.socket, l);
         }
+        made
     }
 
-    fn unlink(&self, name: &str) {
-        let mut links = lock(&self.links);
-        while let Some(i) = links.iter().position(|(n, _)| n == name) {
-            for l in links.remove(i).1 {
-                // Only our own link: another server may serve the image by now.
-                if std::fs::read_link(&l).is_ok_and(|t| t == self.socket) {
-                    let _ = std::fs::remove_file(&l);
-                }
+    fn unlink(&self, s: &Served) {
+        for l in &s.links {
+            // Only our own link: another server may serve the image by now.
+            if std::fs::read_link(l).is_ok_and(|t| t == self.socket) {
+                let _ = std::fs::remove_file(l);
             }
         }
     }
@@ -376,8 +372,8 @@ fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
     let chain = Chain::open(&named, ChainOptions { writable: !read_only, ..Default::default() })?;
     let live = Arc::new(LiveChain::new(chain));
     st.server.add_export(Export::new(name.clone(), description, live.clone() as Arc<dyn Disk>))?;
-    st.link(&name, &named);
-    lock(&st.exports).push(Served { name: name.clone(), image: named, live });
+    let links = st.link(&named);
+    lock(&st.exports).push(Served { name: name.clone(), image: named, live, links });
     Ok(json!({"name": name, "read_only": read_only}))
 }
 
@@ -411,7 +407,7 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
         i.map(|i| l.remove(i))
     };
     if let Some(s) = served {
-        st.unlink(&s.name);
+        st.unlink(&s);
         // No connection uses it any more: flushed and closed cleanly, so that another
         // program may open the image at once.
         s.live.close()?;
