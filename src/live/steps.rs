@@ -16,7 +16,7 @@ use crate::layer::{new_uuid, Image, OpenOptions};
 use crate::ops::all_extents;
 use crate::ops::commit::{check_committable, commit_prepare, is_commit_layer, refuse_commit_layer_name};
 use crate::ops::flatten::copy_device;
-use crate::storage::namespace::{publish_new, sweep_stale_temps, temp_name, Namespace};
+use crate::storage::namespace::{publish_new, remove_left_behind, sweep_stale_temps, temp_name, Namespace};
 use crate::storage::LockMode;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -118,9 +118,14 @@ pub(super) fn commit(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<
     let ended = p.end_writing();
     let x = moved?;
     ended?;
-    // The last handle on X: its file closes, and nothing refers to it any more.
+    // The last handle on X: its file closes, and nothing refers to it any more. Through a
+    // symbolic link (the image was served through one, and X took the link's name when the
+    // top was frozen), the file it leads to goes first: the link, left alone by a crash, is
+    // the small one.
     let x_path = x.path().to_path_buf();
+    let behind = ns.link_target(&x_path);
     drop(x);
+    remove_left_behind(ns, behind)?;
     ns.remove(&x_path);
     ns.sync_dir(&x_path)
 }

@@ -10,7 +10,7 @@ use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::map::MapEntry;
 use crate::format::BLOCK_SIZE;
 use crate::layer::{format_uuid, read_header_only, Image, OpenOptions, PreparedMap};
-use crate::storage::namespace::{publish_replacing, temp_name, Namespace, RealFs};
+use crate::storage::namespace::{publish_replacing, remove_left_behind, temp_name, Namespace, RealFs};
 use crate::storage::LockMode;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -135,10 +135,15 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
 /// The last step of a commit (C6 of spec §5.7.3): `top`, whose blocks its parent now holds,
 /// is replaced by an empty overlay with the same parent reference, made and named through
 /// `ns`. `top` stays open (and locked) until the new file has its name, so nobody writes to
-/// the old file meanwhile: such writes would vanish with it.
+/// the old file meanwhile: such writes would vanish with it. When `top` was opened through a
+/// symbolic link, the new overlay replaces the link (as a snapshot's does: format-spec §3.3
+/// finds relative parents from the name an image is opened by), and the file the link led to
+/// is removed after it, as the rename removes the old file otherwise. (A crash between the
+/// two leaves that file behind: the image reads the same, it only takes space.)
 pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<()> {
     let image = top.path();
     top.close()?;
+    let behind = ns.link_target(image);
     let tmp = temp_name(image, "commit");
     let fresh = ns.create(&tmp).map_err(|e| e.during("commit"))?;
     ns.copy_owner_and_mode(image, &tmp);
@@ -148,7 +153,7 @@ pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<
         ns.remove(&tmp);
     }
     drop(fresh);
-    done.map_err(|e| e.during("commit"))
+    done.and_then(|()| remove_left_behind(ns, behind)).map_err(|e| e.during("commit"))
 }
 
 /// The storage-level steps of [`commit`] (C2 to C5 of spec §5.7.3): `top`'s Data and Zero

@@ -49,6 +49,25 @@ pub trait Namespace {
     /// image's name, and with it must keep who may open it. Best effort: a process that may
     /// not give the file away (not root) leaves it its own, as before.
     fn copy_owner_and_mode(&self, _from: &Path, _to: &Path) {}
+    /// When `path` is a symbolic link: the file it leads to (every link followed). A commit
+    /// replaces the name it was given, which through a link is the link; the file behind it
+    /// then holds nothing anyone refers to, and goes too.
+    fn link_target(&self, _path: &Path) -> Option<PathBuf> {
+        None
+    }
+}
+
+/// Removes the file the symbolic link `path` led to, `target` (from
+/// [`Namespace::link_target`], asked while the link was there), and makes the removal durable.
+/// For a file a commit has left behind: its blocks are in the parent, and no name refers to it.
+pub fn remove_left_behind(ns: &dyn Namespace, target: Option<PathBuf>) -> Result<()> {
+    match target {
+        Some(t) => {
+            ns.remove(&t);
+            ns.sync_dir(&t)
+        }
+        None => Ok(()),
+    }
 }
 
 /// The real file system.
@@ -170,6 +189,13 @@ impl Namespace for RealFs {
         // The owner first: chown clears set-user-ID bits, which the mode then restores.
         let _ = std::os::unix::fs::chown(to, Some(md.uid()), Some(md.gid()));
         let _ = std::fs::set_permissions(to, std::fs::Permissions::from_mode(md.mode() & 0o7777));
+    }
+
+    fn link_target(&self, path: &Path) -> Option<PathBuf> {
+        if !path.symlink_metadata().ok()?.file_type().is_symlink() {
+            return None;
+        }
+        path.canonicalize().ok()
     }
 }
 

@@ -423,6 +423,59 @@ fn an_image_served_through_a_symbolic_link_keeps_its_live_operations() {
     assert_eq!(ws.device("links/d.cow"), model, "the image's contents after the server stopped");
 }
 
+/// A commit through a symbolic link, offline and live: the new empty overlay takes the link's
+/// name (as a snapshot's does), and the file the link led to, whose blocks are now in the
+/// parent, goes with it. Before 2026-12-04 that file stayed behind: a full second overlay on
+/// the parent, which read its old disk when opened by its own name.
+#[test]
+fn a_commit_through_a_symbolic_link_leaves_no_file_behind() {
+    let ws = Ws::in_memory("commit-symlink");
+    std::fs::create_dir(ws.p("real")).unwrap();
+    ws.create("w.cow", &["--size", "1M"]);
+    ws.ok(&["snapshot", "w.cow", "p.cow"]);
+    let mut model = vec![0u8; 1 << 20];
+    for (round, live) in [false, true].into_iter().enumerate() {
+        // dN.cow -> real/dN.cow, an overlay whose parent "p.cow" is found from the link's
+        // directory (format-spec §3.3).
+        let (link, target) = (format!("d{round}.cow"), format!("real/d{round}.cow"));
+        ws.create(&link, &["--backing", "p.cow"]);
+        std::fs::rename(ws.p(&link), ws.p(&target)).unwrap();
+        std::os::unix::fs::symlink(&target, ws.p(&link)).unwrap();
+        let at = round * 8192;
+        let block = vec![b'k' + round as u8; 4096];
+        model[at..at + 4096].copy_from_slice(&block);
+        let ctl = ws.p("c.sock");
+        let server = Server::start(&[s(&ws.p(&link)), "--socket", s(&ws.p("n.sock")), "--control", s(&ctl)]);
+        let mut c = server.connect();
+        c.opt_go(&format!("d{round}"), &[]).unwrap();
+        c.write(at as u64, &block).unwrap();
+        if live {
+            let out = ws.ok(&["commit", &link, "--force"]);
+            assert!(out.contains("(live)"), "{out}");
+            assert_eq!(c.read(0, 1 << 20).unwrap(), model, "the export's contents after a live commit");
+        }
+        drop(c);
+        assert!(server.stop().success());
+        if !live {
+            ws.ok(&["commit", &link, "--force"]);
+        }
+        assert!(!ws.p(&target).exists(), "round {round}: the file the link led to is still there");
+        let md = std::fs::symlink_metadata(ws.p(&link)).unwrap();
+        assert!(md.file_type().is_file(), "round {round}: the image's name holds the new overlay");
+        let left: Vec<String> = std::fs::read_dir(ws.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".commit"))
+            .collect();
+        assert!(left.is_empty(), "round {round}: left behind: {left:?}");
+        let layers: Vec<Value> =
+            ws.info(&link)["layers"].as_array().unwrap().iter().map(|l| l["path"].clone()).collect();
+        assert_eq!(layers, [link.as_str(), "p.cow"], "round {round}: the chain");
+        assert_eq!(ws.device(&link), model, "round {round}: the image's contents");
+        assert_eq!(ws.device("p.cow"), model, "round {round}: the parent holds the committed blocks");
+    }
+}
+
 /// A commit's intermediate layer is known by its name (`IMAGE.commit-` and eight hex digits):
 /// the next commit of an image on such a layer merges it into its parent and deletes it. So a
 /// layer the user makes may not take such a name: a snapshot (live or offline) or a
