@@ -134,7 +134,9 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
             ParentFormat::Remote => unreachable!("remote parents are opened above"),
             ParentFormat::Cowdisk => {
                 let img = Image::open(&ppath, lower_opts).map_err(|e| match e.kind() {
-                    ErrorKind::NotAnImage => named_by(changed(&ppath, "is no longer a cowdisk image".into())),
+                    ErrorKind::NotAnImage => {
+                        named_by(changed(&ppath, format!("is no longer a cowdisk image: {}", e.message())))
+                    }
                     _ => e,
                 })?;
                 let h = img.header();

@@ -148,9 +148,11 @@ fn check_image(path: &Path, opts: &CheckOptions, progress: Progress) -> ImageChe
     let found = crate::layer::read_header_slots(path).and_then(|h| Ok((h, Image::open(path, OpenOptions::inspect())?)));
     let ((h, torn), img) = match found {
         Ok(x) => x,
-        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::NotAnImage) => {
+        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::NotAnImage | ErrorKind::Unsupported) => {
             // Not a verdict on an image: it could not be read at all (missing, no permission,
-            // a FIFO), or it is no cowdisk image (a raw file: nothing of ours to check).
+            // a FIFO), it is no cowdisk image (a raw file: nothing of ours to check), or it
+            // is one a newer build wrote (a format version or incompatible feature this build
+            // does not know: intact as far as anyone here can tell).
             r.unreadable = Some(e.to_string());
             return r;
         }

@@ -56,7 +56,7 @@ impl FileStorage {
         {
             use std::os::unix::fs::FileTypeExt;
             if kind.is_fifo() || kind.is_socket() {
-                return Err(err(ErrorKind::InvalidArgument, "is a FIFO or socket, not a disk image").with_file(path));
+                return Err(err(ErrorKind::NotAnImage, "is a FIFO or socket, not a disk image").with_file(path));
             }
         }
         // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns.

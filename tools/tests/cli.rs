@@ -465,7 +465,8 @@ fn errors_are_one_line_naming_the_file_and_cause_and_never_a_panic() {
 /// `check` exits 2 for a corrupted image; a path that names no file, a file that is no
 /// cowdisk image, and (with `--chain`) a parent that is missing are not corrupted images but
 /// errors like any other command's: exit 1, one line (before 2026-12-04 the last two exited 2,
-/// "corrupt", though every image was intact).
+/// "corrupt", though every image was intact). So are a FIFO and an image of a newer format
+/// version (each exited 2, "corrupt", until later that day).
 #[test]
 fn check_of_a_missing_file_is_a_one_line_error_not_a_corrupt_verdict() {
     let ws = Ws::new();
@@ -481,6 +482,26 @@ fn check_of_a_missing_file_is_a_one_line_error_not_a_corrupt_verdict() {
     std::fs::rename(ws.p("plain.raw"), ws.p("moved.raw")).unwrap();
     ws.ok(&["check", "top.cow"]);
     let o = ws.fail(&["check", "--chain", "top.cow"], &["plain.raw", "missing"]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(!o.stdout.contains("corrupt"), "{}", o.describe());
+    // A FIFO is refused at once (no wait for a writer), as no image.
+    let fifo = std::ffi::CString::new(ws.p("pipe.cow").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let o = ws.fail(&["check", "pipe.cow"], &["pipe.cow", "FIFO"]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(!o.stdout.contains("corrupt"), "{}", o.describe());
+    // An image of a newer format version (both header slots say 99, checksums intact): this
+    // build cannot read it, which says nothing against it.
+    ws.create("newer.cow", &["--size", "1M"]);
+    let mut b = fs::read(ws.p("newer.cow")).unwrap();
+    for slot in b[..8192].chunks_mut(4096) {
+        slot[8..12].copy_from_slice(&99u32.to_le_bytes());
+        let crc = crc32(&slot[..4092]);
+        slot[4092..].copy_from_slice(&crc.to_le_bytes());
+    }
+    fs::write(ws.p("newer.cow"), &b).unwrap();
+    let o = ws.fail(&["check", "newer.cow"], &["newer.cow", "version 99 is not supported"]);
     assert_eq!(o.code, Some(1), "{}", o.describe());
     assert!(!o.stdout.contains("corrupt"), "{}", o.describe());
 }
