@@ -196,6 +196,7 @@ impl Cache {
         if let Some(l) = layers.get(d) {
             return Ok(l.clone());
         }
+        self.refuse_without_holes()?;
         let l = self.with_lock(|| {
             // A new index file is bytes of the cache like any fill: room made for it, and
             // counted, before it is made (so a scan meanwhile does not count it twice).
@@ -205,6 +206,31 @@ impl Cache {
         let l = Arc::new(l);
         layers.insert(*d, l.clone());
         Ok(l)
+    }
+
+    /// A layer's chunks are kept at their offsets in a sparse file, and evicting one punches
+    /// it out. On a file system that cannot punch holes (exFAT, FAT, some FUSE mounts) every
+    /// file would take the space up to its last chunk, and eviction, writing zeros, would free
+    /// none: the cache would pass its bound without limit (65 MiB on disk for an 8 MiB bound
+    /// after one read of a 64 MiB layer, measured on exFAT). So no layer is taken there, and
+    /// reads go to the store uncached, said once on stderr (manifests, whole small files, are
+    /// still kept).
+    fn refuse_without_holes(&self) -> Result<()> {
+        let p = self.dir.join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| io("open", &p, e))?;
+        if crate::storage::punches_holes(&f) {
+            return Ok(());
+        }
+        Err(err(
+            ErrorKind::Unsupported,
+            "its file system cannot punch holes, so evicted chunks would keep their space and the cache could not keep its bound",
+        )
+        .with_file(&self.dir))
     }
 
     fn file(&self, d: &Digest) -> PathBuf {

@@ -211,6 +211,16 @@ impl FileStorage {
     }
 }
 
+/// Whether the file system holding `file` punches holes: a punch of one page past its end
+/// (which changes nothing there, the size kept) is tried. Where it is refused (exFAT, FAT,
+/// some FUSE and network file systems), a punch can only write zeros, which keep their space.
+pub fn punches_holes(file: &File) -> bool {
+    let Ok(len) = file.metadata().map(|m| m.len()) else { return false };
+    let Ok(at) = i64::try_from(len.div_ceil(4096).saturating_add(1).saturating_mul(4096)) else { return false };
+    // SAFETY: plain syscall on a descriptor the caller holds.
+    unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, at, 4096) == 0 }
+}
+
 fn open_error(e: io::Error, path: &Path) -> Error {
     let base = Error::io("open", e);
     base.with_file(path)

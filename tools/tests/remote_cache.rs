@@ -1,7 +1,8 @@
 //! Remote layers read through the shared chunk cache (issue 16), through the `cowdisk` binary
 //! against a real Ceph RGW: the cache's bound under two processes, warm and shared reads fetching
 //! once, a broken cache (reads go on uncached, memory stays flat), two hosts on one layer, the
-//! gateway stopped and back, recorded traces fetched first, a killed reader.
+//! gateway stopped and back, recorded traces fetched first, a killed reader, a cache directory
+//! on a file system that cannot punch holes.
 
 mod common;
 
@@ -79,6 +80,43 @@ fn the_cache_stays_within_its_bound_while_two_processes_read_more_than_it_holds(
     let kept = cached_bytes(&reader);
     assert!(kept <= bound, "the cache holds {kept} bytes after the reads, bound {bound}");
     assert!(kept >= bound / 2, "the cache kept only {kept} bytes");
+}
+
+/// A cache on a file system that cannot punch holes (exFAT, through FUSE: the kernel here has
+/// no FAT or exFAT) keeps its bound: such a file system has no sparse files, so a layer's chunk
+/// file would take the space up to its last chunk, and eviction (zeros written) would free
+/// nothing. Before 2026-12-04 one read of a 24 MiB layer with a 4 MiB bound left 24 MiB there.
+/// Now no layer is taken there: reads go to the store, every byte still right, and the server
+/// says why.
+#[test]
+fn a_cache_on_a_file_system_without_hole_punching_keeps_its_bound() {
+    let Some(s3) = s3() else { return };
+    if !(require_tools(&["nbdcopy", "mkfs.exfat", "mount.exfat-fuse"]) && require_loop_mount()) {
+        return;
+    }
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    repo.push_base(&ws, &ws.subdir("cache"), random_bytes(24 << 20, 67), &[]);
+    let img = ws.join("exfat.img");
+    std::fs::File::create(&img).and_then(|f| f.set_len(128 << 20)).expect("make the exFAT file");
+    run(tool("mkfs.exfat").arg(&img));
+    let loopdev = LoopDev::attach(&img).unwrap_or_else(|e| panic!("losetup: {e}"));
+    let mount = Mount::with_options(loopdev.path(), &ws.join("mnt"), &["-t", "exfat-fuse"])
+        .unwrap_or_else(|e| panic!("mount: {e}"));
+    let cache = mount.path().join("cache");
+    let bound: u64 = 4 << 20;
+    let mut servers = overlay_servers(&repo, &ws, &cache, 1, &["--cache-size", "4M"]);
+    std::thread::scope(|sc| copy_all_at_once(sc, &servers, &ws));
+    let mut server = servers.remove(0);
+    server.daemon().terminate(STOP_TIMEOUT);
+    assert_files_equal(&ws.join("read0.raw"), &ws.join("base.raw"));
+    let kept = cached_bytes(&cache);
+    assert!(kept <= bound, "the cache on exFAT takes {kept} bytes with a bound of {bound}");
+    let log = server.log();
+    assert!(log.contains("cannot punch holes"), "the server does not say why it reads uncached:\n{log}");
+    drop(server);
+    drop(mount);
+    drop(loopdev);
 }
 
 /// The bytes a stopped server said it fetched from object stores (it says nothing when it
