@@ -119,6 +119,35 @@ fn a_cache_on_a_file_system_without_hole_punching_keeps_its_bound() {
     drop(loopdev);
 }
 
+/// A cache bound of a few fetch windows or less: what a miss fetches beyond the read is kept
+/// to an eighth of the bound, so what comes along is still cached when it is read. Before
+/// 2026-12-04 each miss fetched a 512 KiB window, the fills that followed evicted it before it
+/// was read, and one copy of a 16 MiB layer through a 64K cache fetched about 4 times the
+/// layer (a review measured 171 MiB for a 40 MiB layer).
+#[test]
+fn a_small_cache_fetches_each_chunk_about_once() {
+    let Some(s3) = s3() else { return };
+    if !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let size: u64 = 16 << 20;
+    repo.push_base(&ws, &ws.subdir("cache"), random_bytes(size as usize, 73), &[]);
+    for bound in ["64K", "1M"] {
+        let here = TempDir::for_test();
+        let cache = here.subdir("cache");
+        let mut servers = overlay_servers(&repo, &here, &cache, 1, &["--cache-size", bound]);
+        std::thread::scope(|sc| copy_all_at_once(sc, &servers, &here));
+        let mut server = servers.remove(0);
+        server.daemon().terminate(STOP_TIMEOUT);
+        assert_files_equal(&here.join("read0.raw"), &ws.join("base.raw"));
+        let fetched = fetched_bytes(&server.log());
+        assert!(fetched >= size, "{bound}: fetched {fetched} bytes of a {size}-byte layer");
+        assert!(fetched <= size + size / 10, "{bound}: fetched {fetched} bytes for one read of a {size}-byte layer");
+    }
+}
+
 /// The bytes a stopped server said it fetched from object stores (it says nothing when it
 /// fetched nothing).
 fn fetched_bytes(log: &str) -> u64 {
