@@ -5,6 +5,7 @@
 //! space is freed (a file deleted next to the image, or ranges discarded through NBD) without
 //! a restart. Space that runs out under the file system, at fsync time (thin provisioning),
 //! is the exception the format spec (§5.3) makes: the server refuses writes until reopened.
+//! An `export remove` whose flush fails on a full file system keeps the export and its data.
 
 mod common;
 
@@ -418,4 +419,60 @@ fn enospc_at_fsync_on_thin_storage_fails_the_flush_and_refuses_writes_until_the_
     drop(c);
     assert!(rig.stop(), "clean stop after reopening");
     rig.assert_check_ok(false, "at the end");
+}
+
+/// `export remove` of an image whose file system filled up after its clients wrote: the flush
+/// before the close fails (the map and header have no room), and the export stays served with
+/// everything its clients wrote; once space is freed, a second removal closes it with all of it.
+/// Before 2026-12-04 the first removal dropped the chain when the close failed: the export was
+/// gone, the command said only "No space left on device", and the 6 MiB clients had written
+/// (and read back) since their last flush were lost.
+#[test]
+fn an_export_removal_whose_flush_fails_keeps_the_export_and_its_data() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::for_test();
+    let tmpfs = Mount::with_options(Path::new("tmpfs"), &dir.join("small"), &["-t", "tmpfs", "-o", "size=6m"])
+        .unwrap_or_else(|e| panic!("mount tmpfs: {e}"));
+    let d = tmpfs.path();
+    common::cli::ok_in(d, &["create", "d.cow", "--size", "64M"]);
+    let (sock, ctl) = (dir.join("nbd.sock"), dir.join("ctl.sock"));
+    let ctl = ctl.to_str().expect("a UTF-8 path");
+    let server =
+        Server::start(&[d.join("d.cow").to_str().unwrap(), "--socket", sock.to_str().unwrap(), "--control", ctl]);
+    let mut c = server.connect();
+    c.opt_go("d", &[]).expect("NBD_OPT_GO");
+    // 256 KiB blocks until the file system is full (no flush).
+    let mut written = 0u64;
+    while c.write(written, &random_bytes(256 << 10, written)).is_ok() {
+        written += 256 << 10;
+        assert!(written < 8 << 20, "a 6 MiB file system took 8 MiB");
+    }
+    assert!(written >= 2 << 20, "only {written} bytes written");
+    let read_all = |c: &mut Client| {
+        (0..8u64).flat_map(|i| c.read(i << 23, 8 << 20).expect("read the device")).collect::<Vec<u8>>()
+    };
+    let before = read_all(&mut c);
+    drop(c);
+    let refused = common::cli::run_in(d, &["export", "remove", "d", "--control", ctl]);
+    assert_eq!(refused.code, Some(1), "{}", refused.describe());
+    assert!(
+        refused.error_line().contains("not removed") && refused.error_line().contains("No space"),
+        "{}",
+        refused.describe()
+    );
+    let listed = common::cli::ok_in(d, &["export", "list", "--control", ctl]);
+    assert!(listed.starts_with("d "), "the export is not served again: {listed}");
+    let mut c = server.connect();
+    c.opt_go("d", &[]).expect("NBD_OPT_GO after the refused removal");
+    assert_bytes_eq(&read_all(&mut c), &before, "served again after the refused removal");
+    drop(c);
+    run(tool("mount").args(["-o", "remount,size=16m"]).arg(d));
+    common::cli::ok_in(d, &["export", "remove", "d", "--control", ctl]);
+    assert_eq!(server.stop().code(), Some(0));
+    let checked = common::cli::run_in(d, &["check", "d.cow"]);
+    assert_eq!(checked.code, Some(0), "{}", checked.describe());
+    assert_bytes_eq(&common::cli::device_in(d, "d.cow"), &before, "d.cow after the removal");
+    drop(tmpfs);
 }

@@ -395,11 +395,33 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
-    if let Err(e) = st.server.remove_export(name, force) {
-        if let Some(live) = &live {
-            live.release();
+    let removed = match st.server.remove_export(name, force) {
+        Ok(e) => e,
+        Err(e) => {
+            if let Some(live) = &live {
+                live.release();
+            }
+            return Err(e);
         }
-        return Err(e);
+    };
+    if let Some(live) = &live {
+        // Everything its clients wrote made durable while the export can still be put back:
+        // a flush that fails (the file system full, an I/O error) would fail the close too,
+        // which drops the chain and, with it, what was written since the last flush. Served
+        // again instead, nothing is lost, and a removal once the cause is mended closes it.
+        if let Err(e) = cowdisk::DiskFlush::flush(live.as_ref()) {
+            let back = Export::new(removed.name.clone(), removed.description.clone(), live.clone() as Arc<dyn Disk>);
+            if st.server.add_export(back).is_ok() {
+                live.release();
+                return Err(Error::new(
+                    e.kind(),
+                    format!(
+                        "not removed: flushing it failed ({e}); it is served again (its clients were disconnected) and \
+                         keeps what they wrote: mend the cause and remove it again"
+                    ),
+                ));
+            }
+        }
     }
     let served = {
         let mut l = lock(&st.exports);
