@@ -157,17 +157,23 @@ impl Cache {
         self.limit
     }
 
-    /// Runs `f` with the cache's lock file locked exclusively (publishing chunks, eviction).
-    /// Waits at most [`LOCK_WAIT`] for another holder (and not at all while an earlier wait
-    /// ran out and no lock has been taken since); past that, fails with `InUse`.
-    pub(super) fn with_lock<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+    /// The cache's lock file (made if missing), open for writing, and its path.
+    fn lock_file(&self) -> Result<(std::fs::File, PathBuf)> {
         let p = self.dir.join(".lock");
-        let file = std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&p)
             .map_err(|e| io("open", &p, e))?;
+        Ok((f, p))
+    }
+
+    /// Runs `f` with the cache's lock file locked exclusively (publishing chunks, eviction).
+    /// Waits at most [`LOCK_WAIT`] for another holder (and not at all while an earlier wait
+    /// ran out and no lock has been taken since); past that, fails with `InUse`.
+    pub(super) fn with_lock<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let (file, p) = self.lock_file()?;
         let deadline = std::time::Instant::now()
             + if self.lock_stuck.load(Ordering::Acquire) { Duration::ZERO } else { LOCK_WAIT };
         // SAFETY: flock on a descriptor we hold; released when the file closes.
@@ -216,14 +222,7 @@ impl Cache {
     /// reads go to the store uncached, said once on stderr (manifests, whole small files, are
     /// still kept).
     fn refuse_without_holes(&self) -> Result<()> {
-        let p = self.dir.join(".lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(|e| io("open", &p, e))?;
-        if crate::storage::punches_holes(&f) {
+        if crate::storage::punches_holes(&self.lock_file()?.0) {
             return Ok(());
         }
         Err(err(
