@@ -40,6 +40,16 @@ const SPLICE_MIN: u32 = 128 * 1024;
 /// a client which keeps requests in flight shows it.
 const EAGER_REQUESTS: u32 = 1024;
 
+/// The largest read that may be quiet (see [`next_request`]). A quiet request's reply is sent
+/// while nobody reads the stream; a reply larger than the socket can take at once waits for
+/// the client to read it, and a client that sends a write before reading that reply (the
+/// spec lets it keep requests in flight) waits for the server to read its payload: neither
+/// would ever go on. A reply this size fits in a socket's buffer (a Unix socket's is 208 KiB,
+/// a TCP peer's receive buffer 128 KiB by default), and a larger read wakes a thread to read
+/// on, which costs little beside its copy. Block status replies stay below it (1024
+/// descriptors of at most 16 bytes per context).
+const QUIET_REPLY_MAX: u64 = 64 * 1024;
+
 /// Reads shorter than this are answered with one data chunk: looking for holes costs more
 /// than the bytes it saves.
 const HOLE_SCAN_MIN: u32 = 64 * 1024;
@@ -233,7 +243,7 @@ fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize
     }
     // Another request still counted busy is no sign of overlap by itself: at queue depth 1
     // its thread may have sent the reply and not yet counted itself done.
-    let quiet = r.is_some()
+    let quiet = r.as_ref().is_some_and(|(req, _, _)| req.typ != CMD_READ || req.length <= QUIET_REPLY_MAX)
         && busy.load(Ordering::Acquire) == 0
         // More waiting: bytes already buffered, or the socket readable now.
         && if !guard.r.buffer().is_empty() || guard.done || readable(conn.in_fd) {

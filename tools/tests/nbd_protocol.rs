@@ -351,6 +351,64 @@ fn a_read_sent_while_a_long_flush_runs_is_answered_first_also_after_a_queue_dept
     );
 }
 
+/// After a queue-depth-1 stretch, a client sends a 1 MiB READ and then a 1 MiB WRITE before it
+/// reads the READ's reply (the spec lets it keep requests in flight). The reply is larger than
+/// the socket takes at once, so it can only be sent while the client reads, and the client
+/// reads only once its WRITE is sent: the server must read the WRITE meanwhile. Before
+/// 2026-12-04 a quiet connection (see src/nbd/transmission.rs `next_request`) did not, and
+/// both waited for ever; a fresh connection did.
+#[test]
+fn a_write_sent_before_reading_a_large_reads_reply_is_taken_also_after_a_queue_depth_1_stretch() {
+    let fx = fixture();
+    // A plain client on a plain socket: its requests as bytes, replies read as they come.
+    let mut c = simple_client(&fx.server, "disk").into_stream();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let req = |typ: u16, cookie: u64, len: u32| {
+        let mut r = Vec::with_capacity(28);
+        r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&typ.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&0u64.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r
+    };
+    // A simple reply: its cookie and, for the READ cookies (0x51, 0x53: 1 MiB), its data.
+    let reply = |c: &mut UnixStream, data: usize| {
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).expect("a reply within 20 s");
+        assert_eq!(&h[4..8], &[0u8; 4], "the request failed");
+        let cookie = u64::from_be_bytes(h[8..].try_into().unwrap());
+        let mut b = vec![0u8; if matches!(cookie, 0x51 | 0x53) { MIB as usize } else { data }];
+        c.read_exact(&mut b).expect("a reply's data within 20 s");
+        (cookie, b)
+    };
+    for i in 0..1100 {
+        c.write_all(&req(NBD_CMD_READ, 0x1000 + i, 512)).unwrap();
+        assert_eq!(reply(&mut c, 512).0, 0x1000 + i);
+    }
+    let new = random_bytes(MIB as usize, 44);
+    c.write_all(&req(NBD_CMD_READ, 0x51, MIB as u32)).unwrap();
+    // Sent once the READ runs (a WRITE already there when the server looks makes it read on).
+    std::thread::sleep(Duration::from_millis(100));
+    let (mut w, done) = (c.try_clone().unwrap(), std::sync::mpsc::channel());
+    let sender = thread::spawn(move || {
+        let mut msg = req(NBD_CMD_WRITE, 0x52, MIB as u32);
+        msg.extend_from_slice(&new);
+        w.write_all(&msg).unwrap();
+        done.0.send(()).unwrap();
+        new
+    });
+    // The client sends its WRITE before it reads: give it 20 s.
+    assert!(done.1.recv_timeout(Duration::from_secs(20)).is_ok(), "the server did not read the WRITE in 20 s");
+    let new = sender.join().unwrap();
+    let mut answered = [reply(&mut c, 0).0, reply(&mut c, 0).0];
+    answered.sort();
+    assert_eq!(answered, [0x51, 0x52]);
+    c.write_all(&req(NBD_CMD_READ, 0x53, MIB as u32)).unwrap();
+    assert_bytes_eq(&reply(&mut c, 0).1, &new, "the WRITE landed");
+}
+
 /// CPU time (user + system) the process `pid` has used so far, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
