@@ -29,12 +29,6 @@ fn pattern(k: u64, offset: u64) -> Vec<u8> {
     b
 }
 
-fn vm_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
-    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
-}
-
 #[test]
 fn a_chain_of_256_images_serves_every_layers_writes_and_a_snapshot_past_it_is_refused() {
     let ws = Ws::in_memory("deep");

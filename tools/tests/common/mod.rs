@@ -636,3 +636,10 @@ pub fn run_fio(dir: &Path, args: &[String], jobs: usize) -> String {
     assert_eq!(ok, jobs, "expected {jobs} jobs with err= 0:\n{text}");
     text
 }
+
+/// A `kB` field of process `pid`'s /proc status (`VmRSS:`, `VmHWM:`), in KiB.
+pub fn vm_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+}
