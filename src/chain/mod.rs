@@ -205,7 +205,7 @@ impl Chain {
             Origin::Base => self
                 .base
                 .as_ref()
-                .is_none_or(|b| b.storage().next_data(s.start).map_or(true, |d| d.is_some_and(|d| d < s.end))),
+                .map_or(true, |b| b.storage().next_data(s.start).map_or(true, |d| d.is_some_and(|d| d < s.end))),
             _ => false,
         })
     }

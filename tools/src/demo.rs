@@ -85,7 +85,10 @@ pub fn run(a: DemoArgs) -> Result<(), Failure> {
         say!("reusing overlay {}", overlay.display());
     }
     let chain = Chain::open(&overlay, ChainOptions { writable: true, ..Default::default() })?;
-    let uri = format!("nbd+unix:///overlay?socket={}", socket.display());
+    let uri = format!(
+        "nbd+unix:///overlay?socket={}",
+        crate::serve::uri_escape(std::os::unix::ffi::OsStrExt::as_bytes(socket.as_os_str()), b"/")
+    );
     say!("");
     say!("Connect with, for example:");
     say!("  nbdinfo '{uri}'");

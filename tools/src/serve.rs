@@ -358,9 +358,25 @@ struct Startup {
     forked: bool,
 }
 
+/// `bytes` as a URI component (the NBD URI format, RFC 3986): unreserved characters and those
+/// of `keep` as they are, every other byte percent-encoded. An export named `my disk#1` is
+/// `nbd+unix:///my%20disk%231?socket=...`; unescaped, qemu and libnbd refuse the URI printed.
+pub(crate) fn uri_escape(bytes: &[u8], keep: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 impl Startup {
     fn print(&self) {
         use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::ffi::OsStrExt;
         let mut out: Box<dyn Write> =
             if self.to_stderr { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
         let (unix_scheme, tcp_scheme) = self.schemes;
@@ -368,14 +384,15 @@ impl Startup {
             let ro = if *read_only { " (read-only)" } else { "" };
             for a in &self.unix {
                 if let Some(p) = a.as_pathname() {
-                    let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{name}?socket={}", p.display());
+                    let (n, sock) = (uri_escape(name.as_bytes(), b""), uri_escape(p.as_os_str().as_bytes(), b"/"));
+                    let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{n}?socket={sock}");
                 } else if let Some(n) = a.as_abstract_name() {
                     let n = String::from_utf8_lossy(n);
                     let _ = writeln!(out, "serving {name}{ro} on the abstract Unix socket @{n}");
                 }
             }
             for a in &self.tcp {
-                let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{name}");
+                let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{}", uri_escape(name.as_bytes(), b""));
             }
         }
         if self.verifies_clients {

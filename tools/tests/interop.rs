@@ -622,3 +622,31 @@ fn fio_randwrite_on_two_connections_verifies_crc32c_then_randread() {
 
     rig.assert_base_unchanged();
 }
+
+/// The URI `cowdisk serve` prints opens the export, whatever the image and socket are named:
+/// the export name and the socket path are percent-encoded (RFC 3986, as the NBD URI format
+/// asks). Before 2026-12-04 `my disk#1.cow` was printed as `nbd+unix:///my disk#1?socket=...`,
+/// which qemu-io refuses ("No valid URL specified").
+#[test]
+fn the_printed_uri_opens_an_export_whose_name_has_a_space_and_a_hash() {
+    if !require_tools(&["qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let dir = TempDir::for_test();
+    let image = dir.join("my disk#1.cow");
+    cowdisk(&["create", s(&image), "--size", "1M"]);
+    let server = Server::start(&[s(&image), "--socket", s(&dir.join("a sock?.sock"))]);
+    wait_until(std::time::Duration::from_secs(10), || server.log().contains("control channel at"));
+    let log = server.log();
+    let uri = log
+        .lines()
+        .find_map(|l| l.strip_prefix("serving my disk#1 at "))
+        .unwrap_or_else(|| panic!("no URI printed: {log}"))
+        .to_owned();
+    assert!(uri.starts_with("nbd+unix:///my%20disk%231?socket="), "{uri}");
+    let out = qemu_io(&uri, &["write -P 0x5a 4096 4096", "read -P 0x5a 4096 4096"]);
+    assert!(out.contains("read 4096/4096"), "{out}");
+    let info = stdout_of(&run(Command::new("nbdinfo").arg(&uri)));
+    assert!(info.contains("export=\"my disk#1\""), "{info}");
+    drop(server);
+}
