@@ -39,6 +39,8 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
     let ctx = |e: Error| e.during("snapshot");
     let names = names(ns, image, snapshot)?;
     refuse_commit_layer_name(snapshot).map_err(ctx)?;
+    // From the look at the snapshot's name below to the link that takes it (`complete`).
+    let _dir = ns.lock_dir(image).map_err(ctx)?;
     // An earlier snapshot of this image decided but not carried out (the command was killed)
     // is finished first; when it is the snapshot asked for, that is the result. Checking the
     // name first would refuse it once linked, and going on would decide a second snapshot
@@ -225,6 +227,8 @@ pub fn snapshot_chain(
             return Err(err(ErrorKind::ReadOnly, "is served read-only").with_file(&image));
         }
         let names = names(ns, &image, snapshot)?;
+        // Held from this look at the snapshot's name to the link that takes it (`complete`).
+        let dir = ns.lock_dir(&image)?;
         if ns.exists(snapshot) {
             return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot));
         }
@@ -233,9 +237,9 @@ pub fn snapshot_chain(
         refuse_too_deep(chain.depth(), &image)?;
         // Every write acknowledged so far goes into the snapshot.
         chain.flush()?;
-        new_overlay(ns, &image, names, &h)
+        new_overlay(ns, &image, names, &h).map(|(p, n)| (p, n, dir))
     })();
-    let (pending, new) = match prepared {
+    let (pending, new, _dir) = match prepared {
         Ok(p) => p,
         Err(e) => return Err(failed(e, Some(Box::new(chain)))),
     };

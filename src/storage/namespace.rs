@@ -55,7 +55,26 @@ pub trait Namespace {
     fn link_target(&self, _path: &Path) -> Option<PathBuf> {
         None
     }
+    /// Serialises the steps that find a name in `path`'s directory free and then take it,
+    /// across threads and processes: a snapshot (from its look at the snapshot's name to the
+    /// link that gives the frozen image that name) and [`publish_new`]. Without it two
+    /// snapshots of two images to one name could both find it free and both decide; the one
+    /// that links second could then never complete, and its image would open nowhere. The
+    /// default takes no lock (a namespace only one caller uses, such as the crash tests').
+    fn lock_dir(&self, _path: &Path) -> Result<DirLock> {
+        Ok(DirLock { _held: None })
+    }
 }
+
+/// A directory locked by [`Namespace::lock_dir`], until dropped.
+pub struct DirLock {
+    _held: Option<std::fs::File>,
+}
+
+/// The longest wait for [`Namespace::lock_dir`]: its holders keep it for a look, a header
+/// write and a link (milliseconds); one that holds it longer is stuck, and a live snapshot
+/// waiting on it holds its export's requests back.
+const DIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Removes the file the symbolic link `path` led to, `target` (from
 /// [`Namespace::link_target`], asked while the link was there), and makes the removal durable.
@@ -197,6 +216,39 @@ impl Namespace for RealFs {
         }
         path.canonicalize().ok()
     }
+
+    /// flock(2) on the directory. A file system that has no such locks (some FUSE and network
+    /// ones) gets none: the race the lock closes is left open there, as before it.
+    fn lock_dir(&self, path: &Path) -> Result<DirLock> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = dir_of(path);
+        let d = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&dir)
+            .map_err(|e| Error::io("open directory", e).with_file(&dir))?;
+        let deadline = std::time::Instant::now() + DIR_LOCK_WAIT;
+        // SAFETY: flock on a descriptor we hold; released when it closes.
+        while unsafe { libc::flock(d.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Ok(DirLock { _held: None });
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(err(
+                    ErrorKind::InUse,
+                    format!(
+                        "another snapshot or new image in this directory has been under way for over {} s; nothing changed",
+                        DIR_LOCK_WAIT.as_secs()
+                    ),
+                )
+                .with_file(&dir));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(DirLock { _held: Some(d) })
+    }
 }
 
 static NONCE: AtomicU64 = AtomicU64::new(0);
@@ -257,6 +309,7 @@ pub fn sweep_stale_temps(ns: &dyn Namespace, path: &Path, purpose: &str) -> Vec<
 /// Gives the complete, synced file `tmp` the name `path`, which must not exist (it never
 /// replaces one that appeared meanwhile), and makes the new name durable.
 pub fn publish_new(ns: &dyn Namespace, tmp: &Path, path: &Path) -> Result<()> {
+    let _dir = ns.lock_dir(path)?;
     ns.rename_noreplace(tmp, path)?;
     ns.sync_dir(path)
 }

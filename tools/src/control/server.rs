@@ -45,6 +45,11 @@ struct State {
     jobs: Jobs,
     /// The link of the default name to a socket given with --control.
     alias: Option<PathBuf>,
+    /// Held through an `export-add` or `export-remove`, each several steps (the NBD server's
+    /// list, the links, `exports`): interleaved, a removal could find an export half added
+    /// (and say it removed it, leaving the image open and locked under no export), or two
+    /// removals of one export could find it claimed by each other for ever.
+    export_changes: Mutex<()>,
 }
 
 /// The running control channel; dropping it removes its socket and links.
@@ -88,6 +93,7 @@ impl Control {
             stopping: AtomicBool::new(false),
             jobs: Jobs::default(),
             alias,
+            export_changes: Mutex::new(()),
         });
         for mut s in exports {
             s.links = state.link(&s.image);
@@ -348,6 +354,7 @@ fn snapshot(st: &State, args: &Value) -> Result<Value, Error> {
 }
 
 fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
+    let _changing = lock(&st.export_changes);
     let image = PathBuf::from(arg_str(args, "image")?);
     // Opened by its name, as `cowdisk serve` opens its images: relative parents are found
     // from the directory of that name (spec §3.3), and a snapshot replaces the file there.
@@ -378,6 +385,7 @@ fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
 }
 
 fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
+    let _changing = lock(&st.export_changes);
     let name = arg_str(args, "name")?;
     let force = arg_bool(args, "force");
     let live = lock(&st.exports).iter().find(|s| s.name == name).map(|s| s.live.clone());
