@@ -93,11 +93,13 @@ pub fn commit_cmd(image: &Path, force: bool, job: &JobArgs) -> Result<(), Failur
     }
     sweep_temps(image, "commit");
     if commit::interrupted(image)? {
-        // A live commit stopped half-way left its intermediate layer: finished the same way.
+        // A live commit stopped half-way left its intermediate layer: that is finished first,
+        // the same way; then what the image holds (written since) goes into the parent too,
+        // as asked. (Before 2026-12-04 only the first was done, and the message below was
+        // untrue: the image still held what was written after the interrupted commit.)
         jobs::here(image, JobSpec::Commit, job.rate)?;
-    } else {
-        commit::commit(image, force, &|d, t| bar.update(d, t))?;
     }
+    commit::commit(image, force, &|d, t| bar.update(d, t))?;
     say!("committed {} into its parent; it is now an empty overlay", image.display());
     Ok(())
 }

@@ -301,6 +301,43 @@ fn a_followed_job_whose_server_dies_or_stops_says_so_and_the_command_run_again_f
     }
 }
 
+/// An offline `commit` of an image whose live commit was interrupted (the server killed):
+/// it finishes the interrupted commit (the intermediate layer goes into the parent) and then
+/// commits what the image holds, written after the interruption, so that the image is the
+/// empty overlay the command says it is. Before 2026-12-04 it did only the first (found by a
+/// review).
+#[test]
+fn an_offline_commit_after_an_interrupted_live_one_leaves_the_image_empty() {
+    let mut live = Live::start(SIZE);
+    layered(&live);
+    let (dir, ctl) = (live.ws.dir().to_path_buf(), live.ctl.clone());
+    let follower = std::thread::spawn(move || {
+        run_in(&dir, &["commit", "disk.cow", "--force", "--rate", "256K", "--control", s(&ctl)])
+    });
+    let t = Instant::now();
+    while jobs(&live).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the job did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    live.server.daemon().kill9();
+    assert_eq!(follower.join().expect("follower thread").code, Some(1));
+    // Written after the interruption, into the image on the intermediate layer.
+    let sock = live.ws.p("nbd.sock");
+    live.server = Server::start(&[s(&live.ws.p("disk.cow")), "--socket", s(&sock), "--control", s(&live.ctl)]);
+    live.client().write(4096, &random_bytes(65536, 77)).unwrap();
+    let before = device(&live);
+    let Live { server, ws, .. } = live;
+    assert!(server.stop().success());
+    assert!(ws.info("disk.cow")["layers"][1]["path"].as_str().unwrap().contains(".commit-"), "{:?}", layers(&ws));
+    let out = ws.ok(&["commit", "disk.cow", "--force"]);
+    assert!(out.contains("it is now an empty overlay"), "{out}");
+    let info = ws.info("disk.cow");
+    assert_eq!(info["layers"][0]["data_bytes"], 0, "the image still holds data: {info}");
+    assert!(layers(&ws).iter().all(|l| !l.contains(".commit-")), "{:?}", layers(&ws));
+    assert_bytes_eq(&ws.device("disk.cow"), &before, "after the offline commit");
+}
+
 /// A snapshot and a job asked for at the same moment, round after round, with a client
 /// writing between rounds: the job always runs (a job asked during a snapshot waits for it),
 /// and the snapshot is either taken whole, holding every acknowledged write, or refused
