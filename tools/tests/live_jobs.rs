@@ -52,6 +52,22 @@ fn jobs(live: &Live) -> Vec<Value> {
     live.ws.json(&["jobs", "--json", "--control", s(&live.ctl)]).as_array().cloned().unwrap_or_default()
 }
 
+/// `cowdisk commit disk.cow --force --rate 256K`, followed (not detached: the command waits
+/// for the job and reports how it ended), in a thread; returns once the job has run 300 ms.
+fn slow_commit_under_way(live: &Live) -> std::thread::JoinHandle<Out> {
+    let (dir, ctl) = (live.ws.dir().to_path_buf(), live.ctl.clone());
+    let follower = std::thread::spawn(move || {
+        run_in(&dir, &["commit", "disk.cow", "--force", "--rate", "256K", "--control", s(&ctl)])
+    });
+    let t = Instant::now();
+    while jobs(live).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the job did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    follower
+}
+
 #[test]
 fn commit_compaction_and_flatten_run_while_fio_writes_and_verifies() {
     if !require_tool("fio") {
@@ -260,17 +276,7 @@ fn a_followed_job_whose_server_dies_or_stops_says_so_and_the_command_run_again_f
         let mut live = Live::start(SIZE);
         layered(&live);
         let before = device(&live);
-        let (dir, ctl) = (live.ws.dir().to_path_buf(), live.ctl.clone());
-        // Followed, not detached: the command waits for the job and reports how it ended.
-        let follower = std::thread::spawn(move || {
-            run_in(&dir, &["commit", "disk.cow", "--force", "--rate", "256K", "--control", s(&ctl)])
-        });
-        let t = Instant::now();
-        while jobs(&live).is_empty() {
-            assert!(t.elapsed() < Duration::from_secs(10), "the job did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(300));
+        let follower = slow_commit_under_way(&live);
         let sock = live.ws.p("nbd.sock");
         if kill {
             live.server.daemon().kill9();
@@ -310,16 +316,7 @@ fn a_followed_job_whose_server_dies_or_stops_says_so_and_the_command_run_again_f
 fn an_offline_commit_after_an_interrupted_live_one_leaves_the_image_empty() {
     let mut live = Live::start(SIZE);
     layered(&live);
-    let (dir, ctl) = (live.ws.dir().to_path_buf(), live.ctl.clone());
-    let follower = std::thread::spawn(move || {
-        run_in(&dir, &["commit", "disk.cow", "--force", "--rate", "256K", "--control", s(&ctl)])
-    });
-    let t = Instant::now();
-    while jobs(&live).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(10), "the job did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let follower = slow_commit_under_way(&live);
     live.server.daemon().kill9();
     assert_eq!(follower.join().expect("follower thread").code, Some(1));
     // Written after the interruption, into the image on the intermediate layer.
