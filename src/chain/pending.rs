@@ -78,6 +78,9 @@ pub(crate) fn finish_pending(ns: &dyn Namespace, path: &Path) -> Result<Option<P
     if !frozen || path.file_name().map(|n| n.as_bytes()) != Some(&p.live[..]) {
         return Ok(None);
     }
+    // The link that takes the snapshot's name, under the directory's lock as a snapshot's own
+    // (format-spec §5.7.1). No caller holds it here: a snapshot takes it after this.
+    let _dir = ns.lock_dir(path)?;
     complete(ns, path, &p).map_err(|e| e.during("finish interrupted snapshot"))?;
     Ok(Some(p))
 }

@@ -174,6 +174,12 @@ impl LiveChain {
         }
     }
 
+    /// Whether the chain can still serve (a change of it that failed half-way leaves it
+    /// unusable until a restart: every request then fails with the reason).
+    pub fn is_usable(&self) -> bool {
+        self.chain.read().is_ok()
+    }
+
     pub(crate) fn with<R>(&self, f: impl FnOnce(&Chain) -> Result<R>) -> Result<R> {
         match &*self.chain.read() {
             Ok(c) => f(c),

@@ -124,8 +124,9 @@ pub(super) fn commit(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<
     // the small one.
     let x_path = x.path().to_path_buf();
     let behind = ns.link_target(&x_path);
+    let opened = x.storage().as_file().and_then(|f| f.file_id());
     drop(x);
-    remove_left_behind(ns, behind)?;
+    remove_left_behind(ns, behind, opened)?;
     ns.remove(&x_path);
     ns.sync_dir(&x_path)
 }

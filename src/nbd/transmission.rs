@@ -46,8 +46,8 @@ const EAGER_REQUESTS: u32 = 1024;
 /// spec lets it keep requests in flight) waits for the server to read its payload: neither
 /// would ever go on. A reply this size fits in a socket's buffer (a Unix socket's is 208 KiB,
 /// a TCP peer's receive buffer 128 KiB by default), and a larger read wakes a thread to read
-/// on, which costs little beside its copy. Block status replies stay below it (1024
-/// descriptors of at most 16 bytes per context).
+/// on, which costs little beside its copy. So does block status with more than three
+/// contexts selected (see [`reply_bound`]).
 const QUIET_REPLY_MAX: u64 = 64 * 1024;
 
 /// Reads shorter than this are answered with one data chunk: looking for holes costs more
@@ -243,7 +243,7 @@ fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize
     }
     // Another request still counted busy is no sign of overlap by itself: at queue depth 1
     // its thread may have sent the reply and not yet counted itself done.
-    let quiet = r.as_ref().is_some_and(|(req, _, _)| req.typ != CMD_READ || req.length <= QUIET_REPLY_MAX)
+    let quiet = r.as_ref().is_some_and(|(req, _, _)| reply_bound(conn, req) <= QUIET_REPLY_MAX)
         && busy.load(Ordering::Acquire) == 0
         // More waiting: bytes already buffered, or the socket readable now.
         && if !guard.r.buffer().is_empty() || guard.done || readable(conn.in_fd) {
@@ -260,6 +260,17 @@ fn next_request(conn: &Conn, input: &Reader, global: &Budget, busy: &AtomicUsize
         input.give(guard);
     }
     r
+}
+
+/// The most bytes `req`'s reply can take: a read's data, or for block status 1024
+/// descriptors of at most 16 bytes (and a chunk header) per selected context; a few dozen for
+/// anything else.
+fn reply_bound(conn: &Conn, req: &Request) -> u64 {
+    match req.typ {
+        CMD_READ => req.length,
+        CMD_BLOCK_STATUS => conn.neg.contexts.len() as u64 * (1024 * 16 + 64),
+        _ => 64,
+    }
 }
 
 fn next_request_locked(conn: &Conn, guard: &mut Input, global: &Budget) -> Option<(Request, Vec<u8>, u64)> {

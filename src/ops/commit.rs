@@ -142,8 +142,9 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
 /// two leaves that file behind: the image reads the same, it only takes space.)
 pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<()> {
     let image = top.path();
-    top.close()?;
     let behind = ns.link_target(image);
+    let opened = top.storage().as_file().and_then(|f| f.file_id());
+    top.close()?;
     let tmp = temp_name(image, "commit");
     let fresh = ns.create(&tmp).map_err(|e| e.during("commit"))?;
     ns.copy_owner_and_mode(image, &tmp);
@@ -153,7 +154,7 @@ pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<
         ns.remove(&tmp);
     }
     drop(fresh);
-    done.and_then(|()| remove_left_behind(ns, behind)).map_err(|e| e.during("commit"))
+    done.and_then(|()| remove_left_behind(ns, behind, opened)).map_err(|e| e.during("commit"))
 }
 
 /// The storage-level steps of [`commit`] (C2 to C5 of spec §5.7.3): `top`'s Data and Zero

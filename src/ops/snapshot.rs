@@ -39,8 +39,6 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
     let ctx = |e: Error| e.during("snapshot");
     let names = names(ns, image, snapshot)?;
     refuse_commit_layer_name(snapshot).map_err(ctx)?;
-    // From the look at the snapshot's name below to the link that takes it (`complete`).
-    let _dir = ns.lock_dir(image).map_err(ctx)?;
     // An earlier snapshot of this image decided but not carried out (the command was killed)
     // is finished first; when it is the snapshot asked for, that is the result. Checking the
     // name first would refuse it once linked, and going on would decide a second snapshot
@@ -67,6 +65,12 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
         h = read_header_of(locked.as_ref()).map_err(|e| e.with_file(image).during("snapshot"))?;
     }
     refuse_too_deep(depth_in(ns, image, &h)?, image)?;
+    // From here to the link that takes the snapshot's name (`complete`), no one else takes a
+    // name in this directory; and it is still free (looked at again, under the lock).
+    let _dir = ns.lock_dir(image).map_err(ctx)?;
+    if ns.exists(snapshot) {
+        return Err(ctx(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot)));
+    }
     // 1. The new overlay, complete, under a temporary name.
     let (pending, new) = new_overlay(ns, image, names, &h)?;
     drop(new);
@@ -227,8 +231,6 @@ pub fn snapshot_chain(
             return Err(err(ErrorKind::ReadOnly, "is served read-only").with_file(&image));
         }
         let names = names(ns, &image, snapshot)?;
-        // Held from this look at the snapshot's name to the link that takes it (`complete`).
-        let dir = ns.lock_dir(&image)?;
         if ns.exists(snapshot) {
             return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot));
         }
@@ -237,6 +239,11 @@ pub fn snapshot_chain(
         refuse_too_deep(chain.depth(), &image)?;
         // Every write acknowledged so far goes into the snapshot.
         chain.flush()?;
+        // Held from this look at the snapshot's name to the link that takes it (`complete`).
+        let dir = ns.lock_dir(&image)?;
+        if ns.exists(snapshot) {
+            return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot));
+        }
         new_overlay(ns, &image, names, &h).map(|(p, n)| (p, n, dir))
     })();
     let (pending, new, _dir) = match prepared {

@@ -259,7 +259,7 @@ impl RemoteLayer {
     /// `fetch_window()` stored bytes with `i`'s: what one ranged GET can bring along for a
     /// read of `i` that missed (those kept already, or being fetched, cut the run short).
     fn followers(&self, i: usize) -> Vec<usize> {
-        let window = self.ahead_bound();
+        let window = super::fetch_window().min(self.ahead_bound());
         let mut run = Vec::new();
         let Some((_, first)) = self.manifest.entries.get(i).and_then(|e| e.content) else { return run };
         let mut end = first.offset + u64::from(first.stored);
@@ -277,13 +277,14 @@ impl RemoteLayer {
         run
     }
 
-    /// The most bytes fetched beyond what a read asked for, at once: the fetch window, and no
-    /// more than an eighth of the cache's bound. What comes along is only worth its fetch if
-    /// the cache still holds it when it is read; in a cache a few windows large the fills
-    /// after it evict it first, and each later read of it fetches a window again (one read of
-    /// a 40 MiB layer fetched 171 MiB with a 64K bound, 58 MiB with 1M; measured 2026-12-04).
+    /// The most bytes fetched beyond what a read asked for, at once (a miss's fetch window,
+    /// or the read-ahead): an eighth of the cache's bound. What comes along is only worth its
+    /// fetch if the cache still holds it when it is read; in a cache a few windows large the
+    /// fills after it evict it first, and each later read of it fetches a window again (one
+    /// read of a 40 MiB layer fetched 171 MiB with a 64K bound, 58 MiB with 1M; measured
+    /// 2026-12-04).
     fn ahead_bound(&self) -> u64 {
-        super::shared_cache().map_or(0, |c| c.limit() / 8).min(super::fetch_window())
+        super::shared_cache().map_or(0, |c| c.limit() / 8)
     }
 
     fn read_ahead_from(&self, chunks: &Arc<LayerChunks>, first: usize) {

@@ -221,6 +221,13 @@ pub fn punches_holes(file: &File) -> bool {
     unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, at, 4096) == 0 }
 }
 
+impl FileStorage {
+    /// The identity (device, inode) of the open file.
+    pub fn file_id(&self) -> Option<(u64, u64)> {
+        self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
+    }
+}
+
 fn open_error(e: io::Error, path: &Path) -> Error {
     let base = Error::io("open", e);
     base.with_file(path)

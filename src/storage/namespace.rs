@@ -49,10 +49,15 @@ pub trait Namespace {
     /// image's name, and with it must keep who may open it. Best effort: a process that may
     /// not give the file away (not root) leaves it its own, as before.
     fn copy_owner_and_mode(&self, _from: &Path, _to: &Path) {}
-    /// When `path` is a symbolic link: the file it leads to (every link followed). A commit
+    /// When `path` is a symbolic link to a file that is no link itself: that file. A commit
     /// replaces the name it was given, which through a link is the link; the file behind it
-    /// then holds nothing anyone refers to, and goes too.
+    /// then holds nothing anyone refers to, and goes too. (Behind a chain of links, some other
+    /// link still names it: it is left.)
     fn link_target(&self, _path: &Path) -> Option<PathBuf> {
+        None
+    }
+    /// The identity (device, inode) of the file `path` names, links followed.
+    fn file_id(&self, _path: &Path) -> Option<(u64, u64)> {
         None
     }
     /// Serialises the steps that find a name in `path`'s directory free and then take it,
@@ -76,16 +81,18 @@ pub struct DirLock {
 /// waiting on it holds its export's requests back.
 const DIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Removes the file the symbolic link `path` led to, `target` (from
-/// [`Namespace::link_target`], asked while the link was there), and makes the removal durable.
-/// For a file a commit has left behind: its blocks are in the parent, and no name refers to it.
-pub fn remove_left_behind(ns: &dyn Namespace, target: Option<PathBuf>) -> Result<()> {
+/// Removes the file a symbolic link led to, `target` (from [`Namespace::link_target`], asked
+/// while the link was there), if it is still the file that was open, `opened` (its identity,
+/// from [`FileStorage::file_id`]), and makes the removal durable. For a file a commit has left
+/// behind: its blocks are in the parent, and no name refers to it. A name that meanwhile
+/// names another file (the link changed under the commit) is left alone.
+pub fn remove_left_behind(ns: &dyn Namespace, target: Option<PathBuf>, opened: Option<(u64, u64)>) -> Result<()> {
     match target {
-        Some(t) => {
+        Some(t) if opened.is_some() && ns.file_id(&t) == opened => {
             ns.remove(&t);
             ns.sync_dir(&t)
         }
-        None => Ok(()),
+        _ => Ok(()),
     }
 }
 
@@ -214,7 +221,13 @@ impl Namespace for RealFs {
         if !path.symlink_metadata().ok()?.file_type().is_symlink() {
             return None;
         }
-        path.canonicalize().ok()
+        // Relative to the link's own directory, as the kernel resolves it.
+        let target = dir_of(path).join(std::fs::read_link(path).ok()?);
+        target.symlink_metadata().ok()?.file_type().is_file().then_some(target)
+    }
+
+    fn file_id(&self, path: &Path) -> Option<(u64, u64)> {
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
     }
 
     /// flock(2) on the directory. A file system that has no such locks (some FUSE and network
@@ -223,11 +236,11 @@ impl Namespace for RealFs {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;
         let dir = dir_of(path);
-        let d = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-            .open(&dir)
-            .map_err(|e| Error::io("open directory", e).with_file(&dir))?;
+        // A directory this process may not read (mode -wx) cannot be locked this way: no lock.
+        let Ok(d) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(&dir)
+        else {
+            return Ok(DirLock { _held: None });
+        };
         let deadline = std::time::Instant::now() + DIR_LOCK_WAIT;
         // SAFETY: flock on a descriptor we hold; released when it closes.
         while unsafe { libc::flock(d.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {

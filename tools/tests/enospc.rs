@@ -455,7 +455,7 @@ fn an_export_removal_whose_flush_fails_keeps_the_export_and_its_data() {
     };
     let before = read_all(&mut c);
     drop(c);
-    let refused = common::cli::run_in(d, &["export", "remove", "d", "--control", ctl]);
+    let refused = common::cli::run_in(d, &["export", "remove", "d", "--force", "--control", ctl]);
     assert_eq!(refused.code, Some(1), "{}", refused.describe());
     assert!(
         refused.error_line().contains("not removed") && refused.error_line().contains("No space"),
@@ -469,7 +469,7 @@ fn an_export_removal_whose_flush_fails_keeps_the_export_and_its_data() {
     assert_bytes_eq(&read_all(&mut c), &before, "served again after the refused removal");
     drop(c);
     run(tool("mount").args(["-o", "remount,size=16m"]).arg(d));
-    common::cli::ok_in(d, &["export", "remove", "d", "--control", ctl]);
+    common::cli::ok_in(d, &["export", "remove", "d", "--force", "--control", ctl]);
     assert_eq!(server.stop().code(), Some(0));
     let checked = common::cli::run_in(d, &["check", "d.cow"]);
     assert_eq!(checked.code, Some(0), "{}", checked.describe());

@@ -474,6 +474,14 @@ fn a_commit_through_a_symbolic_link_leaves_no_file_behind() {
         assert_eq!(ws.device(&link), model, "round {round}: the image's contents");
         assert_eq!(ws.device("p.cow"), model, "round {round}: the parent holds the committed blocks");
     }
+    // Behind a chain of links another link still names the file: it is left (before a review
+    // of the fix, it was removed and that link left dangling).
+    ws.create("e.cow", &["--backing", "p.cow"]);
+    std::fs::rename(ws.p("e.cow"), ws.p("real/g.cow")).unwrap();
+    std::os::unix::fs::symlink("real/g.cow", ws.p("f.cow")).unwrap();
+    std::os::unix::fs::symlink("f.cow", ws.p("e.cow")).unwrap();
+    ws.ok(&["commit", "e.cow", "--force"]);
+    assert!(ws.p("real/g.cow").exists() && ws.p("f.cow").exists(), "a file another link names was removed");
 }
 
 /// A commit's intermediate layer is known by its name (`IMAGE.commit-` and eight hex digits):

@@ -412,7 +412,9 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
             return Err(e);
         }
     };
-    if let Some(live) = &live {
+    // (An unusable chain, left so by a change that failed half-way, has nothing to flush and
+    // is let go as it is: served again it could never be removed.)
+    if let Some(live) = live.as_ref().filter(|l| l.is_usable()) {
         // Everything its clients wrote made durable while the export can still be put back:
         // a flush that fails (the file system full, an I/O error) would fail the close too,
         // which drops the chain and, with it, what was written since the last flush. Served
