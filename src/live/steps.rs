@@ -16,7 +16,9 @@ use crate::layer::{new_uuid, Image, OpenOptions};
 use crate::ops::all_extents;
 use crate::ops::commit::{check_committable, commit_prepare, is_commit_layer, refuse_commit_layer_name};
 use crate::ops::flatten::copy_device;
-use crate::storage::namespace::{publish_new, remove_left_behind, sweep_stale_temps, temp_name, Namespace};
+use crate::storage::namespace::{
+    behind_link, publish_new, remove_left_behind, sweep_stale_temps, temp_name, Namespace,
+};
 use crate::storage::LockMode;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -123,10 +125,9 @@ pub(super) fn commit(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<
     // top was frozen), the file it leads to goes first: the link, left alone by a crash, is
     // the small one.
     let x_path = x.path().to_path_buf();
-    let behind = ns.link_target(&x_path);
-    let opened = x.storage().as_file().and_then(|f| f.file_id());
+    let behind = behind_link(ns, &x_path, x.storage().as_ref());
     drop(x);
-    remove_left_behind(ns, behind, opened)?;
+    remove_left_behind(ns, behind)?;
     ns.remove(&x_path);
     ns.sync_dir(&x_path)
 }

@@ -10,7 +10,7 @@ use crate::format::header::{ParentFormat, ParentRef};
 use crate::format::map::MapEntry;
 use crate::format::BLOCK_SIZE;
 use crate::layer::{format_uuid, read_header_only, Image, OpenOptions, PreparedMap};
-use crate::storage::namespace::{publish_replacing, remove_left_behind, temp_name, Namespace, RealFs};
+use crate::storage::namespace::{behind_link, publish_replacing, remove_left_behind, temp_name, Namespace, RealFs};
 use crate::storage::LockMode;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -142,8 +142,7 @@ pub fn commit(image: &Path, force: bool, progress: Progress) -> Result<()> {
 /// two leaves that file behind: the image reads the same, it only takes space.)
 pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<()> {
     let image = top.path();
-    let behind = ns.link_target(image);
-    let opened = top.storage().as_file().and_then(|f| f.file_id());
+    let behind = behind_link(ns, image, top.storage().as_ref());
     top.close()?;
     let tmp = temp_name(image, "commit");
     let fresh = ns.create(&tmp).map_err(|e| e.during("commit"))?;
@@ -154,7 +153,7 @@ pub fn empty_top_in(ns: &dyn Namespace, top: &Image, pref: ParentRef) -> Result<
         ns.remove(&tmp);
     }
     drop(fresh);
-    done.and_then(|()| remove_left_behind(ns, behind, opened)).map_err(|e| e.during("commit"))
+    done.and_then(|()| remove_left_behind(ns, behind)).map_err(|e| e.during("commit"))
 }
 
 /// The storage-level steps of [`commit`] (C2 to C5 of spec §5.7.3): `top`'s Data and Zero

@@ -15,7 +15,7 @@ use crate::format::header::{Header, ParentFormat, ParentRef, PendingSnapshot, MA
 use crate::format::{FLAG_DIRTY, FLAG_FROZEN, MAX_CHAIN_DEPTH};
 use crate::layer::{read_header_of, write_next_header, Image, OpenOptions};
 use crate::ops::commit::refuse_commit_layer_name;
-use crate::storage::namespace::{sweep_stale_temps, temp_name, Namespace, RealFs};
+use crate::storage::namespace::{already_exists, sweep_stale_temps, temp_name, DirLock, Namespace, RealFs};
 use crate::storage::{LockMode, Storage};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -47,7 +47,7 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
         return Ok(());
     }
     if ns.exists(snapshot) {
-        return Err(ctx(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot)));
+        return Err(ctx(already_exists(snapshot)));
     }
     // Held to the end of the decision: nobody else may have the image open meanwhile. Only the
     // header is read and written; the map is never loaded, so this takes the same time for any
@@ -65,12 +65,7 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
         h = read_header_of(locked.as_ref()).map_err(|e| e.with_file(image).during("snapshot"))?;
     }
     refuse_too_deep(depth_in(ns, image, &h)?, image)?;
-    // From here to the link that takes the snapshot's name (`complete`), no one else takes a
-    // name in this directory; and it is still free (looked at again, under the lock).
-    let _dir = ns.lock_dir(image).map_err(ctx)?;
-    if ns.exists(snapshot) {
-        return Err(ctx(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot)));
-    }
+    let _dir = claim_name(ns, image, snapshot).map_err(ctx)?;
     // 1. The new overlay, complete, under a temporary name.
     let (pending, new) = new_overlay(ns, image, names, &h)?;
     drop(new);
@@ -93,6 +88,17 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
     drop(locked);
     // 3. Carry it out: the names move; then the record is cleared.
     complete(ns, image, &pending)
+}
+
+/// The directory of `image` locked ([`Namespace::lock_dir`]) once the snapshot's name is found
+/// still free under the lock: held from here to the link that takes the name (`complete`),
+/// so that no one else takes it in between.
+fn claim_name(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<DirLock> {
+    let dir = ns.lock_dir(image)?;
+    if ns.exists(snapshot) {
+        return Err(already_exists(snapshot));
+    }
+    Ok(dir)
 }
 
 /// The file names of the live image and the snapshot, checked: same directory, 1 to 255 bytes.
@@ -232,18 +238,14 @@ pub fn snapshot_chain(
         }
         let names = names(ns, &image, snapshot)?;
         if ns.exists(snapshot) {
-            return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot));
+            return Err(already_exists(snapshot));
         }
         let h = chain.top().header();
         refuse_frozen(&h, &image)?;
         refuse_too_deep(chain.depth(), &image)?;
         // Every write acknowledged so far goes into the snapshot.
         chain.flush()?;
-        // Held from this look at the snapshot's name to the link that takes it (`complete`).
-        let dir = ns.lock_dir(&image)?;
-        if ns.exists(snapshot) {
-            return Err(err(ErrorKind::InvalidArgument, "already exists").with_file(snapshot));
-        }
+        let dir = claim_name(ns, &image, snapshot)?;
         new_overlay(ns, &image, names, &h).map(|(p, n)| (p, n, dir))
     })();
     let (pending, new, _dir) = match prepared {

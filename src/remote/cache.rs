@@ -25,7 +25,6 @@ use crate::error::{err, Error, ErrorKind, Result};
 use crate::sync::lock;
 use byteorder::{ByteOrder, LE};
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -174,23 +173,14 @@ impl Cache {
     /// ran out and no lock has been taken since); past that, fails with `InUse`.
     pub(super) fn with_lock<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         let (file, p) = self.lock_file()?;
-        let deadline = std::time::Instant::now()
-            + if self.lock_stuck.load(Ordering::Acquire) { Duration::ZERO } else { LOCK_WAIT };
-        // SAFETY: flock on a descriptor we hold; released when the file closes.
-        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(io("lock", &p, e));
-            }
-            if std::time::Instant::now() >= deadline {
-                self.lock_stuck.store(true, Ordering::Release);
-                return Err(err(
-                    ErrorKind::InUse,
-                    format!("another process has held the cache's lock for over {} s", LOCK_WAIT.as_secs()),
-                )
-                .with_file(&p));
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let wait = if self.lock_stuck.load(Ordering::Acquire) { Duration::ZERO } else { LOCK_WAIT };
+        if !crate::storage::flock_within(&file, wait).map_err(|e| io("lock", &p, e))? {
+            self.lock_stuck.store(true, Ordering::Release);
+            return Err(err(
+                ErrorKind::InUse,
+                format!("another process has held the cache's lock for over {} s", LOCK_WAIT.as_secs()),
+            )
+            .with_file(&p));
         }
         self.lock_stuck.store(false, Ordering::Release);
         Ok(f())

@@ -41,6 +41,11 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
+    /// The identity (device, inode) of the open file.
+    pub fn file_id(&self) -> Option<(u64, u64)> {
+        self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
+    }
+
     /// Opens an existing file, read-write or read-only, and takes `lock` on it.
     pub fn open(path: &Path, writable: bool, lock: LockMode) -> Result<FileStorage> {
         // Without O_NONBLOCK, opening a FIFO waits for a writer forever (`cowdisk info FIFO`
@@ -221,11 +226,24 @@ pub fn punches_holes(file: &File) -> bool {
     unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, at, 4096) == 0 }
 }
 
-impl FileStorage {
-    /// The identity (device, inode) of the open file.
-    pub fn file_id(&self) -> Option<(u64, u64)> {
-        self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
+/// flock(2) `file` exclusively, trying every 2 ms for at most `wait`: `Ok(true)` once held
+/// (until the file closes), `Ok(false)` when another holder kept it all that time, `Err` when
+/// the file system refuses such locks. For locks whose holders keep them for milliseconds, so
+/// that a stuck holder (stopped with SIGSTOP, a frozen container) costs a bounded wait.
+pub fn flock_within(file: &File, wait: std::time::Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + wait;
+    // SAFETY: flock on a descriptor the caller holds; released when it closes.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
+    Ok(true)
 }
 
 fn open_error(e: io::Error, path: &Path) -> Error {

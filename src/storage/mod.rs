@@ -19,7 +19,7 @@ pub mod recording;
 
 #[cfg(any(test, feature = "testing"))]
 pub use fault::{FaultKind, FaultStorage};
-pub use file::{punches_holes, FileStorage, LockMode};
+pub use file::{flock_within, punches_holes, FileStorage, LockMode};
 #[cfg(any(test, feature = "testing"))]
 pub use mem::MemStorage;
 pub(crate) use pipe::poll_one;

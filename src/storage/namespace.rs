@@ -81,14 +81,20 @@ pub struct DirLock {
 /// waiting on it holds its export's requests back.
 const DIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Removes the file a symbolic link led to, `target` (from [`Namespace::link_target`], asked
-/// while the link was there), if it is still the file that was open, `opened` (its identity,
-/// from [`FileStorage::file_id`]), and makes the removal durable. For a file a commit has left
-/// behind: its blocks are in the parent, and no name refers to it. A name that meanwhile
-/// names another file (the link changed under the commit) is left alone.
-pub fn remove_left_behind(ns: &dyn Namespace, target: Option<PathBuf>, opened: Option<(u64, u64)>) -> Result<()> {
-    match target {
-        Some(t) if opened.is_some() && ns.file_id(&t) == opened => {
+/// The file behind `path` when `path` is a symbolic link ([`Namespace::link_target`]), with
+/// the identity of the file `open` has open: what replacing `path` would leave behind. Asked
+/// while the link is there, before it is replaced.
+pub fn behind_link(ns: &dyn Namespace, path: &Path, open: &dyn Storage) -> Option<(PathBuf, (u64, u64))> {
+    Some((ns.link_target(path)?, open.as_file()?.file_id()?))
+}
+
+/// Removes a file [`behind_link`] found, if its name still names the file that was open, and
+/// makes the removal durable. For a file a commit has left behind: its blocks are in the
+/// parent, and no name refers to it. A name that meanwhile names another file (the link
+/// changed under the commit) is left alone.
+pub fn remove_left_behind(ns: &dyn Namespace, behind: Option<(PathBuf, (u64, u64))>) -> Result<()> {
+    match behind {
+        Some((t, opened)) if ns.file_id(&t) == Some(opened) => {
             ns.remove(&t);
             ns.sync_dir(&t)
         }
@@ -124,7 +130,8 @@ fn no_hard_links(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
 }
 
-fn already_exists(to: &Path) -> Error {
+/// The refusal of a new name that is taken.
+pub fn already_exists(to: &Path) -> Error {
     err(ErrorKind::InvalidArgument, "already exists").with_file(to)
 }
 
@@ -233,7 +240,6 @@ impl Namespace for RealFs {
     /// flock(2) on the directory. A file system that has no such locks (some FUSE and network
     /// ones) gets none: the race the lock closes is left open there, as before it.
     fn lock_dir(&self, path: &Path) -> Result<DirLock> {
-        use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;
         let dir = dir_of(path);
         // A directory this process may not read (mode -wx) cannot be locked this way: no lock.
@@ -241,26 +247,18 @@ impl Namespace for RealFs {
         else {
             return Ok(DirLock { _held: None });
         };
-        let deadline = std::time::Instant::now() + DIR_LOCK_WAIT;
-        // SAFETY: flock on a descriptor we hold; released when it closes.
-        while unsafe { libc::flock(d.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Ok(DirLock { _held: None });
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(err(
-                    ErrorKind::InUse,
-                    format!(
-                        "another snapshot or new image in this directory has been under way for over {} s; nothing changed",
-                        DIR_LOCK_WAIT.as_secs()
-                    ),
-                )
-                .with_file(&dir));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+        match super::flock_within(&d, DIR_LOCK_WAIT) {
+            Ok(true) => Ok(DirLock { _held: Some(d) }),
+            Ok(false) => Err(err(
+                ErrorKind::InUse,
+                format!(
+                    "another snapshot or new image in this directory has been under way for over {} s; nothing changed",
+                    DIR_LOCK_WAIT.as_secs()
+                ),
+            )
+            .with_file(&dir)),
+            Err(_) => Ok(DirLock { _held: None }),
         }
-        Ok(DirLock { _held: Some(d) })
     }
 }
 

@@ -85,10 +85,8 @@ pub fn run(a: DemoArgs) -> Result<(), Failure> {
         say!("reusing overlay {}", overlay.display());
     }
     let chain = Chain::open(&overlay, ChainOptions { writable: true, ..Default::default() })?;
-    let uri = format!(
-        "nbd+unix:///overlay?socket={}",
-        crate::serve::uri_escape(std::os::unix::ffi::OsStrExt::as_bytes(socket.as_os_str()), b"/")
-    );
+    let sock = std::os::unix::ffi::OsStrExt::as_bytes(socket.as_os_str());
+    let uri = format!("nbd+unix:///overlay?socket={}", percent_encoding::percent_encode(sock, crate::serve::URI_PATH));
     say!("");
     say!("Connect with, for example:");
     say!("  nbdinfo '{uri}'");

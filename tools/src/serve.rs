@@ -14,6 +14,7 @@ use cowdisk::nbd::server::{install_signal_handlers, Heartbeat, ListenAddr, Serve
 use cowdisk::nbd::tls::TlsConfig;
 use cowdisk::nbd::Export;
 use cowdisk::{Chain, ChainOptions, Disk};
+use percent_encoding::{percent_encode, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::io::Write;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -358,20 +359,12 @@ struct Startup {
     forked: bool,
 }
 
-/// `bytes` as a URI component (the NBD URI format, RFC 3986): unreserved characters and those
-/// of `keep` as they are, every other byte percent-encoded. An export named `my disk#1` is
-/// `nbd+unix:///my%20disk%231?socket=...`; unescaped, qemu and libnbd refuse the URI printed.
-pub(crate) fn uri_escape(bytes: &[u8], keep: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// What a URI component keeps as it is (RFC 3986's unreserved characters); every other byte is
+/// percent-encoded. An export named `my disk#1` is `nbd+unix:///my%20disk%231?socket=...`;
+/// unescaped, qemu and libnbd refuse the URI printed.
+pub(crate) const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+/// The same for a socket path in a URI's query: `/` kept.
+pub(crate) const URI_PATH: &AsciiSet = &URI_COMPONENT.remove(b'/');
 
 impl Startup {
     fn print(&self) {
@@ -384,7 +377,8 @@ impl Startup {
             let ro = if *read_only { " (read-only)" } else { "" };
             for a in &self.unix {
                 if let Some(p) = a.as_pathname() {
-                    let (n, sock) = (uri_escape(name.as_bytes(), b""), uri_escape(p.as_os_str().as_bytes(), b"/"));
+                    let (n, sock) =
+                        (utf8_percent_encode(name, URI_COMPONENT), percent_encode(p.as_os_str().as_bytes(), URI_PATH));
                     let _ = writeln!(out, "serving {name}{ro} at {unix_scheme}:///{n}?socket={sock}");
                 } else if let Some(n) = a.as_abstract_name() {
                     let n = String::from_utf8_lossy(n);
@@ -392,7 +386,11 @@ impl Startup {
                 }
             }
             for a in &self.tcp {
-                let _ = writeln!(out, "serving {name}{ro} at {tcp_scheme}://{a}/{}", uri_escape(name.as_bytes(), b""));
+                let _ = writeln!(
+                    out,
+                    "serving {name}{ro} at {tcp_scheme}://{a}/{}",
+                    utf8_percent_encode(name, URI_COMPONENT)
+                );
             }
         }
         if self.verifies_clients {

@@ -145,12 +145,7 @@ fn on_a_file_system_without_hard_links_a_snapshot_is_refused_and_changes_nothing
         return;
     }
     let dir = TempDir::for_test();
-    let img = dir.join("exfat.img");
-    std::fs::File::create(&img).and_then(|f| f.set_len(256 << 20)).expect("make the exFAT file");
-    run(tool("mkfs.exfat").arg(&img));
-    let loopdev = LoopDev::attach(&img).unwrap_or_else(|e| panic!("losetup: {e}"));
-    let mount = Mount::with_options(loopdev.path(), &dir.join("mnt"), &["-t", "exfat-fuse"])
-        .unwrap_or_else(|e| panic!("mount: {e}"));
+    let (mount, loopdev) = exfat_mount(dir.path(), 256 << 20);
     let d = mount.path();
     std::fs::write(d.join("a"), b"x").expect("write on exFAT");
     assert!(std::fs::hard_link(d.join("a"), d.join("b")).is_err(), "exFAT took a hard link");

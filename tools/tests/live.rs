@@ -6,7 +6,7 @@
 mod common;
 
 use common::cli::*;
-use common::live::Live;
+use common::live::{Ctl, Live};
 use common::*;
 use serde_json::Value;
 use std::path::Path;
@@ -563,35 +563,6 @@ fn snapshots_commits_and_compactions_keep_the_images_mode_and_owner() {
     assert_eq!(mode_and_owner(&img), want, "after an offline commit");
 }
 
-/// One connection to a server's control socket, speaking its JSON lines directly (so that
-/// requests from several threads meet in the server, without a process start between them).
-struct Ctl {
-    r: std::io::BufReader<std::os::unix::net::UnixStream>,
-    w: std::os::unix::net::UnixStream,
-}
-
-impl Ctl {
-    fn connect(path: &Path) -> Ctl {
-        use std::io::BufRead;
-        let s = std::os::unix::net::UnixStream::connect(path).expect("connect to the control socket");
-        s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-        let mut c = Ctl { r: std::io::BufReader::new(s.try_clone().unwrap()), w: s };
-        let mut hello = String::new();
-        c.r.read_line(&mut hello).expect("the greeting");
-        c
-    }
-
-    /// The reply to `execute` with `arguments`; panics if none comes within 30 s.
-    fn call(&mut self, execute: &str, arguments: Value) -> Value {
-        use std::io::{BufRead, Write};
-        let req = serde_json::json!({"execute": execute, "arguments": arguments, "id": 1});
-        writeln!(self.w, "{req}").expect("send a control request");
-        let mut line = String::new();
-        self.r.read_line(&mut line).unwrap_or_else(|e| panic!("no reply to {execute} within 30 s: {e}"));
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply to {execute} ({e}): {line}"))
-    }
-}
-
 /// Two live snapshots of two exports in one directory, to one name, at the same moment: one
 /// takes the name, the other is refused ("already exists") with nothing changed, and both
 /// exports go on. Before 2026-12-04 both could find the name free and both decide; the one
@@ -612,19 +583,8 @@ fn two_snapshots_to_one_name_at_once_take_it_once_and_refuse_the_other_with_noth
         a.write(u64::from(i) * 4096, &[i + 1; 4096]).unwrap();
         b.write(u64::from(i) * 4096, &[i + 101; 4096]).unwrap();
         let snap = s(&ws.p(&format!("s{i}.cow"))).to_owned();
-        let go = Arc::new(std::sync::Barrier::new(2));
-        let calls: Vec<_> = ["a.cow", "b.cow"]
-            .into_iter()
-            .map(|img| {
-                let (go, ctl, image, snap) = (go.clone(), ctl.clone(), s(&ws.p(img)).to_owned(), snap.clone());
-                std::thread::spawn(move || {
-                    let mut c = Ctl::connect(&ctl);
-                    go.wait();
-                    c.call("snapshot", serde_json::json!({"image": image, "snapshot": snap}))
-                })
-            })
-            .collect();
-        let replies: Vec<Value> = calls.into_iter().map(|t| t.join().unwrap()).collect();
+        let snapshot = |img: &str| ("snapshot", serde_json::json!({"image": s(&ws.p(img)), "snapshot": snap}));
+        let replies = Ctl::at_once(&ctl, vec![snapshot("a.cow"), snapshot("b.cow")]);
         let took = replies.iter().filter(|r| r.get("return").is_some()).count();
         assert_eq!(took, 1, "round {i}: {replies:?}");
         let refused = replies.iter().find(|r| r.get("error").is_some()).unwrap();
@@ -674,24 +634,12 @@ fn racing_export_adds_and_removes_each_end_and_leave_no_hidden_export() {
             c.opt_go("x", &[]).unwrap();
             c
         });
-        let go = Arc::new(std::sync::Barrier::new(2));
-        let calls: Vec<_> = (0..2)
-            .map(|k| {
-                let (go, ctl, x) = (go.clone(), ctl.clone(), x.clone());
-                std::thread::spawn(move || {
-                    let mut c = Ctl::connect(&ctl);
-                    go.wait();
-                    if k == 0 && !two_removals {
-                        // Removed first by the other thread, then added again here, or the
-                        // other way round.
-                        c.call("export-add", serde_json::json!({"image": x, "name": "x"}))
-                    } else {
-                        c.call("export-remove", serde_json::json!({"name": "x", "force": true}))
-                    }
-                })
-            })
-            .collect();
-        let replies: Vec<Value> = calls.into_iter().map(|t| t.join().unwrap()).collect();
+        let remove = ("export-remove", serde_json::json!({"name": "x", "force": true}));
+        // Otherwise: removed first by the one request and added again by the other, or the
+        // other way round.
+        let first =
+            if two_removals { remove.clone() } else { ("export-add", serde_json::json!({"image": x, "name": "x"})) };
+        let replies = Ctl::at_once(&ctl, vec![first, remove]);
         drop(client);
         if two_removals {
             let done = replies.iter().filter(|r| r.get("return").is_some()).count();

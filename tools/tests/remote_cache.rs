@@ -97,12 +97,7 @@ fn a_cache_on_a_file_system_without_hole_punching_keeps_its_bound() {
     let ws = TempDir::for_test();
     let repo = Repo::new(s3);
     repo.push_base(&ws, &ws.subdir("cache"), random_bytes(24 << 20, 67), &[]);
-    let img = ws.join("exfat.img");
-    std::fs::File::create(&img).and_then(|f| f.set_len(128 << 20)).expect("make the exFAT file");
-    run(tool("mkfs.exfat").arg(&img));
-    let loopdev = LoopDev::attach(&img).unwrap_or_else(|e| panic!("losetup: {e}"));
-    let mount = Mount::with_options(loopdev.path(), &ws.join("mnt"), &["-t", "exfat-fuse"])
-        .unwrap_or_else(|e| panic!("mount: {e}"));
+    let (mount, loopdev) = exfat_mount(ws.path(), 128 << 20);
     let cache = mount.path().join("cache");
     let bound: u64 = 4 << 20;
     let mut servers = overlay_servers(&repo, &ws, &cache, 1, &["--cache-size", "4M"]);

@@ -401,6 +401,19 @@ impl FsOverNbd {
     }
 }
 
+/// An exFAT file system of `size` bytes (`dir/exfat.img` on a loop device), mounted through
+/// FUSE at `dir/mnt`: the kernel here has none of its own. The mount drops first, then the
+/// loop device. Needs [`require_loop_mount`], mkfs.exfat and mount.exfat-fuse.
+pub fn exfat_mount(dir: &Path, size: u64) -> (Mount, LoopDev) {
+    let img = dir.join("exfat.img");
+    fs::File::create(&img).and_then(|f| f.set_len(size)).expect("make the exFAT file");
+    run(tool("mkfs.exfat").arg(&img));
+    let loopdev = LoopDev::attach(&img).unwrap_or_else(|e| panic!("losetup: {e}"));
+    let mount = Mount::with_options(loopdev.path(), &dir.join("mnt"), &["-t", "exfat-fuse"])
+        .unwrap_or_else(|e| panic!("mount: {e}"));
+    (mount, loopdev)
+}
+
 /// Loop devices, mkfs.ext4 and mount, and root to use them: what [`FileFs`] needs.
 pub fn require_loop_mount() -> bool {
     require_tools(&["losetup", "mkfs.ext4", "mount", "umount"]) && require_root()

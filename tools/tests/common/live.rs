@@ -4,6 +4,7 @@
 use super::cli::*;
 use super::nbdclient::NbdClient;
 use super::*;
+use serde_json::Value;
 use std::path::PathBuf;
 
 /// A served overlay on a random raw base, with its control socket at a known path. The
@@ -83,5 +84,52 @@ impl Live {
         ];
         let dir = self.ws.dir().to_path_buf();
         std::thread::spawn(move || run_fio(&dir, &args, 2))
+    }
+}
+
+/// One connection to a server's control socket, speaking its JSON lines directly (so that
+/// requests from several threads meet in the server, without a process start between them).
+pub struct Ctl {
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+}
+
+impl Ctl {
+    pub fn connect(path: &Path) -> Ctl {
+        use std::io::BufRead;
+        let s = std::os::unix::net::UnixStream::connect(path).expect("connect to the control socket");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        let mut c = Ctl { r: std::io::BufReader::new(s.try_clone().unwrap()), w: s };
+        let mut hello = String::new();
+        c.r.read_line(&mut hello).expect("the greeting");
+        c
+    }
+
+    /// The reply to `execute` with `arguments`; panics if none comes within 30 s.
+    pub fn call(&mut self, execute: &str, arguments: Value) -> Value {
+        use std::io::{BufRead, Write};
+        let req = serde_json::json!({"execute": execute, "arguments": arguments, "id": 1});
+        writeln!(self.w, "{req}").expect("send a control request");
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap_or_else(|e| panic!("no reply to {execute} within 30 s: {e}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply to {execute} ({e}): {line}"))
+    }
+
+    /// Sends `calls` (command, arguments) at the same moment, each on a connection of its own
+    /// (connected first, then released together): their replies, in order.
+    pub fn at_once(path: &std::path::Path, calls: Vec<(&'static str, Value)>) -> Vec<Value> {
+        let go = std::sync::Arc::new(std::sync::Barrier::new(calls.len()));
+        let threads: Vec<_> = calls
+            .into_iter()
+            .map(|(execute, arguments)| {
+                let mut c = Ctl::connect(path);
+                let go = go.clone();
+                std::thread::spawn(move || {
+                    go.wait();
+                    c.call(execute, arguments)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("a control request's thread")).collect()
     }
 }

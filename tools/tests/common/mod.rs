@@ -560,7 +560,9 @@ impl Server {
     pub fn uri(&self, export_name: &str) -> String {
         match (&self.socket, &self.listen) {
             (Some(s), _) => unix_uri(s, export_name),
-            (None, Some(l)) => format!("nbd://{l}/{}", uri_escape(export_name, false)),
+            (None, Some(l)) => {
+                format!("nbd://{l}/{}", percent_encoding::utf8_percent_encode(export_name, URI_COMPONENT))
+            }
             (None, None) => unreachable!("constructor requires one of them"),
         }
     }
@@ -604,22 +606,17 @@ impl Server {
     }
 }
 
-/// Percent-encodes for an NBD URI; `keep_slash` for socket paths.
-fn uri_escape(s: &str, keep_slash: bool) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (keep_slash && b == b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// What an NBD URI keeps unescaped (RFC 3986's unreserved characters), and with `/` for a
+/// socket path in its query.
+pub const URI_COMPONENT: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+pub const URI_PATH: &percent_encoding::AsciiSet = &URI_COMPONENT.remove(b'/');
 
 /// `nbd+unix:///NAME?socket=PATH`.
 pub fn unix_uri(socket: &Path, export_name: &str) -> String {
-    format!("nbd+unix:///{}?socket={}", uri_escape(export_name, false), uri_escape(&socket.to_string_lossy(), true))
+    let (name, socket) = (export_name, socket.to_string_lossy());
+    use percent_encoding::utf8_percent_encode as enc;
+    format!("nbd+unix:///{}?socket={}", enc(name, URI_COMPONENT), enc(&socket, URI_PATH))
 }
 
 /// Runs fio with `args` in `dir` (it leaves verify state files in its working directory);

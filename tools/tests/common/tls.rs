@@ -128,15 +128,7 @@ impl Pki {
 
 /// Percent-encodes for a URI query value (keeps `/`).
 pub fn esc(v: &str) -> String {
-    let mut out = String::new();
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(v, super::URI_PATH).to_string()
 }
 
 /// `nbds+unix:///EXPORT?socket=SOCK&tls-certificates=CERTS` (EXPORT may be empty, as for
