@@ -157,13 +157,20 @@ impl Exports {
 
     /// Adds `e` at the end of the list; its name and description must pass [`check_strings`].
     pub fn add(&self, e: Export) -> Result<Arc<Export>> {
+        self.add_at(usize::MAX, e)
+    }
+
+    /// Adds `e` at position `at` of the list (at its end if the list is shorter): an export
+    /// put back where it was keeps its place, and with it which export is the default.
+    pub fn add_at(&self, at: usize, e: Export) -> Result<Arc<Export>> {
         check_strings(&e.name, &e.description)?;
         let mut l = write(&self.list);
         if l.iter().any(|x| x.name == e.name) {
             return Err(err(ErrorKind::InvalidArgument, format!("an export named {:?} exists already", e.name)));
         }
         let e = Arc::new(e);
-        l.push(e.clone());
+        let at = at.min(l.len());
+        l.insert(at, e.clone());
         Ok(e)
     }
 

@@ -601,6 +601,11 @@ impl ServerControl {
         self.shared.exports.add(e)
     }
 
+    /// Serves `e` again at position `at` of the export list (see [`Exports::add_at`]).
+    pub fn add_export_at(&self, at: usize, e: Export) -> Result<Arc<Export>> {
+        self.shared.exports.add_at(at, e)
+    }
+
     /// Stops serving `name`. Refused while clients use it, unless `force`: then their
     /// connections wind down as at shutdown (requests read from then on are refused with
     /// NBD_ESHUTDOWN) and close.

@@ -423,10 +423,12 @@ fn enospc_at_fsync_on_thin_storage_fails_the_flush_and_refuses_writes_until_the_
 
 /// `export remove` of an image whose file system filled up after its clients wrote: the flush
 /// before the close fails (the map and header have no room), and the export stays served with
-/// everything its clients wrote; once space is freed, a second removal closes it with all of it.
+/// everything its clients wrote, in its place in the export list (so still the default export);
+/// once space is freed, a second removal closes it with all of it.
 /// Before 2026-12-04 the first removal dropped the chain when the close failed: the export was
 /// gone, the command said only "No space left on device", and the 6 MiB clients had written
-/// (and read back) since their last flush were lost.
+/// (and read back) since their last flush were lost. Until 2026-12-04 (later) the export served
+/// again went to the end of the list, so the default export changed.
 #[test]
 fn an_export_removal_whose_flush_fails_keeps_the_export_and_its_data() {
     if !require_root() {
@@ -437,10 +439,12 @@ fn an_export_removal_whose_flush_fails_keeps_the_export_and_its_data() {
         .unwrap_or_else(|e| panic!("mount tmpfs: {e}"));
     let d = tmpfs.path();
     common::cli::ok_in(d, &["create", "d.cow", "--size", "64M"]);
+    // A second export after it: d, the first, is the default export and must stay so.
+    common::cli::ok_in(d, &["create", "e.cow", "--size", "1M"]);
     let (sock, ctl) = (dir.join("nbd.sock"), dir.join("ctl.sock"));
     let ctl = ctl.to_str().expect("a UTF-8 path");
-    let server =
-        Server::start(&[d.join("d.cow").to_str().unwrap(), "--socket", sock.to_str().unwrap(), "--control", ctl]);
+    let images = [d.join("d.cow"), d.join("e.cow")].map(|p| p.to_str().expect("a UTF-8 path").to_owned());
+    let server = Server::start(&[&images[0], &images[1], "--socket", sock.to_str().unwrap(), "--control", ctl]);
     let mut c = server.connect();
     c.opt_go("d", &[]).expect("NBD_OPT_GO");
     // 256 KiB blocks until the file system is full (no flush).
@@ -463,9 +467,11 @@ fn an_export_removal_whose_flush_fails_keeps_the_export_and_its_data() {
         refused.describe()
     );
     let listed = common::cli::ok_in(d, &["export", "list", "--control", ctl]);
-    assert!(listed.starts_with("d "), "the export is not served again: {listed}");
+    assert!(listed.starts_with("d "), "the export is not served again in its place: {listed}");
+    // Asked for by the empty name (the default export), as before the refused removal.
     let mut c = server.connect();
-    c.opt_go("d", &[]).expect("NBD_OPT_GO after the refused removal");
+    let info = c.opt_go("", &[]).expect("NBD_OPT_GO of the default export after the refused removal");
+    assert_eq!(info.size, 64 << 20, "the default export is no longer d");
     assert_bytes_eq(&read_all(&mut c), &before, "served again after the refused removal");
     drop(c);
     run(tool("mount").args(["-o", "remount,size=16m"]).arg(d));

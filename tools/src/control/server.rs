@@ -403,6 +403,10 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
+    // Where it stands in the list, to put it back there if its flush fails (the first export
+    // is the default one). No other change can move it meanwhile: they wait for
+    // `export_changes`.
+    let place = st.server.exports().list().iter().position(|e| e.name == name).unwrap_or(usize::MAX);
     let removed = match st.server.remove_export(name, force) {
         Ok(e) => e,
         Err(e) => {
@@ -421,7 +425,7 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
         // again instead, nothing is lost, and a removal once the cause is mended closes it.
         if let Err(e) = cowdisk::DiskFlush::flush(live.as_ref()) {
             let back = Export::new(removed.name.clone(), removed.description.clone(), live.clone() as Arc<dyn Disk>);
-            if st.server.add_export(back).is_ok() {
+            if st.server.add_export_at(place, back).is_ok() {
                 live.release();
                 return Err(Error::new(
                     e.kind(),
