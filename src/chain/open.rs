@@ -59,8 +59,10 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
         OpenOptions::read_only()
     };
     let lower_opts = if opts.inspect { OpenOptions::inspect() } else { OpenOptions::read_only() };
-    if !opts.inspect {
-        // A snapshot interrupted after its decision is finished before anything else looks.
+    if opts.writable {
+        // A snapshot interrupted after its decision is finished before anything else looks,
+        // by a writer only (format-spec §5.7.1): a reader sees the frozen image, with the
+        // same contents, and changes nothing in its directory.
         super::pending::complete_pending(path)?;
     }
     let top = Image::open(path, top_opts)?;

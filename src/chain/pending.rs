@@ -4,7 +4,7 @@
 //! in the middle). Deciding a snapshot is `ops::snapshot`.
 
 use crate::error::{err, ErrorKind, Result};
-use crate::format::header::PendingSnapshot;
+use crate::format::header::{ParentFormat, PendingSnapshot};
 use crate::format::FLAG_FROZEN;
 use crate::layer::{read_header_of, write_next_header};
 use crate::storage::namespace::{Namespace, RealFs};
@@ -24,6 +24,11 @@ pub(crate) fn complete(ns: &dyn Namespace, at: &Path, p: &PendingSnapshot) -> Re
     let snap = sibling(at, &p.snapshot);
     let temp = sibling(at, &p.temp);
     if ns.exists(&temp) {
+        // The record is the file's to say, so it is not trusted with the directory: the names
+        // must be three different files' names, and T must be the overlay S2 made (§5.7.1),
+        // or the rename would put some other file, or a new name over the frozen image's
+        // only one, in the image's place.
+        is_the_new_overlay(ns, &live, &temp, p).map_err(|e| e.with_file(&live))?;
         if !ns.exists(&snap) {
             ns.link(&live, &snap)?;
         } else if !ns.same_file(&snap, &live) {
@@ -54,6 +59,32 @@ pub(crate) fn complete(ns: &dyn Namespace, at: &Path, p: &PendingSnapshot) -> Re
         }
         Err(e) if e.kind() == ErrorKind::InUse => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Whether `temp` is what step S2 of the snapshot `p` of `live` made: an image whose parent is
+/// the cowdisk layer named `p.snapshot` with `live`'s uuid; and the record's three names
+/// are different names of this directory.
+fn is_the_new_overlay(ns: &dyn Namespace, live: &Path, temp: &Path, p: &PendingSnapshot) -> Result<()> {
+    let corrupt =
+        |why: &str| Err(err(ErrorKind::Corrupt, format!("its pending snapshot record {why}; it is not carried out")));
+    let special = |n: &[u8]| n == b"." || n == b"..";
+    if p.live == p.snapshot
+        || p.live == p.temp
+        || p.snapshot == p.temp
+        || [&p.live, &p.snapshot, &p.temp].iter().any(|n| special(n))
+    {
+        return corrupt("names one file twice, or `.` or `..`");
+    }
+    let header = |path: &Path| ns.open(path, false, LockMode::None).and_then(|s| read_header_of(s.as_ref()));
+    let uuid = header(live)?.uuid;
+    let overlay = match header(temp) {
+        Ok(h) => h,
+        Err(_) => return corrupt("names as the new overlay a file that is not a cowdisk image"),
+    };
+    match overlay.parent {
+        Some(r) if r.format == ParentFormat::Cowdisk && r.path == p.snapshot && r.uuid == uuid => Ok(()),
+        _ => corrupt("names as the new overlay an image that is not an overlay on the snapshot"),
     }
 }
 

@@ -314,7 +314,9 @@ impl Chain {
     /// A block already at its place (a log record's block whose home is the record) is not
     /// a piece: replaying it would write what is there.
     pub fn patches(&self, extents: &[MapExtent], area: &MapExtent, data_start: u64) -> Result<BTreeMap<u64, Vec<u8>>> {
-        let inside = |e: &MapExtent, off: u64, n: u64| off >= e.offset && off + n <= e.end();
+        // Checked: a record controls `off`, and a wrapped sum would pass as inside.
+        let inside =
+            |e: &MapExtent, off: u64, n: u64| off >= e.offset && off.checked_add(n).is_some_and(|x| x <= e.end());
         let overlaps = |e: &MapExtent, off: u64, n: u64| off < e.end() && e.offset < off + n;
         let misplaced = |off: u64, n: u64| {
             off < data_start
@@ -564,6 +566,13 @@ mod tests {
         // A record naming a place outside the map extents is corrupt, not replayed.
         let bad = Chain { records: vec![rec(1, 1, 1)], places: vec![(area().offset, true)], end: 0, log: false };
         assert!(bad.patches(&[], &area(), 65536).is_err());
+        // So is one naming a sector at 2^64 - 512, whose end wraps past zero (a review's
+        // crafted file: it passed as inside a map extent, check said ok and serve failed).
+        let mut wrapped = rec(1, 1, 1);
+        wrapped.sectors[0].0 = u64::MAX - 511;
+        let bad = Chain { records: vec![wrapped], places: vec![(area().offset, true)], end: 0, log: false };
+        let e = bad.patches(&extents, &area(), 65536).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     }
 
     /// A log (spec §5.10): records in the area name the log's next place; a record there has

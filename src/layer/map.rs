@@ -82,6 +82,8 @@ pub struct ChunkMap {
     /// goes through [`ChunkMap::entry_mut`] or [`ChunkMap::mark_dirty`], which mark it.
     encoded: ChunkHashMap<[u8; SECTOR_SIZE]>,
     extents_changed: bool,
+    /// Every record position below it is taken ([`ChunkMap::free_position`]).
+    gap_hint: u64,
 }
 
 /// The most map bytes a disk of this geometry can need: one entry per chunk, with room for the
@@ -104,6 +106,7 @@ impl ChunkMap {
             dirty: BTreeMap::new(),
             encoded: ChunkHashMap::default(),
             extents_changed: false,
+            gap_hint: 0,
         }
     }
 
@@ -259,11 +262,12 @@ impl ChunkMap {
     /// need a new map extent, taken from never-written space by `grow`.
     pub fn entry_mut(&mut self, chunk: u64, grow: impl FnOnce(u64) -> Result<u64>) -> Result<&mut Entry> {
         if !self.entries.contains_key(&chunk) {
-            if self.next_pos >= self.capacity() {
-                self.add_extent(grow)?;
-            }
-            let pos = self.next_pos;
-            self.next_pos += 1;
+            let pos = if self.next_pos < self.capacity() || self.add_extent(grow)? {
+                self.next_pos += 1;
+                self.next_pos - 1
+            } else {
+                self.free_position()?
+            };
             self.owners.insert(pos, chunk);
             self.order.insert(chunk);
             self.entries.insert(
@@ -281,16 +285,36 @@ impl ChunkMap {
         Ok(self.entries.get_mut(&chunk).expect("inserted above"))
     }
 
-    fn add_extent(&mut self, grow: impl FnOnce(u64) -> Result<u64>) -> Result<()> {
-        if self.extents.len() >= MAX_MAP_EXTENTS {
-            return Err(err(ErrorKind::NoSpace, "the chunk map has no room for another extent"));
-        }
+    /// Adds an extent as the growth rule says (spec §4.3), unless the map would then be longer
+    /// than a reader allows ([`max_map_bytes`]): false then, and nothing is added.
+    fn add_extent(&mut self, grow: impl FnOnce(u64) -> Result<u64>) -> Result<bool> {
         let total: u64 = self.extents.iter().map(|e| e.len).sum();
         let len = total.max(MIN_MAP_EXTENT).max(self.geom.chunk_size()).next_multiple_of(self.geom.chunk_size());
+        if self.extents.len() >= MAX_MAP_EXTENTS || total + len > max_map_bytes(&self.geom) {
+            return Ok(false);
+        }
         let offset = grow(len)?;
         self.extents.push(MapExtent { offset, len });
         self.extents_changed = true;
-        Ok(())
+        Ok(true)
+    }
+
+    /// A record position below `next_pos` that no entry holds. Positions are handed out in
+    /// order, so such gaps exist only where entries were lost (sectors a crash kept from the
+    /// disk) or a file put its entries far apart; only a map that may grow no more looks for
+    /// one. The map always has room for every chunk ([`max_map_bytes`] is at least twice what
+    /// one entry per chunk needs), so a gap exists while a chunk has no entry.
+    fn free_position(&mut self) -> Result<u64> {
+        let capacity = self.capacity();
+        while self.gap_hint < capacity && self.owners.contains_key(&self.gap_hint) {
+            self.gap_hint += 1;
+        }
+        if self.gap_hint >= capacity {
+            return Err(err(ErrorKind::NoSpace, "the chunk map has no room for another entry"));
+        }
+        // Positions are never given up (entries are not removed), so the ones below stay taken.
+        self.gap_hint += 1;
+        Ok(self.gap_hint - 1)
     }
 
     /// The entry of `chunk`, to change without marking its sector dirty: only for changes the
@@ -473,6 +497,27 @@ mod tests {
         assert_eq!(m.get(5).unwrap().pos, 0);
         assert_eq!(m.get(1).unwrap().pos, 2);
         assert!(m.extents_changed());
+    }
+
+    /// A map at the longest a reader allows whose last position is taken (a crafted file; or
+    /// gaps left where a crash lost entries): a new entry takes a free position below instead
+    /// of a new extent, which would make the image one no reader opens (a review's finding:
+    /// one 4K write did that to an image `check` had passed).
+    #[test]
+    fn a_map_that_may_grow_no_more_fills_a_gap() {
+        let g = Geometry::new(1 << 20, 16).unwrap();
+        let mut m = ChunkMap::empty(g);
+        m.extents.push(MapExtent { offset: 65536, len: 4 << 20 });
+        assert!(4 << 20 <= max_map_bytes(&g) && 8 << 20 > max_map_bytes(&g));
+        m.next_pos = m.capacity() - 1;
+        let no_growth = |_: u64| -> Result<u64> { panic!("the map grew past what a reader allows") };
+        m.entry_mut(0, no_growth).unwrap();
+        assert_eq!(m.get(0).unwrap().pos, m.capacity() - 1);
+        for c in 1..16u64 {
+            m.entry_mut(c, no_growth).unwrap();
+            assert_eq!(m.get(c).unwrap().pos, c - 1, "chunk {c}");
+        }
+        assert_eq!(m.extents().len(), 1);
     }
 
     #[test]

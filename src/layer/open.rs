@@ -125,8 +125,8 @@ impl Image {
         let ctx = |e: Error| e.with_file(path).during("open");
         let file_len = storage.len().map_err(ctx)?;
         let header = read_header(storage.as_ref(), file_len).map_err(ctx)?;
-        let (storage, jstate) = replay_journal(storage, &header, opts.write).map_err(ctx)?;
-        let file_len = storage.len().map_err(ctx)?;
+        // The flags are looked at before the journal is replayed: replaying writes (spec §5.9),
+        // and a writer must not write to an image it may not open for writing (§2.2).
         if opts.write && header.has_flag(FLAG_FROZEN) && !opts.allow_frozen {
             return Err(ctx(err(
                 ErrorKind::ReadOnly,
@@ -136,6 +136,8 @@ impl Image {
         if opts.write && header.has_flag(FLAG_CORRUPT) && !opts.allow_corrupt {
             return Err(ctx(err(ErrorKind::Corrupt, "image is marked corrupt; run `cowdisk check --repair` first")));
         }
+        let (storage, jstate) = replay_journal(storage, &header, opts.write).map_err(ctx)?;
+        let file_len = storage.len().map_err(ctx)?;
         let geom = header.geometry;
         let mut map = ChunkMap::load(storage.as_ref(), geom, &header.map_extents, file_len).map_err(ctx)?;
         let repaired = map.drop_empty_slots();
@@ -175,6 +177,16 @@ pub fn read_header_of(storage: &dyn Storage) -> Result<Header> {
 /// where the journal stands.
 fn replay_journal(storage: Arc<dyn Storage>, header: &Header, write: bool) -> Result<(Arc<dyn Storage>, JournalState)> {
     let Some(area) = header.journal else { return Ok((storage, JournalState::default())) };
+    // A writer writes the whole area, and syncs, before a header lists it (spec §5.9), and a
+    // file never shrinks: an area past the end means the file was cut short, and with it
+    // perhaps map extents, whose lost sectors would read as empty (§4.3) without a word.
+    let file_len = storage.len()?;
+    if area.offset.checked_add(area.len).map_or(true, |end| end > file_len) {
+        return Err(err(
+            ErrorKind::Corrupt,
+            format!("the journal area ends past the end of the file ({file_len} bytes): the file was cut short"),
+        ));
+    }
     let log = header.geometry.log;
     let chain = journal::Chain::read(storage.as_ref(), &area, &header.uuid, log)?;
     let patches = chain.patches(&header.map_extents, &area, header.geometry.data_start())?;

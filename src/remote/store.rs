@@ -244,7 +244,8 @@ impl Store {
         };
         // Plain HTTP only to an endpoint named as such. (This lives in the client options,
         // which `with_client_options` replaces wholesale: the builder's own flag would be lost.)
-        let http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
+        // (The scheme as parsed: it is case-insensitive, and check_endpoint lets HTTP:// pass.)
+        let http = endpoint.as_deref().is_some_and(|e| url::Url::parse(e).is_ok_and(|u| u.scheme() == "http"));
         let client = ClientOptions::new()
             .with_allow_http(http)
             .with_timeout(cfg.timeout)

@@ -446,6 +446,12 @@ fn credentials_and_endpoint_come_from_the_aws_files_or_the_command_line() {
     ];
     let out = run(&mut bare(&["ls", &repo.url(), "--endpoint", &s3.endpoint], &env));
     assert!(stdout_of(&out).contains("1 layers"), "{}", stdout_of(&out));
+    // A URL's scheme is case-insensitive (RFC 3986 §3.1): HTTP:// is plain HTTP too. Before
+    // 2026-12-04 it passed the endpoint's check and failed every request ("builder error").
+    if let Some(rest) = s3.endpoint.strip_prefix("http://") {
+        let out = run(&mut bare(&["ls", &repo.url(), "--endpoint", &format!("HTTP://{rest}")], &env));
+        assert!(stdout_of(&out).contains("1 layers"), "{}", stdout_of(&out));
+    }
 }
 
 /// A layer written as a log-structured image (`create --log`, format-spec §5.10): FUA writes

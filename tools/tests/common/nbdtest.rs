@@ -155,6 +155,12 @@ pub fn is_zero(b: &[u8]) -> bool {
 
 /// The flags of the header slot with the highest generation (format-spec §2).
 pub fn header_flags(image: &Path) -> u64 {
+    header_u64(image, 72)
+}
+
+/// The little-endian u64 at byte `at` of `image`'s current header (the valid slot with the
+/// higher generation, format-spec §2).
+pub fn header_u64(image: &Path, at: usize) -> u64 {
     let mut b = vec![0u8; 8192];
     File::open(image)
         .and_then(|mut f| f.read_exact(&mut b))
@@ -166,12 +172,28 @@ pub fn header_flags(image: &Path) -> u64 {
         if &slot[..8] != b"COWDISK\0" || crc32(&slot[..4092]) != crc {
             continue;
         }
-        let (generation, flags) = (le64(slot, 16), le64(slot, 72));
+        let (generation, value) = (le64(slot, 16), le64(slot, at));
         if !matches!(best, Some((g, _)) if g >= generation) {
-            best = Some((generation, flags));
+            best = Some((generation, value));
         }
     }
     best.unwrap_or_else(|| panic!("{}: no valid header slot", image.display())).1
+}
+
+/// Changes every valid header slot of `image` through `f` (offsets of format-spec §2.1) and
+/// reseals its checksum: a header as a hostile or newer writer could have left it.
+pub fn patch_header(image: &Path, f: impl Fn(&mut [u8])) {
+    let mut b = std::fs::read(image).unwrap_or_else(|e| panic!("read {}: {e}", image.display()));
+    for slot in b[..8192].chunks_mut(4096) {
+        let crc = u32::from_le_bytes(slot[4092..4096].try_into().unwrap());
+        if &slot[..8] != b"COWDISK\0" || crc32(&slot[..4092]) != crc {
+            continue;
+        }
+        f(slot);
+        let crc = crc32(&slot[..4092]);
+        slot[4092..].copy_from_slice(&crc.to_le_bytes());
+    }
+    std::fs::write(image, &b).unwrap_or_else(|e| panic!("write {}: {e}", image.display()));
 }
 
 /// Block status of [offset, offset+len) as (start, end, flags) runs, asking again from the
