@@ -248,12 +248,17 @@ fn snapshot_interrupted_after_its_decision_completes_on_next_open() {
         c.read_at(&mut v, 0).unwrap();
         assert!(v == expect, "{stage}: contents differ before completion");
         drop(c);
-        // Any real open by the live name finishes the snapshot, and so does the same snapshot
-        // run again (the command was killed: the user runs it again).
+        // A reader leaves it alone too (spec §5.7.1: writers complete it).
+        let c = Chain::open(&t, ChainOptions::default()).unwrap();
+        assert_eq!(c.depth(), 1, "{stage}: a read-only open completed the snapshot");
+        drop(c);
+        assert!(temp.exists(), "{stage}: a read-only open moved the new overlay");
+        // A writer's open by the live name finishes the snapshot, and so does the same
+        // snapshot run again (the command was killed: the user runs it again).
         if finish == "rerun" {
             snapshot::snapshot(&t, &sn).unwrap_or_else(|e| panic!("{stage}: snapshot run again: {e}"));
         }
-        let c = Chain::open(&t, ChainOptions::default()).unwrap();
+        let c = Chain::open(&t, ChainOptions { writable: true, ..Default::default() }).unwrap();
         assert_eq!(c.depth(), 2, "{stage}: the live name is the overlay again");
         c.read_at(&mut v, 0).unwrap();
         assert!(v == expect, "{stage}: contents changed");
