@@ -28,7 +28,7 @@ pub(crate) fn complete(ns: &dyn Namespace, at: &Path, p: &PendingSnapshot) -> Re
         // must be three different files' names, and T must be the overlay S2 made (§5.7.1),
         // or the rename would put some other file, or a new name over the frozen image's
         // only one, in the image's place.
-        is_the_new_overlay(ns, &live, &temp, p).map_err(|e| e.with_file(&live))?;
+        check_record(ns, &live, &temp, p).map_err(|e| e.with_file(&live))?;
         if !ns.exists(&snap) {
             ns.link(&live, &snap)?;
         } else if !ns.same_file(&snap, &live) {
@@ -62,10 +62,10 @@ pub(crate) fn complete(ns: &dyn Namespace, at: &Path, p: &PendingSnapshot) -> Re
     }
 }
 
-/// Whether `temp` is what step S2 of the snapshot `p` of `live` made: an image whose parent is
-/// the cowdisk layer named `p.snapshot` with `live`'s uuid; and the record's three names
-/// are different names of this directory.
-fn is_the_new_overlay(ns: &dyn Namespace, live: &Path, temp: &Path, p: &PendingSnapshot) -> Result<()> {
+/// Refuses as corrupt a record `p` of `live` whose three names are not different names of this
+/// directory, or whose `temp` is not what step S2 made: an image whose parent is the cowdisk
+/// layer named `p.snapshot` with `live`'s uuid.
+fn check_record(ns: &dyn Namespace, live: &Path, temp: &Path, p: &PendingSnapshot) -> Result<()> {
     let corrupt =
         |why: &str| Err(err(ErrorKind::Corrupt, format!("its pending snapshot record {why}; it is not carried out")));
     let special = |n: &[u8]| n == b"." || n == b"..";

@@ -136,7 +136,7 @@ impl Image {
         if opts.write && header.has_flag(FLAG_CORRUPT) && !opts.allow_corrupt {
             return Err(ctx(err(ErrorKind::Corrupt, "image is marked corrupt; run `cowdisk check --repair` first")));
         }
-        let (storage, jstate) = replay_journal(storage, &header, opts.write).map_err(ctx)?;
+        let (storage, jstate) = replay_journal(storage, &header, opts.write, file_len).map_err(ctx)?;
         let file_len = storage.len().map_err(ctx)?;
         let geom = header.geometry;
         let mut map = ChunkMap::load(storage.as_ref(), geom, &header.map_extents, file_len).map_err(ctx)?;
@@ -175,12 +175,16 @@ pub fn read_header_of(storage: &dyn Storage) -> Result<Header> {
 /// checkpoint record says so, when the image is opened for writing; a reader that may not
 /// write reads the file through the replayed bytes instead. Returns the store to use and
 /// where the journal stands.
-fn replay_journal(storage: Arc<dyn Storage>, header: &Header, write: bool) -> Result<(Arc<dyn Storage>, JournalState)> {
+fn replay_journal(
+    storage: Arc<dyn Storage>,
+    header: &Header,
+    write: bool,
+    file_len: u64,
+) -> Result<(Arc<dyn Storage>, JournalState)> {
     let Some(area) = header.journal else { return Ok((storage, JournalState::default())) };
     // A writer writes the whole area, and syncs, before a header lists it (spec §5.9), and a
     // file never shrinks: an area past the end means the file was cut short, and with it
     // perhaps map extents, whose lost sectors would read as empty (§4.3) without a word.
-    let file_len = storage.len()?;
     if area.offset.checked_add(area.len).map_or(true, |end| end > file_len) {
         return Err(err(
             ErrorKind::Corrupt,

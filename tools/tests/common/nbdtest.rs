@@ -167,11 +167,7 @@ pub fn header_u64(image: &Path, at: usize) -> u64 {
         .unwrap_or_else(|e| panic!("cannot read the header of {}: {e}", image.display()));
     let le64 = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap());
     let mut best: Option<(u64, u64)> = None;
-    for slot in b.chunks(4096) {
-        let crc = u32::from_le_bytes(slot[4092..4096].try_into().unwrap());
-        if &slot[..8] != b"COWDISK\0" || crc32(&slot[..4092]) != crc {
-            continue;
-        }
+    for slot in b.chunks(4096).filter(|s| is_valid_slot(s)) {
         let (generation, value) = (le64(slot, 16), le64(slot, at));
         if !matches!(best, Some((g, _)) if g >= generation) {
             best = Some((generation, value));
@@ -180,15 +176,16 @@ pub fn header_u64(image: &Path, at: usize) -> u64 {
     best.unwrap_or_else(|| panic!("{}: no valid header slot", image.display())).1
 }
 
+/// Whether a 4096-byte header slot holds a header: its magic, and its checksum matches.
+fn is_valid_slot(slot: &[u8]) -> bool {
+    &slot[..8] == b"COWDISK\0" && crc32(&slot[..4092]).to_le_bytes() == slot[4092..4096]
+}
+
 /// Changes every valid header slot of `image` through `f` (offsets of format-spec §2.1) and
 /// reseals its checksum: a header as a hostile or newer writer could have left it.
 pub fn patch_header(image: &Path, f: impl Fn(&mut [u8])) {
     let mut b = std::fs::read(image).unwrap_or_else(|e| panic!("read {}: {e}", image.display()));
-    for slot in b[..8192].chunks_mut(4096) {
-        let crc = u32::from_le_bytes(slot[4092..4096].try_into().unwrap());
-        if &slot[..8] != b"COWDISK\0" || crc32(&slot[..4092]) != crc {
-            continue;
-        }
+    for slot in b[..8192].chunks_mut(4096).filter(|s| is_valid_slot(s)) {
         f(slot);
         let crc = crc32(&slot[..4092]);
         slot[4092..].copy_from_slice(&crc.to_le_bytes());
