@@ -64,6 +64,12 @@ pub struct Session<'a> {
     exports: &'a [Arc<Export>],
     tls: TlsMode,
     tls_active: bool,
+    /// The client set NBD_FLAG_C_FIXED_NEWSTYLE. Without it the spec puts the server in NOTLS
+    /// mode: STARTTLS is refused with NBD_REP_ERR_POLICY (the client "MUST NOT" send it), and
+    /// a server that requires TLS refuses every option with NBD_REP_ERR_POLICY, never
+    /// NBD_REP_ERR_TLS_REQD (which a NOTLS server "MUST NOT" send). Every other option is
+    /// answered as to a fixed-newstyle client, which the spec allows.
+    fixed: bool,
     no_zeroes: bool,
     structured: bool,
     extended: bool,
@@ -100,6 +106,7 @@ impl<'a> Session<'a> {
             exports,
             tls,
             tls_active: false,
+            fixed: flags & FLAG_C_FIXED_NEWSTYLE != 0,
             no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
             structured: false,
             extended: false,
@@ -192,7 +199,9 @@ impl<'a> Session<'a> {
             // Spec: an error message is at most 4096 bytes (one naming a long export name
             // would be longer).
             let error = |s: &mut S, typ: u32, msg: &str| reply(s, typ, clip(msg, MAX_STRING).as_bytes());
-            if len > MAX_OPTION_LEN {
+            // Too long to keep: read and dropped, answered below once the refusals that
+            // come first (shutting down, TLS required) are ruled out.
+            let data = if len > MAX_OPTION_LEN {
                 io::copy(&mut Read::by_ref(s).take(u64::from(len)), &mut io::sink()).and_then(|n| {
                     if n == u64::from(len) {
                         Ok(())
@@ -200,19 +209,12 @@ impl<'a> Session<'a> {
                         Err(io::ErrorKind::UnexpectedEof.into())
                     }
                 })?;
-                // NBD_OPT_EXPORT_NAME has no error reply: the spec's answer is to hang up.
-                if opt == OPT_EXPORT_NAME {
-                    return Ok(Outcome::Closed);
-                }
-                error(
-                    s,
-                    REP_ERR_TOO_BIG,
-                    &format!("option of {len} bytes: this server reads at most {MAX_OPTION_LEN}"),
-                )?;
-                continue;
-            }
-            let mut data = vec![0u8; len as usize];
-            s.read_exact(&mut data)?;
+                None
+            } else {
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data)?;
+                Some(data)
+            };
 
             // Spec: a server shutting down "SHOULD error further options received (other than
             // an NBD_OPT_ABORT) with NBD_REP_ERR_SHUTDOWN"; NBD_OPT_EXPORT_NAME has no error
@@ -230,13 +232,32 @@ impl<'a> Session<'a> {
                     }
                 }
             }
+            // FORCEDTLS: every option but STARTTLS and ABORT, of any length, is refused until
+            // TLS is up (spec: "it MUST reply with NBD_REP_ERR_TLS_REQD"), in NOTLS mode
+            // with NBD_REP_ERR_POLICY (see `fixed`).
             if self.tls == TlsMode::Required && !self.tls_active && opt != OPT_STARTTLS && opt != OPT_ABORT {
                 if opt == OPT_EXPORT_NAME {
                     return Ok(Outcome::Closed);
                 }
-                error(s, REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")?;
+                if self.fixed {
+                    error(s, REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")?;
+                } else {
+                    error(s, REP_ERR_POLICY, "TLS is required, and needs fixed newstyle negotiation")?;
+                }
                 continue;
             }
+            let Some(data) = data else {
+                // NBD_OPT_EXPORT_NAME has no error reply: the spec's answer is to hang up.
+                if opt == OPT_EXPORT_NAME {
+                    return Ok(Outcome::Closed);
+                }
+                error(
+                    s,
+                    REP_ERR_TOO_BIG,
+                    &format!("option of {len} bytes: this server reads at most {MAX_OPTION_LEN}"),
+                )?;
+                continue;
+            };
             match opt {
                 // "A client that has used NBD_OPT_EXTENDED_HEADERS to negotiate extended
                 // headers MUST NOT use this option": its reply has no way to say so.
@@ -273,6 +294,12 @@ impl<'a> Session<'a> {
                         error(s, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
                     } else if self.tls == TlsMode::Off {
                         error(s, REP_ERR_UNSUP, "TLS is not configured on this server")?;
+                    } else if !self.fixed {
+                        error(
+                            s,
+                            REP_ERR_POLICY,
+                            "TLS needs fixed newstyle negotiation: the client did not set NBD_FLAG_C_FIXED_NEWSTYLE",
+                        )?;
                     } else if self.tls_active {
                         error(s, REP_ERR_INVALID, "TLS is already active")?;
                     } else {

@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 
 /// How long a shutdown waits for connections to answer their requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long the accept loop waits after accepting failed for a reason that lasts (no
+/// descriptor or memory left) before it tries again.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +44,8 @@ pub enum ListenAddr {
 pub struct ServerConfig {
     pub listen: Vec<ListenAddr>,
     pub max_connections: usize,
+    /// How long a client may take to finish the handshake; zero: no limit (as qemu-nbd's
+    /// `--handshake-limit 0`).
     pub handshake_timeout: Duration,
     /// Threads serving each connection (and so the most requests one connection runs at once).
     pub threads_per_connection: usize,
@@ -55,6 +60,9 @@ pub struct ServerConfig {
     pub on_stopping: Option<fn()>,
     /// A service manager's watchdog, fed from the accept loop (`serve` sends WATCHDOG=1).
     pub heartbeat: Option<Heartbeat>,
+    /// Told what an operator should know and no client can be told: connections that cannot
+    /// be accepted (out of descriptors), and accepted again.
+    pub notice: Option<fn(&str)>,
 }
 
 /// Keep-alives for a watchdog: `beat` is called from the accept loop at least every `every`
@@ -82,14 +90,45 @@ impl Default for ServerConfig {
             contexts: Offer::default(),
             on_stopping: None,
             heartbeat: None,
+            notice: None,
         }
     }
 }
 
 enum Listener {
     Tcp(TcpListener),
-    /// With the path to remove at exit: `None` for an inherited socket (not ours to remove).
-    Unix(UnixListener, Option<PathBuf>),
+    /// With the socket file to remove when dropped: `None` for an inherited socket (not ours
+    /// to remove).
+    Unix(UnixListener, Option<Bound>),
+}
+
+/// A socket file this server bound: its path and the file it made there (device, inode).
+struct Bound {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl Bound {
+    fn new(path: PathBuf) -> Bound {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::symlink_metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+        Bound { path, id }
+    }
+}
+
+/// The socket file goes with its listener, also when a later listener of the same start
+/// fails to bind (nothing is left behind by a server that never served), but only while it
+/// is still the file this server made: another server may have taken the path since.
+impl Drop for Listener {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Listener::Unix(_, Some(b)) = self {
+            let now = std::fs::symlink_metadata(&b.path).ok().map(|m| (m.dev(), m.ino()));
+            if now.is_some() && now == b.id {
+                let _ = std::fs::remove_file(&b.path);
+            }
+        }
+    }
 }
 
 impl Listener {
@@ -167,10 +206,12 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
-/// Makes SIGINT and SIGTERM shut the server down in order (finish in-flight requests, flush).
+/// Makes SIGINT, SIGTERM and SIGHUP shut the server down in order (finish in-flight
+/// requests, flush): a hang-up of the terminal a server runs in must not kill it with images
+/// half written. (`serve --log` then gives SIGHUP to reopening the log.)
 pub fn install_signal_handlers(h: &ShutdownHandle) {
     SIGNAL_FD.store(h.fd, Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: installing a handler that only calls write(2).
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
@@ -188,12 +229,26 @@ pub struct Server {
     pipe: (RawFd, RawFd),
 }
 
-fn bind_unix(p: &Path) -> Result<UnixListener> {
-    if p.exists() {
-        if UnixStream::connect(p).is_ok() {
-            return Err(err(ErrorKind::InUse, "in use: a server is already listening on this socket").with_file(p));
+/// Binds a Unix socket at `p`. What is there already is removed only if it is a socket that
+/// no server listens on (one left by a server that was killed); a live one is refused as in
+/// use, and anything else (a regular file, a directory, a symbolic link) is refused and left
+/// alone: a mistyped `--socket` must never delete a user's file. (qemu-nbd unlinks whatever
+/// is there.) The control channel binds its socket the same way.
+pub fn bind_unix(p: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(p).is_ok() {
+                return Err(err(ErrorKind::InUse, "in use: a server is already listening on this socket").with_file(p));
+            }
+            std::fs::remove_file(p).map_err(|e| Error::io("remove stale socket", e).with_file(p))?;
         }
-        std::fs::remove_file(p).map_err(|e| Error::io("remove stale socket", e).with_file(p))?;
+        Ok(_) => {
+            return Err(err(ErrorKind::InvalidArgument, "exists and is not a socket: name another path for the socket")
+                .with_file(p))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("stat", e).with_file(p)),
     }
     UnixListener::bind(p).map_err(|e| Error::io("bind", e).with_file(p))
 }
@@ -271,7 +326,7 @@ impl Server {
                 ListenAddr::Tcp(a) => Listener::Tcp(
                     TcpListener::bind(a.as_str()).map_err(|e| Error::io("bind", e).with_file(Path::new(a)))?,
                 ),
-                ListenAddr::Unix(p) => Listener::Unix(bind_unix(p)?, Some(p.clone())),
+                ListenAddr::Unix(p) => Listener::Unix(bind_unix(p)?, Some(Bound::new(p.clone()))),
                 ListenAddr::Inherited(fd) => inherit(*fd)?,
             };
             match &listener {
@@ -339,16 +394,30 @@ impl Server {
         // The poll wakes at least once a second, and as often as the heartbeat needs.
         let wake_ms = self.shared.cfg.heartbeat.map_or(1000, |h| h.every.as_millis().clamp(1, 1000)) as libc::c_int;
         let mut watch = self.shared.cfg.heartbeat.map(Watch::new);
+        let notice = |m: &str| {
+            if let Some(f) = self.shared.cfg.notice {
+                f(m)
+            }
+        };
+        // Accepting failed for want of descriptors or memory: the next poll waits on the
+        // shutdown pipe alone for ACCEPT_PAUSE. The client waits in the listen backlog
+        // meanwhile; retrying at once would spin a core for as long as the shortage lasts.
+        let mut pause = false;
+        // An accept failure was reported and no accept has succeeded since.
+        let mut failing = false;
         'accept: loop {
             if let Some(w) = watch.as_mut() {
                 w.tick(&self.shared);
             }
+            let listening = if pause { 0 } else { self.listeners.len() };
+            let wait = if pause { wake_ms.min(ACCEPT_PAUSE.as_millis() as libc::c_int) } else { wake_ms };
+            pause = false;
             let mut pfds: Vec<libc::pollfd> = std::iter::once(self.pipe.0)
-                .chain(self.listeners.iter().map(Listener::fd))
+                .chain(self.listeners.iter().take(listening).map(Listener::fd))
                 .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
                 .collect();
             // SAFETY: pfds is a valid slice of pollfd for the duration of the call.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wake_ms) };
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -360,14 +429,32 @@ impl Server {
                 break 'accept;
             }
             threads.retain(|t| !t.is_finished());
-            for (i, l) in self.listeners.iter().enumerate() {
-                if pfds[i + 1].revents == 0 {
+            for (l, p) in self.listeners.iter().zip(&pfds[1..]) {
+                if p.revents == 0 {
                     continue;
                 }
                 let sock = match l.accept() {
                     Ok(s) => s,
-                    Err(_) => continue,
+                    // Another wake-up took it, or the client gave up before we got to it.
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionAborted) => {
+                        continue
+                    }
+                    Err(e) => {
+                        if !failing {
+                            notice(&format!(
+                                "cannot accept a connection: {e}; clients wait until it can (retrying every {} ms)",
+                                ACCEPT_PAUSE.as_millis()
+                            ));
+                            failing = true;
+                        }
+                        pause = true;
+                        break;
+                    }
                 };
+                if failing {
+                    notice("accepting connections again");
+                    failing = false;
+                }
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let Some(winding) = admit(&self.shared, id, &sock) else {
                     sock.shutdown(Shutdown::Both);
@@ -398,11 +485,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        for l in &self.listeners {
-            if let Listener::Unix(_, Some(p)) = l {
-                let _ = std::fs::remove_file(p);
-            }
-        }
+        // A signal from now on must not write into the pipe's number, which the process may
+        // reuse for anything once it is closed below.
+        let _ = SIGNAL_FD.compare_exchange(self.pipe.1, -1, Ordering::AcqRel, Ordering::Relaxed);
         // SAFETY: closing the pipe fds this server created.
         unsafe {
             libc::close(self.pipe.0);
@@ -464,7 +549,7 @@ fn reap_stalled_handshakes(sh: &Shared) {
         if let Ok(conns) = sh.conns.lock() {
             for r in conns.values() {
                 if let Phase::Handshake(t) = r.phase {
-                    if t.elapsed() > sh.cfg.handshake_timeout {
+                    if !sh.cfg.handshake_timeout.is_zero() && t.elapsed() > sh.cfg.handshake_timeout {
                         r.sock.shutdown(Shutdown::Both);
                     }
                 }

@@ -62,7 +62,9 @@ pub fn inherited_sockets() -> Result<Vec<RawFd>, Failure> {
 /// What the serving process does once its sockets accept connections: write the pid file,
 /// and, forked, tell the foreground process to return.
 pub struct Daemon {
-    pid_file: Option<PathBuf>,
+    /// Locked from the start, written once ready; removed when dropped (a start that fails
+    /// leaves none behind).
+    pid_file: Option<PidFile>,
     /// Forked: the pipe to the waiting foreground process.
     parent: Option<OwnedFd>,
     /// `--log`: opened (appending) before anything else, so a bad path fails the start; and
@@ -85,9 +87,14 @@ impl Daemon {
     /// share), and only the server returns. Call while the process has one thread (fork
     /// copies only the caller's) and before any image is opened.
     pub fn start(pid_file: Option<PathBuf>, fork: bool, log: Option<PathBuf>) -> Result<Daemon, Failure> {
-        // Absolute now, so that removing it at exit does not depend on the directory then.
+        // Absolute now, so that removing it at exit does not depend on the directory then;
+        // locked before the fork, so that a server already holding it is reported by the
+        // command itself. The forked server inherits the lock (flock locks belong to the
+        // open file, which both processes share until the foreground one exits).
         let pid_file = match pid_file {
-            Some(p) => Some(std::path::absolute(&p).map_err(|e| Failure(format!("{}: {e}", p.display()), 1))?),
+            Some(p) => {
+                Some(PidFile::lock(std::path::absolute(&p).map_err(|e| Failure(format!("{}: {e}", p.display()), 1))?)?)
+            }
             None => None,
         };
         let log = match log {
@@ -114,6 +121,7 @@ impl Daemon {
         }
         // SAFETY: pipe2 returned two new descriptors that nothing else owns.
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let starter = std::process::id();
         // SAFETY: the process has one thread (checked above), so the child gets a consistent
         // copy of every lock and allocator state.
         match unsafe { libc::fork() } {
@@ -124,6 +132,13 @@ impl Daemon {
                 // does not reach the server it left running.
                 // SAFETY: setsid has no memory-safety preconditions.
                 unsafe { libc::setsid() };
+                // A service manager's WATCHDOG_PID names the process it started; a forking
+                // service hands the service over to this one (its main process from now on,
+                // as MAINPID= tells the manager once ready), and with it the keep-alives.
+                if std::env::var("WATCHDOG_PID").is_ok_and(|p| p.trim().parse::<u32>().ok() == Some(starter)) {
+                    // The process still has one thread: nothing reads the environment meanwhile.
+                    std::env::set_var("WATCHDOG_PID", std::process::id().to_string());
+                }
                 Ok(Daemon { pid_file, parent: Some(w), log })
             }
             child => {
@@ -138,13 +153,14 @@ impl Daemon {
         self.parent.is_some()
     }
 
-    /// Writes the pid file, once the sockets accept connections; it is removed when the
-    /// returned guard is dropped.
-    pub fn write_pid_file(&self) -> Result<PidFile, Failure> {
-        match &self.pid_file {
-            Some(p) => PidFile::write(p.clone()),
-            None => Ok(PidFile(None)),
+    /// Writes the pid file, once the sockets accept connections; it is removed (and its lock
+    /// let go) when the returned guard is dropped.
+    pub fn write_pid_file(&mut self) -> Result<Option<PidFile>, Failure> {
+        let p = self.pid_file.take();
+        if let Some(p) = &p {
+            p.write()?;
         }
+        Ok(p)
     }
 
     /// Called once the server serves and its startup lines are printed. Forked, it lets go of
@@ -318,34 +334,81 @@ fn detach_stdio(log: Option<&std::fs::File>) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The pid file, removed on drop if it still names this process.
-pub struct PidFile(Option<PathBuf>);
+/// The pid file, held locked (flock) from the start to the exit of the server it names, as
+/// qemu-nbd holds its own: a second server given the same file is refused at once, instead of
+/// overwriting it and then removing it under the first. Removed on drop if the path still
+/// names the file locked here; a pid file left by a server killed with -9 is not locked, and
+/// is taken over.
+pub struct PidFile {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+/// The (device, inode) of a file's metadata.
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
 
 impl PidFile {
-    /// Writes "PID\n" under a temporary name and renames it into place, so that a reader
-    /// never sees it empty or half written.
-    fn write(path: PathBuf) -> Result<PidFile, Failure> {
-        let fail = |e: std::io::Error| Failure(format!("{}: write pid file: {e}", path.display()), 1);
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(format!(".tmp-{}", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, format!("{}\n", std::process::id())).map_err(fail)?;
-        if let Err(e) = std::fs::rename(&tmp, &path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(fail(e));
+    /// Creates (or takes over) and locks `path`, and empties it: a process id left in it by a
+    /// server that was killed names no server any more. The process id is written once the
+    /// server is ready ([`PidFile::write`]).
+    fn lock(path: PathBuf) -> Result<PidFile, Failure> {
+        let fail = |e: std::io::Error| Failure(format!("{}: pid file: {e}", path.display()), 1);
+        // The server that held the file may remove it between our open and our lock: the lock
+        // is then on a file nobody finds under the path, and the open is tried again.
+        for _ in 0..16 {
+            // Not truncated on open: the file may be another running server's, emptied only
+            // once the lock says it is ours.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(fail)?;
+            // SAFETY: flock on a descriptor this File owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(fail(e));
+                }
+                let holder = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());
+                let who = holder.map_or("another server".to_string(), |p| format!("the server of process {p}"));
+                return Err(Failure(
+                    format!("{}: pid file in use: {who} holds it; give another --pid-file", path.display()),
+                    1,
+                ));
+            }
+            let here = file.metadata().map_err(fail)?;
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| file_id(&m) == file_id(&here)) {
+                file.set_len(0).map_err(fail)?;
+                return Ok(PidFile { file, path });
+            }
         }
-        Ok(PidFile(Some(path)))
+        Err(fail(std::io::Error::other("the file keeps being replaced under its name")))
+    }
+
+    /// Writes "PID\n", in one write to the empty file: a reader sees it empty or whole.
+    fn write(&self) -> Result<(), Failure> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)
+            .map_err(|e| Failure(format!("{}: write pid file: {e}", self.path.display()), 1))
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            // Another server may have been started with the same file since: leave its.
-            let ours = std::fs::read_to_string(p).is_ok_and(|s| s.trim() == std::process::id().to_string());
-            if ours {
-                let _ = std::fs::remove_file(p);
-            }
+        // Only the file locked here: something may have replaced it under its name since.
+        let ours = match (self.file.metadata(), std::fs::symlink_metadata(&self.path)) {
+            (Ok(a), Ok(b)) => file_id(&a) == file_id(&b),
+            _ => false,
+        };
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
         }
+        // The lock goes with the descriptor, after the file is gone.
     }
 }

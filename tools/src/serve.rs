@@ -31,8 +31,9 @@ pub struct ServeArgs {
     /// `cowdisk snapshot IMAGE` and `cowdisk export` find it).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
-    /// Listen on a Unix socket. Refused under socket activation (LISTEN_PID, LISTEN_FDS):
-    /// the server then listens on the sockets it inherits.
+    /// Listen on a Unix socket. A socket nobody listens on is replaced; any other file at
+    /// the path is refused and left alone. Refused under socket activation (LISTEN_PID,
+    /// LISTEN_FDS): the server then listens on the sockets it inherits.
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Listen on TCP HOST:PORT (default 127.0.0.1:10809 when no --socket is given and no
@@ -40,7 +41,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub listen: Option<String>,
     /// Write the server's process id to FILE once its sockets accept connections; removed
-    /// when it exits cleanly.
+    /// when it exits cleanly. Held locked while the server runs: a second server given the
+    /// same FILE is refused.
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
     /// Return once the sockets accept connections, leaving the server running in the
@@ -66,7 +68,7 @@ pub struct ServeArgs {
     /// Most connections at once; more are refused.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
-    /// Seconds a client may take to finish the handshake before it is dropped.
+    /// Seconds a client may take to finish the handshake before it is dropped; 0: no limit.
     #[arg(long, default_value_t = 10)]
     pub handshake_timeout: u64,
     /// Threads per connection (the most requests one connection runs at once).
@@ -113,7 +115,7 @@ pub struct ServeArgs {
 
 /// The end of `cowdisk serve --help` and of cowdisk-serve(1): how it runs as a daemon.
 pub const DAEMON_HELP: &str = "\
-Stopping: SIGTERM or SIGINT stops accepting clients, answers the requests in flight, flushes \
+Stopping: SIGTERM or SIGINT (or SIGHUP without --log) stops accepting clients, answers the requests in flight, flushes \
 and closes every image cleanly, removes the pid file and exits 0.
 
 Socket activation: started with LISTEN_PID set to its process id and LISTEN_FDS=N (by systemd, \
@@ -126,11 +128,13 @@ removed from its environment. LISTEN_FDNAMES is ignored.
 lines and a line with the server's process id; the server goes on in its own session with \
 stdin, stdout and stderr on /dev/null, so its messages after startup are not seen unless \
 --log FILE takes them. SIGHUP makes the server open the --log file again (logrotate's \
-postrotate step: rename the file, then signal); without --log, SIGHUP ends the server.
+postrotate step: rename the file, then signal); without --log, SIGHUP stops the server as \
+SIGTERM does.
 
 Service managers: with NOTIFY_SOCKET set (systemd's Type=notify), the server sends READY=1 and \
 MAINPID once its sockets accept connections, and STOPPING=1 when a shutdown begins. With \
-WATCHDOG_USEC set too (systemd's WatchdogSec=), and WATCHDOG_PID unset or its own process id, \
+WATCHDOG_USEC set too (systemd's WatchdogSec=), and WATCHDOG_PID unset or its own process id \
+(or, with --fork, the id of the process it was forked from), \
 it sends WATCHDOG=1 every half of that interval while it accepts clients and no request is stuck: \
 a request that makes no step for half the interval (nothing of its connection answered: a disk that \
 does not answer) stops the keep-alives until it moves again, so the service manager restarts the \
@@ -288,6 +292,7 @@ pub fn serve_exports(served: Vec<Served>, mut o: ServeOptions) -> Result<(), Fai
             beat: crate::daemon::notify_watchdog,
             notice: crate::daemon::watchdog_notice,
         }),
+        notice: Some(|m| eprintln!("cowdisk: {m}")),
         ..ServerConfig::default()
     };
     // nbds:// tells libnbd (and people) to insist on TLS; with --tls optional plain

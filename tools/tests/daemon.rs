@@ -380,16 +380,11 @@ fn fork_fails_with_the_servers_error_line_when_it_cannot_start() {
     assert_eq!(o.code, Some(1), "{}", o.describe());
     assert!(o.error_line().starts_with("cowdisk: missing.cow: open: "), "{}", o.describe());
     assert_eq!(o.stdout, "");
-    // Failing after the image is open and the socket bound: the image is closed cleanly and
-    // nothing is left behind.
+    // A pid file that cannot be made fails before the fork: nothing is left behind.
     let o = ws.run(&["serve", "--fork", "disk.cow", "--socket", "nbd.sock", "--pid-file", "no/such/dir/x.pid"]);
     assert_eq!(o.code, Some(1), "{}", o.describe());
     assert!(o.error_line().starts_with("cowdisk: "), "{}", o.describe());
-    assert!(
-        o.error_line().contains("no/such/dir/x.pid: write pid file: No such file or directory"),
-        "{}",
-        o.describe()
-    );
+    assert!(o.error_line().contains("no/such/dir/x.pid: pid file: No such file or directory"), "{}", o.describe());
     assert_eq!(o.stdout, "");
     assert!(!ws.p("nbd.sock").exists());
     assert_eq!(ws.info("disk.cow")["flags"], serde_json::json!([]));
@@ -488,6 +483,64 @@ fn notify_socket_is_told_ready_once_serving_and_stopping_at_sigterm() {
         assert_eq!(notification(&listener, STOP_TIMEOUT), "STOPPING=1\n", "{addr}");
         assert_eq!(d.wait_exit(STOP_TIMEOUT).and_then(|s| s.code()), Some(0), "{}", d.log());
     }
+}
+
+/// A `Type=forking` service with `WatchdogSec=`: systemd sets WATCHDOG_PID to the process it
+/// starts, which forks the server and exits; the server, the service's main process from then
+/// on (MAINPID= in its READY=1), sends the keep-alives. It used to send none (WATCHDOG_PID
+/// named the process that had exited), and systemd would have killed the service once
+/// `WatchdogSec=` passed.
+#[test]
+fn a_forked_server_sends_the_keep_alives_meant_for_the_process_that_started_it() {
+    become_subreaper();
+    let (ws, _) = workspace("fork-watchdog");
+    let listen_at = ws.p("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&listen_at).expect("bind the notification socket");
+    // `exec` keeps the shell's process id: WATCHDOG_PID names the process started, as systemd's does.
+    let script = format!(
+        "export NOTIFY_SOCKET='{}' WATCHDOG_USEC=400000 WATCHDOG_PID=$$; \
+         exec \"$BIN\" serve --fork disk.cow --socket nbd.sock --pid-file cowdisk.pid >/dev/null",
+        s(&listen_at)
+    );
+    let (code, _) = bash_within(&ws, &script, STARTUP_TIMEOUT);
+    assert_eq!(code, Some(0));
+    let pid: i32 = std::fs::read_to_string(ws.p("cowdisk.pid")).expect("pid file").trim().parse().expect("a pid");
+    // Stops the forked server even if an assertion below fails.
+    struct Stop(i32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: signalling the server this test started (and reaps).
+            unsafe { libc::kill(self.0, libc::SIGTERM) };
+            wait_pid(self.0, STOP_TIMEOUT);
+        }
+    }
+    let stop = Stop(pid);
+    assert_eq!(notification(&listener, STARTUP_TIMEOUT), format!("READY=1\nMAINPID={pid}\n"));
+    for _ in 0..3 {
+        assert_eq!(notification(&listener, Duration::from_secs(2)), "WATCHDOG=1\n", "no keep-alive from the server");
+    }
+    std::mem::forget(stop);
+    // SAFETY: signalling the server this test started (and reaps).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(wait_pid(pid, STOP_TIMEOUT), Some(0));
+}
+
+/// SIGHUP without `--log` (a terminal that hangs up on a foreground server) stops the server
+/// as SIGTERM does: requests already read answered, the image flushed and closed cleanly, the
+/// pid file removed, exit 0. It used to be SIGHUP's default action: killed where it stood.
+#[test]
+fn sighup_without_log_stops_the_server_cleanly() {
+    let (ws, base) = workspace("sighup");
+    let (sock, pid_file) = (ws.p("nbd.sock"), ws.p("p.pid"));
+    let mut server = Server::start(&[s(&ws.p("disk.cow")), "--socket", s(&sock), "--pid-file", s(&pid_file)]);
+    server.daemon().wait_ready(&Ready::PidFile(pid_file.clone()), STARTUP_TIMEOUT).expect("pid file");
+    let mut c = server.connect();
+    c.opt_go("disk", &[]).expect("NBD_OPT_GO");
+    let acked = writes_then(c, || server.daemon().signal(libc::SIGHUP).expect("SIGHUP"));
+    let status = server.daemon().wait_exit(STOP_TIMEOUT).expect("the server exits after SIGHUP");
+    assert_eq!(status.code(), Some(0), "{status}: {}", server.log());
+    assert!(!pid_file.exists() && !sock.exists(), "the pid file or socket outlived the server");
+    assert_stopped_cleanly(&ws, &base, &acked);
 }
 
 /// `--log FILE`: once serving, the server's stderr is appended to FILE, forked (stdin and

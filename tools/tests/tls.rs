@@ -154,6 +154,9 @@ fn plain_text_clients_are_refused_under_tls_require() {
     assert_tls_reqd(&mut c, NBD_OPT_LIST_META_CONTEXT, &meta_payload(EXPORT, &[BASE_ALLOCATION]));
     assert_tls_reqd(&mut c, NBD_OPT_SET_META_CONTEXT, &meta_payload(EXPORT, &[BASE_ALLOCATION]));
     assert_tls_reqd(&mut c, 0x4242, b"unknown option");
+    // Longer than the server keeps (16 KiB): still TLS_REQD, not TOO_BIG (the spec's "any
+    // other option" in FORCEDTLS mode).
+    assert_tls_reqd(&mut c, NBD_OPT_GO, &vec![0u8; 17 * 1024]);
     // Still refused after all that: nothing was let through in plain text.
     assert_tls_reqd(&mut c, NBD_OPT_GO, &NbdClient::<UnixStream>::info_payload(EXPORT, &[]));
     // ABORT is one of the two options allowed before TLS.
@@ -180,6 +183,54 @@ fn plain_text_clients_are_refused_under_tls_require() {
     // And the server still serves TLS clients afterwards.
     let out = run(bounded("nbdinfo").arg(rig.unix_uri()));
     assert!(stdout_of(&out).contains("with TLS"), "{}", stdout_of(&out));
+}
+
+/// The option's one reply, and its type.
+fn one_reply(c: &mut NbdClient<UnixStream>, option: u32, data: &[u8]) -> u32 {
+    let r = c.option_exchange(option, data).unwrap_or_else(|e| panic!("{}: {e}", opt_name(option)));
+    assert_eq!(r.len(), 1, "{}: {r:?}", opt_name(option));
+    r[0].reply_type
+}
+
+/// A client that does not set NBD_FLAG_C_FIXED_NEWSTYLE puts the server in NOTLS mode (spec:
+/// "The server MUST operate in NOTLS mode unless [...] the client replied with
+/// NBD_FLAG_C_FIXED_NEWSTYLE"): STARTTLS is refused with NBD_REP_ERR_POLICY (it used to be
+/// acknowledged); under `--tls require` every other option is refused with
+/// NBD_REP_ERR_POLICY too, never NBD_REP_ERR_TLS_REQD, and nothing is served in plain text;
+/// under `--tls optional` the plain-text session goes on.
+#[test]
+fn a_client_without_fixed_newstyle_is_refused_tls_and_under_require_everything() {
+    if !require_tools(&["openssl"]) {
+        return;
+    }
+    let rig = Rig::new();
+    let unfixed = |server: &Server| {
+        let mut c = NbdClient::connect_unix_raw(server.socket()).expect("connect");
+        c.read_greeting().expect("greeting");
+        c.send_client_flags(0).expect("client flags");
+        c
+    };
+    let server = rig.serve(&["--tls", "require"]);
+    let mut c = unfixed(&server);
+    assert_eq!(rep_name(one_reply(&mut c, NBD_OPT_STARTTLS, &[])), rep_name(NBD_REP_ERR_POLICY));
+    let go = NbdClient::<UnixStream>::info_payload(EXPORT, &[]);
+    assert_eq!(rep_name(one_reply(&mut c, NBD_OPT_GO, &go)), rep_name(NBD_REP_ERR_POLICY));
+    assert_eq!(rep_name(one_reply(&mut c, NBD_OPT_LIST, &[])), rep_name(NBD_REP_ERR_POLICY));
+    c.send_option(NBD_OPT_EXPORT_NAME, EXPORT.as_bytes()).unwrap();
+    assert_eq!(c.peer_state(Duration::from_secs(5)).unwrap(), PeerState::Closed, "EXPORT_NAME was not hung up on");
+    // A fixed-newstyle client still gets TLS.
+    let out = run(bounded("nbdinfo").arg(rig.unix_uri()));
+    assert!(stdout_of(&out).contains("with TLS"), "{}", stdout_of(&out));
+    assert!(server.stop().success());
+
+    let server = rig.serve(&["--tls", "optional"]);
+    let mut c = unfixed(&server);
+    assert_eq!(rep_name(one_reply(&mut c, NBD_OPT_STARTTLS, &[])), rep_name(NBD_REP_ERR_POLICY));
+    c.opt_go(EXPORT, &[]).expect("plain text goes on under --tls optional");
+    c.write(0, &[0x3c; 4096]).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0x3c; 4096]);
+    c.disconnect().unwrap();
+    assert!(server.stop().success());
 }
 
 #[test]

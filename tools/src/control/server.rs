@@ -7,7 +7,7 @@
 use super::{image_links, name_of, names_image};
 use cowdisk::live::jobs::{Job, JobSpec, Jobs};
 use cowdisk::live::LiveChain;
-use cowdisk::nbd::server::ServerControl;
+use cowdisk::nbd::server::{bind_unix, ServerControl};
 use cowdisk::nbd::{Export, ExportStats};
 use cowdisk::storage::namespace::RealFs;
 use cowdisk::{Chain, ChainOptions, Disk, Error, ErrorKind};
@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 
 /// Longest request line read; anything longer ends the control connection.
 const MAX_LINE: usize = 64 * 1024;
+/// How long the accept loop waits after accepting failed before it tries again.
+const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One export as the control channel knows it: the live chain behind it and its image.
 pub struct Served {
@@ -105,7 +107,24 @@ impl Control {
                 if st.stopping.load(Ordering::Acquire) {
                     break;
                 }
-                let Ok(conn) = conn else { continue };
+                let conn = match conn {
+                    Ok(c) => c,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                        ) =>
+                    {
+                        continue
+                    }
+                    // Out of descriptors or memory: the client waits in the backlog; trying
+                    // again at once would spin a core while the shortage lasts. (The NBD
+                    // accept loop reports it; the control channel shares the shortage.)
+                    Err(_) => {
+                        std::thread::sleep(ACCEPT_PAUSE);
+                        continue;
+                    }
+                };
                 let st = st.clone();
                 std::thread::spawn(move || session(&st, conn));
             }
@@ -188,16 +207,10 @@ fn sweep_dangling_links(rundir: &Path) {
     }
 }
 
-/// Binds the control socket: a stale one (nobody listening) is replaced, a live one refused.
+/// Binds the control socket as the NBD server binds its own (`bind_unix`: a stale socket is
+/// replaced, a live one refused, any other file refused and left alone), mode 0600.
 fn bind(socket: &Path) -> Result<UnixListener, Error> {
-    if socket.exists() {
-        if UnixStream::connect(socket).is_ok() {
-            return Err(cowdisk::Error::new(ErrorKind::InUse, "in use: another server listens on this control socket")
-                .with_file(socket));
-        }
-        std::fs::remove_file(socket).map_err(|e| Error::io("remove stale control socket", e).with_file(socket))?;
-    }
-    let l = UnixListener::bind(socket).map_err(|e| Error::io("bind control socket", e).with_file(socket))?;
+    let l = bind_unix(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io("chmod control socket", e).with_file(socket))?;
     Ok(l)
