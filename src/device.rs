@@ -198,22 +198,37 @@ pub fn push_change(out: &mut Vec<Change>, c: Change) {
     }
 }
 
+/// Which layer, as opposed to what it is called: a name can come to mean another layer (a
+/// layer merged away, then a new snapshot given its file name), an identity cannot. A cowdisk
+/// layer is its uuid (every layer made gets a new one: a snapshot's new top, a merge's
+/// result); the raw base is the one at the bottom (a chain has at most one, and never gains
+/// another while it is open: live operations keep it or merge it away).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerId {
+    Layer([u8; 16]),
+    Base,
+}
+
 /// What a disk made of layers (a top over earlier, frozen ones) can say about them: the NBD
 /// server's `qemu:dirty-bitmap:NAME` contexts. (Which layer serves each extent, for
 /// `qemu:allocation-depth`, is [`ExtentKind`]'s depth, from [`DiskExtents`].)
 ///
-/// A disk whose layers change while it is served (a snapshot taken live) answers each call from
-/// one state of its chain: a name is looked up and its changes computed in the same call, so a
-/// layer inserted in between cannot shift what the name means.
+/// A client names a layer once (when it selects the context) and is answered about that same
+/// layer from then on, wherever it has moved in the chain, or, once it is no longer in the
+/// chain, not at all (`None`): so a layer made later under the same name can never stand in
+/// for it. A disk whose layers change while it is served (a snapshot taken live) answers each
+/// call from one state of its chain.
 pub trait DiskLayers {
-    /// The names [`DiskLayers::changed_since`] accepts: the layers below the top, nearest the
-    /// top first. Each is the file name (last path component) by which the layer above it
-    /// names it; a name two layers share, or that is not UTF-8, is left out.
-    fn snapshot_names(&self) -> Vec<String>;
+    /// The layers below the top, nearest the top first, by name with their identity. A name
+    /// is the file name (last path component) by which the layer above it names it; a name
+    /// two layers share, or that is not UTF-8, is left out.
+    fn snapshots(&self) -> Vec<(String, LayerId)>;
     /// Describes a prefix of [offset, offset+len) (at least one change, at most `max_extents`,
     /// neighbours that say the same merged): which ranges may read differently from the way
-    /// they read in the layer named `name`, when that layer was the top. Reads no data.
-    fn changed_since(&self, name: &str, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Change>>;
+    /// they read in the layer `id`, when that layer was the top. `None` if that layer is no
+    /// longer in the chain (merged away), or is not one layer (two layers with one uuid: a
+    /// file copied into its own chain). Reads no data.
+    fn changed_since(&self, id: LayerId, offset: u64, len: u64, max_extents: usize) -> Result<Option<Vec<Change>>>;
 }
 
 /// A complete disk: what the NBD server exports.

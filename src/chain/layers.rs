@@ -15,7 +15,7 @@
 
 use super::open::identity;
 use super::Chain;
-use crate::device::{push_change, Change, DiskExtents, DiskLayers, DiskRead, ExtentKind};
+use crate::device::{push_change, Change, DiskExtents, DiskLayers, DiskRead, ExtentKind, LayerId};
 use crate::error::{err, ErrorKind, Result};
 use std::path::Path;
 
@@ -23,9 +23,25 @@ impl Chain {
     /// The layers below the top, nearest first, as (depth, path, virtual size): the frozen
     /// cowdisk layers, then the raw base.
     fn below_top(&self) -> impl Iterator<Item = (usize, &Path, u64)> {
-        let lowers = self.lowers.iter().map(|l| (l.path(), l.geometry().virtual_size));
-        let base = self.base.iter().map(|b| (b.path(), b.size()));
-        lowers.chain(base).enumerate().map(|(i, (p, size))| (i + 1, p, size))
+        self.below_top_ids().map(|(depth, p, size, _)| (depth, p, size))
+    }
+
+    /// [`Chain::below_top`] with each layer's identity.
+    fn below_top_ids(&self) -> impl Iterator<Item = (usize, &Path, u64, LayerId)> {
+        let lowers = self.lowers.iter().map(|l| (l.path(), l.geometry().virtual_size, LayerId::Layer(l.uuid())));
+        let base = self.base.iter().map(|b| (b.path(), b.size(), LayerId::Base));
+        lowers.chain(base).enumerate().map(|(i, (p, size, id))| (i + 1, p, size, id))
+    }
+
+    /// The depth of the one layer below the top that is `id`: `None` if none is, or several
+    /// are (copies of one file, sharing its uuid: answering for one could let a backup skip
+    /// what changed since the other).
+    fn depth_of_id(&self, id: LayerId) -> Option<usize> {
+        let mut found = self.below_top_ids().filter(|l| l.3 == id);
+        match (found.next(), found.next()) {
+            (Some((depth, ..)), None) => Some(depth),
+            _ => None,
+        }
     }
 
     /// The depth (1 = directly under the top) of the layer below the top that is the file at
@@ -40,21 +56,11 @@ impl Chain {
         Ok(None)
     }
 
-    /// Each layer below the top with its name, nearest first: the last component of the path
-    /// the layer above it records (a snapshot names its frozen layer by file name alone), if
-    /// that is UTF-8.
-    fn named_layers(&self) -> Vec<(usize, &str)> {
-        self.below_top().filter_map(|(depth, p, _)| Some((depth, p.file_name()?.to_str()?))).collect()
-    }
-
-    /// The depth of the layer named `name`: `None` if no layer has that name, or several do
-    /// (answering for one of them could let a backup skip what changed since the other).
-    fn depth_named(&self, name: &str) -> Option<usize> {
-        let mut found = self.named_layers().into_iter().filter(|(_, n)| *n == name);
-        match (found.next(), found.next()) {
-            (Some((depth, _)), None) => Some(depth),
-            _ => None,
-        }
+    /// Each layer below the top with its name and identity, nearest first: the name is the
+    /// last component of the path the layer above it records (a snapshot names its frozen
+    /// layer by file name alone), if that is UTF-8.
+    fn named_layers(&self) -> Vec<(&str, LayerId)> {
+        self.below_top_ids().filter_map(|(_, p, _, id)| Some((p.file_name()?.to_str()?, id))).collect()
     }
 
     /// Describes a prefix of [offset, offset+len) (at most `max_extents` changes) by whether
@@ -98,17 +104,16 @@ impl Chain {
 }
 
 impl DiskLayers for Chain {
-    fn snapshot_names(&self) -> Vec<String> {
+    fn snapshots(&self) -> Vec<(String, LayerId)> {
         let named = self.named_layers();
-        let unique = |name: &str| named.iter().filter(|(_, n)| *n == name).count() == 1;
-        named.iter().filter(|(_, n)| unique(n)).map(|(_, n)| n.to_string()).collect()
+        let unique = |name: &str| named.iter().filter(|(n, _)| *n == name).count() == 1;
+        named.iter().filter(|(n, _)| unique(n)).map(|(n, id)| (n.to_string(), *id)).collect()
     }
 
-    fn changed_since(&self, name: &str, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Change>> {
-        let Some(depth) = self.depth_named(name) else {
-            return Err(err(ErrorKind::InvalidArgument, format!("no layer named '{name}' below the top"))
-                .with_file(self.top.path()));
-        };
-        self.changes_since(depth, offset, len, max_extents)
+    fn changed_since(&self, id: LayerId, offset: u64, len: u64, max_extents: usize) -> Result<Option<Vec<Change>>> {
+        match self.depth_of_id(id) {
+            Some(depth) => self.changes_since(depth, offset, len, max_extents).map(Some),
+            None => Ok(None),
+        }
     }
 }

@@ -104,6 +104,14 @@ pub(crate) fn open_chain(path: &Path, opts: ChainOptions) -> Result<Opened> {
         let md = std::fs::metadata(&ppath).map_err(|e| {
             named_by(err(ErrorKind::ParentMissing, format!("parent {} is missing ({e})", ppath.display())))
         })?;
+        // A directory opens (read-only) and then fails every read: reported as what it is,
+        // a parent that is not there, rather than as an I/O error of the first read.
+        if md.is_dir() {
+            return Err(named_by(err(
+                ErrorKind::ParentMissing,
+                format!("parent {} is a directory, not an image", ppath.display()),
+            )));
+        }
         let id = (md.dev(), md.ino());
         if seen.contains(&id) {
             return Err(named_by(err(

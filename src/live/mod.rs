@@ -9,7 +9,9 @@
 //! and the next open of the image finishes what was decided.
 
 use crate::chain::Chain;
-use crate::device::{Change, Disk, DiskExtents, DiskFlush, DiskLayers, DiskRead, DiskWrite, DiskZero, Extent, Payload};
+use crate::device::{
+    Change, Disk, DiskExtents, DiskFlush, DiskLayers, DiskRead, DiskWrite, DiskZero, Extent, LayerId, Payload,
+};
 use crate::error::{err, Error, ErrorKind, Result};
 use crate::ops::snapshot::{snapshot_chain, LiveSnapshotError};
 use crate::storage::namespace::Namespace;
@@ -75,7 +77,9 @@ impl LiveChain {
     /// Refused while a job runs on the chain.
     pub fn snapshot(&self, ns: &dyn Namespace, snapshot: &Path) -> Result<Duration> {
         // Held across the snapshot: a job cannot start between the look and the snapshot (it
-        // would find a layer it did not expect and fail).
+        // would find a layer it did not expect and fail). A job asked for meanwhile waits for
+        // the snapshot (as QMP commands wait for one another); an export removal does not
+        // (see [`LiveChain::try_claim`]).
         let busy = lock(&self.busy);
         if let Some(job) = *busy {
             return Err(
@@ -133,6 +137,29 @@ impl LiveChain {
     /// Marks the chain busy with a `job`; refused if one runs. [`LiveChain::release`] ends it.
     pub fn claim(&self, job: &'static str) -> Result<()> {
         let mut b = lock(&self.busy);
+        if let Some(other) = *b {
+            return Err(
+                err(ErrorKind::InUse, format!("in use: a {other} job is running on this chain")).with_file(&self.path)
+            );
+        }
+        *b = Some(job);
+        Ok(())
+    }
+
+    /// [`LiveChain::claim`] without waiting for a snapshot being taken: refused at once then.
+    /// A snapshot can wait as long as a client takes to finish a request in flight (a write
+    /// whose payload is slow to come, or never comes); an export removal must not wait as
+    /// long (a forced one disconnects the clients first, which ends that wait).
+    pub fn try_claim(&self, job: &'static str) -> Result<()> {
+        let mut b = match self.busy.try_lock() {
+            Ok(b) => b,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(
+                    err(ErrorKind::InUse, "in use: a snapshot of this chain is being taken").with_file(&self.path)
+                )
+            }
+        };
         if let Some(other) = *b {
             return Err(
                 err(ErrorKind::InUse, format!("in use: a {other} job is running on this chain")).with_file(&self.path)
@@ -254,16 +281,15 @@ impl DiskExtents for LiveChain {
     }
 }
 
-/// Each call on the chain of the moment: a name is looked up and what changed since it is
-/// computed under one hold of the chain, so a snapshot taken meanwhile cannot make the name
-/// mean another layer halfway.
+/// Each call on the chain of the moment: a layer is found and what changed since it is
+/// computed under one hold of the chain, so a snapshot taken meanwhile cannot move it halfway.
 impl DiskLayers for LiveChain {
-    fn snapshot_names(&self) -> Vec<String> {
-        self.with(|c| Ok(c.snapshot_names())).unwrap_or_default()
+    fn snapshots(&self) -> Vec<(String, LayerId)> {
+        self.with(|c| Ok(c.snapshots())).unwrap_or_default()
     }
 
-    fn changed_since(&self, name: &str, offset: u64, len: u64, max_extents: usize) -> Result<Vec<Change>> {
-        self.with(|c| c.changed_since(name, offset, len, max_extents))
+    fn changed_since(&self, id: LayerId, offset: u64, len: u64, max_extents: usize) -> Result<Option<Vec<Change>>> {
+        self.with(|c| c.changed_since(id, offset, len, max_extents))
     }
 }
 

@@ -90,8 +90,18 @@ pub(super) fn flatten(live: &LiveChain, job: &Job) -> Result<()> {
 /// parent P (`commit_prepare`, P taken up for writing in place, its readers unaffected); then,
 /// with requests held back, P's new map is switched in and the top is put on P directly (X's
 /// blocks are now in P: the device reads the same), and X goes. A commit stopped before that
-/// leaves X in the chain; the next commit starts from it.
+/// leaves X in the chain; the next commit starts from it, and then commits the top as asked
+/// (what was written since), as the offline commit does. (Until 2026-12-04 a live commit
+/// that found X committed X alone and said it had committed the image.)
 pub(super) fn commit(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<()> {
+    if commit_step(live, job, ns)? {
+        commit_step(live, job, ns)?;
+    }
+    Ok(())
+}
+
+/// One commit of [`commit`]: of X if a stopped commit left it (returns true), else of the top.
+fn commit_step(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<bool> {
     let image = live.path().to_path_buf();
     let resume = live.with(|c| match c.lowers() {
         [] => Err(err(
@@ -129,7 +139,8 @@ pub(super) fn commit(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<
     drop(x);
     remove_left_behind(ns, behind)?;
     ns.remove(&x_path);
-    ns.sync_dir(&x_path)
+    ns.sync_dir(&x_path)?;
+    Ok(resume)
 }
 
 /// The steps of [`commit`] while the parent `p` is taken up for writing: the top frozen into

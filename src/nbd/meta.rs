@@ -8,11 +8,13 @@
 //! - `qemu:allocation-depth`: the whole 32-bit value is the depth of the layer that decides
 //!   what the range reads as: 0 none (unallocated), 1 the top, 2 and up the layers below
 //!   ([`ExtentKind::allocation_depth`]).
-//! - `qemu:dirty-bitmap:NAME`, NAME a layer below the top ([`DiskLayers::snapshot_names`]):
-//!   flag [`STATE_DIRTY`] where the range may have changed since that layer was the top.
+//! - `qemu:dirty-bitmap:NAME`, NAME a layer below the top ([`DiskLayers::snapshots`]): flag
+//!   [`STATE_DIRTY`] where the range may have changed since that layer was the top. The
+//!   context is bound to the layer NAME meant when the client selected it (its [`LayerId`]),
+//!   not to the name: a layer made later under that name is another layer.
 
 use super::proto::{BASE_ALLOCATION, STATE_HOLE, STATE_ZERO};
-use crate::device::{Disk, DiskLayers, Extent};
+use crate::device::{Disk, DiskLayers, Extent, LayerId};
 use crate::error::{err, ErrorKind, Result};
 
 pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
@@ -25,8 +27,8 @@ pub const STATE_DIRTY: u32 = 1 << 0;
 pub enum Context {
     BaseAllocation,
     AllocationDepth,
-    /// Changed since the layer of this name.
-    DirtyBitmap(String),
+    /// Changed since this layer, by the name it had when offered.
+    DirtyBitmap(String, LayerId),
 }
 
 impl Context {
@@ -35,7 +37,7 @@ impl Context {
         match self {
             Context::BaseAllocation => BASE_ALLOCATION.to_string(),
             Context::AllocationDepth => ALLOCATION_DEPTH.to_string(),
-            Context::DirtyBitmap(n) => format!("{DIRTY_BITMAP_PREFIX}{n}"),
+            Context::DirtyBitmap(n, _) => format!("{DIRTY_BITMAP_PREFIX}{n}"),
         }
     }
 }
@@ -63,13 +65,14 @@ pub fn offered(disk: &dyn Disk, offer: Offer) -> Vec<Context> {
         out.push(Context::AllocationDepth);
     }
     if offer.dirty_bitmaps {
-        let names = disk.layers().map(DiskLayers::snapshot_names).unwrap_or_default();
-        out.extend(names.into_iter().map(Context::DirtyBitmap));
+        let layers = disk.layers().map(DiskLayers::snapshots).unwrap_or_default();
+        out.extend(layers.into_iter().map(|(name, id)| Context::DirtyBitmap(name, id)));
     }
     out
 }
 
-/// The contexts among `offered` that `queries` name, each once, in the order first named.
+/// The contexts among `offered` that `queries` name, each once, in the order first named
+/// (a dirty bitmap with the layer its name means now, which it stays bound to).
 /// With `list` (NBD_OPT_LIST_META_CONTEXT) no query at all names every context, and a query
 /// that ends where a name's last part would begin (`base:`, `qemu:`, `qemu:dirty-bitmap:`)
 /// names every context under it; NBD_OPT_SET_META_CONTEXT selects by whole name only, as
@@ -120,12 +123,12 @@ pub fn block_status(
                 };
                 ext.iter().map(|e| (e.length, flags(e))).collect()
             }
-            Context::DirtyBitmap(name) => {
+            Context::DirtyBitmap(_, layer) => {
                 let Some(layers) = disk.layers() else {
                     return Err(err(ErrorKind::InvalidArgument, "this export has no layers to compare with"));
                 };
-                match layers.changed_since(name, offset, len, max) {
-                    Ok(changes) => {
+                match layers.changed_since(*layer, offset, len, max)? {
+                    Some(changes) => {
                         changes.iter().map(|c| (c.length, if c.changed { STATE_DIRTY } else { 0 })).collect()
                     }
                     // The layer was merged away (flatten, compact) since the client selected
@@ -134,8 +137,7 @@ pub fn block_status(
                     // spec's "a single block status descriptor with length matching the
                     // requested length" for a context that cannot answer; an error would also
                     // take the other contexts of the request with it.
-                    Err(_) if !layers.snapshot_names().iter().any(|n| n == name) => vec![(len, STATE_DIRTY)],
-                    Err(e) => return Err(e),
+                    None => vec![(len, STATE_DIRTY)],
                 }
             }
         };
@@ -163,7 +165,9 @@ mod tests {
 
     fn offered_with(bitmaps: &[&str]) -> Vec<Context> {
         let mut v = vec![Context::BaseAllocation, Context::AllocationDepth];
-        v.extend(bitmaps.iter().map(|b| Context::DirtyBitmap(b.to_string())));
+        v.extend(
+            bitmaps.iter().enumerate().map(|(i, b)| Context::DirtyBitmap(b.to_string(), LayerId::Layer([i as u8; 16]))),
+        );
         v
     }
 

@@ -427,6 +427,19 @@ fn a_selected_bitmap_keeps_meaning_its_layer_across_live_snapshots() {
     let listed: Vec<String> =
         l.opt_list_meta_context("disk", &["qemu:dirty-bitmap:"]).unwrap().into_iter().map(|m| m.name).collect();
     assert_eq!(listed, ["qemu:dirty-bitmap:merged.cow", "qemu:dirty-bitmap:base.raw"]);
+    // A new snapshot given the merged-away layer's name is another layer: the client that
+    // selected the old one is still told that everything may have changed. (It used to be
+    // answered from the new layer, "nothing changed": an incremental backup would have
+    // missed every write since the old one.)
+    let _ = fs::remove_file(ws.p("s1.cow"));
+    ws.ok(&["snapshot", "disk.cow", "s1.cow", "--control", s(&ctl)]);
+    assert_eq!(merged(status_maps(&mut c, &[set[0].id], 0, SIZE).remove(0)), [(0, SIZE, 1)], "bitmap of a reused name");
+    // A client that selects the name now gets the new layer: nothing changed since it.
+    let mut fresh = server.connect();
+    fresh.opt_structured_reply().unwrap();
+    let id = fresh.opt_set_meta_context("disk", &["qemu:dirty-bitmap:s1.cow"]).unwrap()[0].id;
+    fresh.opt_go("disk", &[]).unwrap();
+    assert_eq!(merged(status_maps(&mut fresh, &[id], 0, SIZE).remove(0)), [(0, SIZE, 0)], "the new s1.cow");
 }
 
 // ---------------------------------------------------------------------------

@@ -30,6 +30,16 @@ fn check_of_a_missing_file_is_a_one_line_error_not_a_corrupt_verdict() {
     let o = ws.fail(&["check", "--chain", "top.cow"], &["plain.raw", "missing"]);
     assert_eq!(o.code, Some(1), "{}", o.describe());
     assert!(!o.stdout.contains("corrupt"), "{}", o.describe());
+    // A directory where the parent was: named as such (it used to be "Is a directory" from
+    // the first read), an error like a missing parent; for `info` and `serve` alike.
+    std::fs::create_dir(ws.p("plain.raw")).unwrap();
+    for args in
+        [&["check", "--chain", "top.cow"][..], &["info", "top.cow"], &["serve", "top.cow", "--socket", "s.sock"]]
+    {
+        let o = ws.fail(args, &["plain.raw is a directory, not an image"]);
+        assert_eq!(o.code, Some(1), "{}", o.describe());
+    }
+    std::fs::remove_dir(ws.p("plain.raw")).unwrap();
     // A FIFO is refused at once (no wait for a writer), as no image.
     let fifo = std::ffi::CString::new(ws.p("pipe.cow").into_os_string().into_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.

@@ -188,10 +188,19 @@ fn jobs_are_listed_cancelled_and_run_one_at_a_time() {
     // What it had copied into the parent is given back: no space leaked.
     let c = ws.run(&["check", "--chain", "disk.cow"]);
     assert_eq!(c.code, Some(0), "after the cancelled commit: {}", c.describe());
-    // Cancelled, it left its intermediate layer; the next commit starts from it.
+    // Cancelled, it left its intermediate layer; the next commit starts from it, and then
+    // commits what was written since, as asked: the image is left empty. (It used to commit
+    // the intermediate layer alone, leave what was written since in the image, and say it had
+    // committed it.)
     assert!(layers(ws).iter().any(|l| l.contains(".commit-")), "{:?}", layers(ws));
+    let mut c = live.client();
+    c.write(40 << 20, &random_bytes(1 << 20, 0xb)).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    let before = device(&live);
     ws.ok(&["commit", "disk.cow", "--force", "--control", ctl]);
     assert!(layers(ws).iter().all(|l| !l.contains(".commit-")), "{:?}", layers(ws));
+    assert_eq!(ws.info("disk.cow")["layers"][0]["data_bytes"], 0, "the image still holds data: {:?}", layers(ws));
     assert_bytes_eq(&device(&live), &before, "after the commit run again");
     let Live { server, .. } = live;
     assert!(server.stop().success());
@@ -305,6 +314,55 @@ fn a_followed_job_whose_server_dies_or_stops_says_so_and_the_command_run_again_f
         let Live { server, .. } = live;
         assert!(server.stop().success());
     }
+}
+
+/// `cowdisk ARGS` in `dir`, killed if it has not ended within 30 s (a command that waits for
+/// ever fails the test instead of hanging it); how it ended and how long it took.
+fn run_within(dir: &std::path::Path, args: &[&str]) -> (Out, Duration) {
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.args(["-k", "5", "30"]).arg(cowdisk_bin()).args(args).current_dir(dir);
+    let t = Instant::now();
+    let output = run_status(&mut cmd);
+    (out_of(&cmd, output), t.elapsed())
+}
+
+/// A live snapshot waits for a write in flight whose client stopped sending its payload.
+/// Meanwhile an `export remove` of that export is refused at once, saying why (it used to wait
+/// as long as the client, holding up every other export change of the server), another export
+/// is added, and `export remove --force` disconnects the client, which ends the snapshot's
+/// wait: it returns, the snapshot command with it, and the image checks clean.
+#[test]
+fn a_snapshot_stalled_by_a_client_holds_up_no_export_change() {
+    use common::nbdclient::NBD_CMD_WRITE;
+    let live = Live::start(SIZE);
+    let (ws, ctl) = (&live.ws, s(&live.ctl).to_string());
+    let mut a = live.client();
+    let data = random_bytes(1 << 20, 0x5a);
+    a.send_request(0, NBD_CMD_WRITE, 0xa, 2 << 20, 1 << 20, &data[..4096]).expect("a write's first 4 KiB");
+    std::thread::sleep(Duration::from_millis(200));
+    let snap = {
+        let (dir, ctl) = (ws.dir().to_path_buf(), ctl.clone());
+        std::thread::spawn(move || run_within(&dir, &["snapshot", "disk.cow", "snap.cow", "--control", &ctl]))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!snap.is_finished(), "the snapshot did not wait for the write in flight");
+    let (o, took) = run_within(ws.dir(), &["export", "remove", "disk", "--control", &ctl]);
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    assert!(o.error_line().contains("in use: a snapshot of this chain is being taken"), "{}", o.describe());
+    assert!(took < Duration::from_secs(10), "the refusal took {took:?}");
+    ws.create("other.cow", &["--size", "1M"]);
+    let (o, _) = run_within(ws.dir(), &["export", "add", "other.cow", "--control", &ctl]);
+    assert_eq!(o.code, Some(0), "export add beside the stalled snapshot: {}", o.describe());
+    let (o, _) = run_within(ws.dir(), &["export", "remove", "disk", "--force", "--control", &ctl]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let (sn, _) = snap.join().expect("the snapshot command");
+    assert!(sn.code.is_some(), "the snapshot command was killed: {}", sn.describe());
+    a.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(!a.read_response().is_ok_and(|r| r.is_ok()), "the write whose payload never came was acknowledged");
+    let Live { server, ws, .. } = live;
+    assert!(server.stop().success());
+    let c = ws.run(&["check", "--chain", "disk.cow"]);
+    assert_eq!(c.code, Some(0), "{}", c.describe());
 }
 
 /// An offline `commit` of an image whose live commit was interrupted (the server killed):

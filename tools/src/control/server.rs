@@ -402,11 +402,16 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
     let name = arg_str(args, "name")?;
     let force = arg_bool(args, "force");
     let live = lock(&st.exports).iter().find(|s| s.name == name).map(|s| s.live.clone());
-    // The chain is claimed for the removal, as a job claims it: a job running on it is seen
-    // whatever path it was started by (the chain's own, not the export's name), and
-    // none can start while the export's clients are being disconnected.
-    if let Some(live) = &live {
-        while let Err(e) = live.claim("export removal") {
+    // Where it stands in the list, to put it back there if its flush fails (the first export
+    // is the default one). No other change can move it meanwhile: they wait for
+    // `export_changes`.
+    let place = st.server.exports().list().iter().position(|e| e.name == name).unwrap_or(usize::MAX);
+    // The chain is claimed for the removal, as a job claims it: a job or a snapshot running
+    // on it is seen whatever path it was started by (the chain's own, not the export's
+    // name), and none can start while the export goes. Never waited for unforced: refused.
+    let claim = |force: bool| -> Result<(), Error> {
+        let Some(live) = &live else { return Ok(()) };
+        while let Err(e) = live.try_claim("export removal") {
             if !force {
                 return Err(Error::new(e.kind(), format!("{}; --force cancels it", e.message())));
             }
@@ -415,18 +420,25 @@ fn export_remove(st: &State, args: &Value) -> Result<Value, Error> {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-    }
-    // Where it stands in the list, to put it back there if its flush fails (the first export
-    // is the default one). No other change can move it meanwhile: they wait for
-    // `export_changes`.
-    let place = st.server.exports().list().iter().position(|e| e.name == name).unwrap_or(usize::MAX);
-    let removed = match st.server.remove_export(name, force) {
-        Ok(e) => e,
-        Err(e) => {
-            if let Some(live) = &live {
-                live.release();
+        Ok(())
+    };
+    let removed = if force {
+        // Its clients are disconnected first: a snapshot, or a job's step, waiting for a
+        // request that a client does not finish (a write whose payload never comes) ends
+        // once that client is cut off, and only then can the chain be claimed.
+        let removed = st.server.remove_export(name, true)?;
+        claim(true)?;
+        removed
+    } else {
+        claim(false)?;
+        match st.server.remove_export(name, false) {
+            Ok(e) => e,
+            Err(e) => {
+                if let Some(live) = &live {
+                    live.release();
+                }
+                return Err(e);
             }
-            return Err(e);
         }
     };
     // (An unusable chain, left so by a change that failed half-way, has nothing to flush and
