@@ -119,7 +119,7 @@ fn commit_step(live: &LiveChain, job: &Job, ns: &dyn Namespace) -> Result<bool> 
         ErrorKind::InUse => err(
             ErrorKind::InUse,
             format!(
-                "in use: its parent {} is open in another process (other overlays on it?); nothing changed",
+                "in use: its parent {} is open elsewhere (other overlays on it, served by another process or by this one?); nothing changed",
                 p.path().display()
             ),
         )

@@ -156,8 +156,10 @@ impl FileStorage {
                 return Err(err(
                     ErrorKind::InUse,
                     match mode {
-                        LockMode::Exclusive => "in use: another process has this image open",
-                        _ => "in use: another process has this image open for writing",
+                        // Open file description locks conflict within one process too: the
+                        // holder may be this server (another export on the same file).
+                        LockMode::Exclusive => "in use: the image is open elsewhere (another process, or another export of the same server)",
+                        _ => "in use: the image is open for writing elsewhere (another process, or another export of the same server)",
                     },
                 )
                 .with_file(&self.path()));
