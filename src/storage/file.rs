@@ -317,6 +317,11 @@ impl Storage for FileStorage {
                 match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
                     Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {}
+                    // The destination's file system is full or refuses the size: named as the
+                    // file that failed (a copy error used to name the source, which is only read).
+                    Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => {
+                        return Err(out.ctx(e, "copy", dst_offset + done))
+                    }
                     _ => return Err(self.ctx(e, "copy", offset + done)),
                 }
             }

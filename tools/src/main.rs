@@ -296,14 +296,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 /// A usage error as one line (clap's own rendering spans several, with a usage block): what
-/// was wrong, any tip, and where to look. Help and version requests print as clap makes them.
+/// was wrong, any tip, and where to look; exit 1, as qemu-img's usage errors (clap's 2 is
+/// `check`'s "corrupted": a mistyped option must not read as a damaged image; until
+/// 2026-12-04 it did, found by a review). Help and version requests print as clap makes
+/// them; help shown for a missing subcommand exits 1 too.
 fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
-    if matches!(
-        e.kind(),
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
-        e.exit();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(1);
+        }
+        _ => {}
     }
     let text = e.render().to_string();
     let parts: Vec<&str> = text
@@ -320,7 +325,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
         line.push_str(p);
     }
     eprintln!("cowdisk: {line} (see 'cowdisk --help')");
-    ExitCode::from(2)
+    ExitCode::from(1)
 }
 
 fn main() -> ExitCode {

@@ -56,7 +56,13 @@ pub fn flatten_cmd(image: &Path, output: Option<PathBuf>, format: &str, job: &Jo
                 }
                 return Ok(());
             }
-            flatten_in_place(image, &progress)?;
+            if job.rate.is_some() {
+                // `--rate` is kept by the job machinery: the flatten runs here as a live one
+                // does, with the same result. (Until 2026-12-04 it was ignored here.)
+                jobs::here(image, JobSpec::Flatten, job.rate)?;
+            } else {
+                flatten_in_place(image, &progress)?;
+            }
             say!("{} no longer depends on any parent", image.display());
         }
         Some(out) => {
@@ -92,14 +98,25 @@ pub fn commit_cmd(image: &Path, force: bool, job: &JobArgs) -> Result<(), Failur
         return Ok(());
     }
     sweep_temps(image, "commit");
-    if commit::interrupted(image)? {
-        // A live commit stopped half-way left its intermediate layer: that is finished first,
-        // the same way; then what the image holds (written since) goes into the parent too,
-        // as asked. (Before 2026-12-04 only the first was done, and the message below was
-        // untrue: the image still held what was written after the interrupted commit.)
+    // Ctrl-C while the new empty overlay is being made removes it (the commit itself is
+    // crash-safe: run again, it finishes).
+    crate::interrupt::remove_temps_on_signal(image, "commit");
+    if job.rate.is_some() {
+        // `--rate` is kept by the job machinery: the commit runs here as a live one runs (the
+        // top frozen into an intermediate layer, merged into the parent at that rate, the
+        // top put on the parent; a stopped commit's layer first), with the same result.
+        // (Until 2026-12-04 an offline commit ignored --rate; found by a review.)
         jobs::here(image, JobSpec::Commit, job.rate)?;
+    } else {
+        if commit::interrupted(image)? {
+            // A live commit stopped half-way left its intermediate layer: that is finished
+            // first, the same way; then what the image holds (written since) goes into the
+            // parent too, as asked. (Before 2026-12-04 only the first was done, and the
+            // message below was untrue: the image still held what was written after.)
+            jobs::here(image, JobSpec::Commit, None)?;
+        }
+        commit::commit(image, force, &|d, t| bar.update(d, t))?;
     }
-    commit::commit(image, force, &|d, t| bar.update(d, t))?;
     say!("committed {} into its parent; it is now an empty overlay", image.display());
     Ok(())
 }

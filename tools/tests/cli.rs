@@ -652,10 +652,14 @@ fn demo_serves_an_overlay_on_a_base_holding_ext4_and_reuses_it_next_time() {
 }
 
 #[test]
-fn usage_errors_are_one_line_with_exit_code_2() {
+/// Exit 1, as qemu-img's usage errors: 2 is `check`'s "corrupted" (it was 2 until 2026-12-04,
+/// so `check --deeep disk.cow` read as a damaged image).
+fn usage_errors_are_one_line_with_exit_code_1() {
     let ws = Ws::new();
     for (args, says) in [
         (&["frob"][..], "unrecognized subcommand 'frob'"),
+        (&["check"][..], "<IMAGE>"),
+        (&["check", "--deeep", "a.cow"][..], "--deeep"),
         (&["create"][..], "<IMAGE>"),
         (&["create", "a.cow", "--size", "1G", "--chunk-size", "lots"][..], "invalid size 'lots'"),
         (&["info", "a.cow", "--colour"][..], "--colour"),
@@ -663,7 +667,7 @@ fn usage_errors_are_one_line_with_exit_code_2() {
     ] {
         let o = ws.run(args);
         assert_no_panic(&o);
-        assert_eq!(o.code, Some(2), "{}", o.describe());
+        assert_eq!(o.code, Some(1), "{}", o.describe());
         let line = o.error_line();
         assert!(line.contains(says), "expected {says:?} in the error\n{}", o.describe());
         assert!(line.ends_with("(see 'cowdisk --help')"), "{}", o.describe());
