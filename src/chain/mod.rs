@@ -284,16 +284,27 @@ impl Chain {
     }
 
     /// Writes pieces that each cover a whole chunk (consecutive chunks), in rounds over the
-    /// chunks whose bytes `src` has ready: a client slow to send a large write holds no chunk
-    /// lock while it is waited for (at worst, when `src` can hold less than one chunk ahead,
-    /// the lock of the one chunk whose bytes are on their way). A round takes what has
-    /// arrived, at least a chunk: its bytes are still in the CPU's caches when they are copied.
+    /// chunks whose bytes `src` has ready: a client slow to send a large write is never waited
+    /// for with a lock held. A round takes what has arrived, at least a chunk: its bytes are
+    /// still in the CPU's caches when they are copied. When `src` cannot hold a whole chunk
+    /// ahead (a pipe smaller than the chunk), that chunk's bytes are taken into memory first,
+    /// and written from there. (Until 2026-12-04 the chunk was written straight from the
+    /// source under its lock and the image's copy gate, so a client that stopped part-way
+    /// held every request on that lock's stripe, a FLUSH, and behind the FLUSH every write of
+    /// the export, for as long as it liked; found by a review.)
     fn write_whole_chunks(&self, run: &[ChunkPiece], src: &mut dyn Payload) -> Result<()> {
         let cs = self.chunk_base(1) as usize;
+        let mut scratch = Vec::new();
         let mut i = 0;
         while i < run.len() {
             let ready = src.ready(cs, (run.len() - i) * cs)?;
-            let n = (ready / cs).clamp(1, run.len() - i);
+            if ready < cs {
+                let mut bytes: &[u8] = src.take_bytes(cs, &mut scratch)?;
+                self.write_ready_chunks(&run[i..i + 1], &mut bytes)?;
+                i += 1;
+                continue;
+            }
+            let n = (ready / cs).min(run.len() - i);
             self.write_ready_chunks(&run[i..i + n], src)?;
             i += n;
         }

@@ -256,3 +256,44 @@ fn a_client_stalling_in_the_middle_of_a_large_write_does_not_hold_up_writes_of_a
     drop((a, b));
     rig.stop_and_check();
 }
+
+/// The same with chunks larger than the server's pipe holds (2 MiB chunks, the payload sent
+/// in 4 KiB pieces, a pipe slot each): the stalled write's chunk waits in memory for its bytes, not under its lock. Until
+/// 2026-12-04 it was written from the socket under its lock and the image's copy gate, so a
+/// FLUSH on another connection waited for the stalled client, and every write of the export
+/// behind the FLUSH (found by a review).
+#[test]
+fn a_client_stalling_in_a_write_of_chunks_larger_than_the_pipe_holds_up_no_other_client() {
+    let dir = TempDir::for_test();
+    let img = dir.join("big.cow");
+    run(Command::new(cowdisk_bin()).arg("create").arg(&img).args(["--size", "64M", "--chunk-size", "2M"]));
+    let server = serve(&[&img], &dir.join("nbd.sock"), &[]);
+    let big = random_bytes(4 * MIB as usize, 91);
+    // Sent 4 KiB at a time: each piece takes a slot of the server's pipe, so the pipe holds
+    // less than a chunk of them.
+    let sent = 1900 * KIB as usize;
+    let mut a = simple_client(&server, "big");
+    a.send_request(0, NBD_CMD_WRITE, 7, 0, big.len() as u32, &big[..4096]).expect("header and a first piece");
+    for piece in big[4096..sent].chunks(4096) {
+        a.send_raw(piece).expect("a piece of the payload");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut model = vec![0u8; 64 * MIB as usize];
+    for (k, at) in [(0u64, 32 * MIB), (1, 6 * MIB + 4096), (2, 40 * MIB + 512)] {
+        let mut c = simple_client(&server, "big");
+        c.set_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let data = random_bytes(64 * KIB as usize, 200 + k);
+        c.write(at, &data).unwrap_or_else(|e| panic!("write {k} of another client while one stalls: {e}"));
+        c.flush().unwrap_or_else(|e| panic!("flush {k} of another client while one stalls: {e}"));
+        model[at as usize..(at + 64 * KIB) as usize].copy_from_slice(&data);
+    }
+    a.send_raw(&big[sent..]).expect("rest of the payload");
+    let r = a.wait_response(7).expect("reply to the large write");
+    assert!(r.is_ok(), "the large write, once all its bytes came: error {}", r.error);
+    model[..big.len()].copy_from_slice(&big);
+    assert_device_reads(&mut a, &model, "after every client's writes");
+    drop(a);
+    assert!(server.stop().success());
+    let out = run_status(Command::new(cowdisk_bin()).arg("check").arg("--deep").arg(&img));
+    assert!(out.status.success(), "cowdisk check --deep: {}", stdout_of(&out));
+}
