@@ -104,10 +104,14 @@ impl Chain {
 }
 
 impl DiskLayers for Chain {
+    /// A commit's intermediate layer is left out: it is the commit's own, no snapshot anyone
+    /// took, and gone when the commit ends (a client that selected it would be told from then
+    /// on that everything changed).
     fn snapshots(&self) -> Vec<(String, LayerId)> {
         let named = self.named_layers();
         let unique = |name: &str| named.iter().filter(|(n, _)| *n == name).count() == 1;
-        named.iter().filter(|(n, _)| unique(n)).map(|(n, id)| (n.to_string(), *id)).collect()
+        let offered = |name: &str| unique(name) && !crate::ops::commit::is_commit_layer(Path::new(name));
+        named.iter().filter(|(n, _)| offered(n)).map(|(n, id)| (n.to_string(), *id)).collect()
     }
 
     fn changed_since(&self, id: LayerId, offset: u64, len: u64, max_extents: usize) -> Result<Option<Vec<Change>>> {

@@ -380,6 +380,41 @@ fn layer_names_two_layers_share_are_not_offered_as_bitmaps() {
     assert_eq!(diff_json(&ws, "a/snap.cow", "b/disk.cow"), [(0, MIB, false)]);
 }
 
+/// A commit stopped half-way leaves its intermediate layer in the chain (`disk.cow.commit-…`):
+/// the commit's own, gone when the next commit ends, so it is not offered as a bitmap (a
+/// client that selected it would be told from then on that everything changed); the
+/// snapshots around it still are.
+#[test]
+fn a_commits_intermediate_layer_is_not_offered_as_a_bitmap() {
+    let ws = Ws::new();
+    let top: Vec<Op> = (0..16u64).map(|i| data(i * 256 * KIB, 128 * KIB, 300 + i)).collect();
+    build(&ws, [vec![data(0, 4096, 1)], vec![data(MIB, 4096, 2)], top]);
+    let (sock, ctl) = (ws.p("nbd.sock"), ws.p("ctl.sock"));
+    let server = Server::start(&[s(&ws.p("disk.cow")), "--dirty-bitmaps", "--socket", s(&sock), "--control", s(&ctl)]);
+    ws.ok(&["commit", "disk.cow", "--force", "--detach", "--rate", "64K", "--control", s(&ctl)]);
+    ws.ok(&["jobs", "cancel", "1", "--control", s(&ctl)]);
+    let layers = || -> Vec<String> {
+        ws.info("disk.cow")["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["path"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || layers().iter().any(|l| l.contains(".commit-"))),
+        "{:?}",
+        layers()
+    );
+    let mut c = server.connect();
+    c.opt_structured_reply().unwrap();
+    let listed: Vec<String> =
+        c.opt_list_meta_context("disk", &["qemu:dirty-bitmap:"]).unwrap().into_iter().map(|m| m.name).collect();
+    assert_eq!(listed, ["s2.cow", "s1.cow", "base.raw"].map(|n| format!("qemu:dirty-bitmap:{n}")), "{:?}", layers());
+    drop(c);
+    assert!(server.stop().success());
+}
+
 #[test]
 fn a_selected_bitmap_keeps_meaning_its_layer_across_live_snapshots() {
     let ws = Ws::new();
