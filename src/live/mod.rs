@@ -82,9 +82,7 @@ impl LiveChain {
         // (see [`LiveChain::try_claim`]).
         let busy = lock(&self.busy);
         if let Some(job) = *busy {
-            return Err(
-                err(ErrorKind::InUse, format!("in use: a {job} job is running on this chain")).with_file(&self.path)
-            );
+            return Err(self.busy_with(job));
         }
         // The name a commit's own snapshot takes (`snapshot_now`) is not the user's to take.
         crate::ops::commit::refuse_commit_layer_name(snapshot).map_err(|e| e.during("snapshot"))?;
@@ -136,14 +134,7 @@ impl LiveChain {
 
     /// Marks the chain busy with a `job`; refused if one runs. [`LiveChain::release`] ends it.
     pub fn claim(&self, job: &'static str) -> Result<()> {
-        let mut b = lock(&self.busy);
-        if let Some(other) = *b {
-            return Err(
-                err(ErrorKind::InUse, format!("in use: a {other} job is running on this chain")).with_file(&self.path)
-            );
-        }
-        *b = Some(job);
-        Ok(())
+        self.claim_in(&mut lock(&self.busy), job)
     }
 
     /// [`LiveChain::claim`] without waiting for a snapshot being taken: refused at once then.
@@ -160,13 +151,21 @@ impl LiveChain {
                 )
             }
         };
-        if let Some(other) = *b {
-            return Err(
-                err(ErrorKind::InUse, format!("in use: a {other} job is running on this chain")).with_file(&self.path)
-            );
+        self.claim_in(&mut b, job)
+    }
+
+    /// Claims `busy` (held) for `job` unless a job has it.
+    fn claim_in(&self, busy: &mut Option<&'static str>, job: &'static str) -> Result<()> {
+        if let Some(other) = *busy {
+            return Err(self.busy_with(other));
         }
-        *b = Some(job);
+        *busy = Some(job);
         Ok(())
+    }
+
+    /// The refusal while `job` runs on the chain.
+    fn busy_with(&self, job: &str) -> Error {
+        err(ErrorKind::InUse, format!("in use: a {job} job is running on this chain")).with_file(&self.path)
     }
 
     pub fn release(&self) {

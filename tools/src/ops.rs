@@ -101,20 +101,14 @@ pub fn commit_cmd(image: &Path, force: bool, job: &JobArgs) -> Result<(), Failur
     // Ctrl-C while the new empty overlay is being made removes it (the commit itself is
     // crash-safe: run again, it finishes).
     crate::interrupt::remove_temps_on_signal(image, "commit");
-    if job.rate.is_some() {
-        // `--rate` is kept by the job machinery: the commit runs here as a live one runs (the
-        // top frozen into an intermediate layer, merged into the parent at that rate, the
-        // top put on the parent; a stopped commit's layer first), with the same result.
-        // (Until 2026-12-04 an offline commit ignored --rate; found by a review.)
+    if job.rate.is_some() || commit::interrupted(image)? {
+        // Run here as a live commit runs: a stopped commit's intermediate layer first, then
+        // the top (what was written since), at `--rate` if given; the same result as the
+        // offline commit, which keeps no rate and knows no intermediate layer. (Until
+        // 2026-12-04 the offline commit ignored --rate, and after an interrupted live commit
+        // it left what was written since in the image; both found by reviews.)
         jobs::here(image, JobSpec::Commit, job.rate)?;
     } else {
-        if commit::interrupted(image)? {
-            // A live commit stopped half-way left its intermediate layer: that is finished
-            // first, the same way; then what the image holds (written since) goes into the
-            // parent too, as asked. (Before 2026-12-04 only the first was done, and the
-            // message below was untrue: the image still held what was written after.)
-            jobs::here(image, JobSpec::Commit, None)?;
-        }
         commit::commit(image, force, &|d, t| bar.update(d, t))?;
     }
     say!("committed {} into its parent; it is now an empty overlay", image.display());
