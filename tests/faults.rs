@@ -249,6 +249,30 @@ fn after_a_failed_sync_writes_are_refused_until_reopen() {
     assert_eq!(b, [1u8; 4096], "reads keep working");
 }
 
+/// A writable open whose sync of the DIRTY header fails gives the image up as it stands: the
+/// drop of the half-opened image writes nothing more. Found by a review (2026-12-05): the drop
+/// closed it, trusting a retried fsync (which Linux lets succeed after a writeback error),
+/// and wrote a clean header into the slot of the last header known durable (format-spec §2.4:
+/// a header write follows the durable one before it), so a crash tearing that write left only
+/// the header whose durability had failed.
+#[test]
+fn a_writable_open_whose_sync_fails_writes_nothing_more() {
+    let mem = Arc::new(MemStorage::new());
+    let g = Geometry::new(SIZE, 16).unwrap();
+    Image::create_on(mem.clone(), Path::new("p.cow"), g, None, [6; 16]).unwrap().close().unwrap();
+    let fault = Arc::new(FaultStorage::new(mem.clone()));
+    // Operation 0 is the DIRTY header's write, 1 its sync.
+    fault.arm(1, FaultKind::Eio, false);
+    let Err(e) = Image::open_on(fault.clone(), Path::new("p.cow"), OpenOptions::writable()) else {
+        panic!("the open succeeded with its sync failing")
+    };
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert_eq!(fault.failures(), 1);
+    assert_eq!(fault.operations(), 2, "the failed open wrote on after its sync failed");
+    let img = Image::open_on(mem, Path::new("p.cow"), OpenOptions::inspect()).unwrap();
+    assert!(img.header().has_flag(cowdisk::format::FLAG_DIRTY), "the image is left as a crash would leave it");
+}
+
 #[test]
 fn an_nbd_client_gets_the_error_and_the_server_stays_up() {
     use cowdisk::nbd::server::{ListenAddr, Server, ServerConfig};

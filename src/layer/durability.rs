@@ -380,7 +380,7 @@ impl Image {
     fn write_freezing_header(&self, st: &mut State, mut h: Header, trim: bool) -> Result<()> {
         let res = (|| {
             if let Some(a) = h.journal.take() {
-                self.storage.punch(a.offset, a.len)?;
+                journal::drop_area(self.storage.as_ref(), &a)?;
             }
             if trim {
                 self.trim_tail(st)?;

@@ -236,6 +236,13 @@ impl Image {
         // part-way, DIRTY cleared in the file or not): writing resumes below, with the lock
         // it still holds, and DIRTY set durably again.
         let resumed = self.is_writable();
+        if self.poisoned.load(Ordering::Acquire) {
+            // A sync or header write failed: the next header must not follow one whose
+            // durability is unknown (spec §2.4). Only a reopen reads the file afresh.
+            return Err(err(ErrorKind::Io, "an earlier sync or header write failed; reopen the image")
+                .with_file(&self.path)
+                .during("open for writing"));
+        }
         if resumed && !self.closing.load(Ordering::Acquire) {
             return Ok(());
         }

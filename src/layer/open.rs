@@ -156,11 +156,13 @@ impl Image {
             }
         }
         let img = Image::assemble(path, storage, geom, true, state, repaired, jstate);
+        // A failure poisons the half-opened image, so that its drop does not close it: a close
+        // would write the next header after one whose durability failed (spec §2.4).
         {
             let mut st = write(&img.state);
-            img.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, true)).map_err(ctx)?;
+            img.poisoning(img.write_header(&mut st, |h| h.set_flag(FLAG_DIRTY, true))).map_err(ctx)?;
         }
-        img.storage.sync().map_err(ctx)?;
+        img.sync_or_poison().map_err(ctx)?;
         Ok(img)
     }
 }

@@ -79,8 +79,7 @@ pub fn snapshot_in(ns: &dyn Namespace, image: &Path, snapshot: &Path) -> Result<
         // Durable before the header that freezes the image: in one sync with it, a crash could
         // keep FROZEN and lose the punch, leaving the old records in the frozen layer as
         // leaked space.
-        locked
-            .punch(a.offset, a.len)
+        crate::layer::journal::drop_area(locked.as_ref(), &a)
             .and_then(|()| locked.sync())
             .map_err(|e| e.with_file(image).during("snapshot"))?;
     }

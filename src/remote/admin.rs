@@ -244,11 +244,14 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
         .into_iter()
         .filter_map(|l| l.key.strip_prefix("gc/").map(|k| (k.to_string(), secs(l.modified))))
         .collect();
+    // Packs are named by their digest (§9.2); anything else under packs/ (an object put there
+    // by hand, another repository whose prefix lies below this one's) is not this repository's
+    // to collect (a review found gc deleting a nested repository's packs).
+    let is_pack = |k: &str| parse_hex(k).is_some();
     let packs: Vec<(String, u64)> = s
         .list("packs")?
         .into_iter()
-        .filter(|l| !l.key.ends_with(".idx"))
-        .filter_map(|l| l.key.strip_prefix("packs/").map(|k| (k.to_string(), l.size)))
+        .filter_map(|l| l.key.strip_prefix("packs/").filter(|k| is_pack(k)).map(|k| (k.to_string(), l.size)))
         .collect();
     let all = manifests(repo, &s)?;
     // A manifest that does not decode may reference any pack: collecting now could delete
@@ -301,7 +304,7 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
     // index goes first; but a pack deleted by hand would). A pack missing from the first
     // listing may have been uploaded since (its index follows it): asked again, one by one.
     for l in s.list("packs")? {
-        if let Some(name) = l.key.strip_prefix("packs/").and_then(|k| k.strip_suffix(".idx")) {
+        if let Some(name) = l.key.strip_prefix("packs/").and_then(|k| k.strip_suffix(".idx")).filter(|k| is_pack(k)) {
             if !pack_names.contains(&name.to_string()) && !dry_run && !s.exists(&format!("packs/{name}"))? {
                 s.delete(&l.key)?;
             }

@@ -54,6 +54,11 @@ pub struct LayerChunks {
     fetches: Coalescer<usize>,
     /// Entries whose record this process holds locked (fetching, or fetched and pending).
     claimed: Mutex<std::collections::HashSet<usize>>,
+    /// Entries whose claim this process waited [`CLAIM_WAIT`] for in vain, while another
+    /// process still holds them: that process is stopped or stuck, and no claim is waited
+    /// for again until one of them is let go (a stopped process holds every entry it was
+    /// fetching, and each wait would cost the whole limit again).
+    given_up: Mutex<Vec<usize>>,
     /// Tags: a random start, counted up (a tag is never 0).
     next_tag: AtomicU64,
 }
@@ -126,6 +131,7 @@ impl LayerChunks {
             pending_bytes: AtomicU64::new(0),
             fetches: Coalescer::new(),
             claimed: Mutex::new(std::collections::HashSet::new()),
+            given_up: Mutex::new(Vec::new()),
             next_tag: AtomicU64::new(seed | 1),
         })
     }
@@ -258,17 +264,46 @@ impl LayerChunks {
     /// Takes the claim of entry `i`, waiting (at most [`CLAIM_WAIT`]) while another process
     /// holds it. Returns whether it waited. Past the limit the fetch goes ahead unclaimed: a
     /// process stuck on a store that does not answer holds nobody else up for longer.
+    ///
+    /// While an earlier wait ran out on entries another process still holds, it does not wait
+    /// at all (and counts as having waited: the caller looks in the cache, then fetches).
     fn claim_waiting(&self, i: usize) -> bool {
+        if self.try_claim(i) {
+            return false;
+        }
+        {
+            let mut given_up = lock(&self.given_up);
+            given_up.retain(|&j| self.held_elsewhere(j));
+            if !given_up.is_empty() {
+                given_up.push(i);
+                return true;
+            }
+        }
         let deadline = std::time::Instant::now() + CLAIM_WAIT;
-        let mut waited = false;
         while !self.try_claim(i) {
             if std::time::Instant::now() >= deadline {
+                lock(&self.given_up).push(i);
                 break;
             }
-            waited = true;
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        waited
+        true
+    }
+
+    /// Whether another process holds entry `i`'s claim (a lock of this process's own open
+    /// file description never conflicts with it, so this process's claims do not count).
+    fn held_elsewhere(&self, i: usize) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock is plain data; zeroed is a valid value for every field.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = record_offset(i) as libc::off_t;
+        fl.l_len = RECORD as libc::off_t;
+        // SAFETY: as in record_lock; F_OFD_GETLK only fills fl in.
+        let r = unsafe { libc::fcntl(self.index.file().as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        // A failed look counts as held: the next wait is skipped, not doubled.
+        r != 0 || fl.l_type != libc::F_UNLCK as libc::c_short
     }
 
     /// Ends this process's claims of `entries`.

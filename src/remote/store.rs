@@ -377,7 +377,11 @@ impl Store {
     /// Every object whose key starts with `dir/`, keys given below the repository.
     pub fn list(&self, dir: &str) -> Result<Vec<Listed>> {
         let p = self.path(dir);
-        let base = self.url.key("");
+        // The listing gives keys as stored, which is as `ObjPath` encoded them: a prefix with
+        // `~`, `%`, a space or a non-ASCII letter is percent-encoded there, so it is stripped
+        // in that form (stripping it as typed matched nothing, and every caller's
+        // `packs/`, `layers/`, `tags/` then missed: rm deleted layers a tag named).
+        let base = ObjPath::from(self.url.key("")).to_string();
         let items: Vec<_> = self.block_on(self.inner.list(Some(&p)).collect::<Vec<_>>())?;
         let mut out = Vec::with_capacity(items.len());
         for i in items {

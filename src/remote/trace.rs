@@ -10,7 +10,7 @@ use super::{fetch_entry, store, RepoUrl};
 use crate::error::{ErrorKind, Result};
 use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 static RECORDING: AtomicBool = AtomicBool::new(false);
@@ -143,7 +143,15 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Arc<Manifest>) {
     if !PREFETCH.load(Ordering::Relaxed) {
         return;
     }
-    let Ok(chunks) = super::shared_cache().and_then(|c| c.layer(d, m)) else { return };
+    let Ok(cache) = super::shared_cache() else { return };
+    let Ok(chunks) = cache.layer(d, m) else { return };
+    // What a prefetch brings in must still be in the cache when the boot reads it: half the
+    // cache's bound at most (the rest is the reads' own), in runs no longer than a read's
+    // (an eighth of the bound, as `followers` keeps them). A longer trace is fetched in part,
+    // its head first, as it was read. (A review found a trace larger than the cache fetched
+    // whole: the cache kept its tail, and the boot, reading the head first, missed it all.)
+    let limit = cache.limit();
+    let budget = limit / 2;
     let Some(bg) = super::Background::start() else { return };
     let (repo, d, m) = (repo.clone(), *d, m.clone());
     std::thread::spawn(move || {
@@ -154,8 +162,9 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Arc<Manifest>) {
             .filter_map(|c| by_chunk.get(c))
             .filter_map(|&i| m.entries.get(i).and_then(|e| e.content).map(|(d, loc)| (i, d, loc)))
             .collect();
-        let runs = runs_of(&todo, super::fetch_window());
+        let runs = runs_of(&todo, super::fetch_window().min(limit / 8));
         let next = AtomicUsize::new(0);
+        let taken = AtomicU64::new(0);
         std::thread::scope(|sc| {
             for _ in 0..PREFETCH_THREADS {
                 sc.spawn(|| loop {
@@ -166,7 +175,12 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Arc<Manifest>) {
                     }
                     // A fetch answers from the cache when the run's first record is there,
                     // and would then fetch none of the others.
-                    let run: Vec<usize> = run.iter().map(|e| e.0).filter(|&j| !chunks.has(j)).collect();
+                    let run: Vec<&Entry> = run.iter().filter(|e| !chunks.has(e.0)).collect();
+                    let bytes: u64 = run.iter().map(|e| u64::from(e.2.length)).sum();
+                    if taken.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes) > budget {
+                        break;
+                    }
+                    let run: Vec<usize> = run.iter().map(|e| e.0).collect();
                     let Some((&first, followers)) = run.split_first() else { continue };
                     if fetch_entry(&repo, &m, &chunks, first, followers).is_err() {
                         break;

@@ -1,15 +1,15 @@
 //! Remote layers read through the shared chunk cache (issue 16), through the `cowdisk` binary
 //! against a real Ceph RGW: the cache's bound under two processes, warm and shared reads fetching
 //! once, a broken cache (reads go on uncached, memory stays flat), two hosts on one layer, the
-//! gateway stopped and back, recorded traces fetched first, a killed reader, a cache directory
-//! on a file system that cannot punch holes.
+//! gateway stopped and back, a killed reader, a process stopped while it holds the cache's lock
+//! or chunks' claims, a cache directory on a file system that cannot punch holes (traces:
+//! remote_trace.rs).
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::nbdclient::NbdClient;
 use common::remote::*;
 use common::s3::{s3, Ceph};
 use common::*;
@@ -141,32 +141,6 @@ fn a_small_cache_fetches_each_chunk_about_once() {
         assert!(fetched >= size, "{bound}: fetched {fetched} bytes of a {size}-byte layer");
         assert!(fetched <= size + size / 10, "{bound}: fetched {fetched} bytes for one read of a {size}-byte layer");
     }
-}
-
-/// The bytes a stopped server said it fetched from object stores (it says nothing when it
-/// fetched nothing).
-fn fetched_bytes(log: &str) -> u64 {
-    log.lines()
-        .find(|l| l.contains("from object stores"))
-        .map(|l| {
-            l.split_once('(')
-                .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
-                .unwrap_or_else(|| panic!("a fetch count that does not parse: {l}"))
-        })
-        .unwrap_or(0)
-}
-
-/// Which entries of each layer the cache at `dir` holds, by entry number (format-spec §9.5,
-/// informative: a record's tag is 0 for a chunk not held).
-fn cached_entries(dir: &Path) -> Vec<usize> {
-    let Ok(rd) = std::fs::read_dir(dir.join("layers")) else { return Vec::new() };
-    let mut out = Vec::new();
-    for e in rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "index")) {
-        let b = std::fs::read(e.path()).unwrap_or_default();
-        let records = b.get(64..).unwrap_or_default().chunks_exact(32);
-        out.extend(records.enumerate().filter(|(_, r)| r[..8] != [0u8; 8]).map(|(i, _)| i));
-    }
-    out
 }
 
 #[test]
@@ -318,6 +292,65 @@ fn a_process_that_holds_the_cache_lock_and_stops_does_not_stop_reads() {
     reader.join().expect("reader");
     assert!(waited < Duration::from_secs(15), "eight reads took {waited:?} beside a stuck lock holder");
     drop(lock);
+    server.stop();
+}
+
+/// A process that stops while it fetches chunks (^Z, SIGSTOP, a frozen container) holds their
+/// claims in the cache's index for as long as it is stopped. A reader in another process waits
+/// for such a claim at most 30 s, then fetches the chunk itself; a review found it waited 30 s
+/// again for every other chunk the stopped process held (a pull holds up to 64). Now it waits
+/// once: later chunks that process still holds are fetched at once. (This test plays the
+/// stopped process: it holds open file description locks on the chunks' records.)
+#[test]
+fn a_process_stopped_while_fetching_costs_a_reader_one_wait_not_one_per_chunk() {
+    use std::os::fd::AsRawFd;
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let repo = Repo::new(s3);
+    let data = repo.push_base(&ws, &ws.subdir("push-cache"), random_bytes(CHUNK * 6, 93), &[]);
+    let cache = ws.subdir("reader-cache");
+    let server = overlay_servers(&repo, &ws, &cache, 1, &["--no-prefetch"]).remove(0);
+    // A read of the last chunk makes the layer's index in the cache (and fetches no other).
+    let mut c = client(&server);
+    assert_bytes_eq(&c.read((5 * CHUNK) as u64, CHUNK as u32).expect("read"), &data[5 * CHUNK..], "chunk 5");
+    let index: Vec<PathBuf> = std::fs::read_dir(cache.join("layers"))
+        .expect("the cache's layers")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "index"))
+        .collect();
+    assert_eq!(index.len(), 1, "one layer's index in the cache: {index:?}");
+    let held = std::fs::OpenOptions::new().read(true).write(true).open(&index[0]).expect("open the index");
+    for i in 0..5i64 {
+        // SAFETY: flock is plain data; zeroed is a valid value for every field.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // The records: 32 bytes each after a 64-byte header (src/remote/index.rs).
+        fl.l_start = 64 + i * 32;
+        fl.l_len = 32;
+        // SAFETY: a lock on a descriptor this test holds; released when it closes.
+        assert_eq!(unsafe { libc::fcntl(held.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) }, 0, "claim entry {i}");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let t = Instant::now();
+        for i in 0..5 {
+            let got = c.read((i * CHUNK) as u64, CHUNK as u32);
+            let _ = tx.send((i, got, t.elapsed()));
+        }
+    });
+    let mut took = Duration::ZERO;
+    for i in 0..5 {
+        let Ok((j, got, at)) = rx.recv_timeout(Duration::from_secs(50)) else {
+            drop(held);
+            panic!("read {i} still waits after 50 s: a wait for each chunk the stopped process holds");
+        };
+        assert_bytes_eq(&got.expect("read"), &data[j * CHUNK..(j + 1) * CHUNK], &format!("chunk {j}"));
+        took = at;
+    }
+    reader.join().expect("reader");
+    assert!(took < Duration::from_secs(45), "five reads took {took:?} beside a stopped process");
+    drop(held);
     server.stop();
 }
 
@@ -510,80 +543,6 @@ fn a_stopped_gateway_gives_eio_then_reads_resume_without_a_restart() {
     assert_bytes_eq(&rest, &data[half..], "second half after the outage");
     c.disconnect().ok();
     server.stop();
-}
-
-/// How many chunks a cache directory holds (see [`cached_entries`]).
-fn cached_chunks(dir: &Path) -> usize {
-    cached_entries(dir).len()
-}
-
-#[test]
-fn a_recorded_trace_is_stored_with_the_layer_and_fetched_first_by_the_next_server() {
-    let Some(s3) = s3() else { return };
-    let ws = TempDir::for_test();
-    let repo = Repo::new(s3);
-    let data = repo.push_base(&ws, &ws.subdir("push"), random_bytes(8 << 20, 91), &[]);
-    let out = repo.cow(&ws.subdir("push"), &["trace", "show", &repo.layer("b")]).output().expect("run");
-    assert!(failure(&out).contains("no trace"));
-
-    // A "boot" reads three chunks, out of order, on a server that records.
-    let boot = [100u64, 7, 50];
-    let host_a = ws.subdir("a");
-    run(&mut repo.cow(&host_a, &["create", p(&ws.join("a.cow")), "--backing", &repo.layer("b")]));
-    let ctl = ws.join("a-control.sock");
-    let (top, sock) = (ws.join("a.cow"), ws.join("a.sock"));
-    let server = repo.server(&host_a, &[p(&top), "--socket", p(&sock), "--record-trace", "--control", p(&ctl)]);
-    let mut c = client(&server);
-    let read = |c: &mut NbdClient<std::os::unix::net::UnixStream>, k: u64| {
-        let got = c.read(k * CHUNK as u64, 4096).expect("read");
-        assert_bytes_eq(&got, &data[k as usize * CHUNK..k as usize * CHUNK + 4096], &format!("chunk {k}"));
-    };
-    for &k in &boot[..2] {
-        read(&mut c, k);
-    }
-    // `trace save` stores what was recorded so far while the server runs on and records on.
-    let out = run(&mut repo.cow(&host_a, &["trace", "save", "--control", p(&ctl)]));
-    assert!(stdout_of(&out).starts_with("saved a trace of 2 chunks as "), "{}", stdout_of(&out));
-    let shown = repo.json(&host_a, &["trace", "show", &repo.layer("b"), "--json"]);
-    assert_eq!(shown["chunks"], serde_json::json!(boot[..2]), "{shown}");
-    read(&mut c, boot[2]);
-    c.disconnect().ok();
-    let log_before_stop = server.log();
-    server.stop();
-    assert!(!log_before_stop.contains("saved a trace"), "the server saved by itself before its stop");
-    let shown = repo.json(&host_a, &["trace", "show", &repo.layer("b"), "--json"]);
-    assert_eq!(shown["chunks"], serde_json::json!(boot), "the stop stores the whole trace: {shown}");
-
-    // The next host's server fetches them before anyone asks; only them.
-    let host_b = ws.subdir("b");
-    run(&mut repo.cow(&host_b, &["create", p(&ws.join("b.cow")), "--backing", &repo.layer("b")]));
-    let ctl_b = ws.join("b-control.sock");
-    let server =
-        repo.server(&host_b, &[p(&ws.join("b.cow")), "--socket", p(&ws.join("b.sock")), "--control", p(&ctl_b)]);
-    let out = repo.cow(&host_b, &["trace", "save", "--control", p(&ctl_b)]).output().expect("run");
-    assert!(failure(&out).contains("records no traces (start it with --record-trace)"), "{}", failure(&out));
-    assert!(
-        wait_until(Duration::from_secs(15), || cached_chunks(&host_b) >= boot.len()),
-        "the traced chunks were not prefetched: {} in the cache",
-        cached_chunks(&host_b)
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(cached_chunks(&host_b), boot.len(), "prefetch fetched more than the trace");
-    server.stop();
-
-    // --no-prefetch: nothing is fetched until read.
-    let host_c = ws.subdir("c");
-    run(&mut repo.cow(&host_c, &["create", p(&ws.join("c.cow")), "--backing", &repo.layer("b")]));
-    let server = repo.server(&host_c, &[p(&ws.join("c.cow")), "--socket", p(&ws.join("c.sock")), "--no-prefetch"]);
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(cached_chunks(&host_c), 0, "--no-prefetch fetched chunks");
-    server.stop();
-
-    run(&mut repo.cow(&host_c, &["trace", "rm", &repo.layer("b")]));
-    assert!(repo.keys("traces").is_empty(), "{:?}", repo.keys("traces"));
-    // Once more: there is none to remove, and it says so.
-    let again = failure(&repo.cow(&host_c, &["trace", "rm", &repo.layer("b")]).output().expect("run"));
-    assert!(again.contains("has no trace"), "{again}");
 }
 
 #[test]

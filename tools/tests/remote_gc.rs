@@ -1,5 +1,12 @@
-//! Garbage collection racing a push, through the `cowdisk` binary against a real Ceph RGW with
-//! a proxy in front of it that holds back one answer: the listing of manifests. A pass whose
+//! Removing layers and collecting garbage, through the `cowdisk` binary against a real Ceph RGW.
+//!
+//! A repository whose prefix the store's keys spell percent-encoded (`~`, a non-ASCII
+//! letter): a review found every listing of such a repository empty to cowdisk, so `rm`
+//! deleted a layer a tag named, `ls` showed nothing and every push uploaded everything again.
+//! Objects under `packs/` that are no packs, which gc must leave alone.
+//!
+//! Garbage collection racing a push, with
+//! a proxy in front of the store that holds back one answer: the listing of manifests. A pass whose
 //! listing is slow must not age a mark past a manifest that listing missed (format-spec §9.7:
 //! the pass reads the store's clock before it lists). A review found gc reading the clock after
 //! the listing and deleting a pack a new manifest used: that layer could no longer be read.
@@ -94,6 +101,18 @@ fn json(c: &mut Command) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON ({e}): {}", stdout_of(&out)))
 }
 
+/// What the user sees: `layer` reads as `data`, in full, through an overlay created on it and
+/// flattened through a cache of its own (every chunk comes from the store).
+fn assert_layer_reads(s3: &S3, ws: &TempDir, layer: &str, data: &[u8], what: &str) {
+    let cache = ws.subdir("reader-cache");
+    let (top, out) = (ws.join("top.cow"), ws.join("out.raw"));
+    let direct = s3.endpoint.clone();
+    run(&mut cow(s3, &cache, &direct, &["create", top.to_str().unwrap(), "--backing", layer]));
+    let flatten = ["flatten", top.to_str().unwrap(), "--output", out.to_str().unwrap(), "--format", "raw"];
+    run(&mut cow(s3, &cache, &direct, &flatten));
+    assert!(std::fs::read(&out).expect("read out.raw") == data, "{what} does not read as pushed");
+}
+
 #[test]
 fn a_slow_manifest_listing_does_not_let_gc_delete_a_pack_a_new_manifest_uses() {
     let Some(s3) = s3() else { return };
@@ -147,17 +166,78 @@ fn a_slow_manifest_listing_does_not_let_gc_delete_a_pack_a_new_manifest_uses() {
     let second = second.join().expect("second pass");
     assert_eq!(second["deleted"], 0, "gc deleted a pack the new manifest uses: {second}");
 
-    // What the user sees: the layer reads, in full (through a cache of its own, so every
-    // chunk comes from the store).
-    let cache = ws.subdir("reader-cache");
-    let top = ws.join("top.cow");
-    run(&mut cow(s3, &cache, &direct, &["create", top.to_str().unwrap(), "--backing", &layer]));
-    let out = ws.join("out.raw");
-    run(&mut cow(
-        s3,
-        &cache,
-        &direct,
-        &["flatten", top.to_str().unwrap(), "--output", out.to_str().unwrap(), "--format", "raw"],
-    ));
-    assert!(std::fs::read(&out).expect("read out.raw") == data, "the layer does not read as pushed");
+    assert_layer_reads(s3, &ws, &layer, &data, "the layer");
+}
+
+#[test]
+fn a_repository_whose_prefix_the_store_spells_encoded_lists_and_guards_its_layers() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let cache = ws.subdir("cache");
+    // `~` and `ö` are percent-encoded in the store's keys (object_store encodes each segment).
+    let url = format!("s3://{}/{}/~alice/bilder-för-ci", s3.bucket, test_prefix());
+    let direct = s3.endpoint.clone();
+    std::fs::write(ws.join("base.raw"), random_bytes(1 << 20, 92)).expect("write base.raw");
+    let base = ws.join("base.raw");
+    let push = |cache: &Path| {
+        json(&mut cow(s3, cache, &direct, &["push", base.to_str().unwrap(), &url, "--tag", "b", "--json"]))
+    };
+    let first = push(&cache);
+    let digest = first["layers"][0]["digest"].as_str().expect("digest").to_string();
+    assert!(first["layers"][0]["uploaded-chunks"].as_u64() > Some(0), "{first}");
+
+    // Pushing the same image again (through a new cache) finds it there and uploads nothing.
+    let again = push(&ws.subdir("cache2"));
+    assert_eq!(again["layers"][0]["digest"], first["layers"][0]["digest"], "{again}");
+    assert_eq!(again["layers"][0]["uploaded-chunks"], 0, "the second push uploaded chunks again: {again}");
+
+    // `ls` lists the layer with its tag.
+    let ls = json(&mut cow(s3, &cache, &direct, &["ls", &url, "--json"]));
+    let layers = ls["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 1, "{ls}");
+    assert_eq!(layers[0]["digest"], digest.as_str(), "{ls}");
+    assert_eq!(layers[0]["tags"], serde_json::json!(["b"]), "{ls}");
+
+    // `rm` of the tagged layer is refused and the layer still reads.
+    let layer = format!("{url}/layers/{digest}");
+    let out = cow(s3, &cache, &direct, &["rm", &layer]).output().expect("run cowdisk rm");
+    assert!(!out.status.success(), "rm deleted a layer a tag names: {}", stdout_of(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tag b names it"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_layer_reads(s3, &ws, &format!("{url}/b"), &random_bytes(1 << 20, 92), "the layer");
+}
+
+/// gc collects packs only: an object under `packs/` whose name is no digest (put there by
+/// hand, or a repository whose prefix lies below this one's `packs/`) is left alone. A review
+/// found gc marking such objects and deleting them a grace period later.
+#[test]
+fn gc_leaves_alone_what_lies_under_packs_and_is_no_pack() {
+    let Some(s3) = s3() else { return };
+    let ws = TempDir::for_test();
+    let cache = ws.subdir("cache");
+    let prefix = test_prefix();
+    let url = format!("s3://{}/{prefix}", s3.bucket);
+    let direct = s3.endpoint.clone();
+    let data = random_bytes(1 << 20, 95);
+    std::fs::write(ws.join("base.raw"), &data).expect("write base.raw");
+    // A repository nested below this one's packs/, with a layer of its own, and a note.
+    let nested = format!("{url}/packs/nested");
+    run(&mut cow(s3, &cache, &direct, &["push", ws.join("base.raw").to_str().unwrap(), &nested, "--tag", "n"]));
+    let note = ObjPath::from(format!("{prefix}/packs/notes.txt"));
+    let store = s3.store();
+    let rt = runtime();
+    rt.block_on(store.put(&note, PutPayload::from(b"mine".to_vec()))).expect("put the note");
+
+    // Two passes a grace period apart: the first would mark, the second delete.
+    for pass in 0..2 {
+        let r = json(&mut cow(s3, &cache, &direct, &["gc", &url, "--grace", "1s", "--json"]));
+        assert_eq!(r["packs"], 0, "pass {pass} took objects that are no packs for packs: {r}");
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let kept = rt.block_on(async { store.get(&note).await?.bytes().await }).expect("the note is gone");
+    assert_eq!(&kept[..], b"mine");
+    assert_layer_reads(s3, &ws, &format!("{nested}/n"), &data, "the nested repository's layer");
 }

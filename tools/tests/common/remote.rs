@@ -188,3 +188,34 @@ pub fn bytes_at_depth(map: &Value, depth: u64) -> u64 {
 pub fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
+
+/// The bytes a stopped server said it fetched from object stores (it says nothing when it
+/// fetched nothing).
+pub fn fetched_bytes(log: &str) -> u64 {
+    log.lines()
+        .find(|l| l.contains("from object stores"))
+        .map(|l| {
+            l.split_once('(')
+                .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("a fetch count that does not parse: {l}"))
+        })
+        .unwrap_or(0)
+}
+
+/// Which entries of each layer the cache at `dir` holds, by entry number (format-spec §9.5,
+/// informative: a record's tag is 0 for a chunk not held).
+pub fn cached_entries(dir: &Path) -> Vec<usize> {
+    let Ok(rd) = std::fs::read_dir(dir.join("layers")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "index")) {
+        let b = std::fs::read(e.path()).unwrap_or_default();
+        let records = b.get(64..).unwrap_or_default().chunks_exact(32);
+        out.extend(records.enumerate().filter(|(_, r)| r[..8] != [0u8; 8]).map(|(i, _)| i));
+    }
+    out
+}
+
+/// How many chunks a cache directory holds (see [`cached_entries`]).
+pub fn cached_chunks(dir: &Path) -> usize {
+    cached_entries(dir).len()
+}
