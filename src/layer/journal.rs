@@ -214,22 +214,28 @@ impl Record {
 }
 
 /// Gives up the journal area `area` of an image whose chain holds nothing to replay (a
-/// checkpoint just ran), while a header in force may still name it: punches all of it but
-/// its first sector, syncs, then punches the first sector, unsynced (the caller syncs before
-/// the header that drops the area). Spec §5.9, "Dropping the area".
+/// checkpoint just ran), while a header in force may still name it: makes all of it but its
+/// first sector durable as zeros (the block after its first 4 KiB punched, the rest of that
+/// block written with zeros, synced), then punches the first 4 KiB, unsynced (the caller
+/// syncs before the header that drops the area). Spec §5.9, "Dropping the area".
 ///
 /// Why the order: a punch not yet synced may land in part (§5.1). Had the first sector's
 /// landed and not the rest, the live image would read an empty chain, its next record would
 /// be numbered 1 at the area's start, and stale records further in (of this image, so their
 /// CRCs hold) would join the new chain where one happened to sit at its end with the next
 /// number; the next open would replay them over the map (found by a review, 2026-12-05).
-/// Punched in this order, a first sector gone means the rest is durably zeros.
+/// In this order, a first sector gone means the rest is durably zeros. The last punch is a
+/// whole 4 KiB block, not the sector alone: a file system frees only whole blocks, and a
+/// frozen layer would keep a block a sector's punch only zeroed as leaked space.
 pub fn drop_area(storage: &dyn Storage, area: &MapExtent) -> Result<()> {
-    let head = (SECTOR as u64).min(area.len);
+    let head = (BLOCK as u64).min(area.len);
     if area.len > head {
         storage.punch(area.offset + head, area.len - head)?;
-        storage.sync()?;
     }
+    if head > SECTOR as u64 {
+        storage.write_at(&vec![0u8; (head - SECTOR as u64) as usize], area.offset + SECTOR as u64)?;
+    }
+    storage.sync()?;
     storage.punch(area.offset, head)
 }
 
