@@ -156,6 +156,12 @@ impl Cache {
         self.limit
     }
 
+    /// The most a read's miss fetches beyond what it asked for (read-ahead, its GET's window,
+    /// a prefetch run): an eighth of the bound, so that it is still cached when read.
+    pub(crate) fn ahead_bound(&self) -> u64 {
+        self.limit / 8
+    }
+
     /// The cache's lock file (made if missing), open for writing, and its path.
     fn lock_file(&self) -> Result<(std::fs::File, PathBuf)> {
         let p = self.dir.join(".lock");

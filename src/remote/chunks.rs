@@ -293,17 +293,9 @@ impl LayerChunks {
     /// Whether another process holds entry `i`'s claim (a lock of this process's own open
     /// file description never conflicts with it, so this process's claims do not count).
     fn held_elsewhere(&self, i: usize) -> bool {
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock is plain data; zeroed is a valid value for every field.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_WRLCK as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = record_offset(i) as libc::off_t;
-        fl.l_len = RECORD as libc::off_t;
-        // SAFETY: as in record_lock; F_OFD_GETLK only fills fl in.
-        let r = unsafe { libc::fcntl(self.index.file().as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
         // A failed look counts as held: the next wait is skipped, not doubled.
-        r != 0 || fl.l_type != libc::F_UNLCK as libc::c_short
+        self.record_fcntl(i, libc::F_OFD_GETLK, libc::F_WRLCK)
+            .map_or(true, |fl| fl.l_type != libc::F_UNLCK as libc::c_short)
     }
 
     /// Ends this process's claims of `entries`.
@@ -318,6 +310,12 @@ impl LayerChunks {
 
     /// One OFD lock call (never waiting) on entry `i`'s record; whether it succeeded.
     fn record_lock(&self, i: usize, l_type: libc::c_int) -> bool {
+        self.record_fcntl(i, libc::F_OFD_SETLK, l_type).is_some()
+    }
+
+    /// `fcntl(cmd)` (F_OFD_SETLK or F_OFD_GETLK) with a lock of type `l_type` on entry `i`'s
+    /// record: the lock as the call left it, or `None` if the call failed.
+    fn record_fcntl(&self, i: usize, cmd: libc::c_int, l_type: libc::c_int) -> Option<libc::flock> {
         use std::os::fd::AsRawFd;
         // SAFETY: flock is plain data; zeroed is a valid value for every field.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -326,8 +324,9 @@ impl LayerChunks {
         fl.l_start = record_offset(i) as libc::off_t;
         fl.l_len = RECORD as libc::off_t;
         // SAFETY: the fd is the index file's, open for as long as self, and fl is a valid
-        // flock for F_OFD_SETLK.
-        unsafe { libc::fcntl(self.index.file().as_raw_fd(), libc::F_OFD_SETLK, &mut fl) == 0 }
+        // flock for the OFD lock commands (F_OFD_GETLK only fills it in).
+        let r = unsafe { libc::fcntl(self.index.file().as_raw_fd(), cmd, &mut fl) };
+        (r == 0).then_some(fl)
     }
 
     /// Holds checked content of entry `j` for the next publish.

@@ -284,7 +284,7 @@ impl RemoteLayer {
     /// read of a 40 MiB layer fetched 171 MiB with a 64K bound, 58 MiB with 1M; measured
     /// 2026-12-04).
     fn ahead_bound(&self) -> u64 {
-        super::shared_cache().map_or(0, |c| c.limit() / 8)
+        super::shared_cache().map_or(0, |c| c.ahead_bound())
     }
 
     fn read_ahead_from(&self, chunks: &Arc<LayerChunks>, first: usize) {

@@ -150,8 +150,7 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Arc<Manifest>) {
     // (an eighth of the bound, as `followers` keeps them). A longer trace is fetched in part,
     // its head first, as it was read. (A review found a trace larger than the cache fetched
     // whole: the cache kept its tail, and the boot, reading the head first, missed it all.)
-    let limit = cache.limit();
-    let budget = limit / 2;
+    let (budget, run_bound) = (cache.limit() / 2, cache.ahead_bound());
     let Some(bg) = super::Background::start() else { return };
     let (repo, d, m) = (repo.clone(), *d, m.clone());
     std::thread::spawn(move || {
@@ -162,7 +161,7 @@ pub(crate) fn start_prefetch(repo: &RepoUrl, d: &Digest, m: &Arc<Manifest>) {
             .filter_map(|c| by_chunk.get(c))
             .filter_map(|&i| m.entries.get(i).and_then(|e| e.content).map(|(d, loc)| (i, d, loc)))
             .collect();
-        let runs = runs_of(&todo, super::fetch_window().min(limit / 8));
+        let runs = runs_of(&todo, super::fetch_window().min(run_bound));
         let next = AtomicUsize::new(0);
         let taken = AtomicU64::new(0);
         std::thread::scope(|sc| {

@@ -10,6 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::nbdclient::NbdClient;
 use common::remote::*;
 use common::s3::{s3, Ceph};
 use common::*;
@@ -271,28 +272,44 @@ fn a_process_that_holds_the_cache_lock_and_stops_does_not_stop_reads() {
     let lock = lock.expect("open the cache's lock file");
     // SAFETY: flock on a descriptor this test holds; released when the file closes.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0, "lock the cache");
+    let waited = match read_in_turn(client(&server), 0..8, &data, Duration::from_secs(30)) {
+        Ok(t) => t,
+        Err(i) => {
+            drop(lock);
+            panic!("read {i} still waits for the cache's lock after 30 s");
+        }
+    };
+    assert!(waited < Duration::from_secs(15), "eight reads took {waited:?} beside a stuck lock holder");
+    drop(lock);
+    server.stop();
+}
+
+/// Reads chunks `chunks` one at a time through `c`, in a thread of its own, each checked
+/// against `data`: how long they took in all, or the first read that `each` passed without an
+/// answer (which is left waiting).
+fn read_in_turn(
+    mut c: NbdClient<std::os::unix::net::UnixStream>,
+    chunks: std::ops::Range<usize>,
+    data: &[u8],
+    each: Duration,
+) -> Result<Duration, usize> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let mut c = client(&server);
+    let wanted = chunks.clone();
     let reader = std::thread::spawn(move || {
         let t = Instant::now();
-        for i in 0..8 {
+        for i in wanted {
             let got = c.read((i * CHUNK) as u64, CHUNK as u32);
             let _ = tx.send((i, got, t.elapsed()));
         }
     });
-    let mut waited = Duration::ZERO;
-    for i in 0..8 {
-        let Ok((j, got, at)) = rx.recv_timeout(Duration::from_secs(30)) else {
-            drop(lock);
-            panic!("read {i} still waits for the cache's lock after 30 s");
-        };
+    let mut took = Duration::ZERO;
+    for i in chunks {
+        let Ok((j, got, at)) = rx.recv_timeout(each) else { return Err(i) };
         assert_bytes_eq(&got.expect("read"), &data[j * CHUNK..(j + 1) * CHUNK], &format!("chunk {j}"));
-        waited = at;
+        took = at;
     }
     reader.join().expect("reader");
-    assert!(waited < Duration::from_secs(15), "eight reads took {waited:?} beside a stuck lock holder");
-    drop(lock);
-    server.stop();
+    Ok(took)
 }
 
 /// A process that stops while it fetches chunks (^Z, SIGSTOP, a frozen container) holds their
@@ -331,24 +348,13 @@ fn a_process_stopped_while_fetching_costs_a_reader_one_wait_not_one_per_chunk() 
         // SAFETY: a lock on a descriptor this test holds; released when it closes.
         assert_eq!(unsafe { libc::fcntl(held.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) }, 0, "claim entry {i}");
     }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let t = Instant::now();
-        for i in 0..5 {
-            let got = c.read((i * CHUNK) as u64, CHUNK as u32);
-            let _ = tx.send((i, got, t.elapsed()));
-        }
-    });
-    let mut took = Duration::ZERO;
-    for i in 0..5 {
-        let Ok((j, got, at)) = rx.recv_timeout(Duration::from_secs(50)) else {
+    let took = match read_in_turn(c, 0..5, &data, Duration::from_secs(50)) {
+        Ok(t) => t,
+        Err(i) => {
             drop(held);
             panic!("read {i} still waits after 50 s: a wait for each chunk the stopped process holds");
-        };
-        assert_bytes_eq(&got.expect("read"), &data[j * CHUNK..(j + 1) * CHUNK], &format!("chunk {j}"));
-        took = at;
-    }
-    reader.join().expect("reader");
+        }
+    };
     assert!(took < Duration::from_secs(45), "five reads took {took:?} beside a stopped process");
     drop(held);
     server.stop();

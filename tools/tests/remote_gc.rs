@@ -101,6 +101,18 @@ fn json(c: &mut Command) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON ({e}): {}", stdout_of(&out)))
 }
 
+/// A test's workspace, its cache, a repository prefix of its own and that repository's URL,
+/// and `ws/base.raw`, 1 MiB of random data from `seed`, to push.
+fn with_base(s3: &S3, seed: u64) -> (TempDir, std::path::PathBuf, String, String, Vec<u8>) {
+    let ws = TempDir::for_test();
+    let cache = ws.subdir("cache");
+    let prefix = test_prefix();
+    let url = format!("s3://{}/{prefix}", s3.bucket);
+    let data = random_bytes(1 << 20, seed);
+    std::fs::write(ws.join("base.raw"), &data).expect("write base.raw");
+    (ws, cache, prefix, url, data)
+}
+
 /// What the user sees: `layer` reads as `data`, in full, through an overlay created on it and
 /// flattened through a cache of its own (every chunk comes from the store).
 fn assert_layer_reads(s3: &S3, ws: &TempDir, layer: &str, data: &[u8], what: &str) {
@@ -116,13 +128,8 @@ fn assert_layer_reads(s3: &S3, ws: &TempDir, layer: &str, data: &[u8], what: &st
 #[test]
 fn a_slow_manifest_listing_does_not_let_gc_delete_a_pack_a_new_manifest_uses() {
     let Some(s3) = s3() else { return };
-    let ws = TempDir::for_test();
-    let cache = ws.subdir("cache");
-    let prefix = test_prefix();
-    let url = format!("s3://{}/{prefix}", s3.bucket);
+    let (ws, cache, prefix, url, data) = with_base(s3, 91);
     let direct = s3.endpoint.clone();
-    let data = random_bytes(1 << 20, 91);
-    std::fs::write(ws.join("base.raw"), &data).expect("write base.raw");
     let pushed = json(&mut cow(s3, &cache, &direct, &["push", ws.join("base.raw").to_str().unwrap(), &url, "--json"]));
     let digest = pushed["layers"][0]["digest"].as_str().expect("digest").to_string();
     let layer = format!("{url}/layers/{digest}");
@@ -172,12 +179,10 @@ fn a_slow_manifest_listing_does_not_let_gc_delete_a_pack_a_new_manifest_uses() {
 #[test]
 fn a_repository_whose_prefix_the_store_spells_encoded_lists_and_guards_its_layers() {
     let Some(s3) = s3() else { return };
-    let ws = TempDir::for_test();
-    let cache = ws.subdir("cache");
+    let (ws, cache, prefix, _, data) = with_base(s3, 92);
     // `~` and `ö` are percent-encoded in the store's keys (object_store encodes each segment).
-    let url = format!("s3://{}/{}/~alice/bilder-för-ci", s3.bucket, test_prefix());
+    let url = format!("s3://{}/{prefix}/~alice/bilder-för-ci", s3.bucket);
     let direct = s3.endpoint.clone();
-    std::fs::write(ws.join("base.raw"), random_bytes(1 << 20, 92)).expect("write base.raw");
     let base = ws.join("base.raw");
     let push = |cache: &Path| {
         json(&mut cow(s3, cache, &direct, &["push", base.to_str().unwrap(), &url, "--tag", "b", "--json"]))
@@ -207,7 +212,7 @@ fn a_repository_whose_prefix_the_store_spells_encoded_lists_and_guards_its_layer
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_layer_reads(s3, &ws, &format!("{url}/b"), &random_bytes(1 << 20, 92), "the layer");
+    assert_layer_reads(s3, &ws, &format!("{url}/b"), &data, "the layer");
 }
 
 /// gc collects packs only: an object under `packs/` whose name is no digest (put there by
@@ -216,13 +221,8 @@ fn a_repository_whose_prefix_the_store_spells_encoded_lists_and_guards_its_layer
 #[test]
 fn gc_leaves_alone_what_lies_under_packs_and_is_no_pack() {
     let Some(s3) = s3() else { return };
-    let ws = TempDir::for_test();
-    let cache = ws.subdir("cache");
-    let prefix = test_prefix();
-    let url = format!("s3://{}/{prefix}", s3.bucket);
+    let (ws, cache, prefix, url, data) = with_base(s3, 95);
     let direct = s3.endpoint.clone();
-    let data = random_bytes(1 << 20, 95);
-    std::fs::write(ws.join("base.raw"), &data).expect("write base.raw");
     // A repository nested below this one's packs/, with a layer of its own, and a note.
     let nested = format!("{url}/packs/nested");
     run(&mut cow(s3, &cache, &direct, &["push", ws.join("base.raw").to_str().unwrap(), &nested, "--tag", "n"]));
