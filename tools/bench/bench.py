@@ -667,10 +667,10 @@ def fua_writes(srv, offsets):
 
 
 def fua_count():
-    # About runtime seconds of writes at the ~5,000 IOPS the fast peers reach here (1,500 per
-    # second of runtime): at 500 per second the fast peers' runs lasted 2 s, short enough that
-    # the spread over repetitions (4,444-5,817 IOPS for nbdkit in one run) decided whether a
-    # 0.9x target was met. The slow peer (qcow2, ~1,600 IOPS) then takes ~3x runtime.
+    # 1,500 per second of runtime: at the default 20 s, 30,000 writes, about 6 s for the peers
+    # that reach ~5,000 IOPS with FUA here and about 19 s for qcow2 (~1,600 IOPS). At 500 per
+    # second the fast peers' runs lasted 2 s, short enough that the spread over repetitions
+    # (4,444-5,817 IOPS for nbdkit in one run) decided whether a 0.9x target was met.
     return 1500 * ARGS.runtime
 
 
