@@ -4,10 +4,11 @@
 //! of the lengths its unsynced length changes gave it; name changes since the last directory
 //! sync kept or lost) and judge each state: every name opens (repairing a dirty image), every
 //! sector reads a value the oracle allows, lower layers are untouched, `check` finds nothing
-//! worse than leaked space, a new output is absent or complete, and a crash in the middle of
-//! the recovery leaves a state that passes all of it again. Snapshots are explored the same
-//! way, including crashes while a later open finishes an interrupted one, and snapshots of
-//! an image a kill left DIRTY (the frozen layer must keep no leaked space).
+//! worse than leaked space, a new output is absent or complete, a crash in the middle of the
+//! recovery leaves a state that passes all of it again, and the recovering session goes on
+//! to write and flush, crashes again, and reads back all it flushed. Snapshots are explored
+//! the same way, including crashes while a later open finishes an interrupted one, and
+//! snapshots of an image a kill left DIRTY (the frozen layer must keep no leaked space).
 //!
 //! How long: the explorer runs for `COWDISK_CRASH_SECONDS` (default 20; `.ci/run` gives it
 //! 150) on two threads, and at least `COWDISK_CRASH_STATES` states (default 2,000), whichever
@@ -92,7 +93,7 @@ fn explore_every_point(run: &Run) -> usize {
     let mut states = 0;
     for k in run.start..=run.end {
         for draw in 0..4 {
-            let depth = Depth { recovery_points: usize::from(draw == 0) * 2 };
+            let depth = Depth { recovery_points: usize::from(draw == 0) * 2, later_session: draw == 1 };
             fail_on(run, k, explorer::judge(run, &crash, k, &mut rng, depth));
             states += 1;
         }
@@ -105,7 +106,13 @@ fn explore_every_point(run: &Run) -> usize {
 /// The state in which every unsynced write landed (and every name change): the one that
 /// shows an overwrite in place of a block the durable map still describes.
 fn judge_all_landed(run: &Run, crash: &CrashImages, k: usize) -> Result<(), String> {
-    explorer::judge_with(run, crash, k, &mut explorer::Choices::AllLanded, Depth { recovery_points: 0 })
+    explorer::judge_with(
+        run,
+        crash,
+        k,
+        &mut explorer::Choices::AllLanded,
+        Depth { recovery_points: 0, later_session: false },
+    )
 }
 
 fn fail_on(run: &Run, k: usize, r: Result<(), String>) {
@@ -157,8 +164,10 @@ fn every_crash_state_opens_and_reads_durable_or_newer_data() {
                     let crash = crash_images(&run);
                     let mut rng = Rng(run.seed * 7919 + 1);
                     for (i, k) in crash_points(&run, 40, &mut rng).into_iter().enumerate() {
-                        // One state in eight also has its recovery crashed.
-                        let depth = Depth { recovery_points: if i % 8 == 0 { 3 } else { 0 } };
+                        // One state in eight also has its recovery crashed; one in four
+                        // (others) goes on to a session of writes after its recovery.
+                        let depth =
+                            Depth { recovery_points: if i % 8 == 0 { 3 } else { 0 }, later_session: i % 4 == 1 };
                         fail_on(&run, k, judge(&run, &crash, k, &mut rng, depth));
                         states.fetch_add(1, Ordering::Relaxed);
                     }
@@ -233,15 +242,19 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
         let crash = CrashImages::new(&journal, dir.files());
         let mut rng = Rng(seed * 31 + 7);
         for k in start..=end {
-            for _ in 0..4 {
-                let names = crash.names(k, || rng.below(2) == 0);
-                let files: Vec<(std::path::PathBuf, usize, Vec<u8>)> = names
-                    .iter()
-                    .map(|(n, &f)| (n.clone(), f, crash.state(f, k, |n| rng.below(n as u64) as usize)))
-                    .collect();
+            for draw in 0..4 {
+                let files = explorer::state_at(&crash, k, &mut rng);
                 explorer::snapshot_state_is_before_or_after(&files, &model)
                     .unwrap_or_else(|e| panic!("seed {seed}, crash at {k} of {start}..{end}: {e}"));
                 states += 1;
+                // One drawing in four goes on to a session of writes and a second crash.
+                // Drawn from a generator of its own, so that the draws after it stay what
+                // they were (the pinned seeds' states among them).
+                if draw == 1 {
+                    let mut own = Rng((seed << 32 ^ k as u64) | 1);
+                    explorer::snapshot_later_session(&files, &model, &mut own)
+                        .unwrap_or_else(|e| panic!("seed {seed}, crash at {k} of {start}..{end}: {e}"));
+                }
                 // A crash while the next open finishes the snapshot: replay that open on a
                 // recording directory holding this state, and judge states of it too.
                 let j2 = Journal::new();
@@ -256,11 +269,7 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
                 let c2 = CrashImages::new(&j2, d2.files());
                 for _ in 0..2 {
                     let k2 = from + rng.below((j2.len() - from + 1) as u64) as usize;
-                    let names2 = c2.names(k2, || rng.below(2) == 0);
-                    let files2: Vec<_> = names2
-                        .iter()
-                        .map(|(n, &f)| (n.clone(), f, c2.state(f, k2, |n| rng.below(n as u64) as usize)))
-                        .collect();
+                    let files2 = explorer::state_at(&c2, k2, &mut rng);
                     explorer::snapshot_state_is_before_or_after(&files2, &model).unwrap_or_else(|e| {
                         panic!("seed {seed}, crash at {k}, then at {k2} of finishing the snapshot: {e}")
                     });

@@ -1,7 +1,7 @@
 //! Listing, removing and collecting garbage in a repository (format-spec §9.7), and hydrating
 //! the remote layers of a chain into the cache.
 
-use super::manifest::{hex, parse_hex, Digest, LayerKind, Manifest};
+use super::manifest::{hex, pack_key, parse_hex, Digest, LayerKind, Manifest};
 use super::store::Store;
 use super::{fetch_entry, fetch_manifest, store, LayerName, LayerUrl, RepoUrl};
 use crate::error::{err, ErrorKind, Result};
@@ -123,7 +123,7 @@ pub fn list(repo: &RepoUrl) -> Result<Listing> {
         })
         .collect();
     layers.sort_by(|a, b| a.created.cmp(&b.created).then(a.digest.cmp(&b.digest)));
-    let packs: Vec<_> = s.list("packs")?.into_iter().filter(|l| !l.key.ends_with(".idx")).collect();
+    let packs: Vec<_> = s.list("packs")?.into_iter().filter(|l| matches!(pack_key(&l.key), Some((_, false)))).collect();
     Ok(Listing {
         layers,
         dangling_tags: dangling,
@@ -247,11 +247,13 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
     // Packs are named by their digest (§9.2); anything else under packs/ (an object put there
     // by hand, another repository whose prefix lies below this one's) is not this repository's
     // to collect (a review found gc deleting a nested repository's packs).
-    let is_pack = |k: &str| parse_hex(k).is_some();
     let packs: Vec<(String, u64)> = s
         .list("packs")?
         .into_iter()
-        .filter_map(|l| l.key.strip_prefix("packs/").filter(|k| is_pack(k)).map(|k| (k.to_string(), l.size)))
+        .filter_map(|l| match pack_key(&l.key) {
+            Some((name, false)) => Some((name.to_string(), l.size)),
+            _ => None,
+        })
         .collect();
     let all = manifests(repo, &s)?;
     // A manifest that does not decode may reference any pack: collecting now could delete
@@ -304,7 +306,7 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
     // index goes first; but a pack deleted by hand would). A pack missing from the first
     // listing may have been uploaded since (its index follows it): asked again, one by one.
     for l in s.list("packs")? {
-        if let Some(name) = l.key.strip_prefix("packs/").and_then(|k| k.strip_suffix(".idx")).filter(|k| is_pack(k)) {
+        if let Some((name, true)) = pack_key(&l.key) {
             if !pack_names.contains(&name.to_string()) && !dry_run && !s.exists(&format!("packs/{name}"))? {
                 s.delete(&l.key)?;
             }

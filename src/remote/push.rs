@@ -10,8 +10,8 @@
 //! manifest, so "already pushed" is "its manifest is there".
 
 use super::manifest::{
-    decode_index, encode_index, hex, parse_hex, sha256, ChunkEntry, Codec, Digest, LayerKind, Location, Manifest,
-    ParentLayer, RAW_CHUNK_SHIFT,
+    decode_index, encode_index, hex, pack_key, parse_hex, sha256, ChunkEntry, Codec, Digest, LayerKind, Location,
+    Manifest, ParentLayer, RAW_CHUNK_SHIFT,
 };
 use super::store::Store;
 use super::{parent_layer, RepoUrl};
@@ -242,19 +242,23 @@ impl Known {
     /// and less those whose pack the listing lacks or lists too short for the index's records
     /// (deleted or cut by hand, or by a tool that went wrong), or that do not decode (damaged,
     /// or some other program's object): a manifest that counted on them would name chunks no
-    /// read can get, and one such object must not stop every push to the repository. The listing gives the sizes at no cost; a
-    /// pack's bytes are not read (a damaged record is found by the reader's digest check).
+    /// read can get, and one such object must not stop every push to the repository. Only
+    /// digest-named keys count ([`pack_key`]). The listing gives the sizes at no cost; a pack's
+    /// bytes are not read (a damaged record is found by the reader's digest check).
     fn learn(store: &Store) -> Result<Known> {
         let marked: HashSet<String> =
             store.list("gc")?.into_iter().filter_map(|l| l.key.strip_prefix("gc/").map(str::to_string)).collect();
         let listed = store.list("packs")?;
         let pack_size: HashMap<&str, u64> = listed
             .iter()
-            .filter_map(|l| l.key.strip_prefix("packs/").filter(|n| !n.contains('.')).map(|n| (n, l.size)))
+            .filter_map(|l| match pack_key(&l.key) {
+                Some((name, false)) => Some((name, l.size)),
+                _ => None,
+            })
             .collect();
         let mut at: HashMap<Digest, Location> = HashMap::new();
         for l in &listed {
-            let Some(name) = l.key.strip_prefix("packs/").and_then(|k| k.strip_suffix(".idx")) else { continue };
+            let Some((name, true)) = pack_key(&l.key) else { continue };
             let Some(pack) = parse_hex(name) else { continue };
             if marked.contains(name) {
                 continue;

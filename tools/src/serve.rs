@@ -438,6 +438,10 @@ pub fn run(a: ServeArgs) -> Result<(), Failure> {
     let mut served: Vec<Served> = Vec::new();
     for (i, p) in a.images.iter().enumerate() {
         let chain = Chain::open(p, ChainOptions { writable: !a.read_only, ..Default::default() })?;
+        if !a.read_only {
+            // A server killed during a live snapshot left its new overlay's temporary file.
+            crate::ops::sweep_temps(p, "snapshot");
+        }
         let name = a.names.get(i).cloned().unwrap_or_else(|| export_name(p));
         if served.iter().any(|e| e.name == name) {
             return Err(Failure(format!("two exports would be named '{name}'; use --name"), 1));

@@ -127,3 +127,32 @@ fn an_interrupted_flatten_leaves_no_temporary_file() {
         assert!(!ws.p("out.raw").exists(), "an output appeared");
     }
 }
+
+/// A server killed (kill -9, a power cut) in the middle of a live snapshot leaves the
+/// snapshot's temporary file behind (`.IMAGE.snapshot.PID-N.tmp`). Serving the image again
+/// removes it, as the next snapshot would; one of a process still running stays. Before
+/// 2026-12-05 it stayed until the next snapshot of that image.
+#[test]
+fn serving_an_image_again_removes_what_a_killed_live_snapshot_left() {
+    let ws = Ws::new();
+    ws.create("d.cow", &["--size", "1M"]);
+    ws.create("e.cow", &["--size", "1M"]);
+    let stale = format!(".d.cow.snapshot.{DEAD_PID}-0.tmp");
+    let running = format!(".d.cow.snapshot.{}-0.tmp", std::process::id());
+    let others = format!(".e.cow.snapshot.{DEAD_PID}-0.tmp");
+    for name in [&stale, &running, &others] {
+        std::fs::write(ws.p(name), b"half-made overlay").unwrap();
+    }
+    let snapshot_temps =
+        || -> Vec<String> { hidden_files(&ws).into_iter().filter(|n| n.contains(".snapshot.")).collect() };
+    let sock = ws.p("s.sock");
+    let server = Server::start(&[ws.p("d.cow").to_str().unwrap(), "--socket", sock.to_str().unwrap()]);
+    let mut left = vec![others.clone(), running.clone()];
+    left.sort();
+    assert_eq!(snapshot_temps(), left, "serving d.cow");
+    drop(server);
+    // Read-only, the image is not this server's to change: nothing is removed.
+    let server = Server::start(&[ws.p("e.cow").to_str().unwrap(), "--read-only", "--socket", sock.to_str().unwrap()]);
+    assert!(snapshot_temps().contains(&others), "a read-only server removed e.cow's");
+    drop(server);
+}

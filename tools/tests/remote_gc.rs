@@ -25,7 +25,7 @@ use common::s3::{runtime, s3, test_prefix, S3};
 use common::*;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStoreExt, PutPayload};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A TCP proxy to `target` that holds back the answer to each request containing every one of
 /// `needles` (in its first bytes) by `delay`, and says when it has seen one. The request itself
@@ -217,7 +217,8 @@ fn a_repository_whose_prefix_the_store_spells_encoded_lists_and_guards_its_layer
 
 /// gc collects packs only: an object under `packs/` whose name is no digest (put there by
 /// hand, or a repository whose prefix lies below this one's `packs/`) is left alone. A review
-/// found gc marking such objects and deleting them a grace period later.
+/// found gc marking such objects and deleting them a grace period later; `ls` counted them as
+/// this repository's packs (the nested repository's pack and the note, where there are none).
 #[test]
 fn gc_leaves_alone_what_lies_under_packs_and_is_no_pack() {
     let Some(s3) = s3() else { return };
@@ -239,5 +240,7 @@ fn gc_leaves_alone_what_lies_under_packs_and_is_no_pack() {
     }
     let kept = rt.block_on(async { store.get(&note).await?.bytes().await }).expect("the note is gone");
     assert_eq!(&kept[..], b"mine");
+    let ls = json(&mut cow(s3, &cache, &direct, &["ls", &url, "--json"]));
+    assert_eq!((&ls["packs"], &ls["pack-bytes"]), (&json!(0), &json!(0)), "ls counts what is no pack: {ls}");
     assert_layer_reads(s3, &ws, &format!("{nested}/n"), &data, "the nested repository's layer");
 }

@@ -390,6 +390,10 @@ fn export_add(st: &State, args: &Value) -> Result<Value, Error> {
     }
     let read_only = arg_bool(args, "read_only");
     let chain = Chain::open(&named, ChainOptions { writable: !read_only, ..Default::default() })?;
+    if !read_only {
+        // As `serve` does: what a server killed during a live snapshot of this image left.
+        crate::ops::sweep_temps(&named, "snapshot");
+    }
     let live = Arc::new(LiveChain::new(chain));
     st.server.add_export(Export::new(name.clone(), description, live.clone() as Arc<dyn Disk>))?;
     let links = st.link(&named);
