@@ -28,7 +28,7 @@ mod explorer;
 
 use common::pattern;
 use cowdisk::format::Geometry;
-use cowdisk::layer::Image;
+use cowdisk::layer::{Image, OpenOptions};
 use cowdisk::storage::recording::{CrashImages, Journal, RecordingDir};
 use cowdisk::storage::LockMode;
 use cowdisk::{Chain, DiskFlush, DiskWrite, DiskZero};
@@ -201,6 +201,11 @@ fn every_crash_state_opens_and_reads_durable_or_newer_data() {
     assert!(flush_refused > 0, "no flush had a punch of released space fail");
 }
 
+/// Later sessions per crash point of a snapshot, each from a state in which few sectors
+/// landed. With the freeze defect of 2026-12-05 put back (`journal::drop_area` as one punch),
+/// 4 of seed 1's 48 at the crash point after that punch fail (seeds 3 and 5: none).
+const LATER_SESSIONS: usize = 48;
+
 /// Every crash state of a snapshot (file contents and directory names as a power cut could
 /// leave them) opens as the state before or the state after, with the same contents; and so
 /// does every state a crash leaves while the next open finishes an interrupted snapshot.
@@ -222,11 +227,31 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
         let quarter = SIZE as usize / 4;
         model[3 * quarter..].fill(0);
         c.write_at(&model[..3 * quarter], 0).unwrap();
-        // A flush (journaled: the image gets a journal area), then a discard and the same
-        // bytes again (released slots), so that freezing has an area and released space to
-        // punch before its header.
-        c.flush().unwrap();
+        // Closed without a flush: no journal record yet, so the next session's are numbered
+        // from 1, as a new chain after a drop of the area is.
         let chunk = 1usize << g.chunk_shift;
+        c.close().unwrap();
+        drop(c);
+        // Then a session that fills the journal area as an fsync-heavy client does: after the
+        // area's first record (512 bytes, empty), a discard and a one-block rewrite in one
+        // flush (a map sector and a block, 5,120 bytes), then one-block rewrites (4,608), each
+        // flushed, all but the last with values the block no longer has. A freeze that drops
+        // the area must leave none of them to join the chain of the session after a crash
+        // (format-spec §5.9 "Dropping the area"): the later sessions below write 1,024 bytes
+        // (a discard), then 4,608s, so that their chain ends where one of these lies, numbered
+        // next.
+        let s = dir.open(live, true, LockMode::Exclusive).unwrap();
+        let c = Chain::assemble(Image::open_on(s, live, OpenOptions::writable()).unwrap(), Vec::new(), None);
+        c.discard(4 * chunk as u64, chunk as u64).unwrap();
+        model[4 * chunk..5 * chunk].fill(0);
+        for j in 0..4u64 {
+            c.write_at(&pattern(seed * 1000 + j, 4096), 0).unwrap();
+            c.flush().unwrap();
+        }
+        c.write_at(&model[..4096], 0).unwrap();
+        c.flush().unwrap();
+        // A discard and the same bytes again (released slots), so that freezing has released
+        // space to punch before its header too.
         c.discard(0, 2 * chunk as u64).unwrap();
         c.write_at(&model[..2 * chunk], 0).unwrap();
         c.flush().unwrap();
@@ -241,7 +266,19 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
         let end = journal.len();
         let crash = CrashImages::new(&journal, dir.files());
         let mut rng = Rng(seed * 31 + 7);
+        let mut later = Rng(seed * 0x9e37_79b9 + 11);
         for k in start..=end {
+            // States in which few unsynced sectors landed (one in ten), each going on to a
+            // session of records shaped like those before the snapshot: a drop of the
+            // journal area that landed its first sector and not the rest shows only so
+            // (each sector torn independently, the odds of that are about 2^-10).
+            for _ in 0..LATER_SESSIONS {
+                let files = explorer::state_biased(&crash, k, &mut later, 10);
+                explorer::snapshot_later_session(&files, &model, Some(chunk), &mut later).unwrap_or_else(|e| {
+                    panic!("seed {seed}, crash at {k} of {start}..{end} (few sectors landed): {e}")
+                });
+                states += 1;
+            }
             for draw in 0..4 {
                 let files = explorer::state_at(&crash, k, &mut rng);
                 explorer::snapshot_state_is_before_or_after(&files, &model)
@@ -252,7 +289,7 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
                 // they were (the pinned seeds' states among them).
                 if draw == 1 {
                     let mut own = Rng((seed << 32 ^ k as u64) | 1);
-                    explorer::snapshot_later_session(&files, &model, &mut own)
+                    explorer::snapshot_later_session(&files, &model, None, &mut own)
                         .unwrap_or_else(|e| panic!("seed {seed}, crash at {k} of {start}..{end}: {e}"));
                 }
                 // A crash while the next open finishes the snapshot: replay that open on a

@@ -10,7 +10,7 @@ use cowdisk::layer::OpenOptions;
 use cowdisk::ops::check::{check, CheckOptions};
 use cowdisk::storage::namespace::Namespace;
 use cowdisk::storage::recording::{CrashImages, Journal, RecordingDir};
-use cowdisk::{Chain, ChainOptions, DiskRead};
+use cowdisk::{Chain, ChainOptions, DiskFlush, DiskRead, DiskWrite, DiskZero};
 use std::path::{Path, PathBuf};
 
 /// `files`: (name, file id, bytes) of every name in the directory; names of one file id are
@@ -53,10 +53,15 @@ pub fn snapshot_state_is_before_or_after(files: &[(PathBuf, usize, Vec<u8>)], mo
 /// The session after a crash of a snapshot: the next open of the live image (finishing the
 /// snapshot, or going on without it) takes writes and discards and flushes them, the power
 /// fails just after the last flush, and what that leaves must still be the chain before or
-/// after the snapshot, reading `model` with the session's requests applied. (The freeze
-/// defect of 2026-12-05, stale journal records joining the next session's chain, is pinned by
-/// `tests/journal_drop.rs`, not found here: see [`super::later_session`].)
-pub fn later_session(files: &Files, model: &[u8], rng: &mut Rng) -> Result<(), String> {
+/// after the snapshot, reading `model` with the session's requests applied.
+///
+/// With `rewrites` (the chunk size) the requests repeat the shape of the test's session
+/// before the snapshot: a discard of chunk 5, flushed, then one to three one-block rewrites of
+/// block 1, each flushed. Their journal records then end where one of the older ones lies:
+/// a stale record left by a drop of the area cut short, numbered next, would join this chain
+/// and be replayed over a newer block (format-spec §5.9 "Dropping the area"; the defect
+/// `tests/journal_drop.rs` also pins, found by a review on 2026-12-05).
+pub fn later_session(files: &Files, model: &[u8], rewrites: Option<usize>, rng: &mut Rng) -> Result<(), String> {
     let journal = Journal::new();
     let dir = RecordingDir::new(journal.clone());
     populate(&dir, files);
@@ -64,7 +69,21 @@ pub fn later_session(files: &Files, model: &[u8], rng: &mut Rng) -> Result<(), S
     complete_pending_in(&dir, live).map_err(|e| format!("finishing the snapshot fails: {e}"))?;
     let chain = open_chain(&dir, live, &[], OpenOptions::writable())?;
     let mut want = model.to_vec();
-    write_and_flush(&chain, &mut want, rng)?;
+    match rewrites {
+        None => write_and_flush(&chain, &mut want, rng)?,
+        Some(chunk) => {
+            let fail = |e: cowdisk::Error| format!("a request of the session fails: {e}");
+            chain.discard(5 * chunk as u64, chunk as u64).map_err(fail)?;
+            want[5 * chunk..6 * chunk].fill(0);
+            chain.flush().map_err(fail)?;
+            for _ in 0..1 + rng.below(3) {
+                let d = crate::common::pattern(rng.next(), 4096);
+                chain.write_at(&d, 4096).map_err(fail)?;
+                want[4096..8192].copy_from_slice(&d);
+                chain.flush().map_err(fail)?;
+            }
+        }
+    }
     let k = journal.len();
     drop(chain);
     let files = state_at(&CrashImages::new(&journal, dir.files()), k, rng);
