@@ -123,7 +123,8 @@ pub fn list(repo: &RepoUrl) -> Result<Listing> {
         })
         .collect();
     layers.sort_by(|a, b| a.created.cmp(&b.created).then(a.digest.cmp(&b.digest)));
-    let packs: Vec<_> = s.list("packs")?.into_iter().filter(|l| matches!(pack_key(&l.key), Some((_, false)))).collect();
+    let packs: Vec<_> =
+        s.list("packs")?.into_iter().filter(|l| matches!(pack_key(&l.key), Some((_, _, false)))).collect();
     Ok(Listing {
         layers,
         dangling_tags: dangling,
@@ -251,7 +252,7 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
         .list("packs")?
         .into_iter()
         .filter_map(|l| match pack_key(&l.key) {
-            Some((name, false)) => Some((name.to_string(), l.size)),
+            Some((name, _, false)) => Some((name.to_string(), l.size)),
             _ => None,
         })
         .collect();
@@ -306,7 +307,7 @@ pub fn gc(repo: &RepoUrl, grace: Duration, dry_run: bool) -> Result<GcReport> {
     // index goes first; but a pack deleted by hand would). A pack missing from the first
     // listing may have been uploaded since (its index follows it): asked again, one by one.
     for l in s.list("packs")? {
-        if let Some((name, true)) = pack_key(&l.key) {
+        if let Some((name, _, true)) = pack_key(&l.key) {
             if !pack_names.contains(&name.to_string()) && !dry_run && !s.exists(&format!("packs/{name}"))? {
                 s.delete(&l.key)?;
             }

@@ -32,14 +32,15 @@ pub fn parse_hex(s: &str) -> Option<Digest> {
 }
 
 /// What a key of a repository's listing under `packs/` is (§9.2): the name of the pack it
-/// belongs to (its digest, in lower-case hex as a push writes it), and whether the key is that
-/// pack's index (`.idx`) rather than the pack. `None` for anything else there (an object put
-/// there by hand, another repository's under a prefix below this one's): not this
-/// repository's to count, read or collect.
-pub fn pack_key(key: &str) -> Option<(&str, bool)> {
+/// belongs to (its digest, in lower-case hex as a push writes it), that digest, and whether
+/// the key is that pack's index (`.idx`) rather than the pack. `None` for anything else there
+/// (an object put there by hand, another repository's under a prefix below this one's): not
+/// this repository's to count, read or collect.
+pub fn pack_key(key: &str) -> Option<(&str, Digest, bool)> {
     let name = key.strip_prefix("packs/")?;
     let (name, index) = name.strip_suffix(".idx").map_or((name, false), |n| (n, true));
-    parse_hex(name).filter(|d| hex(d) == name).map(|_| (name, index))
+    let digest = parse_hex(name).filter(|_| !name.bytes().any(|b| b.is_ascii_uppercase()))?;
+    Some((name, digest, index))
 }
 
 const MANIFEST_MAGIC: &[u8; 8] = b"CDMANIF\0";

@@ -252,14 +252,13 @@ impl Known {
         let pack_size: HashMap<&str, u64> = listed
             .iter()
             .filter_map(|l| match pack_key(&l.key) {
-                Some((name, false)) => Some((name, l.size)),
+                Some((name, _, false)) => Some((name, l.size)),
                 _ => None,
             })
             .collect();
         let mut at: HashMap<Digest, Location> = HashMap::new();
         for l in &listed {
-            let Some((name, true)) = pack_key(&l.key) else { continue };
-            let Some(pack) = parse_hex(name) else { continue };
+            let Some((name, pack, true)) = pack_key(&l.key) else { continue };
             if marked.contains(name) {
                 continue;
             }

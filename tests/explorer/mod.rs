@@ -962,17 +962,26 @@ pub fn write_and_flush(chain: &Chain, want: &mut [u8], rng: &mut Rng) -> Result<
 /// choice drawn from `rng`: each name kept or lost since the last directory sync, then each
 /// file's contents.
 pub fn state_at(crash: &CrashImages, k: usize, rng: &mut Rng) -> Files {
-    let names = crash.names(k, || rng.below(2) == 0);
-    names.iter().map(|(n, &id)| (n.clone(), id, crash.state(id, k, |n| rng.below(n as u64) as usize))).collect()
+    state_drawn(crash, k, rng, |rng, n| rng.below(n as u64) as usize)
 }
 
 /// As [`state_at`], but each unsynced sector (and length change) landed with probability
 /// `1 / one_in` only: the states in which a long unsynced write or punch landed a sector or
 /// two and not the rest, which a fair draw per sector almost never makes.
 pub fn state_biased(crash: &CrashImages, k: usize, rng: &mut Rng, one_in: u64) -> Files {
+    state_drawn(
+        crash,
+        k,
+        rng,
+        |rng, n| if n > 1 && rng.below(one_in) == 0 { 1 + rng.below(n as u64 - 1) as usize } else { 0 },
+    )
+}
+
+/// The names, then each file's contents, with `pick(rng, candidates)` making each choice of
+/// [`CrashImages::state`].
+fn state_drawn(crash: &CrashImages, k: usize, rng: &mut Rng, pick: impl Fn(&mut Rng, usize) -> usize) -> Files {
     let names = crash.names(k, || rng.below(2) == 0);
-    let mut pick = |n: usize| if n > 1 && rng.below(one_in) == 0 { 1 + rng.below(n as u64 - 1) as usize } else { 0 };
-    names.iter().map(|(n, &id)| (n.clone(), id, crash.state(id, k, &mut pick))).collect()
+    names.iter().map(|(n, &id)| (n.clone(), id, crash.state(id, k, |c| pick(rng, c)))).collect()
 }
 
 /// The crash points of a run to judge: the end, then `n - 1` drawn from its span.

@@ -4,7 +4,7 @@
 //! state loaded into a recording directory, to crash again what the next open does with it.
 
 use super::{open_chain, state_at, write_and_flush, Files, Rng};
-use crate::common::TempDir;
+use crate::common::{pattern, TempDir};
 use cowdisk::chain::pending::complete_pending_in;
 use cowdisk::layer::OpenOptions;
 use cowdisk::ops::check::{check, CheckOptions};
@@ -77,7 +77,7 @@ pub fn later_session(files: &Files, model: &[u8], rewrites: Option<usize>, rng: 
             want[5 * chunk..6 * chunk].fill(0);
             chain.flush().map_err(fail)?;
             for _ in 0..1 + rng.below(3) {
-                let d = crate::common::pattern(rng.next(), 4096);
+                let d = pattern(rng.next(), 4096);
                 chain.write_at(&d, 4096).map_err(fail)?;
                 want[4096..8192].copy_from_slice(&d);
                 chain.flush().map_err(fail)?;
