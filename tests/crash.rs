@@ -215,11 +215,19 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
     use cowdisk::ops::snapshot::snapshot_in;
     use cowdisk::storage::namespace::Namespace;
     let mut states = 0;
-    for seed in 1..=6u64 {
+    for seed in 1..=8u64 {
         let journal = Journal::new();
         let dir = RecordingDir::new(journal.clone());
         let live = Path::new("disk.cow");
-        let g = Geometry::new(SIZE, 14).unwrap().with_data_checksums(seed % 2 == 0).unwrap();
+        // Seeds 7 and 8 snapshot a log-structured image (format-spec §5.10) whose log holds
+        // records in the data area: the snapshot replays them, reclaims the window the kill
+        // left, and freezes.
+        let log = seed >= 7;
+        let g = if log {
+            Geometry::new(SIZE, 13).unwrap().with_log(true).unwrap()
+        } else {
+            Geometry::new(SIZE, 14).unwrap().with_data_checksums(seed % 2 == 0).unwrap()
+        };
         let img = Image::create_on(dir.create(live).unwrap(), live, g, None, [seed as u8; 16]).unwrap();
         let c = Chain::assemble(img, Vec::new(), None);
         // The last quarter is never written: the killed variant below writes there.
@@ -232,35 +240,20 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
         let chunk = 1usize << g.chunk_shift;
         c.close().unwrap();
         drop(c);
-        // Then a session that fills the journal area as an fsync-heavy client does: after the
-        // area's first record (512 bytes, empty), a discard and a one-block rewrite in one
-        // flush (a map sector and a block, 5,120 bytes), then one-block rewrites (4,608), each
-        // flushed, all but the last with values the block no longer has. A freeze that drops
-        // the area must leave none of them to join the chain of the session after a crash
-        // (format-spec §5.9 "Dropping the area"): the later sessions below write 1,024 bytes
-        // (a discard), then 4,608s, so that their chain ends where one of these lies, numbered
-        // next.
-        let s = dir.open(live, true, LockMode::Exclusive).unwrap();
-        let c = Chain::assemble(Image::open_on(s, live, OpenOptions::writable()).unwrap(), Vec::new(), None);
-        c.discard(4 * chunk as u64, chunk as u64).unwrap();
-        model[4 * chunk..5 * chunk].fill(0);
-        for j in 0..4u64 {
-            c.write_at(&pattern(seed * 1000 + j, 4096), 0).unwrap();
-            c.flush().unwrap();
-        }
-        c.write_at(&model[..4096], 0).unwrap();
-        c.flush().unwrap();
-        // A discard and the same bytes again (released slots), so that freezing has released
-        // space to punch before its header too.
-        c.discard(0, 2 * chunk as u64).unwrap();
-        c.write_at(&model[..2 * chunk], 0).unwrap();
-        c.flush().unwrap();
-        c.close().unwrap();
-        drop(c);
-        dir.sync_dir(live).unwrap();
-        // Every third seed snapshots the image as a kill leaves it (DIRTY, with space no
-        // durable map entry points at), which the snapshot repairs before it freezes.
-        let (journal, dir) = if seed % 3 == 0 { killed(&dir, live, &model) } else { (journal, dir) };
+        let (journal, dir) = if log {
+            // A log seed's session is killed after its FUA writes into the log, so that the
+            // snapshot meets records in the data area still to replay.
+            killed(&journal, &dir, live, &mut model, 6, seed)
+        } else {
+            shaped_session(&dir, live, &mut model, chunk, seed);
+            // Every third seed snapshots the image as a kill leaves it (DIRTY, with space no
+            // durable map entry points at), which the snapshot repairs before it freezes.
+            if seed % 3 == 0 {
+                killed(&journal, &dir, live, &mut model, 0, seed)
+            } else {
+                (journal, dir)
+            }
+        };
         let start = journal.len();
         snapshot_in(&dir, live, Path::new("snap.cow")).unwrap();
         let end = journal.len();
@@ -318,18 +311,78 @@ fn every_crash_state_of_a_snapshot_is_before_or_after_it() {
     assert!(states >= 300, "explored only {states} snapshot crash states");
 }
 
-/// `live` in `dir` as a kill of its writer leaves it: opened for writing (DIRTY), then data
-/// written into its last quarter, which it never held, and never flushed, so those writes sit
-/// in new slots no durable map entry points at (leaked space, which `check` must see) and the
-/// device still reads as `model`; its file as the process left it, in a new recording
-/// directory.
-fn killed(dir: &RecordingDir, live: &Path, model: &[u8]) -> (std::sync::Arc<Journal>, RecordingDir) {
+/// A session that fills the journal area as an fsync-heavy client does: after the
+/// area's first record (512 bytes, empty), a discard and a one-block rewrite in one
+/// flush (a map sector and a block, 5,120 bytes), then one-block rewrites (4,608), each
+/// flushed, all but the last with values the block no longer has. A freeze that drops
+/// the area must leave none of them to join the chain of the session after a crash
+/// (format-spec §5.9 "Dropping the area"): the snapshot test's later sessions write 1,024 bytes
+/// (a discard), then 4,608s, so that their chain ends where one of these lies, numbered
+/// next.
+fn shaped_session(dir: &RecordingDir, live: &Path, model: &mut [u8], chunk: usize, seed: u64) {
+    use cowdisk::storage::namespace::Namespace;
+    let s = dir.open(live, true, LockMode::Exclusive).unwrap();
+    let c = Chain::assemble(Image::open_on(s, live, OpenOptions::writable()).unwrap(), Vec::new(), None);
+    c.discard(4 * chunk as u64, chunk as u64).unwrap();
+    model[4 * chunk..5 * chunk].fill(0);
+    for j in 0..4u64 {
+        c.write_at(&pattern(seed * 1000 + j, 4096), 0).unwrap();
+        c.flush().unwrap();
+    }
+    c.write_at(&model[..4096], 0).unwrap();
+    c.flush().unwrap();
+    // A discard and the same bytes again (released slots), so that freezing has released
+    // space to punch before its header too.
+    c.discard(0, 2 * chunk as u64).unwrap();
+    c.write_at(&model[..2 * chunk], 0).unwrap();
+    c.flush().unwrap();
+    c.close().unwrap();
+    drop(c);
+    dir.sync_dir(live).unwrap();
+}
+
+/// `live` in `dir` as a kill of its writer leaves it: opened for writing (DIRTY), first
+/// `fua` FUA writes of one block, each into a chunk discarded just before (a chunk with no
+/// slot: with LOG, each is a record in the data area, format-spec §5.10, checked here), then
+/// data written into its last quarter, which it never held, and never flushed, so those
+/// writes sit in new slots no durable map entry points at (leaked space, which `check` must
+/// see) and the device reads as `model` with the FUA writes; its file as the process left it,
+/// in a new recording directory.
+fn killed(
+    journal: &Journal,
+    dir: &RecordingDir,
+    live: &Path,
+    model: &mut [u8],
+    fua: u64,
+    seed: u64,
+) -> (std::sync::Arc<Journal>, RecordingDir) {
     use cowdisk::format::FLAG_DIRTY;
     use cowdisk::layer::{read_header_of, OpenOptions};
     use cowdisk::storage::namespace::Namespace;
+    use cowdisk::storage::recording::RecOp;
     let s = dir.open(live, true, LockMode::Exclusive).unwrap();
     let c = Chain::assemble(Image::open_on(s.clone(), live, OpenOptions::writable()).unwrap(), Vec::new(), None);
     let quarter = model.len() / 4;
+    let from = journal.len();
+    let mut rng = Rng(seed * 0x2545_f491 + 3);
+    for _ in 0..fua {
+        let chunk = rng.below(3 * quarter as u64 / 8192) * 8192;
+        let block = chunk + rng.below(2) * 4096;
+        c.discard(chunk, 8192).unwrap();
+        model[chunk as usize..chunk as usize + 8192].fill(0);
+        let d = pattern(rng.next(), 4096);
+        c.write_fua_from(&mut &d[..], block, 4096).unwrap();
+        model[block as usize..block as usize + 4096].copy_from_slice(&d);
+    }
+    if fua > 0 {
+        let area = read_header_of(s.as_ref()).unwrap().journal.expect("FUA writes left no journal area");
+        let file = dir.file_of(live).unwrap();
+        let records = journal.ops()[from..]
+            .iter()
+            .filter(|(f, op)| *f == file && matches!(op, RecOp::DurableWrite { offset, .. } if *offset >= area.end()))
+            .count();
+        assert_eq!(records as u64, fua, "not every FUA write was a record in the data area");
+    }
     c.write_at(&pattern(99, quarter), 3 * quarter as u64).unwrap();
     let mut left = vec![0u8; s.len().unwrap() as usize];
     s.read_at(&mut left, 0).unwrap();
