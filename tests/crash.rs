@@ -1,8 +1,9 @@
 //! Crash-state explorer. Seeded workloads (see `explorer/`) run on recording stores in a
 //! recording directory; at many crash points we rebuild what a power cut could leave (every
-//! file's synced state plus any subset of its unsynced sector writes, torn at 512 bytes; any
-//! of the lengths its unsynced length changes gave it; name changes since the last directory
-//! sync kept or lost) and judge each state: every name opens (repairing a dirty image), every
+//! file's synced state plus any subset of its unsynced sector writes, torn at 512 bytes, and
+//! at durable writes also any subset of the one in flight; any of the lengths its unsynced
+//! length changes gave it; name changes since the last directory sync kept or lost) and judge
+//! each state: every name opens (repairing a dirty image), every
 //! sector reads a value the oracle allows, lower layers are untouched, `check` finds nothing
 //! worse than leaked space, a new output is absent or complete, a crash in the middle of the
 //! recovery leaves a state that passes all of it again, and the recovering session goes on
@@ -90,6 +91,8 @@ fn run_of(kind: Kind, seed: u64) -> Run {
 fn explore_every_point(run: &Run) -> usize {
     let crash = crash_images(run);
     let mut rng = Rng(run.seed * 131 + 17);
+    // Drawn from a generator of its own, so that the draws above stay what they were.
+    let mut torn = Rng(run.seed * 977 + 5);
     let mut states = 0;
     for k in run.start..=run.end {
         for draw in 0..4 {
@@ -99,9 +102,27 @@ fn explore_every_point(run: &Run) -> usize {
         }
         fail_on(run, k, judge_all_landed(run, &crash, k));
         states += 1;
+        if crash.durable_write_at(k) {
+            fail_on(run, k, judge_torn(run, &crash, k, &mut torn, true));
+            states += 1;
+        }
     }
     states
 }
+
+/// A state with the durable write at `k` in flight, torn at 512 bytes (its record's CRC is
+/// what stands between it and a replay of half a record).
+fn judge_torn(run: &Run, crash: &CrashImages, k: usize, rng: &mut Rng, later_session: bool) -> Result<(), String> {
+    TORN_STATES.fetch_add(1, Ordering::Relaxed);
+    explorer::judge_with(run, crash, k, &mut explorer::Choices::Torn(rng), Depth { recovery_points: 0, later_session })
+        .map_err(|e| format!("with the durable write at {k} in flight: {e}"))
+}
+
+/// States judged with a durable write in flight.
+static TORN_STATES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many durable writes of a random run are also judged in flight.
+const TORN_PER_RUN: usize = 6;
 
 /// The state in which every unsynced write landed (and every name change): the one that
 /// shows an overwrite in place of a block the durable map still describes.
@@ -171,6 +192,14 @@ fn every_crash_state_opens_and_reads_durable_or_newer_data() {
                         fail_on(&run, k, judge(&run, &crash, k, &mut rng, depth));
                         states.fetch_add(1, Ordering::Relaxed);
                     }
+                    // Durable writes in flight: a random crash point seldom falls on one.
+                    let durable: Vec<usize> = (run.start..run.end).filter(|&k| crash.durable_write_at(k)).collect();
+                    let mut torn = Rng(run.seed * 977 + 5);
+                    for i in 0..TORN_PER_RUN.min(durable.len()) {
+                        let k = durable[torn.below(durable.len() as u64) as usize];
+                        fail_on(&run, k, judge_torn(&run, &crash, k, &mut torn, i % 2 == 0));
+                        states.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             });
         }
@@ -181,8 +210,9 @@ fn every_crash_state_opens_and_reads_durable_or_newer_data() {
     let given_back = explorer::FAILED_WRITES.load(Ordering::Relaxed);
     let refused = explorer::PUNCHES_REFUSED.load(Ordering::Relaxed);
     let flush_refused = explorer::FLUSH_PUNCHES_REFUSED.load(Ordering::Relaxed);
+    let torn = TORN_STATES.load(Ordering::Relaxed);
     eprintln!(
-        "explored {n} crash states of {} sequential and {} concurrent runs in {:.0?} (jobs completed in them: {} flatten, {} commit, {} compact; records in a log-structured top's data area: {logged}; slots written and given back by failed writes: {given_back}, and with their punch failing: {refused}; punches of flushes refused: {flush_refused}), plus {pinned} of the pinned seeds",
+        "explored {n} crash states of {} sequential and {} concurrent runs in {:.0?} (jobs completed in them: {} flatten, {} commit, {} compact; records in a log-structured top's data area: {logged}; slots written and given back by failed writes: {given_back}, and with their punch failing: {refused}; punches of flushes refused: {flush_refused}; with a durable write in flight: {torn}), plus {pinned} of the pinned seeds",
         runs[0].load(Ordering::Relaxed),
         runs[1].load(Ordering::Relaxed),
         started.elapsed(),
@@ -191,6 +221,7 @@ fn every_crash_state_opens_and_reads_durable_or_newer_data() {
         jobs[2]
     );
     assert!(n >= min_states, "explored only {n} crash states");
+    assert!(torn > 0, "no state had a durable write in flight");
     // A quarter of the runs have a log-structured top with FUA writes of single blocks: a log
     // that never took a record would leave its protocol untested.
     assert!(logged > 0, "no run wrote a record into a log-structured top's data area");

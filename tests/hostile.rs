@@ -258,3 +258,66 @@ fn a_header_at_the_largest_generation_is_not_written_past() {
     cowdisk::DiskRead::read_at(&c, &mut got, 65536 * 3).unwrap();
     assert_eq!(got, vec![0x5a; 4096]);
 }
+
+/// A log-structured image (format-spec §5.10) whose log is 8,192 records of 64 KiB laid over
+/// one another, each one's head among the block images of the one before, all valid (32 MiB
+/// of file): a reader follows no record in the data area longer than the one cluster a
+/// writer puts there, so the image opens as its map says without holding what the records
+/// claim (about 480 MiB of block images before the bound).
+#[test]
+fn a_log_of_records_laid_over_one_another_is_not_held_in_memory() {
+    use cowdisk::layer::journal::{Layout, Record, MAX_LOG_RECORDS};
+    use cowdisk::DiskRead;
+    use std::os::unix::fs::FileExt;
+    let d = TempDir::new("hostile-log");
+    let p = d.join("log.cow");
+    create_image(&p, &CreateOptions { size: Some(64 << 20), log: true, ..Default::default() })
+        .unwrap()
+        .close()
+        .unwrap();
+    // A FUA write into the log gives the image its journal area; the close, a checkpoint.
+    let c = Chain::open(&p, ChainOptions { writable: true, ..Default::default() }).unwrap();
+    c.write_fua_from(&mut &[0x5a; 4096][..], 8192, 4096).unwrap();
+    c.close().unwrap();
+    drop(c);
+    let h = cowdisk::layer::read_header_only(&p).unwrap();
+    let area = h.journal.expect("a FUA write left no journal area");
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    let place = f.metadata().unwrap().len().next_multiple_of(1 << 20);
+    // The area: only a checkpoint naming the log's place.
+    f.write_all_at(&vec![0u8; area.len as usize], area.offset).unwrap();
+    f.write_all_at(&Record::checkpoint(1, place).encode(&h.uuid, Layout::LogArea), area.offset).unwrap();
+    // Record k (numbered 2 + k) at place + 4096 k: its head, then 15 block images that are the
+    // heads of the 15 records after it. Made last first, so that each one's CRC covers what
+    // the later ones put there; only the heads are written, a record's blocks being the rest.
+    let mut later: std::collections::VecDeque<Vec<u8>> = (0..15).map(|_| vec![0u8; 4096]).collect();
+    for k in (0..MAX_LOG_RECORDS).rev() {
+        let at = place + 4096 * k;
+        let r = Record {
+            seq: 2 + k,
+            replay_from: 2,
+            sectors: Vec::new(),
+            blocks: later.iter().enumerate().map(|(i, b)| (at + 4096 * (1 + i as u64), b.clone())).collect(),
+            next: if k + 1 < MAX_LOG_RECORDS { at + 4096 } else { 0 },
+            before: 0,
+        };
+        let bytes = r.encode(&h.uuid, Layout::LogHome);
+        assert_eq!(bytes.len(), 65536);
+        f.write_all_at(&bytes[..4096], at).unwrap();
+        later.pop_back();
+        later.push_front(bytes[..4096].to_vec());
+    }
+    // The last records' blocks: zeros, as the heads after the last are.
+    f.set_len(place + 4096 * (MAX_LOG_RECORDS + 15)).unwrap();
+    drop(f);
+    let before = rss_kib();
+    let t = Instant::now();
+    let c = Chain::open(&p, ChainOptions::default()).unwrap();
+    let mut got = vec![0u8; 12288];
+    c.read_at(&mut got, 4096).unwrap();
+    assert!(got[..4096].iter().all(|&x| x == 0) && got[4096..8192].iter().all(|&x| x == 0x5a));
+    drop(c);
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 128 * 1024, "opening the crafted log raised peak memory by {grown} KiB");
+}

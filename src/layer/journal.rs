@@ -31,9 +31,14 @@ pub const AREA: u64 = 4 << 20;
 /// The most block bytes one record carries; a flush with more written since the one before
 /// makes a checkpoint instead (a long record costs more than the sync it would save).
 pub const MAX_RECORD_DATA: u64 = 256 << 10;
-/// The longest record in the data area a reader reads (spec §5.10: a writer puts one cluster
-/// there).
-pub const MAX_LOG_RECORD: u64 = 64 << 10;
+/// The longest record in the data area a reader reads (spec §5.10): one cluster of a LOG
+/// image, what a writer puts there. With [`MAX_LOG_RECORDS`] it bounds what a chain holds in
+/// memory (64 MiB), whatever a file says: with 64 KiB allowed, records laid over one another
+/// (each one's head among the block images of the one before) made a reader hold about
+/// 512 MiB from a 32 MiB log (found by a review).
+pub const MAX_LOG_RECORD: u64 = 8 << 10;
+/// How far below the largest file a log's place must lie (spec §5.10: 64 KiB).
+const NEXT_ROOM: u64 = 64 << 10;
 /// The most records in the data area between two checkpoints (spec §5.10): a writer
 /// checkpoints before it writes more, and a reader takes a chain with more as corrupt (what
 /// it holds in memory stays bounded, whatever a file says).
@@ -310,7 +315,7 @@ impl Chain {
             }
             if log {
                 let n = r.next;
-                if n != 0 && (n % BLOCK as u64 != 0 || n > crate::format::header::MAX_FILE_SIZE - MAX_LOG_RECORD) {
+                if n != 0 && (n % BLOCK as u64 != 0 || n > crate::format::header::MAX_FILE_SIZE - NEXT_ROOM) {
                     return Err(err(ErrorKind::Corrupt, format!("journal record {} names its next at {n}", r.seq)));
                 }
                 log_at = n;
@@ -665,6 +670,32 @@ mod tests {
         // A torn record 7 (its block's last sector lost) ends the chain after record 6.
         s.write_at(&[0u8; SECTOR], w2 + 3584).unwrap();
         assert_eq!(Chain::read(&s, &area, &UUID, true).unwrap().records.len(), 3);
+    }
+
+    /// A record in the data area is one cluster at most (spec §5.10): a longer one at the log's
+    /// place ends the chain, as no record there would, so that records laid over one another
+    /// cannot make a reader hold more than a writer writes.
+    #[test]
+    fn a_record_in_the_data_area_longer_than_a_cluster_ends_the_chain() {
+        let s = MemStorage::new();
+        let area = MapExtent { offset: 8192, len: 4096 };
+        let place = 1 << 20;
+        s.write_at(&Record::checkpoint(1, place).encode(&UUID, Layout::LogArea), area.offset).unwrap();
+        let rec = |blocks: u64| Record {
+            seq: 2,
+            replay_from: 2,
+            sectors: vec![],
+            blocks: (0..blocks).map(|i| (place + 4096 * (1 + i), vec![7; BLOCK])).collect(),
+            next: 0,
+            before: 0,
+        };
+        for (blocks, read) in [(1, 2), (2, 1), (15, 1)] {
+            let r = rec(blocks);
+            assert_eq!(r.len(Layout::LogHome) as u64, 4096 * (1 + blocks));
+            s.write_at(&r.encode(&UUID, Layout::LogHome), place).unwrap();
+            let c = Chain::read(&s, &area, &UUID, true).unwrap();
+            assert_eq!(c.records.len(), read, "a record of {blocks} blocks at the log's place");
+        }
     }
 
     /// A chain with more records in the data area than a writer writes between checkpoints

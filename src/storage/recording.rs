@@ -371,7 +371,26 @@ impl CrashImages {
     /// made by `pick(candidates)`: per unsynced sector, 0 keeps the synced content and `i`
     /// takes the content after the `i`-th unsynced change of it; then the length, 0 the synced
     /// one and `i` the one after the `i`-th unsynced length change.
-    pub fn state(&self, file: usize, k: usize, mut pick: impl FnMut(usize) -> usize) -> Vec<u8> {
+    pub fn state(&self, file: usize, k: usize, pick: impl FnMut(usize) -> usize) -> Vec<u8> {
+        self.state_with(file, k, false, pick)
+    }
+
+    /// As [`CrashImages::state`], with the operation at `k` in flight when it is a durable
+    /// write of `file` (RWF_DSYNC): the power failed before it returned, so any of its
+    /// sectors may have landed and any not, as an unsynced write's. A write is durable only
+    /// once it returns; what its caller relies on before that (a record's CRC) is what such a
+    /// state tests.
+    pub fn state_torn(&self, file: usize, k: usize, pick: impl FnMut(usize) -> usize) -> Vec<u8> {
+        self.state_with(file, k, true, pick)
+    }
+
+    /// Whether the operation at `k` is a durable write (of any file): a point where
+    /// [`CrashImages::state_torn`] differs from [`CrashImages::state`].
+    pub fn durable_write_at(&self, k: usize) -> bool {
+        matches!(self.ops.get(k), Some((_, RecOp::DurableWrite { .. })))
+    }
+
+    fn state_with(&self, file: usize, k: usize, torn: bool, mut pick: impl FnMut(usize) -> usize) -> Vec<u8> {
         let snaps = &self.synced[file];
         let i = snaps.partition_point(|(at, _)| *at <= k) - 1;
         let (from, base) = &snaps[i];
@@ -381,7 +400,14 @@ impl CrashImages {
         let mut cands: BTreeMap<usize, Vec<Vec<u8>>> = BTreeMap::new();
         let mut lengths = vec![img.len() as u64];
         let mut len = img.len() as u64;
-        for (f, op) in &self.ops[*from..k] {
+        // The write in flight, as an unsynced one.
+        let in_flight = match self.ops.get(k) {
+            Some((f, RecOp::DurableWrite { offset, data })) if torn && *f == file => {
+                Some((*f, RecOp::Write { offset: *offset, data: data.clone() }))
+            }
+            _ => None,
+        };
+        for (f, op) in self.ops[*from..k].iter().chain(in_flight.iter()) {
             if *f != file {
                 continue;
             }
@@ -456,6 +482,25 @@ impl CrashImages {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_durable_write_in_flight_may_land_in_part_and_is_whole_once_it_returned() {
+        let j = Journal::new();
+        let s = RecordingStorage::new(j.clone(), 0);
+        s.write_at(&[1u8; 1024], 0).unwrap();
+        s.sync().unwrap();
+        let k = j.len();
+        s.write_durable(&[2u8; 1024], 0).unwrap();
+        let c = CrashImages::new(&j, 1);
+        assert!(c.durable_write_at(k) && !c.durable_write_at(k - 1));
+        // In flight: its first sector landed, its second not.
+        let mut picks = [1usize, 0].into_iter();
+        let torn = c.state_torn(0, k, |_| picks.next().unwrap_or(0));
+        assert_eq!((&torn[..512], &torn[512..]), (&[2u8; 512][..], &[1u8; 512][..]));
+        // Not in flight: none of it, whatever lands; once it returned: all of it.
+        assert_eq!(c.state(0, k, |n| n - 1), vec![1u8; 1024]);
+        assert_eq!(c.state(0, k + 1, |_| 0), vec![2u8; 1024]);
+    }
 
     #[test]
     fn synced_writes_always_survive_and_unsynced_ones_may_not() {

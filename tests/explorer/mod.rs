@@ -811,6 +811,9 @@ pub struct Depth {
 pub enum Choices<'a> {
     /// Drawn at random.
     Random(&'a mut Rng),
+    /// Drawn at random, with the durable write at the crash point in flight (any of its
+    /// sectors landed or not: [`CrashImages::state_torn`]).
+    Torn(&'a mut Rng),
     /// Everything unsynced landed: the newest content of every sector, the last length, every
     /// name change.
     AllLanded,
@@ -819,14 +822,14 @@ pub enum Choices<'a> {
 impl Choices<'_> {
     pub fn pick(&mut self, n: usize) -> usize {
         match self {
-            Choices::Random(r) => r.below(n as u64) as usize,
+            Choices::Random(r) | Choices::Torn(r) => r.below(n as u64) as usize,
             Choices::AllLanded => n - 1,
         }
     }
 
     pub fn keep(&mut self) -> bool {
         match self {
-            Choices::Random(r) => r.below(2) == 0,
+            Choices::Random(r) | Choices::Torn(r) => r.below(2) == 0,
             Choices::AllLanded => true,
         }
     }
@@ -844,8 +847,15 @@ pub fn judge_with(run: &Run, crash: &CrashImages, k: usize, choices: &mut Choice
         return Err("the image lost its name".into());
     }
     let mut by_id: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+    let torn = matches!(choices, Choices::Torn(_));
     for &id in names.values().chain(std::iter::once(&run.mid_id)) {
-        by_id.entry(id).or_insert_with(|| crash.state(id, k, |n| choices.pick(n)));
+        by_id.entry(id).or_insert_with(|| {
+            if torn {
+                crash.state_torn(id, k, |n| choices.pick(n))
+            } else {
+                crash.state(id, k, |n| choices.pick(n))
+            }
+        });
     }
     match run.mid_may_change_from {
         Some(from) if k > from => {}
