@@ -51,6 +51,10 @@ use std::time::{Duration, Instant};
 ///   a flush that had nothing to write (a journaling flush with nothing new writes nothing).
 ///   Failed about 1 run in 15; kept for the oracle rule it found.
 const PINNED: &[(u64, Kind)] = &[
+    // Not a defect of the image: the first states with a durable write in flight (2026-12-05,
+    // a 150 s CI run) had the oracle rule out the value of a write whose first journal entry
+    // was that write; a request whose entry is in flight has begun and may show.
+    (95, Kind::Sequential),
     (772, Kind::Sequential),
     (231, Kind::Concurrent),
     (392, Kind::Concurrent),

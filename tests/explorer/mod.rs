@@ -872,7 +872,11 @@ pub fn judge_with(run: &Run, crash: &CrashImages, k: usize, choices: &mut Choice
     populate(&dir, &files);
     let from = journal.len();
     let dev = recover_and_read(&dir, &run.base)?;
-    run.oracle.check(&dev, k)?;
+    if torn {
+        run.oracle.check_in_flight(&dev, k)?;
+    } else {
+        run.oracle.check(&dev, k)?;
+    }
     check_recovered(&dir)?;
     if depth.later_session {
         // Drawn from a generator of its own, so that every other draw stays what it was (the

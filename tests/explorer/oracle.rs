@@ -124,6 +124,13 @@ impl Oracle {
 
     /// The hashes sector `s` may hold after a crash just before journal index `k`.
     pub fn allowed(&self, s: usize, k: usize) -> HashSet<u64> {
+        self.allowed_reached(s, k, k)
+    }
+
+    /// As [`Oracle::allowed`], with the effects of requests whose entries start before
+    /// `reached` possible (`k + 1` when the entry at `k` was in flight: its request had begun,
+    /// and had not completed).
+    fn allowed_reached(&self, s: usize, k: usize, reached: usize) -> HashSet<u64> {
         let d = self.durable_before(k);
         let w = &self.sectors[s];
         // Durable: the initial value, every write that returned before a completed flush was
@@ -133,14 +140,23 @@ impl Oracle {
         // anyway. A request that returned before a completed flush was called and left no entry
         // before that flush's last (zeros over zeros: nothing to write, and a flush with
         // nothing to make durable writes nothing, spec §5.9) found its value in place already.
-        let possible = |x: &(u64, u64, usize, u64, usize, bool)| x.0 == 0 || x.2 < k || durable(x);
+        let possible = |x: &(u64, u64, usize, u64, usize, bool)| x.0 == 0 || x.2 < reached || durable(x);
         w.iter().filter(|x| possible(x)).filter(|x| !w.iter().any(|y| durable(y) && y.0 > x.1)).map(|x| x.3).collect()
     }
 
     /// Checks every sector of `dev`; the first that reads a value it may not hold, described.
     pub fn check(&self, dev: &[u8], k: usize) -> Result<(), String> {
+        self.check_reached(dev, k, k)
+    }
+
+    /// As [`Oracle::check`], with the entry at `k` in flight.
+    pub fn check_in_flight(&self, dev: &[u8], k: usize) -> Result<(), String> {
+        self.check_reached(dev, k, k + 1)
+    }
+
+    fn check_reached(&self, dev: &[u8], k: usize, reached: usize) -> Result<(), String> {
         for (s, c) in dev.chunks(SECTOR).enumerate() {
-            let allowed = self.allowed(s, k);
+            let allowed = self.allowed_reached(s, k, reached);
             if !allowed.contains(&hash(c)) {
                 // What a reader of the failure needs: the sector's writes (called, returned,
                 // first journal index, value) and the flushes that had completed.
